@@ -1,0 +1,174 @@
+"""``hpc-lensiam`` command line: argparse subcommands, each calling one public function.
+
+Every user mistake surfaces as a :class:`~hpc_lensiam.errors.UserError`: one line on stderr and
+exit code 2. The Python API is the same functions, so the CLI adds no behaviour of its own.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line, exit 2 (its default code too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One ``--flag`` per dataclass field (``batch_size`` -> ``--batch-size``), default None."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        base = args[0] if typing.get_origin(tp) is typing.Union and args else tp
+        flag = "--" + f.name.replace("_", "-")
+        if base is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, dest=f.name, type=base if base in (int, float) else str, default=None,
+                                help=f"(default: {f.default if f.default is not dataclasses.MISSING else '...'})")
+
+
+def _dataclass_overrides(args: argparse.Namespace, cls) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if getattr(args, f.name, None) is not None}
+
+
+# ------------------------------------------------------------------------------------- commands
+def _cmd_simulate(a):
+    from .simulate.writer import simulate_shards
+    simulate_shards(out_dir=a.out, num_samples=a.pairs, shard_size=a.shard_size, mode=a.mode,
+                    preset=a.preset, seed=a.seed, cosmos_dir=a.cosmos_dir, psf_files=a.psf,
+                    psf_pixel_scale_arcsec=a.psf_pixel_scale, config_path=a.config)
+
+
+def _cmd_show(a):
+    from .simulate.show import show_pairs
+    show_pairs(data_dir=a.data_dir, out=a.out, n=a.n)
+
+
+def _cmd_train(a):
+    from .config import TrainConfig
+    from .train.loop import train, train_config
+    train(train_config(config_path=a.config, **_dataclass_overrides(a, TrainConfig)), resume=a.resume)
+
+
+def _cmd_embed(a):
+    from .embed.extract import extract_embeddings
+    extract_embeddings(checkpoint=a.checkpoint, data_dir=a.data, out=a.out, batch_size=a.batch_size,
+                       workers=a.workers)
+
+
+def _cmd_umap(a):
+    from .embed.umap import run_umap
+    run_umap(embeddings=a.embeddings, out=a.out, color=a.color.split(","), seed=a.seed)
+
+
+def _cmd_probe(a):
+    from .embed.probe import probe
+    probe(embeddings=a.embeddings, against=a.against, out_json=a.json)
+
+
+def _cmd_export(a):
+    from .export import export_backbone
+    export_backbone(checkpoint=a.checkpoint, out=a.out, fmt=a.format)
+
+
+def _cmd_finetune(a):
+    from .finetune import finetune
+    finetune(backbone=a.backbone, train_dir=a.train, test_dir=a.test, target=a.target,
+             n_train=a.n_train, n_test=a.n_test, epochs=a.epochs, freeze_backbone=a.freeze_backbone,
+             batch_size=a.batch_size, lr=a.lr, seed=a.seed, out_json=a.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import TrainConfig
+
+    p = _Parser(prog="hpc-lensiam", description="LenSiam: self-supervised representations of strong lenses")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("simulate", help="simulate lens pairs (MPI ranks) into WebDataset shards")
+    s.add_argument("--out", required=True, help="output shard directory")
+    s.add_argument("--pairs", type=int, required=True, help="number of samples (pairs, or images in single mode)")
+    s.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    s.add_argument("--mode", choices=("lensiam", "single"), default="lensiam")
+    s.add_argument("--preset", choices=("hst", "euclid"), default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--cosmos-dir", default=None, help="GalSim real-galaxy-catalog folder (COSMOS 23.5/25.2)")
+    s.add_argument("--psf", nargs="+", default=None, metavar="FITS", help="PSF FITS files (image or cube)")
+    s.add_argument("--psf-pixel-scale", type=float, default=None, help="arcsec/pixel of the PSF files")
+    s.add_argument("--config", default=None, help="simulation YAML (SimulationConfig)")
+    s.set_defaults(func=_cmd_simulate)
+
+    s = sub.add_parser("show", help="draw a PNG grid of simulated pairs")
+    s.add_argument("data_dir")
+    s.add_argument("--out", required=True)
+    s.add_argument("-n", type=int, default=8)
+    s.set_defaults(func=_cmd_show)
+
+    s = sub.add_parser("train", help="SimSiam/LenSiam pretraining (run under torchrun for several processes)")
+    s.add_argument("--config", default=None, help="training YAML (TrainConfig); flags override it")
+    s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    _add_dataclass_flags(s, TrainConfig)
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("embed", help="backbone features of every image to HDF5 (run under torchrun)")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--workers", type=int, default=1)
+    s.set_defaults(func=_cmd_embed)
+
+    s = sub.add_parser("umap", help="2-D UMAP of embeddings, coloured by lens parameters")
+    s.add_argument("--embeddings", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--color", default="theta_E,e1,gamma")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_umap)
+
+    s = sub.add_parser("probe", help="held-out R^2 of k-NN and ridge probes for the 8 lens parameters")
+    s.add_argument("--embeddings", required=True)
+    s.add_argument("--against", default=None, help="a second embeddings file to compare with")
+    s.add_argument("--json", default=None, help="write the table as JSON here too")
+    s.set_defaults(func=_cmd_probe)
+
+    s = sub.add_parser("export", help="export the backbone as a stock torchvision state_dict")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--format", choices=("pt", "safetensors"), default="pt")
+    s.set_defaults(func=_cmd_export)
+
+    s = sub.add_parser("finetune", help="regress a lens parameter on an independent set with few labels")
+    s.add_argument("--backbone", required=True, help="exported backbone, a torchvision weights file, or 'none'")
+    s.add_argument("--train", required=True)
+    s.add_argument("--test", required=True)
+    s.add_argument("--target", default="theta_E")
+    s.add_argument("--n-train", type=int, default=1000)
+    s.add_argument("--n-test", type=int, default=1000)
+    s.add_argument("--epochs", type=int, default=30)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--lr", type=float, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--freeze-backbone", action="store_true")
+    s.add_argument("--json", default=None)
+    s.set_defaults(func=_cmd_finetune)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"hpc-lensiam: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

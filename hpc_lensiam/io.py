@@ -1,0 +1,99 @@
+"""Atomic file writes, hashing and the shard manifest (the contract between stages)."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import UserError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "hpc_lensiam.shards/1"
+TMP_PREFIX = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    Readers never see a half-written file, and a crash leaves only a ``.tmp-*`` file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o644)
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb"):
+    """``open()`` for writing, atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Stable hash of a JSON-able object (sorted keys), e.g. a resolved config."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict:
+    """Load and check ``DIR/manifest.json``; a clear UserError if it is missing or malformed."""
+    path = Path(data_dir) / MANIFEST_NAME
+    if not Path(data_dir).is_dir():
+        raise UserError(f"{data_dir}: no such data directory (expected shards made by `hpc-lensiam simulate`)")
+    if not path.is_file():
+        raise UserError(f"{path}: missing (expected a shard directory written by `hpc-lensiam simulate`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise UserError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    for key in ("shards", "mode", "num_samples"):
+        if key not in manifest:
+            raise UserError(f"{path}: missing key {key!r}")
+    if not manifest["shards"]:
+        raise UserError(f"{path}: lists no shards")
+    return manifest
+
+
+def shard_paths(data_dir: str | os.PathLike, manifest: dict | None = None) -> list[str]:
+    """Absolute paths of every shard the manifest lists, in manifest order."""
+    manifest = manifest or read_manifest(data_dir)
+    return [str(Path(data_dir).resolve() / s["name"]) for s in manifest["shards"]]
