@@ -14,6 +14,9 @@ from .errors import UserError
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "hpc_lensiam.shards/1"
 TMP_PREFIX = ".tmp-"
+# The 8 lens-mass parameters every sample stores, under their lenstronomy names (EPL + SHEAR);
+# theta_E, center_x, center_y in arcsec, the rest dimensionless.
+LENS_PARAMS = ("theta_E", "gamma", "e1", "e2", "center_x", "center_y", "gamma1", "gamma2")
 
 
 @contextlib.contextmanager
