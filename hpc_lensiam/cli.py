@@ -160,12 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_rank0() -> bool:
+    """Under mpiexec or torchrun every rank hits the same bad input: let one of them say so."""
+    import os
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "RANK"):
+        if os.environ.get(var, "0") != "0":
+            return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except UserError as exc:
-        print(f"hpc-lensiam: error: {exc}", file=sys.stderr)
+        if _is_rank0():
+            print(f"hpc-lensiam: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,0 +1,56 @@
+"""A PNG grid of simulated samples, so a user can look at what was simulated."""
+from __future__ import annotations
+
+import io
+import json
+import os
+from itertools import islice
+
+import numpy as np
+
+from ..errors import UserError
+from ..io import atomic_path, read_manifest, shard_paths
+
+
+def iter_samples(data_dir: str | os.PathLike):
+    """Decoded samples of a shard folder in manifest order: dicts of arrays + ``params``."""
+    import webdataset as wds
+
+    manifest = read_manifest(data_dir)
+    for raw in wds.WebDataset(shard_paths(data_dir, manifest), shardshuffle=False, empty_check=False):
+        sample = {"key": raw["__key__"], "params": json.loads(raw["params.json"])}
+        for name in ("view1", "view2", "image"):
+            if f"{name}.npy" in raw:
+                sample[name] = np.load(io.BytesIO(raw[f"{name}.npy"]), allow_pickle=False)
+        yield sample
+
+
+def show_pairs(data_dir: str | os.PathLike, out: str | os.PathLike, n: int = 8) -> str:
+    """Draw ``n`` samples, one row each (view1 | view2, or the single image), lens params captioned."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if n < 1:
+        raise UserError(f"-n: expected >= 1, got {n}")
+    samples = list(islice(iter_samples(data_dir), n))
+    if not samples:
+        raise UserError(f"{data_dir}: the shards hold no samples")
+    views = [v for v in ("view1", "view2", "image") if v in samples[0]]
+    fig, axes = plt.subplots(len(samples), len(views), figsize=(2.2 * len(views), 2.3 * len(samples)),
+                             squeeze=False)
+    for row, sample in zip(axes, samples):
+        lens = sample["params"]["lens"]
+        for ax, view in zip(row, views):
+            ax.imshow(sample[view], origin="lower", cmap="magma", vmin=0, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+        row[0].set_title(f"θE={lens['theta_E']:.2f}\"  γ={lens['gamma']:.2f}  e1={lens['e1']:+.2f}",
+                         fontsize=8, loc="left")
+    for ax, view in zip(axes[-1], views):
+        ax.set_xlabel(view, fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    print(f"show: drew {len(samples)} samples from {data_dir} to {out}", flush=True)
+    return str(out)
