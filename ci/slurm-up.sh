@@ -145,7 +145,7 @@ SlurmctldLogFile=$LOGDIR/slurmctld.log
 SlurmdLogFile=$LOGDIR/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-# MinJobAge <= 4 makes `sbatch --wait` poll every 2 s (it backs off 2, 8, 32 s otherwise, so a
+# MinJobAge <= 4 makes "sbatch --wait" poll every 2 s (it backs off 2, 8, 32 s otherwise, so a
 # 3-second job took 10 s to report); finished jobs still stay visible for a minute or so.
 MinJobAge=4
 KillWait=10
