@@ -1,0 +1,423 @@
+"""Backbone features of every image in a shard set, from every rank, joined into one HDF5 file.
+
+``torchrun --nproc_per_node P -m hpc_lensiam embed --checkpoint C --data DIR --out emb.h5``
+
+Rank ``r`` of ``W`` embeds shards ``r::W`` (every sample exactly once, no collective inside the
+loop, so uneven shares cannot hang), writes ``emb.partR.h5`` atomically, and after a barrier rank 0
+joins the parts in a fixed order (sorted by sample key, then view) into ``emb.h5`` through a
+temporary name and a rename, then deletes the parts. A rerun with the same weights (sha256) and
+the same data (manifest sha256) finds the finished file and does nothing; a rank whose part is
+already complete from an interrupted run reuses it.
+
+HDF5 layout (``FORMAT``), N rows = images (lensiam shards: 2 per sample, single shards: 1)::
+
+    features        (N, D) float32   backbone output (D = 512 resnet18, 2048 resnet50/101)
+    keys            (N,)   str       webdataset sample key, e.g. "000003_000017"
+    view            (N,)   int8      1 or 2 (which image of the pair; single shards: 1)
+    pair_id         (N,)   int64     index of the lens system (sorted unique keys): both views share it
+    params/<name>   (N,)   float64   the 8 lens parameters (io.LENS_PARAMS), same for both views
+    umap            (N, 2) float32   added later by ``hpc-lensiam umap``
+    attrs: format, checkpoint, weights_sha256 (of the backbone weights), step, arch, train_mode, config_hash,
+           data_dir, data_mode, manifest_sha256, num_samples, num_images, feature_dim, world_size
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..io import LENS_PARAMS, atomic_path, read_manifest, sha256_file, sha256_json, shard_paths
+
+FORMAT = "hpc_lensiam.embeddings/1"
+_VIEWS = {"lensiam": ("view1", "view2"), "single": ("image",)}
+
+
+# ----------------------------------------------------------------------------------- shard reading
+def views_of(mode: str) -> tuple[str, ...]:
+    if mode not in _VIEWS:
+        raise UserError(f"shard mode {mode!r} is not one of {', '.join(_VIEWS)}")
+    return _VIEWS[mode]
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def lens_vector(params_json: bytes, where: str) -> np.ndarray:
+    """``params.json`` bytes -> the 8 lens parameters in ``LENS_PARAMS`` order."""
+    try:
+        lens = json.loads(params_json)["lens"]
+        return np.array([float(lens[name]) for name in LENS_PARAMS], dtype=np.float64)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{where}: params.json lacks the lens parameters ({exc!r})") from None
+
+
+def _all_shards(urls):
+    """nodesplitter that keeps every url: shards are already split across ranks by the caller."""
+    yield from urls
+
+
+def image_rows(mode: str):
+    """webdataset stage: raw samples -> one row per image (key, view, image, lens vector)."""
+    names = views_of(mode)
+
+    def expand(samples):
+        for s in samples:
+            where = f"{s.get('__url__', '?')}:{s['__key__']}"
+            lens = lens_vector(s["params.json"], where)
+            for v, name in enumerate(names, start=1):
+                if name + ".npy" not in s:
+                    raise UserError(f"{where}: no {name}.npy in a {mode!r} shard")
+                yield s["__key__"], v, decode_npy(s[name + ".npy"]), lens
+    return expand
+
+
+def _collate(rows):
+    keys, views, images, lens = zip(*rows)
+    return list(keys), np.array(views, np.int8), np.stack(images).astype(np.float32), np.stack(lens)
+
+
+def row_loader(paths: list[str], mode: str, batch_size: int, workers: int):
+    """Batches (keys, views, images (B,H,W) float32, lens (B,8)) over ``paths``, in shard order
+    with ``workers`` <= 1 (several workers interleave shards; the join sorts anyway)."""
+    import webdataset as wds
+
+    workers = max(0, min(workers, len(paths)))
+    ds = (wds.WebDataset(paths, shardshuffle=False, nodesplitter=_all_shards, empty_check=False)
+          .compose(image_rows(mode))
+          .batched(batch_size, collation_fn=_collate, partial=True))
+    return wds.WebLoader(ds, batch_size=None, num_workers=workers)
+
+
+def load_images(data_dir: str | os.PathLike, n: int | None = None, what: str = "--data"):
+    """First ``n`` samples of a shard set (manifest order), one process: (keys, images, lens).
+
+    Single shards give their image; lensiam shards their first view. ``n`` larger than the set
+    is a UserError.
+    """
+    manifest = read_manifest(data_dir)
+    total = int(manifest["num_samples"])
+    if n is not None and n > total:
+        raise UserError(f"{what} {data_dir}: asked for {n} samples but it holds only {total}")
+    n = total if n is None else n
+    mode = manifest["mode"]
+    keys, images, lens = [], [], []
+    for k, v, img, p in _iter_rows(shard_paths(data_dir, manifest), mode):
+        if v != 1:
+            continue
+        keys.append(k), images.append(img), lens.append(p)
+        if len(keys) == n:
+            break
+    if len(keys) < n:
+        raise UserError(f"{what} {data_dir}: the shards hold {len(keys)} samples, the manifest says {total}")
+    return keys, np.stack(images).astype(np.float32), np.stack(lens)
+
+
+def _iter_rows(paths, mode):
+    import webdataset as wds
+    ds = wds.WebDataset(paths, shardshuffle=False, nodesplitter=_all_shards, empty_check=False)
+    yield from image_rows(mode)(iter(ds))
+
+
+# ------------------------------------------------------------------------------------ distribution
+class _World:
+    """torch.distributed under torchrun (gloo for the few control messages), else one process."""
+
+    def __init__(self):
+        import torch.distributed as dist
+        self.dist = dist
+        self.created = False
+        self.group = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=timedelta(hours=6))
+            self.created = True
+        if dist.is_initialized():
+            self.rank, self.size = dist.get_rank(), dist.get_world_size()
+            if dist.get_backend() != "gloo":  # caller's NCCL group: objects travel over gloo
+                self.group = dist.new_group(backend="gloo", timeout=timedelta(hours=6))
+        else:
+            self.rank, self.size = 0, 1
+
+    def barrier(self):
+        if self.size > 1:
+            self.dist.barrier(group=self.group)
+
+    def bcast(self, obj):
+        if self.size == 1:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def close(self):
+        if self.created:
+            self.dist.destroy_process_group()
+
+
+def _device():
+    import torch
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------- HDF5 io
+def part_path(out: Path, rank: int) -> Path:
+    return out.with_name(f"{out.stem}.part{rank}{out.suffix or '.h5'}")
+
+
+def _write_part(path: Path, run_id: str, shards: list[str], keys, views, feats, lens) -> None:
+    import h5py
+    order = np.lexsort((views, np.array(keys, dtype=object).astype(str))) if keys else np.zeros(0, int)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["run_id"], f.attrs["shards"] = run_id, json.dumps(shards)
+            f["features"] = feats[order]
+            f.create_dataset("keys", data=np.array(keys, dtype=object)[order], dtype=_str_dtype())
+            f["view"] = np.asarray(views, np.int8)[order]
+            f["lens"] = lens[order]
+
+
+def _str_dtype():
+    import h5py
+    return h5py.string_dtype("utf-8")
+
+
+def _part_done(path: Path, run_id: str, shards: list[str]) -> bool:
+    import h5py
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("run_id") == run_id and json.loads(f.attrs.get("shards", "[]")) == shards
+    except (OSError, ValueError):
+        return False
+
+
+def _join(out: Path, parts: list[Path], run_id: str, attrs: dict, expected_rows: int,
+          block: int = 8192) -> int:
+    """Merge sorted parts into ``out`` (atomic), ordered by (key, view); return the row count."""
+    import h5py
+    files = [h5py.File(p, "r") for p in parts]
+    try:
+        for p, f in zip(parts, files):
+            if f.attrs.get("run_id") != run_id:
+                raise RuntimeError(f"{p}: part of another run (stale file); remove it and rerun")
+        keys = [f["keys"].asstr()[...] for f in files]
+        views = [f["view"][...] for f in files]
+        owner = np.concatenate([np.full(len(k), i) for i, k in enumerate(keys)]) if keys else np.zeros(0)
+        row = np.concatenate([np.arange(len(k)) for k in keys])
+        all_keys = np.concatenate(keys).astype(str)
+        all_views = np.concatenate(views)
+        n = len(all_keys)
+        if n != expected_rows:
+            raise RuntimeError(f"embed: joined {n} images, expected {expected_rows}: shards changed under us?")
+        order = np.lexsort((all_views, all_keys))
+        pairs = set(zip(all_keys.tolist(), all_views.tolist()))
+        if len(pairs) != n:
+            raise RuntimeError("embed: an image was embedded twice (duplicate key and view across parts)")
+        uniq, pair_id = np.unique(all_keys[order], return_inverse=True)
+        dim = files[0]["features"].shape[1]
+        with atomic_path(out) as tmp:
+            with h5py.File(tmp, "w") as g:
+                for k, v in attrs.items():
+                    g.attrs[k] = v
+                feats = g.create_dataset("features", (n, dim), np.float32,
+                                         chunks=(max(1, min(n, 1024)), dim) if n else None)
+                g.create_dataset("keys", data=all_keys[order].astype(object), dtype=_str_dtype())
+                g["view"] = all_views[order].astype(np.int8)
+                g["pair_id"] = pair_id.astype(np.int64)
+                lens = np.empty((n, len(LENS_PARAMS)))
+                src_owner, src_row = owner[order], row[order]
+                for a in range(0, n, block):  # each part's rows in a block are one contiguous range
+                    b = min(n, a + block)
+                    buf = np.empty((b - a, dim), np.float32)
+                    for i, f in enumerate(files):
+                        sel = np.nonzero(src_owner[a:b] == i)[0]
+                        if len(sel):
+                            lo, hi = src_row[a + sel[0]], src_row[a + sel[-1]] + 1
+                            assert hi - lo == len(sel)
+                            buf[sel] = f["features"][lo:hi]
+                            lens[a + sel] = f["lens"][lo:hi]
+                    feats[a:b] = buf
+                grp = g.create_group("params")
+                for j, name in enumerate(LENS_PARAMS):
+                    grp[name] = lens[:, j]
+                g.attrs["num_images"] = n
+                g.attrs["num_samples"] = len(uniq)
+        return n
+    finally:
+        for f in files:
+            f.close()
+
+
+def load_embeddings(path: str | os.PathLike, need_params: bool = True) -> dict:
+    """Read an embeddings file: features, keys, view, pair_id, params {name: array}, attrs, umap.
+
+    A missing file, a file that is not HDF5, or one without features (or, with ``need_params``,
+    without the 8 lens parameters) is a UserError naming it.
+    """
+    import h5py
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: embeddings file not found (make one with `hpc-lensiam embed`)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise UserError(f"{path}: not an HDF5 file (expected the output of `hpc-lensiam embed`)") from None
+    with f:
+        if "features" not in f or f["features"].ndim != 2:
+            raise UserError(f"{path}: no 2-D 'features' dataset (expected the output of `hpc-lensiam embed`)")
+        n = f["features"].shape[0]
+        out = {"path": str(path), "features": f["features"][...].astype(np.float32, copy=False),
+               "attrs": dict(f.attrs)}
+        out["keys"] = f["keys"].asstr()[...] if "keys" in f else np.array([str(i) for i in range(n)])
+        out["view"] = f["view"][...] if "view" in f else np.ones(n, np.int8)
+        if "pair_id" in f:
+            out["pair_id"] = f["pair_id"][...]
+        else:
+            out["pair_id"] = np.unique(out["keys"], return_inverse=True)[1]
+        out["umap"] = f["umap"][...] if "umap" in f else None
+        params = {}
+        if "params" in f:
+            params = {name: f["params"][name][...] for name in f["params"] if name in LENS_PARAMS}
+        missing = [p for p in LENS_PARAMS if p not in params]
+        if need_params and missing:
+            raise UserError(f"{path}: no lens parameters (missing params/{', params/'.join(missing)}); "
+                            "expected an embeddings file written by `hpc-lensiam embed`")
+        for name, arr in params.items():
+            if len(arr) != n:
+                raise UserError(f"{path}: params/{name} has {len(arr)} rows, features {n}")
+        out["params"] = params
+    return out
+
+
+# ----------------------------------------------------------------------------------------- embed
+def extract_embeddings(checkpoint: str, data_dir: str, out: str, batch_size: int = 128,
+                       workers: int = 1, progress: bool = True) -> dict:
+    """Embed every image of ``data_dir`` with the checkpoint's backbone into HDF5 ``out``.
+
+    Runs as one process or as every rank of ``torchrun``; returns the output's attributes.
+    """
+    import torch
+
+    from ..export import load_backbone
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    out = Path(out)
+    manifest = read_manifest(data_dir)
+    mode = manifest["mode"]
+    names = views_of(mode)
+    paths = shard_paths(data_dir, manifest)
+    for p in paths:
+        if not Path(p).is_file():
+            raise UserError(f"{p}: shard listed in {data_dir}/manifest.json is missing")
+    manifest_sha = sha256_file(Path(data_dir) / "manifest.json")
+
+    world = _World()
+    try:
+        start = time.perf_counter()
+        backbone, info = load_backbone(checkpoint)  # same bad checkpoint -> same UserError on every rank
+        attrs = {"format": FORMAT, "checkpoint": str(Path(checkpoint).resolve()),
+                 "weights_sha256": info["weights_sha256"], "step": int(info["step"]), "arch": info["arch"],
+                 "train_mode": info["mode"], "config_hash": info["config_hash"],
+                 "data_dir": str(Path(data_dir).resolve()), "data_mode": mode,
+                 "manifest_sha256": manifest_sha, "feature_dim": int(info["feature_dim"]),
+                 "views": len(names)}
+        if world.bcast(_same_run(out, attrs) if world.rank == 0 else None):
+            if world.rank == 0:
+                print(f"embed: {out} is up to date (same weights sha256 {attrs['weights_sha256'][:12]}, "
+                      f"step {attrs['step']}, same data manifest); nothing to do", flush=True)
+            return attrs
+        attrs["world_size"] = world.size
+        run_id = sha256_json({k: attrs[k] for k in ("weights_sha256", "manifest_sha256", "world_size")})
+
+        mine = paths[world.rank::world.size]
+        part = part_path(out, world.rank)
+        n_mine = sum(s["num_samples"] for s in manifest["shards"][world.rank::world.size]) * len(names)
+        if _part_done(part, run_id, mine):
+            print(f"embed: rank {world.rank} reuses its complete part {part}", flush=True)
+        else:
+            _embed_part(backbone, mine, mode, batch_size, workers, part, run_id, n_mine,
+                        progress and world.rank == 0, info["feature_dim"])
+        world.barrier()
+        result = attrs
+        if world.rank == 0:
+            parts = [part_path(out, r) for r in range(world.size)]
+            n = _join(out, parts, run_id, attrs, int(manifest["num_samples"]) * len(names))
+            for p in parts:
+                p.unlink(missing_ok=True)
+            dt = time.perf_counter() - start
+            print(f"embed: {n} images ({manifest['num_samples']} samples x {len(names)} view(s)) of "
+                  f"{len(paths)} shards, {attrs['arch']} step {attrs['step']}, {attrs['feature_dim']}-d "
+                  f"features, {world.size} rank(s) in {dt:.1f} s ({n / max(dt, 1e-9):.1f} images/s) "
+                  f"-> {out}", flush=True)
+            result = {**attrs, "num_images": n, "num_samples": int(manifest["num_samples"])}
+        world.barrier()  # nobody leaves (or reruns) before the joined file exists
+        return result
+    finally:
+        world.close()
+
+
+def _same_run(out: Path, attrs: dict) -> bool:
+    import h5py
+    if not out.is_file():
+        return False
+    try:
+        with h5py.File(out, "r") as f:
+            return all(f.attrs.get(k) == attrs[k] for k in
+                       ("format", "weights_sha256", "step", "manifest_sha256", "arch")) and "features" in f
+    except OSError:
+        return False
+
+
+def _embed_part(backbone, paths, mode, batch_size, workers, part, run_id, n_rows, show, dim):
+    import torch
+
+    device = _device()
+    model = backbone.to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    keys, views, lens = [], [], []
+    feats = np.empty((n_rows, dim), np.float32)
+    bar = None
+    if show:
+        from tqdm import tqdm
+        bar = tqdm(total=n_rows, unit="img", desc="embed (rank 0)", dynamic_ncols=True, file=sys.stderr)
+    i = 0
+    with torch.inference_mode():
+        for k, v, img, p in (row_loader(paths, mode, batch_size, workers) if paths else []):
+            # (the DataLoader turns numpy batches into tensors)
+            x = torch.as_tensor(img).unsqueeze(1).to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=amp):
+                    y = model(x)
+            else:
+                y = model(x)
+            y = y.float().cpu().numpy()
+            if i + len(y) > n_rows:
+                raise RuntimeError(f"embed: shards hold more images than their manifest says ({paths})")
+            feats[i:i + len(y)] = y
+            i += len(y)
+            keys += k
+            views.append(np.asarray(v, np.int8))
+            lens.append(np.asarray(p, np.float64))
+            if bar:
+                bar.update(len(y))
+    if bar:
+        bar.close()
+    views = np.concatenate(views) if views else np.zeros(0, np.int8)
+    lens = np.concatenate(lens) if lens else np.zeros((0, len(LENS_PARAMS)))
+    _write_part(part, run_id, paths, keys, views, feats[:i], lens)

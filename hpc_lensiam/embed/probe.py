@@ -1,0 +1,175 @@
+"""How much lens physics the features hold: held-out R^2 of k-NN and ridge probes per parameter.
+
+The quantitative version of the paper's UMAP claim. The split is by lens system (``pair_id``/key),
+so both views of a pair fall on the same side, and it is a pure function of the sample key
+(sha256 of it, below ``test_fraction`` -> test): the same keys split the same way in every file,
+so a LenSiam and a baseline file made from the same shards are probed on identical splits.
+
+- features standardised with the train split's mean and std;
+- k-NN: ``KNeighborsRegressor(k=10)`` on the standardised, l2-normalised features (cosine);
+- ridge: closed-form ridge over ``alphas`` (one eigendecomposition per fold), one alpha per
+  parameter, chosen by 5-fold GroupKFold inside the train split only (never the test split, and
+  never with the partner view on the other fold);
+- R^2 (``sklearn.metrics.r2_score``) on the test split, per parameter, in its own units.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..io import LENS_PARAMS, atomic_write_json
+from .extract import load_embeddings
+
+MODELS = ("knn", "ridge")
+
+
+def split_by_key(keys: np.ndarray, test_fraction: float = 0.2, salt: str = "probe-split/1") -> np.ndarray:
+    """Boolean test mask: a key goes to test iff sha256(salt + key) falls below ``test_fraction``."""
+    uniq, inv = np.unique(np.asarray(keys).astype(str), return_inverse=True)
+    u = np.array([int.from_bytes(hashlib.sha256((salt + k).encode()).digest()[:8], "big") / 2.0 ** 64
+                  for k in uniq])
+    return (u < test_fraction)[inv]
+
+
+def _ridge_path(x: np.ndarray, y: np.ndarray):
+    """Everything ridge needs for any alpha, from one eigendecomposition of the (D, D) Gram matrix."""
+    xm, ym = x.mean(0), y.mean(0)
+    xc = x - xm
+    s, v = np.linalg.eigh((xc.T @ xc).astype(np.float64))
+    b = v.T @ (xc.T @ (y - ym)).astype(np.float64)
+    return xm, ym, v, np.clip(s, 0, None), b
+
+
+def _ridge_weights(path, alpha: np.ndarray) -> np.ndarray:
+    """(D, T) weights; ``alpha`` is one value per target."""
+    _, _, v, s, b = path
+    return v @ (b / (s[:, None] + alpha[None, :]))
+
+
+def _ridge_predict(path, w, xq):
+    xm, ym = path[0], path[1]
+    return (xq - xm) @ w + ym
+
+
+def ridge_cv(x, y, groups, alphas, folds: int = 5):
+    """Ridge with one alpha per target column, chosen by GroupKFold CV on (x, y) only."""
+    from sklearn.model_selection import GroupKFold
+    n_groups = len(np.unique(groups))
+    sse = np.zeros((len(alphas), y.shape[1]))
+    for tr, va in GroupKFold(n_splits=min(folds, n_groups)).split(x, groups=groups):
+        path = _ridge_path(x[tr], y[tr])
+        for i, a in enumerate(alphas):
+            w = _ridge_weights(path, np.full(y.shape[1], a))
+            sse[i] += ((_ridge_predict(path, w, x[va]) - y[va]) ** 2).sum(0)
+    best = np.asarray(alphas)[sse.argmin(0)]
+    path = _ridge_path(x, y)
+    return path, _ridge_weights(path, best), best
+
+
+def probe_arrays(features: np.ndarray, targets: dict[str, np.ndarray], groups: np.ndarray,
+                 test: np.ndarray, k: int = 10, alphas=None, folds: int = 5) -> dict:
+    """R^2 of k-NN and ridge for each target; ``test`` is the held-out mask. Pure numpy in/out."""
+    from sklearn.metrics import r2_score
+    from sklearn.neighbors import KNeighborsRegressor
+
+    alphas = np.logspace(-3, 5, 17) if alphas is None else np.asarray(alphas, float)
+    test = np.asarray(test, bool)
+    train = ~test
+    groups = np.asarray(groups)
+    n_train_groups, n_test_groups = len(np.unique(groups[train])), len(np.unique(groups[test]))
+    if n_train_groups < max(folds, 2) or n_test_groups < 2:
+        raise UserError(f"too few lens systems to probe: {n_train_groups} train, {n_test_groups} test "
+                        f"(need >= {max(folds, 2)} and >= 2)")
+    x = np.asarray(features, np.float32)
+    mean, std = x[train].mean(0), x[train].std(0)
+    x = (x - mean) / np.where(std > 0, std, 1.0).astype(np.float32)
+    names = list(targets)
+    y = np.stack([np.asarray(targets[n], np.float64) for n in names], 1)
+
+    xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    knn = KNeighborsRegressor(n_neighbors=min(k, int(train.sum())), algorithm="brute", n_jobs=-1)
+    pred_knn = knn.fit(xn[train], y[train]).predict(xn[test])
+    del xn
+
+    y_mean, y_std = y[train].mean(0), y[train].std(0)
+    y_std = np.where(y_std > 0, y_std, 1.0)
+    path, w, best = ridge_cv(x[train], (y[train] - y_mean) / y_std, groups[train], alphas, folds)
+    pred_ridge = _ridge_predict(path, w, x[test]) * y_std + y_mean
+
+    out = {"knn": {}, "ridge": {}, "ridge_alpha": {}}
+    for j, name in enumerate(names):
+        out["knn"][name] = float(r2_score(y[test, j], pred_knn[:, j]))
+        out["ridge"][name] = float(r2_score(y[test, j], pred_ridge[:, j]))
+        out["ridge_alpha"][name] = float(best[j])
+    return out
+
+
+def _label(emb: dict, taken: set) -> str:
+    a = emb["attrs"]
+    label = str(a.get("train_mode") or Path(emb["path"]).stem)
+    if label in taken:
+        label = Path(emb["path"]).stem
+    if label in taken:
+        label = emb["path"]
+    return label
+
+
+def probe_file(path: str, test_fraction: float = 0.2, k: int = 10, seed_salt: str = "probe-split/1") -> dict:
+    emb = load_embeddings(path, need_params=True)
+    test = split_by_key(emb["keys"], test_fraction, seed_salt)
+    res = probe_arrays(emb["features"], emb["params"], emb["pair_id"], test, k=k)
+    a = emb["attrs"]
+    res["file"] = str(path)
+    res["n_train"], res["n_test"] = int((~test).sum()), int(test.sum())
+    res["systems_train"] = int(len(np.unique(emb["pair_id"][~test])))
+    res["systems_test"] = int(len(np.unique(emb["pair_id"][test])))
+    res["feature_dim"] = int(emb["features"].shape[1])
+    for key in ("arch", "train_mode", "step", "checkpoint", "manifest_sha256"):
+        if key in a:
+            v = a[key]
+            res[key] = v.item() if hasattr(v, "item") else v
+    return res
+
+
+def format_table(results: dict[str, dict]) -> str:
+    labels = list(results)
+    head = ["parameter"] + [f"{lab} {m}" for lab in labels for m in ("k-NN", "ridge")]
+    rows = [[name] + [f"{results[lab][m][name]:.3f}" for lab in labels for m in MODELS] for name in LENS_PARAMS]
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    sep = "-" * len(line(head))
+    notes = [f"{lab}: {r['file']} ({r.get('arch', '?')}, step {r.get('step', '?')}), "
+             f"{r['n_train']} train / {r['n_test']} test images, "
+             f"{r['systems_train']} / {r['systems_test']} lens systems" for lab, r in results.items()]
+    return "\n".join(["held-out R^2 (split by lens system)", sep, line(head), sep, *map(line, rows), sep, *notes])
+
+
+def probe(embeddings: str, against: str | None = None, out_json: str | None = None,
+          test_fraction: float = 0.2, k: int = 10) -> dict:
+    """Probe one embeddings file (and optionally a second one side by side); print a table."""
+    if not 0 < test_fraction < 1:
+        raise UserError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    results: dict[str, dict] = {}
+    for path in [embeddings] + ([against] if against else []):
+        res = probe_file(path, test_fraction, k)
+        results[_label(load_embeddings_attrs_only(path), set(results))] = res
+    print(format_table(results), flush=True)
+    report = {"split": {"by": "lens system (sample key)", "test_fraction": test_fraction,
+                        "rule": "sha256('probe-split/1' + key) < test_fraction"},
+              "knn": {"k": k, "features": "standardised (train stats), l2-normalised"},
+              "ridge": {"alpha_cv": "5-fold GroupKFold inside the train split", "features": "standardised"},
+              "results": results}
+    if out_json:
+        atomic_write_json(out_json, report)
+        print(f"probe: table written to {out_json}", flush=True)
+    return report
+
+
+def load_embeddings_attrs_only(path: str) -> dict:
+    import h5py
+    with h5py.File(path, "r") as f:
+        return {"path": str(path), "attrs": dict(f.attrs)}
