@@ -194,6 +194,7 @@ class SourcePrior:
     merger_fraction: float = 0.10
     center_arcsec: Range = (-0.25, 0.25)  # source position relative to the lens centre
     merger_offset_arcsec: Range = (0.1, 0.4)
+    merger_flux_ratio: Range = (0.3, 1.0)  # second merger component's total flux / the first's
     R_sersic_arcsec: Range = (0.08, 0.35)
     n_sersic: Range = (0.8, 4.0)
     e1: Range = (-0.3, 0.3)
@@ -210,6 +211,7 @@ class SourcePrior:
         _check_fraction(where, "merger_fraction", self.merger_fraction)
         _check_range(where, "center_arcsec", self.center_arcsec)
         _check_range(where, "merger_offset_arcsec", self.merger_offset_arcsec, lo=0.0)
+        _check_range(where, "merger_flux_ratio", self.merger_flux_ratio, lo=0.0, strict_lo=True)
         _check_range(where, "R_sersic_arcsec", self.R_sersic_arcsec, lo=0.0, strict_lo=True)
         _check_range(where, "n_sersic", self.n_sersic, lo=0.2, hi=10.0)
         _check_range(where, "e1", self.e1, lo=-0.9, hi=0.9)
@@ -236,6 +238,7 @@ class InstrumentConfig:
     obstruction_frac: float = 0.33       # central obstruction, fraction of the aperture diameter
     wavelength_nm: float = 814.0
     aberration_rms_waves: float = 0.04   # random low-order Zernike aberrations per built-in PSF
+    detector_blur_sigma_pix: float = 0.4  # built-in PSF: CCD charge diffusion + pointing jitter (Gaussian)
     psf_bank_size: int = 23              # the paper used 23 TinyTim HST PSFs
     psf_size_pix: int = 21               # odd kernel side, detector pixels
 
@@ -251,6 +254,8 @@ class InstrumentConfig:
             raise ConfigError(f"{where}: aperture_diameter_m and wavelength_nm must be > 0")
         if not 0.0 <= self.obstruction_frac < 1.0:
             raise ConfigError(f"{where}.obstruction_frac: expected a value in [0, 1)")
+        if self.detector_blur_sigma_pix < 0 or self.aberration_rms_waves < 0:
+            raise ConfigError(f"{where}: detector_blur_sigma_pix and aberration_rms_waves must be >= 0")
         if self.psf_bank_size < 1:
             raise ConfigError(f"{where}.psf_bank_size: must be >= 1")
         if self.psf_size_pix < 3 or self.psf_size_pix % 2 == 0:

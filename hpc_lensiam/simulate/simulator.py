@@ -1,0 +1,198 @@
+"""LensSimulator: lenstronomy lensing of a source by an EPL + shear mass, with lens light, PSF, noise.
+
+One image = lens light (image plane) + source light at the ray-traced source-plane positions,
+evaluated on the supersampled detector grid, averaged to detector pixels, convolved with a
+detector-scale PSF, plus Gaussian noise, normalised to max 1 (float32).
+
+Speed: every lenstronomy object (grid, LensModel, light profiles, PSF FFTs, the COSMOS index) is
+built once per simulator; a LenSiam pair shares its mass model, so the grid is ray-shot ONCE per
+pair and both views evaluate their own source on the same source-plane coordinates.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Optional
+
+import numpy as np
+
+from ..config import SimulationConfig
+from ..errors import UserError
+from ..io import LENS_PARAMS
+from .instrument import DetectorGrid
+from .priors import draw_lens, draw_lens_light, draw_source, uniform
+from .psf import PSFBank, convolve_same
+from .sources import CosmosCatalog, SourceRenderer
+
+log = logging.getLogger(__name__)
+
+LENS_MODEL_LIST = ("EPL_NUMBA", "SHEAR")
+_LENS_DEFAULTS = {"gamma": 2.0, "e1": 0.0, "e2": 0.0, "center_x": 0.0, "center_y": 0.0,
+                  "gamma1": 0.0, "gamma2": 0.0}
+_LENS_LIGHT_KEYS = ("R_sersic", "n_sersic", "e1", "e2", "center_x", "center_y")
+
+
+def lens_kwargs(lens: dict) -> list[dict]:
+    """8-parameter lens dict -> lenstronomy kwargs for ["EPL_NUMBA", "SHEAR"].
+
+    The shear is centred on the lens (ra_0, dec_0 = centre), so it adds no constant deflection and
+    the source position stays relative to the lens centre.
+    """
+    cx, cy = float(lens["center_x"]), float(lens["center_y"])
+    return [
+        {"theta_E": float(lens["theta_E"]), "gamma": float(lens["gamma"]), "e1": float(lens["e1"]),
+         "e2": float(lens["e2"]), "center_x": cx, "center_y": cy},
+        {"gamma1": float(lens["gamma1"]), "gamma2": float(lens["gamma2"]), "ra_0": cx, "dec_0": cy},
+    ]
+
+
+def lens_light_kwargs(ll: dict, amp: float) -> dict:
+    """Lens-light dict -> lenstronomy SERSIC_ELLIPSE kwargs."""
+    kw = {k: float(ll[k]) for k in _LENS_LIGHT_KEYS}
+    kw["amp"] = float(amp)
+    return kw
+
+
+class LensSimulator:
+    """Simulates LenSiam pairs (``sample_pair``), single images (``sample_single``) or a chosen
+    system (``render``). All randomness comes from the Generator passed in; the built-in PSF bank
+    comes from ``config.psf_bank_seed``."""
+
+    def __init__(self, config: Optional[SimulationConfig] = None):
+        from lenstronomy.LensModel.lens_model import LensModel
+        from lenstronomy.LightModel.Profiles.sersic import SersicElliptic
+
+        self.config = config if config is not None else SimulationConfig()
+        inst = self.config.instrument
+        self.grid = DetectorGrid.from_config(inst)
+        self.lens_model = LensModel(list(LENS_MODEL_LIST))
+        self._lens_light = SersicElliptic()
+        if self.config.cosmos_dir:
+            sp = self.config.source
+            self.catalog: Optional[CosmosCatalog] = CosmosCatalog(
+                self.config.cosmos_dir, min_size_pix=sp.cosmos_min_size_pix,
+                max_noise_frac=sp.cosmos_max_noise_frac)
+        else:
+            self.catalog = None
+            warnings.warn("no cosmos_dir given: simulating analytic core-Sersic sources only "
+                          "(set cosmos_dir to a GalSim COSMOS real-galaxy catalog for the paper's mix)",
+                          UserWarning, stacklevel=2)
+        self.sources = SourceRenderer(self.catalog)
+        self.psf_bank = PSFBank.from_config(self.config)
+
+    # ------------------------------------------------------------------------------ building blocks
+    @property
+    def num_pix(self) -> int:
+        return self.grid.num_pix
+
+    def ray_shoot(self, lens: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Source-plane coordinates (arcsec) of every supersampled image-plane grid point."""
+        return self.lens_model.ray_shooting(self.grid.x_arcsec, self.grid.y_arcsec, lens_kwargs(lens))
+
+    def _lens_light_unit(self, ll: dict) -> np.ndarray:
+        """Lens light with amp=1, binned to detector pixels."""
+        sb = self._lens_light.function(self.grid.x_arcsec, self.grid.y_arcsec,
+                                       **lens_light_kwargs(ll, 1.0))
+        return self.grid.bin(sb)
+
+    def _compose(self, beta_x, beta_y, source, lens_light: Optional[dict], psf,
+                 noise_sigma: float, rng: Optional[np.random.Generator]) -> tuple[np.ndarray, Optional[float]]:
+        """One image from source-plane coordinates; returns (float32 image, lens-light amp)."""
+        image = self.grid.bin(self.sources(beta_x, beta_y, source))
+        amp = None
+        if lens_light is not None:
+            unit = self._lens_light_unit(lens_light)
+            if lens_light.get("amp") is not None:
+                amp = float(lens_light["amp"])
+            elif lens_light.get("peak_ratio") is not None:
+                src_peak, ll_peak = float(image.max()), float(unit.max())
+                amp = float(lens_light["peak_ratio"]) * src_peak / ll_peak if src_peak > 0 and ll_peak > 0 \
+                    else float(lens_light["peak_ratio"])
+            else:
+                raise UserError("lens_light: expected an 'amp' or a 'peak_ratio' key")
+            image = image + amp * unit
+        if psf is not None:
+            if isinstance(psf, (int, np.integer)):
+                if not 0 <= int(psf) < len(self.psf_bank):
+                    raise UserError(f"psf: index {psf} out of range (the bank has {len(self.psf_bank)} PSFs)")
+                image = self.psf_bank.convolve(image, int(psf))
+            else:
+                k = np.asarray(psf, dtype=np.float64)
+                if k.ndim != 2 or k.shape[0] % 2 == 0 or k.shape[1] % 2 == 0 or not k.sum() > 0:
+                    raise UserError(f"psf: expected a PSF-bank index or a 2-D odd-sized kernel with "
+                                    f"positive sum, got shape {k.shape}")
+                image = convolve_same(image, k / k.sum())
+        peak = float(image.max())
+        if noise_sigma > 0:
+            if rng is None:
+                raise UserError("noise_sigma > 0 needs an rng (numpy Generator) for the noise draw")
+            image = image + rng.normal(0.0, noise_sigma * peak, size=image.shape)
+        top = float(image.max())
+        if not (np.isfinite(top) and top > 0):
+            raise UserError("render: the image has no positive flux (is the source inside the field?)")
+        return (image / top).astype(np.float32), amp
+
+    # ----------------------------------------------------------------------------- random samples
+    def _draw_view_nuisance(self, rng: np.random.Generator, lens: dict) -> dict:
+        cfg = self.config
+        return {
+            "lens_light": draw_lens_light(rng, cfg.lens_light, lens, cfg.lens),
+            "source": draw_source(rng, cfg.source, lens, self.catalog, self.sources),
+            "psf_id": int(rng.integers(len(self.psf_bank))),
+            "noise_sigma": uniform(rng, cfg.instrument.noise_sigma),
+        }
+
+    def _sample(self, rng: np.random.Generator, n_views: int) -> tuple[list[np.ndarray], dict]:
+        lens = draw_lens(rng, self.config.lens)
+        beta_x, beta_y = self.ray_shoot(lens)  # once for all views: they share the mass model
+        images, views = [], []
+        for _ in range(n_views):
+            view = self._draw_view_nuisance(rng, lens)
+            ll = dict(view["lens_light"])
+            img, amp = self._compose(beta_x, beta_y, view["source"], ll, view["psf_id"],
+                                     view["noise_sigma"], rng)
+            view["lens_light"]["amp"] = float(amp)
+            view["psf_name"] = self.psf_bank.names[view["psf_id"]]
+            images.append(img)
+            views.append(view)
+        return images, {"lens": {k: float(lens[k]) for k in LENS_PARAMS}, "views": views}
+
+    def sample_pair(self, rng: np.random.Generator) -> dict:
+        """A LenSiam positive pair: same 8 mass parameters, independent source/lens light/PSF/noise."""
+        (v1, v2), params = self._sample(rng, 2)
+        return {"view1": v1, "view2": v2, "params": params}
+
+    def sample_single(self, rng: np.random.Generator) -> dict:
+        """One lens image (params["views"] has one entry)."""
+        (img,), params = self._sample(rng, 1)
+        return {"image": img, "params": params}
+
+    # ----------------------------------------------------------------------------- chosen system
+    def render(self, lens: dict, source, lens_light: Optional[dict] = None, psf=None,
+               noise_sigma: float = 0.0, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+        """Render a chosen system; returns a float32 (num_pix, num_pix) image normalised to max 1.
+
+        lens: the 8 names of ``hpc_lensiam.io.LENS_PARAMS`` (theta_E required; gamma defaults to 2,
+        the rest to 0). source: a dict with ``kind`` ("sersic" | "core_sersic" | "cosmos") and that
+        profile's lenstronomy kwargs (a cosmos source takes "id" = IDENT or "image" = a 2-D stamp
+        with "pixel_scale"), or a list of such dicts (summed). lens_light: SERSIC_ELLIPSE kwargs with
+        "amp" or "peak_ratio", or None. psf: None (no convolution), a PSF-bank index or a 2-D odd
+        kernel. noise_sigma: Gaussian noise sigma as a fraction of the noiseless peak.
+        """
+        if not isinstance(lens, dict):
+            raise UserError(f"lens: expected a dict with keys {', '.join(LENS_PARAMS)}")
+        unknown = sorted(set(lens) - set(LENS_PARAMS))
+        if unknown:
+            raise UserError(f"lens: unknown key {unknown[0]!r} (expected {', '.join(LENS_PARAMS)})")
+        if "theta_E" not in lens:
+            raise UserError("lens: 'theta_E' (Einstein radius, arcsec) is required")
+        full = {**_LENS_DEFAULTS, **lens}
+        beta_x, beta_y = self.ray_shoot(full)
+        if lens_light is not None:
+            missing = [k for k in ("R_sersic", "n_sersic") if k not in lens_light]
+            if missing:
+                raise UserError(f"lens_light: missing key {missing[0]!r} (SERSIC_ELLIPSE kwargs)")
+            lens_light = {"e1": 0.0, "e2": 0.0, "center_x": full["center_x"],
+                          "center_y": full["center_y"], **lens_light}
+        img, _ = self._compose(beta_x, beta_y, source, lens_light, psf, float(noise_sigma), rng)
+        return img
