@@ -75,14 +75,14 @@ def _cmd_probe(a):
 
 def _cmd_export(a):
     from .export import export_backbone
-    export_backbone(checkpoint=a.checkpoint, out=a.out, fmt=a.format)
+    export_backbone(checkpoint=a.checkpoint, out=a.out, fmt=a.format, arch=a.arch)
 
 
 def _cmd_finetune(a):
     from .finetune import finetune
     finetune(backbone=a.backbone, train_dir=a.train, test_dir=a.test, target=a.target,
              n_train=a.n_train, n_test=a.n_test, epochs=a.epochs, freeze_backbone=a.freeze_backbone,
-             batch_size=a.batch_size, lr=a.lr, seed=a.seed, out_json=a.json)
+             batch_size=a.batch_size, lr=a.lr, seed=a.seed, out_json=a.json, arch=a.arch)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--format", choices=("pt", "safetensors"), default="pt")
+    s.add_argument("--arch", default=None, help="expected arch: refuse a checkpoint of another one")
     s.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("finetune", help="regress a lens parameter on an independent set with few labels")
@@ -155,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=None)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--freeze-backbone", action="store_true")
+    s.add_argument("--arch", default=None,
+                   help="arch for --backbone none (default resnet101); else checked against the file")
     s.add_argument("--json", default=None)
     s.set_defaults(func=_cmd_finetune)
     return p

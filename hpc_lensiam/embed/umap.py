@@ -1,0 +1,123 @@
+"""2-D UMAP of the embeddings, one panel per lens parameter (paper Fig. 2), coordinates saved back.
+
+``hpc-lensiam umap --embeddings emb.h5 --out umap.png [--color theta_E,e1,gamma] [--seed 0]``
+
+umap-learn on the standardised features, ``random_state=seed`` (reproducible; umap-learn then runs
+single-threaded), ``low_memory=True``. The 2-D coordinates go into the embeddings file as dataset
+``umap`` (N, 2) with the settings as attributes; the file is rewritten through a temporary copy and
+a rename, so a crash never leaves it half-written. The figure is written atomically too.
+Cost on 100k+ points: see the README ("Embeddings, probe, export and fine-tuning").
+"""
+from __future__ import annotations
+
+import resource
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..io import LENS_PARAMS, atomic_path
+from .extract import load_embeddings
+
+UNITS = {"theta_E": "arcsec", "center_x": "arcsec", "center_y": "arcsec"}
+LABELS = {"theta_E": r"$\theta_E$", "gamma": r"$\gamma$ (slope)", "e1": r"$e_1$", "e2": r"$e_2$",
+          "center_x": r"$x_0$", "center_y": r"$y_0$", "gamma1": r"$\gamma_1$ (shear)",
+          "gamma2": r"$\gamma_2$ (shear)"}
+
+
+def check_colors(color: list[str]) -> list[str]:
+    names = [c.strip() for c in color if c and c.strip()]
+    if not names:
+        raise UserError(f"--color: give at least one of {', '.join(LENS_PARAMS)}")
+    bad = [c for c in names if c not in LENS_PARAMS]
+    if bad:
+        raise UserError(f"--color: unknown parameter {bad[0]!r} (expected some of: {', '.join(LENS_PARAMS)})")
+    return names
+
+
+def fit_umap(features: np.ndarray, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1) -> np.ndarray:
+    """(N, D) -> (N, 2) float32 with umap-learn on standardised features, seeded."""
+    import umap
+
+    x = np.asarray(features, np.float32)
+    std = x.std(0)
+    x = (x - x.mean(0)) / np.where(std > 0, std, 1.0)
+    reducer = umap.UMAP(n_components=2, n_neighbors=min(n_neighbors, len(x) - 1), min_dist=min_dist,
+                        random_state=seed, low_memory=True, metric="euclidean")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*n_jobs.*overridden.*")
+        warnings.filterwarnings("ignore", message=".*k >= N.*")
+        return reducer.fit_transform(x).astype(np.float32)
+
+
+def plot_panels(coords: np.ndarray, params: dict[str, np.ndarray], names: list[str], out: Path, title: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(coords)
+    size = float(np.clip(20000.0 / max(n, 1), 0.3, 12.0))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.4 * len(names), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        v = params[name]
+        order = np.argsort(np.abs(v - np.median(v)))  # extremes drawn last, on top
+        sc = ax.scatter(coords[order, 0], coords[order, 1], c=v[order], s=size, cmap="viridis",
+                        alpha=0.8, linewidths=0, rasterized=True)
+        cb = fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.03)
+        cb.set_label(LABELS.get(name, name) + (f" [{UNITS[name]}]" if name in UNITS else ""))
+        ax.set_title(f"coloured by {LABELS.get(name, name)}")
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_xlabel("UMAP 1"), ax.set_ylabel("UMAP 2")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fmt = (out.suffix.lstrip(".") or "png").lower()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=150)
+    plt.close(fig)
+
+
+def save_coords(path: str | Path, coords: np.ndarray, attrs: dict) -> None:
+    """Add/replace dataset ``umap`` in an embeddings file: copy, edit the copy, rename (atomic)."""
+    import h5py
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            if "umap" in f:
+                del f["umap"]
+            ds = f.create_dataset("umap", data=coords.astype(np.float32))
+            for k, v in attrs.items():
+                ds.attrs[k] = v
+
+
+def run_umap(embeddings: str, out: str, color: list[str] | None = None, seed: int = 0,
+             n_neighbors: int = 15, min_dist: float = 0.1) -> dict:
+    """Fit a seeded 2-D UMAP, draw one panel per parameter in ``color``, store coordinates."""
+    names = check_colors(color or ["theta_E", "e1", "gamma"])
+    emb = load_embeddings(embeddings, need_params=False)
+    missing = [c for c in names if c not in emb["params"]]
+    if missing:
+        raise UserError(f"{embeddings}: no lens parameter {missing[0]!r} to colour by "
+                        "(expected an embeddings file written by `hpc-lensiam embed`)")
+    n, d = emb["features"].shape
+    if n < 4:
+        raise UserError(f"{embeddings}: {n} points; UMAP needs at least 4")
+    t0 = time.perf_counter()
+    coords = fit_umap(emb["features"], seed, n_neighbors, min_dist)
+    fit_s = time.perf_counter() - t0
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+    a = emb["attrs"]
+    title = (f"{Path(embeddings).name}: {a.get('arch', '?')} {a.get('train_mode', '?')} step {a.get('step', '?')}, "
+             f"{n} images, {d}-d features -> UMAP (seed {seed})")
+    out = Path(out)
+    plot_panels(coords, emb["params"], names, out, title)
+    save_coords(embeddings, coords, {"seed": seed, "n_neighbors": n_neighbors, "min_dist": min_dist,
+                                     "metric": "euclidean on standardised features",
+                                     "fit_seconds": round(fit_s, 2)})
+    print(f"umap: {n} points, {d}-d -> 2-D in {fit_s:.1f} s (process peak RSS {peak_gb:.2f} GB); "
+          f"figure ({', '.join(names)}) -> {out}; coordinates -> {embeddings}:/umap", flush=True)
+    return {"points": n, "dim": d, "fit_seconds": fit_s, "peak_rss_gb": peak_gb, "figure": str(out)}

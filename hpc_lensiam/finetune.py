@@ -1,0 +1,276 @@
+"""Downstream regression of one lens parameter with few labels on an independent data set.
+
+``hpc-lensiam finetune --backbone backbone.pt|none --train DIR --test DIR --target theta_E
+--n-train 1000 --n-test 1000 [--epochs E] [--freeze-backbone]`` (paper: 1,000 / 1,000 images).
+
+- Backbone: an ``hpc-lensiam export`` file (arch from its JSON sidecar), any torchvision ResNet
+  weights file (arch inferred from the keys; ``fc`` dropped), or ``none``: the same arch at random
+  init, the no-pretraining baseline (``--arch``, default resnet101). Its ``fc`` becomes
+  ``Linear(feature_dim, 1)``.
+- Input, the export contract: each image divided by its max (as stored) and repeated on 3 channels.
+- The first ``n_train`` samples of ``--train`` (manifest order) are split ``1 - val_fraction`` /
+  ``val_fraction`` with the seed; the epoch with the lowest validation loss is kept. The first
+  ``n_test`` samples of ``--test`` are used once, for the final report only. If ``--test`` is the
+  same data set as ``--train``, the test samples are the ``n_test`` after the first ``n_train``.
+- Targets standardised with the train split's mean/std; AdamW, cosine schedule; MSE loss. With
+  ``--freeze-backbone`` the backbone runs once in eval mode and only the linear head is trained.
+- Report: test R^2 with a bootstrap 95% interval (1000 resamples, seeded), residual sigma and RMSE
+  in the target's units; one line on stdout and, with ``--json``, a JSON file (atomic).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .io import LENS_PARAMS, atomic_write_json, sha256_file
+
+UNITS = {"theta_E": "arcsec", "center_x": "arcsec", "center_y": "arcsec"}
+DEFAULT_ARCH = "resnet101"
+
+
+def check_target(target: str) -> int:
+    if target not in LENS_PARAMS:
+        raise UserError(f"--target: unknown lens parameter {target!r} (expected one of: {', '.join(LENS_PARAMS)})")
+    return LENS_PARAMS.index(target)
+
+
+# ---------------------------------------------------------------------------------------- model
+def build_model(backbone: str, arch: str | None, seed: int):
+    """(torchvision ResNet with fc = Linear(D, 1), description dict)."""
+    import torch
+    import torch.nn as nn
+    import torchvision
+
+    from .export import _RESNETS, fold_conv1, infer_arch, read_backbone_file, read_sidecar
+
+    known = sorted(set(_RESNETS.values()))
+    if arch is not None and arch not in known:
+        raise UserError(f"--arch: {arch!r} is not one of {', '.join(known)}")
+    torch.manual_seed(seed)
+    desc = {"backbone": backbone}
+    if backbone.lower() == "none":
+        arch = arch or DEFAULT_ARCH
+        model = getattr(torchvision.models, arch)(weights=None)
+        desc.update(arch=arch, init="random (no pretraining)")
+    else:
+        state = read_backbone_file(backbone)
+        found = infer_arch(state)
+        if found is None:
+            raise UserError(f"{backbone}: weights match no torchvision ResNet")
+        side = read_sidecar(backbone)
+        if side and side.get("arch") and side["arch"] != found:
+            raise UserError(f"{backbone}: sidecar says arch {side['arch']!r} but the weights are a {found}")
+        if arch and arch != found:
+            raise UserError(f"{backbone}: backbone of the wrong arch: {found}, --arch asked for {arch}")
+        arch = found
+        model = getattr(torchvision.models, arch)(weights=None)
+        try:
+            res = model.load_state_dict(fold_conv1(state), strict=False)
+        except RuntimeError as exc:
+            raise UserError(f"{backbone}: weights do not fit torchvision {arch} "
+                            f"({str(exc).splitlines()[0]})") from None
+        if set(res.missing_keys) - {"fc.weight", "fc.bias"} or res.unexpected_keys:
+            raise UserError(f"{backbone}: not a complete {arch} backbone (missing {res.missing_keys[:3]}, "
+                            f"unexpected {res.unexpected_keys[:3]})")
+        desc.update(arch=arch, init="pretrained", sidecar=side)
+    dim = model.fc.in_features
+    model.fc = nn.Linear(dim, 1)
+    desc["feature_dim"] = dim
+    return model, desc
+
+
+def _batches(n: int, batch_size: int, gen=None, drop_single: bool = False):
+    import torch
+    idx = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
+    for a in range(0, n, batch_size):
+        b = idx[a:a + batch_size]
+        if drop_single and len(b) < 2 and n > 1:  # BatchNorm in train mode needs > 1 sample
+            continue
+        yield b
+
+
+def _forward(net, images, idx, device):
+    import torch
+    x = torch.as_tensor(images[idx.numpy()]).unsqueeze(1).repeat(1, 3, 1, 1).to(device)
+    return net(x).squeeze(1)
+
+
+def _predict(net, images, batch_size, device) -> np.ndarray:
+    import torch
+    net.eval()
+    out = []
+    with torch.inference_mode():
+        for b in _batches(len(images), batch_size):
+            out.append(_forward(net, images, b, device).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+# ---------------------------------------------------------------------------------------- metrics
+def r2(y: np.ndarray, p: np.ndarray) -> float:
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    return 1.0 - float(((y - p) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
+
+
+def bootstrap_r2(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(y), size=(n_boot, len(y)))
+    yy, pp = y[idx], p[idx]
+    ss_res = ((yy - pp) ** 2).sum(1)
+    ss_tot = ((yy - yy.mean(1, keepdims=True)) ** 2).sum(1)
+    vals = 1.0 - ss_res / np.where(ss_tot > 0, ss_tot, np.nan)
+    lo, hi = np.nanpercentile(vals, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+# ---------------------------------------------------------------------------------------- finetune
+def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_E", n_train: int = 1000,
+             n_test: int = 1000, epochs: int = 30, freeze_backbone: bool = False, batch_size: int = 64,
+             lr: float | None = None, seed: int = 0, out_json: str | None = None, arch: str | None = None,
+             val_fraction: float = 0.2, weight_decay: float = 1e-4, n_boot: int = 1000,
+             progress: bool = True) -> dict:
+    """Regress ``target`` with a linear head on the backbone; return (and print) the test report."""
+    import torch
+
+    from .embed.extract import load_images
+    from .io import read_manifest
+
+    j = check_target(target)
+    for name, v, lo in (("--n-train", n_train, 5), ("--n-test", n_test, 2), ("--epochs", epochs, 1),
+                        ("--batch-size", batch_size, 1)):
+        if v is None or v < lo:
+            raise UserError(f"{name}: must be >= {lo}, got {v}")
+    if not 0 < val_fraction < 1:
+        raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if lr is not None and lr <= 0:
+        raise UserError(f"--lr: must be > 0, got {lr}")
+    t0 = time.perf_counter()
+    model, desc = build_model(backbone, arch, seed)  # bad backbone / arch fails before data loading
+
+    # ---- data: train (-> train/val) and an independent test set, used once at the end
+    read_manifest(train_dir), read_manifest(test_dir)
+    same = sha256_file(Path(train_dir) / "manifest.json") == sha256_file(Path(test_dir) / "manifest.json")
+    if same:
+        _, xs, ys = load_images(train_dir, n_train + n_test, what="--train/--test (one data set)")
+        x_tr, y_tr, x_te, y_te = xs[:n_train], ys[:n_train, j], xs[n_train:], ys[n_train:, j]
+    else:
+        _, x_tr, y_tr = load_images(train_dir, n_train, what="--train")
+        _, x_te, y_te = load_images(test_dir, n_test, what="--test")
+        y_tr, y_te = y_tr[:, j], y_te[:, j]
+    n_val = max(1, int(round(val_fraction * n_train)))
+    perm = np.random.default_rng(seed).permutation(n_train)
+    va, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    if len(tr) < 2:
+        raise UserError(f"--n-train {n_train}: too few for a validation split of {val_fraction:.0%}")
+    x_va, y_va, x_tr, y_tr = x_tr[va], y_tr[va], x_tr[tr], y_tr[tr]
+    mu, sd = float(y_tr.mean()), float(y_tr.std()) or 1.0
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
+    lr = lr if lr is not None else (1e-3 if freeze_backbone else 1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    t_tr = torch.as_tensor((y_tr - mu) / sd, dtype=torch.float32, device=device)
+    t_va = torch.as_tensor((y_va - mu) / sd, dtype=torch.float32, device=device)
+
+    if freeze_backbone:  # features once, in eval mode; then only the head learns
+        head = model.fc
+        model.fc = torch.nn.Identity()
+        f_tr, f_va, f_te = (torch.as_tensor(_predict(model, x, batch_size, device).reshape(len(x), -1))
+                            for x in (x_tr, x_va, x_te))
+        fm, fs = f_tr.mean(0), f_tr.std(0).clamp_min(1e-6)
+        f_tr, f_va, f_te = ((f - fm) / fs for f in (f_tr, f_va, f_te))
+        model.fc = head
+        net = head
+        params = head.parameters()
+
+        def step_loss(idx):
+            return ((head(f_tr[idx].to(device)).squeeze(1) - t_tr[idx]) ** 2).mean()
+
+        def val_loss():
+            with torch.inference_mode():
+                return float(((head(f_va.to(device)).squeeze(1) - t_va) ** 2).mean())
+    else:
+        net = model
+        params = model.parameters()
+
+        def step_loss(idx):
+            return ((_forward(model, x_tr, idx, device) - t_tr[idx.to(device)]) ** 2).mean()
+
+        def val_loss():
+            p = torch.as_tensor(_predict(model, x_va, batch_size, device), device=device)
+            return float(((p - t_va) ** 2).mean())
+
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = max(1, sum(1 for _ in _batches(len(x_tr), batch_size, None, not freeze_backbone)))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    best = (float("inf"), 0, None)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=epochs, unit="epoch", desc=f"finetune {target}", dynamic_ncols=True, file=sys.stderr)
+    history = []
+    for epoch in range(1, epochs + 1):
+        net.train()
+        if freeze_backbone:
+            model.eval()
+        losses = []
+        for idx in _batches(len(x_tr), batch_size, gen, drop_single=not freeze_backbone):
+            loss = step_loss(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+        v = val_loss()
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": v})
+        if v < best[0]:
+            best = (v, epoch, copy.deepcopy(model.state_dict()))
+        if bar:
+            bar.update(1)
+            bar.set_postfix(train=f"{np.mean(losses):.3f}", val=f"{v:.3f}", best_epoch=best[1])
+    if bar:
+        bar.close()
+    model.load_state_dict(best[2])
+
+    # ---- the test set, once
+    if freeze_backbone:
+        with torch.inference_mode():
+            p_te = model.fc(f_te.to(device)).squeeze(1).cpu().numpy()
+    else:
+        p_te = _predict(model, x_te, batch_size, device)
+    p_te = p_te.astype(np.float64) * sd + mu
+    resid = p_te - y_te
+    score = r2(y_te, p_te)
+    ci = bootstrap_r2(y_te, p_te, n_boot, seed)
+    unit = UNITS.get(target, "")
+    report = {
+        "target": target, "unit": unit or "dimensionless", "backbone": backbone, "arch": desc["arch"],
+        "init": desc["init"], "freeze_backbone": bool(freeze_backbone),
+        "r2": score, "r2_ci95": list(ci), "residual_sigma": float(resid.std(ddof=1)),
+        "rmse": float(np.sqrt((resid ** 2).mean())), "bias": float(resid.mean()),
+        "n_train": int(len(tr)), "n_val": int(n_val), "n_test": int(len(y_te)),
+        "best_epoch": best[1], "best_val_loss": best[0], "epochs": epochs, "lr": lr,
+        "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed, "bootstrap": n_boot,
+        "train_dir": str(Path(train_dir).resolve()), "test_dir": str(Path(test_dir).resolve()),
+        "test_from_train_set": same,
+        "train_manifest_sha256": sha256_file(Path(train_dir) / "manifest.json"),
+        "test_manifest_sha256": sha256_file(Path(test_dir) / "manifest.json"),
+        "target_train_mean": mu, "target_train_std": sd, "seconds": time.perf_counter() - t0,
+        "history": history,
+    }
+    if desc.get("sidecar"):
+        report["pretraining"] = desc["sidecar"].get("training")
+    if out_json:
+        atomic_write_json(out_json, report)
+    u = f" {unit}" if unit else ""
+    print(f"finetune: {target} R^2 = {score:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] (95% bootstrap), residual sigma = "
+          f"{report['residual_sigma']:.4f}{u}; {desc['arch']} {desc['init']}"
+          f"{', frozen' if freeze_backbone else ''} ({backbone}), {len(tr)} train / {n_val} val / "
+          f"{len(y_te)} test, best epoch {best[1]}/{epochs}, {report['seconds']:.0f} s"
+          + (f"; report {out_json}" if out_json else ""), flush=True)
+    return report
