@@ -1,0 +1,231 @@
+"""Shard loader: manifest -> per-epoch shard order -> rank/worker split -> raw npy decode -> batches.
+
+WebDataset streaming, written so that a multi-rank job never hangs and a resumed run sees the
+same batches as an uninterrupted one:
+
+* **Split.** Epoch ``e`` permutes the manifest's shard list with ``seed(seed, e)``; rank ``r`` takes
+  ``perm[r::world]`` (split by node) and DataLoader worker ``v`` of that ``[v::workers]`` (split by
+  worker), so every rank and worker reads disjoint shards.
+* **Equal steps.** Every rank yields exactly ``batches_per_epoch = N // (batch x world)`` batches
+  per epoch (rounded down to a multiple of ``grad_accum``), whatever its shards hold: a worker
+  cycles over its shards (re-shuffled each pass) and stops at its quota, the fix the webdataset
+  maintainers give for uneven shards (``resampled`` + ``with_epoch``), done explicitly here. The
+  DataLoader takes batches from its workers round-robin, so batch ``i`` comes from worker
+  ``i % workers``; a resumed epoch rotates the workers so that stays true, and each worker skips
+  its already-seen samples before decoding them.
+* **Fast decode.** Samples stay raw bytes through the seeded shuffle buffer; the npy header is
+  parsed once and every image is an ``np.frombuffer`` view copied straight into the batch array
+  (no generic decoder chain, no pickling of numpy arrays: workers hand back torch tensors, which
+  travel through shared memory and can be pinned).
+
+A batch is a dict: ``{"x1", "x2"}`` (lensiam: the stored pair) or ``{"x"}`` (simsiam: one image),
+each a float32 tensor ``(B, 1, H, W)``, plus ``"keys"`` (the samples' ``__key__``) and ``"bad"``:
+samples skipped since the last batch.
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+import signal
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from webdataset.filters import _shuffle
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from ..errors import UserError
+from ..io import read_manifest, shard_paths
+
+
+class ShardError(UserError):
+    """A shard (or a sample in it) that cannot be read; the message names the shard."""
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class NpyDecoder:
+    """``np.save`` bytes -> float32 2-D array view; parses the header once, then ``np.frombuffer``."""
+
+    def __init__(self):
+        self.header = b""
+        self.shape = None
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        if not self.header or not data.startswith(self.header):
+            self._parse(data)
+        return np.frombuffer(data, dtype=np.float32, count=self.count, offset=len(self.header)).reshape(self.shape)
+
+    def _parse(self, data: bytes) -> None:
+        f = io.BytesIO(data)
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(f)
+        if dtype != np.float32 or fortran or len(shape) != 2:
+            raise ValueError(f"expected a C-order float32 2-D npy array, got {dtype} {shape}")
+        self.header, self.shape, self.count = data[:f.tell()], shape, int(np.prod(shape))
+        if len(data) != f.tell() + 4 * self.count:
+            raise ValueError(f"npy payload is {len(data) - f.tell()} bytes, expected {4 * self.count}")
+
+
+def read_shard(path: str):
+    """Yield the raw samples of one tar shard in order: ``{"__key__", "view1.npy": bytes, ...}``."""
+    with open(path, "rb") as f:
+        files = ({**item, "__url__": path} for item in tar_file_iterator(f))
+        yield from group_by_keys(files)
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """One rank's batches of one epoch (set :attr:`epoch` and :attr:`start` before iterating)."""
+
+    def __init__(self, shards: dict[str, int], keys: dict[str, str], image_shape, batch_size: int,
+                 batches: int, rank: int, world_size: int, workers: int, seed: int,
+                 shuffle_buffer: int, skip_bad: bool):
+        self.shards, self.keys, self.image_shape = shards, keys, tuple(image_shape)
+        self.batch_size, self.batches = batch_size, batches
+        self.rank, self.world_size, self.workers = rank, world_size, max(1, workers)
+        self.seed, self.shuffle_buffer, self.skip_bad = seed, shuffle_buffer, skip_bad
+        self.epoch, self.start = 0, 0
+
+    def worker_shards(self, epoch: int, v: int) -> list[str]:
+        order = random.Random(_seed(self.seed, epoch)).sample(list(self.shards), len(self.shards))
+        return order[self.rank::self.world_size][v::self.workers]
+
+    def _raw(self, shards: list[str], rng: random.Random, counter: list):
+        """Samples of ``shards``, cycling forever (new shard order each pass); bad reads counted."""
+        while True:
+            count = 0
+            for path in rng.sample(shards, len(shards)):
+                try:
+                    for sample in read_shard(path):
+                        count += 1
+                        yield sample
+                except Exception as exc:  # truncated tar, unreadable file, ...
+                    self._bad(path, None, exc, counter)
+            if count == 0:
+                raise ShardError(f"shard {shards[0]}: no readable samples in this worker's "
+                                 f"{len(shards)} shard(s)")
+
+    def _bad(self, path, key, exc, counter):
+        where = f"{path}" + (f" sample {key!r}" if key else "")
+        if not self.skip_bad:
+            raise ShardError(f"shard {where}: cannot read ({type(exc).__name__}: {exc}); "
+                             f"--skip-bad-samples skips unreadable samples") from None
+        counter[0] += 1
+        print(f"warning: skipping unreadable data in shard {where} ({type(exc).__name__}: {exc})",
+              file=sys.stderr, flush=True)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, nw = (info.id, info.num_workers) if info else (0, 1)
+        assert nw == self.workers, (nw, self.workers)
+        v = (w + self.start) % nw                     # "virtual worker": batch i comes from i % nw
+        skip = len(range(v, self.start, nw))          # this worker's batches already trained on
+        take = len(range(v, self.batches, nw)) - skip
+        if take <= 0:
+            return
+        rng = random.Random(_seed(self.seed, self.epoch, self.rank, v))
+        counter = [0]
+        shards = self.worker_shards(self.epoch, v)
+        # at most one pass of this worker's samples in the buffer, so a sample is not drawn twice
+        bufsize = max(1, min(self.shuffle_buffer, sum(self.shards[p] for p in shards)))
+        raw = _shuffle(self._raw(shards, rng, counter), bufsize=bufsize, initial=bufsize, rng=rng)
+        for _ in range(skip * self.batch_size):       # skipped without decoding
+            next(raw)
+        decode = NpyDecoder()
+        B, (H, W) = self.batch_size, self.image_shape
+        for _ in range(take):
+            out = {k: torch.empty((B, 1, H, W), dtype=torch.float32) for k in self.keys}
+            arrays = {k: t.numpy() for k, t in out.items()}
+            keys, n = [], 0
+            while n < B:
+                sample = next(raw)
+                try:
+                    for name, member in self.keys.items():
+                        if member not in sample:
+                            raise KeyError(f"no {member} in sample")
+                        arrays[name][n, 0] = decode(sample[member])
+                except Exception as exc:
+                    self._bad(sample.get("__url__"), sample.get("__key__"), exc, counter)
+                    continue
+                keys.append(sample["__key__"])
+                n += 1
+            out["keys"] = keys
+            out["bad"], counter[0] = counter[0], 0
+            yield out
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 to the trainer, which checkpoints at the next step boundary."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class ShardLoader:
+    """Batches of one rank, epoch by epoch: ``for batch in loader.epoch(e, start=0): ...``.
+
+    ``mode="lensiam"`` gives the stored pair (``x1``, ``x2``); ``mode="simsiam"`` one image ``x``
+    per sample (``image`` of single-mode shards, ``view1`` of pair shards).
+    """
+
+    def __init__(self, data_dir: str, mode: str, batch_size: int, rank: int = 0, world_size: int = 1,
+                 workers: int = 2, seed: int = 0, shuffle_buffer: int = 1000, grad_accum: int = 1,
+                 skip_bad_samples: bool = False, pin_memory: bool = False):
+        if not data_dir:
+            raise UserError("--data: no shard directory given")
+        manifest = read_manifest(data_dir)
+        self.manifest, self.data_dir = manifest, data_dir
+        shards = shard_paths(data_dir, manifest)
+        missing = [p for p in shards if not Path(p).is_file()]
+        if missing:
+            raise ShardError(f"shard {missing[0]}: listed in {Path(data_dir) / 'manifest.json'} but missing "
+                             f"({len(missing)} of {len(shards)} missing)")
+        if mode == "lensiam":
+            if manifest["mode"] != "lensiam":
+                raise UserError(f"--mode lensiam needs pair shards; {data_dir} holds {manifest['mode']!r} "
+                                f"samples (use --mode simsiam, or simulate with --mode lensiam)")
+            keys = {"x1": "view1.npy", "x2": "view2.npy"}
+        elif mode == "simsiam":
+            keys = {"x": "image.npy" if manifest["mode"] == "single" else "view1.npy"}
+        else:
+            raise UserError(f"--mode: {mode!r} is not one of lensiam, simsiam")
+        num = int(manifest["num_samples"])
+        per_step = batch_size * world_size * grad_accum
+        if num < per_step:
+            raise UserError(f"batch larger than the data: {batch_size} per rank x {world_size} rank(s) x "
+                            f"{grad_accum} accumulation = {per_step} samples per step, but {data_dir} "
+                            f"holds {num}")
+        if len(shards) < world_size:
+            raise UserError(f"{data_dir} has {len(shards)} shard(s) for {world_size} ranks: every rank needs "
+                            f"its own shards (re-simulate with a smaller --shard-size)")
+        usable = len(shards) // world_size
+        if workers > usable:
+            warnings.warn(f"--workers {workers}: only {usable} shard(s) per rank, using {usable} worker(s)")
+            workers = usable
+        self.workers = workers
+        self.batches_per_epoch = num // per_step * grad_accum
+        shape = manifest.get("image_shape")
+        if not shape:
+            raise UserError(f"{Path(data_dir) / 'manifest.json'}: missing key 'image_shape'")
+        self.image_shape = tuple(shape)
+        self.batch_size, self.pin_memory = batch_size, pin_memory
+        sizes = {p: int(s.get("num_samples", 1)) for p, s in zip(shards, manifest["shards"])}
+        self.dataset = ShardStream(sizes, keys, shape, batch_size, self.batches_per_epoch, rank,
+                                   world_size, workers, seed, shuffle_buffer, skip_bad_samples)
+
+    def epoch(self, epoch: int, start: int = 0):
+        """Batches ``start .. batches_per_epoch-1`` of ``epoch`` (the same ones whatever ``start``)."""
+        self.dataset.epoch, self.dataset.start = epoch, start
+        loader = wds.WebLoader(self.dataset, batch_size=None, num_workers=self.workers,
+                               pin_memory=self.pin_memory, worker_init_fn=_ignore_stop_signals,
+                               persistent_workers=False)
+        try:
+            yield from loader
+        except ShardError as exc:  # from a worker, its traceback is in the message: keep the last line
+            raise ShardError(str(exc).strip().splitlines()[-1].split("ShardError: ", 1)[-1]) from None
