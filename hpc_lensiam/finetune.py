@@ -225,7 +225,7 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         v = val_loss()
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": v})
         if v < best[0]:

@@ -1,0 +1,155 @@
+"""Export into stock torchvision (DDP and DeepSpeed checkpoints) and downstream fine-tuning."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from hpc_lensiam.errors import UserError
+from hpc_lensiam.io import LENS_PARAMS
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def train_tiny(data: Path, out: Path, **kw) -> Path:
+    """The real trainer, 2 steps of a resnet18 with small heads."""
+    from hpc_lensiam.train.loop import train, train_config
+    cfg = dict(data=str(data), out=str(out), arch="resnet18", batch_size=8, max_steps=2, epochs=1,
+               workers=0, proj_dim=64, pred_dim=16, log_every=1)
+    cfg.update(kw)
+    train(train_config(**cfg))
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_ddp(lensiam_shards, tmp_path_factory) -> Path:
+    return train_tiny(lensiam_shards, tmp_path_factory.mktemp("ddp") / "run")
+
+
+@pytest.fixture(scope="module")
+def exported(run_ddp, tmp_path_factory) -> Path:
+    from hpc_lensiam.export import export_backbone
+    out = tmp_path_factory.mktemp("export") / "backbone.pt"
+    export_backbone(str(run_ddp / "checkpoints" / "last.pt"), str(out), "pt")
+    return out
+
+
+def _images(data_dir: Path, n: int) -> torch.Tensor:
+    from hpc_lensiam.embed.extract import load_images
+    _, x, _ = load_images(data_dir, n)
+    return torch.as_tensor(x).unsqueeze(1)
+
+
+def _torchvision(arch: str, state: dict) -> torch.nn.Module:
+    m = getattr(torchvision.models, arch)()
+    res = m.load_state_dict(state, strict=False)
+    assert sorted(res.missing_keys) == ["fc.bias", "fc.weight"] and res.unexpected_keys == []
+    m.fc = torch.nn.Identity()
+    return m.eval()
+
+
+# -------------------------------------------------------------------------------------- export
+def test_export_round_trip_into_torchvision(run_ddp, exported, lensiam_shards, tmp_path):
+    from safetensors.torch import load_file
+    from hpc_lensiam.export import export_backbone, load_backbone
+
+    state = torch.load(exported, weights_only=True)
+    assert state["conv1.weight"].shape == (64, 3, 7, 7)
+    tv = _torchvision("resnet18", state)
+    trained, info = load_backbone(run_ddp / "checkpoints" / "last.pt")
+    x = _images(lensiam_shards, 8)                      # real images, max 1, 1 channel
+    with torch.inference_mode():
+        ref, got = trained(x), tv(x.repeat(1, 3, 1, 1))
+    assert ref.shape == (8, 512)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+    side = json.loads(Path(str(exported) + ".json").read_text())
+    assert side["arch"] == "resnet18" and side["training"]["mode"] == "lensiam" and side["training"]["step"] == 2
+    assert side["input"]["size"] == [48, 48] and side["input"]["channels"] == 3
+    assert "max" in side["input"]["normalisation"] and len(side["training"]["config_hash"]) == 64
+
+    st = tmp_path / "backbone.safetensors"
+    export_backbone(str(run_ddp), str(st), "safetensors")          # a run folder works too
+    loaded = load_file(str(st))
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    assert json.loads(Path(str(st) + ".json").read_text())["weights_format"] == "safetensors"
+
+
+def test_export_from_deepspeed_checkpoint(lensiam_shards, tmp_path):
+    from hpc_lensiam.export import export_backbone
+
+    run = train_tiny(lensiam_shards, tmp_path / "ds", engine="deepspeed")
+    ds_dir = run / "checkpoints" / "deepspeed"
+    assert (ds_dir / "latest").is_file()
+    a = export_backbone(str(ds_dir), str(tmp_path / "from_ds.pt"))
+    b = export_backbone(str(run / "checkpoints" / "last.pt"), str(tmp_path / "from_last.pt"))
+    assert a["training"]["step"] == 2 and a["arch"] == "resnet18"
+    assert a["weights_sha256"] == b["weights_sha256"]          # same weights through either reader
+    _torchvision("resnet18", torch.load(tmp_path / "from_ds.pt", weights_only=True))
+
+
+def test_export_bad_input(run_ddp, tmp_path):
+    from hpc_lensiam.export import export_backbone
+
+    ckpt = str(run_ddp / "checkpoints" / "last.pt")
+    with pytest.raises(UserError, match="wrong arch: resnet18, expected resnet101"):
+        export_backbone(ckpt, str(tmp_path / "a.pt"), arch="resnet101")
+    with pytest.raises(UserError, match="no such checkpoint"):
+        export_backbone(str(tmp_path / "nope.pt"), str(tmp_path / "a.pt"))
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        export_backbone(str(tmp_path / "text.pt"), str(tmp_path / "a.pt"))
+    assert not (tmp_path / "a.pt").exists()
+    r = subprocess.run([sys.executable, "-m", "hpc_lensiam", "export", "--checkpoint", ckpt, "--out",
+                        str(tmp_path / "a.pt"), "--arch", "resnet50"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "wrong arch" in r.stderr
+
+
+# ------------------------------------------------------------------------------------ finetune
+def test_finetune_end_to_end(exported, single_shards, lensiam_shards, tmp_path):
+    from hpc_lensiam.finetune import finetune
+
+    out = tmp_path / "ft.json"
+    rep = finetune(str(exported), str(single_shards), str(single_shards), target="theta_E", n_train=40,
+                   n_test=24, epochs=2, freeze_backbone=False, batch_size=16, lr=None, seed=0,
+                   out_json=str(out), progress=False)
+    saved = json.loads(out.read_text())
+    assert saved["r2"] == rep["r2"] and np.isfinite(rep["r2"])
+    lo, hi = rep["r2_ci95"]
+    assert lo <= hi and rep["residual_sigma"] > 0 and rep["unit"] == "arcsec"
+    assert (rep["n_train"], rep["n_val"], rep["n_test"]) == (32, 8, 24) and rep["test_from_train_set"]
+    assert rep["arch"] == "resnet18" and rep["init"] == "pretrained" and rep["pretraining"]["step"] == 2
+    assert 1 <= rep["best_epoch"] <= 2 and len(rep["history"]) == 2
+
+    # the no-pretraining baseline, and the frozen-backbone probe is deterministic for a seed
+    base = finetune("none", str(single_shards), str(lensiam_shards), target="e1", n_train=20, n_test=10,
+                    epochs=1, freeze_backbone=True, batch_size=16, seed=1, arch="resnet18", progress=False)
+    again = finetune("none", str(single_shards), str(lensiam_shards), target="e1", n_train=20, n_test=10,
+                     epochs=1, freeze_backbone=True, batch_size=16, seed=1, arch="resnet18", progress=False)
+    assert base["init"].startswith("random") and not base["test_from_train_set"]
+    assert base["r2"] == again["r2"] and base["r2_ci95"] == again["r2_ci95"]
+
+
+def test_finetune_bad_input(exported, single_shards, tmp_path):
+    from hpc_lensiam.finetune import finetune
+
+    kw = dict(train_dir=str(single_shards), test_dir=str(single_shards), n_train=10, n_test=10, epochs=1,
+              freeze_backbone=True, batch_size=8, progress=False)
+    with pytest.raises(UserError, match="unknown lens parameter 'thetaE'.*" + ", ".join(LENS_PARAMS)):
+        finetune(str(exported), target="thetaE", **kw)
+    with pytest.raises(UserError, match="wrong arch: resnet18, --arch asked for resnet50"):
+        finetune(str(exported), target="theta_E", arch="resnet50", **kw)
+    with pytest.raises(UserError, match="asked for 1000 samples but it holds only 64"):
+        finetune(str(exported), target="theta_E", **{**kw, "n_train": 990})
+    with pytest.raises(UserError, match="backbone file not found"):
+        finetune(str(tmp_path / "nope.pt"), target="theta_E", **kw)
+    r = subprocess.run([sys.executable, "-m", "hpc_lensiam", "finetune", "--backbone", "none", "--train",
+                        str(single_shards), "--test", str(single_shards), "--target", "Einstein"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "theta_E, gamma, e1" in r.stderr
