@@ -53,6 +53,43 @@ def lens_light_kwargs(ll: dict, amp: float) -> dict:
     return kw
 
 
+class EPLShearRayShooter:
+    """Ray shooting through EPL + external shear on a fixed grid, with lenstronomy's own kernels.
+
+    Same physics and numbers as ``LensModel(["EPL_NUMBA", "SHEAR"]).ray_shooting`` (checked in the
+    tests to ~1e-10 arcsec), about 2x faster, because ray shooting dominates the cost of an image:
+    it calls lenstronomy's jitted EPL_NUMBA building blocks (``param_transform``, ``omega``,
+    ``alpha``: Tessore & Metcalf 2015) directly instead of through the per-profile dispatch, and
+    sums the angular hypergeometric series ``omega`` to a relative ``series_tol`` of 1e-10 instead
+    of 1e-16 (float32 images cannot tell the difference).
+    """
+
+    def __init__(self, x_arcsec: np.ndarray, y_arcsec: np.ndarray, series_tol: float = 1e-10):
+        from lenstronomy.LensModel.Profiles import epl_numba
+        from lenstronomy.LensModel.Profiles.shear import Shear
+
+        self._epl = epl_numba
+        self._shear = Shear()
+        self.x = np.ascontiguousarray(x_arcsec, dtype=np.float64)
+        self.y = np.ascontiguousarray(y_arcsec, dtype=np.float64)
+        self.series_tol = float(series_tol)
+
+    def deflection(self, lens: dict) -> tuple[np.ndarray, np.ndarray]:
+        kw_epl, kw_shear = lens_kwargs(lens)
+        e = self._epl
+        z, b, t, q, ang = e.param_transform(self.x, self.y, **kw_epl)
+        zx, zy = np.ascontiguousarray(z.real), np.ascontiguousarray(z.imag)
+        omega = e.omega(np.arctan2(zy, zx * q), t, q, 200, self.series_tol)
+        alpha = e.alpha(zx, zy, b, q, t, omega) * np.exp(1j * ang)
+        sx, sy = self._shear.derivatives(self.x, self.y, **kw_shear)
+        return alpha.real + sx, alpha.imag + sy
+
+    def __call__(self, lens: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Source-plane (beta_x, beta_y) arcsec of every grid point: beta = theta - alpha(theta)."""
+        ax, ay = self.deflection(lens)
+        return self.x - ax, self.y - ay
+
+
 class LensSimulator:
     """Simulates LenSiam pairs (``sample_pair``), single images (``sample_single``) or a chosen
     system (``render``). All randomness comes from the Generator passed in; the built-in PSF bank
@@ -65,7 +102,8 @@ class LensSimulator:
         self.config = config if config is not None else SimulationConfig()
         inst = self.config.instrument
         self.grid = DetectorGrid.from_config(inst)
-        self.lens_model = LensModel(list(LENS_MODEL_LIST))
+        self.lens_model = LensModel(list(LENS_MODEL_LIST))  # reference implementation
+        self.ray_shooter = EPLShearRayShooter(self.grid.x_arcsec, self.grid.y_arcsec)
         self._lens_light = SersicElliptic()
         if self.config.cosmos_dir:
             sp = self.config.source
@@ -87,7 +125,7 @@ class LensSimulator:
 
     def ray_shoot(self, lens: dict) -> tuple[np.ndarray, np.ndarray]:
         """Source-plane coordinates (arcsec) of every supersampled image-plane grid point."""
-        return self.lens_model.ray_shooting(self.grid.x_arcsec, self.grid.y_arcsec, lens_kwargs(lens))
+        return self.ray_shooter(lens)
 
     def _lens_light_unit(self, ll: dict) -> np.ndarray:
         """Lens light with amp=1, binned to detector pixels."""
