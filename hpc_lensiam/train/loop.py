@@ -172,6 +172,7 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
     def to_device(t):
         return t.to(engine.device, non_blocking=True, memory_format=cuda_fmt)
 
+    t_loop = time.perf_counter()
     while step < end and not stopped_by:
         epoch = step // spe
         batches = loader.epoch(epoch, start=(step % spe) * cfg.grad_accum)
@@ -203,10 +204,13 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
                 if not math.isfinite(loss_v):
                     kept = (f"last good checkpoint {ckpt_dir / LAST} (step {saved_step}) kept"
                             if saved_step is not None else "no checkpoint was written yet")
+                    hint = ("use --precision bf16 or fp32" if cfg.precision == "fp16" else
+                            "lower --base-lr, or check the shards for NaN/inf pixels")
                     raise UserError(f"loss is {loss_v} at step {step} (lr {lr:.4g}): training diverged and "
-                                    f"stopped; {kept}. Lower --base-lr or use --precision fp32/bf16")
+                                    f"stopped; {kept}. Try: {hint}")
                 now = time.perf_counter()
-                if t_start is None:   # throughput excludes the first (warm-up) step
+                if t_start is None:   # the mean throughput excludes the first (warm-up) step
+                    ips = global_batch / (now - t_loop)
                     t_start = t_log = now
                 else:
                     n_log += 1
