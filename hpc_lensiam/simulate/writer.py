@@ -182,8 +182,14 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
     _check_existing(out_dir, plan)
 
     # Build the simulator before touching the folder: a bad COSMOS dir or PSF file writes nothing.
+    import warnings
     from .simulator import LensSimulator
-    sim = LensSimulator(cfg)
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always")
+        sim = LensSimulator(cfg)
+    if rank == 0:  # said once, not once per rank
+        for note in notes:
+            print(f"simulate: note: {note.message}", file=sys.stderr, flush=True)
 
     shards = ShardPlan(num_samples, shard_size)
     if rank == 0:
