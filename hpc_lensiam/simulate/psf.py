@@ -6,6 +6,7 @@ The FFTs of the kernels for a given image size are computed once and reused for 
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Optional, Sequence
@@ -119,29 +120,14 @@ def diffraction_psf(rng: np.random.Generator, *, aperture_diameter_m: float, obs
     """
     if oversampling % 2 == 0:
         raise ValueError("oversampling must be odd so the PSF centre is a pixel centre")
-    lam_m = wavelength_nm * 1e-9
-    dtheta_rad = pixel_scale_arcsec / oversampling * math.pi / (180 * 3600)
     m = pupil_samples
-    # focal-plane sampling of an FFT = lambda / (pupil-plane extent)
-    extent_m = lam_m / dtheta_rad
-    if extent_m < 2 * aperture_diameter_m:  # avoid aliasing: need at least Nyquist sampling
-        raise ValueError("PSF oversampling too coarse for this aperture")
-    dx = extent_m / m
-    c = (np.arange(m) - m // 2) * dx
-    xx, yy = np.meshgrid(c, c)
-    rho = np.hypot(xx, yy) / (aperture_diameter_m / 2)
-    theta = np.arctan2(yy, xx)
-    pupil = (rho <= 1.0) & (rho >= obstruction_frac)
-    zern = [np.sqrt(3) * (2 * rho ** 2 - 1),                # defocus
-            np.sqrt(6) * rho ** 2 * np.sin(2 * theta),      # oblique astigmatism
-            np.sqrt(6) * rho ** 2 * np.cos(2 * theta),      # vertical astigmatism
-            np.sqrt(8) * (3 * rho ** 3 - 2 * rho) * np.sin(theta),  # vertical coma
-            np.sqrt(8) * (3 * rho ** 3 - 2 * rho) * np.cos(theta)]  # horizontal coma
+    index, zern = _pupil_geometry(float(aperture_diameter_m), float(obstruction_frac), float(wavelength_nm),
+                                  float(pixel_scale_arcsec), int(oversampling), int(m))
     coeff = rng.normal(0.0, aberration_rms_waves / math.sqrt(len(zern)), size=len(zern))
-    phase = 2 * math.pi * sum(a * z for a, z in zip(coeff, zern))
-    field = np.where(pupil, np.exp(1j * phase), 0.0)
-    amp = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(field)))
-    intensity = np.abs(amp) ** 2  # centre (zero frequency) at index m // 2
+    field = np.zeros((m, m), dtype=np.complex128)
+    field.flat[index] = np.exp(2j * math.pi * (coeff @ zern))
+    # |FFT|^2 does not depend on where the pupil sits in the array; centre the zero frequency at m//2
+    intensity = np.fft.fftshift(np.abs(sfft.fft2(field)) ** 2)
     half = (size_pix * oversampling) // 2
     ctr = m // 2
     if half >= ctr:
@@ -155,6 +141,34 @@ def diffraction_psf(rng: np.random.Generator, *, aperture_diameter_m: float, obs
     cut = intensity[ctr - half: ctr + half + 1, ctr - half: ctr + half + 1]
     k = cut.reshape(size_pix, oversampling, size_pix, oversampling).sum(axis=(1, 3))
     return k / k.sum()
+
+
+@functools.lru_cache(maxsize=4)
+def _pupil_geometry(aperture_diameter_m: float, obstruction_frac: float, wavelength_nm: float,
+                    pixel_scale_arcsec: float, oversampling: int, m: int):
+    """Flat indices of the (obstructed) pupil in an m x m array and the 5 Zernike terms there.
+
+    The pupil array spans lambda / (focal-plane sample) metres, so that the FFT samples the focal
+    plane at ``pixel_scale / oversampling``; built once per bank, not per PSF.
+    """
+    lam_m = wavelength_nm * 1e-9
+    dtheta_rad = pixel_scale_arcsec / oversampling * math.pi / (180 * 3600)
+    extent_m = lam_m / dtheta_rad
+    if extent_m < 2 * aperture_diameter_m:  # avoid aliasing: need at least Nyquist sampling
+        raise ValueError("PSF oversampling too coarse for this aperture")
+    c = (np.arange(m) - m // 2) * (extent_m / m)
+    xx, yy = np.meshgrid(c, c)
+    rho = np.hypot(xx, yy) / (aperture_diameter_m / 2)
+    inside = ((rho <= 1.0) & (rho >= obstruction_frac)).ravel()
+    index = np.flatnonzero(inside)
+    r = rho.ravel()[index]
+    th = np.arctan2(yy, xx).ravel()[index]
+    zern = np.stack([np.sqrt(3) * (2 * r ** 2 - 1),             # defocus
+                     np.sqrt(6) * r ** 2 * np.sin(2 * th),      # oblique astigmatism
+                     np.sqrt(6) * r ** 2 * np.cos(2 * th),      # vertical astigmatism
+                     np.sqrt(8) * (3 * r ** 3 - 2 * r) * np.sin(th),  # vertical coma
+                     np.sqrt(8) * (3 * r ** 3 - 2 * r) * np.cos(th)])  # horizontal coma
+    return index, zern
 
 
 # ------------------------------------------------------------------------------------------ bank
@@ -276,9 +290,12 @@ def _read_psf_fits(path: str, pixel_scale_arcsec: Optional[float]):
         raise UserError(f"{path}: empty PSF image {data.shape}")
     scale = pixel_scale_arcsec if pixel_scale_arcsec is not None else _header_scale(header)
     if scale is None:
-        raise UserError(f"{path}: unknown PSF pixel scale: set psf_pixel_scale_arcsec in the config "
+        raise UserError(f"{path}: unknown PSF pixel scale: pass --psf-pixel-scale (config psf_pixel_scale_arcsec) "
                         f"(no {'/'.join(_SCALE_KEYS_ARCSEC)} or CDELT1 key in the FITS header)")
     for i, img in enumerate(stack):
+        # Physical PSFs are non-negative; empirical libraries (Anderson's HST PSFs) mark pixels
+        # without data with negative fillers (-0.1), which must not count as flux.
+        img = np.clip(np.nan_to_num(img, nan=0.0), 0.0, None)
         if not np.nansum(img) > 0:
             raise UserError(f"{path}: PSF {i} sums to {np.nansum(img):g} (expected a positive total flux)")
         yield img, float(scale)
