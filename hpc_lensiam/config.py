@@ -306,7 +306,10 @@ def simulation_config(preset: str | None = None, config_path: str | Path | None 
         raise ConfigError(f"{where}: unknown preset {name!r} (expected one of: {', '.join(INSTRUMENT_PRESETS)})")
     instrument = {**INSTRUMENT_PRESETS[name], **(data.get("instrument") or {})}
     data["instrument"] = instrument
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    for k, v in overrides.items():  # nested dicts (instrument={"num_pix": 48}) update, not replace
+        if v is None:
+            continue
+        data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
     return from_dict(SimulationConfig, data, where)
 
 

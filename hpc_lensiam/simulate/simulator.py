@@ -96,13 +96,11 @@ class LensSimulator:
     comes from ``config.psf_bank_seed``."""
 
     def __init__(self, config: Optional[SimulationConfig] = None):
-        from lenstronomy.LensModel.lens_model import LensModel
         from lenstronomy.LightModel.Profiles.sersic import SersicElliptic
 
         self.config = config if config is not None else SimulationConfig()
         inst = self.config.instrument
         self.grid = DetectorGrid.from_config(inst)
-        self.lens_model = LensModel(list(LENS_MODEL_LIST))  # reference implementation
         self.ray_shooter = EPLShearRayShooter(self.grid.x_arcsec, self.grid.y_arcsec)
         self._lens_light = SersicElliptic()
         if self.config.cosmos_dir:
@@ -119,6 +117,15 @@ class LensSimulator:
         self.psf_bank = PSFBank.from_config(self.config)
 
     # ------------------------------------------------------------------------------ building blocks
+    @property
+    def lens_model(self):
+        """lenstronomy ``LensModel(["EPL_NUMBA", "SHEAR"])``: the reference that ``ray_shoot`` matches
+        (built on first use: importing it pulls in astropy.cosmology, ~3 s per process)."""
+        if getattr(self, "_lens_model", None) is None:
+            from lenstronomy.LensModel.lens_model import LensModel
+            self._lens_model = LensModel(list(LENS_MODEL_LIST))
+        return self._lens_model
+
     @property
     def num_pix(self) -> int:
         return self.grid.num_pix
