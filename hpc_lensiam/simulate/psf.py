@@ -38,17 +38,21 @@ def _overlap_matrix(n_in: int, scale_in: float, n_out: int, scale_out: float, ce
     return np.clip(hi - lo, 0.0, None)
 
 
-def _centroid_near_peak(img: np.ndarray, radius: int) -> tuple[float, float]:
-    """Light centroid (row, col) within ``radius`` pixels of the peak: robust to noisy wings."""
-    i0, j0 = np.unravel_index(int(np.argmax(img)), img.shape)
-    r0, r1 = max(i0 - radius, 0), min(i0 + radius + 1, img.shape[0])
-    c0, c1 = max(j0 - radius, 0), min(j0 + radius + 1, img.shape[1])
-    w = np.clip(img[r0:r1, c0:c1], 0.0, None)
-    tot = w.sum()
-    if tot <= 0:
-        return float(i0), float(j0)
-    rows, cols = np.mgrid[r0:r1, c0:c1]
-    return float((w * rows).sum() / tot), float((w * cols).sum() / tot)
+def _centroid_near_peak(img: np.ndarray, radius: int, iterations: int = 3) -> tuple[float, float]:
+    """Light centroid (row, col) in a window of ``radius`` pixels, started at the peak and re-centred
+    on the centroid a few times: robust to noisy far wings, unbiased for a symmetric core."""
+    ci, cj = (float(v) for v in np.unravel_index(int(np.argmax(img)), img.shape))
+    for _ in range(iterations):
+        i0, j0 = int(round(ci)), int(round(cj))
+        r0, r1 = max(i0 - radius, 0), min(i0 + radius + 1, img.shape[0])
+        c0, c1 = max(j0 - radius, 0), min(j0 + radius + 1, img.shape[1])
+        w = np.clip(img[r0:r1, c0:c1], 0.0, None)
+        tot = w.sum()
+        if tot <= 0:
+            break
+        rows, cols = np.mgrid[r0:r1, c0:c1]
+        ci, cj = float((w * rows).sum() / tot), float((w * cols).sum() / tot)
+    return ci, cj
 
 
 def resample_psf(image: np.ndarray, scale_in_arcsec: float, scale_out_arcsec: float,
@@ -67,7 +71,7 @@ def resample_psf(image: np.ndarray, scale_in_arcsec: float, scale_out_arcsec: fl
     if not total > 0:
         raise UserError(f"{where}: PSF image sums to {total:g} (expected a positive total flux)")
     r = scale_out_arcsec / scale_in_arcsec  # output pixel in input pixels
-    ci, cj = _centroid_near_peak(img, radius=max(2, int(math.ceil(1.5 * r))))
+    ci, cj = _centroid_near_peak(img, radius=max(3, int(math.ceil(4 * r))))
     # largest odd size that the input covers around the centroid, capped at size_pix
     half_cover = min(ci + 0.5, img.shape[0] - 0.5 - ci, cj + 0.5, img.shape[1] - 0.5 - cj) / r
     n_fit = int(math.floor(2 * half_cover))
