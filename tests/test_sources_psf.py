@@ -126,6 +126,9 @@ def test_cosmos_catalog_written_here(tmp_path):
     cat = CosmosCatalog(tmp_path)
     assert cat.accepted() == [0]
     assert {cat.draw_row(rng) for _ in range(20)} == {0}
+    # a catalog where no stamp passes the cuts is reported on construction
+    with pytest.raises(UserError, match="passes the cuts"):
+        CosmosCatalog(tmp_path, min_size_pix=100)
     # a catalog whose image file is missing is reported on construction
     (tmp_path / "real_galaxy_images_23.5_n1.fits").unlink()
     with pytest.raises(UserError, match="GAL_FILENAME"):

@@ -107,6 +107,10 @@ class CosmosCatalog:
         self._cache: "OrderedDict[int, CosmosStamp]" = OrderedDict()
         self._cache_size = int(cache_size)
         self._files: dict = {}
+        # fail now, not mid-run, if no stamp passes the cuts (stops at the first that does)
+        if not any(self.passes_cuts(r) for r in range(len(self))):
+            raise UserError(f"{cat}: no COSMOS stamp passes the cuts (side >= {self.min_size_pix} px, "
+                            f"noise RMS < {self.max_noise_frac:g} of the peak)")
 
     def __len__(self) -> int:
         return len(self.ident)
@@ -166,7 +170,8 @@ class CosmosCatalog:
             row = int(rng.integers(len(self)))
             if row != exclude and self.passes_cuts(row):
                 return row
-        good = [r for r in self.accepted() if r != exclude]
+        accepted = self.accepted()
+        good = [r for r in accepted if r != exclude] or accepted  # a 1-galaxy catalog: allow a repeat
         if not good:
             raise UserError(f"{self.catalog_path}: no COSMOS stamp passes the cuts (side >= "
                             f"{self.min_size_pix} px, noise < {self.max_noise_frac:g} of peak)")
