@@ -215,5 +215,5 @@ def test_impossible_config_raises_config_error(overrides):
 def test_euclid_preset_renders():
     s = _sim(preset="euclid", instrument={"num_pix": 32})
     assert s.grid.pixel_scale_arcsec == 0.1
-    _check_image_shape = s.sample_pair(np.random.default_rng(0))["view1"]
-    assert _check_image_shape.shape == (32, 32) and _check_image_shape.max() == 1.0
+    view = s.sample_pair(np.random.default_rng(0))["view1"]
+    assert view.shape == (32, 32) and view.dtype == np.float32 and view.max() == 1.0
