@@ -254,3 +254,17 @@ def test_resample_rejects_bad_arrays():
         resample_psf(np.zeros((0, 0)), 0.01, 0.05, 21)
     with pytest.raises(UserError):
         resample_psf(-np.ones((5, 5)), 0.01, 0.05, 21)
+
+
+def test_bad_psf_in_config_fails_at_construction(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        LensSimulator(simulation_config(psf_files=[str(tmp_path / "missing.fits")], psf_pixel_scale_arcsec=0.01))
+
+
+def test_render_user_stamp_as_cosmos_source():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        sim = LensSimulator(simulation_config(instrument={"num_pix": 32}))
+    stamp = _gauss(60, 6.0)
+    img = sim.render({"theta_E": 0.6}, {"kind": "cosmos", "image": stamp, "pixel_scale": 0.03, "center_x": 0.02})
+    assert img.dtype == np.float32 and np.isfinite(img).all() and img.max() == 1.0
