@@ -110,11 +110,12 @@ class LensSimulator:
                 max_noise_frac=sp.cosmos_max_noise_frac)
         else:
             self.catalog = None
+        self.sources = SourceRenderer(self.catalog)
+        self.psf_bank = PSFBank.from_config(self.config)
+        if self.catalog is None:  # said once per simulator (process), after all inputs were checked
             warnings.warn("no cosmos_dir given: simulating analytic core-Sersic sources only "
                           "(set cosmos_dir to a GalSim COSMOS real-galaxy catalog for the paper's mix)",
                           UserWarning, stacklevel=2)
-        self.sources = SourceRenderer(self.catalog)
-        self.psf_bank = PSFBank.from_config(self.config)
 
     # ------------------------------------------------------------------------------ building blocks
     @property
