@@ -106,7 +106,7 @@ def time_rounds(sim: LensSimulator, n_pairs: int, repeats: int, seed: int):
     return best_ours, best_naive, worst
 
 
-def mpi_speedup(pairs: int, shard_size: int, num_pix: int):
+def mpi_speedup(pairs: int, shard_size: int, num_pix: int, repeats: int = 2):
     bin_dir = Path(sys.executable).parent
     if not (REPO / "hpc_lensiam" / "simulate" / "writer.py").is_file():
         print("MPI scaling: skipped (hpc_lensiam/simulate/writer.py not present)")
@@ -117,25 +117,28 @@ def mpi_speedup(pairs: int, shard_size: int, num_pix: int):
         return None
     cfg = Path(tempfile.mkdtemp(prefix="bench_sim_"))
     (cfg / "sim.yaml").write_text(f"instrument:\n  num_pix: {num_pix}\n")
-    times, inner = {}, {}
-    for k in (1, 2):
-        out = cfg / f"out{k}"
-        cmd = [str(mpiexec), "-n", str(k), str(cli), "simulate", "--out", str(out), "--pairs", str(pairs),
-               "--shard-size", str(shard_size), "--seed", "0", "--config", str(cfg / "sim.yaml")]
-        t0 = time.perf_counter()
-        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        times[k] = time.perf_counter() - t0
-        if res.returncode != 0:
-            print(f"MPI scaling: `{' '.join(cmd)}` failed:\n{res.stderr[-2000:]}")
-            shutil.rmtree(cfg, ignore_errors=True)
-            return None
-        m = re.search(r" in ([0-9.]+) s \(", res.stdout + res.stderr)
-        inner[k] = float(m.group(1)) if m else float("nan")
-        print(f"  mpiexec -n {k}: {pairs} pairs in {times[k]:.1f} s wall ({pairs / times[k]:.1f} pairs/s, "
-              f"launch included); the writer's own time {inner[k]:.1f} s", flush=True)
+    times, inner = {1: np.inf, 2: np.inf}, {1: np.inf, 2: np.inf}
+    for rep in range(repeats):  # alternate 1 and 2 ranks, keep the best of each (shared machine)
+        for k in (1, 2):
+            out = cfg / f"out{k}"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [str(mpiexec), "-n", str(k), str(cli), "simulate", "--out", str(out), "--pairs", str(pairs),
+                   "--shard-size", str(shard_size), "--seed", "0", "--config", str(cfg / "sim.yaml")]
+            t0 = time.perf_counter()
+            res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            wall = time.perf_counter() - t0
+            if res.returncode != 0:
+                print(f"MPI scaling: `{' '.join(cmd)}` failed:\n{res.stderr[-2000:]}")
+                shutil.rmtree(cfg, ignore_errors=True)
+                return None
+            m = re.search(r" in ([0-9.]+) s \(", res.stdout + res.stderr)
+            own = float(m.group(1)) if m else float("nan")
+            times[k], inner[k] = min(times[k], wall), min(inner[k], own)
+            print(f"  round {rep + 1}, mpiexec -n {k}: {pairs} pairs in {wall:.1f} s wall ({pairs / wall:.1f} pairs/s, "
+                  f"launch included); the writer's own time {own:.1f} s", flush=True)
     same = all((cfg / "out1" / f.name).read_bytes() == f.read_bytes() for f in sorted((cfg / "out2").glob("*.tar")))
     shutil.rmtree(cfg, ignore_errors=True)
-    print(f"  1 -> 2 ranks speed-up: {times[1] / times[2]:.2f}x wall, {inner[1] / inner[2]:.2f}x writer time "
+    print(f"  best: 1 -> 2 ranks speed-up {times[1] / times[2]:.2f}x wall, {inner[1] / inner[2]:.2f}x writer time "
           f"(target >= 1.8x); shards byte-identical: {same}")
     return {"wall": times[1] / times[2], "writer": inner[1] / inner[2], "identical": same}
 
@@ -149,6 +152,7 @@ def main(argv=None) -> int:
                     help="COSMOS folder for a second, paper-mix run ('' to skip)")
     ap.add_argument("--mpi-pairs", type=int, default=400)
     ap.add_argument("--mpi-shard-size", type=int, default=25)
+    ap.add_argument("--mpi-repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=123)
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -181,7 +185,7 @@ def main(argv=None) -> int:
                           "ratio": t_naive / t_ours, "max_abs_diff": diff}
     print(f"[MPI] full CLI, hst preset at {args.num_pix}x{args.num_pix} px, analytic sources, "
           f"{args.mpi_pairs} pairs in shards of {args.mpi_shard_size}", flush=True)
-    results["mpi_speedup_2_ranks"] = mpi_speedup(args.mpi_pairs, args.mpi_shard_size, args.num_pix)
+    results["mpi_speedup_2_ranks"] = mpi_speedup(args.mpi_pairs, args.mpi_shard_size, args.num_pix, args.mpi_repeats)
     print(json.dumps(results, indent=1))
     return 0
 
