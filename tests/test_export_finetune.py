@@ -135,6 +135,13 @@ def test_finetune_end_to_end(exported, single_shards, lensiam_shards, tmp_path):
     assert base["init"].startswith("random") and not base["test_from_train_set"]
     assert base["r2"] == again["r2"] and base["r2_ci95"] == again["r2_ci95"]
 
+    # a stock torchvision weights file (1000-class fc, no sidecar) is accepted too
+    tv_file = tmp_path / "tv_resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), tv_file)
+    tv = finetune(str(tv_file), str(single_shards), str(single_shards), target="gamma", n_train=20, n_test=10,
+                  epochs=1, freeze_backbone=True, batch_size=16, seed=0, progress=False)
+    assert tv["arch"] == "resnet18" and tv["init"] == "pretrained" and np.isfinite(tv["r2"])
+
 
 def test_finetune_bad_input(exported, single_shards, tmp_path):
     from hpc_lensiam.finetune import finetune

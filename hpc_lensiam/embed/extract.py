@@ -308,8 +308,6 @@ def extract_embeddings(checkpoint: str, data_dir: str, out: str, batch_size: int
 
     Runs as one process or as every rank of ``torchrun``; returns the output's attributes.
     """
-    import torch
-
     from ..export import load_backbone
 
     if batch_size < 1:

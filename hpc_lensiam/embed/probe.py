@@ -15,7 +15,6 @@ so a LenSiam and a baseline file made from the same shards are probed on identic
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
