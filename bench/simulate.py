@@ -8,7 +8,7 @@
      Same supersampling, same profiles, same PSF kernels; the images are checked to agree.
 2. The 1-rank vs 2-rank speed-up of ``mpiexec -n K hpc-lensiam simulate`` (if the writer exists).
 
-Usage: python bench/simulate.py [--pairs 40] [--repeats 3] [--cosmos DIR] [--mpi-pairs 400]
+Usage: python bench/simulate.py [--pairs 40] [--repeats 3] [--cosmos DIR] [--mpi-pairs 800]
 The machine may be shared: ours and naive are interleaved in rounds and the best round is kept.
 """
 from __future__ import annotations
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-pix", type=int, default=110)
     ap.add_argument("--cosmos", default=str(REPO.parent / "shared" / "data" / "cosmos_23.5_sample"),
                     help="COSMOS folder for a second, paper-mix run ('' to skip)")
-    ap.add_argument("--mpi-pairs", type=int, default=400)
+    ap.add_argument("--mpi-pairs", type=int, default=800)
     ap.add_argument("--mpi-shard-size", type=int, default=25)
     ap.add_argument("--mpi-repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=123)
