@@ -98,19 +98,25 @@ class ShardStream(torch.utils.data.IterableDataset):
         return order[self.rank::self.world_size][v::self.workers]
 
     def _raw(self, shards: list[str], rng: random.Random, counter: list):
-        """Samples of ``shards``, cycling forever (new shard order each pass); bad reads counted."""
+        """Samples of ``shards`` through the seeded shuffle buffer, pass after pass (new shard order
+        each pass; the buffer drains at the end of a pass, so a pass holds every sample once)."""
+        bufsize = max(1, min(self.shuffle_buffer, sum(self.shards[p] for p in shards)))
         while True:
-            count = 0
-            for path in rng.sample(shards, len(shards)):
-                try:
-                    for sample in read_shard(path):
-                        count += 1
-                        yield sample
-                except Exception as exc:  # truncated tar, unreadable file, ...
-                    self._bad(path, None, exc, counter)
-            if count == 0:
+            count = [0]
+            yield from _shuffle(self._one_pass(shards, rng, counter, count), bufsize=bufsize,
+                                initial=bufsize, rng=rng)
+            if count[0] == 0:
                 raise ShardError(f"shard {shards[0]}: no readable samples in this worker's "
                                  f"{len(shards)} shard(s)")
+
+    def _one_pass(self, shards, rng, counter, count):
+        for path in rng.sample(shards, len(shards)):
+            try:
+                for sample in read_shard(path):
+                    count[0] += 1
+                    yield sample
+            except Exception as exc:  # truncated tar, unreadable file, ...
+                self._bad(path, None, exc, counter)
 
     def _bad(self, path, key, exc, counter):
         where = f"{path}" + (f" sample {key!r}" if key else "")
@@ -132,10 +138,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             return
         rng = random.Random(_seed(self.seed, self.epoch, self.rank, v))
         counter = [0]
-        shards = self.worker_shards(self.epoch, v)
-        # at most one pass of this worker's samples in the buffer, so a sample is not drawn twice
-        bufsize = max(1, min(self.shuffle_buffer, sum(self.shards[p] for p in shards)))
-        raw = _shuffle(self._raw(shards, rng, counter), bufsize=bufsize, initial=bufsize, rng=rng)
+        raw = self._raw(self.worker_shards(self.epoch, v), rng, counter)
         for _ in range(skip * self.batch_size):       # skipped without decoding
             next(raw)
         decode = NpyDecoder()
@@ -161,10 +164,17 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield out
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """Workers leave SIGTERM/SIGUSR1 to the trainer, which checkpoints at the next step boundary."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+def _worker_sigterm(signum, frame):
+    """SIGTERM reaches the workers too (Slurm signals every process of a step; torchrun signals each
+    trainer's process group): it is the trainer's cue to checkpoint at the next step boundary, so
+    keep serving batches until the trainer closes the loader. Should it never do so, a timer ends
+    the worker (DataLoader's own terminate() fallback lands here as well)."""
+    signal.alarm(signal.alarm(0) or 100)
+
+
+def _worker_signals(_worker_id: int) -> None:
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)   # the trainer's checkpoint-and-stop signal
+    signal.signal(signal.SIGTERM, _worker_sigterm)
 
 
 class ShardLoader:
@@ -223,9 +233,12 @@ class ShardLoader:
         """Batches ``start .. batches_per_epoch-1`` of ``epoch`` (the same ones whatever ``start``)."""
         self.dataset.epoch, self.dataset.start = epoch, start
         loader = wds.WebLoader(self.dataset, batch_size=None, num_workers=self.workers,
-                               pin_memory=self.pin_memory, worker_init_fn=_ignore_stop_signals,
+                               pin_memory=self.pin_memory, worker_init_fn=_worker_signals,
                                persistent_workers=False)
+        it = iter(loader)
         try:
-            yield from loader
+            yield from it
         except ShardError as exc:  # from a worker, its traceback is in the message: keep the last line
             raise ShardError(str(exc).strip().splitlines()[-1].split("ShardError: ", 1)[-1]) from None
+        finally:  # stop the workers now, even when the caller leaves mid-epoch
+            getattr(it, "_shutdown_workers", lambda: None)()
