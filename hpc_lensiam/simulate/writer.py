@@ -11,6 +11,7 @@ import io
 import json
 import os
 import sys
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,17 +67,30 @@ def encode_sample(key: str, sample: dict) -> dict:
     return out
 
 
-def write_shard(sim, mode: str, seed: int, index: int, num: int, out_dir: Path, on_sample=None) -> str:
-    """Simulate shard ``index`` (``num`` samples) and write it atomically; return its sha256."""
-    import webdataset as wds
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One tar member with fixed metadata, so equal samples give equal shard bytes."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    info.uname = info.gname = "bigdata"
+    tar.addfile(info, io.BytesIO(data))
 
+
+def write_shard(sim, mode: str, seed: int, index: int, num: int, out_dir: Path, on_sample=None) -> str:
+    """Simulate shard ``index`` (``num`` samples) and write it atomically; return its sha256.
+
+    The tar is the plain WebDataset layout (``KEY.ext`` members, sorted by ext within a sample);
+    it is written with the standard library so simulation ranks never import torch.
+    """
     rng = shard_rng(seed, index)
     draw = sim.sample_pair if mode == "lensiam" else sim.sample_single
     path = out_dir / shard_name(index)
     with atomic_open(path, "wb") as f:
-        with wds.TarWriter(f, encoder=False, mtime=0) as tar:
+        with tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             for j in range(num):
-                tar.write(encode_sample(f"{index:06d}_{j:06d}", draw(rng)))
+                sample = encode_sample(f"{index:06d}_{j:06d}", draw(rng))
+                key = sample.pop("__key__")
+                for ext in sorted(sample):
+                    _tar_add(tar, f"{key}.{ext}", sample[ext])
                 if on_sample:
                     on_sample()
     return sha256_file(path)
