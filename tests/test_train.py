@@ -328,3 +328,23 @@ def test_gloo_sync_batchnorm_equals_full_batch_batchnorm(tmp_path):
     assert torch.allclose(r[0]["mean"], bn.running_mean, atol=1e-6)
     assert torch.allclose(r[0]["var"], bn.running_var, atol=1e-5)
     assert torch.allclose(r[0]["wgrad"] + r[1]["wgrad"], bn.weight.grad, atol=1e-3)   # DDP sums the rest
+
+
+def test_deepspeed_config_generated_or_from_json(tmp_path):
+    from hpc_lensiam.train.engine import deepspeed_config
+    cfg = TrainConfig(batch_size=8, grad_accum=2, precision="bf16", zero_stage=1)
+    ds = deepspeed_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 0.0 and ds["zero_optimization"] == {"stage": 1}
+    assert ds["zero_allow_untested_optimizer"] and ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    user = tmp_path / "ds.json"
+    user.write_text('{"gradient_clipping": 1.0, "bf16": {"enabled": true}, "train_micro_batch_size_per_gpu": 8}')
+    cfg.deepspeed_config = str(user)
+    ds = deepspeed_config(cfg, world_size=4)
+    assert ds["gradient_clipping"] == 1.0 and ds["bf16"] == {"enabled": True}
+    user.write_text('{"train_batch_size": 10}')
+    with pytest.raises(ConfigError, match="train_batch_size = 10 contradicts the flags"):
+        deepspeed_config(cfg, world_size=4)
+    user.write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read DeepSpeed config"):
+        deepspeed_config(cfg, world_size=4)

@@ -117,7 +117,10 @@ def deepspeed_config(cfg, world_size: int) -> dict:
           "zero_optimization": {"stage": cfg.zero_stage},
           "zero_allow_untested_optimizer": True,
           "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
-    if cfg.precision in ("bf16", "fp16"):     # autocast with fp32 master weights (BatchNorm stays fp32)
+    # bf16/fp16 as autocast with fp32 master weights, like torch.amp under DDP. DeepSpeed's own
+    # "bf16"/"fp16" sections cast every parameter, BatchNorm's included, to half precision; a user
+    # JSON may still ask for them (inputs are then cast to match).
+    if cfg.precision in ("bf16", "fp16"):
         ds["torch_autocast"] = {"enabled": True, "dtype": {"bf16": "bfloat16", "fp16": "float16"}[cfg.precision]}
     if cfg.deepspeed_config:
         path = Path(cfg.deepspeed_config)
@@ -197,6 +200,9 @@ class Engine:
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor):
         if self.kind == "deepspeed":   # DeepSpeed applies its torch_autocast config itself
+            if self.model.bfloat16_enabled() or self.model.fp16_enabled():   # a user JSON's bf16/fp16 section
+                dtype = torch.bfloat16 if self.model.bfloat16_enabled() else torch.float16
+                x1, x2 = x1.to(dtype), x2.to(dtype)
             return self.model(x1, x2)
         if isinstance(self.model, nn.parallel.DistributedDataParallel):
             self.model.require_backward_grad_sync = self._boundary()   # no_sync() while accumulating

@@ -221,6 +221,9 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
                     if main:
                         _append_metrics(out / "metrics.csv", [step, step / spe, loss_v, lr, std_v, ips])
                         bar.set_postfix(loss=f"{loss_v:.4f}", z_std=f"{std_v:.4f}", lr=f"{lr:.3g}")
+                        if bar.disable:   # no terminal (a batch job's log): a plain line instead
+                            print(f"step {step}/{end} epoch {step / spe:.2f} loss {loss_v:.4f} z_std {std_v:.4f} "
+                                  f"lr {lr:.4g} {ips:.1f} images/s", flush=True)
                 if bar is not None:
                     bar.update(1)
                 if red[2] > 0:
