@@ -61,26 +61,25 @@ class Job:
         return f"job {self.id} exit {self.rc} after {self.seconds:.1f} s; log:\n{self.log}"
 
 
-def sbatch(tmp: Path, script: Path, *, env: dict | None = None, ntasks: int = 2, minutes: int = 3,
-           timeout: float = 240, args: tuple = (), wait: bool = True):
-    """Submit ``script`` from the repo; with ``wait``, block (`sbatch --wait`) and return a Job."""
+def sbatch(tmp: Path, script: Path, *, env: dict | None = None, ntasks: int | None = 2,
+           minutes: int = 3, timeout: float = 240, args: tuple = ()) -> Job:
+    """Submit ``script`` from the repo with `sbatch --wait`; return the finished Job."""
     name = f"lensiam-test-{uuid.uuid4().hex[:8]}"
-    cmd = ["sbatch", "--parsable", f"--job-name={name}", f"--output={tmp}/slurm-%j.out",
-           f"--chdir={REPO}", f"--time={minutes}", "--nodes=1", f"--ntasks={ntasks}", *args]
-    if wait:
-        cmd.insert(1, "--wait")
+    cmd = ["sbatch", "--wait", "--parsable", f"--job-name={name}", f"--output={tmp}/slurm-%j.out",
+           f"--chdir={REPO}", f"--time={minutes}", "--nodes=1", *args]
+    if ntasks:
+        cmd.append(f"--ntasks={ntasks}")
     start = time.perf_counter()
     try:
+        # From the repo, as the README says: the scripts cd to $SLURM_SUBMIT_DIR (not --chdir).
         p = subprocess.run([*cmd, str(script)], env=clean_env(**(env or {})), capture_output=True,
-                           text=True, timeout=timeout)
+                           text=True, timeout=timeout, cwd=REPO)
     except subprocess.TimeoutExpired:
         subprocess.run(["scancel", f"--name={name}"], timeout=30)
         pytest.fail(f"{script.name}: job {name} did not finish in {timeout} s (cancelled)")
     m = re.search(r"^(\d+)", p.stdout.strip())
     assert m, f"sbatch printed no job id: {p.stdout!r} {p.stderr!r}"
     job_id = m.group(1)
-    if not wait:
-        return job_id
     log = tmp / f"slurm-{job_id}.out"
     return Job(job_id, p.returncode, log.read_text() if log.is_file() else "", time.perf_counter() - start)
 
@@ -178,3 +177,95 @@ def test_simulate_sh_matches_plain_mpiexec(slurm, plain_simulation, tmp_path, la
     assert _data_set(out) == plain_simulation
     from hpc_lensiam.io import TMP_PREFIX
     assert not list(out.glob(TMP_PREFIX + "*")), "partial shards left behind"
+
+
+# ------------------------------------------------------------------ (c) slurm/pretrain.sh
+# The CPU demo recipe, smaller: resnet18 on the 48x48 test shards, 2 processes x batch 4.
+PRETRAIN = dict(CONFIG="configs/demo.yaml", ARCH="resnet18", BATCH=4, WORKERS=1, NPROC_PER_NODE=2,
+                EPOCHS=4, VENV=VENV)
+
+
+@pytest.fixture
+def pretrain_sh() -> Path:
+    script = REPO / "slurm" / "pretrain.sh"
+    if not script.is_file():
+        pytest.skip("slurm/pretrain.sh does not exist yet")
+    return script
+
+
+def _wait_for(what: str, check, timeout: float, log: Path | None = None, every: float = 0.5):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    text = log.read_text() if log is not None and log.is_file() else "(no log)"
+    pytest.fail(f"waited {timeout} s for {what}; log:\n{text}")
+
+
+def _squeue(name: str) -> list[tuple[str, str, str]]:
+    p = subprocess.run(["squeue", "-h", f"--name={name}", "-o", "%i %T %r"], capture_output=True,
+                       text=True, timeout=30)
+    return [tuple(line.split(maxsplit=2)) for line in p.stdout.splitlines() if line.strip()]
+
+
+def _metric_steps(run: Path) -> list[int]:
+    rows = (run / "metrics.csv").read_text().splitlines()
+    return [int(r.split(",")[0]) for r in rows if r[:1].isdigit()]
+
+
+def test_pretrain_sh_two_processes_leave_a_checkpoint(slurm, pretrain_sh, lensiam_shards, tmp_path):
+    from hpc_lensiam.train.checkpoint import load_checkpoint
+    run = tmp_path / "run"
+    job = sbatch(tmp_path, pretrain_sh, ntasks=None, minutes=4, timeout=200,
+                 env=dict(PRETRAIN, DATA=lensiam_shards, RUN=run, MAX_STEPS=3))
+    assert job.rc == 0, job
+    assert "2 rank(s)" in job.log and "(step 3/3" in job.log, job
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 3 and ckpt["world_size"] == 2 and ckpt["arch"] == "resnet18"
+    assert _metric_steps(run) == [1, 2, 3]
+
+
+def test_pretrain_sh_usr1_checkpoints_requeues_and_resumes(slurm, pretrain_sh, lensiam_shards, tmp_path):
+    """Slurm's time-limit warning (USR1 to the batch shell), sent by hand: the job checkpoints,
+    requeues itself, and the requeued run resumes from that checkpoint to the end."""
+    from hpc_lensiam.train.checkpoint import load_checkpoint
+    steps = 24
+    run = tmp_path / "run"
+    name = f"lensiam-test-{uuid.uuid4().hex[:8]}"
+    cmd = ["sbatch", "--wait", "--parsable", f"--job-name={name}", f"--output={tmp_path}/slurm-%j.out",
+           f"--chdir={REPO}", "--time=5", "--nodes=1", str(pretrain_sh)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(**PRETRAIN, DATA=lensiam_shards, RUN=run,
+                                                          MAX_STEPS=steps),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job_id = _wait_for("the job to be queued", lambda: (_squeue(name) or [[None]])[0][0], 30)
+        log = tmp_path / f"slurm-{job_id}.out"
+
+        def progress():
+            text = log.read_text() if log.is_file() else ""
+            return any(int(s) >= 2 for s in re.findall(rf"^step (\d+)/{steps}", text, re.M))
+        _wait_for("training to reach step 2", progress, 120, log)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
+        _wait_for("the job to requeue itself", lambda: "requeueing job" in log.read_text(), 90, log)
+        # A requeued job is held for about two minutes (BeginTime); start it now.
+        _wait_for("the job to be pending again", lambda: any(s == "PENDING" for _, s, _ in _squeue(name)),
+                  30, log)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
+        proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            subprocess.run(["scancel", f"--name={name}"], timeout=30)
+            proc.kill()
+            proc.communicate()
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    m = re.search(r"train: stopped by SIGTERM at step (\d+);", text)
+    assert m, text
+    k = int(m.group(1))
+    assert 2 <= k < steps, text
+    assert "restart 1" in text and f"resuming at step {k}," in text and f"(step {steps}/{steps}" in text, text
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["step"] == steps and ckpt["world_size"] == 2
+    assert _metric_steps(run) == list(range(1, steps + 1))
