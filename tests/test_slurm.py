@@ -249,10 +249,11 @@ def test_pretrain_sh_usr1_checkpoints_requeues_and_resumes(slurm, pretrain_sh, l
         _wait_for("training to reach step 2", progress, 120, log)
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
         _wait_for("the job to requeue itself", lambda: "requeueing job" in log.read_text(), 90, log)
-        # A requeued job is held for about two minutes (BeginTime); start it now.
+        # Slurm holds a requeued job about two minutes (BeginTime); start it sooner, but not at
+        # once: a restart within the second of the requeue is refused ("Job credential revoked").
         _wait_for("the job to be pending again", lambda: any(s == "PENDING" for _, s, _ in _squeue(name)),
                   30, log)
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+4"], check=True, timeout=30)
         proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
