@@ -29,7 +29,8 @@
 #SBATCH --time=04:00:00
 #SBATCH --output=slurm-%x-%j.out
 set -euo pipefail
-cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+# Under Slurm the job starts in --chdir (default: the submit dir); by hand, run from the repo.
+[ -n "${SLURM_JOB_ID:-}" ] || cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 OUT=${OUT:-shards/paper}
