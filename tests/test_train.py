@@ -267,9 +267,12 @@ def test_bad_inputs(lensiam_shards, tmp_path):
         train(_cfg(lensiam_shards, tmp_path / "c", batch_size=65))
     with pytest.raises(ConfigError, match="fp16 with --engine deepspeed needs --zero-stage 0"):
         train(_cfg(lensiam_shards, tmp_path / "d", engine="deepspeed", precision="fp16", zero_stage=1))
-    train(_cfg(lensiam_shards, tmp_path / "e", max_steps=1))
+    assert train(_cfg(lensiam_shards, tmp_path / "e", max_steps=1), resume=True)["step"] == 1   # nothing to resume: fresh
     with pytest.raises(UserError, match="last.pt exists: pass --resume"):
         train(_cfg(lensiam_shards, tmp_path / "e", max_steps=2))
+    with pytest.raises(UserError, match="cannot resume this run with --arch resnet50"):
+        train(_cfg(lensiam_shards, tmp_path / "e", max_steps=2, arch="resnet50"), resume=True)
+    assert train(_cfg(lensiam_shards, tmp_path / "e", max_steps=1), resume=True)["steps_run"] == 0  # done already
 
 
 def test_bad_shard_named_or_skipped(lensiam_shards, tmp_path):

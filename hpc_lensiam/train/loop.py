@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import random
 import shutil
 import signal
@@ -80,6 +81,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     last = ckpt_dir / LAST
     if last.is_file() and not resume:
         raise UserError(f"{last} exists: pass --resume to continue that run, or choose another --out")
+    if resume and not last.is_file() and os.environ.get("RANK", "0") == "0":
+        print(f"train: --resume: no checkpoint at {last} yet, starting from step 0", flush=True)
     engine = Engine(cfg)
     stop = _StopSignal()
     try:
@@ -118,7 +121,13 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
     step = 0
     if resume:
         ckpt = load_checkpoint(ckpt_dir / LAST)
-        engine.load(ckpt, ckpt_dir)
+        try:
+            engine.load(ckpt, ckpt_dir)
+        except (RuntimeError, KeyError, ValueError) as exc:   # another arch/width, a foreign file
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{ckpt_dir / LAST}: cannot resume this run with --arch {cfg.arch} "
+                            f"--proj-dim {cfg.proj_dim} --pred-dim {cfg.pred_dim} "
+                            f"(checkpoint arch {ckpt.get('arch')!r}): {first}") from None
         step = int(ckpt["step"])
         rng = ckpt.get("rng") or {}
         if "torch" in rng:
@@ -254,6 +263,9 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
     if stopped_by:
         say(f"train: stopped by {signal.Signals(stopped_by).name} at step {step}; checkpoint "
             f"{ckpt_dir / LAST} saved; continue with --resume")
+    if run_steps == 0 and not stopped_by:
+        say(f"train: nothing to do: {ckpt_dir / LAST} is at step {step} of {end} (raise --epochs or --max-steps)")
+        return summary
     say(f"train: done: {run_steps} steps this run (step {step}/{end}, epoch {step / spe:.2f}), "
         f"{mean_ips:.1f} images/s, final loss {loss_v:.4f}, z_std {std_v:.4f} (healthy ~{healthy:.4f}, "
         f"collapsed 0); checkpoint {ckpt_dir / LAST}")
