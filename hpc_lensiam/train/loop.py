@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import random
 import shutil
 import signal
@@ -81,9 +80,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     last = ckpt_dir / LAST
     if last.is_file() and not resume:
         raise UserError(f"{last} exists: pass --resume to continue that run, or choose another --out")
-    if resume and not last.is_file() and os.environ.get("RANK", "0") == "0":
-        print(f"train: --resume: no checkpoint at {last} yet, starting from step 0", flush=True)
     engine = Engine(cfg)
+    if resume and not last.is_file() and engine.is_main:
+        print(f"train: --resume: no checkpoint at {last} yet, starting from step 0", flush=True)
     stop = _StopSignal()
     try:
         return _train(cfg, engine, out, ckpt_dir, resume and last.is_file(), stop)
@@ -185,7 +184,7 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
     while step < end and not stopped_by:
         epoch = step // spe
         batches = loader.epoch(epoch, start=(step % spe) * cfg.grad_accum)
-        acc = torch.zeros(2)
+        acc = torch.zeros(4, device=engine.device)   # loss, z_std, skipped samples, stop flag
         try:
             for i, batch in enumerate(batches):
                 micro = i % cfg.grad_accum
@@ -203,13 +202,15 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
                 p1, p2, z1, z2 = engine.forward(x1, x2)
                 loss = simsiam_loss(p1, p2, z1, z2)
                 engine.backward(loss)
-                acc += torch.stack([loss.detach().float().cpu(), z_std(z1).cpu()]) / cfg.grad_accum
-                skipped += int(batch["bad"])
+                acc[:2] += torch.stack([loss.detach().float(), z_std(z1)]) / cfg.grad_accum
+                acc[2] += int(batch["bad"])
                 if not engine.step():
                     continue
                 step += 1
-                red = engine.all_reduce_sum(torch.cat([acc, torch.tensor([float(stop.signum > 0)])])).cpu()
+                acc[3] = float(stop.signum > 0)
+                red = engine.all_reduce_sum(acc).cpu()      # one small collective and one sync per step
                 loss_v, std_v = (red[:2] / engine.world_size).tolist()
+                skipped += int(red[2])
                 if not math.isfinite(loss_v):
                     kept = (f"last good checkpoint {ckpt_dir / LAST} (step {saved_step}) kept"
                             if saved_step is not None else "no checkpoint was written yet")
@@ -235,7 +236,7 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
                                   f"lr {lr:.4g} {ips:.1f} images/s", flush=True)
                 if bar is not None:
                     bar.update(1)
-                if red[2] > 0:
+                if red[3] > 0:
                     stopped_by = stop.signum or signal.SIGTERM
                 periodic = step % cfg.ckpt_every == 0
                 if periodic or step == end or stopped_by:
@@ -259,7 +260,7 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
                "stopped_by_signal": bool(stopped_by)}
     healthy = 1 / math.sqrt(cfg.proj_dim)
     if skipped:
-        say(f"train: warning: skipped {skipped} unreadable sample(s) or shard read(s) on rank 0 (--skip-bad-samples)")
+        say(f"train: warning: skipped {skipped} unreadable sample(s) or shard read(s) (--skip-bad-samples)")
     if stopped_by:
         say(f"train: stopped by {signal.Signals(stopped_by).name} at step {step}; checkpoint "
             f"{ckpt_dir / LAST} saved; continue with --resume")
