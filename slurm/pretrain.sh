@@ -64,7 +64,9 @@ ARGS=(train --data "$DATA" --out "$RUN")
 [ -n "${MAX_STEPS:-}" ] && ARGS+=(--max-steps "$MAX_STEPS")
 [ -n "${BATCH:-}" ] && ARGS+=(--batch-size "$BATCH")
 [ -n "${WORKERS:-}" ] && ARGS+=(--workers "$WORKERS")
-[ -f "$RUN/checkpoints/last.pt" ] && ARGS+=(--resume)     # a requeued (or resubmitted) job continues
+# Always --resume: a requeued or resubmitted job, or torchrun restarting its workers after a failure
+# (--max-restarts, same arguments), continues from last.pt; with no checkpoint yet it starts fresh.
+ARGS+=(--resume)
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 
 REQUEUE=0
