@@ -16,9 +16,29 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e '.[test]' $(TORCH_PIN)
 	touch $@
 
+# The whole chain on CPU, small: simulate (2 MPI ranks) -> pretrain (2 torchrun processes) ->
+# embed -> UMAP -> probe -> export -> fine-tune vs random init. Rerunning resumes/skips each step.
+DEMO ?= demo_out
+TORCHRUN := $(BIN)/torchrun --standalone --nproc_per_node 2
+HL := $(BIN)/hpc-lensiam
 demo: install
-	$(BIN)/mpiexec -n 2 $(BIN)/hpc-lensiam simulate --out shards/demo --pairs 64 --shard-size 16 --seed 0
-	$(BIN)/hpc-lensiam show shards/demo --out shards/demo/pairs.png -n 8
+	$(BIN)/mpiexec -n 2 $(HL) simulate --out shards/demo --pairs 512 --shard-size 32 --seed 0 --config configs/demo_sim.yaml
+	$(BIN)/mpiexec -n 2 $(HL) simulate --out shards/demo_euclid_train --mode single --preset euclid --pairs 320 --shard-size 32 --seed 1 --config configs/demo_sim.yaml
+	$(BIN)/mpiexec -n 2 $(HL) simulate --out shards/demo_euclid_test --mode single --preset euclid --pairs 256 --shard-size 32 --seed 2 --config configs/demo_sim.yaml
+	$(HL) show shards/demo --out $(DEMO)/pairs.png -n 8
+	$(TORCHRUN) -m hpc_lensiam train --config configs/demo.yaml --data shards/demo --out $(DEMO)/run \
+	    $$(test -f $(DEMO)/run/checkpoints/last.pt && echo --resume)
+	$(TORCHRUN) -m hpc_lensiam embed --checkpoint $(DEMO)/run/checkpoints/last.pt --data shards/demo --out $(DEMO)/emb.h5
+	$(HL) umap --embeddings $(DEMO)/emb.h5 --out $(DEMO)/umap.png
+	$(HL) probe --embeddings $(DEMO)/emb.h5 --json $(DEMO)/probe.json
+	$(HL) export --checkpoint $(DEMO)/run/checkpoints/last.pt --out $(DEMO)/backbone.pt
+	$(HL) finetune --backbone $(DEMO)/backbone.pt --arch resnet18 --train shards/demo_euclid_train \
+	    --test shards/demo_euclid_test --n-train 256 --n-test 256 --epochs 8 --json $(DEMO)/finetune_lensiam.json
+	$(HL) finetune --backbone none --arch resnet18 --train shards/demo_euclid_train \
+	    --test shards/demo_euclid_test --n-train 256 --n-test 256 --epochs 8 --json $(DEMO)/finetune_none.json
+	@echo "demo: shards in shards/demo, shards/demo_euclid_{train,test}; pairs grid $(DEMO)/pairs.png;" \
+	    "run $(DEMO)/run (metrics.csv, checkpoints/); embeddings $(DEMO)/emb.h5; UMAP $(DEMO)/umap.png;" \
+	    "probe $(DEMO)/probe.json; backbone $(DEMO)/backbone.pt; fine-tuning $(DEMO)/finetune_{lensiam,none}.json"
 
 test: install
 	$(PY) -m pytest -q tests
