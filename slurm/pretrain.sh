@@ -35,7 +35,8 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 set -uo pipefail
-cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+# Under Slurm the job starts in --chdir (default: the submit dir); by hand, run from the repo.
+[ -n "${SLURM_JOB_ID:-}" ] || cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 DATA=${DATA:-shards/paper}
