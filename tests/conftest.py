@@ -59,3 +59,13 @@ def single_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "single"
     return _simulate(out, num_samples=64, shard_size=8, mode="single", preset="euclid", seed=2,
                      overrides={"instrument": {"num_pix": 48}})
+
+
+def train_tiny(data: Path, out: Path, **kw) -> Path:
+    """The real trainer, 2 steps of a resnet18 with small heads: a run folder in the real format."""
+    from hpc_lensiam.train.loop import train, train_config
+    cfg = dict(data=str(data), out=str(out), arch="resnet18", batch_size=8, max_steps=2, epochs=1,
+               workers=0, proj_dim=64, pred_dim=16, log_every=1)
+    cfg.update(kw)
+    train(train_config(**cfg))
+    return out

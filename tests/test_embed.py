@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
+import conftest
 from hpc_lensiam.errors import UserError
 from hpc_lensiam.io import LENS_PARAMS
 
@@ -19,13 +20,8 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def train_tiny(data: Path, out: Path, **kw) -> Path:
-    """The real trainer, 2 steps of a resnet18 with small heads: a checkpoint in the real format."""
-    from hpc_lensiam.train.loop import train, train_config
-    cfg = dict(data=str(data), out=str(out), arch="resnet18", batch_size=8, max_steps=2, epochs=1,
-               workers=0, proj_dim=64, pred_dim=16, log_every=1)
-    cfg.update(kw)
-    train(train_config(**cfg))
-    return out / "checkpoints" / "last.pt"
+    """A real 2-step checkpoint (see conftest.train_tiny): its last.pt."""
+    return conftest.train_tiny(data, out, **kw) / "checkpoints" / "last.pt"
 
 
 @pytest.fixture(scope="module")

@@ -11,20 +11,13 @@ import pytest
 import torch
 import torchvision
 
+from conftest import train_tiny
 from hpc_lensiam.errors import UserError
 from hpc_lensiam.io import LENS_PARAMS
 
 pytestmark = pytest.mark.timeout(600)
 
 
-def train_tiny(data: Path, out: Path, **kw) -> Path:
-    """The real trainer, 2 steps of a resnet18 with small heads."""
-    from hpc_lensiam.train.loop import train, train_config
-    cfg = dict(data=str(data), out=str(out), arch="resnet18", batch_size=8, max_steps=2, epochs=1,
-               workers=0, proj_dim=64, pred_dim=16, log_every=1)
-    cfg.update(kw)
-    train(train_config(**cfg))
-    return out
 
 
 @pytest.fixture(scope="module")
