@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=1000)
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--arch", default="resnet18")
-    ap.add_argument("--num-pix", type=int, default=64, help="image side (0.05\"/px hst; 0.1\"/px euclid)")
+    ap.add_argument("--num-pix", type=int, default=110, help="image side (0.05\"/px hst; 0.1\"/px euclid)")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=64, help="per process; 2 processes")
     ap.add_argument("--finetune-epochs", type=int, default=30)
