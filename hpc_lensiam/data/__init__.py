@@ -1,1 +1,1 @@
-
+"""Shard loading and the batched baseline SimSiam augmentations."""

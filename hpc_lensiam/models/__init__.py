@@ -1,1 +1,1 @@
-
+"""The SimSiam model: ResNet backbone, projector, predictor, loss."""

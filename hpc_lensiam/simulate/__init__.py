@@ -1,1 +1,1 @@
-
+"""Lens simulation: priors, sources, PSFs, instruments, LensSimulator and the MPI shard writer."""

@@ -1,1 +1,1 @@
-
+"""Pretraining: the DDP | DeepSpeed engine, the loop, checkpoints."""
