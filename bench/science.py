@@ -33,7 +33,7 @@ def run(cmd: list, log: list, name: str) -> float:
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO)
     dt = time.perf_counter() - t0
-    log.append({"step": name, "command": shlex.join(cmd).replace(str(BIN) + "/", ".venv/bin/"), "seconds": dt})
+    log.append({"step": name, "command": shlex.join(cmd).replace(str(BIN) + "/", ".venv/bin/").replace(str(REPO) + "/", ""), "seconds": dt})
     print(f"[science] {name}: {dt:.0f} s", flush=True)
     return dt
 
