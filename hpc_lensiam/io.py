@@ -62,6 +62,14 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def decode_npy(data: bytes):
+    """The bytes of one ``.npy`` shard member -> numpy array (no pickles)."""
+    import io as _io
+
+    import numpy as np
+    return np.load(_io.BytesIO(data), allow_pickle=False)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

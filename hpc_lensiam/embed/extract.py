@@ -22,7 +22,6 @@ HDF5 layout (``FORMAT``), N rows = images (lensiam shards: 2 per sample, single 
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..io import LENS_PARAMS, atomic_path, read_manifest, sha256_file, sha256_json, shard_paths
+from ..io import LENS_PARAMS, atomic_path, decode_npy, read_manifest, sha256_file, sha256_json, shard_paths
 
 FORMAT = "hpc_lensiam.embeddings/1"
 _VIEWS = {"lensiam": ("view1", "view2"), "single": ("image",)}
@@ -44,10 +43,6 @@ def views_of(mode: str) -> tuple[str, ...]:
     if mode not in _VIEWS:
         raise UserError(f"shard mode {mode!r} is not one of {', '.join(_VIEWS)}")
     return _VIEWS[mode]
-
-
-def decode_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def lens_vector(params_json: bytes, where: str) -> np.ndarray:

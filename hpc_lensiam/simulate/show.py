@@ -1,15 +1,13 @@
 """A PNG grid of simulated samples, so a user can look at what was simulated."""
 from __future__ import annotations
 
-import io
 import json
 import os
 from itertools import islice
 
-import numpy as np
 
 from ..errors import UserError
-from ..io import atomic_path, read_manifest, shard_paths
+from ..io import atomic_path, decode_npy, read_manifest, shard_paths
 
 
 def iter_samples(data_dir: str | os.PathLike):
@@ -21,7 +19,7 @@ def iter_samples(data_dir: str | os.PathLike):
         sample = {"key": raw["__key__"], "params": json.loads(raw["params.json"])}
         for name in ("view1", "view2", "image"):
             if f"{name}.npy" in raw:
-                sample[name] = np.load(io.BytesIO(raw[f"{name}.npy"]), allow_pickle=False)
+                sample[name] = decode_npy(raw[f"{name}.npy"])
         yield sample
 
 
