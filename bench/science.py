@@ -1,4 +1,4 @@
-"""The paper's experiment end to end, at the scale this machine allows; writes docs/results.md.
+"""The paper's experiment end to end, at the scale this machine allows; writes docs/science/<tag>.md.
 
 LenSiam vs baseline SimSiam vs no pretraining, with the same arch, data size, epochs and seed:
 simulate -> pretrain both -> embed a held-out LenSiam set with both -> probe (--against) and UMAP
@@ -8,6 +8,10 @@ are what a user runs. Each step is resumable: rerun the same command after an in
 
     .venv/bin/python bench/science.py                    # ~2 h on 2 CPU cores (the defaults)
     .venv/bin/python bench/science.py --pairs 512 --epochs 2 --out runs/science-smoke   # smoke test
+
+Each run writes ``docs/science/<tag>.md`` (tables, commands, wall times) and its UMAP figures next
+to it; ``docs/results.md`` is the hand-written reading of those runs. With ``--curve`` every
+periodic checkpoint (``--ckpt-every`` steps) is embedded and probed too: lens physics vs steps.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ def run(cmd: list, log: list, name: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/science", help="working folder (shards, runs, embeddings)")
-    ap.add_argument("--results", default="docs/results.md")
+    ap.add_argument("--tag", default="default", help="names docs/science/<tag>.md and its figures")
     ap.add_argument("--pairs", type=int, default=4096, help="LenSiam pretraining pairs")
     ap.add_argument("--probe-pairs", type=int, default=1024, help="held-out pairs for embeddings/probe")
     ap.add_argument("--n-train", type=int, default=1000)
@@ -52,7 +56,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="per process; 2 processes")
     ap.add_argument("--finetune-epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=True,
+                    help="pretraining init (SimSiam reference: on); see docs/results.md")
+    ap.add_argument("--ckpt-every", type=int, default=0, help="periodic checkpoints every N steps (0: none)")
+    ap.add_argument("--curve", action="store_true", help="embed + probe every periodic checkpoint")
     a = ap.parse_args()
+    docs = REPO / "docs" / "science"
+    docs.mkdir(parents=True, exist_ok=True)
 
     out = REPO / a.out
     out.mkdir(parents=True, exist_ok=True)
@@ -72,19 +82,23 @@ def main() -> None:
         run(sim + ["--out", shards[name], "--pairs", n, "--seed", a.seed + seed, "--mode", "single",
                    "--preset", "euclid"], log, f"simulate {name}")
 
-    results: dict = {"probe": None, "finetune": {}, "umap": {}}
+    results: dict = {"probe": None, "finetune": {}, "umap": {}, "curve": {}}
+    zi = [] if a.zero_init_residual else ["--no-zero-init-residual"]
+    ck = ["--ckpt-every", a.ckpt_every] if a.ckpt_every else []
     for mode in ("lensiam", "simsiam"):
         run_dir = out / f"run_{mode}"
         resume = ["--resume"] if (run_dir / "checkpoints" / "last.pt").exists() else []
         run([torchrun, "--standalone", "--nproc_per_node", NPROC, "-m", "hpc_lensiam", "train",
              "--data", shards["lensiam"], "--out", run_dir, "--mode", mode, "--arch", a.arch,
              "--epochs", a.epochs, "--batch-size", a.batch_size, "--seed", a.seed, "--precision", "fp32",
-             "--warmup-epochs", max(1, a.epochs // 10), *resume], log, f"pretrain {mode}")
+             "--warmup-epochs", max(1, a.epochs // 10), *zi, *ck, *resume], log, f"pretrain {mode}")
         ckpt = run_dir / "checkpoints" / "last.pt"
         emb = out / f"emb_{mode}.h5"
         run([torchrun, "--standalone", "--nproc_per_node", NPROC, "-m", "hpc_lensiam", "embed",
              "--checkpoint", ckpt, "--data", shards["probe"], "--out", emb], log, f"embed {mode}")
-        png = REPO / "docs" / f"umap_{mode}.png"
+        if a.curve:
+            results["curve"][mode] = learning_curve(run_dir, shards["probe"], out, mode, torchrun, hl, log)
+        png = docs / f"umap_{mode}_{a.tag}.png"
         run([hl, "umap", "--embeddings", emb, "--out", png, "--seed", a.seed], log, f"umap {mode}")
         results["umap"][mode] = str(png.relative_to(REPO))
         run([hl, "export", "--checkpoint", ckpt, "--out", out / f"backbone_{mode}.pt"], log, f"export {mode}")
@@ -106,8 +120,22 @@ def main() -> None:
     total = time.perf_counter() - t_start
     (out / "science.json").write_text(json.dumps({"args": vars(a), "steps": log, "results": results,
                                                    "seconds": total}, indent=1, default=str))
-    write_results(REPO / a.results, a, log, results, total)
-    print(f"\n[science] done in {total / 60:.1f} min; results in {a.results}", flush=True)
+    md = docs / f"{a.tag}.md"
+    write_results(md, a, log, results, total)
+    print(f"\n[science] done in {total / 60:.1f} min; results in {md.relative_to(REPO)}", flush=True)
+
+
+def learning_curve(run_dir: Path, probe_shards: Path, out: Path, mode: str, torchrun, hl, log) -> dict:
+    """Probe ridge R^2 at every periodic checkpoint: {step: {param: R^2}}."""
+    curve = {}
+    for ck in sorted((run_dir / "checkpoints").glob("step_*.pt")):
+        step = int(ck.stem.split("_")[1])
+        emb, pj = out / f"curve_{mode}_{step}.h5", out / f"curve_{mode}_{step}.json"
+        run([torchrun, "--standalone", "--nproc_per_node", NPROC, "-m", "hpc_lensiam", "embed",
+             "--checkpoint", ck, "--data", probe_shards, "--out", emb], log, f"embed {mode} step {step}")
+        run([hl, "probe", "--embeddings", emb, "--json", pj], log, f"probe {mode} step {step}")
+        curve[step] = next(iter(json.loads(pj.read_text())["results"].values()))["ridge"]
+    return curve
 
 
 def write_results(path: Path, a, log: list, results: dict, total: float) -> None:
@@ -120,7 +148,8 @@ def write_results(path: Path, a, log: list, results: dict, total: float) -> None
              f"{a.arch}, {a.epochs} epochs, batch {a.batch_size} x {NPROC} processes, seed {a.seed}; the baseline "
              f"SimSiam trains on view1 of the same pairs with the standard augmentations. Probe on "
              f"{a.probe_pairs} held-out pairs; fine-tuning on an independent euclid set, "
-             f"{a.n_train} train (plus a validation split) / {a.n_test} test images.", "",
+             f"{a.n_train} train (plus a validation split) / {a.n_test} test images, {a.finetune_epochs} epochs. "
+             f"Pretraining init: zero_init_residual={'on' if a.zero_init_residual else 'off'}.", "",
              "## Probe: held-out R^2 of the 8 lens parameters from the frozen features", "",
              "| parameter | " + " | ".join(f"{lab} k-NN | {lab} ridge" for lab in labels) + " |",
              "|---|" + "---|" * (2 * len(labels))]
@@ -137,6 +166,13 @@ def write_results(path: Path, a, log: list, results: dict, total: float) -> None
     for name, r in results["finetune"].items():
         lines.append(f"| {name} | {r['r2']:.3f} | [{r['r2_ci95'][0]:.3f}, {r['r2_ci95'][1]:.3f}] | "
                      f"{r['residual_sigma']:.4f} | {paper[name]} |")
+    if results.get("curve"):
+        lines += ["", "## Probe ridge R^2 vs pretraining step (periodic checkpoints, same held-out set)", "",
+                  "| method | step | theta_E | e1 | gamma | mean of 8 |", "|---|---|---|---|---|---|"]
+        for mode, curve in results["curve"].items():
+            for step, r in curve.items():
+                lines.append(f"| {mode} | {step} | {r['theta_E']:.3f} | {r['e1']:.3f} | {r['gamma']:.3f} | "
+                             f"{sum(r.values()) / len(r):.3f} |")
     lines += ["", "## UMAP of the held-out embeddings", ""]
     for mode, png in results["umap"].items():
         lines.append(f"![{mode}]({Path(png).name})")

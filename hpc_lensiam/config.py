@@ -323,6 +323,7 @@ class TrainConfig:
     engine: str = "ddp"                  # ddp | deepspeed
     precision: str = "fp32"              # fp32 | bf16 | fp16
     arch: str = "resnet101"              # resnet18 | resnet50 | resnet101
+    zero_init_residual: bool = True      # SimSiam reference init; false for short runs (docs/results.md)
     batch_size: int = 64                 # per rank
     grad_accum: int = 1
     epochs: int = 100

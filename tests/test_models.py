@@ -32,6 +32,18 @@ def test_backbone_is_torchvision_resnet_with_1_channel_stem_and_zero_init_residu
         build_backbone("resnet34")
 
 
+def test_zero_init_residual_can_be_turned_off_for_short_runs():
+    """Off: every residual branch live from step 0 (torchvision's default init), the rest unchanged."""
+    net = build_backbone("resnet18", zero_init_residual=False)
+    assert all(float(b.bn2.weight.detach().min()) == 1.0 for layer in (net.layer1, net.layer4) for b in layer)
+    assert net.conv1.in_channels == 1
+    model = SimSiam("resnet18", zero_init_residual=False)
+    assert float(model.encoder.layer2[0].bn2.weight.detach().min()) == 1.0
+    from hpc_lensiam.config import TrainConfig, from_dict
+    assert TrainConfig().zero_init_residual is True            # the SimSiam reference recipe by default
+    assert from_dict(TrainConfig, {"zero_init_residual": False}, "t").zero_init_residual is False
+
+
 def test_resnet101_structure():
     net = build_backbone("resnet101")
     assert sum(len(layer) for layer in (net.layer1, net.layer2, net.layer3, net.layer4)) == 33   # 3+4+23+3

@@ -35,14 +35,17 @@ def feature_dim(arch: str) -> int:
     return _FEATURE_DIM[arch]
 
 
-def build_backbone(arch: str) -> nn.Module:
-    """Torchvision ResNet, random init, ``zero_init_residual=True``, 1-channel ``conv1``, ``fc=Identity``.
+def build_backbone(arch: str, zero_init_residual: bool = True) -> nn.Module:
+    """Torchvision ResNet, random init, 1-channel ``conv1``, ``fc=Identity``.
 
     ``backbone(x)`` with ``x`` of shape (N, 1, H, W) at native size returns the pooled
-    ``(N, feature_dim(arch))`` feature.
+    ``(N, feature_dim(arch))`` feature. ``zero_init_residual`` (the SimSiam reference's choice) zeroes
+    the last BN scale of every residual block, so training starts from a network of identity blocks;
+    over a few hundred steps those scales stay ~1e-3 and the backbone is effectively a stem plus
+    the 1x1 shortcut convolutions (docs/results.md measures what that does to short runs).
     """
     feature_dim(arch)  # validates the name
-    net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
+    net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
     net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
     nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
     net.fc = nn.Identity()
@@ -67,10 +70,11 @@ def predictor(dim: int = 2048, pred_dim: int = 512) -> nn.Sequential:
 class SimSiam(nn.Module):
     """``encoder`` = backbone with ``fc`` = projector; ``predictor`` on top (SimSiam, Chen & He 2021)."""
 
-    def __init__(self, arch: str = "resnet101", dim: int = 2048, pred_dim: int = 512):
+    def __init__(self, arch: str = "resnet101", dim: int = 2048, pred_dim: int = 512,
+                 zero_init_residual: bool = True):
         super().__init__()
         self.arch = arch
-        self.encoder = build_backbone(arch)
+        self.encoder = build_backbone(arch, zero_init_residual)
         self.encoder.fc = projector(feature_dim(arch), dim)
         self.predictor = predictor(dim, pred_dim)
 

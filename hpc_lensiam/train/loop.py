@@ -112,7 +112,7 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
     lr0 = scaled_lr(cfg, engine.world_size)
 
     torch.manual_seed(cfg.seed)
-    model = SimSiam(cfg.arch, cfg.proj_dim, cfg.pred_dim)
+    model = SimSiam(cfg.arch, cfg.proj_dim, cfg.pred_dim, cfg.zero_init_residual)
     groups = [{"params": list(model.encoder.parameters()), "lr": lr0, "fix_lr": False},
               {"params": list(model.predictor.parameters()), "lr": lr0, "fix_lr": cfg.fix_pred_lr}]
     engine.wrap(model, groups)
