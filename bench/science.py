@@ -60,12 +60,19 @@ def main() -> None:
                     help="pretraining init (SimSiam reference: on); see docs/results.md")
     ap.add_argument("--ckpt-every", type=int, default=0, help="periodic checkpoints every N steps (0: none)")
     ap.add_argument("--curve", action="store_true", help="embed + probe every periodic checkpoint")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from OUT/science.json")
     a = ap.parse_args()
     docs = REPO / "docs" / "science"
     docs.mkdir(parents=True, exist_ok=True)
 
     out = REPO / a.out
     out.mkdir(parents=True, exist_ok=True)
+    if a.report_only:
+        saved = json.loads((out / "science.json").read_text())
+        for name, fj in (("LenSiam", "lensiam"), ("SimSiam", "simsiam"), ("no pretraining", "no")):
+            saved["results"]["finetune"][name] = json.loads((out / f"finetune_{fj}.json").read_text())
+        write_results(docs / f"{a.tag}.md", a, saved["steps"], saved["results"], saved["seconds"])
+        return
     sim_yaml = out / "sim.yaml"
     sim_yaml.write_text(f"instrument:\n  num_pix: {a.num_pix}\n")
     hl, mpiexec, torchrun = BIN / "hpc-lensiam", BIN / "mpiexec", BIN / "torchrun"
@@ -173,6 +180,16 @@ def write_results(path: Path, a, log: list, results: dict, total: float) -> None
             for step, r in curve.items():
                 lines.append(f"| {mode} | {step} | {r['theta_E']:.3f} | {r['e1']:.3f} | {r['gamma']:.3f} | "
                              f"{sum(r.values()) / len(r):.3f} |")
+    pairs = [("LenSiam", "SimSiam"), ("LenSiam", "no pretraining"), ("SimSiam", "no pretraining")]
+    ft = results["finetune"]
+    if all("test_predictions" in ft.get(n, {}) for n in ("LenSiam", "SimSiam", "no pretraining")):
+        from hpc_lensiam.finetune import paired_r2_difference
+        lines += ["", "Paired comparison on the same test images (paired bootstrap, 1000 resamples):", "",
+                  "| difference | delta R^2 | 95% interval |", "|---|---|---|"]
+        y = ft["LenSiam"]["test_targets"]
+        for x, z in pairs:
+            d, lo, hi = paired_r2_difference(y, ft[x]["test_predictions"], ft[z]["test_predictions"])
+            lines.append(f"| {x} - {z} | {d:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
     lines += ["", "## UMAP of the held-out embeddings", ""]
     for mode, png in results["umap"].items():
         lines.append(f"![{mode}]({Path(png).name})")

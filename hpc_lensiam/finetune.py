@@ -15,7 +15,9 @@
 - Targets standardised with the train split's mean/std; AdamW, cosine schedule; MSE loss. With
   ``--freeze-backbone`` the backbone runs once in eval mode and only the linear head is trained.
 - Report: test R^2 with a bootstrap 95% interval (1000 resamples, seeded), residual sigma and RMSE
-  in the target's units; one line on stdout and, with ``--json``, a JSON file (atomic).
+  in the target's units; one line on stdout and, with ``--json``, a JSON file (atomic) that also
+  keeps the test targets and predictions, so two backbones can be compared pairwise
+  (:func:`paired_r2_difference`).
 """
 from __future__ import annotations
 
@@ -125,6 +127,27 @@ def bootstrap_r2(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0
     vals = 1.0 - ss_res / np.where(ss_tot > 0, ss_tot, np.nan)
     lo, hi = np.nanpercentile(vals, [2.5, 97.5])
     return float(lo), float(hi)
+
+
+def paired_r2_difference(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, n_boot: int = 1000,
+                         seed: int = 0) -> tuple[float, float, float]:
+    """R^2(a) - R^2(b) on the same test images, with a paired bootstrap 95% interval.
+
+    Resampling the images once for both models cancels the test set's own variance, so two models
+    whose separate intervals overlap can still differ significantly (or not): this is the number
+    to compare backbones with (``report["test_predictions"]`` of two runs on one test set).
+    """
+    y, p_a, p_b = (np.asarray(v, dtype=np.float64) for v in (y, p_a, p_b))
+    if not (len(y) == len(p_a) == len(p_b)) or len(y) < 2:
+        raise ValueError("paired comparison needs predictions for the same >= 2 test images")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(y), size=(n_boot, len(y)))
+    yy = y[idx]
+    ss_tot = ((yy - yy.mean(1, keepdims=True)) ** 2).sum(1)
+    ss_tot = np.where(ss_tot > 0, ss_tot, np.nan)
+    diff = (((yy - p_b[idx]) ** 2).sum(1) - ((yy - p_a[idx]) ** 2).sum(1)) / ss_tot
+    lo, hi = np.nanpercentile(diff, [2.5, 97.5])
+    return r2(y, p_a) - r2(y, p_b), float(lo), float(hi)
 
 
 # ---------------------------------------------------------------------------------------- finetune
@@ -261,6 +284,7 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
         "test_manifest_sha256": sha256_file(Path(test_dir) / "manifest.json"),
         "target_train_mean": mu, "target_train_std": sd, "seconds": time.perf_counter() - t0,
         "history": history,
+        "test_targets": [float(v) for v in y_te], "test_predictions": [float(v) for v in p_te],
     }
     if desc.get("sidecar"):
         report["pretraining"] = desc["sidecar"].get("training")

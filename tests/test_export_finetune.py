@@ -119,6 +119,8 @@ def test_finetune_end_to_end(exported, single_shards, lensiam_shards, tmp_path):
     assert (rep["n_train"], rep["n_val"], rep["n_test"]) == (32, 8, 24) and rep["test_from_train_set"]
     assert rep["arch"] == "resnet18" and rep["init"] == "pretrained" and rep["pretraining"]["step"] == 2
     assert 1 <= rep["best_epoch"] <= 2 and len(rep["history"]) == 2
+    y, p = np.array(saved["test_targets"]), np.array(saved["test_predictions"])
+    assert len(y) == len(p) == 24 and abs(1 - ((y - p) ** 2).sum() / ((y - y.mean()) ** 2).sum() - rep["r2"]) < 1e-9
 
     # the no-pretraining baseline, and the frozen-backbone probe is deterministic for a seed
     base = finetune("none", str(single_shards), str(lensiam_shards), target="e1", n_train=20, n_test=10,
@@ -134,6 +136,21 @@ def test_finetune_end_to_end(exported, single_shards, lensiam_shards, tmp_path):
     tv = finetune(str(tv_file), str(single_shards), str(single_shards), target="gamma", n_train=20, n_test=10,
                   epochs=1, freeze_backbone=True, batch_size=16, seed=0, progress=False)
     assert tv["arch"] == "resnet18" and tv["init"] == "pretrained" and np.isfinite(tv["r2"])
+
+
+def test_paired_r2_difference_cancels_the_shared_test_set():
+    from hpc_lensiam.finetune import paired_r2_difference, r2
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=400)
+    good, worse = y + rng.normal(0, 0.3, 400), y + rng.normal(0, 0.6, 400)
+    d, lo, hi = paired_r2_difference(y, good, worse)
+    assert abs(d - (r2(y, good) - r2(y, worse))) < 1e-12 and 0 < lo < d < hi   # clearly better
+    assert paired_r2_difference(y, good, good) == (0.0, 0.0, 0.0)               # same model: exactly 0
+    d, lo, hi = paired_r2_difference(y, good, good + rng.normal(0, 0.01, 400))
+    assert lo < 0 < hi                                                            # no real difference
+    with pytest.raises(ValueError, match="same"):
+        paired_r2_difference(y, good, worse[:10])
 
 
 def test_finetune_bad_input(exported, single_shards, tmp_path):
