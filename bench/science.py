@@ -196,7 +196,8 @@ def write_results(path: Path, a, log: list, results: dict, total: float) -> None
     lines += ["", "## Commands and wall times", "", "| step | seconds | command |", "|---|---|---|"]
     for s in log:
         lines.append(f"| {s['step']} | {s['seconds']:.0f} | `{s['command']}` |")
-    lines += ["", f"Made by `.venv/bin/python bench/science.py {' '.join(sys.argv[1:])}`.", ""]
+    argv = " ".join(x for x in sys.argv[1:] if x != "--report-only")
+    lines += ["", f"Made by `.venv/bin/python bench/science.py {argv}`.", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines))
