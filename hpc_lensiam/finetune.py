@@ -118,13 +118,17 @@ def r2(y: np.ndarray, p: np.ndarray) -> float:
     return 1.0 - float(((y - p) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
 
 
-def bootstrap_r2(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(y), size=(n_boot, len(y)))
-    yy, pp = y[idx], p[idx]
-    ss_res = ((yy - pp) ** 2).sum(1)
+def _resample(y: np.ndarray, n_boot: int, seed: int):
+    """(indices, resampled y, their total sum of squares, NaN where 0): one seeded bootstrap draw."""
+    idx = np.random.default_rng(seed).integers(0, len(y), size=(n_boot, len(y)))
+    yy = y[idx]
     ss_tot = ((yy - yy.mean(1, keepdims=True)) ** 2).sum(1)
-    vals = 1.0 - ss_res / np.where(ss_tot > 0, ss_tot, np.nan)
+    return idx, yy, np.where(ss_tot > 0, ss_tot, np.nan)
+
+
+def bootstrap_r2(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    idx, yy, ss_tot = _resample(y, n_boot, seed)
+    vals = 1.0 - ((yy - p[idx]) ** 2).sum(1) / ss_tot
     lo, hi = np.nanpercentile(vals, [2.5, 97.5])
     return float(lo), float(hi)
 
@@ -140,11 +144,7 @@ def paired_r2_difference(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, n_boot
     y, p_a, p_b = (np.asarray(v, dtype=np.float64) for v in (y, p_a, p_b))
     if not (len(y) == len(p_a) == len(p_b)) or len(y) < 2:
         raise ValueError("paired comparison needs predictions for the same >= 2 test images")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(y), size=(n_boot, len(y)))
-    yy = y[idx]
-    ss_tot = ((yy - yy.mean(1, keepdims=True)) ** 2).sum(1)
-    ss_tot = np.where(ss_tot > 0, ss_tot, np.nan)
+    idx, yy, ss_tot = _resample(y, n_boot, seed)
     diff = (((yy - p_b[idx]) ** 2).sum(1) - ((yy - p_a[idx]) ** 2).sum(1)) / ss_tot
     lo, hi = np.nanpercentile(diff, [2.5, 97.5])
     return r2(y, p_a) - r2(y, p_b), float(lo), float(hi)
