@@ -30,6 +30,14 @@ BIN = Path(sys.executable).parent
 NPROC = 2
 
 
+BACKBONES = ("LenSiam", "SimSiam", "no pretraining")
+
+
+def finetune_json(out: Path, name: str) -> Path:
+    """Where the fine-tuning report of backbone ``name`` (one of BACKBONES) lives."""
+    return out / f"finetune_{name.split()[0].lower()}.json"
+
+
 def run(cmd: list, log: list, name: str) -> float:
     """Run one CLI step, echo it, record its wall time."""
     cmd = [str(c) for c in cmd]
@@ -69,8 +77,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if a.report_only:
         saved = json.loads((out / "science.json").read_text())
-        for name, fj in (("LenSiam", "lensiam"), ("SimSiam", "simsiam"), ("no pretraining", "no")):
-            saved["results"]["finetune"][name] = json.loads((out / f"finetune_{fj}.json").read_text())
+        for name in BACKBONES:
+            saved["results"]["finetune"][name] = json.loads(finetune_json(out, name).read_text())
         write_results(docs / f"{a.tag}.md", a, saved["steps"], saved["results"], saved["seconds"])
         return
     sim_yaml = out / "sim.yaml"
@@ -117,7 +125,7 @@ def main() -> None:
 
     for name, backbone in (("LenSiam", out / "backbone_lensiam.pt"), ("SimSiam", out / "backbone_simsiam.pt"),
                            ("no pretraining", "none")):
-        fj = out / f"finetune_{name.split()[0].lower()}.json"
+        fj = finetune_json(out, name)
         run([hl, "finetune", "--backbone", backbone, "--arch", a.arch, "--train", shards["euclid_train"],
              "--test", shards["euclid_test"], "--target", "theta_E", "--n-train", a.n_train,
              "--n-test", a.n_test, "--epochs", a.finetune_epochs, "--seed", a.seed, "--json", fj],
@@ -182,7 +190,7 @@ def write_results(path: Path, a, log: list, results: dict, total: float) -> None
                              f"{sum(r.values()) / len(r):.3f} |")
     pairs = [("LenSiam", "SimSiam"), ("LenSiam", "no pretraining"), ("SimSiam", "no pretraining")]
     ft = results["finetune"]
-    if all("test_predictions" in ft.get(n, {}) for n in ("LenSiam", "SimSiam", "no pretraining")):
+    if all("test_predictions" in ft.get(n, {}) for n in BACKBONES):
         from hpc_lensiam.finetune import paired_r2_difference
         lines += ["", "Paired comparison on the same test images (paired bootstrap, 1000 resamples):", "",
                   "| difference | delta R^2 | 95% interval |", "|---|---|---|"]
