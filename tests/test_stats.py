@@ -145,3 +145,37 @@ def test_seed_summary():
     assert seed_summary([0.5])["sd"] is None
     with pytest.raises(ValueError):
         seed_summary([])
+
+
+def test_probe_reports_r2_intervals_over_lens_systems(tmp_path, capsys):
+    """The probe's table and JSON carry each R^2's interval; a weaker signal gets a wider one."""
+    import json
+
+    from test_embed import _write_emb
+
+    from hpc_lensiam.embed.probe import probe
+    from hpc_lensiam.io import LENS_PARAMS
+
+    rng = np.random.default_rng(4)
+    systems = 400
+    keys = np.repeat([f"{i // 50:06d}_{i % 50:06d}" for i in range(systems)], 2)
+    params = {p: np.repeat(rng.uniform(-1, 1, systems), 2) for p in LENS_PARAMS}
+    y = np.stack([params[p] for p in LENS_PARAMS], 1)
+    mix = rng.normal(size=(8, 64))
+    strong = y @ mix + 0.3 * rng.normal(size=(2 * systems, 64))
+    weak = y @ mix + 3.0 * np.repeat(rng.normal(size=(systems, 64)), 2, axis=0)   # noise shared by a pair
+    _write_emb(tmp_path / "strong.h5", strong, params, keys)
+    _write_emb(tmp_path / "weak.h5", weak, params, keys)
+    rep = probe(str(tmp_path / "strong.h5"), against=str(tmp_path / "weak.h5"), out_json=str(tmp_path / "p.json"))
+    table = capsys.readouterr().out
+    assert "95% bootstrap interval over test lens systems" in table and table.count("[") >= 4 * len(LENS_PARAMS)
+    saved = json.loads((tmp_path / "p.json").read_text())
+    for lab in ("strong", "weak"):
+        res = saved["results"][lab]
+        for m in ("knn", "ridge"):
+            for p in LENS_PARAMS:
+                lo, hi = res[f"{m}_ci95"][p]
+                assert lo <= res[m][p] <= hi
+    width = {lab: np.mean([np.diff(rep["results"][lab]["ridge_ci95"][p])[0] for p in LENS_PARAMS])
+             for lab in ("strong", "weak")}
+    assert 0 < width["strong"] < width["weak"] < 1
