@@ -118,3 +118,18 @@ def test_compare_and_seeds_bad_input(reports, single_shards, tmp_path):
                        (["--seeds", "0,1", "--seed", "2"], "--seed and --seeds"), (["--resume"], "--resume: only")):
         r = _cli(*base, *extra)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and msg in r.stderr, (extra, r.stderr)
+
+
+def test_science_protocol_refuses_survey_set_until_it_exists(tmp_path):
+    """bench/science.py --downstream-family survey needs issue 14's flags: one line, exit 2, nothing made."""
+    help_text = _cli("simulate", "--help").stdout + _cli("finetune", "--help").stdout
+    if "--family" in help_text and "--task" in help_text:
+        pytest.skip("this checkout has the survey family and the classification task")
+    out = tmp_path / "science"
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "science.py"),
+                        "--downstream-family", "paper", "survey", "--out", str(out), "--tag", "never"],
+                       capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--downstream-family survey needs" in r.stderr and "simulate --family" in r.stderr
+    assert not out.exists()

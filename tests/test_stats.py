@@ -89,6 +89,10 @@ def test_hierarchical_difference_exact_cases():
     assert same["delta"] == 0 and same["ci95"] == [0.0, 0.0] and same["ci95_images_only"] == [0.0, 0.0]
     one = hierarchical_paired_difference(y, pa[:1], pb[:1], n_boot=300)   # one seed: images only
     assert one["seed_variance"] is None and one["ci95"] == one["ci95_images_only"] and one["df"] is None
+    labels = (y > 0).astype(float)                                 # the same machinery for lens finding (AUC)
+    auc = hierarchical_paired_difference(labels, pa, pb, metric="auc", n_boot=300)
+    assert np.allclose(auc["per_seed"], [roc_auc(labels, pa[s]) - roc_auc(labels, pb[s]) for s in range(3)])
+    assert auc["ci95"][0] <= auc["delta"] <= auc["ci95"][1]
     with pytest.raises(ValueError, match="same seeds on the same"):
         hierarchical_paired_difference(y, pa, pb[:2])
     with pytest.raises(ValueError, match="same seeds on the same"):
