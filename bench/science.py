@@ -168,7 +168,8 @@ def main() -> None:
     shards = {"lensiam": simulate("lensiam", a.pairs, 0, []), "probe": simulate("probe", a.probe_pairs, 1000, [])}
     if a.survey_pretraining:
         shards["lensiam-survey"] = simulate("lensiam_survey", a.pairs, 4000, ["--family", "survey"])
-    for i, t in enumerate(tasks(a.downstream_family)):
+    downstream = tasks(a.downstream_family)
+    for i, t in enumerate(downstream):
         single = ["--mode", "single", *t["sim"]]
         t["train"] = simulate(f"{t['key']}_train", int(a.n_train * 1.25), 2000 + 10 * i, single)
         t["test"] = simulate(f"{t['key']}_test", a.n_test, 3000 + 10 * i, single)
@@ -208,7 +209,7 @@ def main() -> None:
 
     # ---- fine-tuning: every task x arm x backbone, all fine-tuning seeds in one resumable call
     seeds = ",".join(map(str, a.finetune_seeds))
-    for t in tasks(a.downstream_family):
+    for t in downstream:
         for arm, (kind, frozen) in ARMS.items():
             if kind not in kinds and kind is not None:
                 continue
