@@ -300,6 +300,15 @@ def write_report(path: Path, a, out: Path, done: dict) -> None:
                 cell = [f"{r['ridge'][p]:.3f} [{ci[p][0]:.3f}, {ci[p][1]:.3f}]" if p in ci else f"{r['ridge'][p]:.3f}"
                         for p in ("theta_E", "e1", "gamma")]
                 lines.append(f"| {ps} | {lab} | " + " | ".join(cell) + f" | {np.mean(list(r['ridge'].values())):.3f} |")
+        probe_diff = {ps: pr["paired_difference"] for ps, pr in probes.items() if pr and pr.get("paired_difference")}
+        if probe_diff:
+            lines += ["", "Paired ridge R^2 difference LenSiam - SimSiam on the same test systems (95% interval over "
+                      "systems, one pretraining seed each: pretraining-seed noise is not in it; compare the rows):", "",
+                      "| pretraining seed | theta_E | e1 | gamma |", "|---|---|---|---|"]
+            for ps, d in probe_diff.items():
+                lines.append(f"| {ps} | " + " | ".join(
+                    f"{d['ridge'][p]['delta']:+.3f} [{d['ridge'][p]['ci95'][0]:+.3f}, {d['ridge'][p]['ci95'][1]:+.3f}]"
+                    for p in ("theta_E", "e1", "gamma")) + " |")
     for t in tasks(a.downstream_family):
         lines += ["", f"## Downstream: {t['title']}", ""]
         units = {arm: collect_units(out, t["key"], arm, ps_list) for arm in ARMS}

@@ -183,3 +183,11 @@ def test_probe_reports_r2_intervals_over_lens_systems(tmp_path, capsys):
     width = {lab: np.mean([np.diff(rep["results"][lab]["ridge_ci95"][p])[0] for p in LENS_PARAMS])
              for lab in ("strong", "weak")}
     assert 0 < width["strong"] < width["weak"] < 1
+    # the same test systems in both files: a paired difference per parameter, interval over systems
+    paired = saved["paired_difference"]
+    assert paired["systems"] == rep["results"]["strong"]["systems_test"]
+    for p in LENS_PARAMS:
+        d = paired["ridge"][p]
+        assert np.isclose(d["delta"], rep["results"]["strong"]["ridge"][p] - rep["results"]["weak"]["ridge"][p])
+        assert 0 < d["ci95"][0] <= d["delta"] <= d["ci95"][1]
+    assert "paired ridge R^2 difference strong - weak" in table

@@ -111,6 +111,10 @@ def probe_arrays(features: np.ndarray, targets: dict[str, np.ndarray], groups: n
         out["ridge_alpha"][name] = float(best[j])
         for m, pred in (("knn", pred_knn), ("ridge", pred_ridge)):
             out[f"{m}_ci95"][name] = list(bootstrap_interval(y[test, j], pred[:, j], "r2", groups[test], n_boot))
+    # kept for paired comparisons of two feature sets on the same test systems (probe --against)
+    out["test_targets"] = {name: y[test, j].tolist() for j, name in enumerate(names)}
+    out["test_predictions"] = {m: {name: p[:, j].tolist() for j, name in enumerate(names)}
+                               for m, p in (("knn", pred_knn), ("ridge", pred_ridge))}
     return out
 
 
@@ -133,6 +137,8 @@ def probe_file(path: str, test_fraction: float = 0.2, k: int = 10, seed_salt: st
     res["n_train"], res["n_test"] = int((~test).sum()), int(test.sum())
     res["systems_train"] = int(len(np.unique(emb["pair_id"][~test])))
     res["systems_test"] = int(len(np.unique(emb["pair_id"][test])))
+    res["test_keys"] = [str(k) for k in np.asarray(emb["keys"])[test]]
+    res["test_pair_id"] = np.asarray(emb["pair_id"])[test].tolist()
     res["feature_dim"] = int(emb["features"].shape[1])
     for key in ("arch", "train_mode", "step", "checkpoint", "manifest_sha256"):
         if key in a:
@@ -170,17 +176,45 @@ def probe(embeddings: str, against: str | None = None, out_json: str | None = No
         res = probe_file(path, test_fraction, k)
         results[_label(load_embeddings_attrs_only(path), set(results))] = res
     print(format_table(results), flush=True)
+    paired = paired_differences(*results.values()) if against else None
+    if paired:
+        a, b = list(results)
+        for m in MODELS:
+            print(f"paired {m} R^2 difference {a} - {b} on the same {paired['systems']} test systems [95% over "
+                  f"systems]: " + ", ".join(f"{p} {d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+                                            for p, d in paired[m].items()), flush=True)
     report = {"split": {"by": "lens system (sample key)", "test_fraction": test_fraction,
                         "rule": "sha256('probe-split/1' + key) < test_fraction"},
               "knn": {"k": k, "features": "standardised (train stats), l2-normalised"},
               "ridge": {"alpha_cv": "5-fold GroupKFold inside the train split", "features": "standardised"},
               "ci95": {"resamples": "test lens systems (both views of a pair together), probe held fixed",
                        "method": "percentile bootstrap", "n_boot": 1000, "seed": 0},
-              "results": results}
+              "results": results, "paired_difference": paired}
     if out_json:
         atomic_write_json(out_json, report)
         print(f"probe: table written to {out_json}", flush=True)
     return report
+
+
+def paired_differences(a: dict, b: dict, n_boot: int = 1000) -> dict | None:
+    """R^2(a) - R^2(b) per model and parameter on the same test systems, interval over systems.
+
+    Both files must hold the same test samples (same keys: embeddings of the same shards); the
+    shared difficulty of each system then cancels, which two separate intervals cannot show.
+    None when the test samples differ.
+    """
+    from ..stats import hierarchical_paired_difference
+
+    if a.get("test_keys") != b.get("test_keys") or "test_predictions" not in a:
+        return None
+    out: dict = {"systems": a["systems_test"]}
+    for m in MODELS:
+        out[m] = {}
+        for name, y in a["test_targets"].items():
+            r = hierarchical_paired_difference(y, [a["test_predictions"][m][name]], [b["test_predictions"][m][name]],
+                                               "r2", a["test_pair_id"], n_boot)
+            out[m][name] = {"delta": r["delta"], "ci95": r["ci95"]}
+    return out
 
 
 def load_embeddings_attrs_only(path: str) -> dict:
