@@ -103,6 +103,13 @@ def test_compare_and_seeds_bad_input(reports, single_shards, tmp_path):
     finetune_seeds([0], out_json=str(one), **_kw(single_shards))
     with pytest.raises(UserError, match=r"has seeds \[0, 1\] but .* has \[0\]"):
         compare(str(reports["a"]), str(one))
+    other_target = json.loads(reports["a"].read_text())
+    other_target["target"] = "e1"                      # a report of another task on the same test set
+    (tmp_path / "e1.json").write_text(json.dumps(other_target))
+    with pytest.raises(UserError, match="compare runs of one task"):
+        compare(str(reports["a"]), str(tmp_path / "e1.json"))
+    with pytest.raises(UserError, match="--n-boot: must be >= 100"):
+        compare(str(reports["a"]), str(reports["b"]), n_boot=10)
     (tmp_path / "text.json").write_text("not json")
     with pytest.raises(UserError, match="text.json: not a JSON file"):
         compare(str(tmp_path / "text.json"), str(reports["a"]))
