@@ -18,7 +18,6 @@ import json
 import os
 from pathlib import Path
 
-
 from .errors import UserError
 from .io import atomic_path, atomic_write_json, read_manifest, sha256_json
 
