@@ -1,4 +1,4 @@
-"""Pretraining throughput, in one run (issue 4's benchmark):
+"""Pretraining throughput, in one run:
 
 1. the loader's decoded pairs/s in one process (= per worker) vs webdataset's default
    ``.decode()`` pipeline over the same shards, same shuffle buffer and batch (target >= 3x);

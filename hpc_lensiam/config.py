@@ -315,7 +315,7 @@ def simulation_config(preset: str | None = None, config_path: str | Path | None 
 # ---------------------------------------------------------------------------------------- training
 @dataclass
 class TrainConfig:
-    """SimSiam / LenSiam pretraining (SPEC section 4). CLI flags override YAML values."""
+    """SimSiam / LenSiam pretraining (the LenSiam paper's recipe). CLI flags override YAML values."""
     data: str = ""
     out: str = "runs/pretrain"
     mode: str = "lensiam"                # lensiam: stored pair; simsiam: two augmentations of one image

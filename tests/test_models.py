@@ -1,4 +1,4 @@
-"""SimSiam model and loss against the definition (Chen & He 2021; SPEC section 4)."""
+"""SimSiam model and loss against the definition (Chen & He 2021)."""
 from __future__ import annotations
 
 import math
