@@ -8,7 +8,7 @@ Arms, each fine-tuned with every ``--finetune-seeds`` seed on the same downstrea
 ImageNet-supervised weights (the paper's third row) cannot be downloaded here: that row is not run.
 
 Downstream sets (``--downstream-family``): ``paper`` = the same simulator family at the euclid preset
-(another instrument; theta_E regression), ``survey`` = the independent survey family of issue 14
+(another instrument; theta_E regression), ``survey`` = the independent survey family (``simulate --family survey``)
 (another world; theta_E regression on lenses and lens finding, ``finetune --task classify --target
 is_lens``). The survey set needs ``hpc-lensiam simulate --family survey`` and ``finetune --task``: the
 script checks that this checkout has them before anything runs, and says so if not.
@@ -76,7 +76,7 @@ def tasks(families: list[str]) -> list[dict]:
 
 
 def check_survey_support(a) -> None:
-    """The survey family and the classification task come from issue 14: refuse early if absent."""
+    """The survey family and the classification task are newer than this script: refuse early if absent."""
     if "survey" not in a.downstream_family and not a.survey_pretraining:
         return
     hl = str(BIN / "hpc-lensiam")
@@ -87,7 +87,7 @@ def check_survey_support(a) -> None:
     if missing:
         what = "--downstream-family survey" if "survey" in a.downstream_family else "--survey-pretraining"
         print(f"science.py: error: {what} needs `hpc-lensiam {', '.join(missing)}` (the survey family and "
-              f"lens-finding task of issue 14), which this checkout lacks; run with --downstream-family paper",
+              f"lens-finding task), which this checkout lacks; run with --downstream-family paper",
               file=sys.stderr)
         sys.exit(2)
 
@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--pretrain-seeds", default="0,1", help="pretraining seeds per method (>= 2)")
     ap.add_argument("--finetune-seeds", default="0,1,2", help="fine-tuning seeds per backbone (>= 3)")
     ap.add_argument("--downstream-family", nargs="+", choices=("paper", "survey"), default=["paper"],
-                    help="paper: the euclid set of the pretraining simulator; survey: issue 14's family")
+                    help="paper: the euclid set of the pretraining simulator; survey: the independent survey family")
     ap.add_argument("--survey-pretraining", action="store_true", help="add LenSiam pretrained on survey pairs")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="pretraining precision")
     ap.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=False,
@@ -159,7 +159,7 @@ def main() -> None:
 
     def simulate(name: str, n: int, seed_offset: int, flags: list) -> Path:
         d = out / "shards" / name
-        shard = max(8, min(128, n // 8))   # >= 8 shards for small sets: 2 ranks x workers each get some
+        shard = 128 if n >= 256 else max(8, n // 8)   # 128 as in runs A-C (same bytes); small sets: >= 8 shards
         steps.run(f"simulate {name}", sim + ["--shard-size", shard, "--out", d, "--pairs", n, "--seed",
                                              a.seed + seed_offset, *flags], [d / "manifest.json"])
         return d

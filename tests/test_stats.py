@@ -12,8 +12,14 @@ import math
 import numpy as np
 import pytest
 
-from hpc_lensiam.stats import (bootstrap_auc, bootstrap_interval, hierarchical_paired_difference, r2, roc_auc,
-                               seed_summary)
+from hpc_lensiam.stats import (
+    bootstrap_auc,
+    bootstrap_interval,
+    hierarchical_paired_difference,
+    r2,
+    roc_auc,
+    seed_summary,
+)
 
 REPS = 200
 TOL = 3 * math.sqrt(0.95 * 0.05 / REPS)
