@@ -147,19 +147,23 @@ class SurveySimulator:
                 return src, m
         return None
 
-    def _non_lens_source(self, rng, d: dict, beta, view: dict, src: dict):
-        """Move the view's source outside the caustics (one image, below the magnification cut), or drop it."""
+    def _non_lens_source(self, rng, d: dict, beta, view: dict, src: dict, lensed: dict):
+        """The view's source moved outside the caustics (one image, below the magnification cut) with the
+        observed flux the lensed arcs had (so flux is no tell), or dropped."""
         cuts = self.config.selection
         if rng.random() < self.config.non_lens_source_absent_fraction:
             return None, None
         theta = d["defl"]["theta_E_sis"]
         for _ in range(cuts.source_tries):
             moved = self._draw_source_at(rng, d, r_max=4.0 * theta, r_min=1.0 * theta)
-            for k in ("abs_mag", "mag", "R_sersic", "n_sersic", "e1", "e2"):
+            for k in ("abs_mag", "R_sersic", "n_sersic", "e1", "e2"):
                 moved[k] = src[k]
+            moved["mag"] = src["mag"]
             m = self._measure(beta, moved, view)
-            if m["n_images"] <= 1 and m["magnification"] < cuts.min_magnification:
-                return moved, m
+            if m["n_images"] > 1 or m["magnification"] >= cuts.min_magnification or m["magnification"] <= 0:
+                continue
+            moved["mag"] = src["mag"] - 2.5 * math.log10(lensed["magnification"] / m["magnification"])
+            return moved, self._measure(beta, moved, view)
         return None, None
 
     def _prepare_view(self, rng, d: dict, first: bool, interlopers: list[dict]) -> dict:
@@ -201,7 +205,7 @@ class SurveySimulator:
         for view in views:
             src, m = view["source"], view["measure"]
             if not is_lens:
-                src, m = self._non_lens_source(rng, d, beta, view, src)
+                src, m = self._non_lens_source(rng, d, beta, view, src, m)
             arc_conv = m.pop("_arc_conv") if m is not None else np.zeros(self.grid.shape)
             model = view["scene_conv"] + arc_conv
             noisy = Observation.add_noise(rng, model, Observation.sigma(view["band"], model))
