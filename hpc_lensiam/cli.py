@@ -83,7 +83,7 @@ def _cmd_finetune(a):
     from .finetune import finetune
     finetune(backbone=a.backbone, train_dir=a.train, test_dir=a.test, target=a.target,
              n_train=a.n_train, n_test=a.n_test, epochs=a.epochs, freeze_backbone=a.freeze_backbone,
-             batch_size=a.batch_size, lr=a.lr, seed=a.seed, out_json=a.json, arch=a.arch)
+             batch_size=a.batch_size, lr=a.lr, seed=a.seed, out_json=a.json, arch=a.arch, task=a.task)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backbone", required=True, help="exported backbone, a torchvision weights file, or 'none'")
     s.add_argument("--train", required=True)
     s.add_argument("--test", required=True)
+    s.add_argument("--task", choices=("regress", "classify"), default="regress",
+                   help="regress a lens parameter, or classify (--target is_lens: lens finding, survey family)")
     s.add_argument("--target", default="theta_E")
     s.add_argument("--n-train", type=int, default=1000)
     s.add_argument("--n-test", type=int, default=1000)
