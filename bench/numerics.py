@@ -51,7 +51,7 @@ def _sim(preset: str, factor, num_pix: int | None):
 
 
 def supersampling(n: int, preset: str, num_pix: int | None, seed: int = 0) -> dict:
-    from hpc_lensiam.simulate.priors import draw_lens, uniform
+    from hpc_lensiam.simulate.priors import draw_lens
     sims = {f: _sim(preset, f, num_pix) for f in FACTORS + (REFERENCE,)}
     base = sims[REFERENCE]
     rng = np.random.default_rng(seed)
