@@ -101,7 +101,8 @@ def core_sersic(n: int, seed: int = 0) -> dict:
     old, new = [], []
     for _ in range(n):
         kw = {"R_sersic": uniform(rng, p.R_sersic_arcsec), "n_sersic": uniform(rng, p.n_sersic),
-              "Rb": uniform(rng, p.R_b_arcsec), "gamma": uniform(rng, p.core_gamma), "alpha": uniform(rng, p.core_alpha)}
+              "Rb": uniform(rng, p.R_b_arcsec), "gamma": uniform(rng, p.core_gamma),
+              "alpha": uniform(rng, p.core_alpha)}
         old.append(core_sersic_total_flux(r, amp=analytic_amp_for_unit_flux(r, kw["R_sersic"], kw["n_sersic"]), **kw))
         new.append(_quad_flux(r, core_sersic_amp_for_unit_flux(r, **kw), kw))
     return {"old_min": float(np.min(old)), "old_median": float(np.median(old)), "old_max": float(np.max(old)),
@@ -157,7 +158,8 @@ def main() -> None:
     ap.add_argument("--fig", default=None)
     a = ap.parse_args()
     res = supersampling(a.n, a.preset, a.num_pix)
-    print(f"supersampling ({a.preset}, {a.n} systems, error vs factor {REFERENCE} in units of each image's noise sigma):")
+    print(f"supersampling ({a.preset}, {a.n} systems, error vs factor {REFERENCE} in units of each image's "
+          "noise sigma):")
     for f, r in res.items():
         print(f"  factor {f}: {r['within_sigma']:.0%} within 1 sigma, p95 {r['p95_sigma']:.2f}, max "
               f"{r['max_sigma']:.2f} sigma; render {r['s_per_image'] * 1e3:.0f} ms = {r['cost_vs_2']:.2f}x factor 2")

@@ -191,7 +191,8 @@ def format_table(results: dict[str, dict]) -> str:
              f"{r['systems_train']} / {r['systems_test']} lens systems" for lab, r in results.items()]
     for lab, r in results.items():
         for m, c in r.get("classify", {}).items():
-            notes.append(f"{lab} {m} lens finding: AUC {c['auc']:.3f} [{c['auc_ci95'][0]:.3f}, {c['auc_ci95'][1]:.3f}], "
+            ci = c["auc_ci95"]
+            notes.append(f"{lab} {m} lens finding: AUC {c['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}], "
                          + ", ".join(f"TPR@FPR={f} {v['tpr']:.2f}" + ("" if v["resolvable"] else " (unresolved)")
                                      for f, v in c["tpr_at_fpr"].items())
                          + f" ({c['n_lenses']} lenses / {c['n_non_lenses']} non-lenses in test)")
