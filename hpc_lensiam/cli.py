@@ -45,7 +45,8 @@ def _cmd_simulate(a):
     from .simulate.writer import simulate_shards
     simulate_shards(out_dir=a.out, num_samples=a.pairs, shard_size=a.shard_size, mode=a.mode,
                     preset=a.preset, seed=a.seed, cosmos_dir=a.cosmos_dir, psf_files=a.psf,
-                    psf_pixel_scale_arcsec=a.psf_pixel_scale, config_path=a.config)
+                    psf_pixel_scale_arcsec=a.psf_pixel_scale, config_path=a.config, family=a.family,
+                    lens_fraction=a.lens_fraction)
 
 
 def _cmd_show(a):
@@ -84,7 +85,7 @@ def _cmd_finetune(a):
     from .finetune import finetune
     kw = dict(backbone=a.backbone, train_dir=a.train, test_dir=a.test, target=a.target,
               n_train=a.n_train, n_test=a.n_test, epochs=a.epochs, freeze_backbone=a.freeze_backbone,
-              batch_size=a.batch_size, lr=a.lr, arch=a.arch)
+              batch_size=a.batch_size, lr=a.lr, arch=a.arch, task=a.task)
     if a.seeds is None:
         if a.resume:
             raise UserError("--resume: only with --seeds (it keeps the seeds already in --json)")
@@ -117,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cosmos-dir", default=None, help="GalSim real-galaxy-catalog folder (COSMOS 23.5/25.2)")
     s.add_argument("--psf", nargs="+", default=None, metavar="FITS", help="PSF FITS files (image or cube)")
     s.add_argument("--psf-pixel-scale", type=float, default=None, help="arcsec/pixel of the PSF files")
-    s.add_argument("--config", default=None, help="simulation YAML (SimulationConfig)")
+    s.add_argument("--config", default=None, help="simulation YAML (SimulationConfig, or the survey family's)")
+    s.add_argument("--family", choices=("paper", "survey"), default="paper",
+                   help="generative model: the paper's (default) or the survey-realistic one (docs/survey.md)")
+    s.add_argument("--lens-fraction", type=float, default=None,
+                   help="survey family: fraction of lenses (default 0.5 single, 1.0 lensiam); the rest non-lenses")
     s.set_defaults(func=_cmd_simulate)
 
     s = sub.add_parser("show", help="draw a PNG grid of simulated pairs")
@@ -164,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backbone", required=True, help="exported backbone, a torchvision weights file, or 'none'")
     s.add_argument("--train", required=True)
     s.add_argument("--test", required=True)
+    s.add_argument("--task", choices=("regress", "classify"), default="regress",
+                   help="regress a lens parameter, or classify (--target is_lens: lens finding, survey family)")
     s.add_argument("--target", default="theta_E")
     s.add_argument("--n-train", type=int, default=1000)
     s.add_argument("--n-test", type=int, default=1000)

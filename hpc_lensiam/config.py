@@ -204,6 +204,7 @@ class SourcePrior:
     cosmos_min_size_pix: int = 50        # paper cut: stamp side >= 50 px
     cosmos_max_noise_frac: float = 0.05  # paper cut: noise RMS < 5% of the stamp's peak
     cosmos_scale: Range = (0.5, 1.0)     # source-plane arcsec per COSMOS arcsec (redshift dimming of size)
+    cosmos_clean_k_sigma: float | None = None  # clean stamps: pedestal off, pixels < k noise RMS -> 0
 
     def validate(self, where: str) -> None:
         _check_fraction(where, "cosmos_fraction", self.cosmos_fraction)
@@ -223,6 +224,8 @@ class SourcePrior:
             raise ConfigError(f"{where}.cosmos_min_size_pix: must be >= 1")
         if self.cosmos_max_noise_frac <= 0:
             raise ConfigError(f"{where}.cosmos_max_noise_frac: must be > 0")
+        if self.cosmos_clean_k_sigma is not None and self.cosmos_clean_k_sigma < 0:
+            raise ConfigError(f"{where}.cosmos_clean_k_sigma: must be >= 0 (or null: no cleaning)")
 
 
 @dataclass
@@ -232,6 +235,8 @@ class InstrumentConfig:
     num_pix: int = 110
     pixel_scale_arcsec: float = 0.05
     supersampling_factor: int = 2
+    adaptive_supersampling_factor: int = 16  # pixels whose sub-samples differ by more than adaptive_threshold
+    adaptive_threshold: float = 0.1          # x the peak are re-rendered at this factor; 0: off (bench/numerics.py)
     noise_sigma: Range = (0.002, 0.05)   # Gaussian sigma as a fraction of the noiseless image peak
     aperture_diameter_m: float = 2.4
     obstruction_frac: float = 0.33       # central obstruction, fraction of the aperture diameter
@@ -248,6 +253,8 @@ class InstrumentConfig:
             raise ConfigError(f"{where}.pixel_scale_arcsec: must be > 0")
         if self.supersampling_factor < 1:
             raise ConfigError(f"{where}.supersampling_factor: must be >= 1")
+        if self.adaptive_supersampling_factor < 0 or self.adaptive_threshold < 0:
+            raise ConfigError(f"{where}: adaptive_supersampling_factor and adaptive_threshold must be >= 0")
         _check_range(where, "noise_sigma", self.noise_sigma, lo=0.0)
         if self.aperture_diameter_m <= 0 or self.wavelength_nm <= 0:
             raise ConfigError(f"{where}: aperture_diameter_m and wavelength_nm must be > 0")

@@ -16,6 +16,8 @@ HDF5 layout (``FORMAT``), N rows = images (lensiam shards: 2 per sample, single 
     view            (N,)   int8      1 or 2 (which image of the pair; single shards: 1)
     pair_id         (N,)   int64     index of the lens system (sorted unique keys): both views share it
     params/<name>   (N,)   float64   the 8 lens parameters (io.LENS_PARAMS), same for both views
+    params/is_lens  (N,)   int8      1 lens, 0 non-lens: only when every sample's params.json has is_lens
+                                     (survey family, docs/survey.md)
     umap            (N, 2) float32   added later by ``hpc-lensiam umap``
     attrs: format, checkpoint, weights_sha256 (of the backbone weights), step, arch, train_mode, config_hash,
            data_dir, data_mode, manifest_sha256, num_samples, num_images, feature_dim, world_size
@@ -36,6 +38,8 @@ from ..io import LENS_PARAMS, atomic_path, decode_npy, read_manifest, sha256_fil
 
 FORMAT = "hpc_lensiam.embeddings/1"
 _VIEWS = {"lensiam": ("view1", "view2"), "single": ("image",)}
+# what each image row carries: the 8 lens parameters, then is_lens (NaN where params.json has none)
+LABELS = LENS_PARAMS + ("is_lens",)
 
 
 # ----------------------------------------------------------------------------------- shard reading
@@ -46,10 +50,12 @@ def views_of(mode: str) -> tuple[str, ...]:
 
 
 def lens_vector(params_json: bytes, where: str) -> np.ndarray:
-    """``params.json`` bytes -> the 8 lens parameters in ``LENS_PARAMS`` order."""
+    """``params.json`` bytes -> the 8 lens parameters in ``LENS_PARAMS`` order, then is_lens (``LABELS``)."""
     try:
-        lens = json.loads(params_json)["lens"]
-        return np.array([float(lens[name]) for name in LENS_PARAMS], dtype=np.float64)
+        params = json.loads(params_json)
+        lens = params["lens"]
+        is_lens = float(params["is_lens"]) if "is_lens" in params else float("nan")
+        return np.array([float(lens[name]) for name in LENS_PARAMS] + [is_lens], dtype=np.float64)
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{where}: params.json lacks the lens parameters ({exc!r})") from None
 
@@ -92,7 +98,9 @@ def row_loader(paths: list[str], mode: str, batch_size: int, workers: int):
 
 
 def load_images(data_dir: str | os.PathLike, n: int | None = None, what: str = "--data"):
-    """First ``n`` samples of a shard set (manifest order), one process: (keys, images, lens).
+    """First ``n`` samples of a shard set (manifest order), one process: (keys, images, labels).
+
+    ``labels`` is (n, 9): the 8 lens parameters and is_lens (``LABELS``; NaN where the set has none).
 
     Single shards give their image; lensiam shards their first view. ``n`` larger than the set
     is a UserError.
@@ -231,7 +239,7 @@ def _join(out: Path, parts: list[Path], run_id: str, attrs: dict, expected_rows:
                 g.create_dataset("keys", data=all_keys[order].astype(object), dtype=_str_dtype())
                 g["view"] = all_views[order].astype(np.int8)
                 g["pair_id"] = pair_id.astype(np.int64)
-                lens = np.empty((n, len(LENS_PARAMS)))
+                lens = np.empty((n, files[0]["lens"].shape[1]))
                 src_owner, src_row = owner[order], row[order]
                 for a in range(0, n, block):  # each part's rows in a block are one contiguous range
                     b = min(n, a + block)
@@ -247,6 +255,8 @@ def _join(out: Path, parts: list[Path], run_id: str, attrs: dict, expected_rows:
                 grp = g.create_group("params")
                 for j, name in enumerate(LENS_PARAMS):
                     grp[name] = lens[:, j]
+                if lens.shape[1] > len(LENS_PARAMS) and n and not np.isnan(lens[:, len(LENS_PARAMS)]).any():
+                    grp["is_lens"] = lens[:, len(LENS_PARAMS)].astype(np.int8)
                 g.attrs["num_images"] = n
                 g.attrs["num_samples"] = len(uniq)
         return n
@@ -256,7 +266,8 @@ def _join(out: Path, parts: list[Path], run_id: str, attrs: dict, expected_rows:
 
 
 def load_embeddings(path: str | os.PathLike, need_params: bool = True) -> dict:
-    """Read an embeddings file: features, keys, view, pair_id, params {name: array}, attrs, umap.
+    """Read an embeddings file: features, keys, view, pair_id, params {name: array}, attrs, umap,
+    is_lens (int8 array, or None when the file has no params/is_lens).
 
     A missing file, a file that is not HDF5, or one without features (or, with ``need_params``,
     without the 8 lens parameters) is a UserError naming it.
@@ -293,6 +304,7 @@ def load_embeddings(path: str | os.PathLike, need_params: bool = True) -> dict:
             if len(arr) != n:
                 raise UserError(f"{path}: params/{name} has {len(arr)} rows, features {n}")
         out["params"] = params
+        out["is_lens"] = f["params"]["is_lens"][...].astype(np.int8) if "params/is_lens" in f else None
     return out
 
 
@@ -412,5 +424,5 @@ def _embed_part(backbone, paths, mode, batch_size, workers, part, run_id, n_rows
     if bar:
         bar.close()
     views = np.concatenate(views) if views else np.zeros(0, np.int8)
-    lens = np.concatenate(lens) if lens else np.zeros((0, len(LENS_PARAMS)))
+    lens = np.concatenate(lens) if lens else np.zeros((0, len(LABELS)))
     _write_part(part, run_id, paths, keys, views, feats[:i], lens)

@@ -173,10 +173,13 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
                     mode: str = "lensiam", preset: str | None = None, seed: int = 0,
                     cosmos_dir: str | None = None, psf_files: list[str] | None = None,
                     psf_pixel_scale_arcsec: float | None = None, config_path: str | None = None,
-                    overrides: dict | None = None, progress: bool = True) -> dict:
+                    overrides: dict | None = None, progress: bool = True, family: str = "paper",
+                    lens_fraction: float | None = None) -> dict:
     """Simulate ``num_samples`` pairs (or single images) into WebDataset shards; return the manifest.
 
     Runs as one process, or as every rank of ``mpiexec -n K``: same arguments, same bytes.
+    ``family``: "paper" (LensSimulator) or "survey" (simulate/survey, lenses and non-lenses with
+    ``lens_fraction``).
     """
     from .mpi_env import mpi_world
 
@@ -185,22 +188,24 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
         raise UserError(f"--mode: {mode!r} is not one of {', '.join(MODES)}")
     if num_samples < 1 or shard_size < 1:
         raise UserError(f"--pairs and --shard-size must be >= 1 (got {num_samples}, {shard_size})")
-    cfg = resolve_config(preset, config_path, cosmos_dir, psf_files, psf_pixel_scale_arcsec, overrides)
+    from .families import resolve_family
+    cfg, make_simulator = resolve_family(family, mode, preset, config_path, cosmos_dir, psf_files,
+                                         psf_pixel_scale_arcsec, overrides, lens_fraction)
     out_dir = Path(out_dir)
     config = to_dict(cfg)
     plan = {"format": MANIFEST_FORMAT, "version": __version__, "mode": mode, "seed": seed,
             "num_samples": num_samples, "shard_size": shard_size, "preset": cfg.preset,
             "image_shape": [cfg.instrument.num_pix] * 2, "config": config,
             "config_hash": sha256_json(config)}
+    if family != "paper":  # the paper family's manifest stays as it was
+        plan["family"] = family
     _check_existing(out_dir, plan)
 
     # Build the simulator before touching the folder: a bad COSMOS dir or PSF file writes nothing.
     import warnings
-
-    from .simulator import LensSimulator
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always")
-        sim = LensSimulator(cfg)
+        sim = make_simulator(cfg)
     if rank == 0:  # said once, not once per rank
         for note in notes:
             print(f"simulate: note: {note.message}", file=sys.stderr, flush=True)
