@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .stats import bootstrap_auc, roc_auc  # one AUC for the package (Mann-Whitney, ties one half)
+
+__all__ = ["FPR_POINTS", "roc_auc", "roc_curve", "tpr_at_fpr", "bootstrap", "classification_report", "plot_roc"]
+
 FPR_POINTS = (1e-2, 1e-3)
 
 
@@ -22,17 +26,6 @@ def roc_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     from sklearn.metrics import roc_curve as _roc
     fpr, tpr, thr = _roc(np.asarray(y, int), np.asarray(score, float), drop_intermediate=False)
     return fpr, tpr, thr
-
-
-def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
-    """Mann-Whitney AUC via average ranks (ties one half); NaN unless both classes are present."""
-    from scipy.stats import rankdata
-    y = np.asarray(y, bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(np.asarray(score, float))
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def tpr_at_fpr(y: np.ndarray, score: np.ndarray, fpr_max: float) -> float:
@@ -63,7 +56,7 @@ def classification_report(y: np.ndarray, score: np.ndarray, n_boot: int = 1000, 
     y = np.asarray(y, int)
     score = np.asarray(score, float)
     n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
-    out = {"auc": roc_auc(y, score), "auc_ci95": list(bootstrap(y, score, roc_auc, n_boot, seed)),
+    out = {"auc": roc_auc(y, score), "auc_ci95": list(bootstrap_auc(y, score, n_boot, seed)),
            "n_lenses": n_pos, "n_non_lenses": n_neg, "min_resolvable_fpr": 1.0 / n_neg if n_neg else None,
            "tpr_at_fpr": {}}
     for f in FPR_POINTS:
