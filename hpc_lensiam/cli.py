@@ -46,6 +46,16 @@ def _cmd_simulate(a):
                     psf_pixel_scale_arcsec=a.psf_pixel_scale, config_path=a.config)
 
 
+def _cmd_ingest(a):
+    from .config import IngestConfig, from_dict
+    from .ingest.run import ingest
+    flags = {"preset": a.preset, "num_pix": a.num_pix, "pixel_scale_arcsec": a.target_pixel_scale, "hdu": a.hdu,
+             "rms_hdu": a.rms_hdu, "weight_hdu": a.weight_hdu, "input_pixel_scale_arcsec": a.pixel_scale,
+             "orientation": a.orientation, "shard_size": a.shard_size}
+    cfg = from_dict(IngestConfig, {k: v for k, v in flags.items() if v is not None}, "ingest flags")
+    ingest(out_dir=a.out, files=a.files, list_csv=a.list, labels_csv=a.labels, config=cfg, skip_bad=a.skip_bad)
+
+
 def _cmd_show(a):
     from .simulate.show import show_pairs
     show_pairs(data_dir=a.data_dir, out=a.out, n=a.n)
@@ -103,6 +113,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--psf-pixel-scale", type=float, default=None, help="arcsec/pixel of the PSF files")
     s.add_argument("--config", default=None, help="simulation YAML (SimulationConfig)")
     s.set_defaults(func=_cmd_simulate)
+
+    s = sub.add_parser("ingest", help="real FITS/.npy cutouts -> single-mode shards on a preset's grid (MPI ranks)")
+    s.add_argument("files", nargs="*", help="FITS or .npy cutouts (or --list)")
+    s.add_argument("--out", required=True, help="output shard directory")
+    s.add_argument("--list", default=None, metavar="CSV", help="catalogue: a 'file' column, optional 'hdu'")
+    s.add_argument("--labels", default=None, metavar="CSV", help="'file' column + lens parameters / is_lens")
+    s.add_argument("--preset", choices=("hst", "euclid"), default=None, help="target grid (default hst)")
+    s.add_argument("--num-pix", type=int, default=None, help="target image side (default: the preset's)")
+    s.add_argument("--target-pixel-scale", type=float, default=None, metavar="ARCSEC",
+                   help="target arcsec/pixel (default: the preset's)")
+    s.add_argument("--pixel-scale", type=float, default=None, metavar="ARCSEC",
+                   help="arcsec/pixel of inputs whose header has no CD/CDELT (and of .npy files)")
+    s.add_argument("--hdu", default=None, help="image HDU name or index (default: the first 2-D image)")
+    s.add_argument("--rms-hdu", default=None, help="RMS HDU masking no-data pixels: NAME|INDEX|auto|none (auto)")
+    s.add_argument("--weight-hdu", default=None, help="weight HDU: weight <= 0 masks a pixel")
+    s.add_argument("--orientation", choices=("simulator", "sky", "asis"), default=None,
+                   help="simulator (default): columns grow with RA, rows with Dec; sky: north up, east left")
+    s.add_argument("--shard-size", type=int, default=None, help="images per shard (default 1000)")
+    s.add_argument("--skip-bad", action="store_true", help="leave bad inputs out with a warning instead of stopping")
+    s.set_defaults(func=_cmd_ingest)
 
     s = sub.add_parser("show", help="draw a PNG grid of simulated pairs")
     s.add_argument("data_dir")
