@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("embed", help="backbone features of every image to HDF5 (run under torchrun)")
     s.add_argument("--checkpoint", required=True)
-    s.add_argument("--data", required=True)
+    s.add_argument("--data", required=True, nargs="+", help="shard folder(s): several go into one file")
     s.add_argument("--out", required=True)
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--workers", type=int, default=1)

@@ -184,6 +184,10 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
         _, x_tr, y_tr = load_images(train_dir, n_train, what="--train")
         _, x_te, y_te = load_images(test_dir, n_test, what="--test")
         y_tr, y_te = y_tr[:, j], y_te[:, j]
+    for flag, d, y in (("--train", train_dir, y_tr), ("--test", test_dir, y_te)):
+        if not np.isfinite(y).all():  # ingested real images carry only the labels they were given
+            raise UserError(f"{flag} {d}: {int((~np.isfinite(y)).sum())} of {len(y)} samples have no "
+                            f"{target!r} label (ingest them with --labels)")
     n_val = max(1, int(round(val_fraction * n_train)))
     perm = np.random.default_rng(seed).permutation(n_train)
     va, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])

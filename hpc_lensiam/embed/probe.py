@@ -118,9 +118,18 @@ def _label(emb: dict, taken: set) -> str:
 
 
 def probe_file(path: str, test_fraction: float = 0.2, k: int = 10, seed_salt: str = "probe-split/1") -> dict:
-    emb = load_embeddings(path, need_params=True)
+    emb = load_embeddings(path, need_params=False)
+    # parameters known for every image; the rest (absent from ingested real images) are skipped
+    names = [p for p in LENS_PARAMS if p in emb["params"] and p not in emb["params_known"]]
+    if not names:
+        raise UserError(f"{path}: no lens parameters known for every image (params/<name>); "
+                        "expected an embeddings file written by `hpc-lensiam embed` from labelled shards")
+    skipped = [p for p in LENS_PARAMS if p not in names]
+    if skipped:
+        print(f"probe: {path}: skipping {', '.join(skipped)} (not known for every image)", flush=True)
     test = split_by_key(emb["keys"], test_fraction, seed_salt)
-    res = probe_arrays(emb["features"], emb["params"], emb["pair_id"], test, k=k)
+    res = probe_arrays(emb["features"], {p: emb["params"][p] for p in names}, emb["pair_id"], test, k=k)
+    res["skipped"] = skipped
     a = emb["attrs"]
     res["file"] = str(path)
     res["n_train"], res["n_test"] = int((~test).sum()), int(test.sum())
@@ -137,7 +146,8 @@ def probe_file(path: str, test_fraction: float = 0.2, k: int = 10, seed_salt: st
 def format_table(results: dict[str, dict]) -> str:
     labels = list(results)
     head = ["parameter"] + [f"{lab} {m}" for lab in labels for m in ("k-NN", "ridge")]
-    rows = [[name] + [f"{results[lab][m][name]:.3f}" for lab in labels for m in MODELS] for name in LENS_PARAMS]
+    names = [p for p in LENS_PARAMS if all(p in results[lab]["knn"] for lab in labels)]
+    rows = [[name] + [f"{results[lab][m][name]:.3f}" for lab in labels for m in MODELS] for name in names]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     sep = "-" * len(line(head))
