@@ -75,12 +75,19 @@ def _cmd_embed(a):
 
 def _cmd_umap(a):
     from .embed.umap import run_umap
-    run_umap(embeddings=a.embeddings, out=a.out, color=a.color.split(","), seed=a.seed)
+    run_umap(embeddings=a.embeddings, out=a.out, color=a.color.split(","), seed=a.seed, overlay=a.overlay)
 
 
 def _cmd_probe(a):
     from .embed.probe import probe
     probe(embeddings=a.embeddings, against=a.against, out_json=a.json)
+
+
+def _cmd_similar(a):
+    from .embed.similar import similar
+    similar(embeddings=a.embeddings, key=a.key, source=a.source, image=a.image, checkpoint=a.checkpoint, k=a.k,
+            out=a.out, json_out=a.json, anomaly=a.anomaly, index=a.index, hdu=a.hdu, pixel_scale=a.pixel_scale,
+            orientation=a.orientation, top=a.top)
 
 
 def _cmd_export(a):
@@ -159,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--color", default="theta_E,e1,gamma")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overlay", default=None, help="embeddings of real images to draw on the fitted map")
     s.set_defaults(func=_cmd_umap)
 
     s = sub.add_parser("probe", help="held-out R^2 of k-NN and ridge probes for the 8 lens parameters")
@@ -166,6 +174,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--against", default=None, help="a second embeddings file to compare with")
     s.add_argument("--json", default=None, help="write the table as JSON here too")
     s.set_defaults(func=_cmd_probe)
+
+    s = sub.add_parser("similar", help="nearest neighbours by cosine similarity (faiss); --anomaly: most isolated")
+    s.add_argument("--embeddings", required=True)
+    q = s.add_mutually_exclusive_group(required=True)
+    q.add_argument("--key", default=None, help="query: a sample key of the file (view 1)")
+    q.add_argument("--image", default=None, help="query: a FITS/.npy cutout, ingested and embedded (--checkpoint)")
+    q.add_argument("--anomaly", action="store_true", help="rank every image by distance to its k-th neighbour")
+    s.add_argument("--source", default=None, help="with --key: the data folder, when several hold the key")
+    s.add_argument("--checkpoint", default=None, help="with --image: the backbone the embeddings were made with")
+    s.add_argument("-k", type=int, default=16, help="neighbours (with --anomaly: which neighbour)")
+    s.add_argument("--top", type=int, default=16, help="with --anomaly: how many to show")
+    s.add_argument("--out", default=None, help="PNG grid of the query and its neighbours")
+    s.add_argument("--json", default=None)
+    s.add_argument("--index", choices=("auto", "flat", "ivf"), default="auto")
+    s.add_argument("--hdu", default=None, help="with --image: the image HDU")
+    s.add_argument("--pixel-scale", type=float, default=None, help="with --image: arcsec/pixel if no WCS")
+    s.add_argument("--orientation", choices=("simulator", "sky", "asis"), default="simulator")
+    s.set_defaults(func=_cmd_similar)
 
     s = sub.add_parser("export", help="export the backbone as a stock torchvision state_dict")
     s.add_argument("--checkpoint", required=True)

@@ -119,16 +119,23 @@ def _label(emb: dict, taken: set) -> str:
 
 def probe_file(path: str, test_fraction: float = 0.2, k: int = 10, seed_salt: str = "probe-split/1") -> dict:
     emb = load_embeddings(path, need_params=False)
-    # parameters known for every image; the rest (absent from ingested real images) are skipped
-    names = [p for p in LENS_PARAMS if p in emb["params"] and p not in emb["params_known"]]
+    # parameters absent from the file (ingested real images without labels) are skipped; the probe
+    # runs on the images that know every remaining one
+    names = [p for p in LENS_PARAMS if p in emb["params"]]
     if not names:
-        raise UserError(f"{path}: no lens parameters known for every image (params/<name>); "
-                        "expected an embeddings file written by `hpc-lensiam embed` from labelled shards")
+        raise UserError(f"{path}: no lens parameters (no params/<name> datasets); expected an embeddings "
+                        "file written by `hpc-lensiam embed` from simulated or labelled shards")
+    known = np.ones(len(emb["keys"]), bool)
+    for p in names:
+        known &= emb["params_known"].get(p, True)
     skipped = [p for p in LENS_PARAMS if p not in names]
-    if skipped:
-        print(f"probe: {path}: skipping {', '.join(skipped)} (not known for every image)", flush=True)
+    if skipped or not known.all():
+        print(f"probe: {path}: {int(known.sum())} of {len(known)} images have lens parameters"
+              + (f"; skipping absent {', '.join(skipped)}" if skipped else ""), flush=True)
+    emb = {**emb, "features": emb["features"][known], "keys": emb["keys"][known], "pair_id": emb["pair_id"][known],
+           "params": {p: emb["params"][p][known] for p in names}}
     test = split_by_key(emb["keys"], test_fraction, seed_salt)
-    res = probe_arrays(emb["features"], {p: emb["params"][p] for p in names}, emb["pair_id"], test, k=k)
+    res = probe_arrays(emb["features"], emb["params"], emb["pair_id"], test, k=k)
     res["skipped"] = skipped
     a = emb["attrs"]
     res["file"] = str(path)
