@@ -53,7 +53,7 @@ def build_index(x: np.ndarray, kind: str = "flat", nlist: int | None = None, npr
         nlist = nlist or max(1, int(4 * math.sqrt(len(x))))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(0)
-        train = x[np.sort(rng.choice(len(x), min(len(x), 64 * nlist), replace=False))]
+        train = x[np.sort(rng.choice(len(x), min(len(x), 40 * nlist), replace=False))]  # faiss: >= 39
         index.train(train)
         index.nprobe = min(nprobe, nlist)
     else:
