@@ -45,7 +45,14 @@ def _best(fn, repeats: int = 5) -> float:
 
 
 def _rss_gb() -> float:
+    """Peak RSS of this process so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def _current_rss_gb() -> float:
+    """RSS now (the peak would include the data generator's temporaries)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
 
 
 def run_method(method: str, rows: int, dim: int) -> dict:
@@ -53,7 +60,7 @@ def run_method(method: str, rows: int, dim: int) -> dict:
 
     x = vectors(rows, dim)
     q1, q64 = x[:1].copy(), x[1000:1064].copy()
-    base = _rss_gb()
+    base = _current_rss_gb()
     t = time.perf_counter()
     if method == "numpy":
         def search(q):
@@ -74,7 +81,7 @@ def run_method(method: str, rows: int, dim: int) -> dict:
     got = search(q64)
     res["recall_at_16"] = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(exact, got)]))
     res["vectors_gb"] = x.nbytes / 1e9
-    res["rss_before_index_gb"], res["peak_rss_gb"] = base, _rss_gb()
+    res["rss_vectors_gb"], res["index_extra_gb"], res["peak_rss_gb"] = base, _current_rss_gb() - base, _rss_gb()
     return res
 
 
@@ -105,13 +112,14 @@ def main() -> None:
             results.append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), flush=True)
     head = ("rows", "method", "build s", "1 query ms", "64 queries ms", "recall@16", "anomaly s (proj.)",
-            "vectors GB", "peak RSS GB", "vs numpy 1q")
+            "vectors GB", "index memory GB", "peak RSS GB", "vs numpy 1q")
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in results:
         ref = next(x for x in results if x["rows"] == r["rows"] and x["method"] == "numpy")
         print(f"| {r['rows']:,} | {r['method']} | {r['build_s']:.2f} | {r['query1_ms']:.1f} | {r['query64_ms']:.1f} | "
               f"{r['recall_at_16']:.3f} | {r['anomaly_projected_s']:.0f} | {r['vectors_gb']:.2f} | "
-              f"{r['peak_rss_gb']:.2f} | {ref['query1_ms'] / r['query1_ms']:.2f}x |")
+              f"{r.get('index_extra_gb', float('nan')):.2f} | {r['peak_rss_gb']:.2f} | "
+              f"{ref['query1_ms'] / r['query1_ms']:.2f}x |")
     print(f"\n10^6 x {a.dim}: {1e6 * a.dim * 4 / 1e9:.1f} GB of vectors alone (x2 with faiss's copy)")
 
 
