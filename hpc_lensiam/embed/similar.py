@@ -132,14 +132,14 @@ def draw_grid(panels: list[tuple[np.ndarray, str]], out: str, title: str) -> Non
 
     cols = min(6, len(panels))
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (img, cap) in zip(axes.flat, panels):
         ax.imshow(img, origin="lower", cmap="magma", vmin=0, vmax=1)
         ax.set_title(cap, fontsize=6.5, loc="left")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=2.0)  # room for the 3-line captions
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
