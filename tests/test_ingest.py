@@ -332,3 +332,31 @@ def test_euclid_nir_band_with_no_data_pixels(euclid_file, tmp_path):
     # 14 NIR_Y RMS pixels are 1e16 (no data): masked
     assert params["ingest"]["mask_hdu"] == "NIR_Y_RMS"
     assert params["ingest"]["mask_fraction"] == pytest.approx(14 / 300 ** 2, rel=1e-6)
+
+
+def test_finetune_and_show_read_ingested_shards_unchanged(tmp_path):
+    """Labelled real images train a regressor like simulated ones; unlabelled ones are refused."""
+    from hpc_lensiam.errors import UserError
+    from hpc_lensiam.finetune import finetune
+    from hpc_lensiam.simulate.show import show_pairs
+    scale, rows = 0.1, ["file,theta_E,is_lens"]
+    files = []
+    for i in range(8):
+        theta = 0.8 + 0.1 * i
+        img = sky_image(60, scale, [(0, 0, 10.0, 0.2), (theta, 0, 5.0, 0.1), (-theta, 0, 5.0, 0.1)], noise=0.01, seed=i)
+        files.append(str(write_fits(tmp_path / f"l{i}.fits", img, scale)))
+        rows.append(f"l{i}.fits,{theta},1")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "real"
+    ingest(str(out), files=files, labels_csv=str(tmp_path / "labels.csv"),
+           config=IngestConfig(preset="euclid", num_pix=48, shard_size=4), progress=False)
+    rep = finetune("none", str(out), str(out), target="theta_E", n_train=6, n_test=2, epochs=1, arch="resnet18",
+                   batch_size=4, progress=False)
+    assert rep["n_test"] == 2 and rep["test_targets"] == pytest.approx([1.4, 1.5])
+    png = show_pairs(str(out), str(tmp_path / "show.png"), n=2)
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bare = tmp_path / "bare"
+    ingest(str(bare), files=files, config=IngestConfig(preset="euclid", num_pix=48), progress=False)
+    with pytest.raises(UserError, match="samples have no 'theta_E' label"):
+        finetune("none", str(bare), str(bare), target="theta_E", n_train=6, n_test=2, epochs=1, arch="resnet18",
+                 progress=False)
