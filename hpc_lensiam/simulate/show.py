@@ -6,7 +6,6 @@ import os
 from itertools import islice
 from pathlib import Path
 
-
 from ..errors import UserError
 from ..io import atomic_path, decode_npy, read_manifest, shard_paths
 
