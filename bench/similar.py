@@ -103,7 +103,7 @@ def main() -> None:
         print(f"# {rows} x {a.dim} float32 = {need:.2f} GB of vectors per process, {a.threads} thread(s)", flush=True)
         for m in a.methods:
             threads = str(a.threads)
-            env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+            env = {**os.environ, **{v: threads for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
             r = subprocess.run([sys.executable, __file__, "--one", m, "--rows", str(rows), "--dim", str(a.dim)],
                                capture_output=True, text=True, env=env)
             if r.returncode != 0:

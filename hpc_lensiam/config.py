@@ -374,13 +374,13 @@ class IngestConfig:
     files whose header gives none (no CD/CDELT keys, and every .npy).
     """
     preset: str = "hst"
-    num_pix: Optional[int] = None
-    pixel_scale_arcsec: Optional[float] = None
-    hdu: Optional[str] = None              # name or index; None: the first HDU holding a 2-D image
-    rms_hdu: Optional[str] = "auto"        # name/index, "auto" (X_FLUX -> X_RMS if present) or None
-    weight_hdu: Optional[str] = None       # inverse-variance map: weight <= 0 = no data
+    num_pix: int | None = None
+    pixel_scale_arcsec: float | None = None
+    hdu: str | None = None              # name or index; None: the first HDU holding a 2-D image
+    rms_hdu: str | None = "auto"        # name/index, "auto" (X_FLUX -> X_RMS if present) or None
+    weight_hdu: str | None = None       # inverse-variance map: weight <= 0 = no data
     rms_no_data: float = 1e15              # RMS at or above this (Euclid writes 1e16) = no data
-    input_pixel_scale_arcsec: Optional[float] = None
+    input_pixel_scale_arcsec: float | None = None
     orientation: str = "simulator"         # simulator: columns grow with RA, rows with Dec
     sky_sigma: float = 3.0                 # sigma-clipping threshold of the sky estimate
     shard_size: int = 1000

@@ -226,7 +226,8 @@ def bad_inputs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("case,expect", [
-    ("missing", "no such file"), ("unreadable", "cannot read as FITS"), ("not_2d", "2-D image HDU (found: PRIMARY (3, 100, 100))"),
+    ("missing", "no such file"), ("unreadable", "cannot read as FITS"),
+    ("not_2d", "2-D image HDU (found: PRIMARY (3, 100, 100))"),
     ("no_scale", "no pixel scale"), ("too_small", "smaller than the target field"), ("truncated", "truncated"),
 ])
 def test_bad_input_is_one_error_line_naming_the_file_and_writes_nothing(bad_inputs, tmp_path, capsys, case, expect):

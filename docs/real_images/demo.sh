@@ -4,7 +4,7 @@
 #   bash docs/real_images/demo.sh [WORKDIR]
 set -euo pipefail
 W=${1:-/tmp/real_images_demo}
-EUCLID=../shared/data/euclid_q1/102020532_NEG589257492489565961.fits
+EUCLID=${EUCLID:-../shared/data/euclid_q1/102020532_NEG589257492489565961.fits}  # the Euclid Q1 cutout
 H=.venv/bin/hpc-lensiam
 D=docs/real_images
 mkdir -p "$W"

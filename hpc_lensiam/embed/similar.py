@@ -265,8 +265,9 @@ def _row(emb: dict, i: int, rank: int, **value) -> dict:
 
 def format_table(rows: list[dict], anomaly: bool) -> str:
     head = ["rank", "distance" if anomaly else "cosine", "source", "key", "view", "theta_E", "gamma", "e1"]
+    shown = ("theta_E", "gamma", "e1")
     body = [[str(r["rank"]), f"{r['score' if anomaly else 'similarity']:.4f}", r["source"] or "-", r["key"],
-             str(r["view"])] + [f"{r['params'][p]:.3f}" if p in r["params"] else "-" for p in ("theta_E", "gamma", "e1")]
+             str(r["view"])] + [f"{r['params'][p]:.3f}" if p in r["params"] else "-" for p in shown]
             for r in rows]
     widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
     line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731

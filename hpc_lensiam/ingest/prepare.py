@@ -111,7 +111,8 @@ def prepare(info: CutoutInfo, cfg: IngestConfig) -> tuple[np.ndarray, dict]:
     # residual angle between the x axis and the wanted +RA (simulator) or -RA (sky) direction
     want = 1.0 if cfg.orientation == "simulator" else -1.0
     rotation = math.degrees(math.atan2(want * m[1, 0], want * m[0, 0])) if cfg.orientation != "asis" else None
-    meta = {"file": str(Path(info.path).resolve()), "hdu": info.hdu, "pixel_scale_arcsec": [sx, sy] if abs(sx - sy) > 1e-9 * sx else sx,
+    square = abs(sx - sy) <= 1e-9 * sx
+    meta = {"file": str(Path(info.path).resolve()), "hdu": info.hdu, "pixel_scale_arcsec": sx if square else [sx, sy],
             "pixel_scale_from": info.scale_from, "shape": list(info.shape), "sky_level": sky,
             "mask_fraction": mask_fraction, "mask_hdu": info.mask_hdu, "flux_scale": top,
             "orientation": cfg.orientation, "orientation_ops": ops,

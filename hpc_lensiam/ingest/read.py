@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -46,20 +45,20 @@ def _hdu_key(spec: str):
     return int(s) if s.lstrip("-").isdigit() else s
 
 
-def _scale_matrix(header, path: str, fallback: Optional[float]) -> tuple[np.ndarray, str]:
+def _scale_matrix(header, path: str, fallback: float | None) -> tuple[np.ndarray, str]:
     has_cd = any(k in header for k in ("CD1_1", "CD2_2", "CD1_2", "CD2_1"))
     has_cdelt = "CDELT1" in header and "CDELT2" in header
     if has_cd or has_cdelt:
         import warnings
 
-        from astropy.wcs import FITSFixedWarning, WCS
+        from astropy.wcs import WCS, FITSFixedWarning
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FITSFixedWarning)
                 w = WCS(header, naxis=2)
             m = np.array(w.pixel_scale_matrix, dtype=np.float64)
             units = [str(u) for u in w.wcs.cunit]
-        except Exception as exc:  # noqa: BLE001 - astropy raises many kinds on a broken WCS
+        except Exception as exc:
             raise UserError(f"{path}: unreadable WCS ({type(exc).__name__}: {exc})") from None
         factor = {"deg": 3600.0, "": 3600.0, "arcmin": 60.0, "arcsec": 1.0, "mas": 1e-3}
         if units[0] not in factor or units[1] not in factor:
@@ -129,11 +128,11 @@ def _open_fits(path: str):
         with warnings.catch_warnings():  # "may have been truncated": _check_truncated says it, once
             warnings.simplefilter("ignore", AstropyUserWarning)
             return fits.open(path, memmap=True, lazy_load_hdus=False)
-    except Exception as exc:  # noqa: BLE001 - astropy: OSError, ValueError, TypeError on non-FITS bytes
+    except Exception as exc:
         raise UserError(f"{path}: cannot read as FITS ({type(exc).__name__}: {exc})") from None
 
 
-def inspect_cutout(path: str, cfg: IngestConfig, hdu: Optional[str] = None) -> CutoutInfo:
+def inspect_cutout(path: str, cfg: IngestConfig, hdu: str | None = None) -> CutoutInfo:
     """Header-level checks of one input: readable, 2-D, a pixel scale, an RMS/weight HDU of its shape."""
     p = Path(path)
     if not p.is_file():
@@ -141,7 +140,7 @@ def inspect_cutout(path: str, cfg: IngestConfig, hdu: Optional[str] = None) -> C
     if p.suffix.lower() == ".npy":
         try:
             arr = np.load(p, mmap_mode="r", allow_pickle=False)
-        except Exception as exc:  # noqa: BLE001 - numpy raises ValueError/OSError on bad or short files
+        except Exception as exc:
             raise UserError(f"{path}: cannot read as .npy ({type(exc).__name__}: {exc})") from None
         if arr.ndim != 2:
             raise UserError(f"{path}: array has shape {arr.shape} (expected a 2-D image)")
@@ -183,7 +182,7 @@ def read_cutout(info: CutoutInfo, cfg: IngestConfig) -> tuple[np.ndarray, np.nda
             aux = np.array(hdul[info.mask_hdu].data, dtype=np.float64) if info.mask_hdu else None
     except UserError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a file changed or damaged since inspection
+    except Exception as exc:
         raise UserError(f"{info.path}: cannot read HDU {info.hdu} ({type(exc).__name__}: {exc})") from None
     bad = ~np.isfinite(img)
     if aux is not None:

@@ -19,9 +19,9 @@ from __future__ import annotations
 import csv
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Sequence
 
 from .. import __version__
 from ..config import IngestConfig, to_dict
@@ -51,7 +51,7 @@ def _read_csv(path: str, what: str) -> tuple[list[str], list[dict]]:
     return columns, [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in rows]
 
 
-def read_catalog(list_csv: str) -> list[tuple[str, Optional[str]]]:
+def read_catalog(list_csv: str) -> list[tuple[str, str | None]]:
     """``--list catalog.csv``: a ``file`` column (relative paths are relative to the CSV's folder),
     optionally ``hdu`` per row."""
     _, rows = _read_csv(list_csv, "--list")
@@ -67,7 +67,7 @@ def read_catalog(list_csv: str) -> list[tuple[str, Optional[str]]]:
     return out
 
 
-def read_labels(labels_csv: str, inputs: Sequence[tuple[str, Optional[str]]]) -> dict[int, dict]:
+def read_labels(labels_csv: str, inputs: Sequence[tuple[str, str | None]]) -> dict[int, dict]:
     """``--labels labels.csv`` -> {input index: {"lens": {...}, "is_lens": 0|1}}.
 
     Column ``file`` names an input by its path as given, its resolved path, or its file name
