@@ -49,6 +49,16 @@ def _cmd_simulate(a):
                     lens_fraction=a.lens_fraction)
 
 
+def _cmd_ingest(a):
+    from .config import IngestConfig, from_dict
+    from .ingest.run import ingest
+    flags = {"preset": a.preset, "num_pix": a.num_pix, "pixel_scale_arcsec": a.target_pixel_scale, "hdu": a.hdu,
+             "rms_hdu": a.rms_hdu, "weight_hdu": a.weight_hdu, "input_pixel_scale_arcsec": a.pixel_scale,
+             "orientation": a.orientation, "shard_size": a.shard_size}
+    cfg = from_dict(IngestConfig, {k: v for k, v in flags.items() if v is not None}, "ingest flags")
+    ingest(out_dir=a.out, files=a.files, list_csv=a.list, labels_csv=a.labels, config=cfg, skip_bad=a.skip_bad)
+
+
 def _cmd_show(a):
     from .simulate.show import show_pairs
     show_pairs(data_dir=a.data_dir, out=a.out, n=a.n)
@@ -68,12 +78,19 @@ def _cmd_embed(a):
 
 def _cmd_umap(a):
     from .embed.umap import run_umap
-    run_umap(embeddings=a.embeddings, out=a.out, color=a.color.split(","), seed=a.seed)
+    run_umap(embeddings=a.embeddings, out=a.out, color=a.color.split(","), seed=a.seed, overlay=a.overlay)
 
 
 def _cmd_probe(a):
     from .embed.probe import probe
     probe(embeddings=a.embeddings, against=a.against, out_json=a.json)
+
+
+def _cmd_similar(a):
+    from .embed.similar import similar
+    similar(embeddings=a.embeddings, key=a.key, source=a.source, image=a.image, checkpoint=a.checkpoint, k=a.k,
+            out=a.out, json_out=a.json, anomaly=a.anomaly, index=a.index, hdu=a.hdu, pixel_scale=a.pixel_scale,
+            orientation=a.orientation, top=a.top)
 
 
 def _cmd_export(a):
@@ -125,6 +142,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="survey family: fraction of lenses (default 0.5 single, 1.0 lensiam); the rest non-lenses")
     s.set_defaults(func=_cmd_simulate)
 
+    s = sub.add_parser("ingest", help="real FITS/.npy cutouts -> single-mode shards on a preset's grid (MPI ranks)")
+    s.add_argument("files", nargs="*", help="FITS or .npy cutouts (or --list)")
+    s.add_argument("--out", required=True, help="output shard directory")
+    s.add_argument("--list", default=None, metavar="CSV", help="catalogue: a 'file' column, optional 'hdu'")
+    s.add_argument("--labels", default=None, metavar="CSV", help="'file' column + lens parameters / is_lens")
+    s.add_argument("--preset", choices=("hst", "euclid"), default=None, help="target grid (default hst)")
+    s.add_argument("--num-pix", type=int, default=None, help="target image side (default: the preset's)")
+    s.add_argument("--target-pixel-scale", type=float, default=None, metavar="ARCSEC",
+                   help="target arcsec/pixel (default: the preset's)")
+    s.add_argument("--pixel-scale", type=float, default=None, metavar="ARCSEC",
+                   help="arcsec/pixel of inputs whose header has no CD/CDELT (and of .npy files)")
+    s.add_argument("--hdu", default=None, help="image HDU name or index (default: the first 2-D image)")
+    s.add_argument("--rms-hdu", default=None, help="RMS HDU masking no-data pixels: NAME|INDEX|auto|none (auto)")
+    s.add_argument("--weight-hdu", default=None, help="weight HDU: weight <= 0 masks a pixel")
+    s.add_argument("--orientation", choices=("simulator", "sky", "asis"), default=None,
+                   help="simulator (default): columns grow with RA, rows with Dec; sky: north up, east left")
+    s.add_argument("--shard-size", type=int, default=None, help="images per shard (default 1000)")
+    s.add_argument("--skip-bad", action="store_true", help="leave bad inputs out with a warning instead of stopping")
+    s.set_defaults(func=_cmd_ingest)
+
     s = sub.add_parser("show", help="draw a PNG grid of simulated pairs")
     s.add_argument("data_dir")
     s.add_argument("--out", required=True)
@@ -139,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("embed", help="backbone features of every image to HDF5 (run under torchrun)")
     s.add_argument("--checkpoint", required=True)
-    s.add_argument("--data", required=True)
+    s.add_argument("--data", required=True, nargs="+", help="shard folder(s): several go into one file")
     s.add_argument("--out", required=True)
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--workers", type=int, default=1)
@@ -150,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--color", default="theta_E,e1,gamma")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overlay", default=None, help="embeddings of real images to draw on the fitted map")
     s.set_defaults(func=_cmd_umap)
 
     s = sub.add_parser("probe", help="held-out R^2 of k-NN and ridge probes for the 8 lens parameters")
@@ -157,6 +195,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--against", default=None, help="a second embeddings file to compare with")
     s.add_argument("--json", default=None, help="write the table as JSON here too")
     s.set_defaults(func=_cmd_probe)
+
+    s = sub.add_parser("similar", help="nearest neighbours by cosine similarity (faiss); --anomaly: most isolated")
+    s.add_argument("--embeddings", required=True)
+    q = s.add_mutually_exclusive_group(required=True)
+    q.add_argument("--key", default=None, help="query: a sample key of the file (view 1)")
+    q.add_argument("--image", default=None, help="query: a FITS/.npy cutout, ingested and embedded (--checkpoint)")
+    q.add_argument("--anomaly", action="store_true", help="rank every image by distance to its k-th neighbour")
+    s.add_argument("--source", default=None, help="with --key: the data folder, when several hold the key")
+    s.add_argument("--checkpoint", default=None, help="with --image: the backbone the embeddings were made with")
+    s.add_argument("-k", type=int, default=16, help="neighbours (with --anomaly: which neighbour)")
+    s.add_argument("--top", type=int, default=16, help="with --anomaly: how many to show")
+    s.add_argument("--out", default=None, help="PNG grid of the query and its neighbours")
+    s.add_argument("--json", default=None)
+    s.add_argument("--index", choices=("auto", "flat", "ivf"), default="auto")
+    s.add_argument("--hdu", default=None, help="with --image: the image HDU")
+    s.add_argument("--pixel-scale", type=float, default=None, help="with --image: arcsec/pixel if no WCS")
+    s.add_argument("--orientation", choices=("simulator", "sky", "asis"), default="simulator")
+    s.set_defaults(func=_cmd_similar)
 
     s = sub.add_parser("export", help="export the backbone as a stock torchvision state_dict")
     s.add_argument("--checkpoint", required=True)

@@ -33,17 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .io import LENS_PARAMS, atomic_write_json, sha256_file
+from .finetune_tasks import check_target  # noqa: F401 (public here since the first release)
+from .io import atomic_write_json, sha256_file
 from .stats import _resample, bootstrap_r2, paired_r2_difference, r2  # noqa: F401  (their old home)
 
-UNITS = {"theta_E": "arcsec", "center_x": "arcsec", "center_y": "arcsec"}
 DEFAULT_ARCH = "resnet101"
-
-
-def check_target(target: str) -> int:
-    if target not in LENS_PARAMS:
-        raise UserError(f"--target: unknown lens parameter {target!r} (expected one of: {', '.join(LENS_PARAMS)})")
-    return LENS_PARAMS.index(target)
 
 
 # ---------------------------------------------------------------------------------------- model

@@ -16,9 +16,16 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .io import LENS_PARAMS
+from .io import LENS_PARAMS, UNITS
 
 TASKS = ("regress", "classify")
+
+
+def check_target(target: str) -> int:
+    """Column of a regression ``--target`` among the 8 lens parameters; a UserError naming them otherwise."""
+    if target not in LENS_PARAMS:
+        raise UserError(f"--target: unknown lens parameter {target!r} (expected one of: {', '.join(LENS_PARAMS)})")
+    return LENS_PARAMS.index(target)
 IS_LENS_COLUMN = len(LENS_PARAMS)   # load_images labels: the 8 lens parameters, then is_lens
 
 
@@ -26,12 +33,15 @@ class RegressTask:
     name = "regress"
 
     def __init__(self, target: str):
-        from .finetune import check_target
         self.target, self.column = target, check_target(target)
         self.mu, self.sd = 0.0, 1.0
 
     def labels(self, rows: np.ndarray, what: str) -> np.ndarray:
-        return rows[:, self.column]
+        y = rows[:, self.column]
+        if not np.isfinite(y).all():  # ingested real images carry only the labels they were given
+            raise UserError(f"{what}: {int((~np.isfinite(y)).sum())} of {len(y)} samples have no "
+                            f"{self.target!r} label (ingest them with --labels)")
+        return y
 
     def fit(self, y_train: np.ndarray) -> None:
         self.mu, self.sd = float(y_train.mean()), float(y_train.std()) or 1.0
@@ -46,7 +56,7 @@ class RegressTask:
         return raw.astype(np.float64) * self.sd + self.mu
 
     def report(self, y: np.ndarray, p: np.ndarray, n_boot: int, seed: int, out_json: str | None) -> tuple[dict, str]:
-        from .finetune import UNITS, bootstrap_r2, r2
+        from .stats import bootstrap_r2, r2
         resid = p - y
         score, ci = r2(y, p), bootstrap_r2(y, p, n_boot, seed)
         unit = UNITS.get(self.target, "")
@@ -71,7 +81,7 @@ class ClassifyTask:
         y = rows[:, self.column]
         if np.isnan(y).any():
             raise UserError(f"{what}: samples without is_lens labels (make the set with "
-                            "`hpc-lensiam simulate --family survey`)")
+                            "`hpc-lensiam simulate --family survey`, or ingest real images with --labels)")
         if len(np.unique(y)) < 2:
             raise UserError(f"{what}: only one class (is_lens = {int(y[0])}) in the samples used; "
                             "expected lenses and non-lenses (--lens-fraction between 0 and 1)")

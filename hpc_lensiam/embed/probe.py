@@ -172,11 +172,27 @@ def _label(emb: dict, taken: set) -> str:
 
 
 def probe_file(path: str, test_fraction: float = 0.2, k: int = 10, seed_salt: str = "probe-split/1") -> dict:
-    emb = load_embeddings(path, need_params=True)
+    emb = load_embeddings(path, need_params=False)
+    # parameters absent from the file (ingested real images without labels) are skipped; the probe
+    # runs on the images that know every remaining one
+    names = [p for p in LENS_PARAMS if p in emb["params"]]
+    if not names:
+        raise UserError(f"{path}: no lens parameters (no params/<name> datasets); expected an embeddings "
+                        "file written by `hpc-lensiam embed` from simulated or labelled shards")
+    known = np.ones(len(emb["keys"]), bool)
+    for p in names:
+        known &= emb["params_known"].get(p, True)
+    skipped = [p for p in LENS_PARAMS if p not in names]
+    if skipped or not known.all():
+        print(f"probe: {path}: {int(known.sum())} of {len(known)} images have lens parameters"
+              + (f"; skipping absent {', '.join(skipped)}" if skipped else ""), flush=True)
+    emb = {**emb, "features": emb["features"][known], "keys": emb["keys"][known], "pair_id": emb["pair_id"][known],
+           "params": {p: emb["params"][p][known] for p in names}}
     test = split_by_key(emb["keys"], test_fraction, seed_salt)
     res = probe_arrays(emb["features"], emb["params"], emb["pair_id"], test, k=k)
     if emb.get("is_lens") is not None:
         res["classify"] = probe_classify(emb["features"], emb["is_lens"], emb["pair_id"], test, k=k)
+    res["skipped"] = skipped
     a = emb["attrs"]
     res["file"] = str(path)
     res["n_train"], res["n_test"] = int((~test).sum()), int(test.sum())
@@ -200,7 +216,8 @@ def _cell(res: dict, model: str, name: str) -> str:
 def format_table(results: dict[str, dict]) -> str:
     labels = list(results)
     head = ["parameter"] + [f"{lab} {m}" for lab in labels for m in ("k-NN", "ridge")]
-    rows = [[name] + [_cell(results[lab], m, name) for lab in labels for m in MODELS] for name in LENS_PARAMS]
+    names = [p for p in LENS_PARAMS if all(p in results[lab]["knn"] for lab in labels)]
+    rows = [[name] + [_cell(results[lab], m, name) for lab in labels for m in MODELS] for name in names]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
 
     def line(r):

@@ -9,9 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..config import SimulationConfig, merge, simulation_config
 from ..errors import UserError
 
 FAMILIES = ("paper", "survey")
+
+
+def resolve_config(preset=None, config_path=None, cosmos_dir=None, psf_files=None,
+                   psf_pixel_scale_arcsec=None, overrides: dict | None = None) -> SimulationConfig:
+    """The paper family's validated config: preset, then YAML, then flags, then ``overrides``."""
+    cfg = simulation_config(preset=preset, config_path=config_path, cosmos_dir=cosmos_dir,
+                            psf_files=list(psf_files) if psf_files else None,
+                            psf_pixel_scale_arcsec=psf_pixel_scale_arcsec)
+    return merge(cfg, overrides, "overrides") if overrides else cfg
 
 
 def resolve_family(family: str, mode: str, preset=None, config_path=None, cosmos_dir=None, psf_files=None,
@@ -24,7 +34,6 @@ def resolve_family(family: str, mode: str, preset=None, config_path=None, cosmos
         if lens_fraction is not None:
             raise UserError("--lens-fraction: only the survey family has non-lenses (add --family survey)")
         from .simulator import LensSimulator
-        from .writer import resolve_config
         return resolve_config(preset, config_path, cosmos_dir, psf_files, psf_pixel_scale_arcsec,
                               overrides), LensSimulator
     if lens_fraction is not None and not 0.0 <= lens_fraction <= 1.0:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..config import SimulationConfig, merge, simulation_config, to_dict
+from ..config import to_dict
 from ..errors import UserError
 from ..io import MANIFEST_FORMAT, MANIFEST_NAME, TMP_PREFIX, atomic_open, atomic_write_json, sha256_file, sha256_json
 
@@ -82,11 +82,19 @@ def write_shard(sim, mode: str, seed: int, index: int, num: int, out_dir: Path, 
     """
     rng = shard_rng(seed, index)
     draw = sim.sample_pair if mode == "lensiam" else sim.sample_single
-    path = out_dir / shard_name(index)
+    samples = (encode_sample(f"{index:06d}_{j:06d}", draw(rng)) for j in range(num))
+    return write_tar(out_dir / shard_name(index), samples, on_sample)
+
+
+def write_tar(path: Path, samples, on_sample=None) -> str:
+    """Write encoded samples (:func:`encode_sample`) as one shard, atomically; return its sha256.
+
+    Shared by ``simulate`` and ``ingest``: the same member order and tar metadata, so equal
+    samples give equal bytes whatever produced them.
+    """
     with atomic_open(path, "wb") as f:
         with tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            for j in range(num):
-                sample = encode_sample(f"{index:06d}_{j:06d}", draw(rng))
+            for sample in samples:
                 key = sample.pop("__key__")
                 for ext in sorted(sample):
                     _tar_add(tar, f"{key}.{ext}", sample[ext])
@@ -99,13 +107,14 @@ def write_shard(sim, mode: str, seed: int, index: int, num: int, out_dir: Path, 
 class _Progress:
     """tqdm on rank 0 over every rank's finished samples; other ranks send small MPI messages."""
 
-    def __init__(self, comm, rank: int, size: int, total: int, initial: int, enabled: bool):
+    def __init__(self, comm, rank: int, size: int, total: int, initial: int, enabled: bool,
+                 desc: str = "simulate"):
         self.comm, self.rank, self.size = comm, rank, size
         self.done = 0  # ranks (other than 0) that said they finished
         self.bar = None
         if rank == 0 and enabled:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, unit="sample", desc="simulate",
+            self.bar = tqdm(total=total, initial=initial, unit="sample", desc=desc,
                             dynamic_ncols=True, file=sys.stderr)
 
     def tick(self) -> None:
@@ -161,14 +170,6 @@ def _check_existing(out_dir: Path, plan: dict) -> None:
                         "choose another --out or remove them")
 
 
-def resolve_config(preset=None, config_path=None, cosmos_dir=None, psf_files=None,
-                   psf_pixel_scale_arcsec=None, overrides: dict | None = None) -> SimulationConfig:
-    cfg = simulation_config(preset=preset, config_path=config_path, cosmos_dir=cosmos_dir,
-                            psf_files=list(psf_files) if psf_files else None,
-                            psf_pixel_scale_arcsec=psf_pixel_scale_arcsec)
-    return merge(cfg, overrides, "overrides") if overrides else cfg
-
-
 def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: int = 1000,
                     mode: str = "lensiam", preset: str | None = None, seed: int = 0,
                     cosmos_dir: str | None = None, psf_files: list[str] | None = None,
@@ -183,7 +184,7 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
     """
     from .mpi_env import mpi_world
 
-    comm, rank, size = mpi_world()
+    _, rank, _ = mpi_world()  # the srun-singleton check, before any work
     if mode not in MODES:
         raise UserError(f"--mode: {mode!r} is not one of {', '.join(MODES)}")
     if num_samples < 1 or shard_size < 1:
@@ -211,6 +212,22 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
             print(f"simulate: note: {note.message}", file=sys.stderr, flush=True)
 
     shards = ShardPlan(num_samples, shard_size)
+    return write_shard_set(out_dir, plan, shards, progress, "simulate",
+                           lambda i, tick: write_shard(sim, mode, seed, i, shards.size_of(i), out_dir, tick))
+
+
+def write_shard_set(out_dir: Path, plan: dict, shards: ShardPlan, progress: bool, what: str, write_one) -> dict:
+    """The MPI shard machinery behind ``simulate`` and ``ingest``; returns the manifest.
+
+    ``plan`` (already checked with :func:`_check_existing`) is written first as ``.plan.json``;
+    ``write_one(index, tick)`` writes shard ``index`` atomically (calling ``tick()`` per sample)
+    and returns its sha256. Ranks take the missing shards round-robin, so a rerun redoes only
+    those; rank 0 writes ``manifest.json`` last.
+    """
+    from .mpi_env import mpi_world
+
+    comm, rank, size = mpi_world()
+    num_samples = shards.num_samples
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in out_dir.glob(TMP_PREFIX + "*"):  # partial shards of a killed run
@@ -223,11 +240,11 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
     start = time.perf_counter()
     missing = [i for i in range(shards.num_shards) if not (out_dir / shard_name(i)).is_file()]
     done_before = num_samples - sum(shards.size_of(i) for i in missing)
-    bar = _Progress(comm, rank, size, num_samples, done_before, progress)
+    bar = _Progress(comm, rank, size, num_samples, done_before, progress, what)
     hashes: dict[int, str] = {}
     try:
         for index in missing[rank::size]:
-            hashes[index] = write_shard(sim, mode, seed, index, shards.size_of(index), out_dir, bar.tick)
+            hashes[index] = write_one(index, bar.tick)
         bar.finish()
     except BaseException:
         if comm is not None and size > 1:
@@ -251,7 +268,7 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
         atomic_write_json(out_dir / MANIFEST_NAME, manifest)
         elapsed = time.perf_counter() - start
         new = num_samples - done_before
-        print(f"simulate: wrote {new} new samples ({num_samples - new} already done) in "
+        print(f"{what}: wrote {new} new samples ({num_samples - new} already done) in "
               f"{len(missing)} of {shards.num_shards} shards to {out_dir} with {size} rank(s) in "
               f"{elapsed:.1f} s ({new / max(elapsed, 1e-9):.1f} samples/s); manifest: "
               f"{out_dir / MANIFEST_NAME}", flush=True)
