@@ -66,11 +66,13 @@ def test_embed_several_folders_source_column_and_unlabelled_rows(mixed, single_s
     s = load_embeddings(alone)
     np.testing.assert_allclose(e["features"][:64], s["features"], rtol=1e-4, atol=1e-5)
     assert (e["keys"][:64] == s["keys"]).all()
-    # real images only: no lens parameter at all -> left out; probe says so
+    # real images only: no lens parameter at all -> left out; probe says so. The is_lens label the
+    # CSV gave is kept (it is a label, not a lens parameter).
     only = tmp_path / "real.h5"
     extract_embeddings(str(ckpt), str(real_dir), str(only), workers=0, progress=False)
     with h5py.File(only) as f:
-        assert list(f["params"]) == [] and json.loads(f.attrs["missing_params"]) == list(LENS_PARAMS)
+        assert list(f["params"]) == ["is_lens"] and json.loads(f.attrs["missing_params"]) == list(LENS_PARAMS)
+        assert f["params"]["is_lens"][...].tolist() == [1]
     from hpc_lensiam.embed.probe import probe
     with pytest.raises(UserError, match="no lens parameters"):
         probe(str(only))
