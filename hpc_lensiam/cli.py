@@ -46,6 +46,17 @@ def _cmd_simulate(a):
                     psf_pixel_scale_arcsec=a.psf_pixel_scale, config_path=a.config)
 
 
+def _cmd_verify(a):
+    from pathlib import Path
+
+    from .integrity import verify_dataset
+    bad = verify_dataset(a.data_dir)
+    if bad:
+        raise UserError(f"{a.data_dir}: {len(bad)} bad shard(s): "
+                        f"{', '.join(Path(b.split(': ', 1)[0]).name for b in bad)}; rerun the same "
+                        f"`hpc-lensiam simulate` command to redo them")
+
+
 def _cmd_show(a):
     from .simulate.show import show_pairs
     show_pairs(data_dir=a.data_dir, out=a.out, n=a.n)
@@ -103,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--psf-pixel-scale", type=float, default=None, help="arcsec/pixel of the PSF files")
     s.add_argument("--config", default=None, help="simulation YAML (SimulationConfig)")
     s.set_defaults(func=_cmd_simulate)
+
+    s = sub.add_parser("verify", help="check every shard of a data set against its manifest (size, "
+                                      "tar structure, sample count, sha256); exit 2 naming bad shards")
+    s.add_argument("data_dir")
+    s.set_defaults(func=_cmd_verify)
 
     s = sub.add_parser("show", help="draw a PNG grid of simulated pairs")
     s.add_argument("data_dir")
@@ -172,13 +188,34 @@ def _is_rank0() -> bool:
     return True
 
 
+# Environment failures that are the user's to fix (full disk, read-only or wrong path): one line
+# naming the path, like bad input, rather than a traceback.
+_USER_ERRNOS = {"ENOSPC", "EROFS", "EEXIST", "EACCES", "EPERM", "ENOTDIR", "EISDIR", "EDQUOT", "ENOENT"}
+
+
+def _os_error_line(exc: OSError) -> str | None:
+    import errno
+    if errno.errorcode.get(exc.errno or 0) not in _USER_ERRNOS:
+        return None
+    path = exc.filename if exc.filename is not None else "?"
+    return f"{path}: {exc.strerror}" + (f" (-> {exc.filename2})" if exc.filename2 else "")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except UserError as exc:
         if _is_rank0():
             print(f"hpc-lensiam: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:   # rank-local (one rank's disk): every rank that hits it says so
+        line = _os_error_line(exc)
+        if line is None:
+            raise
+        rank = "" if _is_rank0() else f" (rank {os.environ.get('RANK') or os.environ.get('PMI_RANK')})"
+        print(f"hpc-lensiam: error{rank}: {line}", file=sys.stderr)
         return 2
     return 0
 

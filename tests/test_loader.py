@@ -15,6 +15,8 @@ from hpc_lensiam.data.loader import NpyDecoder, ShardError, ShardLoader, read_sh
 from hpc_lensiam.errors import UserError
 from hpc_lensiam.io import read_manifest, shard_paths
 
+from conftest import rerecord_shard
+
 
 def _keys(loader: ShardLoader, epoch: int = 0, start: int = 0) -> list[str]:
     return [k for b in loader.epoch(epoch, start) for k in b["keys"]]
@@ -163,6 +165,7 @@ def test_corrupt_sample_is_named(shard_copy):
     with wds.TarWriter(str(path), encoder=False) as tar:
         for s in samples:
             tar.write({k: v for k, v in s.items() if k != "__url__"})
+    rerecord_shard(shard_copy, path.name)   # a bad sample in a shard its manifest vouches for
     key = samples[3]["__key__"]
     with pytest.raises(ShardError, match=rf"shard-000002\.tar sample '{key}'"):
         for _ in ShardLoader(str(shard_copy), "lensiam", 8, workers=0).epoch(0):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import random
 import signal
 import sys
@@ -39,6 +40,7 @@ from webdataset.filters import _shuffle
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from ..errors import UserError
+from ..integrity import IntegrityError, check_finite, shard_problem
 from ..io import read_manifest, shard_paths
 
 
@@ -78,18 +80,20 @@ class _Unsupported(Exception):
     """A tar member the fast reader does not parse (pax / GNU long-name headers)."""
 
 
-def _tar_files(f):
+def _tar_files(f, skip_data: bool = False):
     """(name, bytes) of each regular file of a plain ustar stream: two reads per member.
 
     Python's ``tarfile`` costs ~40 us per member; parsing the 512-byte header directly is ~10x
-    cheaper and was the loader's bottleneck. Checksums are verified, truncation is an error.
+    cheaper and was the loader's bottleneck. Checksums are verified, truncation is an error, and
+    so is a stream without its end-of-archive block: a shard cut exactly between two members
+    would otherwise read as a shorter, valid one. ``skip_data`` seeks past the data (bytes=b"").
     """
     while True:
         hdr = f.read(512)
         if len(hdr) < 512:
             if hdr.strip(b"\0"):
                 raise EOFError("unexpected end of data (truncated tar header)")
-            return
+            raise EOFError("no end-of-archive block (the shard was cut between two members)")
         if hdr.count(0) == 512:                      # end-of-archive block
             return
         chksum = hdr[148:156].split(b"\0", 1)[0].strip()
@@ -101,11 +105,15 @@ def _tar_files(f):
         kind = hdr[156:157]
         if kind in (b"x", b"g", b"L", b"K"):
             raise _Unsupported(f"tar member type {kind!r}")
-        data = f.read(size)
-        if len(data) < size:
-            raise EOFError("unexpected end of data (truncated tar member)")
-        if size % 512:
-            f.read(512 - size % 512)
+        if skip_data:
+            data = b""
+            f.seek(size + (-size) % 512, os.SEEK_CUR)
+        else:
+            data = f.read(size)
+            if len(data) < size:
+                raise EOFError("unexpected end of data (truncated tar member)")
+            if size % 512:
+                f.read(512 - size % 512)
         if kind in (b"0", b"\0"):
             name = hdr[:100].split(b"\0", 1)[0].decode()
             prefix = hdr[345:500].split(b"\0", 1)[0].decode() if hdr[257:262] == b"ustar" else ""
@@ -179,9 +187,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                                  f"{len(shards)} shard(s)")
 
     def _one_pass(self, shards, rng, counter, count):
+        from ..integrity import shard_samples
         for path in rng.sample(shards, len(shards)):
             try:
-                for sample in read_shard(path):
+                for sample in shard_samples(path, self.shards[path]):
                     count[0] += 1
                     yield sample
             except Exception as exc:  # truncated tar, unreadable file, ...
@@ -189,12 +198,12 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _bad(self, path, key, exc, counter):
         where = f"{path}" + (f" sample {key!r}" if key else "")
+        what = str(exc) if isinstance(exc, IntegrityError) else f"shard {where}: cannot read " \
+            f"({type(exc).__name__}: {exc})"
         if not self.skip_bad:
-            raise ShardError(f"shard {where}: cannot read ({type(exc).__name__}: {exc}); "
-                             f"--skip-bad-samples skips unreadable samples") from None
+            raise ShardError(f"{what}; --skip-bad-samples skips unreadable samples") from None
         counter[0] += 1
-        print(f"warning: skipping unreadable data in shard {where} ({type(exc).__name__}: {exc})",
-              file=sys.stderr, flush=True)
+        print(f"warning: skipping unreadable data ({what})", file=sys.stderr, flush=True)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -222,7 +231,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                     for name, member in self.keys.items():
                         if member not in sample:
                             raise KeyError(f"no {member} in sample")
-                        arrays[name][n, 0] = decode(sample[member])
+                        arrays[name][n, 0] = check_finite(decode(sample[member]), sample.get("__url__"),
+                                                          sample.get("__key__"), member)
                 except Exception as exc:
                     self._bad(sample.get("__url__"), sample.get("__key__"), exc, counter)
                     continue
@@ -255,7 +265,7 @@ class ShardLoader:
 
     def __init__(self, data_dir: str, mode: str, batch_size: int, rank: int = 0, world_size: int = 1,
                  workers: int = 2, seed: int = 0, shuffle_buffer: int = 1000, grad_accum: int = 1,
-                 skip_bad_samples: bool = False, pin_memory: bool = False):
+                 skip_bad_samples: bool = False, pin_memory: bool = False, verify: bool = False):
         if not data_dir:
             raise UserError("--data: no shard directory given")
         manifest = read_manifest(data_dir)
@@ -265,6 +275,14 @@ class ShardLoader:
         if missing:
             raise ShardError(f"shard {missing[0]}: listed in {Path(data_dir) / 'manifest.json'} but missing "
                              f"({len(missing)} of {len(shards)} missing)")
+        # Size always (a stat); sha256 with --verify, each rank its own share (every shard once).
+        for i, (path, entry) in enumerate(zip(shards, manifest["shards"])):
+            problem = shard_problem(path, entry, verify=verify and i % world_size == rank)
+            if problem and not skip_bad_samples:
+                raise ShardError(f"shard {path}: cannot read ({problem}); --skip-bad-samples skips "
+                                 f"unreadable samples, `hpc-lensiam verify {data_dir}` lists every bad shard")
+            if problem and rank == 0:
+                warnings.warn(f"shard {path}: {problem}; reading what it holds (--skip-bad-samples)")
         if mode == "lensiam":
             if manifest["mode"] != "lensiam":
                 raise UserError(f"--mode lensiam needs pair shards; {data_dir} holds {manifest['mode']!r} "

@@ -102,7 +102,7 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
     main = engine.is_main
     say = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
     loader = ShardLoader(cfg.data, cfg.mode, cfg.batch_size, engine.rank, engine.world_size, cfg.workers,
-                         cfg.seed, cfg.shuffle_buffer, cfg.grad_accum, cfg.skip_bad_samples,
+                         cfg.seed, cfg.shuffle_buffer, cfg.grad_accum, cfg.skip_bad_samples, verify=cfg.verify,
                          pin_memory=engine.cuda)
     spe = loader.batches_per_epoch // cfg.grad_accum             # optimizer steps per epoch
     total = cfg.epochs * spe
