@@ -65,7 +65,8 @@ def _cmd_show(a):
 def _cmd_train(a):
     from .config import TrainConfig
     from .train.loop import train, train_config
-    train(train_config(config_path=a.config, **_dataclass_overrides(a, TrainConfig)), resume=a.resume)
+    train(train_config(config_path=a.config, **_dataclass_overrides(a, TrainConfig)), resume=a.resume,
+          allow_config_change=a.allow_config_change)
 
 
 def _cmd_embed(a):
@@ -129,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="SimSiam/LenSiam pretraining (run under torchrun for several processes)")
     s.add_argument("--config", default=None, help="training YAML (TrainConfig); flags override it")
     s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    s.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue although data/seed/lr/mode/batch/arch changed "
+                        "(recorded in OUT/config_history.yaml)")
     _add_dataclass_flags(s, TrainConfig)
     s.set_defaults(func=_cmd_train)
 
