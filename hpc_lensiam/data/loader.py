@@ -24,8 +24,10 @@ samples skipped since the last batch.
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -35,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from webdataset.filters import _shuffle
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
@@ -243,17 +244,21 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield out
 
 
-def _worker_sigterm(signum, frame):
+def _worker_signals(_worker_id: int, closing=None) -> None:
     """SIGTERM reaches the workers too (Slurm signals every process of a step; torchrun signals each
     trainer's process group): it is the trainer's cue to checkpoint at the next step boundary, so
-    keep serving batches until the trainer closes the loader. Should it never do so, a timer ends
-    the worker (DataLoader's own terminate() fallback lands here as well)."""
-    signal.alarm(signal.alarm(0) or 100)
+    a worker keeps serving batches until the trainer closes the loader. When the trainer is closing
+    the loader (``closing`` set, e.g. after a worker's error) or is gone, SIGTERM ends the worker at
+    once; otherwise a timer ends it should the trainer never close the loader."""
+    parent = os.getppid()
 
+    def on_sigterm(signum, frame):
+        if (closing is not None and closing.value) or os.getppid() != parent:
+            os._exit(0)
+        signal.alarm(signal.alarm(0) or 100)
 
-def _worker_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)   # the trainer's checkpoint-and-stop signal
-    signal.signal(signal.SIGTERM, _worker_sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 class ShardLoader:
@@ -319,13 +324,21 @@ class ShardLoader:
     def epoch(self, epoch: int, start: int = 0):
         """Batches ``start .. batches_per_epoch-1`` of ``epoch`` (the same ones whatever ``start``)."""
         self.dataset.epoch, self.dataset.start = epoch, start
-        loader = wds.WebLoader(self.dataset, batch_size=None, num_workers=self.workers,
-                               pin_memory=self.pin_memory, worker_init_fn=_worker_signals,
-                               persistent_workers=False)
+        closing = multiprocessing.RawValue("b", 0)   # shared with the workers (fork), read in a handler
+        # torch's DataLoader itself (not wds.WebLoader, whose iterator hides _shutdown_workers: the
+        # workers then lived on until interpreter exit, and a worker's error took 100 s to end the job)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
+                                             pin_memory=self.pin_memory, persistent_workers=False,
+                                             worker_init_fn=functools.partial(_worker_signals, closing=closing))
         it = iter(loader)
         try:
             yield from it
         except ShardError as exc:  # from a worker, its traceback is in the message: keep the last line
+            closing.value = 1     # the job ends: its workers go now, not after the join timeout
+            for w in getattr(it, "_workers", ()):
+                if w.is_alive():
+                    w.terminate()
             raise ShardError(str(exc).strip().splitlines()[-1].split("ShardError: ", 1)[-1]) from None
         finally:  # stop the workers now, even when the caller leaves mid-epoch
+            closing.value = 1
             getattr(it, "_shutdown_workers", lambda: None)()

@@ -23,7 +23,7 @@ import torch
 
 from ..config import dump_yaml, to_dict
 from ..errors import UserError
-from ..io import TMP_PREFIX, atomic_write_text, sha256_file, sha256_json
+from ..io import MANIFEST_NAME, TMP_PREFIX, atomic_write_text, read_manifest, sha256_file, sha256_json
 from ..lock import DirLock, prepare_dir
 
 METRICS = ("step", "epoch", "loss", "lr", "z_std", "images_per_s")
@@ -45,8 +45,10 @@ class RunDir:
         self.cfg, self.engine, self.allow = cfg, engine, allow_config_change
         self.out = Path(cfg.out)
         self.lock = DirLock(self.out, "train")
-        manifest = Path(cfg.data) / "manifest.json" if cfg.data else None
-        self.manifest_sha = sha256_file(manifest) if manifest and manifest.is_file() else None
+        if not cfg.data:
+            raise UserError("--data: no shard directory given")
+        read_manifest(cfg.data)   # bad --data fails before the run folder is created
+        self.manifest_sha = sha256_file(Path(cfg.data) / MANIFEST_NAME)
         failed = ""
         if engine.is_main:
             try:
