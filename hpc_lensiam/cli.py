@@ -72,7 +72,7 @@ def _cmd_train(a):
 def _cmd_embed(a):
     from .embed.extract import extract_embeddings
     extract_embeddings(checkpoint=a.checkpoint, data_dir=a.data, out=a.out, batch_size=a.batch_size,
-                       workers=a.workers)
+                       workers=a.workers, verify=a.verify)
 
 
 def _cmd_umap(a):
@@ -94,7 +94,7 @@ def _cmd_finetune(a):
     from .finetune import finetune
     finetune(backbone=a.backbone, train_dir=a.train, test_dir=a.test, target=a.target,
              n_train=a.n_train, n_test=a.n_test, epochs=a.epochs, freeze_backbone=a.freeze_backbone,
-             batch_size=a.batch_size, lr=a.lr, seed=a.seed, out_json=a.json, arch=a.arch)
+             batch_size=a.batch_size, lr=a.lr, seed=a.seed, out_json=a.json, arch=a.arch, verify=a.verify)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest first")
     s.set_defaults(func=_cmd_embed)
 
     s = sub.add_parser("umap", help="2-D UMAP of embeddings, coloured by lens parameters")
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--arch", default=None,
                    help="arch for --backbone none (default resnet101); else checked against the file")
     s.add_argument("--json", default=None)
+    s.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest first")
     s.set_defaults(func=_cmd_finetune)
     return p
 

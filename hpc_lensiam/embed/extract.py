@@ -32,7 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..io import LENS_PARAMS, atomic_path, decode_npy, read_manifest, sha256_file, sha256_json, shard_paths
+from ..integrity import check_finite, check_shards, shard_samples
+from ..io import (LENS_PARAMS, atomic_path, check_output_file, decode_npy, read_manifest, sha256_file,
+                  sha256_json, shard_paths)
 
 FORMAT = "hpc_lensiam.embeddings/1"
 _VIEWS = {"lensiam": ("view1", "view2"), "single": ("image",)}
@@ -54,11 +56,6 @@ def lens_vector(params_json: bytes, where: str) -> np.ndarray:
         raise UserError(f"{where}: params.json lacks the lens parameters ({exc!r})") from None
 
 
-def _all_shards(urls):
-    """nodesplitter that keeps every url: shards are already split across ranks by the caller."""
-    yield from urls
-
-
 def image_rows(mode: str):
     """webdataset stage: raw samples -> one row per image (key, view, image, lens vector)."""
     names = views_of(mode)
@@ -70,7 +67,8 @@ def image_rows(mode: str):
             for v, name in enumerate(names, start=1):
                 if name + ".npy" not in s:
                     raise UserError(f"{where}: no {name}.npy in a {mode!r} shard")
-                yield s["__key__"], v, decode_npy(s[name + ".npy"]), lens
+                image = check_finite(decode_npy(s[name + ".npy"]), s.get("__url__", "?"), s["__key__"], name + ".npy")
+                yield s["__key__"], v, image, lens
     return expand
 
 
@@ -79,32 +77,39 @@ def _collate(rows):
     return list(keys), np.array(views, np.int8), np.stack(images).astype(np.float32), np.stack(lens)
 
 
-def row_loader(paths: list[str], mode: str, batch_size: int, workers: int):
+def checked_samples(sizes: dict[str, int]):
+    """webdataset stage: shard urls -> their samples, each shard read by the package's tar reader
+    (end-of-archive required) and held to its manifest sample count (``sizes[url]``)."""
+    def read(urls):
+        for d in urls:
+            yield from shard_samples(d["url"], sizes.get(d["url"]))
+    return read
+
+
+def row_loader(paths: list[str], mode: str, batch_size: int, workers: int, sizes: dict[str, int] | None = None):
     """Batches (keys, views, images (B,H,W) float32, lens (B,8)) over ``paths``, in shard order
     with ``workers`` <= 1 (several workers interleave shards; the join sorts anyway)."""
     import webdataset as wds
 
     workers = max(0, min(workers, len(paths)))
-    ds = (wds.WebDataset(paths, shardshuffle=False, nodesplitter=_all_shards, empty_check=False)
-          .compose(image_rows(mode))
-          .batched(batch_size, collation_fn=_collate, partial=True))
+    ds = wds.DataPipeline(wds.SimpleShardList(paths), wds.split_by_worker, checked_samples(sizes or {}),
+                          image_rows(mode), wds.batched(batch_size, collation_fn=_collate, partial=True))
     return wds.WebLoader(ds, batch_size=None, num_workers=workers)
 
 
-def load_images(data_dir: str | os.PathLike, n: int | None = None, what: str = "--data"):
+def load_images(data_dir: str | os.PathLike, n: int | None = None, what: str = "--data", verify: bool = False):
     """First ``n`` samples of a shard set (manifest order), one process: (keys, images, lens).
 
     Single shards give their image; lensiam shards their first view. ``n`` larger than the set
-    is a UserError.
+    is a UserError; so is a shard that fails its manifest check (sha256 too with ``verify``).
     """
-    manifest = read_manifest(data_dir)
+    manifest = check_shards(data_dir, verify=verify)
     total = int(manifest["num_samples"])
     if n is not None and n > total:
         raise UserError(f"{what} {data_dir}: asked for {n} samples but it holds only {total}")
     n = total if n is None else n
-    mode = manifest["mode"]
     keys, images, lens = [], [], []
-    for k, v, img, p in _iter_rows(shard_paths(data_dir, manifest), mode):
+    for k, v, img, p in _iter_rows(data_dir, manifest):
         if v != 1:
             continue
         keys.append(k), images.append(img), lens.append(p)
@@ -115,10 +120,10 @@ def load_images(data_dir: str | os.PathLike, n: int | None = None, what: str = "
     return keys, np.stack(images).astype(np.float32), np.stack(lens)
 
 
-def _iter_rows(paths, mode):
-    import webdataset as wds
-    ds = wds.WebDataset(paths, shardshuffle=False, nodesplitter=_all_shards, empty_check=False)
-    yield from image_rows(mode)(iter(ds))
+def _iter_rows(data_dir, manifest):
+    samples = (s for p, e in zip(shard_paths(data_dir, manifest), manifest["shards"])
+               for s in shard_samples(p, int(e["num_samples"])))
+    yield from image_rows(manifest["mode"])(samples)
 
 
 # ------------------------------------------------------------------------------------ distribution
@@ -276,6 +281,10 @@ def load_embeddings(path: str | os.PathLike, need_params: bool = True) -> dict:
         out = {"path": str(path), "features": f["features"][...].astype(np.float32, copy=False),
                "attrs": dict(f.attrs)}
         out["keys"] = f["keys"].asstr()[...] if "keys" in f else np.array([str(i) for i in range(n)])
+        bad = ~np.isfinite(out["features"]).all(axis=1)
+        if bad.any():
+            raise UserError(f"{path}: {int(bad.sum())} row(s) with non-finite features (first: key "
+                            f"{out['keys'][int(np.argmax(bad))]!r}); re-embed them with `hpc-lensiam embed`")
         out["view"] = f["view"][...] if "view" in f else np.ones(n, np.int8)
         if "pair_id" in f:
             out["pair_id"] = f["pair_id"][...]
@@ -298,7 +307,7 @@ def load_embeddings(path: str | os.PathLike, need_params: bool = True) -> dict:
 
 # ----------------------------------------------------------------------------------------- embed
 def extract_embeddings(checkpoint: str, data_dir: str, out: str, batch_size: int = 128,
-                       workers: int = 1, progress: bool = True) -> dict:
+                       workers: int = 1, progress: bool = True, verify: bool = False) -> dict:
     """Embed every image of ``data_dir`` with the checkpoint's backbone into HDF5 ``out``.
 
     Runs as one process or as every rank of ``torchrun``; returns the output's attributes.
@@ -315,6 +324,8 @@ def extract_embeddings(checkpoint: str, data_dir: str, out: str, batch_size: int
     for p in paths:
         if not Path(p).is_file():
             raise UserError(f"{p}: shard listed in {data_dir}/manifest.json is missing")
+    check_shards(data_dir, manifest, verify=verify)
+    check_output_file(out, "--out")
     manifest_sha = sha256_file(Path(data_dir) / "manifest.json")
 
     world = _World()
@@ -341,8 +352,9 @@ def extract_embeddings(checkpoint: str, data_dir: str, out: str, batch_size: int
         if _part_done(part, run_id, mine):
             print(f"embed: rank {world.rank} reuses its complete part {part}", flush=True)
         else:
+            sizes = {p: int(e["num_samples"]) for p, e in zip(paths, manifest["shards"])}
             _embed_part(backbone, mine, mode, batch_size, workers, part, run_id, n_mine,
-                        progress and world.rank == 0, info["feature_dim"])
+                        progress and world.rank == 0, info["feature_dim"], sizes)
         world.barrier()
         result = attrs
         if world.rank == 0:
@@ -374,7 +386,7 @@ def _same_run(out: Path, attrs: dict) -> bool:
         return False
 
 
-def _embed_part(backbone, paths, mode, batch_size, workers, part, run_id, n_rows, show, dim):
+def _embed_part(backbone, paths, mode, batch_size, workers, part, run_id, n_rows, show, dim, sizes):
     import torch
 
     device = _device()
@@ -390,7 +402,7 @@ def _embed_part(backbone, paths, mode, batch_size, workers, part, run_id, n_rows
         bar = tqdm(total=n_rows, unit="img", desc="embed (rank 0)", dynamic_ncols=True, file=sys.stderr)
     i = 0
     with torch.inference_mode():
-        for k, v, img, p in (row_loader(paths, mode, batch_size, workers) if paths else []):
+        for k, v, img, p in (row_loader(paths, mode, batch_size, workers, sizes) if paths else []):
             # (the DataLoader turns numpy batches into tensors)
             x = torch.as_tensor(img).unsqueeze(1).to(device, non_blocking=True)
             if device.type == "cuda":
@@ -400,6 +412,10 @@ def _embed_part(backbone, paths, mode, batch_size, workers, part, run_id, n_rows
             else:
                 y = model(x)
             y = y.float().cpu().numpy()
+            finite = np.isfinite(y).all(axis=1)
+            if not finite.all():   # finite input (checked at read), so the weights: never a NaN row
+                raise UserError(f"the backbone gives non-finite features for sample {k[int(np.argmin(finite))]!r} "
+                                f"(view {v[int(np.argmin(finite))]}) of {paths}: its weights hold NaN/inf")
             if i + len(y) > n_rows:
                 raise RuntimeError(f"embed: shards hold more images than their manifest says ({paths})")
             feats[i:i + len(y)] = y

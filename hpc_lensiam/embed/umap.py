@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..io import LENS_PARAMS, atomic_path
+from ..io import LENS_PARAMS, atomic_path, check_output_file
 from .extract import load_embeddings
 
 UNITS = {"theta_E": "arcsec", "center_x": "arcsec", "center_y": "arcsec"}
@@ -97,6 +97,9 @@ def run_umap(embeddings: str, out: str, color: list[str] | None = None, seed: in
              n_neighbors: int = 15, min_dist: float = 0.1) -> dict:
     """Fit a seeded 2-D UMAP, draw one panel per parameter in ``color``, store coordinates."""
     names = check_colors(color or ["theta_E", "e1", "gamma"])
+    if seed < 0:
+        raise UserError(f"--seed: must be >= 0, got {seed}")
+    check_output_file(out, "--out")
     emb = load_embeddings(embeddings, need_params=False)
     missing = [c for c in names if c not in emb["params"]]
     if missing:
