@@ -58,8 +58,8 @@ class DirLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise UserError(f"{self.dir}: in use by another {self.what} job ({self.holder()}); wait for "
-                            f"it to end or choose another --out") from None
+            raise UserError(f"{self.dir}: in use by another job, {self.holder()}; wait for it to end "
+                            f"or choose another --out") from None
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} ({self.what}, since {stamp})\n".encode(), 0)

@@ -217,7 +217,7 @@ def test_second_simulate_into_a_locked_folder_fails_at_once_naming_the_holder(da
     out = tmp_path / "sim"
     with DirLock(out, "simulate"):
         line = one_error_line(cli("simulate", "--out", out, "--pairs", 4, "--shard-size", 2, "--seed", 1))
-    assert f"pid {os.getpid()}" in line and "in use by another simulate job" in line
+    assert f"in use by another job, host {os.uname().nodename} pid {os.getpid()} (simulate, since" in line
     assert not list(out.glob("shard-*")) and not (out / ".plan.json").exists()
 
 
@@ -237,7 +237,7 @@ def test_two_simulate_jobs_started_one_second_apart(tmp_path):
     a_out, a_err = a.communicate(timeout=600)
     assert a.returncode == 0, a_err[-2000:]
     line = one_error_line(b)
-    assert "in use by another simulate job" in line or "different data set (seed: 0 there, 1 asked)" in line
+    assert "in use by another job" in line or "different data set (seed: 0 there, 1 asked)" in line
     manifest = read_manifest(out)
     assert manifest["seed"] == 0 and json.loads((out / ".plan.json").read_text())["seed"] == 0
     from hpc_lensiam.integrity import verify_dataset
@@ -249,7 +249,7 @@ def test_lock_is_released_when_its_holder_is_killed(tmp_path):
             f"print('held', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=_env())
     assert proc.stdout.readline().strip() == "held"
-    with pytest.raises(UserError, match=rf"in use by another train job \(host .* pid {proc.pid} "):
+    with pytest.raises(UserError, match=rf"in use by another job, host .* pid {proc.pid} \(train, since"):
         DirLock(tmp_path, "simulate").acquire()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -260,7 +260,7 @@ def test_second_train_into_a_locked_run_fails_naming_the_holder(data, tmp_path):
     """Row: two train runs into one --out both exited 0, run A's checkpoints overwritten."""
     run = tmp_path / "run"
     with DirLock(run, "train"):
-        with pytest.raises(UserError, match=rf"{run}: in use by another train job \(host .* pid {os.getpid()} "):
+        with pytest.raises(UserError, match=rf"{run}: in use by another job, host .* pid {os.getpid()} \(train"):
             train_tiny(data, run, batch_size=4)
     assert sorted(p.name for p in run.iterdir()) == [".lock"]   # nothing written
 

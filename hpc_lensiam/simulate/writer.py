@@ -339,6 +339,8 @@ def _simulate(sim, comm, rank, size, out_dir, plan, shards, mode, seed, progress
             entries[index] = write_shard(sim, mode, seed, index, shards.size_of(index), out_dir, bar.tick)
         bar.finish()
     except BaseException:
+        if bar.bar:   # end the bar's line: the error is a line of its own
+            bar.bar.close()
         if comm is not None and size > 1:
             import traceback
             traceback.print_exc()
