@@ -22,7 +22,6 @@ from conftest import BIN, REPO, _simulate, rerecord_shard, train_tiny
 from hpc_lensiam.config import simulation_config
 from hpc_lensiam.errors import ConfigError, UserError
 from hpc_lensiam.io import read_manifest, sha256_file
-from hpc_lensiam.lock import DirLock
 
 SMALL = {"instrument": {"num_pix": 32}}
 
@@ -214,6 +213,7 @@ def test_embed_never_writes_nan_rows_and_probe_umap_refuse_them(copy, tmp_path):
 # ------------------------------------------------------------------------------------- locks
 def test_second_simulate_into_a_locked_folder_fails_at_once_naming_the_holder(data, tmp_path):
     """Row: two simulate jobs into one --out gave a mixed data set."""
+    from hpc_lensiam.lock import DirLock
     out = tmp_path / "sim"
     with DirLock(out, "simulate"):
         line = one_error_line(cli("simulate", "--out", out, "--pairs", 4, "--shard-size", 2, "--seed", 1))
@@ -247,6 +247,7 @@ def test_two_simulate_jobs_started_one_second_apart(tmp_path):
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     code = (f"from hpc_lensiam.lock import DirLock; import time; DirLock({str(tmp_path)!r}, 'train').acquire(); "
             f"print('held', flush=True); time.sleep(600)")
+    from hpc_lensiam.lock import DirLock
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=_env())
     assert proc.stdout.readline().strip() == "held"
     with pytest.raises(UserError, match=rf"in use by another job, host .* pid {proc.pid} \(train, since"):
@@ -258,6 +259,7 @@ def test_lock_is_released_when_its_holder_is_killed(tmp_path):
 
 def test_second_train_into_a_locked_run_fails_naming_the_holder(data, tmp_path):
     """Row: two train runs into one --out both exited 0, run A's checkpoints overwritten."""
+    from hpc_lensiam.lock import DirLock
     run = tmp_path / "run"
     with DirLock(run, "train"):
         with pytest.raises(UserError, match=rf"{run}: in use by another job, host .* pid {os.getpid()} \(train"):
