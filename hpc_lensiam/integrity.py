@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data.tar import read_shard, tar_members
 from .errors import UserError
 from .io import MANIFEST_NAME, read_manifest, sha256_file, shard_paths
 
@@ -82,10 +83,9 @@ def count_samples(path: str | os.PathLike) -> int:
 
     Raises ValueError/EOFError for a malformed tar or a missing end-of-archive block.
     """
-    from .data.loader import _tar_files
     keys, last = 0, None
     with open(path, "rb") as f:
-        for name, _ in _tar_files(f, skip_data=True):
+        for name, _ in tar_members(f, skip_data=True):
             base = name.rsplit("/", 1)[-1]
             key = name[:len(name) - len(base)] + base.split(".", 1)[0]
             if key != last:
@@ -128,7 +128,6 @@ def verify_dataset(data_dir: str | os.PathLike, progress: bool = True) -> list[s
 def shard_samples(path: str, expected: int | None):
     """The raw samples of one shard (``loader.read_shard``), then an error if their count is not
     ``expected``: a shard cut cleanly between two samples reads without error otherwise."""
-    from .data.loader import read_shard
     n = 0
     for sample in read_shard(path):
         n += 1

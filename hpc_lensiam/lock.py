@@ -48,7 +48,7 @@ class DirLock:
         except OSError:
             return "unknown"
 
-    def acquire(self) -> "DirLock":
+    def acquire(self) -> DirLock:
         prepare_dir(self.dir)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

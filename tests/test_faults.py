@@ -407,7 +407,8 @@ def test_simulation_config_out_of_domain(tmp_path, yaml_text, named):
 
 @pytest.mark.parametrize("flags, named", [
     ({"seed": -1}, "seed: must be >= 0"), ({"momentum": -1.0}, r"momentum: -1.0 is not in \[0, 1\)"),
-    ({"momentum": 1.0}, "momentum: 1.0 is not in"), ({"warmup_epochs": float("inf")}, "warmup_epochs: expected a finite"),
+    ({"momentum": 1.0}, "momentum: 1.0 is not in"),
+    ({"warmup_epochs": float("inf")}, "warmup_epochs: expected a finite"),
     ({"base_lr": float("nan")}, "base_lr: expected a finite"), ({"weight_decay": -1e-4}, "weight_decay: must be >= 0"),
 ])
 def test_train_config_out_of_domain(flags, named):
@@ -516,3 +517,38 @@ def test_user_error_under_torchrun_is_one_line_exit_2(tmp_path):
                            str(tmp_path / "run")], capture_output=True, text=True, timeout=300, env=_env())
     assert "no such data directory" in one_error_line(proc)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_resume_never_runs_beside_trainers_left_by_a_killed_agent(data, tmp_path):
+    """Row: kill -9 of the torchrun agent: its trainers ran on and a --resume then ran beside them.
+    Either the trainers die with their agent (issue 11's PR_SET_PDEATHSIG) or they still hold
+    RUN/.lock and the resume is refused naming them: never two writers."""
+    run = tmp_path / "run"
+    args = ["--data", str(data), "--out", str(run), "--arch", "resnet18", "--batch-size", "4", "--epochs", "1000",
+            "--workers", "0", "--proj-dim", "64", "--pred-dim", "16", "--ckpt-every", "1"]
+    agent = subprocess.Popen([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "1", "-m", "hpc_lensiam",
+                              "train", *args], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trainer = None
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (run / "checkpoints" / "last.pt").is_file():
+            time.sleep(0.2)
+        assert (run / "checkpoints" / "last.pt").is_file()
+        trainer = int((run / ".lock").read_text().split(" pid ")[1].split()[0])
+        agent.kill()
+        agent.wait()
+        proc = cli("train", *args, "--max-steps", "1", "--resume")
+        if proc.returncode == 2:
+            assert f"in use by another job, host {os.uname().nodename} pid {trainer} (train" in one_error_line(proc)
+        else:   # only if the trainer died with its agent
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            with pytest.raises(ProcessLookupError):
+                os.kill(trainer, 0)
+    finally:
+        agent.kill()
+        if trainer:
+            try:
+                os.kill(trainer, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import io
-import math
 import multiprocessing
 import os
 import random
@@ -38,11 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from webdataset.filters import _shuffle
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from ..errors import UserError
-from ..integrity import IntegrityError, check_finite, shard_problem
+from ..integrity import IntegrityError, check_finite, shard_problem, shard_samples
 from ..io import read_manifest, shard_paths
+from .tar import read_shard  # noqa: F401  (re-exported: the loader's tar reader)
 
 
 class ShardError(UserError):
@@ -77,88 +76,6 @@ class NpyDecoder:
             raise ValueError(f"npy payload is {len(data) - f.tell()} bytes, expected {4 * self.count}")
 
 
-class _Unsupported(Exception):
-    """A tar member the fast reader does not parse (pax / GNU long-name headers)."""
-
-
-def _tar_files(f, skip_data: bool = False):
-    """(name, bytes) of each regular file of a plain ustar stream: two reads per member.
-
-    Python's ``tarfile`` costs ~40 us per member; parsing the 512-byte header directly is ~10x
-    cheaper and was the loader's bottleneck. Checksums are verified, truncation is an error, and
-    so is a stream without its end-of-archive block: a shard cut exactly between two members
-    would otherwise read as a shorter, valid one. ``skip_data`` seeks past the data (bytes=b"").
-    """
-    while True:
-        hdr = f.read(512)
-        if len(hdr) < 512:
-            if hdr.strip(b"\0"):
-                raise EOFError("unexpected end of data (truncated tar header)")
-            raise EOFError("no end-of-archive block (the shard was cut between two members)")
-        if hdr.count(0) == 512:                      # end-of-archive block
-            return
-        chksum = hdr[148:156].split(b"\0", 1)[0].strip()
-        if not chksum or int(chksum, 8) != sum(hdr[:148]) + 256 + sum(hdr[156:]):
-            raise ValueError("bad tar header checksum")
-        if hdr[124] & 0x80:
-            raise _Unsupported("base-256 size field")
-        size = int(hdr[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        kind = hdr[156:157]
-        if kind in (b"x", b"g", b"L", b"K"):
-            raise _Unsupported(f"tar member type {kind!r}")
-        if skip_data:
-            data = b""
-            f.seek(size + (-size) % 512, os.SEEK_CUR)
-        else:
-            data = f.read(size)
-            if len(data) < size:
-                raise EOFError("unexpected end of data (truncated tar member)")
-            if size % 512:
-                f.read(512 - size % 512)
-        if kind in (b"0", b"\0"):
-            name = hdr[:100].split(b"\0", 1)[0].decode()
-            prefix = hdr[345:500].split(b"\0", 1)[0].decode() if hdr[257:262] == b"ustar" else ""
-            yield (f"{prefix}/{name}" if prefix else name), data
-
-
-def _samples(files, path):
-    """Group consecutive files ``KEY.ext`` into ``{"__key__": KEY, ext: bytes, "__url__": path}``."""
-    sample = None
-    for name, data in files:
-        base = name.rsplit("/", 1)[-1]
-        if "." not in base or base.startswith("__"):
-            continue
-        key, ext = base.split(".", 1)
-        key = name[:len(name) - len(base)] + key
-        if sample is None or key != sample["__key__"]:
-            if sample is not None:
-                yield sample
-            sample = {"__key__": key, "__url__": path}
-        sample[ext.lower()] = data
-    if sample is not None:
-        yield sample
-
-
-def read_shard(path: str):
-    """Yield the raw samples of one tar shard in order: ``{"__key__", "view1.npy": bytes, ...}``.
-
-    WebDataset layout (files grouped by key); a shard with pax/GNU headers is read by webdataset's
-    ``tarfile``-based iterator instead.
-    """
-    done = 0
-    try:
-        with open(path, "rb") as f:
-            for sample in _samples(_tar_files(f), path):
-                yield sample
-                done += 1
-    except _Unsupported:
-        with open(path, "rb") as f:
-            files = ({**item, "__url__": path} for item in tar_file_iterator(f))
-            for i, sample in enumerate(group_by_keys(files)):
-                if i >= done:
-                    yield sample
-
-
 class ShardStream(torch.utils.data.IterableDataset):
     """One rank's batches of one epoch (set :attr:`epoch` and :attr:`start` before iterating)."""
 
@@ -188,7 +105,6 @@ class ShardStream(torch.utils.data.IterableDataset):
                                  f"{len(shards)} shard(s)")
 
     def _one_pass(self, shards, rng, counter, count):
-        from ..integrity import shard_samples
         for path in rng.sample(shards, len(shards)):
             try:
                 for sample in shard_samples(path, self.shards[path]):
@@ -287,7 +203,7 @@ class ShardLoader:
                 raise ShardError(f"shard {path}: cannot read ({problem}); --skip-bad-samples skips "
                                  f"unreadable samples, `hpc-lensiam verify {data_dir}` lists every bad shard")
             if problem and rank == 0:
-                warnings.warn(f"shard {path}: {problem}; reading what it holds (--skip-bad-samples)")
+                warnings.warn(f"shard {path}: {problem}; reading what it holds (--skip-bad-samples)", stacklevel=2)
         if mode == "lensiam":
             if manifest["mode"] != "lensiam":
                 raise UserError(f"--mode lensiam needs pair shards; {data_dir} holds {manifest['mode']!r} "
@@ -308,7 +224,8 @@ class ShardLoader:
                             f"its own shards (re-simulate with a smaller --shard-size)")
         usable = len(shards) // world_size
         if workers > usable:
-            warnings.warn(f"--workers {workers}: only {usable} shard(s) per rank, using {usable} worker(s)")
+            warnings.warn(f"--workers {workers}: only {usable} shard(s) per rank, using {usable} worker(s)",
+                          stacklevel=1)   # about the run, not a call site
             workers = usable
         self.workers = workers
         self.batches_per_epoch = num // per_step * grad_accum

@@ -33,8 +33,16 @@ import numpy as np
 
 from ..errors import UserError
 from ..integrity import check_finite, check_shards, shard_samples
-from ..io import (LENS_PARAMS, atomic_path, check_output_file, decode_npy, read_manifest, sha256_file,
-                  sha256_json, shard_paths)
+from ..io import (
+    LENS_PARAMS,
+    atomic_path,
+    check_output_file,
+    decode_npy,
+    read_manifest,
+    sha256_file,
+    sha256_json,
+    shard_paths,
+)
 
 FORMAT = "hpc_lensiam.embeddings/1"
 _VIEWS = {"lensiam": ("view1", "view2"), "single": ("image",)}

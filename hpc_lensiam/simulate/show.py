@@ -5,7 +5,6 @@ import json
 import os
 from itertools import islice
 
-
 from ..errors import UserError
 from ..integrity import check_finite, check_shards, shard_samples
 from ..io import atomic_path, check_output_file, decode_npy, shard_paths
