@@ -59,6 +59,17 @@ def _cmd_ingest(a):
     ingest(out_dir=a.out, files=a.files, list_csv=a.list, labels_csv=a.labels, config=cfg, skip_bad=a.skip_bad)
 
 
+def _cmd_verify(a):
+    from pathlib import Path
+
+    from .integrity import verify_dataset
+    bad = verify_dataset(a.data_dir)
+    if bad:
+        raise UserError(f"{a.data_dir}: {len(bad)} bad shard(s): "
+                        f"{', '.join(Path(b.split(': ', 1)[0]).name for b in bad)}; rerun the same "
+                        f"`hpc-lensiam simulate` command to redo them")
+
+
 def _cmd_show(a):
     from .simulate.show import show_pairs
     show_pairs(data_dir=a.data_dir, out=a.out, n=a.n)
@@ -67,13 +78,14 @@ def _cmd_show(a):
 def _cmd_train(a):
     from .config import TrainConfig
     from .train.loop import train, train_config
-    train(train_config(config_path=a.config, **_dataclass_overrides(a, TrainConfig)), resume=a.resume)
+    train(train_config(config_path=a.config, **_dataclass_overrides(a, TrainConfig)), resume=a.resume,
+          allow_config_change=a.allow_config_change)
 
 
 def _cmd_embed(a):
     from .embed.extract import extract_embeddings
     extract_embeddings(checkpoint=a.checkpoint, data_dir=a.data, out=a.out, batch_size=a.batch_size,
-                       workers=a.workers)
+                       workers=a.workers, verify=a.verify)
 
 
 def _cmd_umap(a):
@@ -102,7 +114,7 @@ def _cmd_finetune(a):
     from .finetune import finetune
     kw = dict(backbone=a.backbone, train_dir=a.train, test_dir=a.test, target=a.target,
               n_train=a.n_train, n_test=a.n_test, epochs=a.epochs, freeze_backbone=a.freeze_backbone,
-              batch_size=a.batch_size, lr=a.lr, arch=a.arch, task=a.task)
+              batch_size=a.batch_size, lr=a.lr, arch=a.arch, task=a.task, verify=a.verify)
     if a.seeds is None:
         if a.resume:
             raise UserError("--resume: only with --seeds (it keeps the seeds already in --json)")
@@ -161,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard-size", type=int, default=None, help="images per shard (default 1000)")
     s.add_argument("--skip-bad", action="store_true", help="leave bad inputs out with a warning instead of stopping")
     s.set_defaults(func=_cmd_ingest)
+    s = sub.add_parser("verify", help="check every shard of a data set against its manifest (size, "
+                                      "tar structure, sample count, sha256); exit 2 naming bad shards")
+    s.add_argument("data_dir")
+    s.set_defaults(func=_cmd_verify)
 
     s = sub.add_parser("show", help="draw a PNG grid of simulated pairs")
     s.add_argument("data_dir")
@@ -171,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="SimSiam/LenSiam pretraining (run under torchrun for several processes)")
     s.add_argument("--config", default=None, help="training YAML (TrainConfig); flags override it")
     s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    s.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue although data/seed/lr/mode/batch/arch changed "
+                        "(recorded in OUT/config_history.yaml)")
     _add_dataclass_flags(s, TrainConfig)
     s.set_defaults(func=_cmd_train)
 
@@ -180,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest first")
     s.set_defaults(func=_cmd_embed)
 
     s = sub.add_parser("umap", help="2-D UMAP of embeddings, coloured by lens parameters")
@@ -241,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--arch", default=None,
                    help="arch for --backbone none (default resnet101); else checked against the file")
     s.add_argument("--json", default=None)
+    s.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest first")
     s.set_defaults(func=_cmd_finetune)
 
     s = sub.add_parser("compare", help="paired, seed-aware difference of two finetune reports on one test set")
@@ -262,13 +283,34 @@ def _is_rank0() -> bool:
     return True
 
 
+# Environment failures that are the user's to fix (full disk, read-only or wrong path): one line
+# naming the path, like bad input, rather than a traceback.
+_USER_ERRNOS = {"ENOSPC", "EROFS", "EEXIST", "EACCES", "EPERM", "ENOTDIR", "EISDIR", "EDQUOT", "ENOENT"}
+
+
+def _os_error_line(exc: OSError) -> str | None:
+    import errno
+    if errno.errorcode.get(exc.errno or 0) not in _USER_ERRNOS:
+        return None
+    path = exc.filename if exc.filename is not None else "?"
+    return f"{path}: {exc.strerror}" + (f" (-> {exc.filename2})" if exc.filename2 else "")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except UserError as exc:
         if _is_rank0():
             print(f"hpc-lensiam: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:   # rank-local (one rank's disk): every rank that hits it says so
+        line = _os_error_line(exc)
+        if line is None:
+            raise
+        rank = "" if _is_rank0() else f" (rank {os.environ.get('RANK') or os.environ.get('PMI_RANK')})"
+        print(f"hpc-lensiam: error{rank}: {line}", file=sys.stderr)
         return 2
     return 0
 

@@ -6,6 +6,7 @@ next to every output (shard manifest, run folder) so a result always says how it
 """
 from __future__ import annotations
 
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -60,6 +61,8 @@ def _coerce(tp, value, where: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):   # NaN passes every range comparison; inf gives NaN images
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -295,6 +298,21 @@ class SimulationConfig:
         if self.preset not in INSTRUMENT_PRESETS:
             raise ConfigError(f"{where}.preset: unknown preset {self.preset!r} "
                               f"(expected one of: {', '.join(INSTRUMENT_PRESETS)})")
+        # Positions must fall inside the field: a lens (or its source) off the image is an empty,
+        # noise-only sample that still trains as a "lens".
+        half = self.instrument.num_pix * self.instrument.pixel_scale_arcsec / 2
+        for name in ("center_x_arcsec", "center_y_arcsec"):
+            lens_c, src_c = getattr(self.lens, name), self.source.center_arcsec
+            reach = max(abs(v) for v in lens_c) + max(abs(v) for v in src_c)
+            if max(abs(v) for v in lens_c) >= half:
+                raise ConfigError(f"{where}.lens.{name}: range [{lens_c[0]}, {lens_c[1]}] reaches outside the "
+                                  f"field (+-{half:g}\" = num_pix x pixel_scale_arcsec / 2)")
+            if reach >= half:
+                raise ConfigError(f"{where}.source.center_arcsec: range [{src_c[0]}, {src_c[1]}] around a lens "
+                                  f"centre up to {max(abs(v) for v in lens_c):g}\" reaches outside the field "
+                                  f"(+-{half:g}\")")
+        if self.psf_bank_seed < 0:
+            raise ConfigError(f"{where}.psf_bank_seed: must be >= 0, got {self.psf_bank_seed}")
         if self.psf_pixel_scale_arcsec is not None and self.psf_pixel_scale_arcsec <= 0:
             raise ConfigError(f"{where}.psf_pixel_scale_arcsec: must be > 0")
 
@@ -350,6 +368,7 @@ class TrainConfig:
     deepspeed_config: str | None = None
     zero_stage: int = 0
     skip_bad_samples: bool = False
+    verify: bool = False                 # sha256 of every shard against the manifest before training
 
     def validate(self, where: str) -> None:
         choices = {"mode": ("lensiam", "simsiam"), "engine": ("ddp", "deepspeed"),
@@ -364,6 +383,14 @@ class TrainConfig:
             raise ConfigError(f"{where}.max_steps: must be >= 1")
         if self.workers < 0 or self.base_lr <= 0 or self.warmup_epochs < 0:
             raise ConfigError(f"{where}: workers >= 0, base_lr > 0 and warmup_epochs >= 0 expected")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"{where}.momentum: {self.momentum} is not in [0, 1)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{where}.weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.seed < 0:
+            raise ConfigError(f"{where}.seed: must be >= 0, got {self.seed}")
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"{where}.shuffle_buffer: must be >= 1, got {self.shuffle_buffer}")
         if self.zero_stage not in (0, 1):
             raise ConfigError(f"{where}.zero_stage: expected 0 or 1 (ZeRO buys nothing for ResNet101)")
 

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from .errors import UserError
-from .io import atomic_path, atomic_write_json, read_manifest, sha256_json
+from .io import atomic_path, atomic_write_json, check_output_file, check_torch_file, read_manifest, sha256_json
 
 FORMATS = ("pt", "safetensors")
 SIDECAR_FORMAT = "hpc_lensiam.backbone/1"
@@ -94,6 +94,8 @@ def backbone_from_checkpoint(checkpoint: str | os.PathLike, arch: str | None = N
     if not Path(checkpoint).exists():
         raise UserError(f"{checkpoint}: no such checkpoint (expected RUN/checkpoints/last.pt, a run "
                         "folder or a DeepSpeed checkpoint folder)")
+    if Path(checkpoint).is_file():
+        check_torch_file(checkpoint)
     state, config, step = load_model_state(checkpoint)
     bb = backbone_state_dict(state)
     if not bb or "conv1.weight" not in bb:
@@ -162,6 +164,7 @@ def export_backbone(checkpoint: str, out: str, fmt: str = "pt", arch: str | None
 
     if fmt not in FORMATS:
         raise UserError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    check_output_file(out, "--out")
     net, info = load_backbone(checkpoint, arch)
     state, tv = to_torchvision(net.state_dict(), info["arch"])
 
@@ -225,9 +228,13 @@ def read_backbone_file(path: str | os.PathLike) -> dict:
             from safetensors.torch import load_file
             state = load_file(str(path))
         else:
+            check_torch_file(path)
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"{path}: cannot read backbone weights ({type(exc).__name__}: {exc})") from None
+    except UserError:
+        raise
+    except Exception as exc:   # first line only: torch's text goes on to advise weights_only=False
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(f"{path}: cannot read backbone weights ({type(exc).__name__}: {first})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict) and any(
             k.startswith(("encoder.", "module.encoder.")) for k in state["model"]):
         raise UserError(f"{path}: a training checkpoint, not a backbone; run `hpc-lensiam export "

@@ -34,7 +34,7 @@ import numpy as np
 
 from .errors import UserError
 from .finetune_tasks import check_target  # noqa: F401 (public here since the first release)
-from .io import atomic_write_json, sha256_file
+from .io import atomic_write_json, check_output_file, sha256_file
 from .stats import _resample, bootstrap_r2, paired_r2_difference, r2  # noqa: F401  (their old home)
 
 DEFAULT_ARCH = "resnet101"
@@ -111,19 +111,46 @@ def _predict(net, images, batch_size, device) -> np.ndarray:
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
+# ------------------------------------------------------------------------------------ provenance
+def same_data(train_dir: str, test_dir: str, n: int) -> bool:
+    """Whether ``--test`` is the same data as ``--train`` for the first ``n`` samples: the same
+    manifest, or shards with identical sha256s in the same order (e.g. the same --seed simulated
+    into two folders). Then the test samples are taken after the train ones."""
+    from .io import read_manifest
+    a, b = read_manifest(train_dir), read_manifest(test_dir)
+    if sha256_file(Path(train_dir) / "manifest.json") == sha256_file(Path(test_dir) / "manifest.json"):
+        return True
+    sa, sb = [s.get("sha256") for s in a["shards"]], [s.get("sha256") for s in b["shards"]]
+    # enough leading shards identical to cover both sets: one data set in two folders
+    covered, common = 0, 0
+    for x, y, e in zip(sa, sb, a["shards"]):
+        if x is None or x != y:
+            break
+        common += 1
+        covered += int(e["num_samples"])
+    return common > 0 and (common == min(len(sa), len(sb)) or covered >= n)
+
+
+def shared_images(x_train: np.ndarray, x_test: np.ndarray) -> int:
+    """Number of test images whose pixels are byte-identical to a training image."""
+    import hashlib
+    seen = {hashlib.sha256(np.ascontiguousarray(x).tobytes()).digest() for x in x_train}
+    return sum(hashlib.sha256(np.ascontiguousarray(x).tobytes()).digest() in seen for x in x_test)
+
+
 # ---------------------------------------------------------------------------------------- finetune
 def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_E", n_train: int = 1000,
              n_test: int = 1000, epochs: int = 30, freeze_backbone: bool = False, batch_size: int = 64,
              lr: float | None = None, seed: int = 0, out_json: str | None = None, arch: str | None = None,
              val_fraction: float = 0.2, weight_decay: float = 1e-4, n_boot: int = 1000,
-             progress: bool = True, task: str = "regress") -> dict:
+             progress: bool = True, task: str = "regress",
+             verify: bool = False) -> dict:
     """Regress ``target`` (``task="regress"``) or find lenses (``task="classify"``, target is_lens) with a
     linear head on the backbone; return (and print) the test report. See finetune_tasks.py."""
     import torch
 
     from .embed.extract import load_images
     from .finetune_tasks import make_task
-    from .io import read_manifest
 
     task = make_task(task, target)
     for name, v, lo in (("--n-train", n_train, 5), ("--n-test", n_test, 2), ("--epochs", epochs, 1),
@@ -132,21 +159,29 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
             raise UserError(f"{name}: must be >= {lo}, got {v}")
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if lr is not None and lr <= 0:
-        raise UserError(f"--lr: must be > 0, got {lr}")
+    if lr is not None and not (lr > 0 and np.isfinite(lr)):
+        raise UserError(f"--lr: must be a finite number > 0, got {lr}")
+    if seed < 0:
+        raise UserError(f"--seed: must be >= 0, got {seed}")
+    if out_json:
+        check_output_file(out_json, "--json")
     t0 = time.perf_counter()
     model, desc = build_model(backbone, arch, seed)  # bad backbone / arch fails before data loading
 
     # ---- data: train (-> train/val) and an independent test set, used once at the end
-    read_manifest(train_dir), read_manifest(test_dir)
-    same = sha256_file(Path(train_dir) / "manifest.json") == sha256_file(Path(test_dir) / "manifest.json")
+    same = same_data(train_dir, test_dir, n_train + n_test)
     if same:
-        _, xs, ys = load_images(train_dir, n_train + n_test, what="--train/--test (one data set)")
+        _, xs, ys = load_images(train_dir, n_train + n_test, what="--train/--test (one data set)", verify=verify)
         x_tr, y_tr, x_te, y_te = xs[:n_train], ys[:n_train], xs[n_train:], ys[n_train:]
     else:
-        _, x_tr, y_tr = load_images(train_dir, n_train, what="--train")
-        _, x_te, y_te = load_images(test_dir, n_test, what="--test")
+        _, x_tr, y_tr = load_images(train_dir, n_train, what="--train", verify=verify)
+        _, x_te, y_te = load_images(test_dir, n_test, what="--test", verify=verify)
     y_tr, y_te = task.labels(y_tr, f"--train {train_dir}"), task.labels(y_te, f"--test {test_dir}")
+    shared = shared_images(x_tr, x_te)
+    if shared:
+        print(f"finetune: warning: {shared} of {len(x_te)} test images also appear in the training "
+              f"samples ({train_dir}, {test_dir}): the test score is not independent (simulate the test "
+              f"set with another --seed)", file=sys.stderr, flush=True)
     n_val = max(1, int(round(val_fraction * n_train)))
     perm = np.random.default_rng(seed).permutation(n_train)
     va, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
@@ -237,7 +272,7 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
         "best_epoch": best[1], "best_val_loss": best[0], "epochs": epochs, "lr": lr,
         "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed, "bootstrap": n_boot,
         "train_dir": str(Path(train_dir).resolve()), "test_dir": str(Path(test_dir).resolve()),
-        "test_from_train_set": same,
+        "test_from_train_set": bool(same), "test_images_in_train": shared,
         "train_manifest_sha256": sha256_file(Path(train_dir) / "manifest.json"),
         "test_manifest_sha256": sha256_file(Path(test_dir) / "manifest.json"),
         "seconds": time.perf_counter() - t0,

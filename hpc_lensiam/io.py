@@ -37,6 +37,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, path)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        if exc.filename is None:   # a failed write() names no file: name the one being written
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -111,3 +116,35 @@ def shard_paths(data_dir: str | os.PathLike, manifest: dict | None = None) -> li
     """Absolute paths of every shard the manifest lists, in manifest order."""
     manifest = manifest or read_manifest(data_dir)
     return [str(Path(data_dir).resolve() / s["name"]) for s in manifest["shards"]]
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """Before any compute: ``path`` can be written (its folder exists or can be made, is writable,
+    and ``path`` is not a folder). A UserError naming the flag and path otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder (expected a file name)")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:   # the nearest folder that exists
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} exists and is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):   # also False on a read-only file system, for root
+        raise UserError(f"{flag} {path}: {parent} is not writable")
+    return path
+
+
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")   # zip (torch.save since 1.6) or a legacy pickle
+
+
+def check_torch_file(path: str | os.PathLike) -> None:
+    """A file that cannot be a ``torch.save`` output is named as such before ``torch.load`` sees it
+    (whose own error advises ``weights_only=False``, i.e. running the file's code)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read checkpoint ({exc.strerror})") from None
+    if not head.startswith(_TORCH_MAGIC):
+        raise UserError(f"{path}: cannot read checkpoint: not a PyTorch checkpoint (it starts with {head!r}; "
+                        f"expected a file written by torch.save)")

@@ -49,7 +49,7 @@ def _scores(report: dict) -> list:
 
 def _recipe(kw: dict) -> dict:
     """Everything that makes two runs of one seed the same run: arguments and input file hashes."""
-    recipe = {k: v for k, v in sorted(kw.items()) if k not in ("progress",)}
+    recipe = {k: v for k, v in sorted(kw.items()) if k not in ("progress", "verify")}
     for key in ("train_dir", "test_dir"):
         manifest = Path(kw[key]) / "manifest.json"
         recipe[key + "_manifest_sha256"] = sha256_file(manifest) if manifest.is_file() else None

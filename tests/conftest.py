@@ -68,3 +68,17 @@ def train_tiny(data: Path, out: Path, **kw) -> Path:
     cfg.update(kw)
     train(train_config(**cfg))
     return out
+
+
+def rerecord_shard(data_dir: Path, name: str) -> None:
+    """Make the manifest vouch for shard ``name`` as it now is (size, sha256): a test that edits a
+    shard's content on purpose models a bad sample written by the simulator, not a damaged file."""
+    import json
+
+    from hpc_lensiam.io import MANIFEST_NAME, sha256_file
+    path = Path(data_dir) / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    for entry in manifest["shards"]:
+        if entry["name"] == name:
+            entry.update(size=(Path(data_dir) / name).stat().st_size, sha256=sha256_file(Path(data_dir) / name))
+    path.write_text(json.dumps(manifest))

@@ -32,7 +32,6 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 # fails the link test like any other.
 PENDING_PAGES = {
     "docs/gpu.md",
-    "docs/reliability.md",
     "docs/online.md",
 }
 

@@ -24,7 +24,10 @@ samples skipped since the last batch.
 """
 from __future__ import annotations
 
+import functools
 import io
+import multiprocessing
+import os
 import random
 import signal
 import sys
@@ -33,12 +36,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from webdataset.filters import _shuffle
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from ..errors import UserError
+from ..integrity import IntegrityError, check_finite, shard_problem, shard_samples
 from ..io import read_manifest, shard_paths
+from .tar import read_shard  # noqa: F401  (re-exported: the loader's tar reader)
 
 
 class ShardError(UserError):
@@ -73,82 +76,6 @@ class NpyDecoder:
             raise ValueError(f"npy payload is {len(data) - f.tell()} bytes, expected {4 * self.count}")
 
 
-class _Unsupported(Exception):
-    """A tar member the fast reader does not parse (pax / GNU long-name headers)."""
-
-
-def _tar_files(f):
-    """(name, bytes) of each regular file of a plain ustar stream: two reads per member.
-
-    Python's ``tarfile`` costs ~40 us per member; parsing the 512-byte header directly is ~10x
-    cheaper and was the loader's bottleneck. Checksums are verified, truncation is an error.
-    """
-    while True:
-        hdr = f.read(512)
-        if len(hdr) < 512:
-            if hdr.strip(b"\0"):
-                raise EOFError("unexpected end of data (truncated tar header)")
-            return
-        if hdr.count(0) == 512:                      # end-of-archive block
-            return
-        chksum = hdr[148:156].split(b"\0", 1)[0].strip()
-        if not chksum or int(chksum, 8) != sum(hdr[:148]) + 256 + sum(hdr[156:]):
-            raise ValueError("bad tar header checksum")
-        if hdr[124] & 0x80:
-            raise _Unsupported("base-256 size field")
-        size = int(hdr[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        kind = hdr[156:157]
-        if kind in (b"x", b"g", b"L", b"K"):
-            raise _Unsupported(f"tar member type {kind!r}")
-        data = f.read(size)
-        if len(data) < size:
-            raise EOFError("unexpected end of data (truncated tar member)")
-        if size % 512:
-            f.read(512 - size % 512)
-        if kind in (b"0", b"\0"):
-            name = hdr[:100].split(b"\0", 1)[0].decode()
-            prefix = hdr[345:500].split(b"\0", 1)[0].decode() if hdr[257:262] == b"ustar" else ""
-            yield (f"{prefix}/{name}" if prefix else name), data
-
-
-def _samples(files, path):
-    """Group consecutive files ``KEY.ext`` into ``{"__key__": KEY, ext: bytes, "__url__": path}``."""
-    sample = None
-    for name, data in files:
-        base = name.rsplit("/", 1)[-1]
-        if "." not in base or base.startswith("__"):
-            continue
-        key, ext = base.split(".", 1)
-        key = name[:len(name) - len(base)] + key
-        if sample is None or key != sample["__key__"]:
-            if sample is not None:
-                yield sample
-            sample = {"__key__": key, "__url__": path}
-        sample[ext.lower()] = data
-    if sample is not None:
-        yield sample
-
-
-def read_shard(path: str):
-    """Yield the raw samples of one tar shard in order: ``{"__key__", "view1.npy": bytes, ...}``.
-
-    WebDataset layout (files grouped by key); a shard with pax/GNU headers is read by webdataset's
-    ``tarfile``-based iterator instead.
-    """
-    done = 0
-    try:
-        with open(path, "rb") as f:
-            for sample in _samples(_tar_files(f), path):
-                yield sample
-                done += 1
-    except _Unsupported:
-        with open(path, "rb") as f:
-            files = ({**item, "__url__": path} for item in tar_file_iterator(f))
-            for i, sample in enumerate(group_by_keys(files)):
-                if i >= done:
-                    yield sample
-
-
 class ShardStream(torch.utils.data.IterableDataset):
     """One rank's batches of one epoch (set :attr:`epoch` and :attr:`start` before iterating)."""
 
@@ -180,7 +107,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _one_pass(self, shards, rng, counter, count):
         for path in rng.sample(shards, len(shards)):
             try:
-                for sample in read_shard(path):
+                for sample in shard_samples(path, self.shards[path]):
                     count[0] += 1
                     yield sample
             except Exception as exc:  # truncated tar, unreadable file, ...
@@ -188,12 +115,12 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _bad(self, path, key, exc, counter):
         where = f"{path}" + (f" sample {key!r}" if key else "")
+        what = str(exc) if isinstance(exc, IntegrityError) else f"shard {where}: cannot read " \
+            f"({type(exc).__name__}: {exc})"
         if not self.skip_bad:
-            raise ShardError(f"shard {where}: cannot read ({type(exc).__name__}: {exc}); "
-                             f"--skip-bad-samples skips unreadable samples") from None
+            raise ShardError(f"{what}; --skip-bad-samples skips unreadable samples") from None
         counter[0] += 1
-        print(f"warning: skipping unreadable data in shard {where} ({type(exc).__name__}: {exc})",
-              file=sys.stderr, flush=True)
+        print(f"warning: skipping unreadable data ({what})", file=sys.stderr, flush=True)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -221,7 +148,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                     for name, member in self.keys.items():
                         if member not in sample:
                             raise KeyError(f"no {member} in sample")
-                        arrays[name][n, 0] = decode(sample[member])
+                        arrays[name][n, 0] = check_finite(decode(sample[member]), sample.get("__url__"),
+                                                          sample.get("__key__"), member)
                 except Exception as exc:
                     self._bad(sample.get("__url__"), sample.get("__key__"), exc, counter)
                     continue
@@ -232,17 +160,21 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield out
 
 
-def _worker_sigterm(signum, frame):
+def _worker_signals(_worker_id: int, closing=None) -> None:
     """SIGTERM reaches the workers too (Slurm signals every process of a step; torchrun signals each
     trainer's process group): it is the trainer's cue to checkpoint at the next step boundary, so
-    keep serving batches until the trainer closes the loader. Should it never do so, a timer ends
-    the worker (DataLoader's own terminate() fallback lands here as well)."""
-    signal.alarm(signal.alarm(0) or 100)
+    a worker keeps serving batches until the trainer closes the loader. When the trainer is closing
+    the loader (``closing`` set, e.g. after a worker's error) or is gone, SIGTERM ends the worker at
+    once; otherwise a timer ends it should the trainer never close the loader."""
+    parent = os.getppid()
 
+    def on_sigterm(signum, frame):
+        if (closing is not None and closing.value) or os.getppid() != parent:
+            os._exit(0)
+        signal.alarm(signal.alarm(0) or 100)
 
-def _worker_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)   # the trainer's checkpoint-and-stop signal
-    signal.signal(signal.SIGTERM, _worker_sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 class ShardLoader:
@@ -254,7 +186,7 @@ class ShardLoader:
 
     def __init__(self, data_dir: str, mode: str, batch_size: int, rank: int = 0, world_size: int = 1,
                  workers: int = 2, seed: int = 0, shuffle_buffer: int = 1000, grad_accum: int = 1,
-                 skip_bad_samples: bool = False, pin_memory: bool = False):
+                 skip_bad_samples: bool = False, pin_memory: bool = False, verify: bool = False):
         if not data_dir:
             raise UserError("--data: no shard directory given")
         manifest = read_manifest(data_dir)
@@ -264,6 +196,14 @@ class ShardLoader:
         if missing:
             raise ShardError(f"shard {missing[0]}: listed in {Path(data_dir) / 'manifest.json'} but missing "
                              f"({len(missing)} of {len(shards)} missing)")
+        # Size always (a stat); sha256 with --verify, each rank its own share (every shard once).
+        for i, (path, entry) in enumerate(zip(shards, manifest["shards"])):
+            problem = shard_problem(path, entry, verify=verify and i % world_size == rank)
+            if problem and not skip_bad_samples:
+                raise ShardError(f"shard {path}: cannot read ({problem}); --skip-bad-samples skips "
+                                 f"unreadable samples, `hpc-lensiam verify {data_dir}` lists every bad shard")
+            if problem and rank == 0:
+                warnings.warn(f"shard {path}: {problem}; reading what it holds (--skip-bad-samples)", stacklevel=2)
         if mode == "lensiam":
             if manifest["mode"] != "lensiam":
                 raise UserError(f"--mode lensiam needs pair shards; {data_dir} holds {manifest['mode']!r} "
@@ -301,13 +241,21 @@ class ShardLoader:
     def epoch(self, epoch: int, start: int = 0):
         """Batches ``start .. batches_per_epoch-1`` of ``epoch`` (the same ones whatever ``start``)."""
         self.dataset.epoch, self.dataset.start = epoch, start
-        loader = wds.WebLoader(self.dataset, batch_size=None, num_workers=self.workers,
-                               pin_memory=self.pin_memory, worker_init_fn=_worker_signals,
-                               persistent_workers=False)
+        closing = multiprocessing.RawValue("b", 0)   # shared with the workers (fork), read in a handler
+        # torch's DataLoader itself (not wds.WebLoader, whose iterator hides _shutdown_workers: the
+        # workers then lived on until interpreter exit, and a worker's error took 100 s to end the job)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
+                                             pin_memory=self.pin_memory, persistent_workers=False,
+                                             worker_init_fn=functools.partial(_worker_signals, closing=closing))
         it = iter(loader)
         try:
             yield from it
         except ShardError as exc:  # from a worker, its traceback is in the message: keep the last line
+            closing.value = 1     # the job ends: its workers go now, not after the join timeout
+            for w in getattr(it, "_workers", ()):
+                if w.is_alive():
+                    w.terminate()
             raise ShardError(str(exc).strip().splitlines()[-1].split("ShardError: ", 1)[-1]) from None
         finally:  # stop the workers now, even when the caller leaves mid-epoch
+            closing.value = 1
             getattr(it, "_shutdown_workers", lambda: None)()

@@ -37,7 +37,17 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..io import LENS_PARAMS, atomic_path, decode_npy, read_manifest, sha256_file, sha256_json, shard_paths
+from ..integrity import check_finite, check_shards, shard_samples
+from ..io import (
+    LENS_PARAMS,
+    atomic_path,
+    check_output_file,
+    decode_npy,
+    read_manifest,
+    sha256_file,
+    sha256_json,
+    shard_paths,
+)
 
 FORMAT = "hpc_lensiam.embeddings/1"
 _VIEWS = {"lensiam": ("view1", "view2"), "single": ("image",)}
@@ -64,11 +74,6 @@ def lens_vector(params_json: bytes, where: str) -> np.ndarray:
         raise UserError(f"{where}: params.json lacks the lens parameters ({exc!r})") from None
 
 
-def _all_shards(urls):
-    """nodesplitter that keeps every url: shards are already split across ranks by the caller."""
-    yield from urls
-
-
 def image_rows(mode: str):
     """webdataset stage: raw samples -> one row per image (key, view, image, lens vector)."""
     names = views_of(mode)
@@ -80,7 +85,8 @@ def image_rows(mode: str):
             for v, name in enumerate(names, start=1):
                 if name + ".npy" not in s:
                     raise UserError(f"{where}: no {name}.npy in a {mode!r} shard")
-                yield s["__key__"], v, decode_npy(s[name + ".npy"]), lens
+                image = check_finite(decode_npy(s[name + ".npy"]), s.get("__url__", "?"), s["__key__"], name + ".npy")
+                yield s["__key__"], v, image, lens
     return expand
 
 
@@ -89,34 +95,41 @@ def _collate(rows):
     return list(keys), np.array(views, np.int8), np.stack(images).astype(np.float32), np.stack(lens)
 
 
-def row_loader(paths: list[str], mode: str, batch_size: int, workers: int):
+def checked_samples(sizes: dict[str, int]):
+    """webdataset stage: shard urls -> their samples, each shard read by the package's tar reader
+    (end-of-archive required) and held to its manifest sample count (``sizes[url]``)."""
+    def read(urls):
+        for d in urls:
+            yield from shard_samples(d["url"], sizes.get(d["url"]))
+    return read
+
+
+def row_loader(paths: list[str], mode: str, batch_size: int, workers: int, sizes: dict[str, int] | None = None):
     """Batches (keys, views, images (B,H,W) float32, lens (B,8)) over ``paths``, in shard order
     with ``workers`` <= 1 (several workers interleave shards; the join sorts anyway)."""
     import webdataset as wds
 
     workers = max(0, min(workers, len(paths)))
-    ds = (wds.WebDataset(paths, shardshuffle=False, nodesplitter=_all_shards, empty_check=False)
-          .compose(image_rows(mode))
-          .batched(batch_size, collation_fn=_collate, partial=True))
+    ds = wds.DataPipeline(wds.SimpleShardList(paths), wds.split_by_worker, checked_samples(sizes or {}),
+                          image_rows(mode), wds.batched(batch_size, collation_fn=_collate, partial=True))
     return wds.WebLoader(ds, batch_size=None, num_workers=workers)
 
 
-def load_images(data_dir: str | os.PathLike, n: int | None = None, what: str = "--data"):
+def load_images(data_dir: str | os.PathLike, n: int | None = None, what: str = "--data", verify: bool = False):
     """First ``n`` samples of a shard set (manifest order), one process: (keys, images, labels).
 
     ``labels`` is (n, 9): the 8 lens parameters and is_lens (``LABELS``; NaN where the set has none).
 
     Single shards give their image; lensiam shards their first view. ``n`` larger than the set
-    is a UserError.
+    is a UserError; so is a shard that fails its manifest check (sha256 too with ``verify``).
     """
-    manifest = read_manifest(data_dir)
+    manifest = check_shards(data_dir, verify=verify)
     total = int(manifest["num_samples"])
     if n is not None and n > total:
         raise UserError(f"{what} {data_dir}: asked for {n} samples but it holds only {total}")
     n = total if n is None else n
-    mode = manifest["mode"]
     keys, images, lens = [], [], []
-    for k, v, img, p in _iter_rows(shard_paths(data_dir, manifest), mode):
+    for k, v, img, p in _iter_rows(data_dir, manifest):
         if v != 1:
             continue
         keys.append(k), images.append(img), lens.append(p)
@@ -127,10 +140,10 @@ def load_images(data_dir: str | os.PathLike, n: int | None = None, what: str = "
     return keys, np.stack(images).astype(np.float32), np.stack(lens)
 
 
-def _iter_rows(paths, mode):
-    import webdataset as wds
-    ds = wds.WebDataset(paths, shardshuffle=False, nodesplitter=_all_shards, empty_check=False)
-    yield from image_rows(mode)(iter(ds))
+def _iter_rows(data_dir, manifest):
+    samples = (s for p, e in zip(shard_paths(data_dir, manifest), manifest["shards"])
+               for s in shard_samples(p, int(e["num_samples"])))
+    yield from image_rows(manifest["mode"])(samples)
 
 
 # ------------------------------------------------------------------------------------ distribution
@@ -314,6 +327,10 @@ def load_embeddings(path: str | os.PathLike, need_params: bool = True) -> dict:
         out = {"path": str(path), "features": f["features"][...].astype(np.float32, copy=False),
                "attrs": dict(f.attrs)}
         out["keys"] = f["keys"].asstr()[...] if "keys" in f else np.array([str(i) for i in range(n)])
+        bad = ~np.isfinite(out["features"]).all(axis=1)
+        if bad.any():
+            raise UserError(f"{path}: {int(bad.sum())} row(s) with non-finite features (first: key "
+                            f"{out['keys'][int(np.argmax(bad))]!r}); re-embed them with `hpc-lensiam embed`")
         out["view"] = f["view"][...] if "view" in f else np.ones(n, np.int8)
         if "pair_id" in f:
             out["pair_id"] = f["pair_id"][...]
@@ -354,7 +371,7 @@ def _shard_jobs(dirs: list[str]):
 
 
 def extract_embeddings(checkpoint: str, data_dir: str | list[str], out: str, batch_size: int = 128,
-                       workers: int = 1, progress: bool = True) -> dict:
+                       workers: int = 1, progress: bool = True, verify: bool = False) -> dict:
     """Embed every image of ``data_dir`` (one shard folder, or several into one file with a
     ``source`` column) with the checkpoint's backbone into HDF5 ``out``.
 
@@ -375,6 +392,9 @@ def extract_embeddings(checkpoint: str, data_dir: str | list[str], out: str, bat
     manifest_sha = shas[0] if len(dirs) == 1 else sha256_json(shas)
     num_samples = sum(int(m["num_samples"]) for m in manifests)
     num_images = sum(j[3] for j in jobs)
+    for d, m in zip(dirs, manifests):
+        check_shards(d, m, verify=verify)
+    check_output_file(out, "--out")
 
     world = _World()
     try:
@@ -402,8 +422,9 @@ def extract_embeddings(checkpoint: str, data_dir: str | list[str], out: str, bat
         if _part_done(part, run_id, mine):
             print(f"embed: rank {world.rank} reuses its complete part {part}", flush=True)
         else:
+            sizes = {j[1]: j[3] // len(views_of(j[2])) for j in jobs}   # samples per shard, as listed
             _embed_part(backbone, mine, batch_size, workers, part, run_id, n_mine,
-                        progress and world.rank == 0, info["feature_dim"])
+                        progress and world.rank == 0, info["feature_dim"], sizes)
         world.barrier()
         result = attrs
         if world.rank == 0:
@@ -437,7 +458,7 @@ def _same_run(out: Path, attrs: dict) -> bool:
         return False
 
 
-def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show, dim):
+def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show, dim, sizes):
     """Embed this rank's shards (``jobs``: [source index, path, mode]), folder by folder."""
     import itertools
 
@@ -456,7 +477,7 @@ def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show,
         bar = tqdm(total=n_rows, unit="img", desc="embed (rank 0)", dynamic_ncols=True, file=sys.stderr)
     groups = [(src, mode, [j[1] for j in js]) for (src, mode), js in itertools.groupby(jobs, lambda j: (j[0], j[2]))]
     batches = itertools.chain.from_iterable(
-        ((src, b) for b in row_loader(paths, mode, batch_size, workers)) for src, mode, paths in groups)
+        ((src, b) for b in row_loader(paths, mode, batch_size, workers, sizes)) for src, mode, paths in groups)
     i = 0
     with torch.inference_mode():
         for src, (k, v, img, p) in batches:
@@ -469,6 +490,11 @@ def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show,
             else:
                 y = model(x)
             y = y.float().cpu().numpy()
+            finite = np.isfinite(y).all(axis=1)
+            if not finite.all():   # finite input (checked at read), so the weights: never a NaN row
+                first = int(np.argmin(finite))
+                raise UserError(f"the backbone gives non-finite features for sample {k[first]!r} (view {v[first]}) "
+                                f"of {[j[1] for j in jobs]}: its weights hold NaN/inf")
             if i + len(y) > n_rows:
                 raise RuntimeError(f"embed: shards hold more images than their manifest says ({jobs})")
             feats[i:i + len(y)] = y

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..io import LENS_PARAMS, atomic_write_json
+from ..io import LENS_PARAMS, atomic_write_json, check_output_file
 from .extract import load_embeddings
 
 MODELS = ("knn", "ridge")
@@ -243,6 +243,8 @@ def probe(embeddings: str, against: str | None = None, out_json: str | None = No
     """Probe one embeddings file (and optionally a second one side by side); print a table."""
     if not 0 < test_fraction < 1:
         raise UserError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if out_json:
+        check_output_file(out_json, "--json")
     results: dict[str, dict] = {}
     for path in [embeddings] + ([against] if against else []):
         res = probe_file(path, test_fraction, k)

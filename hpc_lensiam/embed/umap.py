@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..io import LENS_PARAMS, UNITS, atomic_path
+from ..io import LENS_PARAMS, UNITS, atomic_path, check_output_file
 from .extract import load_embeddings
 
 LABELS = {"theta_E": r"$\theta_E$", "gamma": r"$\gamma$ (slope)", "e1": r"$e_1$", "e2": r"$e_2$",
@@ -130,6 +130,9 @@ def run_umap(embeddings: str, out: str, color: list[str] | None = None, seed: in
     marked and labelled; its coordinates are stored in it as ``umap`` too (attribute ``fitted_on``).
     """
     names = check_colors(color or ["theta_E", "e1", "gamma"])
+    if seed < 0:
+        raise UserError(f"--seed: must be >= 0, got {seed}")
+    check_output_file(out, "--out")
     emb = load_embeddings(embeddings, need_params=False)
     missing = [c for c in names if c not in emb["params"]]
     if missing:

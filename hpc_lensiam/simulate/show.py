@@ -7,20 +7,23 @@ from itertools import islice
 from pathlib import Path
 
 from ..errors import UserError
-from ..io import atomic_path, decode_npy, read_manifest, shard_paths
+from ..integrity import check_finite, check_shards, shard_samples
+from ..io import atomic_path, check_output_file, decode_npy, shard_paths
 
 
 def iter_samples(data_dir: str | os.PathLike):
-    """Decoded samples of a shard folder in manifest order: dicts of arrays + ``params``."""
-    import webdataset as wds
+    """Decoded samples of a shard folder in manifest order: dicts of arrays + ``params``.
 
-    manifest = read_manifest(data_dir)
-    for raw in wds.WebDataset(shard_paths(data_dir, manifest), shardshuffle=False, empty_check=False):
-        sample = {"key": raw["__key__"], "params": json.loads(raw["params.json"])}
-        for name in ("view1", "view2", "image"):
-            if f"{name}.npy" in raw:
-                sample[name] = decode_npy(raw[f"{name}.npy"])
-        yield sample
+    Shards are checked against the manifest (size, end-of-archive, sample count) and pixels must be
+    finite, as for training: a picture of damaged data is an error, not a plausible image."""
+    manifest = check_shards(data_dir)
+    for path, entry in zip(shard_paths(data_dir, manifest), manifest["shards"]):
+        for raw in shard_samples(path, int(entry["num_samples"])):
+            sample = {"key": raw["__key__"], "params": json.loads(raw["params.json"])}
+            for name in ("view1", "view2", "image"):
+                if f"{name}.npy" in raw:
+                    sample[name] = check_finite(decode_npy(raw[f"{name}.npy"]), path, raw["__key__"], f"{name}.npy")
+            yield sample
 
 
 def caption(params: dict) -> str:
@@ -44,6 +47,7 @@ def show_pairs(data_dir: str | os.PathLike, out: str | os.PathLike, n: int = 8) 
 
     if n < 1:
         raise UserError(f"-n: expected >= 1, got {n}")
+    check_output_file(out, "--out")
     samples = list(islice(iter_samples(data_dir), n))
     if not samples:
         raise UserError(f"{data_dir}: the shards hold no samples")

@@ -7,6 +7,7 @@ so a rerun of the same command skips complete shards and redoes partial ones. Ra
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -21,9 +22,12 @@ import numpy as np
 from .. import __version__
 from ..config import to_dict
 from ..errors import UserError
+from ..integrity import check_finite, shard_problem
 from ..io import MANIFEST_FORMAT, MANIFEST_NAME, TMP_PREFIX, atomic_open, atomic_write_json, sha256_file, sha256_json
+from ..lock import DirLock
 
 PLAN_NAME = ".plan.json"          # written first: what this folder is being filled with
+DONE_DIR = ".done"                # one record per shard this package wrote: size and sha256
 MODES = ("lensiam", "single")
 _TAG_PROGRESS, _TAG_DONE = 11, 12
 
@@ -57,12 +61,15 @@ class ShardPlan:
         return min(self.shard_size, self.num_samples - index * self.shard_size)
 
 
-def encode_sample(key: str, sample: dict) -> dict:
-    """Simulator output -> webdataset sample (raw npy bytes + sorted JSON), deterministic bytes."""
+def encode_sample(key: str, sample: dict, path: Path | str = "?") -> dict:
+    """Simulator output -> webdataset sample (raw npy bytes + sorted JSON), deterministic bytes.
+
+    A non-finite pixel is an error naming the shard and sample: it would poison training silently.
+    """
     out = {"__key__": key, "params.json": json.dumps(sample["params"], sort_keys=True).encode()}
     for name in ("view1", "view2", "image"):
         if name in sample:
-            out[f"{name}.npy"] = npy_bytes(sample[name])
+            out[f"{name}.npy"] = npy_bytes(check_finite(np.asarray(sample[name]), path, key, f"{name}.npy"))
     return out
 
 
@@ -74,33 +81,50 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(sim, mode: str, seed: int, index: int, num: int, out_dir: Path, on_sample=None) -> str:
-    """Simulate shard ``index`` (``num`` samples) and write it atomically; return its sha256.
+class _HashingWriter:
+    """File wrapper that hashes what is written, so a new shard is never read back to be hashed."""
 
-    The tar is the plain WebDataset layout (``KEY.ext`` members, sorted by ext within a sample);
-    it is written with the standard library so simulation ranks never import torch.
-    """
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+
+def write_shard(sim, mode: str, seed: int, index: int, num: int, out_dir: Path, on_sample=None) -> dict:
+    """Simulate shard ``index`` (``num`` samples) and write it atomically; return its manifest entry."""
     rng = shard_rng(seed, index)
     draw = sim.sample_pair if mode == "lensiam" else sim.sample_single
-    samples = (encode_sample(f"{index:06d}_{j:06d}", draw(rng)) for j in range(num))
-    return write_tar(out_dir / shard_name(index), samples, on_sample)
+    path = out_dir / shard_name(index)
+    return write_tar(path, (encode_sample(f"{index:06d}_{j:06d}", draw(rng), path) for j in range(num)), on_sample)
 
 
-def write_tar(path: Path, samples, on_sample=None) -> str:
-    """Write encoded samples (:func:`encode_sample`) as one shard, atomically; return its sha256.
+def write_tar(path: Path, samples, on_sample=None) -> dict:
+    """Write encoded samples (:func:`encode_sample`) as one shard, atomically; return its manifest entry.
 
-    Shared by ``simulate`` and ``ingest``: the same member order and tar metadata, so equal
-    samples give equal bytes whatever produced them.
+    The tar is the plain WebDataset layout (``KEY.ext`` members, sorted by ext within a sample);
+    it is written with the standard library so simulation ranks never import torch. Shared by
+    ``simulate`` and ``ingest``: the same member order and tar metadata, so equal samples give equal
+    bytes whatever produced them. The entry (name, num_samples, size, sha256 of the bytes as
+    written) is also kept in ``DIR/.done/`` so a rerun after a kill can check the shard without
+    trusting the file itself.
     """
+    num = 0
     with atomic_open(path, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        out = _HashingWriter(f)
+        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             for sample in samples:
                 key = sample.pop("__key__")
                 for ext in sorted(sample):
                     _tar_add(tar, f"{key}.{ext}", sample[ext])
+                num += 1
                 if on_sample:
                     on_sample()
-    return sha256_file(path)
+    entry = {"name": path.name, "num_samples": num, "size": out.size, "sha256": out.sha.hexdigest()}
+    atomic_write_json(path.parent / DONE_DIR / (path.name + ".json"), entry)
+    return entry
 
 
 # ------------------------------------------------------------------------------------------ MPI
@@ -159,8 +183,14 @@ def _check_existing(out_dir: Path, plan: dict) -> None:
             old = json.loads(path.read_text())
         except ValueError:
             raise UserError(f"{path}: unreadable; remove it or choose another --out") from None
-        for key in ("mode", "seed", "num_samples", "shard_size", "config_hash"):
-            if old.get(key) != plan[key]:
+        for key in ("mode", "seed", "num_samples", "shard_size", "config_hash", "inputs_sha256"):
+            if key == "inputs_sha256" and key in plan and key in old and old[key] != plan[key]:
+                changed = sorted(n for kind, files in plan["inputs"].items() for n, sha in files.items()
+                                 if (old.get("inputs") or {}).get(kind, {}).get(n) != sha)
+                raise UserError(f"{out_dir}: was simulated from other input files (sha256 of "
+                                f"{', '.join(changed) or 'the PSF/COSMOS file list'} changed); restore "
+                                f"them, or choose another --out")
+            if key != "inputs_sha256" and old.get(key) != plan[key]:
                 raise UserError(
                     f"{out_dir}: holds shards of a different data set ({key}: {old.get(key)!r} there, "
                     f"{plan[key]!r} asked); choose another --out or remove it")
@@ -168,6 +198,62 @@ def _check_existing(out_dir: Path, plan: dict) -> None:
     if any(out_dir.glob("shard-*.tar")):
         raise UserError(f"{out_dir}: holds shards but no {PLAN_NAME}/{MANIFEST_NAME}; "
                         "choose another --out or remove them")
+
+
+def input_hashes(cfg) -> dict:
+    """sha256 of every input file the data depend on: PSF files and the COSMOS catalog table.
+
+    Recorded in the plan and manifest (provenance), and compared on a rerun: a PSF file edited
+    between a killed run and its rerun would otherwise give one data set made with two PSFs.
+    """
+    from .sources import CATALOG_NAMES
+    out = {"psf_files": {Path(f).name: sha256_file(f) for f in getattr(cfg, "psf_files", None) or []}}
+    if getattr(cfg, "cosmos_dir", None):
+        cat = next((Path(cfg.cosmos_dir) / n for n in CATALOG_NAMES if (Path(cfg.cosmos_dir) / n).is_file()), None)
+        out["cosmos_catalog"] = {cat.name: sha256_file(cat)} if cat else {}
+    return out
+
+
+def _known_entries(out_dir: Path) -> dict[str, dict]:
+    """What this package recorded about each shard it wrote here: ``.done`` records, overridden
+    by the manifest of a finished run. A shard without a record is never trusted."""
+    known = {}
+    for rec in sorted((out_dir / DONE_DIR).glob("shard-*.json")):
+        try:
+            entry = json.loads(rec.read_text())
+            known[entry["name"]] = entry
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    try:
+        for entry in json.loads((out_dir / MANIFEST_NAME).read_text())["shards"]:
+            known[entry["name"]] = entry
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return known
+
+
+def _shards_to_write(out_dir: Path, shards: ShardPlan, known: dict, indices) -> tuple[list[int], dict]:
+    """Of ``indices``, the shards to (re)write, and the recorded entries of the good ones.
+
+    Every existing shard is checked against its record (size, then sha256); a shard that fails, or
+    has no record (killed between its rename and its record), is redone. A shard this run did not
+    write is never rehashed into the manifest: its entry is the record made when it was written.
+    """
+    todo, good = [], {}
+    for i in indices:
+        name, path = shard_name(i), out_dir / shard_name(i)
+        if not path.exists():
+            todo.append(i)
+            continue
+        entry = known.get(name)
+        problem = "no record of it being written" if not entry or entry.get("num_samples") != shards.size_of(i) \
+            else shard_problem(path, entry, verify=True)
+        if problem:
+            print(f"simulate: redoing {path}: {problem}", file=sys.stderr, flush=True)
+            todo.append(i)
+        else:
+            good[i] = {**entry, "size": entry.get("size", path.stat().st_size)}
+    return todo, good
 
 
 def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: int = 1000,
@@ -180,8 +266,10 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
 
     Runs as one process, or as every rank of ``mpiexec -n K``: same arguments, same bytes.
     ``family``: "paper" (LensSimulator) or "survey" (simulate/survey, lenses and non-lenses with
-    ``lens_fraction``).
+    ``lens_fraction``). Rank 0 holds ``DIR/.lock`` for the whole run; a rerun checks every existing
+    shard's sha256 against the record made when it was written and redoes those that fail.
     """
+    from .families import resolve_family
     from .mpi_env import mpi_world
 
     _, rank, _ = mpi_world()  # the srun-singleton check, before any work
@@ -189,10 +277,13 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
         raise UserError(f"--mode: {mode!r} is not one of {', '.join(MODES)}")
     if num_samples < 1 or shard_size < 1:
         raise UserError(f"--pairs and --shard-size must be >= 1 (got {num_samples}, {shard_size})")
-    from .families import resolve_family
+    if seed < 0:
+        raise UserError(f"--seed: must be >= 0, got {seed}")
     cfg, make_simulator = resolve_family(family, mode, preset, config_path, cosmos_dir, psf_files,
                                          psf_pixel_scale_arcsec, overrides, lens_fraction)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir}: exists and is not a folder")
     config = to_dict(cfg)
     plan = {"format": MANIFEST_FORMAT, "version": __version__, "mode": mode, "seed": seed,
             "num_samples": num_samples, "shard_size": shard_size, "preset": cfg.preset,
@@ -210,7 +301,8 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
     if rank == 0:  # said once, not once per rank
         for note in notes:
             print(f"simulate: note: {note.message}", file=sys.stderr, flush=True)
-
+    plan["inputs"] = input_hashes(cfg)
+    plan["inputs_sha256"] = sha256_json(plan["inputs"])
     shards = ShardPlan(num_samples, shard_size)
     return write_shard_set(out_dir, plan, shards, progress, "simulate",
                            lambda i, tick: write_shard(sim, mode, seed, i, shards.size_of(i), out_dir, tick))
@@ -219,57 +311,75 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
 def write_shard_set(out_dir: Path, plan: dict, shards: ShardPlan, progress: bool, what: str, write_one) -> dict:
     """The MPI shard machinery behind ``simulate`` and ``ingest``; returns the manifest.
 
-    ``plan`` (already checked with :func:`_check_existing`) is written first as ``.plan.json``;
-    ``write_one(index, tick)`` writes shard ``index`` atomically (calling ``tick()`` per sample)
-    and returns its sha256. Ranks take the missing shards round-robin, so a rerun redoes only
-    those; rank 0 writes ``manifest.json`` last.
+    Rank 0 takes the folder (``DIR/.lock``), re-checks it under the lock (:func:`_check_existing`),
+    removes partial files of a killed run and writes ``plan`` first as ``.plan.json``; the other
+    ranks start only if it succeeded. ``write_one(index, tick)`` writes shard ``index`` atomically
+    (calling ``tick()`` per sample) and returns its manifest entry (:func:`write_tar`). Ranks take the
+    shards to (re)write round-robin, so a rerun redoes only missing or damaged ones; rank 0 writes
+    ``manifest.json`` last.
     """
     from .mpi_env import mpi_world
 
     comm, rank, size = mpi_world()
-    num_samples = shards.num_samples
+    lock, failed = DirLock(out_dir, what), None
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob(TMP_PREFIX + "*"):  # partial shards of a killed run
-            stale.unlink(missing_ok=True)
-        if not (out_dir / PLAN_NAME).is_file():
-            atomic_write_json(out_dir / PLAN_NAME, plan)
+        try:
+            lock.acquire()
+            _check_existing(out_dir, plan)
+            for stale in [*out_dir.glob(TMP_PREFIX + "*"), *(out_dir / DONE_DIR).glob(TMP_PREFIX + "*")]:
+                stale.unlink(missing_ok=True)   # partial files of a killed run
+            if not (out_dir / PLAN_NAME).is_file():
+                atomic_write_json(out_dir / PLAN_NAME, plan)
+        except UserError as exc:
+            lock.release()
+            failed = str(exc)
     if comm is not None:
-        comm.barrier()
-
-    start = time.perf_counter()
-    missing = [i for i in range(shards.num_shards) if not (out_dir / shard_name(i)).is_file()]
-    done_before = num_samples - sum(shards.size_of(i) for i in missing)
-    bar = _Progress(comm, rank, size, num_samples, done_before, progress, what)
-    hashes: dict[int, str] = {}
+        failed = comm.bcast(failed, root=0)
+    if failed:
+        raise UserError(failed)
     try:
-        for index in missing[rank::size]:
-            hashes[index] = write_one(index, bar.tick)
+        return _write_all(comm, rank, size, out_dir, plan, shards, progress, what, write_one)
+    finally:
+        lock.release()
+
+
+def _write_all(comm, rank, size, out_dir, plan, shards, progress, what, write_one) -> dict:
+    start = time.perf_counter()
+    num_samples = shards.num_samples
+    todo, good = _shards_to_write(out_dir, shards, _known_entries(out_dir), range(rank, shards.num_shards, size))
+    if comm is not None:
+        todo = sorted(i for part in comm.allgather(todo) for i in part)
+        good = {i: e for part in comm.allgather(good) for i, e in part.items()}
+    done_before = num_samples - sum(shards.size_of(i) for i in todo)
+    bar = _Progress(comm, rank, size, num_samples, done_before, progress, what)
+    entries: dict[int, dict] = {}
+    try:
+        for index in todo[rank::size]:
+            entries[index] = write_one(index, bar.tick)
         bar.finish()
     except BaseException:
+        if bar.bar:   # end the bar's line: the error is a line of its own
+            bar.bar.close()
         if comm is not None and size > 1:
             import traceback
             traceback.print_exc()
             comm.Abort(1)
         raise
     if comm is not None:
-        gathered = comm.gather(hashes, root=0)
+        gathered = comm.gather(entries, root=0)
         if rank == 0:
             for part in gathered:
-                hashes.update(part)
+                entries.update(part)
 
     manifest = None
     if rank == 0:
-        entries = []
-        for i in range(shards.num_shards):
-            sha = hashes.get(i) or sha256_file(out_dir / shard_name(i))
-            entries.append({"name": shard_name(i), "num_samples": shards.size_of(i), "sha256": sha})
-        manifest = {**plan, "shards": entries}
+        entries = {**good, **entries}
+        manifest = {**plan, "shards": [entries[i] for i in range(shards.num_shards)]}
         atomic_write_json(out_dir / MANIFEST_NAME, manifest)
         elapsed = time.perf_counter() - start
         new = num_samples - done_before
         print(f"{what}: wrote {new} new samples ({num_samples - new} already done) in "
-              f"{len(missing)} of {shards.num_shards} shards to {out_dir} with {size} rank(s) in "
+              f"{len(todo)} of {shards.num_shards} shards to {out_dir} with {size} rank(s) in "
               f"{elapsed:.1f} s ({new / max(elapsed, 1e-9):.1f} samples/s); manifest: "
               f"{out_dir / MANIFEST_NAME}", flush=True)
     if comm is not None:

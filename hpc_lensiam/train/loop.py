@@ -11,7 +11,6 @@ stop at the next step boundary, save ``last.pt`` and exit cleanly; ``--resume`` 
 """
 from __future__ import annotations
 
-import csv
 import math
 import random
 import shutil
@@ -22,13 +21,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig, dump_yaml, from_dict, merge, read_yaml, to_dict
+from ..config import TrainConfig, from_dict, merge, read_yaml, to_dict
 from ..errors import UserError
-from ..io import atomic_path, atomic_write_text
+from ..io import atomic_path
 from ..models.simsiam import SimSiam, simsiam_loss, z_std
 from .checkpoint import LAST, load_checkpoint
-
-METRICS = ("step", "epoch", "loss", "lr", "z_std", "images_per_s")
+from .rundir import RunDir
 
 
 def train_config(config_path: str | None = None, **overrides) -> TrainConfig:
@@ -70,8 +68,10 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Pretrain SimSiam on ``cfg.data`` into ``cfg.out``; return a summary dict (rank 0's view)."""
+def train(cfg: TrainConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
+    """Pretrain SimSiam on ``cfg.data`` into ``cfg.out``; return a summary dict (rank 0's view).
+
+    ``RUN`` is locked for the run and ``--resume`` must continue the same run (train/rundir.py)."""
     from ..data.loader import ShardError
     from .engine import Engine
 
@@ -81,28 +81,32 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if last.is_file() and not resume:
         raise UserError(f"{last} exists: pass --resume to continue that run, or choose another --out")
     engine = Engine(cfg)
-    if resume and not last.is_file() and engine.is_main:
-        print(f"train: --resume: no checkpoint at {last} yet, starting from step 0", flush=True)
+    run = None
     stop = _StopSignal()
     try:
-        return _train(cfg, engine, out, ckpt_dir, resume and last.is_file(), stop)
+        run = RunDir(cfg, engine, allow_config_change)
+        if resume and not last.is_file() and engine.is_main:
+            print(f"train: --resume: no checkpoint at {last} yet, starting from step 0", flush=True)
+        return _train(cfg, engine, out, ckpt_dir, resume and last.is_file(), stop, run)
     except ShardError as exc:   # one rank's shard: say it from that rank (the CLI prints rank 0 only)
         if not engine.is_main:
             print(f"hpc-lensiam: error (rank {engine.rank}): {exc}", file=sys.stderr, flush=True)
         raise
     finally:
         stop.restore()
+        if run is not None:
+            run.close()
         engine.close()
 
 
-def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSignal) -> dict:
+def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSignal, run: RunDir) -> dict:
     from ..data.augment import make_pair
     from ..data.loader import ShardLoader
 
     main = engine.is_main
     say = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
     loader = ShardLoader(cfg.data, cfg.mode, cfg.batch_size, engine.rank, engine.world_size, cfg.workers,
-                         cfg.seed, cfg.shuffle_buffer, cfg.grad_accum, cfg.skip_bad_samples,
+                         cfg.seed, cfg.shuffle_buffer, cfg.grad_accum, cfg.skip_bad_samples, verify=cfg.verify,
                          pin_memory=engine.cuda)
     spe = loader.batches_per_epoch // cfg.grad_accum             # optimizer steps per epoch
     total = cfg.epochs * spe
@@ -127,6 +131,7 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
             raise UserError(f"{ckpt_dir / LAST}: cannot resume this run with --arch {cfg.arch} "
                             f"--proj-dim {cfg.proj_dim} --pred-dim {cfg.pred_dim} "
                             f"(checkpoint arch {ckpt.get('arch')!r}): {first}") from None
+        run.check_resume(ckpt, ckpt_dir / LAST)
         step = int(ckpt["step"])
         rng = ckpt.get("rng") or {}
         if "torch" in rng:
@@ -153,11 +158,11 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
         out.mkdir(parents=True, exist_ok=True)
         header = (f"# resolved: world_size={engine.world_size} global_batch={global_batch} lr={lr0:.6g} "
                   f"steps_per_epoch={spe} total_steps={total} warmup_steps={warmup}\n")
-        atomic_write_text(out / "config.yaml", header + dump_yaml(cfg))
-        _reset_metrics(out / "metrics.csv", step if resume else 0)
+        run.write_config(header, resume, step)
+        run.reset_metrics(step if resume else 0)
 
     def state(step):
-        return {"format": "hpc_lensiam.checkpoint/1", "config": to_dict(cfg), "step": step,
+        return {"format": "hpc_lensiam.checkpoint/1", "config": to_dict(cfg), "step": step, **run.state_keys(),
                 "epoch": step // spe, "arch": cfg.arch, "world_size": engine.world_size,
                 "scheduler": {"name": "warmup_cosine", "step": step, "lr": lr0, "warmup_steps": warmup,
                               "total_steps": total, "steps_per_epoch": spe},
@@ -277,17 +282,6 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
 def _seed(*parts: int) -> int:
     import numpy as np
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-def _reset_metrics(path: Path, keep_until: int) -> None:
-    """New metrics.csv, or on resume the old one without rows past the checkpoint's step."""
-    rows = []
-    if keep_until and path.is_file():
-        with open(path, newline="") as f:
-            rows = [r for r in csv.reader(f)][1:]
-        rows = [r for r in rows if r and int(r[0]) <= keep_until]
-    lines = [",".join(METRICS)] + [",".join(r) for r in rows]
-    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _append_metrics(path: Path, row: list) -> None:

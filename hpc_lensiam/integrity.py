@@ -1,0 +1,145 @@
+"""Shard integrity: every consumer checks a data set against its manifest before using it.
+
+Why: a shard can be truncated (a full disk, a killed copy), bit-flipped (bad media, a faulty
+transfer) or replaced (two jobs writing one folder). The manifest records each shard's size,
+sample count and sha256 when it is written; the checks here compare a shard with that record.
+
+* :func:`check_shards` -- cheap, always: every listed shard exists and has the recorded size;
+  with ``verify`` also its sha256 (reads every byte). All bad shards are named in one error.
+* :func:`shard_samples` -- the samples of one shard, requiring the tar's end-of-archive blocks
+  and exactly the manifest's sample count, so a shard cut at a member boundary is an error.
+* :func:`verify_dataset` -- ``hpc-lensiam verify DIR``: size, tar structure, sample count and
+  sha256 of every shard, one line per bad shard.
+* :func:`check_finite` -- a non-finite pixel is an error naming the file and the sample key,
+  when a shard is written and when it is read.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .data.tar import read_shard, tar_members
+from .errors import UserError
+from .io import MANIFEST_NAME, read_manifest, sha256_file, shard_paths
+
+
+class IntegrityError(UserError):
+    """A shard that does not match its manifest record, or holds non-finite pixels."""
+
+
+def shard_problem(path: str | os.PathLike, entry: dict, verify: bool = False) -> str | None:
+    """What is wrong with one shard against its manifest ``entry`` (None: nothing found).
+
+    Without ``verify`` only existence and size are checked (one ``stat``); with it the sha256 too.
+    Manifests written before sizes were recorded skip the size check.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    want = entry.get("size")
+    if want is not None and size != int(want):
+        return f"size {size} bytes, the manifest says {want} (truncated or replaced)"
+    if verify and entry.get("sha256"):
+        try:
+            sha = sha256_file(path)
+        except OSError as exc:
+            return f"unreadable ({exc.strerror})"
+        if sha != entry["sha256"]:
+            return f"sha256 {sha[:12]}... differs from the manifest's {entry['sha256'][:12]}... (corrupted)"
+    return None
+
+
+def check_shards(data_dir: str | os.PathLike, manifest: dict | None = None, verify: bool = False,
+                 only: list[int] | None = None) -> dict:
+    """Check the shards of ``data_dir`` (or those at indices ``only``); raise naming every bad one.
+
+    Returns the manifest. ``verify`` adds the sha256 of each shard (reads all the data).
+    """
+    manifest = manifest or read_manifest(data_dir)
+    paths = shard_paths(data_dir, manifest)
+    indices = range(len(paths)) if only is None else only
+    bad = []
+    for i in indices:
+        problem = shard_problem(paths[i], manifest["shards"][i], verify)
+        if problem:
+            bad.append(f"{paths[i]}: {problem}")
+    if bad:
+        more = f" (and {len(bad) - 1} more: {'; '.join(bad[1:4])}{'; ...' if len(bad) > 4 else ''})" \
+            if len(bad) > 1 else ""
+        raise IntegrityError(f"shard {bad[0]}{more}; `hpc-lensiam verify {data_dir}` lists them all, "
+                             f"re-running the same `simulate` command redoes them")
+    return manifest
+
+
+def count_samples(path: str | os.PathLike) -> int:
+    """Samples (distinct keys) in a tar shard, walking the headers with seeks (no data read).
+
+    Raises ValueError/EOFError for a malformed tar or a missing end-of-archive block.
+    """
+    keys, last = 0, None
+    with open(path, "rb") as f:
+        for name, _ in tar_members(f, skip_data=True):
+            base = name.rsplit("/", 1)[-1]
+            key = name[:len(name) - len(base)] + base.split(".", 1)[0]
+            if key != last:
+                keys, last = keys + 1, key
+    return keys
+
+
+def verify_dataset(data_dir: str | os.PathLike, progress: bool = True) -> list[str]:
+    """Check every shard of ``data_dir`` in full; print and return one line per bad shard."""
+    manifest = read_manifest(data_dir)
+    paths = shard_paths(data_dir, manifest)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(paths), unit="shard", desc="verify", dynamic_ncols=True, file=sys.stderr,
+                   disable=None)
+    bad = []
+    for path, entry in zip(paths, manifest["shards"]):
+        problem = shard_problem(path, entry, verify=True)
+        if problem is None:
+            try:
+                n = count_samples(path)
+                if n != int(entry["num_samples"]):
+                    problem = f"holds {n} samples, the manifest says {entry['num_samples']}"
+            except (ValueError, EOFError, UnicodeDecodeError) as exc:
+                problem = f"not a complete tar ({exc})"
+        if problem:
+            bad.append(f"{path}: {problem}")
+            print(f"verify: bad shard {path}: {problem}", file=sys.stderr, flush=True)
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    n = int(manifest["num_samples"])
+    print(f"verify: {len(paths) - len(bad)} of {len(paths)} shards good ({n} samples listed in "
+          f"{Path(data_dir) / MANIFEST_NAME}); {len(bad)} bad", flush=True)
+    return bad
+
+
+def shard_samples(path: str, expected: int | None):
+    """The raw samples of one shard (``loader.read_shard``), then an error if their count is not
+    ``expected``: a shard cut cleanly between two samples reads without error otherwise."""
+    n = 0
+    for sample in read_shard(path):
+        n += 1
+        yield sample
+    if expected is not None and n != expected:
+        raise IntegrityError(f"shard {path}: holds {n} samples, the manifest says {expected} (truncated?)")
+
+
+def check_finite(array: np.ndarray, path, key: str, member: str) -> np.ndarray:
+    """``array`` unchanged, or an IntegrityError naming the shard, sample and member."""
+    if not np.isfinite(array).all():
+        bad = int(array.size - np.isfinite(array).sum())
+        raise IntegrityError(f"shard {path} sample {key!r}: {bad} non-finite pixel(s) in {member} "
+                             f"(NaN/inf)")
+    return array

@@ -1,0 +1,131 @@
+"""A training run folder that one job owns, and whose ``--resume`` continues the same run.
+
+* **Lock.** Global rank 0 holds ``RUN/.lock`` (``fcntl.flock``, see :mod:`hpc_lensiam.lock`) from
+  start to end; every rank learns whether it got it before anything is written, so a second
+  ``train`` into the same ``--out`` fails at once naming the holder's host and pid instead of
+  overwriting run A's checkpoints and interleaving ``metrics.csv``. Leftover ``.tmp-*`` files of
+  a killed run are removed under the lock.
+* **Resume guard.** Each checkpoint stores ``config_hash`` (of the keys that define the run,
+  :data:`GUARDED`) and ``data_manifest_sha256``. ``--resume`` with other data or another value of
+  a guarded key is a one-line error naming the keys; with ``--allow-config-change`` the change is
+  appended to ``RUN/config_history.yaml`` and ``RUN/config.yaml`` (the first config) stays.
+* **Metrics repair.** On resume ``metrics.csv`` keeps its well-formed rows up to the checkpoint's
+  step; a damaged tail (a kill mid-write, a full disk) is dropped with a warning, never fatal.
+"""
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import dump_yaml, to_dict
+from ..errors import UserError
+from ..io import MANIFEST_NAME, TMP_PREFIX, atomic_write_text, read_manifest, sha256_file, sha256_json
+from ..lock import DirLock, prepare_dir
+
+METRICS = ("step", "epoch", "loss", "lr", "z_std", "images_per_s")
+# What makes a resumed run the same run: its data (manifest sha256) and these keys. Not guarded:
+# epochs/max_steps (extending a run), engine/precision/workers (how it runs), logging cadence.
+GUARDED = ("mode", "arch", "seed", "base_lr", "batch_size", "grad_accum", "momentum", "weight_decay",
+           "warmup_epochs", "fix_pred_lr", "proj_dim", "pred_dim", "zero_init_residual", "shuffle_buffer")
+HISTORY = "config_history.yaml"
+
+
+def config_hash(config: dict) -> str:
+    return sha256_json({k: config.get(k) for k in GUARDED})
+
+
+class RunDir:
+    """``RUN`` of one training job; rank 0 holds the lock until :meth:`close`."""
+
+    def __init__(self, cfg, engine, allow_config_change: bool = False):
+        self.cfg, self.engine, self.allow = cfg, engine, allow_config_change
+        self.out = Path(cfg.out)
+        self.lock = DirLock(self.out, "train")
+        if not cfg.data:
+            raise UserError("--data: no shard directory given")
+        read_manifest(cfg.data)   # bad --data fails before the run folder is created
+        self.manifest_sha = sha256_file(Path(cfg.data) / MANIFEST_NAME)
+        failed = ""
+        if engine.is_main:
+            try:
+                prepare_dir(self.out)
+                self.lock.acquire()
+                for d in (self.out, self.out / "checkpoints"):
+                    for stale in d.glob(TMP_PREFIX + "*"):   # partial files of a killed run
+                        stale.unlink(missing_ok=True)
+            except UserError as exc:
+                failed = str(exc)
+        # every rank learns whether rank 0 owns the folder before anyone writes to it
+        flag = engine.all_reduce_sum(torch.tensor([float(bool(failed))], device=engine.device))
+        if failed:
+            raise UserError(failed)
+        if flag.item() > 0:
+            raise UserError(f"{self.out}: rank 0 could not take the run folder (see its error)")
+        self.changes: dict = {}
+
+    def state_keys(self) -> dict:
+        """Keys every checkpoint carries so that ``--resume`` can tell it is the same run."""
+        return {"config_hash": config_hash(to_dict(self.cfg)), "data_manifest_sha256": self.manifest_sha}
+
+    def check_resume(self, ckpt: dict, path: Path) -> None:
+        """Refuse to continue ``ckpt`` with other data or another value of a guarded key."""
+        old = ckpt.get("config") or {}
+        new = to_dict(self.cfg)
+        changes = {k: (old[k], new[k]) for k in GUARDED if k in old and old[k] != new[k]}
+        old_data = ckpt.get("data_manifest_sha256")
+        if old_data and self.manifest_sha and old_data != self.manifest_sha:
+            changes["data"] = (f"{old.get('data')} (manifest sha256 {old_data[:12]})",
+                               f"{new['data']} (manifest sha256 {self.manifest_sha[:12]})")
+        if changes and not self.allow:
+            what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            raise UserError(f"--resume: {path} (step {ckpt.get('step')}) was trained with other settings: "
+                            f"{what}; use the run's own settings (RUN/config.yaml), another --out, or "
+                            f"--allow-config-change to continue anyway (recorded in RUN/{HISTORY})")
+        self.changes = changes
+
+    def write_config(self, header: str, resume: bool, step: int) -> None:
+        """``config.yaml`` once (a fresh run); a resume that changes anything appends to the history."""
+        text = header + dump_yaml(self.cfg)
+        first = self.out / "config.yaml"
+        if not resume or not first.is_file():
+            atomic_write_text(first, text)
+            return
+        if first.read_text() == text:
+            return
+        entry = {"resumed_at_step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                 "changed": {k: {"before": a, "after": b} for k, (a, b) in self.changes.items()},
+                 "resolved": header.strip().removeprefix("# resolved: "), "config": to_dict(self.cfg)}
+        history = self.out / HISTORY
+        old = history.read_text() if history.is_file() else ""
+        atomic_write_text(history, old + dump_yaml([entry]))
+        if self.changes:
+            print(f"train: warning: --allow-config-change: {', '.join(self.changes)} changed; recorded in "
+                  f"{history} ({first} keeps the first config)", file=sys.stderr, flush=True)
+
+    def reset_metrics(self, keep_until: int) -> None:
+        """New ``metrics.csv``, or on resume the old one's well-formed rows up to ``keep_until``."""
+        path = self.out / "metrics.csv"
+        rows, damaged = [], 0
+        if keep_until and path.is_file():
+            with open(path, newline="", errors="replace") as f:
+                lines = list(csv.reader(f))[1:]
+            for r in lines:
+                try:
+                    if len(r) != len(METRICS):
+                        raise ValueError
+                    [float(v) for v in r]
+                    if int(r[0]) <= keep_until:
+                        rows.append(r)
+                except ValueError:
+                    damaged += 1
+            if damaged:
+                print(f"train: warning: {path}: dropped {damaged} damaged row(s) (an interrupted write)",
+                      file=sys.stderr, flush=True)
+        atomic_write_text(path, "\n".join([",".join(METRICS)] + [",".join(r) for r in rows]) + "\n")
+
+    def close(self) -> None:
+        self.lock.release()
