@@ -70,8 +70,11 @@ def ridge_cv(x, y, groups, alphas, folds: int = 5):
 
 
 def probe_arrays(features: np.ndarray, targets: dict[str, np.ndarray], groups: np.ndarray,
-                 test: np.ndarray, k: int = 10, alphas=None, folds: int = 5) -> dict:
-    """R^2 of k-NN and ridge for each target; ``test`` is the held-out mask. Pure numpy in/out."""
+                 test: np.ndarray, k: int = 10, alphas=None, folds: int = 5, predictions: bool = False) -> dict:
+    """R^2 of k-NN and ridge for each target; ``test`` is the held-out mask. Pure numpy in/out.
+
+    ``predictions``: also return the test targets and both probes' predictions (``"test"``), e.g.
+    for a bootstrap interval of the R^2."""
     from sklearn.metrics import r2_score
     from sklearn.neighbors import KNeighborsRegressor
 
@@ -104,6 +107,9 @@ def probe_arrays(features: np.ndarray, targets: dict[str, np.ndarray], groups: n
         out["knn"][name] = float(r2_score(y[test, j], pred_knn[:, j]))
         out["ridge"][name] = float(r2_score(y[test, j], pred_ridge[:, j]))
         out["ridge_alpha"][name] = float(best[j])
+    if predictions:
+        out["test"] = {name: {"y": y[test, j], "knn": pred_knn[:, j], "ridge": pred_ridge[:, j]}
+                       for j, name in enumerate(names)}
     return out
 
 

@@ -151,12 +151,13 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
                   f"steps/epoch, now {spe}: the lr schedule changes", file=sys.stderr)
 
     rule = f"sqrt({global_batch})" if cfg.lr_scaling == "sqrt" else f"{global_batch}/256"
-    say(f"train: {cfg.method} | {cfg.mode} | {cfg.arch} | {cfg.optimizer} | engine {cfg.engine} | {engine.world_size} rank(s) on "
+    pred = f" (predictor {'fixed' if cfg.fix_pred_lr else 'scheduled'})" if hasattr(method, "predictor") else ""
+    say(f"train: {cfg.method} | {cfg.mode} | {cfg.arch} | {cfg.optimizer} | engine {cfg.engine} | "
+        f"{engine.world_size} rank(s) on "
         f"{engine.device.type} ({engine.backend if engine.world_size > 1 or cfg.engine == 'deepspeed' else 'single process'})"
         f"{' + SyncBatchNorm' if engine.world_size > 1 else ''} | {cfg.precision}")
     say(f"train: global batch {cfg.batch_size} x {engine.world_size} rank(s) x {cfg.grad_accum} accum = "
-        f"{global_batch}; lr = {cfg.base_lr} x {rule} = {lr0:.6g} (predictor "
-        f"{'fixed' if cfg.fix_pred_lr else 'scheduled'}); {spe} steps/epoch x {cfg.epochs} epochs = "
+        f"{global_batch}; lr = {cfg.base_lr} x {rule} = {lr0:.6g}{pred}; {spe} steps/epoch x {cfg.epochs} epochs = "
         f"{total} steps, warm-up {warmup}; {'resuming at step ' + str(step) if resume else 'from step 0'}"
         f"{f', stopping at {end}' if end < total else ''}")
 
