@@ -13,9 +13,8 @@ import socket
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-
 from conftest import train_tiny
+
 from hpc_lensiam.config import TrainConfig
 from hpc_lensiam.errors import ConfigError, UserError
 from hpc_lensiam.models.backbones import backbone_state_dict, build_backbone, get
@@ -316,3 +315,51 @@ def test_vit_patch_that_does_not_divide_the_image_is_refused_before_training(len
     with pytest.raises(UserError, match="48 px is not a multiple of the patch size 10"):
         train_tiny(lensiam_shards, tmp_path / "run", arch="vit_tiny_p10")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------- resume, DeepSpeed, torchrun
+def test_byol_resume_continues_the_ema_target(lensiam_shards, tmp_path):
+    """3 steps straight == 2 steps + --resume to 3: online weights AND the EMA target match."""
+    kw = dict(method="byol", proj_hidden_dim=32, proj_dim=16, pred_dim=32)
+    train_tiny(lensiam_shards, tmp_path / "straight", max_steps=3, **kw)
+    train_tiny(lensiam_shards, tmp_path / "split", max_steps=2, **kw)
+    from hpc_lensiam.train.loop import train
+    train(train_config(data=str(lensiam_shards), out=str(tmp_path / "split"), arch="resnet18", batch_size=8,
+                       max_steps=3, epochs=1, workers=0, log_every=1, **kw), resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in ("target_encoder.layer4.1.conv2.weight", "target_encoder.fc.0.weight", "encoder.fc.0.weight"):
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    # and the target did move away from the online network (tau < 1), by the EMA, not by gradients
+    assert not torch.equal(a["target_encoder.fc.0.weight"], a["encoder.fc.0.weight"])
+
+
+def test_byol_with_deepspeed_and_simclr_on_two_torchrun_ranks(lensiam_shards, tmp_path):
+    """The method seam under both engines: BYOL (LARS, EMA hook) through DeepSpeed in one process,
+    SimCLR (global-batch negatives gathered inside the DDP loop) on 2 torchrun/gloo ranks."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hpc_lensiam.export import backbone_from_checkpoint
+    run = train_tiny(lensiam_shards, tmp_path / "ds", method="byol", engine="deepspeed", proj_hidden_dim=32,
+                     proj_dim=16, pred_dim=32)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["engine"] == "deepspeed" and any(k.startswith("target_encoder.") for k in state["model"])
+    bb, info = backbone_from_checkpoint(run)
+    assert info["method"] == "byol" and info["arch"] == "resnet18" and "fc.0.weight" not in bb
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m",
+           "hpc_lensiam", "train", "--data", str(lensiam_shards), "--out", str(tmp_path / "simclr"),
+           "--method", "simclr", "--arch", "resnet18", "--batch-size", "4", "--max-steps", "2", "--epochs", "1",
+           "--workers", "0", "--proj-hidden-dim", "32", "--proj-dim", "16", "--log-every", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "train: simclr | lensiam | resnet18 | lars" in proc.stdout
+    assert "lr = 0.075 x sqrt(8)" in proc.stdout                       # global batch 4 x 2 ranks
+    rows = (tmp_path / "simclr" / "metrics.csv").read_text().strip().splitlines()[1:]
+    losses = [float(r.split(",")[2]) for r in rows]
+    # NT-Xent over the global batch of 8 pairs: 15 candidates per anchor, chance level log(15)
+    assert len(losses) == 2 and all(0 < v < 2 * math.log(15) for v in losses)

@@ -18,7 +18,6 @@ from __future__ import annotations
 from . import resnet, vit
 from .spec import BackboneSpec, Exported
 
-
 _MODULES = (resnet, vit)
 BACKBONES: dict[str, BackboneSpec] = {s.name: s for m in _MODULES for s in m.SPECS}
 ARCHS = tuple(BACKBONES)
