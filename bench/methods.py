@@ -136,7 +136,7 @@ def main() -> None:
         emb = out / f"emb_{name}.h5"
         run(launch + ["embed", "--checkpoint", run_dir, "--data", probe_shards, "--out", emb], log, f"embed {name}")
         res = {"method": method, "augmentation": aug, "arch": arch, **train_stats(run_dir, global_batch),
-               **probe_with_intervals(emb, a.n_boot, a.seed)}
+               **probe_with_intervals(emb, a.n_boot, a.seed), "commands": log[-2:]}
         pj.write_text(json.dumps(res, indent=1))
         results[name] = res
         rpath.write_text(json.dumps({"args": vars(a), "results": results}, indent=1))
@@ -167,9 +167,10 @@ def write_report(path: Path, a, epochs: int, results: dict, log: list) -> None:
         if lens and std:
             lines.append(f"| {m} | " + " | ".join(f"{lens['params'][p]['r2'] - std['params'][p]['r2']:+.3f}"
                                                    for p in PARAMS) + " |")
-    if log:
-        lines += ["", "## Commands of this invocation", "", "| step | seconds | command |", "|---|---|---|"]
-        lines += [f"| {s['step']} | {s['seconds']:.0f} | `{s['command']}` |" for s in log]
+    steps = log[:2] + [c for r in results.values() for c in r.get("commands", [])]
+    lines += ["", "## Commands (wall seconds of the invocation that ran them)", "", "| step | seconds | command |",
+              "|---|---|---|"]
+    lines += [f"| {s['step']} | {s['seconds']:.0f} | `{s['command']}` |" for s in steps]
     lines += ["", f"Made by `.venv/bin/python bench/methods.py {' '.join(sys.argv[1:])}`.", ""]
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines))
