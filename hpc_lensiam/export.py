@@ -25,7 +25,8 @@ from pathlib import Path
 
 from .errors import UserError
 from .io import atomic_path, atomic_write_json, read_manifest, sha256_json
-from .models.backbones.resnet import CHANNELS, RESNETS as _RESNETS, fold_conv1, infer_arch, to_torchvision
+from .models.backbones.resnet import CHANNELS, fold_conv1, infer_arch, to_torchvision
+from .models.backbones.resnet import RESNETS as _RESNETS
 
 FORMATS = ("pt", "safetensors")
 SIDECAR_FORMAT = "hpc_lensiam.backbone/1"

@@ -1,8 +1,8 @@
 """The two records a backbone module fills in (kept apart so backbone modules import no registry)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 @dataclass(frozen=True)

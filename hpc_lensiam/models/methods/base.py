@@ -71,7 +71,7 @@ class SSLMethod(nn.Module):
         return getattr(self.encoder, self.head_attr)
 
     @classmethod
-    def from_config(cls, cfg, img_size: int | None) -> "SSLMethod":
+    def from_config(cls, cfg, img_size: int | None) -> SSLMethod:
         raise NotImplementedError
 
     def loss(self, *outputs) -> tuple[torch.Tensor, torch.Tensor]:
