@@ -45,7 +45,8 @@ def run(cmd: list, log: list, name: str) -> float:
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO)
     dt = time.perf_counter() - t0
-    log.append({"step": name, "command": shlex.join(cmd).replace(str(BIN) + "/", ".venv/bin/").replace(str(REPO) + "/", ""), "seconds": dt})
+    shown = shlex.join(cmd).replace(str(BIN) + "/", ".venv/bin/").replace(str(REPO) + "/", "")
+    log.append({"step": name, "command": shown, "seconds": dt})
     print(f"[science] {name}: {dt:.0f} s", flush=True)
     return dt
 
@@ -157,12 +158,12 @@ def write_results(path: Path, a, log: list, results: dict, total: float) -> None
     probe = results["probe"]["results"]
     labels = list(probe)
     lines = ["# LenSiam vs SimSiam vs no pretraining, measured on this machine", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; Python {platform.python_version()}. "
-             f"Total wall time {total / 60:.1f} min.", "",
-             f"Set-up: {a.pairs} LenSiam pairs ({a.num_pix}x{a.num_pix} px, hst preset, analytic sources, built-in PSFs), "
-             f"{a.arch}, {a.epochs} epochs, batch {a.batch_size} x {NPROC} processes, seed {a.seed}; the baseline "
-             f"SimSiam trains on view1 of the same pairs with the standard augmentations. Probe on "
-             f"{a.probe_pairs} held-out pairs; fine-tuning on an independent euclid set, "
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; "
+             f"Python {platform.python_version()}. Total wall time {total / 60:.1f} min.", "",
+             f"Set-up: {a.pairs} LenSiam pairs ({a.num_pix}x{a.num_pix} px, hst preset, analytic sources, "
+             f"built-in PSFs), {a.arch}, {a.epochs} epochs, batch {a.batch_size} x {NPROC} processes, "
+             f"seed {a.seed}; the baseline SimSiam trains on view1 of the same pairs with the standard "
+             f"augmentations. Probe on {a.probe_pairs} held-out pairs; fine-tuning on an independent euclid set, "
              f"{a.n_train} train (plus a validation split) / {a.n_test} test images, {a.finetune_epochs} epochs. "
              f"Pretraining init: zero_init_residual={'on' if a.zero_init_residual else 'off'}.", "",
              "## Probe: held-out R^2 of the 8 lens parameters from the frozen features", "",
@@ -176,7 +177,8 @@ def write_results(path: Path, a, log: list, results: dict, total: float) -> None
         f"{sum(probe[lab]['knn'].values()) / len(names):.3f} | {sum(probe[lab]['ridge'].values()) / len(names):.3f}"
         for lab in labels) + " |")
     lines += ["", "## Downstream: theta_E regression on the independent euclid set", "",
-              "| backbone | test R^2 | 95% bootstrap interval | residual sigma (arcsec) | paper R^2 |", "|---|---|---|---|---|"]
+              "| backbone | test R^2 | 95% bootstrap interval | residual sigma (arcsec) | paper R^2 |",
+              "|---|---|---|---|---|"]
     paper = {"LenSiam": "0.586", "SimSiam": "0.426", "no pretraining": "0.360 (ImageNet-supervised)"}
     for name, r in results["finetune"].items():
         lines.append(f"| {name} | {r['r2']:.3f} | [{r['r2_ci95'][0]:.3f}, {r['r2_ci95'][1]:.3f}] | "

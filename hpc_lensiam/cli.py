@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import types
 import typing
 
 from .errors import UserError
@@ -24,7 +25,8 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        base = args[0] if typing.get_origin(tp) is typing.Union and args else tp
+        optional = typing.get_origin(tp) in (typing.Union, types.UnionType)   # Optional[X] and X | None
+        base = args[0] if optional and args else tp
         flag = "--" + f.name.replace("_", "-")
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)

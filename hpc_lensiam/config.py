@@ -6,24 +6,23 @@ next to every output (shard manifest, run folder) so a result always says how it
 """
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, Tuple, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
 from .errors import ConfigError
 
 T = TypeVar("T")
-Range = Tuple[float, float]
+Range = tuple[float, float]
 
 
 # --------------------------------------------------------------------------------------- machinery
 def _is_range(tp) -> bool:
-    return tp == Range or (typing.get_origin(tp) in (tuple, Tuple) and typing.get_args(tp) == (float, float))
+    return tp == Range or (typing.get_origin(tp) is tuple and typing.get_args(tp) == (float, float))
 
 
 def _coerce(tp, value, where: str):
@@ -47,7 +46,7 @@ def _coerce(tp, value, where: str):
         if lo > hi:
             raise ConfigError(f"{where}: impossible range [{lo}, {hi}] (min > max)")
         return (lo, hi)
-    if origin in (list, typing.List):
+    if origin is list:
         (item,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -280,9 +279,9 @@ class SimulationConfig:
     lens: LensPrior = field(default_factory=LensPrior)
     lens_light: LensLightPrior = field(default_factory=LensLightPrior)
     source: SourcePrior = field(default_factory=SourcePrior)
-    cosmos_dir: Optional[str] = None       # GalSim real-galaxy-catalog folder; None = analytic only
+    cosmos_dir: str | None = None          # GalSim real-galaxy-catalog folder; None = analytic only
     psf_files: list[str] = field(default_factory=list)  # FITS PSFs; empty = built-in bank
-    psf_pixel_scale_arcsec: Optional[float] = None  # pixel scale of psf_files (else from FITS header)
+    psf_pixel_scale_arcsec: float | None = None  # pixel scale of psf_files (else from FITS header)
     psf_bank_seed: int = 0                 # seed of the built-in PSF bank (part of the data set)
 
     def validate(self, where: str) -> None:
@@ -316,7 +315,7 @@ def simulation_config(preset: str | None = None, config_path: str | Path | None 
 # ---------------------------------------------------------------------------------------- training
 @dataclass
 class TrainConfig:
-    """SimSiam / LenSiam pretraining (SPEC section 4). CLI flags override YAML values.
+    """SimSiam / LenSiam pretraining (the LenSiam paper's recipe). CLI flags override YAML values.
 
     The defaults below are SimSiam's recipe on a ResNet; ``method`` and ``arch`` choose another
     recipe (:func:`hpc_lensiam.models.methods.recipe`, docs/methods.md), which
@@ -335,14 +334,14 @@ class TrainConfig:
     batch_size: int = 64                 # per rank
     grad_accum: int = 1
     epochs: int = 100
-    max_steps: Optional[int] = None      # stop early (tests, smoke runs)
+    max_steps: int | None = None         # stop early (tests, smoke runs)
     base_lr: float = 0.03                # lr = base_lr * global_batch / 256
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 10.0
     fix_pred_lr: bool = True
     proj_dim: int = 2048                 # projector output width
-    proj_hidden_dim: Optional[int] = None  # projector hidden width (None: proj_dim; SimSiam uses proj_dim)
+    proj_hidden_dim: int | None = None   # projector hidden width (None: proj_dim; SimSiam uses proj_dim)
     pred_dim: int = 512                  # predictor hidden width (SimSiam, BYOL)
     ema_tau_base: float = 0.996          # BYOL: target decay at step 0, cosine to 1
     temperature: float = 0.1             # SimCLR: NT-Xent temperature
@@ -355,7 +354,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500                # steps between periodic checkpoints (plus last.pt)
     channels_last: bool = True           # CUDA only
-    deepspeed_config: Optional[str] = None
+    deepspeed_config: str | None = None
     zero_stage: int = 0
     skip_bad_samples: bool = False
 

@@ -1,6 +1,6 @@
 """Export a pretrained backbone as a stock library state_dict (+ a JSON sidecar).
 
-Contract (the official SimSiam export, PITFALLS.md), for every SSL method: keep the online
+Contract (facebookresearch/simsiam's main_lincls.py), for every SSL method: keep the online
 ``encoder.*`` minus its projector (``encoder.fc.*`` for ResNets, ``encoder.head.*`` for ViTs),
 strip the prefix; a BYOL momentum target (``target_encoder.*``) is not exported. Each backbone of
 :mod:`hpc_lensiam.models.backbones` states its export contract:

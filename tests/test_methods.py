@@ -13,8 +13,8 @@ import socket
 import numpy as np
 import pytest
 import torch
-from conftest import train_tiny
 
+from conftest import train_tiny
 from hpc_lensiam.config import TrainConfig
 from hpc_lensiam.errors import ConfigError, UserError
 from hpc_lensiam.models.backbones import backbone_state_dict, build_backbone, get

@@ -145,7 +145,10 @@ def format_table(results: dict[str, dict]) -> str:
     head = ["parameter"] + [f"{lab} {m}" for lab in labels for m in ("k-NN", "ridge")]
     rows = [[name] + [f"{results[lab][m][name]:.3f}" for lab in labels for m in MODELS] for name in LENS_PARAMS]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    def line(r):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     sep = "-" * len(line(head))
     notes = [f"{lab}: {r['file']} ({r.get('arch', '?')}, step {r.get('step', '?')}), "
              f"{r['n_train']} train / {r['n_test']} test images, "

@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..io import atomic_path, atomic_write_text
 from ..models.methods import build_method, recipe
 from ..models.methods.simsiam import z_std
-from .checkpoint import LAST, load_checkpoint, save_checkpoint
+from .checkpoint import LAST, load_checkpoint
 
 METRICS = ("step", "epoch", "loss", "lr", "z_std", "images_per_s")
 
@@ -79,7 +79,7 @@ class _StopSignal:
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Pretrain SimSiam on ``cfg.data`` into ``cfg.out``; return a summary dict (rank 0's view)."""
-    from ..data.loader import ShardError, ShardLoader
+    from ..data.loader import ShardError
     from .engine import Engine
 
     out = Path(cfg.out)
@@ -152,9 +152,9 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
 
     rule = f"sqrt({global_batch})" if cfg.lr_scaling == "sqrt" else f"{global_batch}/256"
     pred = f" (predictor {'fixed' if cfg.fix_pred_lr else 'scheduled'})" if hasattr(method, "predictor") else ""
+    backend = engine.backend if engine.world_size > 1 or cfg.engine == "deepspeed" else "single process"
     say(f"train: {cfg.method} | {cfg.mode} | {cfg.arch} | {cfg.optimizer} | engine {cfg.engine} | "
-        f"{engine.world_size} rank(s) on "
-        f"{engine.device.type} ({engine.backend if engine.world_size > 1 or cfg.engine == 'deepspeed' else 'single process'})"
+        f"{engine.world_size} rank(s) on {engine.device.type} ({backend})"
         f"{' + SyncBatchNorm' if engine.world_size > 1 else ''} | {cfg.precision}")
     say(f"train: global batch {cfg.batch_size} x {engine.world_size} rank(s) x {cfg.grad_accum} accum = "
         f"{global_batch}; lr = {cfg.base_lr} x {rule} = {lr0:.6g}{pred}; {spe} steps/epoch x {cfg.epochs} epochs = "
