@@ -10,7 +10,7 @@ layout, kept for every method and backbone).
 library model loads (torchvision or timm), with that model and how to load it; the exporter
 checks the keys and the features (:mod:`hpc_lensiam.export`).
 
-Adding a backbone = one module with a ``SPECS`` tuple of :class:`BackboneSpec` + one entry in
+Adding a backbone = one module with an ``ENTRIES`` tuple of :class:`BackboneSpec` + one entry in
 ``_MODULES`` below (docs/methods.md shows a ten-line example).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from . import resnet, vit
 from .spec import BackboneSpec, Exported
 
 _MODULES = (resnet, vit)
-BACKBONES: dict[str, BackboneSpec] = {s.name: s for m in _MODULES for s in m.SPECS}
+BACKBONES: dict[str, BackboneSpec] = {s.name: s for m in _MODULES for s in m.ENTRIES}
 ARCHS = tuple(BACKBONES)
 
 

@@ -95,4 +95,4 @@ def _specs():
                  for a, d in FEATURE_DIMS.items())
 
 
-SPECS = _specs()
+ENTRIES = _specs()

@@ -87,4 +87,4 @@ def _specs():
                  for w, d in WIDTHS.items() for p in PATCHES)
 
 
-SPECS = _specs()
+ENTRIES = _specs()
