@@ -216,6 +216,9 @@ def test_each_method_has_its_papers_recipe_under_yaml_and_flags(tmp_path):
     cfg = train_config(str(path), weight_decay=1e-5)
     assert (cfg.method, cfg.base_lr, cfg.weight_decay, cfg.optimizer) == ("byol", 0.5, 1e-5, "lars")
     assert recipe("nope", "resnet18") == {}
+    path.write_text("method: [byol]\n")
+    with pytest.raises(ConfigError, match=r"t\.yaml\.method: expected a string"):
+        train_config(str(path))
     with pytest.raises(ConfigError, match="method: 'nope' is not one of simsiam, byol, vicreg, simclr"):
         train_config(method="nope")
     with pytest.raises(ConfigError, match="arch: 'vit_huge_p14' is not one of"):

@@ -12,7 +12,7 @@ SGD/LARS recipes were tuned for ResNets. YAML keys and flags override both.
 """
 from __future__ import annotations
 
-from ..backbones import get as get_backbone
+from ..backbones import BACKBONES
 from .base import SSLMethod, gather_with_grad, mlp
 from .byol import BYOL
 from .simclr import SimCLR
@@ -30,13 +30,11 @@ def get(name: str) -> type[SSLMethod]:
 
 
 def recipe(method: str, arch: str) -> dict:
-    """TrainConfig defaults of ``method`` on ``arch`` (unknown names: {}, left to config validation)."""
-    out = dict(METHODS[method].recipe) if method in METHODS else {}
-    try:
-        if get_backbone(arch).family == "timm":
-            out.update(VIT_RECIPE)
-    except ValueError:
-        pass
+    """TrainConfig defaults of ``method`` on ``arch`` (unknown or ill-typed names: none of them; the
+    config's validation reports those)."""
+    out = dict(METHODS[method].recipe) if isinstance(method, str) and method in METHODS else {}
+    if isinstance(arch, str) and arch in BACKBONES and BACKBONES[arch].family == "timm":
+        out.update(VIT_RECIPE)
     return out
 
 
