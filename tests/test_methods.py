@@ -336,6 +336,10 @@ def test_byol_resume_continues_the_ema_target(lensiam_shards, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
     # and the target did move away from the online network (tau < 1), by the EMA, not by gradients
     assert not torch.equal(a["target_encoder.fc.0.weight"], a["encoder.fc.0.weight"])
+    # resuming it as another method is refused in one line naming both methods
+    with pytest.raises(UserError, match=r"cannot resume this run .*--method simclr .*method 'byol'"):
+        train(train_config(data=str(lensiam_shards), out=str(tmp_path / "split"), arch="resnet18", batch_size=8,
+                           max_steps=4, epochs=1, workers=0, method="simclr"), resume=True)
 
 
 def test_byol_with_deepspeed_and_simclr_on_two_torchrun_ranks(lensiam_shards, tmp_path):

@@ -24,7 +24,7 @@ import torch
 
 from ..config import TrainConfig, dump_yaml, from_dict, merge, read_yaml, to_dict
 from ..errors import UserError
-from ..io import atomic_path, atomic_write_text
+from ..io import atomic_path, atomic_write_text, read_manifest
 from ..models.methods import build_method, recipe
 from ..models.methods.simsiam import z_std
 from .checkpoint import LAST, load_checkpoint
@@ -119,7 +119,6 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
     lr0 = scaled_lr(cfg, engine.world_size)
 
     torch.manual_seed(cfg.seed)
-    from ..io import read_manifest
     img_size = (read_manifest(cfg.data).get("image_shape") or [None])[-1]   # native side (ViT patch grid)
     try:
         model = build_method(cfg, img_size)
@@ -135,9 +134,10 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
             engine.load(ckpt, ckpt_dir)
         except (RuntimeError, KeyError, ValueError) as exc:   # another arch/width, a foreign file
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            was = (ckpt.get("config") or {}).get("method", "simsiam")
             raise UserError(f"{ckpt_dir / LAST}: cannot resume this run with --arch {cfg.arch} "
-                            f"--proj-dim {cfg.proj_dim} --pred-dim {cfg.pred_dim} "
-                            f"(checkpoint arch {ckpt.get('arch')!r}): {first}") from None
+                            f"--proj-dim {cfg.proj_dim} --pred-dim {cfg.pred_dim} --method {cfg.method} "
+                            f"(checkpoint arch {ckpt.get('arch')!r}, method {was!r}): {first}") from None
         step = int(ckpt["step"])
         rng = ckpt.get("rng") or {}
         if "torch" in rng:
