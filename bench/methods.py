@@ -6,7 +6,7 @@ resnet18, plus one LenSiam run of a ViT-small at native resolution: pretrain on 
 for the SAME number of optimizer steps with each method's recipe (``train --method M``), embed the
 SAME held-out pairs, and probe them (ridge, split by lens system, as ``hpc-lensiam probe``). The
 table gives the held-out R^2 of theta_E, e1 and gamma with a 95% bootstrap interval over the test
-images, the mean step time (seconds per optimizer step, measured by the trainer, first step
+systems, the mean step time (seconds per optimizer step, measured by the trainer, first step
 excluded) and the final loss. Every step is the package's own CLI; each finished run is skipped on a
 rerun (its ``probe_<run>.json`` exists) and an interrupted pretraining resumes (``--resume``).
 
@@ -46,23 +46,17 @@ def run(cmd: list, log: list, name: str) -> None:
                 "command": shlex.join(cmd).replace(str(BIN) + "/", ".venv/bin/").replace(str(REPO) + "/", "")})
 
 
-def probe_with_intervals(emb_path: Path, n_boot: int, seed: int) -> dict:
-    """Ridge probe (hpc-lensiam probe's split and CV) of PARAMS with bootstrap 95% intervals."""
-    import numpy as np
-
+def probe_with_intervals(emb_path: Path, n_boot: int) -> dict:
+    """Ridge (and k-NN) probe of PARAMS as ``hpc-lensiam probe`` runs it: same split, CV and 95%
+    bootstrap intervals over the test lens systems (both views resampled together)."""
     from hpc_lensiam.embed.extract import load_embeddings
     from hpc_lensiam.embed.probe import probe_arrays, split_by_key
-    from hpc_lensiam.finetune import bootstrap_r2
 
     emb = load_embeddings(emb_path)
     test = split_by_key(emb["keys"])
     res = probe_arrays(emb["features"], {p: emb["params"][p] for p in PARAMS}, emb["pair_id"], test,
-                       predictions=True)
-    out = {}
-    for p in PARAMS:
-        t = res["test"][p]
-        lo, hi = bootstrap_r2(np.asarray(t["y"]), np.asarray(t["ridge"]), n_boot, seed)
-        out[p] = {"r2": res["ridge"][p], "ci95": [lo, hi], "knn_r2": res["knn"][p]}
+                       n_boot=n_boot)
+    out = {p: {"r2": res["ridge"][p], "ci95": list(res["ridge_ci95"][p]), "knn_r2": res["knn"][p]} for p in PARAMS}
     return {"params": out, "n_test": int(test.sum()), "n_train": int((~test).sum())}
 
 
@@ -136,7 +130,7 @@ def main() -> None:
         emb = out / f"emb_{name}.h5"
         run(launch + ["embed", "--checkpoint", run_dir, "--data", probe_shards, "--out", emb], log, f"embed {name}")
         res = {"method": method, "augmentation": aug, "arch": arch, **train_stats(run_dir, global_batch),
-               **probe_with_intervals(emb, a.n_boot, a.seed), "commands": log[-2:]}
+               **probe_with_intervals(emb, a.n_boot), "commands": log[-2:]}
         pj.write_text(json.dumps(res, indent=1))
         results[name] = res
         rpath.write_text(json.dumps({"args": vars(a), "results": results}, indent=1))
@@ -152,7 +146,8 @@ def write_report(path: Path, a, epochs: int, results: dict, log: list) -> None:
              f"steps of global batch {gb} ({epochs} epoch(s) of the schedule), seed {a.seed}, each method with its "
              f"recipe (docs/methods.md), zero_init_residual off. Probe: ridge on the frozen backbone features of "
              f"{a.probe_pairs} held-out pairs (both views), split by lens system; 95% bootstrap interval over the "
-             f"test images ({a.n_boot} resamples). Step time: seconds per optimizer step measured by the trainer.", "",
+             f"test lens systems ({a.n_boot} resamples, as `hpc-lensiam probe`). Step time: seconds per "
+             "optimizer step measured by the trainer.", "",
              "| method | augmentation | backbone | theta_E R^2 | e1 R^2 | gamma R^2 | s/step | final loss |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results.values():

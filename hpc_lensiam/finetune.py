@@ -16,10 +16,14 @@
   same data set as ``--train``, the test samples are the ``n_test`` after the first ``n_train``.
 - Targets standardised with the train split's mean/std; AdamW, cosine schedule; MSE loss. With
   ``--freeze-backbone`` the backbone runs once in eval mode and only the linear head is trained.
+- ``--task classify --target is_lens`` (survey-family sets): the lens-finding task, logistic head and
+  BCE, reporting ROC AUC and TPR at FPR 1e-2 / 1e-3 with bootstrap intervals and the ROC curve
+  (finetune_tasks.py, classify_metrics.py); the rest of this page holds for both tasks.
 - Report: test R^2 with a bootstrap 95% interval (1000 resamples, seeded), residual sigma and RMSE
   in the target's units; one line on stdout and, with ``--json``, a JSON file (atomic) that also
   keeps the test targets and predictions, so two backbones can be compared pairwise
-  (:func:`paired_r2_difference`).
+  (``hpc-lensiam compare``; the statistics live in :mod:`hpc_lensiam.stats`). ``--seeds 0,1,2``
+  runs the recipe once per seed (:mod:`hpc_lensiam.seeds`).
 """
 from __future__ import annotations
 
@@ -31,16 +35,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .io import LENS_PARAMS, atomic_write_json, sha256_file
+from .finetune_tasks import check_target  # noqa: F401 (public here since the first release)
+from .io import atomic_write_json, sha256_file
+from .stats import _resample, bootstrap_r2, paired_r2_difference, r2  # noqa: F401  (their old home)
 
-UNITS = {"theta_E": "arcsec", "center_x": "arcsec", "center_y": "arcsec"}
 DEFAULT_ARCH = "resnet101"
-
-
-def check_target(target: str) -> int:
-    if target not in LENS_PARAMS:
-        raise UserError(f"--target: unknown lens parameter {target!r} (expected one of: {', '.join(LENS_PARAMS)})")
-    return LENS_PARAMS.index(target)
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -162,57 +161,21 @@ def _predict(net, images, batch_size, device) -> np.ndarray:
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-# ---------------------------------------------------------------------------------------- metrics
-def r2(y: np.ndarray, p: np.ndarray) -> float:
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    return 1.0 - float(((y - p) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
-
-
-def _resample(y: np.ndarray, n_boot: int, seed: int):
-    """(indices, resampled y, their total sum of squares, NaN where 0): one seeded bootstrap draw."""
-    idx = np.random.default_rng(seed).integers(0, len(y), size=(n_boot, len(y)))
-    yy = y[idx]
-    ss_tot = ((yy - yy.mean(1, keepdims=True)) ** 2).sum(1)
-    return idx, yy, np.where(ss_tot > 0, ss_tot, np.nan)
-
-
-def bootstrap_r2(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    idx, yy, ss_tot = _resample(y, n_boot, seed)
-    vals = 1.0 - ((yy - p[idx]) ** 2).sum(1) / ss_tot
-    lo, hi = np.nanpercentile(vals, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def paired_r2_difference(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, n_boot: int = 1000,
-                         seed: int = 0) -> tuple[float, float, float]:
-    """R^2(a) - R^2(b) on the same test images, with a paired bootstrap 95% interval.
-
-    Resampling the images once for both models cancels the test set's own variance, so two models
-    whose separate intervals overlap can still differ significantly (or not): this is the number
-    to compare backbones with (``report["test_predictions"]`` of two runs on one test set).
-    """
-    y, p_a, p_b = (np.asarray(v, dtype=np.float64) for v in (y, p_a, p_b))
-    if not (len(y) == len(p_a) == len(p_b)) or len(y) < 2:
-        raise ValueError("paired comparison needs predictions for the same >= 2 test images")
-    idx, yy, ss_tot = _resample(y, n_boot, seed)
-    diff = (((yy - p_b[idx]) ** 2).sum(1) - ((yy - p_a[idx]) ** 2).sum(1)) / ss_tot
-    lo, hi = np.nanpercentile(diff, [2.5, 97.5])
-    return r2(y, p_a) - r2(y, p_b), float(lo), float(hi)
-
-
 # ---------------------------------------------------------------------------------------- finetune
 def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_E", n_train: int = 1000,
              n_test: int = 1000, epochs: int = 30, freeze_backbone: bool = False, batch_size: int = 64,
              lr: float | None = None, seed: int = 0, out_json: str | None = None, arch: str | None = None,
              val_fraction: float = 0.2, weight_decay: float = 1e-4, n_boot: int = 1000,
-             progress: bool = True) -> dict:
-    """Regress ``target`` with a linear head on the backbone; return (and print) the test report."""
+             progress: bool = True, task: str = "regress") -> dict:
+    """Regress ``target`` (``task="regress"``) or find lenses (``task="classify"``, target is_lens) with a
+    linear head on the backbone; return (and print) the test report. See finetune_tasks.py."""
     import torch
 
     from .embed.extract import load_images
+    from .finetune_tasks import make_task
     from .io import read_manifest
 
-    j = check_target(target)
+    task = make_task(task, target)
     for name, v, lo in (("--n-train", n_train, 5), ("--n-test", n_test, 2), ("--epochs", epochs, 1),
                         ("--batch-size", batch_size, 1)):
         if v is None or v < lo:
@@ -232,11 +195,11 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
     same = sha256_file(Path(train_dir) / "manifest.json") == sha256_file(Path(test_dir) / "manifest.json")
     if same:
         _, xs, ys = load_images(train_dir, n_train + n_test, what="--train/--test (one data set)")
-        x_tr, y_tr, x_te, y_te = xs[:n_train], ys[:n_train, j], xs[n_train:], ys[n_train:, j]
+        x_tr, y_tr, x_te, y_te = xs[:n_train], ys[:n_train], xs[n_train:], ys[n_train:]
     else:
         _, x_tr, y_tr = load_images(train_dir, n_train, what="--train")
         _, x_te, y_te = load_images(test_dir, n_test, what="--test")
-        y_tr, y_te = y_tr[:, j], y_te[:, j]
+    y_tr, y_te = task.labels(y_tr, f"--train {train_dir}"), task.labels(y_te, f"--test {test_dir}")
     for name, x in (("--train", x_tr), ("--test", x_te)):
         if desc.get("img_size") and x.shape[-2:] != (desc["img_size"],) * 2:
             raise UserError(f"{name}: images are {x.shape[-2]}x{x.shape[-1]} px but the {desc['arch']} backbone "
@@ -247,14 +210,14 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
     if len(tr) < 2:
         raise UserError(f"--n-train {n_train}: too few for a validation split of {val_fraction:.0%}")
     x_va, y_va, x_tr, y_tr = x_tr[va], y_tr[va], x_tr[tr], y_tr[tr]
-    mu, sd = float(y_tr.mean()), float(y_tr.std()) or 1.0
+    task.fit(y_tr)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     lr = lr if lr is not None else (1e-3 if freeze_backbone else 1e-4)
     gen = torch.Generator().manual_seed(seed)
-    t_tr = torch.as_tensor((y_tr - mu) / sd, dtype=torch.float32, device=device)
-    t_va = torch.as_tensor((y_va - mu) / sd, dtype=torch.float32, device=device)
+    t_tr = torch.as_tensor(task.encode(y_tr), dtype=torch.float32, device=device)
+    t_va = torch.as_tensor(task.encode(y_va), dtype=torch.float32, device=device)
 
     if freeze_backbone:  # features once, in eval mode; then only the head learns
         head = model.fc
@@ -268,21 +231,21 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
         params = head.parameters()
 
         def step_loss(idx):
-            return ((head(f_tr[idx].to(device)).squeeze(1) - t_tr[idx]) ** 2).mean()
+            return task.loss(head(f_tr[idx].to(device)).squeeze(1), t_tr[idx])
 
         def val_loss():
             with torch.inference_mode():
-                return float(((head(f_va.to(device)).squeeze(1) - t_va) ** 2).mean())
+                return float(task.loss(head(f_va.to(device)).squeeze(1), t_va))
     else:
         net = model
         params = model.parameters()
 
         def step_loss(idx):
-            return ((_forward(model, x_tr, idx, device) - t_tr[idx.to(device)]) ** 2).mean()
+            return task.loss(_forward(model, x_tr, idx, device), t_tr[idx.to(device)])
 
         def val_loss():
             p = torch.as_tensor(_predict(model, x_va, batch_size, device), device=device)
-            return float(((p - t_va) ** 2).mean())
+            return float(task.loss(p, t_va))
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, sum(1 for _ in _batches(len(x_tr), batch_size, None, not freeze_backbone)))
@@ -322,16 +285,11 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
             p_te = model.fc(f_te.to(device)).squeeze(1).cpu().numpy()
     else:
         p_te = _predict(model, x_te, batch_size, device)
-    p_te = p_te.astype(np.float64) * sd + mu
-    resid = p_te - y_te
-    score = r2(y_te, p_te)
-    ci = bootstrap_r2(y_te, p_te, n_boot, seed)
-    unit = UNITS.get(target, "")
+    p_te = task.decode(p_te)
+    metrics, summary = task.report(y_te, p_te, n_boot, seed, out_json)
     report = {
-        "target": target, "unit": unit or "dimensionless", "backbone": backbone, "arch": desc["arch"],
-        "init": desc["init"], "freeze_backbone": bool(freeze_backbone),
-        "r2": score, "r2_ci95": list(ci), "residual_sigma": float(resid.std(ddof=1)),
-        "rmse": float(np.sqrt((resid ** 2).mean())), "bias": float(resid.mean()),
+        "task": task.name, "target": target, "backbone": backbone, "arch": desc["arch"],
+        "init": desc["init"], "freeze_backbone": bool(freeze_backbone), **metrics,
         "n_train": int(len(tr)), "n_val": int(n_val), "n_test": int(len(y_te)),
         "best_epoch": best[1], "best_val_loss": best[0], "epochs": epochs, "lr": lr,
         "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed, "bootstrap": n_boot,
@@ -339,7 +297,7 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
         "test_from_train_set": same,
         "train_manifest_sha256": sha256_file(Path(train_dir) / "manifest.json"),
         "test_manifest_sha256": sha256_file(Path(test_dir) / "manifest.json"),
-        "target_train_mean": mu, "target_train_std": sd, "seconds": time.perf_counter() - t0,
+        "seconds": time.perf_counter() - t0,
         "history": history,
         "test_targets": [float(v) for v in y_te], "test_predictions": [float(v) for v in p_te],
     }
@@ -347,9 +305,7 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
         report["pretraining"] = desc["sidecar"].get("training")
     if out_json:
         atomic_write_json(out_json, report)
-    u = f" {unit}" if unit else ""
-    print(f"finetune: {target} R^2 = {score:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] (95% bootstrap), residual sigma = "
-          f"{report['residual_sigma']:.4f}{u}; {desc['arch']} {desc['init']}"
+    print(f"finetune: {summary}; {desc['arch']} {desc['init']}"
           f"{', frozen' if freeze_backbone else ''} ({backbone}), {len(tr)} train / {n_val} val / "
           f"{len(y_te)} test, best epoch {best[1]}/{epochs}, {report['seconds']:.0f} s"
           + (f"; report {out_json}" if out_json else ""), flush=True)
