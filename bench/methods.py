@@ -6,7 +6,7 @@ resnet18, plus one LenSiam run of a ViT-small at native resolution: pretrain on 
 for the SAME number of optimizer steps with each method's recipe (``train --method M``), embed the
 SAME held-out pairs, and probe them (ridge, split by lens system, as ``hpc-lensiam probe``). The
 table gives the held-out R^2 of theta_E, e1 and gamma with a 95% bootstrap interval over the test
-systems, the mean step time (seconds per optimizer step, measured by the trainer, first step
+lens systems, the mean step time (seconds per optimizer step, measured by the trainer, first step
 excluded) and the final loss. Every step is the package's own CLI; each finished run is skipped on a
 rerun (its ``probe_<run>.json`` exists) and an interrupted pretraining resumes (``--resume``).
 
