@@ -340,13 +340,21 @@ def simulation_config(preset: str | None = None, config_path: str | Path | None 
 # ---------------------------------------------------------------------------------------- training
 @dataclass
 class TrainConfig:
-    """SimSiam / LenSiam pretraining (the LenSiam paper's recipe). CLI flags override YAML values."""
+    """SimSiam / LenSiam pretraining (the LenSiam paper's recipe). CLI flags override YAML values.
+
+    The defaults below are SimSiam's recipe on a ResNet; ``method`` and ``arch`` choose another
+    recipe (:func:`hpc_lensiam.models.methods.recipe`, docs/methods.md), which
+    :func:`hpc_lensiam.train.loop.train_config` applies under the YAML file and the flags.
+    """
     data: str = ""
     out: str = "runs/pretrain"
     mode: str = "lensiam"                # lensiam: stored pair; simsiam: two augmentations of one image
+    method: str = "simsiam"              # simsiam | byol | vicreg | simclr (docs/methods.md)
+    optimizer: str = "sgd"               # sgd | lars | adamw (the method's/backbone's recipe sets it)
+    lr_scaling: str = "linear"           # linear: lr = base_lr x batch/256; sqrt: base_lr x sqrt(batch)
     engine: str = "ddp"                  # ddp | deepspeed
     precision: str = "fp32"              # fp32 | bf16 | fp16
-    arch: str = "resnet101"              # resnet18 | resnet50 | resnet101
+    arch: str = "resnet101"              # resnet18 | resnet50 | resnet101 | vit_{tiny,small,base}_p{8,10,11}
     zero_init_residual: bool = True      # SimSiam reference init; false for short runs (docs/results.md)
     batch_size: int = 64                 # per rank
     grad_accum: int = 1
@@ -357,8 +365,14 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 10.0
     fix_pred_lr: bool = True
-    proj_dim: int = 2048
-    pred_dim: int = 512
+    proj_dim: int = 2048                 # projector output width
+    proj_hidden_dim: int | None = None   # projector hidden width (None: proj_dim; SimSiam uses proj_dim)
+    pred_dim: int = 512                  # predictor hidden width (SimSiam, BYOL)
+    ema_tau_base: float = 0.996          # BYOL: target decay at step 0, cosine to 1
+    temperature: float = 0.1             # SimCLR: NT-Xent temperature
+    vicreg_sim_coeff: float = 25.0       # VICReg: invariance, variance, covariance weights
+    vicreg_std_coeff: float = 25.0
+    vicreg_cov_coeff: float = 1.0
     workers: int = 2
     shuffle_buffer: int = 1000
     seed: int = 0
@@ -371,8 +385,12 @@ class TrainConfig:
     verify: bool = False                 # sha256 of every shard against the manifest before training
 
     def validate(self, where: str) -> None:
+        from .models.backbones import ARCHS
+        from .models.methods import METHODS
+        from .train.optim import OPTIMIZERS
         choices = {"mode": ("lensiam", "simsiam"), "engine": ("ddp", "deepspeed"),
-                   "precision": ("fp32", "bf16", "fp16"), "arch": ("resnet18", "resnet50", "resnet101")}
+                   "precision": ("fp32", "bf16", "fp16"), "arch": ARCHS, "method": tuple(METHODS),
+                   "optimizer": OPTIMIZERS, "lr_scaling": ("linear", "sqrt")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{where}.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -391,6 +409,15 @@ class TrainConfig:
             raise ConfigError(f"{where}.seed: must be >= 0, got {self.seed}")
         if self.shuffle_buffer < 1:
             raise ConfigError(f"{where}.shuffle_buffer: must be >= 1, got {self.shuffle_buffer}")
+        if self.proj_hidden_dim is not None and self.proj_hidden_dim < 1:
+            raise ConfigError(f"{where}.proj_hidden_dim: must be >= 1, got {self.proj_hidden_dim}")
+        if not 0.0 <= self.ema_tau_base <= 1.0:
+            raise ConfigError(f"{where}.ema_tau_base: {self.ema_tau_base} is not in [0, 1]")
+        if self.temperature <= 0:
+            raise ConfigError(f"{where}.temperature: must be > 0, got {self.temperature}")
+        for name in ("vicreg_sim_coeff", "vicreg_std_coeff", "vicreg_cov_coeff"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
         if self.zero_stage not in (0, 1):
             raise ConfigError(f"{where}.zero_stage: expected 0 or 1 (ZeRO buys nothing for ResNet101)")
 

@@ -1,15 +1,20 @@
-"""Export a pretrained backbone as a stock torchvision ResNet state_dict (+ a JSON sidecar).
+"""Export a pretrained backbone as a stock library state_dict (+ a JSON sidecar).
 
-Contract (facebookresearch/simsiam's main_lincls.py): keep ``encoder.*`` minus ``encoder.fc.*``
-(the projector), strip the prefix. Training uses a 1-channel ``conv1`` (models/simsiam.py); it is
-folded into torchvision's 3-channel ``conv1`` as ``w3 = repeat(w1, 3) / 3``, so an image (divided by
-its max, as in training) repeated on 3 channels gives the same features as the trained backbone.
-``torchvision.models.<arch>()`` then loads the file with ``strict=False``, missing exactly
-``fc.weight`` and ``fc.bias`` and nothing unexpected; the exporter checks that, and checks the
-features against the trained backbone on a test image, before writing anything.
+Contract (facebookresearch/simsiam's main_lincls.py), for every SSL method: keep the online
+``encoder.*`` minus its projector (``encoder.fc.*`` for ResNets, ``encoder.head.*`` for ViTs),
+strip the prefix; a BYOL momentum target (``target_encoder.*``) is not exported. Each backbone of
+:mod:`hpc_lensiam.models.backbones` states its export contract:
 
-Reads DDP ``last.pt`` files, run folders and DeepSpeed checkpoint folders alike
-(:func:`hpc_lensiam.train.checkpoint.load_model_state`).
+- ResNets: the 1-channel ``conv1`` is folded into torchvision's 3-channel ``conv1`` as
+  ``w3 = repeat(w1, 3) / 3``, so an image (divided by its max, as in training) repeated on 3
+  channels gives the same features as the trained backbone; ``torchvision.models.<arch>()`` loads
+  the file with ``strict=False``, missing exactly ``fc.weight`` and ``fc.bias``.
+- ViTs: ``timm.create_model(name, img_size=H, patch_size=P, in_chans=1, num_classes=0)`` loads the
+  file strictly (with a classifier head: missing exactly ``head.weight``, ``head.bias``).
+
+The exporter checks the keys, and the features against the trained backbone on a test image,
+before writing anything. Reads DDP ``last.pt`` files, run folders and DeepSpeed checkpoint
+folders alike (:func:`hpc_lensiam.train.checkpoint.load_model_state`).
 """
 from __future__ import annotations
 
@@ -20,30 +25,17 @@ from pathlib import Path
 
 from .errors import UserError
 from .io import atomic_path, atomic_write_json, check_output_file, check_torch_file, read_manifest, sha256_json
+from .models.backbones.resnet import CHANNELS, fold_conv1, infer_arch, to_torchvision
+from .models.backbones.resnet import RESNETS as _RESNETS
 
 FORMATS = ("pt", "safetensors")
 SIDECAR_FORMAT = "hpc_lensiam.backbone/1"
 NORMALISATION = "each image divided by its maximum (max = 1), as the shards store it; no mean/std subtraction"
-CHANNELS = "grayscale image repeated on 3 channels (conv1 folded from the 1-channel training stem)"
-# torchvision ResNets by (bottleneck blocks?, blocks per stage)
-_RESNETS = {(False, (2, 2, 2, 2)): "resnet18", (False, (3, 4, 6, 3)): "resnet34",
-            (True, (3, 4, 6, 3)): "resnet50", (True, (3, 4, 23, 3)): "resnet101",
-            (True, (3, 8, 36, 3)): "resnet152"}
+__all__ = ["CHANNELS", "FORMATS", "_RESNETS", "backbone_from_checkpoint", "export_backbone", "fold_conv1",
+           "infer_arch", "load_backbone", "read_backbone_file", "read_sidecar", "to_torchvision"]
 
 
 # ------------------------------------------------------------------------------------ helpers
-def infer_arch(state: dict) -> str | None:
-    """torchvision ResNet name from a backbone state_dict's keys (None if it is not one)."""
-    counts = []
-    for i in range(1, 5):
-        idx = {int(k.split(".")[1]) for k in state if k.startswith(f"layer{i}.") and k.split(".")[1].isdigit()}
-        if not idx:
-            return None
-        counts.append(max(idx) + 1)
-    bottleneck = any(k.startswith("layer1.0.conv3.") for k in state)
-    return _RESNETS.get((bottleneck, tuple(counts)))
-
-
 def state_sha256(state: dict) -> str:
     """Hash of a state_dict's names, dtypes, shapes and values (format-independent identity)."""
     import torch
@@ -63,15 +55,6 @@ def sidecar_path(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".json")
 
 
-def fold_conv1(state: dict) -> dict:
-    """1-channel ``conv1.weight`` -> 3-channel ``repeat / 3`` (same output on a repeated image)."""
-    w = state.get("conv1.weight")
-    if w is not None and w.shape[1] == 1:
-        state = dict(state)
-        state["conv1.weight"] = (w.repeat(1, 3, 1, 1) / 3.0).contiguous()
-    return state
-
-
 def _image_shape(config: dict | None):
     data = (config or {}).get("data")
     if not data:
@@ -87,8 +70,10 @@ def backbone_from_checkpoint(checkpoint: str | os.PathLike, arch: str | None = N
     """(1-channel backbone state for ``build_backbone``, info) from any training checkpoint.
 
     ``arch``, if given, is what the caller expects: a checkpoint of another arch is a UserError.
+    ResNets are recognised from their weights; a ViT from the checkpoint's config (its image side
+    from the position embedding).
     """
-    from .models.simsiam import backbone_state_dict, feature_dim
+    from .models.backbones import BACKBONES, backbone_state_dict
     from .train.checkpoint import load_model_state
 
     if not Path(checkpoint).exists():
@@ -97,25 +82,30 @@ def backbone_from_checkpoint(checkpoint: str | os.PathLike, arch: str | None = N
     if Path(checkpoint).is_file():
         check_torch_file(checkpoint)
     state, config, step = load_model_state(checkpoint)
-    bb = backbone_state_dict(state)
-    if not bb or "conv1.weight" not in bb:
-        raise UserError(f"{checkpoint}: no encoder.* backbone weights: not a SimSiam/LenSiam training "
-                        "checkpoint (an exported backbone goes to `finetune --backbone`, not here)")
     config = config if isinstance(config, dict) else {}
-    found = infer_arch(bb)
     declared = config.get("arch")
-    if found is None:
-        raise UserError(f"{checkpoint}: backbone weights match no torchvision ResNet")
-    if declared and declared != found:
-        raise UserError(f"{checkpoint}: its config says arch {declared!r} but its weights are a {found}")
+    spec = BACKBONES.get(declared)
+    vit = spec is not None and spec.family == "timm"
+    bb = backbone_state_dict(state, spec.head if vit else "fc")
+    if not bb or ("pos_embed" not in bb if vit else "conv1.weight" not in bb):
+        raise UserError(f"{checkpoint}: no encoder.* backbone weights: not a pretraining checkpoint "
+                        "(an exported backbone goes to `finetune --backbone`, not here)")
+    img_size = None
+    if vit:
+        found, img_size = declared, spec.img_size_of(bb)
+    else:
+        found = infer_arch(bb)
+        if found is None:
+            raise UserError(f"{checkpoint}: backbone weights match no torchvision ResNet")
+        if declared and declared != found:
+            raise UserError(f"{checkpoint}: its config says arch {declared!r} but its weights are a {found}")
     if arch and arch != found:
         raise UserError(f"{checkpoint}: checkpoint of the wrong arch: {found}, expected {arch}")
-    try:
-        dim = feature_dim(found)
-    except ValueError as exc:
-        raise UserError(f"{checkpoint}: {exc}") from None
-    info = {"arch": found, "mode": config.get("mode", "unknown"), "step": int(step or 0),
-            "config_hash": sha256_json(config) if config else "", "feature_dim": dim,
+    if found not in BACKBONES:
+        raise UserError(f"{checkpoint}: unknown arch {found!r} (expected one of: {', '.join(BACKBONES)})")
+    info = {"arch": found, "mode": config.get("mode", "unknown"), "method": config.get("method", "simsiam"),
+            "step": int(step or 0), "config_hash": sha256_json(config) if config else "",
+            "feature_dim": BACKBONES[found].feature_dim, "img_size": img_size,
             "weights_sha256": state_sha256(bb), "engine": config.get("engine", "unknown"),
             "image_shape": _image_shape(config), "checkpoint": str(Path(checkpoint).resolve())}
     return bb, info
@@ -123,13 +113,13 @@ def backbone_from_checkpoint(checkpoint: str | os.PathLike, arch: str | None = N
 
 def load_backbone(checkpoint: str | os.PathLike, arch: str | None = None):
     """(trained 1-channel backbone module in eval mode, info) from a training checkpoint."""
-    from .models.simsiam import build_backbone
+    from .models.backbones import build_backbone
 
     bb, info = backbone_from_checkpoint(checkpoint, arch)
-    net = build_backbone(info["arch"])
     try:
+        net = build_backbone(info["arch"], img_size=info["img_size"])
         net.load_state_dict(bb, strict=True)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         raise UserError(f"{checkpoint}: backbone weights do not fit {info['arch']} "
                         f"({str(exc).splitlines()[0]})") from None
     return net.eval(), info
@@ -141,46 +131,31 @@ def checkpoint_fingerprint(checkpoint: str | os.PathLike) -> str:
 
 
 # --------------------------------------------------------------------------------------- export
-def to_torchvision(bb: dict, arch: str):
-    """Fold conv1, load into ``torchvision.models.<arch>()`` checking the missing/unexpected keys."""
-    import torchvision
-
-    state = fold_conv1(bb)
-    tv = getattr(torchvision.models, arch)(weights=None)
-    try:
-        res = tv.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise UserError(f"backbone weights do not fit torchvision {arch} ({str(exc).splitlines()[0]})") from None
-    if sorted(res.missing_keys) != ["fc.bias", "fc.weight"] or res.unexpected_keys:
-        raise RuntimeError(f"export contract broken for {arch}: missing {res.missing_keys}, "
-                           f"unexpected {res.unexpected_keys} (expected missing fc.weight, fc.bias only)")
-    return state, tv
-
-
 def export_backbone(checkpoint: str, out: str, fmt: str = "pt", arch: str | None = None) -> dict:
-    """Write ``out`` (torchvision state_dict, ``.pt`` or safetensors) and ``out.json``; return the sidecar."""
+    """Write ``out`` (library state_dict, ``.pt`` or safetensors) and ``out.json``; return the sidecar."""
     import torch
-    import torch.nn as nn
+
+    from .models.backbones import get
 
     if fmt not in FORMATS:
         raise UserError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
     check_output_file(out, "--out")
-    net, info = load_backbone(checkpoint, arch)
-    state, tv = to_torchvision(net.state_dict(), info["arch"])
 
-    # the promise, checked: a repeated grayscale image gives the trained backbone's features
-    tv.fc = nn.Identity()
-    tv.eval()
+    net, info = load_backbone(checkpoint, arch)
+    ex = get(info["arch"]).export(net.state_dict(), info["img_size"])
+
+    # the promise, checked: the library model gives the trained backbone's features
     g = torch.Generator().manual_seed(0)
-    side = (info["image_shape"] or [64, 64])
+    side = [info["img_size"]] * 2 if info["img_size"] else (info["image_shape"] or [64, 64])
     x = torch.rand(2, 1, *side, generator=g)
     x = x / x.amax(dim=(2, 3), keepdim=True)
     with torch.inference_mode():
-        a, b = net(x), tv(x.repeat(1, 3, 1, 1))
+        a, b = net(x), ex.model(x.repeat(1, ex.in_chans, 1, 1))
     err = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
     if err > 1e-4:
-        raise RuntimeError(f"export: torchvision {info['arch']} features differ from the trained backbone "
+        raise RuntimeError(f"export: the library {info['arch']} features differ from the trained backbone "
                            f"(max relative error {err:.2e})")
+    state = ex.state
 
     out = Path(out)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -195,22 +170,24 @@ def export_backbone(checkpoint: str, out: str, fmt: str = "pt", arch: str | None
         "format": SIDECAR_FORMAT,
         "weights": out.name, "weights_format": fmt, "weights_sha256": state_sha256(state),
         "arch": info["arch"], "feature_dim": info["feature_dim"], "num_parameters": n_params,
-        "load": (f"m = torchvision.models.{info['arch']}(); "
-                 f"m.load_state_dict({'torch.load(f)' if fmt == 'pt' else 'safetensors.torch.load_file(f)'}, "
-                 "strict=False)  # missing only fc.weight, fc.bias"),
-        "input": {"channels": 3, "channel_note": CHANNELS, "size": info["image_shape"],
-                  "size_note": "training image size (native, no resize); global pooling accepts any size",
+        "load": ex.load.replace("STATE", "torch.load(f)" if fmt == "pt" else "safetensors.torch.load_file(f)"),
+        **ex.library,
+        "input": {"channels": ex.in_chans, "channel_note": ex.channel_note,
+                  "size": [info["img_size"]] * 2 if info["img_size"] else info["image_shape"],
+                  "size_note": ("training image size (native, no resize); "
+                                + ("the ViT's position embedding fixes it" if info["img_size"] else
+                                   "global pooling accepts any size")),
                   "normalisation": NORMALISATION, "dtype": "float32"},
-        "training": {"mode": info["mode"], "step": info["step"], "config_hash": info["config_hash"],
-                     "engine": info["engine"], "checkpoint": info["checkpoint"],
+        "training": {"method": info["method"], "mode": info["mode"], "step": info["step"],
+                     "config_hash": info["config_hash"], "engine": info["engine"], "checkpoint": info["checkpoint"],
                      "backbone_weights_sha256": info["weights_sha256"]},
         "check": {"features_max_relative_error": err},
     }
     atomic_write_json(sidecar_path(out), sidecar)
-    print(f"export: {info['arch']} backbone ({info['mode']}, step {info['step']}, "
-          f"{n_params / 1e6:.1f}M parameters, conv1 folded 1->3 channels, feature check {err:.1e}) -> {out} "
-          f"[{fmt}]; torchvision.models.{info['arch']}() loads it with strict=False, missing only "
-          f"fc.weight/fc.bias; sidecar {sidecar_path(out)}", flush=True)
+    print(f"export: {info['arch']} backbone ({info['method']}, {info['mode']}, step {info['step']}, "
+          f"{n_params / 1e6:.1f}M parameters, {ex.in_chans}-channel input, feature check {err:.1e}) -> {out} "
+          f"[{fmt}]; {ex.load.split(';')[0].removeprefix('m = ')} loads it ({ex.load.split('#')[-1].strip()}); "
+          f"sidecar {sidecar_path(out)}", flush=True)
     return sidecar
 
 

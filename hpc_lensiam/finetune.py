@@ -7,6 +7,8 @@
   weights file (arch inferred from the keys; ``fc`` dropped), or ``none``: the same arch at random
   init, the no-pretraining baseline (``--arch``, default resnet101). Its ``fc`` becomes
   ``Linear(feature_dim, 1)``.
+  A ViT export (``--arch vit_*`` pretraining) is rebuilt with ``timm.create_model`` from the
+  arguments in its sidecar; it reads the single grayscale channel at its training size.
 - Input, the export contract: each image divided by its max (as stored) and repeated on 3 channels.
 - The first ``n_train`` samples of ``--train`` (manifest order) are split ``1 - val_fraction`` /
   ``val_fraction`` with the seed; the epoch with the lowest validation loss is kept. The first
@@ -34,53 +36,101 @@ import numpy as np
 
 from .errors import UserError
 from .finetune_tasks import check_target  # noqa: F401 (public here since the first release)
-from .io import atomic_write_json, check_output_file, sha256_file
+from .io import atomic_write_json, check_output_file, read_manifest, sha256_file
 from .stats import _resample, bootstrap_r2, paired_r2_difference, r2  # noqa: F401  (their old home)
 
 DEFAULT_ARCH = "resnet101"
 
 
 # ---------------------------------------------------------------------------------------- model
-def build_model(backbone: str, arch: str | None, seed: int):
-    """(torchvision ResNet with fc = Linear(D, 1), description dict)."""
+def _vit_regressor(vit, dim: int):
+    """A timm ViT (1 channel) behind the torchvision-shaped interface the loop uses: ``.fc`` head and
+    the 3-channel repeated input, of which it reads one channel (all three are the same image)."""
+    import torch.nn as nn
+
+    class _ViTRegressor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit, self.fc = vit, nn.Linear(dim, 1)
+
+        def forward(self, x):
+            return self.fc(self.vit(x[:, :1]))
+
+    return _ViTRegressor()
+
+
+def build_model(backbone: str, arch: str | None, seed: int, img_size: int | None = None):
+    """(torchvision ResNet or timm ViT with fc = Linear(D, 1), description dict).
+
+    ``img_size``: the data's image side, needed only to build a random-init ViT (``--backbone none``).
+    """
     import torch
     import torch.nn as nn
     import torchvision
 
     from .export import _RESNETS, fold_conv1, infer_arch, read_backbone_file, read_sidecar
+    from .models.backbones import BACKBONES, build_backbone
 
-    known = sorted(set(_RESNETS.values()))
+    vits = [a for a, s in BACKBONES.items() if s.family == "timm"]
+    known = sorted(set(_RESNETS.values())) + vits
     if arch is not None and arch not in known:
         raise UserError(f"--arch: {arch!r} is not one of {', '.join(known)}")
     torch.manual_seed(seed)
     desc = {"backbone": backbone}
     if backbone.lower() == "none":
         arch = arch or DEFAULT_ARCH
-        model = getattr(torchvision.models, arch)(weights=None)
+        if arch in vits:
+            try:
+                vit = build_backbone(arch, img_size=img_size)
+            except ValueError as exc:
+                raise UserError(f"--arch: {exc}") from None
+            model = _vit_regressor(vit, BACKBONES[arch].feature_dim)
+            desc.update(img_size=img_size)
+        else:
+            model = getattr(torchvision.models, arch)(weights=None)
         desc.update(arch=arch, init="random (no pretraining)")
     else:
         state = read_backbone_file(backbone)
-        found = infer_arch(state)
-        if found is None:
-            raise UserError(f"{backbone}: weights match no torchvision ResNet")
         side = read_sidecar(backbone)
-        if side and side.get("arch") and side["arch"] != found:
-            raise UserError(f"{backbone}: sidecar says arch {side['arch']!r} but the weights are a {found}")
-        if arch and arch != found:
-            raise UserError(f"{backbone}: backbone of the wrong arch: {found}, --arch asked for {arch}")
-        arch = found
-        model = getattr(torchvision.models, arch)(weights=None)
-        try:
-            res = model.load_state_dict(fold_conv1(state), strict=False)
-        except RuntimeError as exc:
-            raise UserError(f"{backbone}: weights do not fit torchvision {arch} "
-                            f"({str(exc).splitlines()[0]})") from None
-        if set(res.missing_keys) - {"fc.weight", "fc.bias"} or res.unexpected_keys:
-            raise UserError(f"{backbone}: not a complete {arch} backbone (missing {res.missing_keys[:3]}, "
-                            f"unexpected {res.unexpected_keys[:3]})")
-        desc.update(arch=arch, init="pretrained", sidecar=side)
+        if "pos_embed" in state:   # a ViT export: timm's arguments come from the sidecar
+            if not (side and side.get("timm") and side.get("arch") in vits):
+                raise UserError(f"{backbone}: a ViT backbone needs its `hpc-lensiam export` sidecar "
+                                f"({backbone}.json, with the timm arguments)")
+            found = side["arch"]
+            if arch and arch != found:
+                raise UserError(f"{backbone}: backbone of the wrong arch: {found}, --arch asked for {arch}")
+            import timm
+            kw = dict(side["timm"])
+            vit = timm.create_model(kw.pop("model_name"), pretrained=False, **kw)
+            try:
+                vit.load_state_dict(state, strict=True)
+            except RuntimeError as exc:
+                raise UserError(f"{backbone}: weights do not fit timm {found} "
+                                f"({str(exc).splitlines()[0]})") from None
+            model = _vit_regressor(vit, BACKBONES[found].feature_dim)
+            desc.update(arch=found, init="pretrained", sidecar=side, img_size=kw["img_size"])
+        else:
+            found = infer_arch(state)
+            if found is None:
+                raise UserError(f"{backbone}: weights match no torchvision ResNet")
+            if side and side.get("arch") and side["arch"] != found:
+                raise UserError(f"{backbone}: sidecar says arch {side['arch']!r} but the weights are a {found}")
+            if arch and arch != found:
+                raise UserError(f"{backbone}: backbone of the wrong arch: {found}, --arch asked for {arch}")
+            arch = found
+            model = getattr(torchvision.models, arch)(weights=None)
+            try:
+                res = model.load_state_dict(fold_conv1(state), strict=False)
+            except RuntimeError as exc:
+                raise UserError(f"{backbone}: weights do not fit torchvision {arch} "
+                                f"({str(exc).splitlines()[0]})") from None
+            if set(res.missing_keys) - {"fc.weight", "fc.bias"} or res.unexpected_keys:
+                raise UserError(f"{backbone}: not a complete {arch} backbone (missing {res.missing_keys[:3]}, "
+                                f"unexpected {res.unexpected_keys[:3]})")
+            desc.update(arch=arch, init="pretrained", sidecar=side)
     dim = model.fc.in_features
-    model.fc = nn.Linear(dim, 1)
+    if not isinstance(model.fc, nn.Linear) or model.fc.out_features != 1:
+        model.fc = nn.Linear(dim, 1)
     desc["feature_dim"] = dim
     return model, desc
 
@@ -116,7 +166,6 @@ def same_data(train_dir: str, test_dir: str, n: int) -> bool:
     """Whether ``--test`` is the same data as ``--train`` for the first ``n`` samples: the same
     manifest, or shards with identical sha256s in the same order (e.g. the same --seed simulated
     into two folders). Then the test samples are taken after the train ones."""
-    from .io import read_manifest
     a, b = read_manifest(train_dir), read_manifest(test_dir)
     if sha256_file(Path(train_dir) / "manifest.json") == sha256_file(Path(test_dir) / "manifest.json"):
         return True
@@ -166,7 +215,10 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
     if out_json:
         check_output_file(out_json, "--json")
     t0 = time.perf_counter()
-    model, desc = build_model(backbone, arch, seed)  # bad backbone / arch fails before data loading
+    img_size = None
+    if backbone.lower() == "none" and (arch or "").startswith("vit"):   # a random-init ViT: the data's side
+        img_size = (read_manifest(train_dir).get("image_shape") or [None])[-1]
+    model, desc = build_model(backbone, arch, seed, img_size)  # bad backbone / arch fails before data loading
 
     # ---- data: train (-> train/val) and an independent test set, used once at the end
     same = same_data(train_dir, test_dir, n_train + n_test)
@@ -182,6 +234,10 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
         print(f"finetune: warning: {shared} of {len(x_te)} test images also appear in the training "
               f"samples ({train_dir}, {test_dir}): the test score is not independent (simulate the test "
               f"set with another --seed)", file=sys.stderr, flush=True)
+    for name, x in (("--train", x_tr), ("--test", x_te)):
+        if desc.get("img_size") and x.shape[-2:] != (desc["img_size"],) * 2:
+            raise UserError(f"{name}: images are {x.shape[-2]}x{x.shape[-1]} px but the {desc['arch']} backbone "
+                            f"takes {desc['img_size']}x{desc['img_size']} (a ViT at its training resolution)")
     n_val = max(1, int(round(val_fraction * n_train)))
     perm = np.random.default_rng(seed).permutation(n_train)
     va, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])

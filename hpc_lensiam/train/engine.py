@@ -29,6 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import ConfigError, UserError
 from .checkpoint import DS_DIR, LAST, save_checkpoint
+from .optim import build_optimizer
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -169,15 +170,14 @@ class Engine:
 
     # ------------------------------------------------------------------------------- model
     def wrap(self, model: nn.Module, param_groups: list[dict]) -> None:
-        """Move ``model`` to the device and wrap it; SGD over ``param_groups`` (``model``'s parameters)."""
+        """Move ``model`` to the device and wrap it; ``cfg.optimizer`` over ``param_groups`` (``model``'s)."""
         if self.world_size > 1:
             model = convert_sync_batchnorm(model, self.cuda)
         model = model.to(self.device)
         if self.cuda and self.cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.module = model
-        optimizer = torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=self.cfg.momentum,
-                                    weight_decay=self.cfg.weight_decay)
+        optimizer = build_optimizer(self.cfg, param_groups)
         if self.kind == "deepspeed":
             import deepspeed
             self.model, self.optimizer, _, _ = deepspeed.initialize(

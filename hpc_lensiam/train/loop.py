@@ -23,24 +23,31 @@ import torch
 
 from ..config import TrainConfig, from_dict, merge, read_yaml, to_dict
 from ..errors import UserError
-from ..io import atomic_path
-from ..models.simsiam import SimSiam, simsiam_loss, z_std
+from ..io import atomic_path, read_manifest
+from ..models.methods import build_method, recipe
+from ..models.methods.simsiam import z_std
 from .checkpoint import LAST, load_checkpoint
 from .rundir import RunDir
 
 
 def train_config(config_path: str | None = None, **overrides) -> TrainConfig:
-    """TrainConfig from defaults <- YAML file <- keyword overrides (the CLI flags; None = unset)."""
-    cfg = TrainConfig()
-    if config_path:
-        cfg = from_dict(TrainConfig, read_yaml(config_path), str(config_path))
+    """TrainConfig from defaults <- the method's recipe <- YAML file <- keyword overrides (the CLI
+    flags; None = unset). The recipe is that of the chosen ``method`` on the chosen ``arch``."""
+    data = read_yaml(config_path) if config_path else {}
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    pick = {**TrainConfig().__dict__, **data, **overrides}
+    base = recipe(pick["method"], pick["arch"])
+    cfg = from_dict(TrainConfig, base, "recipe") if base else TrainConfig()
+    if config_path:
+        cfg = merge(cfg, data, str(config_path))
     return merge(cfg, overrides, "flags") if overrides else cfg
 
 
 def scaled_lr(cfg: TrainConfig, world_size: int) -> float:
-    """lr = base_lr x global_batch / 256, global = per-rank batch x world size x grad accumulation."""
-    return cfg.base_lr * cfg.batch_size * world_size * cfg.grad_accum / 256
+    """lr = base_lr x global_batch / 256 (``lr_scaling`` linear) or base_lr x sqrt(global_batch)
+    (sqrt, SimCLR's small-batch rule); global = per-rank batch x world size x grad accumulation."""
+    global_batch = cfg.batch_size * world_size * cfg.grad_accum
+    return cfg.base_lr * (math.sqrt(global_batch) if cfg.lr_scaling == "sqrt" else global_batch / 256)
 
 
 def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -116,10 +123,13 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
     lr0 = scaled_lr(cfg, engine.world_size)
 
     torch.manual_seed(cfg.seed)
-    model = SimSiam(cfg.arch, cfg.proj_dim, cfg.pred_dim, cfg.zero_init_residual)
-    groups = [{"params": list(model.encoder.parameters()), "lr": lr0, "fix_lr": False},
-              {"params": list(model.predictor.parameters()), "lr": lr0, "fix_lr": cfg.fix_pred_lr}]
-    engine.wrap(model, groups)
+    img_size = (read_manifest(cfg.data).get("image_shape") or [None])[-1]   # native side (ViT patch grid)
+    try:
+        model = build_method(cfg, img_size)
+    except ValueError as exc:
+        raise UserError(f"{cfg.data}: {exc}") from None
+    engine.wrap(model, model.param_groups(lr0, cfg.fix_pred_lr))
+    method = engine.module   # the unwrapped model: its loss and after-step hook
 
     step = 0
     if resume:
@@ -128,9 +138,10 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
             engine.load(ckpt, ckpt_dir)
         except (RuntimeError, KeyError, ValueError) as exc:   # another arch/width, a foreign file
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            was = (ckpt.get("config") or {}).get("method", "simsiam")
             raise UserError(f"{ckpt_dir / LAST}: cannot resume this run with --arch {cfg.arch} "
-                            f"--proj-dim {cfg.proj_dim} --pred-dim {cfg.pred_dim} "
-                            f"(checkpoint arch {ckpt.get('arch')!r}): {first}") from None
+                            f"--proj-dim {cfg.proj_dim} --pred-dim {cfg.pred_dim} --method {cfg.method} "
+                            f"(checkpoint arch {ckpt.get('arch')!r}, method {was!r}): {first}") from None
         run.check_resume(ckpt, ckpt_dir / LAST)
         step = int(ckpt["step"])
         rng = ckpt.get("rng") or {}
@@ -144,13 +155,14 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
             print(f"warning: {ckpt_dir / LAST} was trained with {ckpt['scheduler']['steps_per_epoch']} "
                   f"steps/epoch, now {spe}: the lr schedule changes", file=sys.stderr)
 
+    rule = f"sqrt({global_batch})" if cfg.lr_scaling == "sqrt" else f"{global_batch}/256"
+    pred = f" (predictor {'fixed' if cfg.fix_pred_lr else 'scheduled'})" if hasattr(method, "predictor") else ""
     backend = engine.backend if engine.world_size > 1 or cfg.engine == "deepspeed" else "single process"
-    say(f"train: {cfg.mode} | {cfg.arch} | engine {cfg.engine} | {engine.world_size} rank(s) on "
-        f"{engine.device.type} ({backend})"
+    say(f"train: {cfg.method} | {cfg.mode} | {cfg.arch} | {cfg.optimizer} | engine {cfg.engine} | "
+        f"{engine.world_size} rank(s) on {engine.device.type} ({backend})"
         f"{' + SyncBatchNorm' if engine.world_size > 1 else ''} | {cfg.precision}")
     say(f"train: global batch {cfg.batch_size} x {engine.world_size} rank(s) x {cfg.grad_accum} accum = "
-        f"{global_batch}; lr = {cfg.base_lr} x {global_batch}/256 = {lr0:.6g} (predictor "
-        f"{'fixed' if cfg.fix_pred_lr else 'scheduled'}); {spe} steps/epoch x {cfg.epochs} epochs = "
+        f"{global_batch}; lr = {cfg.base_lr} x {rule} = {lr0:.6g}{pred}; {spe} steps/epoch x {cfg.epochs} epochs = "
         f"{total} steps, warm-up {warmup}; {'resuming at step ' + str(step) if resume else 'from step 0'}"
         f"{f', stopping at {end}' if end < total else ''}")
 
@@ -205,14 +217,14 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
                     g = torch.Generator(device=engine.device)
                     g.manual_seed(_seed(cfg.seed, engine.rank, step, micro))
                     x1, x2 = make_pair(to_device(batch["x"]), g)
-                p1, p2, z1, z2 = engine.forward(x1, x2)
-                loss = simsiam_loss(p1, p2, z1, z2)
+                loss, z1 = method.loss(*engine.forward(x1, x2))
                 engine.backward(loss)
                 acc[:2] += torch.stack([loss.detach().float(), z_std(z1)]) / cfg.grad_accum
                 acc[2] += int(batch["bad"])
                 if not engine.step():
                     continue
                 step += 1
+                method.after_step(step, total)   # e.g. BYOL's EMA target update
                 acc[3] = float(stop.signum > 0)
                 red = engine.all_reduce_sum(acc).cpu()      # one small collective and one sync per step
                 loss_v, std_v = (red[:2] / engine.world_size).tolist()

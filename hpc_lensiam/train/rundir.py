@@ -29,8 +29,10 @@ from ..lock import DirLock, prepare_dir
 METRICS = ("step", "epoch", "loss", "lr", "z_std", "images_per_s")
 # What makes a resumed run the same run: its data (manifest sha256) and these keys. Not guarded:
 # epochs/max_steps (extending a run), engine/precision/workers (how it runs), logging cadence.
-GUARDED = ("mode", "arch", "seed", "base_lr", "batch_size", "grad_accum", "momentum", "weight_decay",
-           "warmup_epochs", "fix_pred_lr", "proj_dim", "pred_dim", "zero_init_residual", "shuffle_buffer")
+GUARDED = ("mode", "method", "arch", "seed", "base_lr", "lr_scaling", "optimizer", "batch_size", "grad_accum",
+           "momentum", "weight_decay", "warmup_epochs", "fix_pred_lr", "proj_dim", "proj_hidden_dim", "pred_dim",
+           "ema_tau_base", "temperature", "vicreg_sim_coeff", "vicreg_std_coeff", "vicreg_cov_coeff",
+           "zero_init_residual", "shuffle_buffer")
 HISTORY = "config_history.yaml"
 
 

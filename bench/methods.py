@@ -1,0 +1,176 @@
+"""Does lens augmentation help every SSL method? Probe R^2 per method x augmentation, same data and budget.
+
+For each method (SimSiam, BYOL, VICReg, SimCLR) x {lens augmentation (LenSiam pairs, ``--mode
+lensiam``), standard augmentation (two SimSiam augmentations of view 1, ``--mode simsiam``)} on a
+resnet18, plus one LenSiam run of a ViT-small at native resolution: pretrain on the SAME shards
+for the SAME number of optimizer steps with each method's recipe (``train --method M``), embed the
+SAME held-out pairs, and probe them (ridge, split by lens system, as ``hpc-lensiam probe``). The
+table gives the held-out R^2 of theta_E, e1 and gamma with a 95% bootstrap interval over the test
+lens systems, the mean step time (seconds per optimizer step, measured by the trainer, first step
+excluded) and the final loss. Every step is the package's own CLI; each finished run is skipped on a
+rerun (its ``probe_<run>.json`` exists) and an interrupted pretraining resumes (``--resume``).
+
+    .venv/bin/python bench/methods.py                          # 2,048 pairs, 320 steps: hours on 2 cores
+    .venv/bin/python bench/methods.py --pairs 128 --probe-pairs 64 --steps 4 --num-pix 40 \\
+        --batch-size 16 --vit vit_tiny_p8 --out runs/methods-smoke    # smoke test, minutes
+
+Writes ``OUT/methods.md`` (the table, the budget, the commands) and ``OUT/methods.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO))
+PARAMS = ("theta_E", "e1", "gamma")
+AUGS = {"lens": "lensiam", "standard": "simsiam"}
+
+
+def run(cmd: list, log: list, name: str) -> None:
+    cmd = [str(c) for c in cmd]
+    print(f"\n[methods] {name}: {shlex.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=REPO)
+    log.append({"step": name, "seconds": time.perf_counter() - t0,
+                "command": shlex.join(cmd).replace(str(BIN) + "/", ".venv/bin/").replace(str(REPO) + "/", "")})
+
+
+def probe_with_intervals(emb_path: Path, n_boot: int) -> dict:
+    """Ridge (and k-NN) probe of PARAMS as ``hpc-lensiam probe`` runs it: same split, CV and 95%
+    bootstrap intervals over the test lens systems (both views resampled together)."""
+    from hpc_lensiam.embed.extract import load_embeddings
+    from hpc_lensiam.embed.probe import probe_arrays, split_by_key
+
+    emb = load_embeddings(emb_path)
+    test = split_by_key(emb["keys"])
+    res = probe_arrays(emb["features"], {p: emb["params"][p] for p in PARAMS}, emb["pair_id"], test,
+                       n_boot=n_boot)
+    out = {p: {"r2": res["ridge"][p], "ci95": list(res["ridge_ci95"][p]), "knn_r2": res["knn"][p]} for p in PARAMS}
+    return {"params": out, "n_test": int(test.sum()), "n_train": int((~test).sum())}
+
+
+def train_stats(run_dir: Path, global_batch: int) -> dict:
+    """Mean seconds per optimizer step (from the trainer's images/s, first row excluded) and final loss."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f)]
+    ips = [float(r["images_per_s"]) for r in rows[1:] or rows if float(r["images_per_s"]) > 0]
+    step_s = global_batch / (sum(ips) / len(ips)) if ips else float("nan")
+    return {"step_s": step_s, "final_loss": float(rows[-1]["loss"]), "z_std": float(rows[-1]["z_std"]),
+            "steps": int(rows[-1]["step"])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/methods", help="working folder (shards, runs, embeddings, report)")
+    ap.add_argument("--pairs", type=int, default=2048, help="pretraining pairs (the same for every run)")
+    ap.add_argument("--probe-pairs", type=int, default=512, help="held-out pairs to embed and probe")
+    ap.add_argument("--steps", type=int, default=320, help="optimizer steps per run (the fixed budget)")
+    ap.add_argument("--batch-size", type=int, default=64, help="per process")
+    ap.add_argument("--nproc", type=int, default=1, help="torchrun processes per run (1: plain process)")
+    ap.add_argument("--num-pix", type=int, default=110, help="image side, hst preset")
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--vit", default="vit_small_p10", help="the ViT of the extra LenSiam run ('' for none)")
+    ap.add_argument("--methods", default="simsiam,byol,vicreg,simclr")
+    ap.add_argument("--augs", default="lens,standard")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-boot", type=int, default=1000)
+    a = ap.parse_args()
+
+    out = (REPO / a.out) if not Path(a.out).is_absolute() else Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    hl = BIN / "hpc-lensiam"
+    log: list[dict] = []
+    sim_yaml = out / "sim.yaml"
+    sim_yaml.write_text(f"instrument:\n  num_pix: {a.num_pix}\n")
+    shards, probe_shards = out / "shards" / "pretrain", out / "shards" / "probe"
+    sim = [hl, "simulate", "--config", sim_yaml, "--shard-size", 128]
+    run(sim + ["--out", shards, "--pairs", a.pairs, "--seed", a.seed], log, "simulate pretraining pairs")
+    run(sim + ["--out", probe_shards, "--pairs", a.probe_pairs, "--seed", a.seed + 1000], log,
+        "simulate held-out probe pairs")
+
+    global_batch = a.batch_size * a.nproc
+    steps_per_epoch = a.pairs // global_batch
+    if steps_per_epoch < 1:
+        sys.exit(f"bench/methods.py: error: --pairs {a.pairs} < global batch {global_batch}")
+    epochs = math.ceil(a.steps / steps_per_epoch)
+    launch = ([BIN / "torchrun", "--standalone", "--nproc_per_node", a.nproc, "-m", "hpc_lensiam"]
+              if a.nproc > 1 else [hl])
+    runs = [(m, aug, a.arch) for m in a.methods.split(",") for aug in a.augs.split(",")]
+    if a.vit:
+        runs.append(("simsiam", "lens", a.vit))
+    results = {}
+    rpath = out / "methods.json"
+    if rpath.is_file():
+        results = json.loads(rpath.read_text()).get("results", {})
+    for method, aug, arch in runs:
+        name = f"{method}_{aug}_{arch}"
+        pj = out / f"probe_{name}.json"
+        if pj.is_file():
+            print(f"[methods] {name}: done ({pj.name} exists)", flush=True)
+            results[name] = json.loads(pj.read_text())
+            continue
+        run_dir = out / f"run_{name}"
+        resume = ["--resume"] if (run_dir / "checkpoints" / "last.pt").is_file() else []
+        run(launch + ["train", "--data", shards, "--out", run_dir, "--method", method, "--mode", AUGS[aug],
+                      "--arch", arch, "--batch-size", a.batch_size, "--epochs", epochs, "--max-steps", a.steps,
+                      "--warmup-epochs", max(1, epochs // 10), "--seed", a.seed, "--workers", 1,
+                      "--no-zero-init-residual", "--log-every", 1, "--ckpt-every", 10 ** 6, *resume],
+            log, f"pretrain {name}")
+        emb = out / f"emb_{name}.h5"
+        run(launch + ["embed", "--checkpoint", run_dir, "--data", probe_shards, "--out", emb], log, f"embed {name}")
+        res = {"method": method, "augmentation": aug, "arch": arch, **train_stats(run_dir, global_batch),
+               **probe_with_intervals(emb, a.n_boot), "commands": log[-2:]}
+        pj.write_text(json.dumps(res, indent=1))
+        results[name] = res
+        rpath.write_text(json.dumps({"args": vars(a), "results": results}, indent=1))
+    write_report(out / "methods.md", a, epochs, results, log)
+    print(f"\n[methods] done; table in {out / 'methods.md'}", flush=True)
+
+
+def write_report(path: Path, a, epochs: int, results: dict, log: list) -> None:
+    gb = a.batch_size * a.nproc
+    lines = ["# Lens augmentation x SSL method: held-out probe R^2 at a fixed budget", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; Python {platform.python_version()}.", "",
+             f"Budget: {a.pairs} pretraining pairs ({a.num_pix}x{a.num_pix} px, hst preset), {a.steps} optimizer "
+             f"steps of global batch {gb} ({epochs} epoch(s) of the schedule), seed {a.seed}, each method with its "
+             f"recipe (docs/methods.md), zero_init_residual off. Probe: ridge on the frozen backbone features of "
+             f"{a.probe_pairs} held-out pairs (both views), split by lens system; 95% bootstrap interval over the "
+             f"test lens systems ({a.n_boot} resamples, as `hpc-lensiam probe`). Step time: seconds per "
+             "optimizer step measured by the trainer.", "",
+             "| method | augmentation | backbone | theta_E R^2 | e1 R^2 | gamma R^2 | s/step | final loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results.values():
+        cells = [f"{r['params'][p]['r2']:.3f} [{r['params'][p]['ci95'][0]:.3f}, {r['params'][p]['ci95'][1]:.3f}]"
+                 for p in PARAMS]
+        lines.append(f"| {r['method']} | {r['augmentation']} | {r['arch']} | " + " | ".join(cells)
+                     + f" | {r['step_s']:.2f} | {r['final_loss']:.4f} |")
+    lines += ["", "Lens minus standard augmentation, per method (ridge R^2):", "",
+              "| method | " + " | ".join(f"delta {p}" for p in PARAMS) + " |", "|---|---|---|---|"]
+    for m in a.methods.split(","):
+        lens, std = results.get(f"{m}_lens_{a.arch}"), results.get(f"{m}_standard_{a.arch}")
+        if lens and std:
+            lines.append(f"| {m} | " + " | ".join(f"{lens['params'][p]['r2'] - std['params'][p]['r2']:+.3f}"
+                                                   for p in PARAMS) + " |")
+    steps = log[:2] + [c for r in results.values() for c in r.get("commands", [])]
+    lines += ["", "## Commands (wall seconds of the invocation that ran them)", "", "| step | seconds | command |",
+              "|---|---|---|"]
+    lines += [f"| {s['step']} | {s['seconds']:.0f} | `{s['command']}` |" for s in steps]
+    lines += ["", f"Made by `.venv/bin/python bench/methods.py {' '.join(sys.argv[1:])}`.", ""]
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    main()

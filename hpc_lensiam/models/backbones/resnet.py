@@ -1,0 +1,98 @@
+"""torchvision ResNets with a 1-channel stem at native image size (the package's original backbone).
+
+The stem is a 1-channel ``conv1`` (7x7, stride 2, 64 filters, Kaiming-initialised like
+torchvision's) and images are used at their native size (110x110 for the hst preset), with no
+resize: the LenSiam reference repeats the channel 3x and resizes to 224, ~4x the compute for no new
+information. Everything else is the stock torchvision ResNet (maxpool included).
+
+Export contract (the official SimSiam export): the 1-channel ``conv1`` is folded into torchvision's
+3-channel one as ``repeat(w, 3) / 3``, so ``torchvision.models.<arch>()`` loads the state with
+``strict=False``, missing exactly ``fc.weight`` and ``fc.bias``, and a grayscale image repeated on
+3 channels gives the trained features.
+"""
+from __future__ import annotations
+
+from .spec import BackboneSpec, Exported
+
+FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "resnet101": 2048}
+# torchvision ResNets by (bottleneck blocks?, blocks per stage)
+RESNETS = {(False, (2, 2, 2, 2)): "resnet18", (False, (3, 4, 6, 3)): "resnet34",
+           (True, (3, 4, 6, 3)): "resnet50", (True, (3, 4, 23, 3)): "resnet101",
+           (True, (3, 8, 36, 3)): "resnet152"}
+CHANNELS = "grayscale image repeated on 3 channels (conv1 folded from the 1-channel training stem)"
+
+
+def build(arch: str, zero_init_residual: bool = True):
+    """Torchvision ResNet, random init, 1-channel ``conv1``, ``fc=Identity``.
+
+    ``zero_init_residual`` (the SimSiam reference's choice) zeroes the last BN scale of every
+    residual block, so training starts from identity blocks; over a few hundred steps those scales
+    stay ~1e-3 (docs/results.md measures what that does to short runs).
+    """
+    import torch.nn as nn
+    import torchvision
+
+    net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
+    net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    net.fc = nn.Identity()
+    return net
+
+
+def infer_arch(state: dict) -> str | None:
+    """torchvision ResNet name from a backbone state_dict's keys (None if it is not one)."""
+    counts = []
+    for i in range(1, 5):
+        idx = {int(k.split(".")[1]) for k in state if k.startswith(f"layer{i}.") and k.split(".")[1].isdigit()}
+        if not idx:
+            return None
+        counts.append(max(idx) + 1)
+    bottleneck = any(k.startswith("layer1.0.conv3.") for k in state)
+    return RESNETS.get((bottleneck, tuple(counts)))
+
+
+def fold_conv1(state: dict) -> dict:
+    """1-channel ``conv1.weight`` -> 3-channel ``repeat / 3`` (same output on a repeated image)."""
+    w = state.get("conv1.weight")
+    if w is not None and w.shape[1] == 1:
+        state = dict(state)
+        state["conv1.weight"] = (w.repeat(1, 3, 1, 1) / 3.0).contiguous()
+    return state
+
+
+def to_torchvision(bb: dict, arch: str):
+    """Fold conv1, load into ``torchvision.models.<arch>()`` checking the missing/unexpected keys."""
+    import torchvision
+
+    from ...errors import UserError
+
+    state = fold_conv1(bb)
+    tv = getattr(torchvision.models, arch)(weights=None)
+    try:
+        res = tv.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise UserError(f"backbone weights do not fit torchvision {arch} ({str(exc).splitlines()[0]})") from None
+    if sorted(res.missing_keys) != ["fc.bias", "fc.weight"] or res.unexpected_keys:
+        raise RuntimeError(f"export contract broken for {arch}: missing {res.missing_keys}, "
+                           f"unexpected {res.unexpected_keys} (expected missing fc.weight, fc.bias only)")
+    return state, tv
+
+
+def _specs():
+    def export(arch):
+        def run(bb: dict, img_size=None):
+            import torch.nn as nn
+
+            state, tv = to_torchvision(bb, arch)
+            tv.fc = nn.Identity()
+            return Exported(state=state, model=tv.eval(), in_chans=3, channel_note=CHANNELS,
+                            load=f"m = torchvision.models.{arch}(); m.load_state_dict(STATE, strict=False)"
+                                 "  # missing only fc.weight, fc.bias")
+        return run
+
+    return tuple(BackboneSpec(name=a, family="torchvision", feature_dim=d, head="fc",
+                      build=lambda img_size, zir, a=a: build(a, zir), export=export(a))
+                 for a, d in FEATURE_DIMS.items())
+
+
+ENTRIES = _specs()
