@@ -161,7 +161,9 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
 
     from .embed.extract import load_images
     from .io import read_manifest
+    from .runtime import device_for, runtime
 
+    rt = runtime(command="finetune")   # one process: refuses `srun -n N` copies writing the same report
     j = check_target(target)
     for name, v, lo in (("--n-train", n_train, 5), ("--n-test", n_test, 2), ("--epochs", epochs, 1),
                         ("--batch-size", batch_size, 1)):
@@ -192,7 +194,7 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
     x_va, y_va, x_tr, y_tr = x_tr[va], y_tr[va], x_tr[tr], y_tr[tr]
     mu, sd = float(y_tr.mean()), float(y_tr.std()) or 1.0
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_for(rt)
     model = model.to(device)
     lr = lr if lr is not None else (1e-3 if freeze_backbone else 1e-4)
     gen = torch.Generator().manual_seed(seed)

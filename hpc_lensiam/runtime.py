@@ -106,6 +106,12 @@ def runtime(environ: Mapping[str, str] | None = None, command: str = "this comma
     return Runtime(rank, local, world, local_world)
 
 
+def under_torchrun(environ: Mapping[str, str] | None = None) -> bool:
+    """True in a worker started by torchrun (its agent sets TORCHELASTIC_RUN_ID)."""
+    env = os.environ if environ is None else environ
+    return "TORCHELASTIC_RUN_ID" in env
+
+
 def pick_cuda_index(local_rank: int, device_count: int) -> int:
     """The GPU of local rank ``local_rank`` among ``device_count`` visible ones.
 

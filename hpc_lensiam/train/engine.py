@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import UserError
-from ..runtime import backend_for, device_for, init_distributed, runtime
+from ..runtime import backend_for, device_for, die_with_parent, init_distributed, runtime, under_torchrun
 from .checkpoint import (
     DS_DIR,
     LAST,
@@ -158,6 +158,8 @@ class Engine:
     def __init__(self, cfg, plan: DevicePlan | None = None, device: torch.device | None = None):
         self.cfg, self.kind = cfg, cfg.engine
         rt = runtime(command="train")
+        if under_torchrun():
+            die_with_parent()   # a kill -9 of the torchrun agent takes the trainers with it
         self.world_size, self.rank, self.local_rank = rt.world_size, rt.rank, rt.local_rank
         self.local_world_size = rt.local_world_size
         self.device = device if device is not None else device_for(rt)

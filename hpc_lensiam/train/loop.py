@@ -135,6 +135,7 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
         f"{total} steps, warm-up {warmup}; {'resuming at step ' + str(step) if resume else 'from step 0'}"
         f"{f', stopping at {end}' if end < total else ''}")
 
+    monitor = Monitor(cfg, engine, out, global_batch, step)   # reads --probe-data before anything is written
     if main:
         out.mkdir(parents=True, exist_ok=True)
         header = (f"# resolved: world_size={engine.world_size} global_batch={global_batch} lr={lr0:.6g} "
@@ -161,7 +162,6 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
     skipped = 0
     stopped_by = 0
     to_device = engine.to_input
-    monitor = Monitor(cfg, engine, out, global_batch, step)
 
     t_loop = time.perf_counter()
     while step < end and not stopped_by:
