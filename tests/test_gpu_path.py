@@ -468,7 +468,7 @@ def test_tensorboard_metrics_and_lens_probe(lensiam_shards, single_shards, tmp_p
     from hpc_lensiam.embed.extract import load_images
     from hpc_lensiam.embed.probe import probe_arrays, split_by_key
     from hpc_lensiam.io import LENS_PARAMS
-    from hpc_lensiam.train.monitor import backbone_features
+    from hpc_lensiam.export import load_backbone
     _clean_env(monkeypatch)
     run = tmp_path / "run"
     train(_cfg(lensiam_shards, run, max_steps=4, probe_data=str(single_shards), probe_every=2, probe_samples=64,
@@ -477,7 +477,7 @@ def test_tensorboard_metrics_and_lens_probe(lensiam_shards, single_shards, tmp_p
         rows = {int(r["step"]): {k: float(v) for k, v in r.items()} for r in csv.DictReader(f)}
     assert sorted(rows) == [1, 2, 3, 4]
     for r in rows.values():
-        assert r["images_per_s"] == pytest.approx(2 * r["pairs_per_s"]) and r["pairs_per_s"] > 0
+        assert r["images_per_s"] == pytest.approx(2 * r["pairs_per_s"], rel=1e-5) and r["pairs_per_s"] > 0
         assert r["data_wait_s"] >= 0 and r["compute_s"] > 0 and r["peak_mem_mb"] > 0
     assert all(np.isnan(rows[s]["probe_r2_theta_E"]) for s in (1, 3))
     assert all(np.isfinite(rows[s][f"probe_r2_{p}"]) for s in (2, 4) for p in ("theta_E", "e1", "gamma"))
@@ -492,18 +492,17 @@ def test_tensorboard_metrics_and_lens_probe(lensiam_shards, single_shards, tmp_p
     assert sorted(loss) == [1, 2, 3, 4]
     assert all(loss[s] == pytest.approx(rows[s]["loss"], rel=1e-5) for s in loss)
     r2 = {e.step: e.value for e in acc.Scalars("probe/ridge_r2_theta_E")}
-    assert sorted(r2) == [2, 4] and r2[4] == pytest.approx(rows[4]["probe_r2_theta_E"], abs=1e-6)
+    assert sorted(r2) == [2, 4] and r2[4] == pytest.approx(rows[4]["probe_r2_theta_E"], rel=1e-5)
 
-    # the same probe offline, from last.pt (= the weights at step 4)
-    model = SimSiam("resnet18", 64, 16)
-    model.load_state_dict(load_checkpoint(run / "checkpoints" / "last.pt")["model"])
+    # the same probe offline, from last.pt (= the weights at step 4) through embed's backbone loader
+    backbone, _ = load_backbone(str(run / "checkpoints" / "last.pt"))
     keys, images, lens = load_images(str(single_shards), 64)
     with torch.no_grad():
-        feats = backbone_features(model.eval().encoder, torch.from_numpy(images).unsqueeze(1)).numpy()
+        feats = backbone.eval()(torch.from_numpy(images).unsqueeze(1)).numpy()
     targets = {p: lens[:, LENS_PARAMS.index(p)] for p in ("theta_E", "e1", "gamma")}
     offline = probe_arrays(feats, targets, np.asarray(keys), split_by_key(np.asarray(keys)))["ridge"]
     for p in ("theta_E", "e1", "gamma"):
-        assert rows[4][f"probe_r2_{p}"] == pytest.approx(offline[p], abs=1e-4), p
+        assert rows[4][f"probe_r2_{p}"] == pytest.approx(offline[p], rel=1e-3, abs=1e-4), p
 
 
 def test_probe_data_checked_before_training(lensiam_shards, tmp_path, monkeypatch):

@@ -170,8 +170,9 @@ class Engine:
         if self.kind == "deepspeed" and "RANK" not in os.environ:   # plain `python`: a one-process group
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        self._created_group = False
         if self.kind == "deepspeed" or self.world_size > 1:
-            init_distributed(rt, self.device)
+            self._created_group = init_distributed(rt, self.device)
         if self.kind == "deepspeed":
             import deepspeed
             logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -273,7 +274,10 @@ class Engine:
             dist.barrier()
 
     def close(self) -> None:
-        if dist.is_initialized():
+        """Leave the process group this engine created. A one-process DeepSpeed group stays for the life of the process:
+        DeepSpeed caches its groups, so a later engine in the same process (the Python API, the
+        tests) must find the same group, not a destroyed one."""
+        if self._created_group and dist.is_initialized() and not (self.kind == "deepspeed" and self.world_size == 1):
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------------------- state
