@@ -430,6 +430,7 @@ def test_trainers_die_with_their_torchrun_agent(lensiam_shards, tmp_path):
            "--batch-size", "4", "--epochs", "100", "--log-every", "1", "--workers", "0", "--proj-dim", "64",
            "--pred-dim", "16"]
     agent = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trainers: list[int] = []
     try:
         deadline = time.time() + 180
         while time.time() < deadline and not ((run / "metrics.csv").is_file()
@@ -447,9 +448,12 @@ def test_trainers_die_with_their_torchrun_agent(lensiam_shards, tmp_path):
         alive = [p for p in trainers if Path(f"/proc/{p}").exists()
                  and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
         assert not alive, f"trainers {alive} outlived their torchrun agent"
-    finally:
-        for p in _children(agent.pid) if agent.poll() is None else []:
-            os.kill(p, 9)
+    finally:   # never leave this test's own processes behind, whatever failed
+        for p in set(trainers) | set(_children(agent.pid) if agent.poll() is None else []):
+            try:
+                os.kill(p, 9)
+            except ProcessLookupError:
+                pass
         if agent.poll() is None:
             agent.kill()
 
