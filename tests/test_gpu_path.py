@@ -450,9 +450,10 @@ def test_trainers_die_with_their_torchrun_agent(lensiam_shards, tmp_path):
         assert not alive, f"trainers {alive} outlived their torchrun agent"
     finally:   # never leave this test's own processes behind, whatever failed
         for p in set(trainers) | set(_children(agent.pid) if agent.poll() is None else []):
-            try:
-                os.kill(p, 9)
-            except ProcessLookupError:
+            try:   # only if the pid is still one of this test's trainers (never a reused pid)
+                if str(run) in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace"):
+                    os.kill(p, 9)
+            except (OSError, ProcessLookupError):
                 pass
         if agent.poll() is None:
             agent.kill()
