@@ -180,7 +180,8 @@ def main(argv=None) -> int:
     # the table
     print(f"\n{'case':32s} {'images/s':>10s} {'peak MB':>9s} {'wait s/step':>12s} {'compute s/step':>15s}")
     for r in chk.rows:
-        print(f"{r['case']:32s} {r['images_per_s']:10.1f} {r['peak_mem_mb']:9.0f} {r.get('data_wait_s', math.nan):12.4f}"
+        print(f"{r['case']:32s} {r['images_per_s']:10.1f} {r['peak_mem_mb']:9.0f} "
+              f"{r.get('data_wait_s', math.nan):12.4f}"
               f" {r.get('compute_s', math.nan):15.4f}")
     by = {r["case"]: r["images_per_s"] for r in chk.rows}
     if by.get("ddp_bf16_channels_last") and by.get("ddp_fp32"):

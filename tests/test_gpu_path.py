@@ -309,7 +309,8 @@ def test_weights_loaded_after_wrap_are_caught(lensiam_shards, tmp_path, monkeypa
     engine = Engine(cfg, device=CPU)
     try:
         torch.manual_seed(1)
-        saved = {k: v + 0.01 if v.is_floating_point() else v for k, v in SimSiam("resnet18", 64, 16).state_dict().items()}
+        fresh = SimSiam("resnet18", 64, 16).state_dict()
+        saved = {k: v + 0.01 if v.is_floating_point() else v for k, v in fresh.items()}
         model = SimSiam("resnet18", 64, 16)
         engine.wrap(model, [{"params": list(model.parameters()), "lr": 0.1}])
         engine.module.load_state_dict(saved)                                        # the old order
@@ -334,6 +335,30 @@ def test_zero_stage_change_resumes_weights_only(lensiam_shards, tmp_path, monkey
     assert len(notice) == 1 and "--zero-stage 0, this run is --zero-stage 1" in notice[0]
     w2 = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
     assert not torch.equal(w1["encoder.conv1.weight"], w2["encoder.conv1.weight"])
+
+
+@pytest.mark.slow
+def test_zero1_world_size_change_resumes_weights_only(lensiam_shards, tmp_path, monkeypatch, capsys):
+    """Finding 5, the rank count: a 2-rank ZeRO-1 run (optimizer state partitioned in 2 files)
+    resumed by 1 process used to die in a FileNotFoundError; now weights-only with one notice."""
+    _clean_env(monkeypatch)
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = str(REPO)
+    args = ["--data", str(lensiam_shards), "--out", str(run), "--arch", "resnet18", "--batch-size", "4", "--epochs",
+            "2", "--workers", "0", "--proj-dim", "64", "--pred-dim", "16", "--engine", "deepspeed", "--zero-stage", "1"]
+    p = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m",
+                        "hpc_lensiam", "train", *args, "--max-steps", "2"], env=env, capture_output=True, text=True,
+                       timeout=400)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert saved["world_size"] == 2 and len(saved["rng"]["per_rank"]) == 2
+    capsys.readouterr()
+    summary = train(_cfg(lensiam_shards, run, max_steps=3, engine="deepspeed", zero_stage=1), resume=True)
+    err = capsys.readouterr().err
+    assert summary["steps_run"] == 1
+    notice = [ln for ln in err.splitlines() if "notice: resuming" in ln]
+    assert len(notice) == 1 and "over 2 rank(s), this run has 1" in notice[0], err
 
 
 def test_resume_mode_layouts():

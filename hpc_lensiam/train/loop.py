@@ -254,7 +254,8 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
         say(f"train: nothing to do: {ckpt_dir / LAST} is at step {step} of {end} (raise --epochs or --max-steps)")
         return summary
     say(f"train: done: {run_steps} steps this run (step {step}/{end}, epoch {step / spe:.2f}), "
-        f"{mean_pps:.1f} pairs/s ({IMAGES_PER_PAIR * mean_pps:.1f} images/s), final loss {loss_v:.4f}, z_std {std_v:.4f} (healthy ~{healthy:.4f}, "
+        f"{mean_pps:.1f} pairs/s ({IMAGES_PER_PAIR * mean_pps:.1f} images/s), final loss {loss_v:.4f}, "
+        f"z_std {std_v:.4f} (healthy ~{healthy:.4f}, "
         f"collapsed 0); checkpoint {ckpt_dir / LAST}")
     return summary
 
