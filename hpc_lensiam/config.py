@@ -378,6 +378,11 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 500                # steps between periodic checkpoints (plus last.pt)
+    keep_last: int = 3                   # periodic step_*.pt kept (newest); 0 keeps all
+    deterministic: bool = False          # deterministic algorithms, cudnn.benchmark off (docs/gpu.md)
+    probe_data: str | None = None          # held-out shards: ridge R^2 of theta_E, e1, gamma every probe_every
+    probe_every: int = 500               # steps between lens-physics probes (with probe_data)
+    probe_samples: int = 256             # samples of probe_data embedded per probe (first ones, manifest order)
     channels_last: bool = True           # CUDA only
     deepspeed_config: str | None = None
     zero_stage: int = 0
@@ -394,11 +399,14 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{where}.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        for name in ("batch_size", "grad_accum", "epochs", "log_every", "ckpt_every", "proj_dim", "pred_dim"):
+        for name in ("batch_size", "grad_accum", "epochs", "log_every", "ckpt_every", "proj_dim", "pred_dim",
+                     "probe_every", "probe_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"{where}.max_steps: must be >= 1")
+        if self.keep_last < 0:
+            raise ConfigError(f"{where}.keep_last: must be >= 0 (0 keeps every periodic checkpoint)")
         if self.workers < 0 or self.base_lr <= 0 or self.warmup_epochs < 0:
             raise ConfigError(f"{where}: workers >= 0, base_lr > 0 and warmup_epochs >= 0 expected")
         if not 0.0 <= self.momentum < 1.0:

@@ -200,7 +200,9 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
 
     from .embed.extract import load_images
     from .finetune_tasks import make_task
+    from .runtime import device_for, runtime
 
+    rt = runtime(command="finetune")   # one process: refuses `srun -n N` copies writing the same report
     task = make_task(task, target)
     for name, v, lo in (("--n-train", n_train, 5), ("--n-test", n_test, 2), ("--epochs", epochs, 1),
                         ("--batch-size", batch_size, 1)):
@@ -246,7 +248,7 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
     x_va, y_va, x_tr, y_tr = x_tr[va], y_tr[va], x_tr[tr], y_tr[tr]
     task.fit(y_tr)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_for(rt)
     model = model.to(device)
     lr = lr if lr is not None else (1e-3 if freeze_backbone else 1e-4)
     gen = torch.Generator().manual_seed(seed)

@@ -2,7 +2,8 @@
 # SimSiam/LenSiam pretraining on a Slurm cluster: one torchrun per node (srun), NPROC_PER_NODE
 # training processes per torchrun, rendezvous on the job's first node.
 #
-#   DATA=shards/paper sbatch --nodes=2 --gpus-per-node=4 slurm/pretrain.sh             # the paper's run
+#   DATA=shards/paper sbatch --nodes=2 --gpus-per-node=4 --cpus-per-task=28 --mem-per-cpu=4G slurm/pretrain.sh
+#                                                    # the paper's run: 4 GPUs x (1 + 6 workers) = 28 CPUs per node
 #   DATA=shards/demo RUN=runs/demo CONFIG=configs/demo.yaml NPROC_PER_NODE=2 sbatch slurm/pretrain.sh   # CPU
 #   ENGINE=deepspeed PRECISION=bf16 DATA=... sbatch --nodes=4 --gpus-per-node=8 slurm/pretrain.sh
 #
@@ -12,6 +13,15 @@
 # BATCH x nodes x NPROC_PER_NODE), WORKERS (loader processes per training process), EXTRA_ARGS (more
 # `hpc-lensiam train` flags), NPROC_PER_NODE (default: the GPUs Slurm gave each node, else 2 on CPU),
 # PORT (rendezvous port on the first node; default 29500 + job id mod 1000), VENV (.venv).
+#
+# CPUs and memory: the one task per node hosts torchrun, NPROC_PER_NODE trainers and each trainer's
+# loader workers, all inside that task's cgroup. Request --cpus-per-task = NPROC_PER_NODE x (1 + WORKERS)
+# (WORKERS defaults to CONFIG's `workers`, 6 in configs/paper.yaml: 28 for 4 GPUs) and memory per CPU
+# (--mem-per-cpu=4G: a trainer's host side with its CUDA context, pinned batches and each worker's
+# shuffle buffer fit in about 4 GB per CPU; or --mem=0 for the whole node where the site allows it).
+# The script prints a warning when the task got fewer CPUs, and every trainer warns when its
+# processes x (1 + workers) exceed the CPUs it may run on (os.sched_getaffinity). The default below
+# (2) is the CPU demo's size; a GPU run must pass --cpus-per-task.
 #
 # Time limit and requeue: Slurm sends the batch shell SIGUSR1 120 s before the limit
 # (--signal=B:USR1@120). The trap forwards SIGTERM to the job steps (`scancel --signal=TERM`:
@@ -23,7 +33,7 @@
 #
 # Adapt to your site: add `#SBATCH --partition=...` / `#SBATCH --account=...`, `module load` your
 # Python and CUDA (before the venv is used), request GPUs with `--gpus-per-node=G` (NPROC_PER_NODE
-# follows) and about 8 CPUs per GPU (`--cpus-per-task`, for the loader workers), and set --time.
+# follows) and --cpus-per-task/--mem-per-cpu as above, and set --time.
 # Backend: NCCL on GPUs, gloo on CPU, chosen by the code. Logs append to slurm-lensiam-pretrain-JOBID.out.
 #SBATCH --job-name=lensiam-pretrain
 #SBATCH --nodes=1
@@ -50,6 +60,14 @@ HEAD=${HEAD:-localhost}
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   GPUS=${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
   NPROC_PER_NODE=$(( ${GPUS:-0} > 0 ? ${GPUS:-0} : 2 ))
+fi
+# CPUs: one per trainer plus one per loader worker (see the header)
+CFG_WORKERS=$( [ -n "$CONFIG" ] && sed -n 's/^workers:[[:space:]]*\([0-9]\+\).*/\1/p' "$CONFIG" 2>/dev/null | head -n 1)
+EFF_WORKERS=${WORKERS:-${CFG_WORKERS:-2}}
+NEED_CPUS=$(( NPROC_PER_NODE * (1 + EFF_WORKERS) ))
+GOT_CPUS=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-0}}
+if [ -n "${SLURM_JOB_ID:-}" ] && [ "$GOT_CPUS" -lt "$NEED_CPUS" ]; then
+  echo "pretrain.sh: warning: $NPROC_PER_NODE trainer(s) x (1 + $EFF_WORKERS loader workers) need $NEED_CPUS CPUs per node, the task has $GOT_CPUS: submit with sbatch --cpus-per-task=$NEED_CPUS --mem-per-cpu=4G (or lower WORKERS)" >&2
 fi
 # CPU threads per training process (torchrun would otherwise set 1)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-$NPROC_PER_NODE} / NPROC_PER_NODE > 0 ? ${SLURM_CPUS_PER_TASK:-$NPROC_PER_NODE} / NPROC_PER_NODE : 1 ))}

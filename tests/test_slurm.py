@@ -221,6 +221,12 @@ def test_pretrain_sh_two_processes_leave_a_checkpoint(slurm, pretrain_sh, lensia
                  env=dict(PRETRAIN, DATA=lensiam_shards, RUN=run, MAX_STEPS=3))
     assert job.rc == 0, job
     assert "2 rank(s)" in job.log and "(step 3/3" in job.log, job
+    # Issue 11 finding 6: the task got the default 2 CPUs for 2 trainers x (1 + 1 worker): both the
+    # script and the trainer (os.sched_getaffinity) say so, with the flag that fixes it.
+    assert "pretrain.sh: warning: 2 trainer(s) x (1 + 1 loader workers) need 4 CPUs" in job.log, job
+    assert "sbatch --cpus-per-task=4" in job.log, job
+    busy = "train: warning: 2 process(es) x (1 + 1 loader workers) = 4 busy processes on 2 usable CPU(s)"
+    assert busy in job.log, job
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["step"] == 3 and ckpt["world_size"] == 2 and ckpt["arch"] == "resnet18"
     assert _metric_steps(run) == [1, 2, 3]
@@ -269,3 +275,28 @@ def test_pretrain_sh_usr1_checkpoints_requeues_and_resumes(slurm, pretrain_sh, l
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["step"] == steps and ckpt["world_size"] == 2
     assert _metric_steps(run) == list(range(1, steps + 1))
+
+
+# ------------------------------------------------------------------ (d) srun without torchrun
+TRAIN_TRAP_JOB = """\
+#!/bin/bash
+srun -n 2 {bin}/hpc-lensiam train --data {data} --out {out} --arch resnet18 --batch-size 4 --max-steps 1 \\
+    --workers 0; echo "== train-srun rc=$?"
+srun -n 2 {bin}/hpc-lensiam embed --checkpoint {out} --data {data} --out {out}/emb.h5; echo "== embed-srun rc=$?"
+"""
+
+
+def test_srun_train_without_torchrun_refused_under_slurm(slurm, lensiam_shards, tmp_path):
+    """Issue 11 finding 7: `srun -n 2 hpc-lensiam train` (no torchrun) would start two "rank 0 of 1"
+    runs writing the same last.pt; each task stops before writing anything, naming torchrun."""
+    out = tmp_path / "never-written"
+    script = tmp_path / "train-trap.sh"
+    script.write_text(TRAIN_TRAP_JOB.format(bin=BIN, data=lensiam_shards, out=out))
+    job = sbatch(tmp_path, script, minutes=2, timeout=150)
+    assert job.rc == 0, job
+    rc = dict(re.findall(r"== (\S+) rc=(\d+)", job.log))
+    assert rc["train-srun"] != "0" and rc["embed-srun"] != "0", job
+    errors = [ln for ln in job.log.splitlines() if ln.startswith("hpc-lensiam: error:")]
+    assert len(errors) == 4 and all("SLURM_STEP_NUM_TASKS=2" in ln and "torchrun" in ln for ln in errors), job
+    assert "Traceback" not in job.log, job
+    assert not out.exists()

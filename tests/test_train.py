@@ -342,7 +342,8 @@ def test_deepspeed_config_generated_or_from_json(tmp_path):
     ds = deepspeed_config(cfg, world_size=4)
     assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 2
     assert ds["gradient_clipping"] == 0.0 and ds["zero_optimization"] == {"stage": 1}
-    assert ds["zero_allow_untested_optimizer"] and ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert ds["zero_allow_untested_optimizer"] and ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16",
+                                                                   "lower_precision_safe_modules": []}
     user = tmp_path / "ds.json"
     user.write_text('{"gradient_clipping": 1.0, "bf16": {"enabled": true}, "train_micro_batch_size_per_gpu": 8}')
     cfg.deepspeed_config = str(user)

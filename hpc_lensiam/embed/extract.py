@@ -152,10 +152,15 @@ class _World:
 
     def __init__(self):
         import torch.distributed as dist
+
+        from ..runtime import die_with_parent, runtime, under_torchrun
         self.dist = dist
         self.created = False
         self.group = None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        self.rt = runtime(command="embed")   # refuses `srun -n N` without torchrun
+        if under_torchrun():
+            die_with_parent()
+        if self.rt.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("gloo", timeout=timedelta(hours=6))
             self.created = True
         if dist.is_initialized():
@@ -182,12 +187,14 @@ class _World:
 
 
 def _device():
+    """This rank's device, by the same rule as training (hpc_lensiam.runtime)."""
     import torch
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+
+    from ..runtime import device_for, runtime
+    device = device_for(runtime(command="embed"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 # ---------------------------------------------------------------------------------------- HDF5 io
@@ -464,11 +471,13 @@ def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show,
 
     import torch
 
+    from ..train.plan import DeviceCaps, inference_dtype
+
     device = _device()
     model = backbone.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        amp = inference_dtype(DeviceCaps.detect(device))   # bf16 only where native (not V100/T4's emulation)
     keys, views, lens, sources = [], [], [], []
     feats = np.empty((n_rows, dim), np.float32)
     bar = None

@@ -23,6 +23,8 @@ What the launchers set, measured on a one-node Slurm 22.05 (``ci/slurm-up.sh``) 
 So the batch shell's SLURM_NTASKS alone proves nothing (it is one process, and ``mpiexec`` started
 from it builds a correct world); only a Slurm *step* (SLURM_STEP_ID set) with several tasks, a task
 number above 0, or a PMI/PMIx/Open MPI/Hydra size above 1 says several ranks were meant.
+That reading of the environment lives in :mod:`hpc_lensiam.runtime` (train, embed and finetune
+refuse the same trap when torchrun is missing); this module adds the MPI side.
 """
 from __future__ import annotations
 
@@ -31,38 +33,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import UserError
+from ..runtime import LAUNCHER_SIZE_VARS, launch_evidence  # noqa: F401  (shared with train/embed)
 
 FIX = ("launch with `mpiexec -n N` (the venv's, from the PyPI mpich wheel) inside the allocation, or "
        "`srun --mpi=pmi2` with the mpich wheel, or `srun --mpi=pmix` with a PMIx-enabled site MPI "
        "and mpi4py built against it")
-
-# Variables a process manager sets to the number of ranks it started (Slurm's are handled apart).
-LAUNCHER_SIZE_VARS = ("PMI_SIZE", "PMIX_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
-
-
-def _int(environ: Mapping[str, str], key: str) -> int | None:
-    try:
-        return int(str(environ[key]).strip())
-    except (KeyError, ValueError):
-        return None
-
-
-def launch_evidence(environ: Mapping[str, str] | None = None) -> str | None:
-    """Why the environment says several MPI ranks were launched (``"VAR=value"``), or None."""
-    env = os.environ if environ is None else environ
-    in_step = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
-    if in_step:
-        n = _int(env, "SLURM_STEP_NUM_TASKS")
-        if n is not None and n > 1:
-            return f"srun started {n} tasks (SLURM_STEP_NUM_TASKS={n})"
-        procid = _int(env, "SLURM_PROCID")
-        if procid is not None and procid > 0:
-            return f"this is srun task {procid} (SLURM_PROCID={procid})"
-    for key in LAUNCHER_SIZE_VARS:
-        n = _int(env, key)
-        if n is not None and n > 1:
-            return f"the launcher started {n} ranks ({key}={n})"
-    return None
 
 
 def check_launch(size: int, environ: Mapping[str, str] | None = None) -> None:

@@ -1,24 +1,26 @@
 """The one place that differs between DDP and DeepSpeed, and the only place with rank logic.
 
-``Engine(cfg)`` joins the process group torchrun describes in the environment (NCCL on CUDA, gloo on
-CPU; a plain ``python`` run is a single process), then offers one small interface to the loop::
+``Engine(cfg)`` reads its rank and device from :mod:`hpc_lensiam.runtime` (which refuses several
+processes started without torchrun), takes every device-dependent choice from the device plan
+(:mod:`.plan`: memory format, autocast dtype, loss scaler, SyncBatchNorm kind, DeepSpeed JSON,
+cudnn/TF32), joins the process group (NCCL with ``device_id`` on CUDA, gloo on CPU; a plain
+``python`` run is a single process), then offers one small interface to the loop::
 
     engine.wrap(model, param_groups)      SyncBatchNorm (world > 1), device, DDP | deepspeed.initialize
+                                          (load resumed weights into ``model`` BEFORE this call: ZeRO
+                                          clones its fp32 master copy here)
     engine.forward(x1, x2)                under the precision's autocast
     engine.backward(loss); engine.step()  loss scaling and gradient accumulation; step() -> boundary?
     engine.param_groups                   for the lr schedule
     engine.save(ckpt_dir, state, keep)    last.pt from rank 0 (+ DeepSpeed's folder from every rank)
-    engine.load(ckpt, ckpt_dir)           resume
+    engine.load(ckpt, ckpt_dir)           resume optimizer state (or weights only, saying why)
     engine.all_reduce_sum(t), rank, world_size, is_main, device, close()
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import socket
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -27,11 +29,26 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..errors import ConfigError, UserError
-from .checkpoint import DS_DIR, LAST, save_checkpoint
+from ..errors import UserError
+from ..runtime import backend_for, device_for, die_with_parent, init_distributed, runtime, under_torchrun
+from .checkpoint import (
+    DS_DIR,
+    LAST,
+    capture_rank_rng,
+    periodic_tags,
+    prune_deepspeed_tags,
+    save_checkpoint,
+    save_periodic,
+)
 from .optim import build_optimizer
-
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .plan import (  # noqa: F401
+    DTYPES,
+    DeviceCaps,
+    DevicePlan,
+    apply_switches,
+    deepspeed_config,
+    make_plan,
+)
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -109,87 +126,92 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed_config(cfg, world_size: int) -> dict:
-    """DeepSpeed JSON: generated from the flags, or the user's file with the batch keys checked."""
-    ds = {"train_micro_batch_size_per_gpu": cfg.batch_size,
-          "gradient_accumulation_steps": cfg.grad_accum,
-          "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size,
-          "gradient_clipping": 0.0,            # SimSiam does not clip (DeepSpeed >= 0.19.3 defaults to 1.0)
-          "zero_optimization": {"stage": cfg.zero_stage},
-          "zero_allow_untested_optimizer": True,
-          "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
-    # bf16/fp16 as autocast with fp32 master weights, like torch.amp under DDP. DeepSpeed's own
-    # "bf16"/"fp16" sections cast every parameter, BatchNorm's included, to half precision; a user
-    # JSON may still ask for them (inputs are then cast to match).
-    if cfg.precision in ("bf16", "fp16"):
-        ds["torch_autocast"] = {"enabled": True, "dtype": {"bf16": "bfloat16", "fp16": "float16"}[cfg.precision]}
-    if cfg.deepspeed_config:
-        path = Path(cfg.deepspeed_config)
-        try:
-            user = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{path}: cannot read DeepSpeed config ({exc})") from None
-        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
-            if key in user and user[key] != ds[key]:
-                raise ConfigError(f"{path}: {key} = {user[key]} contradicts the flags ({ds[key]}); "
-                                  f"set the batch with --batch-size/--grad-accum")
-        ds.update(user)
-    return ds
+def resume_mode(ckpt: dict, kind: str, zero_stage: int, world_size: int) -> str | None:
+    """None when the optimizer state in ``ckpt`` can be restored as saved, else why it cannot
+    (the resume then restores the weights only, saying so).
+
+    DDP's optimizer state is whole on every rank, so any world size loads it. DeepSpeed keeps it in
+    its own folder, laid out by ZeRO stage and, for stage >= 1, partitioned by data-parallel rank:
+    another stage, or another rank count under ZeRO >= 1, cannot read it.
+    """
+    saved = ckpt.get("engine", "ddp")
+    if saved != kind:
+        return f"it was written by --engine {saved}, this run is --engine {kind}"
+    if kind != "deepspeed":
+        return None
+    saved_stage = int(ckpt.get("zero_stage", (ckpt.get("config") or {}).get("zero_stage", 0)))
+    saved_world = int(ckpt.get("world_size", world_size))
+    if saved_stage != zero_stage:
+        return f"it was written with --zero-stage {saved_stage}, this run is --zero-stage {zero_stage}"
+    if zero_stage > 0 and saved_world != world_size:
+        return (f"ZeRO-{zero_stage} partitions the optimizer state over {saved_world} rank(s), "
+                f"this run has {world_size}")
+    return None
 
 
 class Engine:
-    """DDP (``--engine ddp``) or DeepSpeed (``--engine deepspeed``) behind one interface."""
+    """DDP (``--engine ddp``) or DeepSpeed (``--engine deepspeed``) behind one interface.
 
-    def __init__(self, cfg):
+    ``plan`` and ``device`` default to this process's real ones; the tests pass a CUDA plan
+    (``make_plan(cfg, DeviceCaps.cuda(), world)``) with a CPU device to run the GPU decisions here.
+    """
+
+    def __init__(self, cfg, plan: DevicePlan | None = None, device: torch.device | None = None):
         self.cfg, self.kind = cfg, cfg.engine
-        self.cuda = torch.cuda.is_available()
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = torch.device(f"cuda:{self.local_rank}" if self.cuda else "cpu")
-        self.backend = "nccl" if self.cuda else "gloo"
-        if self.cuda:
-            torch.cuda.set_device(self.device)
-        if cfg.precision == "fp16" and self.kind == "deepspeed" and cfg.zero_stage != 0:
-            raise ConfigError("--precision fp16 with --engine deepspeed needs --zero-stage 0 "
-                              "(DeepSpeed's autocast loss scaler is ZeRO-0 only); use bf16 for ZeRO-1")
+        rt = runtime(command="train")
+        if under_torchrun():
+            die_with_parent()   # a kill -9 of the torchrun agent takes the trainers with it
+        self.world_size, self.rank, self.local_rank = rt.world_size, rt.rank, rt.local_rank
+        self.local_world_size = rt.local_world_size
+        self.device = device if device is not None else device_for(rt)
+        self.cuda = self.device.type == "cuda"
+        self.plan = plan if plan is not None else make_plan(cfg, DeviceCaps.detect(self.device), self.world_size)
+        apply_switches(self.plan)
+        self.backend = backend_for(self.device)
+        if self.kind == "deepspeed" and "RANK" not in os.environ:   # plain `python`: a one-process group
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        self._created_group = False
+        if self.kind == "deepspeed" or self.world_size > 1:
+            self._created_group = init_distributed(rt, self.device)
         if self.kind == "deepspeed":
             import deepspeed
             logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-            if "RANK" not in os.environ:   # plain `python`: a one-process group for DeepSpeed
-                os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                                  MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-            deepspeed.init_distributed(dist_backend=self.backend)
-        elif self.world_size > 1:
-            dist.init_process_group(self.backend)
+            deepspeed.init_distributed(dist_backend=self.backend)   # adopts the group made above
         self.is_main = self.rank == 0
-        self.dtype = DTYPES[cfg.precision]
+        self.dtype = self.plan.autocast_dtype
         self.scaler = None
         self.micro = 0
         self._tags: list[tuple[str, bool]] = []   # DeepSpeed tags written: (tag, keep)
 
     # ------------------------------------------------------------------------------- model
     def wrap(self, model: nn.Module, param_groups: list[dict]) -> None:
-        """Move ``model`` to the device and wrap it; ``cfg.optimizer`` over ``param_groups`` (``model``'s)."""
-        if self.world_size > 1:
-            model = convert_sync_batchnorm(model, self.cuda)
-        model = model.to(self.device)
-        if self.cuda and self.cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        """Move ``model`` to the device and wrap it; ``cfg.optimizer`` over ``param_groups`` (``model``'s).
+
+        Resumed weights must already be in ``model``: ZeRO clones its fp32 master copy here and
+        copies it back after every step, so weights loaded later would be silently replaced.
+        """
+        if self.plan.sync_bn != "none":
+            model = convert_sync_batchnorm(model, self.plan.sync_bn == "torch")
+        model = model.to(self.device, memory_format=self.plan.model_memory_format)
         self.module = model
         optimizer = build_optimizer(self.cfg, param_groups)
         if self.kind == "deepspeed":
             import deepspeed
-            self.model, self.optimizer, _, _ = deepspeed.initialize(
-                model=model, optimizer=optimizer, config=deepspeed_config(self.cfg, self.world_size))
+            self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                    config=self.plan.deepspeed)
         else:
             self.optimizer = optimizer
             self.model = model
             if self.world_size > 1:
                 self.model = nn.parallel.DistributedDataParallel(
-                    model, device_ids=[self.local_rank] if self.cuda else None)
-            if self.cfg.precision == "fp16":
+                    model, device_ids=[self.device.index] if self.cuda else None, **self.plan.ddp_kwargs)
+            if self.plan.grad_scaler:
                 self.scaler = torch.amp.GradScaler(self.device.type)
+
+    def to_input(self, t: torch.Tensor) -> torch.Tensor:
+        """A batch tensor on the device, in the plan's memory format."""
+        return t.to(self.device, non_blocking=True, memory_format=self.plan.input_memory_format)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -239,21 +261,62 @@ class Engine:
             dist.all_reduce(t)
         return t
 
+    def gather_objects(self, obj) -> list:
+        """Every rank's ``obj``, in rank order (all ranks call this)."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
 
     def close(self) -> None:
-        if dist.is_initialized():
+        """Leave the process group this engine created. A one-process DeepSpeed group stays for the life of the process:
+        DeepSpeed caches its groups, so a later engine in the same process (the Python API, the
+        tests) must find the same group, not a destroyed one."""
+        if self._created_group and dist.is_initialized() and not (self.kind == "deepspeed" and self.world_size == 1):
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------------------- state
     def model_state(self) -> dict:
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
 
-    def save(self, ckpt_dir: Path, state: dict, keep: bool = False) -> None:
-        """Every rank calls this. Rank 0 writes ``last.pt`` atomically, after DeepSpeed's folder."""
-        state = {**state, "model": self.model_state(), "engine": self.kind}
+    def weights_differ(self, state: dict) -> list[str]:
+        """Names of the module's tensors that differ from ``state`` (empty when all are equal)."""
+        mine = self.module.state_dict()
+        return [k for k, v in state.items()
+                if k not in mine or not torch.equal(mine[k].detach().cpu().to(v.dtype), v)]
+
+    def master_differs(self) -> list[str]:
+        """Where ZeRO's fp32 master copy differs from the module's weights (empty when equal).
+
+        ZeRO >= 1 steps its own copy and writes it back into the module after every step: a
+        copy cloned from other weights than the module's would replace them at the first step.
+        """
+        opt = getattr(self.model, "optimizer", None) if self.kind == "deepspeed" else None
+        if opt is None or not hasattr(opt, "single_partition_of_fp32_groups"):
+            return []
+        out = []
+        for i, master in enumerate(opt.single_partition_of_fp32_groups):
+            pid = dist.get_rank(group=opt.real_dp_process_group[i])
+            module_part = opt.parallel_partitioned_bit16_groups[i][pid]
+            if not torch.equal(master.detach().float(), module_part.detach().float()):
+                out.append(f"param group {i} partition {pid}")
+        return out
+
+    def save(self, ckpt_dir: Path, state: dict, keep: bool = False, keep_last: int = 0) -> None:
+        """Every rank calls this. Rank 0 writes ``last.pt`` atomically, after DeepSpeed's folder;
+        with ``keep`` also a periodic ``step_*.pt`` (only the newest ``keep_last`` stay; 0 = all).
+
+        ``state["rng"]`` gets every rank's generator states (``per_rank``), so a resume restores each
+        rank's own, whatever GPUs the resumed job sees.
+        """
+        per_rank = self.gather_objects(capture_rank_rng(self.device))
+        state = {**state, "model": self.model_state(), "engine": self.kind, "zero_stage": self.cfg.zero_stage,
+                 "rng": {**state.get("rng", {}), "per_rank": per_rank}}
         if self.kind == "deepspeed":
             tag = f"step_{state['step']:08d}"
             client = {k: state[k] for k in ("step", "epoch", "config", "arch")}
@@ -265,32 +328,29 @@ class Engine:
             state["scaler"] = self.scaler.state_dict() if self.scaler else None
         if self.is_main:
             save_checkpoint(ckpt_dir / LAST, state)
-        if self.kind == "deepspeed":
-            self._tags.append((state["deepspeed_tag"], keep))
-            if self.is_main:   # the previous tag, unless periodic, is superseded by the new last.pt
-                for old, kept in self._tags[:-1]:
-                    if not kept:
-                        shutil.rmtree(ckpt_dir / DS_DIR / old, ignore_errors=True)
-            self._tags = [t for t in self._tags[:-1] if t[1]] + self._tags[-1:]
+            if keep:
+                save_periodic(ckpt_dir, state["step"], keep_last)
+            if self.kind == "deepspeed":   # tags no checkpoint file names any more
+                prune_deepspeed_tags(ckpt_dir, keep=set(periodic_tags(ckpt_dir)) | {state["deepspeed_tag"]})
         self.barrier()
 
-    def load(self, ckpt: dict, ckpt_dir: Path) -> None:
-        """Restore model, optimizer and loss scaler from a checkpoint dict (``last.pt``)."""
-        saved = ckpt.get("engine", "ddp")
-        if self.kind == "deepspeed" and saved == "deepspeed":
+    def load(self, ckpt: dict, ckpt_dir: Path) -> str | None:
+        """Restore optimizer and loss scaler (the weights are already in the module: see :meth:`wrap`).
+
+        Returns None after a full restore, or the reason only the weights were restored (another
+        engine, ZeRO stage, or rank count under ZeRO >= 1); the caller says it in one line.
+        """
+        why = resume_mode(ckpt, self.kind, self.cfg.zero_stage, self.world_size)
+        if why is not None:
+            return why
+        if self.kind == "deepspeed":
             tag = ckpt["deepspeed_tag"]
             path, _ = self.model.load_checkpoint(str(ckpt_dir / DS_DIR), tag=tag, load_optimizer_states=True,
                                                  load_lr_scheduler_states=False)
             if path is None:
                 raise UserError(f"{ckpt_dir / DS_DIR / tag}: DeepSpeed checkpoint missing or unreadable")
-            self._tags = [(tag, ckpt["step"] % self.cfg.ckpt_every == 0)]
-            return
-        self.module.load_state_dict(ckpt["model"])
-        if saved != self.kind:
-            if self.is_main:
-                warnings.warn(f"resuming a {saved} checkpoint with --engine {self.kind}: model weights and "
-                              f"schedule restored, optimizer momentum starts afresh", stacklevel=1)
-            return
+            return None
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
+        return None

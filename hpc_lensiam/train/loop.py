@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import signal
 import sys
 import time
@@ -23,10 +22,13 @@ import torch
 
 from ..config import TrainConfig, from_dict, merge, read_yaml, to_dict
 from ..errors import UserError
-from ..io import atomic_path, read_manifest
+from ..io import read_manifest
 from ..models.methods import build_method, recipe
 from ..models.methods.simsiam import z_std
-from .checkpoint import LAST, load_checkpoint
+from ..runtime import cpu_budget_warning
+from .checkpoint import LAST
+from .monitor import IMAGES_PER_PAIR, METRICS, Monitor
+from .resume import load_weights, restore, verify
 from .rundir import RunDir
 
 
@@ -114,7 +116,9 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
     say = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
     loader = ShardLoader(cfg.data, cfg.mode, cfg.batch_size, engine.rank, engine.world_size, cfg.workers,
                          cfg.seed, cfg.shuffle_buffer, cfg.grad_accum, cfg.skip_bad_samples, verify=cfg.verify,
-                         pin_memory=engine.cuda)
+                         pin_memory=engine.plan.pin_memory)
+    if main and (busy := cpu_budget_warning(loader.workers if cfg.workers else 0, engine.local_world_size)):
+        print(f"train: warning: {busy}", file=sys.stderr, flush=True)
     spe = loader.batches_per_epoch // cfg.grad_accum             # optimizer steps per epoch
     total = cfg.epochs * spe
     end = min(total, cfg.max_steps) if cfg.max_steps else total
@@ -128,44 +132,29 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
         model = build_method(cfg, img_size)
     except ValueError as exc:
         raise UserError(f"{cfg.data}: {exc}") from None
+    if resume:   # into the bare model, before the engine wraps it (ZeRO clones its master copy there)
+        ckpt, ckpt_path = load_weights(model, ckpt_dir, cfg)
+        run.check_resume(ckpt, ckpt_path)
     engine.wrap(model, model.param_groups(lr0, cfg.fix_pred_lr))
     method = engine.module   # the unwrapped model: its loss and after-step hook
 
     step = 0
     if resume:
-        ckpt = load_checkpoint(ckpt_dir / LAST)
-        try:
-            engine.load(ckpt, ckpt_dir)
-        except (RuntimeError, KeyError, ValueError) as exc:   # another arch/width, a foreign file
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            was = (ckpt.get("config") or {}).get("method", "simsiam")
-            raise UserError(f"{ckpt_dir / LAST}: cannot resume this run with --arch {cfg.arch} "
-                            f"--proj-dim {cfg.proj_dim} --pred-dim {cfg.pred_dim} --method {cfg.method} "
-                            f"(checkpoint arch {ckpt.get('arch')!r}, method {was!r}): {first}") from None
-        run.check_resume(ckpt, ckpt_dir / LAST)
-        step = int(ckpt["step"])
-        rng = ckpt.get("rng") or {}
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") and engine.cuda:
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        if "python" in rng:
-            random.setstate(rng["python"])
-        if ckpt.get("scheduler", {}).get("steps_per_epoch", spe) != spe and main:
-            print(f"warning: {ckpt_dir / LAST} was trained with {ckpt['scheduler']['steps_per_epoch']} "
-                  f"steps/epoch, now {spe}: the lr schedule changes", file=sys.stderr)
+        step = restore(engine, ckpt, ckpt_path, ckpt_dir, spe)
+        verify(engine, ckpt, ckpt_path)
 
     rule = f"sqrt({global_batch})" if cfg.lr_scaling == "sqrt" else f"{global_batch}/256"
     pred = f" (predictor {'fixed' if cfg.fix_pred_lr else 'scheduled'})" if hasattr(method, "predictor") else ""
     backend = engine.backend if engine.world_size > 1 or cfg.engine == "deepspeed" else "single process"
     say(f"train: {cfg.method} | {cfg.mode} | {cfg.arch} | {cfg.optimizer} | engine {cfg.engine} | "
         f"{engine.world_size} rank(s) on {engine.device.type} ({backend})"
-        f"{' + SyncBatchNorm' if engine.world_size > 1 else ''} | {cfg.precision}")
+        f"{' + SyncBatchNorm' if engine.world_size > 1 else ''} | {engine.plan.describe()}")
     say(f"train: global batch {cfg.batch_size} x {engine.world_size} rank(s) x {cfg.grad_accum} accum = "
         f"{global_batch}; lr = {cfg.base_lr} x {rule} = {lr0:.6g}{pred}; {spe} steps/epoch x {cfg.epochs} epochs = "
         f"{total} steps, warm-up {warmup}; {'resuming at step ' + str(step) if resume else 'from step 0'}"
         f"{f', stopping at {end}' if end < total else ''}")
 
+    monitor = Monitor(cfg, engine, out, global_batch, step)   # reads --probe-data before anything is written
     if main:
         out.mkdir(parents=True, exist_ok=True)
         header = (f"# resolved: world_size={engine.world_size} global_batch={global_batch} lr={lr0:.6g} "
@@ -178,8 +167,7 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
                 "epoch": step // spe, "arch": cfg.arch, "world_size": engine.world_size,
                 "scheduler": {"name": "warmup_cosine", "step": step, "lr": lr0, "warmup_steps": warmup,
                               "total_steps": total, "steps_per_epoch": spe},
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if engine.cuda else []}}
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}   # + per_rank (engine)
 
     saved_step = step if resume else None
     bar = None
@@ -188,15 +176,11 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
         bar = tqdm(total=end, initial=step, desc="train", unit="step", dynamic_ncols=True,
                    file=sys.stderr, disable=None)
     first_step, t_start = step, None
-    t_log, n_log = time.perf_counter(), 0
     loss_v = std_v = float("nan")
-    ips = 0.0
+    pps = 0.0
     skipped = 0
     stopped_by = 0
-    cuda_fmt = torch.channels_last if engine.cuda and cfg.channels_last else torch.contiguous_format
-
-    def to_device(t):
-        return t.to(engine.device, non_blocking=True, memory_format=cuda_fmt)
+    to_device = engine.to_input
 
     t_loop = time.perf_counter()
     while step < end and not stopped_by:
@@ -205,6 +189,7 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
         acc = torch.zeros(4, device=engine.device)   # loss, z_std, skipped samples, stop flag
         try:
             for i, batch in enumerate(batches):
+                monitor.got_batch()
                 micro = i % cfg.grad_accum
                 if micro == 0:
                     lr = lr_at(step, lr0, warmup, total)
@@ -222,11 +207,13 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
                 acc[:2] += torch.stack([loss.detach().float(), z_std(z1)]) / cfg.grad_accum
                 acc[2] += int(batch["bad"])
                 if not engine.step():
+                    monitor.compute_done()
                     continue
                 step += 1
                 method.after_step(step, total)   # e.g. BYOL's EMA target update
                 acc[3] = float(stop.signum > 0)
                 red = engine.all_reduce_sum(acc).cpu()      # one small collective and one sync per step
+                monitor.step_done()
                 loss_v, std_v = (red[:2] / engine.world_size).tolist()
                 skipped += int(red[2])
                 if not math.isfinite(loss_v):
@@ -238,42 +225,42 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
                                     f"stopped; {kept}. Try: {hint}")
                 now = time.perf_counter()
                 if t_start is None:   # the mean throughput excludes the first (warm-up) step
-                    ips = global_batch / (now - t_loop)
-                    t_start = t_log = now
-                else:
-                    n_log += 1
-                if step % cfg.log_every == 0 or step == end:
-                    if n_log and now > t_log:
-                        ips = n_log * global_batch / (now - t_log)
-                    t_log, n_log = now, 0
+                    pps = global_batch / (now - t_loop)
+                    t_start = now
+                probed = main and monitor.probe_due(step)
+                if probed:
+                    monitor.run_probe(step)
+                if step % cfg.log_every == 0 or step == end or probed:
+                    row = monitor.row(step, step / spe, loss_v, lr, std_v)
+                    pps = row["pairs_per_s"] if math.isfinite(row["pairs_per_s"]) else pps
                     if main:
-                        _append_metrics(out / "metrics.csv", [step, step / spe, loss_v, lr, std_v, ips])
+                        _append_metrics(out / "metrics.csv", [row[k] for k in METRICS])
+                        monitor.log(row)
                         bar.set_postfix(loss=f"{loss_v:.4f}", z_std=f"{std_v:.4f}", lr=f"{lr:.3g}")
                         if bar.disable:   # no terminal (a batch job's log): a plain line instead
                             print(f"step {step}/{end} epoch {step / spe:.2f} loss {loss_v:.4f} z_std {std_v:.4f} "
-                                  f"lr {lr:.4g} {ips:.1f} images/s", flush=True)
+                                  f"lr {lr:.4g} {pps:.1f} pairs/s", flush=True)
                 if bar is not None:
                     bar.update(1)
                 if red[3] > 0:
                     stopped_by = stop.signum or signal.SIGTERM
                 periodic = step % cfg.ckpt_every == 0
                 if periodic or step == end or stopped_by:
-                    engine.save(ckpt_dir, state(step), keep=periodic)
-                    if periodic and main:
-                        with atomic_path(ckpt_dir / f"step_{step:08d}.pt") as tmp:
-                            shutil.copyfile(ckpt_dir / LAST, tmp)
+                    engine.save(ckpt_dir, state(step), keep=periodic, keep_last=cfg.keep_last)
                     saved_step = step
                 if step >= end or stopped_by:
                     break
         finally:
             batches.close()
+    monitor.close()
     if bar is not None:
         bar.close()
 
     elapsed = time.perf_counter() - t_start if t_start else 0.0
     run_steps = step - first_step
-    mean_ips = (run_steps - 1) * global_batch / elapsed if run_steps > 1 and elapsed > 0 else ips
-    summary = {"step": step, "epoch": step / spe, "steps_run": run_steps, "images_per_s": mean_ips,
+    mean_pps = (run_steps - 1) * global_batch / elapsed if run_steps > 1 and elapsed > 0 else pps
+    summary = {"step": step, "epoch": step / spe, "steps_run": run_steps, "pairs_per_s": mean_pps,
+               "images_per_s": IMAGES_PER_PAIR * mean_pps,
                "loss": loss_v, "z_std": std_v, "skipped_samples": skipped, "checkpoint": str(ckpt_dir / LAST),
                "stopped_by_signal": bool(stopped_by)}
     healthy = 1 / math.sqrt(cfg.proj_dim)
@@ -286,7 +273,8 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
         say(f"train: nothing to do: {ckpt_dir / LAST} is at step {step} of {end} (raise --epochs or --max-steps)")
         return summary
     say(f"train: done: {run_steps} steps this run (step {step}/{end}, epoch {step / spe:.2f}), "
-        f"{mean_ips:.1f} images/s, final loss {loss_v:.4f}, z_std {std_v:.4f} (healthy ~{healthy:.4f}, "
+        f"{mean_pps:.1f} pairs/s ({IMAGES_PER_PAIR * mean_pps:.1f} images/s), final loss {loss_v:.4f}, "
+        f"z_std {std_v:.4f} (healthy ~{healthy:.4f}, "
         f"collapsed 0); checkpoint {ckpt_dir / LAST}")
     return summary
 

@@ -25,8 +25,8 @@ from ..config import dump_yaml, to_dict
 from ..errors import UserError
 from ..io import MANIFEST_NAME, TMP_PREFIX, atomic_write_text, read_manifest, sha256_file, sha256_json
 from ..lock import DirLock, prepare_dir
+from .monitor import METRICS
 
-METRICS = ("step", "epoch", "loss", "lr", "z_std", "images_per_s")
 # What makes a resumed run the same run: its data (manifest sha256) and these keys. Not guarded:
 # epochs/max_steps (extending a run), engine/precision/workers (how it runs), logging cadence.
 GUARDED = ("mode", "method", "arch", "seed", "base_lr", "lr_scaling", "optimizer", "batch_size", "grad_accum",

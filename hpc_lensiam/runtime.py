@@ -1,0 +1,216 @@
+"""Which process am I, on which device, talking over which backend: one answer for every command.
+
+``simulate`` (MPI), ``train``, ``embed`` and ``finetune`` (torch.distributed under torchrun, or one
+process) all read their rank, local rank, world size and device here, so a cluster launch means the
+same thing to each of them.
+
+The launcher guard. Inside a Slurm allocation, plain ``srun -n 2 hpc-lensiam train ...`` (no
+torchrun) starts two independent processes that each find no torchrun variables and would run as
+"rank 0 of 1" on the same GPU, writing the same ``last.pt``. The environment still says several
+tasks were started (a Slurm step with ``SLURM_STEP_NUM_TASKS`` > 1 or ``SLURM_PROCID`` > 0, or a
+PMI/PMIx/Open MPI/Hydra size > 1: :func:`launch_evidence`, measured on the local Slurm, see
+``simulate/mpi_env.py``), so :func:`check_torch_launch` refuses it before anything is written and
+names torchrun. ``slurm/pretrain.sh`` starts one torchrun per node (a 1-task-per-node step), whose
+``WORLD_SIZE`` covers every node, so it passes.
+
+Also here, because they are per-process facts: ``PR_SET_PDEATHSIG`` (a trainer dies with its
+torchrun agent instead of living on after a ``kill -9`` of the agent) and the check that loader
+workers x processes fit in the CPUs this process may use (``os.sched_getaffinity``).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import UserError
+
+# Variables a process manager sets to the number of ranks it started (Slurm's are handled apart).
+LAUNCHER_SIZE_VARS = ("PMI_SIZE", "PMIX_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+# Variables torchrun (torch.distributed.run) sets in every worker.
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+TORCHRUN_FIX = ("launch with torchrun: `torchrun --nproc_per_node G -m hpc_lensiam ...` on one machine, or under "
+                "Slurm one torchrun per node (`srun --ntasks-per-node=1 torchrun --nnodes N ...`, as slurm/pretrain.sh "
+                "does); for one process run it without srun -n")
+
+
+def _int(environ: Mapping[str, str], key: str) -> int | None:
+    try:
+        return int(str(environ[key]).strip())
+    except (KeyError, ValueError):
+        return None
+
+
+def launch_evidence(environ: Mapping[str, str] | None = None) -> str | None:
+    """Why the environment says several processes were launched (``"... VAR=value"``), or None.
+
+    The batch shell's own ``SLURM_NTASKS`` proves nothing (it is one process outside any step);
+    only a Slurm *step* with several tasks, a task number above 0, or a launcher's size above 1 does.
+    """
+    env = os.environ if environ is None else environ
+    if "SLURM_STEP_ID" in env or "SLURM_STEPID" in env:
+        n = _int(env, "SLURM_STEP_NUM_TASKS")
+        if n is not None and n > 1:
+            return f"srun started {n} tasks (SLURM_STEP_NUM_TASKS={n})"
+        procid = _int(env, "SLURM_PROCID")
+        if procid is not None and procid > 0:
+            return f"this is srun task {procid} (SLURM_PROCID={procid})"
+    for key in LAUNCHER_SIZE_VARS:
+        n = _int(env, key)
+        if n is not None and n > 1:
+            return f"the launcher started {n} ranks ({key}={n})"
+    return None
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """This process's place in the job: torchrun's variables, or one process."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def check_torch_launch(environ: Mapping[str, str] | None = None, command: str = "this command") -> None:
+    """Refuse several processes started without torchrun (each would be rank 0 of 1)."""
+    env = os.environ if environ is None else environ
+    if (_int(env, "WORLD_SIZE") or 1) > 1:
+        return
+    why = launch_evidence(env)
+    if why is not None:
+        raise UserError(f"{why} but torch's world size is 1 (no torchrun): each task would be its own rank 0 "
+                        f"on the same device and write the same files of {command}; {TORCHRUN_FIX}")
+
+
+def runtime(environ: Mapping[str, str] | None = None, command: str = "this command") -> Runtime:
+    """Rank, local rank and world size from torchrun's variables; checks the launch first."""
+    env = os.environ if environ is None else environ
+    check_torch_launch(env, command)
+    world = _int(env, "WORLD_SIZE") or 1
+    rank, local = _int(env, "RANK") or 0, _int(env, "LOCAL_RANK") or 0
+    local_world = _int(env, "LOCAL_WORLD_SIZE") or world
+    if not (0 <= rank < world and 0 <= local < max(local_world, 1)):
+        raise UserError(f"inconsistent launcher variables RANK={rank} LOCAL_RANK={local} WORLD_SIZE={world} "
+                        f"LOCAL_WORLD_SIZE={local_world}")
+    return Runtime(rank, local, world, local_world)
+
+
+def under_torchrun(environ: Mapping[str, str] | None = None) -> bool:
+    """True in a worker started by torchrun (its agent sets TORCHELASTIC_RUN_ID)."""
+    env = os.environ if environ is None else environ
+    return "TORCHELASTIC_RUN_ID" in env
+
+
+def pick_cuda_index(local_rank: int, device_count: int) -> int:
+    """The GPU of local rank ``local_rank`` among ``device_count`` visible ones.
+
+    One visible GPU (Slurm's per-task binding, ``CUDA_VISIBLE_DEVICES`` of one) is everyone's
+    ``cuda:0``; otherwise local rank r gets ``cuda:r``, and more local ranks than GPUs is an error
+    (two ranks on one GPU halve its memory and NCCL refuses duplicate GPUs).
+    """
+    if device_count < 1:
+        raise UserError("no CUDA device visible")
+    if device_count == 1:
+        return 0
+    if local_rank >= device_count:
+        raise UserError(f"LOCAL_RANK={local_rank} but only {device_count} GPUs are visible: start at most "
+                        f"{device_count} processes per node (torchrun --nproc_per_node {device_count})")
+    return local_rank
+
+
+def device_for(rt: Runtime, cuda: bool | None = None, device_count: int | None = None):
+    """``torch.device`` of this process: ``cuda:<pick_cuda_index>`` when CUDA is usable, else cpu."""
+    import torch
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda:
+        return torch.device("cpu")
+    count = torch.cuda.device_count() if device_count is None else device_count
+    return torch.device("cuda", pick_cuda_index(rt.local_rank, count))
+
+
+def backend_for(device) -> str:
+    """NCCL between GPUs, gloo between CPU processes (torch has no MPI backend in the wheels)."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def process_group_kwargs(device) -> dict:
+    """``init_process_group`` arguments: the backend, and on CUDA the ``device_id`` (binds the
+    communicator to this GPU at once instead of guessing one at the first collective)."""
+    kw = {"backend": backend_for(device)}
+    if device.type == "cuda":
+        kw["device_id"] = device
+    return kw
+
+
+def init_distributed(rt: Runtime, device, timeout=None) -> bool:
+    """Join torchrun's process group (once); True when this call created it."""
+    import torch
+    import torch.distributed as dist
+    if dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    kw = process_group_kwargs(device)
+    if timeout is not None:
+        kw["timeout"] = timeout
+    dist.init_process_group(**kw)
+    return True
+
+
+# ----------------------------------------------------------------------------- process hygiene
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``).
+
+    torchrun's agent is the trainers' parent; a ``kill -9`` of the agent (an OOM killer, a node
+    agent) would otherwise leave the trainers running, holding GPUs and a half-finished group.
+    SIGTERM lets the loop's handler stop cleanly. Returns False where prctl is not available.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() == 1:   # the parent died before prctl took effect
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: Slurm's cgroup/cpuset, taskset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cpu_budget_warning(workers: int, local_processes: int, cpus: int | None = None) -> str | None:
+    """A warning when ``local_processes`` x (1 + ``workers``) exceeds the usable CPUs, else None.
+
+    Each training process needs one core for itself and one per loader worker; oversubscribed, the
+    loader starves the GPUs (on a cgroup cluster every process shares the cores Slurm granted).
+    """
+    cpus = usable_cpus() if cpus is None else cpus
+    need = local_processes * (1 + workers)
+    if need <= cpus:
+        return None
+    return (f"{local_processes} process(es) x (1 + {workers} loader workers) = {need} busy processes on {cpus} "
+            f"usable CPU(s) (os.sched_getaffinity): the loader will starve the device; lower --workers or "
+            f"request more CPUs (Slurm: --cpus-per-task={need} for one torchrun per node, see docs/gpu.md)")

@@ -1,0 +1,172 @@
+"""Every choice that differs between a GPU and a CPU, made in one place from (device, config).
+
+``make_plan(cfg, caps, world_size)`` is a pure function: the trainer calls it with the capabilities
+of its real device (:meth:`DeviceCaps.detect`), and the tests call it with a CUDA device's
+capabilities on a CPU machine, then run the resulting plan through DDP and DeepSpeed start-up and a
+step. So every decision that only a GPU would exercise -- channels_last, bf16 vs fp16, the loss
+scaler, which SyncBatchNorm, the DeepSpeed JSON, cudnn/TF32 switches -- is covered by the CPU suite.
+
+Decisions and why:
+
+- channels_last (CUDA + ``cfg.channels_last``): inputs always; the *model* only under DDP.
+  ``deepspeed.initialize`` broadcasts every parameter as ``p.data.view(torch.uint8)``, which fails
+  on channels_last conv weights, and ZeRO re-points parameters into flat contiguous buffers anyway.
+  With channels_last inputs cuDNN still picks NHWC kernels (it follows the input's layout).
+- bf16 needs native support (compute capability >= 8.0, what
+  ``torch.cuda.is_bf16_supported(including_emulation=False)`` tells): on a V100/T4 torch would
+  emulate it, many times slower, so training refuses and names fp16; embedding picks fp16.
+- fp16 under DDP gets torch's GradScaler; DeepSpeed's autocast scales the loss itself (ZeRO-0 only).
+- SyncBatchNorm when world > 1: ``nn.SyncBatchNorm`` on CUDA, the gloo all-reduce version on CPU;
+  buffers are then equal on every rank by construction, so DDP's per-forward buffer broadcast is
+  switched off (``broadcast_buffers=False``).
+- DeepSpeed JSON: ``torch_autocast`` (fp32 master weights, BatchNorm in fp32) with
+  ``"lower_precision_safe_modules": []``: otherwise ZeRO-1/2 all-reduce Conv/Linear gradients in
+  bf16 while ZeRO-0 and DDP reduce fp32, and ZeRO-1 would not match ZeRO-0.
+- ``cudnn.benchmark`` on (input sizes are fixed) and TF32 for fp32 matmuls/convolutions on CUDA;
+  ``--deterministic``: deterministic algorithms, benchmark off, cuBLAS workspace pinned.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+NATIVE_BF16_CAPABILITY = (8, 0)
+
+
+@dataclass(frozen=True)
+class DeviceCaps:
+    """What the plan needs to know about a device. ``capability`` is CUDA's (major, minor)."""
+    type: str = "cpu"                               # "cuda" | "cpu"
+    capability: tuple[int, int] | None = None
+    name: str = "cpu"
+
+    @property
+    def bf16_native(self) -> bool:
+        """torch.cuda.is_bf16_supported(including_emulation=False): Ampere (8.0) or newer; any CPU."""
+        if self.type != "cuda":
+            return True
+        return self.capability is not None and tuple(self.capability) >= NATIVE_BF16_CAPABILITY
+
+    @classmethod
+    def detect(cls, device: torch.device) -> DeviceCaps:
+        if device.type != "cuda":
+            return cls()
+        return cls("cuda", tuple(torch.cuda.get_device_capability(device)), torch.cuda.get_device_name(device))
+
+    @classmethod
+    def cuda(cls, capability=(9, 0), name: str = "H100-like (assumed)") -> DeviceCaps:
+        """A GPU's capabilities without a GPU: how the CPU tests build the CUDA plan."""
+        return cls("cuda", tuple(capability), name)
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    device_type: str
+    precision: str
+    autocast_dtype: torch.dtype | None
+    grad_scaler: bool
+    model_memory_format: torch.memory_format
+    input_memory_format: torch.memory_format
+    sync_bn: str                                    # "none" | "torch" | "gloo"
+    ddp_kwargs: dict = field(default_factory=dict)
+    deepspeed: dict | None = None
+    cudnn_benchmark: bool = False
+    tf32: bool = False
+    deterministic: bool = False
+    pin_memory: bool = False
+
+    def describe(self) -> str:
+        fmt = "channels_last" if self.input_memory_format == torch.channels_last else "contiguous"
+        bits = [self.precision, fmt]
+        if self.grad_scaler:
+            bits.append("GradScaler")
+        if self.tf32:
+            bits.append("TF32")
+        bits.append("deterministic" if self.deterministic else
+                    ("cudnn.benchmark" if self.cudnn_benchmark else ""))
+        return ", ".join(b for b in bits if b)
+
+
+def check_precision(precision: str, caps: DeviceCaps, what: str = "--precision") -> None:
+    """bf16 on a GPU without native bf16 is refused (torch would emulate it, slowly)."""
+    if precision == "bf16" and not caps.bf16_native:
+        major, minor = caps.capability or (0, 0)
+        raise ConfigError(f"{what} bf16: {caps.name} (compute capability {major}.{minor}) has no native bf16 "
+                          f"(needs >= 8.0; torch would emulate it many times slower); use {what} fp16 "
+                          f"(autocast + loss scaling) or fp32")
+
+
+def inference_dtype(caps: DeviceCaps) -> torch.dtype | None:
+    """Autocast dtype for embedding: bf16 where native, else fp16 on a GPU; None (fp32) on a CPU."""
+    if caps.type != "cuda":
+        return None
+    return torch.bfloat16 if caps.bf16_native else torch.float16
+
+
+def deepspeed_config(cfg, world_size: int) -> dict:
+    """DeepSpeed JSON: generated from the flags, or the user's file with the batch keys checked."""
+    ds = {"train_micro_batch_size_per_gpu": cfg.batch_size,
+          "gradient_accumulation_steps": cfg.grad_accum,
+          "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size,
+          "gradient_clipping": 0.0,            # SimSiam does not clip (DeepSpeed >= 0.19.3 defaults to 1.0)
+          "zero_optimization": {"stage": cfg.zero_stage},
+          "zero_allow_untested_optimizer": True,
+          "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+    # bf16/fp16 as autocast with fp32 master weights, like torch.amp under DDP. DeepSpeed's own
+    # "bf16"/"fp16" sections cast every parameter, BatchNorm's included, to half precision; a user
+    # JSON may still ask for them (inputs are then cast to match). No "lower precision safe" modules:
+    # gradients are reduced in fp32 under every ZeRO stage, as under DDP.
+    if cfg.precision in ("bf16", "fp16"):
+        ds["torch_autocast"] = {"enabled": True, "dtype": {"bf16": "bfloat16", "fp16": "float16"}[cfg.precision],
+                                "lower_precision_safe_modules": []}
+    if cfg.deepspeed_config:
+        path = Path(cfg.deepspeed_config)
+        try:
+            user = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: cannot read DeepSpeed config ({exc})") from None
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+            if key in user and user[key] != ds[key]:
+                raise ConfigError(f"{path}: {key} = {user[key]} contradicts the flags ({ds[key]}); "
+                                  f"set the batch with --batch-size/--grad-accum")
+        ds.update(user)
+    return ds
+
+
+def make_plan(cfg, caps: DeviceCaps, world_size: int) -> DevicePlan:
+    """The device plan for training ``cfg`` on a device with ``caps`` in a world of ``world_size``."""
+    check_precision(cfg.precision, caps)
+    if cfg.precision == "fp16" and cfg.engine == "deepspeed" and cfg.zero_stage != 0:
+        raise ConfigError("--precision fp16 with --engine deepspeed needs --zero-stage 0 "
+                          "(DeepSpeed's autocast loss scaler is ZeRO-0 only); use bf16 for ZeRO-1")
+    cuda = caps.type == "cuda"
+    deterministic = bool(getattr(cfg, "deterministic", False))
+    nhwc = cuda and cfg.channels_last
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    return DevicePlan(
+        device_type=caps.type, precision=cfg.precision, autocast_dtype=DTYPES[cfg.precision],
+        grad_scaler=cfg.precision == "fp16" and cfg.engine == "ddp",
+        model_memory_format=fmt if cfg.engine == "ddp" else torch.contiguous_format,
+        input_memory_format=fmt,
+        sync_bn="none" if world_size <= 1 else ("torch" if cuda else "gloo"),
+        ddp_kwargs={"broadcast_buffers": False} if world_size > 1 else {},
+        deepspeed=deepspeed_config(cfg, world_size) if cfg.engine == "deepspeed" else None,
+        cudnn_benchmark=cuda and not deterministic, tf32=cuda, deterministic=deterministic, pin_memory=cuda)
+
+
+def apply_switches(plan: DevicePlan) -> None:
+    """Set torch's process-wide switches the plan asks for (harmless on a CPU-only build)."""
+    torch.backends.cudnn.benchmark = plan.cudnn_benchmark
+    torch.backends.cudnn.deterministic = plan.deterministic
+    torch.backends.cuda.matmul.allow_tf32 = plan.tf32
+    torch.backends.cudnn.allow_tf32 = plan.tf32
+    if plan.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS needs it to be deterministic
+    torch.use_deterministic_algorithms(plan.deterministic, warn_only=False)
