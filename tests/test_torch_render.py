@@ -90,12 +90,12 @@ def _compare(ref, sim, systems, kind: str, with_light: bool, with_psf: bool) -> 
 @pytest.mark.parametrize("kind,with_light,with_psf", [("core_sersic", True, True), ("sersic", False, True),
                                                       ("core_sersic", False, False)])
 def test_float64_equals_lenstronomy_render(ref, t64, kind, with_light, with_psf):
-    systems = _systems(10, seed=17)
+    systems = _systems(7 if with_light else 4, seed=17)
     assert _compare(ref, t64, systems, kind, with_light, with_psf) < 1e-5
 
 
 def test_float32_within_1e3_of_peak(ref, t32):
-    systems = _systems(10, seed=18)
+    systems = _systems(7, seed=18)
     assert _compare(ref, t32, systems, "core_sersic", True, True) < 1e-3
 
 
@@ -130,7 +130,7 @@ def test_epl_series_terms_reach_the_stated_tolerance():
 
 def test_deflection_matches_lenstronomy_lensmodel(ref):
     """EPL_NUMBA + SHEAR through lenstronomy's own LensModel (tol 1e-16) at the prior's corners."""
-    x, y = ref.grid.x_arcsec, ref.grid.y_arcsec
+    x, y = ref.grid.x_arcsec[::5], ref.grid.y_arcsec[::5]   # every 5th point: ~10k, all of the field
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     for corner in CORNERS:
         lens = {**{"theta_E": 1.3}, **corner}
@@ -210,15 +210,16 @@ def test_sampled_pairs_are_what_lenstronomy_renders_from_their_records():
     assert not torch.equal(out["view1"], out["view2"])
 
 
-def test_pairs_share_the_mass_and_are_reproducible(t32):
+def test_pairs_share_the_mass_and_are_reproducible():
+    t32 = _quiet(TorchLensSimulator, simulation_config(instrument={"num_pix": 48}))
     a = t32.sample_pairs(4, torch.Generator().manual_seed(7))
     b = t32.sample_pairs(4, torch.Generator().manual_seed(7))
     assert torch.equal(a["view1"], b["view1"]) and torch.equal(a["view2"], b["view2"])
-    assert a["view1"].shape == (4, 110, 110) and a["view1"].dtype == torch.float32
+    assert a["view1"].shape == (4, 48, 48) and a["view1"].dtype == torch.float32
     assert torch.allclose(a["view1"].amax(dim=(1, 2)), torch.ones(4))
     assert len(a["params"]["views"]) == 2   # one lens dict for both views: one ray-trace per pair
     single = t32.sample_singles(3, torch.Generator().manual_seed(7))
-    assert single["image"].shape == (3, 110, 110) and len(single["params"]["views"]) == 1
+    assert single["image"].shape == (3, 48, 48) and len(single["params"]["views"]) == 1
 
 
 def test_noise_is_gaussian_at_the_asked_sigma(t64):
@@ -259,7 +260,7 @@ def cosmos_pair(cosmos_dir):
 
 def test_cosmos_stamps_match_lenstronomy_interpol(cosmos_pair):
     ref, t64, t32 = cosmos_pair
-    systems = _systems(len(t64.stamp_rows) * 2, seed=23)
+    systems = _systems(len(t64.stamp_rows), seed=23)
     for i, s in enumerate(systems):
         row = t64.stamp_rows[i % len(t64.stamp_rows)]
         scale = 0.03 * (0.5 + 0.5 * (i % 3) / 2)
