@@ -43,7 +43,8 @@ def _cmd_simulate(a):
     from .simulate.writer import simulate_shards
     simulate_shards(out_dir=a.out, num_samples=a.pairs, shard_size=a.shard_size, mode=a.mode,
                     preset=a.preset, seed=a.seed, cosmos_dir=a.cosmos_dir, psf_files=a.psf,
-                    psf_pixel_scale_arcsec=a.psf_pixel_scale, config_path=a.config)
+                    psf_pixel_scale_arcsec=a.psf_pixel_scale, config_path=a.config, engine=a.engine,
+                    device=a.device)
 
 
 def _cmd_show(a):
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--psf", nargs="+", default=None, metavar="FITS", help="PSF FITS files (image or cube)")
     s.add_argument("--psf-pixel-scale", type=float, default=None, help="arcsec/pixel of the PSF files")
     s.add_argument("--config", default=None, help="simulation YAML (SimulationConfig)")
+    s.add_argument("--engine", choices=("lenstronomy", "torch"), default="lenstronomy",
+                   help="lenstronomy (LensSimulator) or the batched torch renderer (docs/online.md)")
+    s.add_argument("--device", default="cpu", help="--engine torch: torch device (cpu, cuda, cuda:1)")
     s.set_defaults(func=_cmd_simulate)
 
     s = sub.add_parser("show", help="draw a PNG grid of simulated pairs")

@@ -344,6 +344,7 @@ class TrainConfig:
     deepspeed_config: Optional[str] = None
     zero_stage: int = 0
     skip_bad_samples: bool = False
+    online_epoch_samples: int = 100_000  # --data online: samples (pairs or images) per epoch, all ranks
 
     def validate(self, where: str) -> None:
         choices = {"mode": ("lensiam", "simsiam"), "engine": ("ddp", "deepspeed"),
@@ -351,7 +352,8 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{where}.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        for name in ("batch_size", "grad_accum", "epochs", "log_every", "ckpt_every", "proj_dim", "pred_dim"):
+        for name in ("batch_size", "grad_accum", "epochs", "log_every", "ckpt_every", "proj_dim", "pred_dim",
+                     "online_epoch_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:

@@ -83,6 +83,19 @@ def torch_generator(rng: np.random.Generator, device) -> torch.Generator:
     return g
 
 
+def resolve_device(device, flag: str = "device") -> torch.device:
+    """A usable torch device or a UserError naming ``flag`` (checked before any work)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"{flag}: {device!r} is not a torch device (expected cpu, cuda or cuda:N)") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{flag} {device}: CUDA is not available on this machine (use cpu)")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise UserError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return d
+
+
 class TorchLensSimulator:
     """Batched twin of :class:`~hpc_lensiam.simulate.simulator.LensSimulator` on ``device``.
 
@@ -98,7 +111,7 @@ class TorchLensSimulator:
         from .sources import CosmosCatalog
 
         self.config = config if config is not None else SimulationConfig()
-        self.device, self.dtype = torch.device(device), dtype
+        self.device, self.dtype = resolve_device(device), dtype
         self.grid = DetectorGrid.from_config(self.config.instrument)
         self.num_pix, self.supersampling = self.grid.num_pix, self.grid.supersampling_factor
         self.x = torch.as_tensor(self.grid.x_arcsec, dtype=dtype, device=self.device)

@@ -26,6 +26,7 @@ from ..io import (MANIFEST_FORMAT, MANIFEST_NAME, TMP_PREFIX, atomic_open, atomi
 
 PLAN_NAME = ".plan.json"          # written first: what this folder is being filled with
 MODES = ("lensiam", "single")
+ENGINES = ("lenstronomy", "torch")   # LensSimulator, or its batched torch twin (docs/online.md)
 _TAG_PROGRESS, _TAG_DONE = 11, 12
 
 
@@ -82,12 +83,16 @@ def write_shard(sim, mode: str, seed: int, index: int, num: int, out_dir: Path, 
     it is written with the standard library so simulation ranks never import torch.
     """
     rng = shard_rng(seed, index)
-    draw = sim.sample_pair if mode == "lensiam" else sim.sample_single
+    if hasattr(sim, "iter_samples"):   # the batched torch renderer draws the shard in batches
+        samples = sim.iter_samples(mode, rng, num)
+    else:
+        draw = sim.sample_pair if mode == "lensiam" else sim.sample_single
+        samples = (draw(rng) for _ in range(num))
     path = out_dir / shard_name(index)
     with atomic_open(path, "wb") as f:
         with tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            for j in range(num):
-                sample = encode_sample(f"{index:06d}_{j:06d}", draw(rng))
+            for j, drawn in enumerate(samples):
+                sample = encode_sample(f"{index:06d}_{j:06d}", drawn)
                 key = sample.pop("__key__")
                 for ext in sorted(sample):
                     _tar_add(tar, f"{key}.{ext}", sample[ext])
@@ -151,8 +156,8 @@ def _check_existing(out_dir: Path, plan: dict) -> None:
             old = json.loads(path.read_text())
         except ValueError:
             raise UserError(f"{path}: unreadable; remove it or choose another --out") from None
-        for key in ("mode", "seed", "num_samples", "shard_size", "config_hash"):
-            if old.get(key) != plan[key]:
+        for key in ("mode", "seed", "num_samples", "shard_size", "config_hash", "engine"):
+            if old.get(key, "lenstronomy" if key == "engine" else None) != plan[key]:
                 raise UserError(
                     f"{out_dir}: holds shards of a different data set ({key}: {old.get(key)!r} there, "
                     f"{plan[key]!r} asked); choose another --out or remove it")
@@ -160,6 +165,12 @@ def _check_existing(out_dir: Path, plan: dict) -> None:
     if any(out_dir.glob("shard-*.tar")):
         raise UserError(f"{out_dir}: holds shards but no {PLAN_NAME}/{MANIFEST_NAME}; "
                         "choose another --out or remove them")
+
+
+def torch_simulator(cfg: SimulationConfig, device: str):
+    """``--engine torch``: the batched renderer on ``device`` (float32, as the shards store)."""
+    from .torch_render import TorchLensSimulator, resolve_device
+    return TorchLensSimulator(cfg, device=resolve_device(device, "--device"))
 
 
 def resolve_config(preset=None, config_path=None, cosmos_dir=None, psf_files=None,
@@ -174,7 +185,8 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
                     mode: str = "lensiam", preset: str | None = None, seed: int = 0,
                     cosmos_dir: str | None = None, psf_files: list[str] | None = None,
                     psf_pixel_scale_arcsec: float | None = None, config_path: str | None = None,
-                    overrides: dict | None = None, progress: bool = True) -> dict:
+                    overrides: dict | None = None, progress: bool = True, engine: str = "lenstronomy",
+                    device: str = "cpu") -> dict:
     """Simulate ``num_samples`` pairs (or single images) into WebDataset shards; return the manifest.
 
     Runs as one process, or as every rank of ``mpiexec -n K``: same arguments, same bytes.
@@ -184,6 +196,8 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
     comm, rank, size = mpi_world()
     if mode not in MODES:
         raise UserError(f"--mode: {mode!r} is not one of {', '.join(MODES)}")
+    if engine not in ENGINES:
+        raise UserError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
     if num_samples < 1 or shard_size < 1:
         raise UserError(f"--pairs and --shard-size must be >= 1 (got {num_samples}, {shard_size})")
     cfg = resolve_config(preset, config_path, cosmos_dir, psf_files, psf_pixel_scale_arcsec, overrides)
@@ -192,7 +206,7 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
     plan = {"format": MANIFEST_FORMAT, "version": __version__, "mode": mode, "seed": seed,
             "num_samples": num_samples, "shard_size": shard_size, "preset": cfg.preset,
             "image_shape": [cfg.instrument.num_pix] * 2, "config": config,
-            "config_hash": sha256_json(config)}
+            "config_hash": sha256_json(config), "engine": engine}
     _check_existing(out_dir, plan)
 
     # Build the simulator before touching the folder: a bad COSMOS dir or PSF file writes nothing.
@@ -200,7 +214,7 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
     from .simulator import LensSimulator
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always")
-        sim = LensSimulator(cfg)
+        sim = LensSimulator(cfg) if engine == "lenstronomy" else torch_simulator(cfg, device)
     if rank == 0:  # said once, not once per rank
         for note in notes:
             print(f"simulate: note: {note.message}", file=sys.stderr, flush=True)

@@ -101,9 +101,13 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
 
     main = engine.is_main
     say = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
-    loader = ShardLoader(cfg.data, cfg.mode, cfg.batch_size, engine.rank, engine.world_size, cfg.workers,
-                         cfg.seed, cfg.shuffle_buffer, cfg.grad_accum, cfg.skip_bad_samples,
-                         pin_memory=engine.cuda)
+    from ..data.online import OnlineLoader, is_online
+    if is_online(cfg.data):   # rendered on this rank's device before each step (docs/online.md)
+        loader = OnlineLoader.from_train_config(cfg, engine.rank, engine.world_size, engine.device)
+    else:
+        loader = ShardLoader(cfg.data, cfg.mode, cfg.batch_size, engine.rank, engine.world_size, cfg.workers,
+                             cfg.seed, cfg.shuffle_buffer, cfg.grad_accum, cfg.skip_bad_samples,
+                             pin_memory=engine.cuda)
     spe = loader.batches_per_epoch // cfg.grad_accum             # optimizer steps per epoch
     total = cfg.epochs * spe
     end = min(total, cfg.max_steps) if cfg.max_steps else total
