@@ -69,8 +69,9 @@ def epl_shear_deflection(x, y, theta_E, gamma, e1, e2, center_x, center_y, gamma
 
     EPL (``epl_numba.param_transform``, ``alpha``, ``omega``): t = gamma - 1, q from |e|,
     b = theta_E sqrt(q); rotate by -phi_G, z = q x + i y = R e^{i phi};
-    alpha = 2b/(1+q) (b/R)^t (R/b) Omega(phi), Omega = sum_n Omega_n, Omega_0 = e^{i phi},
-    Omega_n = -f (2n - (2-t))/(2n + (2-t)) e^{2 i phi} Omega_{n-1}; rotate back by +phi_G.
+    alpha = 2b/(1+q) (b/R)^t (R/b) Omega(phi), Omega = sum_{n<N} Omega_n, Omega_0 = e^{i phi},
+    Omega_n = -f (2n - (2-t))/(2n + (2-t)) e^{2 i phi} Omega_{n-1} (summed by Horner's rule);
+    rotate back by +phi_G.
     lenstronomy's ``nan_to_num`` makes alpha 0 at R = 0 exactly; so does this.
     SHEAR with ra_0, dec_0 = the lens centre: (gamma1 dx + gamma2 dy, gamma2 dx - gamma1 dy).
     """
@@ -88,15 +89,22 @@ def epl_shear_deflection(x, y, theta_E, gamma, e1, e2, center_x, center_y, gamma
     inside = R > 0
     R_safe = torch.where(inside, R, torch.ones_like(R))
     u, v = a / R_safe, zy / R_safe                    # e^{i phi}
-    c2, s2 = u * u - v * v, 2 * u * v                 # e^{2 i phi}
-    ox, oy = u, v
-    sx, sy = u.clone(), v.clone()
+    # Omega = e^{i phi} sum_n c_n w^n with w = -f e^{2 i phi}, c_n = prod_k (2k - (2-t))/(2k + (2-t)):
+    # the same N terms as the recurrence, summed by Horner's rule (w^n c_n is the recurrence's
+    # Omega_n / e^{i phi}), which needs half the passes over the (B, P) arrays and no extra buffers
+    wx, wy = -f * (u * u - v * v), -f * (2 * u * v)
     two_minus_t = 2 - t
+    coef = [torch.ones_like(t)]
     for n in range(1, n_terms):
-        r = -f * (2 * n - two_minus_t) / (2 * n + two_minus_t)
-        ox, oy = r * (ox * c2 - oy * s2), r * (ox * s2 + oy * c2)
-        sx = sx + ox
-        sy = sy + oy
+        coef.append(coef[-1] * (2 * n - two_minus_t) / (2 * n + two_minus_t))
+    px = coef[-1].expand_as(wx).clone()
+    py = torch.zeros_like(wx)
+    for n in range(n_terms - 2, -1, -1):
+        nx = wx * px
+        nx.addcmul_(wy, py, value=-1).add_(coef[n])
+        py.mul_(wx).addcmul_(wy, px)
+        px = nx
+    sx, sy = u * px - v * py, u * py + v * px       # e^{i phi} P(w)
     scale = (2 * b / (1 + q)) * torch.pow(b / R_safe, t - 1)
     scale = torch.where(inside, scale, torch.zeros_like(scale))
     ax, ay = scale * sx, scale * sy
