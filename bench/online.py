@@ -61,14 +61,21 @@ def torch_pairs_per_s(sim: TorchLensSimulator, batch: int, repeats: int, seed: i
     return batch * repeats / (time.perf_counter() - t0)
 
 
-def bench_render(cfg, device: str, batches: list[int], numpy_pairs: int, rounds: int) -> dict:
+def bench_render(cfg, device: str, batches: list[int], numpy_pairs: int, rounds: int, compile: bool) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         ref = LensSimulator(cfg)
-        sim = TorchLensSimulator(cfg, device=device, chunk_systems=max(batches))
+        sim = TorchLensSimulator(cfg, device=device, chunk_systems=max(batches), compile=compile)
     for b in batches:   # warm-up: allocator, FFT plans, series-term table
-        sim.sample_pairs(min(b, 8), torch.Generator(device=sim.device).manual_seed(0))
+        sim.sample_pairs(b, torch.Generator(device=sim.device).manual_seed(0))
     ref.sample_pair(np.random.default_rng(0))
+    if compile:   # the compiled kernels must render what the eager ones do
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            eager = TorchLensSimulator(cfg, device=device, chunk_systems=max(batches))
+        a, b = (s.sample_pairs(batches[0], torch.Generator(device=sim.device).manual_seed(3)) for s in (sim, eager))
+        diff = max(float((a[k] - b[k]).abs().max()) for k in ("view1", "view2"))
+        print(f"render: compiled vs eager: max |difference| {diff:.1e} of the peak", flush=True)
     best = {"lenstronomy_1core": 0.0, **{f"torch_b{b}": 0.0 for b in batches}}
     for r in range(rounds):
         best["lenstronomy_1core"] = max(best["lenstronomy_1core"], numpy_pairs_per_s(ref, numpy_pairs, r))
@@ -117,7 +124,8 @@ def bench_training(args, cfg_yaml: Path, tmp: Path) -> dict:
                     config_path=str(cfg_yaml), engine="torch", device=args.device, progress=False)
     common = dict(arch=args.arch, batch_size=args.train_batch, max_steps=args.train_steps, epochs=1,
                   workers=args.workers, precision=args.precision, log_every=max(1, args.train_steps),
-                  proj_dim=2048, pred_dim=512, ckpt_every=10 ** 6, online_epoch_samples=pairs)
+                  proj_dim=2048, pred_dim=512, ckpt_every=10 ** 6, online_epoch_samples=pairs,
+                  online_compile=args.compile)
     rates = {}
     for name, spec in (("shards", str(data)), ("online", f"online:{cfg_yaml}")):
         summary = train(train_config(data=spec, out=str(tmp / f"run_{name}"), **common))
@@ -142,6 +150,7 @@ def main(argv=None) -> dict:
     p.add_argument("--train-steps", type=int, default=3, help="0 skips the training comparison")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="torch.compile the ray shooting (render and online)")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -149,7 +158,10 @@ def main(argv=None) -> dict:
 
     inst = {"num_pix": args.num_pix}
     cfg = simulation_config(cosmos_dir=args.cosmos_dir, instrument=inst)
-    result = {"render": bench_render(cfg, args.device, args.batch, args.numpy_pairs, args.rounds)}
+    t0 = time.perf_counter()
+    result = {"render": bench_render(cfg, args.device, args.batch, args.numpy_pairs, args.rounds, args.compile)}
+    result["render"]["compile"] = args.compile
+    print(f"render: measured in {time.perf_counter() - t0:.0f} s (compile {args.compile})", flush=True)
     if args.accuracy_systems:
         quiet = simulation_config(cosmos_dir=args.cosmos_dir, instrument={**inst, "noise_sigma": [0.0, 0.0]})
         result["accuracy_max_abs_of_peak"] = bench_accuracy(quiet, args.device, args.accuracy_systems)

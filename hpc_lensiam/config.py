@@ -345,6 +345,7 @@ class TrainConfig:
     zero_stage: int = 0
     skip_bad_samples: bool = False
     online_epoch_samples: int = 100_000  # --data online: samples (pairs or images) per epoch, all ranks
+    online_compile: bool = False         # --data online: torch.compile the ray shooting (minutes once, then fast)
 
     def validate(self, where: str) -> None:
         choices = {"mode": ("lensiam", "simsiam"), "engine": ("ddp", "deepspeed"),

@@ -58,7 +58,8 @@ class OnlineLoader:
     SALT = 0x0411E   # keeps the render stream apart from the augmentation seeds (seed, rank, step, micro)
 
     def __init__(self, data: str, mode: str, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, grad_accum: int = 1, epoch_samples: int = 100_000, device="cpu"):
+                 seed: int = 0, grad_accum: int = 1, epoch_samples: int = 100_000, device="cpu",
+                 compile: bool = False):
         from ..simulate.torch_render import TorchLensSimulator
 
         if mode not in ("lensiam", "simsiam"):
@@ -70,7 +71,7 @@ class OnlineLoader:
         cfg = online_config(data)
         with warnings.catch_warnings():   # "no cosmos_dir": the config says so; not once per rank
             warnings.simplefilter("ignore", UserWarning)
-            self.sim = TorchLensSimulator(cfg, device=device, dtype=torch.float32)
+            self.sim = TorchLensSimulator(cfg, device=device, dtype=torch.float32, compile=compile)
         self.mode, self.batch_size, self.rank, self.seed = mode, batch_size, rank, seed
         self.batches_per_epoch = epoch_samples // per_step * grad_accum
         self.image_shape = (self.sim.num_pix, self.sim.num_pix)
@@ -79,7 +80,7 @@ class OnlineLoader:
     @classmethod
     def from_train_config(cls, cfg, rank: int, world_size: int, device) -> "OnlineLoader":
         return cls(cfg.data, cfg.mode, cfg.batch_size, rank, world_size, cfg.seed, cfg.grad_accum,
-                   cfg.online_epoch_samples, device)
+                   cfg.online_epoch_samples, device, cfg.online_compile)
 
     def generator(self, epoch: int, index: int) -> torch.Generator:
         g = torch.Generator(device=self.sim.device)

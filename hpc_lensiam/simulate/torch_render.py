@@ -103,11 +103,13 @@ class TorchLensSimulator:
     config priors. ``series_tol`` (default by dtype, :data:`SERIES_TOL`) sets the EPL series' relative
     accuracy; ``chunk_systems`` bounds how many systems are ray-traced at once (memory: about
     12 x chunk x (num_pix x supersampling)^2 x dtype bytes); ``max_stamps`` caps the COSMOS bank
-    (default: every stamp that passes the paper's cuts).
+    (default: every stamp that passes the paper's cuts); ``compile`` runs the ray shooting and the
+    Sersic profiles through ``torch.compile`` (worth it for long runs: the first batches pay it).
     """
 
     def __init__(self, config: Optional[SimulationConfig] = None, device="cpu", dtype=torch.float32,
-                 series_tol: Optional[float] = None, chunk_systems: int = 512, max_stamps: Optional[int] = None):
+                 series_tol: Optional[float] = None, chunk_systems: int = 512, max_stamps: Optional[int] = None,
+                 compile: bool = False):
         from .sources import CosmosCatalog
 
         self.config = config if config is not None else SimulationConfig()
@@ -120,6 +122,11 @@ class TorchLensSimulator:
         self.psf = PSFStack(self.psf_bank.kernels, self.grid.shape, self.device, dtype)
         self.series_tol = float(series_tol) if series_tol is not None else SERIES_TOL.get(dtype, 1e-7)
         self.chunk_systems = int(chunk_systems)
+        # torch.compile fuses the series loop into one kernel (measured ~18x faster on a CPU, after
+        # a one-off compile of minutes); shapes are static: one compile per chunk size
+        self._deflection = torch.compile(epl_shear_deflection, dynamic=False) if compile else epl_shear_deflection
+        self._sersic = torch.compile(sersic_elliptic) if compile else sersic_elliptic   # light: fused too
+        self._core_sersic = torch.compile(core_sersic) if compile else core_sersic
         self.catalog, self.stamps, self._bank_of_row = None, None, {}
         if self.config.cosmos_dir:
             sp = self.config.source
@@ -150,7 +157,7 @@ class TorchLensSimulator:
         if n_terms is None:   # a chosen batch: enough terms for its own largest |e| (one sync)
             f_max = float(ellipticity_f(lens["e1"], lens["e2"]).max())
             n_terms = self.series_terms(f_max, (float(lens["gamma"].min()), float(lens["gamma"].max())))
-        ax, ay = epl_shear_deflection(self.x, self.y, n_terms=n_terms, **p)
+        ax, ay = self._deflection(self.x, self.y, n_terms=n_terms, **p)
         return self.x - ax, self.y - ay
 
     def bin(self, flux: torch.Tensor) -> torch.Tensor:
@@ -171,9 +178,9 @@ class TorchLensSimulator:
                 idx = slice(None) if every else sel.nonzero().squeeze(1)
                 args = {k: (comp[k][idx] if k == "stamp" else comp[k][idx][:, None]) for k in _PROFILE_KEYS[code]}
                 if code == tp.SERSIC:
-                    val = sersic_elliptic(bx[idx], by[idx], **args)
+                    val = self._sersic(bx[idx], by[idx], **args)
                 elif code == tp.CORE_SERSIC:
-                    val = core_sersic(bx[idx], by[idx], **args)
+                    val = self._core_sersic(bx[idx], by[idx], **args)
                 else:
                     val = self.stamps(bx[idx], by[idx], index=args.pop("stamp"), **args)
                 if every:
@@ -186,7 +193,7 @@ class TorchLensSimulator:
         """Lens light with amp = 1 on the image-plane grid, binned: (B, num_pix, num_pix)."""
         p = {k: ll[k][:, None] for k in ("R_sersic", "n_sersic", "e1", "e2", "center_x", "center_y")}
         one = torch.ones_like(p["R_sersic"])
-        return self.bin(sersic_elliptic(self.x, self.y, one, **p))
+        return self.bin(self._sersic(self.x, self.y, one, **p))
 
     def compose(self, bx, by, components: list, lens_light: Optional[dict], psf_id, noise_sigma,
                 generator: Optional[torch.Generator]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
