@@ -1,19 +1,20 @@
-# The README's two commands: `make demo` and `make test`. Both install first (idempotent).
+# The README's two commands: `make demo` and `make test`. Both install first (idempotent);
+# `make test` runs `make lint` (ruff, configured in pyproject.toml) before the tests.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench clean-demo
+.PHONY: install lint demo test bench clean-demo
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[test]' $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[test,lint]' $(TORCH_PIN)
 	touch $@
 
 # The whole chain on CPU, small: simulate (2 MPI ranks) -> pretrain (2 torchrun processes) ->
@@ -40,7 +41,10 @@ demo: install
 	    "run $(DEMO)/run (metrics.csv, checkpoints/); embeddings $(DEMO)/emb.h5; UMAP $(DEMO)/umap.png;" \
 	    "probe $(DEMO)/probe.json; backbone $(DEMO)/backbone.pt; fine-tuning $(DEMO)/finetune_{lensiam,none}.json"
 
-test: install
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
 	$(PY) -m pytest -q tests
 
 bench: install

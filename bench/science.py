@@ -1,17 +1,31 @@
-"""The paper's experiment end to end, at the scale this machine allows; writes docs/science/<tag>.md.
+"""The paper's experiment with seeds and intervals, at the scale this machine allows: docs/science/<tag>.md.
 
-LenSiam vs baseline SimSiam vs no pretraining, with the same arch, data size, epochs and seed:
-simulate -> pretrain both -> embed a held-out LenSiam set with both -> probe (--against) and UMAP
--> export both -> fine-tune theta_E on an independent euclid set from each backbone and from random
-init (same train/test split). Every step is the package's own CLI, so the commands in results.md
-are what a user runs. Each step is resumable: rerun the same command after an interruption.
+Arms, each fine-tuned with every ``--finetune-seeds`` seed on the same downstream split:
+  LenSiam, baseline SimSiam     pretrained with every ``--pretrain-seeds`` seed (same pairs, same recipe)
+  random init                   the same arch from random weights, full fine-tuning
+  frozen random                 random weights frozen, only the head trained (how much is architecture)
+  LenSiam (survey pretraining)  with ``--survey-pretraining``: LenSiam pairs of the survey family
+ImageNet-supervised weights (the paper's third row) cannot be downloaded here: that row is not run.
 
-    .venv/bin/python bench/science.py                    # ~2 h on 2 CPU cores (the defaults)
-    .venv/bin/python bench/science.py --pairs 512 --epochs 2 --out runs/science-smoke   # smoke test
+Downstream sets (``--downstream-family``): ``paper`` = the same simulator family at the euclid preset
+(another instrument; theta_E regression), ``survey`` = the independent survey family (``simulate --family survey``)
+(another world; theta_E regression on lenses and lens finding, ``finetune --task classify --target
+is_lens``). The survey set needs ``hpc-lensiam simulate --family survey`` and ``finetune --task``: the
+script checks that this checkout has them before anything runs, and says so if not.
 
-Each run writes ``docs/science/<tag>.md`` (tables, commands, wall times) and its UMAP figures next
-to it; ``docs/results.md`` is the hand-written reading of those runs. With ``--curve`` every
-periodic checkpoint (``--ckpt-every`` steps) is embedded and probed too: lens physics vs steps.
+The probe (ridge/k-NN on a held-out paper-family set, intervals over lens systems) compares LenSiam and
+SimSiam of each pretraining seed. Fine-tuning differences use the hierarchical paired bootstrap of
+:mod:`hpc_lensiam.stats` over (pretraining seed, fine-tuning seed) units and test images.
+
+Every step is the package's own CLI, so the report's commands are what a user runs, and every step is
+resumable: a step whose command already succeeded (``OUT/steps.json``) and whose outputs exist is
+skipped; training resumes from its last checkpoint; ``finetune --seeds --resume`` keeps finished seeds.
+The report is rewritten after every probe and fine-tuning step from whatever has finished, so the
+protocol may be run in parts (``--report-only`` rewrites it from OUT without running anything).
+
+    .venv/bin/python bench/science.py --tag protocol            # the defaults: hours of 2 CPU cores
+    .venv/bin/python bench/science.py --pairs 64 --probe-pairs 64 --n-train 40 --n-test 40 --num-pix 48 \\
+        --steps 2 --finetune-epochs 1 --out runs/science-smoke --tag smoke   # smoke test, minutes
 """
 from __future__ import annotations
 
@@ -26,190 +40,334 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from hpc_lensiam.io import atomic_write_json, atomic_write_text  # noqa: E402
+from hpc_lensiam.stats import hierarchical_paired_difference, seed_summary  # noqa: E402
+
 BIN = Path(sys.executable).parent
 NPROC = 2
+# name -> (pretraining run kind or None for random weights, frozen backbone)
+ARMS = {"LenSiam": ("lensiam", False), "SimSiam": ("simsiam", False), "random init": (None, False),
+        "frozen random": (None, True), "LenSiam (survey pretraining)": ("lensiam-survey", False)}
+PAPER = {"LenSiam": "0.586", "SimSiam": "0.426", "random init": "0.360 was ImageNet-supervised (not downloadable here)"}
+DIFFERENCES = [("LenSiam", "SimSiam"), ("LenSiam", "random init"), ("SimSiam", "random init"),
+               ("random init", "frozen random"), ("LenSiam (survey pretraining)", "LenSiam")]
 
 
-BACKBONES = ("LenSiam", "SimSiam", "no pretraining")
+def parse_ints(text: str) -> list[int]:
+    return [int(s) for s in text.split(",") if s.strip()]
 
 
-def finetune_json(out: Path, name: str) -> Path:
-    """Where the fine-tuning report of backbone ``name`` (one of BACKBONES) lives."""
-    return out / f"finetune_{name.split()[0].lower()}.json"
+def tasks(families: list[str]) -> list[dict]:
+    """Downstream tasks: (family, task, target, train/test shard names, simulate flags)."""
+    out = []
+    if "paper" in families:
+        out.append(dict(key="paper_theta_E", family="paper", task="regress", target="theta_E",
+                        sim=["--preset", "euclid"], title="theta_E regression, same simulator family at the euclid "
+                                                          "preset (another instrument)"))
+    if "survey" in families:
+        out.append(dict(key="survey_theta_E", family="survey", task="regress", target="theta_E",
+                        sim=["--preset", "euclid", "--family", "survey", "--lens-fraction", "1"],
+                        title="theta_E regression on lenses of the independent survey family (another world)"))
+        out.append(dict(key="survey_is_lens", family="survey", task="classify", target="is_lens",
+                        sim=["--preset", "euclid", "--family", "survey", "--lens-fraction", "0.5"],
+                        title="lens finding (is_lens) on the independent survey family, half non-lenses"))
+    return out
 
 
-def run(cmd: list, log: list, name: str) -> float:
-    """Run one CLI step, echo it, record its wall time."""
-    cmd = [str(c) for c in cmd]
-    print(f"\n[science] {name}: {shlex.join(cmd)}", flush=True)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=REPO)
-    dt = time.perf_counter() - t0
-    log.append({"step": name, "command": shlex.join(cmd).replace(str(BIN) + "/", ".venv/bin/").replace(str(REPO) + "/", ""), "seconds": dt})
-    print(f"[science] {name}: {dt:.0f} s", flush=True)
-    return dt
+def check_survey_support(a) -> None:
+    """The survey family and the classification task are newer than this script: refuse early if absent."""
+    if "survey" not in a.downstream_family and not a.survey_pretraining:
+        return
+    hl = str(BIN / "hpc-lensiam")
+    sim = subprocess.run([hl, "simulate", "--help"], capture_output=True, text=True).stdout
+    ft = subprocess.run([hl, "finetune", "--help"], capture_output=True, text=True).stdout
+    missing = [flag for flag, text in (("simulate --family", sim), ("simulate --lens-fraction", sim),
+                                       ("finetune --task", ft)) if flag.split()[1] not in text]
+    if missing:
+        what = "--downstream-family survey" if "survey" in a.downstream_family else "--survey-pretraining"
+        print(f"science.py: error: {what} needs `hpc-lensiam {', '.join(missing)}` (the survey family and "
+              f"lens-finding task), which this checkout lacks; run with --downstream-family paper",
+              file=sys.stderr)
+        sys.exit(2)
+
+
+class Steps:
+    """The resumable step runner: OUT/steps.json records every command that succeeded and its time."""
+
+    def __init__(self, out: Path):
+        self.path = out / "steps.json"
+        self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def run(self, name: str, cmd: list, outputs: list[Path] = (), resume_flag: bool = False) -> None:
+        cmd = [str(c) for c in cmd]
+        shown = shlex.join(cmd).replace(str(BIN) + "/", ".venv/bin/").replace(str(REPO) + "/", "")
+        prev = self.done.get(name)
+        if prev and prev["command"] == shown and all(Path(o).exists() for o in outputs):
+            print(f"[science] {name}: done before ({prev['seconds']:.0f} s), skipped", flush=True)
+            return
+        full = cmd + (["--resume"] if resume_flag else [])
+        print(f"\n[science] {name}: {shlex.join(full)}", flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(full, check=True, cwd=REPO)
+        self.done[name] = {"command": shown, "seconds": time.perf_counter() - t0}
+        atomic_write_json(self.path, self.done)
+        print(f"[science] {name}: {self.done[name]['seconds']:.0f} s", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/science", help="working folder (shards, runs, embeddings)")
-    ap.add_argument("--tag", default="default", help="names docs/science/<tag>.md and its figures")
+    ap.add_argument("--out", default="runs/science-protocol", help="working folder (shards, runs, embeddings)")
+    ap.add_argument("--tag", default="protocol", help="names docs/science/<tag>.md and its figures")
     ap.add_argument("--pairs", type=int, default=4096, help="LenSiam pretraining pairs")
     ap.add_argument("--probe-pairs", type=int, default=1024, help="held-out pairs for embeddings/probe")
     ap.add_argument("--n-train", type=int, default=1000)
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--num-pix", type=int, default=110, help="image side (0.05\"/px hst; 0.1\"/px euclid)")
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--batch-size", type=int, default=64, help="per process; 2 processes")
-    ap.add_argument("--finetune-epochs", type=int, default=30)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=True,
-                    help="pretraining init (SimSiam reference: on); see docs/results.md")
+    ap.add_argument("--epochs", type=int, default=10, help="pretraining epochs")
+    ap.add_argument("--steps", type=int, default=None, help="stop pretraining after N steps (smoke tests)")
+    ap.add_argument("--batch-size", type=int, default=32, help="per process; 2 processes")
+    ap.add_argument("--finetune-epochs", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0, help="data seed: every simulated set derives from it")
+    ap.add_argument("--pretrain-seeds", default="0,1", help="pretraining seeds per method (>= 2)")
+    ap.add_argument("--finetune-seeds", default="0,1,2", help="fine-tuning seeds per backbone (>= 3)")
+    ap.add_argument("--downstream-family", nargs="+", choices=("paper", "survey"), default=["paper"],
+                    help="paper: the euclid set of the pretraining simulator; survey: the independent survey family")
+    ap.add_argument("--survey-pretraining", action="store_true", help="add LenSiam pretrained on survey pairs")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="pretraining precision")
+    ap.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=False,
+                    help="pretraining init (off: torchvision's; see docs/results.md for why)")
     ap.add_argument("--ckpt-every", type=int, default=0, help="periodic checkpoints every N steps (0: none)")
-    ap.add_argument("--curve", action="store_true", help="embed + probe every periodic checkpoint")
-    ap.add_argument("--report-only", action="store_true", help="rewrite the report from OUT/science.json")
+    ap.add_argument("--curve", action="store_true", help="embed + probe every periodic checkpoint (first seed)")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from OUT, run nothing")
     a = ap.parse_args()
-    docs = REPO / "docs" / "science"
-    docs.mkdir(parents=True, exist_ok=True)
-
+    a.pretrain_seeds, a.finetune_seeds = parse_ints(a.pretrain_seeds), parse_ints(a.finetune_seeds)
     out = REPO / a.out
-    out.mkdir(parents=True, exist_ok=True)
+    report = REPO / "docs" / "science" / f"{a.tag}.md"
     if a.report_only:
-        saved = json.loads((out / "science.json").read_text())
-        for name in BACKBONES:
-            saved["results"]["finetune"][name] = json.loads(finetune_json(out, name).read_text())
-        write_results(docs / f"{a.tag}.md", a, saved["steps"], saved["results"], saved["seconds"])
+        write_report(report, a, out, Steps(out).done)
         return
+    check_survey_support(a)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = Steps(out)
+    t_start = time.perf_counter()
+    hl, mpiexec, torchrun = BIN / "hpc-lensiam", BIN / "mpiexec", BIN / "torchrun"
     sim_yaml = out / "sim.yaml"
     sim_yaml.write_text(f"instrument:\n  num_pix: {a.num_pix}\n")
-    hl, mpiexec, torchrun = BIN / "hpc-lensiam", BIN / "mpiexec", BIN / "torchrun"
-    log: list[dict] = []
-    t_start = time.perf_counter()
+    sim = [mpiexec, "-n", NPROC, hl, "simulate", "--config", sim_yaml]
 
-    shards = {"lensiam": out / "shards/lensiam", "probe": out / "shards/probe",
-              "euclid_train": out / "shards/euclid_train", "euclid_test": out / "shards/euclid_test"}
-    sim = [mpiexec, "-n", NPROC, hl, "simulate", "--config", sim_yaml, "--shard-size", 128]
-    run(sim + ["--out", shards["lensiam"], "--pairs", a.pairs, "--seed", a.seed], log, "simulate LenSiam pairs")
-    run(sim + ["--out", shards["probe"], "--pairs", a.probe_pairs, "--seed", a.seed + 1000], log,
-        "simulate held-out probe pairs")
-    for name, n, seed in (("euclid_train", int(a.n_train * 1.25), 2000), ("euclid_test", a.n_test, 3000)):
-        run(sim + ["--out", shards[name], "--pairs", n, "--seed", a.seed + seed, "--mode", "single",
-                   "--preset", "euclid"], log, f"simulate {name}")
+    def simulate(name: str, n: int, seed_offset: int, flags: list) -> Path:
+        d = out / "shards" / name
+        shard = 128 if n >= 256 else max(8, n // 8)   # 128 as in runs A-C (same bytes); small sets: >= 8 shards
+        steps.run(f"simulate {name}", sim + ["--shard-size", shard, "--out", d, "--pairs", n, "--seed",
+                                             a.seed + seed_offset, *flags], [d / "manifest.json"])
+        return d
 
-    results: dict = {"probe": None, "finetune": {}, "umap": {}, "curve": {}}
+    # ---- data: pretraining pairs, the held-out probe set, the downstream sets
+    shards = {"lensiam": simulate("lensiam", a.pairs, 0, []), "probe": simulate("probe", a.probe_pairs, 1000, [])}
+    if a.survey_pretraining:
+        shards["lensiam-survey"] = simulate("lensiam_survey", a.pairs, 4000, ["--family", "survey"])
+    downstream = tasks(a.downstream_family)
+    for i, t in enumerate(downstream):
+        single = ["--mode", "single", *t["sim"]]
+        t["train"] = simulate(f"{t['key']}_train", int(a.n_train * 1.25), 2000 + 10 * i, single)
+        t["test"] = simulate(f"{t['key']}_test", a.n_test, 3000 + 10 * i, single)
+
+    # ---- pretraining: every method x pretraining seed; embed, probe, UMAP, export
     zi = [] if a.zero_init_residual else ["--no-zero-init-residual"]
-    ck = ["--ckpt-every", a.ckpt_every] if a.ckpt_every else []
-    for mode in ("lensiam", "simsiam"):
-        run_dir = out / f"run_{mode}"
-        resume = ["--resume"] if (run_dir / "checkpoints" / "last.pt").exists() else []
-        run([torchrun, "--standalone", "--nproc_per_node", NPROC, "-m", "hpc_lensiam", "train",
-             "--data", shards["lensiam"], "--out", run_dir, "--mode", mode, "--arch", a.arch,
-             "--epochs", a.epochs, "--batch-size", a.batch_size, "--seed", a.seed, "--precision", "fp32",
-             "--warmup-epochs", max(1, a.epochs // 10), *zi, *ck, *resume], log, f"pretrain {mode}")
-        ckpt = run_dir / "checkpoints" / "last.pt"
-        emb = out / f"emb_{mode}.h5"
-        run([torchrun, "--standalone", "--nproc_per_node", NPROC, "-m", "hpc_lensiam", "embed",
-             "--checkpoint", ckpt, "--data", shards["probe"], "--out", emb], log, f"embed {mode}")
-        if a.curve:
-            results["curve"][mode] = learning_curve(run_dir, shards["probe"], out, mode, torchrun, hl, log)
-        png = docs / f"umap_{mode}_{a.tag}.png"
-        run([hl, "umap", "--embeddings", emb, "--out", png, "--seed", a.seed], log, f"umap {mode}")
-        results["umap"][mode] = str(png.relative_to(REPO))
-        run([hl, "export", "--checkpoint", ckpt, "--out", out / f"backbone_{mode}.pt"], log, f"export {mode}")
+    ms = (["--max-steps", a.steps] if a.steps else []) + (["--ckpt-every", a.ckpt_every] if a.ckpt_every else [])
+    kinds = ["lensiam", "simsiam"] + (["lensiam-survey"] if a.survey_pretraining else [])
+    for ps in a.pretrain_seeds:
+        for kind in kinds:
+            run_dir = out / f"run_{kind}_s{ps}"
+            ckpt = run_dir / "checkpoints" / "last.pt"
+            steps.run(f"pretrain {kind} seed {ps}",
+                      [torchrun, "--standalone", "--nproc_per_node", NPROC, "-m", "hpc_lensiam", "train",
+                       "--data", shards["lensiam-survey" if kind == "lensiam-survey" else "lensiam"], "--out", run_dir,
+                       "--mode", kind.split("-")[0], "--arch", a.arch, "--epochs", a.epochs, "--batch-size",
+                       a.batch_size, "--seed", ps, "--precision", a.precision,
+                       "--warmup-epochs", max(1, a.epochs // 10), *zi, *ms],
+                      [ckpt], resume_flag=ckpt.exists())
+            emb = out / f"emb_{kind}_s{ps}.h5"
+            steps.run(f"embed {kind} seed {ps}", [torchrun, "--standalone", "--nproc_per_node", NPROC, "-m",
+                                                  "hpc_lensiam", "embed", "--checkpoint", ckpt, "--data",
+                                                  shards["probe"], "--out", emb], [emb])
+            if ps == a.pretrain_seeds[0] and a.curve:
+                learning_curve(steps, run_dir, shards["probe"], out, kind, torchrun, hl)
+            if ps == a.pretrain_seeds[0]:
+                png = REPO / "docs" / "science" / f"umap_{kind}_{a.tag}.png"
+                steps.run(f"umap {kind} seed {ps}", [hl, "umap", "--embeddings", emb, "--out", png, "--seed", 0],
+                          [png])
+            backbone = out / f"backbone_{kind}_s{ps}.pt"
+            steps.run(f"export {kind} seed {ps}", [hl, "export", "--checkpoint", ckpt, "--out", backbone], [backbone])
+        pj = out / f"probe_s{ps}.json"
+        steps.run(f"probe LenSiam vs SimSiam seed {ps}",
+                  [hl, "probe", "--embeddings", out / f"emb_lensiam_s{ps}.h5", "--against",
+                   out / f"emb_simsiam_s{ps}.h5", "--json", pj], [pj])
+        write_report(report, a, out, steps.done)
 
-    probe_json = out / "probe.json"
-    run([hl, "probe", "--embeddings", out / "emb_lensiam.h5", "--against", out / "emb_simsiam.h5",
-         "--json", probe_json], log, "probe LenSiam vs SimSiam")
-    results["probe"] = json.loads(probe_json.read_text())
-
-    for name, backbone in (("LenSiam", out / "backbone_lensiam.pt"), ("SimSiam", out / "backbone_simsiam.pt"),
-                           ("no pretraining", "none")):
-        fj = finetune_json(out, name)
-        run([hl, "finetune", "--backbone", backbone, "--arch", a.arch, "--train", shards["euclid_train"],
-             "--test", shards["euclid_test"], "--target", "theta_E", "--n-train", a.n_train,
-             "--n-test", a.n_test, "--epochs", a.finetune_epochs, "--seed", a.seed, "--json", fj],
-            log, f"finetune {name}")
-        results["finetune"][name] = json.loads(fj.read_text())
-
-    total = time.perf_counter() - t_start
-    (out / "science.json").write_text(json.dumps({"args": vars(a), "steps": log, "results": results,
-                                                   "seconds": total}, indent=1, default=str))
-    md = docs / f"{a.tag}.md"
-    write_results(md, a, log, results, total)
-    print(f"\n[science] done in {total / 60:.1f} min; results in {md.relative_to(REPO)}", flush=True)
+    # ---- fine-tuning: every task x arm x backbone, all fine-tuning seeds in one resumable call
+    seeds = ",".join(map(str, a.finetune_seeds))
+    for t in downstream:
+        for arm, (kind, frozen) in ARMS.items():
+            if kind not in kinds and kind is not None:
+                continue
+            for ps in (a.pretrain_seeds if kind else [None]):
+                backbone = out / f"backbone_{kind}_s{ps}.pt" if kind else "none"
+                fj = finetune_json(out, t["key"], arm, ps)
+                task_flags = ["--task", "classify"] if t["task"] == "classify" else []
+                steps.run(f"finetune {t['key']} {arm}" + (f" pretrain seed {ps}" if kind else ""),
+                          [hl, "finetune", "--backbone", backbone, "--arch", a.arch, "--train", t["train"],
+                           "--test", t["test"], *task_flags, "--target", t["target"], "--n-train", a.n_train,
+                           "--n-test", a.n_test, "--epochs", a.finetune_epochs, "--seeds", seeds,
+                           *(["--freeze-backbone"] if frozen else []), "--json", fj], [fj], resume_flag=True)
+                write_report(report, a, out, steps.done)
+    print(f"\n[science] done in {(time.perf_counter() - t_start) / 60:.1f} min; results in "
+          f"{report.relative_to(REPO)}", flush=True)
 
 
-def learning_curve(run_dir: Path, probe_shards: Path, out: Path, mode: str, torchrun, hl, log) -> dict:
-    """Probe ridge R^2 at every periodic checkpoint: {step: {param: R^2}}."""
-    curve = {}
+def learning_curve(steps: Steps, run_dir: Path, probe_shards: Path, out: Path, kind: str, torchrun, hl) -> None:
+    """Embed and probe every periodic checkpoint: lens physics in the features vs pretraining step."""
     for ck in sorted((run_dir / "checkpoints").glob("step_*.pt")):
         step = int(ck.stem.split("_")[1])
-        emb, pj = out / f"curve_{mode}_{step}.h5", out / f"curve_{mode}_{step}.json"
-        run([torchrun, "--standalone", "--nproc_per_node", NPROC, "-m", "hpc_lensiam", "embed",
-             "--checkpoint", ck, "--data", probe_shards, "--out", emb], log, f"embed {mode} step {step}")
-        run([hl, "probe", "--embeddings", emb, "--json", pj], log, f"probe {mode} step {step}")
-        curve[step] = next(iter(json.loads(pj.read_text())["results"].values()))["ridge"]
-    return curve
+        emb, pj = out / f"curve_{kind}_{step}.h5", out / f"curve_{kind}_{step}.json"
+        steps.run(f"embed {kind} step {step}", [torchrun, "--standalone", "--nproc_per_node", NPROC, "-m",
+                                                "hpc_lensiam", "embed", "--checkpoint", ck, "--data", probe_shards,
+                                                "--out", emb], [emb])
+        steps.run(f"probe {kind} step {step}", [hl, "probe", "--embeddings", emb, "--json", pj], [pj])
 
 
-def write_results(path: Path, a, log: list, results: dict, total: float) -> None:
-    probe = results["probe"]["results"]
-    labels = list(probe)
-    lines = ["# LenSiam vs SimSiam vs no pretraining, measured on this machine", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; Python {platform.python_version()}. "
-             f"Total wall time {total / 60:.1f} min.", "",
-             f"Set-up: {a.pairs} LenSiam pairs ({a.num_pix}x{a.num_pix} px, hst preset, analytic sources, built-in PSFs), "
-             f"{a.arch}, {a.epochs} epochs, batch {a.batch_size} x {NPROC} processes, seed {a.seed}; the baseline "
-             f"SimSiam trains on view1 of the same pairs with the standard augmentations. Probe on "
-             f"{a.probe_pairs} held-out pairs; fine-tuning on an independent euclid set, "
-             f"{a.n_train} train (plus a validation split) / {a.n_test} test images, {a.finetune_epochs} epochs. "
-             f"Pretraining init: zero_init_residual={'on' if a.zero_init_residual else 'off'}.", "",
-             "## Probe: held-out R^2 of the 8 lens parameters from the frozen features", "",
-             "| parameter | " + " | ".join(f"{lab} k-NN | {lab} ridge" for lab in labels) + " |",
-             "|---|" + "---|" * (2 * len(labels))]
-    names = list(next(iter(probe.values()))["knn"])
-    for name in names:
-        lines.append(f"| {name} | " + " | ".join(f"{probe[lab]['knn'][name]:.3f} | {probe[lab]['ridge'][name]:.3f}"
-                                                 for lab in labels) + " |")
-    lines.append("| mean of 8 | " + " | ".join(
-        f"{sum(probe[lab]['knn'].values()) / len(names):.3f} | {sum(probe[lab]['ridge'].values()) / len(names):.3f}"
-        for lab in labels) + " |")
-    lines += ["", "## Downstream: theta_E regression on the independent euclid set", "",
-              "| backbone | test R^2 | 95% bootstrap interval | residual sigma (arcsec) | paper R^2 |", "|---|---|---|---|---|"]
-    paper = {"LenSiam": "0.586", "SimSiam": "0.426", "no pretraining": "0.360 (ImageNet-supervised)"}
-    for name, r in results["finetune"].items():
-        lines.append(f"| {name} | {r['r2']:.3f} | [{r['r2_ci95'][0]:.3f}, {r['r2_ci95'][1]:.3f}] | "
-                     f"{r['residual_sigma']:.4f} | {paper[name]} |")
-    if results.get("curve"):
-        lines += ["", "## Probe ridge R^2 vs pretraining step (periodic checkpoints, same held-out set)", "",
+def finetune_json(out: Path, task_key: str, arm: str, ps) -> Path:
+    """Where the multi-seed fine-tuning report of one arm (and pretraining seed) on one task lives."""
+    slug = arm.lower().replace(" ", "-").replace("(", "").replace(")", "")
+    return out / (f"finetune_{task_key}_{slug}" + (f"_s{ps}.json" if ps is not None else ".json"))
+
+
+# ---------------------------------------------------------------------------------------- the report
+def _load(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def collect_units(out: Path, task_key: str, arm: str, pretrain_seeds: list[int]) -> dict:
+    """{(pretraining seed or None, fine-tuning seed): (metric, test targets, predictions, test sha)}."""
+    kind = ARMS[arm][0]
+    units = {}
+    for ps in (pretrain_seeds if kind else [None]):
+        rep = _load(finetune_json(out, task_key, arm, ps))
+        if rep is None:
+            continue
+        metric = rep.get("metric", "r2")
+        for r in rep["runs"]:
+            scores = r.get("test_scores", r.get("test_predictions"))
+            units[(ps, r["seed"])] = (r[metric], rep["test_targets"], scores, rep.get("test_manifest_sha256"),
+                                      metric)
+    return units
+
+
+def paired(units_a: dict, units_b: dict):
+    """Unit keys both arms have; a random-weights arm (pretraining seed None) pairs by fine-tuning seed."""
+    keys = []
+    for ps, fs in units_a:
+        kb = (ps, fs) if (ps, fs) in units_b else (None, fs)
+        if kb in units_b and units_a[(ps, fs)][3] == units_b[kb][3]:
+            keys.append(((ps, fs), kb))
+    return keys
+
+
+def write_report(path: Path, a, out: Path, done: dict) -> None:
+    """The whole report from the files in OUT: finished parts filled in, the rest marked not run yet."""
+    import numpy as np
+    ps_list = a.pretrain_seeds
+    lines = ["# LenSiam vs SimSiam vs random init, with seeds and intervals", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; Python {platform.python_version()}.", "",
+             f"Set-up: {a.pairs} LenSiam pairs ({a.num_pix}x{a.num_pix} px, hst preset), {a.arch}, {a.epochs} epochs"
+             + (f" (stopped at {a.steps} steps)" if a.steps else "") + f", batch {a.batch_size} x {NPROC} processes, "
+             f"{a.precision}, zero_init_residual={'on' if a.zero_init_residual else 'off'}; pretraining seeds "
+             f"{ps_list}, fine-tuning seeds {a.finetune_seeds}; probe on {a.probe_pairs} held-out pairs; "
+             f"downstream {a.n_train} train (80/20 train/validation) / {a.n_test} test images, "
+             f"{a.finetune_epochs} epochs. ImageNet-supervised weights cannot be downloaded here: the paper's "
+             f"third row is not reproduced; 'random init' and 'frozen random' stand beside it.", "",
+             "## Probe: held-out ridge R^2 [95% interval over test lens systems] from frozen features", ""]
+    probes = {ps: _load(out / f"probe_s{ps}.json") for ps in ps_list}
+    if not any(probes.values()):
+        lines.append("(not run yet)")
+    else:
+        lines += ["| pretraining seed | method | theta_E | e1 | gamma | mean of 8 |", "|---|---|---|---|---|---|"]
+        for ps, pr in probes.items():
+            for lab, r in (pr or {}).get("results", {}).items():
+                ci = r.get("ridge_ci95", {})
+                cell = [f"{r['ridge'][p]:.3f} [{ci[p][0]:.3f}, {ci[p][1]:.3f}]" if p in ci else f"{r['ridge'][p]:.3f}"
+                        for p in ("theta_E", "e1", "gamma")]
+                lines.append(f"| {ps} | {lab} | " + " | ".join(cell) + f" | {np.mean(list(r['ridge'].values())):.3f} |")
+        probe_diff = {ps: pr["paired_difference"] for ps, pr in probes.items() if pr and pr.get("paired_difference")}
+        if probe_diff:
+            lines += ["", "Paired ridge R^2 difference LenSiam - SimSiam on the same test systems (95% interval over "
+                      "systems, one pretraining seed each: pretraining-seed noise is not in it; compare the rows):", "",
+                      "| pretraining seed | theta_E | e1 | gamma |", "|---|---|---|---|"]
+            for ps, d in probe_diff.items():
+                lines.append(f"| {ps} | " + " | ".join(
+                    f"{d['ridge'][p]['delta']:+.3f} [{d['ridge'][p]['ci95'][0]:+.3f}, {d['ridge'][p]['ci95'][1]:+.3f}]"
+                    for p in ("theta_E", "e1", "gamma")) + " |")
+    for t in tasks(a.downstream_family):
+        lines += ["", f"## Downstream: {t['title']}", ""]
+        units = {arm: collect_units(out, t["key"], arm, ps_list) for arm in ARMS}
+        units = {arm: u for arm, u in units.items() if u}
+        if not units:
+            lines.append("(not run yet)")
+            continue
+        metric = next(iter(next(iter(units.values())).values()))[4]
+        name = {"r2": "R^2", "auc": "ROC AUC"}.get(metric, metric)
+        lines += [f"| arm | runs (pretraining x fine-tuning seeds) | test {name} mean +- sd | per pretraining seed "
+                  f"(mean over fine-tuning seeds) | paper R^2 |", "|---|---|---|---|---|"]
+        for arm, u in units.items():
+            s = seed_summary(v[0] for v in u.values())
+            per = {}
+            for (ps, _), v in u.items():
+                per.setdefault(ps, []).append(v[0])
+            per_txt = ", ".join(f"s{ps}: {np.mean(v):.3f}" for ps, v in per.items() if ps is not None) or "-"
+            sd = f"{s['sd']:.3f}" if s["sd"] is not None else "n/a"
+            lines.append(f"| {arm} | {s['n']} | {s['mean']:.3f} +- {sd} | {per_txt} | "
+                         f"{PAPER.get(arm, '-') if t['key'] == 'paper_theta_E' else '-'} |")
+        lines += ["", f"Paired differences of test {name} (hierarchical bootstrap: (pretraining, fine-tuning) seed "
+                  f"units and test images resampled together, 2000 resamples; estimate +- t(df) x se; the "
+                  f"test-images-only interval, which ignores seed noise, for reference):", "",
+                  "| difference | units | delta | 95% interval | df | test-images-only interval | per unit |",
+                  "|---|---|---|---|---|---|---|"]
+        for x, z in DIFFERENCES:
+            if x not in units or z not in units:
+                continue
+            keys = paired(units[x], units[z])
+            if len(keys) < 1:
+                continue
+            y = np.asarray(units[x][keys[0][0]][1])
+            pa = np.asarray([units[x][ka][2] for ka, _ in keys])
+            pb = np.asarray([units[z][kb][2] for _, kb in keys])
+            r = hierarchical_paired_difference(y, pa, pb, metric, n_boot=2000, seed=0)
+            df = f"{r['df']:.1f}" if r["df"] else "-"
+            lines.append(f"| {x} - {z} | {len(keys)} | {r['delta']:+.3f} | [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
+                         f" | {df} | [{r['ci95_images_only'][0]:+.3f}, {r['ci95_images_only'][1]:+.3f}] | "
+                         + " ".join(f"{v:+.3f}" for v in r["per_seed"]) + " |")
+    curve = sorted(out.glob("curve_*.json"), key=lambda f: (f.stem.split("_")[1], int(f.stem.split("_")[2])))
+    if curve:
+        lines += ["", "## Probe ridge R^2 vs pretraining step (first pretraining seed, same held-out set)", "",
                   "| method | step | theta_E | e1 | gamma | mean of 8 |", "|---|---|---|---|---|---|"]
-        for mode, curve in results["curve"].items():
-            for step, r in curve.items():
-                lines.append(f"| {mode} | {step} | {r['theta_E']:.3f} | {r['e1']:.3f} | {r['gamma']:.3f} | "
-                             f"{sum(r.values()) / len(r):.3f} |")
-    pairs = [("LenSiam", "SimSiam"), ("LenSiam", "no pretraining"), ("SimSiam", "no pretraining")]
-    ft = results["finetune"]
-    if all("test_predictions" in ft.get(n, {}) for n in BACKBONES):
-        from hpc_lensiam.finetune import paired_r2_difference
-        lines += ["", "Paired comparison on the same test images (paired bootstrap, 1000 resamples):", "",
-                  "| difference | delta R^2 | 95% interval |", "|---|---|---|"]
-        y = ft["LenSiam"]["test_targets"]
-        for x, z in pairs:
-            d, lo, hi = paired_r2_difference(y, ft[x]["test_predictions"], ft[z]["test_predictions"])
-            lines.append(f"| {x} - {z} | {d:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
-    lines += ["", "## UMAP of the held-out embeddings", ""]
-    for mode, png in results["umap"].items():
-        lines.append(f"![{mode}]({Path(png).name})")
-    lines += ["", "## Commands and wall times", "", "| step | seconds | command |", "|---|---|---|"]
-    for s in log:
-        lines.append(f"| {s['step']} | {s['seconds']:.0f} | `{s['command']}` |")
+        for f in curve:
+            r = next(iter(json.loads(f.read_text())["results"].values()))["ridge"]
+            lines.append(f"| {f.stem.split('_')[1]} | {f.stem.split('_')[2]} | {r['theta_E']:.3f} | {r['e1']:.3f} | "
+                         f"{r['gamma']:.3f} | {np.mean(list(r.values())):.3f} |")
+    figs = sorted((REPO / "docs" / "science").glob(f"umap_*_{a.tag}.png"))
+    if figs:
+        lines += ["", "## UMAP of the held-out embeddings (first pretraining seed)", ""]
+        lines += [f"![{f.stem}]({f.name})" for f in figs]
+    lines += ["", "## Commands and wall times (steps finished so far)", "", "| step | seconds | command |",
+              "|---|---|---|"]
+    lines += [f"| {name} | {s['seconds']:.0f} | `{s['command']}` |" for name, s in done.items()]
+    total = sum(s["seconds"] for s in done.values())
     argv = " ".join(x for x in sys.argv[1:] if x != "--report-only")
-    lines += ["", f"Made by `.venv/bin/python bench/science.py {argv}`.", ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    lines += ["", f"Total step time so far: {total / 60:.1f} min. Made by `.venv/bin/python bench/science.py {argv}`.",
+              ""]
+    atomic_write_text(path, "\n".join(lines))
 
 
 if __name__ == "__main__":

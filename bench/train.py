@@ -1,4 +1,4 @@
-"""Pretraining throughput, in one run (issue 4's benchmark):
+"""Pretraining throughput, in one run:
 
 1. the loader's decoded pairs/s in one process (= per worker) vs webdataset's default
    ``.decode()`` pipeline over the same shards, same shuffle buffer and batch (target >= 3x);
@@ -180,7 +180,8 @@ def main(argv=None) -> dict:
 
     res.update(bench_decode(data, batch=a.batch, buffer=1000, repeats=3))
     print(f"decode: loader {res['loader_pairs_per_s_per_worker']:.0f} pairs/s per worker vs webdataset "
-          f".decode() {res['wds_decode_pairs_per_s']:.0f} pairs/s = {res['decode_speedup']:.1f}x (target >= 3x)", flush=True)
+          f".decode() {res['wds_decode_pairs_per_s']:.0f} pairs/s = {res['decode_speedup']:.1f}x (target >= 3x)",
+          flush=True)
 
     res.update(bench_loader_vs_memory(data, a.arch, a.batch, a.workers, a.steps, a.warmup))
     print(f"train {a.arch} fp32 batch {a.batch}: shard loader ({a.workers} workers) "

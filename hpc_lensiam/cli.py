@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import types
 import typing
 
 from .errors import UserError
@@ -24,7 +25,8 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        base = args[0] if typing.get_origin(tp) is typing.Union and args else tp
+        optional = typing.get_origin(tp) in (typing.Union, types.UnionType)   # Optional[X] and X | None
+        base = args[0] if optional and args else tp
         flag = "--" + f.name.replace("_", "-")
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
@@ -81,9 +83,23 @@ def _cmd_export(a):
 
 def _cmd_finetune(a):
     from .finetune import finetune
-    finetune(backbone=a.backbone, train_dir=a.train, test_dir=a.test, target=a.target,
-             n_train=a.n_train, n_test=a.n_test, epochs=a.epochs, freeze_backbone=a.freeze_backbone,
-             batch_size=a.batch_size, lr=a.lr, seed=a.seed, out_json=a.json, arch=a.arch)
+    kw = dict(backbone=a.backbone, train_dir=a.train, test_dir=a.test, target=a.target,
+              n_train=a.n_train, n_test=a.n_test, epochs=a.epochs, freeze_backbone=a.freeze_backbone,
+              batch_size=a.batch_size, lr=a.lr, arch=a.arch)
+    if a.seeds is None:
+        if a.resume:
+            raise UserError("--resume: only with --seeds (it keeps the seeds already in --json)")
+        finetune(seed=0 if a.seed is None else a.seed, out_json=a.json, **kw)
+        return
+    from .seeds import finetune_seeds, parse_seeds
+    if a.seed is not None:
+        raise UserError("--seed and --seeds: give one of them")
+    finetune_seeds(parse_seeds(a.seeds), out_json=a.json, resume=a.resume, **kw)
+
+
+def _cmd_compare(a):
+    from .seeds import compare
+    compare(a.a, a.b, out_json=a.json, n_boot=a.n_boot, seed=a.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,12 +174,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=30)
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--lr", type=float, default=None)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=None, help="one seed (default 0)")
+    s.add_argument("--seeds", default=None, metavar="S,S,...",
+                   help="run the recipe once per seed (e.g. 0,1,2): per-seed numbers and mean +- sd")
+    s.add_argument("--resume", action="store_true", help="with --seeds: keep the seeds already in --json")
     s.add_argument("--freeze-backbone", action="store_true")
     s.add_argument("--arch", default=None,
                    help="arch for --backbone none (default resnet101); else checked against the file")
     s.add_argument("--json", default=None)
     s.set_defaults(func=_cmd_finetune)
+
+    s = sub.add_parser("compare", help="paired, seed-aware difference of two finetune reports on one test set")
+    s.add_argument("a", help="finetune --json report of backbone A (one seed or --seeds)")
+    s.add_argument("b", help="finetune --json report of backbone B, same test set and seeds")
+    s.add_argument("--json", default=None, help="write the comparison as JSON here too")
+    s.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
+    s.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    s.set_defaults(func=_cmd_compare)
     return p
 
 

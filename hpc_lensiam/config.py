@@ -6,24 +6,23 @@ next to every output (shard manifest, run folder) so a result always says how it
 """
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, Tuple, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
 from .errors import ConfigError
 
 T = TypeVar("T")
-Range = Tuple[float, float]
+Range = tuple[float, float]
 
 
 # --------------------------------------------------------------------------------------- machinery
 def _is_range(tp) -> bool:
-    return tp == Range or (typing.get_origin(tp) in (tuple, Tuple) and typing.get_args(tp) == (float, float))
+    return tp == Range or (typing.get_origin(tp) is tuple and typing.get_args(tp) == (float, float))
 
 
 def _coerce(tp, value, where: str):
@@ -47,7 +46,7 @@ def _coerce(tp, value, where: str):
         if lo > hi:
             raise ConfigError(f"{where}: impossible range [{lo}, {hi}] (min > max)")
         return (lo, hi)
-    if origin in (list, typing.List):
+    if origin is list:
         (item,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -280,9 +279,9 @@ class SimulationConfig:
     lens: LensPrior = field(default_factory=LensPrior)
     lens_light: LensLightPrior = field(default_factory=LensLightPrior)
     source: SourcePrior = field(default_factory=SourcePrior)
-    cosmos_dir: Optional[str] = None       # GalSim real-galaxy-catalog folder; None = analytic only
+    cosmos_dir: str | None = None          # GalSim real-galaxy-catalog folder; None = analytic only
     psf_files: list[str] = field(default_factory=list)  # FITS PSFs; empty = built-in bank
-    psf_pixel_scale_arcsec: Optional[float] = None  # pixel scale of psf_files (else from FITS header)
+    psf_pixel_scale_arcsec: float | None = None  # pixel scale of psf_files (else from FITS header)
     psf_bank_seed: int = 0                 # seed of the built-in PSF bank (part of the data set)
 
     def validate(self, where: str) -> None:
@@ -316,7 +315,7 @@ def simulation_config(preset: str | None = None, config_path: str | Path | None 
 # ---------------------------------------------------------------------------------------- training
 @dataclass
 class TrainConfig:
-    """SimSiam / LenSiam pretraining (SPEC section 4). CLI flags override YAML values."""
+    """SimSiam / LenSiam pretraining (the LenSiam paper's recipe). CLI flags override YAML values."""
     data: str = ""
     out: str = "runs/pretrain"
     mode: str = "lensiam"                # lensiam: stored pair; simsiam: two augmentations of one image
@@ -327,7 +326,7 @@ class TrainConfig:
     batch_size: int = 64                 # per rank
     grad_accum: int = 1
     epochs: int = 100
-    max_steps: Optional[int] = None      # stop early (tests, smoke runs)
+    max_steps: int | None = None         # stop early (tests, smoke runs)
     base_lr: float = 0.03                # lr = base_lr * global_batch / 256
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -341,7 +340,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500                # steps between periodic checkpoints (plus last.pt)
     channels_last: bool = True           # CUDA only
-    deepspeed_config: Optional[str] = None
+    deepspeed_config: str | None = None
     zero_stage: int = 0
     skip_bad_samples: bool = False
     online_epoch_samples: int = 100_000  # --data online: samples (pairs or images) per epoch, all ranks

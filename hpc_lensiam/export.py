@@ -1,6 +1,6 @@
 """Export a pretrained backbone as a stock torchvision ResNet state_dict (+ a JSON sidecar).
 
-Contract (the official SimSiam export, PITFALLS.md): keep ``encoder.*`` minus ``encoder.fc.*``
+Contract (facebookresearch/simsiam's main_lincls.py): keep ``encoder.*`` minus ``encoder.fc.*``
 (the projector), strip the prefix. Training uses a 1-channel ``conv1`` (models/simsiam.py); it is
 folded into torchvision's 3-channel ``conv1`` as ``w3 = repeat(w1, 3) / 3``, so an image (divided by
 its max, as in training) repeated on 3 channels gives the same features as the trained backbone.
@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 from pathlib import Path
-
 
 from .errors import UserError
 from .io import atomic_path, atomic_write_json, read_manifest, sha256_json

@@ -17,7 +17,8 @@
 - Report: test R^2 with a bootstrap 95% interval (1000 resamples, seeded), residual sigma and RMSE
   in the target's units; one line on stdout and, with ``--json``, a JSON file (atomic) that also
   keeps the test targets and predictions, so two backbones can be compared pairwise
-  (:func:`paired_r2_difference`).
+  (``hpc-lensiam compare``; the statistics live in :mod:`hpc_lensiam.stats`). ``--seeds 0,1,2``
+  runs the recipe once per seed (:mod:`hpc_lensiam.seeds`).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import numpy as np
 
 from .errors import UserError
 from .io import LENS_PARAMS, atomic_write_json, sha256_file
+from .stats import _resample, bootstrap_r2, paired_r2_difference, r2  # noqa: F401  (their old home)
 
 UNITS = {"theta_E": "arcsec", "center_x": "arcsec", "center_y": "arcsec"}
 DEFAULT_ARCH = "resnet101"
@@ -110,44 +112,6 @@ def _predict(net, images, batch_size, device) -> np.ndarray:
         for b in _batches(len(images), batch_size):
             out.append(_forward(net, images, b, device).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros(0)
-
-
-# ---------------------------------------------------------------------------------------- metrics
-def r2(y: np.ndarray, p: np.ndarray) -> float:
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    return 1.0 - float(((y - p) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
-
-
-def _resample(y: np.ndarray, n_boot: int, seed: int):
-    """(indices, resampled y, their total sum of squares, NaN where 0): one seeded bootstrap draw."""
-    idx = np.random.default_rng(seed).integers(0, len(y), size=(n_boot, len(y)))
-    yy = y[idx]
-    ss_tot = ((yy - yy.mean(1, keepdims=True)) ** 2).sum(1)
-    return idx, yy, np.where(ss_tot > 0, ss_tot, np.nan)
-
-
-def bootstrap_r2(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    idx, yy, ss_tot = _resample(y, n_boot, seed)
-    vals = 1.0 - ((yy - p[idx]) ** 2).sum(1) / ss_tot
-    lo, hi = np.nanpercentile(vals, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def paired_r2_difference(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, n_boot: int = 1000,
-                         seed: int = 0) -> tuple[float, float, float]:
-    """R^2(a) - R^2(b) on the same test images, with a paired bootstrap 95% interval.
-
-    Resampling the images once for both models cancels the test set's own variance, so two models
-    whose separate intervals overlap can still differ significantly (or not): this is the number
-    to compare backbones with (``report["test_predictions"]`` of two runs on one test set).
-    """
-    y, p_a, p_b = (np.asarray(v, dtype=np.float64) for v in (y, p_a, p_b))
-    if not (len(y) == len(p_a) == len(p_b)) or len(y) < 2:
-        raise ValueError("paired comparison needs predictions for the same >= 2 test images")
-    idx, yy, ss_tot = _resample(y, n_boot, seed)
-    diff = (((yy - p_b[idx]) ** 2).sum(1) - ((yy - p_a[idx]) ** 2).sum(1)) / ss_tot
-    lo, hi = np.nanpercentile(diff, [2.5, 97.5])
-    return r2(y, p_a) - r2(y, p_b), float(lo), float(hi)
 
 
 # ---------------------------------------------------------------------------------------- finetune

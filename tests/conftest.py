@@ -1,7 +1,6 @@
 """Shared fixtures: paths to the venv's tools, the optional real HST data, small shard sets."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

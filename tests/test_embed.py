@@ -62,9 +62,10 @@ def _shard_image(data_dir: Path, key: str, view: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------- embed
 def test_embed_two_ranks_every_image_once_aligned(emb2, ckpt, lensiam_shards):
+    import torch
+
     from hpc_lensiam.embed.extract import load_embeddings
     from hpc_lensiam.export import load_backbone
-    import torch
 
     e = load_embeddings(emb2)
     manifest = json.loads((lensiam_shards / "manifest.json").read_text())
@@ -124,6 +125,7 @@ def test_embed_single_mode_one_view(ckpt, single_shards, tmp_path):
 
 def test_embed_bad_checkpoints(ckpt, lensiam_shards, tmp_path):
     import torch
+
     from hpc_lensiam.embed.extract import extract_embeddings
     from hpc_lensiam.train.checkpoint import save_checkpoint
 
@@ -148,6 +150,7 @@ def test_embed_bad_checkpoints(ckpt, lensiam_shards, tmp_path):
 # ---------------------------------------------------------------------------------------- UMAP
 def test_umap_small_file(emb2, tmp_path):
     import shutil
+
     from hpc_lensiam.embed.umap import run_umap
 
     emb = tmp_path / "emb.h5"

@@ -50,6 +50,7 @@ def _torchvision(arch: str, state: dict) -> torch.nn.Module:
 # -------------------------------------------------------------------------------------- export
 def test_export_round_trip_into_torchvision(run_ddp, exported, lensiam_shards, tmp_path):
     from safetensors.torch import load_file
+
     from hpc_lensiam.export import export_backbone, load_backbone
 
     state = torch.load(exported, weights_only=True)

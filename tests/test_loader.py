@@ -13,7 +13,7 @@ import torch
 from hpc_lensiam.data.augment import augment, gaussian_blur, make_pair, random_resized_crop_flip
 from hpc_lensiam.data.loader import NpyDecoder, ShardError, ShardLoader, read_shard
 from hpc_lensiam.errors import UserError
-from hpc_lensiam.io import read_manifest, shard_paths
+from hpc_lensiam.io import shard_paths
 
 
 def _keys(loader: ShardLoader, epoch: int = 0, start: int = 0) -> list[str]:
@@ -37,6 +37,7 @@ def test_npy_decoder_matches_np_load(lensiam_shards):
 
 def test_fast_tar_reader_matches_webdataset(lensiam_shards, tmp_path):
     import tarfile
+
     from webdataset.tariterators import group_by_keys, tar_file_iterator
     path = shard_paths(lensiam_shards)[0]
     with open(path, "rb") as f:

@@ -1,4 +1,4 @@
-"""SimSiam model and loss against the definition (Chen & He 2021; SPEC section 4)."""
+"""SimSiam model and loss against the definition (Chen & He 2021)."""
 from __future__ import annotations
 
 import math
@@ -8,8 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hpc_lensiam.models.simsiam import (SimSiam, backbone_state_dict, build_backbone, feature_dim,
-                                        simsiam_loss, z_std)
+from hpc_lensiam.models.simsiam import SimSiam, backbone_state_dict, build_backbone, feature_dim, simsiam_loss, z_std
 from hpc_lensiam.train.checkpoint import load_model_state, save_checkpoint
 
 
@@ -56,8 +55,8 @@ def test_projector_and_predictor_follow_simsiam(model18):
     proj, pred = model18.encoder.fc, model18.predictor
     linears = [m for m in proj if isinstance(m, nn.Linear)]
     bns = [m for m in proj if isinstance(m, nn.BatchNorm1d)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(512, 2048), (2048, 2048), (2048, 2048)]
-    assert all(l.bias is None for l in linears)
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(512, 2048), (2048, 2048), (2048, 2048)]
+    assert all(lin.bias is None for lin in linears)
     assert [bn.affine for bn in bns] == [True, True, False]
     assert sum(isinstance(m, nn.ReLU) for m in proj) == 2 and isinstance(proj[-1], nn.BatchNorm1d)
     assert (pred[0].in_features, pred[0].out_features, pred[-1].out_features) == (2048, 512, 2048)

@@ -13,10 +13,9 @@ import sys
 
 import pytest
 
+from conftest import BIN, REPO
 from hpc_lensiam.errors import UserError
 from hpc_lensiam.simulate.mpi_env import check_launch, launch_evidence
-
-from conftest import BIN, REPO
 
 # The batch shell of `sbatch --ntasks=2`: one process; SLURM_NTASKS=2 describes the allocation.
 BATCH_SHELL = {"SLURM_JOB_ID": "4", "SLURM_NTASKS": "2", "SLURM_NPROCS": "2", "SLURM_PROCID": "0",

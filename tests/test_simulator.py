@@ -92,7 +92,8 @@ def test_pair_shares_lens_and_differs_in_pixels(sim):
         assert {"source", "psf_id", "noise_sigma", "lens_light"} <= set(view)
         assert view["source"]["kind"] in ("core_sersic", "cosmos")
         assert isinstance(view["source"]["merger"], bool)
-        assert {"R_sersic", "n_sersic", "e1", "e2", "center_x", "center_y", "amp", "peak_ratio"} <= set(view["lens_light"])
+        lens_light_keys = {"R_sersic", "n_sersic", "e1", "e2", "center_x", "center_y", "amp", "peak_ratio"}
+        assert lens_light_keys <= set(view["lens_light"])
     json.loads(json.dumps(params))  # JSON-able, plain types
 
 
@@ -184,7 +185,8 @@ def test_render_options(sim):
     (dict(lens={"theta_E": 1.0}, source={"kind": "sersic", "n_sersic": 1}), "R_sersic"),
     (dict(lens={"theta_E": 1.0}, source={"kind": "cosmos", "id": 1}), "cosmos_dir"),
     (dict(lens={"theta_E": 1.0}, source={"kind": "sersic", "R_sersic": 0.1, "n_sersic": 1}, psf=99), "psf"),
-    (dict(lens={"theta_E": 1.0}, source={"kind": "sersic", "R_sersic": 0.1, "n_sersic": 1}, psf=np.ones((4, 4))), "odd"),
+    (dict(lens={"theta_E": 1.0}, source={"kind": "sersic", "R_sersic": 0.1, "n_sersic": 1},
+          psf=np.ones((4, 4))), "odd"),
     (dict(lens={"theta_E": 1.0}, source={"kind": "sersic", "R_sersic": 0.1, "n_sersic": 1}, noise_sigma=0.1), "rng"),
 ])
 def test_render_bad_input_raises_user_error(sim, kwargs, match):

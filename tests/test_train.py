@@ -267,7 +267,8 @@ def test_bad_inputs(lensiam_shards, tmp_path):
         train(_cfg(lensiam_shards, tmp_path / "c", batch_size=65))
     with pytest.raises(ConfigError, match="fp16 with --engine deepspeed needs --zero-stage 0"):
         train(_cfg(lensiam_shards, tmp_path / "d", engine="deepspeed", precision="fp16", zero_stage=1))
-    assert train(_cfg(lensiam_shards, tmp_path / "e", max_steps=1), resume=True)["step"] == 1   # nothing to resume: fresh
+    # nothing to resume: starts fresh
+    assert train(_cfg(lensiam_shards, tmp_path / "e", max_steps=1), resume=True)["step"] == 1
     with pytest.raises(UserError, match="last.pt exists: pass --resume"):
         train(_cfg(lensiam_shards, tmp_path / "e", max_steps=2))
     with pytest.raises(UserError, match="cannot resume this run with --arch resnet50"):
@@ -297,10 +298,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(lensiam_shards, tmp_path)
 # ----------------------------------------------------------------------------- SyncBatchNorm (CPU)
 def _sync_bn_worker(rank: int, port: int, out: str):
     import torch.distributed as dist
+
     from hpc_lensiam.train.engine import convert_sync_batchnorm
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.manual_seed(0)
-    bn = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.BatchNorm1d(6, affine=False))
+    torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.BatchNorm1d(6, affine=False))   # same RNG draws
     x = torch.randn(8, 3, 5, 5) * 3 + 1
     sync = convert_sync_batchnorm(torch.nn.BatchNorm2d(3), cuda=False)
     xr = x[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
@@ -314,6 +316,7 @@ def _sync_bn_worker(rank: int, port: int, out: str):
 def test_gloo_sync_batchnorm_equals_full_batch_batchnorm(tmp_path):
     """2 gloo ranks with 4 samples each == one BatchNorm over all 8 (forward, backward, running stats)."""
     import socket
+
     import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,4 +1,4 @@
-"""Baseline SimSiam augmentations (SPEC section 3), batched on the device: one call per batch.
+"""Baseline SimSiam augmentations (crop, flip, jitter, blur), batched on the device: one call per batch.
 
 ``augment(x, generator)`` draws every random number for the whole batch at once and applies:
 

@@ -25,7 +25,6 @@ samples skipped since the last batch.
 from __future__ import annotations
 
 import io
-import math
 import random
 import signal
 import sys
@@ -285,7 +284,8 @@ class ShardLoader:
                             f"its own shards (re-simulate with a smaller --shard-size)")
         usable = len(shards) // world_size
         if workers > usable:
-            warnings.warn(f"--workers {workers}: only {usable} shard(s) per rank, using {usable} worker(s)")
+            warnings.warn(f"--workers {workers}: only {usable} shard(s) per rank, using {usable} worker(s)",
+                          stacklevel=1)   # about the run, not a call site
             workers = usable
         self.workers = workers
         self.batches_per_epoch = num // per_step * grad_accum

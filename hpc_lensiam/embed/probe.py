@@ -10,7 +10,10 @@ so a LenSiam and a baseline file made from the same shards are probed on identic
 - ridge: closed-form ridge over ``alphas`` (one eigendecomposition per fold), one alpha per
   parameter, chosen by 5-fold GroupKFold inside the train split only (never the test split, and
   never with the partner view on the other fold);
-- R^2 (``sklearn.metrics.r2_score``) on the test split, per parameter, in its own units.
+- R^2 (``sklearn.metrics.r2_score``) on the test split, per parameter, in its own units, with a
+  95% bootstrap interval over the test lens systems (both views of a pair resampled together:
+  :func:`hpc_lensiam.stats.bootstrap_interval` with ``groups=pair_id``). It holds the fitted probe
+  fixed: the test systems' sampling is in it, the pretraining seed is not (docs/statistics.md).
 """
 from __future__ import annotations
 
@@ -70,10 +73,12 @@ def ridge_cv(x, y, groups, alphas, folds: int = 5):
 
 
 def probe_arrays(features: np.ndarray, targets: dict[str, np.ndarray], groups: np.ndarray,
-                 test: np.ndarray, k: int = 10, alphas=None, folds: int = 5) -> dict:
+                 test: np.ndarray, k: int = 10, alphas=None, folds: int = 5, n_boot: int = 1000) -> dict:
     """R^2 of k-NN and ridge for each target; ``test`` is the held-out mask. Pure numpy in/out."""
     from sklearn.metrics import r2_score
     from sklearn.neighbors import KNeighborsRegressor
+
+    from ..stats import bootstrap_interval
 
     alphas = np.logspace(-3, 5, 17) if alphas is None else np.asarray(alphas, float)
     test = np.asarray(test, bool)
@@ -99,11 +104,17 @@ def probe_arrays(features: np.ndarray, targets: dict[str, np.ndarray], groups: n
     path, w, best = ridge_cv(x[train], (y[train] - y_mean) / y_std, groups[train], alphas, folds)
     pred_ridge = _ridge_predict(path, w, x[test]) * y_std + y_mean
 
-    out = {"knn": {}, "ridge": {}, "ridge_alpha": {}}
+    out = {"knn": {}, "ridge": {}, "ridge_alpha": {}, "knn_ci95": {}, "ridge_ci95": {}}
     for j, name in enumerate(names):
         out["knn"][name] = float(r2_score(y[test, j], pred_knn[:, j]))
         out["ridge"][name] = float(r2_score(y[test, j], pred_ridge[:, j]))
         out["ridge_alpha"][name] = float(best[j])
+        for m, pred in (("knn", pred_knn), ("ridge", pred_ridge)):
+            out[f"{m}_ci95"][name] = list(bootstrap_interval(y[test, j], pred[:, j], "r2", groups[test], n_boot))
+    # kept for paired comparisons of two feature sets on the same test systems (probe --against)
+    out["test_targets"] = {name: y[test, j].tolist() for j, name in enumerate(names)}
+    out["test_predictions"] = {m: {name: p[:, j].tolist() for j, name in enumerate(names)}
+                               for m, p in (("knn", pred_knn), ("ridge", pred_ridge))}
     return out
 
 
@@ -126,6 +137,8 @@ def probe_file(path: str, test_fraction: float = 0.2, k: int = 10, seed_salt: st
     res["n_train"], res["n_test"] = int((~test).sum()), int(test.sum())
     res["systems_train"] = int(len(np.unique(emb["pair_id"][~test])))
     res["systems_test"] = int(len(np.unique(emb["pair_id"][test])))
+    res["test_keys"] = [str(k) for k in np.asarray(emb["keys"])[test]]
+    res["test_pair_id"] = np.asarray(emb["pair_id"])[test].tolist()
     res["feature_dim"] = int(emb["features"].shape[1])
     for key in ("arch", "train_mode", "step", "checkpoint", "manifest_sha256"):
         if key in a:
@@ -134,17 +147,26 @@ def probe_file(path: str, test_fraction: float = 0.2, k: int = 10, seed_salt: st
     return res
 
 
+def _cell(res: dict, model: str, name: str) -> str:
+    ci = res.get(f"{model}_ci95", {}).get(name)
+    return f"{res[model][name]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
 def format_table(results: dict[str, dict]) -> str:
     labels = list(results)
     head = ["parameter"] + [f"{lab} {m}" for lab in labels for m in ("k-NN", "ridge")]
-    rows = [[name] + [f"{results[lab][m][name]:.3f}" for lab in labels for m in MODELS] for name in LENS_PARAMS]
+    rows = [[name] + [_cell(results[lab], m, name) for lab in labels for m in MODELS] for name in LENS_PARAMS]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    def line(r):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     sep = "-" * len(line(head))
     notes = [f"{lab}: {r['file']} ({r.get('arch', '?')}, step {r.get('step', '?')}), "
              f"{r['n_train']} train / {r['n_test']} test images, "
              f"{r['systems_train']} / {r['systems_test']} lens systems" for lab, r in results.items()]
-    return "\n".join(["held-out R^2 (split by lens system)", sep, line(head), sep, *map(line, rows), sep, *notes])
+    title = "held-out R^2 [95% bootstrap interval over test lens systems] (split by lens system)"
+    return "\n".join([title, sep, line(head), sep, *map(line, rows), sep, *notes])
 
 
 def probe(embeddings: str, against: str | None = None, out_json: str | None = None,
@@ -157,15 +179,45 @@ def probe(embeddings: str, against: str | None = None, out_json: str | None = No
         res = probe_file(path, test_fraction, k)
         results[_label(load_embeddings_attrs_only(path), set(results))] = res
     print(format_table(results), flush=True)
+    paired = paired_differences(*results.values()) if against else None
+    if paired:
+        a, b = list(results)
+        for m in MODELS:
+            print(f"paired {m} R^2 difference {a} - {b} on the same {paired['systems']} test systems [95% over "
+                  f"systems]: " + ", ".join(f"{p} {d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+                                            for p, d in paired[m].items()), flush=True)
     report = {"split": {"by": "lens system (sample key)", "test_fraction": test_fraction,
                         "rule": "sha256('probe-split/1' + key) < test_fraction"},
               "knn": {"k": k, "features": "standardised (train stats), l2-normalised"},
               "ridge": {"alpha_cv": "5-fold GroupKFold inside the train split", "features": "standardised"},
-              "results": results}
+              "ci95": {"resamples": "test lens systems (both views of a pair together), probe held fixed",
+                       "method": "percentile bootstrap", "n_boot": 1000, "seed": 0},
+              "results": results, "paired_difference": paired}
     if out_json:
         atomic_write_json(out_json, report)
         print(f"probe: table written to {out_json}", flush=True)
     return report
+
+
+def paired_differences(a: dict, b: dict, n_boot: int = 1000) -> dict | None:
+    """R^2(a) - R^2(b) per model and parameter on the same test systems, interval over systems.
+
+    Both files must hold the same test samples (same keys: embeddings of the same shards); the
+    shared difficulty of each system then cancels, which two separate intervals cannot show.
+    None when the test samples differ.
+    """
+    from ..stats import hierarchical_paired_difference
+
+    if a.get("test_keys") != b.get("test_keys") or "test_predictions" not in a:
+        return None
+    out: dict = {"systems": a["systems_test"]}
+    for m in MODELS:
+        out[m] = {}
+        for name, y in a["test_targets"].items():
+            r = hierarchical_paired_difference(y, [a["test_predictions"][m][name]], [b["test_predictions"][m][name]],
+                                               "r2", a["test_pair_id"], n_boot)
+            out[m][name] = {"delta": r["delta"], "ci95": r["ci95"]}
+    return out
 
 
 def load_embeddings_attrs_only(path: str) -> dict:

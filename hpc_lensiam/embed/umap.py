@@ -6,7 +6,7 @@ umap-learn on the standardised features, ``random_state=seed`` (reproducible; um
 single-threaded), ``low_memory=True``. The 2-D coordinates go into the embeddings file as dataset
 ``umap`` (N, 2) with the settings as attributes; the file is rewritten through a temporary copy and
 a rename, so a crash never leaves it half-written. The figure is written atomically too.
-Cost on 100k+ points: see the README ("Embeddings, probe, export and fine-tuning").
+Cost on 100k+ points: see docs/evaluation.md ("umap").
 """
 from __future__ import annotations
 

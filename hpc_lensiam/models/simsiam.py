@@ -1,10 +1,10 @@
-"""SimSiam on 1-channel lens images: ResNet backbone, projector, predictor, loss (SPEC section 4).
+"""SimSiam on 1-channel lens images: ResNet backbone, projector, predictor, loss (Chen & He 2021).
 
 Follows facebookresearch/simsiam (``simsiam/builder.py``): ``encoder`` is a torchvision ResNet
 whose ``fc`` is replaced by the 3-layer projector, ``predictor`` is the 2-layer bottleneck MLP, and
 the loss is the symmetric negative cosine similarity with a stop-gradient on the target branch.
 
-Input choice (SPEC section 4): the stem is a **1-channel** ``conv1`` (7x7, stride 2, 64 filters,
+Input choice: the stem is a **1-channel** ``conv1`` (7x7, stride 2, 64 filters,
 Kaiming-initialised like torchvision's) and images are used at their **native size** (110x110 for
 the hst preset), with no resize. The LenSiam reference code instead repeats the channel 3x and
 resizes to 224x224; that costs ~4x the compute per image for the same information, since a

@@ -41,7 +41,7 @@ class DetectorGrid:
         self.pixel_area_arcsec2 = self.pixel_scale_arcsec ** 2
 
     @classmethod
-    def from_config(cls, instrument: InstrumentConfig) -> "DetectorGrid":
+    def from_config(cls, instrument: InstrumentConfig) -> DetectorGrid:
         return cls(instrument.num_pix, instrument.pixel_scale_arcsec, instrument.supersampling_factor)
 
     @property

@@ -27,7 +27,8 @@ number above 0, or a PMI/PMIx/Open MPI/Hydra size above 1 says several ranks wer
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..errors import UserError
 

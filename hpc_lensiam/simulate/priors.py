@@ -7,7 +7,6 @@ returned dicts use lenstronomy's keyword names (``theta_E``), which is what para
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 
@@ -65,7 +64,7 @@ def draw_lens_light(rng: np.random.Generator, prior: LensLightPrior, lens: dict,
 
 
 def _draw_component(rng: np.random.Generator, prior: SourcePrior, center_x: float, center_y: float,
-                    catalog=None, renderer=None, exclude_row: Optional[int] = None) -> dict:
+                    catalog=None, renderer=None, exclude_row: int | None = None) -> dict:
     """One source component centred at (center_x, center_y), normalised to unit total flux."""
     use_cosmos = rng.random() < prior.cosmos_fraction
     if catalog is not None and use_cosmos:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 from scipy import fft as sfft
@@ -179,7 +179,7 @@ def _pupil_geometry(aperture_diameter_m: float, obstruction_frac: float, wavelen
 class PSFBank:
     """A list of detector-scale PSF kernels (odd, centred, sum 1) with cached FFTs per image size."""
 
-    def __init__(self, kernels: Sequence[np.ndarray], names: Optional[Sequence[str]] = None,
+    def __init__(self, kernels: Sequence[np.ndarray], names: Sequence[str] | None = None,
                  pixel_scale_arcsec: float = 0.05):
         if len(kernels) == 0:
             raise UserError("PSF bank: no PSF kernels")
@@ -200,7 +200,7 @@ class PSFBank:
 
     # ---- construction
     @classmethod
-    def builtin(cls, instrument, seed: int) -> "PSFBank":
+    def builtin(cls, instrument, seed: int) -> PSFBank:
         """``instrument.psf_bank_size`` diffraction PSFs with random aberrations from ``seed``."""
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x9F5]))
         kernels = [diffraction_psf(rng, aperture_diameter_m=instrument.aperture_diameter_m,
@@ -216,7 +216,7 @@ class PSFBank:
 
     @classmethod
     def from_files(cls, paths: Sequence[str], pixel_scale_arcsec: float, size_pix: int,
-                   file_pixel_scale_arcsec: Optional[float] = None) -> "PSFBank":
+                   file_pixel_scale_arcsec: float | None = None) -> PSFBank:
         """Load 2-D (one PSF) or 3-D (a cube of PSFs) FITS images and resample to the detector."""
         kernels, names = [], []
         for p in paths:
@@ -226,7 +226,7 @@ class PSFBank:
         return cls(kernels, names, pixel_scale_arcsec)
 
     @classmethod
-    def from_config(cls, config) -> "PSFBank":
+    def from_config(cls, config) -> PSFBank:
         inst = config.instrument
         if config.psf_files:
             return cls.from_files(config.psf_files, inst.pixel_scale_arcsec, inst.psf_size_pix,
@@ -265,7 +265,7 @@ def convolve_same(image: np.ndarray, kernel: np.ndarray, cached=None) -> np.ndar
     return out[r0: r0 + image.shape[0], c0: c0 + image.shape[1]]
 
 
-def _read_psf_fits(path: str, pixel_scale_arcsec: Optional[float]):
+def _read_psf_fits(path: str, pixel_scale_arcsec: float | None):
     """Yield (2-D image, pixel scale arcsec) for every PSF in a FITS file; UserError on bad input."""
     from astropy.io import fits
 
@@ -305,7 +305,7 @@ def _read_psf_fits(path: str, pixel_scale_arcsec: Optional[float]):
         yield img, float(scale)
 
 
-def _header_scale(header) -> Optional[float]:
+def _header_scale(header) -> float | None:
     for key in _SCALE_KEYS_ARCSEC:
         v = header.get(key)
         if isinstance(v, (int, float)) and v > 0:

@@ -5,7 +5,6 @@ import json
 import os
 from itertools import islice
 
-
 from ..errors import UserError
 from ..io import atomic_path, decode_npy, read_manifest, shard_paths
 

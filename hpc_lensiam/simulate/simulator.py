@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Optional
 
 import numpy as np
 
@@ -95,7 +94,7 @@ class LensSimulator:
     system (``render``). All randomness comes from the Generator passed in; the built-in PSF bank
     comes from ``config.psf_bank_seed``."""
 
-    def __init__(self, config: Optional[SimulationConfig] = None):
+    def __init__(self, config: SimulationConfig | None = None):
         from lenstronomy.LightModel.Profiles.sersic import SersicElliptic
 
         self.config = config if config is not None else SimulationConfig()
@@ -105,7 +104,7 @@ class LensSimulator:
         self._lens_light = SersicElliptic()
         if self.config.cosmos_dir:
             sp = self.config.source
-            self.catalog: Optional[CosmosCatalog] = CosmosCatalog(
+            self.catalog: CosmosCatalog | None = CosmosCatalog(
                 self.config.cosmos_dir, min_size_pix=sp.cosmos_min_size_pix,
                 max_noise_frac=sp.cosmos_max_noise_frac)
         else:
@@ -141,8 +140,8 @@ class LensSimulator:
                                        **lens_light_kwargs(ll, 1.0))
         return self.grid.bin(sb)
 
-    def _compose(self, beta_x, beta_y, source, lens_light: Optional[dict], psf,
-                 noise_sigma: float, rng: Optional[np.random.Generator]) -> tuple[np.ndarray, Optional[float]]:
+    def _compose(self, beta_x, beta_y, source, lens_light: dict | None, psf,
+                 noise_sigma: float, rng: np.random.Generator | None) -> tuple[np.ndarray, float | None]:
         """One image from source-plane coordinates; returns (float32 image, lens-light amp)."""
         image = self.grid.bin(self.sources(beta_x, beta_y, source))
         amp = None
@@ -214,8 +213,8 @@ class LensSimulator:
         return {"image": img, "params": params}
 
     # ----------------------------------------------------------------------------- chosen system
-    def render(self, lens: dict, source, lens_light: Optional[dict] = None, psf=None,
-               noise_sigma: float = 0.0, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    def render(self, lens: dict, source, lens_light: dict | None = None, psf=None,
+               noise_sigma: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
         """Render a chosen system; returns a float32 (num_pix, num_pix) image normalised to max 1.
 
         lens: the 8 names of ``hpc_lensiam.io.LENS_PARAMS`` (theta_E required; gamma defaults to 2,

@@ -11,7 +11,6 @@ import logging
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -104,7 +103,7 @@ class CosmosCatalog:
         self.max_noise_frac = float(max_noise_frac)
         self._row_of_ident = {int(i): r for r, i in enumerate(self.ident)}
         self._accepted: dict[int, bool] = {}      # row -> passes the cuts (filled lazily)
-        self._cache: "OrderedDict[int, CosmosStamp]" = OrderedDict()
+        self._cache: OrderedDict[int, CosmosStamp] = OrderedDict()
         self._cache_size = int(cache_size)
         self._files: dict = {}
         # fail now, not mid-run, if no stamp passes the cuts (stops at the first that does)
@@ -164,7 +163,7 @@ class CosmosCatalog:
         except KeyError:
             raise UserError(f"{self.catalog_path}: no galaxy with IDENT {ident}") from None
 
-    def draw_row(self, rng: np.random.Generator, exclude: Optional[int] = None, max_tries: int = 10000) -> int:
+    def draw_row(self, rng: np.random.Generator, exclude: int | None = None, max_tries: int = 10000) -> int:
         """A uniformly random row that passes the cuts (and is not ``exclude``)."""
         for _ in range(max_tries):
             row = int(rng.integers(len(self)))
@@ -191,7 +190,7 @@ class SourceRenderer:
     total flux.
     """
 
-    def __init__(self, catalog: Optional[CosmosCatalog] = None):
+    def __init__(self, catalog: CosmosCatalog | None = None):
         from lenstronomy.LightModel.Profiles.sersic import CoreSersic, SersicElliptic
         self.catalog = catalog
         self._sersic = SersicElliptic()

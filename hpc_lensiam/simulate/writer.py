@@ -21,8 +21,7 @@ import numpy as np
 from .. import __version__
 from ..config import SimulationConfig, merge, simulation_config, to_dict
 from ..errors import UserError
-from ..io import (MANIFEST_FORMAT, MANIFEST_NAME, TMP_PREFIX, atomic_open, atomic_write_json,
-                  sha256_file, sha256_json)
+from ..io import MANIFEST_FORMAT, MANIFEST_NAME, TMP_PREFIX, atomic_open, atomic_write_json, sha256_file, sha256_json
 
 PLAN_NAME = ".plan.json"          # written first: what this folder is being filled with
 MODES = ("lensiam", "single")
@@ -211,6 +210,7 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
 
     # Build the simulator before touching the folder: a bad COSMOS dir or PSF file writes nothing.
     import warnings
+
     from .simulator import LensSimulator
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always")

@@ -289,7 +289,7 @@ class Engine:
         if saved != self.kind:
             if self.is_main:
                 warnings.warn(f"resuming a {saved} checkpoint with --engine {self.kind}: model weights and "
-                              f"schedule restored, optimizer momentum starts afresh")
+                              f"schedule restored, optimizer momentum starts afresh", stacklevel=1)
             return
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler and ckpt.get("scaler"):

@@ -26,7 +26,7 @@ from ..config import TrainConfig, dump_yaml, from_dict, merge, read_yaml, to_dic
 from ..errors import UserError
 from ..io import atomic_path, atomic_write_text
 from ..models.simsiam import SimSiam, simsiam_loss, z_std
-from .checkpoint import LAST, load_checkpoint, save_checkpoint
+from .checkpoint import LAST, load_checkpoint
 
 METRICS = ("step", "epoch", "loss", "lr", "z_std", "images_per_s")
 
@@ -72,7 +72,7 @@ class _StopSignal:
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Pretrain SimSiam on ``cfg.data`` into ``cfg.out``; return a summary dict (rank 0's view)."""
-    from ..data.loader import ShardError, ShardLoader
+    from ..data.loader import ShardError
     from .engine import Engine
 
     out = Path(cfg.out)
@@ -143,8 +143,9 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
             print(f"warning: {ckpt_dir / LAST} was trained with {ckpt['scheduler']['steps_per_epoch']} "
                   f"steps/epoch, now {spe}: the lr schedule changes", file=sys.stderr)
 
+    backend = engine.backend if engine.world_size > 1 or cfg.engine == "deepspeed" else "single process"
     say(f"train: {cfg.mode} | {cfg.arch} | engine {cfg.engine} | {engine.world_size} rank(s) on "
-        f"{engine.device.type} ({engine.backend if engine.world_size > 1 or cfg.engine == 'deepspeed' else 'single process'})"
+        f"{engine.device.type} ({backend})"
         f"{' + SyncBatchNorm' if engine.world_size > 1 else ''} | {cfg.precision}")
     say(f"train: global batch {cfg.batch_size} x {engine.world_size} rank(s) x {cfg.grad_accum} accum = "
         f"{global_batch}; lr = {cfg.base_lr} x {global_batch}/256 = {lr0:.6g} (predictor "
