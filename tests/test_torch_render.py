@@ -15,10 +15,9 @@ from hpc_lensiam.io import LENS_PARAMS
 from hpc_lensiam.simulate import priors
 from hpc_lensiam.simulate.simulator import LensSimulator
 from hpc_lensiam.simulate.sources import SourceRenderer, analytic_amp_for_unit_flux
-from hpc_lensiam.simulate.torch_physics import (epl_series_terms, epl_shear_deflection,
-                                                sersic_unit_flux_amp)
-from hpc_lensiam.simulate.torch_render import TorchLensSimulator
+from hpc_lensiam.simulate.torch_physics import epl_series_terms, epl_shear_deflection, sersic_unit_flux_amp
 from hpc_lensiam.simulate.torch_priors import COSMOS, NONE
+from hpc_lensiam.simulate.torch_render import TorchLensSimulator
 
 # the prior's extremes: |e| at the corner, both slopes, shear and centre at their bounds
 CORNERS = [dict(e1=0.5, e2=0.5, gamma=2.5, gamma1=0.12, gamma2=0.12, center_x=0.15, center_y=0.15),
@@ -133,7 +132,7 @@ def test_deflection_matches_lenstronomy_lensmodel(ref):
     x, y = ref.grid.x_arcsec[::5], ref.grid.y_arcsec[::5]   # every 5th point: ~10k, all of the field
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     for corner in CORNERS:
-        lens = {**{"theta_E": 1.3}, **corner}
+        lens = {"theta_E": 1.3, **corner}
         lens = {k: lens.get(k, 0.0) for k in LENS_PARAMS}
         from hpc_lensiam.simulate.simulator import lens_kwargs
         bx, by = ref.lens_model.ray_shooting(x, y, lens_kwargs(lens))

@@ -78,7 +78,7 @@ class OnlineLoader:
         self.config = cfg
 
     @classmethod
-    def from_train_config(cls, cfg, rank: int, world_size: int, device) -> "OnlineLoader":
+    def from_train_config(cls, cfg, rank: int, world_size: int, device) -> OnlineLoader:
         return cls(cfg.data, cfg.mode, cfg.batch_size, rank, world_size, cfg.seed, cfg.grad_accum,
                    cfg.online_epoch_samples, device, cfg.online_compile)
 

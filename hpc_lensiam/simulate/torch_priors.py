@@ -9,7 +9,6 @@ every profile's parameters, of which each system uses its kind's (see :data:`KIN
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -67,7 +66,7 @@ def draw_lens_light(g: torch.Generator, prior: LensLightPrior, lens: dict, lens_
 
 
 def _draw_component(g: torch.Generator, prior: SourcePrior, center_x, center_y, bank=None,
-                    exclude: Optional[torch.Tensor] = None) -> dict:
+                    exclude: torch.Tensor | None = None) -> dict:
     """One source component per system (``priors._draw_component``), unit total flux.
 
     Both kinds' parameters are drawn for every system and ``kind`` picks one: the same

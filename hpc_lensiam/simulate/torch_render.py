@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
 
 import numpy as np
 import torch
@@ -33,8 +32,15 @@ from ..io import LENS_PARAMS
 from . import torch_priors as tp
 from .instrument import DetectorGrid
 from .psf import PSFBank
-from .torch_physics import (PSFStack, StampBank, core_sersic, ellipticity_f, epl_series_terms,
-                            epl_shear_deflection, sersic_elliptic)
+from .torch_physics import (
+    PSFStack,
+    StampBank,
+    core_sersic,
+    ellipticity_f,
+    epl_series_terms,
+    epl_shear_deflection,
+    sersic_elliptic,
+)
 
 # relative accuracy of the EPL angular series: the numpy path's own (EPLShearRayShooter.series_tol)
 # in float64; in float32 a deflection error of 1e-7 x alpha is at the level of float32 rounding
@@ -107,8 +113,8 @@ class TorchLensSimulator:
     Sersic profiles through ``torch.compile`` (worth it for long runs: the first batches pay it).
     """
 
-    def __init__(self, config: Optional[SimulationConfig] = None, device="cpu", dtype=torch.float32,
-                 series_tol: Optional[float] = None, chunk_systems: int = 512, max_stamps: Optional[int] = None,
+    def __init__(self, config: SimulationConfig | None = None, device="cpu", dtype=torch.float32,
+                 series_tol: float | None = None, chunk_systems: int = 512, max_stamps: int | None = None,
                  compile: bool = False):
         from .sources import CosmosCatalog
 
@@ -151,7 +157,7 @@ class TorchLensSimulator:
                                 self.series_tol)
 
     # ------------------------------------------------------------------------------ building blocks
-    def ray_shoot(self, lens: dict, n_terms: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def ray_shoot(self, lens: dict, n_terms: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Source-plane (beta_x, beta_y) of every supersampled grid point, (B, P), arcsec."""
         p = {k: lens[k][:, None] for k in LENS_PARAMS}
         if n_terms is None:   # a chosen batch: enough terms for its own largest |e| (one sync)
@@ -195,8 +201,8 @@ class TorchLensSimulator:
         one = torch.ones_like(p["R_sersic"])
         return self.bin(self._sersic(self.x, self.y, one, **p))
 
-    def compose(self, bx, by, components: list, lens_light: Optional[dict], psf_id, noise_sigma,
-                generator: Optional[torch.Generator]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def compose(self, bx, by, components: list, lens_light: dict | None, psf_id, noise_sigma,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Images (B, num_pix, num_pix) normalised to max 1, and the lens-light amps used."""
         image = self.bin(self.source_light(bx, by, components))
         amp = None
@@ -224,8 +230,8 @@ class TorchLensSimulator:
         return image / top[:, None, None], amp
 
     # ----------------------------------------------------------------------------- chosen systems
-    def render(self, lens: dict, source, lens_light: Optional[dict] = None, psf=None, noise_sigma=0.0,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def render(self, lens: dict, source, lens_light: dict | None = None, psf=None, noise_sigma=0.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
         """Render a chosen batch of systems: (B, num_pix, num_pix) on ``device``, max 1 per image.
 
         The arguments of ``LensSimulator.render``, each parameter a float or a (B,) tensor: lens (the
