@@ -143,3 +143,21 @@ def test_online_bad_input_is_one_line(tmp_path, capsys, args, match):
     rc = main(["train", "--out", str(tmp_path / "run"), "--arch", "resnet18", "--batch-size", "8", *args])
     err = capsys.readouterr().err
     assert rc == 2 and match in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_online_two_ranks_torchrun(bin_dir, yamls, tmp_path):
+    """Each rank renders its own micro-batch (gloo DDP on CPU); the run finishes and checkpoints."""
+    import os
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONWARNINGS"] = "ignore"
+    out = tmp_path / "ddp"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m",
+           "hpc_lensiam", "train", "--data", f"online:{yamls['small']}", "--out", str(out), "--arch", "resnet18",
+           "--batch-size", "2", "--max-steps", "2", "--online-epoch-samples", "8", "--proj-dim", "64",
+           "--pred-dim", "16", "--log-every", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "2 rank(s)" in proc.stdout and "2 steps/epoch" in proc.stdout
+    assert (out / "checkpoints" / "last.pt").is_file()

@@ -291,3 +291,16 @@ def test_cosmos_mix_sampled_and_rerendered(cosmos_pair, cosmos_dir):
         view = rec["views"][0]
         want = ref.render(rec["lens"], view["source"], lens_light=view["lens_light"], psf=view["psf_id"])
         assert np.abs(out["image"][b].numpy() - want).max() < 1e-5
+
+
+def test_cosmos_mix_fraction_and_uniform_stamps(cosmos_pair):
+    """With a catalog, cosmos_fraction of the components are COSMOS, uniform over the accepted stamps."""
+    _, _, t32 = cosmos_pair
+    n = 4000
+    first, second = t32.draw_params(n, torch.Generator().manual_seed(4), 1)["views"][0]["source"]
+    is_cosmos = (first["kind"] == COSMOS).numpy()
+    assert abs(is_cosmos.mean() - t32.config.source.cosmos_fraction) < 0.03
+    counts = np.bincount(first["stamp"].numpy()[is_cosmos], minlength=len(t32.stamps))
+    assert stats.chisquare(counts).pvalue > 1e-4
+    scale = (first["scale"] / t32.stamps.pixel_scales_arcsec[first["stamp"]]).numpy()[is_cosmos]
+    assert stats.ks_2samp(scale, np.random.default_rng(0).uniform(0.5, 1.0, 3000)).pvalue > 1e-4
