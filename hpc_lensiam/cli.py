@@ -45,8 +45,18 @@ def _cmd_simulate(a):
     from .simulate.writer import simulate_shards
     simulate_shards(out_dir=a.out, num_samples=a.pairs, shard_size=a.shard_size, mode=a.mode,
                     preset=a.preset, seed=a.seed, cosmos_dir=a.cosmos_dir, psf_files=a.psf,
-                    psf_pixel_scale_arcsec=a.psf_pixel_scale, config_path=a.config, engine=a.engine,
-                    device=a.device)
+                    psf_pixel_scale_arcsec=a.psf_pixel_scale, config_path=a.config, family=a.family,
+                    lens_fraction=a.lens_fraction, engine=a.engine, device=a.device)
+
+
+def _cmd_ingest(a):
+    from .config import IngestConfig, from_dict
+    from .ingest.run import ingest
+    flags = {"preset": a.preset, "num_pix": a.num_pix, "pixel_scale_arcsec": a.target_pixel_scale, "hdu": a.hdu,
+             "rms_hdu": a.rms_hdu, "weight_hdu": a.weight_hdu, "input_pixel_scale_arcsec": a.pixel_scale,
+             "orientation": a.orientation, "shard_size": a.shard_size}
+    cfg = from_dict(IngestConfig, {k: v for k, v in flags.items() if v is not None}, "ingest flags")
+    ingest(out_dir=a.out, files=a.files, list_csv=a.list, labels_csv=a.labels, config=cfg, skip_bad=a.skip_bad)
 
 
 def _cmd_show(a):
@@ -68,12 +78,19 @@ def _cmd_embed(a):
 
 def _cmd_umap(a):
     from .embed.umap import run_umap
-    run_umap(embeddings=a.embeddings, out=a.out, color=a.color.split(","), seed=a.seed)
+    run_umap(embeddings=a.embeddings, out=a.out, color=a.color.split(","), seed=a.seed, overlay=a.overlay)
 
 
 def _cmd_probe(a):
     from .embed.probe import probe
     probe(embeddings=a.embeddings, against=a.against, out_json=a.json)
+
+
+def _cmd_similar(a):
+    from .embed.similar import similar
+    similar(embeddings=a.embeddings, key=a.key, source=a.source, image=a.image, checkpoint=a.checkpoint, k=a.k,
+            out=a.out, json_out=a.json, anomaly=a.anomaly, index=a.index, hdu=a.hdu, pixel_scale=a.pixel_scale,
+            orientation=a.orientation, top=a.top)
 
 
 def _cmd_export(a):
@@ -85,7 +102,7 @@ def _cmd_finetune(a):
     from .finetune import finetune
     kw = dict(backbone=a.backbone, train_dir=a.train, test_dir=a.test, target=a.target,
               n_train=a.n_train, n_test=a.n_test, epochs=a.epochs, freeze_backbone=a.freeze_backbone,
-              batch_size=a.batch_size, lr=a.lr, arch=a.arch)
+              batch_size=a.batch_size, lr=a.lr, arch=a.arch, task=a.task)
     if a.seeds is None:
         if a.resume:
             raise UserError("--resume: only with --seeds (it keeps the seeds already in --json)")
@@ -118,11 +135,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cosmos-dir", default=None, help="GalSim real-galaxy-catalog folder (COSMOS 23.5/25.2)")
     s.add_argument("--psf", nargs="+", default=None, metavar="FITS", help="PSF FITS files (image or cube)")
     s.add_argument("--psf-pixel-scale", type=float, default=None, help="arcsec/pixel of the PSF files")
-    s.add_argument("--config", default=None, help="simulation YAML (SimulationConfig)")
+    s.add_argument("--config", default=None, help="simulation YAML (SimulationConfig, or the survey family's)")
+    s.add_argument("--family", choices=("paper", "survey"), default="paper",
+                   help="generative model: the paper's (default) or the survey-realistic one (docs/survey.md)")
+    s.add_argument("--lens-fraction", type=float, default=None,
+                   help="survey family: fraction of lenses (default 0.5 single, 1.0 lensiam); the rest non-lenses")
     s.add_argument("--engine", choices=("lenstronomy", "torch"), default="lenstronomy",
-                   help="lenstronomy (LensSimulator) or the batched torch renderer (docs/online.md)")
+                   help="paper family: lenstronomy (LensSimulator) or the batched torch renderer (docs/online.md)")
     s.add_argument("--device", default="cpu", help="--engine torch: torch device (cpu, cuda, cuda:1)")
     s.set_defaults(func=_cmd_simulate)
+
+    s = sub.add_parser("ingest", help="real FITS/.npy cutouts -> single-mode shards on a preset's grid (MPI ranks)")
+    s.add_argument("files", nargs="*", help="FITS or .npy cutouts (or --list)")
+    s.add_argument("--out", required=True, help="output shard directory")
+    s.add_argument("--list", default=None, metavar="CSV", help="catalogue: a 'file' column, optional 'hdu'")
+    s.add_argument("--labels", default=None, metavar="CSV", help="'file' column + lens parameters / is_lens")
+    s.add_argument("--preset", choices=("hst", "euclid"), default=None, help="target grid (default hst)")
+    s.add_argument("--num-pix", type=int, default=None, help="target image side (default: the preset's)")
+    s.add_argument("--target-pixel-scale", type=float, default=None, metavar="ARCSEC",
+                   help="target arcsec/pixel (default: the preset's)")
+    s.add_argument("--pixel-scale", type=float, default=None, metavar="ARCSEC",
+                   help="arcsec/pixel of inputs whose header has no CD/CDELT (and of .npy files)")
+    s.add_argument("--hdu", default=None, help="image HDU name or index (default: the first 2-D image)")
+    s.add_argument("--rms-hdu", default=None, help="RMS HDU masking no-data pixels: NAME|INDEX|auto|none (auto)")
+    s.add_argument("--weight-hdu", default=None, help="weight HDU: weight <= 0 masks a pixel")
+    s.add_argument("--orientation", choices=("simulator", "sky", "asis"), default=None,
+                   help="simulator (default): columns grow with RA, rows with Dec; sky: north up, east left")
+    s.add_argument("--shard-size", type=int, default=None, help="images per shard (default 1000)")
+    s.add_argument("--skip-bad", action="store_true", help="leave bad inputs out with a warning instead of stopping")
+    s.set_defaults(func=_cmd_ingest)
 
     s = sub.add_parser("show", help="draw a PNG grid of simulated pairs")
     s.add_argument("data_dir")
@@ -138,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("embed", help="backbone features of every image to HDF5 (run under torchrun)")
     s.add_argument("--checkpoint", required=True)
-    s.add_argument("--data", required=True)
+    s.add_argument("--data", required=True, nargs="+", help="shard folder(s): several go into one file")
     s.add_argument("--out", required=True)
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--workers", type=int, default=1)
@@ -149,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--color", default="theta_E,e1,gamma")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overlay", default=None, help="embeddings of real images to draw on the fitted map")
     s.set_defaults(func=_cmd_umap)
 
     s = sub.add_parser("probe", help="held-out R^2 of k-NN and ridge probes for the 8 lens parameters")
@@ -156,6 +198,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--against", default=None, help="a second embeddings file to compare with")
     s.add_argument("--json", default=None, help="write the table as JSON here too")
     s.set_defaults(func=_cmd_probe)
+
+    s = sub.add_parser("similar", help="nearest neighbours by cosine similarity (faiss); --anomaly: most isolated")
+    s.add_argument("--embeddings", required=True)
+    q = s.add_mutually_exclusive_group(required=True)
+    q.add_argument("--key", default=None, help="query: a sample key of the file (view 1)")
+    q.add_argument("--image", default=None, help="query: a FITS/.npy cutout, ingested and embedded (--checkpoint)")
+    q.add_argument("--anomaly", action="store_true", help="rank every image by distance to its k-th neighbour")
+    s.add_argument("--source", default=None, help="with --key: the data folder, when several hold the key")
+    s.add_argument("--checkpoint", default=None, help="with --image: the backbone the embeddings were made with")
+    s.add_argument("-k", type=int, default=16, help="neighbours (with --anomaly: which neighbour)")
+    s.add_argument("--top", type=int, default=16, help="with --anomaly: how many to show")
+    s.add_argument("--out", default=None, help="PNG grid of the query and its neighbours")
+    s.add_argument("--json", default=None)
+    s.add_argument("--index", choices=("auto", "flat", "ivf"), default="auto")
+    s.add_argument("--hdu", default=None, help="with --image: the image HDU")
+    s.add_argument("--pixel-scale", type=float, default=None, help="with --image: arcsec/pixel if no WCS")
+    s.add_argument("--orientation", choices=("simulator", "sky", "asis"), default="simulator")
+    s.set_defaults(func=_cmd_similar)
 
     s = sub.add_parser("export", help="export the backbone as a stock torchvision state_dict")
     s.add_argument("--checkpoint", required=True)
@@ -168,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backbone", required=True, help="exported backbone, a torchvision weights file, or 'none'")
     s.add_argument("--train", required=True)
     s.add_argument("--test", required=True)
+    s.add_argument("--task", choices=("regress", "classify"), default="regress",
+                   help="regress a lens parameter, or classify (--target is_lens: lens finding, survey family)")
     s.add_argument("--target", default="theta_E")
     s.add_argument("--n-train", type=int, default=1000)
     s.add_argument("--n-test", type=int, default=1000)

@@ -204,6 +204,7 @@ class SourcePrior:
     cosmos_min_size_pix: int = 50        # paper cut: stamp side >= 50 px
     cosmos_max_noise_frac: float = 0.05  # paper cut: noise RMS < 5% of the stamp's peak
     cosmos_scale: Range = (0.5, 1.0)     # source-plane arcsec per COSMOS arcsec (redshift dimming of size)
+    cosmos_clean_k_sigma: float | None = None  # clean stamps: pedestal off, pixels < k noise RMS -> 0
 
     def validate(self, where: str) -> None:
         _check_fraction(where, "cosmos_fraction", self.cosmos_fraction)
@@ -223,6 +224,8 @@ class SourcePrior:
             raise ConfigError(f"{where}.cosmos_min_size_pix: must be >= 1")
         if self.cosmos_max_noise_frac <= 0:
             raise ConfigError(f"{where}.cosmos_max_noise_frac: must be > 0")
+        if self.cosmos_clean_k_sigma is not None and self.cosmos_clean_k_sigma < 0:
+            raise ConfigError(f"{where}.cosmos_clean_k_sigma: must be >= 0 (or null: no cleaning)")
 
 
 @dataclass
@@ -232,6 +235,8 @@ class InstrumentConfig:
     num_pix: int = 110
     pixel_scale_arcsec: float = 0.05
     supersampling_factor: int = 2
+    adaptive_supersampling_factor: int = 16  # pixels whose sub-samples differ by more than adaptive_threshold
+    adaptive_threshold: float = 0.1          # x the peak are re-rendered at this factor; 0: off (bench/numerics.py)
     noise_sigma: Range = (0.002, 0.05)   # Gaussian sigma as a fraction of the noiseless image peak
     aperture_diameter_m: float = 2.4
     obstruction_frac: float = 0.33       # central obstruction, fraction of the aperture diameter
@@ -248,6 +253,8 @@ class InstrumentConfig:
             raise ConfigError(f"{where}.pixel_scale_arcsec: must be > 0")
         if self.supersampling_factor < 1:
             raise ConfigError(f"{where}.supersampling_factor: must be >= 1")
+        if self.adaptive_supersampling_factor < 0 or self.adaptive_threshold < 0:
+            raise ConfigError(f"{where}: adaptive_supersampling_factor and adaptive_threshold must be >= 0")
         _check_range(where, "noise_sigma", self.noise_sigma, lo=0.0)
         if self.aperture_diameter_m <= 0 or self.wavelength_nm <= 0:
             raise ConfigError(f"{where}: aperture_diameter_m and wavelength_nm must be > 0")
@@ -362,3 +369,51 @@ class TrainConfig:
             raise ConfigError(f"{where}: workers >= 0, base_lr > 0 and warmup_epochs >= 0 expected")
         if self.zero_stage not in (0, 1):
             raise ConfigError(f"{where}.zero_stage: expected 0 or 1 (ZeRO buys nothing for ResNet101)")
+
+
+# ------------------------------------------------------------------------------------------ ingest
+ORIENTATIONS = ("simulator", "sky", "asis")
+
+
+@dataclass
+class IngestConfig:
+    """Real cutouts -> the simulator's grid (``hpc-lensiam ingest``); the target grid is a preset's.
+
+    ``num_pix`` / ``pixel_scale_arcsec`` are the *target* grid (None: the preset's), so ingested
+    images match what a backbone was trained on. ``input_pixel_scale_arcsec`` is used only for
+    files whose header gives none (no CD/CDELT keys, and every .npy).
+    """
+    preset: str = "hst"
+    num_pix: int | None = None
+    pixel_scale_arcsec: float | None = None
+    hdu: str | None = None              # name or index; None: the first HDU holding a 2-D image
+    rms_hdu: str | None = "auto"        # name/index, "auto" (X_FLUX -> X_RMS if present) or None
+    weight_hdu: str | None = None       # inverse-variance map: weight <= 0 = no data
+    rms_no_data: float = 1e15              # RMS at or above this (Euclid writes 1e16) = no data
+    input_pixel_scale_arcsec: float | None = None
+    orientation: str = "simulator"         # simulator: columns grow with RA, rows with Dec
+    sky_sigma: float = 3.0                 # sigma-clipping threshold of the sky estimate
+    shard_size: int = 1000
+
+    def validate(self, where: str) -> None:
+        if self.preset not in INSTRUMENT_PRESETS:
+            raise ConfigError(f"{where}.preset: unknown preset {self.preset!r} "
+                              f"(expected one of: {', '.join(INSTRUMENT_PRESETS)})")
+        if self.num_pix is not None and self.num_pix < 8:
+            raise ConfigError(f"{where}.num_pix: {self.num_pix} is too small (expected >= 8)")
+        for name in ("pixel_scale_arcsec", "input_pixel_scale_arcsec", "rms_no_data", "sky_sigma"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ConfigError(f"{where}.{name}: must be > 0, got {v}")
+        if self.orientation not in ORIENTATIONS:
+            raise ConfigError(f"{where}.orientation: {self.orientation!r} is not one of {', '.join(ORIENTATIONS)}")
+        if self.shard_size < 1:
+            raise ConfigError(f"{where}.shard_size: must be >= 1, got {self.shard_size}")
+
+    @property
+    def target_num_pix(self) -> int:
+        return self.num_pix or InstrumentConfig(**INSTRUMENT_PRESETS[self.preset]).num_pix
+
+    @property
+    def target_pixel_scale_arcsec(self) -> float:
+        return self.pixel_scale_arcsec or InstrumentConfig(**INSTRUMENT_PRESETS[self.preset]).pixel_scale_arcsec

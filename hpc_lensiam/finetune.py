@@ -14,6 +14,9 @@
   same data set as ``--train``, the test samples are the ``n_test`` after the first ``n_train``.
 - Targets standardised with the train split's mean/std; AdamW, cosine schedule; MSE loss. With
   ``--freeze-backbone`` the backbone runs once in eval mode and only the linear head is trained.
+- ``--task classify --target is_lens`` (survey-family sets): the lens-finding task, logistic head and
+  BCE, reporting ROC AUC and TPR at FPR 1e-2 / 1e-3 with bootstrap intervals and the ROC curve
+  (finetune_tasks.py, classify_metrics.py); the rest of this page holds for both tasks.
 - Report: test R^2 with a bootstrap 95% interval (1000 resamples, seeded), residual sigma and RMSE
   in the target's units; one line on stdout and, with ``--json``, a JSON file (atomic) that also
   keeps the test targets and predictions, so two backbones can be compared pairwise
@@ -30,17 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .io import LENS_PARAMS, atomic_write_json, sha256_file
+from .finetune_tasks import check_target  # noqa: F401 (public here since the first release)
+from .io import atomic_write_json, sha256_file
 from .stats import _resample, bootstrap_r2, paired_r2_difference, r2  # noqa: F401  (their old home)
 
-UNITS = {"theta_E": "arcsec", "center_x": "arcsec", "center_y": "arcsec"}
 DEFAULT_ARCH = "resnet101"
-
-
-def check_target(target: str) -> int:
-    if target not in LENS_PARAMS:
-        raise UserError(f"--target: unknown lens parameter {target!r} (expected one of: {', '.join(LENS_PARAMS)})")
-    return LENS_PARAMS.index(target)
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -119,14 +116,16 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
              n_test: int = 1000, epochs: int = 30, freeze_backbone: bool = False, batch_size: int = 64,
              lr: float | None = None, seed: int = 0, out_json: str | None = None, arch: str | None = None,
              val_fraction: float = 0.2, weight_decay: float = 1e-4, n_boot: int = 1000,
-             progress: bool = True) -> dict:
-    """Regress ``target`` with a linear head on the backbone; return (and print) the test report."""
+             progress: bool = True, task: str = "regress") -> dict:
+    """Regress ``target`` (``task="regress"``) or find lenses (``task="classify"``, target is_lens) with a
+    linear head on the backbone; return (and print) the test report. See finetune_tasks.py."""
     import torch
 
     from .embed.extract import load_images
+    from .finetune_tasks import make_task
     from .io import read_manifest
 
-    j = check_target(target)
+    task = make_task(task, target)
     for name, v, lo in (("--n-train", n_train, 5), ("--n-test", n_test, 2), ("--epochs", epochs, 1),
                         ("--batch-size", batch_size, 1)):
         if v is None or v < lo:
@@ -143,25 +142,25 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
     same = sha256_file(Path(train_dir) / "manifest.json") == sha256_file(Path(test_dir) / "manifest.json")
     if same:
         _, xs, ys = load_images(train_dir, n_train + n_test, what="--train/--test (one data set)")
-        x_tr, y_tr, x_te, y_te = xs[:n_train], ys[:n_train, j], xs[n_train:], ys[n_train:, j]
+        x_tr, y_tr, x_te, y_te = xs[:n_train], ys[:n_train], xs[n_train:], ys[n_train:]
     else:
         _, x_tr, y_tr = load_images(train_dir, n_train, what="--train")
         _, x_te, y_te = load_images(test_dir, n_test, what="--test")
-        y_tr, y_te = y_tr[:, j], y_te[:, j]
+    y_tr, y_te = task.labels(y_tr, f"--train {train_dir}"), task.labels(y_te, f"--test {test_dir}")
     n_val = max(1, int(round(val_fraction * n_train)))
     perm = np.random.default_rng(seed).permutation(n_train)
     va, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     if len(tr) < 2:
         raise UserError(f"--n-train {n_train}: too few for a validation split of {val_fraction:.0%}")
     x_va, y_va, x_tr, y_tr = x_tr[va], y_tr[va], x_tr[tr], y_tr[tr]
-    mu, sd = float(y_tr.mean()), float(y_tr.std()) or 1.0
+    task.fit(y_tr)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     lr = lr if lr is not None else (1e-3 if freeze_backbone else 1e-4)
     gen = torch.Generator().manual_seed(seed)
-    t_tr = torch.as_tensor((y_tr - mu) / sd, dtype=torch.float32, device=device)
-    t_va = torch.as_tensor((y_va - mu) / sd, dtype=torch.float32, device=device)
+    t_tr = torch.as_tensor(task.encode(y_tr), dtype=torch.float32, device=device)
+    t_va = torch.as_tensor(task.encode(y_va), dtype=torch.float32, device=device)
 
     if freeze_backbone:  # features once, in eval mode; then only the head learns
         head = model.fc
@@ -175,21 +174,21 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
         params = head.parameters()
 
         def step_loss(idx):
-            return ((head(f_tr[idx].to(device)).squeeze(1) - t_tr[idx]) ** 2).mean()
+            return task.loss(head(f_tr[idx].to(device)).squeeze(1), t_tr[idx])
 
         def val_loss():
             with torch.inference_mode():
-                return float(((head(f_va.to(device)).squeeze(1) - t_va) ** 2).mean())
+                return float(task.loss(head(f_va.to(device)).squeeze(1), t_va))
     else:
         net = model
         params = model.parameters()
 
         def step_loss(idx):
-            return ((_forward(model, x_tr, idx, device) - t_tr[idx.to(device)]) ** 2).mean()
+            return task.loss(_forward(model, x_tr, idx, device), t_tr[idx.to(device)])
 
         def val_loss():
             p = torch.as_tensor(_predict(model, x_va, batch_size, device), device=device)
-            return float(((p - t_va) ** 2).mean())
+            return float(task.loss(p, t_va))
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, sum(1 for _ in _batches(len(x_tr), batch_size, None, not freeze_backbone)))
@@ -229,16 +228,11 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
             p_te = model.fc(f_te.to(device)).squeeze(1).cpu().numpy()
     else:
         p_te = _predict(model, x_te, batch_size, device)
-    p_te = p_te.astype(np.float64) * sd + mu
-    resid = p_te - y_te
-    score = r2(y_te, p_te)
-    ci = bootstrap_r2(y_te, p_te, n_boot, seed)
-    unit = UNITS.get(target, "")
+    p_te = task.decode(p_te)
+    metrics, summary = task.report(y_te, p_te, n_boot, seed, out_json)
     report = {
-        "target": target, "unit": unit or "dimensionless", "backbone": backbone, "arch": desc["arch"],
-        "init": desc["init"], "freeze_backbone": bool(freeze_backbone),
-        "r2": score, "r2_ci95": list(ci), "residual_sigma": float(resid.std(ddof=1)),
-        "rmse": float(np.sqrt((resid ** 2).mean())), "bias": float(resid.mean()),
+        "task": task.name, "target": target, "backbone": backbone, "arch": desc["arch"],
+        "init": desc["init"], "freeze_backbone": bool(freeze_backbone), **metrics,
         "n_train": int(len(tr)), "n_val": int(n_val), "n_test": int(len(y_te)),
         "best_epoch": best[1], "best_val_loss": best[0], "epochs": epochs, "lr": lr,
         "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed, "bootstrap": n_boot,
@@ -246,7 +240,7 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
         "test_from_train_set": same,
         "train_manifest_sha256": sha256_file(Path(train_dir) / "manifest.json"),
         "test_manifest_sha256": sha256_file(Path(test_dir) / "manifest.json"),
-        "target_train_mean": mu, "target_train_std": sd, "seconds": time.perf_counter() - t0,
+        "seconds": time.perf_counter() - t0,
         "history": history,
         "test_targets": [float(v) for v in y_te], "test_predictions": [float(v) for v in p_te],
     }
@@ -254,9 +248,7 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
         report["pretraining"] = desc["sidecar"].get("training")
     if out_json:
         atomic_write_json(out_json, report)
-    u = f" {unit}" if unit else ""
-    print(f"finetune: {target} R^2 = {score:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] (95% bootstrap), residual sigma = "
-          f"{report['residual_sigma']:.4f}{u}; {desc['arch']} {desc['init']}"
+    print(f"finetune: {summary}; {desc['arch']} {desc['init']}"
           f"{', frozen' if freeze_backbone else ''} ({backbone}), {len(tr)} train / {n_val} val / "
           f"{len(y_te)} test, best epoch {best[1]}/{epochs}, {report['seconds']:.0f} s"
           + (f"; report {out_json}" if out_json else ""), flush=True)

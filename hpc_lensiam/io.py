@@ -18,6 +18,8 @@ TMP_PREFIX = ".tmp-"
 # The 8 lens-mass parameters every sample stores, under their lenstronomy names (EPL + SHEAR);
 # theta_E, center_x, center_y in arcsec, the rest dimensionless.
 LENS_PARAMS = ("theta_E", "gamma", "e1", "e2", "center_x", "center_y", "gamma1", "gamma2")
+# units of the lens parameters that have one (the rest are dimensionless)
+UNITS = {"theta_E": "arcsec", "center_x": "arcsec", "center_y": "arcsec"}
 
 
 @contextlib.contextmanager

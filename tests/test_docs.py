@@ -33,8 +33,6 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 PENDING_PAGES = {
     "docs/gpu.md",
     "docs/reliability.md",
-    "docs/survey.md",
-    "docs/real_images.md",
     "docs/online.md",
 }
 

@@ -14,8 +14,8 @@ from hpc_lensiam.errors import UserError
 from hpc_lensiam.io import LENS_PARAMS
 from hpc_lensiam.simulate import priors
 from hpc_lensiam.simulate.simulator import LensSimulator
-from hpc_lensiam.simulate.sources import SourceRenderer, analytic_amp_for_unit_flux
-from hpc_lensiam.simulate.torch_physics import epl_series_terms, epl_shear_deflection, sersic_unit_flux_amp
+from hpc_lensiam.simulate.sources import SourceRenderer, core_sersic_amp_for_unit_flux
+from hpc_lensiam.simulate.torch_physics import core_sersic_unit_flux_amp, epl_series_terms, epl_shear_deflection
 from hpc_lensiam.simulate.torch_priors import COSMOS, NONE
 from hpc_lensiam.simulate.torch_render import TorchLensSimulator
 
@@ -143,13 +143,16 @@ def test_deflection_matches_lenstronomy_lensmodel(ref):
 
 
 def test_unit_flux_amp_is_the_numpy_normalisation():
-    """The sampler's source amplitude must follow sources.analytic_amp_for_unit_flux."""
+    """The sampler's source amplitude must follow the numpy sampler's (priors.py) normalisation."""
     renderer = _quiet(SourceRenderer)
     rng = np.random.default_rng(0)
-    R, n = rng.uniform(0.08, 0.35, 50), rng.uniform(0.8, 4.0, 50)
-    got = sersic_unit_flux_amp(torch.as_tensor(R), torch.as_tensor(n)).numpy()
-    want = [analytic_amp_for_unit_flux(renderer, r, m) for r, m in zip(R, n)]
-    np.testing.assert_allclose(got, want, rtol=1e-10)
+    n = 20
+    p = {"R_sersic": rng.uniform(0.08, 0.35, n), "n_sersic": rng.uniform(0.8, 4.0, n), "Rb": rng.uniform(0.01, 0.05, n),
+         "gamma": rng.uniform(0.0, 0.5, n), "alpha": rng.uniform(2.0, 5.0, n)}
+    got = core_sersic_unit_flux_amp(*(torch.as_tensor(p[k]) for k in ("R_sersic", "n_sersic", "Rb", "gamma", "alpha")))
+    want = [core_sersic_amp_for_unit_flux(renderer, *(p[k][i] for k in ("R_sersic", "n_sersic", "Rb", "gamma",
+                                                                        "alpha"))) for i in range(n)]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-9)
 
 
 def _numpy_draws(cfg, n: int, seed: int) -> dict:

@@ -13,9 +13,14 @@ HDF5 layout (``FORMAT``), N rows = images (lensiam shards: 2 per sample, single 
 
     features        (N, D) float32   backbone output (D = 512 resnet18, 2048 resnet50/101)
     keys            (N,)   str       webdataset sample key, e.g. "000003_000017"
+    source          (N,)   str       the data folder of the row, as given to --data (several may be)
     view            (N,)   int8      1 or 2 (which image of the pair; single shards: 1)
     pair_id         (N,)   int64     index of the lens system (sorted unique keys): both views share it
-    params/<name>   (N,)   float64   the 8 lens parameters (io.LENS_PARAMS), same for both views
+    params/<name>   (N,)   float64   the 8 lens parameters (io.LENS_PARAMS), same for both views;
+                                     a parameter no image has (ingested real images) is left out,
+                                     one some images lack is 0 there with params_known/<name> False
+    params/is_lens  (N,)   int8      1 lens, 0 non-lens: only when every sample's params.json has is_lens
+                                     (survey family, docs/survey.md; ingested images labelled with it)
     umap            (N, 2) float32   added later by ``hpc-lensiam umap``
     attrs: format, checkpoint, weights_sha256 (of the backbone weights), step, arch, train_mode, config_hash,
            data_dir, data_mode, manifest_sha256, num_samples, num_images, feature_dim, world_size
@@ -36,6 +41,8 @@ from ..io import LENS_PARAMS, atomic_path, decode_npy, read_manifest, sha256_fil
 
 FORMAT = "hpc_lensiam.embeddings/1"
 _VIEWS = {"lensiam": ("view1", "view2"), "single": ("image",)}
+# what each image row carries: the 8 lens parameters, then is_lens (NaN where params.json has none)
+LABELS = LENS_PARAMS + ("is_lens",)
 
 
 # ----------------------------------------------------------------------------------- shard reading
@@ -46,11 +53,14 @@ def views_of(mode: str) -> tuple[str, ...]:
 
 
 def lens_vector(params_json: bytes, where: str) -> np.ndarray:
-    """``params.json`` bytes -> the 8 lens parameters in ``LENS_PARAMS`` order."""
+    """``params.json`` bytes -> the 8 lens parameters in ``LENS_PARAMS`` order, then is_lens (``LABELS``);
+    NaN where unknown (an ingested real image has only the labels it was given, often none)."""
     try:
-        lens = json.loads(params_json)["lens"]
-        return np.array([float(lens[name]) for name in LENS_PARAMS], dtype=np.float64)
-    except (ValueError, KeyError, TypeError) as exc:
+        params = json.loads(params_json)
+        lens = params.get("lens") or {}
+        is_lens = float(params["is_lens"]) if "is_lens" in params else float("nan")
+        return np.array([float(lens.get(name, np.nan)) for name in LENS_PARAMS] + [is_lens], dtype=np.float64)
+    except (ValueError, KeyError, AttributeError, TypeError) as exc:
         raise UserError(f"{where}: params.json lacks the lens parameters ({exc!r})") from None
 
 
@@ -92,7 +102,9 @@ def row_loader(paths: list[str], mode: str, batch_size: int, workers: int):
 
 
 def load_images(data_dir: str | os.PathLike, n: int | None = None, what: str = "--data"):
-    """First ``n`` samples of a shard set (manifest order), one process: (keys, images, lens).
+    """First ``n`` samples of a shard set (manifest order), one process: (keys, images, labels).
+
+    ``labels`` is (n, 9): the 8 lens parameters and is_lens (``LABELS``; NaN where the set has none).
 
     Single shards give their image; lensiam shards their first view. ``n`` larger than the set
     is a UserError.
@@ -170,9 +182,11 @@ def part_path(out: Path, rank: int) -> Path:
     return out.with_name(f"{out.stem}.part{rank}{out.suffix or '.h5'}")
 
 
-def _write_part(path: Path, run_id: str, shards: list[str], keys, views, feats, lens) -> None:
+def _write_part(path: Path, run_id: str, shards: list, keys, views, feats, lens, sources) -> None:
     import h5py
-    order = np.lexsort((views, np.array(keys, dtype=object).astype(str))) if keys else np.zeros(0, int)
+    sources = np.asarray(sources, np.int32)
+    order = (np.lexsort((views, np.array(keys, dtype=object).astype(str), sources)) if keys
+             else np.zeros(0, int))
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["run_id"], f.attrs["shards"] = run_id, json.dumps(shards)
@@ -180,6 +194,7 @@ def _write_part(path: Path, run_id: str, shards: list[str], keys, views, feats, 
             f.create_dataset("keys", data=np.array(keys, dtype=object)[order], dtype=_str_dtype())
             f["view"] = np.asarray(views, np.int8)[order]
             f["lens"] = lens[order]
+            f["source"] = sources[order]
 
 
 def _str_dtype():
@@ -187,7 +202,7 @@ def _str_dtype():
     return h5py.string_dtype("utf-8")
 
 
-def _part_done(path: Path, run_id: str, shards: list[str]) -> bool:
+def _part_done(path: Path, run_id: str, shards: list) -> bool:
     import h5py
     if not path.is_file():
         return False
@@ -198,9 +213,9 @@ def _part_done(path: Path, run_id: str, shards: list[str]) -> bool:
         return False
 
 
-def _join(out: Path, parts: list[Path], run_id: str, attrs: dict, expected_rows: int,
+def _join(out: Path, parts: list[Path], run_id: str, attrs: dict, expected_rows: int, sources: list[str],
           block: int = 8192) -> int:
-    """Merge sorted parts into ``out`` (atomic), ordered by (key, view); return the row count."""
+    """Merge sorted parts into ``out`` (atomic), ordered by (source, key, view); return the row count."""
     import h5py
     files = [h5py.File(p, "r") for p in parts]
     try:
@@ -209,18 +224,23 @@ def _join(out: Path, parts: list[Path], run_id: str, attrs: dict, expected_rows:
                 raise RuntimeError(f"{p}: part of another run (stale file); remove it and rerun")
         keys = [f["keys"].asstr()[...] for f in files]
         views = [f["view"][...] for f in files]
+        srcs = [f["source"][...] for f in files]
         owner = np.concatenate([np.full(len(k), i) for i, k in enumerate(keys)]) if keys else np.zeros(0)
         row = np.concatenate([np.arange(len(k)) for k in keys])
         all_keys = np.concatenate(keys).astype(str)
         all_views = np.concatenate(views)
+        all_srcs = np.concatenate(srcs)
         n = len(all_keys)
         if n != expected_rows:
             raise RuntimeError(f"embed: joined {n} images, expected {expected_rows}: shards changed under us?")
-        order = np.lexsort((all_views, all_keys))
-        pairs = set(zip(all_keys.tolist(), all_views.tolist()))
+        order = np.lexsort((all_views, all_keys, all_srcs))
+        pairs = set(zip(all_srcs.tolist(), all_keys.tolist(), all_views.tolist()))
         if len(pairs) != n:
             raise RuntimeError("embed: an image was embedded twice (duplicate key and view across parts)")
-        uniq, pair_id = np.unique(all_keys[order], return_inverse=True)
+        k_sorted, s_sorted = all_keys[order], all_srcs[order]
+        new_system = np.ones(n, bool)  # sorted by (source, key): a system starts where either changes
+        new_system[1:] = (k_sorted[1:] != k_sorted[:-1]) | (s_sorted[1:] != s_sorted[:-1])
+        pair_id = np.cumsum(new_system) - 1
         dim = files[0]["features"].shape[1]
         with atomic_path(out) as tmp:
             with h5py.File(tmp, "w") as g:
@@ -229,9 +249,10 @@ def _join(out: Path, parts: list[Path], run_id: str, attrs: dict, expected_rows:
                 feats = g.create_dataset("features", (n, dim), np.float32,
                                          chunks=(max(1, min(n, 1024)), dim) if n else None)
                 g.create_dataset("keys", data=all_keys[order].astype(object), dtype=_str_dtype())
+                g.create_dataset("source", data=np.array(sources, dtype=object)[s_sorted], dtype=_str_dtype())
                 g["view"] = all_views[order].astype(np.int8)
                 g["pair_id"] = pair_id.astype(np.int64)
-                lens = np.empty((n, len(LENS_PARAMS)))
+                lens = np.empty((n, files[0]["lens"].shape[1]))
                 src_owner, src_row = owner[order], row[order]
                 for a in range(0, n, block):  # each part's rows in a block are one contiguous range
                     b = min(n, a + block)
@@ -244,19 +265,36 @@ def _join(out: Path, parts: list[Path], run_id: str, attrs: dict, expected_rows:
                             buf[sel] = f["features"][lo:hi]
                             lens[a + sel] = f["lens"][lo:hi]
                     feats[a:b] = buf
-                grp = g.create_group("params")
-                for j, name in enumerate(LENS_PARAMS):
-                    grp[name] = lens[:, j]
+                _write_params(g, lens)
                 g.attrs["num_images"] = n
-                g.attrs["num_samples"] = len(uniq)
+                g.attrs["num_samples"] = int(new_system.sum())
         return n
     finally:
         for f in files:
             f.close()
 
 
+def _write_params(g, lens: np.ndarray) -> None:
+    """params/<name> without NaN: a parameter no row knows is left out (listed in the attribute
+    ``missing_params``); one that some rows lack is 0 there, with ``params_known/<name>`` False."""
+    grp = g.create_group("params")
+    missing = []
+    for j, name in enumerate(LENS_PARAMS):
+        known = np.isfinite(lens[:, j])
+        if not known.any() and len(known):
+            missing.append(name)
+            continue
+        grp[name] = np.where(known, lens[:, j], 0.0)
+        if not known.all():
+            g.require_group("params_known")[name] = known
+    g.attrs["missing_params"] = json.dumps(missing)
+    if lens.shape[1] > len(LENS_PARAMS) and len(lens) and not np.isnan(lens[:, len(LENS_PARAMS)]).any():
+        grp["is_lens"] = lens[:, len(LENS_PARAMS)].astype(np.int8)
+
+
 def load_embeddings(path: str | os.PathLike, need_params: bool = True) -> dict:
-    """Read an embeddings file: features, keys, view, pair_id, params {name: array}, attrs, umap.
+    """Read an embeddings file: features, keys, view, pair_id, params {name: array}, attrs, umap,
+    is_lens (int8 array, or None when the file has no params/is_lens).
 
     A missing file, a file that is not HDF5, or one without features (or, with ``need_params``,
     without the 8 lens parameters) is a UserError naming it.
@@ -282,6 +320,9 @@ def load_embeddings(path: str | os.PathLike, need_params: bool = True) -> dict:
         else:
             out["pair_id"] = np.unique(out["keys"], return_inverse=True)[1]
         out["umap"] = f["umap"][...] if "umap" in f else None
+        out["source"] = f["source"].asstr()[...] if "source" in f else np.full(n, "", dtype=object)
+        out["params_known"] = ({name: f["params_known"][name][...] for name in f["params_known"]}
+                               if "params_known" in f else {})
         params = {}
         if "params" in f:
             params = {name: f["params"][name][...] for name in f["params"] if name in LENS_PARAMS}
@@ -293,13 +334,29 @@ def load_embeddings(path: str | os.PathLike, need_params: bool = True) -> dict:
             if len(arr) != n:
                 raise UserError(f"{path}: params/{name} has {len(arr)} rows, features {n}")
         out["params"] = params
+        out["is_lens"] = f["params"]["is_lens"][...].astype(np.int8) if "params/is_lens" in f else None
     return out
 
 
 # ----------------------------------------------------------------------------------------- embed
-def extract_embeddings(checkpoint: str, data_dir: str, out: str, batch_size: int = 128,
+def _shard_jobs(dirs: list[str]):
+    """[(source index, shard path, mode, images in it)] over every folder, and the manifests."""
+    jobs, manifests = [], []
+    for k, d in enumerate(dirs):
+        manifest = read_manifest(d)
+        n_views = len(views_of(manifest["mode"]))
+        for p, entry in zip(shard_paths(d, manifest), manifest["shards"]):
+            if not Path(p).is_file():
+                raise UserError(f"{p}: shard listed in {d}/manifest.json is missing")
+            jobs.append((k, p, manifest["mode"], int(entry["num_samples"]) * n_views))
+        manifests.append(manifest)
+    return jobs, manifests
+
+
+def extract_embeddings(checkpoint: str, data_dir: str | list[str], out: str, batch_size: int = 128,
                        workers: int = 1, progress: bool = True) -> dict:
-    """Embed every image of ``data_dir`` with the checkpoint's backbone into HDF5 ``out``.
+    """Embed every image of ``data_dir`` (one shard folder, or several into one file with a
+    ``source`` column) with the checkpoint's backbone into HDF5 ``out``.
 
     Runs as one process or as every rank of ``torchrun``; returns the output's attributes.
     """
@@ -308,14 +365,16 @@ def extract_embeddings(checkpoint: str, data_dir: str, out: str, batch_size: int
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     out = Path(out)
-    manifest = read_manifest(data_dir)
-    mode = manifest["mode"]
-    names = views_of(mode)
-    paths = shard_paths(data_dir, manifest)
-    for p in paths:
-        if not Path(p).is_file():
-            raise UserError(f"{p}: shard listed in {data_dir}/manifest.json is missing")
-    manifest_sha = sha256_file(Path(data_dir) / "manifest.json")
+    dirs = [str(data_dir)] if isinstance(data_dir, (str, os.PathLike)) else [str(d) for d in data_dir]
+    resolved = [str(Path(d).resolve()) for d in dirs]
+    if not dirs or len(set(resolved)) != len(dirs):
+        raise UserError(f"--data: expected one or more different shard folders, got {dirs}")
+    jobs, manifests = _shard_jobs(dirs)
+    modes = [m["mode"] for m in manifests]
+    shas = [sha256_file(Path(d) / "manifest.json") for d in dirs]
+    manifest_sha = shas[0] if len(dirs) == 1 else sha256_json(shas)
+    num_samples = sum(int(m["num_samples"]) for m in manifests)
+    num_images = sum(j[3] for j in jobs)
 
     world = _World()
     try:
@@ -324,9 +383,11 @@ def extract_embeddings(checkpoint: str, data_dir: str, out: str, batch_size: int
         attrs = {"format": FORMAT, "checkpoint": str(Path(checkpoint).resolve()),
                  "weights_sha256": info["weights_sha256"], "step": int(info["step"]), "arch": info["arch"],
                  "train_mode": info["mode"], "config_hash": info["config_hash"],
-                 "data_dir": str(Path(data_dir).resolve()), "data_mode": mode,
+                 "data_dir": resolved[0] if len(dirs) == 1 else json.dumps(resolved),
+                 "data_dirs": json.dumps(resolved), "sources": json.dumps(dirs),
+                 "data_mode": "+".join(dict.fromkeys(modes)),
                  "manifest_sha256": manifest_sha, "feature_dim": int(info["feature_dim"]),
-                 "views": len(names)}
+                 "views": max(len(views_of(m)) for m in modes)}
         if world.bcast(_same_run(out, attrs) if world.rank == 0 else None):
             if world.rank == 0:
                 print(f"embed: {out} is up to date (same weights sha256 {attrs['weights_sha256'][:12]}, "
@@ -335,27 +396,29 @@ def extract_embeddings(checkpoint: str, data_dir: str, out: str, batch_size: int
         attrs["world_size"] = world.size
         run_id = sha256_json({k: attrs[k] for k in ("weights_sha256", "manifest_sha256", "world_size")})
 
-        mine = paths[world.rank::world.size]
+        mine = [list(j[:3]) for j in jobs[world.rank::world.size]]
         part = part_path(out, world.rank)
-        n_mine = sum(s["num_samples"] for s in manifest["shards"][world.rank::world.size]) * len(names)
+        n_mine = sum(j[3] for j in jobs[world.rank::world.size])
         if _part_done(part, run_id, mine):
             print(f"embed: rank {world.rank} reuses its complete part {part}", flush=True)
         else:
-            _embed_part(backbone, mine, mode, batch_size, workers, part, run_id, n_mine,
+            _embed_part(backbone, mine, batch_size, workers, part, run_id, n_mine,
                         progress and world.rank == 0, info["feature_dim"])
         world.barrier()
         result = attrs
         if world.rank == 0:
             parts = [part_path(out, r) for r in range(world.size)]
-            n = _join(out, parts, run_id, attrs, int(manifest["num_samples"]) * len(names))
+            n = _join(out, parts, run_id, attrs, num_images, dirs)
             for p in parts:
                 p.unlink(missing_ok=True)
             dt = time.perf_counter() - start
-            print(f"embed: {n} images ({manifest['num_samples']} samples x {len(names)} view(s)) of "
-                  f"{len(paths)} shards, {attrs['arch']} step {attrs['step']}, {attrs['feature_dim']}-d "
+            per = ", ".join(f"{m['num_samples']} x {len(views_of(m['mode']))}" for m in manifests)
+            print(f"embed: {n} images ({num_samples} samples x {attrs['views']} view(s)) of "
+                  f"{len(jobs)} shards{f' in {len(dirs)} folders ({per})' if len(dirs) > 1 else ''}, "
+                  f"{attrs['arch']} step {attrs['step']}, {attrs['feature_dim']}-d "
                   f"features, {world.size} rank(s) in {dt:.1f} s ({n / max(dt, 1e-9):.1f} images/s) "
                   f"-> {out}", flush=True)
-            result = {**attrs, "num_images": n, "num_samples": int(manifest["num_samples"])}
+            result = {**attrs, "num_images": n, "num_samples": num_samples}
         world.barrier()  # nobody leaves (or reruns) before the joined file exists
         return result
     finally:
@@ -374,7 +437,10 @@ def _same_run(out: Path, attrs: dict) -> bool:
         return False
 
 
-def _embed_part(backbone, paths, mode, batch_size, workers, part, run_id, n_rows, show, dim):
+def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show, dim):
+    """Embed this rank's shards (``jobs``: [source index, path, mode]), folder by folder."""
+    import itertools
+
     import torch
 
     device = _device()
@@ -382,15 +448,18 @@ def _embed_part(backbone, paths, mode, batch_size, workers, part, run_id, n_rows
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    keys, views, lens = [], [], []
+    keys, views, lens, sources = [], [], [], []
     feats = np.empty((n_rows, dim), np.float32)
     bar = None
     if show:
         from tqdm import tqdm
         bar = tqdm(total=n_rows, unit="img", desc="embed (rank 0)", dynamic_ncols=True, file=sys.stderr)
+    groups = [(src, mode, [j[1] for j in js]) for (src, mode), js in itertools.groupby(jobs, lambda j: (j[0], j[2]))]
+    batches = itertools.chain.from_iterable(
+        ((src, b) for b in row_loader(paths, mode, batch_size, workers)) for src, mode, paths in groups)
     i = 0
     with torch.inference_mode():
-        for k, v, img, p in (row_loader(paths, mode, batch_size, workers) if paths else []):
+        for src, (k, v, img, p) in batches:
             # (the DataLoader turns numpy batches into tensors)
             x = torch.as_tensor(img).unsqueeze(1).to(device, non_blocking=True)
             if device.type == "cuda":
@@ -401,16 +470,17 @@ def _embed_part(backbone, paths, mode, batch_size, workers, part, run_id, n_rows
                 y = model(x)
             y = y.float().cpu().numpy()
             if i + len(y) > n_rows:
-                raise RuntimeError(f"embed: shards hold more images than their manifest says ({paths})")
+                raise RuntimeError(f"embed: shards hold more images than their manifest says ({jobs})")
             feats[i:i + len(y)] = y
             i += len(y)
             keys += k
             views.append(np.asarray(v, np.int8))
             lens.append(np.asarray(p, np.float64))
+            sources += [src] * len(y)
             if bar:
                 bar.update(len(y))
     if bar:
         bar.close()
     views = np.concatenate(views) if views else np.zeros(0, np.int8)
-    lens = np.concatenate(lens) if lens else np.zeros((0, len(LENS_PARAMS)))
-    _write_part(part, run_id, paths, keys, views, feats[:i], lens)
+    lens = np.concatenate(lens) if lens else np.zeros((0, len(LABELS)))
+    _write_part(part, run_id, jobs, keys, views, feats[:i], lens, sources)

@@ -14,6 +14,10 @@ so a LenSiam and a baseline file made from the same shards are probed on identic
   95% bootstrap interval over the test lens systems (both views of a pair resampled together:
   :func:`hpc_lensiam.stats.bootstrap_interval` with ``groups=pair_id``). It holds the fitted probe
   fixed: the test systems' sampling is in it, the pretraining seed is not (docs/statistics.md).
+- where the file carries ``is_lens`` (survey family): lens finding from the same features, a k-NN
+  classifier (k=10, cosine) and an l2 logistic regression (C chosen by GroupKFold inside the train
+  split), scored on the test split with the lens finders' metrics (classify_metrics: ROC AUC with a
+  bootstrap interval, TPR at FPR 1e-2 and 1e-3).
 """
 from __future__ import annotations
 
@@ -118,6 +122,45 @@ def probe_arrays(features: np.ndarray, targets: dict[str, np.ndarray], groups: n
     return out
 
 
+def probe_classify(features: np.ndarray, is_lens: np.ndarray, groups: np.ndarray, test: np.ndarray,
+                   k: int = 10, cs=(1e-3, 1e-2, 1e-1, 1.0, 10.0), folds: int = 5, seed: int = 0) -> dict:
+    """Lens-finding metrics of k-NN and logistic-regression probes (see the module doc)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from ..classify_metrics import classification_report, roc_auc
+
+    test = np.asarray(test, bool)
+    train = ~test
+    y = np.asarray(is_lens, int)
+    if len(np.unique(y[train])) < 2 or len(np.unique(y[test])) < 2:
+        raise UserError("is_lens: the train and test splits need lenses and non-lenses")
+    x = np.asarray(features, np.float64)
+    mean, std = x[train].mean(0), x[train].std(0)
+    x = (x - mean) / np.where(std > 0, std, 1.0)
+    xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    knn = KNeighborsClassifier(n_neighbors=min(k, int(train.sum())), algorithm="brute")
+    s_knn = knn.fit(xn[train], y[train]).predict_proba(xn[test])[:, 1]
+    groups = np.asarray(groups)[train]
+    auc = np.zeros(len(cs))
+    for tr, va in GroupKFold(n_splits=min(folds, len(np.unique(groups)))).split(x[train], groups=groups):
+        if len(np.unique(y[train][tr])) < 2:
+            continue
+        for i, c in enumerate(cs):
+            m = LogisticRegression(C=c, max_iter=2000).fit(x[train][tr], y[train][tr])
+            auc[i] += np.nan_to_num(roc_auc(y[train][va], m.decision_function(x[train][va])))
+    best = float(cs[int(np.argmax(auc))])
+    s_log = LogisticRegression(C=best, max_iter=2000).fit(x[train], y[train]).decision_function(x[test])
+    out = {}
+    for name, score in (("knn", s_knn), ("logistic", s_log)):
+        rep = classification_report(y[test], score, seed=seed)
+        rep.pop("roc")
+        out[name] = rep
+    out["logistic"]["C"] = best
+    return out
+
+
 def _label(emb: dict, taken: set) -> str:
     a = emb["attrs"]
     label = str(a.get("train_mode") or Path(emb["path"]).stem)
@@ -129,9 +172,27 @@ def _label(emb: dict, taken: set) -> str:
 
 
 def probe_file(path: str, test_fraction: float = 0.2, k: int = 10, seed_salt: str = "probe-split/1") -> dict:
-    emb = load_embeddings(path, need_params=True)
+    emb = load_embeddings(path, need_params=False)
+    # parameters absent from the file (ingested real images without labels) are skipped; the probe
+    # runs on the images that know every remaining one
+    names = [p for p in LENS_PARAMS if p in emb["params"]]
+    if not names:
+        raise UserError(f"{path}: no lens parameters (no params/<name> datasets); expected an embeddings "
+                        "file written by `hpc-lensiam embed` from simulated or labelled shards")
+    known = np.ones(len(emb["keys"]), bool)
+    for p in names:
+        known &= emb["params_known"].get(p, True)
+    skipped = [p for p in LENS_PARAMS if p not in names]
+    if skipped or not known.all():
+        print(f"probe: {path}: {int(known.sum())} of {len(known)} images have lens parameters"
+              + (f"; skipping absent {', '.join(skipped)}" if skipped else ""), flush=True)
+    emb = {**emb, "features": emb["features"][known], "keys": emb["keys"][known], "pair_id": emb["pair_id"][known],
+           "params": {p: emb["params"][p][known] for p in names}}
     test = split_by_key(emb["keys"], test_fraction, seed_salt)
     res = probe_arrays(emb["features"], emb["params"], emb["pair_id"], test, k=k)
+    if emb.get("is_lens") is not None:
+        res["classify"] = probe_classify(emb["features"], emb["is_lens"], emb["pair_id"], test, k=k)
+    res["skipped"] = skipped
     a = emb["attrs"]
     res["file"] = str(path)
     res["n_train"], res["n_test"] = int((~test).sum()), int(test.sum())
@@ -155,7 +216,8 @@ def _cell(res: dict, model: str, name: str) -> str:
 def format_table(results: dict[str, dict]) -> str:
     labels = list(results)
     head = ["parameter"] + [f"{lab} {m}" for lab in labels for m in ("k-NN", "ridge")]
-    rows = [[name] + [_cell(results[lab], m, name) for lab in labels for m in MODELS] for name in LENS_PARAMS]
+    names = [p for p in LENS_PARAMS if all(p in results[lab]["knn"] for lab in labels)]
+    rows = [[name] + [_cell(results[lab], m, name) for lab in labels for m in MODELS] for name in names]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
 
     def line(r):
@@ -166,6 +228,13 @@ def format_table(results: dict[str, dict]) -> str:
              f"{r['n_train']} train / {r['n_test']} test images, "
              f"{r['systems_train']} / {r['systems_test']} lens systems" for lab, r in results.items()]
     title = "held-out R^2 [95% bootstrap interval over test lens systems] (split by lens system)"
+    for lab, r in results.items():
+        for m, c in r.get("classify", {}).items():
+            ci = c["auc_ci95"]
+            notes.append(f"{lab} {m} lens finding: AUC {c['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}], "
+                         + ", ".join(f"TPR@FPR={f} {v['tpr']:.2f}" + ("" if v["resolvable"] else " (unresolved)")
+                                     for f, v in c["tpr_at_fpr"].items())
+                         + f" ({c['n_lenses']} lenses / {c['n_non_lenses']} non-lenses in test)")
     return "\n".join([title, sep, line(head), sep, *map(line, rows), sep, *notes])
 
 

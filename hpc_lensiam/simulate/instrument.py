@@ -55,3 +55,17 @@ class DetectorGrid:
         if s == 1:
             return img.copy()
         return img.reshape(n, s, n, s).mean(axis=(1, 3))
+
+    def spread(self, flux: np.ndarray) -> np.ndarray:
+        """Max minus min of each detector pixel's sub-samples (N, N): where the pixel average is unsure."""
+        s, n = self.supersampling_factor, self.num_pix
+        img = np.asarray(flux, dtype=np.float64).reshape(n, s, n, s)
+        return img.max(axis=(1, 3)) - img.min(axis=(1, 3))
+
+    def subpixel_points(self, mask: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
+        """factor x factor evaluation points (arcsec, flattened, pixel by pixel) in each pixel of ``mask``."""
+        off = ((np.arange(factor) + 0.5) / factor - 0.5) * self.pixel_scale_arcsec
+        ox, oy = (a.ravel() for a in np.meshgrid(off, off))
+        x = self.x_pix_arcsec[mask][:, None] + ox[None, :]
+        y = self.y_pix_arcsec[mask][:, None] + oy[None, :]
+        return x.ravel(), y.ravel()

@@ -86,9 +86,10 @@ def _draw_component(rng: np.random.Generator, prior: SourcePrior, center_x: floa
         "center_x": center_x,
         "center_y": center_y,
     }
-    if renderer is not None:
-        from .sources import analytic_amp_for_unit_flux
-        src["amp"] = analytic_amp_for_unit_flux(renderer, src["R_sersic"], src["n_sersic"])
+    if renderer is not None:  # unit total flux by the profile's own integral (bench/numerics.py)
+        from .sources import core_sersic_amp_for_unit_flux
+        src["amp"] = core_sersic_amp_for_unit_flux(renderer, src["R_sersic"], src["n_sersic"], src["Rb"],
+                                                   src["gamma"], src["alpha"])
     else:
         src["amp"] = 1.0
     return src

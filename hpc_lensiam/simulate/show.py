@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 from itertools import islice
+from pathlib import Path
 
 from ..errors import UserError
 from ..io import atomic_path, decode_npy, read_manifest, shard_paths
@@ -22,6 +23,19 @@ def iter_samples(data_dir: str | os.PathLike):
         yield sample
 
 
+def caption(params: dict) -> str:
+    """Lens parameters that are known (all of them for simulations, labels for ingested images),
+    and an ingested image's file name."""
+    lens = params.get("lens") or {}
+    parts = [f"{sym}={lens[k]:{fmt}}" for k, sym, fmt in (("theta_E", "θE", ".2f"), ("gamma", "γ", ".2f"),
+                                                          ("e1", "e1", "+.2f")) if k in lens]
+    if "is_lens" in params:
+        parts.append("lens" if params["is_lens"] else "non-lens")
+    if "ingest" in params:
+        parts.insert(0, Path(params["ingest"]["file"]).name[:24])
+    return "  ".join(parts)
+
+
 def show_pairs(data_dir: str | os.PathLike, out: str | os.PathLike, n: int = 8) -> str:
     """Draw ``n`` samples, one row each (view1 | view2, or the single image), lens params captioned."""
     import matplotlib
@@ -37,12 +51,10 @@ def show_pairs(data_dir: str | os.PathLike, out: str | os.PathLike, n: int = 8) 
     fig, axes = plt.subplots(len(samples), len(views), figsize=(2.2 * len(views), 2.3 * len(samples)),
                              squeeze=False)
     for row, sample in zip(axes, samples):
-        lens = sample["params"]["lens"]
         for ax, view in zip(row, views):
             ax.imshow(sample[view], origin="lower", cmap="magma", vmin=0, vmax=1)
             ax.set_xticks([]), ax.set_yticks([])
-        row[0].set_title(f"θE={lens['theta_E']:.2f}\"  γ={lens['gamma']:.2f}  e1={lens['e1']:+.2f}",
-                         fontsize=8, loc="left")
+        row[0].set_title(caption(sample["params"]), fontsize=8, loc="left")
     for ax, view in zip(axes[-1], views):
         ax.set_xlabel(view, fontsize=8)
     fig.tight_layout()

@@ -147,16 +147,20 @@ def core_sersic(x, y, amp, R_sersic, Rb, n_sersic, gamma, alpha, e1, e2, center_
     return torch.nan_to_num(val)
 
 
-def sersic_unit_flux_amp(R_sersic, n_sersic):
-    """1 / lenstronomy ``total_flux(amp=1)``: 2 pi n R^2 e^{b_n} b_n^{-2n} Gamma(2n), in logs.
-
-    The torch twin of ``sources.analytic_amp_for_unit_flux``; a test keeps the two equal, so a
-    change of the numpy normalisation shows up there.
-    """
-    bn = sersic_b_n(n_sersic)
-    log_flux = (math.log(2 * math.pi) + torch.log(n_sersic) + 2 * torch.log(R_sersic) + bn
-                - 2 * n_sersic * torch.log(bn) + torch.lgamma(2 * n_sersic))
-    return torch.exp(-log_flux)
+def core_sersic_unit_flux_amp(R_sersic, n_sersic, Rb, gamma, alpha, steps: int = 4000):
+    """1 / total flux of CORE_SERSIC with amp = 1, by its own radial integral: the torch twin of
+    ``sources.core_sersic_amp_for_unit_flux`` (2 pi R^2 I(R) dlnR, trapezoid over ``steps`` log
+    steps from 1e-6 to 100 R_sersic; the elliptical radius preserves area). A test keeps the two
+    equal, so a change of the numpy normalisation shows up there. (B,) parameters -> (B,)."""
+    grid = torch.linspace(math.log(1e-6), math.log(100.0), steps, dtype=R_sersic.dtype, device=R_sersic.device)
+    lnr = torch.log(R_sersic)[:, None] + grid
+    r = torch.exp(lnr)
+    zero = torch.zeros_like(R_sersic)[:, None]
+    sb = core_sersic(r, torch.zeros_like(r), 1.0, R_sersic[:, None], Rb[:, None], n_sersic[:, None],
+                     gamma[:, None], alpha[:, None], zero, zero, zero, zero)
+    flux = torch.trapezoid(2 * math.pi * r * r * sb, lnr, dim=-1)
+    ok = torch.isfinite(flux) & (flux > 0)
+    return torch.where(ok, 1.0 / torch.where(ok, flux, 1.0), torch.ones_like(flux))
 
 
 class StampBank:

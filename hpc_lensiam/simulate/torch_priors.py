@@ -14,7 +14,7 @@ import torch
 
 from ..config import LensLightPrior, LensPrior, SourcePrior
 from ..io import LENS_PARAMS
-from .torch_physics import sersic_unit_flux_amp
+from .torch_physics import core_sersic_unit_flux_amp
 
 NONE, SERSIC, CORE_SERSIC, COSMOS = -1, 0, 1, 2
 KIND_CODES = {"sersic": SERSIC, "core_sersic": CORE_SERSIC, "cosmos": COSMOS}
@@ -88,7 +88,7 @@ def _draw_component(g: torch.Generator, prior: SourcePrior, center_x, center_y, 
         "center_x": center_x,
         "center_y": center_y,
     }
-    src["amp"] = sersic_unit_flux_amp(src["R_sersic"], src["n_sersic"])
+    src["amp"] = core_sersic_unit_flux_amp(src["R_sersic"], src["n_sersic"], src["Rb"], src["gamma"], src["alpha"])
     kind = torch.full((n,), CORE_SERSIC, dtype=torch.long, device=like.device)
     if bank is not None:
         size = len(bank)

@@ -124,6 +124,15 @@ class TorchLensSimulator:
         self.num_pix, self.supersampling = self.grid.num_pix, self.grid.supersampling_factor
         self.x = torch.as_tensor(self.grid.x_arcsec, dtype=dtype, device=self.device)
         self.y = torch.as_tensor(self.grid.y_arcsec, dtype=dtype, device=self.device)
+        self.x_pix = torch.as_tensor(self.grid.x_pix_arcsec, dtype=dtype, device=self.device)
+        self.y_pix = torch.as_tensor(self.grid.y_pix_arcsec, dtype=dtype, device=self.device)
+        inst = self.config.instrument
+        self.adaptive_factor, self.adaptive_threshold = inst.adaptive_supersampling_factor, inst.adaptive_threshold
+        if self.adaptive_factor > 0:   # DetectorGrid.subpixel_points' offsets, F x F per pixel
+            off = ((torch.arange(self.adaptive_factor, dtype=dtype) + 0.5) / self.adaptive_factor - 0.5) \
+                * self.grid.pixel_scale_arcsec
+            oy, ox = torch.meshgrid(off, off, indexing="ij")
+            self.sub_ox, self.sub_oy = ox.reshape(-1).to(self.device), oy.reshape(-1).to(self.device)
         self.psf_bank = PSFBank.from_config(self.config)
         self.psf = PSFStack(self.psf_bank.kernels, self.grid.shape, self.device, dtype)
         self.series_tol = float(series_tol) if series_tol is not None else SERIES_TOL.get(dtype, 1e-7)
@@ -137,7 +146,8 @@ class TorchLensSimulator:
         if self.config.cosmos_dir:
             sp = self.config.source
             self.catalog = CosmosCatalog(self.config.cosmos_dir, min_size_pix=sp.cosmos_min_size_pix,
-                                         max_noise_frac=sp.cosmos_max_noise_frac)
+                                         max_noise_frac=sp.cosmos_max_noise_frac,
+                                         clean_k_sigma=sp.cosmos_clean_k_sigma)
             rows = self.catalog.accepted()[:max_stamps]
             self.stamps = StampBank([self.catalog.stamp(r).image for r in rows],
                                     [self.catalog.pixel_scale[r] for r in rows], self.device, dtype)
@@ -157,14 +167,45 @@ class TorchLensSimulator:
                                 self.series_tol)
 
     # ------------------------------------------------------------------------------ building blocks
-    def ray_shoot(self, lens: dict, n_terms: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Source-plane (beta_x, beta_y) of every supersampled grid point, (B, P), arcsec."""
+    def batch_series_terms(self, lens: dict) -> int:
+        """Series terms for a chosen batch: enough for its own largest |e| and slope (one sync)."""
+        f_max = float(ellipticity_f(lens["e1"], lens["e2"]).max())
+        return self.series_terms(f_max, (float(lens["gamma"].min()), float(lens["gamma"].max())))
+
+    def ray_shoot(self, lens: dict, n_terms: int | None = None, x=None, y=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Source-plane (beta_x, beta_y), arcsec, of the supersampled grid (B, P), or of points ``x, y``
+        (B, Q) with one row per system (eager: their shapes vary)."""
         p = {k: lens[k][:, None] for k in LENS_PARAMS}
-        if n_terms is None:   # a chosen batch: enough terms for its own largest |e| (one sync)
-            f_max = float(ellipticity_f(lens["e1"], lens["e2"]).max())
-            n_terms = self.series_terms(f_max, (float(lens["gamma"].min()), float(lens["gamma"].max())))
-        ax, ay = self._deflection(self.x, self.y, n_terms=n_terms, **p)
-        return self.x - ax, self.y - ay
+        n_terms = self.batch_series_terms(lens) if n_terms is None else n_terms
+        if x is None:
+            ax, ay = self._deflection(self.x, self.y, n_terms=n_terms, **p)
+            return self.x - ax, self.y - ay
+        ax, ay = epl_shear_deflection(x, y, n_terms=n_terms, **p)
+        return x - ax, y - ay
+
+    def adaptive(self, sb: torch.Tensor, evaluate) -> torch.Tensor:
+        """``LensSimulator._adaptive``, batched: the binned image of ``sb`` (B, P), with every pixel
+        whose sub-samples spread by more than ``adaptive_threshold`` x its image's peak re-averaged
+        over F x F points; ``evaluate(x, y, rows)`` gives the surface brightness at (K, F^2) points
+        of the systems ``rows`` (K,)."""
+        image = self.bin(sb)
+        if self.adaptive_factor <= 0:
+            return image
+        n, s = self.num_pix, self.supersampling
+        sub = sb.reshape(-1, n, s, n, s)
+        spread = sub.amax(dim=(2, 4)) - sub.amin(dim=(2, 4))
+        peak = image.amax(dim=(1, 2))[:, None, None]
+        b, i, j = ((spread > self.adaptive_threshold * peak) & (peak > 0)).nonzero(as_tuple=True)
+        if b.numel() == 0:
+            return image
+        x = self.x_pix[i, j][:, None] + self.sub_ox
+        y = self.y_pix[i, j][:, None] + self.sub_oy
+        rows = max(1, self.chunk_systems * self.x.numel() // self.sub_ox.numel())   # bounded memory
+        vals = torch.cat([evaluate(x[k:k + rows], y[k:k + rows], b[k:k + rows]).mean(dim=1)
+                          for k in range(0, b.numel(), rows)])
+        image = image.clone()
+        image[b, i, j] = vals
+        return image
 
     def bin(self, flux: torch.Tensor) -> torch.Tensor:
         """(B, P) supersampled surface brightness -> (B, num_pix, num_pix) pixel means."""
@@ -196,15 +237,32 @@ class TorchLensSimulator:
         return out
 
     def lens_light_unit(self, ll: dict) -> torch.Tensor:
-        """Lens light with amp = 1 on the image-plane grid, binned: (B, num_pix, num_pix)."""
-        p = {k: ll[k][:, None] for k in ("R_sersic", "n_sersic", "e1", "e2", "center_x", "center_y")}
+        """Lens light with amp = 1 on the image-plane grid, binned (adaptively): (B, num_pix, num_pix)."""
+        keys = ("R_sersic", "n_sersic", "e1", "e2", "center_x", "center_y")
+        p = {k: ll[k][:, None] for k in keys}
         one = torch.ones_like(p["R_sersic"])
-        return self.bin(self._sersic(self.x, self.y, one, **p))
+
+        def evaluate(x, y, rows):
+            q = {k: ll[k][rows][:, None] for k in keys}
+            return self._sersic(x, y, torch.ones_like(q["R_sersic"]), **q)
+        return self.adaptive(self._sersic(self.x, self.y, one, **p), evaluate)
+
+    def source_image(self, bx, by, components: list, lens: dict | None, n_terms: int | None) -> torch.Tensor:
+        """Lensed source, binned (adaptively when the ``lens`` is given, as ``LensSimulator``)."""
+        sb = self.source_light(bx, by, components)
+        if lens is None:
+            return self.bin(sb)
+
+        def evaluate(x, y, rows):
+            sx, sy = self.ray_shoot(_take(lens, rows), n_terms, x, y)
+            return self.source_light(sx, sy, _take(components, rows))
+        return self.adaptive(sb, evaluate)
 
     def compose(self, bx, by, components: list, lens_light: dict | None, psf_id, noise_sigma,
-                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                generator: torch.Generator | None, lens: dict | None = None,
+                n_terms: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Images (B, num_pix, num_pix) normalised to max 1, and the lens-light amps used."""
-        image = self.bin(self.source_light(bx, by, components))
+        image = self.source_image(bx, by, components, lens, n_terms)
         amp = None
         if lens_light is not None:
             unit = self.lens_light_unit(lens_light)
@@ -284,8 +342,9 @@ class TorchLensSimulator:
         sigma = vec(noise_sigma, "noise_sigma")
         if bool((sigma > 0).any()) and generator is None:
             raise UserError("noise_sigma > 0 needs a generator (torch.Generator) for the noise draw")
-        bx, by = self.ray_shoot(full)
-        img, _ = self.compose(bx, by, components, ll, psf_id, sigma, generator)
+        n_terms = self.batch_series_terms(full)
+        bx, by = self.ray_shoot(full, n_terms)
+        img, _ = self.compose(bx, by, components, ll, psf_id, sigma, generator, full, n_terms)
         return img
 
     def _batched(self, batch: int):
@@ -368,7 +427,7 @@ class TorchLensSimulator:
             bx, by = self.ray_shoot(part["lens"], self.prior_series_terms)   # once for every view
             for v, view in enumerate(part["views"]):
                 img, amp = self.compose(bx, by, view["source"], view["lens_light"], view["psf_id"],
-                                        view["noise_sigma"], generator)
+                                        view["noise_sigma"], generator, part["lens"], self.prior_series_terms)
                 images[v].append(img)
                 amps[v].append(amp)
         for v, view in enumerate(params["views"]):

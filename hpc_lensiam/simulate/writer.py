@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..config import SimulationConfig, merge, simulation_config, to_dict
+from ..config import to_dict
 from ..errors import UserError
 from ..io import MANIFEST_FORMAT, MANIFEST_NAME, TMP_PREFIX, atomic_open, atomic_write_json, sha256_file, sha256_json
 
@@ -83,15 +83,23 @@ def write_shard(sim, mode: str, seed: int, index: int, num: int, out_dir: Path, 
     """
     rng = shard_rng(seed, index)
     if hasattr(sim, "iter_samples"):   # the batched torch renderer draws the shard in batches
-        samples = sim.iter_samples(mode, rng, num)
+        drawn = sim.iter_samples(mode, rng, num)
     else:
         draw = sim.sample_pair if mode == "lensiam" else sim.sample_single
-        samples = (draw(rng) for _ in range(num))
-    path = out_dir / shard_name(index)
+        drawn = (draw(rng) for _ in range(num))
+    samples = (encode_sample(f"{index:06d}_{j:06d}", d) for j, d in enumerate(drawn))
+    return write_tar(out_dir / shard_name(index), samples, on_sample)
+
+
+def write_tar(path: Path, samples, on_sample=None) -> str:
+    """Write encoded samples (:func:`encode_sample`) as one shard, atomically; return its sha256.
+
+    Shared by ``simulate`` and ``ingest``: the same member order and tar metadata, so equal
+    samples give equal bytes whatever produced them.
+    """
     with atomic_open(path, "wb") as f:
         with tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            for j, drawn in enumerate(samples):
-                sample = encode_sample(f"{index:06d}_{j:06d}", drawn)
+            for sample in samples:
                 key = sample.pop("__key__")
                 for ext in sorted(sample):
                     _tar_add(tar, f"{key}.{ext}", sample[ext])
@@ -104,13 +112,14 @@ def write_shard(sim, mode: str, seed: int, index: int, num: int, out_dir: Path, 
 class _Progress:
     """tqdm on rank 0 over every rank's finished samples; other ranks send small MPI messages."""
 
-    def __init__(self, comm, rank: int, size: int, total: int, initial: int, enabled: bool):
+    def __init__(self, comm, rank: int, size: int, total: int, initial: int, enabled: bool,
+                 desc: str = "simulate"):
         self.comm, self.rank, self.size = comm, rank, size
         self.done = 0  # ranks (other than 0) that said they finished
         self.bar = None
         if rank == 0 and enabled:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, unit="sample", desc="simulate",
+            self.bar = tqdm(total=total, initial=initial, unit="sample", desc=desc,
                             dynamic_ncols=True, file=sys.stderr)
 
     def tick(self) -> None:
@@ -156,70 +165,87 @@ def _check_existing(out_dir: Path, plan: dict) -> None:
         except ValueError:
             raise UserError(f"{path}: unreadable; remove it or choose another --out") from None
         for key in ("mode", "seed", "num_samples", "shard_size", "config_hash", "engine"):
-            if old.get(key, "lenstronomy" if key == "engine" else None) != plan[key]:
+            default = "lenstronomy" if key == "engine" else None   # manifests before --engine have none
+            if old.get(key, default) != plan.get(key, default):
                 raise UserError(
-                    f"{out_dir}: holds shards of a different data set ({key}: {old.get(key)!r} there, "
-                    f"{plan[key]!r} asked); choose another --out or remove it")
+                    f"{out_dir}: holds shards of a different data set ({key}: {old.get(key, default)!r} there, "
+                    f"{plan.get(key, default)!r} asked); choose another --out or remove it")
         return
     if any(out_dir.glob("shard-*.tar")):
         raise UserError(f"{out_dir}: holds shards but no {PLAN_NAME}/{MANIFEST_NAME}; "
                         "choose another --out or remove them")
 
 
-def torch_simulator(cfg: SimulationConfig, device: str):
+def torch_simulator(cfg, device: str):
     """``--engine torch``: the batched renderer on ``device`` (float32, as the shards store)."""
     from .torch_render import TorchLensSimulator, resolve_device
     return TorchLensSimulator(cfg, device=resolve_device(device, "--device"))
-
-
-def resolve_config(preset=None, config_path=None, cosmos_dir=None, psf_files=None,
-                   psf_pixel_scale_arcsec=None, overrides: dict | None = None) -> SimulationConfig:
-    cfg = simulation_config(preset=preset, config_path=config_path, cosmos_dir=cosmos_dir,
-                            psf_files=list(psf_files) if psf_files else None,
-                            psf_pixel_scale_arcsec=psf_pixel_scale_arcsec)
-    return merge(cfg, overrides, "overrides") if overrides else cfg
 
 
 def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: int = 1000,
                     mode: str = "lensiam", preset: str | None = None, seed: int = 0,
                     cosmos_dir: str | None = None, psf_files: list[str] | None = None,
                     psf_pixel_scale_arcsec: float | None = None, config_path: str | None = None,
-                    overrides: dict | None = None, progress: bool = True, engine: str = "lenstronomy",
-                    device: str = "cpu") -> dict:
+                    overrides: dict | None = None, progress: bool = True, family: str = "paper",
+                    lens_fraction: float | None = None, engine: str = "lenstronomy", device: str = "cpu") -> dict:
     """Simulate ``num_samples`` pairs (or single images) into WebDataset shards; return the manifest.
 
     Runs as one process, or as every rank of ``mpiexec -n K``: same arguments, same bytes.
+    ``family``: "paper" (LensSimulator) or "survey" (simulate/survey, lenses and non-lenses with
+    ``lens_fraction``).
     """
     from .mpi_env import mpi_world
 
-    comm, rank, size = mpi_world()
+    _, rank, _ = mpi_world()  # the srun-singleton check, before any work
     if mode not in MODES:
         raise UserError(f"--mode: {mode!r} is not one of {', '.join(MODES)}")
     if engine not in ENGINES:
         raise UserError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
+    if engine == "torch" and family != "paper":
+        raise UserError(f"--engine torch: renders the paper family (EPL + shear) only, not --family {family}")
     if num_samples < 1 or shard_size < 1:
         raise UserError(f"--pairs and --shard-size must be >= 1 (got {num_samples}, {shard_size})")
-    cfg = resolve_config(preset, config_path, cosmos_dir, psf_files, psf_pixel_scale_arcsec, overrides)
+    from .families import resolve_family
+    cfg, make_simulator = resolve_family(family, mode, preset, config_path, cosmos_dir, psf_files,
+                                         psf_pixel_scale_arcsec, overrides, lens_fraction)
     out_dir = Path(out_dir)
     config = to_dict(cfg)
     plan = {"format": MANIFEST_FORMAT, "version": __version__, "mode": mode, "seed": seed,
             "num_samples": num_samples, "shard_size": shard_size, "preset": cfg.preset,
             "image_shape": [cfg.instrument.num_pix] * 2, "config": config,
-            "config_hash": sha256_json(config), "engine": engine}
+            "config_hash": sha256_json(config)}
+    if family != "paper":  # the paper family's manifest stays as it was
+        plan["family"] = family
+    if engine != "lenstronomy":  # likewise the lenstronomy engine's
+        plan["engine"] = engine
     _check_existing(out_dir, plan)
 
     # Build the simulator before touching the folder: a bad COSMOS dir or PSF file writes nothing.
     import warnings
-
-    from .simulator import LensSimulator
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always")
-        sim = LensSimulator(cfg) if engine == "lenstronomy" else torch_simulator(cfg, device)
+        sim = make_simulator(cfg) if engine == "lenstronomy" else torch_simulator(cfg, device)
     if rank == 0:  # said once, not once per rank
         for note in notes:
             print(f"simulate: note: {note.message}", file=sys.stderr, flush=True)
 
     shards = ShardPlan(num_samples, shard_size)
+    return write_shard_set(out_dir, plan, shards, progress, "simulate",
+                           lambda i, tick: write_shard(sim, mode, seed, i, shards.size_of(i), out_dir, tick))
+
+
+def write_shard_set(out_dir: Path, plan: dict, shards: ShardPlan, progress: bool, what: str, write_one) -> dict:
+    """The MPI shard machinery behind ``simulate`` and ``ingest``; returns the manifest.
+
+    ``plan`` (already checked with :func:`_check_existing`) is written first as ``.plan.json``;
+    ``write_one(index, tick)`` writes shard ``index`` atomically (calling ``tick()`` per sample)
+    and returns its sha256. Ranks take the missing shards round-robin, so a rerun redoes only
+    those; rank 0 writes ``manifest.json`` last.
+    """
+    from .mpi_env import mpi_world
+
+    comm, rank, size = mpi_world()
+    num_samples = shards.num_samples
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in out_dir.glob(TMP_PREFIX + "*"):  # partial shards of a killed run
@@ -232,11 +258,11 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
     start = time.perf_counter()
     missing = [i for i in range(shards.num_shards) if not (out_dir / shard_name(i)).is_file()]
     done_before = num_samples - sum(shards.size_of(i) for i in missing)
-    bar = _Progress(comm, rank, size, num_samples, done_before, progress)
+    bar = _Progress(comm, rank, size, num_samples, done_before, progress, what)
     hashes: dict[int, str] = {}
     try:
         for index in missing[rank::size]:
-            hashes[index] = write_shard(sim, mode, seed, index, shards.size_of(index), out_dir, bar.tick)
+            hashes[index] = write_one(index, bar.tick)
         bar.finish()
     except BaseException:
         if comm is not None and size > 1:
@@ -260,7 +286,7 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
         atomic_write_json(out_dir / MANIFEST_NAME, manifest)
         elapsed = time.perf_counter() - start
         new = num_samples - done_before
-        print(f"simulate: wrote {new} new samples ({num_samples - new} already done) in "
+        print(f"{what}: wrote {new} new samples ({num_samples - new} already done) in "
               f"{len(missing)} of {shards.num_shards} shards to {out_dir} with {size} rank(s) in "
               f"{elapsed:.1f} s ({new / max(elapsed, 1e-9):.1f} samples/s); manifest: "
               f"{out_dir / MANIFEST_NAME}", flush=True)

@@ -1,0 +1,125 @@
+"""Survey family: simulation rate (images/s on one core) and the picture grid beside the real Euclid lens.
+
+    PYTHONPATH=$PWD .venv/bin/python bench/survey.py --n 20 --grid docs/survey_grid.png
+
+Rate: ``sample_single`` / ``sample_pair`` of one SurveySimulator in this process (one core,
+OMP/MKL threads 1), at the preset's own grid (euclid: 110 x 110 at 0.1"/px, supersampling 2), after a
+warm-up sample (numba JIT); the time includes the rejection sampling of the selection. Also printed:
+the paper family's rate on the same grid, side by side, and the population numbers of the samples.
+
+Grid: the real Euclid Q1 lens (``../shared/data/euclid_q1``, VIS_FLUX, 0.1"/px like the euclid preset,
+so "resampled to the same grid" is a centre crop of num_pix) beside simulated lenses and non-lenses,
+each divided by its maximum, shown with the same asinh stretch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import numpy as np
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "euclid_q1" / \
+    "102020532_NEG589257492489565961.fits"
+
+
+def real_lens(num_pix: int) -> np.ndarray | None:
+    """The Euclid Q1 lens, VIS, centre crop of ``num_pix`` (already 0.1"/px), divided by its max."""
+    if not REAL.is_file():
+        return None
+    from astropy.io import fits
+    data = fits.getdata(REAL, "VIS_FLUX").astype(np.float64)
+    c, h = data.shape[0] // 2, num_pix // 2
+    crop = data[c - h:c - h + num_pix, c - h:c - h + num_pix]
+    return crop / crop.max()
+
+
+def rate(sim, draw: str, n: int, seed: int = 0) -> tuple[float, list[dict], list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    getattr(sim, draw)(rng)  # warm-up: numba JIT, PSF FFT caches
+    params, images = [], []
+    t = time.perf_counter()
+    for _ in range(n):
+        s = getattr(sim, draw)(rng)
+        params.append(s["params"])
+        images.append(s.get("image", s.get("view1")))
+    dt = time.perf_counter() - t
+    per_sample_images = 2 if draw == "sample_pair" else 1
+    return n * per_sample_images / dt, params, images
+
+
+def draw_grid(images, params, real, out: str, n_cols: int = 5) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lenses = [(i, p) for i, p in zip(images, params) if p["is_lens"]][:n_cols - 1]
+    non = [(i, p) for i, p in zip(images, params) if not p["is_lens"]][:n_cols]
+    stretch = lambda im: np.arcsinh(np.clip(im, 0, None) / 0.02) / np.arcsinh(1 / 0.02)  # noqa: E731
+    fig, axes = plt.subplots(2, n_cols, figsize=(1.6 * n_cols, 3.5))
+    for ax in axes.ravel():
+        ax.set_xticks([]), ax.set_yticks([])
+    if real is not None:
+        axes[0, 0].imshow(stretch(real), origin="lower", cmap="gray", vmin=0, vmax=1)
+        axes[0, 0].set_title("real: Euclid Q1 VIS", fontsize=7)
+    for ax, (im, p) in zip(axes[0, 1:], lenses):
+        ax.imshow(stretch(im), origin="lower", cmap="gray", vmin=0, vmax=1)
+        v = p["views"][0]
+        ax.set_title(f"lens θE={p['lens']['theta_E']:.2f}\" n={v['n_images']}", fontsize=7)
+    for ax, (im, p) in zip(axes[1], non):
+        ax.imshow(stretch(im), origin="lower", cmap="gray", vmin=0, vmax=1)
+        ax.set_title("non-lens" + (" +galaxy" if p["views"][0]["source"] else ""), fontsize=7)
+    fig.tight_layout(pad=0.3)
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    Image.open(buf).convert("L").quantize(32).save(out, optimize=True)  # grey, 32 levels: a small PNG
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=20, help="samples timed per mode")
+    ap.add_argument("--preset", default="euclid")
+    ap.add_argument("--grid", default=None, help="write the picture grid PNG here")
+    a = ap.parse_args()
+
+    from hpc_lensiam.config import simulation_config
+    from hpc_lensiam.simulate.simulator import LensSimulator
+    from hpc_lensiam.simulate.survey import survey_config
+    from hpc_lensiam.simulate.survey.simulator import SurveySimulator
+
+    single = SurveySimulator(survey_config(preset=a.preset, mode="single"))
+    pairs = SurveySimulator(survey_config(preset=a.preset, mode="lensiam"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        paper = LensSimulator(simulation_config(preset=a.preset))
+    r_single, params, images = rate(single, "sample_single", a.n)
+    r_pair, _, _ = rate(pairs, "sample_pair", max(2, a.n // 2))
+    r_paper, _, _ = rate(paper, "sample_single", a.n)
+    g = single.grid
+    print(f"survey family, {a.preset} {g.num_pix}x{g.num_pix} at {g.pixel_scale_arcsec}\"/px, supersampling "
+          f"{g.supersampling_factor}, one core:")
+    print(f"  single (lens fraction 0.5): {r_single:.2f} images/s; lensiam pairs: {r_pair:.2f} images/s; "
+          f"paper family single: {r_paper:.2f} images/s (survey/paper = {r_single / r_paper:.2f})")
+    lens = [p for p in params if p["is_lens"]]
+    if lens:
+        arc = np.median([p["views"][0]["arc_flux_fraction"] for p in lens])
+        th = np.median([p["lens"]["theta_E"] for p in lens])
+        draws = np.mean([p["deflector_draws"] for p in params])
+        print(f"  {len(lens)} lenses of {len(params)}: median arc flux fraction {arc:.2f}, median theta_E "
+              f"{th:.2f}\", mean deflector draws per sample {draws:.2f}")
+    if a.grid:
+        draw_grid(images, params, real_lens(g.num_pix), a.grid)
+        print(f"  picture grid: {a.grid}")
+
+
+if __name__ == "__main__":
+    main()

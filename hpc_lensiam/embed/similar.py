@@ -1,0 +1,274 @@
+"""``hpc-lensiam similar``: images like a given one by cosine similarity, and the most isolated ones.
+
+``similar --embeddings emb.h5 (--key KEY [--source DIR] | --image FILE --checkpoint CKPT | --anomaly)
+[-k 16] [--out grid.png] [--json out.json]``
+
+- Vectors: the file's features minus their mean (backbone features are post-ReLU averages, all
+  positive, so raw cosines crowd near 1), l2-normalised, float32. Cosine similarity = inner product.
+- Search: faiss ``IndexFlatIP`` (exact). ``--anomaly`` queries every row, O(N^2 D) exactly; above
+  ``IVF_MIN_ROWS`` rows it uses an ``IndexIVFFlat`` (``4 sqrt(N)`` lists, ``nprobe`` 16), which
+  ``bench/similar.py`` measures against exact search (recall and speed).
+- ``--key`` queries with a row of the file (view 1 of a pair) and leaves out the query's own
+  lens system (its other view would rank first); ``--image`` ingests a FITS/.npy cutout onto the
+  grid of the file's first data folder (:mod:`hpc_lensiam.ingest`) and embeds it with the
+  checkpoint, which must be the one the file was made with (weights sha256).
+- ``--anomaly`` ranks every image by its cosine distance (1 - similarity) to its k-th nearest
+  neighbour outside its own lens system: large = unlike anything else in the set.
+- Output: a table on stdout, ``--json`` (atomic), ``--out`` a PNG grid of the query and its
+  neighbours (or the top anomalies), images read back from the shards by key, captioned.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..io import atomic_path, atomic_write_json, decode_npy, read_manifest
+from .extract import load_embeddings
+
+IVF_MIN_ROWS = 50_000      # --anomaly switches from exact to IVF search above this many rows
+IVF_NPROBE = 16
+
+
+# ------------------------------------------------------------------------------------ vectors
+def unit_vectors(features: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
+    """Mean-centred, l2-normalised float32 copy (C-contiguous, what faiss wants)."""
+    x = np.array(features, dtype=np.float32, order="C")
+    x -= x.mean(0) if mean is None else mean
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x
+
+
+def build_index(x: np.ndarray, kind: str = "flat", nlist: int | None = None, nprobe: int = IVF_NPROBE):
+    """faiss inner-product index over unit vectors ``x``: ``flat`` (exact) or ``ivf``."""
+    import faiss
+    d = x.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "ivf":
+        nlist = nlist or max(1, int(4 * math.sqrt(len(x))))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(0)
+        train = x[np.sort(rng.choice(len(x), min(len(x), 40 * nlist), replace=False))]  # faiss: >= 39
+        index.train(train)
+        index.nprobe = min(nprobe, nlist)
+    else:
+        raise UserError(f"--index: {kind!r} is not one of flat, ivf, auto")
+    index.add(x)
+    return index
+
+
+def anomaly_scores(x: np.ndarray, pair_id: np.ndarray, k: int, kind: str = "auto", batch: int = 4096,
+                   progress: bool = True) -> tuple[np.ndarray, str]:
+    """Cosine distance of every row to its k-th nearest row of another lens system; (scores, index kind)."""
+    kind = ("ivf" if len(x) > IVF_MIN_ROWS else "flat") if kind == "auto" else kind
+    index = build_index(x, kind)
+    per_system = int(np.bincount(pair_id).max())  # self and its other views come back first: skip them
+    want = min(len(x), k + per_system)
+    scores = np.empty(len(x), np.float32)
+    bar = None
+    if progress:
+        import sys
+
+        from tqdm import tqdm
+        bar = tqdm(total=len(x), unit="img", desc="similar --anomaly", dynamic_ncols=True, file=sys.stderr,
+                   disable=None)
+    for a in range(0, len(x), batch):
+        sims, idx = index.search(x[a:a + batch], want)
+        own = (idx < 0) | (pair_id[np.clip(idx, 0, None)] == pair_id[a:a + batch, None])
+        sims = np.where(own, -np.inf, sims)
+        kth = -np.sort(-sims, axis=1)[:, k - 1]
+        scores[a:a + batch] = 1.0 - kth
+        if bar:
+            bar.update(len(idx))
+    if bar:
+        bar.close()
+    return scores, kind
+
+
+# -------------------------------------------------------------------------------------- images
+def _source_dirs(emb: dict) -> dict[str, str]:
+    """source name (as in the file's ``source`` column) -> shard folder."""
+    a = emb["attrs"]
+    dirs = json.loads(a["data_dirs"]) if "data_dirs" in a else [str(a.get("data_dir", ""))]
+    names = json.loads(a["sources"]) if "sources" in a else [""]
+    return dict(zip(names, dirs))
+
+
+class ShardImages:
+    """Images and params.json read back from shards by (folder, key, view), one shard at a time."""
+
+    def __init__(self):
+        self._cache: dict[str, dict] = {}
+
+    def get(self, data_dir: str, key: str, view: int) -> tuple[np.ndarray, dict]:
+        from ..data.loader import read_shard
+        shard = str(Path(data_dir) / f"shard-{key.split('_')[0]}.tar")
+        if shard not in self._cache:
+            if not Path(shard).is_file():
+                raise UserError(f"{shard}: missing (needed for sample {key}; the embeddings name {data_dir})")
+            self._cache = {shard: {s["__key__"]: s for s in read_shard(shard)}}  # keep one shard
+        sample = self._cache[shard].get(key)
+        if sample is None:
+            raise UserError(f"{shard}: no sample {key}")
+        name = next(n for n in (f"view{view}.npy", "image.npy") if n in sample)
+        return decode_npy(sample[name]), json.loads(sample["params.json"])
+
+
+def _caption(rank: int | None, sim: float | None, key: str, params: dict, label: str = "") -> str:
+    from ..simulate.show import caption
+    head = label or (f"#{rank}  cos {sim:.3f}" if rank is not None else "")
+    return "\n".join(t for t in (head, key, caption(params)) if t)
+
+
+def draw_grid(panels: list[tuple[np.ndarray, str]], out: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(6, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (img, cap) in zip(axes.flat, panels):
+        ax.imshow(img, origin="lower", cmap="magma", vmin=0, vmax=1)
+        ax.set_title(cap, fontsize=6.5, loc="left")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(h_pad=2.0)  # room for the 3-line captions
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------- query
+def _row_of(emb: dict, key: str, source: str | None) -> int:
+    rows = np.nonzero((emb["keys"] == key) & (emb["view"] == 1))[0]
+    if source is not None:
+        rows = rows[emb["source"][rows] == source]
+    if len(rows) == 0:
+        where = f" in source {source!r}" if source is not None else ""
+        raise UserError(f"--key {key}: no such sample{where} in {emb['path']} "
+                        f"(keys look like {emb['keys'][0]!r}; sources: {', '.join(sorted(set(emb['source'])))})")
+    if len(rows) > 1:
+        raise UserError(f"--key {key}: in several sources ({', '.join(emb['source'][rows])}); add --source")
+    return int(rows[0])
+
+
+def embed_image(emb: dict, image: str, checkpoint: str, hdu: str | None, pixel_scale: float | None,
+                orientation: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(feature vector, the ingested image, its ingest metadata) on the grid of the file's data."""
+    import torch
+
+    from ..config import IngestConfig, from_dict
+    from ..export import load_backbone
+    from ..ingest.prepare import prepare
+    from ..ingest.read import inspect_cutout
+
+    backbone, info = load_backbone(checkpoint)
+    if info["weights_sha256"] != emb["attrs"].get("weights_sha256"):
+        raise UserError(f"--checkpoint {checkpoint}: not the backbone {emb['path']} was made with (weights sha256 "
+                        f"{info['weights_sha256'][:12]} vs {str(emb['attrs'].get('weights_sha256'))[:12]}): "
+                        "features would not be comparable")
+    data_dir = next(iter(_source_dirs(emb).values()))
+    manifest = read_manifest(data_dir)
+    scale = manifest.get("pixel_scale_arcsec") or manifest["config"]["instrument"]["pixel_scale_arcsec"]
+    cfg = from_dict(IngestConfig, {"preset": manifest.get("preset", "hst"), "num_pix": manifest["image_shape"][0],
+                                   "pixel_scale_arcsec": scale, "hdu": hdu, "input_pixel_scale_arcsec": pixel_scale,
+                                   "orientation": orientation}, "similar --image")
+    img, meta = prepare(inspect_cutout(image, cfg), cfg)
+    with torch.inference_mode():
+        feat = backbone(torch.as_tensor(img)[None, None]).float().numpy()
+    return feat, img, meta
+
+
+def similar(embeddings: str, key: str | None = None, source: str | None = None, image: str | None = None,
+            checkpoint: str | None = None, k: int = 16, out: str | None = None, json_out: str | None = None,
+            anomaly: bool = False, index: str = "auto", hdu: str | None = None, pixel_scale: float | None = None,
+            orientation: str = "simulator", top: int = 16, progress: bool = True) -> dict:
+    """Nearest neighbours of one image (``key`` or ``image``), or ``anomaly`` scores of all; see module doc."""
+    if sum(x is not None and x is not False for x in (key, image, anomaly or None)) != 1:
+        raise UserError("similar: give exactly one of --key, --image, --anomaly")
+    if image is not None and checkpoint is None:
+        raise UserError("--image needs --checkpoint (the backbone the embeddings were made with)")
+    if k < 1:
+        raise UserError(f"-k: must be >= 1, got {k}")
+    emb = load_embeddings(embeddings, need_params=False)
+    n = len(emb["features"])
+    t0 = time.perf_counter()
+    mean = emb["features"].mean(0, dtype=np.float64).astype(np.float32)
+    x = unit_vectors(emb["features"], mean)
+    dirs = _source_dirs(emb)
+    shards = ShardImages()
+    report: dict = {"embeddings": str(embeddings), "rows": n, "k": k}
+    if anomaly:
+        if n < k + 2:
+            raise UserError(f"{embeddings}: {n} rows; --anomaly -k {k} needs at least {k + 2}")
+        scores, kind = anomaly_scores(x, emb["pair_id"], k, "auto" if index == "auto" else index, progress=progress)
+        order = np.argsort(-scores, kind="stable")
+        rows = [_row(emb, int(i), r + 1, score=float(scores[i])) for r, i in enumerate(order)]
+        report.update(mode="anomaly", index=kind, score="cosine distance to the k-th neighbour of another system",
+                      ranking=rows)
+        shown = rows[:top]
+        panels = []
+        for r in shown if out else []:
+            img, params = shards.get(dirs[r["source"]], r["key"], r["view"])
+            panels.append((img, _caption(None, None, r["key"], params, f"#{r['rank']}  dist {r['score']:.3f}")))
+        title = f"most isolated images: cosine distance to the {k}-th neighbour ({n} images, {kind} index)"
+    else:
+        if key is not None:
+            q = _row_of(emb, key, source)
+            query_vec, skip = x[q:q + 1], emb["pair_id"] == emb["pair_id"][q]
+            query = {"key": key, "source": str(emb["source"][q]), "view": 1}
+            q_img, q_params = shards.get(dirs[query["source"]], key, 1) if out else (None, {})
+        else:
+            feat, q_img, meta = embed_image(emb, image, checkpoint, hdu, pixel_scale, orientation)
+            query_vec, skip = unit_vectors(feat, mean), np.zeros(n, bool)
+            query, q_params = {"image": str(image)}, {"ingest": meta}
+        kind = "flat" if index == "auto" else index
+        idx_obj = build_index(x, kind)
+        want = min(n, k + int(skip.sum()))
+        sims, idx = idx_obj.search(query_vec, want)
+        keep = [(float(s), int(i)) for s, i in zip(sims[0], idx[0]) if i >= 0 and not skip[i]][:k]
+        rows = [_row(emb, i, r + 1, similarity=s) for r, (s, i) in enumerate(keep)]
+        report.update(mode="query", index=kind, query=query, neighbours=rows)
+        panels = []
+        if out:
+            panels.append((q_img, _caption(None, None, query.get("key", Path(str(image)).name), q_params, "query")))
+            for r in rows:
+                img, params = shards.get(dirs[r["source"]], r["key"], r["view"])
+                panels.append((img, _caption(r["rank"], r["similarity"], r["key"], params)))
+        shown = rows
+        title = f"{k} nearest neighbours by cosine similarity among {n} images"
+    report["seconds"] = time.perf_counter() - t0
+    print(format_table(shown, anomaly), flush=True)
+    if out:
+        draw_grid(panels, out, title)
+    if json_out:
+        atomic_write_json(json_out, report)
+    print(f"similar: {report['mode']} over {n} images ({report['index']} index) in {report['seconds']:.2f} s"
+          + (f"; grid {out}" if out else "") + (f"; json {json_out}" if json_out else ""), flush=True)
+    return report
+
+
+def _row(emb: dict, i: int, rank: int, **value) -> dict:
+    """One table/JSON row: the image's identity, its known lens parameters and ``value``."""
+    params = {p: float(v[i]) for p, v in emb["params"].items()
+              if p not in emb["params_known"] or emb["params_known"][p][i]}
+    return {"rank": rank, **value, "key": str(emb["keys"][i]), "source": str(emb["source"][i]),
+            "view": int(emb["view"][i]), "params": params}
+
+
+def format_table(rows: list[dict], anomaly: bool) -> str:
+    head = ["rank", "distance" if anomaly else "cosine", "source", "key", "view", "theta_E", "gamma", "e1"]
+    shown = ("theta_E", "gamma", "e1")
+    body = [[str(r["rank"]), f"{r['score' if anomaly else 'similarity']:.4f}", r["source"] or "-", r["key"],
+             str(r["view"])] + [f"{r['params'][p]:.3f}" if p in r["params"] else "-" for p in shown]
+            for r in rows]
+    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+    line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(head), "-" * len(line(head)), *map(line, body)])

@@ -1,0 +1,121 @@
+"""One cutout -> one simulator-like image: mask, sky, orientation, flux-conserving resampling, max = 1.
+
+The steps, in order (each one says why it is where it is):
+
+1. bad pixels (non-finite, RMS/weight-flagged) are excluded from the sky estimate;
+2. sky = sigma-clipped median of the good pixels (astropy.stats), in the file's flux units,
+   subtracted; bad pixels are then set to 0 (= the sky), so they carry no flux;
+3. orientation (flips / a transpose only, never an interpolation): ``simulator`` puts RA along
+   increasing columns and Dec along increasing rows, the lenstronomy grid the simulator draws on
+   (labels in lenstronomy's (RA, Dec) convention then mean the same thing on both); ``sky`` is
+   north up, east left (FITS display convention); ``asis`` keeps the stored array;
+4. resampling by exact pixel-area overlap (separable, the PSF module's overlap matrix), centred
+   on the cutout centre: every output pixel holds the flux that falls in it, so the total flux in
+   the field is conserved (tested to 1e-6);
+5. divided by its maximum and cast to float32, exactly as the simulator normalises. The divisor
+   (``flux_scale``) and the sky are recorded, so pixel x flux_scale + sky gives back file units.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..config import IngestConfig
+from ..errors import UserError
+from ..simulate.psf import _overlap_matrix
+from .read import CutoutInfo, read_cutout
+
+
+def sky_level(image: np.ndarray, bad: np.ndarray, sigma: float = 3.0) -> float:
+    """Sigma-clipped median of the good pixels."""
+    from astropy.stats import sigma_clipped_stats
+    good = image[~bad]
+    if good.size == 0:
+        return 0.0
+    _, median, _ = sigma_clipped_stats(good, sigma=sigma, maxiters=10)
+    return float(median)
+
+
+def orient(image: np.ndarray, matrix: np.ndarray, orientation: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Flip/transpose ``image`` (rows = y, columns = x) to ``orientation``; return the new matrix too.
+
+    ``matrix`` is d(RA, Dec)/d(x, y). Only exact 90-degree moves: a residual rotation of the
+    WCS stays (recorded in params.json as ``rotation_deg``).
+    """
+    m = np.array(matrix, dtype=np.float64)
+    ops: list[str] = []
+    if orientation == "asis":
+        return image, m, ops
+    if abs(m[0, 1]) > abs(m[0, 0]):  # RA runs mostly along the rows: swap the axes
+        image, m = image.T, m[:, ::-1]
+        ops.append("transpose")
+    want_ra = 1.0 if orientation == "simulator" else -1.0  # sign of dRA/dx wanted
+    if np.sign(m[0, 0]) != want_ra:
+        image, m = image[:, ::-1], m * np.array([[-1.0, 1.0]])
+        ops.append("flip_x")
+    if m[1, 1] < 0:  # north up in both conventions
+        image, m = image[::-1, :], m * np.array([[1.0, -1.0]])
+        ops.append("flip_y")
+    return image, m, ops
+
+
+def resample(image: np.ndarray, scale_x_arcsec: float, scale_y_arcsec: float, num_pix: int,
+             scale_out_arcsec: float) -> np.ndarray:
+    """Flux-conserving resample onto ``num_pix`` x ``num_pix`` pixels of ``scale_out_arcsec``,
+    centred on the image centre (the same centring as the simulator's grid)."""
+    ny, nx = image.shape
+    wy = _overlap_matrix(ny, scale_y_arcsec, num_pix, scale_out_arcsec, (ny - 1) / 2.0)
+    wx = _overlap_matrix(nx, scale_x_arcsec, num_pix, scale_out_arcsec, (nx - 1) / 2.0)
+    return wy @ image @ wx.T
+
+
+def check_covers(info: CutoutInfo, cfg: IngestConfig) -> None:
+    """A cutout must cover the target field (up to one target pixel, padded with sky)."""
+    field = cfg.target_num_pix * cfg.target_pixel_scale_arcsec
+    sx, sy = info.pixel_scales_arcsec
+    h, w = info.shape
+    m = info.scale_matrix_arcsec
+    if abs(m[0, 1]) > abs(m[0, 0]) and cfg.orientation != "asis":
+        (h, w), (sx, sy) = (w, h), (sy, sx)
+    got = min(w * sx, h * sy)
+    if got < field - cfg.target_pixel_scale_arcsec:
+        raise UserError(f"{info.path}: cutout is {w * sx:.2f}\" x {h * sy:.2f}\" ({w}x{h} px), smaller than the "
+                        f"target field {field:.2f}\" ({cfg.target_num_pix} px of {cfg.target_pixel_scale_arcsec}\")")
+
+
+def prepare(info: CutoutInfo, cfg: IngestConfig) -> tuple[np.ndarray, dict]:
+    """(float32 image, max 1, on the target grid; metadata for params.json)."""
+    check_covers(info, cfg)
+    image, bad = read_cutout(info, cfg)
+    if image.shape != info.shape:
+        raise UserError(f"{info.path}: image changed since it was inspected ({image.shape} vs {info.shape})")
+    sky = sky_level(image, bad, cfg.sky_sigma)
+    image = np.where(bad, 0.0, image - sky)
+    image, m, ops = orient(image, info.scale_matrix_arcsec, cfg.orientation)
+    bad, _, _ = orient(bad, info.scale_matrix_arcsec, cfg.orientation)
+    sx, sy = float(np.hypot(m[0, 0], m[1, 0])), float(np.hypot(m[0, 1], m[1, 1]))
+    n, s = cfg.target_num_pix, cfg.target_pixel_scale_arcsec
+    out = resample(image, sx, sy, n, s)
+    # fraction of the output field with no data: masked input pixels plus any area outside the cutout
+    area = (s / sx) * (s / sy)
+    covered = resample(np.ones_like(image), sx, sy, n, s) / area
+    masked = resample(bad.astype(np.float64), sx, sy, n, s) / area
+    no_data = np.clip(masked + (1.0 - covered), 0.0, 1.0)
+    mask_fraction = float(np.where(no_data < 1e-9, 0.0, no_data).mean())  # rounding noise (1e-16) is no mask
+    top = float(out.max())
+    if not (np.isfinite(top) and top > 0):
+        raise UserError(f"{info.path}: HDU {info.hdu or 'array'} has no positive flux in the field after sky "
+                        f"subtraction (sky {sky:g}, {mask_fraction:.0%} masked)")
+    # residual angle between the x axis and the wanted +RA (simulator) or -RA (sky) direction
+    want = 1.0 if cfg.orientation == "simulator" else -1.0
+    rotation = math.degrees(math.atan2(want * m[1, 0], want * m[0, 0])) if cfg.orientation != "asis" else None
+    square = abs(sx - sy) <= 1e-9 * sx
+    meta = {"file": str(Path(info.path).resolve()), "hdu": info.hdu, "pixel_scale_arcsec": sx if square else [sx, sy],
+            "pixel_scale_from": info.scale_from, "shape": list(info.shape), "sky_level": sky,
+            "mask_fraction": mask_fraction, "mask_hdu": info.mask_hdu, "flux_scale": top,
+            "orientation": cfg.orientation, "orientation_ops": ops,
+            "rotation_deg": None if rotation is None else round(rotation, 6),
+            "num_pix": n, "target_pixel_scale_arcsec": s}
+    return (out / top).astype(np.float32), meta

@@ -1,0 +1,174 @@
+"""Composite deflector mass of the survey family, and its Einstein radius computed numerically.
+
+Mass model (lenstronomy profiles, in this order):
+  SERSIC_ELLIPSE_POTENTIAL  stellar mass following the lens light (same R_e, n), mass-to-light ratio fixed
+                            by the stellar fraction f_* of the mass inside theta_E (Auger et al. 2010,
+                            ApJ 724, 511: SLACS f_* ~ 0.6-0.8 inside R_e/2). Its ellipticity is that of the
+                            potential; the convergence's is about 3x larger for isothermal-like profiles
+                            (Golse & Kneib 2002), so e_potential = e_light / 3. SERSIC_ELLIPSE_KAPPA (exact
+                            elliptical convergence) is 10^4x slower here (80 s per 96^2 grid), hence this choice.
+  NFW_ELLIPSE_CSE           dark-matter halo, elliptical convergence (Oguri 2021 cored-steep-ellipsoid
+                            decomposition), scale radius ~ 80 kpc (Gavazzi et al. 2007; Dutton & Maccio 2014).
+  SHEAR                     external shear, log-normal |gamma| with median 0.04 (Holder & Schechter 2003).
+  MULTIPOLE m=3, m=4        small angular structure, a_m / theta_E ~ N(0, 0.005 | 0.01)
+                            (Van de Vyvere et al. 2022), m=4 aligned with the mass.
+The total is normalised so the stellar + halo mass inside the SIS Einstein radius of the deflector's
+velocity dispersion equals that of the SIS (both computed for circular versions of the profiles).
+
+theta_E (what the label means, as for the power law): the radius of the circle, centred on the lens,
+inside which the mean convergence is 1. By the divergence theorem, mean kappa(<R) = <alpha_r>(R) / R,
+the azimuthal mean of the radial deflection on the circle, so it is found by root finding on a few
+hundred deflections per step. Shear and multipoles (m >= 1) add nothing to that mean.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from .config import MassPrior
+
+LENS_MODEL_LIST = ("SERSIC_ELLIPSE_POTENTIAL", "NFW_ELLIPSE_CSE", "SHEAR", "MULTIPOLE", "MULTIPOLE")
+_N_PHI = 256
+
+
+def ellipticity(q: float, phi_rad: float) -> tuple[float, float]:
+    """lenstronomy (e1, e2) of axis ratio q and position angle phi."""
+    e = (1.0 - q) / (1.0 + q)
+    return e * math.cos(2 * phi_rad), e * math.sin(2 * phi_rad)
+
+
+def mean_radial_deflection(lens_model, kwargs: list[dict], radius: float, cx: float, cy: float,
+                           n_phi: int = _N_PHI) -> float:
+    """Azimuthal mean of the radial deflection on the circle of ``radius`` around (cx, cy)."""
+    phi = (np.arange(n_phi) + 0.5) * (2 * math.pi / n_phi)
+    c, s = np.cos(phi), np.sin(phi)
+    ax, ay = lens_model.alpha(cx + radius * c, cy + radius * s, kwargs)
+    return float(np.mean(ax * c + ay * s))
+
+
+def einstein_radius(lens_model, kwargs: list[dict], cx: float = 0.0, cy: float = 0.0,
+                    guess: float = 1.0, tol: float = 1e-6) -> float:
+    """Circularised Einstein radius: the R with mean convergence 1 inside the circle (see module doc).
+
+    Brent's method on f(R) = <alpha_r>(R) - R, bracketed by growing/shrinking ``guess``.
+    """
+    from scipy.optimize import brentq
+
+    def f(r):
+        return mean_radial_deflection(lens_model, kwargs, r, cx, cy) - r
+    lo, hi = guess, guess
+    while f(lo) <= 0:
+        lo /= 2
+        if lo < 1e-4:
+            return 0.0   # subcritical everywhere: no Einstein radius
+    while f(hi) > 0:
+        hi *= 2
+        if hi > 1e3:
+            raise ValueError("einstein_radius: mean convergence stays above 1 to 1000 arcsec")
+    return float(brentq(f, lo, hi, xtol=tol))
+
+
+def effective_slope(lens_model, kwargs: list[dict], theta_E: float, cx: float, cy: float,
+                    step: float = 0.02) -> float:
+    """Power-law-equivalent slope at theta_E: gamma = 2 - dln<alpha_r>/dlnR (exact for a power law)."""
+    a_hi = mean_radial_deflection(lens_model, kwargs, theta_E * (1 + step), cx, cy)
+    a_lo = mean_radial_deflection(lens_model, kwargs, theta_E * (1 - step), cx, cy)
+    return 2.0 - math.log(a_hi / a_lo) / math.log((1 + step) / (1 - step))
+
+
+class CompositeMass:
+    """Builds the composite kwargs from a drawn deflector and computes its effective parameters."""
+
+    def __init__(self, prior: MassPrior):
+        from lenstronomy.LensModel.lens_model import LensModel
+        from lenstronomy.LensModel.Profiles.nfw import NFW
+        from lenstronomy.LensModel.Profiles.sersic import Sersic
+
+        self.prior = prior
+        self.lens_model = LensModel(list(LENS_MODEL_LIST))
+        self._deflectors = LensModel(list(LENS_MODEL_LIST[:2]))  # stellar + halo, for the components' kappa
+        self._sersic, self._nfw = Sersic(), NFW()
+
+    def _unit_alpha(self, theta: float, R_sersic: float, n_sersic: float, Rs: float) -> tuple[float, float]:
+        """Deflection at radius theta of circular Sersic (k_eff=1) and NFW (alpha_Rs=1)."""
+        a_s, _ = self._sersic.derivatives(theta, 0.0, n_sersic=n_sersic, R_sersic=R_sersic, k_eff=1.0)
+        a_h, _ = self._nfw.derivatives(theta, 0.0, Rs=Rs, alpha_Rs=1.0)
+        return float(a_s), float(a_h)
+
+    def draw(self, rng: np.random.Generator, defl: dict, light: dict, q_light: float, phi_light: float,
+             center: tuple[float, float], kpc_per_arcsec: float) -> dict:
+        """Composite mass parameters (a JSON-able dict) for a deflector with the given light."""
+        p = self.prior
+        cx, cy = center
+        theta_sis = defl["theta_E_sis"]
+        f_star = float(rng.uniform(*p.stellar_fraction_theta_E))
+        Rs = p.halo_r_s_kpc_median * 10 ** float(rng.normal(0.0, p.halo_r_s_scatter_dex)) / kpc_per_arcsec
+        phi_mass = phi_light + math.radians(float(rng.normal(0.0, p.misalignment_deg_sigma)))
+        q_star = float(np.clip(q_light + rng.normal(0.0, p.mass_light_q_sigma), 0.4, 1.0))
+        q_halo = float(np.clip(rng.normal(p.halo_q_mean, p.halo_q_sigma), 0.5, 1.0))
+        a_s, a_h = self._unit_alpha(theta_sis, light["R_sersic"], light["n_sersic"], Rs)
+        k_eff = f_star * theta_sis / a_s
+        alpha_Rs = (1.0 - f_star) * theta_sis / a_h
+        es1, es2 = ellipticity(q_star, phi_mass)
+        eh1, eh2 = ellipticity(q_halo, phi_mass)
+        shear = p.shear_median * 10 ** float(rng.normal(0.0, p.shear_scatter_dex))
+        shear = min(shear, p.shear_max)
+        phi_shear = float(rng.uniform(0.0, math.pi))
+        a3 = abs(float(rng.normal(0.0, p.a3_sigma_theta_E))) * theta_sis
+        phi3 = float(rng.uniform(-math.pi, math.pi))
+        a4 = float(rng.normal(0.0, p.a4_sigma_theta_E)) * theta_sis
+        return {
+            "stellar": {"k_eff": k_eff, "R_sersic": light["R_sersic"], "n_sersic": light["n_sersic"],
+                        "e1": es1 / 3.0, "e2": es2 / 3.0, "q_kappa": q_star, "center_x": cx, "center_y": cy,
+                        "stellar_fraction_theta_E_sis": f_star},
+            "halo": {"Rs": Rs, "alpha_Rs": alpha_Rs, "e1": eh1, "e2": eh2, "q": q_halo,
+                     "center_x": cx, "center_y": cy},
+            "shear": {"gamma1": shear * math.cos(2 * phi_shear), "gamma2": shear * math.sin(2 * phi_shear)},
+            "multipoles": [{"m": 3, "a_m": a3, "phi_m": phi3}, {"m": 4, "a_m": abs(a4),
+                                                              "phi_m": phi_mass + (0.0 if a4 >= 0 else math.pi / 4)}],
+            "position_angle_rad": phi_mass, "center_x": cx, "center_y": cy,
+        }
+
+    @staticmethod
+    def kwargs(mass: dict) -> list[dict]:
+        """lenstronomy kwargs for ``LENS_MODEL_LIST`` from a composite mass dict."""
+        s, h, sh = mass["stellar"], mass["halo"], mass["shear"]
+        cx, cy = mass["center_x"], mass["center_y"]
+        out = [{k: float(s[k]) for k in ("k_eff", "R_sersic", "n_sersic", "e1", "e2", "center_x", "center_y")},
+               {k: float(h[k]) for k in ("Rs", "alpha_Rs", "e1", "e2", "center_x", "center_y")},
+               {"gamma1": float(sh["gamma1"]), "gamma2": float(sh["gamma2"]), "ra_0": cx, "dec_0": cy}]
+        for mp in mass["multipoles"]:
+            out.append({"m": int(mp["m"]), "a_m": float(mp["a_m"]), "phi_m": float(mp["phi_m"]),
+                        "center_x": cx, "center_y": cy})
+        return out
+
+    def effective(self, mass: dict, guess: float) -> dict:
+        """The 8 ``params.json`` lens values of a composite mass (their meaning: module doc, docs/survey.md).
+
+        theta_E: circularised Einstein radius (mean kappa inside = 1); gamma: 2 - dln<alpha_r>/dlnR at
+        theta_E; e1, e2: the stellar and halo convergence ellipticities averaged with weights their
+        azimuthally averaged convergence at theta_E; centre; gamma1, gamma2: the external shear.
+        """
+        kw = self.kwargs(mass)
+        cx, cy = mass["center_x"], mass["center_y"]
+        theta_E = einstein_radius(self.lens_model, kw, cx, cy, guess=guess)
+        gamma = effective_slope(self.lens_model, kw, theta_E, cx, cy) if theta_E > 0 else 2.0
+        weights = self._component_kappa(kw, theta_E if theta_E > 0 else guess, cx, cy)
+        s, h = mass["stellar"], mass["halo"]
+        e_star = ellipticity(s["q_kappa"], mass["position_angle_rad"])
+        wsum = sum(weights) or 1.0
+        e1 = (weights[0] * e_star[0] + weights[1] * h["e1"]) / wsum
+        e2 = (weights[0] * e_star[1] + weights[1] * h["e2"]) / wsum
+        return {"theta_E": theta_E, "gamma": gamma, "e1": e1, "e2": e2, "center_x": cx, "center_y": cy,
+                "gamma1": mass["shear"]["gamma1"], "gamma2": mass["shear"]["gamma2"]}
+
+    def _component_kappa(self, kw: Sequence[dict], radius: float, cx: float, cy: float) -> list[float]:
+        phi = (np.arange(64) + 0.5) * (2 * math.pi / 64)
+        x, y = cx + radius * np.cos(phi), cy + radius * np.sin(phi)
+        out = []
+        for i in range(2):
+            k = self._deflectors.kappa(x, y, [kw[0], kw[1]], k=i)
+            out.append(float(np.mean(k)))
+        return out
