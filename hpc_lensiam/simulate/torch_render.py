@@ -162,9 +162,12 @@ class TorchLensSimulator:
         self.prior_series_terms = self.series_terms(f_max, lp.gamma)
 
     def series_terms(self, f_max: float, gamma_range) -> int:
-        """EPL series terms for ellipticity modulus <= f_max and slopes in gamma_range."""
-        return epl_series_terms(round(float(f_max), 12), (float(gamma_range[0]) - 1, float(gamma_range[1]) - 1),
-                                self.series_tol)
+        """EPL series terms for ellipticity modulus <= f_max and slopes in gamma_range (rounded outward
+        to a 1e-3 grid in f and 1e-2 in gamma: never fewer terms, and few distinct cached tables)."""
+        f = min(math.ceil(float(f_max) * 1e3 - 1e-9) / 1e3, 0.9999)
+        t_lo = math.floor(float(gamma_range[0]) * 100 + 1e-9) / 100 - 1
+        t_hi = math.ceil(float(gamma_range[1]) * 100 - 1e-9) / 100 - 1
+        return epl_series_terms(f, (t_lo, t_hi), self.series_tol)
 
     # ------------------------------------------------------------------------------ building blocks
     def batch_series_terms(self, lens: dict) -> int:
