@@ -46,7 +46,7 @@ def _cmd_simulate(a):
     simulate_shards(out_dir=a.out, num_samples=a.pairs, shard_size=a.shard_size, mode=a.mode,
                     preset=a.preset, seed=a.seed, cosmos_dir=a.cosmos_dir, psf_files=a.psf,
                     psf_pixel_scale_arcsec=a.psf_pixel_scale, config_path=a.config, family=a.family,
-                    lens_fraction=a.lens_fraction)
+                    lens_fraction=a.lens_fraction, engine=a.engine, device=a.device)
 
 
 def _cmd_ingest(a):
@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generative model: the paper's (default) or the survey-realistic one (docs/survey.md)")
     s.add_argument("--lens-fraction", type=float, default=None,
                    help="survey family: fraction of lenses (default 0.5 single, 1.0 lensiam); the rest non-lenses")
+    s.add_argument("--engine", choices=("lenstronomy", "torch"), default="lenstronomy",
+                   help="paper family: lenstronomy (LensSimulator) or the batched torch renderer (docs/online.md)")
+    s.add_argument("--device", default="cpu", help="--engine torch: torch device (cpu, cuda, cuda:1)")
     s.set_defaults(func=_cmd_simulate)
 
     s = sub.add_parser("ingest", help="real FITS/.npy cutouts -> single-mode shards on a preset's grid (MPI ranks)")

@@ -388,6 +388,8 @@ class TrainConfig:
     zero_stage: int = 0
     skip_bad_samples: bool = False
     verify: bool = False                 # sha256 of every shard against the manifest before training
+    online_epoch_samples: int = 100_000  # --data online: samples (pairs or images) per epoch, all ranks
+    online_compile: bool = False         # --data online: torch.compile the ray shooting (minutes once, then fast)
 
     def validate(self, where: str) -> None:
         from .models.backbones import ARCHS
@@ -400,7 +402,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{where}.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         for name in ("batch_size", "grad_accum", "epochs", "log_every", "ckpt_every", "proj_dim", "pred_dim",
-                     "probe_every", "probe_samples"):
+                     "probe_every", "probe_samples", "online_epoch_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:

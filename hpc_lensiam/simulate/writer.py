@@ -29,6 +29,7 @@ from ..lock import DirLock
 PLAN_NAME = ".plan.json"          # written first: what this folder is being filled with
 DONE_DIR = ".done"                # one record per shard this package wrote: size and sha256
 MODES = ("lensiam", "single")
+ENGINES = ("lenstronomy", "torch")   # LensSimulator, or its batched torch twin (docs/online.md)
 _TAG_PROGRESS, _TAG_DONE = 11, 12
 
 
@@ -96,9 +97,13 @@ class _HashingWriter:
 def write_shard(sim, mode: str, seed: int, index: int, num: int, out_dir: Path, on_sample=None) -> dict:
     """Simulate shard ``index`` (``num`` samples) and write it atomically; return its manifest entry."""
     rng = shard_rng(seed, index)
-    draw = sim.sample_pair if mode == "lensiam" else sim.sample_single
     path = out_dir / shard_name(index)
-    return write_tar(path, (encode_sample(f"{index:06d}_{j:06d}", draw(rng), path) for j in range(num)), on_sample)
+    if hasattr(sim, "iter_samples"):   # the batched torch renderer draws the shard in batches
+        drawn = sim.iter_samples(mode, rng, num)
+    else:
+        draw = sim.sample_pair if mode == "lensiam" else sim.sample_single
+        drawn = (draw(rng) for _ in range(num))
+    return write_tar(path, (encode_sample(f"{index:06d}_{j:06d}", d, path) for j, d in enumerate(drawn)), on_sample)
 
 
 def write_tar(path: Path, samples, on_sample=None) -> dict:
@@ -183,17 +188,18 @@ def _check_existing(out_dir: Path, plan: dict) -> None:
             old = json.loads(path.read_text())
         except ValueError:
             raise UserError(f"{path}: unreadable; remove it or choose another --out") from None
-        for key in ("mode", "seed", "num_samples", "shard_size", "config_hash", "inputs_sha256"):
+        for key in ("mode", "seed", "num_samples", "shard_size", "config_hash", "engine", "inputs_sha256"):
             if key == "inputs_sha256" and key in plan and key in old and old[key] != plan[key]:
                 changed = sorted(n for kind, files in plan["inputs"].items() for n, sha in files.items()
                                  if (old.get("inputs") or {}).get(kind, {}).get(n) != sha)
                 raise UserError(f"{out_dir}: was simulated from other input files (sha256 of "
                                 f"{', '.join(changed) or 'the PSF/COSMOS file list'} changed); restore "
                                 f"them, or choose another --out")
-            if key != "inputs_sha256" and old.get(key) != plan[key]:
+            default = "lenstronomy" if key == "engine" else None   # manifests before --engine have none
+            if key != "inputs_sha256" and old.get(key, default) != plan.get(key, default):
                 raise UserError(
-                    f"{out_dir}: holds shards of a different data set ({key}: {old.get(key)!r} there, "
-                    f"{plan[key]!r} asked); choose another --out or remove it")
+                    f"{out_dir}: holds shards of a different data set ({key}: {old.get(key, default)!r} there, "
+                    f"{plan.get(key, default)!r} asked); choose another --out or remove it")
         return
     if any(out_dir.glob("shard-*.tar")):
         raise UserError(f"{out_dir}: holds shards but no {PLAN_NAME}/{MANIFEST_NAME}; "
@@ -256,12 +262,18 @@ def _shards_to_write(out_dir: Path, shards: ShardPlan, known: dict, indices) -> 
     return todo, good
 
 
+def torch_simulator(cfg, device: str):
+    """``--engine torch``: the batched renderer on ``device`` (float32, as the shards store)."""
+    from .torch_render import TorchLensSimulator, resolve_device
+    return TorchLensSimulator(cfg, device=resolve_device(device, "--device"))
+
+
 def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: int = 1000,
                     mode: str = "lensiam", preset: str | None = None, seed: int = 0,
                     cosmos_dir: str | None = None, psf_files: list[str] | None = None,
                     psf_pixel_scale_arcsec: float | None = None, config_path: str | None = None,
                     overrides: dict | None = None, progress: bool = True, family: str = "paper",
-                    lens_fraction: float | None = None) -> dict:
+                    lens_fraction: float | None = None, engine: str = "lenstronomy", device: str = "cpu") -> dict:
     """Simulate ``num_samples`` pairs (or single images) into WebDataset shards; return the manifest.
 
     Runs as one process, or as every rank of ``mpiexec -n K``: same arguments, same bytes.
@@ -275,6 +287,10 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
     _, rank, _ = mpi_world()  # the srun-singleton check, before any work
     if mode not in MODES:
         raise UserError(f"--mode: {mode!r} is not one of {', '.join(MODES)}")
+    if engine not in ENGINES:
+        raise UserError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
+    if engine == "torch" and family != "paper":
+        raise UserError(f"--engine torch: renders the paper family (EPL + shear) only, not --family {family}")
     if num_samples < 1 or shard_size < 1:
         raise UserError(f"--pairs and --shard-size must be >= 1 (got {num_samples}, {shard_size})")
     if seed < 0:
@@ -291,13 +307,15 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
             "config_hash": sha256_json(config)}
     if family != "paper":  # the paper family's manifest stays as it was
         plan["family"] = family
+    if engine != "lenstronomy":  # likewise the lenstronomy engine's
+        plan["engine"] = engine
     _check_existing(out_dir, plan)
 
     # Build the simulator before touching the folder: a bad COSMOS dir or PSF file writes nothing.
     import warnings
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always")
-        sim = make_simulator(cfg)
+        sim = make_simulator(cfg) if engine == "lenstronomy" else torch_simulator(cfg, device)
     if rank == 0:  # said once, not once per rank
         for note in notes:
             print(f"simulate: note: {note.message}", file=sys.stderr, flush=True)

@@ -114,11 +114,15 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
 
     main = engine.is_main
     say = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
-    loader = ShardLoader(cfg.data, cfg.mode, cfg.batch_size, engine.rank, engine.world_size, cfg.workers,
-                         cfg.seed, cfg.shuffle_buffer, cfg.grad_accum, cfg.skip_bad_samples, verify=cfg.verify,
-                         pin_memory=engine.plan.pin_memory)
-    if main and (busy := cpu_budget_warning(loader.workers if cfg.workers else 0, engine.local_world_size)):
-        print(f"train: warning: {busy}", file=sys.stderr, flush=True)
+    from ..data.online import OnlineLoader, is_online
+    if is_online(cfg.data):   # rendered on this rank's device before each step (docs/online.md)
+        loader = OnlineLoader.from_train_config(cfg, engine.rank, engine.world_size, engine.device)
+    else:
+        loader = ShardLoader(cfg.data, cfg.mode, cfg.batch_size, engine.rank, engine.world_size, cfg.workers,
+                             cfg.seed, cfg.shuffle_buffer, cfg.grad_accum, cfg.skip_bad_samples, verify=cfg.verify,
+                             pin_memory=engine.plan.pin_memory)
+        if main and (busy := cpu_budget_warning(loader.workers if cfg.workers else 0, engine.local_world_size)):
+            print(f"train: warning: {busy}", file=sys.stderr, flush=True)
     spe = loader.batches_per_epoch // cfg.grad_accum             # optimizer steps per epoch
     total = cfg.epochs * spe
     end = min(total, cfg.max_steps) if cfg.max_steps else total
@@ -127,7 +131,8 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
     lr0 = scaled_lr(cfg, engine.world_size)
 
     torch.manual_seed(cfg.seed)
-    img_size = (read_manifest(cfg.data).get("image_shape") or [None])[-1]   # native side (ViT patch grid)
+    img_size = (loader.image_shape if is_online(cfg.data)   # native side (ViT patch grid)
+                else read_manifest(cfg.data).get("image_shape") or [None])[-1]
     try:
         model = build_method(cfg, img_size)
     except ValueError as exc:

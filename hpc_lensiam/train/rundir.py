@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import dump_yaml, to_dict
+from ..data.online import is_online, online_config
 from ..errors import UserError
 from ..io import MANIFEST_NAME, TMP_PREFIX, atomic_write_text, read_manifest, sha256_file, sha256_json
 from ..lock import DirLock, prepare_dir
@@ -49,8 +50,11 @@ class RunDir:
         self.lock = DirLock(self.out, "train")
         if not cfg.data:
             raise UserError("--data: no shard directory given")
-        read_manifest(cfg.data)   # bad --data fails before the run folder is created
-        self.manifest_sha = sha256_file(Path(cfg.data) / MANIFEST_NAME)
+        if is_online(cfg.data):   # rendered on the fly: the data's identity is its simulation config
+            self.manifest_sha = sha256_json(to_dict(online_config(cfg.data)))
+        else:
+            read_manifest(cfg.data)   # bad --data fails before the run folder is created
+            self.manifest_sha = sha256_file(Path(cfg.data) / MANIFEST_NAME)
         failed = ""
         if engine.is_main:
             try:
