@@ -220,6 +220,12 @@ def read_backbone_file(path: str | os.PathLike) -> dict:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a state_dict of tensors")
+    side = read_sidecar(path)
+    if side and side.get("weights_sha256") and state_sha256(state) != side["weights_sha256"]:
+        # the sidecar describes other weights: a damaged or replaced file would be fine-tuned silently
+        raise UserError(f"{path}: weights differ from those its sidecar {sidecar_path(path)} records (sha256 "
+                        f"{state_sha256(state)[:12]} vs {side['weights_sha256'][:12]}); the file was damaged or "
+                        f"replaced: export it again")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 

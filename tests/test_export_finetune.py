@@ -171,3 +171,28 @@ def test_finetune_bad_input(exported, single_shards, tmp_path):
                         str(single_shards), "--test", str(single_shards), "--target", "Einstein"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "theta_E, gamma, e1" in r.stderr
+
+
+def test_finetune_refuses_an_export_whose_weights_differ_from_its_sidecar(exported, single_shards, tmp_path):
+    """Exports' sidecars carry the weight hash; a replaced or damaged backbone file is refused by
+    finetune in one line instead of being fine-tuned as if it were the recorded backbone."""
+    import shutil
+
+    from hpc_lensiam.finetune import finetune
+
+    bad = tmp_path / "backbone.pt"
+    shutil.copy(exported, bad)
+    shutil.copy(str(exported) + ".json", str(bad) + ".json")
+    state = torch.load(bad, weights_only=True)
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[name].view(-1)[0] += 1.0   # one weight changed: still a loadable, complete resnet18
+    torch.save(state, bad)
+    kw = dict(train_dir=str(single_shards), test_dir=str(single_shards), n_train=10, n_test=10, epochs=1,
+              freeze_backbone=True, batch_size=8, progress=False)
+    with pytest.raises(UserError, match="weights differ from those its sidecar"):
+        finetune(str(bad), target="theta_E", **kw)
+    r = subprocess.run([sys.executable, "-m", "hpc_lensiam", "finetune", "--backbone", str(bad), "--train",
+                        str(single_shards), "--test", str(single_shards), "--n-train", "10", "--n-test", "10"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "export it again" in r.stderr, r.stderr
+
