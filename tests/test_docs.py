@@ -38,6 +38,8 @@ EXTERNAL_FLAGS = {
     "--oversubscribe", "--mpi",  # mpiexec (openmpi), srun
     "--nodes", "--ntasks-per-node", "--gpus-per-node", "--signal", "--chdir", "--partition",  # sbatch
     "--account", "--time", "--wait", "--wrap", "--batch",  # sbatch, scancel
+    "--cpus-per-task", "--mem-per-cpu", "--mem",  # sbatch resources
+    "--logdir",  # tensorboard
     "--no-binary",  # pip
 }  # fmt: skip
 
