@@ -36,7 +36,7 @@ import numpy as np
 
 from .errors import UserError
 from .finetune_tasks import check_target  # noqa: F401 (public here since the first release)
-from .io import atomic_write_json, check_output_file, read_manifest, sha256_file
+from .io import MANIFEST_NAME, atomic_write_json, check_output_file, read_manifest, sha256_file
 from .stats import _resample, bootstrap_r2, paired_r2_difference, r2  # noqa: F401  (their old home)
 
 DEFAULT_ARCH = "resnet101"
@@ -167,7 +167,7 @@ def same_data(train_dir: str, test_dir: str, n: int) -> bool:
     manifest, or shards with identical sha256s in the same order (e.g. the same --seed simulated
     into two folders). Then the test samples are taken after the train ones."""
     a, b = read_manifest(train_dir), read_manifest(test_dir)
-    if sha256_file(Path(train_dir) / "manifest.json") == sha256_file(Path(test_dir) / "manifest.json"):
+    if sha256_file(Path(train_dir) / MANIFEST_NAME) == sha256_file(Path(test_dir) / MANIFEST_NAME):
         return True
     sa, sb = [s.get("sha256") for s in a["shards"]], [s.get("sha256") for s in b["shards"]]
     # enough leading shards identical to cover both sets: one data set in two folders
@@ -331,8 +331,8 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
         "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed, "bootstrap": n_boot,
         "train_dir": str(Path(train_dir).resolve()), "test_dir": str(Path(test_dir).resolve()),
         "test_from_train_set": bool(same), "test_images_in_train": shared,
-        "train_manifest_sha256": sha256_file(Path(train_dir) / "manifest.json"),
-        "test_manifest_sha256": sha256_file(Path(test_dir) / "manifest.json"),
+        "train_manifest_sha256": sha256_file(Path(train_dir) / MANIFEST_NAME),
+        "test_manifest_sha256": sha256_file(Path(test_dir) / MANIFEST_NAME),
         "seconds": time.perf_counter() - t0,
         "history": history,
         "test_targets": [float(v) for v in y_te], "test_predictions": [float(v) for v in p_te],

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .io import atomic_write_json, sha256_file
+from .io import MANIFEST_NAME, atomic_write_json, sha256_file
 from .stats import hierarchical_paired_difference, seed_summary
 
 FORMAT = "hpc_lensiam.finetune_seeds/1"
@@ -51,7 +51,7 @@ def _recipe(kw: dict) -> dict:
     """Everything that makes two runs of one seed the same run: arguments and input file hashes."""
     recipe = {k: v for k, v in sorted(kw.items()) if k not in ("progress", "verify")}
     for key in ("train_dir", "test_dir"):
-        manifest = Path(kw[key]) / "manifest.json"
+        manifest = Path(kw[key]) / MANIFEST_NAME
         recipe[key + "_manifest_sha256"] = sha256_file(manifest) if manifest.is_file() else None
     backbone = Path(str(kw["backbone"]))
     recipe["backbone_sha256"] = sha256_file(backbone) if backbone.is_file() else None

@@ -41,15 +41,12 @@ from webdataset.filters import _shuffle
 from ..errors import UserError
 from ..integrity import IntegrityError, check_finite, shard_problem, shard_samples
 from ..io import read_manifest, shard_paths
+from ..rng import derive_seed
 from .tar import read_shard  # noqa: F401  (re-exported: the loader's tar reader)
 
 
 class ShardError(UserError):
     """A shard (or a sample in it) that cannot be read; the message names the shard."""
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
 class NpyDecoder:
@@ -89,7 +86,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.epoch, self.start = 0, 0
 
     def worker_shards(self, epoch: int, v: int) -> list[str]:
-        order = random.Random(_seed(self.seed, epoch)).sample(list(self.shards), len(self.shards))
+        order = random.Random(derive_seed(self.seed, epoch)).sample(list(self.shards), len(self.shards))
         return order[self.rank::self.world_size][v::self.workers]
 
     def _raw(self, shards: list[str], rng: random.Random, counter: list):
@@ -131,7 +128,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         take = len(range(v, self.batches, nw)) - skip
         if take <= 0:
             return
-        rng = random.Random(_seed(self.seed, self.epoch, self.rank, v))
+        rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, v))
         counter = [0]
         raw = self._raw(self.worker_shards(self.epoch, v), rng, counter)
         for _ in range(skip * self.batch_size):       # skipped without decoding

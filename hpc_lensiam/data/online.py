@@ -15,11 +15,11 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..config import INSTRUMENT_PRESETS, SimulationConfig, simulation_config
 from ..errors import UserError
+from ..rng import derive_seed
 
 PREFIX = "online"
 FAMILIES = ("paper",)   # simulation families the torch renderer implements (the EPL + shear one)
@@ -46,10 +46,6 @@ def online_config(data: str) -> SimulationConfig:
         return simulation_config(config_path=spec)
     raise UserError(f"--data {data}: unknown simulation family or config {spec!r} (expected online, "
                     f"online:{'|'.join(FAMILIES + tuple(INSTRUMENT_PRESETS))} or online:CONFIG.yaml)")
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
 class OnlineLoader:
@@ -84,7 +80,7 @@ class OnlineLoader:
 
     def generator(self, epoch: int, index: int) -> torch.Generator:
         g = torch.Generator(device=self.sim.device)
-        g.manual_seed(_seed(self.SALT, self.seed, self.rank, epoch * self.batches_per_epoch + index))
+        g.manual_seed(derive_seed(self.SALT, self.seed, self.rank, epoch * self.batches_per_epoch + index))
         return g
 
     def batch(self, epoch: int, index: int) -> dict:

@@ -40,6 +40,7 @@ from ..errors import UserError
 from ..integrity import check_finite, check_shards, shard_samples
 from ..io import (
     LENS_PARAMS,
+    MANIFEST_NAME,
     atomic_path,
     check_output_file,
     decode_npy,
@@ -395,7 +396,7 @@ def extract_embeddings(checkpoint: str, data_dir: str | list[str], out: str, bat
         raise UserError(f"--data: expected one or more different shard folders, got {dirs}")
     jobs, manifests = _shard_jobs(dirs)
     modes = [m["mode"] for m in manifests]
-    shas = [sha256_file(Path(d) / "manifest.json") for d in dirs]
+    shas = [sha256_file(Path(d) / MANIFEST_NAME) for d in dirs]
     manifest_sha = shas[0] if len(dirs) == 1 else sha256_json(shas)
     num_samples = sum(int(m["num_samples"]) for m in manifests)
     num_images = sum(j[3] for j in jobs)

@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..io import read_manifest
 from ..models.methods import build_method, recipe
 from ..models.methods.simsiam import z_std
+from ..rng import derive_seed
 from ..runtime import cpu_budget_warning
 from .checkpoint import LAST
 from .monitor import IMAGES_PER_PAIR, METRICS, Monitor
@@ -205,7 +206,7 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
                     x1, x2 = to_device(batch["x1"]), to_device(batch["x2"])
                 else:   # two batched augmentations on the device, seeded by (seed, rank, step)
                     g = torch.Generator(device=engine.device)
-                    g.manual_seed(_seed(cfg.seed, engine.rank, step, micro))
+                    g.manual_seed(derive_seed(cfg.seed, engine.rank, step, micro))
                     x1, x2 = make_pair(to_device(batch["x"]), g)
                 loss, z1 = method.loss(*engine.forward(x1, x2))
                 engine.backward(loss)
@@ -282,11 +283,6 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
         f"z_std {std_v:.4f} (healthy ~{healthy:.4f}, "
         f"collapsed 0); checkpoint {ckpt_dir / LAST}")
     return summary
-
-
-def _seed(*parts: int) -> int:
-    import numpy as np
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
 def _append_metrics(path: Path, row: list) -> None:
