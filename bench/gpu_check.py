@@ -12,7 +12,9 @@ as a cluster job runs them) on shards it simulates itself:
 2. resume across engines: a DDP checkpoint continued by DeepSpeed ZeRO-1, then by ZeRO-0 (weights
    only, said in one line), and a resume with the same engine;
 3. embed and export of the result on the GPU;
-4. the shard loader's pairs/s with ``--workers`` worker processes.
+4. the shard loader's pairs/s with ``--workers`` worker processes;
+5. the on-the-fly renderer (``bench/online.py --device cuda``): rendered pairs/s at batch 256-4096 at
+   110 px and the training ratio online / shards.
 
 Prints one table (images/s = 2 x pairs/s, peak device memory, data wait vs compute per step) and
 exits 1 if any case failed (each failure is printed with the tail of its log).
@@ -177,6 +179,17 @@ def main(argv=None) -> int:
     # 4. the loader alone
     loader = {w: loader_pairs_per_s(str(data), batch, w, pin=bool(gpus)) for w in sorted({0, workers})}
 
+    # 5. on-the-fly lens augmentation (bench/online.py): rendered pairs/s at batch 256-4096 at 110 px
+    # and the training ratio online / shards, on the device the trainer uses (docs/online.md)
+    online_json = work / "online.json"
+    online = (["--device", "cpu", "--batch", "2", "--num-pix", "32", "--numpy-pairs", "2", "--rounds", "1",
+               "--accuracy-systems", "1", "--train-steps", "0"] if smoke else
+              ["--device", "cuda", "--batch", "256", "1024", "4096", "--num-pix", "110", "--numpy-pairs", "16",
+               "--accuracy-systems", "4", "--arch", arch, "--train-batch", str(batch), "--train-steps", "20",
+               "--precision", "bf16", "--workers", str(workers)])
+    online_line = chk.run("online", [sys.executable, str(REPO / "bench" / "online.py"), *online,
+                                     "--json", str(online_json)], expect=("online bench:",), timeout=900)
+
     # the table
     print(f"\n{'case':32s} {'images/s':>10s} {'peak MB':>9s} {'wait s/step':>12s} {'compute s/step':>15s}")
     for r in chk.rows:
@@ -189,6 +202,8 @@ def main(argv=None) -> int:
               f"{by['ddp_fp32']:.1f} = {by['ddp_bf16_channels_last'] / by['ddp_fp32']:.2f}x")
     for w, pps in loader.items():
         print(f"loader pairs/s, {w} worker process(es): {pps:.0f}")
+    if online_line:
+        print(next(line for line in online_line.splitlines() if line.startswith("online bench:")))
     if chk.failures:
         print(f"\ngpu_check: {len(chk.failures)} failure(s):", file=sys.stderr)
         for f in chk.failures:

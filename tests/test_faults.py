@@ -342,7 +342,8 @@ def test_damaged_metrics_tail_and_leftover_temp_files_do_not_break_resume(run_co
     stale.write_bytes(b"partial")
     assert _resume(data, run_copy)["step"] == 3
     lines = (run_copy / "metrics.csv").read_text().splitlines()
-    assert lines[0] == "step,epoch,loss,lr,z_std,images_per_s"
+    from hpc_lensiam.train.monitor import METRICS
+    assert lines[0] == ",".join(METRICS) and lines[0].startswith("step,epoch,loss,lr,z_std,pairs_per_s,images_per_s")
     assert [int(r.split(",")[0]) for r in lines[1:]] == [1, 2, 3]
     assert not stale.exists()
 

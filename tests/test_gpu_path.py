@@ -561,4 +561,5 @@ def test_gpu_check_cpu_smoke(tmp_path):
         assert f"ok   {case}" in out and f"\n{case}" in out, case
     assert "ok   embed" in out and "ok   export" in out
     assert "images/s bf16 + channels_last / fp32:" in out and "loader pairs/s, 1 worker process(es):" in out
+    assert "ok   online" in out and "online bench: cpu: torch renderer" in out   # the on-the-fly renderer's figures
     assert "cases passed" in out
