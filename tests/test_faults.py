@@ -480,6 +480,17 @@ def test_disk_full_and_read_only_output(tiny_fs):
     assert "not writable" in line
 
 
+def test_disk_full_while_saving_a_checkpoint_is_one_line(tiny_fs, data):
+    """Row (disk full), at the checkpoint: torch.save reports a full disk as a bare RuntimeError
+    ("enforce fail ... unexpected pos"), which was a traceback; now one line naming last.pt."""
+    run = tiny_fs / "run"
+    proc = cli("train", "--data", data, "--out", run, "--arch", "resnet18", "--batch-size", 4, "--max-steps", 1,
+               "--epochs", 1, "--workers", 0, "--proj-dim", 64, "--pred-dim", 16)
+    line = one_error_line(proc)
+    assert "No space left on device" in line and "last.pt" in line, line
+    assert not list((run / "checkpoints").glob(".tmp-*")) and not (run / "checkpoints" / "last.pt").exists()
+
+
 # ------------------------------------------------------------------------- prompt, one line
 def _unreadable_in_a_worker(data: Path) -> None:
     """Cut shard 3 mid-member and let the manifest vouch for it: only a worker's read finds it."""

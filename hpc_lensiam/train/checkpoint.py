@@ -21,6 +21,7 @@ Periodic copies beyond the newest ``keep_last`` are deleted (with their DeepSpee
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -37,6 +38,7 @@ LAST = "last.pt"
 DS_DIR = "deepspeed"
 HASH_KEY = "state_sha256"
 _PERIODIC = re.compile(r"^step_(\d+)\.pt$")
+_FULL_BYTES = 1 << 20   # free space under which a failed torch.save is taken for a full disk
 
 
 def _hash_into(h, obj) -> None:
@@ -87,7 +89,12 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     path = Path(path)
     state = {**state, HASH_KEY: state_sha256(state)}
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+X reports a full disk as an "enforce fail", no errno
+            if shutil.disk_usage(tmp.parent).free < _FULL_BYTES:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+            raise
         _fsync_file(tmp)
     _fsync_dir(path.parent)
 
