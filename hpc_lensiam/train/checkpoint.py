@@ -91,7 +91,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     with atomic_path(path) as tmp:
         try:
             torch.save(state, tmp)
-X reports a full disk as an "enforce fail", no errno
+        except RuntimeError:   # torch's zip writer reports a full disk as an "enforce fail", no errno
             if shutil.disk_usage(tmp.parent).free < _FULL_BYTES:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
             raise
