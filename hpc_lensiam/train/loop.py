@@ -90,6 +90,8 @@ def train(cfg: TrainConfig, resume: bool = False, allow_config_change: bool = Fa
     last = ckpt_dir / LAST
     if last.is_file() and not resume:
         raise UserError(f"{last} exists: pass --resume to continue that run, or choose another --out")
+    if cfg.probe_data:   # a bad --probe-data fails before the run folder is created
+        read_manifest(cfg.probe_data)
     engine = Engine(cfg)
     run = None
     stop = _StopSignal()
