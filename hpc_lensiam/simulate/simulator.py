@@ -89,7 +89,33 @@ class EPLShearRayShooter:
         return self.x - ax, self.y - ay
 
 
-class LensSimulator:
+def check_lens(lens) -> None:
+    """A ``render`` lens argument: a dict of ``LENS_PARAMS`` names with theta_E; a UserError otherwise."""
+    if not isinstance(lens, dict):
+        raise UserError(f"lens: expected a dict with keys {', '.join(LENS_PARAMS)}")
+    unknown = sorted(set(lens) - set(LENS_PARAMS))
+    if unknown:
+        raise UserError(f"lens: unknown key {unknown[0]!r} (expected {', '.join(LENS_PARAMS)})")
+    if "theta_E" not in lens:
+        raise UserError("lens: 'theta_E' (Einstein radius, arcsec) is required")
+
+
+class PairSampler:
+    """``sample_pair`` / ``sample_single`` from a family's ``_sample(rng, n_views) -> (images, params)``:
+    the writer's interface, the same for every simulation family."""
+
+    def sample_pair(self, rng: np.random.Generator) -> dict:
+        """A LenSiam positive pair: one shared mass model, independent source/lens light/PSF/noise."""
+        (v1, v2), params = self._sample(rng, 2)
+        return {"view1": v1, "view2": v2, "params": params}
+
+    def sample_single(self, rng: np.random.Generator) -> dict:
+        """One lens image (params["views"] has one entry)."""
+        (img,), params = self._sample(rng, 1)
+        return {"image": img, "params": params}
+
+
+class LensSimulator(PairSampler):
     """Simulates LenSiam pairs (``sample_pair``), single images (``sample_single``) or a chosen
     system (``render``). All randomness comes from the Generator passed in; the built-in PSF bank
     comes from ``config.psf_bank_seed``."""
@@ -232,16 +258,6 @@ class LensSimulator:
             views.append(view)
         return images, {"lens": {k: float(lens[k]) for k in LENS_PARAMS}, "views": views}
 
-    def sample_pair(self, rng: np.random.Generator) -> dict:
-        """A LenSiam positive pair: same 8 mass parameters, independent source/lens light/PSF/noise."""
-        (v1, v2), params = self._sample(rng, 2)
-        return {"view1": v1, "view2": v2, "params": params}
-
-    def sample_single(self, rng: np.random.Generator) -> dict:
-        """One lens image (params["views"] has one entry)."""
-        (img,), params = self._sample(rng, 1)
-        return {"image": img, "params": params}
-
     # ----------------------------------------------------------------------------- chosen system
     def render(self, lens: dict, source, lens_light: dict | None = None, psf=None,
                noise_sigma: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -254,13 +270,7 @@ class LensSimulator:
         "amp" or "peak_ratio", or None. psf: None (no convolution), a PSF-bank index or a 2-D odd
         kernel. noise_sigma: Gaussian noise sigma as a fraction of the noiseless peak.
         """
-        if not isinstance(lens, dict):
-            raise UserError(f"lens: expected a dict with keys {', '.join(LENS_PARAMS)}")
-        unknown = sorted(set(lens) - set(LENS_PARAMS))
-        if unknown:
-            raise UserError(f"lens: unknown key {unknown[0]!r} (expected {', '.join(LENS_PARAMS)})")
-        if "theta_E" not in lens:
-            raise UserError("lens: 'theta_E' (Einstein radius, arcsec) is required")
+        check_lens(lens)
         full = {**_LENS_DEFAULTS, **lens}
         beta_x, beta_y = self.ray_shoot(full)
         if lens_light is not None:

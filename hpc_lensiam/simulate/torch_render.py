@@ -32,6 +32,7 @@ from ..io import LENS_PARAMS
 from . import torch_priors as tp
 from .instrument import DetectorGrid
 from .psf import PSFBank
+from .simulator import check_lens
 from .torch_physics import (
     PSFStack,
     StampBank,
@@ -304,13 +305,7 @@ class TorchLensSimulator:
         lens_light (SERSIC_ELLIPSE kwargs with "amp" or "peak_ratio"), psf (None, a PSF-bank index or
         a (B,) index tensor), noise_sigma (fraction of the noiseless peak; needs ``generator``).
         """
-        if not isinstance(lens, dict):
-            raise UserError(f"lens: expected a dict with keys {', '.join(LENS_PARAMS)}")
-        unknown = sorted(set(lens) - set(LENS_PARAMS))
-        if unknown:
-            raise UserError(f"lens: unknown key {unknown[0]!r} (expected {', '.join(LENS_PARAMS)})")
-        if "theta_E" not in lens:
-            raise UserError("lens: 'theta_E' (Einstein radius, arcsec) is required")
+        check_lens(lens)
         sources = list(source) if isinstance(source, (list, tuple)) else [source]
         for s in sources:
             if not isinstance(s, dict):

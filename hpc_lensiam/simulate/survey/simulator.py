@@ -28,6 +28,7 @@ from ...errors import UserError
 from ...io import LENS_PARAMS
 from ..instrument import DetectorGrid
 from ..psf import PSFBank, fwhm_arcsec
+from ..simulator import PairSampler
 from .config import SurveySimulationConfig
 from .mass import CompositeMass
 from .noise import Observation
@@ -35,7 +36,7 @@ from .population import M_SUN_R, Population
 from .selection import arc_snr, image_multiplicity, passes
 
 
-class SurveySimulator:
+class SurveySimulator(PairSampler):
     """Same interface as the paper family's LensSimulator: ``sample_single``, ``sample_pair``."""
 
     def __init__(self, config: SurveySimulationConfig | None = None):
@@ -225,11 +226,3 @@ class SurveySimulator:
                   "deflector_draws": attempt}
         return images, params
 
-    def sample_pair(self, rng: np.random.Generator) -> dict:
-        """A LenSiam pair: one composite mass; source, lens light (within scatter), PSF and noise differ."""
-        (v1, v2), params = self._sample(rng, 2)
-        return {"view1": v1, "view2": v2, "params": params}
-
-    def sample_single(self, rng: np.random.Generator) -> dict:
-        (img,), params = self._sample(rng, 1)
-        return {"image": img, "params": params}
