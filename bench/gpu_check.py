@@ -8,7 +8,7 @@ as a cluster job runs them) on shards it simulates itself:
 
 1. ResNet101 (``--cpu-smoke``: resnet18) a few steps each: DDP in bf16 + channels_last, fp16
    (GradScaler) and fp32; DeepSpeed ZeRO-0 and ZeRO-1 in bf16 + channels_last; with 2+ GPUs the same
-   bf16 DDP run on 2 processes (NCCL, SyncBatchNorm) and without SyncBN (1 process per GPU count);
+   bf16 DDP run on 2 processes (NCCL) with SyncBatchNorm and without (``--no-sync-batchnorm``);
 2. resume across engines: a DDP checkpoint continued by DeepSpeed ZeRO-1, then by ZeRO-0 (weights
    only, said in one line), and a resume with the same engine;
 3. embed and export of the result on the GPU;
@@ -158,6 +158,8 @@ def main(argv=None) -> int:
     train_case("deepspeed_zero1_bf16", ["--precision", "bf16", "--engine", "deepspeed", "--zero-stage", "1"])
     if gpus >= 2 or smoke:   # on a CPU: 2 gloo processes with the CPU SyncBatchNorm
         train_case("ddp_bf16_2proc_syncbn", ["--precision", "bf16"], nproc=2)
+    if gpus >= 2:            # what SyncBatchNorm costs: the same run with per-rank BatchNorm
+        train_case("ddp_bf16_2proc_no_syncbn", ["--precision", "bf16", "--no-sync-batchnorm"], nproc=2)
 
     # 2. resume across engines and ZeRO stages (a fresh DDP run, then continued)
     run = train_case("resume_0_ddp", ["--precision", "bf16"], steps_=steps)
@@ -200,6 +202,10 @@ def main(argv=None) -> int:
     if by.get("ddp_bf16_channels_last") and by.get("ddp_fp32"):
         print(f"\n{arch} images/s bf16 + channels_last / fp32: {by['ddp_bf16_channels_last']:.1f} / "
               f"{by['ddp_fp32']:.1f} = {by['ddp_bf16_channels_last'] / by['ddp_fp32']:.2f}x")
+    if by.get("ddp_bf16_2proc_syncbn") and by.get("ddp_bf16_2proc_no_syncbn"):
+        sync, per_rank = by["ddp_bf16_2proc_syncbn"], by["ddp_bf16_2proc_no_syncbn"]
+        print(f"2 processes, images/s with SyncBatchNorm / without: {sync:.1f} / {per_rank:.1f} = "
+              f"{sync / per_rank:.2f}x")
     for w, pps in loader.items():
         print(f"loader pairs/s, {w} worker process(es): {pps:.0f}")
     if online_line:

@@ -384,6 +384,7 @@ class TrainConfig:
     probe_every: int = 500               # steps between lens-physics probes (with probe_data)
     probe_samples: int = 256             # samples of probe_data embedded per probe (first ones, manifest order)
     channels_last: bool = True           # CUDA only
+    sync_batchnorm: bool = True          # SyncBatchNorm across ranks (world size > 1); false: per-rank BN
     deepspeed_config: str | None = None
     zero_stage: int = 0
     skip_bad_samples: bool = False

@@ -199,6 +199,15 @@ def test_cudnn_tf32_and_deterministic_switches():
     assert not torch.are_deterministic_algorithms_enabled()
 
 
+def test_sync_batchnorm_in_the_plan_and_off_with_its_flag():
+    """SyncBatchNorm across ranks by default (torch's on CUDA, the all-reduce one on CPU), none on
+    one rank, none with --no-sync-batchnorm (gpu_check measures what it costs)."""
+    assert make_plan(TrainConfig(), DeviceCaps.cuda(), world_size=2).sync_bn == "torch"
+    assert make_plan(TrainConfig(), DeviceCaps(), world_size=2).sync_bn == "gloo"
+    assert make_plan(TrainConfig(), DeviceCaps.cuda(), world_size=1).sync_bn == "none"
+    assert make_plan(TrainConfig(sync_batchnorm=False), DeviceCaps.cuda(), world_size=2).sync_bn == "none"
+
+
 def test_one_device_rule_and_process_group_device_id():
     """Finding 10: one rule for every command. Local rank r -> cuda:r; one visible GPU (per-task
     binding) -> cuda:0; more local ranks than GPUs is an error, not two ranks on one GPU."""

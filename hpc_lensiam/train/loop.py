@@ -156,7 +156,7 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
     backend = engine.backend if engine.world_size > 1 or cfg.engine == "deepspeed" else "single process"
     say(f"train: {cfg.method} | {cfg.mode} | {cfg.arch} | {cfg.optimizer} | engine {cfg.engine} | "
         f"{engine.world_size} rank(s) on {engine.device.type} ({backend})"
-        f"{' + SyncBatchNorm' if engine.world_size > 1 else ''} | {engine.plan.describe()}")
+        f"{' + SyncBatchNorm' if engine.plan.sync_bn != 'none' else ''} | {engine.plan.describe()}")
     say(f"train: global batch {cfg.batch_size} x {engine.world_size} rank(s) x {cfg.grad_accum} accum = "
         f"{global_batch}; lr = {cfg.base_lr} x {rule} = {lr0:.6g}{pred}; {spe} steps/epoch x {cfg.epochs} epochs = "
         f"{total} steps, warm-up {warmup}; {'resuming at step ' + str(step) if resume else 'from step 0'}"

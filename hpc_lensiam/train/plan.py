@@ -155,7 +155,7 @@ def make_plan(cfg, caps: DeviceCaps, world_size: int) -> DevicePlan:
         grad_scaler=cfg.precision == "fp16" and cfg.engine == "ddp",
         model_memory_format=fmt if cfg.engine == "ddp" else torch.contiguous_format,
         input_memory_format=fmt,
-        sync_bn="none" if world_size <= 1 else ("torch" if cuda else "gloo"),
+        sync_bn=("torch" if cuda else "gloo") if world_size > 1 and getattr(cfg, "sync_batchnorm", True) else "none",
         ddp_kwargs={"broadcast_buffers": False} if world_size > 1 else {},
         deepspeed=deepspeed_config(cfg, world_size) if cfg.engine == "deepspeed" else None,
         cudnn_benchmark=cuda and not deterministic, tf32=cuda, deterministic=deterministic, pin_memory=cuda)
