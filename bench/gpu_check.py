@@ -37,8 +37,15 @@ sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
 
 
+# A launcher's rendezvous variables (torchrun, Slurm, or a one-process DeepSpeed group earlier in the
+# calling process) must not reach the cases: each starts its own group, and an inherited MASTER_PORT
+# is a port already bound by that other group (EADDRINUSE).
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                  "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID")
+
+
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONWARNINGS", "ignore")
     return env
