@@ -135,7 +135,11 @@ def main() -> None:
     ap.add_argument("--downstream-family", nargs="+", choices=("paper", "survey"), default=["paper"],
                     help="paper: the euclid set of the pretraining simulator; survey: the independent survey family")
     ap.add_argument("--survey-pretraining", action="store_true", help="add LenSiam pretrained on survey pairs")
-    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="pretraining precision")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                    help="pretraining precision; auto: bf16 if --precision-check finds it within seed noise")
+    ap.add_argument("--precision-check", type=int, default=0, metavar="STEPS",
+                    help="first pretrain LenSiam for STEPS steps in fp32 (seed 0) and bf16 (seeds 0, 1) and probe: "
+                         "is the bf16 - fp32 difference within the seed-to-seed difference?")
     ap.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=False,
                     help="pretraining init (off: torchvision's; see docs/results.md for why)")
     ap.add_argument("--ckpt-every", type=int, default=0, help="periodic checkpoints every N steps (0: none)")
@@ -143,6 +147,8 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from OUT, run nothing")
     a = ap.parse_args()
     a.pretrain_seeds, a.finetune_seeds = parse_ints(a.pretrain_seeds), parse_ints(a.finetune_seeds)
+    if a.precision == "auto" and not a.precision_check:
+        ap.error("--precision auto needs --precision-check STEPS")
     out = REPO / a.out
     report = REPO / "docs" / "science" / f"{a.tag}.md"
     if a.report_only:
@@ -174,10 +180,21 @@ def main() -> None:
         t["train"] = simulate(f"{t['key']}_train", int(a.n_train * 1.25), 2000 + 10 * i, single)
         t["test"] = simulate(f"{t['key']}_test", a.n_test, 3000 + 10 * i, single)
 
-    # ---- pretraining: every method x pretraining seed; embed, probe, UMAP, export
+    # ---- bf16 autocast is 1.78x faster on this CPU: use it only if it measures the same as fp32
     zi = [] if a.zero_init_residual else ["--no-zero-init-residual"]
+    if a.precision_check:
+        check = precision_check(steps, a, out, shards, zi, torchrun, hl)
+        if a.precision == "auto":
+            a.precision = "bf16" if check["within_seed_noise"] else "fp32"
+            print(f"[science] precision check: bf16-fp32 {check['max_precision_diff']:.3f} vs seed-to-seed "
+                  f"{check['max_seed_diff']:.3f}: pretraining in {a.precision}", flush=True)
+        write_report(report, a, out, steps.done)
+
+    # ---- per pretraining seed: pretrain every method, embed, probe, UMAP, export, then fine-tune its
+    # backbones (random-weight arms with the first seed), so a partial run already has whole tables
     ms = (["--max-steps", a.steps] if a.steps else []) + (["--ckpt-every", a.ckpt_every] if a.ckpt_every else [])
     kinds = ["lensiam", "simsiam"] + (["lensiam-survey"] if a.survey_pretraining else [])
+    seeds = ",".join(map(str, a.finetune_seeds))
     for ps in a.pretrain_seeds:
         for kind in kinds:
             run_dir = out / f"run_{kind}_s{ps}"
@@ -207,15 +224,13 @@ def main() -> None:
                    out / f"emb_simsiam_s{ps}.h5", "--json", pj], [pj])
         write_report(report, a, out, steps.done)
 
-    # ---- fine-tuning: every task x arm x backbone, all fine-tuning seeds in one resumable call
-    seeds = ",".join(map(str, a.finetune_seeds))
-    for t in downstream:
-        for arm, (kind, frozen) in ARMS.items():
-            if kind not in kinds and kind is not None:
-                continue
-            for ps in (a.pretrain_seeds if kind else [None]):
+        # fine-tuning: every task x arm, all fine-tuning seeds in one resumable call
+        for t in downstream:
+            for arm, (kind, frozen) in ARMS.items():
+                if (kind is not None and kind not in kinds) or (kind is None and ps != a.pretrain_seeds[0]):
+                    continue
                 backbone = out / f"backbone_{kind}_s{ps}.pt" if kind else "none"
-                fj = finetune_json(out, t["key"], arm, ps)
+                fj = finetune_json(out, t["key"], arm, ps if kind else None)
                 task_flags = ["--task", "classify"] if t["task"] == "classify" else []
                 steps.run(f"finetune {t['key']} {arm}" + (f" pretrain seed {ps}" if kind else ""),
                           [hl, "finetune", "--backbone", backbone, "--arch", a.arch, "--train", t["train"],
@@ -225,6 +240,38 @@ def main() -> None:
                 write_report(report, a, out, steps.done)
     print(f"\n[science] done in {(time.perf_counter() - t_start) / 60:.1f} min; results in "
           f"{report.relative_to(REPO)}", flush=True)
+
+
+def precision_check(steps: Steps, a, out: Path, shards: dict, zi: list, torchrun, hl) -> dict:
+    """LenSiam for ``--precision-check`` steps: fp32 seed 0, bf16 seeds 0 and 1, probed on the held-out set.
+
+    bf16 is used when the largest |bf16 - fp32| probe difference (same seed) is no larger than the
+    largest |seed 0 - seed 1| difference (both bf16): precision then changes the numbers less than a seed."""
+    probes = {}
+    for prec, ps in (("fp32", 0), ("bf16", 0), ("bf16", 1)):
+        run_dir = out / f"check_{prec}_s{ps}"
+        ckpt = run_dir / "checkpoints" / "last.pt"
+        steps.run(f"precision check: pretrain lensiam {prec} seed {ps}",
+                  [torchrun, "--standalone", "--nproc_per_node", NPROC, "-m", "hpc_lensiam", "train", "--data",
+                   shards["lensiam"], "--out", run_dir, "--mode", "lensiam", "--arch", a.arch, "--epochs", a.epochs,
+                   "--batch-size", a.batch_size, "--seed", ps, "--precision", prec, "--warmup-epochs",
+                   max(1, a.epochs // 10), *zi, "--max-steps", a.precision_check], [ckpt], resume_flag=ckpt.exists())
+        emb, pj = out / f"check_{prec}_s{ps}.h5", out / f"check_{prec}_s{ps}.json"
+        steps.run(f"precision check: embed {prec} seed {ps}",
+                  [torchrun, "--standalone", "--nproc_per_node", NPROC, "-m", "hpc_lensiam", "embed", "--checkpoint",
+                   ckpt, "--data", shards["probe"], "--out", emb], [emb])
+        steps.run(f"precision check: probe {prec} seed {ps}", [hl, "probe", "--embeddings", emb, "--json", pj], [pj])
+        probes[(prec, ps)] = next(iter(_load(pj)["results"].values()))["ridge"]
+    return precision_verdict(probes)
+
+
+def precision_verdict(probes: dict) -> dict:
+    """Compare the (fp32, 0), (bf16, 0) and (bf16, 1) ridge R^2 dictionaries."""
+    prec = {p: probes[("bf16", 0)][p] - probes[("fp32", 0)][p] for p in probes[("fp32", 0)]}
+    seed = {p: probes[("bf16", 1)][p] - probes[("bf16", 0)][p] for p in probes[("fp32", 0)]}
+    mp, msd = max(abs(v) for v in prec.values()), max(abs(v) for v in seed.values())
+    return {"probes": probes, "precision_diff": prec, "seed_diff": seed, "max_precision_diff": mp,
+            "max_seed_diff": msd, "within_seed_noise": mp <= msd}
 
 
 def learning_curve(steps: Steps, run_dir: Path, probe_shards: Path, out: Path, kind: str, torchrun, hl) -> None:
@@ -279,6 +326,12 @@ def write_report(path: Path, a, out: Path, done: dict) -> None:
     """The whole report from the files in OUT: finished parts filled in, the rest marked not run yet."""
     import numpy as np
     ps_list = a.pretrain_seeds
+    checks = {(prec, ps): _load(out / f"check_{prec}_s{ps}.json") for prec, ps in
+              (("fp32", 0), ("bf16", 0), ("bf16", 1))}
+    verdict = (precision_verdict({k: next(iter(c["results"].values()))["ridge"] for k, c in checks.items()})
+               if all(checks.values()) else None)
+    if a.precision == "auto" and verdict:   # --report-only: the check decided
+        a.precision = "bf16" if verdict["within_seed_noise"] else "fp32"
     lines = ["# LenSiam vs SimSiam vs random init, with seeds and intervals", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; Python {platform.python_version()}.", "",
              f"Set-up: {a.pairs} LenSiam pairs ({a.num_pix}x{a.num_pix} px, hst preset), {a.arch}, {a.epochs} epochs"
@@ -289,6 +342,21 @@ def write_report(path: Path, a, out: Path, done: dict) -> None:
              f"{a.finetune_epochs} epochs. ImageNet-supervised weights cannot be downloaded here: the paper's "
              f"third row is not reproduced; 'random init' and 'frozen random' stand beside it.", "",
              "## Probe: held-out ridge R^2 [95% interval over test lens systems] from frozen features", ""]
+    if verdict:
+        v = verdict
+        head = lines[-2:]
+        del lines[-2:]
+        lines += [f"## bf16 or fp32: a {a.precision_check}-step LenSiam check on the same pairs", "",
+                  "Held-out ridge R^2 of the three short runs, the bf16 - fp32 difference (same seed) and the "
+                  "seed 1 - seed 0 difference (both bf16):", "",
+                  "| parameter | fp32 s0 | bf16 s0 | bf16 s1 | bf16 - fp32 | s1 - s0 |", "|---|---|---|---|---|---|"]
+        for p in v["precision_diff"]:
+            lines.append(f"| {p} | {v['probes'][('fp32', 0)][p]:.3f} | {v['probes'][('bf16', 0)][p]:.3f} | "
+                         f"{v['probes'][('bf16', 1)][p]:.3f} | {v['precision_diff'][p]:+.3f} | "
+                         f"{v['seed_diff'][p]:+.3f} |")
+        lines += ["", f"Largest |bf16 - fp32| {v['max_precision_diff']:.3f} vs largest |s1 - s0| "
+                  f"{v['max_seed_diff']:.3f}: bf16 is " + ("" if v["within_seed_noise"] else "NOT ") +
+                  "within seed noise; the protocol pretrains in " + a.precision + ".", ""] + head
     probes = {ps: _load(out / f"probe_s{ps}.json") for ps in ps_list}
     if not any(probes.values()):
         lines.append("(not run yet)")
