@@ -38,11 +38,9 @@ def resolve_family(family: str, mode: str, preset=None, config_path=None, cosmos
                               overrides), LensSimulator
     if lens_fraction is not None and not 0.0 <= lens_fraction <= 1.0:
         raise UserError(f"--lens-fraction: expected a fraction in [0, 1], got {lens_fraction}")
-    if cosmos_dir:
-        raise UserError("--cosmos-dir: the survey family draws analytic Sersic sources only (for now)")
     from .survey import survey_config
     from .survey.simulator import SurveySimulator
     cfg = survey_config(preset=preset, config_path=config_path, mode=mode, lens_fraction=lens_fraction,
-                        psf_files=list(psf_files) if psf_files else None,
+                        cosmos_dir=cosmos_dir, psf_files=list(psf_files) if psf_files else None,
                         psf_pixel_scale_arcsec=psf_pixel_scale_arcsec, **(overrides or {}))
     return cfg, SurveySimulator

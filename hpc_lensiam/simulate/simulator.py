@@ -161,21 +161,12 @@ class LensSimulator(PairSampler):
         return self.ray_shooter(lens)
 
     def _adaptive(self, sb: np.ndarray, evaluate) -> np.ndarray:
-        """Binned image of supersampled surface brightness ``sb``; with ``adaptive_supersampling_factor``
-        F > 0, pixels whose sub-samples spread by more than ``adaptive_threshold`` x the peak are
-        re-averaged over F x F points, ``evaluate(x, y)`` giving the surface brightness there. Compact or
-        cuspy light (magnified compact sources, core-Sersic cusps, n ~ 5 lens light) converges slowly
-        with a uniform factor; these pixels are few (bench/numerics.py)."""
-        image = self.grid.bin(sb)
+        """Binned image of ``sb`` with the instrument's adaptive supersampling (DetectorGrid.bin_adaptive),
+        ``evaluate(x, y)`` giving the surface brightness at sub-pixel points (arcsec)."""
         inst = self.config.instrument
         factor = inst.adaptive_supersampling_factor
-        if factor <= 0 or not image.max() > 0:
-            return image
-        mask = self.grid.spread(sb) > inst.adaptive_threshold * image.max()
-        if mask.any():
-            x, y = self.grid.subpixel_points(mask, factor)
-            image[mask] = evaluate(x, y).reshape(-1, factor * factor).mean(axis=1)
-        return image
+        return self.grid.bin_adaptive(sb, lambda mask: evaluate(*self.grid.subpixel_points(mask, factor)),
+                                      factor, inst.adaptive_threshold)
 
     def _lens_light_unit(self, ll: dict) -> np.ndarray:
         """Lens light with amp=1, binned to detector pixels."""

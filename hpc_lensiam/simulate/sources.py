@@ -39,6 +39,7 @@ class CosmosStamp:
         self.image = image
         self.pixel_scale_arcsec = float(pixel_scale_arcsec)
         self.interp = Interpol()
+        self.half_light_radius_pix = half_light_radius_pix(image)
 
     def surface_brightness(self, x, y, *, amp, center_x, center_y, phi_G, scale):
         """lenstronomy INTERPOL, evaluated only where the rotated, scaled stamp lies.
@@ -296,6 +297,36 @@ def core_sersic_amp_for_unit_flux(renderer: SourceRenderer, R_sersic: float, n_s
     """Amplitude that gives a core-Sersic profile unit total flux, normalised by its own integral."""
     f = core_sersic_total_flux(renderer, 1.0, R_sersic, n_sersic, Rb, gamma, alpha)
     return 1.0 / f if f > 0 and math.isfinite(f) else 1.0
+
+
+def half_light_radius_pix(image: np.ndarray) -> float:
+    """Half-light radius of a stamp in pixels: sqrt(A / pi), A the area of the brightest pixels that hold half
+    the flux (interpolated within the last pixel).
+
+    For any profile whose isophotes are ellipses (a Sersic in lenstronomy's area-preserving convention) those
+    pixels fill the half-light ellipse, of area pi R_sersic^2, so this is the radius an analytic source of the
+    same size has; it needs no centre and no shape fit, so it holds for irregular galaxies too.
+    """
+    v = np.sort(np.asarray(image, dtype=np.float64).ravel())[::-1]
+    half = 0.5 * float(v.sum())
+    if not half > 0:
+        raise UserError("half_light_radius_pix: the stamp has no positive flux")
+    c = np.cumsum(v)
+    i = int(np.searchsorted(c, half))
+    before = float(c[i - 1]) if i > 0 else 0.0
+    area = i + (half - before) / float(v[i])
+    return math.sqrt(area / math.pi)
+
+
+def rebin_stamp(image: np.ndarray, block: int) -> np.ndarray:
+    """Block-sum a stamp by ``block`` x ``block`` pixels (zero-padded evenly, so its centre stays): the flux
+    is kept exactly, structure finer than the new pixel is averaged away."""
+    if block <= 1:
+        return image
+    ny, nx = image.shape
+    py, px = (-ny) % block, (-nx) % block
+    img = np.pad(image, ((py // 2, py - py // 2), (px // 2, px - px // 2)))
+    return img.reshape(img.shape[0] // block, block, img.shape[1] // block, block).sum(axis=(1, 3))
 
 
 def clean_stamp(image: np.ndarray, noise_rms: float, k_sigma: float) -> np.ndarray:

@@ -154,6 +154,34 @@ class SelectionCuts:
 
 
 @dataclass
+class SurveySourceSettings:
+    """COSMOS real galaxies as survey sources (with ``cosmos_dir``; the paper family's key names).
+
+    A COSMOS source keeps the magnitude and half-light radius the population assigns for its redshift:
+    its stamp is scaled to that size and its flux to that magnitude (simulator.py). Stamps are cleaned by
+    default (unlike the paper family): this family adds its own noise in physical units, and a stamp's own
+    noise floor and pedestal would both add noise and inflate its measured half-light radius.
+    """
+    cosmos_fraction: float = 0.75                # the paper family's mix; the rest are analytic Sersic sources
+    cosmos_min_size_pix: int = 50                # the paper's cuts: stamp side >= 50 px,
+    cosmos_max_noise_frac: float = 0.05          # noise RMS < 5% of the stamp's peak
+    cosmos_clean_k_sigma: float | None = 1.0     # pedestal off, pixels < k noise RMS -> 0; null: raw stamps
+    cosmos_min_stamp_pixel: float = 0.5          # stamps scaled finer than this x the detector pixel are
+    #                                              block-summed to it (simulator.py: flux kept, no aliasing)
+
+    def validate(self, where: str) -> None:
+        _check_fraction(where, "cosmos_fraction", self.cosmos_fraction)
+        if self.cosmos_min_size_pix < 1:
+            raise ConfigError(f"{where}.cosmos_min_size_pix: must be >= 1")
+        if self.cosmos_max_noise_frac <= 0:
+            raise ConfigError(f"{where}.cosmos_max_noise_frac: must be > 0")
+        if self.cosmos_clean_k_sigma is not None and self.cosmos_clean_k_sigma < 0:
+            raise ConfigError(f"{where}.cosmos_clean_k_sigma: must be >= 0 (or null: no cleaning)")
+        if self.cosmos_min_stamp_pixel < 0:
+            raise ConfigError(f"{where}.cosmos_min_stamp_pixel: must be >= 0 (0: stamps never rebinned)")
+
+
+@dataclass
 class SurveySimulationConfig:
     """The survey family: its own priors and noise, the preset's detector grid and PSF bank."""
     family: str = FAMILY
@@ -163,9 +191,10 @@ class SurveySimulationConfig:
     mass: MassPrior = field(default_factory=MassPrior)
     observation: ObservationSettings = field(default_factory=ObservationSettings)
     selection: SelectionCuts = field(default_factory=SelectionCuts)
+    source: SurveySourceSettings = field(default_factory=SurveySourceSettings)
     lens_fraction: float | None = None   # None: 0.5 in single mode, 1.0 for LenSiam pairs
     non_lens_source_absent_fraction: float = 0.5   # non-lenses: no source; else a singly imaged one
-    cosmos_dir: str | None = None        # not used by this family yet (analytic Sersic sources)
+    cosmos_dir: str | None = None        # GalSim real-galaxy-catalog folder; None = analytic Sersic sources
     psf_files: list[str] = field(default_factory=list)
     psf_pixel_scale_arcsec: float | None = None
     psf_bank_seed: int = 0

@@ -29,11 +29,44 @@ from ...io import LENS_PARAMS
 from ..instrument import DetectorGrid
 from ..psf import PSFBank, fwhm_arcsec
 from ..simulator import PairSampler
+from ..sources import CosmosCatalog, CosmosStamp, rebin_stamp
 from .config import SurveySimulationConfig
 from .mass import CompositeMass
 from .noise import Observation
 from .population import M_SUN_R, Population
 from .selection import arc_snr, image_multiplicity, passes
+
+
+class Rays:
+    """Source-plane positions of the detector grid's evaluation points (``beta``) for one mass model, and of
+    the adaptive sub-pixel points of any pixel (``subpixel(mask)``), ray-shot lazily and once per pixel: the
+    source tries and views of a sample share the mass, and their refined pixels overlap (the arcs).
+    ``lens_model=None``: unlensed (source plane = image plane)."""
+
+    def __init__(self, grid: DetectorGrid, factor: int, lens_model=None, kwargs: list[dict] | None = None):
+        self.grid, self.factor, self.lens_model, self.kwargs = grid, int(factor), lens_model, kwargs
+        x, y = grid.x_arcsec, grid.y_arcsec
+        self.beta = lens_model.ray_shooting(x, y, kwargs) if lens_model is not None else (x, y)
+        n, f2 = grid.num_pix ** 2, self.factor ** 2
+        self._done = np.zeros(n, bool)
+        self._bx = np.empty((n, f2)) if f2 else None
+        self._by = np.empty((n, f2)) if f2 else None
+
+    def subpixel(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Source-plane (x, y) of the factor x factor points of each pixel in ``mask``, in grid.subpixel_points
+        order."""
+        if self.lens_model is None:
+            return self.grid.subpixel_points(mask, self.factor)
+        idx = np.flatnonzero(mask)
+        todo = idx[~self._done[idx]]
+        if todo.size:
+            new = np.zeros(self._done.shape, bool)
+            new[todo] = True
+            x, y = self.grid.subpixel_points(new.reshape(mask.shape), self.factor)
+            bx, by = self.lens_model.ray_shooting(x, y, self.kwargs)
+            self._bx[todo], self._by[todo] = bx.reshape(todo.size, -1), by.reshape(todo.size, -1)
+            self._done[todo] = True
+        return self._bx[idx].ravel(), self._by[idx].ravel()
 
 
 class SurveySimulator(PairSampler):
@@ -54,6 +87,14 @@ class SurveySimulator(PairSampler):
         self.psf_fwhm = [fwhm_arcsec(k, inst.pixel_scale_arcsec) for k in self.psf_bank.kernels]
         self._light = SersicElliptic()
         self._sersic = Sersic()
+        if cfg.cosmos_dir:
+            sp = cfg.source
+            self.catalog: CosmosCatalog | None = CosmosCatalog(
+                cfg.cosmos_dir, min_size_pix=sp.cosmos_min_size_pix, max_noise_frac=sp.cosmos_max_noise_frac,
+                clean_k_sigma=sp.cosmos_clean_k_sigma)
+        else:
+            self.catalog = None
+        self._binned: dict[tuple[int, int], CosmosStamp] = {}   # (row, block) -> block-summed stamp
         self.n_side = inst.num_pix * inst.supersampling_factor
         self.cell_area = (inst.pixel_scale_arcsec / inst.supersampling_factor) ** 2
         self.field_arcsec = inst.num_pix * inst.pixel_scale_arcsec
@@ -63,18 +104,58 @@ class SurveySimulator(PairSampler):
         return self.grid.num_pix
 
     # ------------------------------------------------------------------------------ light on the grid
-    def _sersic_cps(self, x, y, prof: dict, cps: float) -> np.ndarray:
-        """Binned detector image (e-/s per pixel) of an elliptical Sersic of total count rate ``cps``."""
-        unit = self._sersic.total_flux(amp=1.0, R_sersic=prof["R_sersic"], n_sersic=prof["n_sersic"])
-        sb = self._light.function(x, y, amp=cps / unit, R_sersic=prof["R_sersic"], n_sersic=prof["n_sersic"],
-                                  e1=prof["e1"], e2=prof["e2"], center_x=prof["center_x"],
-                                  center_y=prof["center_y"])
-        return self.grid.bin(sb) * self.grid.pixel_area_arcsec2
+    def _bin(self, sb: np.ndarray, evaluate) -> np.ndarray:
+        """Supersampled surface brightness -> e-/s per detector pixel, with the instrument's adaptive
+        supersampling (the paper family's scheme and keys); ``evaluate(mask)``: the surface brightness at the
+        sub-pixel points of the pixels in ``mask``."""
+        inst = self.config.instrument
+        return self.grid.bin_adaptive(sb, evaluate, inst.adaptive_supersampling_factor,
+                                      inst.adaptive_threshold) * self.grid.pixel_area_arcsec2
 
-    def _source_cps(self, beta, src: dict | None) -> np.ndarray:
+    def _sersic_cps(self, prof: dict, cps: float) -> np.ndarray:
+        """Detector image (e-/s per pixel) of an unlensed elliptical Sersic of total count rate ``cps``."""
+        unit = self._sersic.total_flux(amp=1.0, R_sersic=prof["R_sersic"], n_sersic=prof["n_sersic"])
+        kw = {"amp": cps / unit, **{k: prof[k] for k in ("R_sersic", "n_sersic", "e1", "e2", "center_x",
+                                                           "center_y")}}
+        factor = self.config.instrument.adaptive_supersampling_factor
+        return self._bin(self._light.function(self.grid.x_arcsec, self.grid.y_arcsec, **kw),
+                         lambda mask: self._light.function(*self.grid.subpixel_points(mask, factor), **kw))
+
+    def _source_sb(self, x, y, src: dict) -> np.ndarray:
+        """Surface brightness (e-/s/arcsec^2) of a source at source-plane (x, y), scaled to its magnitude."""
+        cps = self.observation.magnitude_to_cps(src["mag"])
+        if src["kind"] == "cosmos":  # unit-sum stamp: amp = 1 / pixel^2 is unit total flux (sources.py)
+            stamp = self._stamp(src["row"], src["stamp_block"])
+            pixel = src["scale"] * src["stamp_block"]
+            return stamp.surface_brightness(x, y, amp=cps / pixel ** 2, center_x=src["center_x"],
+                                            center_y=src["center_y"], phi_G=src["phi_G"], scale=pixel)
+        unit = self._sersic.total_flux(amp=1.0, R_sersic=src["R_sersic"], n_sersic=src["n_sersic"])
+        return self._light.function(x, y, amp=cps / unit, R_sersic=src["R_sersic"], n_sersic=src["n_sersic"],
+                                    e1=src["e1"], e2=src["e2"], center_x=src["center_x"], center_y=src["center_y"])
+
+    def _stamp(self, row: int, block: int) -> CosmosStamp:
+        """COSMOS stamp ``row`` block-summed by ``block`` (cached: a few blocks per galaxy)."""
+        stamp = self._binned.get((row, block))
+        if stamp is None:
+            raw = self.catalog.stamp(row)
+            stamp = self._binned[(row, block)] = CosmosStamp(rebin_stamp(raw.image, block),
+                                                             raw.pixel_scale_arcsec * block)
+        return stamp
+
+    def _source_cps(self, rays: Rays, src: dict | None) -> np.ndarray:
+        """Lensed (or, with unlensed ``rays``, plain) detector image of a source, e-/s per pixel."""
         if src is None:
             return np.zeros(self.grid.shape)
-        return self._sersic_cps(beta[0], beta[1], src, self.observation.magnitude_to_cps(src["mag"]))
+        return self._bin(self._source_sb(*rays.beta, src), lambda mask: self._source_sb(*rays.subpixel(mask), src))
+
+    def unlensed_rays(self) -> Rays:
+        """Rays of an empty sky (source plane = image plane): a source's own image, for checks."""
+        return Rays(self.grid, self.config.instrument.adaptive_supersampling_factor)
+
+    def rays(self, mass: dict) -> Rays:
+        """Rays of a composite mass (a ``params["mass"]`` dict)."""
+        return Rays(self.grid, self.config.instrument.adaptive_supersampling_factor, self.mass.lens_model,
+                    self.mass.kwargs(mass))
 
     # ------------------------------------------------------------------------------ the deflector
     def _draw_deflector(self, rng: np.random.Generator) -> dict:
@@ -107,75 +188,102 @@ class SurveySimulator(PairSampler):
                 "center_x": d["center"][0], "center_y": d["center"][1]}
 
     # ------------------------------------------------------------------------------ one view
-    def _measure(self, beta, src, view: dict) -> dict:
+    def _measure(self, rays: Rays, src, view: dict) -> dict:
         """Magnification, image count, arc S/N and flux fraction of a source in a prepared view."""
-        arc = self._source_cps(beta, src)
+        arc = self._source_cps(rays, src)
         arc_conv = self.psf_bank.convolve(arc, view["psf_id"])
         total = view["scene_conv"] + arc_conv
         sigma = self.observation.sigma(view["band"], total)
         cps = self.observation.magnitude_to_cps(src["mag"])
-        n_img, mags = image_multiplicity(beta[0], beta[1], self.n_side, self.cell_area, src["center_x"],
+        n_img, mags = image_multiplicity(rays.beta[0], rays.beta[1], self.n_side, self.cell_area, src["center_x"],
                                          src["center_y"], self.config.selection.min_image_mag)
         return {"magnification": float(arc.sum() / cps), "n_images": n_img,
                 "image_magnifications": [float(m) for m in mags],
                 "arc_snr": arc_snr(arc_conv, sigma), "arc_flux_fraction": float(arc_conv.sum() / total.sum()),
                 "_arc_conv": arc_conv}
 
-    def _draw_source_at(self, rng, d: dict, r_max: float, r_min: float = 0.0) -> dict:
-        src = self.population.draw_source(rng, d["defl"]["z_source"])
+    def _draw_source(self, rng, z_source: float) -> dict:
+        """A source with the population's magnitude and half-light radius for ``z_source``: an analytic Sersic,
+        or (with a COSMOS catalog, ``source.cosmos_fraction`` of the time) a random accepted COSMOS galaxy
+        whose stamp is scaled so its half-light radius is the drawn ``R_sersic`` (radius of the area of its
+        brightest pixels that hold half the flux, which is R_sersic for a Sersic: sources.half_light_radius_pix)
+        and its flux is the drawn magnitude's; rotated at random, placed with lenstronomy's INTERPOL."""
+        src = self.population.draw_source(rng, z_source)
+        if self.catalog is None or not rng.random() < self.config.source.cosmos_fraction:
+            return src
+        row = self.catalog.draw_row(rng)
+        stamp = self.catalog.stamp(row)
+        scale = src["R_sersic"] / stamp.half_light_radius_pix   # source-plane arcsec per stamp pixel
+        finest = self.config.source.cosmos_min_stamp_pixel * self.grid.pixel_scale_arcsec
+        return {"kind": "cosmos", "id": int(self.catalog.ident[row]), "row": row, "abs_mag": src["abs_mag"],
+                "mag": src["mag"], "R_sersic": src["R_sersic"], "scale": scale,
+                "stamp_block": max(1, math.ceil(finest / scale)),
+                "stamp_R_half_arcsec": stamp.half_light_radius_pix * stamp.pixel_scale_arcsec,
+                "phi_G": float(rng.uniform(0.0, 2 * math.pi))}
+
+    @staticmethod
+    def _place(rng, src: dict, d: dict, r_max: float, r_min: float = 0.0) -> dict:
+        """``src`` centred uniformly in the annulus r_min..r_max (arcsec) around the lens centre."""
         r = math.sqrt(rng.uniform(r_min ** 2, r_max ** 2))
         phi = float(rng.uniform(0.0, 2 * math.pi))
-        src["center_x"] = d["center"][0] + r * math.cos(phi)
-        src["center_y"] = d["center"][1] + r * math.sin(phi)
-        return src
+        return {**src, "center_x": d["center"][0] + r * math.cos(phi), "center_y": d["center"][1] + r * math.sin(phi)}
 
-    def _try_lensed_source(self, rng, d: dict, beta, view: dict):
+    def _try_lensed_source(self, rng, d: dict, rays: Rays, view: dict):
         """First source of ``source_tries`` that passes the cuts, with its measurements, or None."""
         cuts = self.config.selection
         r_max = self.config.population.source_radius_theta_E * d["defl"]["theta_E_sis"]
         theta_E = d["lens"]["theta_E"]
         for _ in range(cuts.source_tries):
-            src = self._draw_source_at(rng, d, r_max)
+            src = self._place(rng, self._draw_source(rng, d["defl"]["z_source"]), d, r_max)
             resolved = theta_E ** 2 > cuts.resolution_factor ** 2 * (
                 src["R_sersic"] ** 2 + (self.psf_fwhm[view["psf_id"]] / 2) ** 2)
             if not resolved:
                 continue
-            m = self._measure(beta, src, view)
+            m = self._measure(rays, src, view)
             if passes(cuts, n_images=m["n_images"], magnification=m["magnification"], snr=m["arc_snr"],
                       theta_E=theta_E, source_R_arcsec=src["R_sersic"],
                       psf_fwhm_arcsec=self.psf_fwhm[view["psf_id"]]):
                 return src, m
         return None
 
-    def _non_lens_source(self, rng, d: dict, beta, view: dict, src: dict, lensed: dict):
-        """The view's source moved outside the caustics (one image, below the magnification cut) with the
-        observed flux the lensed arcs had (so flux is no tell), or dropped."""
+    def _non_lens_source(self, rng, d: dict, rays: Rays, view: dict, src: dict, lensed: dict):
+        """The view's source (the same galaxy, analytic or COSMOS) moved outside the caustics (one image, below
+        the magnification cut) with the observed flux the lensed arcs had (so flux is no tell), or dropped."""
         cuts = self.config.selection
         if rng.random() < self.config.non_lens_source_absent_fraction:
             return None, None
         theta = d["defl"]["theta_E_sis"]
         for _ in range(cuts.source_tries):
-            moved = self._draw_source_at(rng, d, r_max=4.0 * theta, r_min=1.0 * theta)
-            for k in ("abs_mag", "R_sersic", "n_sersic", "e1", "e2"):
-                moved[k] = src[k]
-            moved["mag"] = src["mag"]
-            m = self._measure(beta, moved, view)
+            moved = self._place(rng, src, d, r_max=4.0 * theta, r_min=1.0 * theta)
+            m = self._measure(rays, moved, view)
             if m["n_images"] > 1 or m["magnification"] >= cuts.min_magnification or m["magnification"] <= 0:
                 continue
             moved["mag"] = src["mag"] - 2.5 * math.log10(lensed["magnification"] / m["magnification"])
-            return moved, self._measure(beta, moved, view)
+            return moved, self._measure(rays, moved, view)
         return None, None
+
+    def _scene_conv(self, lens_light: dict, interlopers: list[dict], psf_id: int) -> np.ndarray:
+        """PSF-convolved unlensed light of a view (e-/s per pixel): the deflector and the field interlopers."""
+        scene = self._sersic_cps(lens_light, self.observation.magnitude_to_cps(lens_light["mag"]))
+        for g in interlopers:
+            scene = scene + self._sersic_cps(g, self.observation.magnitude_to_cps(g["mag"]))
+        return self.psf_bank.convolve(scene, psf_id)
 
     def _prepare_view(self, rng, d: dict, first: bool, interlopers: list[dict]) -> dict:
         ll = self._view_light(rng, d, first)
-        x, y = self.grid.x_arcsec, self.grid.y_arcsec
-        scene = self._sersic_cps(x, y, ll, self.observation.magnitude_to_cps(ll["mag"]))
-        for g in interlopers:
-            scene = scene + self._sersic_cps(x, y, g, self.observation.magnitude_to_cps(g["mag"]))
         psf_id = int(rng.integers(len(self.psf_bank)))
         sky = self.observation.draw_conditions(rng)
         return {"lens_light": ll, "psf_id": psf_id, "sky_offset_mag": sky, "band": self.observation.band(sky),
-                "scene_conv": self.psf_bank.convolve(scene, psf_id)}
+                "scene_conv": self._scene_conv(ll, interlopers, psf_id)}
+
+    def render_model(self, params: dict, view: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(noiseless image, its noise sigma), e-/s per pixel, of view ``view`` of a recorded sample
+        (``params`` as in params.json), with this simulator's grid and numerics: a data set's samples
+        re-rendered at other settings (supersampling convergence, tests/test_survey.py)."""
+        v = params["views"][view]
+        model = self._scene_conv(v["lens_light"], params["interlopers"], v["psf_id"])
+        model = model + self.psf_bank.convolve(self._source_cps(self.rays(params["mass"]), v["source"]), v["psf_id"])
+        return model, Observation.sigma(self.observation.band(v["sky_offset_mag"]), model)
 
     # ------------------------------------------------------------------------------ samples
     def _sample(self, rng: np.random.Generator, n_views: int) -> tuple[list[np.ndarray], dict]:
@@ -185,13 +293,12 @@ class SurveySimulator(PairSampler):
             d = self._draw_deflector(rng)
             if d["lens"]["theta_E"] <= 0:
                 continue
-            beta = self.mass.lens_model.ray_shooting(self.grid.x_arcsec, self.grid.y_arcsec,
-                                                     self.mass.kwargs(d["mass"]))
+            rays = self.rays(d["mass"])
             interlopers = self.population.draw_interlopers(rng, self.field_arcsec)
             views = []
             for v in range(n_views):
                 view = self._prepare_view(rng, d, v == 0, interlopers)
-                found = self._try_lensed_source(rng, d, beta, view)
+                found = self._try_lensed_source(rng, d, rays, view)
                 if found is None:
                     break
                 view["source"], view["measure"] = found
@@ -205,7 +312,7 @@ class SurveySimulator(PairSampler):
         for view in views:
             src, m = view["source"], view["measure"]
             if not is_lens:
-                src, m = self._non_lens_source(rng, d, beta, view, src, m)
+                src, m = self._non_lens_source(rng, d, rays, view, src, m)
             arc_conv = m.pop("_arc_conv") if m is not None else np.zeros(self.grid.shape)
             model = view["scene_conv"] + arc_conv
             noisy = Observation.add_noise(rng, model, Observation.sigma(view["band"], model))
