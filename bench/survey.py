@@ -1,11 +1,17 @@
 """Survey family: simulation rate (images/s on one core) and the picture grid beside the real Euclid lens.
 
-    PYTHONPATH=$PWD .venv/bin/python bench/survey.py --n 20 --grid docs/survey_grid.png
+    PYTHONPATH=$PWD .venv/bin/python bench/survey.py --n 20 [--grid docs/survey_grid.png] [--numerics 12]
 
 Rate: ``sample_single`` / ``sample_pair`` of one SurveySimulator in this process (one core,
-OMP/MKL threads 1), at the preset's own grid (euclid: 110 x 110 at 0.1"/px, supersampling 2), after a
-warm-up sample (numba JIT); the time includes the rejection sampling of the selection. Also printed:
-the paper family's rate on the same grid, side by side, and the population numbers of the samples.
+OMP/MKL threads 1), at the preset's own grid (euclid: 110 x 110 at 0.1"/px, supersampling 2 + adaptive
+16), after a warm-up sample (numba JIT); the time includes the rejection sampling of the selection. Also
+printed, measured side by side in this process: single images without adaptive supersampling (the scheme
+before it), with COSMOS sources (when ``../shared/data/cosmos_23.5_sample`` exists), the paper family's
+rate on the same grid, and the population numbers of the samples.
+
+Numerics (``--numerics N``): N lenses re-rendered noiseless (``render_model``) at uniform factors 1, 2, 4
+and at 2 + adaptive 16 (the default), against uniform factor 10; the error of an image is the largest
+|model - reference| over pixels in units of that pixel's noise sigma (sky, read and Poisson noise).
 
 Grid: the real Euclid Q1 lens (``../shared/data/euclid_q1``, VIS_FLUX, 0.1"/px like the euclid preset,
 so "resampled to the same grid" is a centre crop of num_pix) beside simulated lenses and non-lenses,
@@ -24,8 +30,14 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "euclid_q1" / \
-    "102020532_NEG589257492489565961.fits"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REAL = SHARED / "euclid_q1" / "102020532_NEG589257492489565961.fits"
+COSMOS = SHARED / "cosmos_23.5_sample"
+SCHEMES = {"1": {"supersampling_factor": 1, "adaptive_supersampling_factor": 0},
+           "2": {"supersampling_factor": 2, "adaptive_supersampling_factor": 0},
+           "4": {"supersampling_factor": 4, "adaptive_supersampling_factor": 0},
+           "2+a16 (default)": {}}
+REFERENCE = {"supersampling_factor": 10, "adaptive_supersampling_factor": 0}
 
 
 def real_lens(num_pix: int) -> np.ndarray | None:
@@ -51,6 +63,30 @@ def rate(sim, draw: str, n: int, seed: int = 0) -> tuple[float, list[dict], list
     dt = time.perf_counter() - t
     per_sample_images = 2 if draw == "sample_pair" else 1
     return n * per_sample_images / dt, params, images
+
+
+def numerics(preset: str, n: int, seed: int = 0) -> None:
+    """Supersampling convergence of the survey family (module doc), printed per scheme."""
+    from hpc_lensiam.simulate.survey import survey_config
+    from hpc_lensiam.simulate.survey.simulator import SurveySimulator
+
+    def sim(inst):
+        return SurveySimulator(survey_config(preset=preset, mode="single", lens_fraction=1.0, instrument=inst))
+    rng = np.random.default_rng(seed)
+    base = sim({})
+    params = [base.sample_single(rng)["params"] for _ in range(n)]
+    reference = [sim(REFERENCE).render_model(p) for p in params]
+    cost, errors = {}, {}
+    for name, inst in SCHEMES.items():
+        s = sim(inst)
+        t = time.perf_counter()
+        models = [s.render_model(p)[0] for p in params]
+        cost[name] = (time.perf_counter() - t) / n
+        errors[name] = np.array([(np.abs(m - r) / sigma).max() for m, (r, sigma) in zip(models, reference)])
+    print(f"supersampling vs uniform 10, {n} lenses (error: max over pixels of |model - ref| / noise sigma):")
+    for name, err in errors.items():
+        print(f"  {name:>16}: within 1 sigma {np.mean(err <= 1):.0%}, median {np.median(err):.2f}, "
+              f"max {err.max():.2f}; render {cost[name] * 1e3:.0f} ms ({cost[name] / cost['2']:.1f}x factor 2)")
 
 
 def draw_grid(images, params, real, out: str, n_cols: int = 5) -> None:
@@ -89,6 +125,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20, help="samples timed per mode")
     ap.add_argument("--preset", default="euclid")
     ap.add_argument("--grid", default=None, help="write the picture grid PNG here")
+    ap.add_argument("--numerics", type=int, default=0, help="lenses for the supersampling convergence (0: skip)")
     a = ap.parse_args()
 
     from hpc_lensiam.config import simulation_config
@@ -98,17 +135,27 @@ def main() -> None:
 
     single = SurveySimulator(survey_config(preset=a.preset, mode="single"))
     pairs = SurveySimulator(survey_config(preset=a.preset, mode="lensiam"))
+    no_adaptive = SurveySimulator(survey_config(preset=a.preset, mode="single",
+                                                instrument={"adaptive_supersampling_factor": 0}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         paper = LensSimulator(simulation_config(preset=a.preset))
     r_single, params, images = rate(single, "sample_single", a.n)
+    r_old, _, _ = rate(no_adaptive, "sample_single", a.n)
     r_pair, _, _ = rate(pairs, "sample_pair", max(2, a.n // 2))
     r_paper, _, _ = rate(paper, "sample_single", a.n)
     g = single.grid
     print(f"survey family, {a.preset} {g.num_pix}x{g.num_pix} at {g.pixel_scale_arcsec}\"/px, supersampling "
-          f"{g.supersampling_factor}, one core:")
-    print(f"  single (lens fraction 0.5): {r_single:.2f} images/s; lensiam pairs: {r_pair:.2f} images/s; "
-          f"paper family single: {r_paper:.2f} images/s (survey/paper = {r_single / r_paper:.2f})")
+          f"{g.supersampling_factor} + adaptive {single.config.instrument.adaptive_supersampling_factor}, one core:")
+    print(f"  single (lens fraction 0.5): {r_single:.2f} images/s (without adaptive supersampling: {r_old:.2f}); "
+          f"lensiam pairs: {r_pair:.2f} images/s; paper family single: {r_paper:.2f} images/s "
+          f"(survey/paper = {r_single / r_paper:.2f})")
+    if (COSMOS / "real_galaxy_catalog_23.5.fits").is_file():
+        cosmos = SurveySimulator(survey_config(preset=a.preset, mode="single", cosmos_dir=str(COSMOS)))
+        r_cosmos, cparams, _ = rate(cosmos, "sample_single", a.n)
+        kinds = [p["views"][0]["source"]["kind"] for p in cparams if p["views"][0]["source"]]
+        print(f"  single with --cosmos-dir (cosmos_fraction {cosmos.config.source.cosmos_fraction}): "
+              f"{r_cosmos:.2f} images/s; sources: {kinds.count('cosmos')} COSMOS, {kinds.count('sersic')} Sersic")
     lens = [p for p in params if p["is_lens"]]
     if lens:
         arc = np.median([p["views"][0]["arc_flux_fraction"] for p in lens])
@@ -119,6 +166,8 @@ def main() -> None:
     if a.grid:
         draw_grid(images, params, real_lens(g.num_pix), a.grid)
         print(f"  picture grid: {a.grid}")
+    if a.numerics:
+        numerics(a.preset, a.numerics)
 
 
 if __name__ == "__main__":
