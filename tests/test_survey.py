@@ -236,13 +236,17 @@ def test_adaptive_supersampling_converges_where_factor_1_does_not():
     (["--lens-fraction", "0.3"], "--lens-fraction: only the survey family"),
     (["--family", "survey", "--lens-fraction", "1.5"], "--lens-fraction: expected a fraction in [0, 1]"),
     (["--family", "survey", "--cosmos-dir", "/nonexistent"], "cosmos_dir: /nonexistent is not a directory"),
-    (["--family", "survey", "--cosmos-dir", "."], "has no real_galaxy_catalog_25.2.fits or real_galaxy_catalog_23.5"),
+    (["--family", "survey", "--cosmos-dir", "EMPTYDIR"], "has no real_galaxy_catalog_25.2.fits or real_galaxy_catalog"),
     (["--family", "survey", "--preset", "euclid", "--config", "BADYAML"], "unknown key 'selectionn'"),
+    (["--family", "survey", "--config", "BADSOURCE"], "source.cosmos_fraction: 1.5 is not a fraction in [0, 1]"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(bin_dir, tmp_path, args, message):
     bad = tmp_path / "bad.yaml"
     bad.write_text("selectionn:\n  min_arc_snr: 20\n")
-    args = [str(bad) if a == "BADYAML" else a for a in args]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "source.yaml").write_text("source:\n  cosmos_fraction: 1.5\n")
+    files = {"BADYAML": bad, "EMPTYDIR": tmp_path / "empty", "BADSOURCE": tmp_path / "source.yaml"}
+    args = [str(files[a]) if a in files else a for a in args]
     out = tmp_path / "out"
     proc = subprocess.run([str(bin_dir / "hpc-lensiam"), "simulate", "--out", str(out), "--pairs", "2", *args],
                           capture_output=True, text=True, timeout=300)

@@ -13,6 +13,11 @@ One sample:
    past the cut); field interlopers are drawn for both classes alike;
 4. image (e-/s) = PSF * (lens light + lensed source + interlopers) + noise (noise.py), stored divided by
    its maximum (float32), as the paper family's images are; the maximum is stored (``image_max_cps``).
+   Light is binned with the paper family's adaptive supersampling (DetectorGrid.bin_adaptive; the
+   lensed source's sub-pixel points are ray-shot once per pixel and sample, ``Rays``).
+
+Sources are analytic Sersics or, with ``cosmos_dir``, COSMOS stamps scaled to the population's magnitude and
+half-light radius (``_draw_source``; docs/survey.md "COSMOS sources").
 
 ``params.json``: ``is_lens``, ``lens`` (the 8 effective values, see mass.CompositeMass.effective),
 ``mass`` (the composite parameters and the population draw), ``views`` (per view: lens light, source,
