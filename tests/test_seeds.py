@@ -32,7 +32,7 @@ def _cli(*args) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def reports(single_shards, tmp_path_factory) -> dict:
-    from hpc_lensiam.seeds import finetune_seeds
+    from hpc_lensiam.downstream.seeds import finetune_seeds
     d = tmp_path_factory.mktemp("seeds")
     finetune_seeds([0, 1], out_json=str(d / "a.json"), **_kw(single_shards))
     finetune_seeds([0, 1], out_json=str(d / "b.json"), **_kw(single_shards, epochs=3))
@@ -41,7 +41,7 @@ def reports(single_shards, tmp_path_factory) -> dict:
 
 
 def test_finetune_seeds_per_seed_and_mean_sd(reports, single_shards):
-    from hpc_lensiam.finetune import finetune
+    from hpc_lensiam.downstream.finetune import finetune
     rep = json.loads(reports["a"].read_text())
     assert rep["seeds"] == [0, 1] and rep["complete"] and rep["metric"] == "r2" and len(rep["test_targets"]) == 10
     r2s = [r["r2"] for r in rep["runs"]]
@@ -81,7 +81,7 @@ def test_finetune_seeds_resumes_after_a_kill(single_shards, tmp_path):
 
 
 def test_compare_paired_seed_aware_difference(reports, tmp_path):
-    from hpc_lensiam.seeds import compare
+    from hpc_lensiam.downstream.seeds import compare
     a, b = (json.loads(reports[k].read_text()) for k in ("a", "b"))
     res = compare(str(reports["a"]), str(reports["b"]), out_json=str(tmp_path / "c.json"), n_boot=500)
     per_seed = [x["r2"] - y["r2"] for x, y in zip(a["runs"], b["runs"])]
@@ -96,7 +96,7 @@ def test_compare_paired_seed_aware_difference(reports, tmp_path):
 
 
 def test_compare_and_seeds_bad_input(reports, single_shards, tmp_path):
-    from hpc_lensiam.seeds import compare, finetune_seeds
+    from hpc_lensiam.downstream.seeds import compare, finetune_seeds
     with pytest.raises(UserError, match="different test sets"):
         compare(str(reports["a"]), str(reports["other_test"]))
     one = tmp_path / "one_seed.json"

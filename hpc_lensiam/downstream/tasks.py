@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .io import LENS_PARAMS, UNITS
+from ..errors import UserError
+from ..io import LENS_PARAMS, UNITS
 
 TASKS = ("regress", "classify")
 
@@ -56,7 +56,7 @@ class RegressTask:
         return raw.astype(np.float64) * self.sd + self.mu
 
     def report(self, y: np.ndarray, p: np.ndarray, n_boot: int, seed: int, out_json: str | None) -> tuple[dict, str]:
-        from .stats import bootstrap_r2, r2
+        from ..stats import bootstrap_r2, r2
         resid = p - y
         score, ci = r2(y, p), bootstrap_r2(y, p, n_boot, seed)
         unit = UNITS.get(self.target, "")

@@ -23,7 +23,7 @@
   in the target's units; one line on stdout and, with ``--json``, a JSON file (atomic) that also
   keeps the test targets and predictions, so two backbones can be compared pairwise
   (``hpc-lensiam compare``; the statistics live in :mod:`hpc_lensiam.stats`). ``--seeds 0,1,2``
-  runs the recipe once per seed (:mod:`hpc_lensiam.seeds`).
+  runs the recipe once per seed (:mod:`hpc_lensiam.downstream.seeds`).
 """
 from __future__ import annotations
 
@@ -34,10 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .finetune_tasks import check_target  # noqa: F401 (public here since the first release)
-from .io import MANIFEST_NAME, atomic_write_json, check_output_file, read_manifest, sha256_file
-from .stats import _resample, bootstrap_r2, paired_r2_difference, r2  # noqa: F401  (their old home)
+from ..errors import UserError
+from ..io import MANIFEST_NAME, atomic_write_json, check_output_file, read_manifest, sha256_file
 
 DEFAULT_ARCH = "resnet101"
 
@@ -68,8 +66,8 @@ def build_model(backbone: str, arch: str | None, seed: int, img_size: int | None
     import torch.nn as nn
     import torchvision
 
+    from ..models.backbones import BACKBONES, build_backbone
     from .export import _RESNETS, fold_conv1, infer_arch, read_backbone_file, read_sidecar
-    from .models.backbones import BACKBONES, build_backbone
 
     vits = [a for a, s in BACKBONES.items() if s.family == "timm"]
     known = sorted(set(_RESNETS.values())) + vits
@@ -198,9 +196,9 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
     linear head on the backbone; return (and print) the test report. See finetune_tasks.py."""
     import torch
 
-    from .embed.extract import load_images
-    from .finetune_tasks import make_task
-    from .runtime import device_for, runtime
+    from ..data.images import load_images
+    from ..runtime import device_for, runtime
+    from .tasks import make_task
 
     rt = runtime(command="finetune")   # one process: refuses `srun -n N` copies writing the same report
     task = make_task(task, target)
