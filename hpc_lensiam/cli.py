@@ -133,6 +133,7 @@ def _cmd_compare(a):
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import TrainConfig
+    from .downstream.tasks import TASKS
 
     p = _Parser(prog="hpc-lensiam", description="LenSiam: self-supervised representations of strong lenses")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -248,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backbone", required=True, help="exported backbone, a torchvision weights file, or 'none'")
     s.add_argument("--train", required=True)
     s.add_argument("--test", required=True)
-    s.add_argument("--task", choices=("regress", "classify"), default="regress",
+    s.add_argument("--task", choices=tuple(TASKS), default="regress",
                    help="regress a lens parameter, or classify (--target is_lens: lens finding, survey family)")
     s.add_argument("--target", default="theta_E")
     s.add_argument("--n-train", type=int, default=1000)
