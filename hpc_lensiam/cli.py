@@ -106,12 +106,12 @@ def _cmd_similar(a):
 
 
 def _cmd_export(a):
-    from .export import export_backbone
+    from .downstream.export import export_backbone
     export_backbone(checkpoint=a.checkpoint, out=a.out, fmt=a.format, arch=a.arch)
 
 
 def _cmd_finetune(a):
-    from .finetune import finetune
+    from .downstream.finetune import finetune
     kw = dict(backbone=a.backbone, train_dir=a.train, test_dir=a.test, target=a.target,
               n_train=a.n_train, n_test=a.n_test, epochs=a.epochs, freeze_backbone=a.freeze_backbone,
               batch_size=a.batch_size, lr=a.lr, arch=a.arch, task=a.task, verify=a.verify)
@@ -120,19 +120,20 @@ def _cmd_finetune(a):
             raise UserError("--resume: only with --seeds (it keeps the seeds already in --json)")
         finetune(seed=0 if a.seed is None else a.seed, out_json=a.json, **kw)
         return
-    from .seeds import finetune_seeds, parse_seeds
+    from .downstream.seeds import finetune_seeds, parse_seeds
     if a.seed is not None:
         raise UserError("--seed and --seeds: give one of them")
     finetune_seeds(parse_seeds(a.seeds), out_json=a.json, resume=a.resume, **kw)
 
 
 def _cmd_compare(a):
-    from .seeds import compare
+    from .downstream.seeds import compare
     compare(a.a, a.b, out_json=a.json, n_boot=a.n_boot, seed=a.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import TrainConfig
+    from .downstream.tasks import TASKS
 
     p = _Parser(prog="hpc-lensiam", description="LenSiam: self-supervised representations of strong lenses")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -248,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backbone", required=True, help="exported backbone, a torchvision weights file, or 'none'")
     s.add_argument("--train", required=True)
     s.add_argument("--test", required=True)
-    s.add_argument("--task", choices=("regress", "classify"), default="regress",
+    s.add_argument("--task", choices=tuple(TASKS), default="regress",
                    help="regress a lens parameter, or classify (--target is_lens: lens finding, survey family)")
     s.add_argument("--target", default="theta_E")
     s.add_argument("--n-train", type=int, default=1000)

@@ -8,7 +8,7 @@ Read: README.md, every page under docs/, and the Makefile (the recipe behind `ma
 - A `--flag` in inline code that follows no command exists in some subcommand's or script's help,
   or belongs to one of the launchers listed in EXTERNAL_FLAGS.
 - Every relative link or image resolves to a file in the repository; every repository path shown in
-  inline code (`slurm/pretrain.sh`, `hpc_lensiam/export.py`) exists.
+  inline code (`slurm/pretrain.sh`, `hpc_lensiam/downstream/export.py`) exists.
 - No document points at files that are not in the repository (a spec, a pitfalls list, issue numbers).
 - The README stays a quickstart: at most 200 lines, `make demo` and `make test` in its first code block.
 """

@@ -64,8 +64,8 @@ def _shard_image(data_dir: Path, key: str, view: int) -> np.ndarray:
 def test_embed_two_ranks_every_image_once_aligned(emb2, ckpt, lensiam_shards):
     import torch
 
+    from hpc_lensiam.downstream.export import load_backbone
     from hpc_lensiam.embed.extract import load_embeddings
-    from hpc_lensiam.export import load_backbone
 
     e = load_embeddings(emb2)
     manifest = json.loads((lensiam_shards / "manifest.json").read_text())

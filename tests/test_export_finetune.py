@@ -27,14 +27,14 @@ def run_ddp(lensiam_shards, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(run_ddp, tmp_path_factory) -> Path:
-    from hpc_lensiam.export import export_backbone
+    from hpc_lensiam.downstream.export import export_backbone
     out = tmp_path_factory.mktemp("export") / "backbone.pt"
     export_backbone(str(run_ddp / "checkpoints" / "last.pt"), str(out), "pt")
     return out
 
 
 def _images(data_dir: Path, n: int) -> torch.Tensor:
-    from hpc_lensiam.embed.extract import load_images
+    from hpc_lensiam.data.images import load_images
     _, x, _ = load_images(data_dir, n)
     return torch.as_tensor(x).unsqueeze(1)
 
@@ -51,7 +51,7 @@ def _torchvision(arch: str, state: dict) -> torch.nn.Module:
 def test_export_round_trip_into_torchvision(run_ddp, exported, lensiam_shards, tmp_path):
     from safetensors.torch import load_file
 
-    from hpc_lensiam.export import export_backbone, load_backbone
+    from hpc_lensiam.downstream.export import export_backbone, load_backbone
 
     state = torch.load(exported, weights_only=True)
     assert state["conv1.weight"].shape == (64, 3, 7, 7)
@@ -76,7 +76,7 @@ def test_export_round_trip_into_torchvision(run_ddp, exported, lensiam_shards, t
 
 
 def test_export_from_deepspeed_checkpoint(lensiam_shards, tmp_path):
-    from hpc_lensiam.export import export_backbone
+    from hpc_lensiam.downstream.export import export_backbone
 
     run = train_tiny(lensiam_shards, tmp_path / "ds", engine="deepspeed")
     ds_dir = run / "checkpoints" / "deepspeed"
@@ -89,7 +89,7 @@ def test_export_from_deepspeed_checkpoint(lensiam_shards, tmp_path):
 
 
 def test_export_bad_input(run_ddp, tmp_path):
-    from hpc_lensiam.export import export_backbone
+    from hpc_lensiam.downstream.export import export_backbone
 
     ckpt = str(run_ddp / "checkpoints" / "last.pt")
     with pytest.raises(UserError, match="wrong arch: resnet18, expected resnet101"):
@@ -107,7 +107,7 @@ def test_export_bad_input(run_ddp, tmp_path):
 
 # ------------------------------------------------------------------------------------ finetune
 def test_finetune_end_to_end(exported, single_shards, lensiam_shards, tmp_path):
-    from hpc_lensiam.finetune import finetune
+    from hpc_lensiam.downstream.finetune import finetune
 
     out = tmp_path / "ft.json"
     rep = finetune(str(exported), str(single_shards), str(single_shards), target="theta_E", n_train=40,
@@ -140,7 +140,7 @@ def test_finetune_end_to_end(exported, single_shards, lensiam_shards, tmp_path):
 
 
 def test_paired_r2_difference_cancels_the_shared_test_set():
-    from hpc_lensiam.finetune import paired_r2_difference, r2
+    from hpc_lensiam.stats import paired_r2_difference, r2
 
     rng = np.random.default_rng(0)
     y = rng.normal(size=400)
@@ -155,7 +155,7 @@ def test_paired_r2_difference_cancels_the_shared_test_set():
 
 
 def test_finetune_bad_input(exported, single_shards, tmp_path):
-    from hpc_lensiam.finetune import finetune
+    from hpc_lensiam.downstream.finetune import finetune
 
     kw = dict(train_dir=str(single_shards), test_dir=str(single_shards), n_train=10, n_test=10, epochs=1,
               freeze_backbone=True, batch_size=8, progress=False)
@@ -178,7 +178,7 @@ def test_finetune_refuses_an_export_whose_weights_differ_from_its_sidecar(export
     finetune in one line instead of being fine-tuned as if it were the recorded backbone."""
     import shutil
 
-    from hpc_lensiam.finetune import finetune
+    from hpc_lensiam.downstream.finetune import finetune
 
     bad = tmp_path / "backbone.pt"
     shutil.copy(exported, bad)
@@ -196,3 +196,31 @@ def test_finetune_refuses_an_export_whose_weights_differ_from_its_sidecar(export
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "export it again" in r.stderr, r.stderr
 
+
+
+def test_a_new_task_is_one_class_and_one_registry_line(single_shards, monkeypatch):
+    """docs/extending.md's example task, registered in-process: `--task` offers it and finetune learns
+    through it with the loop unchanged (same split; the head's targets are log theta_E)."""
+    import re
+
+    from hpc_lensiam.cli import build_parser
+    from hpc_lensiam.downstream import tasks
+    from hpc_lensiam.downstream.finetune import finetune
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text()
+    section = page.split("## A new downstream task", 1)[1].split("\n## ", 1)[0]
+    namespace = dict(vars(tasks))
+    exec(re.search(r"```python\n(.*?)```", section, re.S).group(1), namespace)
+    monkeypatch.setitem(tasks.TASKS, "logregress", namespace["LogRegressTask"])
+    args = build_parser().parse_args(["finetune", "--backbone", "none", "--train", "a", "--test", "b",
+                                      "--task", "logregress"])
+    assert args.task == "logregress"
+
+    kw = dict(target="theta_E", n_train=20, n_test=10, epochs=1, freeze_backbone=True, batch_size=16, seed=0,
+              arch="resnet18", progress=False)
+    log = finetune("none", str(single_shards), str(single_shards), task="logregress", **kw)
+    lin = finetune("none", str(single_shards), str(single_shards), task="regress", **kw)
+    assert log["task"] == "logregress" and log["test_targets"] == lin["test_targets"] and log["unit"] == "arcsec"
+    assert (np.array(log["test_predictions"]) > 0).all() and np.isfinite(log["r2"])
+    # standardised in log space: exp(mean log theta_E) is the geometric mean, below the arithmetic one
+    assert np.exp(log["target_train_mean"]) < lin["target_train_mean"]

@@ -85,8 +85,8 @@ def test_manifest_records_size_and_inputs(data):
 
 def test_flipped_byte_found_by_verify_and_train_verify_embed_finetune(copy, tmp_path):
     """Row: bytes flipped inside a shard's image were used by train, embed and finetune."""
+    from hpc_lensiam.data.images import load_images
     from hpc_lensiam.data.loader import ShardError
-    from hpc_lensiam.embed.extract import load_images
     from hpc_lensiam.integrity import check_shards, verify_dataset
     _flip(copy / "shard-000002.tar")
     bad = verify_dataset(copy, progress=False)
@@ -154,8 +154,8 @@ def test_nan_pixel_named_at_write_and_read(copy, tmp_path):
     """Row: one NaN pixel: training stopped without naming the sample; embed wrote a NaN row."""
     import webdataset as wds
 
+    from hpc_lensiam.data.images import load_images
     from hpc_lensiam.data.loader import ShardError, ShardLoader, read_shard
-    from hpc_lensiam.embed.extract import load_images
     from hpc_lensiam.integrity import IntegrityError
     from hpc_lensiam.simulate.writer import encode_sample, npy_bytes
     image = np.ones((4, 4), np.float32)
@@ -376,7 +376,7 @@ def test_psf_file_changed_between_killed_run_and_rerun_is_refused(tmp_path):
 
 def test_finetune_same_seed_train_and_test_is_flagged(tmp_path, capfd):
     """Row: train and test simulated with the same seed: identical shards, test_from_train_set false."""
-    from hpc_lensiam.finetune import finetune
+    from hpc_lensiam.downstream.finetune import finetune
     kw = dict(num_samples=16, shard_size=8, mode="single", preset="euclid", seed=0, overrides=SMALL)
     train_dir = _simulate(tmp_path / "train", **kw)
     test_dir = _simulate(tmp_path / "test", **kw)

@@ -508,9 +508,9 @@ def test_tensorboard_metrics_and_lens_probe(lensiam_shards, single_shards, tmp_p
     import numpy as np
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from hpc_lensiam.embed.extract import load_images
+    from hpc_lensiam.data.images import load_images
+    from hpc_lensiam.downstream.export import load_backbone
     from hpc_lensiam.embed.probe import probe_arrays, split_by_key
-    from hpc_lensiam.export import load_backbone
     from hpc_lensiam.io import LENS_PARAMS
     _clean_env(monkeypatch)
     run = tmp_path / "run"

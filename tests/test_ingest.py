@@ -337,8 +337,8 @@ def test_euclid_nir_band_with_no_data_pixels(euclid_file, tmp_path):
 
 def test_finetune_and_show_read_ingested_shards_unchanged(tmp_path):
     """Labelled real images train a regressor like simulated ones; unlabelled ones are refused."""
+    from hpc_lensiam.downstream.finetune import finetune
     from hpc_lensiam.errors import UserError
-    from hpc_lensiam.finetune import finetune
     from hpc_lensiam.simulate.show import show_pairs
     scale, rows = 0.1, ["file,theta_E,is_lens"]
     files = []

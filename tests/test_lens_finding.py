@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import conftest
-from hpc_lensiam.classify_metrics import classification_report, roc_auc, tpr_at_fpr
+from hpc_lensiam.downstream.classify_metrics import classification_report, roc_auc, tpr_at_fpr
 from hpc_lensiam.errors import UserError
 
 pytestmark = pytest.mark.timeout(600)
@@ -54,7 +54,7 @@ def test_auc_and_tpr_at_fpr_against_definitions():
 # ------------------------------------------------------------------------------------------ finetune
 @pytest.mark.parametrize("frozen", [True, False])
 def test_finetune_classify_reports_auc_tpr_and_roc(survey_shards, tmp_path, frozen):
-    from hpc_lensiam.finetune import finetune
+    from hpc_lensiam.downstream.finetune import finetune
     out = tmp_path / "cls.json"
     rep = finetune("none", str(survey_shards), str(survey_shards), target="is_lens", task="classify",
                    n_train=50, n_test=30, epochs=2, freeze_backbone=frozen, batch_size=16, seed=0,
@@ -74,7 +74,7 @@ def test_finetune_classify_reports_auc_tpr_and_roc(survey_shards, tmp_path, froz
 
 
 def test_finetune_classify_bad_input(survey_shards, single_shards):
-    from hpc_lensiam.finetune import finetune
+    from hpc_lensiam.downstream.finetune import finetune
     kw = dict(n_train=20, n_test=10, epochs=1, freeze_backbone=True, batch_size=8, arch="resnet18", progress=False)
     with pytest.raises(UserError, match="samples without is_lens labels.*--family survey"):
         finetune("none", str(single_shards), str(single_shards), target="is_lens", task="classify", **kw)

@@ -283,9 +283,9 @@ def test_byol_vit_run_exports_embeds_and_finetunes(byol_vit_run, lensiam_shards,
 
     import timm
 
+    from hpc_lensiam.downstream.export import export_backbone
+    from hpc_lensiam.downstream.finetune import finetune
     from hpc_lensiam.embed.extract import extract_embeddings, load_embeddings
-    from hpc_lensiam.export import export_backbone
-    from hpc_lensiam.finetune import finetune
 
     ckpt = load_checkpoint(byol_vit_run / "checkpoints" / "last.pt")
     online = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
@@ -349,7 +349,7 @@ def test_byol_with_deepspeed_and_simclr_on_two_torchrun_ranks(lensiam_shards, tm
     import sys
     from pathlib import Path
 
-    from hpc_lensiam.export import backbone_from_checkpoint
+    from hpc_lensiam.downstream.export import backbone_from_checkpoint
     run = train_tiny(lensiam_shards, tmp_path / "ds", method="byol", engine="deepspeed", proj_hidden_dim=32,
                      proj_dim=16, pred_dim=32)
     state = load_checkpoint(run / "checkpoints" / "last.pt")

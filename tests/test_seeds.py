@@ -32,7 +32,7 @@ def _cli(*args) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def reports(single_shards, tmp_path_factory) -> dict:
-    from hpc_lensiam.seeds import finetune_seeds
+    from hpc_lensiam.downstream.seeds import finetune_seeds
     d = tmp_path_factory.mktemp("seeds")
     finetune_seeds([0, 1], out_json=str(d / "a.json"), **_kw(single_shards))
     finetune_seeds([0, 1], out_json=str(d / "b.json"), **_kw(single_shards, epochs=3))
@@ -41,7 +41,7 @@ def reports(single_shards, tmp_path_factory) -> dict:
 
 
 def test_finetune_seeds_per_seed_and_mean_sd(reports, single_shards):
-    from hpc_lensiam.finetune import finetune
+    from hpc_lensiam.downstream.finetune import finetune
     rep = json.loads(reports["a"].read_text())
     assert rep["seeds"] == [0, 1] and rep["complete"] and rep["metric"] == "r2" and len(rep["test_targets"]) == 10
     r2s = [r["r2"] for r in rep["runs"]]
@@ -81,7 +81,7 @@ def test_finetune_seeds_resumes_after_a_kill(single_shards, tmp_path):
 
 
 def test_compare_paired_seed_aware_difference(reports, tmp_path):
-    from hpc_lensiam.seeds import compare
+    from hpc_lensiam.downstream.seeds import compare
     a, b = (json.loads(reports[k].read_text()) for k in ("a", "b"))
     res = compare(str(reports["a"]), str(reports["b"]), out_json=str(tmp_path / "c.json"), n_boot=500)
     per_seed = [x["r2"] - y["r2"] for x, y in zip(a["runs"], b["runs"])]
@@ -96,7 +96,7 @@ def test_compare_paired_seed_aware_difference(reports, tmp_path):
 
 
 def test_compare_and_seeds_bad_input(reports, single_shards, tmp_path):
-    from hpc_lensiam.seeds import compare, finetune_seeds
+    from hpc_lensiam.downstream.seeds import compare, finetune_seeds
     with pytest.raises(UserError, match="different test sets"):
         compare(str(reports["a"]), str(reports["other_test"]))
     one = tmp_path / "one_seed.json"
@@ -127,16 +127,47 @@ def test_compare_and_seeds_bad_input(reports, single_shards, tmp_path):
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and msg in r.stderr, (extra, r.stderr)
 
 
-def test_science_protocol_refuses_survey_set_until_it_exists(tmp_path):
-    """bench/science.py --downstream-family survey needs issue 14's flags: one line, exit 2, nothing made."""
-    help_text = _cli("simulate", "--help").stdout + _cli("finetune", "--help").stdout
-    if "--family" in help_text and "--task" in help_text:
-        pytest.skip("this checkout has the survey family and the classification task")
-    out = tmp_path / "science"
-    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "science.py"),
-                        "--downstream-family", "paper", "survey", "--out", str(out), "--tag", "never"],
-                       capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert "--downstream-family survey needs" in r.stderr and "simulate --family" in r.stderr
-    assert not out.exists()
+@pytest.fixture(scope="module")
+def survey_set(tmp_path_factory) -> Path:
+    """72 survey-family single images, half lenses (``simulate --family survey --mode single --lens-fraction 0.5
+    --preset euclid``), 48 x 48 px without supersampling: 32 train, then 40 test images (~20 of each class)."""
+    from hpc_lensiam.simulate.writer import simulate_shards
+    out = tmp_path_factory.mktemp("survey") / "single"
+    simulate_shards(out_dir=str(out), num_samples=72, shard_size=24, mode="single", preset="euclid", seed=5,
+                    family="survey", lens_fraction=0.5,
+                    overrides={"instrument": {"num_pix": 48, "supersampling_factor": 1}}, progress=False)
+    return out
+
+
+def test_seed_aware_lens_finding_on_the_survey_set(survey_set, tmp_path):
+    """The science protocol's survey arm in small: two resnet18 recipes (full fine-tuning and frozen features)
+    find lenses over seeds 0,1 on one survey test set; `compare` pairs them by seed on the AUC."""
+    from hpc_lensiam.stats import roc_auc
+    reports = {}
+    for name, extra in (("full", []), ("frozen", ["--freeze-backbone"])):
+        reports[name] = tmp_path / f"{name}.json"
+        r = _cli("finetune", "--backbone", "none", "--arch", "resnet18", "--task", "classify", "--target", "is_lens",
+                 "--train", survey_set, "--test", survey_set, "--n-train", 32, "--n-test", 40, "--epochs", 2,
+                 "--batch-size", 16, "--seeds", "0,1", "--json", reports[name], *extra)
+        assert r.returncode == 0, r.stderr
+        assert "ROC AUC = " in r.stdout and "mean +- sd over 2 seeds" in r.stdout
+    aucs = {}
+    for name, path in reports.items():
+        rep = json.loads(path.read_text())
+        y = np.asarray(rep["test_targets"])
+        assert rep["metric"] == "auc" and rep["task"] == "classify" and rep["seeds"] == [0, 1] and rep["complete"]
+        assert len(y) == 40 and 10 <= y.sum() <= 30                    # both classes in the test set
+        aucs[name] = [run["auc"] for run in rep["runs"]]                # per-seed AUCs, each from its own scores
+        assert aucs[name] == [roc_auc(y, run["test_predictions"]) for run in rep["runs"]]
+        assert rep["summary"]["auc"]["values"] == aucs[name] and rep["summary"]["auc"]["n"] == 2
+    r = _cli("compare", reports["full"], reports["frozen"], "--json", tmp_path / "cmp.json")
+    assert r.returncode == 0 and r.stdout.count("\n") == 1 and "ROC AUC full - frozen" in r.stdout, r.stderr
+    assert "over 2 paired seeds x 40 test images" in r.stdout
+    res = json.loads((tmp_path / "cmp.json").read_text())
+    per_seed = [a - b for a, b in zip(aucs["full"], aucs["frozen"])]
+    assert res["metric"] == "auc" and res["seeds"] == 2 and res["n_test"] == 40
+    assert np.allclose(res["per_seed"], per_seed) and np.isclose(res["delta"], np.mean(per_seed))
+    lo, hi = res["ci95"]
+    lo_i, hi_i = res["ci95_images_only"]
+    assert lo <= res["delta"] <= hi
+    assert hi - lo >= hi_i - lo_i          # seeds add noise to the interval, never take it away

@@ -129,7 +129,7 @@ def probe_classify(features: np.ndarray, is_lens: np.ndarray, groups: np.ndarray
     from sklearn.model_selection import GroupKFold
     from sklearn.neighbors import KNeighborsClassifier
 
-    from ..classify_metrics import classification_report, roc_auc
+    from ..downstream.classify_metrics import classification_report, roc_auc
 
     test = np.asarray(test, bool)
     train = ~test

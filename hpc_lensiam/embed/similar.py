@@ -165,7 +165,7 @@ def embed_image(emb: dict, image: str, checkpoint: str, hdu: str | None, pixel_s
     import torch
 
     from ..config import IngestConfig, from_dict
-    from ..export import load_backbone
+    from ..downstream.export import load_backbone
     from ..ingest.prepare import prepare
     from ..ingest.read import inspect_cutout
 

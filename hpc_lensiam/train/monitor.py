@@ -53,7 +53,7 @@ class LensProbe:
     """Ridge R^2 of theta_E, e1, gamma from the backbone's features of a held-out shard set."""
 
     def __init__(self, data_dir: str, samples: int):
-        from ..embed.extract import load_images
+        from ..data.images import load_images
         from ..embed.probe import split_by_key
         from ..io import LENS_PARAMS, read_manifest
         manifest = read_manifest(data_dir)

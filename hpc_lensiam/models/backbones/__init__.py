@@ -8,7 +8,7 @@ layout, kept for every method and backbone).
 
 ``spec.export(state, img_size)`` turns a trained 1-channel backbone state into the state a stock
 library model loads (torchvision or timm), with that model and how to load it; the exporter
-checks the keys and the features (:mod:`hpc_lensiam.export`).
+checks the keys and the features (:mod:`hpc_lensiam.downstream.export`).
 
 Adding a backbone = one module with an ``ENTRIES`` tuple of :class:`BackboneSpec` + one entry in
 ``_MODULES`` below (docs/methods.md shows a ten-line example).

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Exported:
-    """What a backbone's export contract produces (see :func:`hpc_lensiam.export.export_backbone`)."""
+    """What a backbone's export contract produces (see :func:`hpc_lensiam.downstream.export.export_backbone`)."""
     state: dict                  # state_dict the library model loads
     model: object                # that library model, loaded, head = Identity, eval mode
     in_chans: int                # channels the library model takes (a grayscale image repeated)

@@ -1,6 +1,6 @@
 """Seed-aware fine-tuning: one recipe over S seeds, and the paired comparison of two such runs.
 
-``hpc-lensiam finetune ... --seeds 0,1,2 --json A.json`` runs :func:`hpc_lensiam.finetune.finetune`
+``hpc-lensiam finetune ... --seeds 0,1,2 --json A.json`` runs :func:`hpc_lensiam.downstream.finetune.finetune`
 once per seed (the seed sets the train/validation split, the head's init, the batch order and, for
 ``--backbone none``, the whole network's init) and reports each seed plus mean +- sd across seeds.
 The JSON keeps every seed's test predictions. With ``--resume`` the seeds already in ``--json``
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .io import MANIFEST_NAME, atomic_write_json, sha256_file
-from .stats import hierarchical_paired_difference, seed_summary
+from ..errors import UserError
+from ..io import MANIFEST_NAME, atomic_write_json, sha256_file
+from ..stats import hierarchical_paired_difference, seed_summary
 
 FORMAT = "hpc_lensiam.finetune_seeds/1"
 SUMMARY_KEYS = ("r2", "residual_sigma", "rmse", "bias", "auc")   # summarised where every seed has them

@@ -18,26 +18,27 @@
   ``--freeze-backbone`` the backbone runs once in eval mode and only the linear head is trained.
 - ``--task classify --target is_lens`` (survey-family sets): the lens-finding task, logistic head and
   BCE, reporting ROC AUC and TPR at FPR 1e-2 / 1e-3 with bootstrap intervals and the ROC curve
-  (finetune_tasks.py, classify_metrics.py); the rest of this page holds for both tasks.
+  (tasks.py, classify_metrics.py); the rest of this page holds for both tasks.
 - Report: test R^2 with a bootstrap 95% interval (1000 resamples, seeded), residual sigma and RMSE
   in the target's units; one line on stdout and, with ``--json``, a JSON file (atomic) that also
   keeps the test targets and predictions, so two backbones can be compared pairwise
   (``hpc-lensiam compare``; the statistics live in :mod:`hpc_lensiam.stats`). ``--seeds 0,1,2``
-  runs the recipe once per seed (:mod:`hpc_lensiam.seeds`).
+  runs the recipe once per seed (:mod:`hpc_lensiam.downstream.seeds`).
 """
 from __future__ import annotations
 
 import copy
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .finetune_tasks import check_target  # noqa: F401 (public here since the first release)
-from .io import MANIFEST_NAME, atomic_write_json, check_output_file, read_manifest, sha256_file
-from .stats import _resample, bootstrap_r2, paired_r2_difference, r2  # noqa: F401  (their old home)
+from ..data.images import load_images
+from ..errors import UserError
+from ..io import MANIFEST_NAME, atomic_write_json, check_output_file, read_manifest, sha256_file
+from .tasks import make_task
 
 DEFAULT_ARCH = "resnet101"
 
@@ -68,8 +69,8 @@ def build_model(backbone: str, arch: str | None, seed: int, img_size: int | None
     import torch.nn as nn
     import torchvision
 
+    from ..models.backbones import BACKBONES, build_backbone
     from .export import _RESNETS, fold_conv1, infer_arch, read_backbone_file, read_sidecar
-    from .models.backbones import BACKBONES, build_backbone
 
     vits = [a for a, s in BACKBONES.items() if s.family == "timm"]
     known = sorted(set(_RESNETS.values())) + vits
@@ -145,19 +146,28 @@ def _batches(n: int, batch_size: int, gen=None, drop_single: bool = False):
         yield b
 
 
-def _forward(net, images, idx, device):
+def _images(inputs) -> bool:
+    """Whether ``inputs`` are images (N, H, W) for the whole network, not frozen features (N, D) for the head."""
+    return inputs.ndim == 3
+
+
+def _forward(net, inputs, idx, device):
+    """``net``'s output (B,) for samples ``idx``; images go in on 3 repeated channels (the export contract)."""
     import torch
-    x = torch.as_tensor(images[idx.numpy()]).unsqueeze(1).repeat(1, 3, 1, 1).to(device)
-    return net(x).squeeze(1)
+    x = torch.as_tensor(inputs[idx.numpy()])
+    if _images(x):
+        x = x.unsqueeze(1).repeat(1, 3, 1, 1)
+    return net(x.to(device)).squeeze(1)
 
 
-def _predict(net, images, batch_size, device) -> np.ndarray:
+def predict(net, inputs, batch_size: int, device) -> np.ndarray:
+    """``net``'s outputs (N,) float32 in eval mode, in input order."""
     import torch
     net.eval()
     out = []
     with torch.inference_mode():
-        for b in _batches(len(images), batch_size):
-            out.append(_forward(net, images, b, device).float().cpu())
+        for b in _batches(len(inputs), batch_size):
+            out.append(_forward(net, inputs, b, device).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
@@ -187,23 +197,10 @@ def shared_images(x_train: np.ndarray, x_test: np.ndarray) -> int:
     return sum(hashlib.sha256(np.ascontiguousarray(x).tobytes()).digest() in seen for x in x_test)
 
 
-# ---------------------------------------------------------------------------------------- finetune
-def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_E", n_train: int = 1000,
-             n_test: int = 1000, epochs: int = 30, freeze_backbone: bool = False, batch_size: int = 64,
-             lr: float | None = None, seed: int = 0, out_json: str | None = None, arch: str | None = None,
-             val_fraction: float = 0.2, weight_decay: float = 1e-4, n_boot: int = 1000,
-             progress: bool = True, task: str = "regress",
-             verify: bool = False) -> dict:
-    """Regress ``target`` (``task="regress"``) or find lenses (``task="classify"``, target is_lens) with a
-    linear head on the backbone; return (and print) the test report. See finetune_tasks.py."""
-    import torch
-
-    from .embed.extract import load_images
-    from .finetune_tasks import make_task
-    from .runtime import device_for, runtime
-
-    rt = runtime(command="finetune")   # one process: refuses `srun -n N` copies writing the same report
-    task = make_task(task, target)
+# ------------------------------------------------------------------------------------- the steps
+def check_args(n_train: int, n_test: int, epochs: int, batch_size: int, val_fraction: float, lr: float | None,
+               seed: int, out_json: str | None) -> None:
+    """Every numeric flag and the report path, before a backbone or an image is read."""
     for name, v, lo in (("--n-train", n_train, 5), ("--n-test", n_test, 2), ("--epochs", epochs, 1),
                         ("--batch-size", batch_size, 1)):
         if v is None or v < lo:
@@ -216,13 +213,29 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
         raise UserError(f"--seed: must be >= 0, got {seed}")
     if out_json:
         check_output_file(out_json, "--json")
-    t0 = time.perf_counter()
-    img_size = None
-    if backbone.lower() == "none" and (arch or "").startswith("vit"):   # a random-init ViT: the data's side
-        img_size = (read_manifest(train_dir).get("image_shape") or [None])[-1]
-    model, desc = build_model(backbone, arch, seed, img_size)  # bad backbone / arch fails before data loading
 
-    # ---- data: train (-> train/val) and an independent test set, used once at the end
+
+@dataclass
+class Split:
+    """One run's images (N, H, W) float32 and raw labels: train / validation / test."""
+    x_tr: np.ndarray
+    y_tr: np.ndarray
+    x_va: np.ndarray
+    y_va: np.ndarray
+    x_te: np.ndarray
+    y_te: np.ndarray
+    test_from_train_set: bool   # --test is --train's data: the test samples follow the train ones
+    shared: int                 # test images byte-identical to a training image (warned about)
+
+
+def load_split(train_dir: str, test_dir: str, n_train: int, n_test: int, val_fraction: float, seed: int, task,
+               desc: dict, verify: bool = False) -> Split:
+    """The first ``n_train`` samples of ``--train`` split train/val with ``seed``, and ``n_test`` test samples.
+
+    The test set is independent of the training samples by construction when ``--test`` is the same data as
+    ``--train`` (taken after them); otherwise byte-identical images are counted and warned about, because
+    the test score would then not be independent. A ViT backbone takes only its training image size.
+    """
     same = same_data(train_dir, test_dir, n_train + n_test)
     if same:
         _, xs, ys = load_images(train_dir, n_train + n_test, what="--train/--test (one data set)", verify=verify)
@@ -245,104 +258,134 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
     va, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     if len(tr) < 2:
         raise UserError(f"--n-train {n_train}: too few for a validation split of {val_fraction:.0%}")
-    x_va, y_va, x_tr, y_tr = x_tr[va], y_tr[va], x_tr[tr], y_tr[tr]
-    task.fit(y_tr)
+    return Split(x_tr[tr], y_tr[tr], x_tr[va], y_tr[va], x_te, y_te, same, shared)
+
+
+def frozen_features(model, split: Split, batch_size: int, device):
+    """(train, val, test) backbone features, computed once in eval mode and standardised with the train
+    split's mean/sd: with ``--freeze-backbone`` only the head learns, so the backbone never runs again."""
+    import torch
+    head = model.fc
+    model.fc = torch.nn.Identity()
+    feats = [torch.as_tensor(predict(model, x, batch_size, device).reshape(len(x), -1))
+             for x in (split.x_tr, split.x_va, split.x_te)]
+    model.fc = head
+    mean, sd = feats[0].mean(0), feats[0].std(0).clamp_min(1e-6)
+    return tuple((f - mean) / sd for f in feats)
+
+
+def train_one_epoch(net, inputs, targets, task, opt, sched, batch_size: int, gen, device) -> float:
+    """One pass over the training inputs in the seeded order; returns the mean batch loss.
+
+    ``inputs``: images (N, H, W) through the whole network, or frozen features (N, D) through the head.
+    A last batch of one image is skipped: BatchNorm in train mode needs two samples.
+    """
+    net.train()
+    losses = []
+    for idx in _batches(len(inputs), batch_size, gen, drop_single=_images(inputs)):
+        loss = task.loss(_forward(net, inputs, idx, device), targets[idx.to(device)])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    return float(np.mean(losses))
+
+
+def evaluate(net, inputs, targets, task, batch_size: int, device) -> float:
+    """The task's loss on held-out inputs (the validation split: model selection)."""
+    import torch
+    return float(task.loss(torch.as_tensor(predict(net, inputs, batch_size, device), device=device), targets))
+
+
+def build_report(task, backbone: str, desc: dict, freeze_backbone: bool, metrics: dict, split: Split,
+                 p_te: np.ndarray, best: tuple, history: list, recipe: dict, train_dir: str, test_dir: str,
+                 seconds: float) -> dict:
+    """The run's JSON report: metrics, the recipe, provenance (manifest hashes, the backbone's pretraining)
+    and the test targets and predictions that ``compare`` pairs across backbones."""
+    report = {
+        "task": task.name, "target": task.target, "backbone": backbone, "arch": desc["arch"],
+        "init": desc["init"], "freeze_backbone": bool(freeze_backbone), **metrics,
+        "n_train": len(split.y_tr), "n_val": len(split.y_va), "n_test": len(split.y_te),
+        "best_epoch": best[1], "best_val_loss": best[0], **recipe,
+        "train_dir": str(Path(train_dir).resolve()), "test_dir": str(Path(test_dir).resolve()),
+        "test_from_train_set": bool(split.test_from_train_set), "test_images_in_train": split.shared,
+        "train_manifest_sha256": sha256_file(Path(train_dir) / MANIFEST_NAME),
+        "test_manifest_sha256": sha256_file(Path(test_dir) / MANIFEST_NAME),
+        "seconds": seconds,
+        "history": history,
+        "test_targets": [float(v) for v in split.y_te], "test_predictions": [float(v) for v in p_te],
+    }
+    if desc.get("sidecar"):
+        report["pretraining"] = desc["sidecar"].get("training")
+    return report
+
+
+# ---------------------------------------------------------------------------------------- finetune
+def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_E", n_train: int = 1000,
+             n_test: int = 1000, epochs: int = 30, freeze_backbone: bool = False, batch_size: int = 64,
+             lr: float | None = None, seed: int = 0, out_json: str | None = None, arch: str | None = None,
+             val_fraction: float = 0.2, weight_decay: float = 1e-4, n_boot: int = 1000,
+             progress: bool = True, task: str = "regress",
+             verify: bool = False) -> dict:
+    """Regress ``target`` (``task="regress"``) or find lenses (``task="classify"``, target is_lens) with a
+    linear head on the backbone; return (and print) the test report. The tasks are in :mod:`.tasks`."""
+    import torch
+
+    from ..runtime import device_for, runtime
+
+    rt = runtime(command="finetune")   # one process: refuses `srun -n N` copies writing the same report
+    task = make_task(task, target)
+    check_args(n_train, n_test, epochs, batch_size, val_fraction, lr, seed, out_json)
+    t0 = time.perf_counter()
+    img_size = None
+    if backbone.lower() == "none" and (arch or "").startswith("vit"):   # a random-init ViT: the data's side
+        img_size = (read_manifest(train_dir).get("image_shape") or [None])[-1]
+    model, desc = build_model(backbone, arch, seed, img_size)  # bad backbone / arch fails before data loading
+    split = load_split(train_dir, test_dir, n_train, n_test, val_fraction, seed, task, desc, verify)
+    task.fit(split.y_tr)
 
     device = device_for(rt)
     model = model.to(device)
     lr = lr if lr is not None else (1e-3 if freeze_backbone else 1e-4)
     gen = torch.Generator().manual_seed(seed)
-    t_tr = torch.as_tensor(task.encode(y_tr), dtype=torch.float32, device=device)
-    t_va = torch.as_tensor(task.encode(y_va), dtype=torch.float32, device=device)
-
-    if freeze_backbone:  # features once, in eval mode; then only the head learns
-        head = model.fc
-        model.fc = torch.nn.Identity()
-        f_tr, f_va, f_te = (torch.as_tensor(_predict(model, x, batch_size, device).reshape(len(x), -1))
-                            for x in (x_tr, x_va, x_te))
-        fm, fs = f_tr.mean(0), f_tr.std(0).clamp_min(1e-6)
-        f_tr, f_va, f_te = ((f - fm) / fs for f in (f_tr, f_va, f_te))
-        model.fc = head
-        net = head
-        params = head.parameters()
-
-        def step_loss(idx):
-            return task.loss(head(f_tr[idx].to(device)).squeeze(1), t_tr[idx])
-
-        def val_loss():
-            with torch.inference_mode():
-                return float(task.loss(head(f_va.to(device)).squeeze(1), t_va))
+    t_tr, t_va = (torch.as_tensor(task.encode(y), dtype=torch.float32, device=device) for y in (split.y_tr, split.y_va))
+    if freeze_backbone:   # the head learns on features computed once
+        net, (in_tr, in_va, in_te) = model.fc, frozen_features(model, split, batch_size, device)
     else:
-        net = model
-        params = model.parameters()
-
-        def step_loss(idx):
-            return task.loss(_forward(model, x_tr, idx, device), t_tr[idx.to(device)])
-
-        def val_loss():
-            p = torch.as_tensor(_predict(model, x_va, batch_size, device), device=device)
-            return float(task.loss(p, t_va))
-
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = max(1, sum(1 for _ in _batches(len(x_tr), batch_size, None, not freeze_backbone)))
+        net, (in_tr, in_va, in_te) = model, (split.x_tr, split.x_va, split.x_te)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = max(1, sum(1 for _ in _batches(len(in_tr), batch_size, None, _images(in_tr))))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-    best = (float("inf"), 0, None)
+
+    best, history = (float("inf"), 0, None), []   # (val loss, epoch, model state): the lowest val loss wins
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=epochs, unit="epoch", desc=f"finetune {target}", dynamic_ncols=True, file=sys.stderr)
-    history = []
     for epoch in range(1, epochs + 1):
-        net.train()
-        if freeze_backbone:
-            model.eval()
-        losses = []
-        for idx in _batches(len(x_tr), batch_size, gen, drop_single=not freeze_backbone):
-            loss = step_loss(idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-        v = val_loss()
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": v})
-        if v < best[0]:
-            best = (v, epoch, copy.deepcopy(model.state_dict()))
+        train_loss = train_one_epoch(net, in_tr, t_tr, task, opt, sched, batch_size, gen, device)
+        val_loss = evaluate(net, in_va, t_va, task, batch_size, device)
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+        if val_loss < best[0]:
+            best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
         if bar:
             bar.update(1)
-            bar.set_postfix(train=f"{np.mean(losses):.3f}", val=f"{v:.3f}", best_epoch=best[1])
+            bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", best_epoch=best[1])
     if bar:
         bar.close()
     model.load_state_dict(best[2])
 
-    # ---- the test set, once
-    if freeze_backbone:
-        with torch.inference_mode():
-            p_te = model.fc(f_te.to(device)).squeeze(1).cpu().numpy()
-    else:
-        p_te = _predict(model, x_te, batch_size, device)
-    p_te = task.decode(p_te)
-    metrics, summary = task.report(y_te, p_te, n_boot, seed, out_json)
-    report = {
-        "task": task.name, "target": target, "backbone": backbone, "arch": desc["arch"],
-        "init": desc["init"], "freeze_backbone": bool(freeze_backbone), **metrics,
-        "n_train": int(len(tr)), "n_val": int(n_val), "n_test": int(len(y_te)),
-        "best_epoch": best[1], "best_val_loss": best[0], "epochs": epochs, "lr": lr,
-        "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed, "bootstrap": n_boot,
-        "train_dir": str(Path(train_dir).resolve()), "test_dir": str(Path(test_dir).resolve()),
-        "test_from_train_set": bool(same), "test_images_in_train": shared,
-        "train_manifest_sha256": sha256_file(Path(train_dir) / MANIFEST_NAME),
-        "test_manifest_sha256": sha256_file(Path(test_dir) / MANIFEST_NAME),
-        "seconds": time.perf_counter() - t0,
-        "history": history,
-        "test_targets": [float(v) for v in y_te], "test_predictions": [float(v) for v in p_te],
-    }
-    if desc.get("sidecar"):
-        report["pretraining"] = desc["sidecar"].get("training")
+    p_te = task.decode(predict(net, in_te, batch_size, device))   # the test set, once
+    metrics, summary = task.report(split.y_te, p_te, n_boot, seed, out_json)
+    recipe = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
+              "bootstrap": n_boot}
+    report = build_report(task, backbone, desc, freeze_backbone, metrics, split, p_te, best, history, recipe,
+                          train_dir, test_dir, time.perf_counter() - t0)
     if out_json:
         atomic_write_json(out_json, report)
     print(f"finetune: {summary}; {desc['arch']} {desc['init']}"
-          f"{', frozen' if freeze_backbone else ''} ({backbone}), {len(tr)} train / {n_val} val / "
-          f"{len(y_te)} test, best epoch {best[1]}/{epochs}, {report['seconds']:.0f} s"
+          f"{', frozen' if freeze_backbone else ''} ({backbone}), {len(split.y_tr)} train / {len(split.y_va)} val / "
+          f"{len(split.y_te)} test, best epoch {best[1]}/{epochs}, {report['seconds']:.0f} s"
           + (f"; report {out_json}" if out_json else ""), flush=True)
     return report

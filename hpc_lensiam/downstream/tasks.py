@@ -6,8 +6,15 @@
   logistic head (the same Linear(D, 1), its output a logit), binary cross-entropy; ROC AUC with a
   bootstrap interval, TPR at FPR 1e-2 and 1e-3, the ROC curve in the JSON and as a PNG.
 
-The training loop (finetune.py) is the same for both: same splits, seeds, epochs, model selection
-on the validation loss.
+The training loop (finetune.py) is the same for every task: same splits, seeds, epochs, model selection
+on the validation loss. What a task class provides (``TASKS`` maps ``--task NAME`` to it):
+
+- ``name``; ``__init__(target)`` refuses a ``--target`` the task cannot learn (UserError);
+- ``labels(rows, what)``: its column of the (n, 9) label rows (the 8 lens parameters, then is_lens),
+  refusing samples without that label; ``fit(y_train)``: anything learnt from the train split's labels;
+- ``encode(y)`` -> the head's float targets; ``loss(out, t)`` on the head's (B,) output (torch);
+  ``decode(raw)`` -> the reported test predictions;
+- ``report(y, p, n_boot, seed, out_json)`` -> (metrics dict merged into the JSON report, one summary line).
 """
 from __future__ import annotations
 
@@ -15,18 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .io import LENS_PARAMS, UNITS
+from ..errors import UserError
+from ..io import LENS_PARAMS, UNITS
 
-TASKS = ("regress", "classify")
-
+IS_LENS_COLUMN = len(LENS_PARAMS)   # load_images labels: the 8 lens parameters, then is_lens
 
 def check_target(target: str) -> int:
     """Column of a regression ``--target`` among the 8 lens parameters; a UserError naming them otherwise."""
     if target not in LENS_PARAMS:
         raise UserError(f"--target: unknown lens parameter {target!r} (expected one of: {', '.join(LENS_PARAMS)})")
     return LENS_PARAMS.index(target)
-IS_LENS_COLUMN = len(LENS_PARAMS)   # load_images labels: the 8 lens parameters, then is_lens
 
 
 class RegressTask:
@@ -56,7 +61,7 @@ class RegressTask:
         return raw.astype(np.float64) * self.sd + self.mu
 
     def report(self, y: np.ndarray, p: np.ndarray, n_boot: int, seed: int, out_json: str | None) -> tuple[dict, str]:
-        from .stats import bootstrap_r2, r2
+        from ..stats import bootstrap_r2, r2
         resid = p - y
         score, ci = r2(y, p), bootstrap_r2(y, p, n_boot, seed)
         unit = UNITS.get(self.target, "")
@@ -115,7 +120,12 @@ class ClassifyTask:
         return rep, line
 
 
+# ``--task NAME`` -> its class: a new task is one class with the methods above plus one line here
+TASKS = {"regress": RegressTask, "classify": ClassifyTask}
+
+
 def make_task(task: str, target: str):
+    """The task object for ``--task`` and ``--target``; a UserError naming the registered tasks otherwise."""
     if task not in TASKS:
         raise UserError(f"--task: {task!r} is not one of {', '.join(TASKS)}")
-    return (RegressTask if task == "regress" else ClassifyTask)(target)
+    return TASKS[task](target)

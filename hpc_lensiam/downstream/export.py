@@ -23,10 +23,10 @@ import json
 import os
 from pathlib import Path
 
-from .errors import UserError
-from .io import atomic_path, atomic_write_json, check_output_file, check_torch_file, read_manifest, sha256_json
-from .models.backbones.resnet import CHANNELS, fold_conv1, infer_arch, to_torchvision
-from .models.backbones.resnet import RESNETS as _RESNETS
+from ..errors import UserError
+from ..io import atomic_path, atomic_write_json, check_output_file, check_torch_file, read_manifest, sha256_json
+from ..models.backbones.resnet import CHANNELS, fold_conv1, infer_arch, to_torchvision
+from ..models.backbones.resnet import RESNETS as _RESNETS
 
 FORMATS = ("pt", "safetensors")
 SIDECAR_FORMAT = "hpc_lensiam.backbone/1"
@@ -73,8 +73,8 @@ def backbone_from_checkpoint(checkpoint: str | os.PathLike, arch: str | None = N
     ResNets are recognised from their weights; a ViT from the checkpoint's config (its image side
     from the position embedding).
     """
-    from .models.backbones import BACKBONES, backbone_state_dict
-    from .train.checkpoint import load_model_state
+    from ..models.backbones import BACKBONES, backbone_state_dict
+    from ..train.checkpoint import load_model_state
 
     if not Path(checkpoint).exists():
         raise UserError(f"{checkpoint}: no such checkpoint (expected RUN/checkpoints/last.pt, a run "
@@ -113,7 +113,7 @@ def backbone_from_checkpoint(checkpoint: str | os.PathLike, arch: str | None = N
 
 def load_backbone(checkpoint: str | os.PathLike, arch: str | None = None):
     """(trained 1-channel backbone module in eval mode, info) from a training checkpoint."""
-    from .models.backbones import build_backbone
+    from ..models.backbones import build_backbone
 
     bb, info = backbone_from_checkpoint(checkpoint, arch)
     try:
@@ -135,7 +135,7 @@ def export_backbone(checkpoint: str, out: str, fmt: str = "pt", arch: str | None
     """Write ``out`` (library state_dict, ``.pt`` or safetensors) and ``out.json``; return the sidecar."""
     import torch
 
-    from .models.backbones import get
+    from ..models.backbones import get
 
     if fmt not in FORMATS:
         raise UserError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
