@@ -10,8 +10,7 @@ ImageNet-supervised weights (the paper's third row) cannot be downloaded here: t
 Downstream sets (``--downstream-family``): ``paper`` = the same simulator family at the euclid preset
 (another instrument; theta_E regression), ``survey`` = the independent survey family (``simulate --family survey``)
 (another world; theta_E regression on lenses and lens finding, ``finetune --task classify --target
-is_lens``). The survey set needs ``hpc-lensiam simulate --family survey`` and ``finetune --task``: the
-script checks that this checkout has them before anything runs, and says so if not.
+is_lens``).
 
 The probe (ridge/k-NN on a held-out paper-family set, intervals over lens systems) compares LenSiam and
 SimSiam of each pretraining seed. Fine-tuning differences use the hierarchical paired bootstrap of
@@ -73,23 +72,6 @@ def tasks(families: list[str]) -> list[dict]:
                         sim=["--preset", "euclid", "--family", "survey", "--lens-fraction", "0.5"],
                         title="lens finding (is_lens) on the independent survey family, half non-lenses"))
     return out
-
-
-def check_survey_support(a) -> None:
-    """The survey family and the classification task are newer than this script: refuse early if absent."""
-    if "survey" not in a.downstream_family and not a.survey_pretraining:
-        return
-    hl = str(BIN / "hpc-lensiam")
-    sim = subprocess.run([hl, "simulate", "--help"], capture_output=True, text=True).stdout
-    ft = subprocess.run([hl, "finetune", "--help"], capture_output=True, text=True).stdout
-    missing = [flag for flag, text in (("simulate --family", sim), ("simulate --lens-fraction", sim),
-                                       ("finetune --task", ft)) if flag.split()[1] not in text]
-    if missing:
-        what = "--downstream-family survey" if "survey" in a.downstream_family else "--survey-pretraining"
-        print(f"science.py: error: {what} needs `hpc-lensiam {', '.join(missing)}` (the survey family and "
-              f"lens-finding task), which this checkout lacks; run with --downstream-family paper",
-              file=sys.stderr)
-        sys.exit(2)
 
 
 class Steps:
@@ -154,7 +136,6 @@ def main() -> None:
     if a.report_only:
         write_report(report, a, out, Steps(out).done)
         return
-    check_survey_support(a)
     out.mkdir(parents=True, exist_ok=True)
     steps = Steps(out)
     t_start = time.perf_counter()
