@@ -25,3 +25,4 @@ class BackboneSpec:
     build: Callable                             # (img_size or None, zero_init_residual) -> nn.Module
     export: Callable                            # (backbone state, img_size) -> Exported
     img_size_of: Callable = lambda state: None  # native image side from a trained state (ViT: pos_embed)
+    recipe: dict = field(default_factory=dict)  # TrainConfig defaults this backbone needs over the method's

@@ -18,6 +18,10 @@ from .spec import BackboneSpec, Exported
 WIDTHS = {"tiny": 192, "small": 384, "base": 768}
 PATCHES = (8, 10, 11)
 CHANNELS = "1 channel: the grayscale image itself (in_chans=1 patch embedding)"
+# SGD/LARS recipes were tuned for ResNets: a ViT trains with MoCo v3's AdamW recipe (Chen, Xie & He
+# 2021, "An Empirical Study of Training Self-Supervised Vision Transformers": AdamW, lr = 1.5e-4 x
+# batch/256, weight decay 0.1), applied over the method's recipe and under YAML keys and flags.
+RECIPE = dict(optimizer="adamw", base_lr=1.5e-4, weight_decay=0.1)
 
 
 def timm_kwargs(width: str, patch: int, img_size: int) -> dict:
@@ -83,7 +87,7 @@ def _specs():
 
     return tuple(BackboneSpec(name=f"vit_{w}_p{p}", family="timm", feature_dim=d, head="head",
                       build=lambda img_size, zir, w=w, p=p: build(w, p, img_size), export=export(w, p),
-                      img_size_of=img_size_of(p))
+                      img_size_of=img_size_of(p), recipe=RECIPE)
                  for w, d in WIDTHS.items() for p in PATCHES)
 
 

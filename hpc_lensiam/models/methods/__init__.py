@@ -6,9 +6,8 @@ documented with the paper they come from. Adding a method = one module + one ent
 (docs/methods.md shows a ten-line example).
 
 :func:`recipe` gives the TrainConfig defaults of a (method, backbone): the method's paper recipe,
-and for a ViT the AdamW recipe of MoCo v3 (Chen, Xie & He 2021, "An Empirical Study of Training
-Self-Supervised Vision Transformers": AdamW, lr = 1.5e-4 x batch/256, weight decay 0.1), since
-SGD/LARS recipes were tuned for ResNets. YAML keys and flags override both.
+then the backbone's own (``BackboneSpec.recipe``: a ViT's is MoCo v3's AdamW recipe, since SGD/LARS
+recipes were tuned for ResNets). YAML keys and flags override both.
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ from .simsiam import SimSiam
 from .vicreg import VICReg
 
 METHODS: dict[str, type[SSLMethod]] = {m.name: m for m in (SimSiam, BYOL, VICReg, SimCLR)}
-VIT_RECIPE = dict(optimizer="adamw", base_lr=1.5e-4, weight_decay=0.1)
 
 
 def get(name: str) -> type[SSLMethod]:
@@ -33,8 +31,8 @@ def recipe(method: str, arch: str) -> dict:
     """TrainConfig defaults of ``method`` on ``arch`` (unknown or ill-typed names: none of them; the
     config's validation reports those)."""
     out = dict(METHODS[method].recipe) if isinstance(method, str) and method in METHODS else {}
-    if isinstance(arch, str) and arch in BACKBONES and BACKBONES[arch].family == "timm":
-        out.update(VIT_RECIPE)
+    if isinstance(arch, str) and arch in BACKBONES:
+        out.update(BACKBONES[arch].recipe)
     return out
 
 
