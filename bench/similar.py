@@ -167,14 +167,15 @@ def run_method(method: str, path: Path, rows: int, dim: int, recall_queries: int
     else:
         import faiss
 
-        from hpc_lensiam.embed.similar import IVF_NPROBE, build_index
+        from hpc_lensiam.embed.similar import IVF_TRAIN_PER_LIST, build_index
         res["faiss_threads"] = faiss.omp_get_max_threads()
         _log(f"{method}: building the index (faiss {faiss.__version__}, {res['faiss_threads']} thread(s))")
         t = time.perf_counter()
         index = build_index(x, method)
         res["build_s"] = time.perf_counter() - t
         if method == "ivf":
-            res["nlist"], res["nprobe"], res["train_rows"] = index.nlist, IVF_NPROBE, min(rows, 40 * index.nlist)
+            res["nlist"], res["nprobe"] = index.nlist, index.nprobe
+            res["train_rows"] = min(rows, IVF_TRAIN_PER_LIST * index.nlist)
 
         def search(q):
             return index.search(q, K)[1]
