@@ -188,3 +188,27 @@ def test_umap_overlay_places_real_images_with_the_fitted_map(ckpt, single_shards
         f.attrs["weights_sha256"] = "0" * 64
     with pytest.raises(UserError, match="not embedded with the backbone"):
         run_umap(str(sim), str(png), ["theta_E"], overlay=str(other))
+
+
+def test_similar_bench_exact_search_and_vector_file_lifetime(tmp_path):
+    """bench/similar.py at a tiny size: its block-streamed numpy search and faiss flat are exact (recall 1 against
+    an unblocked float64 sort), IVF is measured with the package's index, and the vector file is deleted
+    unless --keep-vectors."""
+    import os
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "similar.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    common = [sys.executable, str(bench), "--rows", "3000", "--dim", "32", "--block-rows", "700",
+              "--recall-queries", "40", "--repeats", "1", "--dir", str(tmp_path / "v")]
+    subprocess.run(common + ["--json", str(tmp_path / "r.json")], check=True, env=env, capture_output=True)
+    res = {r["method"]: r for r in json.loads((tmp_path / "r.json").read_text())}
+    assert set(res) == {"truth", "numpy", "flat", "ivf"}
+    assert res["numpy"]["recall_at_16"] == 1.0 and res["flat"]["recall_at_16"] == 1.0
+    assert res["ivf"]["nlist"] == int(4 * np.sqrt(3000)) and 0 < res["ivf"]["recall_at_16"] <= 1
+    assert not any((tmp_path / "v").iterdir())                # vectors and truth deleted by default
+    subprocess.run(common + ["--methods", "numpy", "--keep-vectors"], check=True, env=env, capture_output=True)
+    kept = tmp_path / "v" / "vectors_3000x32_seed0.f32"
+    x = np.fromfile(kept, np.float32).reshape(3000, 32)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)  # unit vectors, whole file

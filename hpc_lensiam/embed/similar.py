@@ -32,6 +32,7 @@ from .extract import load_embeddings
 
 IVF_MIN_ROWS = 50_000      # --anomaly switches from exact to IVF search above this many rows
 IVF_NPROBE = 16
+IVF_TRAIN_PER_LIST = 40    # k-means sample: vectors per IVF list (faiss wants >= 39)
 
 
 # ------------------------------------------------------------------------------------ vectors
@@ -44,7 +45,10 @@ def unit_vectors(features: np.ndarray, mean: np.ndarray | None = None) -> np.nda
 
 
 def build_index(x: np.ndarray, kind: str = "flat", nlist: int | None = None, nprobe: int = IVF_NPROBE):
-    """faiss inner-product index over unit vectors ``x``: ``flat`` (exact) or ``ivf``."""
+    """faiss inner-product index over unit vectors ``x``: ``flat`` (exact) or ``ivf``.
+
+    ``x`` may be a read-only memory map (``bench/similar.py`` passes one): faiss copies the vectors
+    into the index (IVF adds them 65536 at a time), so the index is the only full copy in memory."""
     import faiss
     d = x.shape[1]
     if kind == "flat":
@@ -53,7 +57,7 @@ def build_index(x: np.ndarray, kind: str = "flat", nlist: int | None = None, npr
         nlist = nlist or max(1, int(4 * math.sqrt(len(x))))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(0)
-        train = x[np.sort(rng.choice(len(x), min(len(x), 40 * nlist), replace=False))]  # faiss: >= 39
+        train = x[np.sort(rng.choice(len(x), min(len(x), IVF_TRAIN_PER_LIST * nlist), replace=False))]
         index.train(train)
         index.nprobe = min(nprobe, nlist)
     else:
