@@ -205,7 +205,7 @@ def similar(embeddings: str, key: str | None = None, source: str | None = None, 
     n = len(emb["features"])
     t0 = time.perf_counter()
     mean = emb["features"].mean(0, dtype=np.float64).astype(np.float32)
-    x = unit_vectors(emb["features"], mean)
+    x = unit_vectors(emb.pop("features"), mean)   # the raw features are not needed again: one copy fewer
     dirs = _source_dirs(emb)
     shards = ShardImages()
     report: dict = {"embeddings": str(embeddings), "rows": n, "k": k}
