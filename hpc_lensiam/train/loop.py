@@ -119,6 +119,7 @@ def train(cfg: TrainConfig, resume: bool = False, allow_config_change: bool = Fa
 
 
 def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSignal, run: RunDir) -> dict:
+    """The run in order: data, schedule, model (fresh or resumed), start-up lines and files, epochs, summary."""
     loader = source_for(cfg.data).loader(cfg, engine)
     sched = Schedule.from_config(cfg, engine.world_size, loader.batches_per_epoch)
     step = build_model(cfg, engine, loader.image_shape[-1], sched, ckpt_dir, run, resume)
