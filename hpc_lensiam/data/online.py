@@ -25,11 +25,6 @@ PREFIX = "online"
 FAMILIES = ("paper",)   # simulation families the torch renderer implements (the EPL + shear one)
 
 
-def is_online(data: str) -> bool:
-    """``online`` or ``online:SPEC``: render on the fly instead of reading a shard directory."""
-    return data == PREFIX or data.startswith(PREFIX + ":")
-
-
 def online_config(data: str) -> SimulationConfig:
     """The simulation config an ``online[:FAMILY_OR_CONFIG]`` spec names.
 

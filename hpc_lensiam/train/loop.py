@@ -8,6 +8,12 @@ same step counter, lr and batches as an uninterrupted run.
 
 SIGTERM / SIGUSR1 (Slurm's warning signal, or torchrun forwarding a ``scancel``) make every rank
 stop at the next step boundary, save ``last.pt`` and exit cleanly; ``--resume`` continues.
+
+Read top-down, the way torchvision's references/classification/train.py reads: :func:`train` owns
+the run folder and the engine; :func:`_train` is the sequence (the data source's loader, the
+:class:`Schedule`, :func:`build_model` with resume, :func:`train_one_epoch` until the end step,
+:func:`summarize`). Where batches come from is data/sources.py's business, the loss and after-step
+hook the SSL method's (models/methods/).
 """
 from __future__ import annotations
 
@@ -16,17 +22,18 @@ import random
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..config import TrainConfig, from_dict, merge, read_yaml, to_dict
+from ..data.sources import source_for
 from ..errors import UserError
 from ..io import read_manifest
 from ..models.methods import build_method, recipe
 from ..models.methods.simsiam import z_std
 from ..rng import derive_seed
-from ..runtime import cpu_budget_warning
 from .checkpoint import LAST
 from .monitor import IMAGES_PER_PAIR, METRICS, Monitor
 from .resume import load_weights, restore, verify
@@ -112,179 +119,273 @@ def train(cfg: TrainConfig, resume: bool = False, allow_config_change: bool = Fa
 
 
 def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSignal, run: RunDir) -> dict:
-    from ..data.augment import make_pair
-    from ..data.loader import ShardLoader
-
-    main = engine.is_main
-    say = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
-    from ..data.online import OnlineLoader, is_online
-    if is_online(cfg.data):   # rendered on this rank's device before each step (docs/online.md)
-        loader = OnlineLoader.from_train_config(cfg, engine.rank, engine.world_size, engine.device)
-    else:
-        loader = ShardLoader(cfg.data, cfg.mode, cfg.batch_size, engine.rank, engine.world_size, cfg.workers,
-                             cfg.seed, cfg.shuffle_buffer, cfg.grad_accum, cfg.skip_bad_samples, verify=cfg.verify,
-                             pin_memory=engine.plan.pin_memory)
-        if main and (busy := cpu_budget_warning(loader.workers if cfg.workers else 0, engine.local_world_size)):
-            print(f"train: warning: {busy}", file=sys.stderr, flush=True)
-    spe = loader.batches_per_epoch // cfg.grad_accum             # optimizer steps per epoch
-    total = cfg.epochs * spe
-    end = min(total, cfg.max_steps) if cfg.max_steps else total
-    warmup = min(total, round(cfg.warmup_epochs * spe))
-    global_batch = cfg.batch_size * engine.world_size * cfg.grad_accum
-    lr0 = scaled_lr(cfg, engine.world_size)
-
-    torch.manual_seed(cfg.seed)
-    img_size = (loader.image_shape if is_online(cfg.data)   # native side (ViT patch grid)
-                else read_manifest(cfg.data).get("image_shape") or [None])[-1]
-    try:
-        model = build_method(cfg, img_size)
-    except ValueError as exc:
-        raise UserError(f"{cfg.data}: {exc}") from None
-    if resume:   # into the bare model, before the engine wraps it (ZeRO clones its master copy there)
-        ckpt, ckpt_path = load_weights(model, ckpt_dir, cfg)
-        run.check_resume(ckpt, ckpt_path)
-    engine.wrap(model, model.param_groups(lr0, cfg.fix_pred_lr))
-    method = engine.module   # the unwrapped model: its loss and after-step hook
-
-    step = 0
-    if resume:
-        step = restore(engine, ckpt, ckpt_path, ckpt_dir, spe)
-        verify(engine, ckpt, ckpt_path)
-
-    rule = f"sqrt({global_batch})" if cfg.lr_scaling == "sqrt" else f"{global_batch}/256"
-    pred = f" (predictor {'fixed' if cfg.fix_pred_lr else 'scheduled'})" if hasattr(method, "predictor") else ""
-    backend = engine.backend if engine.world_size > 1 or cfg.engine == "deepspeed" else "single process"
-    say(f"train: {cfg.method} | {cfg.mode} | {cfg.arch} | {cfg.optimizer} | engine {cfg.engine} | "
-        f"{engine.world_size} rank(s) on {engine.device.type} ({backend})"
-        f"{' + SyncBatchNorm' if engine.plan.sync_bn != 'none' else ''} | {engine.plan.describe()}")
-    say(f"train: global batch {cfg.batch_size} x {engine.world_size} rank(s) x {cfg.grad_accum} accum = "
-        f"{global_batch}; lr = {cfg.base_lr} x {rule} = {lr0:.6g}{pred}; {spe} steps/epoch x {cfg.epochs} epochs = "
-        f"{total} steps, warm-up {warmup}; {'resuming at step ' + str(step) if resume else 'from step 0'}"
-        f"{f', stopping at {end}' if end < total else ''}")
-
-    monitor = Monitor(cfg, engine, out, global_batch, step)   # reads --probe-data before anything is written
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        header = (f"# resolved: world_size={engine.world_size} global_batch={global_batch} lr={lr0:.6g} "
-                  f"steps_per_epoch={spe} total_steps={total} warmup_steps={warmup}\n")
-        run.write_config(header, resume, step)
-        run.reset_metrics(step if resume else 0)
-
-    def state(step):
-        return {"format": "hpc_lensiam.checkpoint/1", "config": to_dict(cfg), "step": step, **run.state_keys(),
-                "epoch": step // spe, "arch": cfg.arch, "world_size": engine.world_size,
-                "scheduler": {"name": "warmup_cosine", "step": step, "lr": lr0, "warmup_steps": warmup,
-                              "total_steps": total, "steps_per_epoch": spe},
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}   # + per_rank (engine)
-
-    saved_step = step if resume else None
-    bar = None
-    if main:
-        from tqdm import tqdm
-        bar = tqdm(total=end, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                   file=sys.stderr, disable=None)
-    first_step, t_start = step, None
-    loss_v = std_v = float("nan")
-    pps = 0.0
-    skipped = 0
-    stopped_by = 0
-    to_device = engine.to_input
-
-    t_loop = time.perf_counter()
-    while step < end and not stopped_by:
-        epoch = step // spe
-        batches = loader.epoch(epoch, start=(step % spe) * cfg.grad_accum)
-        acc = torch.zeros(4, device=engine.device)   # loss, z_std, skipped samples, stop flag
-        try:
-            for i, batch in enumerate(batches):
-                monitor.got_batch()
-                micro = i % cfg.grad_accum
-                if micro == 0:
-                    lr = lr_at(step, lr0, warmup, total)
-                    for g in engine.param_groups:
-                        g["lr"] = lr0 if g.get("fix_lr") else lr
-                    acc.zero_()
-                if cfg.mode == "lensiam":
-                    x1, x2 = to_device(batch["x1"]), to_device(batch["x2"])
-                else:   # two batched augmentations on the device, seeded by (seed, rank, step)
-                    g = torch.Generator(device=engine.device)
-                    g.manual_seed(derive_seed(cfg.seed, engine.rank, step, micro))
-                    x1, x2 = make_pair(to_device(batch["x"]), g)
-                loss, z1 = method.loss(*engine.forward(x1, x2))
-                engine.backward(loss)
-                acc[:2] += torch.stack([loss.detach().float(), z_std(z1)]) / cfg.grad_accum
-                acc[2] += int(batch["bad"])
-                if not engine.step():
-                    monitor.compute_done()
-                    continue
-                step += 1
-                method.after_step(step, total)   # e.g. BYOL's EMA target update
-                acc[3] = float(stop.signum > 0)
-                red = engine.all_reduce_sum(acc).cpu()      # one small collective and one sync per step
-                monitor.step_done()
-                loss_v, std_v = (red[:2] / engine.world_size).tolist()
-                skipped += int(red[2])
-                if not math.isfinite(loss_v):
-                    kept = (f"last good checkpoint {ckpt_dir / LAST} (step {saved_step}) kept"
-                            if saved_step is not None else "no checkpoint was written yet")
-                    hint = ("use --precision bf16 or fp32" if cfg.precision == "fp16" else
-                            "lower --base-lr, or check the shards for NaN/inf pixels")
-                    raise UserError(f"loss is {loss_v} at step {step} (lr {lr:.4g}): training diverged and "
-                                    f"stopped; {kept}. Try: {hint}")
-                now = time.perf_counter()
-                if t_start is None:   # the mean throughput excludes the first (warm-up) step
-                    pps = global_batch / (now - t_loop)
-                    t_start = now
-                probed = main and monitor.probe_due(step)
-                if probed:
-                    monitor.run_probe(step)
-                if step % cfg.log_every == 0 or step == end or probed:
-                    row = monitor.row(step, step / spe, loss_v, lr, std_v)
-                    pps = row["pairs_per_s"] if math.isfinite(row["pairs_per_s"]) else pps
-                    if main:
-                        _append_metrics(out / "metrics.csv", [row[k] for k in METRICS])
-                        monitor.log(row)
-                        bar.set_postfix(loss=f"{loss_v:.4f}", z_std=f"{std_v:.4f}", lr=f"{lr:.3g}")
-                        if bar.disable:   # no terminal (a batch job's log): a plain line instead
-                            print(f"step {step}/{end} epoch {step / spe:.2f} loss {loss_v:.4f} z_std {std_v:.4f} "
-                                  f"lr {lr:.4g} {pps:.1f} pairs/s", flush=True)
-                if bar is not None:
-                    bar.update(1)
-                if red[3] > 0:
-                    stopped_by = stop.signum or signal.SIGTERM
-                periodic = step % cfg.ckpt_every == 0
-                if periodic or step == end or stopped_by:
-                    engine.save(ckpt_dir, state(step), keep=periodic, keep_last=cfg.keep_last)
-                    saved_step = step
-                if step >= end or stopped_by:
-                    break
-        finally:
-            batches.close()
+    """The run in order: data, schedule, model (fresh or resumed), start-up lines and files, epochs, summary."""
+    loader = source_for(cfg.data).loader(cfg, engine)
+    sched = Schedule.from_config(cfg, engine.world_size, loader.batches_per_epoch)
+    step = build_model(cfg, engine, loader.image_shape[-1], sched, ckpt_dir, run, resume)
+    announce(cfg, engine, sched, step, resume)
+    monitor = Monitor(cfg, engine, out, sched.global_batch, step)   # reads --probe-data before anything is written
+    if engine.is_main:
+        write_run_files(engine, run, out, sched, resume, step)
+    bar = _progress_bar(sched, step) if engine.is_main else None
+    progress = Progress(step=step, first_step=step, saved_step=step if resume else None)   # starts the clock
+    while progress.step < sched.end_step and not progress.stopped_by:
+        train_one_epoch(cfg, engine, loader, sched, monitor, run, stop, progress, bar)
     monitor.close()
     if bar is not None:
         bar.close()
+    return summarize(cfg, engine, sched, progress, ckpt_dir)
 
-    elapsed = time.perf_counter() - t_start if t_start else 0.0
-    run_steps = step - first_step
-    mean_pps = (run_steps - 1) * global_batch / elapsed if run_steps > 1 and elapsed > 0 else pps
-    summary = {"step": step, "epoch": step / spe, "steps_run": run_steps, "pairs_per_s": mean_pps,
-               "images_per_s": IMAGES_PER_PAIR * mean_pps,
-               "loss": loss_v, "z_std": std_v, "skipped_samples": skipped, "checkpoint": str(ckpt_dir / LAST),
-               "stopped_by_signal": bool(stopped_by)}
-    healthy = 1 / math.sqrt(cfg.proj_dim)
-    if skipped:
-        say(f"train: warning: skipped {skipped} unreadable sample(s) or shard read(s) (--skip-bad-samples)")
-    if stopped_by:
-        say(f"train: stopped by {signal.Signals(stopped_by).name} at step {step}; checkpoint "
-            f"{ckpt_dir / LAST} saved; continue with --resume")
-    if run_steps == 0 and not stopped_by:
-        say(f"train: nothing to do: {ckpt_dir / LAST} is at step {step} of {end} (raise --epochs or --max-steps)")
+
+@dataclass(frozen=True)
+class Schedule:
+    """The run's step arithmetic, fixed at start-up by the config, the world size and the epoch length."""
+
+    steps_per_epoch: int   # optimizer steps (grad_accum micro-batches each) per epoch
+    total_steps: int       # epochs x steps_per_epoch: where the cosine reaches 0
+    end_step: int          # where this run stops: total_steps, or --max-steps if earlier
+    warmup_steps: int
+    lr0: float             # the peak lr (scaled_lr), also the predictor's fixed lr
+    global_batch: int      # pairs per optimizer step over all ranks
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, world_size: int, batches_per_epoch: int) -> Schedule:
+        spe = batches_per_epoch // cfg.grad_accum
+        total = cfg.epochs * spe
+        end = min(total, cfg.max_steps) if cfg.max_steps else total
+        return cls(steps_per_epoch=spe, total_steps=total, end_step=end,
+                   warmup_steps=min(total, round(cfg.warmup_epochs * spe)), lr0=scaled_lr(cfg, world_size),
+                   global_batch=cfg.batch_size * world_size * cfg.grad_accum)
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.lr0, self.warmup_steps, self.total_steps)
+
+    def state(self, step: int) -> dict:
+        """The checkpoint's ``scheduler`` entry (resume warns when steps_per_epoch changed)."""
+        return {"name": "warmup_cosine", "step": step, "lr": self.lr0, "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch}
+
+
+@dataclass
+class Progress:
+    """What the loop carries from step to step and epoch to epoch, and what the summary reports."""
+
+    step: int
+    first_step: int                 # where this run started (0, or the resumed checkpoint's step)
+    saved_step: int | None          # the last checkpoint written or resumed from (named if training diverges)
+    loss: float = math.nan          # last step's, averaged over ranks
+    z_std: float = math.nan
+    lr: float = math.nan
+    pairs_per_s: float = 0.0        # the last logged interval's (the first step's until a row is logged)
+    skipped: int = 0                # unreadable samples skipped, all ranks (--skip-bad-samples)
+    stopped_by: int = 0             # the signal that stopped the run; 0 = none
+    t_loop: float = field(default_factory=time.perf_counter)
+    t_start: float | None = None    # end of the first (warm-up) step: the mean throughput starts there
+
+
+def build_model(cfg, engine, image_side: int, sched: Schedule, ckpt_dir: Path, run: RunDir, resume: bool) -> int:
+    """The method's model, wrapped by the engine, from ``cfg.seed`` or the checkpoint; the step to start at.
+
+    On resume the weights go into the bare model before the engine wraps it (ZeRO clones its master
+    copy there), then the optimizer state and RNG are restored and checked (train/resume.py)."""
+    torch.manual_seed(cfg.seed)
+    try:
+        model = build_method(cfg, image_side)   # native side (a ViT's patch grid)
+    except ValueError as exc:
+        raise UserError(f"{cfg.data}: {exc}") from None
+    ckpt = ckpt_path = None
+    if resume:
+        ckpt, ckpt_path = load_weights(model, ckpt_dir, cfg)
+        run.check_resume(ckpt, ckpt_path)
+    engine.wrap(model, model.param_groups(sched.lr0, cfg.fix_pred_lr))
+    if ckpt is None:
+        return 0
+    step = restore(engine, ckpt, ckpt_path, ckpt_dir, sched.steps_per_epoch)
+    verify(engine, ckpt, ckpt_path)
+    return step
+
+
+def announce(cfg, engine, sched: Schedule, step: int, resume: bool) -> None:
+    """Rank 0's two start-up lines: what runs where, and the batch/lr/schedule arithmetic."""
+    rule = f"sqrt({sched.global_batch})" if cfg.lr_scaling == "sqrt" else f"{sched.global_batch}/256"
+    pred = (f" (predictor {'fixed' if cfg.fix_pred_lr else 'scheduled'})"
+            if hasattr(engine.module, "predictor") else "")
+    backend = engine.backend if engine.world_size > 1 or cfg.engine == "deepspeed" else "single process"
+    _say(engine, f"train: {cfg.method} | {cfg.mode} | {cfg.arch} | {cfg.optimizer} | engine {cfg.engine} | "
+         f"{engine.world_size} rank(s) on {engine.device.type} ({backend})"
+         f"{' + SyncBatchNorm' if engine.plan.sync_bn != 'none' else ''} | {engine.plan.describe()}")
+    _say(engine, f"train: global batch {cfg.batch_size} x {engine.world_size} rank(s) x {cfg.grad_accum} accum = "
+         f"{sched.global_batch}; lr = {cfg.base_lr} x {rule} = {sched.lr0:.6g}{pred}; {sched.steps_per_epoch} "
+         f"steps/epoch x {cfg.epochs} epochs = {sched.total_steps} steps, warm-up {sched.warmup_steps}; "
+         f"{'resuming at step ' + str(step) if resume else 'from step 0'}"
+         f"{f', stopping at {sched.end_step}' if sched.end_step < sched.total_steps else ''}")
+
+
+def write_run_files(engine, run: RunDir, out: Path, sched: Schedule, resume: bool, step: int) -> None:
+    """Rank 0: ``config.yaml`` (with the resolved numbers) and ``metrics.csv`` (kept up to ``step`` on resume)."""
+    out.mkdir(parents=True, exist_ok=True)
+    header = (f"# resolved: world_size={engine.world_size} global_batch={sched.global_batch} lr={sched.lr0:.6g} "
+              f"steps_per_epoch={sched.steps_per_epoch} total_steps={sched.total_steps} "
+              f"warmup_steps={sched.warmup_steps}\n")
+    run.write_config(header, resume, step)
+    run.reset_metrics(step if resume else 0)
+
+
+def checkpoint_state(cfg, engine, run: RunDir, sched: Schedule, step: int) -> dict:
+    """What ``last.pt`` holds besides the weights and optimizer state (the engine adds those and per-rank RNG)."""
+    return {"format": "hpc_lensiam.checkpoint/1", "config": to_dict(cfg), "step": step, **run.state_keys(),
+            "epoch": step // sched.steps_per_epoch, "arch": cfg.arch, "world_size": engine.world_size,
+            "scheduler": sched.state(step),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+
+
+def train_one_epoch(cfg, engine, loader, sched: Schedule, monitor: Monitor, run: RunDir, stop: _StopSignal,
+                    progress: Progress, bar) -> None:
+    """Optimizer steps from ``progress.step`` (mid-epoch after a resume) to the end of its epoch, the
+    run's end step or a stop signal; updates ``progress``. Each step: lr, views, forward/backward per
+    micro-batch, the optimizer step, the method's after-step hook, one all-reduce of the metrics and
+    the stop flag, the divergence check, logging and checkpoints."""
+    method = engine.module   # the unwrapped model: its loss and after-step hook
+    ckpt_dir = Path(cfg.out) / "checkpoints"
+    spe = sched.steps_per_epoch
+    batches = loader.epoch(progress.step // spe, start=(progress.step % spe) * cfg.grad_accum)
+    acc = torch.zeros(4, device=engine.device)   # loss, z_std, skipped samples, stop flag
+    try:
+        for i, batch in enumerate(batches):
+            monitor.got_batch()
+            micro = i % cfg.grad_accum
+            if micro == 0:
+                progress.lr = set_lr(engine, sched, progress.step)
+                acc.zero_()
+            x1, x2 = make_views(cfg, engine, batch, progress.step, micro)
+            loss, z1 = method.loss(*engine.forward(x1, x2))
+            engine.backward(loss)
+            acc[:2] += torch.stack([loss.detach().float(), z_std(z1)]) / cfg.grad_accum
+            acc[2] += int(batch["bad"])
+            if not engine.step():
+                monitor.compute_done()
+                continue
+            progress.step += 1
+            step = progress.step
+            method.after_step(step, sched.total_steps)   # e.g. BYOL's EMA target update
+            acc[3] = float(stop.signum > 0)
+            red = engine.all_reduce_sum(acc).cpu()      # one small collective and one sync per step
+            monitor.step_done()
+            progress.loss, progress.z_std = (red[:2] / engine.world_size).tolist()
+            progress.skipped += int(red[2])
+            check_diverged(cfg, progress, ckpt_dir)
+            log_step(cfg, engine, sched, monitor, progress, bar)
+            if red[3] > 0:
+                progress.stopped_by = stop.signum or signal.SIGTERM
+            periodic = step % cfg.ckpt_every == 0
+            if periodic or step == sched.end_step or progress.stopped_by:
+                engine.save(ckpt_dir, checkpoint_state(cfg, engine, run, sched, step), keep=periodic,
+                            keep_last=cfg.keep_last)
+                progress.saved_step = step
+            if step >= sched.end_step or progress.stopped_by:
+                break
+    finally:
+        batches.close()
+
+
+def set_lr(engine, sched: Schedule, step: int) -> float:
+    """The scheduled lr into every param group, except those that keep lr0 (the fixed-lr predictor)."""
+    lr = sched.lr(step)
+    for g in engine.param_groups:
+        g["lr"] = sched.lr0 if g.get("fix_lr") else lr
+    return lr
+
+
+def make_views(cfg, engine, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A micro-batch's two views on the device: the stored lens pair (lensiam), or two batched
+    augmentations of one image seeded by (seed, rank, step, micro) (simsiam), so a resume repeats them."""
+    from ..data.augment import make_pair
+    if cfg.mode == "lensiam":
+        return engine.to_input(batch["x1"]), engine.to_input(batch["x2"])
+    g = torch.Generator(device=engine.device)
+    g.manual_seed(derive_seed(cfg.seed, engine.rank, step, micro))
+    return make_pair(engine.to_input(batch["x"]), g)
+
+
+def check_diverged(cfg, progress: Progress, ckpt_dir: Path) -> None:
+    """A non-finite loss (the same on every rank: it is all-reduced) stops the run, naming the last good checkpoint."""
+    if math.isfinite(progress.loss):
+        return
+    kept = (f"last good checkpoint {ckpt_dir / LAST} (step {progress.saved_step}) kept"
+            if progress.saved_step is not None else "no checkpoint was written yet")
+    hint = ("use --precision bf16 or fp32" if cfg.precision == "fp16" else
+            "lower --base-lr, or check the shards for NaN/inf pixels")
+    raise UserError(f"loss is {progress.loss} at step {progress.step} (lr {progress.lr:.4g}): training diverged "
+                    f"and stopped; {kept}. Try: {hint}")
+
+
+def log_step(cfg, engine, sched: Schedule, monitor: Monitor, progress: Progress, bar) -> None:
+    """Throughput, the physics probe when due, and every ``log_every`` steps a metrics row (rank 0:
+    metrics.csv, TensorBoard, the progress bar or a plain line when there is no terminal)."""
+    step, main = progress.step, engine.is_main
+    now = time.perf_counter()
+    if progress.t_start is None:   # the mean throughput excludes the first (warm-up) step
+        progress.pairs_per_s = sched.global_batch / (now - progress.t_loop)
+        progress.t_start = now
+    probed = main and monitor.probe_due(step)
+    if probed:
+        monitor.run_probe(step)
+    if step % cfg.log_every == 0 or step == sched.end_step or probed:
+        row = monitor.row(step, step / sched.steps_per_epoch, progress.loss, progress.lr, progress.z_std)
+        if math.isfinite(row["pairs_per_s"]):
+            progress.pairs_per_s = row["pairs_per_s"]
+        if main:
+            _append_metrics(Path(cfg.out) / "metrics.csv", [row[k] for k in METRICS])
+            monitor.log(row)
+            bar.set_postfix(loss=f"{progress.loss:.4f}", z_std=f"{progress.z_std:.4f}", lr=f"{progress.lr:.3g}")
+            if bar.disable:   # no terminal (a batch job's log): a plain line instead
+                print(f"step {step}/{sched.end_step} epoch {step / sched.steps_per_epoch:.2f} loss "
+                      f"{progress.loss:.4f} z_std {progress.z_std:.4f} lr {progress.lr:.4g} "
+                      f"{progress.pairs_per_s:.1f} pairs/s", flush=True)
+    if bar is not None:
+        bar.update(1)
+
+
+def summarize(cfg, engine, sched: Schedule, progress: Progress, ckpt_dir: Path) -> dict:
+    """The run's summary dict (rank 0's view) and its closing lines: skipped samples, a stop by
+    signal, nothing to do, or the final loss/z_std/throughput."""
+    last = ckpt_dir / LAST
+    step, run_steps = progress.step, progress.step - progress.first_step
+    elapsed = time.perf_counter() - progress.t_start if progress.t_start else 0.0
+    mean_pps = ((run_steps - 1) * sched.global_batch / elapsed if run_steps > 1 and elapsed > 0
+                else progress.pairs_per_s)
+    summary = {"step": step, "epoch": step / sched.steps_per_epoch, "steps_run": run_steps, "pairs_per_s": mean_pps,
+               "images_per_s": IMAGES_PER_PAIR * mean_pps, "loss": progress.loss, "z_std": progress.z_std,
+               "skipped_samples": progress.skipped, "checkpoint": str(last),
+               "stopped_by_signal": bool(progress.stopped_by)}
+    if progress.skipped:
+        _say(engine, f"train: warning: skipped {progress.skipped} unreadable sample(s) or shard read(s) "
+             f"(--skip-bad-samples)")
+    if progress.stopped_by:
+        _say(engine, f"train: stopped by {signal.Signals(progress.stopped_by).name} at step {step}; checkpoint "
+             f"{last} saved; continue with --resume")
+    if run_steps == 0 and not progress.stopped_by:
+        _say(engine, f"train: nothing to do: {last} is at step {step} of {sched.end_step} (raise --epochs or "
+             f"--max-steps)")
         return summary
-    say(f"train: done: {run_steps} steps this run (step {step}/{end}, epoch {step / spe:.2f}), "
-        f"{mean_pps:.1f} pairs/s ({IMAGES_PER_PAIR * mean_pps:.1f} images/s), final loss {loss_v:.4f}, "
-        f"z_std {std_v:.4f} (healthy ~{healthy:.4f}, "
-        f"collapsed 0); checkpoint {ckpt_dir / LAST}")
+    healthy = 1 / math.sqrt(cfg.proj_dim)
+    _say(engine, f"train: done: {run_steps} steps this run (step {step}/{sched.end_step}, epoch "
+         f"{step / sched.steps_per_epoch:.2f}), {mean_pps:.1f} pairs/s ({IMAGES_PER_PAIR * mean_pps:.1f} images/s), "
+         f"final loss {progress.loss:.4f}, z_std {progress.z_std:.4f} (healthy ~{healthy:.4f}, collapsed 0); "
+         f"checkpoint {last}")
     return summary
+
+
+def _say(engine, line: str) -> None:
+    """A line on rank 0's stdout; the other ranks stay quiet."""
+    if engine.is_main:
+        print(line, flush=True)
+
+
+def _progress_bar(sched: Schedule, step: int):
+    from tqdm import tqdm
+    return tqdm(total=sched.end_step, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                file=sys.stderr, disable=None)
 
 
 def _append_metrics(path: Path, row: list) -> None:

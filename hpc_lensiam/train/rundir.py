@@ -6,7 +6,8 @@
   overwriting run A's checkpoints and interleaving ``metrics.csv``. Leftover ``.tmp-*`` files of
   a killed run are removed under the lock.
 * **Resume guard.** Each checkpoint stores ``config_hash`` (of the keys that define the run,
-  :data:`GUARDED`) and ``data_manifest_sha256``. ``--resume`` with other data or another value of
+  :data:`GUARDED`) and ``data_manifest_sha256`` (the data source's identity: a shard directory's
+  manifest sha256, an online source's simulation config's). ``--resume`` with other data or another value of
   a guarded key is a one-line error naming the keys; with ``--allow-config-change`` the change is
   appended to ``RUN/config_history.yaml`` and ``RUN/config.yaml`` (the first config) stays.
 * **Metrics repair.** On resume ``metrics.csv`` keeps its well-formed rows up to the checkpoint's
@@ -22,9 +23,9 @@ from pathlib import Path
 import torch
 
 from ..config import dump_yaml, to_dict
-from ..data.online import is_online, online_config
+from ..data.sources import source_for
 from ..errors import UserError
-from ..io import MANIFEST_NAME, TMP_PREFIX, atomic_write_text, read_manifest, sha256_file, sha256_json
+from ..io import TMP_PREFIX, atomic_write_text, sha256_json
 from ..lock import DirLock, prepare_dir
 from .monitor import METRICS
 
@@ -48,13 +49,9 @@ class RunDir:
         self.cfg, self.engine, self.allow = cfg, engine, allow_config_change
         self.out = Path(cfg.out)
         self.lock = DirLock(self.out, "train")
-        if not cfg.data:
-            raise UserError("--data: no shard directory given")
-        if is_online(cfg.data):   # rendered on the fly: the data's identity is its simulation config
-            self.manifest_sha = sha256_json(to_dict(online_config(cfg.data)))
-        else:
-            read_manifest(cfg.data)   # bad --data fails before the run folder is created
-            self.manifest_sha = sha256_file(Path(cfg.data) / MANIFEST_NAME)
+        # the data's identity (shards: manifest sha256; online: its simulation config's); checks --data
+        # before the run folder is created (data/sources.py)
+        self.manifest_sha = source_for(cfg.data).identity(cfg.data)
         failed = ""
         if engine.is_main:
             try:

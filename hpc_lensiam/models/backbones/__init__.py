@@ -11,7 +11,7 @@ library model loads (torchvision or timm), with that model and how to load it; t
 checks the keys and the features (:mod:`hpc_lensiam.downstream.export`).
 
 Adding a backbone = one module with an ``ENTRIES`` tuple of :class:`BackboneSpec` + one entry in
-``_MODULES`` below (docs/methods.md shows a ten-line example).
+``_MODULES`` below (docs/extending.md shows an example).
 """
 from __future__ import annotations
 

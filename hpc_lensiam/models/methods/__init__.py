@@ -3,7 +3,7 @@
 Each method is one module: its heads, its loss (written here from the paper's formula, no SSL
 framework dependency), an optional after-step hook and its reference hyperparameters (``recipe``),
 documented with the paper they come from. Adding a method = one module + one entry in ``METHODS``
-(docs/methods.md shows a ten-line example).
+(docs/extending.md shows an example).
 
 :func:`recipe` gives the TrainConfig defaults of a (method, backbone): the method's paper recipe,
 then the backbone's own (``BackboneSpec.recipe``: a ViT's is MoCo v3's AdamW recipe, since SGD/LARS
