@@ -19,6 +19,7 @@ as a cluster job runs them) on shards it simulates itself:
 Prints one table (images/s = 2 x pairs/s, peak device memory, data wait vs compute per step) and
 exits 1 if any case failed (each failure is printed with the tail of its log).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,18 @@ BIN = Path(sys.executable).parent
 # A launcher's rendezvous variables (torchrun, Slurm, or a one-process DeepSpeed group earlier in the
 # calling process) must not reach the cases: each starts its own group, and an inherited MASTER_PORT
 # is a port already bound by that other group (EADDRINUSE).
-_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                  "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID")
+_LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "TORCHELASTIC_RUN_ID",
+)
 
 
 def _env() -> dict:
@@ -83,26 +94,35 @@ def _last_metrics(run: Path) -> dict:
 
 def _mean_metrics(run: Path) -> dict:
     with open(run / "metrics.csv", newline="") as f:
-        rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)][1:]   # skip the warm-up row
+        rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)][1:]  # skip the warm-up row
     return {k: sum(r[k] for r in rows) / len(rows) for k in ("data_wait_s", "compute_s")} if rows else {}
 
 
 def simulate(out: Path, pairs: int, num_pix: int) -> None:
     from hpc_lensiam.simulate.writer import simulate_shards
+
     if not (out / "manifest.json").is_file():
-        simulate_shards(out_dir=str(out), num_samples=pairs, shard_size=max(1, pairs // 8), mode="lensiam",
-                        seed=0, overrides={"instrument": {"num_pix": num_pix}}, progress=False)
+        simulate_shards(
+            out_dir=str(out),
+            num_samples=pairs,
+            shard_size=max(1, pairs // 8),
+            mode="lensiam",
+            seed=0,
+            overrides={"instrument": {"num_pix": num_pix}},
+            progress=False,
+        )
 
 
 def loader_pairs_per_s(data: str, batch: int, workers: int, pin: bool) -> float:
     from hpc_lensiam.data.loader import ShardLoader
+
     loader = ShardLoader(data, "lensiam", batch, 0, 1, workers, 0, 256, 1, False, pin_memory=pin)
     batches = loader.epoch(0)
     n, t = 0, None
     try:
         for i, b in enumerate(batches):
             if i == 0:
-                t = time.perf_counter()      # after the workers started
+                t = time.perf_counter()  # after the workers started
                 continue
             n += len(b["x1"])
     finally:
@@ -112,6 +132,7 @@ def loader_pairs_per_s(data: str, batch: int, workers: int, pin: bool) -> float:
 
 def main(argv=None) -> int:
     import torch
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (the test suite runs this)")
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one, removed)")
@@ -134,27 +155,69 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     data = work / f"shards_{pairs}_{num_pix}"
     device = torch.cuda.get_device_name(0) if gpus else "cpu"
-    print(f"gpu_check: {device} x {max(gpus, 1) if gpus else 0} GPU(s); torch {torch.__version__}; {arch}, "
-          f"batch {batch}/process, {steps} steps per case; work folder {work}", flush=True)
+    print(
+        f"gpu_check: {device} x {max(gpus, 1) if gpus else 0} GPU(s); torch {torch.__version__}; {arch}, "
+        f"batch {batch}/process, {steps} steps per case; work folder {work}",
+        flush=True,
+    )
     simulate(data, pairs, num_pix)
     small = ["--proj-dim", "64", "--pred-dim", "16"] if smoke else []
-    common = ["--data", str(data), "--arch", arch, "--batch-size", str(batch), "--epochs", "1000", "--warmup-epochs",
-              "0", "--log-every", "1", "--workers", str(workers), "--ckpt-every", "1000000", *small]
+    common = [
+        "--data",
+        str(data),
+        "--arch",
+        arch,
+        "--batch-size",
+        str(batch),
+        "--epochs",
+        "1000",
+        "--warmup-epochs",
+        "0",
+        "--log-every",
+        "1",
+        "--workers",
+        str(workers),
+        "--ckpt-every",
+        "1000000",
+        *small,
+    ]
     hl = [sys.executable, "-m", "hpc_lensiam"]
     chk = Check()
 
     def train_case(name, extra, nproc=1, steps_=steps, run=None, resume=False, expect=()):
         run = run or work / f"run_{name}"
-        launcher = ([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), "-m", "hpc_lensiam"]
-                    if nproc > 1 else hl)
-        out = chk.run(name, [*launcher, "train", *common, "--out", str(run), "--max-steps", str(steps_), *extra,
-                             *(["--resume"] if resume else [])], expect=("train: done:", *expect))
+        launcher = (
+            [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), "-m", "hpc_lensiam"]
+            if nproc > 1
+            else hl
+        )
+        out = chk.run(
+            name,
+            [
+                *launcher,
+                "train",
+                *common,
+                "--out",
+                str(run),
+                "--max-steps",
+                str(steps_),
+                *extra,
+                *(["--resume"] if resume else []),
+            ],
+            expect=("train: done:", *expect),
+        )
         if out is None:
             return None
         m = re.search(r"([\d.]+) pairs/s \(([\d.]+) images/s\)", out)
         last, mean = _last_metrics(run), _mean_metrics(run)
-        chk.rows.append({"case": name, "images_per_s": float(m.group(2)) if m else math.nan,
-                         "peak_mem_mb": last.get("peak_mem_mb", math.nan), **mean})
+        chk.rows.append(
+            {
+                "case": name,
+                "images_per_s": float(m.group(2)) if m else math.nan,
+                "peak_mem_mb": last.get("peak_mem_mb", math.nan),
+                **mean,
+            }
+        )
         return run
 
     # 1. engines x precisions (channels_last is the default; on a CPU the plan ignores it)
@@ -163,26 +226,60 @@ def main(argv=None) -> int:
     train_case("ddp_fp32", ["--precision", "fp32", "--engine", "ddp", "--no-channels-last"])
     train_case("deepspeed_zero0_bf16", ["--precision", "bf16", "--engine", "deepspeed", "--zero-stage", "0"])
     train_case("deepspeed_zero1_bf16", ["--precision", "bf16", "--engine", "deepspeed", "--zero-stage", "1"])
-    if gpus >= 2 or smoke:   # on a CPU: 2 gloo processes with the CPU SyncBatchNorm
+    if gpus >= 2 or smoke:  # on a CPU: 2 gloo processes with the CPU SyncBatchNorm
         train_case("ddp_bf16_2proc_syncbn", ["--precision", "bf16"], nproc=2)
-    if gpus >= 2:            # what SyncBatchNorm costs: the same run with per-rank BatchNorm
+    if gpus >= 2:  # what SyncBatchNorm costs: the same run with per-rank BatchNorm
         train_case("ddp_bf16_2proc_no_syncbn", ["--precision", "bf16", "--no-sync-batchnorm"], nproc=2)
 
     # 2. resume across engines and ZeRO stages (a fresh DDP run, then continued)
     run = train_case("resume_0_ddp", ["--precision", "bf16"], steps_=steps)
     if run is not None:
-        train_case("resume_1_ddp_to_zero1", ["--precision", "bf16", "--engine", "deepspeed", "--zero-stage", "1"],
-                   steps_=steps + 1, run=run, resume=True, expect=("weights only", f"resuming at step {steps}"))
-        train_case("resume_2_zero1_to_zero0", ["--precision", "bf16", "--engine", "deepspeed", "--zero-stage", "0"],
-                   steps_=steps + 2, run=run, resume=True, expect=("--zero-stage 1, this run is --zero-stage 0",))
-        train_case("resume_3_zero0_same", ["--precision", "bf16", "--engine", "deepspeed", "--zero-stage", "0"],
-                   steps_=steps + 3, run=run, resume=True, expect=(f"resuming at step {steps + 2}",))
+        train_case(
+            "resume_1_ddp_to_zero1",
+            ["--precision", "bf16", "--engine", "deepspeed", "--zero-stage", "1"],
+            steps_=steps + 1,
+            run=run,
+            resume=True,
+            expect=("weights only", f"resuming at step {steps}"),
+        )
+        train_case(
+            "resume_2_zero1_to_zero0",
+            ["--precision", "bf16", "--engine", "deepspeed", "--zero-stage", "0"],
+            steps_=steps + 2,
+            run=run,
+            resume=True,
+            expect=("--zero-stage 1, this run is --zero-stage 0",),
+        )
+        train_case(
+            "resume_3_zero0_same",
+            ["--precision", "bf16", "--engine", "deepspeed", "--zero-stage", "0"],
+            steps_=steps + 3,
+            run=run,
+            resume=True,
+            expect=(f"resuming at step {steps + 2}",),
+        )
 
     # 3. embed + export on the device
     if bf16 is not None:
         emb = work / "emb.h5"
-        chk.run("embed", [*hl, "embed", "--checkpoint", str(bf16), "--data", str(data), "--out", str(emb),
-                          "--batch-size", str(batch * 2), "--workers", "0"], expect=("images/s",))
+        chk.run(
+            "embed",
+            [
+                *hl,
+                "embed",
+                "--checkpoint",
+                str(bf16),
+                "--data",
+                str(data),
+                "--out",
+                str(emb),
+                "--batch-size",
+                str(batch * 2),
+                "--workers",
+                "0",
+            ],
+            expect=("images/s",),
+        )
         chk.run("export", [*hl, "export", "--checkpoint", str(bf16), "--out", str(work / "backbone.pt")])
 
     # 4. the loader alone
@@ -191,28 +288,75 @@ def main(argv=None) -> int:
     # 5. on-the-fly lens augmentation (bench/online.py): rendered pairs/s at batch 256-4096 at 110 px
     # and the training ratio online / shards, on the device the trainer uses (docs/online.md)
     online_json = work / "online.json"
-    online = (["--device", "cpu", "--batch", "2", "--num-pix", "32", "--numpy-pairs", "2", "--rounds", "1",
-               "--accuracy-systems", "1", "--train-steps", "0"] if smoke else
-              ["--device", "cuda", "--batch", "256", "1024", "4096", "--num-pix", "110", "--numpy-pairs", "16",
-               "--accuracy-systems", "4", "--arch", arch, "--train-batch", str(batch), "--train-steps", "20",
-               "--precision", "bf16", "--workers", str(workers)])
-    online_line = chk.run("online", [sys.executable, str(REPO / "bench" / "online.py"), *online,
-                                     "--json", str(online_json)], expect=("online bench:",), timeout=900)
+    online = (
+        [
+            "--device",
+            "cpu",
+            "--batch",
+            "2",
+            "--num-pix",
+            "32",
+            "--numpy-pairs",
+            "2",
+            "--rounds",
+            "1",
+            "--accuracy-systems",
+            "1",
+            "--train-steps",
+            "0",
+        ]
+        if smoke
+        else [
+            "--device",
+            "cuda",
+            "--batch",
+            "256",
+            "1024",
+            "4096",
+            "--num-pix",
+            "110",
+            "--numpy-pairs",
+            "16",
+            "--accuracy-systems",
+            "4",
+            "--arch",
+            arch,
+            "--train-batch",
+            str(batch),
+            "--train-steps",
+            "20",
+            "--precision",
+            "bf16",
+            "--workers",
+            str(workers),
+        ]
+    )
+    online_line = chk.run(
+        "online",
+        [sys.executable, str(REPO / "bench" / "online.py"), *online, "--json", str(online_json)],
+        expect=("online bench:",),
+        timeout=900,
+    )
 
     # the table
     print(f"\n{'case':32s} {'images/s':>10s} {'peak MB':>9s} {'wait s/step':>12s} {'compute s/step':>15s}")
     for r in chk.rows:
-        print(f"{r['case']:32s} {r['images_per_s']:10.1f} {r['peak_mem_mb']:9.0f} "
-              f"{r.get('data_wait_s', math.nan):12.4f}"
-              f" {r.get('compute_s', math.nan):15.4f}")
+        print(
+            f"{r['case']:32s} {r['images_per_s']:10.1f} {r['peak_mem_mb']:9.0f} "
+            f"{r.get('data_wait_s', math.nan):12.4f}"
+            f" {r.get('compute_s', math.nan):15.4f}"
+        )
     by = {r["case"]: r["images_per_s"] for r in chk.rows}
     if by.get("ddp_bf16_channels_last") and by.get("ddp_fp32"):
-        print(f"\n{arch} images/s bf16 + channels_last / fp32: {by['ddp_bf16_channels_last']:.1f} / "
-              f"{by['ddp_fp32']:.1f} = {by['ddp_bf16_channels_last'] / by['ddp_fp32']:.2f}x")
+        print(
+            f"\n{arch} images/s bf16 + channels_last / fp32: {by['ddp_bf16_channels_last']:.1f} / "
+            f"{by['ddp_fp32']:.1f} = {by['ddp_bf16_channels_last'] / by['ddp_fp32']:.2f}x"
+        )
     if by.get("ddp_bf16_2proc_syncbn") and by.get("ddp_bf16_2proc_no_syncbn"):
         sync, per_rank = by["ddp_bf16_2proc_syncbn"], by["ddp_bf16_2proc_no_syncbn"]
-        print(f"2 processes, images/s with SyncBatchNorm / without: {sync:.1f} / {per_rank:.1f} = "
-              f"{sync / per_rank:.2f}x")
+        print(
+            f"2 processes, images/s with SyncBatchNorm / without: {sync:.1f} / {per_rank:.1f} = {sync / per_rank:.2f}x"
+        )
     for w, pps in loader.items():
         print(f"loader pairs/s, {w} worker process(es): {pps:.0f}")
     if online_line:

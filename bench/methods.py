@@ -16,6 +16,7 @@ rerun (its ``probe_<run>.json`` exists) and an interrupted pretraining resumes (
 
 Writes ``OUT/methods.md`` (the table, the budget, the commands) and ``OUT/methods.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,13 @@ def run(cmd: list, log: list, name: str) -> None:
     print(f"\n[methods] {name}: {shlex.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO)
-    log.append({"step": name, "seconds": time.perf_counter() - t0,
-                "command": shlex.join(cmd).replace(str(BIN) + "/", ".venv/bin/").replace(str(REPO) + "/", "")})
+    log.append(
+        {
+            "step": name,
+            "seconds": time.perf_counter() - t0,
+            "command": shlex.join(cmd).replace(str(BIN) + "/", ".venv/bin/").replace(str(REPO) + "/", ""),
+        }
+    )
 
 
 def probe_with_intervals(emb_path: Path, n_boot: int) -> dict:
@@ -54,8 +60,7 @@ def probe_with_intervals(emb_path: Path, n_boot: int) -> dict:
 
     emb = load_embeddings(emb_path)
     test = split_by_key(emb["keys"])
-    res = probe_arrays(emb["features"], {p: emb["params"][p] for p in PARAMS}, emb["pair_id"], test,
-                       n_boot=n_boot)
+    res = probe_arrays(emb["features"], {p: emb["params"][p] for p in PARAMS}, emb["pair_id"], test, n_boot=n_boot)
     out = {p: {"r2": res["ridge"][p], "ci95": list(res["ridge_ci95"][p]), "knn_r2": res["knn"][p]} for p in PARAMS}
     return {"params": out, "n_test": int(test.sum()), "n_train": int((~test).sum())}
 
@@ -66,8 +71,12 @@ def train_stats(run_dir: Path, global_batch: int) -> dict:
         rows = [r for r in csv.DictReader(f)]
     ips = [float(r["images_per_s"]) for r in rows[1:] or rows if float(r["images_per_s"]) > 0]
     step_s = global_batch / (sum(ips) / len(ips)) if ips else float("nan")
-    return {"step_s": step_s, "final_loss": float(rows[-1]["loss"]), "z_std": float(rows[-1]["z_std"]),
-            "steps": int(rows[-1]["step"])}
+    return {
+        "step_s": step_s,
+        "final_loss": float(rows[-1]["loss"]),
+        "z_std": float(rows[-1]["z_std"]),
+        "steps": int(rows[-1]["step"]),
+    }
 
 
 def main() -> None:
@@ -96,16 +105,20 @@ def main() -> None:
     shards, probe_shards = out / "shards" / "pretrain", out / "shards" / "probe"
     sim = [hl, "simulate", "--config", sim_yaml, "--shard-size", 128]
     run(sim + ["--out", shards, "--pairs", a.pairs, "--seed", a.seed], log, "simulate pretraining pairs")
-    run(sim + ["--out", probe_shards, "--pairs", a.probe_pairs, "--seed", a.seed + 1000], log,
-        "simulate held-out probe pairs")
+    run(
+        sim + ["--out", probe_shards, "--pairs", a.probe_pairs, "--seed", a.seed + 1000],
+        log,
+        "simulate held-out probe pairs",
+    )
 
     global_batch = a.batch_size * a.nproc
     steps_per_epoch = a.pairs // global_batch
     if steps_per_epoch < 1:
         sys.exit(f"bench/methods.py: error: --pairs {a.pairs} < global batch {global_batch}")
     epochs = math.ceil(a.steps / steps_per_epoch)
-    launch = ([BIN / "torchrun", "--standalone", "--nproc_per_node", a.nproc, "-m", "hpc_lensiam"]
-              if a.nproc > 1 else [hl])
+    launch = (
+        [BIN / "torchrun", "--standalone", "--nproc_per_node", a.nproc, "-m", "hpc_lensiam"] if a.nproc > 1 else [hl]
+    )
     runs = [(m, aug, a.arch) for m in a.methods.split(",") for aug in a.augs.split(",")]
     if a.vit:
         runs.append(("simsiam", "lens", a.vit))
@@ -122,15 +135,52 @@ def main() -> None:
             continue
         run_dir = out / f"run_{name}"
         resume = ["--resume"] if (run_dir / "checkpoints" / "last.pt").is_file() else []
-        run(launch + ["train", "--data", shards, "--out", run_dir, "--method", method, "--mode", AUGS[aug],
-                      "--arch", arch, "--batch-size", a.batch_size, "--epochs", epochs, "--max-steps", a.steps,
-                      "--warmup-epochs", max(1, epochs // 10), "--seed", a.seed, "--workers", 1,
-                      "--no-zero-init-residual", "--log-every", 1, "--ckpt-every", 10 ** 6, *resume],
-            log, f"pretrain {name}")
+        run(
+            launch
+            + [
+                "train",
+                "--data",
+                shards,
+                "--out",
+                run_dir,
+                "--method",
+                method,
+                "--mode",
+                AUGS[aug],
+                "--arch",
+                arch,
+                "--batch-size",
+                a.batch_size,
+                "--epochs",
+                epochs,
+                "--max-steps",
+                a.steps,
+                "--warmup-epochs",
+                max(1, epochs // 10),
+                "--seed",
+                a.seed,
+                "--workers",
+                1,
+                "--no-zero-init-residual",
+                "--log-every",
+                1,
+                "--ckpt-every",
+                10**6,
+                *resume,
+            ],
+            log,
+            f"pretrain {name}",
+        )
         emb = out / f"emb_{name}.h5"
         run(launch + ["embed", "--checkpoint", run_dir, "--data", probe_shards, "--out", emb], log, f"embed {name}")
-        res = {"method": method, "augmentation": aug, "arch": arch, **train_stats(run_dir, global_batch),
-               **probe_with_intervals(emb, a.n_boot), "commands": log[-2:]}
+        res = {
+            "method": method,
+            "augmentation": aug,
+            "arch": arch,
+            **train_stats(run_dir, global_batch),
+            **probe_with_intervals(emb, a.n_boot),
+            "commands": log[-2:],
+        }
         pj.write_text(json.dumps(res, indent=1))
         results[name] = res
         rpath.write_text(json.dumps({"args": vars(a), "results": results}, indent=1))
@@ -140,31 +190,54 @@ def main() -> None:
 
 def write_report(path: Path, a, epochs: int, results: dict, log: list) -> None:
     gb = a.batch_size * a.nproc
-    lines = ["# Lens augmentation x SSL method: held-out probe R^2 at a fixed budget", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; Python {platform.python_version()}.", "",
-             f"Budget: {a.pairs} pretraining pairs ({a.num_pix}x{a.num_pix} px, hst preset), {a.steps} optimizer "
-             f"steps of global batch {gb} ({epochs} epoch(s) of the schedule), seed {a.seed}, each method with its "
-             f"recipe (docs/methods.md), zero_init_residual off. Probe: ridge on the frozen backbone features of "
-             f"{a.probe_pairs} held-out pairs (both views), split by lens system; 95% bootstrap interval over the "
-             f"test lens systems ({a.n_boot} resamples, as `hpc-lensiam probe`). Step time: seconds per "
-             "optimizer step measured by the trainer.", "",
-             "| method | augmentation | backbone | theta_E R^2 | e1 R^2 | gamma R^2 | s/step | final loss |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Lens augmentation x SSL method: held-out probe R^2 at a fixed budget",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; Python {platform.python_version()}.",
+        "",
+        f"Budget: {a.pairs} pretraining pairs ({a.num_pix}x{a.num_pix} px, hst preset), {a.steps} optimizer "
+        f"steps of global batch {gb} ({epochs} epoch(s) of the schedule), seed {a.seed}, each method with its "
+        f"recipe (docs/methods.md), zero_init_residual off. Probe: ridge on the frozen backbone features of "
+        f"{a.probe_pairs} held-out pairs (both views), split by lens system; 95% bootstrap interval over the "
+        f"test lens systems ({a.n_boot} resamples, as `hpc-lensiam probe`). Step time: seconds per "
+        "optimizer step measured by the trainer.",
+        "",
+        "| method | augmentation | backbone | theta_E R^2 | e1 R^2 | gamma R^2 | s/step | final loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results.values():
-        cells = [f"{r['params'][p]['r2']:.3f} [{r['params'][p]['ci95'][0]:.3f}, {r['params'][p]['ci95'][1]:.3f}]"
-                 for p in PARAMS]
-        lines.append(f"| {r['method']} | {r['augmentation']} | {r['arch']} | " + " | ".join(cells)
-                     + f" | {r['step_s']:.2f} | {r['final_loss']:.4f} |")
-    lines += ["", "Lens minus standard augmentation, per method (ridge R^2):", "",
-              "| method | " + " | ".join(f"delta {p}" for p in PARAMS) + " |", "|---|---|---|---|"]
+        cells = [
+            f"{r['params'][p]['r2']:.3f} [{r['params'][p]['ci95'][0]:.3f}, {r['params'][p]['ci95'][1]:.3f}]"
+            for p in PARAMS
+        ]
+        lines.append(
+            f"| {r['method']} | {r['augmentation']} | {r['arch']} | "
+            + " | ".join(cells)
+            + f" | {r['step_s']:.2f} | {r['final_loss']:.4f} |"
+        )
+    lines += [
+        "",
+        "Lens minus standard augmentation, per method (ridge R^2):",
+        "",
+        "| method | " + " | ".join(f"delta {p}" for p in PARAMS) + " |",
+        "|---|---|---|---|",
+    ]
     for m in a.methods.split(","):
         lens, std = results.get(f"{m}_lens_{a.arch}"), results.get(f"{m}_standard_{a.arch}")
         if lens and std:
-            lines.append(f"| {m} | " + " | ".join(f"{lens['params'][p]['r2'] - std['params'][p]['r2']:+.3f}"
-                                                   for p in PARAMS) + " |")
+            lines.append(
+                f"| {m} | "
+                + " | ".join(f"{lens['params'][p]['r2'] - std['params'][p]['r2']:+.3f}" for p in PARAMS)
+                + " |"
+            )
     steps = log[:2] + [c for r in results.values() for c in r.get("commands", [])]
-    lines += ["", "## Commands (wall seconds of the invocation that ran them)", "", "| step | seconds | command |",
-              "|---|---|---|"]
+    lines += [
+        "",
+        "## Commands (wall seconds of the invocation that ran them)",
+        "",
+        "| step | seconds | command |",
+        "|---|---|---|",
+    ]
     lines += [f"| {s['step']} | {s['seconds']:.0f} | `{s['command']}` |" for s in steps]
     lines += ["", f"Made by `.venv/bin/python bench/methods.py {' '.join(sys.argv[1:])}`.", ""]
     tmp = path.with_suffix(".md.tmp")

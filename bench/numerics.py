@@ -15,6 +15,7 @@
    stamp pixels carrying flux and the flux in pixels below k sigma of the noise, raw vs cleaned
    (pedestal = median of the stamp border subtracted, pixels below k sigma set to 0).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,15 @@ def _sim(preset: str, factor, num_pix: int | None):
     """factor: an int (uniform) or "F+aA@T" (uniform F, adaptive A where the sub-sample spread > T x peak)."""
     from hpc_lensiam.config import simulation_config
     from hpc_lensiam.simulate.simulator import LensSimulator
+
     if isinstance(factor, str):  # "2+a16@0.02": uniform 2, adaptive 16 above threshold 0.02
         base, rest = factor.split("+a")
         adaptive, threshold = rest.split("@")
-        inst = {"supersampling_factor": int(base), "adaptive_supersampling_factor": int(adaptive),
-                "adaptive_threshold": float(threshold)}
+        inst = {
+            "supersampling_factor": int(base),
+            "adaptive_supersampling_factor": int(adaptive),
+            "adaptive_threshold": float(threshold),
+        }
     else:
         inst = {"supersampling_factor": factor, "adaptive_supersampling_factor": 0}
     if num_pix:
@@ -52,6 +57,7 @@ def _sim(preset: str, factor, num_pix: int | None):
 
 def supersampling(n: int, preset: str, num_pix: int | None, seed: int = 0) -> dict:
     from hpc_lensiam.simulate.priors import draw_lens
+
     sims = {f: _sim(preset, f, num_pix) for f in FACTORS + (REFERENCE,)}
     base = sims[REFERENCE]
     rng = np.random.default_rng(seed)
@@ -75,8 +81,13 @@ def supersampling(n: int, preset: str, num_pix: int | None, seed: int = 0) -> di
     res = {}
     for f in FACTORS:
         err = np.array([np.abs(a - b).max() for a, b in zip(renders[f], renders[REFERENCE])]) / sigma
-        res[f] = {"within_sigma": float(np.mean(err <= 1.0)), "p95_sigma": float(np.percentile(err, 95)),
-                  "max_sigma": float(err.max()), "cost_vs_2": cost[f] / cost[2], "s_per_image": cost[f]}
+        res[f] = {
+            "within_sigma": float(np.mean(err <= 1.0)),
+            "p95_sigma": float(np.percentile(err, 95)),
+            "max_sigma": float(err.max()),
+            "cost_vs_2": cost[f] / cost[2],
+            "s_per_image": cost[f],
+        }
     return res
 
 
@@ -85,8 +96,13 @@ def _quad_flux(renderer, amp: float, kw: dict) -> float:
     from scipy.integrate import quad
 
     def f(r):
-        return 2 * np.pi * r * float(renderer._core.function(np.array([r]), np.array([0.0]), amp=amp, e1=0.0,
-                                                             e2=0.0, **kw)[0])
+        return (
+            2
+            * np.pi
+            * r
+            * float(renderer._core.function(np.array([r]), np.array([0.0]), amp=amp, e1=0.0, e2=0.0, **kw)[0])
+        )
+
     R = kw["R_sersic"]
     pts = [kw["Rb"], R, 10 * R]
     return sum(quad(f, a, b, limit=200)[0] for a, b in zip([0.0] + pts, pts + [200 * R]))
@@ -101,24 +117,34 @@ def core_sersic(n: int, seed: int = 0) -> dict:
         core_sersic_amp_for_unit_flux,
         core_sersic_total_flux,
     )
+
     r = SourceRenderer()
     p = SourcePrior()
     rng = np.random.default_rng(seed)
     old, new = [], []
     for _ in range(n):
-        kw = {"R_sersic": uniform(rng, p.R_sersic_arcsec), "n_sersic": uniform(rng, p.n_sersic),
-              "Rb": uniform(rng, p.R_b_arcsec), "gamma": uniform(rng, p.core_gamma),
-              "alpha": uniform(rng, p.core_alpha)}
+        kw = {
+            "R_sersic": uniform(rng, p.R_sersic_arcsec),
+            "n_sersic": uniform(rng, p.n_sersic),
+            "Rb": uniform(rng, p.R_b_arcsec),
+            "gamma": uniform(rng, p.core_gamma),
+            "alpha": uniform(rng, p.core_alpha),
+        }
         old.append(core_sersic_total_flux(r, amp=analytic_amp_for_unit_flux(r, kw["R_sersic"], kw["n_sersic"]), **kw))
         new.append(_quad_flux(r, core_sersic_amp_for_unit_flux(r, **kw), kw))
-    return {"old_min": float(np.min(old)), "old_median": float(np.median(old)), "old_max": float(np.max(old)),
-            "new_max_abs_error": float(np.max(np.abs(np.array(new) - 1)))}
+    return {
+        "old_min": float(np.min(old)),
+        "old_median": float(np.median(old)),
+        "old_max": float(np.max(old)),
+        "new_max_abs_error": float(np.max(np.abs(np.array(new) - 1))),
+    }
 
 
 def cosmos_cleaning(k_sigma: float = 1.0) -> dict | None:
     if not (COSMOS / "real_galaxy_catalog_23.5.fits").is_file():
         return None
     from hpc_lensiam.simulate.sources import CosmosCatalog, clean_stamp
+
     cat = CosmosCatalog(COSMOS)
     rows = cat.accepted()
     raw_cover, clean_cover, raw_neg, flux_kept = [], [], [], []
@@ -130,15 +156,22 @@ def cosmos_cleaning(k_sigma: float = 1.0) -> dict | None:
         clean_cover.append(float(np.mean(cleaned > 0)))
         raw_neg.append(float(-img[img < 0].sum() / img[img > 0].sum()))
         flux_kept.append(float(cleaned.sum() / img.sum()))
-    return {"stamps": len(rows), "k_sigma": k_sigma, "raw_nonzero_frac": float(np.median(raw_cover)),
-            "clean_nonzero_frac": float(np.median(clean_cover)), "raw_negative_flux_frac": float(np.median(raw_neg)),
-            "clean_flux_over_raw": [float(np.min(flux_kept)), float(np.median(flux_kept)), float(np.max(flux_kept))]}
+    return {
+        "stamps": len(rows),
+        "k_sigma": k_sigma,
+        "raw_nonzero_frac": float(np.median(raw_cover)),
+        "clean_nonzero_frac": float(np.median(clean_cover)),
+        "raw_negative_flux_frac": float(np.median(raw_neg)),
+        "clean_flux_over_raw": [float(np.min(flux_kept)), float(np.median(flux_kept)), float(np.max(flux_kept))],
+    }
 
 
 def plot(res: dict, out: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     f = list(res)
     fig, ax = plt.subplots(figsize=(4.8, 3.0))
     pos = np.arange(len(f))
@@ -164,24 +197,31 @@ def main() -> None:
     ap.add_argument("--fig", default=None)
     a = ap.parse_args()
     res = supersampling(a.n, a.preset, a.num_pix)
-    print(f"supersampling ({a.preset}, {a.n} systems, error vs factor {REFERENCE} in units of each image's "
-          "noise sigma):")
+    print(
+        f"supersampling ({a.preset}, {a.n} systems, error vs factor {REFERENCE} in units of each image's noise sigma):"
+    )
     for f, r in res.items():
-        print(f"  factor {f}: {r['within_sigma']:.0%} within 1 sigma, p95 {r['p95_sigma']:.2f}, max "
-              f"{r['max_sigma']:.2f} sigma; render {r['s_per_image'] * 1e3:.0f} ms = {r['cost_vs_2']:.2f}x factor 2")
+        print(
+            f"  factor {f}: {r['within_sigma']:.0%} within 1 sigma, p95 {r['p95_sigma']:.2f}, max "
+            f"{r['max_sigma']:.2f} sigma; render {r['s_per_image'] * 1e3:.0f} ms = {r['cost_vs_2']:.2f}x factor 2"
+        )
     if a.fig:
         plot(res, a.fig)
     cs = core_sersic(max(a.n, 200))
-    print(f"core-Sersic total flux with the Sersic formula: min {cs['old_min']:.3f}, median {cs['old_median']:.3f}, "
-          f"max {cs['old_max']:.3f}; with its own integral: max |flux - 1| = {cs['new_max_abs_error']:.1e} "
-          f"(scipy quad)")
+    print(
+        f"core-Sersic total flux with the Sersic formula: min {cs['old_min']:.3f}, median {cs['old_median']:.3f}, "
+        f"max {cs['old_max']:.3f}; with its own integral: max |flux - 1| = {cs['new_max_abs_error']:.1e} "
+        f"(scipy quad)"
+    )
     cc = cosmos_cleaning()
     if cc:
-        print(f"COSMOS cleaning (k = {cc['k_sigma']} sigma, {cc['stamps']} stamps, medians): non-zero pixels "
-              f"{cc['raw_nonzero_frac']:.0%} -> {cc['clean_nonzero_frac']:.0%}; negative flux (noise) "
-              f"{cc['raw_negative_flux_frac']:.1%} of the positive in the raw stamp; cleaned/raw flux "
-              f"min/median/max {cc['clean_flux_over_raw'][0]:.3f}/{cc['clean_flux_over_raw'][1]:.3f}/"
-              f"{cc['clean_flux_over_raw'][2]:.3f}")
+        print(
+            f"COSMOS cleaning (k = {cc['k_sigma']} sigma, {cc['stamps']} stamps, medians): non-zero pixels "
+            f"{cc['raw_nonzero_frac']:.0%} -> {cc['clean_nonzero_frac']:.0%}; negative flux (noise) "
+            f"{cc['raw_negative_flux_frac']:.1%} of the positive in the raw stamp; cleaned/raw flux "
+            f"min/median/max {cc['clean_flux_over_raw'][0]:.3f}/{cc['clean_flux_over_raw'][1]:.3f}/"
+            f"{cc['clean_flux_over_raw'][2]:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Usage (CPU, small):   python bench/online.py --batch 8 32 --train-steps 4
 Usage (GPU, paper):   python bench/online.py --device cuda --batch 256 1024 4096 --arch resnet101 \\
                           --train-batch 128 --precision bf16 --train-steps 20
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,10 +67,10 @@ def bench_render(cfg, device: str, batches: list[int], numpy_pairs: int, rounds:
         warnings.simplefilter("ignore", UserWarning)
         ref = LensSimulator(cfg)
         sim = TorchLensSimulator(cfg, device=device, chunk_systems=max(batches), compile=compile)
-    for b in batches:   # warm-up: allocator, FFT plans, series-term table
+    for b in batches:  # warm-up: allocator, FFT plans, series-term table
         sim.sample_pairs(b, torch.Generator(device=sim.device).manual_seed(0))
     ref.sample_pair(np.random.default_rng(0))
-    if compile:   # the compiled kernels must render what the eager ones do
+    if compile:  # the compiled kernels must render what the eager ones do
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             eager = TorchLensSimulator(cfg, device=device, chunk_systems=max(batches))
@@ -82,11 +83,20 @@ def bench_render(cfg, device: str, batches: list[int], numpy_pairs: int, rounds:
         for b in batches:
             repeats = max(1, 64 // b) if sim.device.type == "cpu" else max(2, 8192 // b)
             best[f"torch_b{b}"] = max(best[f"torch_b{b}"], torch_pairs_per_s(sim, b, repeats, r))
-    out = {"device": str(sim.device), "threads": torch.get_num_threads(), "num_pix": sim.num_pix,
-           "supersampling": sim.supersampling, "series_terms": sim.prior_series_terms, "pairs_per_s": best}
+    out = {
+        "device": str(sim.device),
+        "threads": torch.get_num_threads(),
+        "num_pix": sim.num_pix,
+        "supersampling": sim.supersampling,
+        "series_terms": sim.prior_series_terms,
+        "pairs_per_s": best,
+    }
     for b in batches:
-        print(f"render: torch {sim.device} batch {b}: {best[f'torch_b{b}']:.1f} pairs/s "
-              f"({best[f'torch_b{b}'] / best['lenstronomy_1core']:.2f}x one lenstronomy core)", flush=True)
+        print(
+            f"render: torch {sim.device} batch {b}: {best[f'torch_b{b}']:.1f} pairs/s "
+            f"({best[f'torch_b{b}'] / best['lenstronomy_1core']:.2f}x one lenstronomy core)",
+            flush=True,
+        )
     print(f"render: lenstronomy LensSimulator: {best['lenstronomy_1core']:.1f} pairs/s per core", flush=True)
     return out
 
@@ -108,8 +118,11 @@ def bench_accuracy(cfg, device: str, systems: int) -> dict:
                     want = ref.render(rec["lens"], view["source"], lens_light=view["lens_light"], psf=view["psf_id"])
                     worst = max(worst, float(np.abs(drawn[key][b].double().cpu().numpy() - want).max()))
             out[name] = worst
-            print(f"accuracy: {name}: max |torch - lenstronomy| = {worst:.2e} of the peak over "
-                  f"{2 * systems} views ({sim.prior_series_terms} EPL terms)", flush=True)
+            print(
+                f"accuracy: {name}: max |torch - lenstronomy| = {worst:.2e} of the peak over "
+                f"{2 * systems} views ({sim.prior_series_terms} EPL terms)",
+                flush=True,
+            )
     return out
 
 
@@ -120,18 +133,39 @@ def bench_training(args, cfg_yaml: Path, tmp: Path) -> dict:
 
     data = tmp / "shards"
     pairs = args.train_batch * (args.train_steps + 1)
-    simulate_shards(out_dir=data, num_samples=pairs, shard_size=max(1, pairs // 4), mode="lensiam", seed=0,
-                    config_path=str(cfg_yaml), engine="torch", device=args.device, progress=False)
-    common = dict(arch=args.arch, batch_size=args.train_batch, max_steps=args.train_steps, epochs=1,
-                  workers=args.workers, precision=args.precision, log_every=max(1, args.train_steps),
-                  proj_dim=2048, pred_dim=512, ckpt_every=10 ** 6, online_epoch_samples=pairs,
-                  online_compile=args.compile)
+    simulate_shards(
+        out_dir=data,
+        num_samples=pairs,
+        shard_size=max(1, pairs // 4),
+        mode="lensiam",
+        seed=0,
+        config_path=str(cfg_yaml),
+        engine="torch",
+        device=args.device,
+        progress=False,
+    )
+    common = dict(
+        arch=args.arch,
+        batch_size=args.train_batch,
+        max_steps=args.train_steps,
+        epochs=1,
+        workers=args.workers,
+        precision=args.precision,
+        log_every=max(1, args.train_steps),
+        proj_dim=2048,
+        pred_dim=512,
+        ckpt_every=10**6,
+        online_epoch_samples=pairs,
+        online_compile=args.compile,
+    )
     rates = {}
     for name, spec in (("shards", str(data)), ("online", f"online:{cfg_yaml}")):
         summary = train(train_config(data=spec, out=str(tmp / f"run_{name}"), **common))
         rates[name] = summary["images_per_s"]
-        print(f"train: {args.arch} batch {args.train_batch} {args.precision} on {name}: "
-              f"{rates[name]:.1f} pairs/s", flush=True)
+        print(
+            f"train: {args.arch} batch {args.train_batch} {args.precision} on {name}: {rates[name]:.1f} pairs/s",
+            flush=True,
+        )
     rates["ratio_online_over_shards"] = rates["online"] / rates["shards"] if rates["shards"] else math.nan
     return rates
 
@@ -168,12 +202,16 @@ def main(argv=None) -> dict:
     if args.train_steps:
         with tempfile.TemporaryDirectory() as d:
             cfg_yaml = Path(d) / "sim.yaml"
-            cfg_yaml.write_text(f"instrument:\n  num_pix: {args.num_pix}\n"
-                                + (f"cosmos_dir: {args.cosmos_dir}\n" if args.cosmos_dir else ""))
+            cfg_yaml.write_text(
+                f"instrument:\n  num_pix: {args.num_pix}\n"
+                + (f"cosmos_dir: {args.cosmos_dir}\n" if args.cosmos_dir else "")
+            )
             result["train_pairs_per_s"] = bench_training(args, cfg_yaml, Path(d))
     best_torch = max(v for k, v in result["render"]["pairs_per_s"].items() if k.startswith("torch"))
-    line = (f"online bench: {args.device}: torch renderer {best_torch:.1f} pairs/s vs lenstronomy "
-            f"{result['render']['pairs_per_s']['lenstronomy_1core']:.1f} pairs/s per core")
+    line = (
+        f"online bench: {args.device}: torch renderer {best_torch:.1f} pairs/s vs lenstronomy "
+        f"{result['render']['pairs_per_s']['lenstronomy_1core']:.1f} pairs/s per core"
+    )
     if "train_pairs_per_s" in result:
         line += f"; training online/shards = {result['train_pairs_per_s']['ratio_online_over_shards']:.2f}"
     print(line, flush=True)

@@ -26,6 +26,7 @@ protocol may be run in parts (``--report-only`` rewrites it from OUT without run
     .venv/bin/python bench/science.py --pairs 64 --probe-pairs 64 --n-train 40 --n-test 40 --num-pix 48 \\
         --steps 2 --finetune-epochs 1 --out runs/science-smoke --tag smoke   # smoke test, minutes
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,11 +47,21 @@ from hpc_lensiam.stats import hierarchical_paired_difference, seed_summary  # no
 BIN = Path(sys.executable).parent
 NPROC = 2
 # name -> (pretraining run kind or None for random weights, frozen backbone)
-ARMS = {"LenSiam": ("lensiam", False), "SimSiam": ("simsiam", False), "random init": (None, False),
-        "frozen random": (None, True), "LenSiam (survey pretraining)": ("lensiam-survey", False)}
+ARMS = {
+    "LenSiam": ("lensiam", False),
+    "SimSiam": ("simsiam", False),
+    "random init": (None, False),
+    "frozen random": (None, True),
+    "LenSiam (survey pretraining)": ("lensiam-survey", False),
+}
 PAPER = {"LenSiam": "0.586", "SimSiam": "0.426", "random init": "0.360 was ImageNet-supervised (not downloadable here)"}
-DIFFERENCES = [("LenSiam", "SimSiam"), ("LenSiam", "random init"), ("SimSiam", "random init"),
-               ("random init", "frozen random"), ("LenSiam (survey pretraining)", "LenSiam")]
+DIFFERENCES = [
+    ("LenSiam", "SimSiam"),
+    ("LenSiam", "random init"),
+    ("SimSiam", "random init"),
+    ("random init", "frozen random"),
+    ("LenSiam (survey pretraining)", "LenSiam"),
+]
 
 
 def parse_ints(text: str) -> list[int]:
@@ -61,16 +72,37 @@ def tasks(families: list[str]) -> list[dict]:
     """Downstream tasks: (family, task, target, train/test shard names, simulate flags)."""
     out = []
     if "paper" in families:
-        out.append(dict(key="paper_theta_E", family="paper", task="regress", target="theta_E",
-                        sim=["--preset", "euclid"], title="theta_E regression, same simulator family at the euclid "
-                                                          "preset (another instrument)"))
+        out.append(
+            dict(
+                key="paper_theta_E",
+                family="paper",
+                task="regress",
+                target="theta_E",
+                sim=["--preset", "euclid"],
+                title="theta_E regression, same simulator family at the euclid preset (another instrument)",
+            )
+        )
     if "survey" in families:
-        out.append(dict(key="survey_theta_E", family="survey", task="regress", target="theta_E",
-                        sim=["--preset", "euclid", "--family", "survey", "--lens-fraction", "1"],
-                        title="theta_E regression on lenses of the independent survey family (another world)"))
-        out.append(dict(key="survey_is_lens", family="survey", task="classify", target="is_lens",
-                        sim=["--preset", "euclid", "--family", "survey", "--lens-fraction", "0.5"],
-                        title="lens finding (is_lens) on the independent survey family, half non-lenses"))
+        out.append(
+            dict(
+                key="survey_theta_E",
+                family="survey",
+                task="regress",
+                target="theta_E",
+                sim=["--preset", "euclid", "--family", "survey", "--lens-fraction", "1"],
+                title="theta_E regression on lenses of the independent survey family (another world)",
+            )
+        )
+        out.append(
+            dict(
+                key="survey_is_lens",
+                family="survey",
+                task="classify",
+                target="is_lens",
+                sim=["--preset", "euclid", "--family", "survey", "--lens-fraction", "0.5"],
+                title="lens finding (is_lens) on the independent survey family, half non-lenses",
+            )
+        )
     return out
 
 
@@ -106,7 +138,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=1000)
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--arch", default="resnet18")
-    ap.add_argument("--num-pix", type=int, default=110, help="image side (0.05\"/px hst; 0.1\"/px euclid)")
+    ap.add_argument("--num-pix", type=int, default=110, help='image side (0.05"/px hst; 0.1"/px euclid)')
     ap.add_argument("--epochs", type=int, default=10, help="pretraining epochs")
     ap.add_argument("--steps", type=int, default=None, help="stop pretraining after N steps (smoke tests)")
     ap.add_argument("--batch-size", type=int, default=32, help="per process; 2 processes")
@@ -114,16 +146,34 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="data seed: every simulated set derives from it")
     ap.add_argument("--pretrain-seeds", default="0,1", help="pretraining seeds per method (>= 2)")
     ap.add_argument("--finetune-seeds", default="0,1,2", help="fine-tuning seeds per backbone (>= 3)")
-    ap.add_argument("--downstream-family", nargs="+", choices=("paper", "survey"), default=["paper"],
-                    help="paper: the euclid set of the pretraining simulator; survey: the independent survey family")
+    ap.add_argument(
+        "--downstream-family",
+        nargs="+",
+        choices=("paper", "survey"),
+        default=["paper"],
+        help="paper: the euclid set of the pretraining simulator; survey: the independent survey family",
+    )
     ap.add_argument("--survey-pretraining", action="store_true", help="add LenSiam pretrained on survey pairs")
-    ap.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
-                    help="pretraining precision; auto: bf16 if --precision-check finds it within seed noise")
-    ap.add_argument("--precision-check", type=int, default=0, metavar="STEPS",
-                    help="first pretrain LenSiam for STEPS steps in fp32 (seed 0) and bf16 (seeds 0, 1) and probe: "
-                         "is the bf16 - fp32 difference within the seed-to-seed difference?")
-    ap.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=False,
-                    help="pretraining init (off: torchvision's; see docs/results.md for why)")
+    ap.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "auto"),
+        default="fp32",
+        help="pretraining precision; auto: bf16 if --precision-check finds it within seed noise",
+    )
+    ap.add_argument(
+        "--precision-check",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="first pretrain LenSiam for STEPS steps in fp32 (seed 0) and bf16 (seeds 0, 1) and probe: "
+        "is the bf16 - fp32 difference within the seed-to-seed difference?",
+    )
+    ap.add_argument(
+        "--zero-init-residual",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="pretraining init (off: torchvision's; see docs/results.md for why)",
+    )
     ap.add_argument("--ckpt-every", type=int, default=0, help="periodic checkpoints every N steps (0: none)")
     ap.add_argument("--curve", action="store_true", help="embed + probe every periodic checkpoint (first seed)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from OUT, run nothing")
@@ -146,9 +196,12 @@ def main() -> None:
 
     def simulate(name: str, n: int, seed_offset: int, flags: list) -> Path:
         d = out / "shards" / name
-        shard = 128 if n >= 256 else max(8, n // 8)   # 128 as in runs A-C (same bytes); small sets: >= 8 shards
-        steps.run(f"simulate {name}", sim + ["--shard-size", shard, "--out", d, "--pairs", n, "--seed",
-                                             a.seed + seed_offset, *flags], [d / "manifest.json"])
+        shard = 128 if n >= 256 else max(8, n // 8)  # 128 as in runs A-C (same bytes); small sets: >= 8 shards
+        steps.run(
+            f"simulate {name}",
+            sim + ["--shard-size", shard, "--out", d, "--pairs", n, "--seed", a.seed + seed_offset, *flags],
+            [d / "manifest.json"],
+        )
         return d
 
     # ---- data: pretraining pairs, the held-out probe set, the downstream sets
@@ -167,8 +220,11 @@ def main() -> None:
         check = precision_check(steps, a, out, shards, zi, torchrun, hl)
         if a.precision == "auto":
             a.precision = "bf16" if check["within_seed_noise"] else "fp32"
-            print(f"[science] precision check: bf16-fp32 {check['max_precision_diff']:.3f} vs seed-to-seed "
-                  f"{check['max_seed_diff']:.3f}: pretraining in {a.precision}", flush=True)
+            print(
+                f"[science] precision check: bf16-fp32 {check['max_precision_diff']:.3f} vs seed-to-seed "
+                f"{check['max_seed_diff']:.3f}: pretraining in {a.precision}",
+                flush=True,
+            )
         write_report(report, a, out, steps.done)
 
     # ---- per pretraining seed: pretrain every method, embed, probe, UMAP, export, then fine-tune its
@@ -180,29 +236,82 @@ def main() -> None:
         for kind in kinds:
             run_dir = out / f"run_{kind}_s{ps}"
             ckpt = run_dir / "checkpoints" / "last.pt"
-            steps.run(f"pretrain {kind} seed {ps}",
-                      [torchrun, "--standalone", "--nproc_per_node", NPROC, "-m", "hpc_lensiam", "train",
-                       "--data", shards["lensiam-survey" if kind == "lensiam-survey" else "lensiam"], "--out", run_dir,
-                       "--mode", kind.split("-")[0], "--arch", a.arch, "--epochs", a.epochs, "--batch-size",
-                       a.batch_size, "--seed", ps, "--precision", a.precision,
-                       "--warmup-epochs", max(1, a.epochs // 10), *zi, *ms],
-                      [ckpt], resume_flag=ckpt.exists())
+            steps.run(
+                f"pretrain {kind} seed {ps}",
+                [
+                    torchrun,
+                    "--standalone",
+                    "--nproc_per_node",
+                    NPROC,
+                    "-m",
+                    "hpc_lensiam",
+                    "train",
+                    "--data",
+                    shards["lensiam-survey" if kind == "lensiam-survey" else "lensiam"],
+                    "--out",
+                    run_dir,
+                    "--mode",
+                    kind.split("-")[0],
+                    "--arch",
+                    a.arch,
+                    "--epochs",
+                    a.epochs,
+                    "--batch-size",
+                    a.batch_size,
+                    "--seed",
+                    ps,
+                    "--precision",
+                    a.precision,
+                    "--warmup-epochs",
+                    max(1, a.epochs // 10),
+                    *zi,
+                    *ms,
+                ],
+                [ckpt],
+                resume_flag=ckpt.exists(),
+            )
             emb = out / f"emb_{kind}_s{ps}.h5"
-            steps.run(f"embed {kind} seed {ps}", [torchrun, "--standalone", "--nproc_per_node", NPROC, "-m",
-                                                  "hpc_lensiam", "embed", "--checkpoint", ckpt, "--data",
-                                                  shards["probe"], "--out", emb], [emb])
+            steps.run(
+                f"embed {kind} seed {ps}",
+                [
+                    torchrun,
+                    "--standalone",
+                    "--nproc_per_node",
+                    NPROC,
+                    "-m",
+                    "hpc_lensiam",
+                    "embed",
+                    "--checkpoint",
+                    ckpt,
+                    "--data",
+                    shards["probe"],
+                    "--out",
+                    emb,
+                ],
+                [emb],
+            )
             if ps == a.pretrain_seeds[0] and a.curve:
                 learning_curve(steps, run_dir, shards["probe"], out, kind, torchrun, hl)
             if ps == a.pretrain_seeds[0]:
                 png = REPO / "docs" / "science" / f"umap_{kind}_{a.tag}.png"
-                steps.run(f"umap {kind} seed {ps}", [hl, "umap", "--embeddings", emb, "--out", png, "--seed", 0],
-                          [png])
+                steps.run(f"umap {kind} seed {ps}", [hl, "umap", "--embeddings", emb, "--out", png, "--seed", 0], [png])
             backbone = out / f"backbone_{kind}_s{ps}.pt"
             steps.run(f"export {kind} seed {ps}", [hl, "export", "--checkpoint", ckpt, "--out", backbone], [backbone])
         pj = out / f"probe_s{ps}.json"
-        steps.run(f"probe LenSiam vs SimSiam seed {ps}",
-                  [hl, "probe", "--embeddings", out / f"emb_lensiam_s{ps}.h5", "--against",
-                   out / f"emb_simsiam_s{ps}.h5", "--json", pj], [pj])
+        steps.run(
+            f"probe LenSiam vs SimSiam seed {ps}",
+            [
+                hl,
+                "probe",
+                "--embeddings",
+                out / f"emb_lensiam_s{ps}.h5",
+                "--against",
+                out / f"emb_simsiam_s{ps}.h5",
+                "--json",
+                pj,
+            ],
+            [pj],
+        )
         write_report(report, a, out, steps.done)
 
         # fine-tuning: every task x arm, all fine-tuning seeds in one resumable call
@@ -213,14 +322,42 @@ def main() -> None:
                 backbone = out / f"backbone_{kind}_s{ps}.pt" if kind else "none"
                 fj = finetune_json(out, t["key"], arm, ps if kind else None)
                 task_flags = ["--task", "classify"] if t["task"] == "classify" else []
-                steps.run(f"finetune {t['key']} {arm}" + (f" pretrain seed {ps}" if kind else ""),
-                          [hl, "finetune", "--backbone", backbone, "--arch", a.arch, "--train", t["train"],
-                           "--test", t["test"], *task_flags, "--target", t["target"], "--n-train", a.n_train,
-                           "--n-test", a.n_test, "--epochs", a.finetune_epochs, "--seeds", seeds,
-                           *(["--freeze-backbone"] if frozen else []), "--json", fj], [fj], resume_flag=True)
+                steps.run(
+                    f"finetune {t['key']} {arm}" + (f" pretrain seed {ps}" if kind else ""),
+                    [
+                        hl,
+                        "finetune",
+                        "--backbone",
+                        backbone,
+                        "--arch",
+                        a.arch,
+                        "--train",
+                        t["train"],
+                        "--test",
+                        t["test"],
+                        *task_flags,
+                        "--target",
+                        t["target"],
+                        "--n-train",
+                        a.n_train,
+                        "--n-test",
+                        a.n_test,
+                        "--epochs",
+                        a.finetune_epochs,
+                        "--seeds",
+                        seeds,
+                        *(["--freeze-backbone"] if frozen else []),
+                        "--json",
+                        fj,
+                    ],
+                    [fj],
+                    resume_flag=True,
+                )
                 write_report(report, a, out, steps.done)
-    print(f"\n[science] done in {(time.perf_counter() - t_start) / 60:.1f} min; results in "
-          f"{report.relative_to(REPO)}", flush=True)
+    print(
+        f"\n[science] done in {(time.perf_counter() - t_start) / 60:.1f} min; results in {report.relative_to(REPO)}",
+        flush=True,
+    )
 
 
 def precision_check(steps: Steps, a, out: Path, shards: dict, zi: list, torchrun, hl) -> dict:
@@ -232,15 +369,61 @@ def precision_check(steps: Steps, a, out: Path, shards: dict, zi: list, torchrun
     for prec, ps in (("fp32", 0), ("bf16", 0), ("bf16", 1)):
         run_dir = out / f"check_{prec}_s{ps}"
         ckpt = run_dir / "checkpoints" / "last.pt"
-        steps.run(f"precision check: pretrain lensiam {prec} seed {ps}",
-                  [torchrun, "--standalone", "--nproc_per_node", NPROC, "-m", "hpc_lensiam", "train", "--data",
-                   shards["lensiam"], "--out", run_dir, "--mode", "lensiam", "--arch", a.arch, "--epochs", a.epochs,
-                   "--batch-size", a.batch_size, "--seed", ps, "--precision", prec, "--warmup-epochs",
-                   max(1, a.epochs // 10), *zi, "--max-steps", a.precision_check], [ckpt], resume_flag=ckpt.exists())
+        steps.run(
+            f"precision check: pretrain lensiam {prec} seed {ps}",
+            [
+                torchrun,
+                "--standalone",
+                "--nproc_per_node",
+                NPROC,
+                "-m",
+                "hpc_lensiam",
+                "train",
+                "--data",
+                shards["lensiam"],
+                "--out",
+                run_dir,
+                "--mode",
+                "lensiam",
+                "--arch",
+                a.arch,
+                "--epochs",
+                a.epochs,
+                "--batch-size",
+                a.batch_size,
+                "--seed",
+                ps,
+                "--precision",
+                prec,
+                "--warmup-epochs",
+                max(1, a.epochs // 10),
+                *zi,
+                "--max-steps",
+                a.precision_check,
+            ],
+            [ckpt],
+            resume_flag=ckpt.exists(),
+        )
         emb, pj = out / f"check_{prec}_s{ps}.h5", out / f"check_{prec}_s{ps}.json"
-        steps.run(f"precision check: embed {prec} seed {ps}",
-                  [torchrun, "--standalone", "--nproc_per_node", NPROC, "-m", "hpc_lensiam", "embed", "--checkpoint",
-                   ckpt, "--data", shards["probe"], "--out", emb], [emb])
+        steps.run(
+            f"precision check: embed {prec} seed {ps}",
+            [
+                torchrun,
+                "--standalone",
+                "--nproc_per_node",
+                NPROC,
+                "-m",
+                "hpc_lensiam",
+                "embed",
+                "--checkpoint",
+                ckpt,
+                "--data",
+                shards["probe"],
+                "--out",
+                emb,
+            ],
+            [emb],
+        )
         steps.run(f"precision check: probe {prec} seed {ps}", [hl, "probe", "--embeddings", emb, "--json", pj], [pj])
         probes[(prec, ps)] = next(iter(_load(pj)["results"].values()))["ridge"]
     return precision_verdict(probes)
@@ -251,8 +434,14 @@ def precision_verdict(probes: dict) -> dict:
     prec = {p: probes[("bf16", 0)][p] - probes[("fp32", 0)][p] for p in probes[("fp32", 0)]}
     seed = {p: probes[("bf16", 1)][p] - probes[("bf16", 0)][p] for p in probes[("fp32", 0)]}
     mp, msd = max(abs(v) for v in prec.values()), max(abs(v) for v in seed.values())
-    return {"probes": probes, "precision_diff": prec, "seed_diff": seed, "max_precision_diff": mp,
-            "max_seed_diff": msd, "within_seed_noise": mp <= msd}
+    return {
+        "probes": probes,
+        "precision_diff": prec,
+        "seed_diff": seed,
+        "max_precision_diff": mp,
+        "max_seed_diff": msd,
+        "within_seed_noise": mp <= msd,
+    }
 
 
 def learning_curve(steps: Steps, run_dir: Path, probe_shards: Path, out: Path, kind: str, torchrun, hl) -> None:
@@ -260,9 +449,25 @@ def learning_curve(steps: Steps, run_dir: Path, probe_shards: Path, out: Path, k
     for ck in sorted((run_dir / "checkpoints").glob("step_*.pt")):
         step = int(ck.stem.split("_")[1])
         emb, pj = out / f"curve_{kind}_{step}.h5", out / f"curve_{kind}_{step}.json"
-        steps.run(f"embed {kind} step {step}", [torchrun, "--standalone", "--nproc_per_node", NPROC, "-m",
-                                                "hpc_lensiam", "embed", "--checkpoint", ck, "--data", probe_shards,
-                                                "--out", emb], [emb])
+        steps.run(
+            f"embed {kind} step {step}",
+            [
+                torchrun,
+                "--standalone",
+                "--nproc_per_node",
+                NPROC,
+                "-m",
+                "hpc_lensiam",
+                "embed",
+                "--checkpoint",
+                ck,
+                "--data",
+                probe_shards,
+                "--out",
+                emb,
+            ],
+            [emb],
+        )
         steps.run(f"probe {kind} step {step}", [hl, "probe", "--embeddings", emb, "--json", pj], [pj])
 
 
@@ -281,15 +486,14 @@ def collect_units(out: Path, task_key: str, arm: str, pretrain_seeds: list[int])
     """{(pretraining seed or None, fine-tuning seed): (metric, test targets, predictions, test sha)}."""
     kind = ARMS[arm][0]
     units = {}
-    for ps in (pretrain_seeds if kind else [None]):
+    for ps in pretrain_seeds if kind else [None]:
         rep = _load(finetune_json(out, task_key, arm, ps))
         if rep is None:
             continue
         metric = rep.get("metric", "r2")
         for r in rep["runs"]:
             scores = r.get("test_scores", r.get("test_predictions"))
-            units[(ps, r["seed"])] = (r[metric], rep["test_targets"], scores, rep.get("test_manifest_sha256"),
-                                      metric)
+            units[(ps, r["seed"])] = (r[metric], rep["test_targets"], scores, rep.get("test_manifest_sha256"), metric)
     return units
 
 
@@ -306,38 +510,64 @@ def paired(units_a: dict, units_b: dict):
 def write_report(path: Path, a, out: Path, done: dict) -> None:
     """The whole report from the files in OUT: finished parts filled in, the rest marked not run yet."""
     import numpy as np
+
     ps_list = a.pretrain_seeds
-    checks = {(prec, ps): _load(out / f"check_{prec}_s{ps}.json") for prec, ps in
-              (("fp32", 0), ("bf16", 0), ("bf16", 1))}
-    verdict = (precision_verdict({k: next(iter(c["results"].values()))["ridge"] for k, c in checks.items()})
-               if all(checks.values()) else None)
-    if a.precision == "auto" and verdict:   # --report-only: the check decided
+    checks = {
+        (prec, ps): _load(out / f"check_{prec}_s{ps}.json") for prec, ps in (("fp32", 0), ("bf16", 0), ("bf16", 1))
+    }
+    verdict = (
+        precision_verdict({k: next(iter(c["results"].values()))["ridge"] for k, c in checks.items()})
+        if all(checks.values())
+        else None
+    )
+    if a.precision == "auto" and verdict:  # --report-only: the check decided
         a.precision = "bf16" if verdict["within_seed_noise"] else "fp32"
-    lines = ["# LenSiam vs SimSiam vs random init, with seeds and intervals", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; Python {platform.python_version()}.", "",
-             f"Set-up: {a.pairs} LenSiam pairs ({a.num_pix}x{a.num_pix} px, hst preset), {a.arch}, {a.epochs} epochs"
-             + (f" (stopped at {a.steps} steps)" if a.steps else "") + f", batch {a.batch_size} x {NPROC} processes, "
-             f"{a.precision}, zero_init_residual={'on' if a.zero_init_residual else 'off'}; pretraining seeds "
-             f"{ps_list}, fine-tuning seeds {a.finetune_seeds}; probe on {a.probe_pairs} held-out pairs; "
-             f"downstream {a.n_train} train (80/20 train/validation) / {a.n_test} test images, "
-             f"{a.finetune_epochs} epochs. ImageNet-supervised weights cannot be downloaded here: the paper's "
-             f"third row is not reproduced; 'random init' and 'frozen random' stand beside it.", "",
-             "## Probe: held-out ridge R^2 [95% interval over test lens systems] from frozen features", ""]
+    lines = [
+        "# LenSiam vs SimSiam vs random init, with seeds and intervals",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; Python {platform.python_version()}.",
+        "",
+        f"Set-up: {a.pairs} LenSiam pairs ({a.num_pix}x{a.num_pix} px, hst preset), {a.arch}, {a.epochs} epochs"
+        + (f" (stopped at {a.steps} steps)" if a.steps else "")
+        + f", batch {a.batch_size} x {NPROC} processes, "
+        f"{a.precision}, zero_init_residual={'on' if a.zero_init_residual else 'off'}; pretraining seeds "
+        f"{ps_list}, fine-tuning seeds {a.finetune_seeds}; probe on {a.probe_pairs} held-out pairs; "
+        f"downstream {a.n_train} train (80/20 train/validation) / {a.n_test} test images, "
+        f"{a.finetune_epochs} epochs. ImageNet-supervised weights cannot be downloaded here: the paper's "
+        f"third row is not reproduced; 'random init' and 'frozen random' stand beside it.",
+        "",
+        "## Probe: held-out ridge R^2 [95% interval over test lens systems] from frozen features",
+        "",
+    ]
     if verdict:
         v = verdict
         head = lines[-2:]
         del lines[-2:]
-        lines += [f"## bf16 or fp32: a {a.precision_check}-step LenSiam check on the same pairs", "",
-                  "Held-out ridge R^2 of the three short runs, the bf16 - fp32 difference (same seed) and the "
-                  "seed 1 - seed 0 difference (both bf16):", "",
-                  "| parameter | fp32 s0 | bf16 s0 | bf16 s1 | bf16 - fp32 | s1 - s0 |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"## bf16 or fp32: a {a.precision_check}-step LenSiam check on the same pairs",
+            "",
+            "Held-out ridge R^2 of the three short runs, the bf16 - fp32 difference (same seed) and the "
+            "seed 1 - seed 0 difference (both bf16):",
+            "",
+            "| parameter | fp32 s0 | bf16 s0 | bf16 s1 | bf16 - fp32 | s1 - s0 |",
+            "|---|---|---|---|---|---|",
+        ]
         for p in v["precision_diff"]:
-            lines.append(f"| {p} | {v['probes'][('fp32', 0)][p]:.3f} | {v['probes'][('bf16', 0)][p]:.3f} | "
-                         f"{v['probes'][('bf16', 1)][p]:.3f} | {v['precision_diff'][p]:+.3f} | "
-                         f"{v['seed_diff'][p]:+.3f} |")
-        lines += ["", f"Largest |bf16 - fp32| {v['max_precision_diff']:.3f} vs largest |s1 - s0| "
-                  f"{v['max_seed_diff']:.3f}: bf16 is " + ("" if v["within_seed_noise"] else "NOT ") +
-                  "within seed noise; the protocol pretrains in " + a.precision + ".", ""] + head
+            lines.append(
+                f"| {p} | {v['probes'][('fp32', 0)][p]:.3f} | {v['probes'][('bf16', 0)][p]:.3f} | "
+                f"{v['probes'][('bf16', 1)][p]:.3f} | {v['precision_diff'][p]:+.3f} | "
+                f"{v['seed_diff'][p]:+.3f} |"
+            )
+        lines += [
+            "",
+            f"Largest |bf16 - fp32| {v['max_precision_diff']:.3f} vs largest |s1 - s0| "
+            f"{v['max_seed_diff']:.3f}: bf16 is "
+            + ("" if v["within_seed_noise"] else "NOT ")
+            + "within seed noise; the protocol pretrains in "
+            + a.precision
+            + ".",
+            "",
+        ] + head
     probes = {ps: _load(out / f"probe_s{ps}.json") for ps in ps_list}
     if not any(probes.values()):
         lines.append("(not run yet)")
@@ -346,18 +576,30 @@ def write_report(path: Path, a, out: Path, done: dict) -> None:
         for ps, pr in probes.items():
             for lab, r in (pr or {}).get("results", {}).items():
                 ci = r.get("ridge_ci95", {})
-                cell = [f"{r['ridge'][p]:.3f} [{ci[p][0]:.3f}, {ci[p][1]:.3f}]" if p in ci else f"{r['ridge'][p]:.3f}"
-                        for p in ("theta_E", "e1", "gamma")]
+                cell = [
+                    f"{r['ridge'][p]:.3f} [{ci[p][0]:.3f}, {ci[p][1]:.3f}]" if p in ci else f"{r['ridge'][p]:.3f}"
+                    for p in ("theta_E", "e1", "gamma")
+                ]
                 lines.append(f"| {ps} | {lab} | " + " | ".join(cell) + f" | {np.mean(list(r['ridge'].values())):.3f} |")
         probe_diff = {ps: pr["paired_difference"] for ps, pr in probes.items() if pr and pr.get("paired_difference")}
         if probe_diff:
-            lines += ["", "Paired ridge R^2 difference LenSiam - SimSiam on the same test systems (95% interval over "
-                      "systems, one pretraining seed each: pretraining-seed noise is not in it; compare the rows):", "",
-                      "| pretraining seed | theta_E | e1 | gamma |", "|---|---|---|---|"]
+            lines += [
+                "",
+                "Paired ridge R^2 difference LenSiam - SimSiam on the same test systems (95% interval over "
+                "systems, one pretraining seed each: pretraining-seed noise is not in it; compare the rows):",
+                "",
+                "| pretraining seed | theta_E | e1 | gamma |",
+                "|---|---|---|---|",
+            ]
             for ps, d in probe_diff.items():
-                lines.append(f"| {ps} | " + " | ".join(
-                    f"{d['ridge'][p]['delta']:+.3f} [{d['ridge'][p]['ci95'][0]:+.3f}, {d['ridge'][p]['ci95'][1]:+.3f}]"
-                    for p in ("theta_E", "e1", "gamma")) + " |")
+                lines.append(
+                    f"| {ps} | "
+                    + " | ".join(
+                        "{:+.3f} [{:+.3f}, {:+.3f}]".format(d["ridge"][p]["delta"], *d["ridge"][p]["ci95"])
+                        for p in ("theta_E", "e1", "gamma")
+                    )
+                    + " |"
+                )
     for t in tasks(a.downstream_family):
         lines += ["", f"## Downstream: {t['title']}", ""]
         units = {arm: collect_units(out, t["key"], arm, ps_list) for arm in ARMS}
@@ -367,8 +609,11 @@ def write_report(path: Path, a, out: Path, done: dict) -> None:
             continue
         metric = next(iter(next(iter(units.values())).values()))[4]
         name = {"r2": "R^2", "auc": "ROC AUC"}.get(metric, metric)
-        lines += [f"| arm | runs (pretraining x fine-tuning seeds) | test {name} mean +- sd | per pretraining seed "
-                  f"(mean over fine-tuning seeds) | paper R^2 |", "|---|---|---|---|---|"]
+        lines += [
+            f"| arm | runs (pretraining x fine-tuning seeds) | test {name} mean +- sd | per pretraining seed "
+            f"(mean over fine-tuning seeds) | paper R^2 |",
+            "|---|---|---|---|---|",
+        ]
         for arm, u in units.items():
             s = seed_summary(v[0] for v in u.values())
             per = {}
@@ -376,13 +621,19 @@ def write_report(path: Path, a, out: Path, done: dict) -> None:
                 per.setdefault(ps, []).append(v[0])
             per_txt = ", ".join(f"s{ps}: {np.mean(v):.3f}" for ps, v in per.items() if ps is not None) or "-"
             sd = f"{s['sd']:.3f}" if s["sd"] is not None else "n/a"
-            lines.append(f"| {arm} | {s['n']} | {s['mean']:.3f} +- {sd} | {per_txt} | "
-                         f"{PAPER.get(arm, '-') if t['key'] == 'paper_theta_E' else '-'} |")
-        lines += ["", f"Paired differences of test {name} (hierarchical bootstrap: (pretraining, fine-tuning) seed "
-                  f"units and test images resampled together, 2000 resamples; estimate +- t(df) x se; the "
-                  f"test-images-only interval, which ignores seed noise, for reference):", "",
-                  "| difference | units | delta | 95% interval | df | test-images-only interval | per unit |",
-                  "|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {arm} | {s['n']} | {s['mean']:.3f} +- {sd} | {per_txt} | "
+                f"{PAPER.get(arm, '-') if t['key'] == 'paper_theta_E' else '-'} |"
+            )
+        lines += [
+            "",
+            f"Paired differences of test {name} (hierarchical bootstrap: (pretraining, fine-tuning) seed "
+            f"units and test images resampled together, 2000 resamples; estimate +- t(df) x se; the "
+            f"test-images-only interval, which ignores seed noise, for reference):",
+            "",
+            "| difference | units | delta | 95% interval | df | test-images-only interval | per unit |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for x, z in DIFFERENCES:
             if x not in units or z not in units:
                 continue
@@ -394,28 +645,46 @@ def write_report(path: Path, a, out: Path, done: dict) -> None:
             pb = np.asarray([units[z][kb][2] for _, kb in keys])
             r = hierarchical_paired_difference(y, pa, pb, metric, n_boot=2000, seed=0)
             df = f"{r['df']:.1f}" if r["df"] else "-"
-            lines.append(f"| {x} - {z} | {len(keys)} | {r['delta']:+.3f} | [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
-                         f" | {df} | [{r['ci95_images_only'][0]:+.3f}, {r['ci95_images_only'][1]:+.3f}] | "
-                         + " ".join(f"{v:+.3f}" for v in r["per_seed"]) + " |")
+            lines.append(
+                f"| {x} - {z} | {len(keys)} | {r['delta']:+.3f} | [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
+                f" | {df} | [{r['ci95_images_only'][0]:+.3f}, {r['ci95_images_only'][1]:+.3f}] | "
+                + " ".join(f"{v:+.3f}" for v in r["per_seed"])
+                + " |"
+            )
     curve = sorted(out.glob("curve_*.json"), key=lambda f: (f.stem.split("_")[1], int(f.stem.split("_")[2])))
     if curve:
-        lines += ["", "## Probe ridge R^2 vs pretraining step (first pretraining seed, same held-out set)", "",
-                  "| method | step | theta_E | e1 | gamma | mean of 8 |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Probe ridge R^2 vs pretraining step (first pretraining seed, same held-out set)",
+            "",
+            "| method | step | theta_E | e1 | gamma | mean of 8 |",
+            "|---|---|---|---|---|---|",
+        ]
         for f in curve:
             r = next(iter(json.loads(f.read_text())["results"].values()))["ridge"]
-            lines.append(f"| {f.stem.split('_')[1]} | {f.stem.split('_')[2]} | {r['theta_E']:.3f} | {r['e1']:.3f} | "
-                         f"{r['gamma']:.3f} | {np.mean(list(r.values())):.3f} |")
+            lines.append(
+                f"| {f.stem.split('_')[1]} | {f.stem.split('_')[2]} | {r['theta_E']:.3f} | {r['e1']:.3f} | "
+                f"{r['gamma']:.3f} | {np.mean(list(r.values())):.3f} |"
+            )
     figs = sorted((REPO / "docs" / "science").glob(f"umap_*_{a.tag}.png"))
     if figs:
         lines += ["", "## UMAP of the held-out embeddings (first pretraining seed)", ""]
         lines += [f"![{f.stem}]({f.name})" for f in figs]
-    lines += ["", "## Commands and wall times (steps finished so far)", "", "| step | seconds | command |",
-              "|---|---|---|"]
+    lines += [
+        "",
+        "## Commands and wall times (steps finished so far)",
+        "",
+        "| step | seconds | command |",
+        "|---|---|---|",
+    ]
     lines += [f"| {name} | {s['seconds']:.0f} | `{s['command']}` |" for name, s in done.items()]
     total = sum(s["seconds"] for s in done.values())
     argv = " ".join(x for x in sys.argv[1:] if x != "--report-only")
-    lines += ["", f"Total step time so far: {total / 60:.1f} min. Made by `.venv/bin/python bench/science.py {argv}`.",
-              ""]
+    lines += [
+        "",
+        f"Total step time so far: {total / 60:.1f} min. Made by `.venv/bin/python bench/science.py {argv}`.",
+        "",
+    ]
     atomic_write_text(path, "\n".join(lines))
 
 

@@ -24,6 +24,7 @@ bytes of the vectors. Threads: OMP/OpenBLAS/MKL and faiss are set to ``--threads
 default: per-core figures) in every child. The vector file is deleted at the end unless
 ``--keep-vectors``; an existing complete file of the same size and seed is reused.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,7 +112,7 @@ def numpy_topk(x: np.ndarray, q: np.ndarray, k: int = K, block_rows: int = 65536
     best_s = np.full((len(q), k), -np.inf, np.float32)
     best_i = np.zeros((len(q), k), np.int64)
     for a in range(0, len(x), block_rows):
-        sims = q @ x[a:a + block_rows].T
+        sims = q @ x[a : a + block_rows].T
         kk = min(k, sims.shape[1])
         top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
         cand_s = np.concatenate([best_s, np.take_along_axis(sims, top, 1)], 1)
@@ -127,7 +128,7 @@ def exact_topk(x: np.ndarray, q: np.ndarray, k: int = K, block_rows: int = 65536
     sims = np.empty((len(q), len(x)), np.float64)
     q64 = q.astype(np.float64)
     for a in range(0, len(x), block_rows):
-        sims[:, a:a + block_rows] = q64 @ x[a:a + block_rows].astype(np.float64).T
+        sims[:, a : a + block_rows] = q64 @ x[a : a + block_rows].astype(np.float64).T
     return np.argsort(-sims, axis=1, kind="stable")[:, :k]
 
 
@@ -144,8 +145,9 @@ def _log(msg: str) -> None:
     print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run_method(method: str, path: Path, rows: int, dim: int, recall_queries: int, repeats: int,
-               block_rows: int) -> dict:
+def run_method(
+    method: str, path: Path, rows: int, dim: int, recall_queries: int, repeats: int, block_rows: int
+) -> dict:
     """One method in this process: build, latency, recall against ``truth.npy`` beside the vectors."""
     x = open_vectors(path, rows, dim)
     qr = query_rows(rows, recall_queries)
@@ -168,6 +170,7 @@ def run_method(method: str, path: Path, rows: int, dim: int, recall_queries: int
         import faiss
 
         from hpc_lensiam.embed.similar import IVF_TRAIN_PER_LIST, build_index
+
         res["faiss_threads"] = faiss.omp_get_max_threads()
         _log(f"{method}: building the index (faiss {faiss.__version__}, {res['faiss_threads']} thread(s))")
         t = time.perf_counter()
@@ -179,9 +182,10 @@ def run_method(method: str, path: Path, rows: int, dim: int, recall_queries: int
 
         def search(q):
             return index.search(q, K)[1]
+
     res["index_gb"] = _status_gb("RssAnon") - base_anon
     _log(f"{method}: built in {res['build_s']:.1f} s, index {res['index_gb']:.2f} GB; timing queries")
-    q1, q64 = np.array(x[:1]), np.array(x[1000 % rows:1000 % rows + 64])
+    q1, q64 = np.array(x[:1]), np.array(x[1000 % rows : 1000 % rows + 64])
     res["query1_ms"] = _best_ms(lambda: search(q1), repeats)
     res["query64_ms"] = _best_ms(lambda: search(q64), repeats)
     res["anomaly_projected_s"] = res["query64_ms"] / 1e3 * rows / 64
@@ -202,20 +206,37 @@ def _child_env(threads: int, coretype: str | None) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    head = ("rows x dim", "method", "build s", "1 query ms", "64 queries ms", "recall@16", "--anomaly s (projected)",
-            "vectors GB", "index GB", "peak anon GB", "peak RSS GB (incl. mapped file)", "1 query vs numpy")
+    head = (
+        "rows x dim",
+        "method",
+        "build s",
+        "1 query ms",
+        "64 queries ms",
+        "recall@16",
+        "--anomaly s (projected)",
+        "vectors GB",
+        "index GB",
+        "peak anon GB",
+        "peak RSS GB (incl. mapped file)",
+        "1 query vs numpy",
+    )
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if r["method"] == "truth":
             continue
         ref = next((x for x in results if x["rows"] == r["rows"] and x["method"] == "numpy"), None)
-        name = {"flat": "faiss IndexFlatIP", "ivf": f"faiss IndexIVFFlat ({r.get('nlist')} lists, nprobe "
-                f"{r.get('nprobe')}, trained on {r.get('train_rows')})"}.get(r["method"], "numpy brute force")
+        name = {
+            "flat": "faiss IndexFlatIP",
+            "ivf": f"faiss IndexIVFFlat ({r.get('nlist')} lists, nprobe "
+            f"{r.get('nprobe')}, trained on {r.get('train_rows')})",
+        }.get(r["method"], "numpy brute force")
         speed = f"{ref['query1_ms'] / r['query1_ms']:.2f}x" if ref else "-"
-        out.append(f"| {r['rows']:,} x {r['dim']} | {name} | {r['build_s']:.1f} | {r['query1_ms']:.1f} | "
-                   f"{r['query64_ms']:.1f} | {r['recall_at_16']:.3f} | {r['anomaly_projected_s']:,.0f} | "
-                   f"{r['vectors_gb']:.2f} | {r['index_gb']:.2f} | {r['peak_anon_gb']:.2f} | "
-                   f"{r['peak_rss_gb']:.2f} | {speed} |")
+        out.append(
+            f"| {r['rows']:,} x {r['dim']} | {name} | {r['build_s']:.1f} | {r['query1_ms']:.1f} | "
+            f"{r['query64_ms']:.1f} | {r['recall_at_16']:.3f} | {r['anomaly_projected_s']:,.0f} | "
+            f"{r['vectors_gb']:.2f} | {r['index_gb']:.2f} | {r['peak_anon_gb']:.2f} | "
+            f"{r['peak_rss_gb']:.2f} | {speed} |"
+        )
     return "\n".join(out)
 
 
@@ -225,9 +246,12 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--threads", type=int, default=1, help="OMP/OpenBLAS/MKL/faiss threads per method process")
-    ap.add_argument("--openblas-coretype", default=None,
-                    help="OPENBLAS_CORETYPE for the method processes (faiss-cpu's bundled OpenBLAS may not know "
-                         "a recent CPU and fall back to a slow kernel; e.g. SkylakeX on an AVX-512 machine)")
+    ap.add_argument(
+        "--openblas-coretype",
+        default=None,
+        help="OPENBLAS_CORETYPE for the method processes (faiss-cpu's bundled OpenBLAS may not know "
+        "a recent CPU and fall back to a slow kernel; e.g. SkylakeX on an AVX-512 machine)",
+    )
     ap.add_argument("--dir", default="runs/bench_similar", help="where the vector file (and its truth) go")
     ap.add_argument("--keep-vectors", action="store_true", help="keep the vector file (default: delete it)")
     ap.add_argument("--recall-queries", type=int, default=100)
@@ -241,9 +265,12 @@ def main() -> None:
         print(json.dumps(run_method(a.one, path, a.rows[0], a.dim, a.recall_queries, a.repeats, a.block_rows)))
         return
     results = []
-    print(f"# threads per method process: {a.threads} (OMP_NUM_THREADS, OPENBLAS_NUM_THREADS, MKL_NUM_THREADS, "
-          f"faiss omp); OPENBLAS_CORETYPE={a.openblas_coretype or os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"# threads per method process: {a.threads} (OMP_NUM_THREADS, OPENBLAS_NUM_THREADS, MKL_NUM_THREADS, "
+        f"faiss omp); OPENBLAS_CORETYPE={a.openblas_coretype or os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     for rows in a.rows:
         path = vector_path(a.dir, rows, a.dim, 0)
         print(f"# {rows} x {a.dim} float32 = {rows * a.dim * 4 / 1e9:.2f} GB of vectors in {path}", flush=True)
@@ -251,9 +278,24 @@ def main() -> None:
             if not path.is_file():
                 print(f"# generated in {write_vectors(path, rows, a.dim):.1f} s", flush=True)
             for m in ("truth", *a.methods):
-                cmd = [sys.executable, __file__, "--one", m, "--rows", str(rows), "--dim", str(a.dim), "--dir", a.dir,
-                       "--recall-queries", str(a.recall_queries), "--repeats", str(a.repeats),
-                       "--block-rows", str(a.block_rows)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    m,
+                    "--rows",
+                    str(rows),
+                    "--dim",
+                    str(a.dim),
+                    "--dir",
+                    a.dir,
+                    "--recall-queries",
+                    str(a.recall_queries),
+                    "--repeats",
+                    str(a.repeats),
+                    "--block-rows",
+                    str(a.block_rows),
+                ]
                 env = _child_env(a.threads, a.openblas_coretype)
                 r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
                 if r.returncode != 0:
@@ -262,8 +304,11 @@ def main() -> None:
                 print(json.dumps(results[-1]), flush=True)
         finally:
             if not a.keep_vectors:
-                for f in (path, path.with_name(path.name + ".part"),
-                          path.with_name(path.stem + f"_truth{a.recall_queries}.npy")):
+                for f in (
+                    path,
+                    path.with_name(path.name + ".part"),
+                    path.with_name(path.stem + f"_truth{a.recall_queries}.npy"),
+                ):
                     f.unlink(missing_ok=True)
         if a.json:
             atomic_write_json(a.json, results)

@@ -11,6 +11,7 @@
 Usage: python bench/simulate.py [--pairs 40] [--repeats 3] [--cosmos DIR] [--mpi-pairs 800]
 The machine may be shared: ours and naive are interleaved in rounds and the best round is kept.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,16 @@ def _source_models(sim: LensSimulator, src: dict):
         else:  # cosmos: same stamp pixels, lenstronomy's INTERPOL built anew (naive)
             stamp = sim.catalog.stamp(sim.catalog.row_of(comp["id"]))
             names.append("INTERPOL")
-            kwargs.append({"image": stamp.image, "amp": comp["amp"], "center_x": comp["center_x"],
-                           "center_y": comp["center_y"], "phi_G": comp["phi_G"], "scale": comp["scale"]})
+            kwargs.append(
+                {
+                    "image": stamp.image,
+                    "amp": comp["amp"],
+                    "center_x": comp["center_x"],
+                    "center_y": comp["center_y"],
+                    "phi_G": comp["phi_G"],
+                    "scale": comp["scale"],
+                }
+            )
     return names, kwargs
 
 
@@ -62,11 +71,14 @@ def naive_view(sim: LensSimulator, lens: dict, view: dict, rng, noise: bool = Tr
     names, kw_src = _source_models(sim, view["source"])
     data = ImageData(**sim.grid.kwargs_data)
     psf = PSF(psf_type="PIXEL", kernel_point_source=sim.psf_bank.kernels[view["psf_id"]])
-    im = ImageModel(data, psf, lens_model_class=LensModel(["EPL_NUMBA", "SHEAR"]),
-                    source_model_class=LightModel(names),
-                    lens_light_model_class=LightModel(["SERSIC_ELLIPSE"]),
-                    kwargs_numerics={"supersampling_factor": sim.grid.supersampling_factor,
-                                     "supersampling_convolution": False})
+    im = ImageModel(
+        data,
+        psf,
+        lens_model_class=LensModel(["EPL_NUMBA", "SHEAR"]),
+        source_model_class=LightModel(names),
+        lens_light_model_class=LightModel(["SERSIC_ELLIPSE"]),
+        kwargs_numerics={"supersampling_factor": sim.grid.supersampling_factor, "supersampling_convolution": False},
+    )
     kw_lens = lens_kwargs(lens)
     ll = view["lens_light"]
     src_img = im.image(kw_lens, kw_src, None, unconvolved=True, lens_light_add=False)
@@ -94,8 +106,11 @@ def time_rounds(sim: LensSimulator, n_pairs: int, repeats: int, seed: int):
                 naive_view(sim, p["params"]["lens"], view, rng)
         t_naive = (time.perf_counter() - t0) / n_pairs
         best_ours, best_naive = min(best_ours, t_ours), min(best_naive, t_naive)
-        print(f"  round {r + 1}: ours {1 / t_ours:7.1f} pairs/s   naive {1 / t_naive:7.1f} pairs/s   "
-              f"ratio {t_naive / t_ours:4.2f}x", flush=True)
+        print(
+            f"  round {r + 1}: ours {1 / t_ours:7.1f} pairs/s   naive {1 / t_naive:7.1f} pairs/s   "
+            f"ratio {t_naive / t_ours:4.2f}x",
+            flush=True,
+        )
     # same physics: noiseless naive render == our render of the stored parameters
     p = pairs[0]["params"]
     worst = 0.0
@@ -122,8 +137,23 @@ def mpi_speedup(pairs: int, shard_size: int, num_pix: int, repeats: int = 2):
         for k in (1, 2):
             out = cfg / f"out{k}"
             shutil.rmtree(out, ignore_errors=True)
-            cmd = [str(mpiexec), "-n", str(k), str(cli), "simulate", "--out", str(out), "--pairs", str(pairs),
-                   "--shard-size", str(shard_size), "--seed", "0", "--config", str(cfg / "sim.yaml")]
+            cmd = [
+                str(mpiexec),
+                "-n",
+                str(k),
+                str(cli),
+                "simulate",
+                "--out",
+                str(out),
+                "--pairs",
+                str(pairs),
+                "--shard-size",
+                str(shard_size),
+                "--seed",
+                "0",
+                "--config",
+                str(cfg / "sim.yaml"),
+            ]
             t0 = time.perf_counter()
             res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             wall = time.perf_counter() - t0
@@ -134,12 +164,17 @@ def mpi_speedup(pairs: int, shard_size: int, num_pix: int, repeats: int = 2):
             m = re.search(r" in ([0-9.]+) s \(", res.stdout + res.stderr)
             own = float(m.group(1)) if m else float("nan")
             times[k], inner[k] = min(times[k], wall), min(inner[k], own)
-            print(f"  round {rep + 1}, mpiexec -n {k}: {pairs} pairs in {wall:.1f} s wall ({pairs / wall:.1f} pairs/s, "
-                  f"launch included); the writer's own time {own:.1f} s", flush=True)
+            print(
+                f"  round {rep + 1}, mpiexec -n {k}: {pairs} pairs in {wall:.1f} s wall ({pairs / wall:.1f} pairs/s, "
+                f"launch included); the writer's own time {own:.1f} s",
+                flush=True,
+            )
     same = all((cfg / "out1" / f.name).read_bytes() == f.read_bytes() for f in sorted((cfg / "out2").glob("*.tar")))
     shutil.rmtree(cfg, ignore_errors=True)
-    print(f"  best: 1 -> 2 ranks speed-up {times[1] / times[2]:.2f}x wall, {inner[1] / inner[2]:.2f}x writer time "
-          f"(target >= 1.8x); shards byte-identical: {same}")
+    print(
+        f"  best: 1 -> 2 ranks speed-up {times[1] / times[2]:.2f}x wall, {inner[1] / inner[2]:.2f}x writer time "
+        f"(target >= 1.8x); shards byte-identical: {same}"
+    )
     return {"wall": times[1] / times[2], "writer": inner[1] / inner[2], "identical": same}
 
 
@@ -148,8 +183,11 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=40, help="pairs per timing round")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--num-pix", type=int, default=110)
-    ap.add_argument("--cosmos", default=str(REPO.parent / "shared" / "data" / "cosmos_23.5_sample"),
-                    help="COSMOS folder for a second, paper-mix run ('' to skip)")
+    ap.add_argument(
+        "--cosmos",
+        default=str(REPO.parent / "shared" / "data" / "cosmos_23.5_sample"),
+        help="COSMOS folder for a second, paper-mix run ('' to skip)",
+    )
     ap.add_argument("--mpi-pairs", type=int, default=800)
     ap.add_argument("--mpi-shard-size", type=int, default=25)
     ap.add_argument("--mpi-repeats", type=int, default=2)
@@ -158,6 +196,7 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore")
     try:
         from astropy.utils import iers
+
         iers.conf.auto_download = False
     except Exception:
         pass
@@ -175,16 +214,28 @@ def main(argv=None) -> int:
             for v in p["params"]["views"]:
                 naive_view(sim, p["params"]["lens"], v, warm)
         inst = cfg.instrument
-        print(f"[{label}] {inst.num_pix}x{inst.num_pix} px, supersampling {inst.supersampling_factor}, "
-              f"{args.pairs} pairs x {args.repeats} rounds, 1 process (1 core)", flush=True)
+        print(
+            f"[{label}] {inst.num_pix}x{inst.num_pix} px, supersampling {inst.supersampling_factor}, "
+            f"{args.pairs} pairs x {args.repeats} rounds, 1 process (1 core)",
+            flush=True,
+        )
         t_ours, t_naive, diff = time_rounds(sim, args.pairs, args.repeats, args.seed)
-        print(f"  best: ours {1 / t_ours:.1f} pairs/s/core, naive {1 / t_naive:.1f} pairs/s/core, "
-              f"speed-up {t_naive / t_ours:.2f}x (target >= 2x); max |ours - naive| (noiseless) {diff:.1e}",
-              flush=True)
-        results[label] = {"ours_pairs_per_s": 1 / t_ours, "naive_pairs_per_s": 1 / t_naive,
-                          "ratio": t_naive / t_ours, "max_abs_diff": diff}
-    print(f"[MPI] full CLI, hst preset at {args.num_pix}x{args.num_pix} px, analytic sources, "
-          f"{args.mpi_pairs} pairs in shards of {args.mpi_shard_size}", flush=True)
+        print(
+            f"  best: ours {1 / t_ours:.1f} pairs/s/core, naive {1 / t_naive:.1f} pairs/s/core, "
+            f"speed-up {t_naive / t_ours:.2f}x (target >= 2x); max |ours - naive| (noiseless) {diff:.1e}",
+            flush=True,
+        )
+        results[label] = {
+            "ours_pairs_per_s": 1 / t_ours,
+            "naive_pairs_per_s": 1 / t_naive,
+            "ratio": t_naive / t_ours,
+            "max_abs_diff": diff,
+        }
+    print(
+        f"[MPI] full CLI, hst preset at {args.num_pix}x{args.num_pix} px, analytic sources, "
+        f"{args.mpi_pairs} pairs in shards of {args.mpi_shard_size}",
+        flush=True,
+    )
     results["mpi_speedup_2_ranks"] = mpi_speedup(args.mpi_pairs, args.mpi_shard_size, args.num_pix, args.mpi_repeats)
     print(json.dumps(results, indent=1))
     return 0

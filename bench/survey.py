@@ -17,6 +17,7 @@ Grid: the real Euclid Q1 lens (``../shared/data/euclid_q1``, VIS_FLUX, 0.1"/px l
 so "resampled to the same grid" is a centre crop of num_pix) beside simulated lenses and non-lenses,
 each divided by its maximum, shown with the same asinh stretch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,10 +34,12 @@ import numpy as np
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL = SHARED / "euclid_q1" / "102020532_NEG589257492489565961.fits"
 COSMOS = SHARED / "cosmos_23.5_sample"
-SCHEMES = {"1": {"supersampling_factor": 1, "adaptive_supersampling_factor": 0},
-           "2": {"supersampling_factor": 2, "adaptive_supersampling_factor": 0},
-           "4": {"supersampling_factor": 4, "adaptive_supersampling_factor": 0},
-           "2+a16 (default)": {}}
+SCHEMES = {
+    "1": {"supersampling_factor": 1, "adaptive_supersampling_factor": 0},
+    "2": {"supersampling_factor": 2, "adaptive_supersampling_factor": 0},
+    "4": {"supersampling_factor": 4, "adaptive_supersampling_factor": 0},
+    "2+a16 (default)": {},
+}
 REFERENCE = {"supersampling_factor": 10, "adaptive_supersampling_factor": 0}
 
 
@@ -45,9 +48,10 @@ def real_lens(num_pix: int) -> np.ndarray | None:
     if not REAL.is_file():
         return None
     from astropy.io import fits
+
     data = fits.getdata(REAL, "VIS_FLUX").astype(np.float64)
     c, h = data.shape[0] // 2, num_pix // 2
-    crop = data[c - h:c - h + num_pix, c - h:c - h + num_pix]
+    crop = data[c - h : c - h + num_pix, c - h : c - h + num_pix]
     return crop / crop.max()
 
 
@@ -72,6 +76,7 @@ def numerics(preset: str, n: int, seed: int = 0) -> None:
 
     def sim(inst):
         return SurveySimulator(survey_config(preset=preset, mode="single", lens_fraction=1.0, instrument=inst))
+
     rng = np.random.default_rng(seed)
     base = sim({})
     params = [base.sample_single(rng)["params"] for _ in range(n)]
@@ -85,16 +90,19 @@ def numerics(preset: str, n: int, seed: int = 0) -> None:
         errors[name] = np.array([(np.abs(m - r) / sigma).max() for m, (r, sigma) in zip(models, reference)])
     print(f"supersampling vs uniform 10, {n} lenses (error: max over pixels of |model - ref| / noise sigma):")
     for name, err in errors.items():
-        print(f"  {name:>16}: within 1 sigma {np.mean(err <= 1):.0%}, median {np.median(err):.2f}, "
-              f"max {err.max():.2f}; render {cost[name] * 1e3:.0f} ms ({cost[name] / cost['2']:.1f}x factor 2)")
+        print(
+            f"  {name:>16}: within 1 sigma {np.mean(err <= 1):.0%}, median {np.median(err):.2f}, "
+            f"max {err.max():.2f}; render {cost[name] * 1e3:.0f} ms ({cost[name] / cost['2']:.1f}x factor 2)"
+        )
 
 
 def draw_grid(images, params, real, out: str, n_cols: int = 5) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lenses = [(i, p) for i, p in zip(images, params) if p["is_lens"]][:n_cols - 1]
+    lenses = [(i, p) for i, p in zip(images, params) if p["is_lens"]][: n_cols - 1]
     non = [(i, p) for i, p in zip(images, params) if not p["is_lens"]][:n_cols]
     stretch = lambda im: np.arcsinh(np.clip(im, 0, None) / 0.02) / np.arcsinh(1 / 0.02)  # noqa: E731
     fig, axes = plt.subplots(2, n_cols, figsize=(1.6 * n_cols, 3.5))
@@ -106,7 +114,7 @@ def draw_grid(images, params, real, out: str, n_cols: int = 5) -> None:
     for ax, (im, p) in zip(axes[0, 1:], lenses):
         ax.imshow(stretch(im), origin="lower", cmap="gray", vmin=0, vmax=1)
         v = p["views"][0]
-        ax.set_title(f"lens θE={p['lens']['theta_E']:.2f}\" n={v['n_images']}", fontsize=7)
+        ax.set_title(f'lens θE={p["lens"]["theta_E"]:.2f}" n={v["n_images"]}', fontsize=7)
     for ax, (im, p) in zip(axes[1], non):
         ax.imshow(stretch(im), origin="lower", cmap="gray", vmin=0, vmax=1)
         ax.set_title("non-lens" + (" +galaxy" if p["views"][0]["source"] else ""), fontsize=7)
@@ -114,6 +122,7 @@ def draw_grid(images, params, real, out: str, n_cols: int = 5) -> None:
     import io
 
     from PIL import Image
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
@@ -135,8 +144,9 @@ def main() -> None:
 
     single = SurveySimulator(survey_config(preset=a.preset, mode="single"))
     pairs = SurveySimulator(survey_config(preset=a.preset, mode="lensiam"))
-    no_adaptive = SurveySimulator(survey_config(preset=a.preset, mode="single",
-                                                instrument={"adaptive_supersampling_factor": 0}))
+    no_adaptive = SurveySimulator(
+        survey_config(preset=a.preset, mode="single", instrument={"adaptive_supersampling_factor": 0})
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         paper = LensSimulator(simulation_config(preset=a.preset))
@@ -145,24 +155,32 @@ def main() -> None:
     r_pair, _, _ = rate(pairs, "sample_pair", max(2, a.n // 2))
     r_paper, _, _ = rate(paper, "sample_single", a.n)
     g = single.grid
-    print(f"survey family, {a.preset} {g.num_pix}x{g.num_pix} at {g.pixel_scale_arcsec}\"/px, supersampling "
-          f"{g.supersampling_factor} + adaptive {single.config.instrument.adaptive_supersampling_factor}, one core:")
-    print(f"  single (lens fraction 0.5): {r_single:.2f} images/s (without adaptive supersampling: {r_old:.2f}); "
-          f"lensiam pairs: {r_pair:.2f} images/s; paper family single: {r_paper:.2f} images/s "
-          f"(survey/paper = {r_single / r_paper:.2f})")
+    print(
+        f'survey family, {a.preset} {g.num_pix}x{g.num_pix} at {g.pixel_scale_arcsec}"/px, supersampling '
+        f"{g.supersampling_factor} + adaptive {single.config.instrument.adaptive_supersampling_factor}, one core:"
+    )
+    print(
+        f"  single (lens fraction 0.5): {r_single:.2f} images/s (without adaptive supersampling: {r_old:.2f}); "
+        f"lensiam pairs: {r_pair:.2f} images/s; paper family single: {r_paper:.2f} images/s "
+        f"(survey/paper = {r_single / r_paper:.2f})"
+    )
     if (COSMOS / "real_galaxy_catalog_23.5.fits").is_file():
         cosmos = SurveySimulator(survey_config(preset=a.preset, mode="single", cosmos_dir=str(COSMOS)))
         r_cosmos, cparams, _ = rate(cosmos, "sample_single", a.n)
         kinds = [p["views"][0]["source"]["kind"] for p in cparams if p["views"][0]["source"]]
-        print(f"  single with --cosmos-dir (cosmos_fraction {cosmos.config.source.cosmos_fraction}): "
-              f"{r_cosmos:.2f} images/s; sources: {kinds.count('cosmos')} COSMOS, {kinds.count('sersic')} Sersic")
+        print(
+            f"  single with --cosmos-dir (cosmos_fraction {cosmos.config.source.cosmos_fraction}): "
+            f"{r_cosmos:.2f} images/s; sources: {kinds.count('cosmos')} COSMOS, {kinds.count('sersic')} Sersic"
+        )
     lens = [p for p in params if p["is_lens"]]
     if lens:
         arc = np.median([p["views"][0]["arc_flux_fraction"] for p in lens])
         th = np.median([p["lens"]["theta_E"] for p in lens])
         draws = np.mean([p["deflector_draws"] for p in params])
-        print(f"  {len(lens)} lenses of {len(params)}: median arc flux fraction {arc:.2f}, median theta_E "
-              f"{th:.2f}\", mean deflector draws per sample {draws:.2f}")
+        print(
+            f"  {len(lens)} lenses of {len(params)}: median arc flux fraction {arc:.2f}, median theta_E "
+            f'{th:.2f}", mean deflector draws per sample {draws:.2f}'
+        )
     if a.grid:
         draw_grid(images, params, real_lens(g.num_pix), a.grid)
         print(f"  picture grid: {a.grid}")

@@ -12,6 +12,7 @@
 
 "images/s" counts training samples (pairs): each is two forward/backward passes through the network.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,10 +41,17 @@ def ensure_data(args) -> str:
     out = REPO / "shards" / f"bench_train_{args.pairs}_{args.num_pix}"
     if not (out / "manifest.json").is_file():
         from hpc_lensiam.simulate.writer import simulate_shards
+
         print(f"bench: simulating {args.pairs} pairs at {args.num_pix}x{args.num_pix} into {out} (once)", flush=True)
-        simulate_shards(out_dir=str(out), num_samples=args.pairs, shard_size=max(1, args.pairs // 8),
-                        mode="lensiam", seed=0, overrides={"instrument": {"num_pix": args.num_pix}},
-                        progress=False)
+        simulate_shards(
+            out_dir=str(out),
+            num_samples=args.pairs,
+            shard_size=max(1, args.pairs // 8),
+            mode="lensiam",
+            seed=0,
+            overrides={"instrument": {"num_pix": args.num_pix}},
+            progress=False,
+        )
     return str(out)
 
 
@@ -57,13 +65,20 @@ def pairs_per_s(batches, batch: int) -> float:
 
 def bench_decode(data: str, batch: int, buffer: int, repeats: int) -> dict:
     import webdataset as wds
+
     urls = shard_paths(data)
     ours_loader = ShardLoader(data, "lensiam", batch, workers=0, shuffle_buffer=buffer)
 
     def default_wds():
-        return (wds.WebDataset(urls, shardshuffle=False, empty_check=False).shuffle(buffer).decode()
-                .to_tuple("view1.npy", "view2.npy").batched(batch))
-    pairs_per_s(ours_loader.epoch(0), batch)     # warm the page cache
+        return (
+            wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+            .shuffle(buffer)
+            .decode()
+            .to_tuple("view1.npy", "view2.npy")
+            .batched(batch)
+        )
+
+    pairs_per_s(ours_loader.epoch(0), batch)  # warm the page cache
     ours = max(pairs_per_s(ours_loader.epoch(e), batch) for e in range(1, repeats + 1))
     theirs = max(pairs_per_s(default_wds(), batch) for _ in range(repeats))
     return {"loader_pairs_per_s_per_worker": ours, "wds_decode_pairs_per_s": theirs, "decode_speedup": ours / theirs}
@@ -105,7 +120,7 @@ def interleaved(runs: dict, steps: int, warmup: int, batch: int) -> dict:
     names = list(runs)
     times = {name: [] for name in names}
     for i in range(warmup + steps):
-        for name in (names if i % 2 == 0 else names[::-1]):
+        for name in names if i % 2 == 0 else names[::-1]:
             engine, batches = runs[name]
             dt = step_seconds(engine, batches)
             if i >= warmup:
@@ -140,16 +155,22 @@ def bench_loader_vs_memory(data: str, arch: str, batch: int, workers: int, steps
     first = {k: first[k] for k in ("x1", "x2")}
     r = interleaved({"loader": (engine, stream), "memory": (engine, memory_batches(first))}, steps, warmup, batch)
     stream.close()
-    return {"train_images_per_s_loader": r["loader"], "train_images_per_s_memory": r["memory"],
-            "loader_over_memory": r["loader"] / r["memory"], "loader_over_memory_paired_median": r["paired"]}
+    return {
+        "train_images_per_s_loader": r["loader"],
+        "train_images_per_s_memory": r["memory"],
+        "loader_over_memory": r["loader"] / r["memory"],
+        "loader_over_memory_paired_median": r["paired"],
+    }
 
 
-def bench_precision(arch: str, batch: int, hw, steps: int, warmup: int, channels_last: bool,
-                    names=("fp32", "bf16")) -> dict:
+def bench_precision(
+    arch: str, batch: int, hw, steps: int, warmup: int, channels_last: bool, names=("fp32", "bf16")
+) -> dict:
     runs = {}
     for name in names:
-        engine = make_engine(arch, "bf16" if name.startswith("bf16") else "fp32", batch,
-                             channels_last and name.startswith("bf16"))
+        engine = make_engine(
+            arch, "bf16" if name.startswith("bf16") else "fp32", batch, channels_last and name.startswith("bf16")
+        )
         runs[name] = (engine, memory_batches(synthetic(batch, hw, engine.cuda)))
     out = interleaved(runs, steps, warmup, batch)
     out["speedup"] = out[names[1]] / out[names[0]]
@@ -179,34 +200,51 @@ def main(argv=None) -> dict:
     res = {"device": dev, "image_shape": list(hw), "arch": a.arch, "batch": a.batch, "workers": a.workers}
 
     res.update(bench_decode(data, batch=a.batch, buffer=1000, repeats=3))
-    print(f"decode: loader {res['loader_pairs_per_s_per_worker']:.0f} pairs/s per worker vs webdataset "
-          f".decode() {res['wds_decode_pairs_per_s']:.0f} pairs/s = {res['decode_speedup']:.1f}x (target >= 3x)",
-          flush=True)
+    print(
+        f"decode: loader {res['loader_pairs_per_s_per_worker']:.0f} pairs/s per worker vs webdataset "
+        f".decode() {res['wds_decode_pairs_per_s']:.0f} pairs/s = {res['decode_speedup']:.1f}x (target >= 3x)",
+        flush=True,
+    )
 
     res.update(bench_loader_vs_memory(data, a.arch, a.batch, a.workers, a.steps, a.warmup))
-    print(f"train {a.arch} fp32 batch {a.batch}: shard loader ({a.workers} workers) "
-          f"{res['train_images_per_s_loader']:.1f} images/s vs in-memory {res['train_images_per_s_memory']:.1f} "
-          f"images/s = {res['loader_over_memory']:.3f} (target >= 0.95; step-by-step median "
-          f"{res['loader_over_memory_paired_median']:.3f})", flush=True)
+    print(
+        f"train {a.arch} fp32 batch {a.batch}: shard loader ({a.workers} workers) "
+        f"{res['train_images_per_s_loader']:.1f} images/s vs in-memory {res['train_images_per_s_memory']:.1f} "
+        f"images/s = {res['loader_over_memory']:.3f} (target >= 0.95; step-by-step median "
+        f"{res['loader_over_memory_paired_median']:.3f})",
+        flush=True,
+    )
 
     prec = bench_precision(a.arch, a.batch, hw, a.precision_steps, 1, channels_last=False)
     res.update(fp32_images_per_s=prec["fp32"], bf16_images_per_s=prec["bf16"], bf16_over_fp32=prec["speedup"])
-    print(f"precision {a.arch} batch {a.batch} on {dev}: fp32 {prec['fp32']:.1f} images/s, bf16 autocast "
-          f"{prec['bf16']:.1f} images/s (bf16/fp32 = {prec['speedup']:.2f}; step-by-step median "
-          f"{prec['speedup_paired_median']:.2f})", flush=True)
+    print(
+        f"precision {a.arch} batch {a.batch} on {dev}: fp32 {prec['fp32']:.1f} images/s, bf16 autocast "
+        f"{prec['bf16']:.1f} images/s (bf16/fp32 = {prec['speedup']:.2f}; step-by-step median "
+        f"{prec['speedup_paired_median']:.2f})",
+        flush=True,
+    )
 
     if torch.cuda.is_available():
-        gpu = bench_precision("resnet101", a.gpu_batch, hw, 20, 5, channels_last=True,
-                              names=("fp32", "bf16_channels_last"))
+        gpu = bench_precision(
+            "resnet101", a.gpu_batch, hw, 20, 5, channels_last=True, names=("fp32", "bf16_channels_last")
+        )
         res["gpu_resnet101"] = gpu
-        print(f"GPU resnet101 batch {a.gpu_batch}: fp32 {gpu['fp32']:.0f} images/s, bf16+channels_last "
-              f"{gpu['bf16_channels_last']:.0f} images/s ({gpu['speedup']:.2f}x; step-by-step median "
-              f"{gpu['speedup_paired_median']:.2f}x)", flush=True)
+        print(
+            f"GPU resnet101 batch {a.gpu_batch}: fp32 {gpu['fp32']:.0f} images/s, bf16+channels_last "
+            f"{gpu['bf16_channels_last']:.0f} images/s ({gpu['speedup']:.2f}x; step-by-step median "
+            f"{gpu['speedup_paired_median']:.2f}x)",
+            flush=True,
+        )
     else:
         print("GPU: none on this machine; ResNet101 bf16+channels_last vs fp32 not measured", flush=True)
 
-    print("figures: " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()
-                                    if not isinstance(v, dict)}), flush=True)
+    print(
+        "figures: "
+        + json.dumps(
+            {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items() if not isinstance(v, dict)}
+        ),
+        flush=True,
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
     return res

@@ -3,6 +3,7 @@
 Every user mistake surfaces as a :class:`~hpc_lensiam.errors.UserError`: one line on stderr and
 exit code 2. The Python API is the same functions, so the CLI adds no behaviour of its own.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,36 +26,62 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        optional = typing.get_origin(tp) in (typing.Union, types.UnionType)   # Optional[X] and X | None
+        optional = typing.get_origin(tp) in (typing.Union, types.UnionType)  # Optional[X] and X | None
         base = args[0] if optional and args else tp
         flag = "--" + f.name.replace("_", "-")
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
         else:
-            parser.add_argument(flag, dest=f.name, type=base if base in (int, float) else str, default=None,
-                                help=f"(default: {f.default if f.default is not dataclasses.MISSING else '...'})")
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                type=base if base in (int, float) else str,
+                default=None,
+                help=f"(default: {f.default if f.default is not dataclasses.MISSING else '...'})",
+            )
 
 
 def _dataclass_overrides(args: argparse.Namespace, cls) -> dict:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-            if getattr(args, f.name, None) is not None}
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
 
 
 # ------------------------------------------------------------------------------------- commands
 def _cmd_simulate(a):
     from .simulate.writer import simulate_shards
-    simulate_shards(out_dir=a.out, num_samples=a.pairs, shard_size=a.shard_size, mode=a.mode,
-                    preset=a.preset, seed=a.seed, cosmos_dir=a.cosmos_dir, psf_files=a.psf,
-                    psf_pixel_scale_arcsec=a.psf_pixel_scale, config_path=a.config, family=a.family,
-                    lens_fraction=a.lens_fraction, engine=a.engine, device=a.device)
+
+    simulate_shards(
+        out_dir=a.out,
+        num_samples=a.pairs,
+        shard_size=a.shard_size,
+        mode=a.mode,
+        preset=a.preset,
+        seed=a.seed,
+        cosmos_dir=a.cosmos_dir,
+        psf_files=a.psf,
+        psf_pixel_scale_arcsec=a.psf_pixel_scale,
+        config_path=a.config,
+        family=a.family,
+        lens_fraction=a.lens_fraction,
+        engine=a.engine,
+        device=a.device,
+    )
 
 
 def _cmd_ingest(a):
     from .config import IngestConfig, from_dict
     from .ingest.run import ingest
-    flags = {"preset": a.preset, "num_pix": a.num_pix, "pixel_scale_arcsec": a.target_pixel_scale, "hdu": a.hdu,
-             "rms_hdu": a.rms_hdu, "weight_hdu": a.weight_hdu, "input_pixel_scale_arcsec": a.pixel_scale,
-             "orientation": a.orientation, "shard_size": a.shard_size}
+
+    flags = {
+        "preset": a.preset,
+        "num_pix": a.num_pix,
+        "pixel_scale_arcsec": a.target_pixel_scale,
+        "hdu": a.hdu,
+        "rms_hdu": a.rms_hdu,
+        "weight_hdu": a.weight_hdu,
+        "input_pixel_scale_arcsec": a.pixel_scale,
+        "orientation": a.orientation,
+        "shard_size": a.shard_size,
+    }
     cfg = from_dict(IngestConfig, {k: v for k, v in flags.items() if v is not None}, "ingest flags")
     ingest(out_dir=a.out, files=a.files, list_csv=a.list, labels_csv=a.labels, config=cfg, skip_bad=a.skip_bad)
 
@@ -63,64 +90,105 @@ def _cmd_verify(a):
     from pathlib import Path
 
     from .integrity import verify_dataset
+
     bad = verify_dataset(a.data_dir)
     if bad:
-        raise UserError(f"{a.data_dir}: {len(bad)} bad shard(s): "
-                        f"{', '.join(Path(b.split(': ', 1)[0]).name for b in bad)}; rerun the same "
-                        f"`hpc-lensiam simulate` command to redo them")
+        raise UserError(
+            f"{a.data_dir}: {len(bad)} bad shard(s): "
+            f"{', '.join(Path(b.split(': ', 1)[0]).name for b in bad)}; rerun the same "
+            f"`hpc-lensiam simulate` command to redo them"
+        )
 
 
 def _cmd_show(a):
     from .simulate.show import show_pairs
+
     show_pairs(data_dir=a.data_dir, out=a.out, n=a.n)
 
 
 def _cmd_train(a):
     from .config import TrainConfig
     from .train.loop import train, train_config
-    train(train_config(config_path=a.config, **_dataclass_overrides(a, TrainConfig)), resume=a.resume,
-          allow_config_change=a.allow_config_change)
+
+    train(
+        train_config(config_path=a.config, **_dataclass_overrides(a, TrainConfig)),
+        resume=a.resume,
+        allow_config_change=a.allow_config_change,
+    )
 
 
 def _cmd_embed(a):
     from .embed.extract import extract_embeddings
-    extract_embeddings(checkpoint=a.checkpoint, data_dir=a.data, out=a.out, batch_size=a.batch_size,
-                       workers=a.workers, verify=a.verify)
+
+    extract_embeddings(
+        checkpoint=a.checkpoint, data_dir=a.data, out=a.out, batch_size=a.batch_size, workers=a.workers, verify=a.verify
+    )
 
 
 def _cmd_umap(a):
     from .embed.umap import run_umap
+
     run_umap(embeddings=a.embeddings, out=a.out, color=a.color.split(","), seed=a.seed, overlay=a.overlay)
 
 
 def _cmd_probe(a):
     from .embed.probe import probe
+
     probe(embeddings=a.embeddings, against=a.against, out_json=a.json)
 
 
 def _cmd_similar(a):
     from .embed.similar import similar
-    similar(embeddings=a.embeddings, key=a.key, source=a.source, image=a.image, checkpoint=a.checkpoint, k=a.k,
-            out=a.out, json_out=a.json, anomaly=a.anomaly, index=a.index, hdu=a.hdu, pixel_scale=a.pixel_scale,
-            orientation=a.orientation, top=a.top)
+
+    similar(
+        embeddings=a.embeddings,
+        key=a.key,
+        source=a.source,
+        image=a.image,
+        checkpoint=a.checkpoint,
+        k=a.k,
+        out=a.out,
+        json_out=a.json,
+        anomaly=a.anomaly,
+        index=a.index,
+        hdu=a.hdu,
+        pixel_scale=a.pixel_scale,
+        orientation=a.orientation,
+        top=a.top,
+    )
 
 
 def _cmd_export(a):
     from .downstream.export import export_backbone
+
     export_backbone(checkpoint=a.checkpoint, out=a.out, fmt=a.format, arch=a.arch)
 
 
 def _cmd_finetune(a):
     from .downstream.finetune import finetune
-    kw = dict(backbone=a.backbone, train_dir=a.train, test_dir=a.test, target=a.target,
-              n_train=a.n_train, n_test=a.n_test, epochs=a.epochs, freeze_backbone=a.freeze_backbone,
-              batch_size=a.batch_size, lr=a.lr, arch=a.arch, task=a.task, verify=a.verify)
+
+    kw = dict(
+        backbone=a.backbone,
+        train_dir=a.train,
+        test_dir=a.test,
+        target=a.target,
+        n_train=a.n_train,
+        n_test=a.n_test,
+        epochs=a.epochs,
+        freeze_backbone=a.freeze_backbone,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        arch=a.arch,
+        task=a.task,
+        verify=a.verify,
+    )
     if a.seeds is None:
         if a.resume:
             raise UserError("--resume: only with --seeds (it keeps the seeds already in --json)")
         finetune(seed=0 if a.seed is None else a.seed, out_json=a.json, **kw)
         return
     from .downstream.seeds import finetune_seeds, parse_seeds
+
     if a.seed is not None:
         raise UserError("--seed and --seeds: give one of them")
     finetune_seeds(parse_seeds(a.seeds), out_json=a.json, resume=a.resume, **kw)
@@ -128,6 +196,7 @@ def _cmd_finetune(a):
 
 def _cmd_compare(a):
     from .downstream.seeds import compare
+
     compare(a.a, a.b, out_json=a.json, n_boot=a.n_boot, seed=a.seed)
 
 
@@ -149,12 +218,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--psf", nargs="+", default=None, metavar="FITS", help="PSF FITS files (image or cube)")
     s.add_argument("--psf-pixel-scale", type=float, default=None, help="arcsec/pixel of the PSF files")
     s.add_argument("--config", default=None, help="simulation YAML (SimulationConfig, or the survey family's)")
-    s.add_argument("--family", choices=("paper", "survey"), default="paper",
-                   help="generative model: the paper's (default) or the survey-realistic one (docs/survey.md)")
-    s.add_argument("--lens-fraction", type=float, default=None,
-                   help="survey family: fraction of lenses (default 0.5 single, 1.0 lensiam); the rest non-lenses")
-    s.add_argument("--engine", choices=("lenstronomy", "torch"), default="lenstronomy",
-                   help="paper family: lenstronomy (LensSimulator) or the batched torch renderer (docs/online.md)")
+    s.add_argument(
+        "--family",
+        choices=("paper", "survey"),
+        default="paper",
+        help="generative model: the paper's (default) or the survey-realistic one (docs/survey.md)",
+    )
+    s.add_argument(
+        "--lens-fraction",
+        type=float,
+        default=None,
+        help="survey family: fraction of lenses (default 0.5 single, 1.0 lensiam); the rest non-lenses",
+    )
+    s.add_argument(
+        "--engine",
+        choices=("lenstronomy", "torch"),
+        default="lenstronomy",
+        help="paper family: lenstronomy (LensSimulator) or the batched torch renderer (docs/online.md)",
+    )
     s.add_argument("--device", default="cpu", help="--engine torch: torch device (cpu, cuda, cuda:1)")
     s.set_defaults(func=_cmd_simulate)
 
@@ -165,20 +246,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", default=None, metavar="CSV", help="'file' column + lens parameters / is_lens")
     s.add_argument("--preset", choices=("hst", "euclid"), default=None, help="target grid (default hst)")
     s.add_argument("--num-pix", type=int, default=None, help="target image side (default: the preset's)")
-    s.add_argument("--target-pixel-scale", type=float, default=None, metavar="ARCSEC",
-                   help="target arcsec/pixel (default: the preset's)")
-    s.add_argument("--pixel-scale", type=float, default=None, metavar="ARCSEC",
-                   help="arcsec/pixel of inputs whose header has no CD/CDELT (and of .npy files)")
+    s.add_argument(
+        "--target-pixel-scale",
+        type=float,
+        default=None,
+        metavar="ARCSEC",
+        help="target arcsec/pixel (default: the preset's)",
+    )
+    s.add_argument(
+        "--pixel-scale",
+        type=float,
+        default=None,
+        metavar="ARCSEC",
+        help="arcsec/pixel of inputs whose header has no CD/CDELT (and of .npy files)",
+    )
     s.add_argument("--hdu", default=None, help="image HDU name or index (default: the first 2-D image)")
     s.add_argument("--rms-hdu", default=None, help="RMS HDU masking no-data pixels: NAME|INDEX|auto|none (auto)")
     s.add_argument("--weight-hdu", default=None, help="weight HDU: weight <= 0 masks a pixel")
-    s.add_argument("--orientation", choices=("simulator", "sky", "asis"), default=None,
-                   help="simulator (default): columns grow with RA, rows with Dec; sky: north up, east left")
+    s.add_argument(
+        "--orientation",
+        choices=("simulator", "sky", "asis"),
+        default=None,
+        help="simulator (default): columns grow with RA, rows with Dec; sky: north up, east left",
+    )
     s.add_argument("--shard-size", type=int, default=None, help="images per shard (default 1000)")
     s.add_argument("--skip-bad", action="store_true", help="leave bad inputs out with a warning instead of stopping")
     s.set_defaults(func=_cmd_ingest)
-    s = sub.add_parser("verify", help="check every shard of a data set against its manifest (size, "
-                                      "tar structure, sample count, sha256); exit 2 naming bad shards")
+    s = sub.add_parser(
+        "verify",
+        help="check every shard of a data set against its manifest (size, "
+        "tar structure, sample count, sha256); exit 2 naming bad shards",
+    )
     s.add_argument("data_dir")
     s.set_defaults(func=_cmd_verify)
 
@@ -191,9 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="SimSiam/LenSiam pretraining (run under torchrun for several processes)")
     s.add_argument("--config", default=None, help="training YAML (TrainConfig); flags override it")
     s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
-    s.add_argument("--allow-config-change", action="store_true",
-                   help="with --resume: continue although data/seed/lr/mode/batch/arch changed "
-                        "(recorded in OUT/config_history.yaml)")
+    s.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: continue although data/seed/lr/mode/batch/arch changed "
+        "(recorded in OUT/config_history.yaml)",
+    )
     _add_dataclass_flags(s, TrainConfig)
     s.set_defaults(func=_cmd_train)
 
@@ -249,8 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backbone", required=True, help="exported backbone, a torchvision weights file, or 'none'")
     s.add_argument("--train", required=True)
     s.add_argument("--test", required=True)
-    s.add_argument("--task", choices=tuple(TASKS), default="regress",
-                   help="regress a lens parameter, or classify (--target is_lens: lens finding, survey family)")
+    s.add_argument(
+        "--task",
+        choices=tuple(TASKS),
+        default="regress",
+        help="regress a lens parameter, or classify (--target is_lens: lens finding, survey family)",
+    )
     s.add_argument("--target", default="theta_E")
     s.add_argument("--n-train", type=int, default=1000)
     s.add_argument("--n-test", type=int, default=1000)
@@ -258,12 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--lr", type=float, default=None)
     s.add_argument("--seed", type=int, default=None, help="one seed (default 0)")
-    s.add_argument("--seeds", default=None, metavar="S,S,...",
-                   help="run the recipe once per seed (e.g. 0,1,2): per-seed numbers and mean +- sd")
+    s.add_argument(
+        "--seeds",
+        default=None,
+        metavar="S,S,...",
+        help="run the recipe once per seed (e.g. 0,1,2): per-seed numbers and mean +- sd",
+    )
     s.add_argument("--resume", action="store_true", help="with --seeds: keep the seeds already in --json")
     s.add_argument("--freeze-backbone", action="store_true")
-    s.add_argument("--arch", default=None,
-                   help="arch for --backbone none (default resnet101); else checked against the file")
+    s.add_argument(
+        "--arch", default=None, help="arch for --backbone none (default resnet101); else checked against the file"
+    )
     s.add_argument("--json", default=None)
     s.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest first")
     s.set_defaults(func=_cmd_finetune)
@@ -281,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _is_rank0() -> bool:
     """Under mpiexec or torchrun every rank hits the same bad input: let one of them say so."""
     import os
+
     for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "RANK"):
         if os.environ.get(var, "0") != "0":
             return False
@@ -294,6 +405,7 @@ _USER_ERRNOS = {"ENOSPC", "EROFS", "EEXIST", "EACCES", "EPERM", "ENOTDIR", "EISD
 
 def _os_error_line(exc: OSError) -> str | None:
     import errno
+
     if errno.errorcode.get(exc.errno or 0) not in _USER_ERRNOS:
         return None
     path = exc.filename if exc.filename is not None else "?"
@@ -302,6 +414,7 @@ def _os_error_line(exc: OSError) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     import os
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
@@ -309,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         if _is_rank0():
             print(f"hpc-lensiam: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:   # rank-local (one rank's disk): every rank that hits it says so
+    except OSError as exc:  # rank-local (one rank's disk): every rank that hits it says so
         line = _os_error_line(exc)
         if line is None:
             raise

@@ -4,6 +4,7 @@ Ranges are ``(min, max)`` pairs written as two-element YAML lists. Unknown keys,
 impossible ranges raise :class:`ConfigError` naming the file and key. The resolved config is saved
 next to every output (shard manifest, run folder) so a result always says how it was made.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,7 +62,7 @@ def _coerce(tp, value, where: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if not math.isfinite(value):   # NaN passes every range comparison; inf gives NaN images
+        if not math.isfinite(value):  # NaN passes every range comparison; inf gives NaN images
             raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
@@ -81,8 +82,7 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     known = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r} (expected one of: {', '.join(sorted(known))})")
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (expected one of: {', '.join(sorted(known))})")
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
@@ -101,18 +101,21 @@ def merge(base, overrides: dict, where: str = "config"):
                 deep(dst[k], v)
             else:
                 dst[k] = v
+
     deep(data, overrides)
     return from_dict(type(base), data, where)
 
 
 def to_dict(obj) -> dict:
     """Plain-data (YAML/JSON-able) copy of a config dataclass; tuples become lists."""
+
     def plain(v):
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         return v
+
     return plain(asdict(obj))
 
 
@@ -133,8 +136,9 @@ def dump_yaml(obj) -> str:
     return yaml.safe_dump(to_dict(obj) if is_dataclass(obj) else obj, sort_keys=False)
 
 
-def _check_range(where: str, name: str, rng: Range, lo: float | None = None, hi: float | None = None,
-                 strict_lo: bool = False) -> None:
+def _check_range(
+    where: str, name: str, rng: Range, lo: float | None = None, hi: float | None = None, strict_lo: bool = False
+) -> None:
     a, b = rng
     if a > b:
         raise ConfigError(f"{where}.{name}: impossible range [{a}, {b}] (min > max)")
@@ -153,13 +157,14 @@ def _check_fraction(where: str, name: str, value: float) -> None:
 @dataclass
 class LensPrior:
     """Elliptical power-law mass (lenstronomy EPL) + external shear (SHEAR); uniform priors."""
+
     theta_E_arcsec: Range = (0.8, 1.8)
-    gamma: Range = (1.5, 2.5)            # power-law slope, 2 = isothermal
+    gamma: Range = (1.5, 2.5)  # power-law slope, 2 = isothermal
     e1: Range = (-0.5, 0.5)
     e2: Range = (-0.5, 0.5)
     center_x_arcsec: Range = (-0.15, 0.15)
     center_y_arcsec: Range = (-0.15, 0.15)
-    gamma1: Range = (-0.12, 0.12)        # external shear components
+    gamma1: Range = (-0.12, 0.12)  # external shear components
     gamma2: Range = (-0.12, 0.12)
 
     def validate(self, where: str) -> None:
@@ -176,9 +181,10 @@ class LensPrior:
 @dataclass
 class LensLightPrior:
     """Elliptical Sersic lens light whose centre and ellipticity follow the mass, perturbed."""
+
     R_sersic_arcsec: Range = (0.5, 1.5)
     n_sersic: Range = (2.0, 5.0)
-    peak_ratio: Range = (0.2, 1.5)       # lens-light peak / lensed-source peak, before noise
+    peak_ratio: Range = (0.2, 1.5)  # lens-light peak / lensed-source peak, before noise
     follow_mass_sigma_frac: float = 0.025  # Gaussian sigma, as a fraction of that parameter's prior range
 
     def validate(self, where: str) -> None:
@@ -192,7 +198,8 @@ class LensLightPrior:
 @dataclass
 class SourcePrior:
     """Source mix: COSMOS real galaxies, analytic core-Sersic, mergers of two."""
-    cosmos_fraction: float = 0.75        # used only when a COSMOS catalog is given
+
+    cosmos_fraction: float = 0.75  # used only when a COSMOS catalog is given
     merger_fraction: float = 0.10
     center_arcsec: Range = (-0.25, 0.25)  # source position relative to the lens centre
     merger_offset_arcsec: Range = (0.1, 0.4)
@@ -201,12 +208,12 @@ class SourcePrior:
     n_sersic: Range = (0.8, 4.0)
     e1: Range = (-0.3, 0.3)
     e2: Range = (-0.3, 0.3)
-    R_b_arcsec: Range = (0.01, 0.05)     # core-Sersic break radius
-    core_gamma: Range = (0.0, 0.5)       # inner power-law slope
-    core_alpha: Range = (2.0, 5.0)       # sharpness of the transition
-    cosmos_min_size_pix: int = 50        # paper cut: stamp side >= 50 px
+    R_b_arcsec: Range = (0.01, 0.05)  # core-Sersic break radius
+    core_gamma: Range = (0.0, 0.5)  # inner power-law slope
+    core_alpha: Range = (2.0, 5.0)  # sharpness of the transition
+    cosmos_min_size_pix: int = 50  # paper cut: stamp side >= 50 px
     cosmos_max_noise_frac: float = 0.05  # paper cut: noise RMS < 5% of the stamp's peak
-    cosmos_scale: Range = (0.5, 1.0)     # source-plane arcsec per COSMOS arcsec (redshift dimming of size)
+    cosmos_scale: Range = (0.5, 1.0)  # source-plane arcsec per COSMOS arcsec (redshift dimming of size)
     cosmos_clean_k_sigma: float | None = None  # clean stamps: pedestal off, pixels < k noise RMS -> 0
 
     def validate(self, where: str) -> None:
@@ -234,20 +241,21 @@ class SourcePrior:
 @dataclass
 class InstrumentConfig:
     """Detector grid, noise and the built-in diffraction PSF of one telescope."""
+
     name: str = "hst"
     num_pix: int = 110
     pixel_scale_arcsec: float = 0.05
     supersampling_factor: int = 2
     adaptive_supersampling_factor: int = 16  # pixels whose sub-samples differ by more than adaptive_threshold
-    adaptive_threshold: float = 0.1          # x the peak are re-rendered at this factor; 0: off (bench/numerics.py)
-    noise_sigma: Range = (0.002, 0.05)   # Gaussian sigma as a fraction of the noiseless image peak
+    adaptive_threshold: float = 0.1  # x the peak are re-rendered at this factor; 0: off (bench/numerics.py)
+    noise_sigma: Range = (0.002, 0.05)  # Gaussian sigma as a fraction of the noiseless image peak
     aperture_diameter_m: float = 2.4
-    obstruction_frac: float = 0.33       # central obstruction, fraction of the aperture diameter
+    obstruction_frac: float = 0.33  # central obstruction, fraction of the aperture diameter
     wavelength_nm: float = 814.0
-    aberration_rms_waves: float = 0.04   # random low-order Zernike aberrations per built-in PSF
+    aberration_rms_waves: float = 0.04  # random low-order Zernike aberrations per built-in PSF
     detector_blur_sigma_pix: float = 0.4  # built-in PSF: CCD charge diffusion + pointing jitter (Gaussian)
-    psf_bank_size: int = 23              # the paper used 23 TinyTim HST PSFs
-    psf_size_pix: int = 21               # odd kernel side, detector pixels
+    psf_bank_size: int = 23  # the paper used 23 TinyTim HST PSFs
+    psf_size_pix: int = 21  # odd kernel side, detector pixels
 
     def validate(self, where: str) -> None:
         if self.num_pix < 8:
@@ -276,9 +284,15 @@ INSTRUMENT_PRESETS: dict[str, dict] = {
     "hst": {},
     # Euclid-VIS-like: coarser pixels, a 1.2 m aperture (wider PSF), noisier; the independent
     # downstream set the pretraining never sees.
-    "euclid": dict(name="euclid", pixel_scale_arcsec=0.1, aperture_diameter_m=1.2,
-                   obstruction_frac=0.3, wavelength_nm=725.0, noise_sigma=(0.01, 0.1),
-                   psf_size_pix=15),
+    "euclid": dict(
+        name="euclid",
+        pixel_scale_arcsec=0.1,
+        aperture_diameter_m=1.2,
+        obstruction_frac=0.3,
+        wavelength_nm=725.0,
+        noise_sigma=(0.01, 0.1),
+        psf_size_pix=15,
+    ),
 }
 
 
@@ -289,15 +303,16 @@ class SimulationConfig:
     lens: LensPrior = field(default_factory=LensPrior)
     lens_light: LensLightPrior = field(default_factory=LensLightPrior)
     source: SourcePrior = field(default_factory=SourcePrior)
-    cosmos_dir: str | None = None          # GalSim real-galaxy-catalog folder; None = analytic only
+    cosmos_dir: str | None = None  # GalSim real-galaxy-catalog folder; None = analytic only
     psf_files: list[str] = field(default_factory=list)  # FITS PSFs; empty = built-in bank
     psf_pixel_scale_arcsec: float | None = None  # pixel scale of psf_files (else from FITS header)
-    psf_bank_seed: int = 0                 # seed of the built-in PSF bank (part of the data set)
+    psf_bank_seed: int = 0  # seed of the built-in PSF bank (part of the data set)
 
     def validate(self, where: str) -> None:
         if self.preset not in INSTRUMENT_PRESETS:
-            raise ConfigError(f"{where}.preset: unknown preset {self.preset!r} "
-                              f"(expected one of: {', '.join(INSTRUMENT_PRESETS)})")
+            raise ConfigError(
+                f"{where}.preset: unknown preset {self.preset!r} (expected one of: {', '.join(INSTRUMENT_PRESETS)})"
+            )
         # Positions must fall inside the field: a lens (or its source) off the image is an empty,
         # noise-only sample that still trains as a "lens".
         half = self.instrument.num_pix * self.instrument.pixel_scale_arcsec / 2
@@ -305,20 +320,25 @@ class SimulationConfig:
             lens_c, src_c = getattr(self.lens, name), self.source.center_arcsec
             reach = max(abs(v) for v in lens_c) + max(abs(v) for v in src_c)
             if max(abs(v) for v in lens_c) >= half:
-                raise ConfigError(f"{where}.lens.{name}: range [{lens_c[0]}, {lens_c[1]}] reaches outside the "
-                                  f"field (+-{half:g}\" = num_pix x pixel_scale_arcsec / 2)")
+                raise ConfigError(
+                    f"{where}.lens.{name}: range [{lens_c[0]}, {lens_c[1]}] reaches outside the "
+                    f'field (+-{half:g}" = num_pix x pixel_scale_arcsec / 2)'
+                )
             if reach >= half:
-                raise ConfigError(f"{where}.source.center_arcsec: range [{src_c[0]}, {src_c[1]}] around a lens "
-                                  f"centre up to {max(abs(v) for v in lens_c):g}\" reaches outside the field "
-                                  f"(+-{half:g}\")")
+                raise ConfigError(
+                    f"{where}.source.center_arcsec: range [{src_c[0]}, {src_c[1]}] around a lens "
+                    f'centre up to {max(abs(v) for v in lens_c):g}" reaches outside the field '
+                    f'(+-{half:g}")'
+                )
         if self.psf_bank_seed < 0:
             raise ConfigError(f"{where}.psf_bank_seed: must be >= 0, got {self.psf_bank_seed}")
         if self.psf_pixel_scale_arcsec is not None and self.psf_pixel_scale_arcsec <= 0:
             raise ConfigError(f"{where}.psf_pixel_scale_arcsec: must be > 0")
 
 
-def simulation_config(preset: str | None = None, config_path: str | Path | None = None,
-                      **overrides) -> SimulationConfig:
+def simulation_config(
+    preset: str | None = None, config_path: str | Path | None = None, **overrides
+) -> SimulationConfig:
     """Resolve a SimulationConfig: preset defaults <- YAML file <- keyword overrides (non-None)."""
     data: dict = read_yaml(config_path) if config_path else {}
     where = str(config_path) if config_path else "config"
@@ -346,64 +366,82 @@ class TrainConfig:
     recipe (:func:`hpc_lensiam.models.methods.recipe`, docs/methods.md), which
     :func:`hpc_lensiam.train.loop.train_config` applies under the YAML file and the flags.
     """
+
     data: str = ""
     out: str = "runs/pretrain"
-    mode: str = "lensiam"                # lensiam: stored pair; simsiam: two augmentations of one image
-    method: str = "simsiam"              # simsiam | byol | vicreg | simclr (docs/methods.md)
-    optimizer: str = "sgd"               # sgd | lars | adamw (the method's/backbone's recipe sets it)
-    lr_scaling: str = "linear"           # linear: lr = base_lr x batch/256; sqrt: base_lr x sqrt(batch)
-    engine: str = "ddp"                  # ddp | deepspeed
-    precision: str = "fp32"              # fp32 | bf16 | fp16
-    arch: str = "resnet101"              # resnet18 | resnet50 | resnet101 | vit_{tiny,small,base}_p{8,10,11}
-    zero_init_residual: bool = True      # SimSiam reference init; false for short runs (docs/results.md)
-    batch_size: int = 64                 # per rank
+    mode: str = "lensiam"  # lensiam: stored pair; simsiam: two augmentations of one image
+    method: str = "simsiam"  # simsiam | byol | vicreg | simclr (docs/methods.md)
+    optimizer: str = "sgd"  # sgd | lars | adamw (the method's/backbone's recipe sets it)
+    lr_scaling: str = "linear"  # linear: lr = base_lr x batch/256; sqrt: base_lr x sqrt(batch)
+    engine: str = "ddp"  # ddp | deepspeed
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    arch: str = "resnet101"  # resnet18 | resnet50 | resnet101 | vit_{tiny,small,base}_p{8,10,11}
+    zero_init_residual: bool = True  # SimSiam reference init; false for short runs (docs/results.md)
+    batch_size: int = 64  # per rank
     grad_accum: int = 1
     epochs: int = 100
-    max_steps: int | None = None         # stop early (tests, smoke runs)
-    base_lr: float = 0.03                # lr = base_lr * global_batch / 256
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    base_lr: float = 0.03  # lr = base_lr * global_batch / 256
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 10.0
     fix_pred_lr: bool = True
-    proj_dim: int = 2048                 # projector output width
-    proj_hidden_dim: int | None = None   # projector hidden width (None: proj_dim; SimSiam uses proj_dim)
-    pred_dim: int = 512                  # predictor hidden width (SimSiam, BYOL)
-    ema_tau_base: float = 0.996          # BYOL: target decay at step 0, cosine to 1
-    temperature: float = 0.1             # SimCLR: NT-Xent temperature
-    vicreg_sim_coeff: float = 25.0       # VICReg: invariance, variance, covariance weights
+    proj_dim: int = 2048  # projector output width
+    proj_hidden_dim: int | None = None  # projector hidden width (None: proj_dim; SimSiam uses proj_dim)
+    pred_dim: int = 512  # predictor hidden width (SimSiam, BYOL)
+    ema_tau_base: float = 0.996  # BYOL: target decay at step 0, cosine to 1
+    temperature: float = 0.1  # SimCLR: NT-Xent temperature
+    vicreg_sim_coeff: float = 25.0  # VICReg: invariance, variance, covariance weights
     vicreg_std_coeff: float = 25.0
     vicreg_cov_coeff: float = 1.0
     workers: int = 2
     shuffle_buffer: int = 1000
     seed: int = 0
     log_every: int = 10
-    ckpt_every: int = 500                # steps between periodic checkpoints (plus last.pt)
-    keep_last: int = 3                   # periodic step_*.pt kept (newest); 0 keeps all
-    deterministic: bool = False          # deterministic algorithms, cudnn.benchmark off (docs/gpu.md)
-    probe_data: str | None = None          # held-out shards: ridge R^2 of theta_E, e1, gamma every probe_every
-    probe_every: int = 500               # steps between lens-physics probes (with probe_data)
-    probe_samples: int = 256             # samples of probe_data embedded per probe (first ones, manifest order)
-    channels_last: bool = True           # CUDA only
-    sync_batchnorm: bool = True          # SyncBatchNorm across ranks (world size > 1); false: per-rank BN
+    ckpt_every: int = 500  # steps between periodic checkpoints (plus last.pt)
+    keep_last: int = 3  # periodic step_*.pt kept (newest); 0 keeps all
+    deterministic: bool = False  # deterministic algorithms, cudnn.benchmark off (docs/gpu.md)
+    probe_data: str | None = None  # held-out shards: ridge R^2 of theta_E, e1, gamma every probe_every
+    probe_every: int = 500  # steps between lens-physics probes (with probe_data)
+    probe_samples: int = 256  # samples of probe_data embedded per probe (first ones, manifest order)
+    channels_last: bool = True  # CUDA only
+    sync_batchnorm: bool = True  # SyncBatchNorm across ranks (world size > 1); false: per-rank BN
     deepspeed_config: str | None = None
     zero_stage: int = 0
     skip_bad_samples: bool = False
-    verify: bool = False                 # sha256 of every shard against the manifest before training
+    verify: bool = False  # sha256 of every shard against the manifest before training
     online_epoch_samples: int = 100_000  # --data online: samples (pairs or images) per epoch, all ranks
-    online_compile: bool = False         # --data online: torch.compile the ray shooting (minutes once, then fast)
+    online_compile: bool = False  # --data online: torch.compile the ray shooting (minutes once, then fast)
 
     def validate(self, where: str) -> None:
         from .models.backbones import ARCHS
         from .models.methods import METHODS
         from .train.optim import OPTIMIZERS
-        choices = {"mode": ("lensiam", "simsiam"), "engine": ("ddp", "deepspeed"),
-                   "precision": ("fp32", "bf16", "fp16"), "arch": ARCHS, "method": tuple(METHODS),
-                   "optimizer": OPTIMIZERS, "lr_scaling": ("linear", "sqrt")}
+
+        choices = {
+            "mode": ("lensiam", "simsiam"),
+            "engine": ("ddp", "deepspeed"),
+            "precision": ("fp32", "bf16", "fp16"),
+            "arch": ARCHS,
+            "method": tuple(METHODS),
+            "optimizer": OPTIMIZERS,
+            "lr_scaling": ("linear", "sqrt"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{where}.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        for name in ("batch_size", "grad_accum", "epochs", "log_every", "ckpt_every", "proj_dim", "pred_dim",
-                     "probe_every", "probe_samples", "online_epoch_samples"):
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "epochs",
+            "log_every",
+            "ckpt_every",
+            "proj_dim",
+            "pred_dim",
+            "probe_every",
+            "probe_samples",
+            "online_epoch_samples",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -445,22 +483,24 @@ class IngestConfig:
     images match what a backbone was trained on. ``input_pixel_scale_arcsec`` is used only for
     files whose header gives none (no CD/CDELT keys, and every .npy).
     """
+
     preset: str = "hst"
     num_pix: int | None = None
     pixel_scale_arcsec: float | None = None
-    hdu: str | None = None              # name or index; None: the first HDU holding a 2-D image
-    rms_hdu: str | None = "auto"        # name/index, "auto" (X_FLUX -> X_RMS if present) or None
-    weight_hdu: str | None = None       # inverse-variance map: weight <= 0 = no data
-    rms_no_data: float = 1e15              # RMS at or above this (Euclid writes 1e16) = no data
+    hdu: str | None = None  # name or index; None: the first HDU holding a 2-D image
+    rms_hdu: str | None = "auto"  # name/index, "auto" (X_FLUX -> X_RMS if present) or None
+    weight_hdu: str | None = None  # inverse-variance map: weight <= 0 = no data
+    rms_no_data: float = 1e15  # RMS at or above this (Euclid writes 1e16) = no data
     input_pixel_scale_arcsec: float | None = None
-    orientation: str = "simulator"         # simulator: columns grow with RA, rows with Dec
-    sky_sigma: float = 3.0                 # sigma-clipping threshold of the sky estimate
+    orientation: str = "simulator"  # simulator: columns grow with RA, rows with Dec
+    sky_sigma: float = 3.0  # sigma-clipping threshold of the sky estimate
     shard_size: int = 1000
 
     def validate(self, where: str) -> None:
         if self.preset not in INSTRUMENT_PRESETS:
-            raise ConfigError(f"{where}.preset: unknown preset {self.preset!r} "
-                              f"(expected one of: {', '.join(INSTRUMENT_PRESETS)})")
+            raise ConfigError(
+                f"{where}.preset: unknown preset {self.preset!r} (expected one of: {', '.join(INSTRUMENT_PRESETS)})"
+            )
         if self.num_pix is not None and self.num_pix < 8:
             raise ConfigError(f"{where}.num_pix: {self.num_pix} is too small (expected >= 8)")
         for name in ("pixel_scale_arcsec", "input_pixel_scale_arcsec", "rms_no_data", "sky_sigma"):

@@ -13,6 +13,7 @@ sample count and sha256 when it is written; the checks here compare a shard with
 * :func:`check_finite` -- a non-finite pixel is an error naming the file and the sample key,
   when a shard is written and when it is read.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,8 +57,9 @@ def shard_problem(path: str | os.PathLike, entry: dict, verify: bool = False) ->
     return None
 
 
-def check_shards(data_dir: str | os.PathLike, manifest: dict | None = None, verify: bool = False,
-                 only: list[int] | None = None) -> dict:
+def check_shards(
+    data_dir: str | os.PathLike, manifest: dict | None = None, verify: bool = False, only: list[int] | None = None
+) -> dict:
     """Check the shards of ``data_dir`` (or those at indices ``only``); raise naming every bad one.
 
     Returns the manifest. ``verify`` adds the sha256 of each shard (reads all the data).
@@ -71,10 +73,15 @@ def check_shards(data_dir: str | os.PathLike, manifest: dict | None = None, veri
         if problem:
             bad.append(f"{paths[i]}: {problem}")
     if bad:
-        more = f" (and {len(bad) - 1} more: {'; '.join(bad[1:4])}{'; ...' if len(bad) > 4 else ''})" \
-            if len(bad) > 1 else ""
-        raise IntegrityError(f"shard {bad[0]}{more}; `hpc-lensiam verify {data_dir}` lists them all, "
-                             f"re-running the same `simulate` command redoes them")
+        more = (
+            f" (and {len(bad) - 1} more: {'; '.join(bad[1:4])}{'; ...' if len(bad) > 4 else ''})"
+            if len(bad) > 1
+            else ""
+        )
+        raise IntegrityError(
+            f"shard {bad[0]}{more}; `hpc-lensiam verify {data_dir}` lists them all, "
+            f"re-running the same `simulate` command redoes them"
+        )
     return manifest
 
 
@@ -87,7 +94,7 @@ def count_samples(path: str | os.PathLike) -> int:
     with open(path, "rb") as f:
         for name, _ in tar_members(f, skip_data=True):
             base = name.rsplit("/", 1)[-1]
-            key = name[:len(name) - len(base)] + base.split(".", 1)[0]
+            key = name[: len(name) - len(base)] + base.split(".", 1)[0]
             if key != last:
                 keys, last = keys + 1, key
     return keys
@@ -100,8 +107,8 @@ def verify_dataset(data_dir: str | os.PathLike, progress: bool = True) -> list[s
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(paths), unit="shard", desc="verify", dynamic_ncols=True, file=sys.stderr,
-                   disable=None)
+
+        bar = tqdm(total=len(paths), unit="shard", desc="verify", dynamic_ncols=True, file=sys.stderr, disable=None)
     bad = []
     for path, entry in zip(paths, manifest["shards"]):
         problem = shard_problem(path, entry, verify=True)
@@ -120,8 +127,11 @@ def verify_dataset(data_dir: str | os.PathLike, progress: bool = True) -> list[s
     if bar:
         bar.close()
     n = int(manifest["num_samples"])
-    print(f"verify: {len(paths) - len(bad)} of {len(paths)} shards good ({n} samples listed in "
-          f"{Path(data_dir) / MANIFEST_NAME}); {len(bad)} bad", flush=True)
+    print(
+        f"verify: {len(paths) - len(bad)} of {len(paths)} shards good ({n} samples listed in "
+        f"{Path(data_dir) / MANIFEST_NAME}); {len(bad)} bad",
+        flush=True,
+    )
     return bad
 
 
@@ -140,6 +150,5 @@ def check_finite(array: np.ndarray, path, key: str, member: str) -> np.ndarray:
     """``array`` unchanged, or an IntegrityError naming the shard, sample and member."""
     if not np.isfinite(array).all():
         bad = int(array.size - np.isfinite(array).sum())
-        raise IntegrityError(f"shard {path} sample {key!r}: {bad} non-finite pixel(s) in {member} "
-                             f"(NaN/inf)")
+        raise IntegrityError(f"shard {path} sample {key!r}: {bad} non-finite pixel(s) in {member} (NaN/inf)")
     return array

@@ -1,4 +1,5 @@
 """Atomic file writes, hashing and the shard manifest (the contract between stages)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -39,7 +40,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, path)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
-        if exc.filename is None:   # a failed write() names no file: name the one being written
+        if exc.filename is None:  # a failed write() names no file: name the one being written
             raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
     except BaseException:
@@ -75,6 +76,7 @@ def decode_npy(data: bytes):
     import io as _io
 
     import numpy as np
+
     return np.load(_io.BytesIO(data), allow_pickle=False)
 
 
@@ -125,16 +127,16 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a folder (expected a file name)")
     parent = path.parent
-    while not parent.exists() and parent != parent.parent:   # the nearest folder that exists
+    while not parent.exists() and parent != parent.parent:  # the nearest folder that exists
         parent = parent.parent
     if not parent.is_dir():
         raise UserError(f"{flag} {path}: {parent} exists and is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):   # also False on a read-only file system, for root
+    if not os.access(parent, os.W_OK | os.X_OK):  # also False on a read-only file system, for root
         raise UserError(f"{flag} {path}: {parent} is not writable")
     return path
 
 
-_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")   # zip (torch.save since 1.6) or a legacy pickle
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # zip (torch.save since 1.6) or a legacy pickle
 
 
 def check_torch_file(path: str | os.PathLike) -> None:
@@ -146,5 +148,7 @@ def check_torch_file(path: str | os.PathLike) -> None:
     except OSError as exc:
         raise UserError(f"{path}: cannot read checkpoint ({exc.strerror})") from None
     if not head.startswith(_TORCH_MAGIC):
-        raise UserError(f"{path}: cannot read checkpoint: not a PyTorch checkpoint (it starts with {head!r}; "
-                        f"expected a file written by torch.save)")
+        raise UserError(
+            f"{path}: cannot read checkpoint: not a PyTorch checkpoint (it starts with {head!r}; "
+            f"expected a file written by torch.save)"
+        )

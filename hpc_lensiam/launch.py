@@ -11,6 +11,7 @@ input. A rank that failed any other way (a crash, a signal) gets one line naming
 and exit code; its own traceback is above it. Signals sent to this process (SIGTERM from Slurm or
 ``kill``) are forwarded to the ranks by torchrun as usual.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,18 +25,22 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)   # the agent's W/E lines
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # the agent's W/E lines
     args = torchrun.parse_args(argv if argv is not None else sys.argv[1:])
     try:
         torchrun.run(args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         code = failure.exitcode
-        if code == 2:   # the rank said what was wrong, in one line
+        if code == 2:  # the rank said what was wrong, in one line
             return 2
         how = f"signal {failure.signal_name()}" if code < 0 else f"exit code {code}"
-        print(f"hpc-lensiam: error: rank {rank} (host {os.uname().nodename}, pid {failure.pid}) failed with "
-              f"{how}; its output is above", file=sys.stderr, flush=True)
+        print(
+            f"hpc-lensiam: error: rank {rank} (host {os.uname().nodename}, pid {failure.pid}) failed with "
+            f"{how}; its output is above",
+            file=sys.stderr,
+            flush=True,
+        )
         return code if code > 0 else 1
     return 0
 

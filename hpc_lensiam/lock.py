@@ -7,6 +7,7 @@ written; a second job fails at once naming the holder's host and pid. The kernel
 never blocks a rerun. On a cluster file system ``flock`` must be coherent across nodes (Lustre
 mounted with ``-o flock``, GPFS, NFSv4); with ``localflock`` it only excludes jobs on one node.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -58,8 +59,9 @@ class DirLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise UserError(f"{self.dir}: in use by another job, {self.holder()}; wait for it to end "
-                            f"or choose another --out") from None
+            raise UserError(
+                f"{self.dir}: in use by another job, {self.holder()}; wait for it to end or choose another --out"
+            ) from None
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} ({self.what}, since {stamp})\n".encode(), 0)
@@ -68,7 +70,7 @@ class DirLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)   # closing the descriptor drops the flock; the file itself stays
+            os.close(self.fd)  # closing the descriptor drops the flock; the file itself stays
             self.fd = None
 
     def __enter__(self):

@@ -5,6 +5,7 @@ shuffle buffer, the baseline augmentations, the on-the-fly renderer) is seeded b
 ``derive_seed(seed, ...)``: numpy's SeedSequence mixes the parts, so neighbouring tuples give
 independent streams.
 """
+
 from __future__ import annotations
 
 import numpy as np

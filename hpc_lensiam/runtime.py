@@ -17,6 +17,7 @@ Also here, because they are per-process facts: ``PR_SET_PDEATHSIG`` (a trainer d
 torchrun agent instead of living on after a ``kill -9`` of the agent) and the check that loader
 workers x processes fit in the CPUs this process may use (``os.sched_getaffinity``).
 """
+
 from __future__ import annotations
 
 import os
@@ -32,9 +33,11 @@ LAUNCHER_SIZE_VARS = ("PMI_SIZE", "PMIX_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCA
 # Variables torchrun (torch.distributed.run) sets in every worker.
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
-TORCHRUN_FIX = ("launch with torchrun: `torchrun --nproc_per_node G -m hpc_lensiam ...` on one machine, or under "
-                "Slurm one torchrun per node (`srun --ntasks-per-node=1 torchrun --nnodes N ...`, as slurm/pretrain.sh "
-                "does); for one process run it without srun -n")
+TORCHRUN_FIX = (
+    "launch with torchrun: `torchrun --nproc_per_node G -m hpc_lensiam ...` on one machine, or under "
+    "Slurm one torchrun per node (`srun --ntasks-per-node=1 torchrun --nnodes N ...`, as slurm/pretrain.sh "
+    "does); for one process run it without srun -n"
+)
 
 
 def _int(environ: Mapping[str, str], key: str) -> int | None:
@@ -68,6 +71,7 @@ def launch_evidence(environ: Mapping[str, str] | None = None) -> str | None:
 @dataclass(frozen=True)
 class Runtime:
     """This process's place in the job: torchrun's variables, or one process."""
+
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
@@ -89,8 +93,10 @@ def check_torch_launch(environ: Mapping[str, str] | None = None, command: str = 
         return
     why = launch_evidence(env)
     if why is not None:
-        raise UserError(f"{why} but torch's world size is 1 (no torchrun): each task would be its own rank 0 "
-                        f"on the same device and write the same files of {command}; {TORCHRUN_FIX}")
+        raise UserError(
+            f"{why} but torch's world size is 1 (no torchrun): each task would be its own rank 0 "
+            f"on the same device and write the same files of {command}; {TORCHRUN_FIX}"
+        )
 
 
 def runtime(environ: Mapping[str, str] | None = None, command: str = "this command") -> Runtime:
@@ -101,8 +107,10 @@ def runtime(environ: Mapping[str, str] | None = None, command: str = "this comma
     rank, local = _int(env, "RANK") or 0, _int(env, "LOCAL_RANK") or 0
     local_world = _int(env, "LOCAL_WORLD_SIZE") or world
     if not (0 <= rank < world and 0 <= local < max(local_world, 1)):
-        raise UserError(f"inconsistent launcher variables RANK={rank} LOCAL_RANK={local} WORLD_SIZE={world} "
-                        f"LOCAL_WORLD_SIZE={local_world}")
+        raise UserError(
+            f"inconsistent launcher variables RANK={rank} LOCAL_RANK={local} WORLD_SIZE={world} "
+            f"LOCAL_WORLD_SIZE={local_world}"
+        )
     return Runtime(rank, local, world, local_world)
 
 
@@ -124,14 +132,17 @@ def pick_cuda_index(local_rank: int, device_count: int) -> int:
     if device_count == 1:
         return 0
     if local_rank >= device_count:
-        raise UserError(f"LOCAL_RANK={local_rank} but only {device_count} GPUs are visible: start at most "
-                        f"{device_count} processes per node (torchrun --nproc_per_node {device_count})")
+        raise UserError(
+            f"LOCAL_RANK={local_rank} but only {device_count} GPUs are visible: start at most "
+            f"{device_count} processes per node (torchrun --nproc_per_node {device_count})"
+        )
     return local_rank
 
 
 def device_for(rt: Runtime, cuda: bool | None = None, device_count: int | None = None):
     """``torch.device`` of this process: ``cuda:<pick_cuda_index>`` when CUDA is usable, else cpu."""
     import torch
+
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if not cuda:
         return torch.device("cpu")
@@ -157,6 +168,7 @@ def init_distributed(rt: Runtime, device, timeout=None) -> bool:
     """Join torchrun's process group (once); True when this call created it."""
     import torch
     import torch.distributed as dist
+
     if dist.is_initialized():
         return False
     if device.type == "cuda":
@@ -182,13 +194,14 @@ def die_with_parent(sig: int = signal.SIGTERM) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
             return False
     except (OSError, AttributeError):
         return False
-    if os.getppid() == 1:   # the parent died before prctl took effect
+    if os.getppid() == 1:  # the parent died before prctl took effect
         os.kill(os.getpid(), sig)
     return True
 
@@ -211,6 +224,8 @@ def cpu_budget_warning(workers: int, local_processes: int, cpus: int | None = No
     need = local_processes * (1 + workers)
     if need <= cpus:
         return None
-    return (f"{local_processes} process(es) x (1 + {workers} loader workers) = {need} busy processes on {cpus} "
-            f"usable CPU(s) (os.sched_getaffinity): the loader will starve the device; lower --workers or "
-            f"request more CPUs (Slurm: --cpus-per-task={need} for one torchrun per node, see docs/gpu.md)")
+    return (
+        f"{local_processes} process(es) x (1 + {workers} loader workers) = {need} busy processes on {cpus} "
+        f"usable CPU(s) (os.sched_getaffinity): the loader will starve the device; lower --workers or "
+        f"request more CPUs (Slurm: --cpus-per-task={need} for one torchrun per node, see docs/gpu.md)"
+    )

@@ -18,6 +18,7 @@ synthetic predictions whose truth is known.
 Everything is vectorised over bootstrap replicates as weighted metrics: a resample is a vector of
 counts per test image, so no replicate copies the data.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,8 @@ def _weighted_metric(metric: str, y: np.ndarray, preds: np.ndarray, w: np.ndarra
     w = np.asarray(w, np.float64)
     if metric == "r2":
         sw = w.sum(1)
-        ss_tot = (w @ y ** 2) - (w @ y) ** 2 / sw
-        ss_tot = np.where(ss_tot > 1e-12 * np.maximum(w @ y ** 2, 1e-300), ss_tot, np.nan)
+        ss_tot = (w @ y**2) - (w @ y) ** 2 / sw
+        ss_tot = np.where(ss_tot > 1e-12 * np.maximum(w @ y**2, 1e-300), ss_tot, np.nan)
         sse = w @ ((preds - y[None]) ** 2).T
         return 1.0 - sse / ss_tot[:, None]
     if metric == "auc":
@@ -58,10 +59,10 @@ def _weighted_metric(metric: str, y: np.ndarray, preds: np.ndarray, w: np.ndarra
         for k, s in enumerate(np.asarray(preds, np.float64)):
             order = np.argsort(s, kind="stable")
             ss = s[order]
-            starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])    # one level per distinct score
+            starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])  # one level per distinct score
             wp = np.add.reduceat(w[:, order] * pos[order], starts, axis=1)
             wn = np.add.reduceat(w[:, order] * ~pos[order], starts, axis=1)
-            below = np.cumsum(wn, axis=1) - wn                          # negatives scored lower
+            below = np.cumsum(wn, axis=1) - wn  # negatives scored lower
             den = wp.sum(1) * wn.sum(1)
             out[:, k] = np.where(den > 0, (wp * (below + 0.5 * wn)).sum(1) / np.where(den > 0, den, 1), np.nan)
         return out
@@ -101,8 +102,9 @@ def bootstrap_r2(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0
     return float(lo), float(hi)
 
 
-def paired_r2_difference(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, n_boot: int = 1000,
-                         seed: int = 0) -> tuple[float, float, float]:
+def paired_r2_difference(
+    y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float, float]:
     """R^2(a) - R^2(b) on the same test images, with a paired bootstrap 95% interval.
 
     Resampling the images once for both models cancels the test set's own variance, so two models
@@ -119,8 +121,9 @@ def paired_r2_difference(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, n_boot
     return r2(y, p_a) - r2(y, p_b), float(lo), float(hi)
 
 
-def bootstrap_interval(y: np.ndarray, p: np.ndarray, metric: str = "r2", groups=None, n_boot: int = 1000,
-                       seed: int = 0) -> tuple[float, float]:
+def bootstrap_interval(
+    y: np.ndarray, p: np.ndarray, metric: str = "r2", groups=None, n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """95% percentile interval of ``metric`` (r2 | auc) over resampled test systems.
 
     ``groups`` (one label per image, e.g. the probe's ``pair_id``) makes a lens system the unit:
@@ -146,12 +149,23 @@ def seed_summary(values) -> dict:
     v = np.asarray(list(values), np.float64)
     if len(v) == 0:
         raise ValueError("seed_summary needs at least one value")
-    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else None, "n": len(v),
-            "values": [float(x) for x in v]}
+    return {
+        "mean": float(v.mean()),
+        "sd": float(v.std(ddof=1)) if len(v) > 1 else None,
+        "n": len(v),
+        "values": [float(x) for x in v],
+    }
 
 
-def hierarchical_paired_difference(y: np.ndarray, preds_a: np.ndarray, preds_b: np.ndarray,
-                                   metric: str = "r2", groups=None, n_boot: int = 2000, seed: int = 0) -> dict:
+def hierarchical_paired_difference(
+    y: np.ndarray,
+    preds_a: np.ndarray,
+    preds_b: np.ndarray,
+    metric: str = "r2",
+    groups=None,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict:
     """metric(A) - metric(B) averaged over S paired seeds, with an interval that includes seed noise.
 
     ``preds_a``/``preds_b`` are (S, n): row s is the fine-tuning run with seed s on the same n test
@@ -175,8 +189,10 @@ def hierarchical_paired_difference(y: np.ndarray, preds_a: np.ndarray, preds_b: 
     y = np.asarray(y, np.float64)
     pa, pb = (np.atleast_2d(np.asarray(v, np.float64)) for v in (preds_a, preds_b))
     if pa.shape != pb.shape or pa.shape[1] != len(y) or len(y) < 2:
-        raise ValueError(f"paired comparison needs predictions of the same seeds on the same >= 2 test images: "
-                         f"A {pa.shape}, B {pb.shape}, targets {len(y)}")
+        raise ValueError(
+            f"paired comparison needs predictions of the same seeds on the same >= 2 test images: "
+            f"A {pa.shape}, B {pb.shape}, targets {len(y)}"
+        )
     s = pa.shape[0]
     ones = np.ones((1, len(y)))
     per_seed = (_weighted_metric(metric, y, pa, ones) - _weighted_metric(metric, y, pb, ones))[0]
@@ -184,21 +200,33 @@ def hierarchical_paired_difference(y: np.ndarray, preds_a: np.ndarray, preds_b: 
 
     rng = np.random.default_rng(seed)
     w = _image_weights(rng, n_boot, len(y), groups)
-    d = _weighted_metric(metric, y, pa, w) - _weighted_metric(metric, y, pb, w)     # (B, S)
-    d_img = d.mean(1)                                                                 # seeds fixed
+    d = _weighted_metric(metric, y, pa, w) - _weighted_metric(metric, y, pb, w)  # (B, S)
+    d_img = d.mean(1)  # seeds fixed
     lo_i, hi_i = np.nanpercentile(d_img, [2.5, 97.5])
     se_img = float(np.nanstd(d_img, ddof=1))
-    out = {"metric": metric, "delta": delta, "per_seed": [float(v) for v in per_seed], "seeds": int(s),
-           "n_test": len(y), "n_boot": int(n_boot), "se_images_only": se_img,
-           "ci95_images_only": [float(lo_i), float(hi_i)]}
+    out = {
+        "metric": metric,
+        "delta": delta,
+        "per_seed": [float(v) for v in per_seed],
+        "seeds": int(s),
+        "n_test": len(y),
+        "n_boot": int(n_boot),
+        "se_images_only": se_img,
+        "ci95_images_only": [float(lo_i), float(hi_i)],
+    }
     if s == 1:
         return {**out, "se": se_img, "df": None, "seed_variance": None, "ci95": [float(lo_i), float(hi_i)]}
     pick = rng.integers(0, s, size=(n_boot, s))
     d_seed = np.take_along_axis(d, pick, axis=1).mean(1)
-    d_star = d_img + math.sqrt(s / (s - 1)) * (d_seed - d_img)                        # Rao-Wu rescaling
+    d_star = d_img + math.sqrt(s / (s - 1)) * (d_seed - d_img)  # Rao-Wu rescaling
     se = float(np.nanstd(d_star, ddof=1))
     v_seed = float(per_seed.var(ddof=1)) / s
-    df = (se_img ** 2 + v_seed) ** 2 / (v_seed ** 2 / (s - 1)) if v_seed > 0 else float("inf")
+    df = (se_img**2 + v_seed) ** 2 / (v_seed**2 / (s - 1)) if v_seed > 0 else float("inf")
     half = float(sps.t.ppf(0.975, df)) * se if math.isfinite(df) else 1.959963984540054 * se
-    return {**out, "se": se, "df": float(df) if math.isfinite(df) else None, "seed_variance": v_seed,
-            "ci95": [delta - half, delta + half]}
+    return {
+        **out,
+        "se": se,
+        "df": float(df) if math.isfinite(df) else None,
+        "seed_variance": v_seed,
+        "ci95": [delta - half, delta + half],
+    }

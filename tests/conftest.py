@@ -1,4 +1,5 @@
 """Shared fixtures: paths to the venv's tools, the optional real HST data, small shard sets."""
+
 from __future__ import annotations
 
 import sys
@@ -12,6 +13,7 @@ BIN = Path(sys.executable).parent  # the venv's bin: mpiexec, torchrun, hpc-lens
 
 try:  # no network: never let astropy try to download IERS tables
     from astropy.utils import iers
+
     iers.conf.auto_download = False
 except Exception:  # pragma: no cover
     pass
@@ -40,6 +42,7 @@ def hst_psf_dir() -> Path:
 
 def _simulate(out: Path, **kw) -> Path:
     from hpc_lensiam.simulate.writer import simulate_shards
+
     simulate_shards(out_dir=str(out), progress=False, **kw)
     return out
 
@@ -48,23 +51,42 @@ def _simulate(out: Path, **kw) -> Path:
 def lensiam_shards(tmp_path_factory) -> Path:
     """64 small LenSiam pairs in 8 shards (hst preset, 48x48 px to keep tests fast)."""
     out = tmp_path_factory.mktemp("shards") / "lensiam"
-    return _simulate(out, num_samples=64, shard_size=8, mode="lensiam", seed=1,
-                     overrides={"instrument": {"num_pix": 48}})
+    return _simulate(
+        out, num_samples=64, shard_size=8, mode="lensiam", seed=1, overrides={"instrument": {"num_pix": 48}}
+    )
 
 
 @pytest.fixture(scope="session")
 def single_shards(tmp_path_factory) -> Path:
     """64 single images in 8 shards (euclid preset, 48x48 px)."""
     out = tmp_path_factory.mktemp("shards") / "single"
-    return _simulate(out, num_samples=64, shard_size=8, mode="single", preset="euclid", seed=2,
-                     overrides={"instrument": {"num_pix": 48}})
+    return _simulate(
+        out,
+        num_samples=64,
+        shard_size=8,
+        mode="single",
+        preset="euclid",
+        seed=2,
+        overrides={"instrument": {"num_pix": 48}},
+    )
 
 
 def train_tiny(data: Path, out: Path, **kw) -> Path:
     """The real trainer, 2 steps of a resnet18 with small heads: a run folder in the real format."""
     from hpc_lensiam.train.loop import train, train_config
-    cfg = dict(data=str(data), out=str(out), arch="resnet18", batch_size=8, max_steps=2, epochs=1,
-               workers=0, proj_dim=64, pred_dim=16, log_every=1)
+
+    cfg = dict(
+        data=str(data),
+        out=str(out),
+        arch="resnet18",
+        batch_size=8,
+        max_steps=2,
+        epochs=1,
+        workers=0,
+        proj_dim=64,
+        pred_dim=16,
+        log_every=1,
+    )
     cfg.update(kw)
     train(train_config(**cfg))
     return out
@@ -76,6 +98,7 @@ def rerecord_shard(data_dir: Path, name: str) -> None:
     import json
 
     from hpc_lensiam.io import MANIFEST_NAME, sha256_file
+
     path = Path(data_dir) / MANIFEST_NAME
     manifest = json.loads(path.read_text())
     for entry in manifest["shards"]:

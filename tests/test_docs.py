@@ -41,6 +41,7 @@ EXTERNAL_FLAGS = {
     "--cpus-per-task", "--mem-per-cpu", "--mem",  # sbatch resources
     "--logdir",  # tensorboard
     "--no-binary",  # pip
+    "--check",  # ruff format
 }  # fmt: skip
 
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")

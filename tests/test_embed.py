@@ -1,4 +1,5 @@
 """Embeddings (2 torchrun ranks), UMAP and the lens-physics probe, on a really trained checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -34,10 +35,31 @@ def emb2(ckpt, lensiam_shards, tmp_path_factory, bin_dir) -> Path:
     """Embeddings from a real 2-process torchrun launch (the one launch in this file)."""
     out = tmp_path_factory.mktemp("emb") / "emb.h5"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", "2",
-                        "-m", "hpc_lensiam", "embed", "--checkpoint", str(ckpt), "--data", str(lensiam_shards),
-                        "--out", str(out), "--batch-size", "12", "--workers", "2"],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [
+            str(bin_dir / "torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "hpc_lensiam",
+            "embed",
+            "--checkpoint",
+            str(ckpt),
+            "--data",
+            str(lensiam_shards),
+            "--out",
+            str(out),
+            "--batch-size",
+            "12",
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "embed: 128 images (64 samples x 2 view(s))" in r.stdout and "2 rank(s)" in r.stdout
     return out
@@ -56,6 +78,7 @@ def _shard_params(data_dir: Path) -> dict[str, dict]:
 
 def _shard_image(data_dir: Path, key: str, view: int) -> np.ndarray:
     import io
+
     with tarfile.open(data_dir / f"shard-{key.split('_')[0]}.tar") as t:
         return np.load(io.BytesIO(t.extractfile(f"{key}.view{view}.npy").read()))
 
@@ -73,11 +96,11 @@ def test_embed_two_ranks_every_image_once_aligned(emb2, ckpt, lensiam_shards):
     assert e["features"].shape == (n, 512) and e["features"].dtype == np.float32
     assert np.isfinite(e["features"]).all()
     pairs = list(zip(e["keys"].tolist(), e["view"].tolist()))
-    assert len(set(pairs)) == n                              # no image twice across the 2 ranks
+    assert len(set(pairs)) == n  # no image twice across the 2 ranks
     truth = _shard_params(lensiam_shards)
-    assert set(e["keys"].tolist()) == set(truth)             # none missed
-    assert sorted(pairs) == pairs                            # deterministic order: key, then view
-    for i, key in enumerate(e["keys"]):                      # parameters aligned with their images
+    assert set(e["keys"].tolist()) == set(truth)  # none missed
+    assert sorted(pairs) == pairs  # deterministic order: key, then view
+    for i, key in enumerate(e["keys"]):  # parameters aligned with their images
         for name in LENS_PARAMS:
             assert e["params"][name][i] == pytest.approx(truth[key][name], abs=1e-12)
     # both views of a system share pair_id, different systems differ
@@ -93,6 +116,7 @@ def test_embed_two_ranks_every_image_once_aligned(emb2, ckpt, lensiam_shards):
     assert a["step"] == 2 and a["arch"] == "resnet18" and a["world_size"] == 2
     assert a["checkpoint"] == str(ckpt.resolve()) and a["weights_sha256"] == info["weights_sha256"]
     from hpc_lensiam.io import sha256_file
+
     assert a["manifest_sha256"] == sha256_file(lensiam_shards / "manifest.json")
     assert not list(emb2.parent.glob("*.part*")) and not list(emb2.parent.glob(".tmp-*"))
 
@@ -161,7 +185,7 @@ def test_umap_small_file(emb2, tmp_path):
     with h5py.File(emb) as f:
         u = f["umap"][...]
         assert u.shape == (128, 2) and np.isfinite(u).all() and f["umap"].attrs["seed"] == 3
-        assert f["features"].shape == (128, 512) and "params" in f   # the rest is intact
+        assert f["features"].shape == (128, 512) and "params" in f  # the rest is intact
     with pytest.raises(UserError, match="unknown parameter 'theta'"):
         run_umap(str(emb), str(tmp_path / "x.png"), ["theta"], seed=0)
 
@@ -194,9 +218,10 @@ def test_probe_near_one_with_signal_near_zero_on_noise(tmp_path):
     _write_emb(tmp_path / "simsiam.h5", noise, params, keys)
 
     test = split_by_key(keys)
-    assert (test[0::2] == test[1::2]).all() and 0.1 < test.mean() < 0.3   # pairs never split
-    rep = probe(str(tmp_path / "lensiam.h5"), against=str(tmp_path / "simsiam.h5"),
-                out_json=str(tmp_path / "probe.json"))
+    assert (test[0::2] == test[1::2]).all() and 0.1 < test.mean() < 0.3  # pairs never split
+    rep = probe(
+        str(tmp_path / "lensiam.h5"), against=str(tmp_path / "simsiam.h5"), out_json=str(tmp_path / "probe.json")
+    )
     good, bad = rep["results"]["lensiam"], rep["results"]["simsiam"]
     for p in LENS_PARAMS:
         assert good["ridge"][p] > 0.98 and good["knn"][p] > 0.5
@@ -225,6 +250,7 @@ def test_probe_on_real_embeddings_and_bad_files(emb2, tmp_path, capsys):
     with pytest.raises(UserError, match="not an HDF5 file"):
         probe(str(tmp_path / "text.h5"))
     # through the CLI: one line, exit code 2
-    r = subprocess.run([sys.executable, "-m", "hpc_lensiam", "probe", "--embeddings", str(bare)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "hpc_lensiam", "probe", "--embeddings", str(bare)], capture_output=True, text=True
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no lens parameters" in r.stderr

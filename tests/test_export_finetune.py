@@ -1,4 +1,5 @@
 """Export into stock torchvision (DDP and DeepSpeed checkpoints) and downstream fine-tuning."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,6 @@ from hpc_lensiam.io import LENS_PARAMS
 pytestmark = pytest.mark.timeout(600)
 
 
-
-
 @pytest.fixture(scope="module")
 def run_ddp(lensiam_shards, tmp_path_factory) -> Path:
     return train_tiny(lensiam_shards, tmp_path_factory.mktemp("ddp") / "run")
@@ -28,6 +27,7 @@ def run_ddp(lensiam_shards, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported(run_ddp, tmp_path_factory) -> Path:
     from hpc_lensiam.downstream.export import export_backbone
+
     out = tmp_path_factory.mktemp("export") / "backbone.pt"
     export_backbone(str(run_ddp / "checkpoints" / "last.pt"), str(out), "pt")
     return out
@@ -35,6 +35,7 @@ def exported(run_ddp, tmp_path_factory) -> Path:
 
 def _images(data_dir: Path, n: int) -> torch.Tensor:
     from hpc_lensiam.data.images import load_images
+
     _, x, _ = load_images(data_dir, n)
     return torch.as_tensor(x).unsqueeze(1)
 
@@ -57,7 +58,7 @@ def test_export_round_trip_into_torchvision(run_ddp, exported, lensiam_shards, t
     assert state["conv1.weight"].shape == (64, 3, 7, 7)
     tv = _torchvision("resnet18", state)
     trained, info = load_backbone(run_ddp / "checkpoints" / "last.pt")
-    x = _images(lensiam_shards, 8)                      # real images, max 1, 1 channel
+    x = _images(lensiam_shards, 8)  # real images, max 1, 1 channel
     with torch.inference_mode():
         ref, got = trained(x), tv(x.repeat(1, 3, 1, 1))
     assert ref.shape == (8, 512)
@@ -69,7 +70,7 @@ def test_export_round_trip_into_torchvision(run_ddp, exported, lensiam_shards, t
     assert "max" in side["input"]["normalisation"] and len(side["training"]["config_hash"]) == 64
 
     st = tmp_path / "backbone.safetensors"
-    export_backbone(str(run_ddp), str(st), "safetensors")          # a run folder works too
+    export_backbone(str(run_ddp), str(st), "safetensors")  # a run folder works too
     loaded = load_file(str(st))
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
     assert json.loads(Path(str(st) + ".json").read_text())["weights_format"] == "safetensors"
@@ -84,7 +85,7 @@ def test_export_from_deepspeed_checkpoint(lensiam_shards, tmp_path):
     a = export_backbone(str(ds_dir), str(tmp_path / "from_ds.pt"))
     b = export_backbone(str(run / "checkpoints" / "last.pt"), str(tmp_path / "from_last.pt"))
     assert a["training"]["step"] == 2 and a["arch"] == "resnet18"
-    assert a["weights_sha256"] == b["weights_sha256"]          # same weights through either reader
+    assert a["weights_sha256"] == b["weights_sha256"]  # same weights through either reader
     _torchvision("resnet18", torch.load(tmp_path / "from_ds.pt", weights_only=True))
 
 
@@ -100,8 +101,22 @@ def test_export_bad_input(run_ddp, tmp_path):
     with pytest.raises(UserError, match="cannot read checkpoint"):
         export_backbone(str(tmp_path / "text.pt"), str(tmp_path / "a.pt"))
     assert not (tmp_path / "a.pt").exists()
-    r = subprocess.run([sys.executable, "-m", "hpc_lensiam", "export", "--checkpoint", ckpt, "--out",
-                        str(tmp_path / "a.pt"), "--arch", "resnet50"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hpc_lensiam",
+            "export",
+            "--checkpoint",
+            ckpt,
+            "--out",
+            str(tmp_path / "a.pt"),
+            "--arch",
+            "resnet50",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "wrong arch" in r.stderr
 
 
@@ -110,9 +125,21 @@ def test_finetune_end_to_end(exported, single_shards, lensiam_shards, tmp_path):
     from hpc_lensiam.downstream.finetune import finetune
 
     out = tmp_path / "ft.json"
-    rep = finetune(str(exported), str(single_shards), str(single_shards), target="theta_E", n_train=40,
-                   n_test=24, epochs=2, freeze_backbone=False, batch_size=16, lr=None, seed=0,
-                   out_json=str(out), progress=False)
+    rep = finetune(
+        str(exported),
+        str(single_shards),
+        str(single_shards),
+        target="theta_E",
+        n_train=40,
+        n_test=24,
+        epochs=2,
+        freeze_backbone=False,
+        batch_size=16,
+        lr=None,
+        seed=0,
+        out_json=str(out),
+        progress=False,
+    )
     saved = json.loads(out.read_text())
     assert saved["r2"] == rep["r2"] and np.isfinite(rep["r2"])
     lo, hi = rep["r2_ci95"]
@@ -124,18 +151,53 @@ def test_finetune_end_to_end(exported, single_shards, lensiam_shards, tmp_path):
     assert len(y) == len(p) == 24 and abs(1 - ((y - p) ** 2).sum() / ((y - y.mean()) ** 2).sum() - rep["r2"]) < 1e-9
 
     # the no-pretraining baseline, and the frozen-backbone probe is deterministic for a seed
-    base = finetune("none", str(single_shards), str(lensiam_shards), target="e1", n_train=20, n_test=10,
-                    epochs=1, freeze_backbone=True, batch_size=16, seed=1, arch="resnet18", progress=False)
-    again = finetune("none", str(single_shards), str(lensiam_shards), target="e1", n_train=20, n_test=10,
-                     epochs=1, freeze_backbone=True, batch_size=16, seed=1, arch="resnet18", progress=False)
+    base = finetune(
+        "none",
+        str(single_shards),
+        str(lensiam_shards),
+        target="e1",
+        n_train=20,
+        n_test=10,
+        epochs=1,
+        freeze_backbone=True,
+        batch_size=16,
+        seed=1,
+        arch="resnet18",
+        progress=False,
+    )
+    again = finetune(
+        "none",
+        str(single_shards),
+        str(lensiam_shards),
+        target="e1",
+        n_train=20,
+        n_test=10,
+        epochs=1,
+        freeze_backbone=True,
+        batch_size=16,
+        seed=1,
+        arch="resnet18",
+        progress=False,
+    )
     assert base["init"].startswith("random") and not base["test_from_train_set"]
     assert base["r2"] == again["r2"] and base["r2_ci95"] == again["r2_ci95"]
 
     # a stock torchvision weights file (1000-class fc, no sidecar) is accepted too
     tv_file = tmp_path / "tv_resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), tv_file)
-    tv = finetune(str(tv_file), str(single_shards), str(single_shards), target="gamma", n_train=20, n_test=10,
-                  epochs=1, freeze_backbone=True, batch_size=16, seed=0, progress=False)
+    tv = finetune(
+        str(tv_file),
+        str(single_shards),
+        str(single_shards),
+        target="gamma",
+        n_train=20,
+        n_test=10,
+        epochs=1,
+        freeze_backbone=True,
+        batch_size=16,
+        seed=0,
+        progress=False,
+    )
     assert tv["arch"] == "resnet18" and tv["init"] == "pretrained" and np.isfinite(tv["r2"])
 
 
@@ -146,10 +208,10 @@ def test_paired_r2_difference_cancels_the_shared_test_set():
     y = rng.normal(size=400)
     good, worse = y + rng.normal(0, 0.3, 400), y + rng.normal(0, 0.6, 400)
     d, lo, hi = paired_r2_difference(y, good, worse)
-    assert abs(d - (r2(y, good) - r2(y, worse))) < 1e-12 and 0 < lo < d < hi   # clearly better
-    assert paired_r2_difference(y, good, good) == (0.0, 0.0, 0.0)               # same model: exactly 0
+    assert abs(d - (r2(y, good) - r2(y, worse))) < 1e-12 and 0 < lo < d < hi  # clearly better
+    assert paired_r2_difference(y, good, good) == (0.0, 0.0, 0.0)  # same model: exactly 0
     d, lo, hi = paired_r2_difference(y, good, good + rng.normal(0, 0.01, 400))
-    assert lo < 0 < hi                                                            # no real difference
+    assert lo < 0 < hi  # no real difference
     with pytest.raises(ValueError, match="same"):
         paired_r2_difference(y, good, worse[:10])
 
@@ -157,8 +219,16 @@ def test_paired_r2_difference_cancels_the_shared_test_set():
 def test_finetune_bad_input(exported, single_shards, tmp_path):
     from hpc_lensiam.downstream.finetune import finetune
 
-    kw = dict(train_dir=str(single_shards), test_dir=str(single_shards), n_train=10, n_test=10, epochs=1,
-              freeze_backbone=True, batch_size=8, progress=False)
+    kw = dict(
+        train_dir=str(single_shards),
+        test_dir=str(single_shards),
+        n_train=10,
+        n_test=10,
+        epochs=1,
+        freeze_backbone=True,
+        batch_size=8,
+        progress=False,
+    )
     with pytest.raises(UserError, match="unknown lens parameter 'thetaE'.*" + ", ".join(LENS_PARAMS)):
         finetune(str(exported), target="thetaE", **kw)
     with pytest.raises(UserError, match="wrong arch: resnet18, --arch asked for resnet50"):
@@ -167,9 +237,24 @@ def test_finetune_bad_input(exported, single_shards, tmp_path):
         finetune(str(exported), target="theta_E", **{**kw, "n_train": 990})
     with pytest.raises(UserError, match="backbone file not found"):
         finetune(str(tmp_path / "nope.pt"), target="theta_E", **kw)
-    r = subprocess.run([sys.executable, "-m", "hpc_lensiam", "finetune", "--backbone", "none", "--train",
-                        str(single_shards), "--test", str(single_shards), "--target", "Einstein"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hpc_lensiam",
+            "finetune",
+            "--backbone",
+            "none",
+            "--train",
+            str(single_shards),
+            "--test",
+            str(single_shards),
+            "--target",
+            "Einstein",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "theta_E, gamma, e1" in r.stderr
 
 
@@ -185,17 +270,41 @@ def test_finetune_refuses_an_export_whose_weights_differ_from_its_sidecar(export
     shutil.copy(str(exported) + ".json", str(bad) + ".json")
     state = torch.load(bad, weights_only=True)
     name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
-    state[name].view(-1)[0] += 1.0   # one weight changed: still a loadable, complete resnet18
+    state[name].view(-1)[0] += 1.0  # one weight changed: still a loadable, complete resnet18
     torch.save(state, bad)
-    kw = dict(train_dir=str(single_shards), test_dir=str(single_shards), n_train=10, n_test=10, epochs=1,
-              freeze_backbone=True, batch_size=8, progress=False)
+    kw = dict(
+        train_dir=str(single_shards),
+        test_dir=str(single_shards),
+        n_train=10,
+        n_test=10,
+        epochs=1,
+        freeze_backbone=True,
+        batch_size=8,
+        progress=False,
+    )
     with pytest.raises(UserError, match="weights differ from those its sidecar"):
         finetune(str(bad), target="theta_E", **kw)
-    r = subprocess.run([sys.executable, "-m", "hpc_lensiam", "finetune", "--backbone", str(bad), "--train",
-                        str(single_shards), "--test", str(single_shards), "--n-train", "10", "--n-test", "10"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hpc_lensiam",
+            "finetune",
+            "--backbone",
+            str(bad),
+            "--train",
+            str(single_shards),
+            "--test",
+            str(single_shards),
+            "--n-train",
+            "10",
+            "--n-test",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "export it again" in r.stderr, r.stderr
-
 
 
 def test_a_new_task_is_one_class_and_one_registry_line(single_shards, monkeypatch):
@@ -212,12 +321,22 @@ def test_a_new_task_is_one_class_and_one_registry_line(single_shards, monkeypatc
     namespace = dict(vars(tasks))
     exec(re.search(r"```python\n(.*?)```", section, re.S).group(1), namespace)
     monkeypatch.setitem(tasks.TASKS, "logregress", namespace["LogRegressTask"])
-    args = build_parser().parse_args(["finetune", "--backbone", "none", "--train", "a", "--test", "b",
-                                      "--task", "logregress"])
+    args = build_parser().parse_args(
+        ["finetune", "--backbone", "none", "--train", "a", "--test", "b", "--task", "logregress"]
+    )
     assert args.task == "logregress"
 
-    kw = dict(target="theta_E", n_train=20, n_test=10, epochs=1, freeze_backbone=True, batch_size=16, seed=0,
-              arch="resnet18", progress=False)
+    kw = dict(
+        target="theta_E",
+        n_train=20,
+        n_test=10,
+        epochs=1,
+        freeze_backbone=True,
+        batch_size=16,
+        seed=0,
+        arch="resnet18",
+        progress=False,
+    )
     log = finetune("none", str(single_shards), str(single_shards), task="logregress", **kw)
     lin = finetune("none", str(single_shards), str(single_shards), task="regress", **kw)
     assert log["task"] == "logregress" and log["test_targets"] == lin["test_targets"] and log["unit"] == "arcsec"

@@ -3,6 +3,7 @@ that already held). Nothing lost, nothing silently corrupted, one `hpc-lensiam: 
 
 Sizes are tiny (32 px, resnet18 with small heads, 2-3 steps); the slow ones run subprocesses.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,9 @@ def _env() -> dict:
 
 
 def cli(*args, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "hpc-lensiam"), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=_env(), **kw)
+    return subprocess.run(
+        [str(BIN / "hpc-lensiam"), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=_env(), **kw
+    )
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -48,8 +50,14 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """24 pairs in 6 shards of 4, 32 px."""
-    return _simulate(tmp_path_factory.mktemp("faults") / "data", num_samples=24, shard_size=4,
-                     mode="lensiam", seed=3, overrides=SMALL)
+    return _simulate(
+        tmp_path_factory.mktemp("faults") / "data",
+        num_samples=24,
+        shard_size=4,
+        mode="lensiam",
+        seed=3,
+        overrides=SMALL,
+    )
 
 
 @pytest.fixture
@@ -88,6 +96,7 @@ def test_flipped_byte_found_by_verify_and_train_verify_embed_finetune(copy, tmp_
     from hpc_lensiam.data.images import load_images
     from hpc_lensiam.data.loader import ShardError
     from hpc_lensiam.integrity import check_shards, verify_dataset
+
     _flip(copy / "shard-000002.tar")
     bad = verify_dataset(copy, progress=False)
     assert len(bad) == 1 and "shard-000002.tar" in bad[0] and "sha256" in bad[0]
@@ -95,9 +104,9 @@ def test_flipped_byte_found_by_verify_and_train_verify_embed_finetune(copy, tmp_
         train_tiny(copy, tmp_path / "run", verify=True)
     assert not (tmp_path / "run" / "checkpoints").exists()
     with pytest.raises(UserError, match=r"shard-000002\.tar.*sha256"):
-        load_images(copy, 4, verify=True)          # finetune's reader
+        load_images(copy, 4, verify=True)  # finetune's reader
     with pytest.raises(UserError, match=r"shard-000002\.tar.*sha256"):
-        check_shards(copy, verify=True)             # embed's check
+        check_shards(copy, verify=True)  # embed's check
     line = one_error_line(cli("verify", copy))
     assert "1 bad shard(s): shard-000002.tar" in line
 
@@ -117,8 +126,9 @@ def test_verify_names_every_bad_shard(copy):
 def test_shard_cut_at_a_member_boundary(copy):
     """Row: a shard cut between two samples trained on half the shard without a warning."""
     from hpc_lensiam.data.loader import ShardError, ShardLoader, read_shard
+
     path = copy / "shard-000004.tar"
-    path.write_bytes(path.read_bytes()[:_member_boundary(path)])
+    path.write_bytes(path.read_bytes()[: _member_boundary(path)])
     with pytest.raises(EOFError, match="end-of-archive"):
         list(read_shard(str(path)))
     with pytest.raises(ShardError, match=r"shard-000004\.tar.*size"):
@@ -158,6 +168,7 @@ def test_nan_pixel_named_at_write_and_read(copy, tmp_path):
     from hpc_lensiam.data.loader import ShardError, ShardLoader, read_shard
     from hpc_lensiam.integrity import IntegrityError
     from hpc_lensiam.simulate.writer import encode_sample, npy_bytes
+
     image = np.ones((4, 4), np.float32)
     image[1, 2] = np.nan
     with pytest.raises(IntegrityError, match=r"x\.tar sample 'k1': 1 non-finite pixel\(s\) in view2\.npy"):
@@ -171,7 +182,7 @@ def test_nan_pixel_named_at_write_and_read(copy, tmp_path):
     with wds.TarWriter(str(path), encoder=False) as tar:
         for s in samples:
             tar.write({k: v for k, v in s.items() if k != "__url__"})
-    rerecord_shard(copy, path.name)   # written that way: the manifest vouches for the shard
+    rerecord_shard(copy, path.name)  # written that way: the manifest vouches for the shard
     key = samples[2]["__key__"]
     with pytest.raises(ShardError, match=rf"shard-000000\.tar sample '{key}': 1 non-finite pixel"):
         for _ in ShardLoader(str(copy), "lensiam", 4, workers=0).epoch(0):
@@ -190,10 +201,12 @@ def test_embed_never_writes_nan_rows_and_probe_umap_refuse_them(copy, tmp_path):
     from hpc_lensiam.embed.probe import probe
     from hpc_lensiam.embed.umap import run_umap
     from hpc_lensiam.train.checkpoint import load_checkpoint, save_checkpoint
+
     run = train_tiny(copy, tmp_path / "run", batch_size=4)
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
-    ckpt["model"] = {k: (torch.full_like(v, float("nan")) if k == "encoder.bn1.weight" else v)
-                     for k, v in ckpt["model"].items()}
+    ckpt["model"] = {
+        k: (torch.full_like(v, float("nan")) if k == "encoder.bn1.weight" else v) for k, v in ckpt["model"].items()
+    }
     save_checkpoint(tmp_path / "nan.pt", ckpt)
     with pytest.raises(UserError, match="non-finite features for sample"):
         extract_embeddings(str(tmp_path / "nan.pt"), str(copy), str(tmp_path / "emb.h5"), progress=False)
@@ -214,6 +227,7 @@ def test_embed_never_writes_nan_rows_and_probe_umap_refuse_them(copy, tmp_path):
 def test_second_simulate_into_a_locked_folder_fails_at_once_naming_the_holder(data, tmp_path):
     """Row: two simulate jobs into one --out gave a mixed data set."""
     from hpc_lensiam.lock import DirLock
+
     out = tmp_path / "sim"
     with DirLock(out, "simulate"):
         line = one_error_line(cli("simulate", "--out", out, "--pairs", 4, "--shard-size", 2, "--seed", 1))
@@ -226,9 +240,26 @@ def test_two_simulate_jobs_started_one_second_apart(tmp_path):
     out = tmp_path / "race"
     yaml_path = tmp_path / "small.yaml"
     yaml_path.write_text("instrument:\n  num_pix: 32\n")
-    a = subprocess.Popen([str(BIN / "hpc-lensiam"), "simulate", "--out", str(out), "--pairs", "40",
-                          "--shard-size", "2", "--seed", "0", "--config", str(yaml_path)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    a = subprocess.Popen(
+        [
+            str(BIN / "hpc-lensiam"),
+            "simulate",
+            "--out",
+            str(out),
+            "--pairs",
+            "40",
+            "--shard-size",
+            "2",
+            "--seed",
+            "0",
+            "--config",
+            str(yaml_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (out / ".lock").is_file():
         time.sleep(0.05)
@@ -241,13 +272,17 @@ def test_two_simulate_jobs_started_one_second_apart(tmp_path):
     manifest = read_manifest(out)
     assert manifest["seed"] == 0 and json.loads((out / ".plan.json").read_text())["seed"] == 0
     from hpc_lensiam.integrity import verify_dataset
+
     assert verify_dataset(out, progress=False) == []
 
 
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
-    code = (f"from hpc_lensiam.lock import DirLock; import time; DirLock({str(tmp_path)!r}, 'train').acquire(); "
-            f"print('held', flush=True); time.sleep(600)")
+    code = (
+        f"from hpc_lensiam.lock import DirLock; import time; DirLock({str(tmp_path)!r}, 'train').acquire(); "
+        f"print('held', flush=True); time.sleep(600)"
+    )
     from hpc_lensiam.lock import DirLock
+
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=_env())
     assert proc.stdout.readline().strip() == "held"
     with pytest.raises(UserError, match=rf"in use by another job, host .* pid {proc.pid} \(train, since"):
@@ -260,11 +295,12 @@ def test_lock_is_released_when_its_holder_is_killed(tmp_path):
 def test_second_train_into_a_locked_run_fails_naming_the_holder(data, tmp_path):
     """Row: two train runs into one --out both exited 0, run A's checkpoints overwritten."""
     from hpc_lensiam.lock import DirLock
+
     run = tmp_path / "run"
     with DirLock(run, "train"):
         with pytest.raises(UserError, match=rf"{run}: in use by another job, host .* pid {os.getpid()} \(train"):
             train_tiny(data, run, batch_size=4)
-    assert sorted(p.name for p in run.iterdir()) == [".lock"]   # nothing written
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written
 
 
 # ------------------------------------------------------------------------------------ resume
@@ -282,9 +318,21 @@ def run_copy(run_a, tmp_path) -> Path:
 
 def _resume(data, run, **kw):
     from hpc_lensiam.train.loop import train, train_config
+
     allow = kw.pop("allow_config_change", False)
-    cfg = dict(data=str(data), out=str(run), arch="resnet18", batch_size=4, max_steps=3, epochs=1,
-               workers=0, proj_dim=64, pred_dim=16, log_every=1, ckpt_every=1)
+    cfg = dict(
+        data=str(data),
+        out=str(run),
+        arch="resnet18",
+        batch_size=4,
+        max_steps=3,
+        epochs=1,
+        workers=0,
+        proj_dim=64,
+        pred_dim=16,
+        log_every=1,
+        ckpt_every=1,
+    )
     cfg.update(kw)
     return train(train_config(**cfg), resume=True, allow_config_change=allow)
 
@@ -292,19 +340,29 @@ def _resume(data, run, **kw):
 def test_checkpoint_records_config_hash_and_data(run_a, data):
     from hpc_lensiam.train.checkpoint import load_checkpoint
     from hpc_lensiam.train.rundir import config_hash
+
     ckpt = load_checkpoint(run_a / "checkpoints" / "last.pt")
     assert ckpt["data_manifest_sha256"] == sha256_file(data / "manifest.json")
     assert ckpt["config_hash"] == config_hash(ckpt["config"])
 
 
-@pytest.mark.parametrize("change, named", [({"seed": 1}, "seed 0 -> 1"), ({"base_lr": 0.06}, "base_lr 0.03 -> 0.06"),
-                                           ({"mode": "simsiam"}, "mode 'lensiam' -> 'simsiam'"),
-                                           ({"batch_size": 2}, "batch_size 4 -> 2")])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"seed": 1}, "seed 0 -> 1"),
+        ({"base_lr": 0.06}, "base_lr 0.03 -> 0.06"),
+        ({"mode": "simsiam"}, "mode 'lensiam' -> 'simsiam'"),
+        ({"batch_size": 2}, "batch_size 4 -> 2"),
+    ],
+)
 def test_resume_with_changed_settings_is_refused(run_copy, data, change, named):
     """Row: --resume with another --seed/--base-lr/--mode continued silently, config.yaml rewritten."""
     first = (run_copy / "config.yaml").read_text()
-    with pytest.raises(UserError, match="--resume: .*last.pt \\(step 2\\) was trained with other settings: "
-                                        + named.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        UserError,
+        match="--resume: .*last.pt \\(step 2\\) was trained with other settings: "
+        + named.replace("(", r"\(").replace(")", r"\)"),
+    ):
         _resume(data, run_copy, **change)
     assert (run_copy / "config.yaml").read_text() == first
 
@@ -317,6 +375,7 @@ def test_resume_with_other_data_is_refused_then_allowed_and_recorded(run_copy, d
     assert _resume(other, run_copy, seed=5, allow_config_change=True)["step"] == 3
     assert (run_copy / "config.yaml").read_text() == first
     import yaml
+
     history = yaml.safe_load((run_copy / "config_history.yaml").read_text())
     assert len(history) == 1 and history[0]["resumed_at_step"] == 2
     assert set(history[0]["changed"]) == {"data", "seed"} and history[0]["changed"]["seed"] == {"before": 0, "after": 5}
@@ -328,21 +387,45 @@ def test_resume_from_a_moved_copy_of_the_same_data_is_allowed(run_copy, data, tm
 
 
 def test_resume_refusal_is_one_line_from_the_cli(run_copy, data):
-    line = one_error_line(cli("train", "--data", data, "--out", run_copy, "--arch", "resnet18", "--batch-size", 4,
-                              "--max-steps", 3, "--epochs", 1, "--workers", 0, "--proj-dim", 64, "--pred-dim", 16,
-                              "--seed", 7, "--resume"))
+    line = one_error_line(
+        cli(
+            "train",
+            "--data",
+            data,
+            "--out",
+            run_copy,
+            "--arch",
+            "resnet18",
+            "--batch-size",
+            4,
+            "--max-steps",
+            3,
+            "--epochs",
+            1,
+            "--workers",
+            0,
+            "--proj-dim",
+            64,
+            "--pred-dim",
+            16,
+            "--seed",
+            7,
+            "--resume",
+        )
+    )
     assert "seed 0 -> 7" in line and "--allow-config-change" in line
 
 
 def test_damaged_metrics_tail_and_leftover_temp_files_do_not_break_resume(run_copy, data):
     """Row: a damaged metrics.csv tail made --resume fail with a traceback."""
     with open(run_copy / "metrics.csv", "a") as f:
-        f.write("3,0.75,-0.1\x00\x00garbage\n4,1.0,nan")       # a torn write, then a cut line
+        f.write("3,0.75,-0.1\x00\x00garbage\n4,1.0,nan")  # a torn write, then a cut line
     stale = run_copy / "checkpoints" / ".tmp-last.pt.abc123"
     stale.write_bytes(b"partial")
     assert _resume(data, run_copy)["step"] == 3
     lines = (run_copy / "metrics.csv").read_text().splitlines()
     from hpc_lensiam.train.monitor import METRICS
+
     assert lines[0] == ",".join(METRICS) and lines[0].startswith("step,epoch,loss,lr,z_std,pairs_per_s,images_per_s")
     assert [int(r.split(",")[0]) for r in lines[1:]] == [1, 2, 3]
     assert not stale.exists()
@@ -351,21 +434,31 @@ def test_damaged_metrics_tail_and_leftover_temp_files_do_not_break_resume(run_co
 # -------------------------------------------------------------------------------- provenance
 def _psf_fits(path: Path, sigma_pix: float) -> Path:
     from astropy.io import fits
+
     y, x = np.mgrid[-10:11, -10:11]
-    fits.PrimaryHDU((np.exp(-(x ** 2 + y ** 2) / (2 * sigma_pix ** 2))).astype(np.float32)).writeto(path)
+    fits.PrimaryHDU((np.exp(-(x**2 + y**2) / (2 * sigma_pix**2))).astype(np.float32)).writeto(path)
     return path
 
 
 def test_psf_file_changed_between_killed_run_and_rerun_is_refused(tmp_path):
     """Row: the data set mixed two PSFs (only the path was recorded)."""
     from hpc_lensiam.simulate.writer import simulate_shards
+
     psf = _psf_fits(tmp_path / "psf.fits", 1.5)
-    kw = dict(num_samples=4, shard_size=2, mode="lensiam", seed=0, overrides=SMALL, psf_files=[str(psf)],
-              psf_pixel_scale_arcsec=0.05, progress=False)
+    kw = dict(
+        num_samples=4,
+        shard_size=2,
+        mode="lensiam",
+        seed=0,
+        overrides=SMALL,
+        psf_files=[str(psf)],
+        psf_pixel_scale_arcsec=0.05,
+        progress=False,
+    )
     out = tmp_path / "ds"
     manifest = simulate_shards(out_dir=str(out), **kw)
     assert manifest["inputs"]["psf_files"] == {"psf.fits": sha256_file(psf)}
-    (out / "manifest.json").unlink()          # as if killed before the end
+    (out / "manifest.json").unlink()  # as if killed before the end
     (out / "shard-000001.tar").unlink()
     psf.unlink()
     _psf_fits(psf, 2.5)
@@ -377,12 +470,22 @@ def test_psf_file_changed_between_killed_run_and_rerun_is_refused(tmp_path):
 def test_finetune_same_seed_train_and_test_is_flagged(tmp_path, capfd):
     """Row: train and test simulated with the same seed: identical shards, test_from_train_set false."""
     from hpc_lensiam.downstream.finetune import finetune
+
     kw = dict(num_samples=16, shard_size=8, mode="single", preset="euclid", seed=0, overrides=SMALL)
     train_dir = _simulate(tmp_path / "train", **kw)
     test_dir = _simulate(tmp_path / "test", **kw)
     assert (train_dir / "shard-000000.tar").read_bytes() == (test_dir / "shard-000000.tar").read_bytes()
-    common = dict(backbone="none", arch="resnet18", n_train=8, n_test=4, epochs=1, batch_size=8,
-                  freeze_backbone=True, progress=False, n_boot=50)
+    common = dict(
+        backbone="none",
+        arch="resnet18",
+        n_train=8,
+        n_test=4,
+        epochs=1,
+        batch_size=8,
+        freeze_backbone=True,
+        progress=False,
+        n_boot=50,
+    )
     report = finetune(train_dir=str(train_dir), test_dir=str(test_dir), **common)
     assert report["test_from_train_set"] is True and report["test_images_in_train"] == 0
     # the same seed with another shard size: no identical shard, but identical images
@@ -393,12 +496,15 @@ def test_finetune_same_seed_train_and_test_is_flagged(tmp_path, capfd):
 
 
 # -------------------------------------------------------------------------- validation at the door
-@pytest.mark.parametrize("yaml_text, named", [
-    ("lens:\n  theta_E_arcsec: [.nan, 1]\n", "lens.theta_E_arcsec: expected a finite number"),
-    ("instrument:\n  noise_sigma: [0.01, .inf]\n", "instrument.noise_sigma: expected a finite number"),
-    ("lens:\n  center_x_arcsec: [49, 51]\n", "lens.center_x_arcsec: range [49.0, 51.0] reaches outside the field"),
-    ("source:\n  center_arcsec: [-2.7, 2.7]\n", "source.center_arcsec: range [-2.7, 2.7] around a lens"),
-])
+@pytest.mark.parametrize(
+    "yaml_text, named",
+    [
+        ("lens:\n  theta_E_arcsec: [.nan, 1]\n", "lens.theta_E_arcsec: expected a finite number"),
+        ("instrument:\n  noise_sigma: [0.01, .inf]\n", "instrument.noise_sigma: expected a finite number"),
+        ("lens:\n  center_x_arcsec: [49, 51]\n", "lens.center_x_arcsec: range [49.0, 51.0] reaches outside the field"),
+        ("source:\n  center_arcsec: [-2.7, 2.7]\n", "source.center_arcsec: range [-2.7, 2.7] around a lens"),
+    ],
+)
 def test_simulation_config_out_of_domain(tmp_path, yaml_text, named):
     path = tmp_path / "c.yaml"
     path.write_text(yaml_text)
@@ -406,14 +512,20 @@ def test_simulation_config_out_of_domain(tmp_path, yaml_text, named):
         simulation_config(config_path=path)
 
 
-@pytest.mark.parametrize("flags, named", [
-    ({"seed": -1}, "seed: must be >= 0"), ({"momentum": -1.0}, r"momentum: -1.0 is not in \[0, 1\)"),
-    ({"momentum": 1.0}, "momentum: 1.0 is not in"),
-    ({"warmup_epochs": float("inf")}, "warmup_epochs: expected a finite"),
-    ({"base_lr": float("nan")}, "base_lr: expected a finite"), ({"weight_decay": -1e-4}, "weight_decay: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        ({"seed": -1}, "seed: must be >= 0"),
+        ({"momentum": -1.0}, r"momentum: -1.0 is not in \[0, 1\)"),
+        ({"momentum": 1.0}, "momentum: 1.0 is not in"),
+        ({"warmup_epochs": float("inf")}, "warmup_epochs: expected a finite"),
+        ({"base_lr": float("nan")}, "base_lr: expected a finite"),
+        ({"weight_decay": -1e-4}, "weight_decay: must be >= 0"),
+    ],
+)
 def test_train_config_out_of_domain(flags, named):
     from hpc_lensiam.train.loop import train_config
+
     with pytest.raises(ConfigError, match=named):
         train_config(**flags)
 
@@ -421,12 +533,15 @@ def test_train_config_out_of_domain(flags, named):
 def test_bad_values_fail_at_the_door_in_one_line_writing_nothing(tmp_path, data):
     nan_yaml = tmp_path / "nan.yaml"
     nan_yaml.write_text("lens:\n  theta_E_arcsec: [.nan, 1]\n")
-    assert "theta_E_arcsec" in one_error_line(cli("simulate", "--out", tmp_path / "s", "--pairs", 2,
-                                                  "--config", nan_yaml))
-    assert "--seed: must be >= 0" in one_error_line(cli("simulate", "--out", tmp_path / "s", "--pairs", 2,
-                                                        "--seed", -1))
-    assert "warmup_epochs" in one_error_line(cli("train", "--data", data, "--out", tmp_path / "r",
-                                                 "--warmup-epochs", "inf"))
+    assert "theta_E_arcsec" in one_error_line(
+        cli("simulate", "--out", tmp_path / "s", "--pairs", 2, "--config", nan_yaml)
+    )
+    assert "--seed: must be >= 0" in one_error_line(
+        cli("simulate", "--out", tmp_path / "s", "--pairs", 2, "--seed", -1)
+    )
+    assert "warmup_epochs" in one_error_line(
+        cli("train", "--data", data, "--out", tmp_path / "r", "--warmup-epochs", "inf")
+    )
     assert "momentum" in one_error_line(cli("train", "--data", data, "--out", tmp_path / "r", "--momentum", -1))
     assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
 
@@ -437,7 +552,8 @@ def test_existing_file_where_a_folder_goes(tmp_path, data):
     blocker.write_text("x")
     assert "exists and is not a folder" in one_error_line(cli("simulate", "--out", blocker, "--pairs", 2))
     assert "exists and is not a folder" in one_error_line(
-        cli("train", "--data", data, "--out", blocker, "--arch", "resnet18"))
+        cli("train", "--data", data, "--out", blocker, "--arch", "resnet18")
+    )
     assert "is not a folder" in one_error_line(cli("show", data, "--out", blocker / "grid.png"))
     assert blocker.read_text() == "x"
 
@@ -446,9 +562,11 @@ def test_png_given_as_a_checkpoint(tmp_path, data):
     """Row: a PNG as a checkpoint: a traceback advising weights_only=False (code execution)."""
     png = tmp_path / "pairs.png"
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
-    for args in (("embed", "--checkpoint", png, "--data", data, "--out", tmp_path / "e.h5"),
-                 ("export", "--checkpoint", png, "--out", tmp_path / "b.pt"),
-                 ("finetune", "--backbone", png, "--train", data, "--test", data, "--arch", "resnet18")):
+    for args in (
+        ("embed", "--checkpoint", png, "--data", data, "--out", tmp_path / "e.h5"),
+        ("export", "--checkpoint", png, "--out", tmp_path / "b.pt"),
+        ("finetune", "--backbone", png, "--train", data, "--test", data, "--arch", "resnet18"),
+    ):
         line = one_error_line(cli(*args))
         assert "not a PyTorch checkpoint" in line and "weights_only" not in line, line
 
@@ -458,8 +576,10 @@ def tiny_fs(tmp_path):
     """A 160 kB tmpfs (root only): a real full disk, then remounted read-only."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         yield mnt
@@ -472,11 +592,11 @@ def test_disk_full_and_read_only_output(tiny_fs):
     out = tiny_fs / "ds"
     line = one_error_line(cli("simulate", "--out", out, "--pairs", 40, "--shard-size", 20, "--seed", 0))
     assert "No space left on device" in line and str(out) in line
-    assert not list(out.glob(".tmp-*")) and not list(out.glob("shard-*"))   # nothing half written
+    assert not list(out.glob(".tmp-*")) and not list(out.glob("shard-*"))  # nothing half written
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
     line = one_error_line(cli("simulate", "--out", tiny_fs / "ro", "--pairs", 2, "--shard-size", 2))
     assert "Read-only file system" in line and "ro" in line
-    line = one_error_line(cli("show", out, "--out", tiny_fs / "grid.png"))   # checked before reading data
+    line = one_error_line(cli("show", out, "--out", tiny_fs / "grid.png"))  # checked before reading data
     assert "not writable" in line
 
 
@@ -484,8 +604,27 @@ def test_disk_full_while_saving_a_checkpoint_is_one_line(tiny_fs, data):
     """Row (disk full), at the checkpoint: torch.save reports a full disk as a bare RuntimeError
     ("enforce fail ... unexpected pos"), which was a traceback; now one line naming last.pt."""
     run = tiny_fs / "run"
-    proc = cli("train", "--data", data, "--out", run, "--arch", "resnet18", "--batch-size", 4, "--max-steps", 1,
-               "--epochs", 1, "--workers", 0, "--proj-dim", 64, "--pred-dim", 16)
+    proc = cli(
+        "train",
+        "--data",
+        data,
+        "--out",
+        run,
+        "--arch",
+        "resnet18",
+        "--batch-size",
+        4,
+        "--max-steps",
+        1,
+        "--epochs",
+        1,
+        "--workers",
+        0,
+        "--proj-dim",
+        64,
+        "--pred-dim",
+        16,
+    )
     line = one_error_line(proc)
     assert "No space left on device" in line and "last.pt" in line, line
     assert not list((run / "checkpoints").glob(".tmp-*")) and not (run / "checkpoints" / "last.pt").exists()
@@ -505,6 +644,7 @@ def test_worker_error_leaves_no_worker_behind(copy):
     import multiprocessing
 
     from hpc_lensiam.data.loader import ShardError, ShardLoader
+
     _unreadable_in_a_worker(copy)
     with pytest.raises(ShardError, match=r"shard-000003\.tar.*cannot read"):
         for _ in ShardLoader(str(copy), "lensiam", 2, workers=2).epoch(0):
@@ -515,8 +655,27 @@ def test_worker_error_leaves_no_worker_behind(copy):
 @pytest.mark.slow
 def test_worker_error_ends_the_job_with_one_line(copy, tmp_path):
     _unreadable_in_a_worker(copy)
-    proc = cli("train", "--data", copy, "--out", tmp_path / "run", "--arch", "resnet18", "--batch-size", 2,
-               "--max-steps", 3, "--workers", 2, "--proj-dim", 64, "--pred-dim", 16, "--log-every", 100)
+    proc = cli(
+        "train",
+        "--data",
+        copy,
+        "--out",
+        tmp_path / "run",
+        "--arch",
+        "resnet18",
+        "--batch-size",
+        2,
+        "--max-steps",
+        3,
+        "--workers",
+        2,
+        "--proj-dim",
+        64,
+        "--pred-dim",
+        16,
+        "--log-every",
+        100,
+    )
     # before: "DataLoader worker (pid N) is killed by signal: Alarm clock" traceback at exit, 100 s later
     assert "shard-000003.tar" in one_error_line(proc)
 
@@ -524,9 +683,27 @@ def test_worker_error_ends_the_job_with_one_line(copy, tmp_path):
 @pytest.mark.slow
 def test_user_error_under_torchrun_is_one_line_exit_2(tmp_path):
     """Row: any user error under torchrun: rank 0's line, ~30 lines from torchrun, exit 1."""
-    proc = subprocess.run([sys.executable, "-m", "hpc_lensiam.launch", "--standalone", "--nproc_per_node", "2",
-                           "-m", "hpc_lensiam", "train", "--data", str(tmp_path / "absent"), "--out",
-                           str(tmp_path / "run")], capture_output=True, text=True, timeout=300, env=_env())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hpc_lensiam.launch",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "hpc_lensiam",
+            "train",
+            "--data",
+            str(tmp_path / "absent"),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     assert "no such data directory" in one_error_line(proc)
     assert not (tmp_path / "run").exists()
 
@@ -537,10 +714,32 @@ def test_resume_never_runs_beside_trainers_left_by_a_killed_agent(data, tmp_path
     Either the trainers die with their agent (issue 11's PR_SET_PDEATHSIG) or they still hold
     RUN/.lock and the resume is refused naming them: never two writers."""
     run = tmp_path / "run"
-    args = ["--data", str(data), "--out", str(run), "--arch", "resnet18", "--batch-size", "4", "--epochs", "1000",
-            "--workers", "0", "--proj-dim", "64", "--pred-dim", "16", "--ckpt-every", "1"]
-    agent = subprocess.Popen([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "1", "-m", "hpc_lensiam",
-                              "train", *args], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--arch",
+        "resnet18",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1000",
+        "--workers",
+        "0",
+        "--proj-dim",
+        "64",
+        "--pred-dim",
+        "16",
+        "--ckpt-every",
+        "1",
+    ]
+    agent = subprocess.Popen(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "1", "-m", "hpc_lensiam", "train", *args],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     trainer = None
     try:
         deadline = time.time() + 300
@@ -553,7 +752,7 @@ def test_resume_never_runs_beside_trainers_left_by_a_killed_agent(data, tmp_path
         proc = cli("train", *args, "--max-steps", "1", "--resume")
         if proc.returncode == 2:
             assert f"in use by another job, host {os.uname().nodename} pid {trainer} (train" in one_error_line(proc)
-        else:   # only if the trainer died with its agent
+        else:  # only if the trainer died with its agent
             assert proc.returncode == 0, proc.stderr[-2000:]
             with pytest.raises(ProcessLookupError):
                 os.kill(trainer, 0)

@@ -6,6 +6,7 @@ No GPU here: each CUDA-only decision is taken by ``make_plan(cfg, DeviceCaps.cud
 DeepSpeed engine, real DDP over gloo and real checkpoints. Numbers in comments refer to the findings
 of issue 11.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,13 +40,27 @@ from hpc_lensiam.train.plan import DeviceCaps, apply_switches, inference_dtype, 
 
 CPU = torch.device("cpu")
 # What Slurm sets in each task of a plain `srun -n 2` (measured: simulate/mpi_env.py, test_mpi_env.py)
-SRUN_TASK1 = {"SLURM_JOB_ID": "4", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_STEP_ID": "0",
-              "SLURM_STEP_NUM_TASKS": "2"}
+SRUN_TASK1 = {
+    "SLURM_JOB_ID": "4",
+    "SLURM_NTASKS": "2",
+    "SLURM_PROCID": "1",
+    "SLURM_STEP_ID": "0",
+    "SLURM_STEP_NUM_TASKS": "2",
+}
 
 
 def _cfg(data, out, **kw) -> TrainConfig:
-    base = dict(data=str(data), out=str(out), arch="resnet18", batch_size=4, epochs=2, log_every=1, workers=0,
-                proj_dim=64, pred_dim=16)
+    base = dict(
+        data=str(data),
+        out=str(out),
+        arch="resnet18",
+        batch_size=4,
+        epochs=2,
+        log_every=1,
+        workers=0,
+        proj_dim=64,
+        pred_dim=16,
+    )
     return train_config(None, **{**base, **kw})
 
 
@@ -61,8 +76,16 @@ def _one_step(engine: Engine, model: SimSiam) -> torch.Tensor:
 
 
 def _clean_env(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-              "TORCHELASTIC_RUN_ID", *SRUN_TASK1):
+    for k in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "TORCHELASTIC_RUN_ID",
+        *SRUN_TASK1,
+    ):
         monkeypatch.delenv(k, raising=False)
 
 
@@ -84,6 +107,7 @@ def test_channels_last_model_breaks_deepspeed_initialize(lensiam_shards, tmp_pat
     engine = Engine(cfg, device=CPU)
     try:
         import deepspeed
+
         model = SimSiam("resnet18", 64, 16).to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         with pytest.raises(RuntimeError, match="stride"):
@@ -98,9 +122,11 @@ def test_cuda_plan_through_deepspeed_startup_and_a_step(lensiam_shards, tmp_path
     steps; inputs are channels_last, the model handed to initialize is not; no parameter carries
     DeepSpeed's bf16 communication dtype, so ZeRO-1 reduces fp32 gradients like ZeRO-0 and DDP."""
     from deepspeed.runtime.torch_autocast import PARAM_COMM_DTYPE_ATTR_NAME
+
     _clean_env(monkeypatch)
-    cfg = _cfg(lensiam_shards, tmp_path / "x", engine="deepspeed", zero_stage=zero_stage, precision="bf16",
-               channels_last=True)
+    cfg = _cfg(
+        lensiam_shards, tmp_path / "x", engine="deepspeed", zero_stage=zero_stage, precision="bf16", channels_last=True
+    )
     plan = make_plan(cfg, DeviceCaps.cuda((8, 0)), world_size=1)
     assert plan.input_memory_format == torch.channels_last and plan.model_memory_format == torch.contiguous_format
     assert plan.deepspeed["torch_autocast"]["lower_precision_safe_modules"] == []
@@ -113,7 +139,7 @@ def test_cuda_plan_through_deepspeed_startup_and_a_step(lensiam_shards, tmp_path
         assert torch.isfinite(loss)
         assert engine.to_input(torch.rand(2, 1, 8, 8)).is_contiguous(memory_format=torch.channels_last)
         assert not [n for n, p in engine.module.named_parameters() if hasattr(p, PARAM_COMM_DTYPE_ATTR_NAME)]
-        assert next(engine.module.parameters()).dtype == torch.float32                 # fp32 master weights
+        assert next(engine.module.parameters()).dtype == torch.float32  # fp32 master weights
         assert not torch.equal(before["encoder.conv1.weight"], engine.module.state_dict()["encoder.conv1.weight"])
     finally:
         engine.close()
@@ -124,14 +150,14 @@ def test_default_lower_precision_modules_reduce_in_bf16(lensiam_shards, tmp_path
     parameters with a bf16 communication dtype (ZeRO >= 1 then all-reduces their gradients in bf16)."""
     import deepspeed
     from deepspeed.runtime.torch_autocast import PARAM_COMM_DTYPE_ATTR_NAME
+
     _clean_env(monkeypatch)
     cfg = _cfg(lensiam_shards, tmp_path / "x", engine="deepspeed", zero_stage=1, precision="bf16")
     engine = Engine(cfg, device=CPU)
     try:
         ds = dict(engine.plan.deepspeed, torch_autocast={"enabled": True, "dtype": "bfloat16"})
         model = SimSiam("resnet18", 64, 16)
-        m, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                                          config=ds)
+        m, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=ds)
         tagged = {n for n, p in model.named_parameters() if getattr(p, PARAM_COMM_DTYPE_ATTR_NAME, None)}
         assert "encoder.conv1.weight" in tagged and "predictor.0.weight" in tagged
     finally:
@@ -140,8 +166,14 @@ def test_default_lower_precision_modules_reduce_in_bf16(lensiam_shards, tmp_path
 
 # --------------------------------------------------------------------------- 10: the CUDA plan on DDP
 def _ddp_worker(rank: int, port: int, data: str, out: str, precision: str):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     cfg = _cfg(data, out, precision=precision, channels_last=True)
     plan = make_plan(cfg, DeviceCaps.cuda((8, 0)), world_size=2)
     assert plan.sync_bn == "torch" and plan.ddp_kwargs == {"broadcast_buffers": False}
@@ -149,16 +181,23 @@ def _ddp_worker(rank: int, port: int, data: str, out: str, precision: str):
     engine = Engine(cfg, plan=dataclasses.replace(plan, sync_bn="gloo"), device=CPU)
     torch.manual_seed(0)
     model = SimSiam("resnet18", 64, 16)
-    g = torch.Generator().manual_seed(rank)             # different data per rank
+    g = torch.Generator().manual_seed(rank)  # different data per rank
     engine.wrap(model, [{"params": list(model.parameters()), "lr": 0.05}])
     x1, x2 = (engine.to_input(torch.rand(4, 1, 48, 48, generator=g)) for _ in range(2))
     loss = simsiam_loss(*engine.forward(x1, x2))
     engine.backward(loss)
     engine.step()
     state = engine.model_state()
-    torch.save({"state": state, "broadcast_buffers": engine.model.broadcast_buffers,
-                "channels_last": engine.module.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last),
-                "scaler": engine.scaler is not None, "loss": float(loss)}, f"{out}/{rank}.pt")
+    torch.save(
+        {
+            "state": state,
+            "broadcast_buffers": engine.model.broadcast_buffers,
+            "channels_last": engine.module.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last),
+            "scaler": engine.scaler is not None,
+            "loss": float(loss),
+        },
+        f"{out}/{rank}.pt",
+    )
     engine.close()
 
 
@@ -168,15 +207,16 @@ def test_cuda_plan_through_ddp_two_ranks(lensiam_shards, tmp_path, precision):
     channels_last model, autocast, and for fp16 the GradScaler: after a step on different data the
     two ranks hold identical weights AND BatchNorm buffers."""
     import torch.multiprocessing as mp
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(port, str(lensiam_shards), str(tmp_path), precision), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in range(2))
     assert r0["broadcast_buffers"] is False and r0["channels_last"] and r0["scaler"] == (precision == "fp16")
-    assert r0["loss"] != r1["loss"]                                                 # different batches
+    assert r0["loss"] != r1["loss"]  # different batches
     for k, v in r0["state"].items():
-        assert torch.equal(v, r1["state"][k]), k                                    # running stats too
+        assert torch.equal(v, r1["state"][k]), k  # running stats too
     assert "encoder.bn1.running_mean" in r0["state"]
 
 
@@ -230,7 +270,7 @@ def test_bf16_refused_without_native_support_and_embed_picks_fp16():
         with pytest.raises(ConfigError, match=rf"compute capability {cap[0]}\.{cap[1]}\) has no native bf16.*fp16"):
             make_plan(cfg, DeviceCaps.cuda(cap, "V100"), world_size=1)
         assert inference_dtype(DeviceCaps.cuda(cap)) == torch.float16
-        make_plan(TrainConfig(precision="fp16"), DeviceCaps.cuda(cap), world_size=1)   # fp16 is fine
+        make_plan(TrainConfig(precision="fp16"), DeviceCaps.cuda(cap), world_size=1)  # fp16 is fine
     assert make_plan(cfg, DeviceCaps.cuda((8, 0)), world_size=1).autocast_dtype == torch.bfloat16
     assert inference_dtype(DeviceCaps.cuda((9, 0))) == torch.bfloat16 and inference_dtype(DeviceCaps()) is None
 
@@ -241,16 +281,19 @@ def test_srun_without_torchrun_refused(tmp_path):
     finetune stop before writing anything, naming torchrun; torchrun's own workers pass."""
     with pytest.raises(UserError, match=r"SLURM_STEP_NUM_TASKS=2.*no torchrun.*torchrun --nproc_per_node"):
         check_torch_launch(SRUN_TASK1, "train")
-    check_torch_launch({**SRUN_TASK1, "WORLD_SIZE": "2", "RANK": "1"})            # torchrun inside srun
-    check_torch_launch({"SLURM_NTASKS": "2", "SLURM_PROCID": "0"})               # the batch shell
+    check_torch_launch({**SRUN_TASK1, "WORLD_SIZE": "2", "RANK": "1"})  # torchrun inside srun
+    check_torch_launch({"SLURM_NTASKS": "2", "SLURM_PROCID": "0"})  # the batch shell
     with pytest.raises(UserError, match="PMI_SIZE=2"):
-        check_torch_launch({"PMI_SIZE": "2"})                                     # mpiexec -n 2 train
+        check_torch_launch({"PMI_SIZE": "2"})  # mpiexec -n 2 train
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(SRUN_TASK1, PYTHONPATH=str(REPO))
-    for cmd in (["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")],
-                ["embed", "--checkpoint", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "e.h5")]):
-        p = subprocess.run([sys.executable, "-m", "hpc_lensiam", *cmd], env=env, capture_output=True, text=True,
-                           timeout=120)
+    for cmd in (
+        ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")],
+        ["embed", "--checkpoint", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "e.h5")],
+    ):
+        p = subprocess.run(
+            [sys.executable, "-m", "hpc_lensiam", *cmd], env=env, capture_output=True, text=True, timeout=120
+        )
         assert p.returncode == 2, p.stderr
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("hpc-lensiam: error:") and "torchrun" in lines[0], p.stderr
@@ -270,11 +313,12 @@ def test_rng_restore_tolerates_fewer_gpus_and_ranks():
     legacy = {"torch": torch.get_rng_state(), "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(4)]}
     states, note = rank_rng(legacy, rank=0, device_index=0)
     assert int(states["cuda"][0]) == 0 and note is None
-    states, note = rank_rng(legacy, rank=5, device_index=5)                       # a GPU the saver lacked
+    states, note = rank_rng(legacy, rank=5, device_index=5)  # a GPU the saver lacked
     assert states["cuda"] is None and "GPU 5 starts with a fresh generator" in note
-    per_rank = {"per_rank": [{"torch": torch.get_rng_state(), "cuda": torch.tensor([r], dtype=torch.uint8)}
-                             for r in range(2)]}
-    assert int(rank_rng(per_rank, rank=1, device_index=0)[0]["cuda"][0]) == 1    # rank 1 on its only GPU
+    per_rank = {
+        "per_rank": [{"torch": torch.get_rng_state(), "cuda": torch.tensor([r], dtype=torch.uint8)} for r in range(2)]
+    }
+    assert int(rank_rng(per_rank, rank=1, device_index=0)[0]["cuda"][0]) == 1  # rank 1 on its only GPU
     states, note = rank_rng(per_rank, rank=3, device_index=0)
     assert states["cuda"] is None and "saved by 2 rank(s)" in note
     # round trip of this rank's CPU generator and Python's
@@ -287,8 +331,9 @@ def test_rng_restore_tolerates_fewer_gpus_and_ranks():
 
 # ------------------------------------------------------------------- 2, 5: resume across engines
 def _flat(state: dict) -> torch.Tensor:
-    return torch.cat([v.flatten().float() for k, v in sorted(state.items()) if v.is_floating_point()
-                      and "running" not in k])
+    return torch.cat(
+        [v.flatten().float() for k, v in sorted(state.items()) if v.is_floating_point() and "running" not in k]
+    )
 
 
 def test_ddp_checkpoint_resumed_by_zero1_keeps_the_trained_weights(lensiam_shards, tmp_path, monkeypatch, capsys):
@@ -317,6 +362,7 @@ def test_weights_loaded_after_wrap_are_caught(lensiam_shards, tmp_path, monkeypa
     """Finding 2, the check: loading into the module after ZeRO-1 cloned its master copy (the old
     order) leaves a stale master copy, which verify() reports before the first step."""
     from hpc_lensiam.train.resume import verify
+
     _clean_env(monkeypatch)
     cfg = _cfg(lensiam_shards, tmp_path / "x", engine="deepspeed", zero_stage=1)
     engine = Engine(cfg, device=CPU)
@@ -326,7 +372,7 @@ def test_weights_loaded_after_wrap_are_caught(lensiam_shards, tmp_path, monkeypa
         saved = {k: v + 0.01 if v.is_floating_point() else v for k, v in fresh.items()}
         model = SimSiam("resnet18", 64, 16)
         engine.wrap(model, [{"params": list(model.parameters()), "lr": 0.1}])
-        engine.module.load_state_dict(saved)                                        # the old order
+        engine.module.load_state_dict(saved)  # the old order
         with pytest.raises(RuntimeError, match="does not hold the saved weights.*param group 0"):
             verify(engine, {"model": saved}, Path("last.pt"))
     finally:
@@ -358,11 +404,46 @@ def test_zero1_world_size_change_resumes_weights_only(lensiam_shards, tmp_path, 
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = str(REPO)
-    args = ["--data", str(lensiam_shards), "--out", str(run), "--arch", "resnet18", "--batch-size", "4", "--epochs",
-            "2", "--workers", "0", "--proj-dim", "64", "--pred-dim", "16", "--engine", "deepspeed", "--zero-stage", "1"]
-    p = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m",
-                        "hpc_lensiam", "train", *args, "--max-steps", "2"], env=env, capture_output=True, text=True,
-                       timeout=400)
+    args = [
+        "--data",
+        str(lensiam_shards),
+        "--out",
+        str(run),
+        "--arch",
+        "resnet18",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "2",
+        "--workers",
+        "0",
+        "--proj-dim",
+        "64",
+        "--pred-dim",
+        "16",
+        "--engine",
+        "deepspeed",
+        "--zero-stage",
+        "1",
+    ]
+    p = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "hpc_lensiam",
+            "train",
+            *args,
+            "--max-steps",
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     saved = load_checkpoint(run / "checkpoints" / "last.pt")
     assert saved["world_size"] == 2 and len(saved["rng"]["per_rank"]) == 2
@@ -380,8 +461,8 @@ def test_resume_mode_layouts():
     assert resume_mode(ds1, "deepspeed", 1, 2) is None
     assert "over 2 rank(s), this run has 1" in resume_mode(ds1, "deepspeed", 1, 1)
     assert "--zero-stage 1, this run is --zero-stage 0" in resume_mode(ds1, "deepspeed", 0, 2)
-    assert resume_mode({**ds1, "zero_stage": 0}, "deepspeed", 0, 8) is None        # ZeRO-0: whole state
-    assert resume_mode({"engine": "ddp", "world_size": 8}, "ddp", 0, 2) is None    # DDP: whole state
+    assert resume_mode({**ds1, "zero_stage": 0}, "deepspeed", 0, 8) is None  # ZeRO-0: whole state
+    assert resume_mode({"engine": "ddp", "world_size": 8}, "ddp", 0, 2) is None  # DDP: whole state
     assert "--engine deepspeed" in resume_mode(ds1, "ddp", 0, 2)
 
 
@@ -389,11 +470,13 @@ def test_resume_mode_layouts():
 def _flip_inside_tensor_data(path: Path) -> None:
     """Flip bytes in the middle of the largest stored tensor: the zip still opens and unpickles."""
     import zipfile
+
     with zipfile.ZipFile(path) as z:
         info = max(z.infolist(), key=lambda i: i.file_size)
     data = bytearray(path.read_bytes())
-    name_len, extra_len = (int.from_bytes(data[info.header_offset + o:info.header_offset + o + 2], "little")
-                           for o in (26, 28))                                       # the local header's own
+    name_len, extra_len = (
+        int.from_bytes(data[info.header_offset + o : info.header_offset + o + 2], "little") for o in (26, 28)
+    )  # the local header's own
     at = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
     for i in range(at, at + 64):
         data[i] ^= 0xFF
@@ -410,7 +493,7 @@ def test_corrupt_last_pt_falls_back_to_newest_valid_step(lensiam_shards, tmp_pat
     train(_cfg(lensiam_shards, run, max_steps=7, ckpt_every=2, keep_last=2))
     assert sorted(p.name for p in ck.glob("step_*.pt")) == ["step_00000004.pt", "step_00000006.pt"]
     _flip_inside_tensor_data(ck / "last.pt")
-    torch.load(ck / "last.pt", weights_only=True)                       # still unpickles: only the hash knows
+    torch.load(ck / "last.pt", weights_only=True)  # still unpickles: only the hash knows
     with pytest.raises(UserError, match="last.pt: corrupt checkpoint"):
         load_checkpoint(ck / "last.pt")
     (ck / "step_00000006.pt").write_bytes((ck / "step_00000006.pt").read_bytes()[:5000])
@@ -437,6 +520,7 @@ def test_checkpoint_write_fsyncs_file_and_folder(tmp_path, monkeypatch):
     def spy(fd):
         synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
         return real(fd)
+
     monkeypatch.setattr(os, "fsync", spy)
     save_checkpoint(tmp_path / "ck" / "last.pt", {"step": 1, "w": torch.ones(3)})
     assert any("/ck/.tmp-last.pt" in p for p in synced) and str(tmp_path / "ck") in synced
@@ -463,32 +547,60 @@ def test_trainers_die_with_their_torchrun_agent(lensiam_shards, tmp_path):
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = str(REPO)
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m",
-           "hpc_lensiam", "train", "--data", str(lensiam_shards), "--out", str(run), "--arch", "resnet18",
-           "--batch-size", "4", "--epochs", "100", "--log-every", "1", "--workers", "0", "--proj-dim", "64",
-           "--pred-dim", "16"]
+    cmd = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "hpc_lensiam",
+        "train",
+        "--data",
+        str(lensiam_shards),
+        "--out",
+        str(run),
+        "--arch",
+        "resnet18",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "100",
+        "--log-every",
+        "1",
+        "--workers",
+        "0",
+        "--proj-dim",
+        "64",
+        "--pred-dim",
+        "16",
+    ]
     agent = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trainers: list[int] = []
     try:
         deadline = time.time() + 180
-        while time.time() < deadline and not ((run / "metrics.csv").is_file()
-                                              and len((run / "metrics.csv").read_text().splitlines()) >= 2):
+        while time.time() < deadline and not (
+            (run / "metrics.csv").is_file() and len((run / "metrics.csv").read_text().splitlines()) >= 2
+        ):
             time.sleep(0.2)
         trainers = _children(agent.pid)
         assert len(trainers) == 2, trainers
         agent.kill()
         agent.wait()
         deadline = time.time() + 60
-        while time.time() < deadline and any(Path(f"/proc/{p}").exists() and
-                                             "Z" not in (Path(f"/proc/{p}/stat").read_text().split()[2:3] or [""])
-                                             for p in trainers):
+        while time.time() < deadline and any(
+            Path(f"/proc/{p}").exists() and "Z" not in (Path(f"/proc/{p}/stat").read_text().split()[2:3] or [""])
+            for p in trainers
+        ):
             time.sleep(0.2)
-        alive = [p for p in trainers if Path(f"/proc/{p}").exists()
-                 and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+        alive = [
+            p
+            for p in trainers
+            if Path(f"/proc/{p}").exists() and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        ]
         assert not alive, f"trainers {alive} outlived their torchrun agent"
-    finally:   # never leave this test's own processes behind, whatever failed
+    finally:  # never leave this test's own processes behind, whatever failed
         for p in set(trainers) | set(_children(agent.pid) if agent.poll() is None else []):
-            try:   # only if the pid is still one of this test's trainers (never a reused pid)
+            try:  # only if the pid is still one of this test's trainers (never a reused pid)
                 if str(run) in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace"):
                     os.kill(p, 9)
             except (OSError, ProcessLookupError):
@@ -512,10 +624,20 @@ def test_tensorboard_metrics_and_lens_probe(lensiam_shards, single_shards, tmp_p
     from hpc_lensiam.downstream.export import load_backbone
     from hpc_lensiam.embed.probe import probe_arrays, split_by_key
     from hpc_lensiam.io import LENS_PARAMS
+
     _clean_env(monkeypatch)
     run = tmp_path / "run"
-    train(_cfg(lensiam_shards, run, max_steps=4, probe_data=str(single_shards), probe_every=2, probe_samples=64,
-               log_every=1))
+    train(
+        _cfg(
+            lensiam_shards,
+            run,
+            max_steps=4,
+            probe_data=str(single_shards),
+            probe_every=2,
+            probe_samples=64,
+            log_every=1,
+        )
+    )
     with open(run / "metrics.csv", newline="") as f:
         rows = {int(r["step"]): {k: float(v) for k, v in r.items()} for r in csv.DictReader(f)}
     assert sorted(rows) == [1, 2, 3, 4]
@@ -528,9 +650,19 @@ def test_tensorboard_metrics_and_lens_probe(lensiam_shards, single_shards, tmp_p
     acc = EventAccumulator(str(run / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/pairs_per_s", "train/images_per_s", "train/data_wait_s", "train/compute_s",
-            "train/peak_mem_mb", "train/z_std", "train/lr", "probe/ridge_r2_theta_E", "probe/ridge_r2_e1",
-            "probe/ridge_r2_gamma"} <= tags
+    assert {
+        "train/loss",
+        "train/pairs_per_s",
+        "train/images_per_s",
+        "train/data_wait_s",
+        "train/compute_s",
+        "train/peak_mem_mb",
+        "train/z_std",
+        "train/lr",
+        "probe/ridge_r2_theta_E",
+        "probe/ridge_r2_e1",
+        "probe/ridge_r2_gamma",
+    } <= tags
     loss = {e.step: e.value for e in acc.Scalars("train/loss")}
     assert sorted(loss) == [1, 2, 3, 4]
     assert all(loss[s] == pytest.approx(rows[s]["loss"], rel=1e-5) for s in loss)
@@ -559,16 +691,29 @@ def test_probe_data_checked_before_training(lensiam_shards, tmp_path, monkeypatc
 @pytest.mark.slow
 def test_gpu_check_cpu_smoke(tmp_path):
     """The one-shot GPU check, tiny on the CPU, so it cannot rot: every case passes, table printed."""
-    p = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--cpu-smoke", "--out",
-                        str(tmp_path / "w")], cwd=REPO, capture_output=True, text=True, timeout=1100,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    p = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--cpu-smoke", "--out", str(tmp_path / "w")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1100,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     out = p.stdout
-    for case in ("ddp_bf16_channels_last", "ddp_fp16_gradscaler", "ddp_fp32", "deepspeed_zero0_bf16",
-                 "deepspeed_zero1_bf16", "ddp_bf16_2proc_syncbn", "resume_1_ddp_to_zero1", "resume_2_zero1_to_zero0",
-                 "resume_3_zero0_same"):
+    for case in (
+        "ddp_bf16_channels_last",
+        "ddp_fp16_gradscaler",
+        "ddp_fp32",
+        "deepspeed_zero0_bf16",
+        "deepspeed_zero1_bf16",
+        "ddp_bf16_2proc_syncbn",
+        "resume_1_ddp_to_zero1",
+        "resume_2_zero1_to_zero0",
+        "resume_3_zero0_same",
+    ):
         assert f"ok   {case}" in out and f"\n{case}" in out, case
     assert "ok   embed" in out and "ok   export" in out
     assert "images/s bf16 + channels_last / fp32:" in out and "loader pairs/s, 1 worker process(es):" in out
-    assert "ok   online" in out and "online bench: cpu: torch renderer" in out   # the on-the-fly renderer's figures
+    assert "ok   online" in out and "online bench: cpu: torch renderer" in out  # the on-the-fly renderer's figures
     assert "cases passed" in out

@@ -1,5 +1,6 @@
 """ingest: real cutouts -> shards. Flux, orientation and masks on synthetic FITS with a known WCS;
 every bad input for real; MPI byte-identity and resume; the real Euclid Q1 lens."""
+
 from __future__ import annotations
 
 import csv
@@ -23,18 +24,37 @@ EUCLID = conftest.SHARED_DATA / "euclid_q1" / "102020532_NEG589257492489565961.f
 DEG = 1 / 3600.0
 
 
-def write_fits(path: Path, data: np.ndarray, scale_arcsec: float | None = 0.03, cd=None, name="SCI_FLUX",
-               rms: np.ndarray | None = None, weight: np.ndarray | None = None) -> Path:
+def write_fits(
+    path: Path,
+    data: np.ndarray,
+    scale_arcsec: float | None = 0.03,
+    cd=None,
+    name="SCI_FLUX",
+    rms: np.ndarray | None = None,
+    weight: np.ndarray | None = None,
+) -> Path:
     """A multi-extension FITS like a survey cutout: empty primary, the image with a TAN WCS
     (CD matrix, default north up / east left), optionally an RMS or weight extension."""
     from astropy.io import fits
+
     hdr = fits.Header()
     if scale_arcsec is not None:
         m = np.array(cd if cd is not None else [[-scale_arcsec, 0.0], [0.0, scale_arcsec]]) * DEG
         ny, nx = data.shape
-        hdr.update(CTYPE1="RA---TAN", CTYPE2="DEC--TAN", CUNIT1="deg", CUNIT2="deg", CRVAL1=150.0,
-                   CRVAL2=2.0, CRPIX1=(nx + 1) / 2, CRPIX2=(ny + 1) / 2, CD1_1=m[0, 0], CD1_2=m[0, 1],
-                   CD2_1=m[1, 0], CD2_2=m[1, 1])
+        hdr.update(
+            CTYPE1="RA---TAN",
+            CTYPE2="DEC--TAN",
+            CUNIT1="deg",
+            CUNIT2="deg",
+            CRVAL1=150.0,
+            CRVAL2=2.0,
+            CRPIX1=(nx + 1) / 2,
+            CRPIX2=(ny + 1) / 2,
+            CD1_1=m[0, 0],
+            CD1_2=m[0, 1],
+            CD2_1=m[1, 0],
+            CD2_2=m[1, 1],
+        )
     hdus = [fits.PrimaryHDU(), fits.ImageHDU(data.astype(np.float32), header=hdr, name=name)]
     if rms is not None:
         hdus.append(fits.ImageHDU(rms.astype(np.float32), name=name.replace("_FLUX", "_RMS")))
@@ -52,7 +72,7 @@ def sky_image(n: int, scale: float, blobs, background: float = 0.0, noise: float
     yy, xx = np.mgrid[0:n, 0:n]
     img = np.full((n, n), background, np.float64)
     for east, north, flux, sigma in blobs:
-        x0, y0 = c - east / scale, c + north / scale      # east-left: RA grows to smaller columns
+        x0, y0 = c - east / scale, c + north / scale  # east-left: RA grows to smaller columns
         g = np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * (sigma / scale) ** 2))
         img += flux * g / g.sum()
     return img + noise * rng.normal(size=img.shape)
@@ -96,8 +116,7 @@ def test_ingest_flux_conserved_and_normalised_like_the_simulator(tmp_path):
     blobs = [(0.4, -0.2, 1000.0, 0.15), (-0.8, 0.5, 300.0, 0.1)]
     write_fits(tmp_path / "a.fits", sky_image(n, scale, blobs), scale)
     out = tmp_path / "out"
-    ingest(str(out), files=[str(tmp_path / "a.fits")], config=IngestConfig(preset="euclid", num_pix=48),
-           progress=False)
+    ingest(str(out), files=[str(tmp_path / "a.fits")], config=IngestConfig(preset="euclid", num_pix=48), progress=False)
     ((key, img, params),) = params_of(out)
     meta = params["ingest"]
     assert img.dtype == np.float32 and img.shape == (48, 48) and img.max() == 1.0
@@ -114,6 +133,7 @@ def test_ingest_flux_conserved_and_normalised_like_the_simulator(tmp_path):
 def _peak_xy_arcsec(img: np.ndarray, num_pix: int, scale: float) -> tuple[float, float]:
     """Simulator-grid coordinates (lenstronomy x, y in arcsec) of the brightest pixel."""
     from hpc_lensiam.simulate.instrument import DetectorGrid
+
     grid = DetectorGrid(num_pix, scale)
     r, c = np.unravel_index(int(np.argmax(img)), img.shape)
     return float(grid.x_pix_arcsec[r, c]), float(grid.y_pix_arcsec[r, c])
@@ -124,7 +144,7 @@ def test_orientation_default_puts_east_at_the_simulators_positive_x(tmp_path):
     x = +1", y = +0.5" (x grows with RA): the default. ``sky`` keeps east on the left."""
     scale, n = 0.05, 120
     img = sky_image(n, scale, [(1.0, 0.5, 100.0, 0.05)])
-    write_fits(tmp_path / "std.fits", img, scale)                        # north up, east left
+    write_fits(tmp_path / "std.fits", img, scale)  # north up, east left
     write_fits(tmp_path / "mirror.fits", img[:, ::-1], scale, cd=[[scale, 0], [0, scale]])  # east right
     write_fits(tmp_path / "rot90.fits", np.ascontiguousarray(img.T), scale, cd=[[0, -scale], [scale, 0]])
     cfg = IngestConfig(preset="euclid", num_pix=40)
@@ -132,8 +152,9 @@ def test_orientation_default_puts_east_at_the_simulators_positive_x(tmp_path):
     for orient in ("simulator", "sky"):
         out = tmp_path / orient
         files = [str(tmp_path / f) for f in ("std.fits", "mirror.fits", "rot90.fits")]
-        ingest(str(out), files=files, config=IngestConfig(preset="euclid", num_pix=40, orientation=orient),
-               progress=False)
+        ingest(
+            str(out), files=files, config=IngestConfig(preset="euclid", num_pix=40, orientation=orient), progress=False
+        )
         images[orient] = params_of(out)
     std, mirror, rot = images["simulator"]
     x, y = _peak_xy_arcsec(std[1], 40, cfg.target_pixel_scale_arcsec)
@@ -150,33 +171,40 @@ def test_masks_nonfinite_and_rms_no_data_and_weight(tmp_path):
     scale, n = 0.1, 60
     img = sky_image(n, scale, [(0.0, 0.0, 50.0, 0.2)], background=5.0, noise=0.01, seed=3)
     rms = np.full((n, n), 0.01)
-    img[:, :10] = 1e6                    # junk where the RMS says "no data" (Euclid writes 1e16)
+    img[:, :10] = 1e6  # junk where the RMS says "no data" (Euclid writes 1e16)
     rms[:, :10] = 1e16
     img[40:45, 40:45] = np.nan
     write_fits(tmp_path / "m.fits", img, scale, rms=rms)
     write_fits(tmp_path / "w.fits", img, scale, weight=(rms < 1).astype(float))
     out = tmp_path / "out"
-    ingest(str(out), files=[str(tmp_path / "m.fits")], config=IngestConfig(preset="euclid", num_pix=48),
-           progress=False)
+    ingest(str(out), files=[str(tmp_path / "m.fits")], config=IngestConfig(preset="euclid", num_pix=48), progress=False)
     ((_, a, pa),) = params_of(out)
     meta = pa["ingest"]
     assert meta["mask_hdu"] == "SCI_RMS" and meta["sky_level"] == pytest.approx(5.0, abs=0.005)
     # 48 px field on 60 px: columns 0..5 of the field are input columns 6..11, i.e. 4 masked + 25 NaN
     field_bad = 48 * 4 + 25
-    assert meta["mask_fraction"] == pytest.approx(field_bad / 48 ** 2, rel=1e-6)
+    assert meta["mask_fraction"] == pytest.approx(field_bad / 48**2, rel=1e-6)
     # masked = sky = 0 after subtraction; the default orientation mirrors x, so they are the last columns
     assert np.all(a[:, -4:] == 0.0) and np.isfinite(a).all()
     r, c = np.unravel_index(int(np.argmax(a)), a.shape)
-    assert abs(r - 23.5) < 2 and abs(c - 23.5) < 2                   # the peak is the galaxy, not junk
+    assert abs(r - 23.5) < 2 and abs(c - 23.5) < 2  # the peak is the galaxy, not junk
     out_w = tmp_path / "outw"
-    ingest(str(out_w), files=[str(tmp_path / "w.fits")],
-           config=IngestConfig(preset="euclid", num_pix=48, weight_hdu="WHT"), progress=False)
+    ingest(
+        str(out_w),
+        files=[str(tmp_path / "w.fits")],
+        config=IngestConfig(preset="euclid", num_pix=48, weight_hdu="WHT"),
+        progress=False,
+    )
     ((_, b, pb),) = params_of(out_w)
     np.testing.assert_array_equal(a, b)
     assert pb["ingest"]["mask_fraction"] == meta["mask_fraction"]
-    out_n = tmp_path / "outn"                                        # without the RMS: the junk wins
-    ingest(str(out_n), files=[str(tmp_path / "m.fits")],
-           config=IngestConfig(preset="euclid", num_pix=48, rms_hdu="none"), progress=False)
+    out_n = tmp_path / "outn"  # without the RMS: the junk wins
+    ingest(
+        str(out_n),
+        files=[str(tmp_path / "m.fits")],
+        config=IngestConfig(preset="euclid", num_pix=48, rms_hdu="none"),
+        progress=False,
+    )
     ((_, c_img, _),) = params_of(out_n)
     assert c_img[:, -4:].min() > 0.5
 
@@ -193,8 +221,13 @@ def test_labels_csv_and_catalog(tmp_path):
     (tmp_path / "labels.csv").write_text("file,theta_E,gamma,is_lens\na.fits,1.2,2.0,1\nc.fits,,,0\n")
     out = tmp_path / "out"
     cfg = IngestConfig(preset="euclid", num_pix=40, input_pixel_scale_arcsec=scale, shard_size=3)
-    ingest(str(out), list_csv=str(tmp_path / "cat.csv"), labels_csv=str(tmp_path / "labels.csv"), config=cfg,
-           progress=False)
+    ingest(
+        str(out),
+        list_csv=str(tmp_path / "cat.csv"),
+        labels_csv=str(tmp_path / "labels.csv"),
+        config=cfg,
+        progress=False,
+    )
     rows = params_of(out)
     assert [k for k, _, _ in rows] == ["000000_000000", "000000_000001", "000000_000002", "000001_000000"]
     p = [r[2] for r in rows]
@@ -202,7 +235,7 @@ def test_labels_csv_and_catalog(tmp_path):
     assert p[1]["lens"] == {} and "is_lens" not in p[1]
     assert p[2]["is_lens"] == 0 and p[2]["ingest"]["hdu"] == "SCI_FLUX"
     assert p[3]["ingest"]["hdu"] == "" and p[3]["ingest"]["pixel_scale_from"] == "flag"
-    np.testing.assert_array_equal(rows[3][1], rows[0][1])   # .npy = the FITS layout (north up, east left)
+    np.testing.assert_array_equal(rows[3][1], rows[0][1])  # .npy = the FITS layout (north up, east left)
 
 
 # ------------------------------------------------------------------------------- bad input
@@ -215,6 +248,7 @@ def bad_inputs(tmp_path_factory) -> dict[str, Path]:
     files["unreadable"] = d / "junk.fits"
     files["missing"] = d / "nothere.fits"
     from astropy.io import fits
+
     fits.HDUList([fits.PrimaryHDU(np.zeros((3, 100, 100), np.float32))]).writeto(d / "cube.fits")
     files["not_2d"] = d / "cube.fits"
     files["no_scale"] = write_fits(d / "nowcs.fits", good, None)
@@ -225,15 +259,22 @@ def bad_inputs(tmp_path_factory) -> dict[str, Path]:
     return files
 
 
-@pytest.mark.parametrize("case,expect", [
-    ("missing", "no such file"), ("unreadable", "cannot read as FITS"),
-    ("not_2d", "2-D image HDU (found: PRIMARY (3, 100, 100))"),
-    ("no_scale", "no pixel scale"), ("too_small", "smaller than the target field"), ("truncated", "truncated"),
-])
+@pytest.mark.parametrize(
+    "case,expect",
+    [
+        ("missing", "no such file"),
+        ("unreadable", "cannot read as FITS"),
+        ("not_2d", "2-D image HDU (found: PRIMARY (3, 100, 100))"),
+        ("no_scale", "no pixel scale"),
+        ("too_small", "smaller than the target field"),
+        ("truncated", "truncated"),
+    ],
+)
 def test_bad_input_is_one_error_line_naming_the_file_and_writes_nothing(bad_inputs, tmp_path, capsys, case, expect):
     out = tmp_path / "out"
-    rc, _, err = run_cli(capsys, "ingest", bad_inputs["good"], bad_inputs[case], "--out", out,
-                         "--preset", "euclid", "--num-pix", 48)
+    rc, _, err = run_cli(
+        capsys, "ingest", bad_inputs["good"], bad_inputs[case], "--out", out, "--preset", "euclid", "--num-pix", 48
+    )
     assert rc == 2 and err.count("\n") == 1 and err.startswith("hpc-lensiam: error: ")
     assert str(bad_inputs[case]) in err and expect in err
     assert not out.exists()
@@ -255,8 +296,21 @@ def test_bad_labels_and_catalog(bad_inputs, tmp_path, capsys):
 
 def test_skip_bad_warns_counts_and_writes_the_rest(bad_inputs, tmp_path, capsys):
     out = tmp_path / "out"
-    rc, text, err = run_cli(capsys, "ingest", bad_inputs["good"], bad_inputs["missing"], bad_inputs["not_2d"],
-                            bad_inputs["good"], "--out", out, "--preset", "euclid", "--num-pix", 48, "--skip-bad")
+    rc, text, err = run_cli(
+        capsys,
+        "ingest",
+        bad_inputs["good"],
+        bad_inputs["missing"],
+        bad_inputs["not_2d"],
+        bad_inputs["good"],
+        "--out",
+        out,
+        "--preset",
+        "euclid",
+        "--num-pix",
+        48,
+        "--skip-bad",
+    )
     assert rc == 0
     warnings = [line for line in err.splitlines() if "warning: skipping" in line]
     assert len(warnings) == 2 and str(bad_inputs["missing"]) in warnings[0]
@@ -270,12 +324,26 @@ def test_two_ranks_same_bytes_and_resume(tmp_path, bin_dir):
     scale = 0.05
     files = []
     for i in range(5):
-        files.append(write_fits(tmp_path / f"f{i}.fits", sky_image(100, scale, [(0.1 * i, 0, 10.0, 0.2)],
-                                                                   noise=0.01, seed=i), scale))
+        files.append(
+            write_fits(
+                tmp_path / f"f{i}.fits", sky_image(100, scale, [(0.1 * i, 0, 10.0, 0.2)], noise=0.01, seed=i), scale
+            )
+        )
 
     def run(out, ranks):
-        cmd = [str(bin_dir / "hpc-lensiam"), "ingest", *map(str, files), "--out", str(out), "--preset", "euclid",
-               "--num-pix", "40", "--shard-size", "2"]
+        cmd = [
+            str(bin_dir / "hpc-lensiam"),
+            "ingest",
+            *map(str, files),
+            "--out",
+            str(out),
+            "--preset",
+            "euclid",
+            "--num-pix",
+            "40",
+            "--shard-size",
+            "2",
+        ]
         if ranks > 1:
             cmd = [str(bin_dir / "mpiexec"), "-n", str(ranks), *cmd]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -288,7 +356,7 @@ def test_two_ranks_same_bytes_and_resume(tmp_path, bin_dir):
     two = {p.name: p.read_bytes() for p in sorted((tmp_path / "two").glob("shard-*"))}
     assert list(one) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"] and one == two
     assert read_manifest(tmp_path / "one")["shards"] == read_manifest(tmp_path / "two")["shards"]
-    (tmp_path / "two" / "shard-000001.tar").unlink()                  # as if killed before it was written
+    (tmp_path / "two" / "shard-000001.tar").unlink()  # as if killed before it was written
     assert "wrote 2 new samples (3 already done)" in run(tmp_path / "two", 2)
     assert {p.name: p.read_bytes() for p in sorted((tmp_path / "two").glob("shard-*"))} == one
     assert "wrote 0 new samples" in run(tmp_path / "two", 1)
@@ -312,14 +380,15 @@ def test_euclid_q1_lens_at_both_grids(euclid_file, tmp_path, preset, num_pix, sc
     assert np.isfinite(img).all() and meta["hdu"] == "VIS_FLUX" and meta["mask_hdu"] == "VIS_RMS"
     assert meta["pixel_scale_arcsec"] == pytest.approx(0.1, rel=1e-6) and meta["target_pixel_scale_arcsec"] == scale
     assert meta["orientation_ops"] == ["flip_x"] and meta["mask_fraction"] == 0.0
-    assert abs(meta["sky_level"]) < 0.01                     # VIS background, flux units of the file
+    assert abs(meta["sky_level"]) < 0.01  # VIS background, flux units of the file
     r, c = np.unravel_index(int(np.argmax(img)), img.shape)  # the lens galaxy is centred
     assert abs(r - (num_pix - 1) / 2) <= 2 and abs(c - (num_pix - 1) / 2) <= 2
     # the field's flux in file units: the cutout's central (num_pix x scale)" box, sky subtracted
     from astropy.io import fits
+
     with fits.open(euclid_file) as h:
         raw = h["VIS_FLUX"].data.astype(np.float64) - meta["sky_level"]
-    half = num_pix * scale / 0.1 / 2                          # in input pixels, around the centre 149.5
+    half = num_pix * scale / 0.1 / 2  # in input pixels, around the centre 149.5
     j = np.arange(300)
     w = np.clip(np.minimum(149.5 + half, j + 0.5) - np.maximum(149.5 - half, j - 0.5), 0, 1)
     assert img.astype(np.float64).sum() * meta["flux_scale"] == pytest.approx(w @ raw @ w, rel=1e-5)
@@ -327,12 +396,16 @@ def test_euclid_q1_lens_at_both_grids(euclid_file, tmp_path, preset, num_pix, sc
 
 def test_euclid_nir_band_with_no_data_pixels(euclid_file, tmp_path):
     out = tmp_path / "nir"
-    ingest(str(out), files=[str(euclid_file)], config=IngestConfig(preset="euclid", hdu="NIR_Y_FLUX", num_pix=300),
-           progress=False)
+    ingest(
+        str(out),
+        files=[str(euclid_file)],
+        config=IngestConfig(preset="euclid", hdu="NIR_Y_FLUX", num_pix=300),
+        progress=False,
+    )
     ((_, _, params),) = params_of(out)
     # 14 NIR_Y RMS pixels are 1e16 (no data): masked
     assert params["ingest"]["mask_hdu"] == "NIR_Y_RMS"
-    assert params["ingest"]["mask_fraction"] == pytest.approx(14 / 300 ** 2, rel=1e-6)
+    assert params["ingest"]["mask_fraction"] == pytest.approx(14 / 300**2, rel=1e-6)
 
 
 def test_finetune_and_show_read_ingested_shards_unchanged(tmp_path):
@@ -340,6 +413,7 @@ def test_finetune_and_show_read_ingested_shards_unchanged(tmp_path):
     from hpc_lensiam.downstream.finetune import finetune
     from hpc_lensiam.errors import UserError
     from hpc_lensiam.simulate.show import show_pairs
+
     scale, rows = 0.1, ["file,theta_E,is_lens"]
     files = []
     for i in range(8):
@@ -349,15 +423,39 @@ def test_finetune_and_show_read_ingested_shards_unchanged(tmp_path):
         rows.append(f"l{i}.fits,{theta},1")
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "real"
-    ingest(str(out), files=files, labels_csv=str(tmp_path / "labels.csv"),
-           config=IngestConfig(preset="euclid", num_pix=48, shard_size=4), progress=False)
-    rep = finetune("none", str(out), str(out), target="theta_E", n_train=6, n_test=2, epochs=1, arch="resnet18",
-                   batch_size=4, progress=False)
+    ingest(
+        str(out),
+        files=files,
+        labels_csv=str(tmp_path / "labels.csv"),
+        config=IngestConfig(preset="euclid", num_pix=48, shard_size=4),
+        progress=False,
+    )
+    rep = finetune(
+        "none",
+        str(out),
+        str(out),
+        target="theta_E",
+        n_train=6,
+        n_test=2,
+        epochs=1,
+        arch="resnet18",
+        batch_size=4,
+        progress=False,
+    )
     assert rep["n_test"] == 2 and rep["test_targets"] == pytest.approx([1.4, 1.5])
     png = show_pairs(str(out), str(tmp_path / "show.png"), n=2)
     assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bare = tmp_path / "bare"
     ingest(str(bare), files=files, config=IngestConfig(preset="euclid", num_pix=48), progress=False)
     with pytest.raises(UserError, match="samples have no 'theta_E' label"):
-        finetune("none", str(bare), str(bare), target="theta_E", n_train=6, n_test=2, epochs=1, arch="resnet18",
-                 progress=False)
+        finetune(
+            "none",
+            str(bare),
+            str(bare),
+            target="theta_E",
+            n_train=6,
+            n_test=2,
+            epochs=1,
+            arch="resnet18",
+            progress=False,
+        )

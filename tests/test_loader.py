@@ -1,4 +1,5 @@
 """Shard loader and batched augmentations, on shards made by the real simulator (conftest fixtures)."""
+
 from __future__ import annotations
 
 import io
@@ -40,6 +41,7 @@ def test_fast_tar_reader_matches_webdataset(lensiam_shards, tmp_path):
     import tarfile
 
     from webdataset.tariterators import group_by_keys, tar_file_iterator
+
     path = shard_paths(lensiam_shards)[0]
     with open(path, "rb") as f:
         ref = list(group_by_keys({**x, "__url__": path} for x in tar_file_iterator(f)))
@@ -77,8 +79,9 @@ def test_lensiam_batches_are_the_stored_pairs(lensiam_shards):
 
 
 def test_ranks_see_disjoint_samples_each_exactly_once_per_epoch(lensiam_shards):
-    per_rank = [_keys(ShardLoader(str(lensiam_shards), "lensiam", 4, rank=r, world_size=2, workers=2))
-                for r in range(2)]
+    per_rank = [
+        _keys(ShardLoader(str(lensiam_shards), "lensiam", 4, rank=r, world_size=2, workers=2)) for r in range(2)
+    ]
     assert len(per_rank[0]) == len(per_rank[1]) == 32
     assert not set(per_rank[0]) & set(per_rank[1])
     counts = Counter(per_rank[0] + per_rank[1])
@@ -97,11 +100,12 @@ def test_uneven_split_still_gives_equal_steps_per_rank(lensiam_shards):
 def test_seeded_order_and_exact_resume_inside_an_epoch(lensiam_shards):
     def loader(seed=0):
         return ShardLoader(str(lensiam_shards), "lensiam", 4, workers=2, seed=seed, shuffle_buffer=16)
+
     full = list(loader().epoch(3))
-    assert [b["keys"] for b in full] == [b["keys"] for b in loader().epoch(3)]      # reproducible
-    assert _keys(loader(), 4) != [k for b in full for k in b["keys"]]               # new order per epoch
+    assert [b["keys"] for b in full] == [b["keys"] for b in loader().epoch(3)]  # reproducible
+    assert _keys(loader(), 4) != [k for b in full for k in b["keys"]]  # new order per epoch
     assert _keys(loader(seed=1), 3) != [k for b in full for k in b["keys"]]
-    for start in (1, 5):   # resumed mid-epoch: the same remaining batches, whichever worker
+    for start in (1, 5):  # resumed mid-epoch: the same remaining batches, whichever worker
         tail = list(loader().epoch(3, start=start))
         assert [b["keys"] for b in tail] == [b["keys"] for b in full[start:]]
         assert all(torch.equal(a["x1"], b["x1"]) for a, b in zip(tail, full[start:]))
@@ -147,7 +151,7 @@ def test_missing_shard_is_named(shard_copy):
 
 def test_truncated_shard_is_named_or_skipped_with_a_count(shard_copy, capfd):
     bad = shard_copy / "shard-000005.tar"
-    bad.write_bytes(bad.read_bytes()[:30000])   # cut mid-sample
+    bad.write_bytes(bad.read_bytes()[:30000])  # cut mid-sample
     with pytest.raises(ShardError, match=r"shard .*shard-000005\.tar.*cannot read"):
         for _ in ShardLoader(str(shard_copy), "lensiam", 4, workers=2).epoch(0):
             pass
@@ -159,13 +163,14 @@ def test_truncated_shard_is_named_or_skipped_with_a_count(shard_copy, capfd):
 
 def test_corrupt_sample_is_named(shard_copy):
     import webdataset as wds
+
     path = shard_copy / "shard-000002.tar"
     samples = list(read_shard(str(path)))
     samples[3]["view2.npy"] = b"\x93NUMPY garbage"
     with wds.TarWriter(str(path), encoder=False) as tar:
         for s in samples:
             tar.write({k: v for k, v in s.items() if k != "__url__"})
-    rerecord_shard(shard_copy, path.name)   # a bad sample in a shard its manifest vouches for
+    rerecord_shard(shard_copy, path.name)  # a bad sample in a shard its manifest vouches for
     key = samples[3]["__key__"]
     with pytest.raises(ShardError, match=rf"shard-000002\.tar sample '{key}'"):
         for _ in ShardLoader(str(shard_copy), "lensiam", 8, workers=0).epoch(0):
@@ -190,12 +195,12 @@ def test_augment_is_batched_seeded_and_per_sample(single_shards):
     g = torch.Generator(device=DEVICE).manual_seed(0)
     v1, v2 = make_pair(x, g)
     assert v1.shape == x.shape and v1.device == x.device and torch.isfinite(v1).all()
-    assert not torch.allclose(v1, v2)                                         # two different views
+    assert not torch.allclose(v1, v2)  # two different views
     again = make_pair(x, torch.Generator(device=DEVICE).manual_seed(0))
-    assert torch.equal(v1, again[0]) and torch.equal(v2, again[1])           # reproducible
-    same = x[:1].expand(8, -1, -1, -1).contiguous()                           # one image 8 times:
+    assert torch.equal(v1, again[0]) and torch.equal(v2, again[1])  # reproducible
+    same = x[:1].expand(8, -1, -1, -1).contiguous()  # one image 8 times:
     out = augment(same, torch.Generator(device=DEVICE).manual_seed(1))
-    assert len({round(float(o.sum()), 3) for o in out}) == 8                  # 8 different draws
+    assert len({round(float(o.sum()), 3) for o in out}) == 8  # 8 different draws
 
 
 def test_crop_keeps_size_and_blur_keeps_flux():
@@ -205,5 +210,5 @@ def test_crop_keeps_size_and_blur_keeps_flux():
     y = gaussian_blur(x, g)
     assert y.shape == x.shape
     assert torch.allclose(y.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), atol=0.02)
-    assert (y - x).abs().amax(dim=(1, 2, 3)).gt(1e-4).sum() > 4               # some blurred (p=0.5)
-    assert (y - x).abs().amax(dim=(1, 2, 3)).lt(1e-6).sum() > 4               # some untouched
+    assert (y - x).abs().amax(dim=(1, 2, 3)).gt(1e-4).sum() > 4  # some blurred (p=0.5)
+    assert (y - x).abs().amax(dim=(1, 2, 3)).lt(1e-6).sum() > 4  # some untouched

@@ -4,6 +4,7 @@ SimCLR/VICReg global-batch gathering on 2 real gloo ranks, recipes, and the ViT 
 Every loss is checked against an independent, loop-by-loop transcription of its paper's equation on
 small tensors; the trainer runs are the real loop on shards made by the real simulator (conftest).
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,8 @@ def test_byol_loss_is_the_papers_normalised_mse_symmetrised():
             expected += float(np.sum((a / np.linalg.norm(a) - b / np.linalg.norm(b)) ** 2)) / 5
     got = byol_loss(p1, t2) + byol_loss(p2, t1)
     assert math.isclose(float(got), expected, rel_tol=1e-6)
-    assert math.isclose(float(byol_loss(t1, 3 * t1)), 0.0, abs_tol=1e-6)      # aligned: 0
-    assert math.isclose(float(byol_loss(t1, -t1)), 4.0, rel_tol=1e-6)         # opposite: 4
+    assert math.isclose(float(byol_loss(t1, 3 * t1)), 0.0, abs_tol=1e-6)  # aligned: 0
+    assert math.isclose(float(byol_loss(t1, -t1)), 4.0, rel_tol=1e-6)  # opposite: 4
 
 
 def test_vicreg_loss_is_the_papers_equation():
@@ -63,8 +64,9 @@ def test_vicreg_loss_is_the_papers_equation():
 
     def c(z):
         m = z.mean(0)
-        cov = [[sum((z[k, i] - m[i]) * (z[k, j] - m[j]) for k in range(n)) / (n - 1) for j in range(d)]
-               for i in range(d)]
+        cov = [
+            [sum((z[k, i] - m[i]) * (z[k, j] - m[j]) for k in range(n)) / (n - 1) for j in range(d)] for i in range(d)
+        ]
         return sum(cov[i][j] ** 2 for i in range(d) for j in range(d) if i != j) / d
 
     s = sum(float(np.sum((a[i] - b[i]) ** 2)) for i in range(n)) / (n * d)
@@ -80,7 +82,7 @@ def test_nt_xent_is_the_papers_loss_with_the_pair_as_positive():
     g = torch.Generator().manual_seed(2)
     z1, z2 = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
     tau = 0.2
-    views = []                      # interleaved as in the paper: 2k-1 -> view 1 of system k, 2k -> view 2
+    views = []  # interleaved as in the paper: 2k-1 -> view 1 of system k, 2k -> view 2
     for k in range(4):
         views += [z1[k].numpy(), z2[k].numpy()]
 
@@ -109,14 +111,14 @@ def test_byol_ema_schedule_and_target_update():
     model = BYOL("resnet18", proj_hidden_dim=32, proj_dim=16, pred_dim=32).train()
     online = dict(model.encoder.named_parameters())
     target = dict(model.target_encoder.named_parameters())
-    assert all(torch.equal(online[k], target[k]) for k in online)               # target starts as a copy
+    assert all(torch.equal(online[k], target[k]) for k in online)  # target starts as a copy
     assert not any(p.requires_grad for p in model.target_encoder.parameters())
     x1, x2 = torch.randn(4, 1, 32, 32), torch.randn(4, 1, 32, 32)
     loss, z = model.loss(*model(x1, x2))
     loss.backward()
     assert all(p.grad is None for p in model.target_encoder.parameters())
     assert model.predictor[0].weight.grad.abs().sum() > 0
-    with torch.no_grad():                                                       # move the online net
+    with torch.no_grad():  # move the online net
         for p in model.encoder.parameters():
             p.add_(0.1)
     before = {k: v.detach().clone() for k, v in target.items()}
@@ -125,18 +127,23 @@ def test_byol_ema_schedule_and_target_update():
     for k, v in target.items():
         torch.testing.assert_close(v, tau * before[k] + (1 - tau) * online[k].detach(), rtol=1e-6, atol=1e-7)
     keys = model.state_dict().keys()
-    assert any(k.startswith("target_encoder.") for k in keys)                  # part of every checkpoint
+    assert any(k.startswith("target_encoder.") for k in keys)  # part of every checkpoint
     bb = backbone_state_dict(model.state_dict())
     assert "conv1.weight" in bb and not any(k.startswith(("fc.", "target")) for k in bb)
-    torch.testing.assert_close(bb["conv1.weight"], model.encoder.conv1.weight.detach())   # the ONLINE encoder
+    torch.testing.assert_close(bb["conv1.weight"], model.encoder.conv1.weight.detach())  # the ONLINE encoder
 
 
 def test_lars_step_is_the_papers_update():
     """w <- w - lr * (m mu + eta |w|/|g + wd w| (g + wd w)); 1-D parameters: plain momentum SGD."""
     w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))
     b = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
-    opt = LARS([{"params": [w]}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}],
-               lr=0.5, momentum=0.9, weight_decay=0.1, eta=0.01)
+    opt = LARS(
+        [{"params": [w]}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}],
+        lr=0.5,
+        momentum=0.9,
+        weight_decay=0.1,
+        eta=0.01,
+    )
     w.grad, b.grad = torch.tensor([[0.0, 1.0]]), torch.tensor([2.0, 2.0])
     opt.step()
     d = np.array([0.3, 1.4])
@@ -154,14 +161,15 @@ def _free_port() -> int:
 
 def _rank_worker(rank: int, world: int, port: int, z1: torch.Tensor, z2: torch.Tensor, out: str) -> None:
     import torch.distributed as dist
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         n = z1.shape[0] // world
         res = {}
         for name, fn in (("simclr", lambda a, b: nt_xent_loss(a, b, 0.2)), ("vicreg", vicreg_loss)):
-            a = z1[rank * n:(rank + 1) * n].clone().requires_grad_(True)
-            b = z2[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+            a = z1[rank * n : (rank + 1) * n].clone().requires_grad_(True)
+            b = z2[rank * n : (rank + 1) * n].clone().requires_grad_(True)
             loss = fn(a, b)
             loss.backward()
             res[name] = (loss.detach(), a.grad, b.grad)
@@ -183,7 +191,7 @@ def test_simclr_and_vicreg_see_the_global_batch_across_two_gloo_ranks(tmp_path):
         full.backward()
         mean_loss = sum(float(p[name][0]) for p in parts) / 2
         assert math.isclose(mean_loss, float(full.detach()), rel_tol=1e-5), name
-        ga = torch.cat([p[name][1] for p in parts]) / 2        # DDP averages gradients over the 2 ranks
+        ga = torch.cat([p[name][1] for p in parts]) / 2  # DDP averages gradients over the 2 ranks
         gb = torch.cat([p[name][2] for p in parts]) / 2
         torch.testing.assert_close(ga, a.grad, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(gb, b.grad, rtol=1e-4, atol=1e-6)
@@ -197,17 +205,24 @@ def test_each_method_has_its_papers_recipe_under_yaml_and_flags(tmp_path):
     assert set(METHODS) == {"simsiam", "byol", "vicreg", "simclr"}
     assert all(m.paper for m in METHODS.values())
     simsiam = train_config(method="simsiam")
-    assert (simsiam.optimizer, simsiam.base_lr, simsiam.weight_decay) == ("sgd", 0.03, 5e-4)   # unchanged
+    assert (simsiam.optimizer, simsiam.base_lr, simsiam.weight_decay) == ("sgd", 0.03, 5e-4)  # unchanged
     byol = train_config(method="byol", arch="resnet18")
     assert (byol.optimizer, byol.base_lr, byol.weight_decay, byol.ema_tau_base) == ("lars", 0.2, 1.5e-6, 0.996)
     assert (byol.proj_hidden_dim, byol.proj_dim, byol.pred_dim, byol.fix_pred_lr) == (4096, 256, 4096, False)
     vic = train_config(method="vicreg")
-    assert (vic.proj_hidden_dim, vic.proj_dim, vic.vicreg_sim_coeff, vic.vicreg_std_coeff, vic.vicreg_cov_coeff,
-            vic.base_lr, vic.weight_decay) == (8192, 8192, 25.0, 25.0, 1.0, 0.2, 1e-6)
+    assert (
+        vic.proj_hidden_dim,
+        vic.proj_dim,
+        vic.vicreg_sim_coeff,
+        vic.vicreg_std_coeff,
+        vic.vicreg_cov_coeff,
+        vic.base_lr,
+        vic.weight_decay,
+    ) == (8192, 8192, 25.0, 25.0, 1.0, 0.2, 1e-6)
     sim = train_config(method="simclr", batch_size=64)
     assert (sim.temperature, sim.lr_scaling, sim.proj_dim, sim.optimizer) == (0.1, "sqrt", 128, "lars")
-    assert scaled_lr(sim, world_size=2) == pytest.approx(0.075 * math.sqrt(128))       # sqrt rule
-    assert scaled_lr(byol, world_size=1) == pytest.approx(0.2 * 64 / 256)              # linear rule
+    assert scaled_lr(sim, world_size=2) == pytest.approx(0.075 * math.sqrt(128))  # sqrt rule
+    assert scaled_lr(byol, world_size=1) == pytest.approx(0.2 * 64 / 256)  # linear rule
     vit = train_config(method="byol", arch="vit_small_p10")
     assert (vit.optimizer, vit.base_lr, vit.weight_decay, vit.proj_dim) == ("adamw", 1.5e-4, 0.1, 256)
     # YAML over the recipe, flags over YAML
@@ -245,6 +260,7 @@ def test_vit_at_native_110px_export_contract_with_timm():
     """vit_small_p10 at 110 px: timm.create_model with the same arguments loads the backbone with no
     missing or unexpected key; with a classifier it misses exactly head.weight/head.bias."""
     import timm
+
     torch.manual_seed(0)
     net = build_backbone("vit_small_p10", img_size=110).eval()
     assert net.patch_embed.proj.weight.shape == (384, 1, 10, 10) and net.pos_embed.shape == (1, 1 + 11 * 11, 384)
@@ -252,8 +268,9 @@ def test_vit_at_native_110px_export_contract_with_timm():
     assert spec.img_size_of(net.state_dict()) == 110
     ex = spec.export(net.state_dict(), 110)
     assert ex.in_chans == 1 and ex.library["timm"]["patch_size"] == 10
-    ref = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=110, patch_size=10, in_chans=1,
-                            num_classes=0)
+    ref = timm.create_model(
+        "vit_small_patch16_224", pretrained=False, img_size=110, patch_size=10, in_chans=1, num_classes=0
+    )
     res = ref.load_state_dict(ex.state, strict=False)
     assert res.missing_keys == [] and res.unexpected_keys == []
     head = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=110, patch_size=10, in_chans=1)
@@ -274,8 +291,15 @@ def test_vit_at_native_110px_export_contract_with_timm():
 @pytest.fixture(scope="module")
 def byol_vit_run(lensiam_shards, tmp_path_factory):
     """The real trainer: BYOL on a tiny ViT (patch 8 at the fixtures' 48 px), 2 steps."""
-    return train_tiny(lensiam_shards, tmp_path_factory.mktemp("byolvit") / "run", method="byol",
-                      arch="vit_tiny_p8", proj_hidden_dim=32, proj_dim=16, pred_dim=32)
+    return train_tiny(
+        lensiam_shards,
+        tmp_path_factory.mktemp("byolvit") / "run",
+        method="byol",
+        arch="vit_tiny_p8",
+        proj_hidden_dim=32,
+        proj_dim=16,
+        pred_dim=32,
+    )
 
 
 def test_byol_vit_run_exports_embeds_and_finetunes(byol_vit_run, lensiam_shards, single_shards, tmp_path):
@@ -288,9 +312,9 @@ def test_byol_vit_run_exports_embeds_and_finetunes(byol_vit_run, lensiam_shards,
     from hpc_lensiam.embed.extract import extract_embeddings, load_embeddings
 
     ckpt = load_checkpoint(byol_vit_run / "checkpoints" / "last.pt")
-    online = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
-    target = {k[len("target_encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("target_encoder.")}
-    assert target and set(target) == set(online)                              # the EMA target is checkpointed
+    online = {k[len("encoder.") :]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    target = {k[len("target_encoder.") :]: v for k, v in ckpt["model"].items() if k.startswith("target_encoder.")}
+    assert target and set(target) == set(online)  # the EMA target is checkpointed
     assert not torch.equal(target["blocks.0.attn.qkv.weight"], online["blocks.0.attn.qkv.weight"])
     out = tmp_path / "vit.pt"
     side = export_backbone(str(byol_vit_run), str(out))
@@ -304,12 +328,14 @@ def test_byol_vit_run_exports_embeds_and_finetunes(byol_vit_run, lensiam_shards,
     assert res.missing_keys == [] and res.unexpected_keys == []
     assert json.loads((tmp_path / "vit.pt.json").read_text())["weights_sha256"] == side["weights_sha256"]
 
-    emb = extract_embeddings(str(byol_vit_run), str(lensiam_shards), str(tmp_path / "emb.h5"), batch_size=32,
-                             progress=False)
+    emb = extract_embeddings(
+        str(byol_vit_run), str(lensiam_shards), str(tmp_path / "emb.h5"), batch_size=32, progress=False
+    )
     e = load_embeddings(tmp_path / "emb.h5")
     assert emb["arch"] == "vit_tiny_p8" and e["features"].shape == (128, 192)
-    rep = finetune(str(out), str(single_shards), str(single_shards), n_train=24, n_test=16, epochs=1,
-                   batch_size=8, progress=False)
+    rep = finetune(
+        str(out), str(single_shards), str(single_shards), n_train=24, n_test=16, epochs=1, batch_size=8, progress=False
+    )
     assert rep["arch"] == "vit_tiny_p8" and rep["init"] == "pretrained" and np.isfinite(rep["r2"])
     assert rep["pretraining"]["method"] == "byol"
 
@@ -327,8 +353,21 @@ def test_byol_resume_continues_the_ema_target(lensiam_shards, tmp_path):
     train_tiny(lensiam_shards, tmp_path / "straight", max_steps=3, **kw)
     train_tiny(lensiam_shards, tmp_path / "split", max_steps=2, **kw)
     from hpc_lensiam.train.loop import train
-    train(train_config(data=str(lensiam_shards), out=str(tmp_path / "split"), arch="resnet18", batch_size=8,
-                       max_steps=3, epochs=1, workers=0, log_every=1, **kw), resume=True)
+
+    train(
+        train_config(
+            data=str(lensiam_shards),
+            out=str(tmp_path / "split"),
+            arch="resnet18",
+            batch_size=8,
+            max_steps=3,
+            epochs=1,
+            workers=0,
+            log_every=1,
+            **kw,
+        ),
+        resume=True,
+    )
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["model"]
     assert a.keys() == b.keys()
@@ -338,8 +377,19 @@ def test_byol_resume_continues_the_ema_target(lensiam_shards, tmp_path):
     assert not torch.equal(a["target_encoder.fc.0.weight"], a["encoder.fc.0.weight"])
     # resuming it as another method is refused in one line naming both methods
     with pytest.raises(UserError, match=r"cannot resume this run .*--method simclr .*method 'byol'"):
-        train(train_config(data=str(lensiam_shards), out=str(tmp_path / "split"), arch="resnet18", batch_size=8,
-                           max_steps=4, epochs=1, workers=0, method="simclr"), resume=True)
+        train(
+            train_config(
+                data=str(lensiam_shards),
+                out=str(tmp_path / "split"),
+                arch="resnet18",
+                batch_size=8,
+                max_steps=4,
+                epochs=1,
+                workers=0,
+                method="simclr",
+            ),
+            resume=True,
+        )
 
 
 def test_byol_with_deepspeed_and_simclr_on_two_torchrun_ranks(lensiam_shards, tmp_path):
@@ -350,22 +400,51 @@ def test_byol_with_deepspeed_and_simclr_on_two_torchrun_ranks(lensiam_shards, tm
     from pathlib import Path
 
     from hpc_lensiam.downstream.export import backbone_from_checkpoint
-    run = train_tiny(lensiam_shards, tmp_path / "ds", method="byol", engine="deepspeed", proj_hidden_dim=32,
-                     proj_dim=16, pred_dim=32)
+
+    run = train_tiny(
+        lensiam_shards, tmp_path / "ds", method="byol", engine="deepspeed", proj_hidden_dim=32, proj_dim=16, pred_dim=32
+    )
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["engine"] == "deepspeed" and any(k.startswith("target_encoder.") for k in state["model"])
     bb, info = backbone_from_checkpoint(run)
     assert info["method"] == "byol" and info["arch"] == "resnet18" and "fc.0.weight" not in bb
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m",
-           "hpc_lensiam", "train", "--data", str(lensiam_shards), "--out", str(tmp_path / "simclr"),
-           "--method", "simclr", "--arch", "resnet18", "--batch-size", "4", "--max-steps", "2", "--epochs", "1",
-           "--workers", "0", "--proj-hidden-dim", "32", "--proj-dim", "16", "--log-every", "1"]
+    cmd = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "hpc_lensiam",
+        "train",
+        "--data",
+        str(lensiam_shards),
+        "--out",
+        str(tmp_path / "simclr"),
+        "--method",
+        "simclr",
+        "--arch",
+        "resnet18",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "2",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--proj-hidden-dim",
+        "32",
+        "--proj-dim",
+        "16",
+        "--log-every",
+        "1",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "train: simclr | lensiam | resnet18 | lars" in proc.stdout
-    assert "lr = 0.075 x sqrt(8)" in proc.stdout                       # global batch 4 x 2 ranks
+    assert "lr = 0.075 x sqrt(8)" in proc.stdout  # global batch 4 x 2 ranks
     rows = (tmp_path / "simclr" / "metrics.csv").read_text().strip().splitlines()[1:]
     losses = [float(r.split(",")[2]) for r in rows]
     # NT-Xent over the global batch of 8 pairs: 15 candidates per anchor, chance level log(15)

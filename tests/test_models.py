@@ -1,4 +1,5 @@
 """SimSiam model and loss against the definition (Chen & He 2021)."""
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,7 @@ def test_backbone_is_torchvision_resnet_with_1_channel_stem_and_zero_init_residu
     assert isinstance(net.fc, nn.Identity)
     assert all(float(b.bn2.weight.detach().abs().sum()) == 0 for layer in (net.layer1, net.layer4) for b in layer)
     with torch.no_grad():
-        assert net.eval()(torch.randn(2, 1, 48, 48)).shape == (2, 512)   # native size, no resize
+        assert net.eval()(torch.randn(2, 1, 48, 48)).shape == (2, 512)  # native size, no resize
     with pytest.raises(ValueError, match="resnet34"):
         build_backbone("resnet34")
 
@@ -39,16 +40,17 @@ def test_zero_init_residual_can_be_turned_off_for_short_runs():
     model = SimSiam("resnet18", zero_init_residual=False)
     assert float(model.encoder.layer2[0].bn2.weight.detach().min()) == 1.0
     from hpc_lensiam.config import TrainConfig, from_dict
-    assert TrainConfig().zero_init_residual is True            # the SimSiam reference recipe by default
+
+    assert TrainConfig().zero_init_residual is True  # the SimSiam reference recipe by default
     assert from_dict(TrainConfig, {"zero_init_residual": False}, "t").zero_init_residual is False
 
 
 def test_resnet101_structure():
     net = build_backbone("resnet101")
-    assert sum(len(layer) for layer in (net.layer1, net.layer2, net.layer3, net.layer4)) == 33   # 3+4+23+3
+    assert sum(len(layer) for layer in (net.layer1, net.layer2, net.layer3, net.layer4)) == 33  # 3+4+23+3
     assert all(float(b.bn3.weight.detach().abs().sum()) == 0 for b in net.layer3)
     n_params = sum(p.numel() for p in net.parameters())
-    assert 42e6 < n_params < 43e6          # torchvision resnet101 (44.5M) minus fc and 2 of 3 stem channels
+    assert 42e6 < n_params < 43e6  # torchvision resnet101 (44.5M) minus fc and 2 of 3 stem channels
 
 
 def test_projector_and_predictor_follow_simsiam(model18):
@@ -76,7 +78,7 @@ def test_loss_is_symmetric_negative_cosine():
     p1, p2, z1, z2 = (torch.randn(8, 16) for _ in range(4))
     expected = -(F.cosine_similarity(p1, z2).mean() + F.cosine_similarity(p2, z1).mean()) / 2
     assert torch.allclose(simsiam_loss(p1, p2, z1, z2), expected)
-    assert torch.allclose(simsiam_loss(p2, p1, z2, z1), expected)             # symmetric
+    assert torch.allclose(simsiam_loss(p2, p1, z2, z1), expected)  # symmetric
     assert math.isclose(float(simsiam_loss(z2, z1, z1, z2)), -1.0, abs_tol=1e-6)  # aligned: -1
     assert math.isclose(float(simsiam_loss(-z2, -z1, z1, z2)), 1.0, abs_tol=1e-6)
 
@@ -85,7 +87,7 @@ def test_stop_gradient_no_gradient_through_target_branch():
     p1, p2 = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
     z1, z2 = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
     simsiam_loss(p1, p2, z1, z2).backward()
-    assert z1.grad is None and z2.grad is None               # targets get no gradient
+    assert z1.grad is None and z2.grad is None  # targets get no gradient
     assert p1.grad.abs().sum() > 0 and p2.grad.abs().sum() > 0
 
 
@@ -98,10 +100,12 @@ def test_encoder_gradient_flows_only_through_the_predictor_branch():
     simsiam_loss(p1, p2, z1, z2).backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    z1c, z2c = model.encoder(x1), model.encoder(x2)       # fresh graph, targets as plain constants
+    z1c, z2c = model.encoder(x1), model.encoder(x2)  # fresh graph, targets as plain constants
     c1, c2 = z1c.detach().clone(), z2c.detach().clone()
-    loss = -(F.cosine_similarity(model.predictor(z1c), c2).mean()
-             + F.cosine_similarity(model.predictor(z2c), c1).mean()) / 2
+    loss = (
+        -(F.cosine_similarity(model.predictor(z1c), c2).mean() + F.cosine_similarity(model.predictor(z2c), c1).mean())
+        / 2
+    )
     loss.backward()
     for g, p in zip(grads, model.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-6)
@@ -116,9 +120,11 @@ def test_z_std_collapse_monitor():
 
 
 def test_checkpoint_roundtrip_and_backbone_export(tmp_path, model18):
-    state = {f"module.{k}": v for k, v in model18.state_dict().items()}   # as a DDP wrapper names them
-    save_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt",
-                    {"model": state, "config": {"arch": "resnet18"}, "step": 7, "epoch": 0, "arch": "resnet18"})
+    state = {f"module.{k}": v for k, v in model18.state_dict().items()}  # as a DDP wrapper names them
+    save_checkpoint(
+        tmp_path / "run" / "checkpoints" / "last.pt",
+        {"model": state, "config": {"arch": "resnet18"}, "step": 7, "epoch": 0, "arch": "resnet18"},
+    )
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
     for path in (tmp_path / "run", tmp_path / "run" / "checkpoints", tmp_path / "run" / "checkpoints" / "last.pt"):
         sd, cfg, step = load_model_state(path)
@@ -135,6 +141,7 @@ def test_checkpoint_roundtrip_and_backbone_export(tmp_path, model18):
 
 def test_load_model_state_errors(tmp_path):
     from hpc_lensiam.errors import UserError
+
     with pytest.raises(UserError, match="no such checkpoint"):
         load_model_state(tmp_path / "nope")
     with pytest.raises(UserError, match="holds no checkpoint"):

@@ -1,5 +1,6 @@
 """Numerics of the paper family: adaptive supersampling converges, core-Sersic sources carry unit flux,
 COSMOS stamp cleaning removes the pedestal and the noise floor. (Figures: bench/numerics.py.)"""
+
 from __future__ import annotations
 
 import warnings
@@ -12,11 +13,30 @@ from hpc_lensiam.simulate.priors import draw_source
 from hpc_lensiam.simulate.simulator import LensSimulator
 from hpc_lensiam.simulate.sources import SourceRenderer, clean_stamp
 
-LENS = {"theta_E": 1.0, "gamma": 2.0, "e1": 0.1, "e2": -0.05, "center_x": 0.0, "center_y": 0.0,
-        "gamma1": 0.02, "gamma2": 0.0}
+LENS = {
+    "theta_E": 1.0,
+    "gamma": 2.0,
+    "e1": 0.1,
+    "e2": -0.05,
+    "center_x": 0.0,
+    "center_y": 0.0,
+    "gamma1": 0.02,
+    "gamma2": 0.0,
+}
 # a compact, cuspy source near the caustic: the case a uniform factor 2 gets wrong
-SOURCE = {"kind": "core_sersic", "amp": 1.0, "R_sersic": 0.04, "n_sersic": 3.0, "Rb": 0.01, "gamma": 0.5,
-          "alpha": 3.0, "e1": 0.0, "e2": 0.0, "center_x": 0.03, "center_y": 0.02}
+SOURCE = {
+    "kind": "core_sersic",
+    "amp": 1.0,
+    "R_sersic": 0.04,
+    "n_sersic": 3.0,
+    "Rb": 0.01,
+    "gamma": 0.5,
+    "alpha": 3.0,
+    "e1": 0.0,
+    "e2": 0.0,
+    "center_x": 0.03,
+    "center_y": 0.02,
+}
 LIGHT = {"R_sersic": 0.8, "n_sersic": 5.0, "peak_ratio": 0.5}
 
 
@@ -43,6 +63,7 @@ def test_core_sersic_sources_have_unit_total_flux():
     """Checked by adaptive quadrature, independent of the log-grid integral the code uses; the plain
     Sersic formula gave 0.72-1.01 on the same draws."""
     from scipy.integrate import quad
+
     renderer = SourceRenderer()
     rng = np.random.default_rng(0)
     prior = SourcePrior(merger_fraction=0.0)
@@ -51,8 +72,10 @@ def test_core_sersic_sources_have_unit_total_flux():
         kw = {k: src[k] for k in ("amp", "R_sersic", "n_sersic", "Rb", "gamma", "alpha")}
 
         def f(r, kw=kw):
-            return 2 * np.pi * r * float(renderer._core.function(np.array([r]), np.array([0.0]), e1=0.0, e2=0.0,
-                                                                 **kw)[0])
+            return (
+                2 * np.pi * r * float(renderer._core.function(np.array([r]), np.array([0.0]), e1=0.0, e2=0.0, **kw)[0])
+            )
+
         edges = [0.0, kw["Rb"], kw["R_sersic"], 10 * kw["R_sersic"], 200 * kw["R_sersic"]]
         flux = sum(quad(f, a, b, limit=200)[0] for a, b in zip(edges[:-1], edges[1:]))
         assert flux == pytest.approx(1.0, abs=1e-3)
@@ -61,12 +84,12 @@ def test_core_sersic_sources_have_unit_total_flux():
 def test_clean_stamp_removes_pedestal_and_noise_floor():
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[:60, :60]
-    galaxy = 50.0 * np.exp(-((xx - 30) ** 2 + (yy - 30) ** 2) / (2 * 4.0 ** 2))
-    stamp = galaxy + 0.7 + rng.normal(0, 0.1, galaxy.shape)          # pedestal 0.7, noise RMS 0.1
+    galaxy = 50.0 * np.exp(-((xx - 30) ** 2 + (yy - 30) ** 2) / (2 * 4.0**2))
+    stamp = galaxy + 0.7 + rng.normal(0, 0.1, galaxy.shape)  # pedestal 0.7, noise RMS 0.1
     clean = clean_stamp(stamp, noise_rms=0.1, k_sigma=2.0)
-    assert (clean[galaxy < 0.05] == 0).mean() > 0.95                 # the sky is gone
+    assert (clean[galaxy < 0.05] == 0).mean() > 0.95  # the sky is gone
     assert (clean >= 0).all() and np.mean(clean > 0) < 0.2
-    assert clean.sum() == pytest.approx(galaxy.sum(), rel=0.02)       # the galaxy's flux is kept
+    assert clean.sum() == pytest.approx(galaxy.sum(), rel=0.02)  # the galaxy's flux is kept
 
 
 def test_cleaning_option_on_real_cosmos_stamps(cosmos_dir):
@@ -74,8 +97,11 @@ def test_cleaning_option_on_real_cosmos_stamps(cosmos_dir):
     pixels lensed into the image); cleaned: a galaxy-sized footprint and no negative pixel in the image."""
     lens_images, footprints = {}, {}
     for k in (None, 1.0):
-        cfg = simulation_config(cosmos_dir=str(cosmos_dir), instrument={"num_pix": 64},
-                                source={"cosmos_fraction": 1.0, "merger_fraction": 0.0, "cosmos_clean_k_sigma": k})
+        cfg = simulation_config(
+            cosmos_dir=str(cosmos_dir),
+            instrument={"num_pix": 64},
+            source={"cosmos_fraction": 1.0, "merger_fraction": 0.0, "cosmos_clean_k_sigma": k},
+        )
         sim = LensSimulator(cfg)
         rows = sim.catalog.accepted()
         footprints[k] = np.median([np.mean(sim.catalog.stamp(r).image != 0) for r in rows])

@@ -1,4 +1,5 @@
 """The torch renderer in the pipeline: ``simulate --engine torch`` shards and ``train --data online``."""
+
 from __future__ import annotations
 
 import io
@@ -33,8 +34,7 @@ def yamls(tmp_path_factory) -> dict:
 
 
 def _cli(bin_dir, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(bin_dir / "hpc-lensiam"), *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([str(bin_dir / "hpc-lensiam"), *map(str, args)], capture_output=True, text=True, timeout=600)
 
 
 def _samples(shard: Path):
@@ -51,8 +51,21 @@ def test_simulate_engine_torch_shards_match_lenstronomy(bin_dir, yamls, tmp_path
     """Same layout and manifest as the lenstronomy engine; every view equals LensSimulator.render
     of its stored parameters (float32 renderer: < 1e-3 of the peak)."""
     out = tmp_path / "torch_ds"
-    args = ["simulate", "--engine", "torch", "--out", out, "--pairs", 6, "--shard-size", 4, "--seed", 3,
-            "--config", yamls["no_noise"]]
+    args = [
+        "simulate",
+        "--engine",
+        "torch",
+        "--out",
+        out,
+        "--pairs",
+        6,
+        "--shard-size",
+        4,
+        "--seed",
+        3,
+        "--config",
+        yamls["no_noise"],
+    ]
     proc = _cli(bin_dir, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = read_manifest(out)
@@ -71,16 +84,17 @@ def test_simulate_engine_torch_shards_match_lenstronomy(bin_dir, yamls, tmp_path
             n += 1
     assert n == 6 and worst < 1e-3
     before = {p.name: p.read_bytes() for p in out.glob("shard-*.tar")}
-    for p in out.glob("shard-*.tar"):      # a rerun redoes missing shards with the same bytes
+    for p in out.glob("shard-*.tar"):  # a rerun redoes missing shards with the same bytes
         p.unlink()
     assert _cli(bin_dir, *args).returncode == 0
     assert {p.name: p.read_bytes() for p in out.glob("shard-*.tar")} == before
-    other = _cli(bin_dir, *[a if a != "torch" else "lenstronomy" for a in args])   # not mixed with another engine
+    other = _cli(bin_dir, *[a if a != "torch" else "lenstronomy" for a in args])  # not mixed with another engine
     assert other.returncode == 2 and "engine" in other.stderr and len(other.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("device,match", [("cuda:7" if torch.cuda.is_available() else "cuda", "CUDA"),
-                                          ("gpu", "not a torch device")])
+@pytest.mark.parametrize(
+    "device,match", [("cuda:7" if torch.cuda.is_available() else "cuda", "CUDA"), ("gpu", "not a torch device")]
+)
 def test_simulate_bad_device_fails_before_writing(bin_dir, tmp_path, device, match):
     out = tmp_path / "ds"
     proc = _cli(bin_dir, "simulate", "--engine", "torch", "--device", device, "--out", out, "--pairs", 2)
@@ -99,9 +113,9 @@ def test_online_batches_depend_on_seed_rank_and_index_only(yamls):
         assert torch.equal(x["x1"], y["x1"]) and torch.equal(x["x2"], y["x2"])
     assert full[0]["x1"].shape == (3, 1, 48, 48) and full[0]["x1"].dtype == torch.float32
     assert not torch.equal(full[0]["x1"], full[1]["x1"])
-    assert not torch.equal(full[0]["x1"], next(a.epoch(0))["x1"])                    # epochs differ
+    assert not torch.equal(full[0]["x1"], next(a.epoch(0))["x1"])  # epochs differ
     other_rank = OnlineLoader(spec, "lensiam", batch_size=3, rank=1, world_size=2, seed=5, epoch_samples=24)
-    assert not torch.equal(full[0]["x1"], next(other_rank.epoch(1))["x1"])          # ranks differ
+    assert not torch.equal(full[0]["x1"], next(other_rank.epoch(1))["x1"])  # ranks differ
     single = OnlineLoader(spec, "simsiam", batch_size=2, epoch_samples=8)
     assert set(next(single.epoch(0))) == {"x", "keys", "bad"}
 
@@ -112,11 +126,26 @@ def test_online_training_two_steps_and_resume_sees_the_same_pairs(yamls, tmp_pat
     kw = dict(batch_size=4, online_epoch_samples=16, ckpt_every=1)
     ref = train_tiny(spec, tmp_path / "ref", **kw)
     from hpc_lensiam.train.loop import train, train_config
+
     cut = tmp_path / "cut"
     train_tiny(spec, cut, **{**kw, "max_steps": 1})
-    summary = train(train_config(data=spec, out=str(cut), arch="resnet18", batch_size=4, max_steps=2, epochs=1,
-                                 workers=0, proj_dim=64, pred_dim=16, log_every=1, online_epoch_samples=16,
-                                 ckpt_every=1), resume=True)
+    summary = train(
+        train_config(
+            data=spec,
+            out=str(cut),
+            arch="resnet18",
+            batch_size=4,
+            max_steps=2,
+            epochs=1,
+            workers=0,
+            proj_dim=64,
+            pred_dim=16,
+            log_every=1,
+            online_epoch_samples=16,
+            ckpt_every=1,
+        ),
+        resume=True,
+    )
     assert summary["step"] == 2 and summary["steps_run"] == 1
     a, _, _ = load_model_state(ref)
     b, _, _ = load_model_state(cut)
@@ -124,21 +153,30 @@ def test_online_training_two_steps_and_resume_sees_the_same_pairs(yamls, tmp_pat
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
     rows = [r.split(",") for r in (ref / "metrics.csv").read_text().splitlines()[1:]]
     rows_cut = [r.split(",") for r in (cut / "metrics.csv").read_text().splitlines()[1:]]
-    assert [r[:3] for r in rows] == [r[:3] for r in rows_cut]                  # step, epoch, loss
+    assert [r[:3] for r in rows] == [r[:3] for r in rows_cut]  # step, epoch, loss
 
 
 def test_online_simsiam_mode_trains(yamls, tmp_path):
-    run = train_tiny(f"online:{yamls['small']}", tmp_path / "simsiam", mode="simsiam", batch_size=4,
-                     online_epoch_samples=8, max_steps=1)
+    run = train_tiny(
+        f"online:{yamls['small']}",
+        tmp_path / "simsiam",
+        mode="simsiam",
+        batch_size=4,
+        online_epoch_samples=8,
+        max_steps=1,
+    )
     assert (run / "checkpoints" / "last.pt").is_file()
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--data", "online:nonsense"], "unknown simulation family or config 'nonsense'"),
-    (["--data", "online:missing.yaml"], "missing.yaml: config file not found"),
-    (["--data", "online", "--online-epoch-samples", "4"], "--online-epoch-samples 4 is smaller than one step"),
-    (["--data", "online", "--online-epoch-samples", "0"], "online_epoch_samples: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--data", "online:nonsense"], "unknown simulation family or config 'nonsense'"),
+        (["--data", "online:missing.yaml"], "missing.yaml: config file not found"),
+        (["--data", "online", "--online-epoch-samples", "4"], "--online-epoch-samples 4 is smaller than one step"),
+        (["--data", "online", "--online-epoch-samples", "0"], "online_epoch_samples: must be >= 1"),
+    ],
+)
 def test_online_bad_input_is_one_line(tmp_path, capsys, args, match):
     rc = main(["train", "--out", str(tmp_path / "run"), "--arch", "resnet18", "--batch-size", "8", *args])
     err = capsys.readouterr().err
@@ -150,13 +188,37 @@ def test_online_two_ranks_torchrun(bin_dir, yamls, tmp_path):
     """Each rank renders its own micro-batch (gloo DDP on CPU); the run finishes and checkpoints."""
     import os
     import sys
+
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONWARNINGS"] = "ignore"
     out = tmp_path / "ddp"
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m",
-           "hpc_lensiam", "train", "--data", f"online:{yamls['small']}", "--out", str(out), "--arch", "resnet18",
-           "--batch-size", "2", "--max-steps", "2", "--online-epoch-samples", "8", "--proj-dim", "64",
-           "--pred-dim", "16", "--log-every", "1"]
+    cmd = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "hpc_lensiam",
+        "train",
+        "--data",
+        f"online:{yamls['small']}",
+        "--out",
+        str(out),
+        "--arch",
+        "resnet18",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--online-epoch-samples",
+        "8",
+        "--proj-dim",
+        "64",
+        "--pred-dim",
+        "16",
+        "--log-every",
+        "1",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "2 rank(s)" in proc.stdout and "2 steps/epoch" in proc.stdout

@@ -1,5 +1,6 @@
 """Real images beside simulations: embed several folders into one file, similar (faiss) by key,
 by image and --anomaly, umap --overlay; the real Euclid Q1 lens against a simulated set."""
+
 from __future__ import annotations
 
 import json
@@ -31,11 +32,17 @@ def real_dir(tmp_path_factory) -> Path:
     if not EUCLID.is_file():
         pytest.skip(f"Euclid Q1 lens not present at {EUCLID}")
     from hpc_lensiam.ingest.run import ingest
+
     d = tmp_path_factory.mktemp("real")
     (d / "labels.csv").write_text(f"file,is_lens\n{EUCLID.name},1\n")
     out = d / "euclid_q1"
-    ingest(str(out), files=[str(EUCLID)], labels_csv=str(d / "labels.csv"),
-           config=IngestConfig(preset="euclid", num_pix=48), progress=False)
+    ingest(
+        str(out),
+        files=[str(EUCLID)],
+        labels_csv=str(d / "labels.csv"),
+        config=IngestConfig(preset="euclid", num_pix=48),
+        progress=False,
+    )
     return out
 
 
@@ -43,20 +50,36 @@ def real_dir(tmp_path_factory) -> Path:
 def mixed(ckpt, single_shards, real_dir, tmp_path_factory) -> Path:
     """64 simulated euclid images + the real lens, one file (the CLI's `embed --data A B`)."""
     out = tmp_path_factory.mktemp("emb") / "mixed.h5"
-    assert main(["embed", "--checkpoint", str(ckpt), "--data", str(single_shards), str(real_dir),
-                 "--out", str(out), "--workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(single_shards),
+                str(real_dir),
+                "--out",
+                str(out),
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_embed_several_folders_source_column_and_unlabelled_rows(mixed, single_shards, real_dir, ckpt, tmp_path):
     from hpc_lensiam.embed.extract import extract_embeddings, load_embeddings
+
     e = load_embeddings(mixed, need_params=False)
     assert e["features"].shape == (65, 512) and np.isfinite(e["features"]).all()
     assert list(e["source"]) == [str(single_shards)] * 64 + [str(real_dir)]
-    assert e["keys"][-1] == "000000_000000" and e["keys"][0] == "000000_000000"   # each row keeps its shard key
-    assert len(np.unique(e["pair_id"])) == 65                                      # same key, two systems
+    assert e["keys"][-1] == "000000_000000" and e["keys"][0] == "000000_000000"  # each row keeps its shard key
+    assert len(np.unique(e["pair_id"])) == 65  # same key, two systems
     with h5py.File(mixed) as f:
-        for p in LENS_PARAMS:                                                      # NaN-free, marked unknown
+        for p in LENS_PARAMS:  # NaN-free, marked unknown
             assert np.isfinite(f["params"][p][...]).all()
             assert f["params_known"][p][...].tolist() == [True] * 64 + [False]
         assert json.loads(f.attrs["missing_params"]) == []
@@ -74,9 +97,10 @@ def test_embed_several_folders_source_column_and_unlabelled_rows(mixed, single_s
         assert list(f["params"]) == ["is_lens"] and json.loads(f.attrs["missing_params"]) == list(LENS_PARAMS)
         assert f["params"]["is_lens"][...].tolist() == [1]
     from hpc_lensiam.embed.probe import probe
+
     with pytest.raises(UserError, match="no lens parameters"):
         probe(str(only))
-    rep = probe(str(mixed))                                   # the 64 labelled rows are probed
+    rep = probe(str(mixed))  # the 64 labelled rows are probed
     (res,) = rep["results"].values()
     assert res["n_train"] + res["n_test"] == 64
 
@@ -92,20 +116,36 @@ def _brute_force(features: np.ndarray, q: int, k: int, skip: np.ndarray) -> list
 
 def test_similar_by_key_real_lens_among_simulations(mixed, real_dir, tmp_path, capsys):
     from hpc_lensiam.embed.extract import load_embeddings
+
     e = load_embeddings(mixed, need_params=False)
     png, js = tmp_path / "grid.png", tmp_path / "n.json"
-    rc = main(["similar", "--embeddings", str(mixed), "--key", "000000_000000", "--source", str(real_dir),
-               "-k", "5", "--out", str(png), "--json", str(js)])
+    rc = main(
+        [
+            "similar",
+            "--embeddings",
+            str(mixed),
+            "--key",
+            "000000_000000",
+            "--source",
+            str(real_dir),
+            "-k",
+            "5",
+            "--out",
+            str(png),
+            "--json",
+            str(js),
+        ]
+    )
     assert rc == 0
     table = capsys.readouterr().out
     rep = json.loads(js.read_text())
     nb = rep["neighbours"]
-    assert len(nb) == 5 and all(r["source"] != str(real_dir) for r in nb)          # all simulated
+    assert len(nb) == 5 and all(r["source"] != str(real_dir) for r in nb)  # all simulated
     sims = [r["similarity"] for r in nb]
     assert sims == sorted(sims, reverse=True) and all(-1.0001 <= v <= 1.0001 for v in sims)
     rows = [int(np.nonzero((e["keys"] == r["key"]) & (e["source"] == r["source"]))[0][0]) for r in nb]
     assert rows == _brute_force(e["features"], 64, 5, e["source"] == str(real_dir))
-    assert all(set(r["params"]) == set(LENS_PARAMS) for r in nb)                    # simulated: labelled
+    assert all(set(r["params"]) == set(LENS_PARAMS) for r in nb)  # simulated: labelled
     assert nb[0]["key"] in table and "cosine" in table
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a key in both folders needs --source; an unknown key is one error line
@@ -120,10 +160,11 @@ def test_similar_by_image_equals_by_key(mixed, ckpt, real_dir, tmp_path, lensiam
     by_key = similar(str(mixed), key="000000_000000", source=str(real_dir), k=4, progress=False)
     by_img = similar(str(mixed), image=str(EUCLID), checkpoint=str(ckpt), k=5, progress=False)
     first = by_img["neighbours"][0]
-    assert first["key"] == "000000_000000" and first["source"] == str(real_dir)   # itself, re-ingested
+    assert first["key"] == "000000_000000" and first["source"] == str(real_dir)  # itself, re-ingested
     assert first["similarity"] > 0.9999
-    assert [(r["key"], r["source"]) for r in by_img["neighbours"][1:]] == \
-        [(r["key"], r["source"]) for r in by_key["neighbours"]]
+    assert [(r["key"], r["source"]) for r in by_img["neighbours"][1:]] == [
+        (r["key"], r["source"]) for r in by_key["neighbours"]
+    ]
     with pytest.raises(UserError, match="needs --checkpoint"):
         similar(str(mixed), image=str(EUCLID))
     other = conftest.train_tiny(lensiam_shards, tmp_path / "other", max_steps=1) / "checkpoints" / "last.pt"
@@ -149,8 +190,9 @@ def test_anomaly_ranks_the_isolated_points_first(tmp_path, index):
     outliers = [17, 1234, 2999]
     x[outliers] = 3 * rng.normal(size=(3, 32))
     _write_features(tmp_path / "e.h5", x)
-    rep = similar(str(tmp_path / "e.h5"), anomaly=True, k=5, index=index, json_out=str(tmp_path / "a.json"),
-                  progress=False)
+    rep = similar(
+        str(tmp_path / "e.h5"), anomaly=True, k=5, index=index, json_out=str(tmp_path / "a.json"), progress=False
+    )
     top = [r["key"] for r in rep["ranking"][:3]]
     assert sorted(top) == sorted(f"{i // 100:06d}_{i % 100:06d}" for i in outliers)
     scores = [r["score"] for r in rep["ranking"]]
@@ -169,6 +211,7 @@ def test_umap_overlay_places_real_images_with_the_fitted_map(ckpt, single_shards
 
     from hpc_lensiam.embed.extract import extract_embeddings
     from hpc_lensiam.embed.umap import run_umap
+
     sim, real = tmp_path / "sim.h5", tmp_path / "real.h5"
     extract_embeddings(str(ckpt), str(single_shards), str(sim), workers=0, progress=False)
     extract_embeddings(str(ckpt), str(real_dir), str(real), workers=0, progress=False)
@@ -181,7 +224,7 @@ def test_umap_overlay_places_real_images_with_the_fitted_map(ckpt, single_shards
         assert g["umap"].shape == (1, 2) and g["umap"].attrs["fitted_on"] == str(sim.resolve())
         np.testing.assert_allclose(g["umap"][...], ov)
     lo, hi = u.min(0) - 0.5 * np.ptp(u, 0), u.max(0) + 0.5 * np.ptp(u, 0)
-    assert np.all((ov >= lo) & (ov <= hi))                    # on the simulated map, not far off it
+    assert np.all((ov >= lo) & (ov <= hi))  # on the simulated map, not far off it
     other = tmp_path / "other.h5"
     shutil.copyfile(real, other)
     with h5py.File(other, "r+") as f:
@@ -200,14 +243,28 @@ def test_similar_bench_exact_search_and_vector_file_lifetime(tmp_path):
 
     bench = Path(__file__).resolve().parents[1] / "bench" / "similar.py"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    common = [sys.executable, str(bench), "--rows", "3000", "--dim", "32", "--block-rows", "700",
-              "--recall-queries", "40", "--repeats", "1", "--dir", str(tmp_path / "v")]
+    common = [
+        sys.executable,
+        str(bench),
+        "--rows",
+        "3000",
+        "--dim",
+        "32",
+        "--block-rows",
+        "700",
+        "--recall-queries",
+        "40",
+        "--repeats",
+        "1",
+        "--dir",
+        str(tmp_path / "v"),
+    ]
     subprocess.run(common + ["--json", str(tmp_path / "r.json")], check=True, env=env, capture_output=True)
     res = {r["method"]: r for r in json.loads((tmp_path / "r.json").read_text())}
     assert set(res) == {"truth", "numpy", "flat", "ivf"}
     assert res["numpy"]["recall_at_16"] == 1.0 and res["flat"]["recall_at_16"] == 1.0
     assert res["ivf"]["nlist"] == int(4 * np.sqrt(3000)) and 0 < res["ivf"]["recall_at_16"] <= 1
-    assert not any((tmp_path / "v").iterdir())                # vectors and truth deleted by default
+    assert not any((tmp_path / "v").iterdir())  # vectors and truth deleted by default
     subprocess.run(common + ["--methods", "numpy", "--keep-vectors"], check=True, env=env, capture_output=True)
     kept = tmp_path / "v" / "vectors_3000x32_seed0.f32"
     x = np.fromfile(kept, np.float32).reshape(3000, 32)

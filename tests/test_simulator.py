@@ -1,4 +1,5 @@
 """LensSimulator physics: Einstein ring radius, LenSiam pairs, determinism, the render API, errors."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,16 @@ def _ring_radius(sim: LensSimulator, img: np.ndarray, cx=0.0, cy=0.0) -> float:
 @pytest.mark.parametrize("theta_E", [0.8, 1.3])
 def test_sis_einstein_ring_radius_equals_theta_E(sim, theta_E):
     """SIS + small centred source, no PSF/noise/lens light: a ring at r = theta_E (within 1 pixel)."""
-    lens = {"theta_E": theta_E, "gamma": 2.0, "e1": 0.0, "e2": 0.0, "center_x": 0.0, "center_y": 0.0,
-            "gamma1": 0.0, "gamma2": 0.0}
+    lens = {
+        "theta_E": theta_E,
+        "gamma": 2.0,
+        "e1": 0.0,
+        "e2": 0.0,
+        "center_x": 0.0,
+        "center_y": 0.0,
+        "gamma1": 0.0,
+        "gamma2": 0.0,
+    }
     src = {"kind": "sersic", "amp": 1.0, "R_sersic": 0.05, "n_sersic": 1.0, "center_x": 0.0, "center_y": 0.0}
     img = sim.render(lens=lens, source=src)
     assert img.dtype == np.float32 and img.shape == (NUM_PIX, NUM_PIX)
@@ -53,7 +62,7 @@ def test_sis_einstein_ring_radius_equals_theta_E(sim, theta_E):
     assert abs(_ring_radius(sim, img) - theta_E) <= sim.grid.pixel_scale_arcsec
     # a ring, not a blob: the centre is dark compared with the ring
     c = NUM_PIX // 2
-    assert img[c - 1:c + 1, c - 1:c + 1].max() < 0.05
+    assert img[c - 1 : c + 1, c - 1 : c + 1].max() < 0.05
 
 
 def test_offset_lens_ring_follows_lens_centre(sim):
@@ -158,37 +167,60 @@ def test_priors_source_mix_and_lens_light_follows_mass(sim):
 
 
 def test_render_options(sim):
-    lens = {"theta_E": 1.0, "gamma": 2.1, "e1": 0.1, "e2": -0.05, "center_x": 0.0, "center_y": 0.0,
-            "gamma1": 0.03, "gamma2": 0.0}
-    src = {"kind": "core_sersic", "R_sersic": 0.2, "Rb": 0.02, "n_sersic": 2.0, "gamma": 0.2,
-           "center_x": 0.05, "center_y": 0.0}
+    lens = {
+        "theta_E": 1.0,
+        "gamma": 2.1,
+        "e1": 0.1,
+        "e2": -0.05,
+        "center_x": 0.0,
+        "center_y": 0.0,
+        "gamma1": 0.03,
+        "gamma2": 0.0,
+    }
+    src = {
+        "kind": "core_sersic",
+        "R_sersic": 0.2,
+        "Rb": 0.02,
+        "n_sersic": 2.0,
+        "gamma": 0.2,
+        "center_x": 0.05,
+        "center_y": 0.0,
+    }
     plain = sim.render(lens, src)
     with_ll = sim.render(lens, src, lens_light={"R_sersic": 0.8, "n_sersic": 4.0, "peak_ratio": 2.0})
     blurred = sim.render(lens, src, psf=0)
-    gauss = np.exp(-0.5 * (np.arange(-4, 5)[:, None] ** 2 + np.arange(-4, 5)[None, :] ** 2) / 1.5 ** 2)
+    gauss = np.exp(-0.5 * (np.arange(-4, 5)[:, None] ** 2 + np.arange(-4, 5)[None, :] ** 2) / 1.5**2)
     blurred2 = sim.render(lens, src, psf=gauss)
     noisy = sim.render(lens, src, noise_sigma=0.05, rng=np.random.default_rng(0))
     merged = sim.render(lens, [src, {"kind": "sersic", "R_sersic": 0.1, "n_sersic": 1, "center_x": -0.2}])
     for img in (plain, with_ll, blurred, blurred2, noisy, merged):
         _check_image(img)
     c = NUM_PIX // 2
-    assert with_ll[c, c] > 0.5 > plain[c, c]        # lens light brightens the centre
+    assert with_ll[c, c] > 0.5 > plain[c, c]  # lens light brightens the centre
     # blurring lowers the peak relative to the total flux: the max-1 images grow in sum
     assert plain.sum() < blurred.sum() < blurred2.sum()
     assert (noisy - plain).std() > 0.01
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(lens={"theta_E": 1.0}, source={"kind": "blob"}), "unknown source kind"),
-    (dict(lens={"theta_E": 1.0, "kappa": 1}, source={"kind": "sersic", "R_sersic": 0.1, "n_sersic": 1}), "kappa"),
-    (dict(lens={"gamma": 2.0}, source={"kind": "sersic", "R_sersic": 0.1, "n_sersic": 1}), "theta_E"),
-    (dict(lens={"theta_E": 1.0}, source={"kind": "sersic", "n_sersic": 1}), "R_sersic"),
-    (dict(lens={"theta_E": 1.0}, source={"kind": "cosmos", "id": 1}), "cosmos_dir"),
-    (dict(lens={"theta_E": 1.0}, source={"kind": "sersic", "R_sersic": 0.1, "n_sersic": 1}, psf=99), "psf"),
-    (dict(lens={"theta_E": 1.0}, source={"kind": "sersic", "R_sersic": 0.1, "n_sersic": 1},
-          psf=np.ones((4, 4))), "odd"),
-    (dict(lens={"theta_E": 1.0}, source={"kind": "sersic", "R_sersic": 0.1, "n_sersic": 1}, noise_sigma=0.1), "rng"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lens={"theta_E": 1.0}, source={"kind": "blob"}), "unknown source kind"),
+        (dict(lens={"theta_E": 1.0, "kappa": 1}, source={"kind": "sersic", "R_sersic": 0.1, "n_sersic": 1}), "kappa"),
+        (dict(lens={"gamma": 2.0}, source={"kind": "sersic", "R_sersic": 0.1, "n_sersic": 1}), "theta_E"),
+        (dict(lens={"theta_E": 1.0}, source={"kind": "sersic", "n_sersic": 1}), "R_sersic"),
+        (dict(lens={"theta_E": 1.0}, source={"kind": "cosmos", "id": 1}), "cosmos_dir"),
+        (dict(lens={"theta_E": 1.0}, source={"kind": "sersic", "R_sersic": 0.1, "n_sersic": 1}, psf=99), "psf"),
+        (
+            dict(lens={"theta_E": 1.0}, source={"kind": "sersic", "R_sersic": 0.1, "n_sersic": 1}, psf=np.ones((4, 4))),
+            "odd",
+        ),
+        (
+            dict(lens={"theta_E": 1.0}, source={"kind": "sersic", "R_sersic": 0.1, "n_sersic": 1}, noise_sigma=0.1),
+            "rng",
+        ),
+    ],
+)
 def test_render_bad_input_raises_user_error(sim, kwargs, match):
     with pytest.raises(UserError, match=match):
         sim.render(**kwargs)
@@ -203,12 +235,15 @@ def test_no_cosmos_warns_once_at_construction():
         s.sample_single(np.random.default_rng(1))
 
 
-@pytest.mark.parametrize("overrides", [
-    {"lens": {"theta_E_arcsec": [0.0, 1.0]}},    # theta_E must be > 0
-    {"lens": {"theta_E_arcsec": [1.5, 1.0]}},    # min > max
-    {"instrument": {"psf_size_pix": 20}},        # even PSF
-    {"source": {"merger_flux_ratio": [0.0, 1.0]}},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"lens": {"theta_E_arcsec": [0.0, 1.0]}},  # theta_E must be > 0
+        {"lens": {"theta_E_arcsec": [1.5, 1.0]}},  # min > max
+        {"instrument": {"psf_size_pix": 20}},  # even PSF
+        {"source": {"merger_flux_ratio": [0.0, 1.0]}},
+    ],
+)
 def test_impossible_config_raises_config_error(overrides):
     with pytest.raises(ConfigError):
         simulation_config(**overrides)

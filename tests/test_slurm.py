@@ -6,6 +6,7 @@ it). The whole module skips, saying why, where the cluster cannot start (not roo
 slurm-up fails); set HPC_LENSIAM_REQUIRE_SLURM=1 to make that a failure instead (CI on a machine
 that must run them).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,11 @@ pytestmark = pytest.mark.timeout(400)
 
 def clean_env(**extra) -> dict:
     """The test's environment minus any launcher's variables (pytest may itself run in a job)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "PMI", "OMPI_", "MPI_LOCAL", "HYDRA_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "PMI", "OMPI_", "MPI_LOCAL", "HYDRA_"))
+    }
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -38,15 +42,19 @@ def clean_env(**extra) -> dict:
 def slurm() -> None:
     """A running one-node cluster, started by ci/slurm-up.sh (idempotent: instant when up)."""
     try:
-        p = subprocess.run(["bash", str(REPO / "ci" / "slurm-up.sh")], cwd=REPO, capture_output=True,
-                           text=True, timeout=600)
+        p = subprocess.run(
+            ["bash", str(REPO / "ci" / "slurm-up.sh")], cwd=REPO, capture_output=True, text=True, timeout=600
+        )
         out, rc = (p.stdout + p.stderr).strip(), p.returncode
     except subprocess.TimeoutExpired:
         out, rc = "timed out after 600 s", 1
     if rc != 0:
         last = out.splitlines()[-1] if out else ""
-        why = (f"Slurm not available here: {last}" if rc == 77
-               else f"ci/slurm-up.sh could not start Slurm (exit {rc}): {last}")
+        why = (
+            f"Slurm not available here: {last}"
+            if rc == 77
+            else f"ci/slurm-up.sh could not start Slurm (exit {rc}): {last}"
+        )
         if os.environ.get("HPC_LENSIAM_REQUIRE_SLURM") == "1":
             pytest.fail(why)
         pytest.skip(why)
@@ -60,19 +68,37 @@ class Job:
         return f"job {self.id} exit {self.rc} after {self.seconds:.1f} s; log:\n{self.log}"
 
 
-def sbatch(tmp: Path, script: Path, *, env: dict | None = None, ntasks: int | None = 2,
-           minutes: int = 3, timeout: float = 240, args: tuple = ()) -> Job:
+def sbatch(
+    tmp: Path,
+    script: Path,
+    *,
+    env: dict | None = None,
+    ntasks: int | None = 2,
+    minutes: int = 3,
+    timeout: float = 240,
+    args: tuple = (),
+) -> Job:
     """Submit ``script`` from the repo with `sbatch --wait`; return the finished Job."""
     name = f"lensiam-test-{uuid.uuid4().hex[:8]}"
-    cmd = ["sbatch", "--wait", "--parsable", f"--job-name={name}", f"--output={tmp}/slurm-%j.out",
-           f"--chdir={REPO}", f"--time={minutes}", "--nodes=1", *args]
+    cmd = [
+        "sbatch",
+        "--wait",
+        "--parsable",
+        f"--job-name={name}",
+        f"--output={tmp}/slurm-%j.out",
+        f"--chdir={REPO}",
+        f"--time={minutes}",
+        "--nodes=1",
+        *args,
+    ]
     if ntasks:
         cmd.append(f"--ntasks={ntasks}")
     start = time.perf_counter()
     try:
         # From the repo, as the README says: the scripts cd to $SLURM_SUBMIT_DIR (not --chdir).
-        p = subprocess.run([*cmd, str(script)], env=clean_env(**(env or {})), capture_output=True,
-                           text=True, timeout=timeout, cwd=REPO)
+        p = subprocess.run(
+            [*cmd, str(script)], env=clean_env(**(env or {})), capture_output=True, text=True, timeout=timeout, cwd=REPO
+        )
     except subprocess.TimeoutExpired:
         subprocess.run(["scancel", f"--name={name}"], timeout=30)
         pytest.fail(f"{script.name}: job {name} did not finish in {timeout} s (cancelled)")
@@ -142,6 +168,7 @@ RUN_KEYS = {"created", "created_at", "elapsed_s", "host", "hostname", "ranks", "
 def _data_set(out: Path) -> dict:
     """The manifest minus run details, after checking every shard is there with its sha256."""
     from hpc_lensiam.io import sha256_file
+
     manifest = json.loads((out / "manifest.json").read_text())
     for entry in manifest["shards"]:
         assert sha256_file(out / entry["name"]) == entry["sha256"], entry
@@ -158,10 +185,32 @@ def plain_simulation(tmp_path_factory) -> dict:
     if find_spec("hpc_lensiam.simulate.simulator") is None:
         pytest.skip("hpc_lensiam.simulate.simulator does not exist yet")
     out = tmp_path_factory.mktemp("plain") / "shards"
-    p = subprocess.run([str(BIN / "mpiexec"), "-n", "2", str(BIN / "hpc-lensiam"), "simulate",
-                        "--out", str(out), "--pairs", str(SIM["PAIRS"]), "--shard-size", str(SIM["SHARD_SIZE"]),
-                        "--seed", str(SIM["SEED"]), "--mode", SIM["MODE"], "--preset", SIM["PRESET"]],
-                       cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            str(BIN / "mpiexec"),
+            "-n",
+            "2",
+            str(BIN / "hpc-lensiam"),
+            "simulate",
+            "--out",
+            str(out),
+            "--pairs",
+            str(SIM["PAIRS"]),
+            "--shard-size",
+            str(SIM["SHARD_SIZE"]),
+            "--seed",
+            str(SIM["SEED"]),
+            "--mode",
+            SIM["MODE"],
+            "--preset",
+            SIM["PRESET"],
+        ],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     return _data_set(out)
 
@@ -169,19 +218,24 @@ def plain_simulation(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("launcher", ["mpiexec", "srun --mpi=pmi2"])
 def test_simulate_sh_matches_plain_mpiexec(slurm, plain_simulation, tmp_path, launcher):
     out = tmp_path / "shards"
-    job = sbatch(tmp_path, REPO / "slurm" / "simulate.sh", minutes=4, timeout=280,
-                 env=dict(SIM, OUT=out, LAUNCHER=launcher, VENV=VENV))
+    job = sbatch(
+        tmp_path,
+        REPO / "slurm" / "simulate.sh",
+        minutes=4,
+        timeout=280,
+        env=dict(SIM, OUT=out, LAUNCHER=launcher, VENV=VENV),
+    )
     assert job.rc == 0, job
     assert "2 rank(s)" in job.log, job
     assert _data_set(out) == plain_simulation
     from hpc_lensiam.io import TMP_PREFIX
+
     assert not list(out.glob(TMP_PREFIX + "*")), "partial shards left behind"
 
 
 # ------------------------------------------------------------------ (c) slurm/pretrain.sh
 # The CPU demo recipe, smaller: resnet18 on the 48x48 test shards, 2 processes x batch 4.
-PRETRAIN = dict(CONFIG="configs/demo.yaml", ARCH="resnet18", BATCH=4, WORKERS=1, NPROC_PER_NODE=2,
-                EPOCHS=4, VENV=VENV)
+PRETRAIN = dict(CONFIG="configs/demo.yaml", ARCH="resnet18", BATCH=4, WORKERS=1, NPROC_PER_NODE=2, EPOCHS=4, VENV=VENV)
 
 
 @pytest.fixture
@@ -204,8 +258,7 @@ def _wait_for(what: str, check, timeout: float, log: Path | None = None, every: 
 
 
 def _squeue(name: str) -> list[tuple[str, str, str]]:
-    p = subprocess.run(["squeue", "-h", f"--name={name}", "-o", "%i %T %r"], capture_output=True,
-                       text=True, timeout=30)
+    p = subprocess.run(["squeue", "-h", f"--name={name}", "-o", "%i %T %r"], capture_output=True, text=True, timeout=30)
     return [tuple(line.split(maxsplit=2)) for line in p.stdout.splitlines() if line.strip()]
 
 
@@ -216,9 +269,16 @@ def _metric_steps(run: Path) -> list[int]:
 
 def test_pretrain_sh_two_processes_leave_a_checkpoint(slurm, pretrain_sh, lensiam_shards, tmp_path):
     from hpc_lensiam.train.checkpoint import load_checkpoint
+
     run = tmp_path / "run"
-    job = sbatch(tmp_path, pretrain_sh, ntasks=None, minutes=4, timeout=200,
-                 env=dict(PRETRAIN, DATA=lensiam_shards, RUN=run, MAX_STEPS=3))
+    job = sbatch(
+        tmp_path,
+        pretrain_sh,
+        ntasks=None,
+        minutes=4,
+        timeout=200,
+        env=dict(PRETRAIN, DATA=lensiam_shards, RUN=run, MAX_STEPS=3),
+    )
     assert job.rc == 0, job
     assert "2 rank(s)" in job.log and "(step 3/3" in job.log, job
     # Issue 11 finding 6: the task got the default 2 CPUs for 2 trainers x (1 + 1 worker): both the
@@ -236,14 +296,29 @@ def test_pretrain_sh_usr1_checkpoints_requeues_and_resumes(slurm, pretrain_sh, l
     """Slurm's time-limit warning (USR1 to the batch shell), sent by hand: the job checkpoints,
     requeues itself, and the requeued run resumes from that checkpoint to the end."""
     from hpc_lensiam.train.checkpoint import load_checkpoint
+
     steps = 24
     run = tmp_path / "run"
     name = f"lensiam-test-{uuid.uuid4().hex[:8]}"
-    cmd = ["sbatch", "--wait", "--parsable", f"--job-name={name}", f"--output={tmp_path}/slurm-%j.out",
-           f"--chdir={REPO}", "--time=5", "--nodes=1", str(pretrain_sh)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(**PRETRAIN, DATA=lensiam_shards, RUN=run,
-                                                          MAX_STEPS=steps),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [
+        "sbatch",
+        "--wait",
+        "--parsable",
+        f"--job-name={name}",
+        f"--output={tmp_path}/slurm-%j.out",
+        f"--chdir={REPO}",
+        "--time=5",
+        "--nodes=1",
+        str(pretrain_sh),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=clean_env(**PRETRAIN, DATA=lensiam_shards, RUN=run, MAX_STEPS=steps),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         job_id = _wait_for("the job to be queued", lambda: (_squeue(name) or [[None]])[0][0], 30)
         log = tmp_path / f"slurm-{job_id}.out"
@@ -251,13 +326,13 @@ def test_pretrain_sh_usr1_checkpoints_requeues_and_resumes(slurm, pretrain_sh, l
         def progress():
             text = log.read_text() if log.is_file() else ""
             return any(int(s) >= 2 for s in re.findall(rf"^step (\d+)/{steps}", text, re.M))
+
         _wait_for("training to reach step 2", progress, 120, log)
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
         _wait_for("the job to requeue itself", lambda: "requeueing job" in log.read_text(), 90, log)
         # Slurm holds a requeued job about two minutes (BeginTime); start it sooner, but not at
         # once: a restart within the second of the requeue is refused ("Job credential revoked").
-        _wait_for("the job to be pending again", lambda: any(s == "PENDING" for _, s, _ in _squeue(name)),
-                  30, log)
+        _wait_for("the job to be pending again", lambda: any(s == "PENDING" for _, s, _ in _squeue(name)), 30, log)
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+4"], check=True, timeout=30)
         proc.communicate(timeout=180)
     finally:

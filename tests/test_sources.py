@@ -4,6 +4,7 @@ The extra source here reads real simulated pairs (the conftest shards, decoded o
 ``pairs.npy``) from a folder; it is registered in-process and the real trainer runs through it:
 the registry in data/sources.py is the only thing the test touches.
 """
+
 from __future__ import annotations
 
 import csv
@@ -35,7 +36,7 @@ class NpyPairLoader:
 
     def epoch(self, epoch: int, start: int = 0):
         for i in range(start, self.batches_per_epoch):
-            b = self.pairs[i * self.batch_size:(i + 1) * self.batch_size]
+            b = self.pairs[i * self.batch_size : (i + 1) * self.batch_size]
             yield {"x1": b[:, :1], "x2": b[:, 1:], "keys": [f"e{epoch}_b{i}"] * len(b), "bad": 0}
 
 
@@ -57,8 +58,11 @@ class NpyPairs(PrefixSource):
 
 def _pairs_folder(shards: Path, out: Path, n: int | None = None) -> Path:
     """The simulator's pairs, decoded from its shards into ``out/pairs.npy`` (first ``n``)."""
-    pairs = [np.stack([decode_npy(s["view1.npy"]), decode_npy(s["view2.npy"])])
-             for p in shard_paths(shards) for s in read_shard(p)]
+    pairs = [
+        np.stack([decode_npy(s["view1.npy"]), decode_npy(s["view2.npy"])])
+        for p in shard_paths(shards)
+        for s in read_shard(p)
+    ]
     out.mkdir(parents=True)
     np.save(out / "pairs.npy", np.stack(pairs[:n]).astype(np.float32))
     return out
@@ -67,15 +71,15 @@ def _pairs_folder(shards: Path, out: Path, n: int | None = None) -> Path:
 @pytest.fixture
 def npy_source(monkeypatch):
     source = NpyPairs()
-    monkeypatch.setitem(SOURCES, "npy", source)   # the one line a new source adds to SOURCES
+    monkeypatch.setitem(SOURCES, "npy", source)  # the one line a new source adds to SOURCES
     return source
 
 
 def test_source_for_picks_by_spec(npy_source, lensiam_shards):
     assert source_for("npy:/some/dir") is npy_source
     assert isinstance(source_for("online:hst"), OnlineSource) and isinstance(source_for("online"), OnlineSource)
-    assert isinstance(source_for(str(lensiam_shards)), ShardSource)      # any other spec: a shard directory
-    assert isinstance(source_for("npy_shards/run1"), ShardSource)        # a prefix needs its colon
+    assert isinstance(source_for(str(lensiam_shards)), ShardSource)  # any other spec: a shard directory
+    assert isinstance(source_for("npy_shards/run1"), ShardSource)  # a prefix needs its colon
     with pytest.raises(UserError, match="--data: no shard directory given"):
         source_for("")
 
@@ -101,8 +105,21 @@ def test_registered_source_trains_and_guards_resume(npy_source, lensiam_shards, 
     assert ckpt["step"] == 2 and ckpt["data_manifest_sha256"] == sha256_file(folder / "pairs.npy")
     other = _pairs_folder(lensiam_shards, tmp_path / "other", n=32)
     with pytest.raises(UserError, match=r"other settings: data"):
-        train(train_config(data=f"npy:{other}", out=str(run), arch="resnet18", batch_size=8, max_steps=3,
-                           epochs=1, workers=0, proj_dim=64, pred_dim=16, log_every=1), resume=True)
+        train(
+            train_config(
+                data=f"npy:{other}",
+                out=str(run),
+                arch="resnet18",
+                batch_size=8,
+                max_steps=3,
+                epochs=1,
+                workers=0,
+                proj_dim=64,
+                pred_dim=16,
+                log_every=1,
+            ),
+            resume=True,
+        )
 
 
 def test_registered_source_bad_spec_is_checked_before_the_run_folder(npy_source, tmp_path):

@@ -1,4 +1,5 @@
 """COSMOS real-galaxy catalog and PSF bank: real data when present, FITS files written here."""
+
 from __future__ import annotations
 
 import math
@@ -32,7 +33,7 @@ def _check_kernel(k: np.ndarray, tol_pix: float = 0.25):
     assert abs(k.sum() - 1.0) < 1e-10
     c = k.shape[0] // 2
     # centred: the light centroid of the core sits on the centre pixel
-    core = np.clip(k[c - 3: c + 4, c - 3: c + 4], 0, None)
+    core = np.clip(k[c - 3 : c + 4, c - 3 : c + 4], 0, None)
     cy, cx, _, _ = _moments(core)
     assert abs(cy - 3) < tol_pix and abs(cx - 3) < tol_pix
     assert np.unravel_index(np.argmax(k), k.shape) == (c, c)
@@ -42,7 +43,7 @@ def _gauss(n: int, sigma_pix: float, cy: float | None = None, cx: float | None =
     yy, xx = np.mgrid[:n, :n]
     cy = (n - 1) / 2 if cy is None else cy
     cx = (n - 1) / 2 if cx is None else cx
-    return np.exp(-0.5 * ((yy - cy) ** 2 + (xx - cx) ** 2) / sigma_pix ** 2)
+    return np.exp(-0.5 * ((yy - cy) ** 2 + (xx - cx) ** 2) / sigma_pix**2)
 
 
 def _write(path, data, header=None):
@@ -72,8 +73,10 @@ def test_cosmos_catalog_cuts_on_real_sample(cosmos_dir):
 def test_cosmos_sources_render_and_mix(cosmos_dir):
     sim = LensSimulator(simulation_config(cosmos_dir=str(cosmos_dir), instrument={"num_pix": 48}))
     ident = int(sim.catalog.ident[sim.catalog.accepted()[0]])
-    img = sim.render({"theta_E": 1.0, "gamma": 2.0},
-                     {"kind": "cosmos", "id": ident, "center_x": 0.05, "center_y": 0.0, "phi_G": 0.3, "scale": 0.02})
+    img = sim.render(
+        {"theta_E": 1.0, "gamma": 2.0},
+        {"kind": "cosmos", "id": ident, "center_x": 0.05, "center_y": 0.0, "phi_G": 0.3, "scale": 0.02},
+    )
     assert img.dtype == np.float32 and np.isfinite(img).all() and img.max() == 1.0
     rng = np.random.default_rng(1)
     kinds = []
@@ -83,6 +86,7 @@ def test_cosmos_sources_render_and_mix(cosmos_dir):
         kinds += [v["source"]["kind"] for v in pair["params"]["views"]]
     assert "cosmos" in kinds
     from hpc_lensiam.simulate.priors import draw_lens, draw_source
+
     lens = draw_lens(rng, sim.config.lens)
     srcs = [draw_source(rng, sim.config.source, lens, sim.catalog, sim.sources) for _ in range(400)]
     frac = np.mean([s["kind"] == "cosmos" for s in srcs])
@@ -102,10 +106,12 @@ def test_missing_cosmos_dir_and_catalog_raise_user_error(tmp_path):
 
 
 def test_malformed_cosmos_catalog_raises_user_error(tmp_path):
-    cols = [fits.Column(name="IDENT", format="K", array=np.array([1, 2])),
-            fits.Column(name="GAL_HDU", format="K", array=np.array([0, 1])),
-            fits.Column(name="PIXEL_SCALE", format="D", array=np.array([0.03, 0.03])),
-            fits.Column(name="NOISE_VARIANCE", format="D", array=np.array([1e-6, 1e-6]))]
+    cols = [
+        fits.Column(name="IDENT", format="K", array=np.array([1, 2])),
+        fits.Column(name="GAL_HDU", format="K", array=np.array([0, 1])),
+        fits.Column(name="PIXEL_SCALE", format="D", array=np.array([0.03, 0.03])),
+        fits.Column(name="NOISE_VARIANCE", format="D", array=np.array([1e-6, 1e-6])),
+    ]
     fits.BinTableHDU.from_columns(cols).writeto(tmp_path / "real_galaxy_catalog_23.5.fits")
     with pytest.raises(UserError, match="GAL_FILENAME"):
         CosmosCatalog(tmp_path)
@@ -117,11 +123,13 @@ def test_cosmos_catalog_written_here(tmp_path):
     stamps = [_gauss(60, 5.0), _gauss(40, 4.0), _gauss(64, 6.0) * 0.01]  # ok, too small, too noisy
     hdus = [fits.PrimaryHDU(stamps[0].astype(np.float32))] + [fits.ImageHDU(s.astype(np.float32)) for s in stamps[1:]]
     fits.HDUList(hdus).writeto(tmp_path / "real_galaxy_images_23.5_n1.fits")
-    cols = [fits.Column(name="IDENT", format="K", array=np.array([10, 11, 12])),
-            fits.Column(name="GAL_FILENAME", format="40A", array=np.array(["real_galaxy_images_23.5_n1.fits"] * 3)),
-            fits.Column(name="GAL_HDU", format="K", array=np.array([0, 1, 2])),
-            fits.Column(name="PIXEL_SCALE", format="D", array=np.array([0.03] * 3)),
-            fits.Column(name="NOISE_VARIANCE", format="D", array=np.array([1e-4] * 3))]
+    cols = [
+        fits.Column(name="IDENT", format="K", array=np.array([10, 11, 12])),
+        fits.Column(name="GAL_FILENAME", format="40A", array=np.array(["real_galaxy_images_23.5_n1.fits"] * 3)),
+        fits.Column(name="GAL_HDU", format="K", array=np.array([0, 1, 2])),
+        fits.Column(name="PIXEL_SCALE", format="D", array=np.array([0.03] * 3)),
+        fits.Column(name="NOISE_VARIANCE", format="D", array=np.array([1e-4] * 3)),
+    ]
     fits.BinTableHDU.from_columns(cols).writeto(tmp_path / "real_galaxy_catalog_23.5.fits")
     cat = CosmosCatalog(tmp_path)
     assert cat.accepted() == [0]
@@ -145,7 +153,7 @@ def test_supersampled_gaussian_resampled_width_and_centre(tmp_path):
     _check_kernel(k)
     assert k.shape == (21, 21)
     cy, cx, sy, sx = _moments(k)
-    expected = math.sqrt(2.0 ** 2 + 1 / 12)
+    expected = math.sqrt(2.0**2 + 1 / 12)
     assert abs(sy - expected) < 0.03 * expected and abs(sx - expected) < 0.03 * expected
     assert abs(cy - 10) < 1e-6 and abs(cx - 10) < 1e-6
 
@@ -158,7 +166,7 @@ def test_off_centre_psf_is_recentred_and_header_scale_used(tmp_path):
     k = bank.kernels[0]
     _check_kernel(k, tol_pix=0.05)
     _, _, sy, _ = _moments(k)
-    assert abs(sy - math.sqrt(1.5 ** 2 + 1 / 12)) < 0.05
+    assert abs(sy - math.sqrt(1.5**2 + 1 / 12)) < 0.05
 
 
 def test_psf_cube_gives_one_kernel_per_plane(tmp_path):
@@ -174,35 +182,41 @@ def test_psf_cube_gives_one_kernel_per_plane(tmp_path):
     # through the config, as the writer uses it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        sim = LensSimulator(simulation_config(psf_files=[path], psf_pixel_scale_arcsec=0.01,
-                                              instrument={"num_pix": 32}))
+        sim = LensSimulator(
+            simulation_config(psf_files=[path], psf_pixel_scale_arcsec=0.01, instrument={"num_pix": 32})
+        )
     assert len(sim.psf_bank) == 3
     pair = sim.sample_pair(np.random.default_rng(0))
     assert all(0 <= v["psf_id"] < 3 for v in pair["params"]["views"])
 
 
 def test_real_hst_psf_files(hst_psf_dir):
-    emp = PSFBank.from_files([str(hst_psf_dir / "emp_psf_f814w.fits")], pixel_scale_arcsec=0.05,
-                             size_pix=21, file_pixel_scale_arcsec=0.01)  # 4x supersampled 0.04"/px
+    emp = PSFBank.from_files(
+        [str(hst_psf_dir / "emp_psf_f814w.fits")], pixel_scale_arcsec=0.05, size_pix=21, file_pixel_scale_arcsec=0.01
+    )  # 4x supersampled 0.04"/px
     assert len(emp) == 56
     for k in emp.kernels[::11]:
         _check_kernel(k)
         assert 0.06 < fwhm_arcsec(k, 0.05) < 0.14
-    single = PSFBank.from_files([str(hst_psf_dir / "psf_101.fits")], pixel_scale_arcsec=0.05,
-                                size_pix=21, file_pixel_scale_arcsec=0.04)
+    single = PSFBank.from_files(
+        [str(hst_psf_dir / "psf_101.fits")], pixel_scale_arcsec=0.05, size_pix=21, file_pixel_scale_arcsec=0.04
+    )
     assert len(single) == 1
     _check_kernel(single.kernels[0])
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda p: str(p / "absent.fits"), "not found"),
-    (lambda p: _write(p / "line.fits", np.ones(11)), "1 dimensions"),
-    (lambda p: _write(p / "four.fits", np.ones((2, 2, 5, 5))), "4 dimensions"),
-    (lambda p: _write(p / "neg.fits", -_gauss(21, 2.0)), "positive"),
-    (lambda p: _write(p / "zero.fits", np.zeros((21, 21))), "positive"),
-    (lambda p: (fits.PrimaryHDU().writeto(p / "empty.fits"), str(p / "empty.fits"))[1], "no image data"),
-    (lambda p: ((p / "text.fits").write_text("not a fits file\n" * 10), str(p / "text.fits"))[1], "FITS"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda p: str(p / "absent.fits"), "not found"),
+        (lambda p: _write(p / "line.fits", np.ones(11)), "1 dimensions"),
+        (lambda p: _write(p / "four.fits", np.ones((2, 2, 5, 5))), "4 dimensions"),
+        (lambda p: _write(p / "neg.fits", -_gauss(21, 2.0)), "positive"),
+        (lambda p: _write(p / "zero.fits", np.zeros((21, 21))), "positive"),
+        (lambda p: (fits.PrimaryHDU().writeto(p / "empty.fits"), str(p / "empty.fits"))[1], "no image data"),
+        (lambda p: ((p / "text.fits").write_text("not a fits file\n" * 10), str(p / "text.fits"))[1], "FITS"),
+    ],
+)
 def test_bad_psf_file_raises_user_error(tmp_path, make, match):
     path = make(tmp_path)
     with pytest.raises(UserError, match=match):
@@ -232,10 +246,17 @@ def test_builtin_psf_fwhm(preset, lo, hi):
 
 def test_builtin_psf_scales_with_wavelength_over_aperture():
     """Diffraction: FWHM grows with lambda / D (no detector blur, 4x finer pixels to resolve it)."""
-    base = dict(pixel_scale_arcsec=0.0125, psf_size_pix=41, psf_bank_size=1, aberration_rms_waves=0.0,
-                detector_blur_sigma_pix=0.0)
-    w = [fwhm_arcsec(PSFBank.builtin(InstrumentConfig(**base, aperture_diameter_m=d), 0).kernels[0], 0.0125, 6)
-         for d in (2.4, 1.2)]
+    base = dict(
+        pixel_scale_arcsec=0.0125,
+        psf_size_pix=41,
+        psf_bank_size=1,
+        aberration_rms_waves=0.0,
+        detector_blur_sigma_pix=0.0,
+    )
+    w = [
+        fwhm_arcsec(PSFBank.builtin(InstrumentConfig(**base, aperture_diameter_m=d), 0).kernels[0], 0.0125, 6)
+        for d in (2.4, 1.2)
+    ]
     lam_over_d = 814e-9 / 2.4 * 206265
     assert 0.9 * lam_over_d < w[0] < 1.2 * lam_over_d  # Airy core FWHM ~1.03 lambda/D (+ pixel)
     assert 1.8 < w[1] / w[0] < 2.2

@@ -5,6 +5,7 @@ is known in closed form, builds the 95% interval on each, and counts how often i
 A correct interval covers 95% of the time; the tolerance is 3 binomial standard deviations of the
 count (REPS = 200: +-0.046), so a correct method fails by chance about 3 times in 1,000.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,7 @@ def _within_binomial(coverage: float) -> bool:
     return abs(coverage - 0.95) <= TOL
 
 
-def _two_arms(rng, n: int, seeds: int, tau: float, sigma_a: float = 0.40, sigma_b: float = 0.45,
-              shared: float = 0.7):
+def _two_arms(rng, n: int, seeds: int, tau: float, sigma_a: float = 0.40, sigma_b: float = 0.45, shared: float = 0.7):
     """Targets y ~ N(0, 1) and (seeds, n) predictions of two models on the same test images.
 
     Prediction error of arm k, seed s, image i: sigma_k * exp(tau * u_ks) * (sqrt(shared) h_i +
@@ -45,7 +45,7 @@ def _two_arms(rng, n: int, seeds: int, tau: float, sigma_a: float = 0.40, sigma_
         scale = sigma * np.exp(tau * rng.normal(size=(seeds, 1)))
         return y + scale * (math.sqrt(shared) * h + math.sqrt(1 - shared) * rng.normal(size=(seeds, n)))
 
-    truth = math.exp(2 * tau ** 2) * (sigma_b ** 2 - sigma_a ** 2) * n / (n - 3)
+    truth = math.exp(2 * tau**2) * (sigma_b**2 - sigma_a**2) * n / (n - 3)
     return y, arm(sigma_a), arm(sigma_b), truth
 
 
@@ -69,7 +69,7 @@ def test_hierarchical_interval_covers_with_seed_noise_and_images_only_does_not()
     hier, images, dfs = _paired_coverage(tau=0.2)
     assert _within_binomial(hier), f"hierarchical coverage {hier:.3f}"
     assert images < 0.6, f"images-only coverage {images:.3f}: expected to under-cover with seed noise"
-    assert np.median(dfs) < 5          # the seed term dominates: few degrees of freedom, a t quantile
+    assert np.median(dfs) < 5  # the seed term dominates: few degrees of freedom, a t quantile
 
 
 def test_hierarchical_interval_does_not_under_cover_without_seed_noise():
@@ -89,13 +89,13 @@ def test_hierarchical_difference_exact_cases():
     assert res["ci95"][0] < res["delta"] < res["ci95"][1] and res["seeds"] == 3 and res["n_test"] == 200
     assert res["se"] >= res["se_images_only"] * 0.99 and res["seed_variance"] > 0
     again = hierarchical_paired_difference(y, pa, pb, n_boot=500)
-    assert again == res                                            # seeded: the same numbers every time
+    assert again == res  # seeded: the same numbers every time
 
-    same = hierarchical_paired_difference(y, pa, pa, n_boot=200)   # an arm against itself: exactly 0
+    same = hierarchical_paired_difference(y, pa, pa, n_boot=200)  # an arm against itself: exactly 0
     assert same["delta"] == 0 and same["ci95"] == [0.0, 0.0] and same["ci95_images_only"] == [0.0, 0.0]
-    one = hierarchical_paired_difference(y, pa[:1], pb[:1], n_boot=300)   # one seed: images only
+    one = hierarchical_paired_difference(y, pa[:1], pb[:1], n_boot=300)  # one seed: images only
     assert one["seed_variance"] is None and one["ci95"] == one["ci95_images_only"] and one["df"] is None
-    labels = (y > 0).astype(float)                                 # the same machinery for lens finding (AUC)
+    labels = (y > 0).astype(float)  # the same machinery for lens finding (AUC)
     auc = hierarchical_paired_difference(labels, pa, pb, metric="auc", n_boot=300)
     assert np.allclose(auc["per_seed"], [roc_auc(labels, pa[s]) - roc_auc(labels, pb[s]) for s in range(3)])
     assert auc["ci95"][0] <= auc["delta"] <= auc["ci95"][1]
@@ -117,7 +117,7 @@ def _pairs(rng, systems: int, sigma: float, within: float):
 def test_probe_r2_interval_over_lens_systems_covers_and_per_image_does_not():
     rng = np.random.default_rng(2)
     sigma = 0.7
-    truth = 1 - sigma ** 2
+    truth = 1 - sigma**2
     grouped = per_image = 0
     for rep in range(REPS):
         y, p, pair_id = _pairs(rng, 150, sigma, within=0.8)
@@ -135,12 +135,12 @@ def test_auc_matches_sklearn_and_its_interval_covers():
 
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 300)
-    score = np.round(rng.normal(size=300) + y, 1)                 # rounded: many ties
+    score = np.round(rng.normal(size=300) + y, 1)  # rounded: many ties
     assert math.isclose(roc_auc(y, score), roc_auc_score(y, score), abs_tol=1e-12)
-    assert math.isnan(roc_auc(np.ones(5), np.arange(5.0)))       # one class: undefined
+    assert math.isnan(roc_auc(np.ones(5), np.arange(5.0)))  # one class: undefined
 
     d = 1.0
-    truth = float(norm.cdf(d / math.sqrt(2)))                     # binormal AUC
+    truth = float(norm.cdf(d / math.sqrt(2)))  # binormal AUC
     hits = 0
     for rep in range(REPS):
         y = rng.integers(0, 2, 200)
@@ -173,7 +173,7 @@ def test_probe_reports_r2_intervals_over_lens_systems(tmp_path, capsys):
     y = np.stack([params[p] for p in LENS_PARAMS], 1)
     mix = rng.normal(size=(8, 64))
     strong = y @ mix + 0.3 * rng.normal(size=(2 * systems, 64))
-    weak = y @ mix + 3.0 * np.repeat(rng.normal(size=(systems, 64)), 2, axis=0)   # noise shared by a pair
+    weak = y @ mix + 3.0 * np.repeat(rng.normal(size=(systems, 64)), 2, axis=0)  # noise shared by a pair
     _write_emb(tmp_path / "strong.h5", strong, params, keys)
     _write_emb(tmp_path / "weak.h5", weak, params, keys)
     rep = probe(str(tmp_path / "strong.h5"), against=str(tmp_path / "weak.h5"), out_json=str(tmp_path / "p.json"))
@@ -186,8 +186,10 @@ def test_probe_reports_r2_intervals_over_lens_systems(tmp_path, capsys):
             for p in LENS_PARAMS:
                 lo, hi = res[f"{m}_ci95"][p]
                 assert lo <= res[m][p] <= hi
-    width = {lab: np.mean([np.diff(rep["results"][lab]["ridge_ci95"][p])[0] for p in LENS_PARAMS])
-             for lab in ("strong", "weak")}
+    width = {
+        lab: np.mean([np.diff(rep["results"][lab]["ridge_ci95"][p])[0] for p in LENS_PARAMS])
+        for lab in ("strong", "weak")
+    }
     assert 0 < width["strong"] < width["weak"] < 1
     # the same test systems in both files: a paired difference per parameter, interval over systems
     paired = saved["paired_difference"]

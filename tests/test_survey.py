@@ -8,6 +8,7 @@ median arc flux fraction 0.27 vs 0.23, brightest pixel near the deflector 85% vs
 0.63" vs 0.62" (docs/survey.md), and a smaller field only truncates the deflector's light, which can
 only raise the arc flux fraction (the target is an upper bound).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,26 +30,44 @@ N_POP = 240
 
 def _simulate(out, **kw):
     from hpc_lensiam.simulate.writer import simulate_shards
+
     simulate_shards(out_dir=str(out), progress=False, family="survey", preset="euclid", **kw)
     return out
 
 
 @pytest.fixture(scope="module")
 def population(tmp_path_factory):
-    out = _simulate(tmp_path_factory.mktemp("survey") / "pop", num_samples=N_POP, shard_size=60,
-                    mode="single", seed=11, overrides=GRID)
+    out = _simulate(
+        tmp_path_factory.mktemp("survey") / "pop",
+        num_samples=N_POP,
+        shard_size=60,
+        mode="single",
+        seed=11,
+        overrides=GRID,
+    )
     sim = SurveySimulator(survey_config(preset="euclid", mode="single", **GRID))
     rows = []
     for s in iter_samples(out):
         p, img = s["params"], s["image"]
         v = p["views"][0]
         iy, ix = np.unravel_index(np.argmax(img), img.shape)
-        dist = np.hypot(sim.grid.x_pix_arcsec[iy, ix] - p["lens"]["center_x"],
-                        sim.grid.y_pix_arcsec[iy, ix] - p["lens"]["center_y"])
-        rows.append({"is_lens": p["is_lens"], "theta_E": p["lens"]["theta_E"], "arc_frac": v["arc_flux_fraction"],
-                     "bright_dist": dist, "n_images": v["n_images"], "mu": v["magnification"],
-                     "snr": v["arc_snr"], "defl_mag": v["lens_light"]["mag"], "max_cps": v["image_max_cps"],
-                     "img": img})
+        dist = np.hypot(
+            sim.grid.x_pix_arcsec[iy, ix] - p["lens"]["center_x"], sim.grid.y_pix_arcsec[iy, ix] - p["lens"]["center_y"]
+        )
+        rows.append(
+            {
+                "is_lens": p["is_lens"],
+                "theta_E": p["lens"]["theta_E"],
+                "arc_frac": v["arc_flux_fraction"],
+                "bright_dist": dist,
+                "n_images": v["n_images"],
+                "mu": v["magnification"],
+                "snr": v["arc_snr"],
+                "defl_mag": v["lens_light"]["mag"],
+                "max_cps": v["image_max_cps"],
+                "img": img,
+            }
+        )
     return out, rows
 
 
@@ -61,9 +80,9 @@ def test_population_targets(population):
     theta = _col(rows, "theta_E", 1)
     n_img = _col(rows, "n_images", 1)
     assert len(theta) > 80
-    assert np.median(_col(rows, "arc_frac", 1)) <= 0.4              # the deflector dominates the light
-    assert np.mean(_col(rows, "bright_dist", 1) <= 0.3) >= 0.6      # brightest pixel on the deflector
-    doubles, quads = np.sum(n_img <= 3), np.sum(n_img >= 4)           # 3 = a double + a central/cusp image
+    assert np.median(_col(rows, "arc_frac", 1)) <= 0.4  # the deflector dominates the light
+    assert np.mean(_col(rows, "bright_dist", 1) <= 0.3) >= 0.6  # brightest pixel on the deflector
+    doubles, quads = np.sum(n_img <= 3), np.sum(n_img >= 4)  # 3 = a double + a central/cusp image
     assert doubles > quads > 0
     assert np.median(theta) <= 1.2
     assert np.mean((theta >= 0.5) & (theta <= 2.0)) > 0.5
@@ -75,7 +94,7 @@ def test_labels_and_selection_cuts(population):
     assert manifest["family"] == "survey" and manifest["config"]["lens_fraction"] == 0.5
     cuts = manifest["config"]["selection"]
     n_lens = sum(r["is_lens"] for r in rows)
-    assert 0.4 * N_POP < n_lens < 0.6 * N_POP                       # binomial(240, 0.5): +-3.1 sigma
+    assert 0.4 * N_POP < n_lens < 0.6 * N_POP  # binomial(240, 0.5): +-3.1 sigma
     for r in rows:
         assert r["img"].dtype == np.float32 and r["img"].max() == 1.0
         if r["is_lens"]:
@@ -96,14 +115,16 @@ def test_lenses_and_non_lenses_differ_only_by_lensing(population):
 def test_numerical_theta_E_equals_analytic_power_law(gamma):
     """Spherical power law: the circularised radius of mean convergence 1 is theta_E, the slope is gamma."""
     from lenstronomy.LensModel.lens_model import LensModel
+
     lm = LensModel(["EPL"])
     kw = [{"theta_E": 1.1, "gamma": gamma, "e1": 0.0, "e2": 0.0, "center_x": 0.1, "center_y": -0.05}]
     theta = einstein_radius(lm, kw, 0.1, -0.05, guess=0.4)
     assert theta == pytest.approx(1.1, abs=1e-5)
     assert effective_slope(lm, kw, theta, 0.1, -0.05) == pytest.approx(gamma, abs=1e-4)
     sis = LensModel(["SIS"])
-    assert einstein_radius(sis, [{"theta_E": 0.7, "center_x": 0.0, "center_y": 0.0}], guess=2.0) == \
-        pytest.approx(0.7, abs=1e-5)
+    assert einstein_radius(sis, [{"theta_E": 0.7, "center_x": 0.0, "center_y": 0.0}], guess=2.0) == pytest.approx(
+        0.7, abs=1e-5
+    )
 
 
 def test_composite_theta_E_matches_lenstronomy_grid_estimate():
@@ -111,14 +132,17 @@ def test_composite_theta_E_matches_lenstronomy_grid_estimate():
     from lenstronomy.Analysis.lens_profile import LensProfileAnalysis
 
     from hpc_lensiam.simulate.survey.config import MassPrior
+
     cm = CompositeMass(MassPrior())
-    mass = cm.draw(np.random.default_rng(1), {"theta_E_sis": 1.0}, {"R_sersic": 1.2, "n_sersic": 4.0},
-                   0.7, 0.3, (0.0, 0.0), 6.0)
+    mass = cm.draw(
+        np.random.default_rng(1), {"theta_E_sis": 1.0}, {"R_sersic": 1.2, "n_sersic": 4.0}, 0.7, 0.3, (0.0, 0.0), 6.0
+    )
     eff = cm.effective(mass, guess=1.0)
     grid = LensProfileAnalysis(cm.lens_model).effective_einstein_radius_grid(
-        cm.kwargs(mass), center_x=0.0, center_y=0.0, grid_num=400, grid_spacing=0.01)
+        cm.kwargs(mass), center_x=0.0, center_y=0.0, grid_num=400, grid_spacing=0.01
+    )
     assert eff["theta_E"] == pytest.approx(grid, rel=5e-3)
-    assert 1.5 < eff["gamma"] < 2.5 and abs(eff["theta_E"] - 1.0) < 0.05   # normalised to the SIS mass
+    assert 1.5 < eff["gamma"] < 2.5 and abs(eff["theta_E"] - 1.0) < 0.05  # normalised to the SIS mass
 
 
 def test_lensiam_pairs_share_the_mass_and_vary_the_rest(tmp_path):
@@ -130,8 +154,10 @@ def test_lensiam_pairs_share_the_mass_and_vary_the_rest(tmp_path):
         a, b = p["views"]
         assert a["source"]["center_x"] != b["source"]["center_x"] and a["source"]["mag"] != b["source"]["mag"]
         assert a["lens_light"]["mag"] != b["lens_light"]["mag"]
-        assert (a["lens_light"]["center_x"], a["lens_light"]["e1"]) == (b["lens_light"]["center_x"],
-                                                                       b["lens_light"]["e1"])
+        assert (a["lens_light"]["center_x"], a["lens_light"]["e1"]) == (
+            b["lens_light"]["center_x"],
+            b["lens_light"]["e1"],
+        )
         assert not np.array_equal(s["view1"], s["view2"])
         for v in (a, b):
             assert v["n_images"] >= 2 and v["magnification"] >= 3 and v["arc_snr"] >= 20
@@ -140,8 +166,21 @@ def test_lensiam_pairs_share_the_mass_and_vary_the_rest(tmp_path):
 def test_same_seed_same_bytes_whatever_the_rank_count(bin_dir, tmp_path):
     yaml = tmp_path / "grid.yaml"
     yaml.write_text("instrument:\n  num_pix: 40\n  supersampling_factor: 1\n")
-    args = ["simulate", "--family", "survey", "--mode", "single", "--pairs", 6, "--shard-size", 2,
-            "--seed", 5, "--config", yaml]
+    args = [
+        "simulate",
+        "--family",
+        "survey",
+        "--mode",
+        "single",
+        "--pairs",
+        6,
+        "--shard-size",
+        2,
+        "--seed",
+        5,
+        "--config",
+        yaml,
+    ]
     outs = []
     for name, ranks in (("one", 0), ("two", 2)):
         out = tmp_path / name
@@ -156,16 +195,29 @@ def test_same_seed_same_bytes_whatever_the_rank_count(bin_dir, tmp_path):
 
 def _survey_sim(cosmos_dir=None, **instrument) -> SurveySimulator:
     """A survey simulator of lenses on a 48 px euclid grid (COSMOS sources only when a folder is given)."""
-    return SurveySimulator(survey_config(preset="euclid", mode="single", lens_fraction=1.0,
-                                         cosmos_dir=cosmos_dir and str(cosmos_dir),
-                                         source={"cosmos_fraction": 1.0},
-                                         instrument={"num_pix": 48, **instrument}))
+    return SurveySimulator(
+        survey_config(
+            preset="euclid",
+            mode="single",
+            lens_fraction=1.0,
+            cosmos_dir=cosmos_dir and str(cosmos_dir),
+            source={"cosmos_fraction": 1.0},
+            instrument={"num_pix": 48, **instrument},
+        )
+    )
 
 
 @pytest.fixture(scope="module")
 def cosmos_set(tmp_path_factory, cosmos_dir):
-    out = _simulate(tmp_path_factory.mktemp("survey") / "cosmos", num_samples=10, shard_size=10, mode="single",
-                    seed=4, cosmos_dir=str(cosmos_dir), overrides={**GRID, "source": {"cosmos_fraction": 1.0}})
+    out = _simulate(
+        tmp_path_factory.mktemp("survey") / "cosmos",
+        num_samples=10,
+        shard_size=10,
+        mode="single",
+        seed=4,
+        cosmos_dir=str(cosmos_dir),
+        overrides={**GRID, "source": {"cosmos_fraction": 1.0}},
+    )
     return out, [s["params"] for s in iter_samples(out)]
 
 
@@ -173,10 +225,13 @@ def test_cosmos_sources_are_recorded_and_pass_the_cuts(cosmos_set, cosmos_dir):
     """With --cosmos-dir the sources are real COSMOS galaxies (which one is recorded), scaled to the drawn
     half-light radius; lenses still pass the selection, non-lenses are unlensed or singly imaged."""
     from astropy.io import fits
+
     out, params = cosmos_set
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["config"]["cosmos_dir"] == str(cosmos_dir) and "real_galaxy_catalog_23.5.fits" in \
-        manifest["inputs"]["cosmos_catalog"]
+    assert (
+        manifest["config"]["cosmos_dir"] == str(cosmos_dir)
+        and "real_galaxy_catalog_23.5.fits" in manifest["inputs"]["cosmos_catalog"]
+    )
     cuts = manifest["config"]["selection"]
     idents = set(int(i) for i in fits.getdata(cosmos_dir / "real_galaxy_catalog_23.5.fits", 1)["IDENT"])
     sim = _survey_sim(cosmos_dir)
@@ -222,24 +277,32 @@ def test_adaptive_supersampling_converges_where_factor_1_does_not():
     rng = np.random.default_rng(0)
     params = [_survey_sim(num_pix=32).sample_single(rng)["params"] for _ in range(3)]
     reference = _survey_sim(num_pix=32, supersampling_factor=12, adaptive_supersampling_factor=0)
-    references = [reference.render_model(p) for p in params]   # (model, noise sigma), e-/s per pixel
+    references = [reference.render_model(p) for p in params]  # (model, noise sigma), e-/s per pixel
 
     def worst_error_in_sigma(sim):
-        return np.array([(np.abs(sim.render_model(p)[0] - ref) / sigma).max()
-                         for p, (ref, sigma) in zip(params, references)])
-    adaptive = worst_error_in_sigma(_survey_sim(num_pix=32))   # the default: factor 2 + adaptive 16
+        return np.array(
+            [(np.abs(sim.render_model(p)[0] - ref) / sigma).max() for p, (ref, sigma) in zip(params, references)]
+        )
+
+    adaptive = worst_error_in_sigma(_survey_sim(num_pix=32))  # the default: factor 2 + adaptive 16
     plain = worst_error_in_sigma(_survey_sim(num_pix=32, supersampling_factor=1))
     assert (adaptive < 0.5).all() and (plain > 1.0).all()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--lens-fraction", "0.3"], "--lens-fraction: only the survey family"),
-    (["--family", "survey", "--lens-fraction", "1.5"], "--lens-fraction: expected a fraction in [0, 1]"),
-    (["--family", "survey", "--cosmos-dir", "/nonexistent"], "cosmos_dir: /nonexistent is not a directory"),
-    (["--family", "survey", "--cosmos-dir", "EMPTYDIR"], "has no real_galaxy_catalog_25.2.fits or real_galaxy_catalog"),
-    (["--family", "survey", "--preset", "euclid", "--config", "BADYAML"], "unknown key 'selectionn'"),
-    (["--family", "survey", "--config", "BADSOURCE"], "source.cosmos_fraction: 1.5 is not a fraction in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lens-fraction", "0.3"], "--lens-fraction: only the survey family"),
+        (["--family", "survey", "--lens-fraction", "1.5"], "--lens-fraction: expected a fraction in [0, 1]"),
+        (["--family", "survey", "--cosmos-dir", "/nonexistent"], "cosmos_dir: /nonexistent is not a directory"),
+        (
+            ["--family", "survey", "--cosmos-dir", "EMPTYDIR"],
+            "has no real_galaxy_catalog_25.2.fits or real_galaxy_catalog",
+        ),
+        (["--family", "survey", "--preset", "euclid", "--config", "BADYAML"], "unknown key 'selectionn'"),
+        (["--family", "survey", "--config", "BADSOURCE"], "source.cosmos_fraction: 1.5 is not a fraction in [0, 1]"),
+    ],
+)
 def test_bad_input_one_line_exit_2_nothing_written(bin_dir, tmp_path, args, message):
     bad = tmp_path / "bad.yaml"
     bad.write_text("selectionn:\n  min_arc_snr: 20\n")
@@ -248,8 +311,12 @@ def test_bad_input_one_line_exit_2_nothing_written(bin_dir, tmp_path, args, mess
     files = {"BADYAML": bad, "EMPTYDIR": tmp_path / "empty", "BADSOURCE": tmp_path / "source.yaml"}
     args = [str(files[a]) if a in files else a for a in args]
     out = tmp_path / "out"
-    proc = subprocess.run([str(bin_dir / "hpc-lensiam"), "simulate", "--out", str(out), "--pairs", "2", *args],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(bin_dir / "hpc-lensiam"), "simulate", "--out", str(out), "--pairs", "2", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("hpc-lensiam: error: ") and message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

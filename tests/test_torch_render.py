@@ -1,4 +1,5 @@
 """TorchLensSimulator against LensSimulator: the same images for the same parameters, the same priors."""
+
 from __future__ import annotations
 
 import math
@@ -20,11 +21,14 @@ from hpc_lensiam.simulate.torch_priors import COSMOS, NONE
 from hpc_lensiam.simulate.torch_render import TorchLensSimulator
 
 # the prior's extremes: |e| at the corner, both slopes, shear and centre at their bounds
-CORNERS = [dict(e1=0.5, e2=0.5, gamma=2.5, gamma1=0.12, gamma2=0.12, center_x=0.15, center_y=0.15),
-           dict(e1=-0.5, e2=0.5, gamma=1.5, gamma1=-0.12, gamma2=0.12, center_x=-0.15, center_y=0.15),
-           dict(e1=0.5, e2=-0.5, gamma=2.5, gamma1=0.12, gamma2=-0.12, center_x=0.15, center_y=-0.15),
-           dict(e1=-0.5, e2=-0.5, gamma=1.5, gamma1=-0.12, gamma2=-0.12, center_x=-0.15, center_y=-0.15),
-           dict(theta_E=1.8, e1=0.5, e2=0.5, gamma=1.5), dict(theta_E=0.8, e1=-0.5, e2=-0.5, gamma=2.5)]
+CORNERS = [
+    dict(e1=0.5, e2=0.5, gamma=2.5, gamma1=0.12, gamma2=0.12, center_x=0.15, center_y=0.15),
+    dict(e1=-0.5, e2=0.5, gamma=1.5, gamma1=-0.12, gamma2=0.12, center_x=-0.15, center_y=0.15),
+    dict(e1=0.5, e2=-0.5, gamma=2.5, gamma1=0.12, gamma2=-0.12, center_x=0.15, center_y=-0.15),
+    dict(e1=-0.5, e2=-0.5, gamma=1.5, gamma1=-0.12, gamma2=-0.12, center_x=-0.15, center_y=-0.15),
+    dict(theta_E=1.8, e1=0.5, e2=0.5, gamma=1.5),
+    dict(theta_E=0.8, e1=-0.5, e2=-0.5, gamma=2.5),
+]
 
 
 def _quiet(cls, *a, **kw):
@@ -79,15 +83,20 @@ def _compare(ref, sim, systems, kind: str, with_light: bool, with_psf: bool) -> 
     assert got.shape == (len(systems), ref.num_pix, ref.num_pix)
     worst = 0.0
     for b, s in enumerate(systems):
-        want = ref.render(s["lens"], dict(s["src"], kind=kind), lens_light=s["ll"] if with_light else None,
-                          psf=s["psf"] if with_psf else None)
+        want = ref.render(
+            s["lens"],
+            dict(s["src"], kind=kind),
+            lens_light=s["ll"] if with_light else None,
+            psf=s["psf"] if with_psf else None,
+        )
         assert want.max() == 1.0 and abs(got[b].max() - 1.0) < 1e-6
         worst = max(worst, float(np.abs(got[b] - want).max()))
     return worst
 
 
-@pytest.mark.parametrize("kind,with_light,with_psf", [("core_sersic", True, True), ("sersic", False, True),
-                                                      ("core_sersic", False, False)])
+@pytest.mark.parametrize(
+    "kind,with_light,with_psf", [("core_sersic", True, True), ("sersic", False, True), ("core_sersic", False, False)]
+)
 def test_float64_equals_lenstronomy_render(ref, t64, kind, with_light, with_psf):
     systems = _systems(7 if with_light else 4, seed=17)
     assert _compare(ref, t64, systems, kind, with_light, with_psf) < 1e-5
@@ -129,12 +138,13 @@ def test_epl_series_terms_reach_the_stated_tolerance():
 
 def test_deflection_matches_lenstronomy_lensmodel(ref):
     """EPL_NUMBA + SHEAR through lenstronomy's own LensModel (tol 1e-16) at the prior's corners."""
-    x, y = ref.grid.x_arcsec[::5], ref.grid.y_arcsec[::5]   # every 5th point: ~10k, all of the field
+    x, y = ref.grid.x_arcsec[::5], ref.grid.y_arcsec[::5]  # every 5th point: ~10k, all of the field
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     for corner in CORNERS:
         lens = {"theta_E": 1.3, **corner}
         lens = {k: lens.get(k, 0.0) for k in LENS_PARAMS}
         from hpc_lensiam.simulate.simulator import lens_kwargs
+
         bx, by = ref.lens_model.ray_shooting(x, y, lens_kwargs(lens))
         p = {k: torch.tensor([[float(lens[k])]], dtype=torch.float64) for k in LENS_PARAMS}
         ax, ay = epl_shear_deflection(xt, yt, n_terms=epl_series_terms(0.7072, (0.5, 1.5), 1e-12), **p)
@@ -147,11 +157,18 @@ def test_unit_flux_amp_is_the_numpy_normalisation():
     renderer = _quiet(SourceRenderer)
     rng = np.random.default_rng(0)
     n = 20
-    p = {"R_sersic": rng.uniform(0.08, 0.35, n), "n_sersic": rng.uniform(0.8, 4.0, n), "Rb": rng.uniform(0.01, 0.05, n),
-         "gamma": rng.uniform(0.0, 0.5, n), "alpha": rng.uniform(2.0, 5.0, n)}
+    p = {
+        "R_sersic": rng.uniform(0.08, 0.35, n),
+        "n_sersic": rng.uniform(0.8, 4.0, n),
+        "Rb": rng.uniform(0.01, 0.05, n),
+        "gamma": rng.uniform(0.0, 0.5, n),
+        "alpha": rng.uniform(2.0, 5.0, n),
+    }
     got = core_sersic_unit_flux_amp(*(torch.as_tensor(p[k]) for k in ("R_sersic", "n_sersic", "Rb", "gamma", "alpha")))
-    want = [core_sersic_amp_for_unit_flux(renderer, *(p[k][i] for k in ("R_sersic", "n_sersic", "Rb", "gamma",
-                                                                        "alpha"))) for i in range(n)]
+    want = [
+        core_sersic_amp_for_unit_flux(renderer, *(p[k][i] for k in ("R_sersic", "n_sersic", "Rb", "gamma", "alpha")))
+        for i in range(n)
+    ]
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-9)
 
 
@@ -162,11 +179,15 @@ def _numpy_draws(cfg, n: int, seed: int) -> dict:
         lens = priors.draw_lens(rng, cfg.lens)
         ll = priors.draw_lens_light(rng, cfg.lens_light, lens, cfg.lens)
         src = priors.draw_source(rng, cfg.source, lens)
-        row = {**{f"lens.{k}": v for k, v in lens.items()}, **{f"ll.{k}": v for k, v in ll.items()},
-               **{f"src.{k}": src[k] for k in ("R_sersic", "n_sersic", "e1", "e2", "Rb", "gamma", "alpha")},
-               "src.dx": src["center_x"] - lens["center_x"], "src.merger": float(src["merger"]),
-               "psf_id": float(rng.integers(cfg.instrument.psf_bank_size)),
-               "noise_sigma": priors.uniform(rng, cfg.instrument.noise_sigma)}
+        row = {
+            **{f"lens.{k}": v for k, v in lens.items()},
+            **{f"ll.{k}": v for k, v in ll.items()},
+            **{f"src.{k}": src[k] for k in ("R_sersic", "n_sersic", "e1", "e2", "Rb", "gamma", "alpha")},
+            "src.dx": src["center_x"] - lens["center_x"],
+            "src.merger": float(src["merger"]),
+            "psf_id": float(rng.integers(cfg.instrument.psf_bank_size)),
+            "noise_sigma": priors.uniform(rng, cfg.instrument.noise_sigma),
+        }
         for k, v in row.items():
             cols.setdefault(k, []).append(v)
     return {k: np.asarray(v) for k, v in cols.items()}
@@ -179,10 +200,15 @@ def test_prior_marginals_match_the_numpy_sampler(t32):
     p = t32.draw_params(n, torch.Generator().manual_seed(5), 1)
     lens, view = p["lens"], p["views"][0]
     first, second = view["source"]
-    ours = {**{f"lens.{k}": v for k, v in lens.items()}, **{f"ll.{k}": v for k, v in view["lens_light"].items()},
-            **{f"src.{k}": first[k] for k in ("R_sersic", "n_sersic", "e1", "e2", "Rb", "gamma", "alpha")},
-            "src.dx": first["center_x"] - lens["center_x"], "src.merger": first["merger"].float(),
-            "psf_id": view["psf_id"].float(), "noise_sigma": view["noise_sigma"]}
+    ours = {
+        **{f"lens.{k}": v for k, v in lens.items()},
+        **{f"ll.{k}": v for k, v in view["lens_light"].items()},
+        **{f"src.{k}": first[k] for k in ("R_sersic", "n_sersic", "e1", "e2", "Rb", "gamma", "alpha")},
+        "src.dx": first["center_x"] - lens["center_x"],
+        "src.merger": first["merger"].float(),
+        "psf_id": view["psf_id"].float(),
+        "noise_sigma": view["noise_sigma"],
+    }
     assert set(ours) == set(theirs)
     pvalues = {k: stats.ks_2samp(ours[k].double().numpy(), theirs[k]).pvalue for k in ours}
     assert min(pvalues.values()) > 1e-4, sorted(pvalues.items(), key=lambda kv: kv[1])[:3]
@@ -196,8 +222,7 @@ def test_prior_marginals_match_the_numpy_sampler(t32):
 
 def test_sampled_pairs_are_what_lenstronomy_renders_from_their_records():
     """No-noise config: every sampled view equals LensSimulator.render of its params.json record."""
-    cfg = simulation_config(instrument={"num_pix": 48, "noise_sigma": [0.0, 0.0]},
-                            source={"merger_fraction": 0.5})
+    cfg = simulation_config(instrument={"num_pix": 48, "noise_sigma": [0.0, 0.0]}, source={"merger_fraction": 0.5})
     ref = _quiet(LensSimulator, cfg)
     sim = _quiet(TorchLensSimulator, cfg, dtype=torch.float64, chunk_systems=3)
     out = sim.sample_pairs(6, torch.Generator().manual_seed(0))
@@ -219,7 +244,7 @@ def test_pairs_share_the_mass_and_are_reproducible():
     assert torch.equal(a["view1"], b["view1"]) and torch.equal(a["view2"], b["view2"])
     assert a["view1"].shape == (4, 48, 48) and a["view1"].dtype == torch.float32
     assert torch.allclose(a["view1"].amax(dim=(1, 2)), torch.ones(4))
-    assert len(a["params"]["views"]) == 2   # one lens dict for both views: one ray-trace per pair
+    assert len(a["params"]["views"]) == 2  # one lens dict for both views: one ray-trace per pair
     single = t32.sample_singles(3, torch.Generator().manual_seed(7))
     assert single["image"].shape == (3, 48, 48) and len(single["params"]["views"]) == 1
 
@@ -235,17 +260,20 @@ def test_noise_is_gaussian_at_the_asked_sigma(t64):
     assert 0.04 < float(noisy[0, :20, :20].std()) < 0.053
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(lens={"theta_E": 1.0, "bogus": 1}), "unknown key 'bogus'"),
-    (dict(lens={"gamma": 2.0}), "theta_E"),
-    (dict(source={"kind": "blob"}), "unknown source kind 'blob'"),
-    (dict(source={"kind": "sersic", "n_sersic": 1.0}), "needs key 'R_sersic'"),
-    (dict(psf=99), "out of range"),
-    (dict(noise_sigma=0.1), "needs a generator"),
-    (dict(lens={"theta_E": torch.ones(3), "gamma": torch.ones(2) * 2}), r"expected a float or a \(3,\) tensor"),
-    (dict(source={"kind": "cosmos", "id": 1}), "needs cosmos_dir"),
-    (dict(lens_light={"R_sersic": 1.0, "n_sersic": 4.0}), "'amp' or a 'peak_ratio'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(lens={"theta_E": 1.0, "bogus": 1}), "unknown key 'bogus'"),
+        (dict(lens={"gamma": 2.0}), "theta_E"),
+        (dict(source={"kind": "blob"}), "unknown source kind 'blob'"),
+        (dict(source={"kind": "sersic", "n_sersic": 1.0}), "needs key 'R_sersic'"),
+        (dict(psf=99), "out of range"),
+        (dict(noise_sigma=0.1), "needs a generator"),
+        (dict(lens={"theta_E": torch.ones(3), "gamma": torch.ones(2) * 2}), r"expected a float or a \(3,\) tensor"),
+        (dict(source={"kind": "cosmos", "id": 1}), "needs cosmos_dir"),
+        (dict(lens_light={"R_sersic": 1.0, "n_sersic": 4.0}), "'amp' or a 'peak_ratio'"),
+    ],
+)
 def test_render_bad_input_raises_user_error(t32, kwargs, match):
     args = dict(lens={"theta_E": 1.0}, source={"kind": "sersic", "R_sersic": 0.2, "n_sersic": 1.0})
     args.update(kwargs)
@@ -266,22 +294,35 @@ def test_cosmos_stamps_match_lenstronomy_interpol(cosmos_pair):
     for i, s in enumerate(systems):
         row = t64.stamp_rows[i % len(t64.stamp_rows)]
         scale = 0.03 * (0.5 + 0.5 * (i % 3) / 2)
-        s["src"] = {"id": int(ref.catalog.ident[row]), "center_x": s["src"]["center_x"],
-                    "center_y": s["src"]["center_y"], "phi_G": 0.9 * i, "scale": scale, "amp": 1 / scale ** 2}
+        s["src"] = {
+            "id": int(ref.catalog.ident[row]),
+            "center_x": s["src"]["center_x"],
+            "center_y": s["src"]["center_y"],
+            "phi_G": 0.9 * i,
+            "scale": scale,
+            "amp": 1 / scale**2,
+        }
     for sim, tol in ((t64, 1e-5), (t32, 1e-3)):
         lens = _stack([s["lens"] for s in systems], LENS_PARAMS)
-        src = {"kind": "cosmos", "id": torch.tensor([s["src"]["id"] for s in systems]),
-               **_stack([s["src"] for s in systems], ["center_x", "center_y", "phi_G", "scale", "amp"])}
-        got = sim.render(lens, src, lens_light=_stack([s["ll"] for s in systems]),
-                         psf=torch.tensor([s["psf"] for s in systems])).numpy()
+        src = {
+            "kind": "cosmos",
+            "id": torch.tensor([s["src"]["id"] for s in systems]),
+            **_stack([s["src"] for s in systems], ["center_x", "center_y", "phi_G", "scale", "amp"]),
+        }
+        got = sim.render(
+            lens, src, lens_light=_stack([s["ll"] for s in systems]), psf=torch.tensor([s["psf"] for s in systems])
+        ).numpy()
         for b, s in enumerate(systems):
             want = ref.render(s["lens"], dict(s["src"], kind="cosmos"), lens_light=s["ll"], psf=s["psf"])
             assert np.abs(got[b] - want).max() < tol
 
 
 def test_cosmos_mix_sampled_and_rerendered(cosmos_pair, cosmos_dir):
-    cfg = simulation_config(cosmos_dir=str(cosmos_dir), instrument={"num_pix": 48, "noise_sigma": [0.0, 0.0]},
-                            source={"merger_fraction": 0.5})
+    cfg = simulation_config(
+        cosmos_dir=str(cosmos_dir),
+        instrument={"num_pix": 48, "noise_sigma": [0.0, 0.0]},
+        source={"merger_fraction": 0.5},
+    )
     ref = LensSimulator(cfg)
     sim = TorchLensSimulator(cfg, dtype=torch.float64)
     out = sim.sample_singles(8, torch.Generator().manual_seed(2))
@@ -289,7 +330,7 @@ def test_cosmos_mix_sampled_and_rerendered(cosmos_pair, cosmos_dir):
     kinds = first["kind"].tolist()
     assert COSMOS in kinds
     both = (first["kind"] == COSMOS) & (second["kind"] == COSMOS)
-    assert not bool((first["stamp"][both] == second["stamp"][both]).any())   # a merger pairs two galaxies
+    assert not bool((first["stamp"][both] == second["stamp"][both]).any())  # a merger pairs two galaxies
     for b, rec in enumerate(sim.records(out["params"])):
         view = rec["views"][0]
         want = ref.render(rec["lens"], view["source"], lens_light=view["lens_light"], psf=view["psf_id"])

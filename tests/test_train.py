@@ -3,6 +3,7 @@
 Every run uses shards made by the real simulator (conftest fixtures), a real torchrun/gloo group,
 the real DeepSpeed engine and webdataset: no mocks. resnet18 at 48x48, batch 4, a few steps.
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,8 +35,16 @@ def _env() -> dict:
 
 
 def _torchrun(args: list[str], nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "hpc_lensiam", "train", *args]
+    cmd = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "hpc_lensiam",
+        "train",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -62,13 +71,13 @@ def _ok(proc: subprocess.CompletedProcess) -> str:
 # ---------------------------------------------------------------------------------------- recipe
 def test_lr_scaling_and_warmup_cosine_schedule():
     cfg = TrainConfig(batch_size=100, grad_accum=2)
-    assert scaled_lr(cfg, world_size=2) == pytest.approx(0.03 * 400 / 256)    # the paper's batch 400
+    assert scaled_lr(cfg, world_size=2) == pytest.approx(0.03 * 400 / 256)  # the paper's batch 400
     assert lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
-    assert lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)                       # end of warm-up
-    assert lr_at(10, 1.0, 10, 100) == pytest.approx(1.0)                      # cosine starts at the peak
-    assert lr_at(55, 1.0, 10, 100) == pytest.approx(0.5)                      # half-way down
+    assert lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)  # end of warm-up
+    assert lr_at(10, 1.0, 10, 100) == pytest.approx(1.0)  # cosine starts at the peak
+    assert lr_at(55, 1.0, 10, 100) == pytest.approx(0.5)  # half-way down
     assert lr_at(100, 1.0, 10, 100) == pytest.approx(0.0, abs=1e-12)
-    assert lr_at(0, 1.0, 0, 100) == pytest.approx(1.0)                        # no warm-up
+    assert lr_at(0, 1.0, 0, 100) == pytest.approx(1.0)  # no warm-up
     lrs = [lr_at(s, 1.0, 10, 100) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
@@ -91,6 +100,7 @@ def test_config_yaml_flags_and_errors(tmp_path):
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from hpc_lensiam.cli import main
+
     with pytest.raises(SystemExit) as exc:
         main(["train", "--data", str(tmp_path), "--bogus-flag", "1"])
     assert exc.value.code == 2 and "unrecognized arguments: --bogus-flag" in capsys.readouterr().err
@@ -104,8 +114,23 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def ddp_ref(lensiam_shards, tmp_path_factory) -> Path:
     """An uninterrupted 2-rank DDP run of 10 steps (8 per epoch): the curve resumed runs must reproduce."""
     run = tmp_path_factory.mktemp("ddp") / "ref"
-    out = _ok(_torchrun(["--data", str(lensiam_shards), "--out", str(run), *SMALL, "--workers", "1",
-                         "--max-steps", "10", "--ckpt-every", "4"]))
+    out = _ok(
+        _torchrun(
+            [
+                "--data",
+                str(lensiam_shards),
+                "--out",
+                str(run),
+                *SMALL,
+                "--workers",
+                "1",
+                "--max-steps",
+                "10",
+                "--ckpt-every",
+                "4",
+            ]
+        )
+    )
     assert "2 rank(s) on cpu (gloo) + SyncBatchNorm" in out
     assert "lr = 0.03 x 8/256 = 0.0009375" in out
     assert "train: done: 10 steps" in out and "images/s" in out and "z_std" in out
@@ -117,8 +142,8 @@ def test_ddp_two_ranks_outputs(ddp_ref):
     rows = _metrics(ddp_ref)
     assert sorted(rows) == list(range(1, 11))
     assert all(math.isfinite(r["loss"]) and -1 <= r["loss"] <= 1 and r["images_per_s"] > 0 for r in rows.values())
-    assert all(0.01 < r["z_std"] < 0.05 for r in rows.values())              # ~1/sqrt(2048), not collapsed
-    assert rows[8]["epoch"] == pytest.approx(1.0)                             # 64 pairs / (4 x 2) = 8 steps/epoch
+    assert all(0.01 < r["z_std"] < 0.05 for r in rows.values())  # ~1/sqrt(2048), not collapsed
+    assert rows[8]["epoch"] == pytest.approx(1.0)  # 64 pairs / (4 x 2) = 8 steps/epoch
     cfg = train_config(str(ddp_ref / "config.yaml"))
     assert cfg.arch == "resnet18" and cfg.max_steps == 10
     ck = ddp_ref / "checkpoints"
@@ -137,8 +162,18 @@ def test_ddp_sigterm_then_resume_matches_uninterrupted(lensiam_shards, ddp_ref, 
     boundary and saves; --resume continues the same step counter, lr and loss curve."""
     run = tmp_path / "run"
     args = ["--data", str(lensiam_shards), "--out", str(run), *SMALL, "--workers", "1", "--ckpt-every", "4"]
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-           "-m", "hpc_lensiam", "train", *args, "--max-steps", "10"]
+    cmd = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "hpc_lensiam",
+        "train",
+        *args,
+        "--max-steps",
+        "10",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
@@ -155,15 +190,28 @@ def test_ddp_sigterm_then_resume_matches_uninterrupted(lensiam_shards, ddp_ref, 
     assert f"resuming at step {stopped}" in out
     rows = _metrics(run)
     assert sorted(rows) == list(range(1, 11))
-    _same_curve(rows, _metrics(ddp_ref), range(1, 11))                        # across the epoch boundary
+    _same_curve(rows, _metrics(ddp_ref), range(1, 11))  # across the epoch boundary
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 10
 
 
 @pytest.mark.slow
 def test_deepspeed_two_ranks_resume_matches_ddp(lensiam_shards, ddp_ref, tmp_path):
     run = tmp_path / "ds"
-    args = ["--data", str(lensiam_shards), "--out", str(run), *SMALL, "--workers", "1", "--engine", "deepspeed",
-            "--zero-stage", "1", "--ckpt-every", "2"]
+    args = [
+        "--data",
+        str(lensiam_shards),
+        "--out",
+        str(run),
+        *SMALL,
+        "--workers",
+        "1",
+        "--engine",
+        "deepspeed",
+        "--zero-stage",
+        "1",
+        "--ckpt-every",
+        "2",
+    ]
     out = _ok(_torchrun([*args, "--max-steps", "3"]))
     assert "engine deepspeed | 2 rank(s)" in out and "train: done: 3 steps" in out
     ck = run / "checkpoints"
@@ -171,8 +219,8 @@ def test_deepspeed_two_ranks_resume_matches_ddp(lensiam_shards, ddp_ref, tmp_pat
     assert sorted(p.name for p in (ck / "deepspeed").iterdir() if p.is_dir()) == ["step_00000002", "step_00000003"]
     last = load_checkpoint(ck / "last.pt")
     assert last["engine"] == "deepspeed" and last["deepspeed_tag"] == "step_00000003" and last["step"] == 3
-    ds_state, ds_cfg, ds_step = load_model_state(ck / "deepspeed")            # DeepSpeed's own folder
-    pt_state, _, _ = load_model_state(run)                                    # our last.pt
+    ds_state, ds_cfg, ds_step = load_model_state(ck / "deepspeed")  # DeepSpeed's own folder
+    pt_state, _, _ = load_model_state(run)  # our last.pt
     assert ds_step == 3 and ds_cfg["engine"] == "deepspeed" and ds_state.keys() == pt_state.keys()
     assert all(torch.equal(ds_state[k], pt_state[k]) for k in pt_state)
 
@@ -181,19 +229,23 @@ def test_deepspeed_two_ranks_resume_matches_ddp(lensiam_shards, ddp_ref, tmp_pat
     assert (ck / "deepspeed" / "latest").read_text().strip() == "step_00000006"
     # superseded non-periodic tags are removed, periodic ones kept
     assert sorted(p.name for p in (ck / "deepspeed").iterdir() if p.is_dir()) == [
-        "step_00000002", "step_00000004", "step_00000006"]
+        "step_00000002",
+        "step_00000004",
+        "step_00000006",
+    ]
     rows = _metrics(run)
     assert sorted(rows) == list(range(1, 7))
-    _same_curve(rows, _metrics(ddp_ref), range(1, 7))                         # same numbers as DDP
+    _same_curve(rows, _metrics(ddp_ref), range(1, 7))  # same numbers as DDP
 
 
 @pytest.mark.slow
 def test_bad_shard_on_any_rank_is_named(lensiam_shards, tmp_path):
     data = Path(shutil.copytree(lensiam_shards, tmp_path / "data"))
-    for shard in data.glob("shard-*.tar"):   # every shard broken: whichever rank reads first says so
+    for shard in data.glob("shard-*.tar"):  # every shard broken: whichever rank reads first says so
         shard.write_bytes(shard.read_bytes()[:20000])
-    proc = _torchrun(["--data", str(data), "--out", str(tmp_path / "run"), *SMALL, "--workers", "0",
-                      "--max-steps", "2"], timeout=120)
+    proc = _torchrun(
+        ["--data", str(data), "--out", str(tmp_path / "run"), *SMALL, "--workers", "0", "--max-steps", "2"], timeout=120
+    )
     assert proc.returncode != 0
     assert "hpc-lensiam: error" in proc.stderr and "shard-0000" in proc.stderr and "cannot read" in proc.stderr
 
@@ -208,14 +260,32 @@ def _cfg(data, out, **kw) -> TrainConfig:
 def test_killed_run_resumes_exactly_simsiam_mode(single_shards, tmp_path):
     """kill -9 mid-run: the atomic last.pt survives; --resume continues to the uninterrupted curve."""
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "hpc_lensiam", "train", "--data", str(single_shards), "--out", str(run),
-           "--mode", "simsiam", *SMALL, "--workers", "2", "--ckpt-every", "2", "--max-steps", "30"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "hpc_lensiam",
+        "train",
+        "--data",
+        str(single_shards),
+        "--out",
+        str(run),
+        "--mode",
+        "simsiam",
+        *SMALL,
+        "--workers",
+        "2",
+        "--ckpt-every",
+        "2",
+        "--max-steps",
+        "30",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 180
     while time.time() < deadline and not (run / "checkpoints" / "step_00000004.pt").is_file():
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)   # the process group this test started: trainer + its workers
+    os.killpg(proc.pid, signal.SIGKILL)  # the process group this test started: trainer + its workers
     proc.wait()
     killed_at = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
     assert killed_at >= 4 and killed_at % 2 == 0
@@ -227,7 +297,7 @@ def test_killed_run_resumes_exactly_simsiam_mode(single_shards, tmp_path):
     ref = tmp_path / "ref"
     train(_cfg(single_shards, ref, mode="simsiam", workers=2, max_steps=8, ckpt_every=2))
     rows = _metrics(run)
-    assert sorted(rows) == list(range(1, 9))                                   # rows past last.pt dropped
+    assert sorted(rows) == list(range(1, 9))  # rows past last.pt dropped
     _same_curve(rows, _metrics(ref), range(1, 9))
 
 
@@ -241,6 +311,7 @@ def test_resnet101_one_step(lensiam_shards, tmp_path):
 def test_bf16_autocast_correctness(lensiam_shards, tmp_path):
     from hpc_lensiam.models.simsiam import SimSiam, simsiam_loss
     from hpc_lensiam.train.engine import Engine
+
     cfg = _cfg(lensiam_shards, tmp_path / "bf16", precision="bf16", max_steps=2)
     engine = Engine(cfg)
     torch.manual_seed(0)
@@ -248,7 +319,7 @@ def test_bf16_autocast_correctness(lensiam_shards, tmp_path):
     engine.wrap(model, [{"params": list(model.parameters()), "lr": 0.01}])
     x1, x2 = torch.randn(4, 1, 48, 48), torch.randn(4, 1, 48, 48)
     p1, p2, z1, z2 = engine.forward(x1, x2)
-    assert p1.dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32   # fp32 master weights
+    assert p1.dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32  # fp32 master weights
     with torch.no_grad():
         ref = model(x1, x2)
     assert abs(float(simsiam_loss(p1, p2, z1, z2).detach()) - float(simsiam_loss(*ref))) < 0.02
@@ -300,16 +371,25 @@ def _sync_bn_worker(rank: int, port: int, out: str):
     import torch.distributed as dist
 
     from hpc_lensiam.train.engine import convert_sync_batchnorm
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.manual_seed(0)
-    torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.BatchNorm1d(6, affine=False))   # same RNG draws
+    torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.BatchNorm1d(6, affine=False))  # same RNG draws
     x = torch.randn(8, 3, 5, 5) * 3 + 1
     sync = convert_sync_batchnorm(torch.nn.BatchNorm2d(3), cuda=False)
-    xr = x[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
+    xr = x[rank * 4 : (rank + 1) * 4].clone().requires_grad_(True)
     y = sync(xr)
     (y * torch.arange(y.numel()).view_as(y)).sum().backward()
-    torch.save({"y": y.detach(), "grad": xr.grad, "mean": sync.running_mean, "var": sync.running_var,
-                "wgrad": sync.weight.grad}, f"{out}/{rank}.pt")
+    torch.save(
+        {
+            "y": y.detach(),
+            "grad": xr.grad,
+            "mean": sync.running_mean,
+            "var": sync.running_var,
+            "wgrad": sync.weight.grad,
+        },
+        f"{out}/{rank}.pt",
+    )
     dist.destroy_process_group()
 
 
@@ -318,12 +398,13 @@ def test_gloo_sync_batchnorm_equals_full_batch_batchnorm(tmp_path):
     import socket
 
     import torch.multiprocessing as mp
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_sync_bn_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     torch.manual_seed(0)
-    torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.BatchNorm1d(6, affine=False))   # same RNG draws
+    torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.BatchNorm1d(6, affine=False))  # same RNG draws
     x = (torch.randn(8, 3, 5, 5) * 3 + 1).requires_grad_(True)
     bn = torch.nn.BatchNorm2d(3)
     y = bn(x)
@@ -333,17 +414,21 @@ def test_gloo_sync_batchnorm_equals_full_batch_batchnorm(tmp_path):
     assert torch.allclose(torch.cat([r[0]["grad"], r[1]["grad"]]), x.grad, atol=1e-5)
     assert torch.allclose(r[0]["mean"], bn.running_mean, atol=1e-6)
     assert torch.allclose(r[0]["var"], bn.running_var, atol=1e-5)
-    assert torch.allclose(r[0]["wgrad"] + r[1]["wgrad"], bn.weight.grad, atol=1e-3)   # DDP sums the rest
+    assert torch.allclose(r[0]["wgrad"] + r[1]["wgrad"], bn.weight.grad, atol=1e-3)  # DDP sums the rest
 
 
 def test_deepspeed_config_generated_or_from_json(tmp_path):
     from hpc_lensiam.train.engine import deepspeed_config
+
     cfg = TrainConfig(batch_size=8, grad_accum=2, precision="bf16", zero_stage=1)
     ds = deepspeed_config(cfg, world_size=4)
     assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 2
     assert ds["gradient_clipping"] == 0.0 and ds["zero_optimization"] == {"stage": 1}
-    assert ds["zero_allow_untested_optimizer"] and ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16",
-                                                                   "lower_precision_safe_modules": []}
+    assert ds["zero_allow_untested_optimizer"] and ds["torch_autocast"] == {
+        "enabled": True,
+        "dtype": "bfloat16",
+        "lower_precision_safe_modules": [],
+    }
     user = tmp_path / "ds.json"
     user.write_text('{"gradient_clipping": 1.0, "bf16": {"enabled": true}, "train_micro_batch_size_per_gpu": 8}')
     cfg.deepspeed_config = str(user)

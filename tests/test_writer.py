@@ -1,4 +1,5 @@
 """The shard writer: MPI ranks, byte-for-byte determinism, resume after a kill, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,7 @@ def contents(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def one_rank(bin_dir, small_yaml, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one") / "ds"
-    cli(bin_dir, "simulate", "--out", out, "--pairs", 10, "--shard-size", 3, "--seed", 7,
-        "--config", small_yaml)
+    cli(bin_dir, "simulate", "--out", out, "--pairs", 10, "--shard-size", 3, "--seed", 7, "--config", small_yaml)
     return out
 
 
@@ -62,6 +62,7 @@ def test_layout_and_manifest(one_rank):
         params = json.loads(tar.extractfile("000000_000001.params.json").read())
     assert len(keys) == 3 and len(names) == 9
     import io
+
     view = np.load(io.BytesIO(member))
     assert view.dtype == np.float32 and view.shape == (40, 40) and view.max() == pytest.approx(1.0)
     assert set(params["lens"]) == set(LENS_PARAMS) and len(params["views"]) == 2
@@ -70,16 +71,30 @@ def test_layout_and_manifest(one_rank):
 
 def test_two_ranks_equal_one_rank_byte_for_byte(bin_dir, small_yaml, one_rank, tmp_path):
     out = tmp_path / "two"
-    proc = cli(bin_dir, "simulate", "--out", out, "--pairs", 10, "--shard-size", 3, "--seed", 7,
-               "--config", small_yaml, ranks=2)
+    proc = cli(
+        bin_dir,
+        "simulate",
+        "--out",
+        out,
+        "--pairs",
+        10,
+        "--shard-size",
+        3,
+        "--seed",
+        7,
+        "--config",
+        small_yaml,
+        ranks=2,
+    )
     assert "2 rank(s)" in proc.stdout
     assert contents(out) == contents(one_rank)
 
 
 def test_rerun_is_a_noop(bin_dir, small_yaml, one_rank):
     before = {p.name: p.stat().st_mtime_ns for p in one_rank.glob("shard-*.tar")}
-    proc = cli(bin_dir, "simulate", "--out", one_rank, "--pairs", 10, "--shard-size", 3, "--seed", 7,
-               "--config", small_yaml)
+    proc = cli(
+        bin_dir, "simulate", "--out", one_rank, "--pairs", 10, "--shard-size", 3, "--seed", 7, "--config", small_yaml
+    )
     assert "wrote 0 new samples (10 already done)" in proc.stdout
     assert {p.name: p.stat().st_mtime_ns for p in one_rank.glob("shard-*.tar")} == before
 
@@ -89,8 +104,11 @@ def test_killed_run_resumes_to_identical_data(bin_dir, small_yaml, tmp_path):
     ref = tmp_path / "ref"
     cli(bin_dir, *args, "--out", ref)
     out = tmp_path / "killed"
-    proc = subprocess.Popen([str(bin_dir / "hpc-lensiam"), *map(str, args), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(bin_dir / "hpc-lensiam"), *map(str, args), "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and len(list(out.glob("shard-*.tar"))) < 2:
         time.sleep(0.05)
@@ -106,8 +124,22 @@ def test_killed_run_resumes_to_identical_data(bin_dir, small_yaml, tmp_path):
 
 def test_single_mode_and_show(bin_dir, small_yaml, tmp_path):
     out = tmp_path / "single"
-    cli(bin_dir, "simulate", "--out", out, "--pairs", 4, "--shard-size", 4, "--mode", "single",
-        "--preset", "euclid", "--config", small_yaml)
+    cli(
+        bin_dir,
+        "simulate",
+        "--out",
+        out,
+        "--pairs",
+        4,
+        "--shard-size",
+        4,
+        "--mode",
+        "single",
+        "--preset",
+        "euclid",
+        "--config",
+        small_yaml,
+    )
     manifest = read_manifest(out)
     assert manifest["mode"] == "single" and manifest["config"]["instrument"]["pixel_scale_arcsec"] == 0.1
     with tarfile.open(out / "shard-000000.tar") as tar:
@@ -145,18 +177,31 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(bin_dir, tmp_path, smal
 
     # A folder that holds another data set (other seed) is refused, and left untouched.
     before = contents(one_rank)
-    proc = cli(bin_dir, "simulate", "--out", one_rank, "--pairs", 10, "--shard-size", 3, "--seed", 8,
-               "--config", small_yaml, check=False)
+    proc = cli(
+        bin_dir,
+        "simulate",
+        "--out",
+        one_rank,
+        "--pairs",
+        10,
+        "--shard-size",
+        3,
+        "--seed",
+        8,
+        "--config",
+        small_yaml,
+        check=False,
+    )
     assert proc.returncode == 2 and "different data set (seed: 7 there, 8 asked)" in proc.stderr
     assert contents(one_rank) == before
 
 
 def test_singleton_trap_is_refused(bin_dir, tmp_path, small_yaml):
     """Two processes that each think they are 'rank 0 of 1' (plain srun) must not write shards."""
-    env = {**os.environ, "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2",
-           "SLURM_NTASKS": "2"}
+    env = {**os.environ, "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2"}
     out = tmp_path / "trap"
-    proc = cli(bin_dir, "simulate", "--out", out, "--pairs", 2, "--shard-size", 1, "--config", small_yaml,
-               check=False, env=env)
+    proc = cli(
+        bin_dir, "simulate", "--out", out, "--pairs", 2, "--shard-size", 1, "--config", small_yaml, check=False, env=env
+    )
     assert proc.returncode == 2 and "mpiexec" in proc.stderr, proc.stderr
     assert not out.exists()

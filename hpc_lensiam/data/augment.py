@@ -14,6 +14,7 @@
 All of it is tensor ops on ``x``'s device (the GPU in a CUDA run), so the baseline is not
 loader-bound. A ``torch.Generator`` on that device makes it reproducible.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
-JITTER = 0.4          # brightness and contrast factors in [1 - JITTER, 1 + JITTER]
+JITTER = 0.4  # brightness and contrast factors in [1 - JITTER, 1 + JITTER]
 JITTER_P = 0.8
 BLUR_P = 0.5
 BLUR_SIGMA = (0.1, 2.0)
@@ -38,7 +39,7 @@ def random_resized_crop_flip(x: torch.Tensor, g=None) -> torch.Tensor:
     area = _uniform(n, *CROP_SCALE, g, device)
     log_ratio = _uniform(n, math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]), g, device)
     ratio = torch.exp(log_ratio)
-    w = torch.sqrt(area * ratio).clamp(max=1.0)     # crop width and height, fractions of the image
+    w = torch.sqrt(area * ratio).clamp(max=1.0)  # crop width and height, fractions of the image
     h = torch.sqrt(area / ratio).clamp(max=1.0)
     cx = (torch.rand(n, generator=g, device=device) * 2 - 1) * (1 - w)  # centre, in [-1, 1] coords
     cy = (torch.rand(n, generator=g, device=device) * 2 - 1) * (1 - h)
@@ -71,12 +72,12 @@ def gaussian_blur(x: torch.Tensor, g=None) -> torch.Tensor:
     k = k / k.sum(dim=1, keepdim=True)
     identity = torch.zeros(size, device=device)
     identity[size // 2] = 1
-    k = torch.where(apply[:, None], k, identity).to(x.dtype)      # (n, size): p=0.5 of the batch
-    k = k.repeat_interleave(ch, dim=0)                              # one kernel per (image, channel)
+    k = torch.where(apply[:, None], k, identity).to(x.dtype)  # (n, size): p=0.5 of the batch
+    k = k.repeat_interleave(ch, dim=0)  # one kernel per (image, channel)
     y = x.reshape(1, n * ch, H, W)
     y = F.pad(y, (size // 2,) * 4, mode="reflect")
-    y = F.conv2d(y, k.view(n * ch, 1, size, 1), groups=n * ch)      # vertical
-    y = F.conv2d(y, k.view(n * ch, 1, 1, size), groups=n * ch)      # horizontal
+    y = F.conv2d(y, k.view(n * ch, 1, size, 1), groups=n * ch)  # vertical
+    y = F.conv2d(y, k.view(n * ch, 1, 1, size), groups=n * ch)  # horizontal
     return y.reshape(n, ch, H, W)
 
 

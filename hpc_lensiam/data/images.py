@@ -6,6 +6,7 @@ error naming it) wherever it is read. No torch here: ``finetune`` and the traini
 few thousand images as numpy arrays, and ``embed`` batches the same rows (:func:`image_rows`) through a
 webdataset pipeline.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,6 +55,7 @@ def image_rows(mode: str):
                     raise UserError(f"{where}: no {name}.npy in a {mode!r} shard")
                 image = check_finite(decode_npy(s[name + ".npy"]), s.get("__url__", "?"), s["__key__"], name + ".npy")
                 yield s["__key__"], v, image, lens
+
     return expand
 
 
@@ -83,6 +85,9 @@ def load_images(data_dir: str | os.PathLike, n: int | None = None, what: str = "
 
 
 def _iter_rows(data_dir, manifest):
-    samples = (s for p, e in zip(shard_paths(data_dir, manifest), manifest["shards"])
-               for s in shard_samples(p, int(e["num_samples"])))
+    samples = (
+        s
+        for p, e in zip(shard_paths(data_dir, manifest), manifest["shards"])
+        for s in shard_samples(p, int(e["num_samples"]))
+    )
     yield from image_rows(manifest["mode"])(samples)

@@ -22,6 +22,7 @@ A batch is a dict: ``{"x1", "x2"}`` (lensiam: the stored pair) or ``{"x"}`` (sim
 each a float32 tensor ``(B, 1, H, W)``, plus ``"keys"`` (the samples' ``__key__``) and ``"bad"``:
 samples skipped since the last batch.
 """
+
 from __future__ import annotations
 
 import functools
@@ -68,7 +69,7 @@ class NpyDecoder:
         shape, fortran, dtype = read_header(f)
         if dtype != np.float32 or fortran or len(shape) != 2:
             raise ValueError(f"expected a C-order float32 2-D npy array, got {dtype} {shape}")
-        self.header, self.shape, self.count = data[:f.tell()], shape, int(np.prod(shape))
+        self.header, self.shape, self.count = data[: f.tell()], shape, int(np.prod(shape))
         if len(data) != f.tell() + 4 * self.count:
             raise ValueError(f"npy payload is {len(data) - f.tell()} bytes, expected {4 * self.count}")
 
@@ -76,9 +77,20 @@ class NpyDecoder:
 class ShardStream(torch.utils.data.IterableDataset):
     """One rank's batches of one epoch (set :attr:`epoch` and :attr:`start` before iterating)."""
 
-    def __init__(self, shards: dict[str, int], keys: dict[str, str], image_shape, batch_size: int,
-                 batches: int, rank: int, world_size: int, workers: int, seed: int,
-                 shuffle_buffer: int, skip_bad: bool):
+    def __init__(
+        self,
+        shards: dict[str, int],
+        keys: dict[str, str],
+        image_shape,
+        batch_size: int,
+        batches: int,
+        rank: int,
+        world_size: int,
+        workers: int,
+        seed: int,
+        shuffle_buffer: int,
+        skip_bad: bool,
+    ):
         self.shards, self.keys, self.image_shape = shards, keys, tuple(image_shape)
         self.batch_size, self.batches = batch_size, batches
         self.rank, self.world_size, self.workers = rank, world_size, max(1, workers)
@@ -87,7 +99,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def worker_shards(self, epoch: int, v: int) -> list[str]:
         order = random.Random(derive_seed(self.seed, epoch)).sample(list(self.shards), len(self.shards))
-        return order[self.rank::self.world_size][v::self.workers]
+        return order[self.rank :: self.world_size][v :: self.workers]
 
     def _raw(self, shards: list[str], rng: random.Random, counter: list):
         """Samples of ``shards`` through the seeded shuffle buffer, pass after pass (new shard order
@@ -95,11 +107,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         bufsize = max(1, min(self.shuffle_buffer, sum(self.shards[p] for p in shards)))
         while True:
             count = [0]
-            yield from _shuffle(self._one_pass(shards, rng, counter, count), bufsize=bufsize,
-                                initial=bufsize, rng=rng)
+            yield from _shuffle(self._one_pass(shards, rng, counter, count), bufsize=bufsize, initial=bufsize, rng=rng)
             if count[0] == 0:
-                raise ShardError(f"shard {shards[0]}: no readable samples in this worker's "
-                                 f"{len(shards)} shard(s)")
+                raise ShardError(f"shard {shards[0]}: no readable samples in this worker's {len(shards)} shard(s)")
 
     def _one_pass(self, shards, rng, counter, count):
         for path in rng.sample(shards, len(shards)):
@@ -112,8 +122,9 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _bad(self, path, key, exc, counter):
         where = f"{path}" + (f" sample {key!r}" if key else "")
-        what = str(exc) if isinstance(exc, IntegrityError) else f"shard {where}: cannot read " \
-            f"({type(exc).__name__}: {exc})"
+        what = (
+            str(exc) if isinstance(exc, IntegrityError) else f"shard {where}: cannot read ({type(exc).__name__}: {exc})"
+        )
         if not self.skip_bad:
             raise ShardError(f"{what}; --skip-bad-samples skips unreadable samples") from None
         counter[0] += 1
@@ -123,15 +134,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         w, nw = (info.id, info.num_workers) if info else (0, 1)
         assert nw == self.workers, (nw, self.workers)
-        v = (w + self.start) % nw                     # "virtual worker": batch i comes from i % nw
-        skip = len(range(v, self.start, nw))          # this worker's batches already trained on
+        v = (w + self.start) % nw  # "virtual worker": batch i comes from i % nw
+        skip = len(range(v, self.start, nw))  # this worker's batches already trained on
         take = len(range(v, self.batches, nw)) - skip
         if take <= 0:
             return
         rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, v))
         counter = [0]
         raw = self._raw(self.worker_shards(self.epoch, v), rng, counter)
-        for _ in range(skip * self.batch_size):       # skipped without decoding
+        for _ in range(skip * self.batch_size):  # skipped without decoding
             next(raw)
         decode = NpyDecoder()
         B, (H, W) = self.batch_size, self.image_shape
@@ -145,8 +156,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                     for name, member in self.keys.items():
                         if member not in sample:
                             raise KeyError(f"no {member} in sample")
-                        arrays[name][n, 0] = check_finite(decode(sample[member]), sample.get("__url__"),
-                                                          sample.get("__key__"), member)
+                        arrays[name][n, 0] = check_finite(
+                            decode(sample[member]), sample.get("__url__"), sample.get("__key__"), member
+                        )
                 except Exception as exc:
                     self._bad(sample.get("__url__"), sample.get("__key__"), exc, counter)
                     continue
@@ -170,7 +182,7 @@ def _worker_signals(_worker_id: int, closing=None) -> None:
             os._exit(0)
         signal.alarm(signal.alarm(0) or 100)
 
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)   # the trainer's checkpoint-and-stop signal
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the trainer's checkpoint-and-stop signal
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
@@ -181,9 +193,21 @@ class ShardLoader:
     per sample (``image`` of single-mode shards, ``view1`` of pair shards).
     """
 
-    def __init__(self, data_dir: str, mode: str, batch_size: int, rank: int = 0, world_size: int = 1,
-                 workers: int = 2, seed: int = 0, shuffle_buffer: int = 1000, grad_accum: int = 1,
-                 skip_bad_samples: bool = False, pin_memory: bool = False, verify: bool = False):
+    def __init__(
+        self,
+        data_dir: str,
+        mode: str,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 2,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        grad_accum: int = 1,
+        skip_bad_samples: bool = False,
+        pin_memory: bool = False,
+        verify: bool = False,
+    ):
         if not data_dir:
             raise UserError("--data: no shard directory given")
         manifest = read_manifest(data_dir)
@@ -191,20 +215,26 @@ class ShardLoader:
         shards = shard_paths(data_dir, manifest)
         missing = [p for p in shards if not Path(p).is_file()]
         if missing:
-            raise ShardError(f"shard {missing[0]}: listed in {Path(data_dir) / 'manifest.json'} but missing "
-                             f"({len(missing)} of {len(shards)} missing)")
+            raise ShardError(
+                f"shard {missing[0]}: listed in {Path(data_dir) / 'manifest.json'} but missing "
+                f"({len(missing)} of {len(shards)} missing)"
+            )
         # Size always (a stat); sha256 with --verify, each rank its own share (every shard once).
         for i, (path, entry) in enumerate(zip(shards, manifest["shards"])):
             problem = shard_problem(path, entry, verify=verify and i % world_size == rank)
             if problem and not skip_bad_samples:
-                raise ShardError(f"shard {path}: cannot read ({problem}); --skip-bad-samples skips "
-                                 f"unreadable samples, `hpc-lensiam verify {data_dir}` lists every bad shard")
+                raise ShardError(
+                    f"shard {path}: cannot read ({problem}); --skip-bad-samples skips "
+                    f"unreadable samples, `hpc-lensiam verify {data_dir}` lists every bad shard"
+                )
             if problem and rank == 0:
                 warnings.warn(f"shard {path}: {problem}; reading what it holds (--skip-bad-samples)", stacklevel=2)
         if mode == "lensiam":
             if manifest["mode"] != "lensiam":
-                raise UserError(f"--mode lensiam needs pair shards; {data_dir} holds {manifest['mode']!r} "
-                                f"samples (use --mode simsiam, or simulate with --mode lensiam)")
+                raise UserError(
+                    f"--mode lensiam needs pair shards; {data_dir} holds {manifest['mode']!r} "
+                    f"samples (use --mode simsiam, or simulate with --mode lensiam)"
+                )
             keys = {"x1": "view1.npy", "x2": "view2.npy"}
         elif mode == "simsiam":
             keys = {"x": "image.npy" if manifest["mode"] == "single" else "view1.npy"}
@@ -213,16 +243,21 @@ class ShardLoader:
         num = int(manifest["num_samples"])
         per_step = batch_size * world_size * grad_accum
         if num < per_step:
-            raise UserError(f"batch larger than the data: {batch_size} per rank x {world_size} rank(s) x "
-                            f"{grad_accum} accumulation = {per_step} samples per step, but {data_dir} "
-                            f"holds {num}")
+            raise UserError(
+                f"batch larger than the data: {batch_size} per rank x {world_size} rank(s) x "
+                f"{grad_accum} accumulation = {per_step} samples per step, but {data_dir} "
+                f"holds {num}"
+            )
         if len(shards) < world_size:
-            raise UserError(f"{data_dir} has {len(shards)} shard(s) for {world_size} ranks: every rank needs "
-                            f"its own shards (re-simulate with a smaller --shard-size)")
+            raise UserError(
+                f"{data_dir} has {len(shards)} shard(s) for {world_size} ranks: every rank needs "
+                f"its own shards (re-simulate with a smaller --shard-size)"
+            )
         usable = len(shards) // world_size
         if workers > usable:
-            warnings.warn(f"--workers {workers}: only {usable} shard(s) per rank, using {usable} worker(s)",
-                          stacklevel=1)   # about the run, not a call site
+            warnings.warn(
+                f"--workers {workers}: only {usable} shard(s) per rank, using {usable} worker(s)", stacklevel=1
+            )  # about the run, not a call site
             workers = usable
         self.workers = workers
         self.batches_per_epoch = num // per_step * grad_accum
@@ -232,23 +267,39 @@ class ShardLoader:
         self.image_shape = tuple(shape)
         self.batch_size, self.pin_memory = batch_size, pin_memory
         sizes = {p: int(s.get("num_samples", 1)) for p, s in zip(shards, manifest["shards"])}
-        self.dataset = ShardStream(sizes, keys, shape, batch_size, self.batches_per_epoch, rank,
-                                   world_size, workers, seed, shuffle_buffer, skip_bad_samples)
+        self.dataset = ShardStream(
+            sizes,
+            keys,
+            shape,
+            batch_size,
+            self.batches_per_epoch,
+            rank,
+            world_size,
+            workers,
+            seed,
+            shuffle_buffer,
+            skip_bad_samples,
+        )
 
     def epoch(self, epoch: int, start: int = 0):
         """Batches ``start .. batches_per_epoch-1`` of ``epoch`` (the same ones whatever ``start``)."""
         self.dataset.epoch, self.dataset.start = epoch, start
-        closing = multiprocessing.RawValue("b", 0)   # shared with the workers (fork), read in a handler
+        closing = multiprocessing.RawValue("b", 0)  # shared with the workers (fork), read in a handler
         # torch's DataLoader itself (not wds.WebLoader, whose iterator hides _shutdown_workers: the
         # workers then lived on until interpreter exit, and a worker's error took 100 s to end the job)
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
-                                             pin_memory=self.pin_memory, persistent_workers=False,
-                                             worker_init_fn=functools.partial(_worker_signals, closing=closing))
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+            worker_init_fn=functools.partial(_worker_signals, closing=closing),
+        )
         it = iter(loader)
         try:
             yield from it
         except ShardError as exc:  # from a worker, its traceback is in the message: keep the last line
-            closing.value = 1     # the job ends: its workers go now, not after the join timeout
+            closing.value = 1  # the job ends: its workers go now, not after the join timeout
             for w in getattr(it, "_workers", ()):
                 if w.is_alive():
                     w.terminate()

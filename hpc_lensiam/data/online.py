@@ -10,6 +10,7 @@ a resumed run, which restarts at the same epoch and batch index, sees exactly th
 An epoch is ``online_epoch_samples`` samples over all ranks (TrainConfig; default 100,000, the
 paper's data set size), which fixes the lr schedule's steps per epoch as shards of that size would.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -22,7 +23,7 @@ from ..errors import UserError
 from ..rng import derive_seed
 
 PREFIX = "online"
-FAMILIES = ("paper",)   # simulation families the torch renderer implements (the EPL + shear one)
+FAMILIES = ("paper",)  # simulation families the torch renderer implements (the EPL + shear one)
 
 
 def online_config(data: str) -> SimulationConfig:
@@ -32,35 +33,49 @@ def online_config(data: str) -> SimulationConfig:
     ``online:euclid``: that preset; ``online:FILE.yaml``: a SimulationConfig YAML (as ``simulate
     --config``).
     """
-    spec = data[len(PREFIX) + 1:] if data.startswith(PREFIX + ":") else ""
+    spec = data[len(PREFIX) + 1 :] if data.startswith(PREFIX + ":") else ""
     if spec in ("",) + FAMILIES:
         return simulation_config()
     if spec in INSTRUMENT_PRESETS:
         return simulation_config(preset=spec)
     if spec.endswith((".yaml", ".yml")) or Path(spec).is_file():
         return simulation_config(config_path=spec)
-    raise UserError(f"--data {data}: unknown simulation family or config {spec!r} (expected online, "
-                    f"online:{'|'.join(FAMILIES + tuple(INSTRUMENT_PRESETS))} or online:CONFIG.yaml)")
+    raise UserError(
+        f"--data {data}: unknown simulation family or config {spec!r} (expected online, "
+        f"online:{'|'.join(FAMILIES + tuple(INSTRUMENT_PRESETS))} or online:CONFIG.yaml)"
+    )
 
 
 class OnlineLoader:
     """One rank's freshly rendered batches, epoch by epoch (``ShardLoader``'s interface)."""
 
-    SALT = 0x0411E   # keeps the render stream apart from the augmentation seeds (seed, rank, step, micro)
+    SALT = 0x0411E  # keeps the render stream apart from the augmentation seeds (seed, rank, step, micro)
 
-    def __init__(self, data: str, mode: str, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, grad_accum: int = 1, epoch_samples: int = 100_000, device="cpu",
-                 compile: bool = False):
+    def __init__(
+        self,
+        data: str,
+        mode: str,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        grad_accum: int = 1,
+        epoch_samples: int = 100_000,
+        device="cpu",
+        compile: bool = False,
+    ):
         from ..simulate.torch_render import TorchLensSimulator
 
         if mode not in ("lensiam", "simsiam"):
             raise UserError(f"--mode: {mode!r} is not one of lensiam, simsiam")
         per_step = batch_size * world_size * grad_accum
         if epoch_samples < per_step:
-            raise UserError(f"--online-epoch-samples {epoch_samples} is smaller than one step ({batch_size} per "
-                            f"rank x {world_size} rank(s) x {grad_accum} accumulation = {per_step} samples)")
+            raise UserError(
+                f"--online-epoch-samples {epoch_samples} is smaller than one step ({batch_size} per "
+                f"rank x {world_size} rank(s) x {grad_accum} accumulation = {per_step} samples)"
+            )
         cfg = online_config(data)
-        with warnings.catch_warnings():   # "no cosmos_dir": the config says so; not once per rank
+        with warnings.catch_warnings():  # "no cosmos_dir": the config says so; not once per rank
             warnings.simplefilter("ignore", UserWarning)
             self.sim = TorchLensSimulator(cfg, device=device, dtype=torch.float32, compile=compile)
         self.mode, self.batch_size, self.rank, self.seed = mode, batch_size, rank, seed
@@ -70,8 +85,18 @@ class OnlineLoader:
 
     @classmethod
     def from_train_config(cls, cfg, rank: int, world_size: int, device) -> OnlineLoader:
-        return cls(cfg.data, cfg.mode, cfg.batch_size, rank, world_size, cfg.seed, cfg.grad_accum,
-                   cfg.online_epoch_samples, device, cfg.online_compile)
+        return cls(
+            cfg.data,
+            cfg.mode,
+            cfg.batch_size,
+            rank,
+            world_size,
+            cfg.seed,
+            cfg.grad_accum,
+            cfg.online_epoch_samples,
+            device,
+            cfg.online_compile,
+        )
 
     def generator(self, epoch: int, index: int) -> torch.Generator:
         g = torch.Generator(device=self.sim.device)

@@ -17,6 +17,7 @@ Two sources today: ``online[:FAMILY_OR_CONFIG]`` renders every batch on the devi
 and anything else is a shard directory (data/loader.py), the fallback. Adding one is a class with
 these three methods plus one line in :data:`SOURCES` (docs/extending.md shows an example).
 """
+
 from __future__ import annotations
 
 import sys
@@ -52,26 +53,39 @@ class PrefixSource(DataSource):
 
     def spec(self, data: str) -> str:
         """What follows ``PREFIX:`` (empty for a bare ``PREFIX``)."""
-        return data[len(self.prefix) + 1:] if data.startswith(self.prefix + ":") else ""
+        return data[len(self.prefix) + 1 :] if data.startswith(self.prefix + ":") else ""
 
 
 class ShardSource(DataSource):
     """A directory of WebDataset shards written by ``simulate`` or ``ingest`` (its manifest.json)."""
 
     def matches(self, data: str) -> bool:
-        return True   # the fallback: any --data no other source claims is a shard directory
+        return True  # the fallback: any --data no other source claims is a shard directory
 
     def identity(self, data: str) -> str:
-        read_manifest(data)   # a bad --data fails before the run folder is created
+        read_manifest(data)  # a bad --data fails before the run folder is created
         return sha256_file(Path(data) / MANIFEST_NAME)
 
     def loader(self, cfg, engine):
         from .loader import ShardLoader
-        loader = ShardLoader(cfg.data, cfg.mode, cfg.batch_size, engine.rank, engine.world_size, cfg.workers,
-                             cfg.seed, cfg.shuffle_buffer, cfg.grad_accum, cfg.skip_bad_samples, verify=cfg.verify,
-                             pin_memory=engine.plan.pin_memory)
-        if engine.is_main and (busy := cpu_budget_warning(loader.workers if cfg.workers else 0,
-                                                          engine.local_world_size)):
+
+        loader = ShardLoader(
+            cfg.data,
+            cfg.mode,
+            cfg.batch_size,
+            engine.rank,
+            engine.world_size,
+            cfg.workers,
+            cfg.seed,
+            cfg.shuffle_buffer,
+            cfg.grad_accum,
+            cfg.skip_bad_samples,
+            verify=cfg.verify,
+            pin_memory=engine.plan.pin_memory,
+        )
+        if engine.is_main and (
+            busy := cpu_budget_warning(loader.workers if cfg.workers else 0, engine.local_world_size)
+        ):
             print(f"train: warning: {busy}", file=sys.stderr, flush=True)
         return loader
 
@@ -82,7 +96,7 @@ class OnlineSource(PrefixSource):
     prefix = PREFIX
 
     def identity(self, data: str) -> str:
-        return sha256_json(to_dict(online_config(data)))   # the data is its simulation config
+        return sha256_json(to_dict(online_config(data)))  # the data is its simulation config
 
     def loader(self, cfg, engine):
         return OnlineLoader.from_train_config(cfg, engine.rank, engine.world_size, engine.device)

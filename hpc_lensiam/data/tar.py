@@ -4,6 +4,7 @@ Python's ``tarfile`` costs ~40 us per member; parsing the 512-byte headers direc
 and was the loader's bottleneck. The reader is strict: header checksums, truncated members and a
 missing end-of-archive block are errors, so a damaged shard never reads as a shorter valid one.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,7 +28,7 @@ def tar_members(f, skip_data: bool = False):
             if hdr.strip(b"\0"):
                 raise EOFError("unexpected end of data (truncated tar header)")
             raise EOFError("no end-of-archive block (the shard was cut between two members)")
-        if hdr.count(0) == 512:                      # end-of-archive block
+        if hdr.count(0) == 512:  # end-of-archive block
             return
         chksum = hdr[148:156].split(b"\0", 1)[0].strip()
         if not chksum or int(chksum, 8) != sum(hdr[:148]) + 256 + sum(hdr[156:]):
@@ -61,7 +62,7 @@ def _samples(files, path):
         if "." not in base or base.startswith("__"):
             continue
         key, ext = base.split(".", 1)
-        key = name[:len(name) - len(base)] + key
+        key = name[: len(name) - len(base)] + key
         if sample is None or key != sample["__key__"]:
             if sample is not None:
                 yield sample
@@ -86,6 +87,7 @@ def read_shard(path: str):
     except _Unsupported:
         with open(path, "rb") as f:
             from webdataset.tariterators import group_by_keys, tar_file_iterator  # imports torch: only here
+
             files = ({**item, "__url__": path} for item in tar_file_iterator(f))
             for i, sample in enumerate(group_by_keys(files)):
                 if i >= done:

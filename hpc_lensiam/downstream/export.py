@@ -16,6 +16,7 @@ The exporter checks the keys, and the features against the trained backbone on a
 before writing anything. Reads DDP ``last.pt`` files, run folders and DeepSpeed checkpoint
 folders alike (:func:`hpc_lensiam.train.checkpoint.load_model_state`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,14 +32,26 @@ from ..models.backbones.resnet import RESNETS as _RESNETS
 FORMATS = ("pt", "safetensors")
 SIDECAR_FORMAT = "hpc_lensiam.backbone/1"
 NORMALISATION = "each image divided by its maximum (max = 1), as the shards store it; no mean/std subtraction"
-__all__ = ["CHANNELS", "FORMATS", "_RESNETS", "backbone_from_checkpoint", "export_backbone", "fold_conv1",
-           "infer_arch", "load_backbone", "read_backbone_file", "read_sidecar", "to_torchvision"]
+__all__ = [
+    "CHANNELS",
+    "FORMATS",
+    "_RESNETS",
+    "backbone_from_checkpoint",
+    "export_backbone",
+    "fold_conv1",
+    "infer_arch",
+    "load_backbone",
+    "read_backbone_file",
+    "read_sidecar",
+    "to_torchvision",
+]
 
 
 # ------------------------------------------------------------------------------------ helpers
 def state_sha256(state: dict) -> str:
     """Hash of a state_dict's names, dtypes, shapes and values (format-independent identity)."""
     import torch
+
     h = hashlib.sha256()
     for k in sorted(state):
         t = state[k]
@@ -77,8 +90,10 @@ def backbone_from_checkpoint(checkpoint: str | os.PathLike, arch: str | None = N
     from ..train.checkpoint import load_model_state
 
     if not Path(checkpoint).exists():
-        raise UserError(f"{checkpoint}: no such checkpoint (expected RUN/checkpoints/last.pt, a run "
-                        "folder or a DeepSpeed checkpoint folder)")
+        raise UserError(
+            f"{checkpoint}: no such checkpoint (expected RUN/checkpoints/last.pt, a run "
+            "folder or a DeepSpeed checkpoint folder)"
+        )
     if Path(checkpoint).is_file():
         check_torch_file(checkpoint)
     state, config, step = load_model_state(checkpoint)
@@ -88,8 +103,10 @@ def backbone_from_checkpoint(checkpoint: str | os.PathLike, arch: str | None = N
     vit = spec is not None and spec.family == "timm"
     bb = backbone_state_dict(state, spec.head if vit else "fc")
     if not bb or ("pos_embed" not in bb if vit else "conv1.weight" not in bb):
-        raise UserError(f"{checkpoint}: no encoder.* backbone weights: not a pretraining checkpoint "
-                        "(an exported backbone goes to `finetune --backbone`, not here)")
+        raise UserError(
+            f"{checkpoint}: no encoder.* backbone weights: not a pretraining checkpoint "
+            "(an exported backbone goes to `finetune --backbone`, not here)"
+        )
     img_size = None
     if vit:
         found, img_size = declared, spec.img_size_of(bb)
@@ -103,11 +120,19 @@ def backbone_from_checkpoint(checkpoint: str | os.PathLike, arch: str | None = N
         raise UserError(f"{checkpoint}: checkpoint of the wrong arch: {found}, expected {arch}")
     if found not in BACKBONES:
         raise UserError(f"{checkpoint}: unknown arch {found!r} (expected one of: {', '.join(BACKBONES)})")
-    info = {"arch": found, "mode": config.get("mode", "unknown"), "method": config.get("method", "simsiam"),
-            "step": int(step or 0), "config_hash": sha256_json(config) if config else "",
-            "feature_dim": BACKBONES[found].feature_dim, "img_size": img_size,
-            "weights_sha256": state_sha256(bb), "engine": config.get("engine", "unknown"),
-            "image_shape": _image_shape(config), "checkpoint": str(Path(checkpoint).resolve())}
+    info = {
+        "arch": found,
+        "mode": config.get("mode", "unknown"),
+        "method": config.get("method", "simsiam"),
+        "step": int(step or 0),
+        "config_hash": sha256_json(config) if config else "",
+        "feature_dim": BACKBONES[found].feature_dim,
+        "img_size": img_size,
+        "weights_sha256": state_sha256(bb),
+        "engine": config.get("engine", "unknown"),
+        "image_shape": _image_shape(config),
+        "checkpoint": str(Path(checkpoint).resolve()),
+    }
     return bb, info
 
 
@@ -120,8 +145,9 @@ def load_backbone(checkpoint: str | os.PathLike, arch: str | None = None):
         net = build_backbone(info["arch"], img_size=info["img_size"])
         net.load_state_dict(bb, strict=True)
     except (RuntimeError, ValueError) as exc:
-        raise UserError(f"{checkpoint}: backbone weights do not fit {info['arch']} "
-                        f"({str(exc).splitlines()[0]})") from None
+        raise UserError(
+            f"{checkpoint}: backbone weights do not fit {info['arch']} ({str(exc).splitlines()[0]})"
+        ) from None
     return net.eval(), info
 
 
@@ -153,8 +179,10 @@ def export_backbone(checkpoint: str, out: str, fmt: str = "pt", arch: str | None
         a, b = net(x), ex.model(x.repeat(1, ex.in_chans, 1, 1))
     err = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
     if err > 1e-4:
-        raise RuntimeError(f"export: the library {info['arch']} features differ from the trained backbone "
-                           f"(max relative error {err:.2e})")
+        raise RuntimeError(
+            f"export: the library {info['arch']} features differ from the trained backbone "
+            f"(max relative error {err:.2e})"
+        )
     state = ex.state
 
     out = Path(out)
@@ -164,30 +192,49 @@ def export_backbone(checkpoint: str, out: str, fmt: str = "pt", arch: str | None
             torch.save(state, tmp)
         else:
             from safetensors.torch import save_file
+
             save_file(state, str(tmp), metadata={"format": SIDECAR_FORMAT, "arch": info["arch"]})
     n_params = sum(v.numel() for k, v in state.items() if not k.endswith("num_batches_tracked"))
     sidecar = {
         "format": SIDECAR_FORMAT,
-        "weights": out.name, "weights_format": fmt, "weights_sha256": state_sha256(state),
-        "arch": info["arch"], "feature_dim": info["feature_dim"], "num_parameters": n_params,
+        "weights": out.name,
+        "weights_format": fmt,
+        "weights_sha256": state_sha256(state),
+        "arch": info["arch"],
+        "feature_dim": info["feature_dim"],
+        "num_parameters": n_params,
         "load": ex.load.replace("STATE", "torch.load(f)" if fmt == "pt" else "safetensors.torch.load_file(f)"),
         **ex.library,
-        "input": {"channels": ex.in_chans, "channel_note": ex.channel_note,
-                  "size": [info["img_size"]] * 2 if info["img_size"] else info["image_shape"],
-                  "size_note": ("training image size (native, no resize); "
-                                + ("the ViT's position embedding fixes it" if info["img_size"] else
-                                   "global pooling accepts any size")),
-                  "normalisation": NORMALISATION, "dtype": "float32"},
-        "training": {"method": info["method"], "mode": info["mode"], "step": info["step"],
-                     "config_hash": info["config_hash"], "engine": info["engine"], "checkpoint": info["checkpoint"],
-                     "backbone_weights_sha256": info["weights_sha256"]},
+        "input": {
+            "channels": ex.in_chans,
+            "channel_note": ex.channel_note,
+            "size": [info["img_size"]] * 2 if info["img_size"] else info["image_shape"],
+            "size_note": (
+                "training image size (native, no resize); "
+                + ("the ViT's position embedding fixes it" if info["img_size"] else "global pooling accepts any size")
+            ),
+            "normalisation": NORMALISATION,
+            "dtype": "float32",
+        },
+        "training": {
+            "method": info["method"],
+            "mode": info["mode"],
+            "step": info["step"],
+            "config_hash": info["config_hash"],
+            "engine": info["engine"],
+            "checkpoint": info["checkpoint"],
+            "backbone_weights_sha256": info["weights_sha256"],
+        },
         "check": {"features_max_relative_error": err},
     }
     atomic_write_json(sidecar_path(out), sidecar)
-    print(f"export: {info['arch']} backbone ({info['method']}, {info['mode']}, step {info['step']}, "
-          f"{n_params / 1e6:.1f}M parameters, {ex.in_chans}-channel input, feature check {err:.1e}) -> {out} "
-          f"[{fmt}]; {ex.load.split(';')[0].removeprefix('m = ')} loads it ({ex.load.split('#')[-1].strip()}); "
-          f"sidecar {sidecar_path(out)}", flush=True)
+    print(
+        f"export: {info['arch']} backbone ({info['method']}, {info['mode']}, step {info['step']}, "
+        f"{n_params / 1e6:.1f}M parameters, {ex.in_chans}-channel input, feature check {err:.1e}) -> {out} "
+        f"[{fmt}]; {ex.load.split(';')[0].removeprefix('m = ')} loads it ({ex.load.split('#')[-1].strip()}); "
+        f"sidecar {sidecar_path(out)}",
+        flush=True,
+    )
     return sidecar
 
 
@@ -196,26 +243,36 @@ def read_backbone_file(path: str | os.PathLike) -> dict:
     """A backbone weights file (our export, a torchvision weights file; .pt/.pth or safetensors)
     -> plain state_dict without ``fc.*``, ``module.`` prefixes stripped."""
     import torch
+
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: backbone file not found (expected `hpc-lensiam export` output, a "
-                        "torchvision weights file, or 'none')")
+        raise UserError(
+            f"{path}: backbone file not found (expected `hpc-lensiam export` output, a "
+            "torchvision weights file, or 'none')"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             state = load_file(str(path))
         else:
             check_torch_file(path)
             state = torch.load(path, map_location="cpu", weights_only=True)
     except UserError:
         raise
-    except Exception as exc:   # first line only: torch's text goes on to advise weights_only=False
+    except Exception as exc:  # first line only: torch's text goes on to advise weights_only=False
         first = (str(exc).strip().splitlines() or [""])[0]
         raise UserError(f"{path}: cannot read backbone weights ({type(exc).__name__}: {first})") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict) and any(
-            k.startswith(("encoder.", "module.encoder.")) for k in state["model"]):
-        raise UserError(f"{path}: a training checkpoint, not a backbone; run `hpc-lensiam export "
-                        f"--checkpoint {path} --out backbone.pt` first")
+    if (
+        isinstance(state, dict)
+        and "model" in state
+        and isinstance(state["model"], dict)
+        and any(k.startswith(("encoder.", "module.encoder.")) for k in state["model"])
+    ):
+        raise UserError(
+            f"{path}: a training checkpoint, not a backbone; run `hpc-lensiam export "
+            f"--checkpoint {path} --out backbone.pt` first"
+        )
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -223,9 +280,11 @@ def read_backbone_file(path: str | os.PathLike) -> dict:
     side = read_sidecar(path)
     if side and side.get("weights_sha256") and state_sha256(state) != side["weights_sha256"]:
         # the sidecar describes other weights: a damaged or replaced file would be fine-tuned silently
-        raise UserError(f"{path}: weights differ from those its sidecar {sidecar_path(path)} records (sha256 "
-                        f"{state_sha256(state)[:12]} vs {side['weights_sha256'][:12]}); the file was damaged or "
-                        f"replaced: export it again")
+        raise UserError(
+            f"{path}: weights differ from those its sidecar {sidecar_path(path)} records (sha256 "
+            f"{state_sha256(state)[:12]} vs {side['weights_sha256'][:12]}); the file was damaged or "
+            f"replaced: export it again"
+        )
     state = {k.removeprefix("module."): v for k, v in state.items()}
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 

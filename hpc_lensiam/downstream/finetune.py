@@ -25,6 +25,7 @@
   (``hpc-lensiam compare``; the statistics live in :mod:`hpc_lensiam.stats`). ``--seeds 0,1,2``
   runs the recipe once per seed (:mod:`hpc_lensiam.downstream.seeds`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -93,21 +94,23 @@ def build_model(backbone: str, arch: str | None, seed: int, img_size: int | None
     else:
         state = read_backbone_file(backbone)
         side = read_sidecar(backbone)
-        if "pos_embed" in state:   # a ViT export: timm's arguments come from the sidecar
+        if "pos_embed" in state:  # a ViT export: timm's arguments come from the sidecar
             if not (side and side.get("timm") and side.get("arch") in vits):
-                raise UserError(f"{backbone}: a ViT backbone needs its `hpc-lensiam export` sidecar "
-                                f"({backbone}.json, with the timm arguments)")
+                raise UserError(
+                    f"{backbone}: a ViT backbone needs its `hpc-lensiam export` sidecar "
+                    f"({backbone}.json, with the timm arguments)"
+                )
             found = side["arch"]
             if arch and arch != found:
                 raise UserError(f"{backbone}: backbone of the wrong arch: {found}, --arch asked for {arch}")
             import timm
+
             kw = dict(side["timm"])
             vit = timm.create_model(kw.pop("model_name"), pretrained=False, **kw)
             try:
                 vit.load_state_dict(state, strict=True)
             except RuntimeError as exc:
-                raise UserError(f"{backbone}: weights do not fit timm {found} "
-                                f"({str(exc).splitlines()[0]})") from None
+                raise UserError(f"{backbone}: weights do not fit timm {found} ({str(exc).splitlines()[0]})") from None
             model = _vit_regressor(vit, BACKBONES[found].feature_dim)
             desc.update(arch=found, init="pretrained", sidecar=side, img_size=kw["img_size"])
         else:
@@ -123,11 +126,14 @@ def build_model(backbone: str, arch: str | None, seed: int, img_size: int | None
             try:
                 res = model.load_state_dict(fold_conv1(state), strict=False)
             except RuntimeError as exc:
-                raise UserError(f"{backbone}: weights do not fit torchvision {arch} "
-                                f"({str(exc).splitlines()[0]})") from None
+                raise UserError(
+                    f"{backbone}: weights do not fit torchvision {arch} ({str(exc).splitlines()[0]})"
+                ) from None
             if set(res.missing_keys) - {"fc.weight", "fc.bias"} or res.unexpected_keys:
-                raise UserError(f"{backbone}: not a complete {arch} backbone (missing {res.missing_keys[:3]}, "
-                                f"unexpected {res.unexpected_keys[:3]})")
+                raise UserError(
+                    f"{backbone}: not a complete {arch} backbone (missing {res.missing_keys[:3]}, "
+                    f"unexpected {res.unexpected_keys[:3]})"
+                )
             desc.update(arch=arch, init="pretrained", sidecar=side)
     dim = model.fc.in_features
     if not isinstance(model.fc, nn.Linear) or model.fc.out_features != 1:
@@ -138,9 +144,10 @@ def build_model(backbone: str, arch: str | None, seed: int, img_size: int | None
 
 def _batches(n: int, batch_size: int, gen=None, drop_single: bool = False):
     import torch
+
     idx = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
     for a in range(0, n, batch_size):
-        b = idx[a:a + batch_size]
+        b = idx[a : a + batch_size]
         if drop_single and len(b) < 2 and n > 1:  # BatchNorm in train mode needs > 1 sample
             continue
         yield b
@@ -154,6 +161,7 @@ def _images(inputs) -> bool:
 def _forward(net, inputs, idx, device):
     """``net``'s output (B,) for samples ``idx``; images go in on 3 repeated channels (the export contract)."""
     import torch
+
     x = torch.as_tensor(inputs[idx.numpy()])
     if _images(x):
         x = x.unsqueeze(1).repeat(1, 3, 1, 1)
@@ -163,6 +171,7 @@ def _forward(net, inputs, idx, device):
 def predict(net, inputs, batch_size: int, device) -> np.ndarray:
     """``net``'s outputs (N,) float32 in eval mode, in input order."""
     import torch
+
     net.eval()
     out = []
     with torch.inference_mode():
@@ -193,16 +202,29 @@ def same_data(train_dir: str, test_dir: str, n: int) -> bool:
 def shared_images(x_train: np.ndarray, x_test: np.ndarray) -> int:
     """Number of test images whose pixels are byte-identical to a training image."""
     import hashlib
+
     seen = {hashlib.sha256(np.ascontiguousarray(x).tobytes()).digest() for x in x_train}
     return sum(hashlib.sha256(np.ascontiguousarray(x).tobytes()).digest() in seen for x in x_test)
 
 
 # ------------------------------------------------------------------------------------- the steps
-def check_args(n_train: int, n_test: int, epochs: int, batch_size: int, val_fraction: float, lr: float | None,
-               seed: int, out_json: str | None) -> None:
+def check_args(
+    n_train: int,
+    n_test: int,
+    epochs: int,
+    batch_size: int,
+    val_fraction: float,
+    lr: float | None,
+    seed: int,
+    out_json: str | None,
+) -> None:
     """Every numeric flag and the report path, before a backbone or an image is read."""
-    for name, v, lo in (("--n-train", n_train, 5), ("--n-test", n_test, 2), ("--epochs", epochs, 1),
-                        ("--batch-size", batch_size, 1)):
+    for name, v, lo in (
+        ("--n-train", n_train, 5),
+        ("--n-test", n_test, 2),
+        ("--epochs", epochs, 1),
+        ("--batch-size", batch_size, 1),
+    ):
         if v is None or v < lo:
             raise UserError(f"{name}: must be >= {lo}, got {v}")
     if not 0 < val_fraction < 1:
@@ -218,18 +240,28 @@ def check_args(n_train: int, n_test: int, epochs: int, batch_size: int, val_frac
 @dataclass
 class Split:
     """One run's images (N, H, W) float32 and raw labels: train / validation / test."""
+
     x_tr: np.ndarray
     y_tr: np.ndarray
     x_va: np.ndarray
     y_va: np.ndarray
     x_te: np.ndarray
     y_te: np.ndarray
-    test_from_train_set: bool   # --test is --train's data: the test samples follow the train ones
-    shared: int                 # test images byte-identical to a training image (warned about)
+    test_from_train_set: bool  # --test is --train's data: the test samples follow the train ones
+    shared: int  # test images byte-identical to a training image (warned about)
 
 
-def load_split(train_dir: str, test_dir: str, n_train: int, n_test: int, val_fraction: float, seed: int, task,
-               desc: dict, verify: bool = False) -> Split:
+def load_split(
+    train_dir: str,
+    test_dir: str,
+    n_train: int,
+    n_test: int,
+    val_fraction: float,
+    seed: int,
+    task,
+    desc: dict,
+    verify: bool = False,
+) -> Split:
     """The first ``n_train`` samples of ``--train`` split train/val with ``seed``, and ``n_test`` test samples.
 
     The test set is independent of the training samples by construction when ``--test`` is the same data as
@@ -246,13 +278,19 @@ def load_split(train_dir: str, test_dir: str, n_train: int, n_test: int, val_fra
     y_tr, y_te = task.labels(y_tr, f"--train {train_dir}"), task.labels(y_te, f"--test {test_dir}")
     shared = shared_images(x_tr, x_te)
     if shared:
-        print(f"finetune: warning: {shared} of {len(x_te)} test images also appear in the training "
-              f"samples ({train_dir}, {test_dir}): the test score is not independent (simulate the test "
-              f"set with another --seed)", file=sys.stderr, flush=True)
+        print(
+            f"finetune: warning: {shared} of {len(x_te)} test images also appear in the training "
+            f"samples ({train_dir}, {test_dir}): the test score is not independent (simulate the test "
+            f"set with another --seed)",
+            file=sys.stderr,
+            flush=True,
+        )
     for name, x in (("--train", x_tr), ("--test", x_te)):
         if desc.get("img_size") and x.shape[-2:] != (desc["img_size"],) * 2:
-            raise UserError(f"{name}: images are {x.shape[-2]}x{x.shape[-1]} px but the {desc['arch']} backbone "
-                            f"takes {desc['img_size']}x{desc['img_size']} (a ViT at its training resolution)")
+            raise UserError(
+                f"{name}: images are {x.shape[-2]}x{x.shape[-1]} px but the {desc['arch']} backbone "
+                f"takes {desc['img_size']}x{desc['img_size']} (a ViT at its training resolution)"
+            )
     n_val = max(1, int(round(val_fraction * n_train)))
     perm = np.random.default_rng(seed).permutation(n_train)
     va, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
@@ -265,10 +303,13 @@ def frozen_features(model, split: Split, batch_size: int, device):
     """(train, val, test) backbone features, computed once in eval mode and standardised with the train
     split's mean/sd: with ``--freeze-backbone`` only the head learns, so the backbone never runs again."""
     import torch
+
     head = model.fc
     model.fc = torch.nn.Identity()
-    feats = [torch.as_tensor(predict(model, x, batch_size, device).reshape(len(x), -1))
-             for x in (split.x_tr, split.x_va, split.x_te)]
+    feats = [
+        torch.as_tensor(predict(model, x, batch_size, device).reshape(len(x), -1))
+        for x in (split.x_tr, split.x_va, split.x_te)
+    ]
     model.fc = head
     mean, sd = feats[0].mean(0), feats[0].std(0).clamp_min(1e-6)
     return tuple((f - mean) / sd for f in feats)
@@ -295,26 +336,51 @@ def train_one_epoch(net, inputs, targets, task, opt, sched, batch_size: int, gen
 def evaluate(net, inputs, targets, task, batch_size: int, device) -> float:
     """The task's loss on held-out inputs (the validation split: model selection)."""
     import torch
+
     return float(task.loss(torch.as_tensor(predict(net, inputs, batch_size, device), device=device), targets))
 
 
-def build_report(task, backbone: str, desc: dict, freeze_backbone: bool, metrics: dict, split: Split,
-                 p_te: np.ndarray, best: tuple, history: list, recipe: dict, train_dir: str, test_dir: str,
-                 seconds: float) -> dict:
+def build_report(
+    task,
+    backbone: str,
+    desc: dict,
+    freeze_backbone: bool,
+    metrics: dict,
+    split: Split,
+    p_te: np.ndarray,
+    best: tuple,
+    history: list,
+    recipe: dict,
+    train_dir: str,
+    test_dir: str,
+    seconds: float,
+) -> dict:
     """The run's JSON report: metrics, the recipe, provenance (manifest hashes, the backbone's pretraining)
     and the test targets and predictions that ``compare`` pairs across backbones."""
     report = {
-        "task": task.name, "target": task.target, "backbone": backbone, "arch": desc["arch"],
-        "init": desc["init"], "freeze_backbone": bool(freeze_backbone), **metrics,
-        "n_train": len(split.y_tr), "n_val": len(split.y_va), "n_test": len(split.y_te),
-        "best_epoch": best[1], "best_val_loss": best[0], **recipe,
-        "train_dir": str(Path(train_dir).resolve()), "test_dir": str(Path(test_dir).resolve()),
-        "test_from_train_set": bool(split.test_from_train_set), "test_images_in_train": split.shared,
+        "task": task.name,
+        "target": task.target,
+        "backbone": backbone,
+        "arch": desc["arch"],
+        "init": desc["init"],
+        "freeze_backbone": bool(freeze_backbone),
+        **metrics,
+        "n_train": len(split.y_tr),
+        "n_val": len(split.y_va),
+        "n_test": len(split.y_te),
+        "best_epoch": best[1],
+        "best_val_loss": best[0],
+        **recipe,
+        "train_dir": str(Path(train_dir).resolve()),
+        "test_dir": str(Path(test_dir).resolve()),
+        "test_from_train_set": bool(split.test_from_train_set),
+        "test_images_in_train": split.shared,
         "train_manifest_sha256": sha256_file(Path(train_dir) / MANIFEST_NAME),
         "test_manifest_sha256": sha256_file(Path(test_dir) / MANIFEST_NAME),
         "seconds": seconds,
         "history": history,
-        "test_targets": [float(v) for v in split.y_te], "test_predictions": [float(v) for v in p_te],
+        "test_targets": [float(v) for v in split.y_te],
+        "test_predictions": [float(v) for v in p_te],
     }
     if desc.get("sidecar"):
         report["pretraining"] = desc["sidecar"].get("training")
@@ -322,24 +388,39 @@ def build_report(task, backbone: str, desc: dict, freeze_backbone: bool, metrics
 
 
 # ---------------------------------------------------------------------------------------- finetune
-def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_E", n_train: int = 1000,
-             n_test: int = 1000, epochs: int = 30, freeze_backbone: bool = False, batch_size: int = 64,
-             lr: float | None = None, seed: int = 0, out_json: str | None = None, arch: str | None = None,
-             val_fraction: float = 0.2, weight_decay: float = 1e-4, n_boot: int = 1000,
-             progress: bool = True, task: str = "regress",
-             verify: bool = False) -> dict:
+def finetune(
+    backbone: str,
+    train_dir: str,
+    test_dir: str,
+    target: str = "theta_E",
+    n_train: int = 1000,
+    n_test: int = 1000,
+    epochs: int = 30,
+    freeze_backbone: bool = False,
+    batch_size: int = 64,
+    lr: float | None = None,
+    seed: int = 0,
+    out_json: str | None = None,
+    arch: str | None = None,
+    val_fraction: float = 0.2,
+    weight_decay: float = 1e-4,
+    n_boot: int = 1000,
+    progress: bool = True,
+    task: str = "regress",
+    verify: bool = False,
+) -> dict:
     """Regress ``target`` (``task="regress"``) or find lenses (``task="classify"``, target is_lens) with a
     linear head on the backbone; return (and print) the test report. The tasks are in :mod:`.tasks`."""
     import torch
 
     from ..runtime import device_for, runtime
 
-    rt = runtime(command="finetune")   # one process: refuses `srun -n N` copies writing the same report
+    rt = runtime(command="finetune")  # one process: refuses `srun -n N` copies writing the same report
     task = make_task(task, target)
     check_args(n_train, n_test, epochs, batch_size, val_fraction, lr, seed, out_json)
     t0 = time.perf_counter()
     img_size = None
-    if backbone.lower() == "none" and (arch or "").startswith("vit"):   # a random-init ViT: the data's side
+    if backbone.lower() == "none" and (arch or "").startswith("vit"):  # a random-init ViT: the data's side
         img_size = (read_manifest(train_dir).get("image_shape") or [None])[-1]
     model, desc = build_model(backbone, arch, seed, img_size)  # bad backbone / arch fails before data loading
     split = load_split(train_dir, test_dir, n_train, n_test, val_fraction, seed, task, desc, verify)
@@ -350,7 +431,7 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
     lr = lr if lr is not None else (1e-3 if freeze_backbone else 1e-4)
     gen = torch.Generator().manual_seed(seed)
     t_tr, t_va = (torch.as_tensor(task.encode(y), dtype=torch.float32, device=device) for y in (split.y_tr, split.y_va))
-    if freeze_backbone:   # the head learns on features computed once
+    if freeze_backbone:  # the head learns on features computed once
         net, (in_tr, in_va, in_te) = model.fc, frozen_features(model, split, batch_size, device)
     else:
         net, (in_tr, in_va, in_te) = model, (split.x_tr, split.x_va, split.x_te)
@@ -358,10 +439,11 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
     steps_per_epoch = max(1, sum(1 for _ in _batches(len(in_tr), batch_size, None, _images(in_tr))))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
 
-    best, history = (float("inf"), 0, None), []   # (val loss, epoch, model state): the lowest val loss wins
+    best, history = (float("inf"), 0, None), []  # (val loss, epoch, model state): the lowest val loss wins
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=epochs, unit="epoch", desc=f"finetune {target}", dynamic_ncols=True, file=sys.stderr)
     for epoch in range(1, epochs + 1):
         train_loss = train_one_epoch(net, in_tr, t_tr, task, opt, sched, batch_size, gen, device)
@@ -376,16 +458,38 @@ def finetune(backbone: str, train_dir: str, test_dir: str, target: str = "theta_
         bar.close()
     model.load_state_dict(best[2])
 
-    p_te = task.decode(predict(net, in_te, batch_size, device))   # the test set, once
+    p_te = task.decode(predict(net, in_te, batch_size, device))  # the test set, once
     metrics, summary = task.report(split.y_te, p_te, n_boot, seed, out_json)
-    recipe = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
-              "bootstrap": n_boot}
-    report = build_report(task, backbone, desc, freeze_backbone, metrics, split, p_te, best, history, recipe,
-                          train_dir, test_dir, time.perf_counter() - t0)
+    recipe = {
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "weight_decay": weight_decay,
+        "seed": seed,
+        "bootstrap": n_boot,
+    }
+    report = build_report(
+        task,
+        backbone,
+        desc,
+        freeze_backbone,
+        metrics,
+        split,
+        p_te,
+        best,
+        history,
+        recipe,
+        train_dir,
+        test_dir,
+        time.perf_counter() - t0,
+    )
     if out_json:
         atomic_write_json(out_json, report)
-    print(f"finetune: {summary}; {desc['arch']} {desc['init']}"
-          f"{', frozen' if freeze_backbone else ''} ({backbone}), {len(split.y_tr)} train / {len(split.y_va)} val / "
-          f"{len(split.y_te)} test, best epoch {best[1]}/{epochs}, {report['seconds']:.0f} s"
-          + (f"; report {out_json}" if out_json else ""), flush=True)
+    print(
+        f"finetune: {summary}; {desc['arch']} {desc['init']}"
+        f"{', frozen' if freeze_backbone else ''} ({backbone}), {len(split.y_tr)} train / {len(split.y_va)} val / "
+        f"{len(split.y_te)} test, best epoch {best[1]}/{epochs}, {report['seconds']:.0f} s"
+        + (f"; report {out_json}" if out_json else ""),
+        flush=True,
+    )
     return report

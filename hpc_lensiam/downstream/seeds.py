@@ -12,6 +12,7 @@ prints metric(A) - metric(B) with the hierarchical interval of
 :func:`hpc_lensiam.stats.hierarchical_paired_difference` (seeds and test images resampled
 together). A single-seed report (``--seed``) counts as one seed.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,7 @@ from ..io import MANIFEST_NAME, atomic_write_json, sha256_file
 from ..stats import hierarchical_paired_difference, seed_summary
 
 FORMAT = "hpc_lensiam.finetune_seeds/1"
-SUMMARY_KEYS = ("r2", "residual_sigma", "rmse", "bias", "auc")   # summarised where every seed has them
+SUMMARY_KEYS = ("r2", "residual_sigma", "rmse", "bias", "auc")  # summarised where every seed has them
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -60,13 +61,32 @@ def _recipe(kw: dict) -> dict:
 
 def _combine(runs: list[dict], seeds: list[int], recipe: dict) -> dict:
     first = runs[0]
-    keep = ("target", "unit", "task", "backbone", "arch", "init", "freeze_backbone", "n_train", "n_val", "n_test",
-            "test_dir", "test_manifest_sha256", "test_targets")
+    keep = (
+        "target",
+        "unit",
+        "task",
+        "backbone",
+        "arch",
+        "init",
+        "freeze_backbone",
+        "n_train",
+        "n_val",
+        "n_test",
+        "test_dir",
+        "test_manifest_sha256",
+        "test_targets",
+    )
     out = {k: first[k] for k in keep if k in first}
-    out.update(format=FORMAT, seeds=[r["seed"] for r in runs], seeds_requested=seeds,
-               complete=sorted(r["seed"] for r in runs) == sorted(seeds), metric=_metric(first), recipe=recipe,
-               summary={k: seed_summary(r[k] for r in runs) for k in SUMMARY_KEYS if all(k in r for r in runs)},
-               runs=[{k: v for k, v in r.items() if k != "test_targets"} for r in runs])
+    out.update(
+        format=FORMAT,
+        seeds=[r["seed"] for r in runs],
+        seeds_requested=seeds,
+        complete=sorted(r["seed"] for r in runs) == sorted(seeds),
+        metric=_metric(first),
+        recipe=recipe,
+        summary={k: seed_summary(r[k] for r in runs) for k in SUMMARY_KEYS if all(k in r for r in runs)},
+        runs=[{k: v for k, v in r.items() if k != "test_targets"} for r in runs],
+    )
     return out
 
 
@@ -84,10 +104,13 @@ def finetune_seeds(seeds: list[int], out_json: str | None = None, resume: bool =
             if old.get("format") != FORMAT:
                 raise UserError(f"--json {out_json}: not a multi-seed fine-tuning report, cannot resume from it")
             if old.get("recipe") != recipe:
-                diff = sorted(k for k in set(recipe) | set(old.get("recipe", {}))
-                              if recipe.get(k) != old.get("recipe", {}).get(k))
-                raise UserError(f"--resume: {out_json} was made by a different recipe (differs in: {', '.join(diff)});"
-                                f" remove it or choose another --json")
+                diff = sorted(
+                    k for k in set(recipe) | set(old.get("recipe", {})) if recipe.get(k) != old.get("recipe", {}).get(k)
+                )
+                raise UserError(
+                    f"--resume: {out_json} was made by a different recipe (differs in: {', '.join(diff)});"
+                    f" remove it or choose another --json"
+                )
             done = {r["seed"]: {**r, "test_targets": old["test_targets"]} for r in old["runs"] if r["seed"] in seeds}
     by_seed = dict(done)
     for s in seeds:
@@ -102,9 +125,12 @@ def finetune_seeds(seeds: list[int], out_json: str | None = None, resume: bool =
     if out_json:
         atomic_write_json(out_json, report)
     m = report["summary"][report["metric"]]
-    print(f"finetune: {report['target']} {_label(report['metric'])} = {_mean_sd(m)} (mean +- sd over "
-          f"{m['n']} seeds {', '.join(map(str, report['seeds']))}: {', '.join(f'{v:.3f}' for v in m['values'])})"
-          + (f"; report {out_json}" if out_json else ""), flush=True)
+    print(
+        f"finetune: {report['target']} {_label(report['metric'])} = {_mean_sd(m)} (mean +- sd over "
+        f"{m['n']} seeds {', '.join(map(str, report['seeds']))}: {', '.join(f'{v:.3f}' for v in m['values'])})"
+        + (f"; report {out_json}" if out_json else ""),
+        flush=True,
+    )
     return report
 
 
@@ -134,18 +160,25 @@ def load_seed_report(path: str) -> dict:
     """A fine-tuning report (one seed or several) as {seeds, targets (n,), preds (S, n), ...}."""
     rep = _read_json(path, "compare:")
     runs = rep["runs"] if rep.get("format") == FORMAT else [rep]
-    if "test_targets" not in rep or not runs or not all("test_predictions" in r or "test_scores" in r
-                                                         for r in runs):
-        raise UserError(f"compare: {path}: not a fine-tuning report with test predictions "
-                        f"(made by `hpc-lensiam finetune --json`)")
+    if "test_targets" not in rep or not runs or not all("test_predictions" in r or "test_scores" in r for r in runs):
+        raise UserError(
+            f"compare: {path}: not a fine-tuning report with test predictions (made by `hpc-lensiam finetune --json`)"
+        )
     y = np.asarray(rep["test_targets"], np.float64)
     preds = np.asarray([_scores(r) for r in runs], np.float64)
     if preds.shape != (len(runs), len(y)):
         raise UserError(f"compare: {path}: predictions do not match its {len(y)} test targets")
-    return {"path": str(path), "report": rep, "metric": _metric(runs[0]), "target": rep.get("target"),
-            "seeds": [int(r["seed"]) for r in runs], "targets": y, "preds": preds,
-            "test_manifest_sha256": rep.get("test_manifest_sha256"),
-            "values": [float(r[_metric(runs[0])]) for r in runs]}
+    return {
+        "path": str(path),
+        "report": rep,
+        "metric": _metric(runs[0]),
+        "target": rep.get("target"),
+        "seeds": [int(r["seed"]) for r in runs],
+        "targets": y,
+        "preds": preds,
+        "test_manifest_sha256": rep.get("test_manifest_sha256"),
+        "values": [float(r[_metric(runs[0])]) for r in runs],
+    }
 
 
 def compare(a_path: str, b_path: str, out_json: str | None = None, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -154,32 +187,53 @@ def compare(a_path: str, b_path: str, out_json: str | None = None, n_boot: int =
         raise UserError(f"--n-boot: must be >= 100 for a 95% interval, got {n_boot}")
     a, b = load_seed_report(a_path), load_seed_report(b_path)
     if (a["target"], a["metric"]) != (b["target"], b["metric"]):
-        raise UserError(f"compare: {a_path} is {a['target']} ({a['metric']}) but {b_path} is "
-                        f"{b['target']} ({b['metric']}): compare runs of one task")
-    same_test = (a["test_manifest_sha256"] == b["test_manifest_sha256"] and len(a["targets"]) == len(b["targets"])
-                 and np.array_equal(a["targets"], b["targets"]))
+        raise UserError(
+            f"compare: {a_path} is {a['target']} ({a['metric']}) but {b_path} is "
+            f"{b['target']} ({b['metric']}): compare runs of one task"
+        )
+    same_test = (
+        a["test_manifest_sha256"] == b["test_manifest_sha256"]
+        and len(a["targets"]) == len(b["targets"])
+        and np.array_equal(a["targets"], b["targets"])
+    )
     if not same_test:
-        raise UserError(f"compare: {a_path} and {b_path} were tested on different test sets ({len(a['targets'])} vs "
-                        f"{len(b['targets'])} images, manifest {str(a['test_manifest_sha256'])[:12]} vs "
-                        f"{str(b['test_manifest_sha256'])[:12]}): a paired comparison needs the same test images")
+        raise UserError(
+            f"compare: {a_path} and {b_path} were tested on different test sets ({len(a['targets'])} vs "
+            f"{len(b['targets'])} images, manifest {str(a['test_manifest_sha256'])[:12]} vs "
+            f"{str(b['test_manifest_sha256'])[:12]}): a paired comparison needs the same test images"
+        )
     if sorted(a["seeds"]) != sorted(b["seeds"]):
-        raise UserError(f"compare: {a_path} has seeds {a['seeds']} but {b_path} has {b['seeds']}: "
-                        f"a paired comparison needs the same fine-tuning seeds")
+        raise UserError(
+            f"compare: {a_path} has seeds {a['seeds']} but {b_path} has {b['seeds']}: "
+            f"a paired comparison needs the same fine-tuning seeds"
+        )
     order = [b["seeds"].index(s) for s in a["seeds"]]
     res = hierarchical_paired_difference(a["targets"], a["preds"], b["preds"][order], a["metric"], None, n_boot, seed)
     names = (Path(a_path).stem, Path(b_path).stem)
-    res.update(a=a_path, b=b_path, seed_pairs=a["seeds"], target=a["target"],
-               a_summary=seed_summary(a["values"]), b_summary=seed_summary(np.asarray(b["values"])[order]),
-               interval="hierarchical bootstrap: seeds and test images resampled together, paired; "
-                        "estimate +- t(df) x bootstrap se")
+    res.update(
+        a=a_path,
+        b=b_path,
+        seed_pairs=a["seeds"],
+        target=a["target"],
+        a_summary=seed_summary(a["values"]),
+        b_summary=seed_summary(np.asarray(b["values"])[order]),
+        interval="hierarchical bootstrap: seeds and test images resampled together, paired; "
+        "estimate +- t(df) x bootstrap se",
+    )
     lo, hi = res["ci95"]
     li, hi_i = res["ci95_images_only"]
-    seeds_note = (f"over {res['seeds']} paired seeds x {res['n_test']} test images" if res["seeds"] > 1 else
-                  f"one seed: test images only, seed noise NOT included; {res['n_test']} test images")
-    print(f"compare: {_label(res['metric'])} {names[0]} - {names[1]} = {res['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}] "
-          f"(95%, {seeds_note}); per seed {' '.join(f'{v:+.3f}' for v in res['per_seed'])}; "
-          f"test-images-only interval [{li:+.3f}, {hi_i:+.3f}]; {names[0]} {_mean_sd(res['a_summary'])}, "
-          f"{names[1]} {_mean_sd(res['b_summary'])}", flush=True)
+    seeds_note = (
+        f"over {res['seeds']} paired seeds x {res['n_test']} test images"
+        if res["seeds"] > 1
+        else f"one seed: test images only, seed noise NOT included; {res['n_test']} test images"
+    )
+    print(
+        f"compare: {_label(res['metric'])} {names[0]} - {names[1]} = {res['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+        f"(95%, {seeds_note}); per seed {' '.join(f'{v:+.3f}' for v in res['per_seed'])}; "
+        f"test-images-only interval [{li:+.3f}, {hi_i:+.3f}]; {names[0]} {_mean_sd(res['a_summary'])}, "
+        f"{names[1]} {_mean_sd(res['b_summary'])}",
+        flush=True,
+    )
     if out_json:
         atomic_write_json(out_json, res)
     return res

@@ -16,6 +16,7 @@ on the validation loss. What a task class provides (``TASKS`` maps ``--task NAME
   ``decode(raw)`` -> the reported test predictions;
 - ``report(y, p, n_boot, seed, out_json)`` -> (metrics dict merged into the JSON report, one summary line).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,7 +26,8 @@ import numpy as np
 from ..errors import UserError
 from ..io import LENS_PARAMS, UNITS
 
-IS_LENS_COLUMN = len(LENS_PARAMS)   # load_images labels: the 8 lens parameters, then is_lens
+IS_LENS_COLUMN = len(LENS_PARAMS)  # load_images labels: the 8 lens parameters, then is_lens
+
 
 def check_target(target: str) -> int:
     """Column of a regression ``--target`` among the 8 lens parameters; a UserError naming them otherwise."""
@@ -44,8 +46,10 @@ class RegressTask:
     def labels(self, rows: np.ndarray, what: str) -> np.ndarray:
         y = rows[:, self.column]
         if not np.isfinite(y).all():  # ingested real images carry only the labels they were given
-            raise UserError(f"{what}: {int((~np.isfinite(y)).sum())} of {len(y)} samples have no "
-                            f"{self.target!r} label (ingest them with --labels)")
+            raise UserError(
+                f"{what}: {int((~np.isfinite(y)).sum())} of {len(y)} samples have no "
+                f"{self.target!r} label (ingest them with --labels)"
+            )
         return y
 
     def fit(self, y_train: np.ndarray) -> None:
@@ -62,15 +66,25 @@ class RegressTask:
 
     def report(self, y: np.ndarray, p: np.ndarray, n_boot: int, seed: int, out_json: str | None) -> tuple[dict, str]:
         from ..stats import bootstrap_r2, r2
+
         resid = p - y
         score, ci = r2(y, p), bootstrap_r2(y, p, n_boot, seed)
         unit = UNITS.get(self.target, "")
-        rep = {"unit": unit or "dimensionless", "r2": score, "r2_ci95": list(ci),
-               "residual_sigma": float(resid.std(ddof=1)), "rmse": float(np.sqrt((resid ** 2).mean())),
-               "bias": float(resid.mean()), "target_train_mean": self.mu, "target_train_std": self.sd}
+        rep = {
+            "unit": unit or "dimensionless",
+            "r2": score,
+            "r2_ci95": list(ci),
+            "residual_sigma": float(resid.std(ddof=1)),
+            "rmse": float(np.sqrt((resid**2).mean())),
+            "bias": float(resid.mean()),
+            "target_train_mean": self.mu,
+            "target_train_std": self.sd,
+        }
         u = f" {unit}" if unit else ""
-        line = (f"{self.target} R^2 = {score:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] (95% bootstrap), residual sigma = "
-                f"{rep['residual_sigma']:.4f}{u}")
+        line = (
+            f"{self.target} R^2 = {score:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] (95% bootstrap), residual sigma = "
+            f"{rep['residual_sigma']:.4f}{u}"
+        )
         return rep, line
 
 
@@ -85,11 +99,15 @@ class ClassifyTask:
     def labels(self, rows: np.ndarray, what: str) -> np.ndarray:
         y = rows[:, self.column]
         if np.isnan(y).any():
-            raise UserError(f"{what}: samples without is_lens labels (make the set with "
-                            "`hpc-lensiam simulate --family survey`, or ingest real images with --labels)")
+            raise UserError(
+                f"{what}: samples without is_lens labels (make the set with "
+                "`hpc-lensiam simulate --family survey`, or ingest real images with --labels)"
+            )
         if len(np.unique(y)) < 2:
-            raise UserError(f"{what}: only one class (is_lens = {int(y[0])}) in the samples used; "
-                            "expected lenses and non-lenses (--lens-fraction between 0 and 1)")
+            raise UserError(
+                f"{what}: only one class (is_lens = {int(y[0])}) in the samples used; "
+                "expected lenses and non-lenses (--lens-fraction between 0 and 1)"
+            )
         return y
 
     def fit(self, y_train: np.ndarray) -> None:
@@ -101,22 +119,26 @@ class ClassifyTask:
 
     def loss(self, out, t):
         import torch.nn.functional as F
+
         return F.binary_cross_entropy_with_logits(out, t)
 
     def decode(self, raw: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-raw.astype(np.float64)))   # lens probability
+        return 1.0 / (1.0 + np.exp(-raw.astype(np.float64)))  # lens probability
 
     def report(self, y: np.ndarray, p: np.ndarray, n_boot: int, seed: int, out_json: str | None) -> tuple[dict, str]:
         from .classify_metrics import classification_report, plot_roc
+
         rep = classification_report(y, p, n_boot, seed)
         if out_json:
             png = str(Path(out_json).with_suffix("")) + "_roc.png"
             rep["roc_png"] = plot_roc(rep, png, title=f"lens finding: {Path(out_json).stem}")
         t2, t3 = rep["tpr_at_fpr"]["0.01"], rep["tpr_at_fpr"]["0.001"]
-        line = (f"is_lens AUC = {rep['auc']:.3f} [{rep['auc_ci95'][0]:.3f}, {rep['auc_ci95'][1]:.3f}] "
-                f"(95% bootstrap), TPR@FPR=1e-2 = {t2['tpr']:.2f} [{t2['ci95'][0]:.2f}, {t2['ci95'][1]:.2f}], "
-                f"TPR@FPR=1e-3 = {t3['tpr']:.2f}{'' if t3['resolvable'] else ' (unresolved: too few non-lenses)'}"
-                f"; {rep['n_lenses']} lenses / {rep['n_non_lenses']} non-lenses")
+        line = (
+            f"is_lens AUC = {rep['auc']:.3f} [{rep['auc_ci95'][0]:.3f}, {rep['auc_ci95'][1]:.3f}] "
+            f"(95% bootstrap), TPR@FPR=1e-2 = {t2['tpr']:.2f} [{t2['ci95'][0]:.2f}, {t2['ci95'][1]:.2f}], "
+            f"TPR@FPR=1e-3 = {t3['tpr']:.2f}{'' if t3['resolvable'] else ' (unresolved: too few non-lenses)'}"
+            f"; {rep['n_lenses']} lenses / {rep['n_non_lenses']} non-lenses"
+        )
         return rep, line
 
 

@@ -25,6 +25,7 @@ HDF5 layout (``FORMAT``), N rows = images (lensiam shards: 2 per sample, single 
     attrs: format, checkpoint, weights_sha256 (of the backbone weights), step, arch, train_mode, config_hash,
            data_dir, data_mode, manifest_sha256, num_samples, num_images, feature_dim, world_size
 """
+
 from __future__ import annotations
 
 import json
@@ -62,9 +63,11 @@ def _collate(rows):
 def checked_samples(sizes: dict[str, int]):
     """webdataset stage: shard urls -> their samples, each shard read by the package's tar reader
     (end-of-archive required) and held to its manifest sample count (``sizes[url]``)."""
+
     def read(urls):
         for d in urls:
             yield from shard_samples(d["url"], sizes.get(d["url"]))
+
     return read
 
 
@@ -74,8 +77,13 @@ def row_loader(paths: list[str], mode: str, batch_size: int, workers: int, sizes
     import webdataset as wds
 
     workers = max(0, min(workers, len(paths)))
-    ds = wds.DataPipeline(wds.SimpleShardList(paths), wds.split_by_worker, checked_samples(sizes or {}),
-                          image_rows(mode), wds.batched(batch_size, collation_fn=_collate, partial=True))
+    ds = wds.DataPipeline(
+        wds.SimpleShardList(paths),
+        wds.split_by_worker,
+        checked_samples(sizes or {}),
+        image_rows(mode),
+        wds.batched(batch_size, collation_fn=_collate, partial=True),
+    )
     return wds.WebLoader(ds, batch_size=None, num_workers=workers)
 
 
@@ -87,10 +95,11 @@ class _World:
         import torch.distributed as dist
 
         from ..runtime import die_with_parent, runtime, under_torchrun
+
         self.dist = dist
         self.created = False
         self.group = None
-        self.rt = runtime(command="embed")   # refuses `srun -n N` without torchrun
+        self.rt = runtime(command="embed")  # refuses `srun -n N` without torchrun
         if under_torchrun():
             die_with_parent()
         if self.rt.world_size > 1 and not dist.is_initialized():
@@ -124,6 +133,7 @@ def _device():
     import torch
 
     from ..runtime import device_for, runtime
+
     device = device_for(runtime(command="embed"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -137,9 +147,9 @@ def part_path(out: Path, rank: int) -> Path:
 
 def _write_part(path: Path, run_id: str, shards: list, keys, views, feats, lens, sources) -> None:
     import h5py
+
     sources = np.asarray(sources, np.int32)
-    order = (np.lexsort((views, np.array(keys, dtype=object).astype(str), sources)) if keys
-             else np.zeros(0, int))
+    order = np.lexsort((views, np.array(keys, dtype=object).astype(str), sources)) if keys else np.zeros(0, int)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["run_id"], f.attrs["shards"] = run_id, json.dumps(shards)
@@ -152,11 +162,13 @@ def _write_part(path: Path, run_id: str, shards: list, keys, views, feats, lens,
 
 def _str_dtype():
     import h5py
+
     return h5py.string_dtype("utf-8")
 
 
 def _part_done(path: Path, run_id: str, shards: list) -> bool:
     import h5py
+
     if not path.is_file():
         return False
     try:
@@ -166,10 +178,12 @@ def _part_done(path: Path, run_id: str, shards: list) -> bool:
         return False
 
 
-def _join(out: Path, parts: list[Path], run_id: str, attrs: dict, expected_rows: int, sources: list[str],
-          block: int = 8192) -> int:
+def _join(
+    out: Path, parts: list[Path], run_id: str, attrs: dict, expected_rows: int, sources: list[str], block: int = 8192
+) -> int:
     """Merge sorted parts into ``out`` (atomic), ordered by (source, key, view); return the row count."""
     import h5py
+
     files = [h5py.File(p, "r") for p in parts]
     try:
         for p, f in zip(parts, files):
@@ -199,8 +213,9 @@ def _join(out: Path, parts: list[Path], run_id: str, attrs: dict, expected_rows:
             with h5py.File(tmp, "w") as g:
                 for k, v in attrs.items():
                     g.attrs[k] = v
-                feats = g.create_dataset("features", (n, dim), np.float32,
-                                         chunks=(max(1, min(n, 1024)), dim) if n else None)
+                feats = g.create_dataset(
+                    "features", (n, dim), np.float32, chunks=(max(1, min(n, 1024)), dim) if n else None
+                )
                 g.create_dataset("keys", data=all_keys[order].astype(object), dtype=_str_dtype())
                 g.create_dataset("source", data=np.array(sources, dtype=object)[s_sorted], dtype=_str_dtype())
                 g["view"] = all_views[order].astype(np.int8)
@@ -253,6 +268,7 @@ def load_embeddings(path: str | os.PathLike, need_params: bool = True) -> dict:
     without the 8 lens parameters) is a UserError naming it.
     """
     import h5py
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: embeddings file not found (make one with `hpc-lensiam embed`)")
@@ -264,13 +280,14 @@ def load_embeddings(path: str | os.PathLike, need_params: bool = True) -> dict:
         if "features" not in f or f["features"].ndim != 2:
             raise UserError(f"{path}: no 2-D 'features' dataset (expected the output of `hpc-lensiam embed`)")
         n = f["features"].shape[0]
-        out = {"path": str(path), "features": f["features"][...].astype(np.float32, copy=False),
-               "attrs": dict(f.attrs)}
+        out = {"path": str(path), "features": f["features"][...].astype(np.float32, copy=False), "attrs": dict(f.attrs)}
         out["keys"] = f["keys"].asstr()[...] if "keys" in f else np.array([str(i) for i in range(n)])
         bad = ~np.isfinite(out["features"]).all(axis=1)
         if bad.any():
-            raise UserError(f"{path}: {int(bad.sum())} row(s) with non-finite features (first: key "
-                            f"{out['keys'][int(np.argmax(bad))]!r}); re-embed them with `hpc-lensiam embed`")
+            raise UserError(
+                f"{path}: {int(bad.sum())} row(s) with non-finite features (first: key "
+                f"{out['keys'][int(np.argmax(bad))]!r}); re-embed them with `hpc-lensiam embed`"
+            )
         out["view"] = f["view"][...] if "view" in f else np.ones(n, np.int8)
         if "pair_id" in f:
             out["pair_id"] = f["pair_id"][...]
@@ -278,15 +295,18 @@ def load_embeddings(path: str | os.PathLike, need_params: bool = True) -> dict:
             out["pair_id"] = np.unique(out["keys"], return_inverse=True)[1]
         out["umap"] = f["umap"][...] if "umap" in f else None
         out["source"] = f["source"].asstr()[...] if "source" in f else np.full(n, "", dtype=object)
-        out["params_known"] = ({name: f["params_known"][name][...] for name in f["params_known"]}
-                               if "params_known" in f else {})
+        out["params_known"] = (
+            {name: f["params_known"][name][...] for name in f["params_known"]} if "params_known" in f else {}
+        )
         params = {}
         if "params" in f:
             params = {name: f["params"][name][...] for name in f["params"] if name in LENS_PARAMS}
         missing = [p for p in LENS_PARAMS if p not in params]
         if need_params and missing:
-            raise UserError(f"{path}: no lens parameters (missing params/{', params/'.join(missing)}); "
-                            "expected an embeddings file written by `hpc-lensiam embed`")
+            raise UserError(
+                f"{path}: no lens parameters (missing params/{', params/'.join(missing)}); "
+                "expected an embeddings file written by `hpc-lensiam embed`"
+            )
         for name, arr in params.items():
             if len(arr) != n:
                 raise UserError(f"{path}: params/{name} has {len(arr)} rows, features {n}")
@@ -310,8 +330,15 @@ def _shard_jobs(dirs: list[str]):
     return jobs, manifests
 
 
-def extract_embeddings(checkpoint: str, data_dir: str | list[str], out: str, batch_size: int = 128,
-                       workers: int = 1, progress: bool = True, verify: bool = False) -> dict:
+def extract_embeddings(
+    checkpoint: str,
+    data_dir: str | list[str],
+    out: str,
+    batch_size: int = 128,
+    workers: int = 1,
+    progress: bool = True,
+    verify: bool = False,
+) -> dict:
     """Embed every image of ``data_dir`` (one shard folder, or several into one file with a
     ``source`` column) with the checkpoint's backbone into HDF5 ``out``.
 
@@ -340,31 +367,52 @@ def extract_embeddings(checkpoint: str, data_dir: str | list[str], out: str, bat
     try:
         start = time.perf_counter()
         backbone, info = load_backbone(checkpoint)  # same bad checkpoint -> same UserError on every rank
-        attrs = {"format": FORMAT, "checkpoint": str(Path(checkpoint).resolve()),
-                 "weights_sha256": info["weights_sha256"], "step": int(info["step"]), "arch": info["arch"],
-                 "train_mode": info["mode"], "config_hash": info["config_hash"],
-                 "data_dir": resolved[0] if len(dirs) == 1 else json.dumps(resolved),
-                 "data_dirs": json.dumps(resolved), "sources": json.dumps(dirs),
-                 "data_mode": "+".join(dict.fromkeys(modes)),
-                 "manifest_sha256": manifest_sha, "feature_dim": int(info["feature_dim"]),
-                 "views": max(len(views_of(m)) for m in modes)}
+        attrs = {
+            "format": FORMAT,
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "weights_sha256": info["weights_sha256"],
+            "step": int(info["step"]),
+            "arch": info["arch"],
+            "train_mode": info["mode"],
+            "config_hash": info["config_hash"],
+            "data_dir": resolved[0] if len(dirs) == 1 else json.dumps(resolved),
+            "data_dirs": json.dumps(resolved),
+            "sources": json.dumps(dirs),
+            "data_mode": "+".join(dict.fromkeys(modes)),
+            "manifest_sha256": manifest_sha,
+            "feature_dim": int(info["feature_dim"]),
+            "views": max(len(views_of(m)) for m in modes),
+        }
         if world.bcast(_same_run(out, attrs) if world.rank == 0 else None):
             if world.rank == 0:
-                print(f"embed: {out} is up to date (same weights sha256 {attrs['weights_sha256'][:12]}, "
-                      f"step {attrs['step']}, same data manifest); nothing to do", flush=True)
+                print(
+                    f"embed: {out} is up to date (same weights sha256 {attrs['weights_sha256'][:12]}, "
+                    f"step {attrs['step']}, same data manifest); nothing to do",
+                    flush=True,
+                )
             return attrs
         attrs["world_size"] = world.size
         run_id = sha256_json({k: attrs[k] for k in ("weights_sha256", "manifest_sha256", "world_size")})
 
-        mine = [list(j[:3]) for j in jobs[world.rank::world.size]]
+        mine = [list(j[:3]) for j in jobs[world.rank :: world.size]]
         part = part_path(out, world.rank)
-        n_mine = sum(j[3] for j in jobs[world.rank::world.size])
+        n_mine = sum(j[3] for j in jobs[world.rank :: world.size])
         if _part_done(part, run_id, mine):
             print(f"embed: rank {world.rank} reuses its complete part {part}", flush=True)
         else:
-            sizes = {j[1]: j[3] // len(views_of(j[2])) for j in jobs}   # samples per shard, as listed
-            _embed_part(backbone, mine, batch_size, workers, part, run_id, n_mine,
-                        progress and world.rank == 0, info["feature_dim"], sizes)
+            sizes = {j[1]: j[3] // len(views_of(j[2])) for j in jobs}  # samples per shard, as listed
+            _embed_part(
+                backbone,
+                mine,
+                batch_size,
+                workers,
+                part,
+                run_id,
+                n_mine,
+                progress and world.rank == 0,
+                info["feature_dim"],
+                sizes,
+            )
         world.barrier()
         result = attrs
         if world.rank == 0:
@@ -374,11 +422,14 @@ def extract_embeddings(checkpoint: str, data_dir: str | list[str], out: str, bat
                 p.unlink(missing_ok=True)
             dt = time.perf_counter() - start
             per = ", ".join(f"{m['num_samples']} x {len(views_of(m['mode']))}" for m in manifests)
-            print(f"embed: {n} images ({num_samples} samples x {attrs['views']} view(s)) of "
-                  f"{len(jobs)} shards{f' in {len(dirs)} folders ({per})' if len(dirs) > 1 else ''}, "
-                  f"{attrs['arch']} step {attrs['step']}, {attrs['feature_dim']}-d "
-                  f"features, {world.size} rank(s) in {dt:.1f} s ({n / max(dt, 1e-9):.1f} images/s) "
-                  f"-> {out}", flush=True)
+            print(
+                f"embed: {n} images ({num_samples} samples x {attrs['views']} view(s)) of "
+                f"{len(jobs)} shards{f' in {len(dirs)} folders ({per})' if len(dirs) > 1 else ''}, "
+                f"{attrs['arch']} step {attrs['step']}, {attrs['feature_dim']}-d "
+                f"features, {world.size} rank(s) in {dt:.1f} s ({n / max(dt, 1e-9):.1f} images/s) "
+                f"-> {out}",
+                flush=True,
+            )
             result = {**attrs, "num_images": n, "num_samples": num_samples}
         world.barrier()  # nobody leaves (or reruns) before the joined file exists
         return result
@@ -388,12 +439,15 @@ def extract_embeddings(checkpoint: str, data_dir: str | list[str], out: str, bat
 
 def _same_run(out: Path, attrs: dict) -> bool:
     import h5py
+
     if not out.is_file():
         return False
     try:
         with h5py.File(out, "r") as f:
-            return all(f.attrs.get(k) == attrs[k] for k in
-                       ("format", "weights_sha256", "step", "manifest_sha256", "arch")) and "features" in f
+            return (
+                all(f.attrs.get(k) == attrs[k] for k in ("format", "weights_sha256", "step", "manifest_sha256", "arch"))
+                and "features" in f
+            )
     except OSError:
         return False
 
@@ -410,16 +464,18 @@ def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show,
     model = backbone.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-        amp = inference_dtype(DeviceCaps.detect(device))   # bf16 only where native (not V100/T4's emulation)
+        amp = inference_dtype(DeviceCaps.detect(device))  # bf16 only where native (not V100/T4's emulation)
     keys, views, lens, sources = [], [], [], []
     feats = np.empty((n_rows, dim), np.float32)
     bar = None
     if show:
         from tqdm import tqdm
+
         bar = tqdm(total=n_rows, unit="img", desc="embed (rank 0)", dynamic_ncols=True, file=sys.stderr)
     groups = [(src, mode, [j[1] for j in js]) for (src, mode), js in itertools.groupby(jobs, lambda j: (j[0], j[2]))]
     batches = itertools.chain.from_iterable(
-        ((src, b) for b in row_loader(paths, mode, batch_size, workers, sizes)) for src, mode, paths in groups)
+        ((src, b) for b in row_loader(paths, mode, batch_size, workers, sizes)) for src, mode, paths in groups
+    )
     i = 0
     with torch.inference_mode():
         for src, (k, v, img, p) in batches:
@@ -433,13 +489,15 @@ def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show,
                 y = model(x)
             y = y.float().cpu().numpy()
             finite = np.isfinite(y).all(axis=1)
-            if not finite.all():   # finite input (checked at read), so the weights: never a NaN row
+            if not finite.all():  # finite input (checked at read), so the weights: never a NaN row
                 first = int(np.argmin(finite))
-                raise UserError(f"the backbone gives non-finite features for sample {k[first]!r} (view {v[first]}) "
-                                f"of {[j[1] for j in jobs]}: its weights hold NaN/inf")
+                raise UserError(
+                    f"the backbone gives non-finite features for sample {k[first]!r} (view {v[first]}) "
+                    f"of {[j[1] for j in jobs]}: its weights hold NaN/inf"
+                )
             if i + len(y) > n_rows:
                 raise RuntimeError(f"embed: shards hold more images than their manifest says ({jobs})")
-            feats[i:i + len(y)] = y
+            feats[i : i + len(y)] = y
             i += len(y)
             keys += k
             views.append(np.asarray(v, np.int8))

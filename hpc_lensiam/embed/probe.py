@@ -19,6 +19,7 @@ so a LenSiam and a baseline file made from the same shards are probed on identic
   split), scored on the test split with the lens finders' metrics (classify_metrics: ROC AUC with a
   bootstrap interval, TPR at FPR 1e-2 and 1e-3).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,8 +37,7 @@ MODELS = ("knn", "ridge")
 def split_by_key(keys: np.ndarray, test_fraction: float = 0.2, salt: str = "probe-split/1") -> np.ndarray:
     """Boolean test mask: a key goes to test iff sha256(salt + key) falls below ``test_fraction``."""
     uniq, inv = np.unique(np.asarray(keys).astype(str), return_inverse=True)
-    u = np.array([int.from_bytes(hashlib.sha256((salt + k).encode()).digest()[:8], "big") / 2.0 ** 64
-                  for k in uniq])
+    u = np.array([int.from_bytes(hashlib.sha256((salt + k).encode()).digest()[:8], "big") / 2.0**64 for k in uniq])
     return (u < test_fraction)[inv]
 
 
@@ -64,6 +64,7 @@ def _ridge_predict(path, w, xq):
 def ridge_cv(x, y, groups, alphas, folds: int = 5):
     """Ridge with one alpha per target column, chosen by GroupKFold CV on (x, y) only."""
     from sklearn.model_selection import GroupKFold
+
     n_groups = len(np.unique(groups))
     sse = np.zeros((len(alphas), y.shape[1]))
     for tr, va in GroupKFold(n_splits=min(folds, n_groups)).split(x, groups=groups):
@@ -76,8 +77,16 @@ def ridge_cv(x, y, groups, alphas, folds: int = 5):
     return path, _ridge_weights(path, best), best
 
 
-def probe_arrays(features: np.ndarray, targets: dict[str, np.ndarray], groups: np.ndarray,
-                 test: np.ndarray, k: int = 10, alphas=None, folds: int = 5, n_boot: int = 1000) -> dict:
+def probe_arrays(
+    features: np.ndarray,
+    targets: dict[str, np.ndarray],
+    groups: np.ndarray,
+    test: np.ndarray,
+    k: int = 10,
+    alphas=None,
+    folds: int = 5,
+    n_boot: int = 1000,
+) -> dict:
     """R^2 of k-NN and ridge for each target; ``test`` is the held-out mask. Pure numpy in/out."""
     from sklearn.metrics import r2_score
     from sklearn.neighbors import KNeighborsRegressor
@@ -90,8 +99,10 @@ def probe_arrays(features: np.ndarray, targets: dict[str, np.ndarray], groups: n
     groups = np.asarray(groups)
     n_train_groups, n_test_groups = len(np.unique(groups[train])), len(np.unique(groups[test]))
     if n_train_groups < max(folds, 2) or n_test_groups < 2:
-        raise UserError(f"too few lens systems to probe: {n_train_groups} train, {n_test_groups} test "
-                        f"(need >= {max(folds, 2)} and >= 2)")
+        raise UserError(
+            f"too few lens systems to probe: {n_train_groups} train, {n_test_groups} test "
+            f"(need >= {max(folds, 2)} and >= 2)"
+        )
     x = np.asarray(features, np.float32)
     mean, std = x[train].mean(0), x[train].std(0)
     x = (x - mean) / np.where(std > 0, std, 1.0).astype(np.float32)
@@ -117,13 +128,23 @@ def probe_arrays(features: np.ndarray, targets: dict[str, np.ndarray], groups: n
             out[f"{m}_ci95"][name] = list(bootstrap_interval(y[test, j], pred[:, j], "r2", groups[test], n_boot))
     # kept for paired comparisons of two feature sets on the same test systems (probe --against)
     out["test_targets"] = {name: y[test, j].tolist() for j, name in enumerate(names)}
-    out["test_predictions"] = {m: {name: p[:, j].tolist() for j, name in enumerate(names)}
-                               for m, p in (("knn", pred_knn), ("ridge", pred_ridge))}
+    out["test_predictions"] = {
+        m: {name: p[:, j].tolist() for j, name in enumerate(names)}
+        for m, p in (("knn", pred_knn), ("ridge", pred_ridge))
+    }
     return out
 
 
-def probe_classify(features: np.ndarray, is_lens: np.ndarray, groups: np.ndarray, test: np.ndarray,
-                   k: int = 10, cs=(1e-3, 1e-2, 1e-1, 1.0, 10.0), folds: int = 5, seed: int = 0) -> dict:
+def probe_classify(
+    features: np.ndarray,
+    is_lens: np.ndarray,
+    groups: np.ndarray,
+    test: np.ndarray,
+    k: int = 10,
+    cs=(1e-3, 1e-2, 1e-1, 1.0, 10.0),
+    folds: int = 5,
+    seed: int = 0,
+) -> dict:
     """Lens-finding metrics of k-NN and logistic-regression probes (see the module doc)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold
@@ -177,17 +198,27 @@ def probe_file(path: str, test_fraction: float = 0.2, k: int = 10, seed_salt: st
     # runs on the images that know every remaining one
     names = [p for p in LENS_PARAMS if p in emb["params"]]
     if not names:
-        raise UserError(f"{path}: no lens parameters (no params/<name> datasets); expected an embeddings "
-                        "file written by `hpc-lensiam embed` from simulated or labelled shards")
+        raise UserError(
+            f"{path}: no lens parameters (no params/<name> datasets); expected an embeddings "
+            "file written by `hpc-lensiam embed` from simulated or labelled shards"
+        )
     known = np.ones(len(emb["keys"]), bool)
     for p in names:
         known &= emb["params_known"].get(p, True)
     skipped = [p for p in LENS_PARAMS if p not in names]
     if skipped or not known.all():
-        print(f"probe: {path}: {int(known.sum())} of {len(known)} images have lens parameters"
-              + (f"; skipping absent {', '.join(skipped)}" if skipped else ""), flush=True)
-    emb = {**emb, "features": emb["features"][known], "keys": emb["keys"][known], "pair_id": emb["pair_id"][known],
-           "params": {p: emb["params"][p][known] for p in names}}
+        print(
+            f"probe: {path}: {int(known.sum())} of {len(known)} images have lens parameters"
+            + (f"; skipping absent {', '.join(skipped)}" if skipped else ""),
+            flush=True,
+        )
+    emb = {
+        **emb,
+        "features": emb["features"][known],
+        "keys": emb["keys"][known],
+        "pair_id": emb["pair_id"][known],
+        "params": {p: emb["params"][p][known] for p in names},
+    }
     test = split_by_key(emb["keys"], test_fraction, seed_salt)
     res = probe_arrays(emb["features"], emb["params"], emb["pair_id"], test, k=k)
     if emb.get("is_lens") is not None:
@@ -224,22 +255,30 @@ def format_table(results: dict[str, dict]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
 
     sep = "-" * len(line(head))
-    notes = [f"{lab}: {r['file']} ({r.get('arch', '?')}, step {r.get('step', '?')}), "
-             f"{r['n_train']} train / {r['n_test']} test images, "
-             f"{r['systems_train']} / {r['systems_test']} lens systems" for lab, r in results.items()]
+    notes = [
+        f"{lab}: {r['file']} ({r.get('arch', '?')}, step {r.get('step', '?')}), "
+        f"{r['n_train']} train / {r['n_test']} test images, "
+        f"{r['systems_train']} / {r['systems_test']} lens systems"
+        for lab, r in results.items()
+    ]
     title = "held-out R^2 [95% bootstrap interval over test lens systems] (split by lens system)"
     for lab, r in results.items():
         for m, c in r.get("classify", {}).items():
             ci = c["auc_ci95"]
-            notes.append(f"{lab} {m} lens finding: AUC {c['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}], "
-                         + ", ".join(f"TPR@FPR={f} {v['tpr']:.2f}" + ("" if v["resolvable"] else " (unresolved)")
-                                     for f, v in c["tpr_at_fpr"].items())
-                         + f" ({c['n_lenses']} lenses / {c['n_non_lenses']} non-lenses in test)")
+            notes.append(
+                f"{lab} {m} lens finding: AUC {c['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}], "
+                + ", ".join(
+                    f"TPR@FPR={f} {v['tpr']:.2f}" + ("" if v["resolvable"] else " (unresolved)")
+                    for f, v in c["tpr_at_fpr"].items()
+                )
+                + f" ({c['n_lenses']} lenses / {c['n_non_lenses']} non-lenses in test)"
+            )
     return "\n".join([title, sep, line(head), sep, *map(line, rows), sep, *notes])
 
 
-def probe(embeddings: str, against: str | None = None, out_json: str | None = None,
-          test_fraction: float = 0.2, k: int = 10) -> dict:
+def probe(
+    embeddings: str, against: str | None = None, out_json: str | None = None, test_fraction: float = 0.2, k: int = 10
+) -> dict:
     """Probe one embeddings file (and optionally a second one side by side); print a table."""
     if not 0 < test_fraction < 1:
         raise UserError(f"test_fraction must be in (0, 1), got {test_fraction}")
@@ -254,16 +293,31 @@ def probe(embeddings: str, against: str | None = None, out_json: str | None = No
     if paired:
         a, b = list(results)
         for m in MODELS:
-            print(f"paired {m} R^2 difference {a} - {b} on the same {paired['systems']} test systems [95% over "
-                  f"systems]: " + ", ".join(f"{p} {d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
-                                            for p, d in paired[m].items()), flush=True)
-    report = {"split": {"by": "lens system (sample key)", "test_fraction": test_fraction,
-                        "rule": "sha256('probe-split/1' + key) < test_fraction"},
-              "knn": {"k": k, "features": "standardised (train stats), l2-normalised"},
-              "ridge": {"alpha_cv": "5-fold GroupKFold inside the train split", "features": "standardised"},
-              "ci95": {"resamples": "test lens systems (both views of a pair together), probe held fixed",
-                       "method": "percentile bootstrap", "n_boot": 1000, "seed": 0},
-              "results": results, "paired_difference": paired}
+            print(
+                f"paired {m} R^2 difference {a} - {b} on the same {paired['systems']} test systems [95% over "
+                f"systems]: "
+                + ", ".join(
+                    f"{p} {d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" for p, d in paired[m].items()
+                ),
+                flush=True,
+            )
+    report = {
+        "split": {
+            "by": "lens system (sample key)",
+            "test_fraction": test_fraction,
+            "rule": "sha256('probe-split/1' + key) < test_fraction",
+        },
+        "knn": {"k": k, "features": "standardised (train stats), l2-normalised"},
+        "ridge": {"alpha_cv": "5-fold GroupKFold inside the train split", "features": "standardised"},
+        "ci95": {
+            "resamples": "test lens systems (both views of a pair together), probe held fixed",
+            "method": "percentile bootstrap",
+            "n_boot": 1000,
+            "seed": 0,
+        },
+        "results": results,
+        "paired_difference": paired,
+    }
     if out_json:
         atomic_write_json(out_json, report)
         print(f"probe: table written to {out_json}", flush=True)
@@ -285,13 +339,15 @@ def paired_differences(a: dict, b: dict, n_boot: int = 1000) -> dict | None:
     for m in MODELS:
         out[m] = {}
         for name, y in a["test_targets"].items():
-            r = hierarchical_paired_difference(y, [a["test_predictions"][m][name]], [b["test_predictions"][m][name]],
-                                               "r2", a["test_pair_id"], n_boot)
+            r = hierarchical_paired_difference(
+                y, [a["test_predictions"][m][name]], [b["test_predictions"][m][name]], "r2", a["test_pair_id"], n_boot
+            )
             out[m][name] = {"delta": r["delta"], "ci95": r["ci95"]}
     return out
 
 
 def load_embeddings_attrs_only(path: str) -> dict:
     import h5py
+
     with h5py.File(path, "r") as f:
         return {"path": str(path), "attrs": dict(f.attrs)}

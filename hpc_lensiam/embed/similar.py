@@ -17,6 +17,7 @@
 - Output: a table on stdout, ``--json`` (atomic), ``--out`` a PNG grid of the query and its
   neighbours (or the top anomalies), images read back from the shards by key, captioned.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,9 @@ from ..errors import UserError
 from ..io import atomic_path, atomic_write_json, decode_npy, read_manifest
 from .extract import load_embeddings
 
-IVF_MIN_ROWS = 50_000      # --anomaly switches from exact to IVF search above this many rows
+IVF_MIN_ROWS = 50_000  # --anomaly switches from exact to IVF search above this many rows
 IVF_NPROBE = 16
-IVF_TRAIN_PER_LIST = 40    # k-means sample: vectors per IVF list (faiss wants >= 39)
+IVF_TRAIN_PER_LIST = 40  # k-means sample: vectors per IVF list (faiss wants >= 39)
 
 
 # ------------------------------------------------------------------------------------ vectors
@@ -50,6 +51,7 @@ def build_index(x: np.ndarray, kind: str = "flat", nlist: int | None = None, npr
     ``x`` may be a read-only memory map (``bench/similar.py`` passes one): faiss copies the vectors
     into the index (IVF adds them 65536 at a time), so the index is the only full copy in memory."""
     import faiss
+
     d = x.shape[1]
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
@@ -66,8 +68,9 @@ def build_index(x: np.ndarray, kind: str = "flat", nlist: int | None = None, npr
     return index
 
 
-def anomaly_scores(x: np.ndarray, pair_id: np.ndarray, k: int, kind: str = "auto", batch: int = 4096,
-                   progress: bool = True) -> tuple[np.ndarray, str]:
+def anomaly_scores(
+    x: np.ndarray, pair_id: np.ndarray, k: int, kind: str = "auto", batch: int = 4096, progress: bool = True
+) -> tuple[np.ndarray, str]:
     """Cosine distance of every row to its k-th nearest row of another lens system; (scores, index kind)."""
     kind = ("ivf" if len(x) > IVF_MIN_ROWS else "flat") if kind == "auto" else kind
     index = build_index(x, kind)
@@ -79,14 +82,16 @@ def anomaly_scores(x: np.ndarray, pair_id: np.ndarray, k: int, kind: str = "auto
         import sys
 
         from tqdm import tqdm
-        bar = tqdm(total=len(x), unit="img", desc="similar --anomaly", dynamic_ncols=True, file=sys.stderr,
-                   disable=None)
+
+        bar = tqdm(
+            total=len(x), unit="img", desc="similar --anomaly", dynamic_ncols=True, file=sys.stderr, disable=None
+        )
     for a in range(0, len(x), batch):
-        sims, idx = index.search(x[a:a + batch], want)
-        own = (idx < 0) | (pair_id[np.clip(idx, 0, None)] == pair_id[a:a + batch, None])
+        sims, idx = index.search(x[a : a + batch], want)
+        own = (idx < 0) | (pair_id[np.clip(idx, 0, None)] == pair_id[a : a + batch, None])
         sims = np.where(own, -np.inf, sims)
         kth = -np.sort(-sims, axis=1)[:, k - 1]
-        scores[a:a + batch] = 1.0 - kth
+        scores[a : a + batch] = 1.0 - kth
         if bar:
             bar.update(len(idx))
     if bar:
@@ -111,6 +116,7 @@ class ShardImages:
 
     def get(self, data_dir: str, key: str, view: int) -> tuple[np.ndarray, dict]:
         from ..data.loader import read_shard
+
         shard = str(Path(data_dir) / f"shard-{key.split('_')[0]}.tar")
         if shard not in self._cache:
             if not Path(shard).is_file():
@@ -125,12 +131,14 @@ class ShardImages:
 
 def _caption(rank: int | None, sim: float | None, key: str, params: dict, label: str = "") -> str:
     from ..simulate.show import caption
+
     head = label or (f"#{rank}  cos {sim:.3f}" if rank is not None else "")
     return "\n".join(t for t in (head, key, caption(params)) if t)
 
 
 def draw_grid(panels: list[tuple[np.ndarray, str]], out: str, title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -156,15 +164,18 @@ def _row_of(emb: dict, key: str, source: str | None) -> int:
         rows = rows[emb["source"][rows] == source]
     if len(rows) == 0:
         where = f" in source {source!r}" if source is not None else ""
-        raise UserError(f"--key {key}: no such sample{where} in {emb['path']} "
-                        f"(keys look like {emb['keys'][0]!r}; sources: {', '.join(sorted(set(emb['source'])))})")
+        raise UserError(
+            f"--key {key}: no such sample{where} in {emb['path']} "
+            f"(keys look like {emb['keys'][0]!r}; sources: {', '.join(sorted(set(emb['source'])))})"
+        )
     if len(rows) > 1:
         raise UserError(f"--key {key}: in several sources ({', '.join(emb['source'][rows])}); add --source")
     return int(rows[0])
 
 
-def embed_image(emb: dict, image: str, checkpoint: str, hdu: str | None, pixel_scale: float | None,
-                orientation: str) -> tuple[np.ndarray, np.ndarray, dict]:
+def embed_image(
+    emb: dict, image: str, checkpoint: str, hdu: str | None, pixel_scale: float | None, orientation: str
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """(feature vector, the ingested image, its ingest metadata) on the grid of the file's data."""
     import torch
 
@@ -175,25 +186,49 @@ def embed_image(emb: dict, image: str, checkpoint: str, hdu: str | None, pixel_s
 
     backbone, info = load_backbone(checkpoint)
     if info["weights_sha256"] != emb["attrs"].get("weights_sha256"):
-        raise UserError(f"--checkpoint {checkpoint}: not the backbone {emb['path']} was made with (weights sha256 "
-                        f"{info['weights_sha256'][:12]} vs {str(emb['attrs'].get('weights_sha256'))[:12]}): "
-                        "features would not be comparable")
+        raise UserError(
+            f"--checkpoint {checkpoint}: not the backbone {emb['path']} was made with (weights sha256 "
+            f"{info['weights_sha256'][:12]} vs {str(emb['attrs'].get('weights_sha256'))[:12]}): "
+            "features would not be comparable"
+        )
     data_dir = next(iter(_source_dirs(emb).values()))
     manifest = read_manifest(data_dir)
     scale = manifest.get("pixel_scale_arcsec") or manifest["config"]["instrument"]["pixel_scale_arcsec"]
-    cfg = from_dict(IngestConfig, {"preset": manifest.get("preset", "hst"), "num_pix": manifest["image_shape"][0],
-                                   "pixel_scale_arcsec": scale, "hdu": hdu, "input_pixel_scale_arcsec": pixel_scale,
-                                   "orientation": orientation}, "similar --image")
+    cfg = from_dict(
+        IngestConfig,
+        {
+            "preset": manifest.get("preset", "hst"),
+            "num_pix": manifest["image_shape"][0],
+            "pixel_scale_arcsec": scale,
+            "hdu": hdu,
+            "input_pixel_scale_arcsec": pixel_scale,
+            "orientation": orientation,
+        },
+        "similar --image",
+    )
     img, meta = prepare(inspect_cutout(image, cfg), cfg)
     with torch.inference_mode():
         feat = backbone(torch.as_tensor(img)[None, None]).float().numpy()
     return feat, img, meta
 
 
-def similar(embeddings: str, key: str | None = None, source: str | None = None, image: str | None = None,
-            checkpoint: str | None = None, k: int = 16, out: str | None = None, json_out: str | None = None,
-            anomaly: bool = False, index: str = "auto", hdu: str | None = None, pixel_scale: float | None = None,
-            orientation: str = "simulator", top: int = 16, progress: bool = True) -> dict:
+def similar(
+    embeddings: str,
+    key: str | None = None,
+    source: str | None = None,
+    image: str | None = None,
+    checkpoint: str | None = None,
+    k: int = 16,
+    out: str | None = None,
+    json_out: str | None = None,
+    anomaly: bool = False,
+    index: str = "auto",
+    hdu: str | None = None,
+    pixel_scale: float | None = None,
+    orientation: str = "simulator",
+    top: int = 16,
+    progress: bool = True,
+) -> dict:
     """Nearest neighbours of one image (``key`` or ``image``), or ``anomaly`` scores of all; see module doc."""
     if sum(x is not None and x is not False for x in (key, image, anomaly or None)) != 1:
         raise UserError("similar: give exactly one of --key, --image, --anomaly")
@@ -205,7 +240,7 @@ def similar(embeddings: str, key: str | None = None, source: str | None = None, 
     n = len(emb["features"])
     t0 = time.perf_counter()
     mean = emb["features"].mean(0, dtype=np.float64).astype(np.float32)
-    x = unit_vectors(emb.pop("features"), mean)   # the raw features are not needed again: one copy fewer
+    x = unit_vectors(emb.pop("features"), mean)  # the raw features are not needed again: one copy fewer
     dirs = _source_dirs(emb)
     shards = ShardImages()
     report: dict = {"embeddings": str(embeddings), "rows": n, "k": k}
@@ -215,8 +250,9 @@ def similar(embeddings: str, key: str | None = None, source: str | None = None, 
         scores, kind = anomaly_scores(x, emb["pair_id"], k, "auto" if index == "auto" else index, progress=progress)
         order = np.argsort(-scores, kind="stable")
         rows = [_row(emb, int(i), r + 1, score=float(scores[i])) for r, i in enumerate(order)]
-        report.update(mode="anomaly", index=kind, score="cosine distance to the k-th neighbour of another system",
-                      ranking=rows)
+        report.update(
+            mode="anomaly", index=kind, score="cosine distance to the k-th neighbour of another system", ranking=rows
+        )
         shown = rows[:top]
         panels = []
         for r in shown if out else []:
@@ -226,7 +262,7 @@ def similar(embeddings: str, key: str | None = None, source: str | None = None, 
     else:
         if key is not None:
             q = _row_of(emb, key, source)
-            query_vec, skip = x[q:q + 1], emb["pair_id"] == emb["pair_id"][q]
+            query_vec, skip = x[q : q + 1], emb["pair_id"] == emb["pair_id"][q]
             query = {"key": key, "source": str(emb["source"][q]), "view": 1}
             q_img, q_params = shards.get(dirs[query["source"]], key, 1) if out else (None, {})
         else:
@@ -254,25 +290,38 @@ def similar(embeddings: str, key: str | None = None, source: str | None = None, 
         draw_grid(panels, out, title)
     if json_out:
         atomic_write_json(json_out, report)
-    print(f"similar: {report['mode']} over {n} images ({report['index']} index) in {report['seconds']:.2f} s"
-          + (f"; grid {out}" if out else "") + (f"; json {json_out}" if json_out else ""), flush=True)
+    print(
+        f"similar: {report['mode']} over {n} images ({report['index']} index) in {report['seconds']:.2f} s"
+        + (f"; grid {out}" if out else "")
+        + (f"; json {json_out}" if json_out else ""),
+        flush=True,
+    )
     return report
 
 
 def _row(emb: dict, i: int, rank: int, **value) -> dict:
     """One table/JSON row: the image's identity, its known lens parameters and ``value``."""
-    params = {p: float(v[i]) for p, v in emb["params"].items()
-              if p not in emb["params_known"] or emb["params_known"][p][i]}
-    return {"rank": rank, **value, "key": str(emb["keys"][i]), "source": str(emb["source"][i]),
-            "view": int(emb["view"][i]), "params": params}
+    params = {
+        p: float(v[i]) for p, v in emb["params"].items() if p not in emb["params_known"] or emb["params_known"][p][i]
+    }
+    return {
+        "rank": rank,
+        **value,
+        "key": str(emb["keys"][i]),
+        "source": str(emb["source"][i]),
+        "view": int(emb["view"][i]),
+        "params": params,
+    }
 
 
 def format_table(rows: list[dict], anomaly: bool) -> str:
     head = ["rank", "distance" if anomaly else "cosine", "source", "key", "view", "theta_E", "gamma", "e1"]
     shown = ("theta_E", "gamma", "e1")
-    body = [[str(r["rank"]), f"{r['score' if anomaly else 'similarity']:.4f}", r["source"] or "-", r["key"],
-             str(r["view"])] + [f"{r['params'][p]:.3f}" if p in r["params"] else "-" for p in shown]
-            for r in rows]
+    body = [
+        [str(r["rank"]), f"{r['score' if anomaly else 'similarity']:.4f}", r["source"] or "-", r["key"], str(r["view"])]
+        + [f"{r['params'][p]:.3f}" if p in r["params"] else "-" for p in shown]
+        for r in rows
+    ]
     widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
     line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731
     return "\n".join([line(head), "-" * len(line(head)), *map(line, body)])

@@ -8,6 +8,7 @@ single-threaded), ``low_memory=True``. The 2-D coordinates go into the embedding
 a rename, so a crash never leaves it half-written. The figure is written atomically too.
 Cost on 100k+ points: see docs/evaluation.md ("umap").
 """
+
 from __future__ import annotations
 
 import resource
@@ -22,9 +23,16 @@ from ..errors import UserError
 from ..io import LENS_PARAMS, UNITS, atomic_path, check_output_file
 from .extract import load_embeddings
 
-LABELS = {"theta_E": r"$\theta_E$", "gamma": r"$\gamma$ (slope)", "e1": r"$e_1$", "e2": r"$e_2$",
-          "center_x": r"$x_0$", "center_y": r"$y_0$", "gamma1": r"$\gamma_1$ (shear)",
-          "gamma2": r"$\gamma_2$ (shear)"}
+LABELS = {
+    "theta_E": r"$\theta_E$",
+    "gamma": r"$\gamma$ (slope)",
+    "e1": r"$e_1$",
+    "e2": r"$e_2$",
+    "center_x": r"$x_0$",
+    "center_y": r"$y_0$",
+    "gamma1": r"$\gamma_1$ (shear)",
+    "gamma2": r"$\gamma_2$ (shear)",
+}
 
 
 def check_colors(color: list[str]) -> list[str]:
@@ -37,8 +45,9 @@ def check_colors(color: list[str]) -> list[str]:
     return names
 
 
-def fit_umap(features: np.ndarray, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1,
-             extra: np.ndarray | None = None):
+def fit_umap(
+    features: np.ndarray, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1, extra: np.ndarray | None = None
+):
     """(N, D) -> (N, 2) float32 with umap-learn on standardised features, seeded.
 
     With ``extra`` (M, D) (real images to overlay), returns ``(coords, extra_coords)``: the extra
@@ -50,8 +59,14 @@ def fit_umap(features: np.ndarray, seed: int = 0, n_neighbors: int = 15, min_dis
     x = np.asarray(features, np.float32)
     mean, std = x.mean(0), x.std(0)
     std = np.where(std > 0, std, 1.0)
-    reducer = umap.UMAP(n_components=2, n_neighbors=min(n_neighbors, len(x) - 1), min_dist=min_dist,
-                        random_state=seed, low_memory=True, metric="euclidean")
+    reducer = umap.UMAP(
+        n_components=2,
+        n_neighbors=min(n_neighbors, len(x) - 1),
+        min_dist=min_dist,
+        random_state=seed,
+        low_memory=True,
+        metric="euclidean",
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*n_jobs.*overridden.*")
         warnings.filterwarnings("ignore", message=".*k >= N.*")
@@ -61,9 +76,16 @@ def fit_umap(features: np.ndarray, seed: int = 0, n_neighbors: int = 15, min_dis
         return coords, reducer.transform((np.asarray(extra, np.float32) - mean) / std).astype(np.float32)
 
 
-def plot_panels(coords: np.ndarray, params: dict[str, np.ndarray], names: list[str], out: Path, title: str,
-                overlay: tuple[np.ndarray, list[str]] | None = None):
+def plot_panels(
+    coords: np.ndarray,
+    params: dict[str, np.ndarray],
+    names: list[str],
+    out: Path,
+    title: str,
+    overlay: tuple[np.ndarray, list[str]] | None = None,
+):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -73,12 +95,29 @@ def plot_panels(coords: np.ndarray, params: dict[str, np.ndarray], names: list[s
     for ax, name in zip(axes[0], names):
         v = params[name]
         order = np.argsort(np.abs(v - np.median(v)))  # extremes drawn last, on top
-        sc = ax.scatter(coords[order, 0], coords[order, 1], c=v[order], s=size, cmap="viridis",
-                        alpha=0.8, linewidths=0, rasterized=True)
+        sc = ax.scatter(
+            coords[order, 0],
+            coords[order, 1],
+            c=v[order],
+            s=size,
+            cmap="viridis",
+            alpha=0.8,
+            linewidths=0,
+            rasterized=True,
+        )
         if overlay is not None:  # real images: marked and labelled on top
             oc, labels = overlay
-            ax.scatter(oc[:, 0], oc[:, 1], marker="*", s=160, c="red", edgecolors="white", linewidths=0.8,
-                       zorder=5, label="real images")
+            ax.scatter(
+                oc[:, 0],
+                oc[:, 1],
+                marker="*",
+                s=160,
+                c="red",
+                edgecolors="white",
+                linewidths=0.8,
+                zorder=5,
+                label="real images",
+            )
             for (ox, oy), text in list(zip(oc, labels))[:20]:
                 ax.annotate(text, (ox, oy), xytext=(4, 4), textcoords="offset points", fontsize=6.5, color="red")
             ax.legend(loc="lower right", fontsize=7)
@@ -98,6 +137,7 @@ def plot_panels(coords: np.ndarray, params: dict[str, np.ndarray], names: list[s
 def save_coords(path: str | Path, coords: np.ndarray, attrs: dict) -> None:
     """Add/replace dataset ``umap`` in an embeddings file: copy, edit the copy, rename (atomic)."""
     import h5py
+
     path = Path(path)
     with atomic_path(path) as tmp:
         shutil.copyfile(path, tmp)
@@ -112,6 +152,7 @@ def save_coords(path: str | Path, coords: np.ndarray, attrs: dict) -> None:
 def _overlay_labels(emb: dict) -> list[str]:
     """File names of ingested images (read back from their shards), else source/key."""
     from .similar import ShardImages, _source_dirs
+
     dirs, shards, labels = _source_dirs(emb), ShardImages(), []
     for key, src, view in zip(emb["keys"], emb["source"], emb["view"]):
         try:
@@ -122,8 +163,15 @@ def _overlay_labels(emb: dict) -> list[str]:
     return labels
 
 
-def run_umap(embeddings: str, out: str, color: list[str] | None = None, seed: int = 0,
-             n_neighbors: int = 15, min_dist: float = 0.1, overlay: str | None = None) -> dict:
+def run_umap(
+    embeddings: str,
+    out: str,
+    color: list[str] | None = None,
+    seed: int = 0,
+    n_neighbors: int = 15,
+    min_dist: float = 0.1,
+    overlay: str | None = None,
+) -> dict:
     """Fit a seeded 2-D UMAP, draw one panel per parameter in ``color``, store coordinates.
 
     ``overlay``: a second embeddings file (real images, same backbone) placed on the fitted map,
@@ -136,8 +184,10 @@ def run_umap(embeddings: str, out: str, color: list[str] | None = None, seed: in
     emb = load_embeddings(embeddings, need_params=False)
     missing = [c for c in names if c not in emb["params"]]
     if missing:
-        raise UserError(f"{embeddings}: no lens parameter {missing[0]!r} to colour by "
-                        "(expected an embeddings file written by `hpc-lensiam embed`)")
+        raise UserError(
+            f"{embeddings}: no lens parameter {missing[0]!r} to colour by "
+            "(expected an embeddings file written by `hpc-lensiam embed`)"
+        )
     n, d = emb["features"].shape
     if n < 4:
         raise UserError(f"{embeddings}: {n} points; UMAP needs at least 4")
@@ -145,32 +195,51 @@ def run_umap(embeddings: str, out: str, color: list[str] | None = None, seed: in
     if overlay is not None:
         over = load_embeddings(overlay, need_params=False)
         if over["features"].shape[1] != d or over["attrs"].get("weights_sha256") != emb["attrs"].get("weights_sha256"):
-            raise UserError(f"--overlay {overlay}: not embedded with the backbone of {embeddings} "
-                            f"({over['features'].shape[1]}-d, weights sha256 "
-                            f"{str(over['attrs'].get('weights_sha256'))[:12]} vs "
-                            f"{str(emb['attrs'].get('weights_sha256'))[:12]})")
+            raise UserError(
+                f"--overlay {overlay}: not embedded with the backbone of {embeddings} "
+                f"({over['features'].shape[1]}-d, weights sha256 "
+                f"{str(over['attrs'].get('weights_sha256'))[:12]} vs "
+                f"{str(emb['attrs'].get('weights_sha256'))[:12]})"
+            )
     t0 = time.perf_counter()
     if over is None:
         coords = fit_umap(emb["features"], seed, n_neighbors, min_dist)
     else:
         coords, over_coords = fit_umap(emb["features"], seed, n_neighbors, min_dist, extra=over["features"])
     fit_s = time.perf_counter() - t0
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     a = emb["attrs"]
-    title = (f"{Path(embeddings).name}: {a.get('arch', '?')} {a.get('train_mode', '?')} step {a.get('step', '?')}, "
-             f"{n} images, {d}-d features -> UMAP (seed {seed})")
+    title = (
+        f"{Path(embeddings).name}: {a.get('arch', '?')} {a.get('train_mode', '?')} step {a.get('step', '?')}, "
+        f"{n} images, {d}-d features -> UMAP (seed {seed})"
+    )
     out = Path(out)
-    settings = {"seed": seed, "n_neighbors": n_neighbors, "min_dist": min_dist,
-                "metric": "euclidean on standardised features", "fit_seconds": round(fit_s, 2)}
-    plot_panels(coords, emb["params"], names, out, title,
-                None if over is None else (over_coords, _overlay_labels(over)))
+    settings = {
+        "seed": seed,
+        "n_neighbors": n_neighbors,
+        "min_dist": min_dist,
+        "metric": "euclidean on standardised features",
+        "fit_seconds": round(fit_s, 2),
+    }
+    plot_panels(
+        coords, emb["params"], names, out, title, None if over is None else (over_coords, _overlay_labels(over))
+    )
     save_coords(embeddings, coords, settings)
     if over is not None:
         save_coords(overlay, over_coords, {**settings, "fitted_on": str(Path(embeddings).resolve())})
         for key, (ux, uy) in zip(over["keys"], over_coords):
             print(f"umap: overlay {key}: ({ux:.3f}, {uy:.3f})", flush=True)
-    print(f"umap: {n} points, {d}-d -> 2-D in {fit_s:.1f} s (process peak RSS {peak_gb:.2f} GB); "
-          f"figure ({', '.join(names)}) -> {out}; coordinates -> {embeddings}:/umap", flush=True)
-    return {"points": n, "dim": d, "fit_seconds": fit_s, "peak_rss_gb": peak_gb, "figure": str(out),
-            "overlay": None if over is None else over_coords}
+    print(
+        f"umap: {n} points, {d}-d -> 2-D in {fit_s:.1f} s (process peak RSS {peak_gb:.2f} GB); "
+        f"figure ({', '.join(names)}) -> {out}; coordinates -> {embeddings}:/umap",
+        flush=True,
+    )
+    return {
+        "points": n,
+        "dim": d,
+        "fit_seconds": fit_s,
+        "peak_rss_gb": peak_gb,
+        "figure": str(out),
+        "overlay": None if over is None else over_coords,
+    }

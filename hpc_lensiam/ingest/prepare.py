@@ -15,6 +15,7 @@ The steps, in order (each one says why it is where it is):
 5. divided by its maximum and cast to float32, exactly as the simulator normalises. The divisor
    (``flux_scale``) and the sky are recorded, so pixel x flux_scale + sky gives back file units.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,6 +32,7 @@ from .read import CutoutInfo, read_cutout
 def sky_level(image: np.ndarray, bad: np.ndarray, sigma: float = 3.0) -> float:
     """Sigma-clipped median of the good pixels."""
     from astropy.stats import sigma_clipped_stats
+
     good = image[~bad]
     if good.size == 0:
         return 0.0
@@ -61,8 +63,9 @@ def orient(image: np.ndarray, matrix: np.ndarray, orientation: str) -> tuple[np.
     return image, m, ops
 
 
-def resample(image: np.ndarray, scale_x_arcsec: float, scale_y_arcsec: float, num_pix: int,
-             scale_out_arcsec: float) -> np.ndarray:
+def resample(
+    image: np.ndarray, scale_x_arcsec: float, scale_y_arcsec: float, num_pix: int, scale_out_arcsec: float
+) -> np.ndarray:
     """Flux-conserving resample onto ``num_pix`` x ``num_pix`` pixels of ``scale_out_arcsec``,
     centred on the image centre (the same centring as the simulator's grid)."""
     ny, nx = image.shape
@@ -81,8 +84,10 @@ def check_covers(info: CutoutInfo, cfg: IngestConfig) -> None:
         (h, w), (sx, sy) = (w, h), (sy, sx)
     got = min(w * sx, h * sy)
     if got < field - cfg.target_pixel_scale_arcsec:
-        raise UserError(f"{info.path}: cutout is {w * sx:.2f}\" x {h * sy:.2f}\" ({w}x{h} px), smaller than the "
-                        f"target field {field:.2f}\" ({cfg.target_num_pix} px of {cfg.target_pixel_scale_arcsec}\")")
+        raise UserError(
+            f'{info.path}: cutout is {w * sx:.2f}" x {h * sy:.2f}" ({w}x{h} px), smaller than the '
+            f'target field {field:.2f}" ({cfg.target_num_pix} px of {cfg.target_pixel_scale_arcsec}")'
+        )
 
 
 def prepare(info: CutoutInfo, cfg: IngestConfig) -> tuple[np.ndarray, dict]:
@@ -106,16 +111,28 @@ def prepare(info: CutoutInfo, cfg: IngestConfig) -> tuple[np.ndarray, dict]:
     mask_fraction = float(np.where(no_data < 1e-9, 0.0, no_data).mean())  # rounding noise (1e-16) is no mask
     top = float(out.max())
     if not (np.isfinite(top) and top > 0):
-        raise UserError(f"{info.path}: HDU {info.hdu or 'array'} has no positive flux in the field after sky "
-                        f"subtraction (sky {sky:g}, {mask_fraction:.0%} masked)")
+        raise UserError(
+            f"{info.path}: HDU {info.hdu or 'array'} has no positive flux in the field after sky "
+            f"subtraction (sky {sky:g}, {mask_fraction:.0%} masked)"
+        )
     # residual angle between the x axis and the wanted +RA (simulator) or -RA (sky) direction
     want = 1.0 if cfg.orientation == "simulator" else -1.0
     rotation = math.degrees(math.atan2(want * m[1, 0], want * m[0, 0])) if cfg.orientation != "asis" else None
     square = abs(sx - sy) <= 1e-9 * sx
-    meta = {"file": str(Path(info.path).resolve()), "hdu": info.hdu, "pixel_scale_arcsec": sx if square else [sx, sy],
-            "pixel_scale_from": info.scale_from, "shape": list(info.shape), "sky_level": sky,
-            "mask_fraction": mask_fraction, "mask_hdu": info.mask_hdu, "flux_scale": top,
-            "orientation": cfg.orientation, "orientation_ops": ops,
-            "rotation_deg": None if rotation is None else round(rotation, 6),
-            "num_pix": n, "target_pixel_scale_arcsec": s}
+    meta = {
+        "file": str(Path(info.path).resolve()),
+        "hdu": info.hdu,
+        "pixel_scale_arcsec": sx if square else [sx, sy],
+        "pixel_scale_from": info.scale_from,
+        "shape": list(info.shape),
+        "sky_level": sky,
+        "mask_fraction": mask_fraction,
+        "mask_hdu": info.mask_hdu,
+        "flux_scale": top,
+        "orientation": cfg.orientation,
+        "orientation_ops": ops,
+        "rotation_deg": None if rotation is None else round(rotation, 6),
+        "num_pix": n,
+        "target_pixel_scale_arcsec": s,
+    }
     return (out / top).astype(np.float32), meta

@@ -9,6 +9,7 @@ PC/CROTA, through astropy.wcs) in arcsec per pixel, rows = (RA, Dec), columns = 
 A file without CD/CDELT keys (and every .npy) takes ``input_pixel_scale_arcsec`` and is assumed to
 be stored the FITS way, north up and east left: matrix diag(-s, s).
 """
+
 from __future__ import annotations
 
 import os
@@ -24,13 +25,14 @@ from ..errors import UserError
 @dataclass
 class CutoutInfo:
     """What the header says: enough to plan the data set without reading pixels."""
+
     path: str
-    hdu: str                      # the HDU as named in params.json ("VIS_FLUX", "1", or "" for .npy)
-    shape: tuple[int, int]        # (rows, columns)
+    hdu: str  # the HDU as named in params.json ("VIS_FLUX", "1", or "" for .npy)
+    shape: tuple[int, int]  # (rows, columns)
     scale_matrix_arcsec: np.ndarray  # (2, 2): d(RA, Dec) / d(x, y), arcsec per pixel
-    scale_from: str               # "wcs" or "flag"
-    mask_hdu: str = ""            # the RMS / weight HDU used for masking, "" if none
-    mask_kind: str = ""           # "rms" | "weight" | ""
+    scale_from: str  # "wcs" or "flag"
+    mask_hdu: str = ""  # the RMS / weight HDU used for masking, "" if none
+    mask_kind: str = ""  # "rms" | "weight" | ""
 
     @property
     def pixel_scales_arcsec(self) -> tuple[float, float]:
@@ -52,6 +54,7 @@ def _scale_matrix(header, path: str, fallback: float | None) -> tuple[np.ndarray
         import warnings
 
         from astropy.wcs import WCS, FITSFixedWarning
+
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FITSFixedWarning)
@@ -68,8 +71,7 @@ def _scale_matrix(header, path: str, fallback: float | None) -> tuple[np.ndarray
             raise UserError(f"{path}: WCS pixel-scale matrix {m.tolist()} is singular")
         return m, "wcs"
     if fallback is None:
-        raise UserError(f"{path}: no pixel scale (no CD or CDELT keys in its header); "
-                        "pass --pixel-scale ARCSEC")
+        raise UserError(f"{path}: no pixel scale (no CD or CDELT keys in its header); pass --pixel-scale ARCSEC")
     return np.array([[-fallback, 0.0], [0.0, fallback]]), "flag"
 
 
@@ -115,8 +117,7 @@ def _check_truncated(hdul, index: int, path: str) -> None:
     if info and info.get("datLoc") is not None:
         end = info["datLoc"] + info["datSpan"]
         if end > os.path.getsize(path):
-            raise UserError(f"{path}: truncated (HDU {index} needs {end} bytes, the file has "
-                            f"{os.path.getsize(path)})")
+            raise UserError(f"{path}: truncated (HDU {index} needs {end} bytes, the file has {os.path.getsize(path)})")
 
 
 def _open_fits(path: str):
@@ -124,6 +125,7 @@ def _open_fits(path: str):
 
     from astropy.io import fits
     from astropy.utils.exceptions import AstropyUserWarning
+
     try:
         with warnings.catch_warnings():  # "may have been truncated": _check_truncated says it, once
             warnings.simplefilter("ignore", AstropyUserWarning)

@@ -14,6 +14,7 @@ Two passes over the inputs, both split across ranks:
 Preparation runs twice per input (check, then write): the price of refusing bad input before
 writing anything; it is milliseconds per cutout, far below reading the files from disk.
 """
+
 from __future__ import annotations
 
 import csv
@@ -78,8 +79,9 @@ def read_labels(labels_csv: str, inputs: Sequence[tuple[str, str | None]]) -> di
     columns, rows = _read_csv(labels_csv, "--labels")
     unknown = [c for c in columns if c != "file" and c not in LABEL_NAMES]
     if unknown:
-        raise UserError(f"--labels {labels_csv}: unknown column {unknown[0]!r} "
-                        f"(expected file and any of: {', '.join(LABEL_NAMES)})")
+        raise UserError(
+            f"--labels {labels_csv}: unknown column {unknown[0]!r} (expected file and any of: {', '.join(LABEL_NAMES)})"
+        )
     by_name: dict[str, list[int]] = {}
     index: dict[str, int] = {}
     for i, (path, _) in enumerate(inputs):
@@ -104,8 +106,10 @@ def read_labels(labels_csv: str, inputs: Sequence[tuple[str, str | None]]) -> di
             except ValueError:
                 raise UserError(f"--labels {labels_csv}: line {line}: {name}={v!r} is not a number") from None
             if not math.isfinite(x) or (name == "is_lens" and x not in (0.0, 1.0)):
-                raise UserError(f"--labels {labels_csv}: line {line}: {name}={v!r} "
-                                f"(expected {'0 or 1' if name == 'is_lens' else 'a finite number'})")
+                raise UserError(
+                    f"--labels {labels_csv}: line {line}: {name}={v!r} "
+                    f"(expected {'0 or 1' if name == 'is_lens' else 'a finite number'})"
+                )
             if name == "is_lens":
                 lab["is_lens"] = int(x)
             else:
@@ -121,8 +125,15 @@ def _check_inputs(inputs, cfg: IngestConfig, comm, rank: int, size: int, progres
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
-        bar = tqdm(total=len(mine), unit="file", desc="ingest: check (rank 0)", dynamic_ncols=True,
-                   file=sys.stderr, disable=None)  # None: only on a terminal, so bad input stays one line
+
+        bar = tqdm(
+            total=len(mine),
+            unit="file",
+            desc="ingest: check (rank 0)",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            disable=None,
+        )  # None: only on a terminal, so bad input stays one line
     bad: dict[int, str] = {}
     for i in mine:
         path, hdu = inputs[i]
@@ -152,13 +163,21 @@ def _write_one(out_dir: Path, cfg: IngestConfig, inputs, good: list[int], labels
                 lab = labels.get(i, {"lens": {}})
                 params = {**lab, "ingest": {**meta, "input_index": i}}
                 yield encode_sample(f"{index:06d}_{j:06d}", {"image": image, "params": params})
+
         return write_tar(out_dir / shard_name(index), samples(), tick)
+
     return write
 
 
-def ingest(out_dir: str, files: Sequence[str] | None = None, list_csv: str | None = None,
-           labels_csv: str | None = None, config: IngestConfig | None = None, skip_bad: bool = False,
-           progress: bool = True) -> dict:
+def ingest(
+    out_dir: str,
+    files: Sequence[str] | None = None,
+    list_csv: str | None = None,
+    labels_csv: str | None = None,
+    config: IngestConfig | None = None,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> dict:
     """Ingest real cutouts into single-mode shards under ``out_dir``; return the manifest."""
     from ..simulate.mpi_env import mpi_world
 
@@ -184,19 +203,34 @@ def ingest(out_dir: str, files: Sequence[str] | None = None, list_csv: str | Non
     resolved = replace(cfg, num_pix=cfg.target_num_pix, pixel_scale_arcsec=cfg.target_pixel_scale_arcsec)
     config = to_dict(resolved)
     kept = [[inputs[i][0], inputs[i][1]] for i in good]
-    plan = {"format": MANIFEST_FORMAT, "version": __version__, "kind": "ingest", "mode": "single", "seed": 0,
-            "num_samples": len(good), "shard_size": cfg.shard_size, "preset": cfg.preset,
-            "image_shape": [resolved.num_pix] * 2, "pixel_scale_arcsec": resolved.pixel_scale_arcsec,
-            "config": config, "skipped_inputs": len(bad),
-            "config_hash": sha256_json({"config": config, "inputs": kept,
-                                        "labels": {str(i): labels[i] for i in sorted(labels)}})}
+    plan = {
+        "format": MANIFEST_FORMAT,
+        "version": __version__,
+        "kind": "ingest",
+        "mode": "single",
+        "seed": 0,
+        "num_samples": len(good),
+        "shard_size": cfg.shard_size,
+        "preset": cfg.preset,
+        "image_shape": [resolved.num_pix] * 2,
+        "pixel_scale_arcsec": resolved.pixel_scale_arcsec,
+        "config": config,
+        "skipped_inputs": len(bad),
+        "config_hash": sha256_json(
+            {"config": config, "inputs": kept, "labels": {str(i): labels[i] for i in sorted(labels)}}
+        ),
+    }
     out = Path(out_dir)
     _check_existing(out, plan)
     shards = ShardPlan(len(good), cfg.shard_size)
-    manifest = write_shard_set(out, plan, shards, progress, "ingest",
-                               _write_one(out, cfg, inputs, good, labels, shards))
+    manifest = write_shard_set(
+        out, plan, shards, progress, "ingest", _write_one(out, cfg, inputs, good, labels, shards)
+    )
     if rank == 0:
-        print(f"ingest: {len(good)} of {len(inputs)} input(s) on a {resolved.num_pix}x{resolved.num_pix} grid "
-              f"of {resolved.pixel_scale_arcsec}\"/px ({cfg.orientation} orientation), {len(labels)} labelled, "
-              f"{len(bad)} skipped as bad", flush=True)
+        print(
+            f"ingest: {len(good)} of {len(inputs)} input(s) on a {resolved.num_pix}x{resolved.num_pix} grid "
+            f'of {resolved.pixel_scale_arcsec}"/px ({cfg.orientation} orientation), {len(labels)} labelled, '
+            f"{len(bad)} skipped as bad",
+            flush=True,
+        )
     return manifest

@@ -9,6 +9,7 @@ Checkpoint contract (written by :mod:`hpc_lensiam.train.loop`, read by
 "epoch", "arch", ...resume state}``. :func:`backbone_state_dict` turns the model state into the
 state of :func:`build_backbone` (``encoder.*`` minus ``encoder.fc.*``, prefix stripped).
 """
+
 from __future__ import annotations
 
 from .backbones import ARCHS as _ALL_ARCHS
@@ -17,5 +18,14 @@ from .methods.simsiam import SimSiam, predictor, projector, simsiam_loss, z_std
 
 ARCHS = tuple(a for a in _ALL_ARCHS if a.startswith("resnet"))
 
-__all__ = ["ARCHS", "SimSiam", "backbone_state_dict", "build_backbone", "feature_dim", "predictor", "projector",
-           "simsiam_loss", "z_std"]
+__all__ = [
+    "ARCHS",
+    "SimSiam",
+    "backbone_state_dict",
+    "build_backbone",
+    "feature_dim",
+    "predictor",
+    "projector",
+    "simsiam_loss",
+    "z_std",
+]

@@ -5,6 +5,7 @@ independent survey-realistic one with lenses and non-lenses (simulate/survey/). 
 the same interface (``sample_pair``, ``sample_single``, a dataclass config with ``preset`` and
 ``instrument``), so everything after the shards is family-agnostic.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -15,18 +16,36 @@ from ..errors import UserError
 FAMILIES = ("paper", "survey")
 
 
-def resolve_config(preset=None, config_path=None, cosmos_dir=None, psf_files=None,
-                   psf_pixel_scale_arcsec=None, overrides: dict | None = None) -> SimulationConfig:
+def resolve_config(
+    preset=None,
+    config_path=None,
+    cosmos_dir=None,
+    psf_files=None,
+    psf_pixel_scale_arcsec=None,
+    overrides: dict | None = None,
+) -> SimulationConfig:
     """The paper family's validated config: preset, then YAML, then flags, then ``overrides``."""
-    cfg = simulation_config(preset=preset, config_path=config_path, cosmos_dir=cosmos_dir,
-                            psf_files=list(psf_files) if psf_files else None,
-                            psf_pixel_scale_arcsec=psf_pixel_scale_arcsec)
+    cfg = simulation_config(
+        preset=preset,
+        config_path=config_path,
+        cosmos_dir=cosmos_dir,
+        psf_files=list(psf_files) if psf_files else None,
+        psf_pixel_scale_arcsec=psf_pixel_scale_arcsec,
+    )
     return merge(cfg, overrides, "overrides") if overrides else cfg
 
 
-def resolve_family(family: str, mode: str, preset=None, config_path=None, cosmos_dir=None, psf_files=None,
-                   psf_pixel_scale_arcsec=None, overrides: dict | None = None,
-                   lens_fraction: float | None = None) -> tuple[object, Callable]:
+def resolve_family(
+    family: str,
+    mode: str,
+    preset=None,
+    config_path=None,
+    cosmos_dir=None,
+    psf_files=None,
+    psf_pixel_scale_arcsec=None,
+    overrides: dict | None = None,
+    lens_fraction: float | None = None,
+) -> tuple[object, Callable]:
     """(validated config, simulator factory) of ``family``; bad flags are UserErrors, before any work."""
     if family not in FAMILIES:
         raise UserError(f"--family: {family!r} is not one of {', '.join(FAMILIES)}")
@@ -34,13 +53,23 @@ def resolve_family(family: str, mode: str, preset=None, config_path=None, cosmos
         if lens_fraction is not None:
             raise UserError("--lens-fraction: only the survey family has non-lenses (add --family survey)")
         from .simulator import LensSimulator
-        return resolve_config(preset, config_path, cosmos_dir, psf_files, psf_pixel_scale_arcsec,
-                              overrides), LensSimulator
+
+        return resolve_config(
+            preset, config_path, cosmos_dir, psf_files, psf_pixel_scale_arcsec, overrides
+        ), LensSimulator
     if lens_fraction is not None and not 0.0 <= lens_fraction <= 1.0:
         raise UserError(f"--lens-fraction: expected a fraction in [0, 1], got {lens_fraction}")
     from .survey import survey_config
     from .survey.simulator import SurveySimulator
-    cfg = survey_config(preset=preset, config_path=config_path, mode=mode, lens_fraction=lens_fraction,
-                        cosmos_dir=cosmos_dir, psf_files=list(psf_files) if psf_files else None,
-                        psf_pixel_scale_arcsec=psf_pixel_scale_arcsec, **(overrides or {}))
+
+    cfg = survey_config(
+        preset=preset,
+        config_path=config_path,
+        mode=mode,
+        lens_fraction=lens_fraction,
+        cosmos_dir=cosmos_dir,
+        psf_files=list(psf_files) if psf_files else None,
+        psf_pixel_scale_arcsec=psf_pixel_scale_arcsec,
+        **(overrides or {}),
+    )
     return cfg, SurveySimulator

@@ -5,6 +5,7 @@ The grid is built once per process. Surface brightness is evaluated on the super
 lenstronomy's ``ImageModel`` does with ``supersampling_convolution=False``; the PSF is applied to
 the binned image afterwards.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,17 +29,23 @@ class DetectorGrid:
         self.pixel_scale_arcsec = float(pixel_scale_arcsec)
         self.supersampling_factor = int(supersampling_factor)
         # kwargs for lenstronomy's ImageData (also used by the naive baseline in bench/simulate.py)
-        self.kwargs_data = data_configure_simple(num_pix=self.num_pix, delta_pix=self.pixel_scale_arcsec,
-                                                 exposure_time=None, background_rms=None)
+        self.kwargs_data = data_configure_simple(
+            num_pix=self.num_pix, delta_pix=self.pixel_scale_arcsec, exposure_time=None, background_rms=None
+        )
         data = ImageData(**self.kwargs_data)
-        grid = RegularGrid(self.num_pix, self.num_pix, data.transform_pix2angle, *data.radec_at_xy_0,
-                           supersampling_factor=self.supersampling_factor)
+        grid = RegularGrid(
+            self.num_pix,
+            self.num_pix,
+            data.transform_pix2angle,
+            *data.radec_at_xy_0,
+            supersampling_factor=self.supersampling_factor,
+        )
         x, y = grid.coordinates_evaluate
         self.x_arcsec = np.ascontiguousarray(x, dtype=np.float64)
         self.y_arcsec = np.ascontiguousarray(y, dtype=np.float64)
         # detector-pixel centres (no supersampling), as 2-D images
         self.x_pix_arcsec, self.y_pix_arcsec = data.pixel_coordinates
-        self.pixel_area_arcsec2 = self.pixel_scale_arcsec ** 2
+        self.pixel_area_arcsec2 = self.pixel_scale_arcsec**2
 
     @classmethod
     def from_config(cls, instrument: InstrumentConfig) -> DetectorGrid:

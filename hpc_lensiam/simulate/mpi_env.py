@@ -26,6 +26,7 @@ number above 0, or a PMI/PMIx/Open MPI/Hydra size above 1 says several ranks wer
 That reading of the environment lives in :mod:`hpc_lensiam.runtime` (train, embed and finetune
 refuse the same trap when torchrun is missing); this module adds the MPI side.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,9 +36,11 @@ from typing import Any
 from ..errors import UserError
 from ..runtime import LAUNCHER_SIZE_VARS, launch_evidence  # noqa: F401  (shared with train/embed)
 
-FIX = ("launch with `mpiexec -n N` (the venv's, from the PyPI mpich wheel) inside the allocation, or "
-       "`srun --mpi=pmi2` with the mpich wheel, or `srun --mpi=pmix` with a PMIx-enabled site MPI "
-       "and mpi4py built against it")
+FIX = (
+    "launch with `mpiexec -n N` (the venv's, from the PyPI mpich wheel) inside the allocation, or "
+    "`srun --mpi=pmi2` with the mpich wheel, or `srun --mpi=pmix` with a PMIx-enabled site MPI "
+    "and mpi4py built against it"
+)
 
 
 def check_launch(size: int, environ: Mapping[str, str] | None = None) -> None:
@@ -48,7 +51,8 @@ def check_launch(size: int, environ: Mapping[str, str] | None = None) -> None:
     if why is not None:
         raise UserError(
             f"{why} but MPI's world size is 1: each task would be its own rank 0 and write the same "
-            f"shards (plain `srun` without --mpi, or an mpirun from another MPI than mpi4py's); {FIX}")
+            f"shards (plain `srun` without --mpi, or an mpirun from another MPI than mpi4py's); {FIX}"
+        )
 
 
 def mpi_world() -> tuple[Any, int, int]:

@@ -4,6 +4,7 @@ Every function takes the numpy Generator explicitly and draws in a fixed order, 
 reproducible from its seed. Config fields carry units in their names (``theta_E_arcsec``); the
 returned dicts use lenstronomy's keyword names (``theta_E``), which is what params.json stores.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,17 +64,30 @@ def draw_lens_light(rng: np.random.Generator, prior: LensLightPrior, lens: dict,
     return ll
 
 
-def _draw_component(rng: np.random.Generator, prior: SourcePrior, center_x: float, center_y: float,
-                    catalog=None, renderer=None, exclude_row: int | None = None) -> dict:
+def _draw_component(
+    rng: np.random.Generator,
+    prior: SourcePrior,
+    center_x: float,
+    center_y: float,
+    catalog=None,
+    renderer=None,
+    exclude_row: int | None = None,
+) -> dict:
     """One source component centred at (center_x, center_y), normalised to unit total flux."""
     use_cosmos = rng.random() < prior.cosmos_fraction
     if catalog is not None and use_cosmos:
         row = catalog.draw_row(rng, exclude=exclude_row)
         scale = float(catalog.pixel_scale[row]) * uniform(rng, prior.cosmos_scale)
-        return {"kind": "cosmos", "id": int(catalog.ident[row]), "row": int(row),
-                "center_x": center_x, "center_y": center_y,
-                "phi_G": float(rng.uniform(0.0, 2 * math.pi)), "scale": scale,
-                "amp": 1.0 / scale ** 2}
+        return {
+            "kind": "cosmos",
+            "id": int(catalog.ident[row]),
+            "row": int(row),
+            "center_x": center_x,
+            "center_y": center_y,
+            "phi_G": float(rng.uniform(0.0, 2 * math.pi)),
+            "scale": scale,
+            "amp": 1.0 / scale**2,
+        }
     src = {
         "kind": "core_sersic",
         "R_sersic": uniform(rng, prior.R_sersic_arcsec),
@@ -88,8 +102,10 @@ def _draw_component(rng: np.random.Generator, prior: SourcePrior, center_x: floa
     }
     if renderer is not None:  # unit total flux by the profile's own integral (bench/numerics.py)
         from .sources import core_sersic_amp_for_unit_flux
-        src["amp"] = core_sersic_amp_for_unit_flux(renderer, src["R_sersic"], src["n_sersic"], src["Rb"],
-                                                   src["gamma"], src["alpha"])
+
+        src["amp"] = core_sersic_amp_for_unit_flux(
+            renderer, src["R_sersic"], src["n_sersic"], src["Rb"], src["gamma"], src["alpha"]
+        )
     else:
         src["amp"] = 1.0
     return src
@@ -107,8 +123,9 @@ def draw_source(rng: np.random.Generator, prior: SourcePrior, lens: dict, catalo
     if src["merger"]:
         r = uniform(rng, prior.merger_offset_arcsec)
         phi = float(rng.uniform(0.0, 2 * math.pi))
-        second = _draw_component(rng, prior, cx + r * math.cos(phi), cy + r * math.sin(phi),
-                                 catalog, renderer, exclude_row=src.get("row"))
+        second = _draw_component(
+            rng, prior, cx + r * math.cos(phi), cy + r * math.sin(phi), catalog, renderer, exclude_row=src.get("row")
+        )
         ratio = uniform(rng, prior.merger_flux_ratio)
         second["flux_ratio"] = ratio
         second["amp"] = second["amp"] * ratio

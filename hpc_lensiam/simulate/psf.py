@@ -4,6 +4,7 @@ Every kernel in a bank is at the detector pixel scale, odd-sized, centred (light
 centre pixel) and normalised to sum 1, so convolution conserves flux and does not shift images.
 The FFTs of the kernels for a given image size are computed once and reused for every image.
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,8 +56,9 @@ def _centroid_near_peak(img: np.ndarray, radius: int, iterations: int = 3) -> tu
     return ci, cj
 
 
-def resample_psf(image: np.ndarray, scale_in_arcsec: float, scale_out_arcsec: float,
-                 size_pix: int, where: str = "psf") -> np.ndarray:
+def resample_psf(
+    image: np.ndarray, scale_in_arcsec: float, scale_out_arcsec: float, size_pix: int, where: str = "psf"
+) -> np.ndarray:
     """Flux-conserving resample of a (supersampled) PSF image to the detector pixel scale.
 
     The output is centred on the light centroid near the peak, cropped to an odd ``size_pix``
@@ -98,21 +100,30 @@ def fwhm_arcsec(kernel: np.ndarray, pixel_scale_arcsec: float, half_width_pix: i
     k = np.asarray(kernel, dtype=np.float64)
     ci, cj = np.unravel_index(int(np.argmax(k)), k.shape)
     r = min(half_width_pix, ci, cj, k.shape[0] - 1 - ci, k.shape[1] - 1 - cj)
-    patch = k[ci - r: ci + r + 1, cj - r: cj + r + 1]
-    yy, xx = np.mgrid[-r: r + 1, -r: r + 1]
+    patch = k[ci - r : ci + r + 1, cj - r : cj + r + 1]
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
 
     def gauss(xy, a, sig, x0, y0):
-        return a * np.exp(-((xy[0] - x0) ** 2 + (xy[1] - y0) ** 2) / (2 * sig ** 2))
+        return a * np.exp(-((xy[0] - x0) ** 2 + (xy[1] - y0) ** 2) / (2 * sig**2))
 
     p, _ = curve_fit(gauss, (xx.ravel(), yy.ravel()), patch.ravel(), p0=(patch.max(), 1.0, 0.0, 0.0))
     return 2.0 * math.sqrt(2.0 * math.log(2.0)) * abs(p[1]) * pixel_scale_arcsec
 
 
 # ---------------------------------------------------------------------------------- diffraction
-def diffraction_psf(rng: np.random.Generator, *, aperture_diameter_m: float, obstruction_frac: float,
-                    wavelength_nm: float, pixel_scale_arcsec: float, size_pix: int,
-                    aberration_rms_waves: float, detector_blur_sigma_pix: float = 0.0,
-                    oversampling: int = 5, pupil_samples: int = 512) -> np.ndarray:
+def diffraction_psf(
+    rng: np.random.Generator,
+    *,
+    aperture_diameter_m: float,
+    obstruction_frac: float,
+    wavelength_nm: float,
+    pixel_scale_arcsec: float,
+    size_pix: int,
+    aberration_rms_waves: float,
+    detector_blur_sigma_pix: float = 0.0,
+    oversampling: int = 5,
+    pupil_samples: int = 512,
+) -> np.ndarray:
     """One HST-like PSF: Fraunhofer |FFT(pupil)|^2 of an obstructed circular aperture.
 
     The pupil phase carries random low-order Zernike aberrations (defocus, 2 astigmatisms,
@@ -125,8 +136,14 @@ def diffraction_psf(rng: np.random.Generator, *, aperture_diameter_m: float, obs
     if oversampling % 2 == 0:
         raise ValueError("oversampling must be odd so the PSF centre is a pixel centre")
     m = pupil_samples
-    index, zern = _pupil_geometry(float(aperture_diameter_m), float(obstruction_frac), float(wavelength_nm),
-                                  float(pixel_scale_arcsec), int(oversampling), int(m))
+    index, zern = _pupil_geometry(
+        float(aperture_diameter_m),
+        float(obstruction_frac),
+        float(wavelength_nm),
+        float(pixel_scale_arcsec),
+        int(oversampling),
+        int(m),
+    )
     coeff = rng.normal(0.0, aberration_rms_waves / math.sqrt(len(zern)), size=len(zern))
     field = np.zeros((m, m), dtype=np.complex128)
     field.flat[index] = np.exp(2j * math.pi * (coeff @ zern))
@@ -138,18 +155,25 @@ def diffraction_psf(rng: np.random.Generator, *, aperture_diameter_m: float, obs
         raise ValueError("PSF stamp larger than the computed field")
     if detector_blur_sigma_pix > 0:
         from scipy.ndimage import gaussian_filter
+
         margin = min(ctr - half, int(math.ceil(5 * detector_blur_sigma_pix * oversampling)) + 1)
-        big = intensity[ctr - half - margin: ctr + half + 1 + margin, ctr - half - margin: ctr + half + 1 + margin]
+        big = intensity[ctr - half - margin : ctr + half + 1 + margin, ctr - half - margin : ctr + half + 1 + margin]
         big = gaussian_filter(big, detector_blur_sigma_pix * oversampling, mode="constant")
         intensity, ctr, half = big, half + margin, half
-    cut = intensity[ctr - half: ctr + half + 1, ctr - half: ctr + half + 1]
+    cut = intensity[ctr - half : ctr + half + 1, ctr - half : ctr + half + 1]
     k = cut.reshape(size_pix, oversampling, size_pix, oversampling).sum(axis=(1, 3))
     return k / k.sum()
 
 
 @functools.lru_cache(maxsize=4)
-def _pupil_geometry(aperture_diameter_m: float, obstruction_frac: float, wavelength_nm: float,
-                    pixel_scale_arcsec: float, oversampling: int, m: int):
+def _pupil_geometry(
+    aperture_diameter_m: float,
+    obstruction_frac: float,
+    wavelength_nm: float,
+    pixel_scale_arcsec: float,
+    oversampling: int,
+    m: int,
+):
     """Flat indices of the (obstructed) pupil in an m x m array and the 5 Zernike terms there.
 
     The pupil array spans lambda / (focal-plane sample) metres, so that the FFT samples the focal
@@ -167,11 +191,15 @@ def _pupil_geometry(aperture_diameter_m: float, obstruction_frac: float, wavelen
     index = np.flatnonzero(inside)
     r = rho.ravel()[index]
     th = np.arctan2(yy, xx).ravel()[index]
-    zern = np.stack([np.sqrt(3) * (2 * r ** 2 - 1),             # defocus
-                     np.sqrt(6) * r ** 2 * np.sin(2 * th),      # oblique astigmatism
-                     np.sqrt(6) * r ** 2 * np.cos(2 * th),      # vertical astigmatism
-                     np.sqrt(8) * (3 * r ** 3 - 2 * r) * np.sin(th),  # vertical coma
-                     np.sqrt(8) * (3 * r ** 3 - 2 * r) * np.cos(th)])  # horizontal coma
+    zern = np.stack(
+        [
+            np.sqrt(3) * (2 * r**2 - 1),  # defocus
+            np.sqrt(6) * r**2 * np.sin(2 * th),  # oblique astigmatism
+            np.sqrt(6) * r**2 * np.cos(2 * th),  # vertical astigmatism
+            np.sqrt(8) * (3 * r**3 - 2 * r) * np.sin(th),  # vertical coma
+            np.sqrt(8) * (3 * r**3 - 2 * r) * np.cos(th),
+        ]
+    )  # horizontal coma
     return index, zern
 
 
@@ -179,8 +207,9 @@ def _pupil_geometry(aperture_diameter_m: float, obstruction_frac: float, wavelen
 class PSFBank:
     """A list of detector-scale PSF kernels (odd, centred, sum 1) with cached FFTs per image size."""
 
-    def __init__(self, kernels: Sequence[np.ndarray], names: Sequence[str] | None = None,
-                 pixel_scale_arcsec: float = 0.05):
+    def __init__(
+        self, kernels: Sequence[np.ndarray], names: Sequence[str] | None = None, pixel_scale_arcsec: float = 0.05
+    ):
         if len(kernels) == 0:
             raise UserError("PSF bank: no PSF kernels")
         self.kernels = []
@@ -203,20 +232,30 @@ class PSFBank:
     def builtin(cls, instrument, seed: int) -> PSFBank:
         """``instrument.psf_bank_size`` diffraction PSFs with random aberrations from ``seed``."""
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x9F5]))
-        kernels = [diffraction_psf(rng, aperture_diameter_m=instrument.aperture_diameter_m,
-                                   obstruction_frac=instrument.obstruction_frac,
-                                   wavelength_nm=instrument.wavelength_nm,
-                                   pixel_scale_arcsec=instrument.pixel_scale_arcsec,
-                                   size_pix=instrument.psf_size_pix,
-                                   aberration_rms_waves=instrument.aberration_rms_waves,
-                                   detector_blur_sigma_pix=instrument.detector_blur_sigma_pix)
-                   for _ in range(instrument.psf_bank_size)]
+        kernels = [
+            diffraction_psf(
+                rng,
+                aperture_diameter_m=instrument.aperture_diameter_m,
+                obstruction_frac=instrument.obstruction_frac,
+                wavelength_nm=instrument.wavelength_nm,
+                pixel_scale_arcsec=instrument.pixel_scale_arcsec,
+                size_pix=instrument.psf_size_pix,
+                aberration_rms_waves=instrument.aberration_rms_waves,
+                detector_blur_sigma_pix=instrument.detector_blur_sigma_pix,
+            )
+            for _ in range(instrument.psf_bank_size)
+        ]
         names = [f"builtin:{i}" for i in range(len(kernels))]
         return cls(kernels, names, instrument.pixel_scale_arcsec)
 
     @classmethod
-    def from_files(cls, paths: Sequence[str], pixel_scale_arcsec: float, size_pix: int,
-                   file_pixel_scale_arcsec: float | None = None) -> PSFBank:
+    def from_files(
+        cls,
+        paths: Sequence[str],
+        pixel_scale_arcsec: float,
+        size_pix: int,
+        file_pixel_scale_arcsec: float | None = None,
+    ) -> PSFBank:
         """Load 2-D (one PSF) or 3-D (a cube of PSFs) FITS images and resample to the detector."""
         kernels, names = [], []
         for p in paths:
@@ -229,8 +268,9 @@ class PSFBank:
     def from_config(cls, config) -> PSFBank:
         inst = config.instrument
         if config.psf_files:
-            return cls.from_files(config.psf_files, inst.pixel_scale_arcsec, inst.psf_size_pix,
-                                  config.psf_pixel_scale_arcsec)
+            return cls.from_files(
+                config.psf_files, inst.pixel_scale_arcsec, inst.psf_size_pix, config.psf_pixel_scale_arcsec
+            )
         return cls.builtin(inst, config.psf_bank_seed)
 
     # ---- use
@@ -262,7 +302,7 @@ def convolve_same(image: np.ndarray, kernel: np.ndarray, cached=None) -> np.ndar
     out = sfft.irfft2(sfft.rfft2(image, s=fshape) * kf, s=fshape)
     r0 = (kernel.shape[0] - 1) // 2
     c0 = (kernel.shape[1] - 1) // 2
-    return out[r0: r0 + image.shape[0], c0: c0 + image.shape[1]]
+    return out[r0 : r0 + image.shape[0], c0 : c0 + image.shape[1]]
 
 
 def _read_psf_fits(path: str, pixel_scale_arcsec: float | None):
@@ -274,8 +314,16 @@ def _read_psf_fits(path: str, pixel_scale_arcsec: float | None):
         raise UserError(f"{path}: PSF file not found (psf_files)")
     try:
         with fits.open(p, memmap=False) as hdul:
-            hdu = next((h for h in hdul if getattr(h, "data", None) is not None
-                        and getattr(h, "is_image", True) and np.asarray(h.data).size > 0), None)
+            hdu = next(
+                (
+                    h
+                    for h in hdul
+                    if getattr(h, "data", None) is not None
+                    and getattr(h, "is_image", True)
+                    and np.asarray(h.data).size > 0
+                ),
+                None,
+            )
             if hdu is None:
                 raise UserError(f"{path}: no image data in this FITS file (expected a 2-D PSF or a 3-D cube)")
             data = np.asarray(hdu.data, dtype=np.float64)
@@ -294,8 +342,10 @@ def _read_psf_fits(path: str, pixel_scale_arcsec: float | None):
         raise UserError(f"{path}: empty PSF image {data.shape}")
     scale = pixel_scale_arcsec if pixel_scale_arcsec is not None else _header_scale(header)
     if scale is None:
-        raise UserError(f"{path}: unknown PSF pixel scale: pass --psf-pixel-scale (config psf_pixel_scale_arcsec) "
-                        f"(no {'/'.join(_SCALE_KEYS_ARCSEC)} or CDELT1 key in the FITS header)")
+        raise UserError(
+            f"{path}: unknown PSF pixel scale: pass --psf-pixel-scale (config psf_pixel_scale_arcsec) "
+            f"(no {'/'.join(_SCALE_KEYS_ARCSEC)} or CDELT1 key in the FITS header)"
+        )
     for i, img in enumerate(stack):
         # Physical PSFs are non-negative; empirical libraries (Anderson's HST PSFs) mark pixels
         # without data with negative fillers (-0.1), which must not count as flux.

@@ -1,4 +1,5 @@
 """A PNG grid of simulated samples, so a user can look at what was simulated."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,11 @@ def caption(params: dict) -> str:
     """Lens parameters that are known (all of them for simulations, labels for ingested images),
     and an ingested image's file name."""
     lens = params.get("lens") or {}
-    parts = [f"{sym}={lens[k]:{fmt}}" for k, sym, fmt in (("theta_E", "θE", ".2f"), ("gamma", "γ", ".2f"),
-                                                          ("e1", "e1", "+.2f")) if k in lens]
+    parts = [
+        f"{sym}={lens[k]:{fmt}}"
+        for k, sym, fmt in (("theta_E", "θE", ".2f"), ("gamma", "γ", ".2f"), ("e1", "e1", "+.2f"))
+        if k in lens
+    ]
     if "is_lens" in params:
         parts.append("lens" if params["is_lens"] else "non-lens")
     if "ingest" in params:
@@ -42,6 +46,7 @@ def caption(params: dict) -> str:
 def show_pairs(data_dir: str | os.PathLike, out: str | os.PathLike, n: int = 8) -> str:
     """Draw ``n`` samples, one row each (view1 | view2, or the single image), lens params captioned."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -52,8 +57,7 @@ def show_pairs(data_dir: str | os.PathLike, out: str | os.PathLike, n: int = 8) 
     if not samples:
         raise UserError(f"{data_dir}: the shards hold no samples")
     views = [v for v in ("view1", "view2", "image") if v in samples[0]]
-    fig, axes = plt.subplots(len(samples), len(views), figsize=(2.2 * len(views), 2.3 * len(samples)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(samples), len(views), figsize=(2.2 * len(views), 2.3 * len(samples)), squeeze=False)
     for row, sample in zip(axes, samples):
         for ax, view in zip(row, views):
             ax.imshow(sample[view], origin="lower", cmap="magma", vmin=0, vmax=1)

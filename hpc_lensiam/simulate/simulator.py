@@ -8,6 +8,7 @@ Speed: every lenstronomy object (grid, LensModel, light profiles, PSF FFTs, the 
 built once per simulator; a LenSiam pair shares its mass model, so the grid is ray-shot ONCE per
 pair and both views evaluate their own source on the same source-plane coordinates.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,7 @@ from .sources import CosmosCatalog, SourceRenderer
 log = logging.getLogger(__name__)
 
 LENS_MODEL_LIST = ("EPL_NUMBA", "SHEAR")
-_LENS_DEFAULTS = {"gamma": 2.0, "e1": 0.0, "e2": 0.0, "center_x": 0.0, "center_y": 0.0,
-                  "gamma1": 0.0, "gamma2": 0.0}
+_LENS_DEFAULTS = {"gamma": 2.0, "e1": 0.0, "e2": 0.0, "center_x": 0.0, "center_y": 0.0, "gamma1": 0.0, "gamma2": 0.0}
 _LENS_LIGHT_KEYS = ("R_sersic", "n_sersic", "e1", "e2", "center_x", "center_y")
 
 
@@ -39,8 +39,14 @@ def lens_kwargs(lens: dict) -> list[dict]:
     """
     cx, cy = float(lens["center_x"]), float(lens["center_y"])
     return [
-        {"theta_E": float(lens["theta_E"]), "gamma": float(lens["gamma"]), "e1": float(lens["e1"]),
-         "e2": float(lens["e2"]), "center_x": cx, "center_y": cy},
+        {
+            "theta_E": float(lens["theta_E"]),
+            "gamma": float(lens["gamma"]),
+            "e1": float(lens["e1"]),
+            "e2": float(lens["e2"]),
+            "center_x": cx,
+            "center_y": cy,
+        },
         {"gamma1": float(lens["gamma1"]), "gamma2": float(lens["gamma2"]), "ra_0": cx, "dec_0": cy},
     ]
 
@@ -131,16 +137,22 @@ class LensSimulator(PairSampler):
         if self.config.cosmos_dir:
             sp = self.config.source
             self.catalog: CosmosCatalog | None = CosmosCatalog(
-                self.config.cosmos_dir, min_size_pix=sp.cosmos_min_size_pix,
-                max_noise_frac=sp.cosmos_max_noise_frac, clean_k_sigma=sp.cosmos_clean_k_sigma)
+                self.config.cosmos_dir,
+                min_size_pix=sp.cosmos_min_size_pix,
+                max_noise_frac=sp.cosmos_max_noise_frac,
+                clean_k_sigma=sp.cosmos_clean_k_sigma,
+            )
         else:
             self.catalog = None
         self.sources = SourceRenderer(self.catalog)
         self.psf_bank = PSFBank.from_config(self.config)
         if self.catalog is None:  # said once per simulator (process), after all inputs were checked
-            warnings.warn("no cosmos_dir given: simulating analytic core-Sersic sources only "
-                          "(set cosmos_dir to a GalSim COSMOS real-galaxy catalog for the paper's mix)",
-                          UserWarning, stacklevel=2)
+            warnings.warn(
+                "no cosmos_dir given: simulating analytic core-Sersic sources only "
+                "(set cosmos_dir to a GalSim COSMOS real-galaxy catalog for the paper's mix)",
+                UserWarning,
+                stacklevel=2,
+            )
 
     # ------------------------------------------------------------------------------ building blocks
     @property
@@ -149,6 +161,7 @@ class LensSimulator(PairSampler):
         (built on first use: importing it pulls in astropy.cosmology, ~3 s per process)."""
         if getattr(self, "_lens_model", None) is None:
             from lenstronomy.LensModel.lens_model import LensModel
+
             self._lens_model = LensModel(list(LENS_MODEL_LIST))
         return self._lens_model
 
@@ -165,8 +178,9 @@ class LensSimulator(PairSampler):
         ``evaluate(x, y)`` giving the surface brightness at sub-pixel points (arcsec)."""
         inst = self.config.instrument
         factor = inst.adaptive_supersampling_factor
-        return self.grid.bin_adaptive(sb, lambda mask: evaluate(*self.grid.subpixel_points(mask, factor)),
-                                      factor, inst.adaptive_threshold)
+        return self.grid.bin_adaptive(
+            sb, lambda mask: evaluate(*self.grid.subpixel_points(mask, factor)), factor, inst.adaptive_threshold
+        )
 
     def _lens_light_unit(self, ll: dict) -> np.ndarray:
         """Lens light with amp=1, binned to detector pixels."""
@@ -184,11 +198,20 @@ class LensSimulator(PairSampler):
         def evaluate(x, y):
             bx, by = self.lens_model.ray_shooting(x, y, kw)
             return self.sources(bx, by, source)
+
         return self._adaptive(sb, evaluate)
 
-    def _compose(self, beta_x, beta_y, source, lens_light: dict | None, psf,
-                 noise_sigma: float, rng: np.random.Generator | None,
-                 lens: dict | None = None) -> tuple[np.ndarray, float | None]:
+    def _compose(
+        self,
+        beta_x,
+        beta_y,
+        source,
+        lens_light: dict | None,
+        psf,
+        noise_sigma: float,
+        rng: np.random.Generator | None,
+        lens: dict | None = None,
+    ) -> tuple[np.ndarray, float | None]:
         """One image from source-plane coordinates; returns (float32 image, lens-light amp)."""
         image = self._source_image(beta_x, beta_y, source, lens)
         amp = None
@@ -198,8 +221,11 @@ class LensSimulator(PairSampler):
                 amp = float(lens_light["amp"])
             elif lens_light.get("peak_ratio") is not None:
                 src_peak, ll_peak = float(image.max()), float(unit.max())
-                amp = float(lens_light["peak_ratio"]) * src_peak / ll_peak if src_peak > 0 and ll_peak > 0 \
+                amp = (
+                    float(lens_light["peak_ratio"]) * src_peak / ll_peak
+                    if src_peak > 0 and ll_peak > 0
                     else float(lens_light["peak_ratio"])
+                )
             else:
                 raise UserError("lens_light: expected an 'amp' or a 'peak_ratio' key")
             image = image + amp * unit
@@ -211,8 +237,10 @@ class LensSimulator(PairSampler):
             else:
                 k = np.asarray(psf, dtype=np.float64)
                 if k.ndim != 2 or k.shape[0] % 2 == 0 or k.shape[1] % 2 == 0 or not k.sum() > 0:
-                    raise UserError(f"psf: expected a PSF-bank index or a 2-D odd-sized kernel with "
-                                    f"positive sum, got shape {k.shape}")
+                    raise UserError(
+                        f"psf: expected a PSF-bank index or a 2-D odd-sized kernel with "
+                        f"positive sum, got shape {k.shape}"
+                    )
                 image = convolve_same(image, k / k.sum())
         peak = float(image.max())
         if noise_sigma > 0:
@@ -241,8 +269,7 @@ class LensSimulator(PairSampler):
         for _ in range(n_views):
             view = self._draw_view_nuisance(rng, lens)
             ll = dict(view["lens_light"])
-            img, amp = self._compose(beta_x, beta_y, view["source"], ll, view["psf_id"],
-                                     view["noise_sigma"], rng, lens)
+            img, amp = self._compose(beta_x, beta_y, view["source"], ll, view["psf_id"], view["noise_sigma"], rng, lens)
             view["lens_light"]["amp"] = float(amp)
             view["psf_name"] = self.psf_bank.names[view["psf_id"]]
             images.append(img)
@@ -250,8 +277,15 @@ class LensSimulator(PairSampler):
         return images, {"lens": {k: float(lens[k]) for k in LENS_PARAMS}, "views": views}
 
     # ----------------------------------------------------------------------------- chosen system
-    def render(self, lens: dict, source, lens_light: dict | None = None, psf=None,
-               noise_sigma: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
+    def render(
+        self,
+        lens: dict,
+        source,
+        lens_light: dict | None = None,
+        psf=None,
+        noise_sigma: float = 0.0,
+        rng: np.random.Generator | None = None,
+    ) -> np.ndarray:
         """Render a chosen system; returns a float32 (num_pix, num_pix) image normalised to max 1.
 
         lens: the 8 names of ``hpc_lensiam.io.LENS_PARAMS`` (theta_E required; gamma defaults to 2,
@@ -268,7 +302,12 @@ class LensSimulator(PairSampler):
             missing = [k for k in ("R_sersic", "n_sersic") if k not in lens_light]
             if missing:
                 raise UserError(f"lens_light: missing key {missing[0]!r} (SERSIC_ELLIPSE kwargs)")
-            lens_light = {"e1": 0.0, "e2": 0.0, "center_x": full["center_x"],
-                          "center_y": full["center_y"], **lens_light}
+            lens_light = {
+                "e1": 0.0,
+                "e2": 0.0,
+                "center_x": full["center_x"],
+                "center_y": full["center_y"],
+                **lens_light,
+            }
         img, _ = self._compose(beta_x, beta_y, source, lens_light, psf, float(noise_sigma), rng, full)
         return img

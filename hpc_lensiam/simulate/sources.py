@@ -5,6 +5,7 @@ A source is a plain dict (JSON-able, stored in params.json) with ``kind`` in {"c
 ``"merger": True`` and its second component under ``"second"``. :class:`SourceRenderer` turns such a
 dict into surface brightness at given source-plane coordinates.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,6 +37,7 @@ class CosmosStamp:
 
     def __init__(self, image: np.ndarray, pixel_scale_arcsec: float):
         from lenstronomy.LightModel.Profiles.interpolation import Interpol
+
         self.image = image
         self.pixel_scale_arcsec = float(pixel_scale_arcsec)
         self.interp = Interpol()
@@ -68,14 +70,22 @@ class CosmosCatalog:
     deterministic given the rng (whatever the cache holds). ``accepted()`` evaluates every row.
     """
 
-    def __init__(self, cosmos_dir: str | Path, min_size_pix: int = 50, max_noise_frac: float = 0.05,
-                 cache_size: int = 256, clean_k_sigma: float | None = None):
+    def __init__(
+        self,
+        cosmos_dir: str | Path,
+        min_size_pix: int = 50,
+        max_noise_frac: float = 0.05,
+        cache_size: int = 256,
+        clean_k_sigma: float | None = None,
+    ):
         from astropy.io import fits
 
         d = Path(cosmos_dir)
         if not d.is_dir():
-            raise UserError(f"cosmos_dir: {d} is not a directory (expected a GalSim real-galaxy-catalog "
-                            f"folder with {' or '.join(CATALOG_NAMES)})")
+            raise UserError(
+                f"cosmos_dir: {d} is not a directory (expected a GalSim real-galaxy-catalog "
+                f"folder with {' or '.join(CATALOG_NAMES)})"
+            )
         cat = next((d / n for n in CATALOG_NAMES if (d / n).is_file()), None)
         if cat is None:
             raise UserError(f"cosmos_dir: {d} has no {' or '.join(CATALOG_NAMES)} (the catalog table)")
@@ -86,8 +96,10 @@ class CosmosCatalog:
         names = [c.upper() for c in getattr(getattr(table, "columns", None), "names", []) or []]
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
-            raise UserError(f"{cat}: malformed COSMOS catalog, missing column(s) {', '.join(missing)} "
-                            f"(expected {', '.join(REQUIRED_COLUMNS)})")
+            raise UserError(
+                f"{cat}: malformed COSMOS catalog, missing column(s) {', '.join(missing)} "
+                f"(expected {', '.join(REQUIRED_COLUMNS)})"
+            )
         if len(table) == 0:
             raise UserError(f"{cat}: the COSMOS catalog has no rows")
         self.dir = d
@@ -102,16 +114,18 @@ class CosmosCatalog:
                 raise UserError(f"{cat}: GAL_FILENAME {fname!r} not found in {d}")
         self.min_size_pix = int(min_size_pix)
         self.max_noise_frac = float(max_noise_frac)
-        self.clean_k_sigma = clean_k_sigma   # None: stamps lensed as they are (the paper's way)
+        self.clean_k_sigma = clean_k_sigma  # None: stamps lensed as they are (the paper's way)
         self._row_of_ident = {int(i): r for r, i in enumerate(self.ident)}
-        self._accepted: dict[int, bool] = {}      # row -> passes the cuts (filled lazily)
+        self._accepted: dict[int, bool] = {}  # row -> passes the cuts (filled lazily)
         self._cache: OrderedDict[int, CosmosStamp] = OrderedDict()
         self._cache_size = int(cache_size)
         self._files: dict = {}
         # fail now, not mid-run, if no stamp passes the cuts (stops at the first that does)
         if not any(self.passes_cuts(r) for r in range(len(self))):
-            raise UserError(f"{cat}: no COSMOS stamp passes the cuts (side >= {self.min_size_pix} px, "
-                            f"noise RMS < {self.max_noise_frac:g} of the peak)")
+            raise UserError(
+                f"{cat}: no COSMOS stamp passes the cuts (side >= {self.min_size_pix} px, "
+                f"noise RMS < {self.max_noise_frac:g} of the peak)"
+            )
 
     def __len__(self) -> int:
         return len(self.ident)
@@ -119,6 +133,7 @@ class CosmosCatalog:
     # ---- pixels
     def _read(self, row: int) -> np.ndarray:
         from astropy.io import fits
+
         fname = self.gal_filename[row]
         hdul = self._files.get(fname)
         if hdul is None:
@@ -126,8 +141,10 @@ class CosmosCatalog:
         try:
             data = hdul[int(self.gal_hdu[row])].data
         except (IndexError, KeyError):
-            raise UserError(f"{self.catalog_path}: row {row} (IDENT {self.ident[row]}) names HDU "
-                            f"{self.gal_hdu[row]} that {fname} does not have") from None
+            raise UserError(
+                f"{self.catalog_path}: row {row} (IDENT {self.ident[row]}) names HDU "
+                f"{self.gal_hdu[row]} that {fname} does not have"
+            ) from None
         if data is None or np.ndim(data) != 2:
             raise UserError(f"{self.dir / fname}: HDU {self.gal_hdu[row]} is not a 2-D galaxy stamp")
         return np.array(data, dtype=np.float64)
@@ -137,8 +154,12 @@ class CosmosCatalog:
         if ok is None:
             img = self._read(row)
             peak = float(np.nanmax(img)) if img.size else 0.0
-            ok = (min(img.shape) >= self.min_size_pix and peak > 0
-                  and self.noise_rms[row] < self.max_noise_frac * peak and img.sum() > 0)
+            ok = (
+                min(img.shape) >= self.min_size_pix
+                and peak > 0
+                and self.noise_rms[row] < self.max_noise_frac * peak
+                and img.sum() > 0
+            )
             self._accepted[row] = bool(ok)
         return ok
 
@@ -176,8 +197,10 @@ class CosmosCatalog:
         accepted = self.accepted()
         good = [r for r in accepted if r != exclude] or accepted  # a 1-galaxy catalog: allow a repeat
         if not good:
-            raise UserError(f"{self.catalog_path}: no COSMOS stamp passes the cuts (side >= "
-                            f"{self.min_size_pix} px, noise < {self.max_noise_frac:g} of peak)")
+            raise UserError(
+                f"{self.catalog_path}: no COSMOS stamp passes the cuts (side >= "
+                f"{self.min_size_pix} px, noise < {self.max_noise_frac:g} of peak)"
+            )
         return good[int(rng.integers(len(good)))]  # pragma: no cover - astronomically unlikely
 
     def close(self) -> None:
@@ -196,6 +219,7 @@ class SourceRenderer:
 
     def __init__(self, catalog: CosmosCatalog | None = None):
         from lenstronomy.LightModel.Profiles.sersic import CoreSersic, SersicElliptic
+
         self.catalog = catalog
         self._sersic = SersicElliptic()
         self._core = CoreSersic()
@@ -213,10 +237,16 @@ class SourceRenderer:
         if kind == "cosmos":
             stamp = self._cosmos_stamp(src)
             scale = float(src.get("scale", stamp.pixel_scale_arcsec))
-            amp = float(src.get("amp", 1.0 / scale ** 2))
-            return stamp.surface_brightness(x, y, amp=amp, center_x=float(src.get("center_x", 0.0)),
-                                            center_y=float(src.get("center_y", 0.0)),
-                                            phi_G=float(src.get("phi_G", 0.0)), scale=scale)
+            amp = float(src.get("amp", 1.0 / scale**2))
+            return stamp.surface_brightness(
+                x,
+                y,
+                amp=amp,
+                center_x=float(src.get("center_x", 0.0)),
+                center_y=float(src.get("center_y", 0.0)),
+                phi_G=float(src.get("phi_G", 0.0)),
+                scale=scale,
+            )
         raise UserError(f"source.kind: unknown source kind {kind!r} (expected one of: {', '.join(SOURCE_KINDS)})")
 
     def __call__(self, x, y, src) -> np.ndarray:
@@ -279,21 +309,33 @@ def analytic_amp_for_unit_flux(renderer: SourceRenderer, R_sersic: float, n_sers
     return 1.0 / f if f > 0 and math.isfinite(f) else 1.0
 
 
-def core_sersic_total_flux(renderer: SourceRenderer, amp: float, R_sersic: float, n_sersic: float, Rb: float,
-                           gamma: float, alpha: float) -> float:
+def core_sersic_total_flux(
+    renderer: SourceRenderer, amp: float, R_sersic: float, n_sersic: float, Rb: float, gamma: float, alpha: float
+) -> float:
     """Total flux of lenstronomy's CoreSersic, by its own radial integral (2 pi R^2 I(R) dlnR, 4000 log steps
     from 1e-6 to 100 R_sersic; relative accuracy ~1e-6). lenstronomy's elliptical radius sqrt(q x^2 + y^2/q)
     preserves area, so the circular integral holds for any ellipticity. The plain Sersic formula, used before,
     misses the core: 0.83-1.00 of the flux (bench/numerics.py)."""
     lnr = np.linspace(math.log(1e-6 * R_sersic), math.log(100.0 * R_sersic), 4000)
     r = np.exp(lnr)
-    sb = renderer._core.function(r, np.zeros_like(r), amp=amp, R_sersic=R_sersic, Rb=Rb, n_sersic=n_sersic,
-                                 gamma=gamma, alpha=alpha, e1=0.0, e2=0.0)
-    return float(np.trapezoid(2 * math.pi * r ** 2 * sb, lnr))
+    sb = renderer._core.function(
+        r,
+        np.zeros_like(r),
+        amp=amp,
+        R_sersic=R_sersic,
+        Rb=Rb,
+        n_sersic=n_sersic,
+        gamma=gamma,
+        alpha=alpha,
+        e1=0.0,
+        e2=0.0,
+    )
+    return float(np.trapezoid(2 * math.pi * r**2 * sb, lnr))
 
 
-def core_sersic_amp_for_unit_flux(renderer: SourceRenderer, R_sersic: float, n_sersic: float, Rb: float,
-                                  gamma: float, alpha: float) -> float:
+def core_sersic_amp_for_unit_flux(
+    renderer: SourceRenderer, R_sersic: float, n_sersic: float, Rb: float, gamma: float, alpha: float
+) -> float:
     """Amplitude that gives a core-Sersic profile unit total flux, normalised by its own integral."""
     f = core_sersic_total_flux(renderer, 1.0, R_sersic, n_sersic, Rb, gamma, alpha)
     return 1.0 / f if f > 0 and math.isfinite(f) else 1.0

@@ -14,6 +14,7 @@ so that the float64 results agree to rounding; the tests compare them image by i
 - :class:`PSFStack`: ``convolve_same`` (linear FFT convolution, zero boundary, centred crop) for a
   bank of kernels, gathered per image by index.
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,9 +25,9 @@ import numpy as np
 import torch
 
 # lenstronomy's numerical guards (sersic_utils.SersicUtil, param_util), kept identical
-SERSIC_SMOOTHING_ARCSEC = 1e-4     # SersicUtil(smoothing=0.0001): radius floor of Sersic light
-SERSIC_MAX_R_FRAC = 1000.0         # SERSIC_ELLIPSE is zero beyond 1000 R_sersic
-MAX_ELLIPTICITY_MODULUS = 0.9999   # ellipticity2phi_q clips |e| here before q = (1 - |e|)/(1 + |e|)
+SERSIC_SMOOTHING_ARCSEC = 1e-4  # SersicUtil(smoothing=0.0001): radius floor of Sersic light
+SERSIC_MAX_R_FRAC = 1000.0  # SERSIC_ELLIPSE is zero beyond 1000 R_sersic
+MAX_ELLIPTICITY_MODULUS = 0.9999  # ellipticity2phi_q clips |e| here before q = (1 - |e|)/(1 + |e|)
 
 
 def ellipticity_f(e1, e2):
@@ -57,7 +58,7 @@ def epl_series_terms(f_max: float, t_range: tuple[float, float], tol: float, n_m
             total = total + omega_n
             partial[n] = total
             omega_n = omega_n * (2 * (n + 1) - (2 - t)) / (2 * (n + 1) + (2 - t)) * fact
-        err = np.max(np.abs(partial - total) / np.abs(total), axis=1)   # err[k]: error with k + 1 terms
+        err = np.max(np.abs(partial - total) / np.abs(total), axis=1)  # err[k]: error with k + 1 terms
         worst = np.maximum(worst, err)
     # the error is not monotone at the few-ulp level: take the first N after which it stays below
     bad = np.flatnonzero(worst > tol)
@@ -88,7 +89,7 @@ def epl_shear_deflection(x, y, theta_E, gamma, e1, e2, center_x, center_y, gamma
     R = torch.sqrt(a * a + zy * zy)
     inside = R > 0
     R_safe = torch.where(inside, R, torch.ones_like(R))
-    u, v = a / R_safe, zy / R_safe                    # e^{i phi}
+    u, v = a / R_safe, zy / R_safe  # e^{i phi}
     # Omega = e^{i phi} sum_n c_n w^n with w = -f e^{2 i phi}, c_n = prod_k (2k - (2-t))/(2k + (2-t)):
     # the same N terms as the recurrence, summed by Horner's rule (w^n c_n is the recurrence's
     # Omega_n / e^{i phi}), which needs half the passes over the (B, P) arrays and no extra buffers
@@ -104,7 +105,7 @@ def epl_shear_deflection(x, y, theta_E, gamma, e1, e2, center_x, center_y, gamma
         nx.addcmul_(wy, py, value=-1).add_(coef[n])
         py.mul_(wx).addcmul_(wy, px)
         px = nx
-    sx, sy = u * px - v * py, u * py + v * px       # e^{i phi} P(w)
+    sx, sy = u * px - v * py, u * py + v * px  # e^{i phi} P(w)
     scale = (2 * b / (1 + q)) * torch.pow(b / R_safe, t - 1)
     scale = torch.where(inside, scale, torch.zeros_like(scale))
     ax, ay = scale * sx, scale * sy
@@ -141,9 +142,19 @@ def core_sersic(x, y, amp, R_sersic, Rb, n_sersic, gamma, alpha, e1, e2, center_
     """lenstronomy ``CoreSersic.function`` (``CORE_SERSIC``; it has no outer truncation)."""
     R = _product_average_radius(x, y, e1, e2, center_x, center_y).clamp(min=SERSIC_SMOOTHING_ARCSEC)
     bn = sersic_b_n(n_sersic)
-    val = (amp * torch.pow(1 + torch.pow(Rb / R, alpha), gamma / alpha)
-           * torch.exp(-bn * (torch.pow((torch.pow(R, alpha) + torch.pow(Rb, alpha)) / torch.pow(R_sersic, alpha),
-                                        1.0 / (alpha * n_sersic)) - 1.0)))
+    val = (
+        amp
+        * torch.pow(1 + torch.pow(Rb / R, alpha), gamma / alpha)
+        * torch.exp(
+            -bn
+            * (
+                torch.pow(
+                    (torch.pow(R, alpha) + torch.pow(Rb, alpha)) / torch.pow(R_sersic, alpha), 1.0 / (alpha * n_sersic)
+                )
+                - 1.0
+            )
+        )
+    )
     return torch.nan_to_num(val)
 
 
@@ -156,8 +167,20 @@ def core_sersic_unit_flux_amp(R_sersic, n_sersic, Rb, gamma, alpha, steps: int =
     lnr = torch.log(R_sersic)[:, None] + grid
     r = torch.exp(lnr)
     zero = torch.zeros_like(R_sersic)[:, None]
-    sb = core_sersic(r, torch.zeros_like(r), 1.0, R_sersic[:, None], Rb[:, None], n_sersic[:, None],
-                     gamma[:, None], alpha[:, None], zero, zero, zero, zero)
+    sb = core_sersic(
+        r,
+        torch.zeros_like(r),
+        1.0,
+        R_sersic[:, None],
+        Rb[:, None],
+        n_sersic[:, None],
+        gamma[:, None],
+        alpha[:, None],
+        zero,
+        zero,
+        zero,
+        zero,
+    )
     flux = torch.trapezoid(2 * math.pi * r * r * sb, lnr, dim=-1)
     ok = torch.isfinite(flux) & (flux > 0)
     return torch.where(ok, 1.0 / torch.where(ok, flux, 1.0), torch.ones_like(flux))
@@ -201,15 +224,16 @@ class StampBank:
         yp = -xs * sin_p + ys * cos_p
         h, w = self.heights[index][:, None], self.widths[index][:, None]
         inside = (torch.abs(yp) < (h + 1) / 2) & (torch.abs(xp) < (w + 1) / 2)
-        row = torch.where(inside, yp + (h + 1) / 2, torch.zeros_like(yp))     # in [0, h + 1)
+        row = torch.where(inside, yp + (h + 1) / 2, torch.zeros_like(yp))  # in [0, h + 1)
         col = torch.where(inside, xp + (w + 1) / 2, torch.zeros_like(xp))
         r0, c0 = torch.floor(row), torch.floor(col)
         fr, fc = row - r0, col - c0
         stride = (w + 2).long()
         base = self.offsets[index][:, None] + r0.long() * stride + c0.long()
         d = self.data
-        val = ((1 - fr) * ((1 - fc) * d[base] + fc * d[base + 1])
-               + fr * ((1 - fc) * d[base + stride] + fc * d[base + stride + 1]))
+        val = (1 - fr) * ((1 - fc) * d[base] + fc * d[base + 1]) + fr * (
+            (1 - fc) * d[base + stride] + fc * d[base + stride + 1]
+        )
         return torch.where(inside, amp * val, torch.zeros_like(val))
 
 
@@ -223,12 +247,13 @@ class PSFStack:
 
     def __init__(self, kernels: Sequence[np.ndarray], image_shape: tuple[int, int], device, dtype):
         from scipy import fft as sfft
+
         kh = max(k.shape[0] for k in kernels)
         kw = max(k.shape[1] for k in kernels)
         stack = np.zeros((len(kernels), kh, kw))
         for i, k in enumerate(kernels):
             r, c = (kh - k.shape[0]) // 2, (kw - k.shape[1]) // 2
-            stack[i, r:r + k.shape[0], c:c + k.shape[1]] = k
+            stack[i, r : r + k.shape[0], c : c + k.shape[1]] = k
         self.kernel_shape = (kh, kw)
         self.image_shape = tuple(image_shape)
         self.fshape = tuple(sfft.next_fast_len(n + k - 1, real=True) for n, k in zip(self.image_shape, (kh, kw)))
@@ -242,4 +267,4 @@ class PSFStack:
         """(B, H, W) images, each convolved with kernel ``index[b]``; output (B, H, W)."""
         out = torch.fft.irfft2(torch.fft.rfft2(image, s=self.fshape) * self.kernel_fft[index], s=self.fshape)
         r0, c0 = (self.kernel_shape[0] - 1) // 2, (self.kernel_shape[1] - 1) // 2
-        return out[:, r0:r0 + image.shape[-2], c0:c0 + image.shape[-1]]
+        return out[:, r0 : r0 + image.shape[-2], c0 : c0 + image.shape[-1]]

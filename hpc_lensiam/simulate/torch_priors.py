@@ -6,6 +6,7 @@ tests compare every marginal with two-sample KS tests). Parameters come back as 
 tensors under the same lenstronomy names; a source is a "component batch": ``kind`` codes plus
 every profile's parameters, of which each system uses its kind's (see :data:`KIND_CODES`).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,7 @@ from .torch_physics import core_sersic_unit_flux_amp
 NONE, SERSIC, CORE_SERSIC, COSMOS = -1, 0, 1, 2
 KIND_CODES = {"sersic": SERSIC, "core_sersic": CORE_SERSIC, "cosmos": COSMOS}
 KIND_NAMES = {v: k for k, v in KIND_CODES.items()}
-LENS_LIGHT_E_MAX = 0.95   # priors.draw_lens_light keeps |e| below this after the perturbation
+LENS_LIGHT_E_MAX = 0.95  # priors.draw_lens_light keeps |e| below this after the perturbation
 
 
 def uniform(g: torch.Generator, bounds, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -40,8 +41,16 @@ def _width(bounds) -> float:
 
 def draw_lens(g: torch.Generator, prior: LensPrior, n: int, like: torch.Tensor) -> dict:
     """The 8 mass parameters (``priors.draw_lens``)."""
-    bounds = (prior.theta_E_arcsec, prior.gamma, prior.e1, prior.e2, prior.center_x_arcsec,
-              prior.center_y_arcsec, prior.gamma1, prior.gamma2)
+    bounds = (
+        prior.theta_E_arcsec,
+        prior.gamma,
+        prior.e1,
+        prior.e2,
+        prior.center_x_arcsec,
+        prior.center_y_arcsec,
+        prior.gamma1,
+        prior.gamma2,
+    )
     return {k: uniform(g, b, n, like) for k, b in zip(LENS_PARAMS, bounds)}
 
 
@@ -65,8 +74,9 @@ def draw_lens_light(g: torch.Generator, prior: LensLightPrior, lens: dict, lens_
     return ll
 
 
-def _draw_component(g: torch.Generator, prior: SourcePrior, center_x, center_y, bank=None,
-                    exclude: torch.Tensor | None = None) -> dict:
+def _draw_component(
+    g: torch.Generator, prior: SourcePrior, center_x, center_y, bank=None, exclude: torch.Tensor | None = None
+) -> dict:
     """One source component per system (``priors._draw_component``), unit total flux.
 
     Both kinds' parameters are drawn for every system and ``kind`` picks one: the same
@@ -93,14 +103,14 @@ def _draw_component(g: torch.Generator, prior: SourcePrior, center_x, center_y, 
     if bank is not None:
         size = len(bank)
         stamp = torch.randint(size, (n,), generator=g, device=like.device)
-        if exclude is not None and size > 1:   # exclude < 0: nothing to exclude for that system
+        if exclude is not None and size > 1:  # exclude < 0: nothing to exclude for that system
             other = torch.randint(size - 1, (n,), generator=g, device=like.device)
             other = other + (other >= exclude).long()
             stamp = torch.where(exclude >= 0, other, stamp)
         scale = bank.pixel_scales_arcsec[stamp] * uniform(g, prior.cosmos_scale, n, like)
         phi_G = 2 * math.pi * torch.rand(n, generator=g, device=like.device, dtype=like.dtype)
         src["stamp"], src["scale"], src["phi_G"] = stamp, scale, phi_G
-        src["amp"] = torch.where(use_cosmos, 1.0 / scale ** 2, src["amp"])
+        src["amp"] = torch.where(use_cosmos, 1.0 / scale**2, src["amp"])
         kind = torch.where(use_cosmos, COSMOS, kind)
     src["kind"] = kind
     return src
@@ -118,7 +128,7 @@ def draw_source(g: torch.Generator, prior: SourcePrior, lens: dict, bank=None) -
     r = uniform(g, prior.merger_offset_arcsec, n, like)
     phi = 2 * math.pi * torch.rand(n, generator=g, device=like.device, dtype=like.dtype)
     exclude = None
-    if bank is not None:   # only a COSMOS first component excludes its stamp
+    if bank is not None:  # only a COSMOS first component excludes its stamp
         exclude = torch.where(first["kind"] == COSMOS, first["stamp"], torch.full_like(first["stamp"], -1))
     second = _draw_component(g, prior, cx + r * torch.cos(phi), cy + r * torch.sin(phi), bank, exclude)
     ratio = uniform(g, prior.merger_flux_ratio, n, like)

@@ -18,6 +18,7 @@ Same physics, step for step (each step names the numpy code it mirrors; the test
 
 A LenSiam pair ray-shoots its mass once; both views evaluate their own source on those positions.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,17 +47,24 @@ from .torch_physics import (
 # relative accuracy of the EPL angular series: the numpy path's own (EPLShearRayShooter.series_tol)
 # in float64; in float32 a deflection error of 1e-7 x alpha is at the level of float32 rounding
 SERIES_TOL = {torch.float64: 1e-10, torch.float32: 1e-7}
-_LENS_DEFAULTS = {"gamma": 2.0, "e1": 0.0, "e2": 0.0, "center_x": 0.0, "center_y": 0.0,
-                  "gamma1": 0.0, "gamma2": 0.0}
+_LENS_DEFAULTS = {"gamma": 2.0, "e1": 0.0, "e2": 0.0, "center_x": 0.0, "center_y": 0.0, "gamma1": 0.0, "gamma2": 0.0}
 # per kind: the profile's parameters and the defaults sources._pick gives the optional ones
 _PROFILE_KEYS = {
     tp.SERSIC: ("amp", "R_sersic", "n_sersic", "e1", "e2", "center_x", "center_y"),
     tp.CORE_SERSIC: ("amp", "R_sersic", "Rb", "n_sersic", "gamma", "alpha", "e1", "e2", "center_x", "center_y"),
     tp.COSMOS: ("stamp", "amp", "center_x", "center_y", "phi_G", "scale"),
 }
-_OPTIONAL = {"center_x": 0.0, "center_y": 0.0, "e1": 0.0, "e2": 0.0, "amp": 1.0, "alpha": 3.0, "gamma": 0.0,
-             "phi_G": 0.0}
-_RECORD_KEYS = {   # what params.json stores per source kind (the numpy sampler's dicts)
+_OPTIONAL = {
+    "center_x": 0.0,
+    "center_y": 0.0,
+    "e1": 0.0,
+    "e2": 0.0,
+    "amp": 1.0,
+    "alpha": 3.0,
+    "gamma": 0.0,
+    "phi_G": 0.0,
+}
+_RECORD_KEYS = {  # what params.json stores per source kind (the numpy sampler's dicts)
     tp.CORE_SERSIC: ("R_sersic", "n_sersic", "e1", "e2", "Rb", "gamma", "alpha", "center_x", "center_y", "amp"),
     tp.SERSIC: ("R_sersic", "n_sersic", "e1", "e2", "center_x", "center_y", "amp"),
     tp.COSMOS: ("center_x", "center_y", "phi_G", "scale", "amp"),
@@ -86,7 +94,7 @@ def _cat(trees):
 def torch_generator(rng: np.random.Generator, device) -> torch.Generator:
     """A torch Generator on ``device`` seeded from a numpy Generator (shards keep numpy seeding)."""
     g = torch.Generator(device=device)
-    g.manual_seed(int(rng.integers(2 ** 62)))
+    g.manual_seed(int(rng.integers(2**62)))
     return g
 
 
@@ -114,9 +122,16 @@ class TorchLensSimulator:
     Sersic profiles through ``torch.compile`` (worth it for long runs: the first batches pay it).
     """
 
-    def __init__(self, config: SimulationConfig | None = None, device="cpu", dtype=torch.float32,
-                 series_tol: float | None = None, chunk_systems: int = 512, max_stamps: int | None = None,
-                 compile: bool = False):
+    def __init__(
+        self,
+        config: SimulationConfig | None = None,
+        device="cpu",
+        dtype=torch.float32,
+        series_tol: float | None = None,
+        chunk_systems: int = 512,
+        max_stamps: int | None = None,
+        compile: bool = False,
+    ):
         from .sources import CosmosCatalog
 
         self.config = config if config is not None else SimulationConfig()
@@ -129,9 +144,10 @@ class TorchLensSimulator:
         self.y_pix = torch.as_tensor(self.grid.y_pix_arcsec, dtype=dtype, device=self.device)
         inst = self.config.instrument
         self.adaptive_factor, self.adaptive_threshold = inst.adaptive_supersampling_factor, inst.adaptive_threshold
-        if self.adaptive_factor > 0:   # DetectorGrid.subpixel_points' offsets, F x F per pixel
-            off = ((torch.arange(self.adaptive_factor, dtype=dtype) + 0.5) / self.adaptive_factor - 0.5) \
-                * self.grid.pixel_scale_arcsec
+        if self.adaptive_factor > 0:  # DetectorGrid.subpixel_points' offsets, F x F per pixel
+            off = (
+                (torch.arange(self.adaptive_factor, dtype=dtype) + 0.5) / self.adaptive_factor - 0.5
+            ) * self.grid.pixel_scale_arcsec
             oy, ox = torch.meshgrid(off, off, indexing="ij")
             self.sub_ox, self.sub_oy = ox.reshape(-1).to(self.device), oy.reshape(-1).to(self.device)
         self.psf_bank = PSFBank.from_config(self.config)
@@ -143,23 +159,33 @@ class TorchLensSimulator:
         self._deflection = torch.compile(epl_shear_deflection, dynamic=False) if compile else epl_shear_deflection
         # the adaptive-supersampling points vary in number from batch to batch: a shape-generic compile
         self._deflection_points = torch.compile(epl_shear_deflection, dynamic=True) if compile else epl_shear_deflection
-        self._sersic = torch.compile(sersic_elliptic) if compile else sersic_elliptic   # light: fused too
+        self._sersic = torch.compile(sersic_elliptic) if compile else sersic_elliptic  # light: fused too
         self._core_sersic = torch.compile(core_sersic) if compile else core_sersic
         self.catalog, self.stamps, self._bank_of_row = None, None, {}
         if self.config.cosmos_dir:
             sp = self.config.source
-            self.catalog = CosmosCatalog(self.config.cosmos_dir, min_size_pix=sp.cosmos_min_size_pix,
-                                         max_noise_frac=sp.cosmos_max_noise_frac,
-                                         clean_k_sigma=sp.cosmos_clean_k_sigma)
+            self.catalog = CosmosCatalog(
+                self.config.cosmos_dir,
+                min_size_pix=sp.cosmos_min_size_pix,
+                max_noise_frac=sp.cosmos_max_noise_frac,
+                clean_k_sigma=sp.cosmos_clean_k_sigma,
+            )
             rows = self.catalog.accepted()[:max_stamps]
-            self.stamps = StampBank([self.catalog.stamp(r).image for r in rows],
-                                    [self.catalog.pixel_scale[r] for r in rows], self.device, dtype)
+            self.stamps = StampBank(
+                [self.catalog.stamp(r).image for r in rows],
+                [self.catalog.pixel_scale[r] for r in rows],
+                self.device,
+                dtype,
+            )
             self.stamp_rows = rows
             self._bank_of_row = {r: i for i, r in enumerate(rows)}
         else:
-            warnings.warn("no cosmos_dir given: simulating analytic core-Sersic sources only "
-                          "(set cosmos_dir to a GalSim COSMOS real-galaxy catalog for the paper's mix)",
-                          UserWarning, stacklevel=2)
+            warnings.warn(
+                "no cosmos_dir given: simulating analytic core-Sersic sources only "
+                "(set cosmos_dir to a GalSim COSMOS real-galaxy catalog for the paper's mix)",
+                UserWarning,
+                stacklevel=2,
+            )
         lp = self.config.lens
         f_max = math.hypot(max(abs(v) for v in lp.e1), max(abs(v) for v in lp.e2))
         self.prior_series_terms = self.series_terms(f_max, lp.gamma)
@@ -206,9 +232,10 @@ class TorchLensSimulator:
             return image
         x = self.x_pix[i, j][:, None] + self.sub_ox
         y = self.y_pix[i, j][:, None] + self.sub_oy
-        rows = max(1, self.chunk_systems * self.x.numel() // self.sub_ox.numel())   # bounded memory
-        vals = torch.cat([evaluate(x[k:k + rows], y[k:k + rows], b[k:k + rows]).mean(dim=1)
-                          for k in range(0, b.numel(), rows)])
+        rows = max(1, self.chunk_systems * self.x.numel() // self.sub_ox.numel())  # bounded memory
+        vals = torch.cat(
+            [evaluate(x[k : k + rows], y[k : k + rows], b[k : k + rows]).mean(dim=1) for k in range(0, b.numel(), rows)]
+        )
         image = image.clone()
         image[b, i, j] = vals
         return image
@@ -251,6 +278,7 @@ class TorchLensSimulator:
         def evaluate(x, y, rows):
             q = {k: ll[k][rows][:, None] for k in keys}
             return self._sersic(x, y, torch.ones_like(q["R_sersic"]), **q)
+
         return self.adaptive(self._sersic(self.x, self.y, one, **p), evaluate)
 
     def source_image(self, bx, by, components: list, lens: dict | None, n_terms: int | None) -> torch.Tensor:
@@ -262,11 +290,21 @@ class TorchLensSimulator:
         def evaluate(x, y, rows):
             sx, sy = self.ray_shoot(_take(lens, rows), n_terms, x, y)
             return self.source_light(sx, sy, _take(components, rows))
+
         return self.adaptive(sb, evaluate)
 
-    def compose(self, bx, by, components: list, lens_light: dict | None, psf_id, noise_sigma,
-                generator: torch.Generator | None, lens: dict | None = None,
-                n_terms: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def compose(
+        self,
+        bx,
+        by,
+        components: list,
+        lens_light: dict | None,
+        psf_id,
+        noise_sigma,
+        generator: torch.Generator | None,
+        lens: dict | None = None,
+        n_terms: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Images (B, num_pix, num_pix) normalised to max 1, and the lens-light amps used."""
         image = self.source_image(bx, by, components, lens, n_terms)
         amp = None
@@ -294,8 +332,15 @@ class TorchLensSimulator:
         return image / top[:, None, None], amp
 
     # ----------------------------------------------------------------------------- chosen systems
-    def render(self, lens: dict, source, lens_light: dict | None = None, psf=None, noise_sigma=0.0,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def render(
+        self,
+        lens: dict,
+        source,
+        lens_light: dict | None = None,
+        psf=None,
+        noise_sigma=0.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Render a chosen batch of systems: (B, num_pix, num_pix) on ``device``, max 1 per image.
 
         The arguments of ``LensSimulator.render``, each parameter a float or a (B,) tensor: lens (the
@@ -310,10 +355,20 @@ class TorchLensSimulator:
         for s in sources:
             if not isinstance(s, dict):
                 raise UserError(f"source: expected a dict with a 'kind' key, got {type(s).__name__}")
-        values = [lens, lens_light or {}, {"psf": psf, "noise_sigma": noise_sigma}] + sources + \
-            [s["second"] for s in sources if s.get("merger") and s.get("second") is not None]
-        batch = max([1] + [torch.as_tensor(v).numel() for d in values for v in d.values()
-                           if isinstance(v, (torch.Tensor, np.ndarray, list, tuple))])
+        values = (
+            [lens, lens_light or {}, {"psf": psf, "noise_sigma": noise_sigma}]
+            + sources
+            + [s["second"] for s in sources if s.get("merger") and s.get("second") is not None]
+        )
+        batch = max(
+            [1]
+            + [
+                torch.as_tensor(v).numel()
+                for d in values
+                for v in d.values()
+                if isinstance(v, (torch.Tensor, np.ndarray, list, tuple))
+            ]
+        )
         vec = self._batched(batch)
         full = {k: vec(v, f"lens.{k}") for k, v in {**_LENS_DEFAULTS, **lens}.items()}
         components = []
@@ -334,8 +389,10 @@ class TorchLensSimulator:
         if psf is not None:
             psf_id = torch.as_tensor(psf, device=self.device)
             if psf_id.dtype.is_floating_point or psf_id.dim() > 1:
-                raise UserError("psf: expected a PSF-bank index or a (B,) tensor of indices "
-                                "(the torch renderer convolves with its PSF bank only)")
+                raise UserError(
+                    "psf: expected a PSF-bank index or a (B,) tensor of indices "
+                    "(the torch renderer convolves with its PSF bank only)"
+                )
             psf_id = psf_id.long().expand(batch) if psf_id.dim() == 0 else psf_id.long()
             if bool(((psf_id < 0) | (psf_id >= len(self.psf))).any()):
                 raise UserError(f"psf: index out of range (the bank has {len(self.psf)} PSFs)")
@@ -355,14 +412,14 @@ class TorchLensSimulator:
             if t.shape != (batch,):
                 raise UserError(f"{where}: expected a float or a ({batch},) tensor, got shape {tuple(t.shape)}")
             return t
+
         return vec
 
     def _component(self, src: dict, vec) -> dict:
         """A user source dict -> a component batch (``kind`` codes + the profile's parameters)."""
         kind = src.get("kind")
         if kind not in tp.KIND_CODES:
-            raise UserError(f"source.kind: unknown source kind {kind!r} (expected one of: "
-                            f"{', '.join(tp.KIND_CODES)})")
+            raise UserError(f"source.kind: unknown source kind {kind!r} (expected one of: {', '.join(tp.KIND_CODES)})")
         code = tp.KIND_CODES[kind]
         src = dict(src)
         if code == tp.COSMOS:
@@ -399,8 +456,10 @@ class TorchLensSimulator:
                 raise UserError("source: a 'cosmos' source needs an 'id' (IDENT), a 'row' or a bank 'stamp'")
             missing = [r for r in rows if r not in self._bank_of_row]
             if missing:
-                raise UserError(f"source: COSMOS row {missing[0]} is not in the stamp bank (it fails the "
-                                f"paper's cuts or is beyond max_stamps)")
+                raise UserError(
+                    f"source: COSMOS row {missing[0]} is not in the stamp bank (it fails the "
+                    f"paper's cuts or is beyond max_stamps)"
+                )
             idx = torch.as_tensor([self._bank_of_row[int(r)] for r in rows], device=self.device)
         idx = idx.expand(n) if idx.numel() == 1 else idx
         if idx.shape != (n,) or bool(((idx < 0) | (idx >= len(self.stamps))).any()):
@@ -424,10 +483,19 @@ class TorchLensSimulator:
         amps = [[] for _ in range(n_views)]
         for start in range(0, batch_size, self.chunk_systems):
             part = _take(params, slice(start, start + self.chunk_systems))
-            bx, by = self.ray_shoot(part["lens"], self.prior_series_terms)   # once for every view
+            bx, by = self.ray_shoot(part["lens"], self.prior_series_terms)  # once for every view
             for v, view in enumerate(part["views"]):
-                img, amp = self.compose(bx, by, view["source"], view["lens_light"], view["psf_id"],
-                                        view["noise_sigma"], generator, part["lens"], self.prior_series_terms)
+                img, amp = self.compose(
+                    bx,
+                    by,
+                    view["source"],
+                    view["lens_light"],
+                    view["psf_id"],
+                    view["noise_sigma"],
+                    generator,
+                    part["lens"],
+                    self.prior_series_terms,
+                )
                 images[v].append(img)
                 amps[v].append(amp)
         for v, view in enumerate(params["views"]):
@@ -461,9 +529,15 @@ class TorchLensSimulator:
                     src["second"] = self._source_record(second, b)
                     src["second"]["flux_ratio"] = float(second["flux_ratio"][b])
                 pid = int(view["psf_id"][b])
-                views.append({"lens_light": {k: float(view["lens_light"][k][b]) for k in LENS_LIGHT_RECORD_KEYS},
-                              "source": src, "psf_id": pid, "noise_sigma": float(view["noise_sigma"][b]),
-                              "psf_name": self.psf_bank.names[pid]})
+                views.append(
+                    {
+                        "lens_light": {k: float(view["lens_light"][k][b]) for k in LENS_LIGHT_RECORD_KEYS},
+                        "source": src,
+                        "psf_id": pid,
+                        "noise_sigma": float(view["noise_sigma"][b]),
+                        "psf_name": self.psf_bank.names[pid],
+                    }
+                )
             out.append({"lens": {k: float(host["lens"][k][b]) for k in LENS_PARAMS}, "views": views})
         return out
 

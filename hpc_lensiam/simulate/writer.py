@@ -5,6 +5,7 @@ missing shards round-robin; each shard is written under a temporary name and ren
 so a rerun of the same command skips complete shards and redoes partial ones. Rank 0 writes
 ``manifest.json`` last: its presence means the data set is complete.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,10 +27,10 @@ from ..integrity import check_finite, shard_problem
 from ..io import MANIFEST_FORMAT, MANIFEST_NAME, TMP_PREFIX, atomic_open, atomic_write_json, sha256_file, sha256_json
 from ..lock import DirLock
 
-PLAN_NAME = ".plan.json"          # written first: what this folder is being filled with
-DONE_DIR = ".done"                # one record per shard this package wrote: size and sha256
+PLAN_NAME = ".plan.json"  # written first: what this folder is being filled with
+DONE_DIR = ".done"  # one record per shard this package wrote: size and sha256
 MODES = ("lensiam", "single")
-ENGINES = ("lenstronomy", "torch")   # LensSimulator, or its batched torch twin (docs/online.md)
+ENGINES = ("lenstronomy", "torch")  # LensSimulator, or its batched torch twin (docs/online.md)
 _TAG_PROGRESS, _TAG_DONE = 11, 12
 
 
@@ -51,6 +52,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
 @dataclass(frozen=True)
 class ShardPlan:
     """How ``num_samples`` split into shards of ``shard_size`` (the last one may be shorter)."""
+
     num_samples: int
     shard_size: int
 
@@ -98,7 +100,7 @@ def write_shard(sim, mode: str, seed: int, index: int, num: int, out_dir: Path, 
     """Simulate shard ``index`` (``num`` samples) and write it atomically; return its manifest entry."""
     rng = shard_rng(seed, index)
     path = out_dir / shard_name(index)
-    if hasattr(sim, "iter_samples"):   # the batched torch renderer draws the shard in batches
+    if hasattr(sim, "iter_samples"):  # the batched torch renderer draws the shard in batches
         drawn = sim.iter_samples(mode, rng, num)
     else:
         draw = sim.sample_pair if mode == "lensiam" else sim.sample_single
@@ -136,15 +138,14 @@ def write_tar(path: Path, samples, on_sample=None) -> dict:
 class _Progress:
     """tqdm on rank 0 over every rank's finished samples; other ranks send small MPI messages."""
 
-    def __init__(self, comm, rank: int, size: int, total: int, initial: int, enabled: bool,
-                 desc: str = "simulate"):
+    def __init__(self, comm, rank: int, size: int, total: int, initial: int, enabled: bool, desc: str = "simulate"):
         self.comm, self.rank, self.size = comm, rank, size
         self.done = 0  # ranks (other than 0) that said they finished
         self.bar = None
         if rank == 0 and enabled:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, unit="sample", desc=desc,
-                            dynamic_ncols=True, file=sys.stderr)
+
+            self.bar = tqdm(total=total, initial=initial, unit="sample", desc=desc, dynamic_ncols=True, file=sys.stderr)
 
     def tick(self) -> None:
         if self.rank == 0:
@@ -158,9 +159,11 @@ class _Progress:
         if self.comm is None or self.size == 1:
             return
         from mpi4py import MPI
+
         status = MPI.Status()
         while self.done < self.size - 1 and (
-                block or self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG_PROGRESS, status=status)):
+            block or self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG_PROGRESS, status=status)
+        ):
             n = self.comm.recv(source=MPI.ANY_SOURCE, tag=_TAG_PROGRESS, status=status)
             if n < 0:  # that rank finished
                 self.done += 1
@@ -190,20 +193,28 @@ def _check_existing(out_dir: Path, plan: dict) -> None:
             raise UserError(f"{path}: unreadable; remove it or choose another --out") from None
         for key in ("mode", "seed", "num_samples", "shard_size", "config_hash", "engine", "inputs_sha256"):
             if key == "inputs_sha256" and key in plan and key in old and old[key] != plan[key]:
-                changed = sorted(n for kind, files in plan["inputs"].items() for n, sha in files.items()
-                                 if (old.get("inputs") or {}).get(kind, {}).get(n) != sha)
-                raise UserError(f"{out_dir}: was simulated from other input files (sha256 of "
-                                f"{', '.join(changed) or 'the PSF/COSMOS file list'} changed); restore "
-                                f"them, or choose another --out")
-            default = "lenstronomy" if key == "engine" else None   # manifests before --engine have none
+                changed = sorted(
+                    n
+                    for kind, files in plan["inputs"].items()
+                    for n, sha in files.items()
+                    if (old.get("inputs") or {}).get(kind, {}).get(n) != sha
+                )
+                raise UserError(
+                    f"{out_dir}: was simulated from other input files (sha256 of "
+                    f"{', '.join(changed) or 'the PSF/COSMOS file list'} changed); restore "
+                    f"them, or choose another --out"
+                )
+            default = "lenstronomy" if key == "engine" else None  # manifests before --engine have none
             if key != "inputs_sha256" and old.get(key, default) != plan.get(key, default):
                 raise UserError(
                     f"{out_dir}: holds shards of a different data set ({key}: {old.get(key, default)!r} there, "
-                    f"{plan.get(key, default)!r} asked); choose another --out or remove it")
+                    f"{plan.get(key, default)!r} asked); choose another --out or remove it"
+                )
         return
     if any(out_dir.glob("shard-*.tar")):
-        raise UserError(f"{out_dir}: holds shards but no {PLAN_NAME}/{MANIFEST_NAME}; "
-                        "choose another --out or remove them")
+        raise UserError(
+            f"{out_dir}: holds shards but no {PLAN_NAME}/{MANIFEST_NAME}; choose another --out or remove them"
+        )
 
 
 def input_hashes(cfg) -> dict:
@@ -213,6 +224,7 @@ def input_hashes(cfg) -> dict:
     between a killed run and its rerun would otherwise give one data set made with two PSFs.
     """
     from .sources import CATALOG_NAMES
+
     out = {"psf_files": {Path(f).name: sha256_file(f) for f in getattr(cfg, "psf_files", None) or []}}
     if getattr(cfg, "cosmos_dir", None):
         cat = next((Path(cfg.cosmos_dir) / n for n in CATALOG_NAMES if (Path(cfg.cosmos_dir) / n).is_file()), None)
@@ -252,8 +264,11 @@ def _shards_to_write(out_dir: Path, shards: ShardPlan, known: dict, indices) -> 
             todo.append(i)
             continue
         entry = known.get(name)
-        problem = "no record of it being written" if not entry or entry.get("num_samples") != shards.size_of(i) \
+        problem = (
+            "no record of it being written"
+            if not entry or entry.get("num_samples") != shards.size_of(i)
             else shard_problem(path, entry, verify=True)
+        )
         if problem:
             print(f"simulate: redoing {path}: {problem}", file=sys.stderr, flush=True)
             todo.append(i)
@@ -265,15 +280,28 @@ def _shards_to_write(out_dir: Path, shards: ShardPlan, known: dict, indices) -> 
 def torch_simulator(cfg, device: str):
     """``--engine torch``: the batched renderer on ``device`` (float32, as the shards store)."""
     from .torch_render import TorchLensSimulator, resolve_device
+
     return TorchLensSimulator(cfg, device=resolve_device(device, "--device"))
 
 
-def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: int = 1000,
-                    mode: str = "lensiam", preset: str | None = None, seed: int = 0,
-                    cosmos_dir: str | None = None, psf_files: list[str] | None = None,
-                    psf_pixel_scale_arcsec: float | None = None, config_path: str | None = None,
-                    overrides: dict | None = None, progress: bool = True, family: str = "paper",
-                    lens_fraction: float | None = None, engine: str = "lenstronomy", device: str = "cpu") -> dict:
+def simulate_shards(
+    out_dir: str | os.PathLike,
+    num_samples: int,
+    shard_size: int = 1000,
+    mode: str = "lensiam",
+    preset: str | None = None,
+    seed: int = 0,
+    cosmos_dir: str | None = None,
+    psf_files: list[str] | None = None,
+    psf_pixel_scale_arcsec: float | None = None,
+    config_path: str | None = None,
+    overrides: dict | None = None,
+    progress: bool = True,
+    family: str = "paper",
+    lens_fraction: float | None = None,
+    engine: str = "lenstronomy",
+    device: str = "cpu",
+) -> dict:
     """Simulate ``num_samples`` pairs (or single images) into WebDataset shards; return the manifest.
 
     Runs as one process, or as every rank of ``mpiexec -n K``: same arguments, same bytes.
@@ -295,16 +323,25 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
         raise UserError(f"--pairs and --shard-size must be >= 1 (got {num_samples}, {shard_size})")
     if seed < 0:
         raise UserError(f"--seed: must be >= 0, got {seed}")
-    cfg, make_simulator = resolve_family(family, mode, preset, config_path, cosmos_dir, psf_files,
-                                         psf_pixel_scale_arcsec, overrides, lens_fraction)
+    cfg, make_simulator = resolve_family(
+        family, mode, preset, config_path, cosmos_dir, psf_files, psf_pixel_scale_arcsec, overrides, lens_fraction
+    )
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir}: exists and is not a folder")
     config = to_dict(cfg)
-    plan = {"format": MANIFEST_FORMAT, "version": __version__, "mode": mode, "seed": seed,
-            "num_samples": num_samples, "shard_size": shard_size, "preset": cfg.preset,
-            "image_shape": [cfg.instrument.num_pix] * 2, "config": config,
-            "config_hash": sha256_json(config)}
+    plan = {
+        "format": MANIFEST_FORMAT,
+        "version": __version__,
+        "mode": mode,
+        "seed": seed,
+        "num_samples": num_samples,
+        "shard_size": shard_size,
+        "preset": cfg.preset,
+        "image_shape": [cfg.instrument.num_pix] * 2,
+        "config": config,
+        "config_hash": sha256_json(config),
+    }
     if family != "paper":  # the paper family's manifest stays as it was
         plan["family"] = family
     if engine != "lenstronomy":  # likewise the lenstronomy engine's
@@ -313,6 +350,7 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
 
     # Build the simulator before touching the folder: a bad COSMOS dir or PSF file writes nothing.
     import warnings
+
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always")
         sim = make_simulator(cfg) if engine == "lenstronomy" else torch_simulator(cfg, device)
@@ -322,8 +360,14 @@ def simulate_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: in
     plan["inputs"] = input_hashes(cfg)
     plan["inputs_sha256"] = sha256_json(plan["inputs"])
     shards = ShardPlan(num_samples, shard_size)
-    return write_shard_set(out_dir, plan, shards, progress, "simulate",
-                           lambda i, tick: write_shard(sim, mode, seed, i, shards.size_of(i), out_dir, tick))
+    return write_shard_set(
+        out_dir,
+        plan,
+        shards,
+        progress,
+        "simulate",
+        lambda i, tick: write_shard(sim, mode, seed, i, shards.size_of(i), out_dir, tick),
+    )
 
 
 def write_shard_set(out_dir: Path, plan: dict, shards: ShardPlan, progress: bool, what: str, write_one) -> dict:
@@ -345,7 +389,7 @@ def write_shard_set(out_dir: Path, plan: dict, shards: ShardPlan, progress: bool
             lock.acquire()
             _check_existing(out_dir, plan)
             for stale in [*out_dir.glob(TMP_PREFIX + "*"), *(out_dir / DONE_DIR).glob(TMP_PREFIX + "*")]:
-                stale.unlink(missing_ok=True)   # partial files of a killed run
+                stale.unlink(missing_ok=True)  # partial files of a killed run
             if not (out_dir / PLAN_NAME).is_file():
                 atomic_write_json(out_dir / PLAN_NAME, plan)
         except UserError as exc:
@@ -376,10 +420,11 @@ def _write_all(comm, rank, size, out_dir, plan, shards, progress, what, write_on
             entries[index] = write_one(index, bar.tick)
         bar.finish()
     except BaseException:
-        if bar.bar:   # end the bar's line: the error is a line of its own
+        if bar.bar:  # end the bar's line: the error is a line of its own
             bar.bar.close()
         if comm is not None and size > 1:
             import traceback
+
             traceback.print_exc()
             comm.Abort(1)
         raise
@@ -396,10 +441,13 @@ def _write_all(comm, rank, size, out_dir, plan, shards, progress, what, write_on
         atomic_write_json(out_dir / MANIFEST_NAME, manifest)
         elapsed = time.perf_counter() - start
         new = num_samples - done_before
-        print(f"{what}: wrote {new} new samples ({num_samples - new} already done) in "
-              f"{len(todo)} of {shards.num_shards} shards to {out_dir} with {size} rank(s) in "
-              f"{elapsed:.1f} s ({new / max(elapsed, 1e-9):.1f} samples/s); manifest: "
-              f"{out_dir / MANIFEST_NAME}", flush=True)
+        print(
+            f"{what}: wrote {new} new samples ({num_samples - new} already done) in "
+            f"{len(todo)} of {shards.num_shards} shards to {out_dir} with {size} rank(s) in "
+            f"{elapsed:.1f} s ({new / max(elapsed, 1e-9):.1f} samples/s); manifest: "
+            f"{out_dir / MANIFEST_NAME}",
+            flush=True,
+        )
     if comm is not None:
         manifest = comm.bcast(manifest, root=0)
     return manifest

@@ -19,6 +19,7 @@ unpickle (tensor data is stored raw); the hash catches it. ``--resume`` then fal
 newest readable and valid ``step_*.pt`` with a warning naming both files (:func:`load_for_resume`).
 Periodic copies beyond the newest ``keep_last`` are deleted (with their DeepSpeed tags).
 """
+
 from __future__ import annotations
 
 import errno
@@ -38,7 +39,7 @@ LAST = "last.pt"
 DS_DIR = "deepspeed"
 HASH_KEY = "state_sha256"
 _PERIODIC = re.compile(r"^step_(\d+)\.pt$")
-_FULL_BYTES = 1 << 20   # free space under which a failed torch.save is taken for a full disk
+_FULL_BYTES = 1 << 20  # free space under which a failed torch.save is taken for a full disk
 
 
 def _hash_into(h, obj) -> None:
@@ -91,7 +92,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     with atomic_path(path) as tmp:
         try:
             torch.save(state, tmp)
-        except RuntimeError:   # torch's zip writer reports a full disk as an "enforce fail", no errno
+        except RuntimeError:  # torch's zip writer reports a full disk as an "enforce fail", no errno
             if shutil.disk_usage(tmp.parent).free < _FULL_BYTES:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
             raise
@@ -172,6 +173,7 @@ def rank_rng(rng: dict, rank: int, device_index: int | None) -> tuple[dict, str 
 def restore_rank_rng(rng: dict, rank: int, device: torch.device) -> str | None:
     """Restore this rank's generator states from a checkpoint's ``rng``; returns :func:`rank_rng`'s note."""
     import random
+
     states, note = rank_rng(rng, rank, device.index if device.type == "cuda" else None)
     if states.get("torch") is not None:
         torch.set_rng_state(states["torch"])
@@ -231,8 +233,10 @@ def load_for_resume(ckpt_dir: Path) -> tuple[dict, Path]:
             continue
         print(f"train: warning: {why}; resuming from {path} (step {step}) instead", file=sys.stderr, flush=True)
         return ckpt, path
-    raise UserError(f"{why}; and no readable step_*.pt in {ckpt_dir} to fall back to "
-                    f"(remove --resume and choose another --out to start afresh)")
+    raise UserError(
+        f"{why}; and no readable step_*.pt in {ckpt_dir} to fall back to "
+        f"(remove --resume and choose another --out to start afresh)"
+    )
 
 
 def load_model_state(path: str | os.PathLike) -> tuple[dict, dict | None, int | None]:

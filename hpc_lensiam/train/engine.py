@@ -16,6 +16,7 @@ cudnn/TF32), joins the process group (NCCL with ``device_id`` on CUDA, gloo on C
     engine.load(ckpt, ckpt_dir)           resume optimizer state (or weights only, saying why)
     engine.all_reduce_sum(t), rank, world_size, is_main, device, close()
 """
+
 from __future__ import annotations
 
 import logging
@@ -87,7 +88,7 @@ class GlooSyncBatchNorm(_BatchNorm):
         stats = _AllReduceSum.apply(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
         n = stats[-1]
         mean = stats[:C] / n
-        var = (stats[C:2 * C] / n - mean * mean).clamp(min=0)
+        var = (stats[C : 2 * C] / n - mean * mean).clamp(min=0)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -107,9 +108,10 @@ def convert_sync_batchnorm(module: nn.Module, cuda: bool) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     out = module
     if isinstance(module, _BatchNorm) and not isinstance(module, GlooSyncBatchNorm):
-        out = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                module.track_running_stats)
-        if module.affine:   # the same Parameter objects: optimizer groups built before stay valid
+        out = GlooSyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
+        if module.affine:  # the same Parameter objects: optimizer groups built before stay valid
             out.weight, out.bias = module.weight, module.bias
         if module.track_running_stats:
             out.running_mean, out.running_var = module.running_mean, module.running_var
@@ -144,8 +146,7 @@ def resume_mode(ckpt: dict, kind: str, zero_stage: int, world_size: int) -> str 
     if saved_stage != zero_stage:
         return f"it was written with --zero-stage {saved_stage}, this run is --zero-stage {zero_stage}"
     if zero_stage > 0 and saved_world != world_size:
-        return (f"ZeRO-{zero_stage} partitions the optimizer state over {saved_world} rank(s), "
-                f"this run has {world_size}")
+        return f"ZeRO-{zero_stage} partitions the optimizer state over {saved_world} rank(s), this run has {world_size}"
     return None
 
 
@@ -160,7 +161,7 @@ class Engine:
         self.cfg, self.kind = cfg, cfg.engine
         rt = runtime(command="train")
         if under_torchrun():
-            die_with_parent()   # a kill -9 of the torchrun agent takes the trainers with it
+            die_with_parent()  # a kill -9 of the torchrun agent takes the trainers with it
         self.world_size, self.rank, self.local_rank = rt.world_size, rt.rank, rt.local_rank
         self.local_world_size = rt.local_world_size
         self.device = device if device is not None else device_for(rt)
@@ -168,21 +169,27 @@ class Engine:
         self.plan = plan if plan is not None else make_plan(cfg, DeviceCaps.detect(self.device), self.world_size)
         apply_switches(self.plan)
         self.backend = backend_for(self.device)
-        if self.kind == "deepspeed" and "RANK" not in os.environ:   # plain `python`: a one-process group
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        if self.kind == "deepspeed" and "RANK" not in os.environ:  # plain `python`: a one-process group
+            os.environ.update(
+                RANK="0",
+                WORLD_SIZE="1",
+                LOCAL_RANK="0",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
+            )
         self._created_group = False
         if self.kind == "deepspeed" or self.world_size > 1:
             self._created_group = init_distributed(rt, self.device)
         if self.kind == "deepspeed":
             import deepspeed
+
             logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-            deepspeed.init_distributed(dist_backend=self.backend)   # adopts the group made above
+            deepspeed.init_distributed(dist_backend=self.backend)  # adopts the group made above
         self.is_main = self.rank == 0
         self.dtype = self.plan.autocast_dtype
         self.scaler = None
         self.micro = 0
-        self._tags: list[tuple[str, bool]] = []   # DeepSpeed tags written: (tag, keep)
+        self._tags: list[tuple[str, bool]] = []  # DeepSpeed tags written: (tag, keep)
 
     # ------------------------------------------------------------------------------- model
     def wrap(self, model: nn.Module, param_groups: list[dict]) -> None:
@@ -198,14 +205,17 @@ class Engine:
         optimizer = build_optimizer(self.cfg, param_groups)
         if self.kind == "deepspeed":
             import deepspeed
-            self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                    config=self.plan.deepspeed)
+
+            self.model, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=self.plan.deepspeed
+            )
         else:
             self.optimizer = optimizer
             self.model = model
             if self.world_size > 1:
                 self.model = nn.parallel.DistributedDataParallel(
-                    model, device_ids=[self.device.index] if self.cuda else None, **self.plan.ddp_kwargs)
+                    model, device_ids=[self.device.index] if self.cuda else None, **self.plan.ddp_kwargs
+                )
             if self.plan.grad_scaler:
                 self.scaler = torch.amp.GradScaler(self.device.type)
 
@@ -221,20 +231,20 @@ class Engine:
         return (self.micro + 1) % self.cfg.grad_accum == 0
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor):
-        if self.kind == "deepspeed":   # DeepSpeed applies its torch_autocast config itself
-            if self.model.bfloat16_enabled() or self.model.fp16_enabled():   # a user JSON's bf16/fp16 section
+        if self.kind == "deepspeed":  # DeepSpeed applies its torch_autocast config itself
+            if self.model.bfloat16_enabled() or self.model.fp16_enabled():  # a user JSON's bf16/fp16 section
                 dtype = torch.bfloat16 if self.model.bfloat16_enabled() else torch.float16
                 x1, x2 = x1.to(dtype), x2.to(dtype)
             return self.model(x1, x2)
         if isinstance(self.model, nn.parallel.DistributedDataParallel):
-            self.model.require_backward_grad_sync = self._boundary()   # no_sync() while accumulating
+            self.model.require_backward_grad_sync = self._boundary()  # no_sync() while accumulating
         ctx = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
         with ctx:
             return self.model(x1, x2)
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.kind == "deepspeed":
-            self.model.backward(loss)   # scales by 1/grad_accum and by the loss scale itself
+            self.model.backward(loss)  # scales by 1/grad_accum and by the loss scale itself
             return
         loss = loss / self.cfg.grad_accum
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -287,8 +297,7 @@ class Engine:
     def weights_differ(self, state: dict) -> list[str]:
         """Names of the module's tensors that differ from ``state`` (empty when all are equal)."""
         mine = self.module.state_dict()
-        return [k for k, v in state.items()
-                if k not in mine or not torch.equal(mine[k].detach().cpu().to(v.dtype), v)]
+        return [k for k, v in state.items() if k not in mine or not torch.equal(mine[k].detach().cpu().to(v.dtype), v)]
 
     def master_differs(self) -> list[str]:
         """Where ZeRO's fp32 master copy differs from the module's weights (empty when equal).
@@ -315,8 +324,13 @@ class Engine:
         rank's own, whatever GPUs the resumed job sees.
         """
         per_rank = self.gather_objects(capture_rank_rng(self.device))
-        state = {**state, "model": self.model_state(), "engine": self.kind, "zero_stage": self.cfg.zero_stage,
-                 "rng": {**state.get("rng", {}), "per_rank": per_rank}}
+        state = {
+            **state,
+            "model": self.model_state(),
+            "engine": self.kind,
+            "zero_stage": self.cfg.zero_stage,
+            "rng": {**state.get("rng", {}), "per_rank": per_rank},
+        }
         if self.kind == "deepspeed":
             tag = f"step_{state['step']:08d}"
             client = {k: state[k] for k in ("step", "epoch", "config", "arch")}
@@ -330,7 +344,7 @@ class Engine:
             save_checkpoint(ckpt_dir / LAST, state)
             if keep:
                 save_periodic(ckpt_dir, state["step"], keep_last)
-            if self.kind == "deepspeed":   # tags no checkpoint file names any more
+            if self.kind == "deepspeed":  # tags no checkpoint file names any more
                 prune_deepspeed_tags(ckpt_dir, keep=set(periodic_tags(ckpt_dir)) | {state["deepspeed_tag"]})
         self.barrier()
 
@@ -345,8 +359,9 @@ class Engine:
             return why
         if self.kind == "deepspeed":
             tag = ckpt["deepspeed_tag"]
-            path, _ = self.model.load_checkpoint(str(ckpt_dir / DS_DIR), tag=tag, load_optimizer_states=True,
-                                                 load_lr_scheduler_states=False)
+            path, _ = self.model.load_checkpoint(
+                str(ckpt_dir / DS_DIR), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
             if path is None:
                 raise UserError(f"{ckpt_dir / DS_DIR / tag}: DeepSpeed checkpoint missing or unreadable")
             return None

@@ -15,6 +15,7 @@ the run folder and the engine; :func:`_train` is the sequence (the data source's
 :func:`summarize`). Where batches come from is data/sources.py's business, the loss and after-step
 hook the SSL method's (models/methods/).
 """
+
 from __future__ import annotations
 
 import math
@@ -97,7 +98,7 @@ def train(cfg: TrainConfig, resume: bool = False, allow_config_change: bool = Fa
     last = ckpt_dir / LAST
     if last.is_file() and not resume:
         raise UserError(f"{last} exists: pass --resume to continue that run, or choose another --out")
-    if cfg.probe_data:   # a bad --probe-data fails before the run folder is created
+    if cfg.probe_data:  # a bad --probe-data fails before the run folder is created
         read_manifest(cfg.probe_data)
     engine = Engine(cfg)
     run = None
@@ -107,7 +108,7 @@ def train(cfg: TrainConfig, resume: bool = False, allow_config_change: bool = Fa
         if resume and not last.is_file() and engine.is_main:
             print(f"train: --resume: no checkpoint at {last} yet, starting from step 0", flush=True)
         return _train(cfg, engine, out, ckpt_dir, resume and last.is_file(), stop, run)
-    except ShardError as exc:   # one rank's shard: say it from that rank (the CLI prints rank 0 only)
+    except ShardError as exc:  # one rank's shard: say it from that rank (the CLI prints rank 0 only)
         if not engine.is_main:
             print(f"hpc-lensiam: error (rank {engine.rank}): {exc}", file=sys.stderr, flush=True)
         raise
@@ -124,11 +125,11 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
     sched = Schedule.from_config(cfg, engine.world_size, loader.batches_per_epoch)
     step = build_model(cfg, engine, loader.image_shape[-1], sched, ckpt_dir, run, resume)
     announce(cfg, engine, sched, step, resume)
-    monitor = Monitor(cfg, engine, out, sched.global_batch, step)   # reads --probe-data before anything is written
+    monitor = Monitor(cfg, engine, out, sched.global_batch, step)  # reads --probe-data before anything is written
     if engine.is_main:
         write_run_files(engine, run, out, sched, resume, step)
     bar = _progress_bar(sched, step) if engine.is_main else None
-    progress = Progress(step=step, first_step=step, saved_step=step if resume else None)   # starts the clock
+    progress = Progress(step=step, first_step=step, saved_step=step if resume else None)  # starts the clock
     while progress.step < sched.end_step and not progress.stopped_by:
         train_one_epoch(cfg, engine, loader, sched, monitor, run, stop, progress, bar)
     monitor.close()
@@ -141,29 +142,40 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
 class Schedule:
     """The run's step arithmetic, fixed at start-up by the config, the world size and the epoch length."""
 
-    steps_per_epoch: int   # optimizer steps (grad_accum micro-batches each) per epoch
-    total_steps: int       # epochs x steps_per_epoch: where the cosine reaches 0
-    end_step: int          # where this run stops: total_steps, or --max-steps if earlier
+    steps_per_epoch: int  # optimizer steps (grad_accum micro-batches each) per epoch
+    total_steps: int  # epochs x steps_per_epoch: where the cosine reaches 0
+    end_step: int  # where this run stops: total_steps, or --max-steps if earlier
     warmup_steps: int
-    lr0: float             # the peak lr (scaled_lr), also the predictor's fixed lr
-    global_batch: int      # pairs per optimizer step over all ranks
+    lr0: float  # the peak lr (scaled_lr), also the predictor's fixed lr
+    global_batch: int  # pairs per optimizer step over all ranks
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, world_size: int, batches_per_epoch: int) -> Schedule:
         spe = batches_per_epoch // cfg.grad_accum
         total = cfg.epochs * spe
         end = min(total, cfg.max_steps) if cfg.max_steps else total
-        return cls(steps_per_epoch=spe, total_steps=total, end_step=end,
-                   warmup_steps=min(total, round(cfg.warmup_epochs * spe)), lr0=scaled_lr(cfg, world_size),
-                   global_batch=cfg.batch_size * world_size * cfg.grad_accum)
+        return cls(
+            steps_per_epoch=spe,
+            total_steps=total,
+            end_step=end,
+            warmup_steps=min(total, round(cfg.warmup_epochs * spe)),
+            lr0=scaled_lr(cfg, world_size),
+            global_batch=cfg.batch_size * world_size * cfg.grad_accum,
+        )
 
     def lr(self, step: int) -> float:
         return lr_at(step, self.lr0, self.warmup_steps, self.total_steps)
 
     def state(self, step: int) -> dict:
         """The checkpoint's ``scheduler`` entry (resume warns when steps_per_epoch changed)."""
-        return {"name": "warmup_cosine", "step": step, "lr": self.lr0, "warmup_steps": self.warmup_steps,
-                "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch}
+        return {
+            "name": "warmup_cosine",
+            "step": step,
+            "lr": self.lr0,
+            "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+        }
 
 
 @dataclass
@@ -171,16 +183,16 @@ class Progress:
     """What the loop carries from step to step and epoch to epoch, and what the summary reports."""
 
     step: int
-    first_step: int                 # where this run started (0, or the resumed checkpoint's step)
-    saved_step: int | None          # the last checkpoint written or resumed from (named if training diverges)
-    loss: float = math.nan          # last step's, averaged over ranks
+    first_step: int  # where this run started (0, or the resumed checkpoint's step)
+    saved_step: int | None  # the last checkpoint written or resumed from (named if training diverges)
+    loss: float = math.nan  # last step's, averaged over ranks
     z_std: float = math.nan
     lr: float = math.nan
-    pairs_per_s: float = 0.0        # the last logged interval's (the first step's until a row is logged)
-    skipped: int = 0                # unreadable samples skipped, all ranks (--skip-bad-samples)
-    stopped_by: int = 0             # the signal that stopped the run; 0 = none
+    pairs_per_s: float = 0.0  # the last logged interval's (the first step's until a row is logged)
+    skipped: int = 0  # unreadable samples skipped, all ranks (--skip-bad-samples)
+    stopped_by: int = 0  # the signal that stopped the run; 0 = none
     t_loop: float = field(default_factory=time.perf_counter)
-    t_start: float | None = None    # end of the first (warm-up) step: the mean throughput starts there
+    t_start: float | None = None  # end of the first (warm-up) step: the mean throughput starts there
 
 
 def build_model(cfg, engine, image_side: int, sched: Schedule, ckpt_dir: Path, run: RunDir, resume: bool) -> int:
@@ -190,7 +202,7 @@ def build_model(cfg, engine, image_side: int, sched: Schedule, ckpt_dir: Path, r
     copy there), then the optimizer state and RNG are restored and checked (train/resume.py)."""
     torch.manual_seed(cfg.seed)
     try:
-        model = build_method(cfg, image_side)   # native side (a ViT's patch grid)
+        model = build_method(cfg, image_side)  # native side (a ViT's patch grid)
     except ValueError as exc:
         raise UserError(f"{cfg.data}: {exc}") from None
     ckpt = ckpt_path = None
@@ -208,48 +220,63 @@ def build_model(cfg, engine, image_side: int, sched: Schedule, ckpt_dir: Path, r
 def announce(cfg, engine, sched: Schedule, step: int, resume: bool) -> None:
     """Rank 0's two start-up lines: what runs where, and the batch/lr/schedule arithmetic."""
     rule = f"sqrt({sched.global_batch})" if cfg.lr_scaling == "sqrt" else f"{sched.global_batch}/256"
-    pred = (f" (predictor {'fixed' if cfg.fix_pred_lr else 'scheduled'})"
-            if hasattr(engine.module, "predictor") else "")
+    pred = f" (predictor {'fixed' if cfg.fix_pred_lr else 'scheduled'})" if hasattr(engine.module, "predictor") else ""
     backend = engine.backend if engine.world_size > 1 or cfg.engine == "deepspeed" else "single process"
-    _say(engine, f"train: {cfg.method} | {cfg.mode} | {cfg.arch} | {cfg.optimizer} | engine {cfg.engine} | "
-         f"{engine.world_size} rank(s) on {engine.device.type} ({backend})"
-         f"{' + SyncBatchNorm' if engine.plan.sync_bn != 'none' else ''} | {engine.plan.describe()}")
-    _say(engine, f"train: global batch {cfg.batch_size} x {engine.world_size} rank(s) x {cfg.grad_accum} accum = "
-         f"{sched.global_batch}; lr = {cfg.base_lr} x {rule} = {sched.lr0:.6g}{pred}; {sched.steps_per_epoch} "
-         f"steps/epoch x {cfg.epochs} epochs = {sched.total_steps} steps, warm-up {sched.warmup_steps}; "
-         f"{'resuming at step ' + str(step) if resume else 'from step 0'}"
-         f"{f', stopping at {sched.end_step}' if sched.end_step < sched.total_steps else ''}")
+    _say(
+        engine,
+        f"train: {cfg.method} | {cfg.mode} | {cfg.arch} | {cfg.optimizer} | engine {cfg.engine} | "
+        f"{engine.world_size} rank(s) on {engine.device.type} ({backend})"
+        f"{' + SyncBatchNorm' if engine.plan.sync_bn != 'none' else ''} | {engine.plan.describe()}",
+    )
+    _say(
+        engine,
+        f"train: global batch {cfg.batch_size} x {engine.world_size} rank(s) x {cfg.grad_accum} accum = "
+        f"{sched.global_batch}; lr = {cfg.base_lr} x {rule} = {sched.lr0:.6g}{pred}; {sched.steps_per_epoch} "
+        f"steps/epoch x {cfg.epochs} epochs = {sched.total_steps} steps, warm-up {sched.warmup_steps}; "
+        f"{'resuming at step ' + str(step) if resume else 'from step 0'}"
+        f"{f', stopping at {sched.end_step}' if sched.end_step < sched.total_steps else ''}",
+    )
 
 
 def write_run_files(engine, run: RunDir, out: Path, sched: Schedule, resume: bool, step: int) -> None:
     """Rank 0: ``config.yaml`` (with the resolved numbers) and ``metrics.csv`` (kept up to ``step`` on resume)."""
     out.mkdir(parents=True, exist_ok=True)
-    header = (f"# resolved: world_size={engine.world_size} global_batch={sched.global_batch} lr={sched.lr0:.6g} "
-              f"steps_per_epoch={sched.steps_per_epoch} total_steps={sched.total_steps} "
-              f"warmup_steps={sched.warmup_steps}\n")
+    header = (
+        f"# resolved: world_size={engine.world_size} global_batch={sched.global_batch} lr={sched.lr0:.6g} "
+        f"steps_per_epoch={sched.steps_per_epoch} total_steps={sched.total_steps} "
+        f"warmup_steps={sched.warmup_steps}\n"
+    )
     run.write_config(header, resume, step)
     run.reset_metrics(step if resume else 0)
 
 
 def checkpoint_state(cfg, engine, run: RunDir, sched: Schedule, step: int) -> dict:
     """What ``last.pt`` holds besides the weights and optimizer state (the engine adds those and per-rank RNG)."""
-    return {"format": "hpc_lensiam.checkpoint/1", "config": to_dict(cfg), "step": step, **run.state_keys(),
-            "epoch": step // sched.steps_per_epoch, "arch": cfg.arch, "world_size": engine.world_size,
-            "scheduler": sched.state(step),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+    return {
+        "format": "hpc_lensiam.checkpoint/1",
+        "config": to_dict(cfg),
+        "step": step,
+        **run.state_keys(),
+        "epoch": step // sched.steps_per_epoch,
+        "arch": cfg.arch,
+        "world_size": engine.world_size,
+        "scheduler": sched.state(step),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+    }
 
 
-def train_one_epoch(cfg, engine, loader, sched: Schedule, monitor: Monitor, run: RunDir, stop: _StopSignal,
-                    progress: Progress, bar) -> None:
+def train_one_epoch(
+    cfg, engine, loader, sched: Schedule, monitor: Monitor, run: RunDir, stop: _StopSignal, progress: Progress, bar
+) -> None:
     """Optimizer steps from ``progress.step`` (mid-epoch after a resume) to the end of its epoch, the
     run's end step or a stop signal; updates ``progress``. Each step: lr, views, forward/backward per
     micro-batch, the optimizer step, the method's after-step hook, one all-reduce of the metrics and
     the stop flag, the divergence check, logging and checkpoints."""
-    method = engine.module   # the unwrapped model: its loss and after-step hook
+    method = engine.module  # the unwrapped model: its loss and after-step hook
     ckpt_dir = Path(cfg.out) / "checkpoints"
     spe = sched.steps_per_epoch
     batches = loader.epoch(progress.step // spe, start=(progress.step % spe) * cfg.grad_accum)
-    acc = torch.zeros(4, device=engine.device)   # loss, z_std, skipped samples, stop flag
+    acc = torch.zeros(4, device=engine.device)  # loss, z_std, skipped samples, stop flag
     try:
         for i, batch in enumerate(batches):
             monitor.got_batch()
@@ -267,9 +294,9 @@ def train_one_epoch(cfg, engine, loader, sched: Schedule, monitor: Monitor, run:
                 continue
             progress.step += 1
             step = progress.step
-            method.after_step(step, sched.total_steps)   # e.g. BYOL's EMA target update
+            method.after_step(step, sched.total_steps)  # e.g. BYOL's EMA target update
             acc[3] = float(stop.signum > 0)
-            red = engine.all_reduce_sum(acc).cpu()      # one small collective and one sync per step
+            red = engine.all_reduce_sum(acc).cpu()  # one small collective and one sync per step
             monitor.step_done()
             progress.loss, progress.z_std = (red[:2] / engine.world_size).tolist()
             progress.skipped += int(red[2])
@@ -279,8 +306,9 @@ def train_one_epoch(cfg, engine, loader, sched: Schedule, monitor: Monitor, run:
                 progress.stopped_by = stop.signum or signal.SIGTERM
             periodic = step % cfg.ckpt_every == 0
             if periodic or step == sched.end_step or progress.stopped_by:
-                engine.save(ckpt_dir, checkpoint_state(cfg, engine, run, sched, step), keep=periodic,
-                            keep_last=cfg.keep_last)
+                engine.save(
+                    ckpt_dir, checkpoint_state(cfg, engine, run, sched, step), keep=periodic, keep_last=cfg.keep_last
+                )
                 progress.saved_step = step
             if step >= sched.end_step or progress.stopped_by:
                 break
@@ -300,6 +328,7 @@ def make_views(cfg, engine, batch: dict, step: int, micro: int) -> tuple[torch.T
     """A micro-batch's two views on the device: the stored lens pair (lensiam), or two batched
     augmentations of one image seeded by (seed, rank, step, micro) (simsiam), so a resume repeats them."""
     from ..data.augment import make_pair
+
     if cfg.mode == "lensiam":
         return engine.to_input(batch["x1"]), engine.to_input(batch["x2"])
     g = torch.Generator(device=engine.device)
@@ -311,12 +340,20 @@ def check_diverged(cfg, progress: Progress, ckpt_dir: Path) -> None:
     """A non-finite loss (the same on every rank: it is all-reduced) stops the run, naming the last good checkpoint."""
     if math.isfinite(progress.loss):
         return
-    kept = (f"last good checkpoint {ckpt_dir / LAST} (step {progress.saved_step}) kept"
-            if progress.saved_step is not None else "no checkpoint was written yet")
-    hint = ("use --precision bf16 or fp32" if cfg.precision == "fp16" else
-            "lower --base-lr, or check the shards for NaN/inf pixels")
-    raise UserError(f"loss is {progress.loss} at step {progress.step} (lr {progress.lr:.4g}): training diverged "
-                    f"and stopped; {kept}. Try: {hint}")
+    kept = (
+        f"last good checkpoint {ckpt_dir / LAST} (step {progress.saved_step}) kept"
+        if progress.saved_step is not None
+        else "no checkpoint was written yet"
+    )
+    hint = (
+        "use --precision bf16 or fp32"
+        if cfg.precision == "fp16"
+        else "lower --base-lr, or check the shards for NaN/inf pixels"
+    )
+    raise UserError(
+        f"loss is {progress.loss} at step {progress.step} (lr {progress.lr:.4g}): training diverged "
+        f"and stopped; {kept}. Try: {hint}"
+    )
 
 
 def log_step(cfg, engine, sched: Schedule, monitor: Monitor, progress: Progress, bar) -> None:
@@ -324,7 +361,7 @@ def log_step(cfg, engine, sched: Schedule, monitor: Monitor, progress: Progress,
     metrics.csv, TensorBoard, the progress bar or a plain line when there is no terminal)."""
     step, main = progress.step, engine.is_main
     now = time.perf_counter()
-    if progress.t_start is None:   # the mean throughput excludes the first (warm-up) step
+    if progress.t_start is None:  # the mean throughput excludes the first (warm-up) step
         progress.pairs_per_s = sched.global_batch / (now - progress.t_loop)
         progress.t_start = now
     probed = main and monitor.probe_due(step)
@@ -338,10 +375,13 @@ def log_step(cfg, engine, sched: Schedule, monitor: Monitor, progress: Progress,
             _append_metrics(Path(cfg.out) / "metrics.csv", [row[k] for k in METRICS])
             monitor.log(row)
             bar.set_postfix(loss=f"{progress.loss:.4f}", z_std=f"{progress.z_std:.4f}", lr=f"{progress.lr:.3g}")
-            if bar.disable:   # no terminal (a batch job's log): a plain line instead
-                print(f"step {step}/{sched.end_step} epoch {step / sched.steps_per_epoch:.2f} loss "
-                      f"{progress.loss:.4f} z_std {progress.z_std:.4f} lr {progress.lr:.4g} "
-                      f"{progress.pairs_per_s:.1f} pairs/s", flush=True)
+            if bar.disable:  # no terminal (a batch job's log): a plain line instead
+                print(
+                    f"step {step}/{sched.end_step} epoch {step / sched.steps_per_epoch:.2f} loss "
+                    f"{progress.loss:.4f} z_std {progress.z_std:.4f} lr {progress.lr:.4g} "
+                    f"{progress.pairs_per_s:.1f} pairs/s",
+                    flush=True,
+                )
     if bar is not None:
         bar.update(1)
 
@@ -352,27 +392,44 @@ def summarize(cfg, engine, sched: Schedule, progress: Progress, ckpt_dir: Path) 
     last = ckpt_dir / LAST
     step, run_steps = progress.step, progress.step - progress.first_step
     elapsed = time.perf_counter() - progress.t_start if progress.t_start else 0.0
-    mean_pps = ((run_steps - 1) * sched.global_batch / elapsed if run_steps > 1 and elapsed > 0
-                else progress.pairs_per_s)
-    summary = {"step": step, "epoch": step / sched.steps_per_epoch, "steps_run": run_steps, "pairs_per_s": mean_pps,
-               "images_per_s": IMAGES_PER_PAIR * mean_pps, "loss": progress.loss, "z_std": progress.z_std,
-               "skipped_samples": progress.skipped, "checkpoint": str(last),
-               "stopped_by_signal": bool(progress.stopped_by)}
+    mean_pps = (run_steps - 1) * sched.global_batch / elapsed if run_steps > 1 and elapsed > 0 else progress.pairs_per_s
+    summary = {
+        "step": step,
+        "epoch": step / sched.steps_per_epoch,
+        "steps_run": run_steps,
+        "pairs_per_s": mean_pps,
+        "images_per_s": IMAGES_PER_PAIR * mean_pps,
+        "loss": progress.loss,
+        "z_std": progress.z_std,
+        "skipped_samples": progress.skipped,
+        "checkpoint": str(last),
+        "stopped_by_signal": bool(progress.stopped_by),
+    }
     if progress.skipped:
-        _say(engine, f"train: warning: skipped {progress.skipped} unreadable sample(s) or shard read(s) "
-             f"(--skip-bad-samples)")
+        _say(
+            engine,
+            f"train: warning: skipped {progress.skipped} unreadable sample(s) or shard read(s) (--skip-bad-samples)",
+        )
     if progress.stopped_by:
-        _say(engine, f"train: stopped by {signal.Signals(progress.stopped_by).name} at step {step}; checkpoint "
-             f"{last} saved; continue with --resume")
+        _say(
+            engine,
+            f"train: stopped by {signal.Signals(progress.stopped_by).name} at step {step}; checkpoint "
+            f"{last} saved; continue with --resume",
+        )
     if run_steps == 0 and not progress.stopped_by:
-        _say(engine, f"train: nothing to do: {last} is at step {step} of {sched.end_step} (raise --epochs or "
-             f"--max-steps)")
+        _say(
+            engine,
+            f"train: nothing to do: {last} is at step {step} of {sched.end_step} (raise --epochs or --max-steps)",
+        )
         return summary
     healthy = 1 / math.sqrt(cfg.proj_dim)
-    _say(engine, f"train: done: {run_steps} steps this run (step {step}/{sched.end_step}, epoch "
-         f"{step / sched.steps_per_epoch:.2f}), {mean_pps:.1f} pairs/s ({IMAGES_PER_PAIR * mean_pps:.1f} images/s), "
-         f"final loss {progress.loss:.4f}, z_std {progress.z_std:.4f} (healthy ~{healthy:.4f}, collapsed 0); "
-         f"checkpoint {last}")
+    _say(
+        engine,
+        f"train: done: {run_steps} steps this run (step {step}/{sched.end_step}, epoch "
+        f"{step / sched.steps_per_epoch:.2f}), {mean_pps:.1f} pairs/s ({IMAGES_PER_PAIR * mean_pps:.1f} images/s), "
+        f"final loss {progress.loss:.4f}, z_std {progress.z_std:.4f} (healthy ~{healthy:.4f}, collapsed 0); "
+        f"checkpoint {last}",
+    )
     return summary
 
 
@@ -384,8 +441,10 @@ def _say(engine, line: str) -> None:
 
 def _progress_bar(sched: Schedule, step: int):
     from tqdm import tqdm
-    return tqdm(total=sched.end_step, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                file=sys.stderr, disable=None)
+
+    return tqdm(
+        total=sched.end_step, initial=step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr, disable=None
+    )
 
 
 def _append_metrics(path: Path, row: list) -> None:

@@ -16,6 +16,7 @@ scalars as TensorBoard event files under ``RUN/tb/`` (``tensorboard --logdir RUN
   The curve of these numbers is what exposed the zero-init-residual problem (docs/results.md): a
   backbone can lower the SimSiam loss while its features lose the lens physics.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,15 +31,25 @@ import torch.nn as nn
 from ..errors import UserError
 
 PROBE_PARAMS = ("theta_E", "e1", "gamma")
-METRICS = ("step", "epoch", "loss", "lr", "z_std", "pairs_per_s", "images_per_s", "data_wait_s", "compute_s",
-           "peak_mem_mb") + tuple(f"probe_r2_{p}" for p in PROBE_PARAMS)
+METRICS = (
+    "step",
+    "epoch",
+    "loss",
+    "lr",
+    "z_std",
+    "pairs_per_s",
+    "images_per_s",
+    "data_wait_s",
+    "compute_s",
+    "peak_mem_mb",
+) + tuple(f"probe_r2_{p}" for p in PROBE_PARAMS)
 IMAGES_PER_PAIR = 2
 
 
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def backbone_features(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -56,26 +67,30 @@ class LensProbe:
         from ..data.images import load_images
         from ..embed.probe import split_by_key
         from ..io import LENS_PARAMS, read_manifest
+
         manifest = read_manifest(data_dir)
         n = min(samples, int(manifest["num_samples"]))
         keys, images, lens = load_images(data_dir, n, what="--probe-data")
         self.keys = np.asarray(keys)
         self.test = split_by_key(self.keys)
         if self.test.sum() < 2 or (~self.test).sum() < 5:
-            raise UserError(f"--probe-data {data_dir}: {n} samples give {int(self.test.sum())} held-out and "
-                            f"{int((~self.test).sum())} fitting systems; need >= 2 and >= 5 (raise --probe-samples)")
+            raise UserError(
+                f"--probe-data {data_dir}: {n} samples give {int(self.test.sum())} held-out and "
+                f"{int((~self.test).sum())} fitting systems; need >= 2 and >= 5 (raise --probe-samples)"
+            )
         self.images = torch.from_numpy(images).unsqueeze(1)
         self.targets = {p: lens[:, LENS_PARAMS.index(p)] for p in PROBE_PARAMS}
 
     @torch.no_grad()
     def __call__(self, encoder: nn.Module, device: torch.device, dtype, memory_format, batch: int = 64) -> dict:
         from ..embed.probe import probe_arrays
+
         was_training = encoder.training
         encoder.eval()
         try:
             feats = []
             for i in range(0, len(self.images), batch):
-                x = self.images[i:i + batch].to(device, memory_format=memory_format)
+                x = self.images[i : i + batch].to(device, memory_format=memory_format)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     feats.append(backbone_features(encoder, x).float().cpu())
         finally:
@@ -102,6 +117,7 @@ class Monitor:
         if cfg.probe_data:
             self.probe = LensProbe(cfg.probe_data, cfg.probe_samples)
         from torch.utils.tensorboard import SummaryWriter
+
         # purge_step: a resumed run drops the events a killed run logged past its checkpoint
         self.writer = SummaryWriter(log_dir=str(out / "tb"), purge_step=first_step + 1 if first_step else None)
 
@@ -132,9 +148,18 @@ class Monitor:
         now = time.perf_counter()
         n = max(self.n_interval, 1)
         pairs = self.n_interval * self.global_batch / (now - self.t_interval) if self.n_interval else float("nan")
-        row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "z_std": z_std, "pairs_per_s": pairs,
-               "images_per_s": IMAGES_PER_PAIR * pairs, "data_wait_s": self.wait_sum / n,
-               "compute_s": self.compute_sum / n, "peak_mem_mb": peak_memory_mb(self.engine.device)}
+        row = {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "z_std": z_std,
+            "pairs_per_s": pairs,
+            "images_per_s": IMAGES_PER_PAIR * pairs,
+            "data_wait_s": self.wait_sum / n,
+            "compute_s": self.compute_sum / n,
+            "peak_mem_mb": peak_memory_mb(self.engine.device),
+        }
         row.update({f"probe_r2_{p}": self.probed.pop(p, float("nan")) for p in PROBE_PARAMS})
         self._reset_interval(now)
         return row
@@ -155,12 +180,10 @@ class Monitor:
 
     def run_probe(self, step: int) -> dict:
         plan = self.engine.plan
-        r2 = self.probe(self.engine.module.encoder, self.engine.device, plan.autocast_dtype,
-                        plan.input_memory_format)
+        r2 = self.probe(self.engine.module.encoder, self.engine.device, plan.autocast_dtype, plan.input_memory_format)
         self.probed = dict(r2)
-        print(f"train: probe at step {step}: ridge R^2 " + ", ".join(f"{p} {v:.3f}" for p, v in r2.items()),
-              flush=True)
-        self.mark = time.perf_counter()   # the probe is neither data wait nor training compute
+        print(f"train: probe at step {step}: ridge R^2 " + ", ".join(f"{p} {v:.3f}" for p, v in r2.items()), flush=True)
+        self.mark = time.perf_counter()  # the probe is neither data wait nor training compute
         return r2
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ scales): the latter get no weight decay and, under LARS, no trust-ratio adaptati
 BYOL, SimCLR and VICReg papers and in MoCo v3/timm for ViTs. SGD keeps SimSiam's reference
 behaviour (weight decay on every parameter).
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,7 @@ class LARS(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                                      lars_exclude=False))
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -68,8 +68,12 @@ def build_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "lars":
-        return LARS(_split_1d(groups, cfg.weight_decay, "lars_exclude"), lr=lr, momentum=cfg.momentum,
-                    weight_decay=cfg.weight_decay)
+        return LARS(
+            _split_1d(groups, cfg.weight_decay, "lars_exclude"),
+            lr=lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+        )
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(_split_1d(groups, cfg.weight_decay, None), lr=lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (expected one of: {', '.join(OPTIMIZERS)})")

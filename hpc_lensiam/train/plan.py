@@ -25,6 +25,7 @@ Decisions and why:
 - ``cudnn.benchmark`` on (input sizes are fixed) and TF32 for fp32 matmuls/convolutions on CUDA;
   ``--deterministic``: deterministic algorithms, benchmark off, cuBLAS workspace pinned.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,8 @@ NATIVE_BF16_CAPABILITY = (8, 0)
 @dataclass(frozen=True)
 class DeviceCaps:
     """What the plan needs to know about a device. ``capability`` is CUDA's (major, minor)."""
-    type: str = "cpu"                               # "cuda" | "cpu"
+
+    type: str = "cpu"  # "cuda" | "cpu"
     capability: tuple[int, int] | None = None
     name: str = "cpu"
 
@@ -74,7 +76,7 @@ class DevicePlan:
     grad_scaler: bool
     model_memory_format: torch.memory_format
     input_memory_format: torch.memory_format
-    sync_bn: str                                    # "none" | "torch" | "gloo"
+    sync_bn: str  # "none" | "torch" | "gloo"
     ddp_kwargs: dict = field(default_factory=dict)
     deepspeed: dict | None = None
     cudnn_benchmark: bool = False
@@ -89,8 +91,7 @@ class DevicePlan:
             bits.append("GradScaler")
         if self.tf32:
             bits.append("TF32")
-        bits.append("deterministic" if self.deterministic else
-                    ("cudnn.benchmark" if self.cudnn_benchmark else ""))
+        bits.append("deterministic" if self.deterministic else ("cudnn.benchmark" if self.cudnn_benchmark else ""))
         return ", ".join(b for b in bits if b)
 
 
@@ -98,9 +99,11 @@ def check_precision(precision: str, caps: DeviceCaps, what: str = "--precision")
     """bf16 on a GPU without native bf16 is refused (torch would emulate it, slowly)."""
     if precision == "bf16" and not caps.bf16_native:
         major, minor = caps.capability or (0, 0)
-        raise ConfigError(f"{what} bf16: {caps.name} (compute capability {major}.{minor}) has no native bf16 "
-                          f"(needs >= 8.0; torch would emulate it many times slower); use {what} fp16 "
-                          f"(autocast + loss scaling) or fp32")
+        raise ConfigError(
+            f"{what} bf16: {caps.name} (compute capability {major}.{minor}) has no native bf16 "
+            f"(needs >= 8.0; torch would emulate it many times slower); use {what} fp16 "
+            f"(autocast + loss scaling) or fp32"
+        )
 
 
 def inference_dtype(caps: DeviceCaps) -> torch.dtype | None:
@@ -112,20 +115,26 @@ def inference_dtype(caps: DeviceCaps) -> torch.dtype | None:
 
 def deepspeed_config(cfg, world_size: int) -> dict:
     """DeepSpeed JSON: generated from the flags, or the user's file with the batch keys checked."""
-    ds = {"train_micro_batch_size_per_gpu": cfg.batch_size,
-          "gradient_accumulation_steps": cfg.grad_accum,
-          "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size,
-          "gradient_clipping": 0.0,            # SimSiam does not clip (DeepSpeed >= 0.19.3 defaults to 1.0)
-          "zero_optimization": {"stage": cfg.zero_stage},
-          "zero_allow_untested_optimizer": True,
-          "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size,
+        "gradient_clipping": 0.0,  # SimSiam does not clip (DeepSpeed >= 0.19.3 defaults to 1.0)
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
     # bf16/fp16 as autocast with fp32 master weights, like torch.amp under DDP. DeepSpeed's own
     # "bf16"/"fp16" sections cast every parameter, BatchNorm's included, to half precision; a user
     # JSON may still ask for them (inputs are then cast to match). No "lower precision safe" modules:
     # gradients are reduced in fp32 under every ZeRO stage, as under DDP.
     if cfg.precision in ("bf16", "fp16"):
-        ds["torch_autocast"] = {"enabled": True, "dtype": {"bf16": "bfloat16", "fp16": "float16"}[cfg.precision],
-                                "lower_precision_safe_modules": []}
+        ds["torch_autocast"] = {
+            "enabled": True,
+            "dtype": {"bf16": "bfloat16", "fp16": "float16"}[cfg.precision],
+            "lower_precision_safe_modules": [],
+        }
     if cfg.deepspeed_config:
         path = Path(cfg.deepspeed_config)
         try:
@@ -134,8 +143,10 @@ def deepspeed_config(cfg, world_size: int) -> dict:
             raise ConfigError(f"{path}: cannot read DeepSpeed config ({exc})") from None
         for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
             if key in user and user[key] != ds[key]:
-                raise ConfigError(f"{path}: {key} = {user[key]} contradicts the flags ({ds[key]}); "
-                                  f"set the batch with --batch-size/--grad-accum")
+                raise ConfigError(
+                    f"{path}: {key} = {user[key]} contradicts the flags ({ds[key]}); "
+                    f"set the batch with --batch-size/--grad-accum"
+                )
         ds.update(user)
     return ds
 
@@ -144,21 +155,29 @@ def make_plan(cfg, caps: DeviceCaps, world_size: int) -> DevicePlan:
     """The device plan for training ``cfg`` on a device with ``caps`` in a world of ``world_size``."""
     check_precision(cfg.precision, caps)
     if cfg.precision == "fp16" and cfg.engine == "deepspeed" and cfg.zero_stage != 0:
-        raise ConfigError("--precision fp16 with --engine deepspeed needs --zero-stage 0 "
-                          "(DeepSpeed's autocast loss scaler is ZeRO-0 only); use bf16 for ZeRO-1")
+        raise ConfigError(
+            "--precision fp16 with --engine deepspeed needs --zero-stage 0 "
+            "(DeepSpeed's autocast loss scaler is ZeRO-0 only); use bf16 for ZeRO-1"
+        )
     cuda = caps.type == "cuda"
     deterministic = bool(getattr(cfg, "deterministic", False))
     nhwc = cuda and cfg.channels_last
     fmt = torch.channels_last if nhwc else torch.contiguous_format
     return DevicePlan(
-        device_type=caps.type, precision=cfg.precision, autocast_dtype=DTYPES[cfg.precision],
+        device_type=caps.type,
+        precision=cfg.precision,
+        autocast_dtype=DTYPES[cfg.precision],
         grad_scaler=cfg.precision == "fp16" and cfg.engine == "ddp",
         model_memory_format=fmt if cfg.engine == "ddp" else torch.contiguous_format,
         input_memory_format=fmt,
         sync_bn=("torch" if cuda else "gloo") if world_size > 1 and getattr(cfg, "sync_batchnorm", True) else "none",
         ddp_kwargs={"broadcast_buffers": False} if world_size > 1 else {},
         deepspeed=deepspeed_config(cfg, world_size) if cfg.engine == "deepspeed" else None,
-        cudnn_benchmark=cuda and not deterministic, tf32=cuda, deterministic=deterministic, pin_memory=cuda)
+        cudnn_benchmark=cuda and not deterministic,
+        tf32=cuda,
+        deterministic=deterministic,
+        pin_memory=cuda,
+    )
 
 
 def apply_switches(plan: DevicePlan) -> None:
@@ -168,5 +187,5 @@ def apply_switches(plan: DevicePlan) -> None:
     torch.backends.cuda.matmul.allow_tf32 = plan.tf32
     torch.backends.cudnn.allow_tf32 = plan.tf32
     if plan.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS needs it to be deterministic
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
     torch.use_deterministic_algorithms(plan.deterministic, warn_only=False)

@@ -13,6 +13,7 @@
 * **Metrics repair.** On resume ``metrics.csv`` keeps its well-formed rows up to the checkpoint's
   step; a damaged tail (a kill mid-write, a full disk) is dropped with a warning, never fatal.
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,10 +32,31 @@ from .monitor import METRICS
 
 # What makes a resumed run the same run: its data (manifest sha256) and these keys. Not guarded:
 # epochs/max_steps (extending a run), engine/precision/workers (how it runs), logging cadence.
-GUARDED = ("mode", "method", "arch", "seed", "base_lr", "lr_scaling", "optimizer", "batch_size", "grad_accum",
-           "momentum", "weight_decay", "warmup_epochs", "fix_pred_lr", "proj_dim", "proj_hidden_dim", "pred_dim",
-           "ema_tau_base", "temperature", "vicreg_sim_coeff", "vicreg_std_coeff", "vicreg_cov_coeff",
-           "zero_init_residual", "shuffle_buffer")
+GUARDED = (
+    "mode",
+    "method",
+    "arch",
+    "seed",
+    "base_lr",
+    "lr_scaling",
+    "optimizer",
+    "batch_size",
+    "grad_accum",
+    "momentum",
+    "weight_decay",
+    "warmup_epochs",
+    "fix_pred_lr",
+    "proj_dim",
+    "proj_hidden_dim",
+    "pred_dim",
+    "ema_tau_base",
+    "temperature",
+    "vicreg_sim_coeff",
+    "vicreg_std_coeff",
+    "vicreg_cov_coeff",
+    "zero_init_residual",
+    "shuffle_buffer",
+)
 HISTORY = "config_history.yaml"
 
 
@@ -58,7 +80,7 @@ class RunDir:
                 prepare_dir(self.out)
                 self.lock.acquire()
                 for d in (self.out, self.out / "checkpoints"):
-                    for stale in d.glob(TMP_PREFIX + "*"):   # partial files of a killed run
+                    for stale in d.glob(TMP_PREFIX + "*"):  # partial files of a killed run
                         stale.unlink(missing_ok=True)
             except UserError as exc:
                 failed = str(exc)
@@ -81,13 +103,17 @@ class RunDir:
         changes = {k: (old[k], new[k]) for k in GUARDED if k in old and old[k] != new[k]}
         old_data = ckpt.get("data_manifest_sha256")
         if old_data and self.manifest_sha and old_data != self.manifest_sha:
-            changes["data"] = (f"{old.get('data')} (manifest sha256 {old_data[:12]})",
-                               f"{new['data']} (manifest sha256 {self.manifest_sha[:12]})")
+            changes["data"] = (
+                f"{old.get('data')} (manifest sha256 {old_data[:12]})",
+                f"{new['data']} (manifest sha256 {self.manifest_sha[:12]})",
+            )
         if changes and not self.allow:
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
-            raise UserError(f"--resume: {path} (step {ckpt.get('step')}) was trained with other settings: "
-                            f"{what}; use the run's own settings (RUN/config.yaml), another --out, or "
-                            f"--allow-config-change to continue anyway (recorded in RUN/{HISTORY})")
+            raise UserError(
+                f"--resume: {path} (step {ckpt.get('step')}) was trained with other settings: "
+                f"{what}; use the run's own settings (RUN/config.yaml), another --out, or "
+                f"--allow-config-change to continue anyway (recorded in RUN/{HISTORY})"
+            )
         self.changes = changes
 
     def write_config(self, header: str, resume: bool, step: int) -> None:
@@ -99,15 +125,23 @@ class RunDir:
             return
         if first.read_text() == text:
             return
-        entry = {"resumed_at_step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                 "changed": {k: {"before": a, "after": b} for k, (a, b) in self.changes.items()},
-                 "resolved": header.strip().removeprefix("# resolved: "), "config": to_dict(self.cfg)}
+        entry = {
+            "resumed_at_step": step,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "changed": {k: {"before": a, "after": b} for k, (a, b) in self.changes.items()},
+            "resolved": header.strip().removeprefix("# resolved: "),
+            "config": to_dict(self.cfg),
+        }
         history = self.out / HISTORY
         old = history.read_text() if history.is_file() else ""
         atomic_write_text(history, old + dump_yaml([entry]))
         if self.changes:
-            print(f"train: warning: --allow-config-change: {', '.join(self.changes)} changed; recorded in "
-                  f"{history} ({first} keeps the first config)", file=sys.stderr, flush=True)
+            print(
+                f"train: warning: --allow-config-change: {', '.join(self.changes)} changed; recorded in "
+                f"{history} ({first} keeps the first config)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def reset_metrics(self, keep_until: int) -> None:
         """New ``metrics.csv``, or on resume the old one's well-formed rows up to ``keep_until``."""
@@ -126,8 +160,11 @@ class RunDir:
                 except ValueError:
                     damaged += 1
             if damaged:
-                print(f"train: warning: {path}: dropped {damaged} damaged row(s) (an interrupted write)",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"train: warning: {path}: dropped {damaged} damaged row(s) (an interrupted write)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         atomic_write_text(path, "\n".join([",".join(METRICS)] + [",".join(r) for r in rows]) + "\n")
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ checks the keys and the features (:mod:`hpc_lensiam.downstream.export`).
 Adding a backbone = one module with an ``ENTRIES`` tuple of :class:`BackboneSpec` + one entry in
 ``_MODULES`` below (docs/extending.md shows an example).
 """
+
 from __future__ import annotations
 
 from . import resnet, vit
@@ -45,8 +46,17 @@ def backbone_state_dict(model_state: dict, head: str = "fc") -> dict:
     for k, v in model_state.items():
         k = k.removeprefix("module.")
         if k.startswith("encoder.") and not k.startswith(f"encoder.{head}."):
-            out[k[len("encoder."):]] = v
+            out[k[len("encoder.") :]] = v
     return out
 
-__all__ = ["ARCHS", "BACKBONES", "BackboneSpec", "Exported", "backbone_state_dict", "build_backbone",
-           "feature_dim", "get"]
+
+__all__ = [
+    "ARCHS",
+    "BACKBONES",
+    "BackboneSpec",
+    "Exported",
+    "backbone_state_dict",
+    "build_backbone",
+    "feature_dim",
+    "get",
+]

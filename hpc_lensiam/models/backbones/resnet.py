@@ -10,15 +10,20 @@ Export contract (the official SimSiam export): the 1-channel ``conv1`` is folded
 ``strict=False``, missing exactly ``fc.weight`` and ``fc.bias``, and a grayscale image repeated on
 3 channels gives the trained features.
 """
+
 from __future__ import annotations
 
 from .spec import BackboneSpec, Exported
 
 FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "resnet101": 2048}
 # torchvision ResNets by (bottleneck blocks?, blocks per stage)
-RESNETS = {(False, (2, 2, 2, 2)): "resnet18", (False, (3, 4, 6, 3)): "resnet34",
-           (True, (3, 4, 6, 3)): "resnet50", (True, (3, 4, 23, 3)): "resnet101",
-           (True, (3, 8, 36, 3)): "resnet152"}
+RESNETS = {
+    (False, (2, 2, 2, 2)): "resnet18",
+    (False, (3, 4, 6, 3)): "resnet34",
+    (True, (3, 4, 6, 3)): "resnet50",
+    (True, (3, 4, 23, 3)): "resnet101",
+    (True, (3, 8, 36, 3)): "resnet152",
+}
 CHANNELS = "grayscale image repeated on 3 channels (conv1 folded from the 1-channel training stem)"
 
 
@@ -73,8 +78,10 @@ def to_torchvision(bb: dict, arch: str):
     except RuntimeError as exc:
         raise UserError(f"backbone weights do not fit torchvision {arch} ({str(exc).splitlines()[0]})") from None
     if sorted(res.missing_keys) != ["fc.bias", "fc.weight"] or res.unexpected_keys:
-        raise RuntimeError(f"export contract broken for {arch}: missing {res.missing_keys}, "
-                           f"unexpected {res.unexpected_keys} (expected missing fc.weight, fc.bias only)")
+        raise RuntimeError(
+            f"export contract broken for {arch}: missing {res.missing_keys}, "
+            f"unexpected {res.unexpected_keys} (expected missing fc.weight, fc.bias only)"
+        )
     return state, tv
 
 
@@ -85,14 +92,28 @@ def _specs():
 
             state, tv = to_torchvision(bb, arch)
             tv.fc = nn.Identity()
-            return Exported(state=state, model=tv.eval(), in_chans=3, channel_note=CHANNELS,
-                            load=f"m = torchvision.models.{arch}(); m.load_state_dict(STATE, strict=False)"
-                                 "  # missing only fc.weight, fc.bias")
+            return Exported(
+                state=state,
+                model=tv.eval(),
+                in_chans=3,
+                channel_note=CHANNELS,
+                load=f"m = torchvision.models.{arch}(); m.load_state_dict(STATE, strict=False)"
+                "  # missing only fc.weight, fc.bias",
+            )
+
         return run
 
-    return tuple(BackboneSpec(name=a, family="torchvision", feature_dim=d, head="fc",
-                      build=lambda img_size, zir, a=a: build(a, zir), export=export(a))
-                 for a, d in FEATURE_DIMS.items())
+    return tuple(
+        BackboneSpec(
+            name=a,
+            family="torchvision",
+            feature_dim=d,
+            head="fc",
+            build=lambda img_size, zir, a=a: build(a, zir),
+            export=export(a),
+        )
+        for a, d in FEATURE_DIMS.items()
+    )
 
 
 ENTRIES = _specs()

@@ -9,6 +9,7 @@ documented with the paper they come from. Adding a method = one module + one ent
 then the backbone's own (``BackboneSpec.recipe``: a ViT's is MoCo v3's AdamW recipe, since SGD/LARS
 recipes were tuned for ResNets). YAML keys and flags override both.
 """
+
 from __future__ import annotations
 
 from ..backbones import BACKBONES
@@ -41,5 +42,16 @@ def build_method(cfg, img_size: int | None = None) -> SSLMethod:
     return get(cfg.method).from_config(cfg, img_size)
 
 
-__all__ = ["METHODS", "SSLMethod", "BYOL", "SimCLR", "SimSiam", "VICReg", "build_method", "gather_with_grad",
-           "get", "mlp", "recipe"]
+__all__ = [
+    "METHODS",
+    "SSLMethod",
+    "BYOL",
+    "SimCLR",
+    "SimSiam",
+    "VICReg",
+    "build_method",
+    "gather_with_grad",
+    "get",
+    "mlp",
+    "recipe",
+]

@@ -12,6 +12,7 @@ A method is an ``nn.Module`` with
 - ``recipe``: the paper's hyperparameters as TrainConfig defaults, applied under YAML and flags;
 - ``from_config(cfg, img_size)``: the constructor the training loop calls.
 """
+
 from __future__ import annotations
 
 from typing import ClassVar
@@ -45,6 +46,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     from torch.distributed.nn.functional import all_gather
+
     return torch.cat(all_gather(x.contiguous()), dim=0)
 
 

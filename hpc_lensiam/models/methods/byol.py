@@ -13,6 +13,7 @@ projector and predictor are MLPs 4096 (BN, ReLU) -> 256. The target network is p
 model's state_dict (``target_encoder.*``), so checkpoints and resume carry it; export takes the
 online ``encoder``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,11 +46,27 @@ def ema_update(target: torch.nn.Module, online: torch.nn.Module, tau: float) -> 
 class BYOL(SSLMethod):
     name = "byol"
     paper = "Grill et al. 2020, Bootstrap Your Own Latent (NeurIPS)"
-    recipe = dict(optimizer="lars", base_lr=0.2, weight_decay=1.5e-6, proj_hidden_dim=4096, proj_dim=256,
-                  pred_dim=4096, fix_pred_lr=False, ema_tau_base=0.996)
+    recipe = dict(
+        optimizer="lars",
+        base_lr=0.2,
+        weight_decay=1.5e-6,
+        proj_hidden_dim=4096,
+        proj_dim=256,
+        pred_dim=4096,
+        fix_pred_lr=False,
+        ema_tau_base=0.996,
+    )
 
-    def __init__(self, arch: str, proj_hidden_dim: int = 4096, proj_dim: int = 256, pred_dim: int = 4096,
-                 tau_base: float = 0.996, zero_init_residual: bool = True, img_size: int | None = None):
+    def __init__(
+        self,
+        arch: str,
+        proj_hidden_dim: int = 4096,
+        proj_dim: int = 256,
+        pred_dim: int = 4096,
+        tau_base: float = 0.996,
+        zero_init_residual: bool = True,
+        img_size: int | None = None,
+    ):
         super().__init__(arch, zero_init_residual, img_size)
         self.set_projector(mlp([self.feature_dim, proj_hidden_dim, proj_dim]))
         self.predictor = mlp([proj_dim, pred_dim, proj_dim])
@@ -60,8 +77,15 @@ class BYOL(SSLMethod):
 
     @classmethod
     def from_config(cls, cfg, img_size):
-        return cls(cfg.arch, cfg.proj_hidden_dim or cfg.proj_dim, cfg.proj_dim, cfg.pred_dim, cfg.ema_tau_base,
-                   cfg.zero_init_residual, img_size)
+        return cls(
+            cfg.arch,
+            cfg.proj_hidden_dim or cfg.proj_dim,
+            cfg.proj_dim,
+            cfg.pred_dim,
+            cfg.ema_tau_base,
+            cfg.zero_init_residual,
+            img_size,
+        )
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor):
         """``p1, p2`` (online predictions), ``t1, t2`` (target projections, no graph), ``z1`` (monitor)."""

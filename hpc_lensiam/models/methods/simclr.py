@@ -16,6 +16,7 @@ Recipe: LARS (biases and BN excluded), weight decay 1e-6, square-root lr scaling
 lr = 0.075 x sqrt(batch), which the paper's appendix finds better than 0.3 x batch/256 at small
 batches and short schedules; temperature 0.1; projection head 2048 (BN, ReLU) -> 128.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,9 +35,9 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     if total == n:
         rank = 0
-    idx = torch.arange(n, device=z1.device) + rank * n              # this rank's rows in the global batch
-    anchors = torch.cat([z1, z2])                                   # (2n, d)
-    candidates = torch.cat([g1, g2])                                # (2N, d)
+    idx = torch.arange(n, device=z1.device) + rank * n  # this rank's rows in the global batch
+    anchors = torch.cat([z1, z2])  # (2n, d)
+    candidates = torch.cat([g1, g2])  # (2N, d)
     logits = anchors @ candidates.T / temperature
     self_col = torch.cat([idx, idx + total])
     logits[torch.arange(2 * n, device=z1.device), self_col] = float("-inf")
@@ -47,19 +48,39 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -
 class SimCLR(SSLMethod):
     name = "simclr"
     paper = "Chen et al. 2020, A Simple Framework for Contrastive Learning of Visual Representations (ICML)"
-    recipe = dict(optimizer="lars", base_lr=0.075, lr_scaling="sqrt", weight_decay=1e-6, proj_hidden_dim=2048,
-                  proj_dim=128, temperature=0.1)
+    recipe = dict(
+        optimizer="lars",
+        base_lr=0.075,
+        lr_scaling="sqrt",
+        weight_decay=1e-6,
+        proj_hidden_dim=2048,
+        proj_dim=128,
+        temperature=0.1,
+    )
 
-    def __init__(self, arch: str, proj_hidden_dim: int = 2048, proj_dim: int = 128, temperature: float = 0.1,
-                 zero_init_residual: bool = True, img_size: int | None = None):
+    def __init__(
+        self,
+        arch: str,
+        proj_hidden_dim: int = 2048,
+        proj_dim: int = 128,
+        temperature: float = 0.1,
+        zero_init_residual: bool = True,
+        img_size: int | None = None,
+    ):
         super().__init__(arch, zero_init_residual, img_size)
         self.set_projector(mlp([self.feature_dim, proj_hidden_dim, proj_dim]))
         self.temperature = temperature
 
     @classmethod
     def from_config(cls, cfg, img_size):
-        return cls(cfg.arch, cfg.proj_hidden_dim or cfg.proj_dim, cfg.proj_dim, cfg.temperature,
-                   cfg.zero_init_residual, img_size)
+        return cls(
+            cfg.arch,
+            cfg.proj_hidden_dim or cfg.proj_dim,
+            cfg.proj_dim,
+            cfg.temperature,
+            cfg.zero_init_residual,
+            img_size,
+        )
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor):
         return self.encoder(x1), self.encoder(x2)

@@ -8,6 +8,7 @@ Recipe (TrainConfig defaults): SGD, momentum 0.9, lr = base_lr x batch/256 with 
 weight decay 5e-4 (the paper's small-image/CIFAR recipe, which the LenSiam authors used; ImageNet:
 0.05 and 1e-4), projector 2048-2048-2048, predictor hidden 512, the predictor's lr fixed.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,16 +21,22 @@ from .base import SSLMethod
 def projector(in_dim: int, dim: int = 2048) -> nn.Sequential:
     """3 bias-free linears, each followed by BN; ReLU after the first two; last BN without affine."""
     return nn.Sequential(
-        nn.Linear(in_dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
-        nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
-        nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim, affine=False))
+        nn.Linear(in_dim, dim, bias=False),
+        nn.BatchNorm1d(dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(dim, dim, bias=False),
+        nn.BatchNorm1d(dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(dim, dim, bias=False),
+        nn.BatchNorm1d(dim, affine=False),
+    )
 
 
 def predictor(dim: int = 2048, pred_dim: int = 512) -> nn.Sequential:
     """Bottleneck dim-pred_dim-dim: BN+ReLU in the hidden layer only, plain linear output."""
     return nn.Sequential(
-        nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim), nn.ReLU(inplace=True),
-        nn.Linear(pred_dim, dim))
+        nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim), nn.ReLU(inplace=True), nn.Linear(pred_dim, dim)
+    )
 
 
 def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
@@ -47,12 +54,19 @@ def z_std(z: torch.Tensor) -> torch.Tensor:
 
 class SimSiam(SSLMethod):
     """``encoder`` = backbone with its head = projector; ``predictor`` on top."""
+
     name = "simsiam"
     paper = "Chen & He 2021, Exploring Simple Siamese Representation Learning (CVPR)"
-    recipe: dict = {}   # TrainConfig's own defaults are SimSiam's (LenSiam's CIFAR-scale recipe)
+    recipe: dict = {}  # TrainConfig's own defaults are SimSiam's (LenSiam's CIFAR-scale recipe)
 
-    def __init__(self, arch: str = "resnet101", dim: int = 2048, pred_dim: int = 512,
-                 zero_init_residual: bool = True, img_size: int | None = None):
+    def __init__(
+        self,
+        arch: str = "resnet101",
+        dim: int = 2048,
+        pred_dim: int = 512,
+        zero_init_residual: bool = True,
+        img_size: int | None = None,
+    ):
         super().__init__(arch, zero_init_residual, img_size)
         self.set_projector(projector(self.feature_dim, dim))
         self.predictor = predictor(dim, pred_dim)

@@ -16,6 +16,7 @@ which averages to the global one.
 Recipe: LARS, lr = 0.2 x batch/256, weight decay 1e-6, expander 8192-8192-8192
 (``--proj-hidden-dim``/``--proj-dim``; tests use small widths).
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,9 @@ def covariance_term(z: torch.Tensor) -> torch.Tensor:
     return _off_diagonal(cov).pow(2).sum() / d
 
 
-def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
-                cov_coeff: float = 1.0) -> torch.Tensor:
+def vicreg_loss(
+    z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0
+) -> torch.Tensor:
     """The paper's loss on local embeddings; variance and covariance over the global batch."""
     z1, z2 = z1.float(), z2.float()
     inv = F.mse_loss(z1, z2)
@@ -55,20 +57,44 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std
 class VICReg(SSLMethod):
     name = "vicreg"
     paper = "Bardes, Ponce & LeCun 2022, VICReg (ICLR)"
-    recipe = dict(optimizer="lars", base_lr=0.2, weight_decay=1e-6, proj_hidden_dim=8192, proj_dim=8192,
-                  vicreg_sim_coeff=25.0, vicreg_std_coeff=25.0, vicreg_cov_coeff=1.0)
+    recipe = dict(
+        optimizer="lars",
+        base_lr=0.2,
+        weight_decay=1e-6,
+        proj_hidden_dim=8192,
+        proj_dim=8192,
+        vicreg_sim_coeff=25.0,
+        vicreg_std_coeff=25.0,
+        vicreg_cov_coeff=1.0,
+    )
 
-    def __init__(self, arch: str, proj_hidden_dim: int = 8192, proj_dim: int = 8192, sim_coeff: float = 25.0,
-                 std_coeff: float = 25.0, cov_coeff: float = 1.0, zero_init_residual: bool = True,
-                 img_size: int | None = None):
+    def __init__(
+        self,
+        arch: str,
+        proj_hidden_dim: int = 8192,
+        proj_dim: int = 8192,
+        sim_coeff: float = 25.0,
+        std_coeff: float = 25.0,
+        cov_coeff: float = 1.0,
+        zero_init_residual: bool = True,
+        img_size: int | None = None,
+    ):
         super().__init__(arch, zero_init_residual, img_size)
         self.set_projector(mlp([self.feature_dim, proj_hidden_dim, proj_hidden_dim, proj_dim]))
         self.coeffs = (sim_coeff, std_coeff, cov_coeff)
 
     @classmethod
     def from_config(cls, cfg, img_size):
-        return cls(cfg.arch, cfg.proj_hidden_dim or cfg.proj_dim, cfg.proj_dim, cfg.vicreg_sim_coeff,
-                   cfg.vicreg_std_coeff, cfg.vicreg_cov_coeff, cfg.zero_init_residual, img_size)
+        return cls(
+            cfg.arch,
+            cfg.proj_hidden_dim or cfg.proj_dim,
+            cfg.proj_dim,
+            cfg.vicreg_sim_coeff,
+            cfg.vicreg_std_coeff,
+            cfg.vicreg_cov_coeff,
+            cfg.zero_init_residual,
+            img_size,
+        )
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor):
         return self.encoder(x1), self.encoder(x2)

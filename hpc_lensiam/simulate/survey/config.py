@@ -5,6 +5,7 @@ wrong types and impossible ranges raise a ConfigError naming the file and key. T
 (with ``lens_fraction`` filled in) is stored in the shard manifest, so a data set says how it was made.
 The priors and their sources are documented where they are drawn (population.py, mass.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,38 +31,39 @@ OBSERVATIONS = {"euclid": ("Euclid", "VIS"), "hst": ("HST", "WFC3_F160W")}
 @dataclass
 class PopulationPrior:
     """Deflector and source populations (redshifts, velocity dispersions, luminosities, sizes)."""
+
     H0_km_s_Mpc: float = 70.0
     Omega_m: float = 0.3
-    z_lens: Range = (0.05, 1.2)                 # drawn from dV_c/dz (constant comoving density)
+    z_lens: Range = (0.05, 1.2)  # drawn from dV_c/dz (constant comoving density)
     z_source_max: float = 4.0
-    z_source_min_gap: float = 0.1               # z_s >= z_l + gap
-    z_source_z0: float = 1.0                    # Smail et al. (1994) n(z) ~ z^2 exp(-(z/z0)^1.5)
-    sigma_v_km_s: Range = (100.0, 400.0)        # Choi et al. (2007) VDF, lensing-weighted by sigma^4
-    fj_M_at_200: float = -21.5                  # Faber-Jackson: M_r at sigma = 200 km/s (Bernardi+2003)
-    fj_slope: float = -10.0                     # dM / dlog10(sigma): L ~ sigma^4
+    z_source_min_gap: float = 0.1  # z_s >= z_l + gap
+    z_source_z0: float = 1.0  # Smail et al. (1994) n(z) ~ z^2 exp(-(z/z0)^1.5)
+    sigma_v_km_s: Range = (100.0, 400.0)  # Choi et al. (2007) VDF, lensing-weighted by sigma^4
+    fj_M_at_200: float = -21.5  # Faber-Jackson: M_r at sigma = 200 km/s (Bernardi+2003)
+    fj_slope: float = -10.0  # dM / dlog10(sigma): L ~ sigma^4
     fj_scatter_mag: float = 0.5
-    k_correction_per_z: float = 1.0             # deflector K+e correction in the VIS band, mag per unit z
-    size_R_kpc_at_M0: float = 4.0               # early types: R_e(M = fj_M_at_200) (Shen+2003, R ~ L^0.65)
+    k_correction_per_z: float = 1.0  # deflector K+e correction in the VIS band, mag per unit z
+    size_R_kpc_at_M0: float = 4.0  # early types: R_e(M = fj_M_at_200) (Shen+2003, R ~ L^0.65)
     size_dlogR_dM: float = -0.26
     size_scatter_dex: float = 0.11
     n_sersic_lens: Range = (3.0, 5.0)
-    q_light_mean: float = 0.75                  # early-type axis ratios (Padilla & Strauss 2008)
+    q_light_mean: float = 0.75  # early-type axis ratios (Padilla & Strauss 2008)
     q_light_sigma: float = 0.12
     q_min: float = 0.45
     lens_center_arcsec: Range = (-0.1, 0.1)
-    source_M_star: float = -21.0                # source luminosity function (Schechter), M* and alpha
+    source_M_star: float = -21.0  # source luminosity function (Schechter), M* and alpha
     source_alpha: float = -1.3
     source_M: Range = (-23.0, -18.5)
-    source_size_R_kpc_at_M_star: float = 3.0    # late types: R ~ L^0.25 (Shen+2003), (1+z)^-0.75 (van der Wel+2014)
+    source_size_R_kpc_at_M_star: float = 3.0  # late types: R ~ L^0.25 (Shen+2003), (1+z)^-0.75 (van der Wel+2014)
     source_size_dlogR_dM: float = -0.1
     source_size_z_power: float = -0.75
     source_size_scatter_dex: float = 0.2
     source_n_sersic: Range = (0.5, 2.0)
     source_q: Range = (0.3, 1.0)
-    source_radius_theta_E: float = 1.2          # lens attempts: source uniform in a disk of this x theta_E_SIS
-    interloper_density_arcmin2: float = 15.0    # field galaxies, m in interloper_mag (both classes)
+    source_radius_theta_E: float = 1.2  # lens attempts: source uniform in a disk of this x theta_E_SIS
+    interloper_density_arcmin2: float = 15.0  # field galaxies, m in interloper_mag (both classes)
     interloper_mag: Range = (20.0, 25.5)
-    interloper_count_slope: float = 0.3         # dN/dm ~ 10^(slope m) (faint galaxy counts)
+    interloper_count_slope: float = 0.3  # dN/dm ~ 10^(slope m) (faint galaxy counts)
 
     def validate(self, where: str) -> None:
         if self.H0_km_s_Mpc <= 0 or not 0 < self.Omega_m < 1:
@@ -72,8 +74,13 @@ class PopulationPrior:
         if self.z_source_min_gap <= 0 or self.z_source_z0 <= 0:
             raise ConfigError(f"{where}: z_source_min_gap and z_source_z0 must be > 0")
         _check_range(where, "sigma_v_km_s", self.sigma_v_km_s, lo=0.0, strict_lo=True)
-        for name in ("fj_scatter_mag", "size_scatter_dex", "source_size_scatter_dex", "q_light_sigma",
-                     "interloper_density_arcmin2"):
+        for name in (
+            "fj_scatter_mag",
+            "size_scatter_dex",
+            "source_size_scatter_dex",
+            "q_light_sigma",
+            "interloper_density_arcmin2",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{where}.{name}: must be >= 0")
         if self.size_R_kpc_at_M0 <= 0 or self.source_size_R_kpc_at_M_star <= 0:
@@ -93,17 +100,18 @@ class PopulationPrior:
 @dataclass
 class MassPrior:
     """Composite mass: stellar Sersic (M/L from the lensing budget) + elliptical NFW + shear + m=3,4."""
+
     stellar_fraction_theta_E: Range = (0.45, 0.85)  # f_* inside theta_E (Auger et al. 2010, SLACS)
-    halo_r_s_kpc_median: float = 80.0               # NFW scale radius (Gavazzi+2007; Dutton & Maccio 2014)
+    halo_r_s_kpc_median: float = 80.0  # NFW scale radius (Gavazzi+2007; Dutton & Maccio 2014)
     halo_r_s_scatter_dex: float = 0.2
     halo_q_mean: float = 0.8
     halo_q_sigma: float = 0.1
-    mass_light_q_sigma: float = 0.08                # stellar-mass axis ratio = light's + this scatter
-    misalignment_deg_sigma: float = 10.0            # light-mass position angle (Bolton+2008, Koopmans+2006)
-    shear_median: float = 0.04                      # external shear, log-normal (Holder & Schechter 2003)
+    mass_light_q_sigma: float = 0.08  # stellar-mass axis ratio = light's + this scatter
+    misalignment_deg_sigma: float = 10.0  # light-mass position angle (Bolton+2008, Koopmans+2006)
+    shear_median: float = 0.04  # external shear, log-normal (Holder & Schechter 2003)
     shear_scatter_dex: float = 0.25
     shear_max: float = 0.15
-    a3_sigma_theta_E: float = 0.005                 # multipoles a_m / theta_E (Van de Vyvere et al. 2022)
+    a3_sigma_theta_E: float = 0.005  # multipoles a_m / theta_E (Van de Vyvere et al. 2022)
     a4_sigma_theta_E: float = 0.01
 
     def validate(self, where: str) -> None:
@@ -111,8 +119,16 @@ class MassPrior:
         for name in ("halo_r_s_kpc_median", "halo_q_mean", "shear_max"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}.{name}: must be > 0")
-        for name in ("halo_r_s_scatter_dex", "halo_q_sigma", "mass_light_q_sigma", "misalignment_deg_sigma",
-                     "shear_median", "shear_scatter_dex", "a3_sigma_theta_E", "a4_sigma_theta_E"):
+        for name in (
+            "halo_r_s_scatter_dex",
+            "halo_q_sigma",
+            "mass_light_q_sigma",
+            "misalignment_deg_sigma",
+            "shear_median",
+            "shear_scatter_dex",
+            "a3_sigma_theta_E",
+            "a4_sigma_theta_E",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{where}.{name}: must be >= 0")
 
@@ -120,9 +136,10 @@ class MassPrior:
 @dataclass
 class ObservationSettings:
     """Noise in physical units from lenstronomy's SimulationAPI observation config of the preset."""
-    num_exposures: int | None = None          # None: the lenstronomy config's value
-    exposure_time_s: float | None = None      # per exposure; None: the config's
-    sky_brightness_jitter_mag: float = 0.2       # per view: sky varies with pointing (uniform +-)
+
+    num_exposures: int | None = None  # None: the lenstronomy config's value
+    exposure_time_s: float | None = None  # per exposure; None: the config's
+    sky_brightness_jitter_mag: float = 0.2  # per view: sky varies with pointing (uniform +-)
 
     def validate(self, where: str) -> None:
         if self.num_exposures is not None and self.num_exposures < 1:
@@ -136,13 +153,14 @@ class ObservationSettings:
 @dataclass
 class SelectionCuts:
     """Survey detectability cuts in the style of Collett (2015), for the systems labelled lens."""
-    min_magnification: float = 3.0       # total magnification of the source (extended)
-    min_arc_snr: float = 20.0            # arc S/N over pixels where the arc exceeds 1 sigma of the noise
-    resolution_factor: float = 1.0       # theta_E^2 > f^2 (r_source^2 + (FWHM / 2)^2)
-    min_images: int = 2                  # a lens is multiply imaged (images with |mu| >= min_image_mag)
-    min_image_mag: float = 0.1           # demagnified central images below this do not count
-    source_tries: int = 20               # sources tried per deflector before a new deflector is drawn
-    max_tries: int = 2000                # deflector draws per sample before giving up (an error)
+
+    min_magnification: float = 3.0  # total magnification of the source (extended)
+    min_arc_snr: float = 20.0  # arc S/N over pixels where the arc exceeds 1 sigma of the noise
+    resolution_factor: float = 1.0  # theta_E^2 > f^2 (r_source^2 + (FWHM / 2)^2)
+    min_images: int = 2  # a lens is multiply imaged (images with |mu| >= min_image_mag)
+    min_image_mag: float = 0.1  # demagnified central images below this do not count
+    source_tries: int = 20  # sources tried per deflector before a new deflector is drawn
+    max_tries: int = 2000  # deflector draws per sample before giving up (an error)
 
     def validate(self, where: str) -> None:
         for name in ("min_magnification", "min_arc_snr", "resolution_factor", "min_image_mag"):
@@ -162,11 +180,12 @@ class SurveySourceSettings:
     default (unlike the paper family): this family adds its own noise in physical units, and a stamp's own
     noise floor and pedestal would both add noise and inflate its measured half-light radius.
     """
-    cosmos_fraction: float = 0.75                # the paper family's mix; the rest are analytic Sersic sources
-    cosmos_min_size_pix: int = 50                # the paper's cuts: stamp side >= 50 px,
-    cosmos_max_noise_frac: float = 0.05          # noise RMS < 5% of the stamp's peak
-    cosmos_clean_k_sigma: float | None = 1.0     # pedestal off, pixels < k noise RMS -> 0; null: raw stamps
-    cosmos_min_stamp_pixel: float = 0.5          # stamps scaled finer than this x the detector pixel are
+
+    cosmos_fraction: float = 0.75  # the paper family's mix; the rest are analytic Sersic sources
+    cosmos_min_size_pix: int = 50  # the paper's cuts: stamp side >= 50 px,
+    cosmos_max_noise_frac: float = 0.05  # noise RMS < 5% of the stamp's peak
+    cosmos_clean_k_sigma: float | None = 1.0  # pedestal off, pixels < k noise RMS -> 0; null: raw stamps
+    cosmos_min_stamp_pixel: float = 0.5  # stamps scaled finer than this x the detector pixel are
     #                                              block-summed to it (simulator.py: flux kept, no aliasing)
 
     def validate(self, where: str) -> None:
@@ -184,6 +203,7 @@ class SurveySourceSettings:
 @dataclass
 class SurveySimulationConfig:
     """The survey family: its own priors and noise, the preset's detector grid and PSF bank."""
+
     family: str = FAMILY
     preset: str = "euclid"
     instrument: InstrumentConfig = field(default_factory=InstrumentConfig)
@@ -192,9 +212,9 @@ class SurveySimulationConfig:
     observation: ObservationSettings = field(default_factory=ObservationSettings)
     selection: SelectionCuts = field(default_factory=SelectionCuts)
     source: SurveySourceSettings = field(default_factory=SurveySourceSettings)
-    lens_fraction: float | None = None   # None: 0.5 in single mode, 1.0 for LenSiam pairs
-    non_lens_source_absent_fraction: float = 0.5   # non-lenses: no source; else a singly imaged one
-    cosmos_dir: str | None = None        # GalSim real-galaxy-catalog folder; None = analytic Sersic sources
+    lens_fraction: float | None = None  # None: 0.5 in single mode, 1.0 for LenSiam pairs
+    non_lens_source_absent_fraction: float = 0.5  # non-lenses: no source; else a singly imaged one
+    cosmos_dir: str | None = None  # GalSim real-galaxy-catalog folder; None = analytic Sersic sources
     psf_files: list[str] = field(default_factory=list)
     psf_pixel_scale_arcsec: float | None = None
     psf_bank_seed: int = 0
@@ -216,8 +236,13 @@ def default_lens_fraction(mode: str) -> float:
     return 0.5 if mode == "single" else 1.0
 
 
-def survey_config(preset: str | None = None, config_path: str | Path | None = None, mode: str = "single",
-                  lens_fraction: float | None = None, **overrides) -> SurveySimulationConfig:
+def survey_config(
+    preset: str | None = None,
+    config_path: str | Path | None = None,
+    mode: str = "single",
+    lens_fraction: float | None = None,
+    **overrides,
+) -> SurveySimulationConfig:
     """Resolve the survey config: preset grid <- YAML <- keyword overrides; lens_fraction filled in."""
     data: dict = dict(read_yaml(config_path)) if config_path else {}
     where = str(config_path) if config_path else "config"
@@ -225,8 +250,9 @@ def survey_config(preset: str | None = None, config_path: str | Path | None = No
         data["preset"] = preset
     name = data.get("preset", "euclid")
     if name not in OBSERVATIONS:
-        raise ConfigError(f"{where}: unknown preset {name!r} for the survey family "
-                          f"(expected one of: {', '.join(OBSERVATIONS)})")
+        raise ConfigError(
+            f"{where}: unknown preset {name!r} for the survey family (expected one of: {', '.join(OBSERVATIONS)})"
+        )
     data["instrument"] = {**INSTRUMENT_PRESETS[name], **(data.get("instrument") or {})}
     for k, v in overrides.items():
         if v is None:

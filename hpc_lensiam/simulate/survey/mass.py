@@ -20,6 +20,7 @@ inside which the mean convergence is 1. By the divergence theorem, mean kappa(<R
 the azimuthal mean of the radial deflection on the circle, so it is found by root finding on a few
 hundred deflections per step. Shear and multipoles (m >= 1) add nothing to that mean.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,9 @@ def ellipticity(q: float, phi_rad: float) -> tuple[float, float]:
     return e * math.cos(2 * phi_rad), e * math.sin(2 * phi_rad)
 
 
-def mean_radial_deflection(lens_model, kwargs: list[dict], radius: float, cx: float, cy: float,
-                           n_phi: int = _N_PHI) -> float:
+def mean_radial_deflection(
+    lens_model, kwargs: list[dict], radius: float, cx: float, cy: float, n_phi: int = _N_PHI
+) -> float:
     """Azimuthal mean of the radial deflection on the circle of ``radius`` around (cx, cy)."""
     phi = (np.arange(n_phi) + 0.5) * (2 * math.pi / n_phi)
     c, s = np.cos(phi), np.sin(phi)
@@ -48,8 +50,9 @@ def mean_radial_deflection(lens_model, kwargs: list[dict], radius: float, cx: fl
     return float(np.mean(ax * c + ay * s))
 
 
-def einstein_radius(lens_model, kwargs: list[dict], cx: float = 0.0, cy: float = 0.0,
-                    guess: float = 1.0, tol: float = 1e-6) -> float:
+def einstein_radius(
+    lens_model, kwargs: list[dict], cx: float = 0.0, cy: float = 0.0, guess: float = 1.0, tol: float = 1e-6
+) -> float:
     """Circularised Einstein radius: the R with mean convergence 1 inside the circle (see module doc).
 
     Brent's method on f(R) = <alpha_r>(R) - R, bracketed by growing/shrinking ``guess``.
@@ -58,11 +61,12 @@ def einstein_radius(lens_model, kwargs: list[dict], cx: float = 0.0, cy: float =
 
     def f(r):
         return mean_radial_deflection(lens_model, kwargs, r, cx, cy) - r
+
     lo, hi = guess, guess
     while f(lo) <= 0:
         lo /= 2
         if lo < 1e-4:
-            return 0.0   # subcritical everywhere: no Einstein radius
+            return 0.0  # subcritical everywhere: no Einstein radius
     while f(hi) > 0:
         hi *= 2
         if hi > 1e3:
@@ -70,8 +74,7 @@ def einstein_radius(lens_model, kwargs: list[dict], cx: float = 0.0, cy: float =
     return float(brentq(f, lo, hi, xtol=tol))
 
 
-def effective_slope(lens_model, kwargs: list[dict], theta_E: float, cx: float, cy: float,
-                    step: float = 0.02) -> float:
+def effective_slope(lens_model, kwargs: list[dict], theta_E: float, cx: float, cy: float, step: float = 0.02) -> float:
     """Power-law-equivalent slope at theta_E: gamma = 2 - dln<alpha_r>/dlnR (exact for a power law)."""
     a_hi = mean_radial_deflection(lens_model, kwargs, theta_E * (1 + step), cx, cy)
     a_lo = mean_radial_deflection(lens_model, kwargs, theta_E * (1 - step), cx, cy)
@@ -97,8 +100,16 @@ class CompositeMass:
         a_h, _ = self._nfw.derivatives(theta, 0.0, Rs=Rs, alpha_Rs=1.0)
         return float(a_s), float(a_h)
 
-    def draw(self, rng: np.random.Generator, defl: dict, light: dict, q_light: float, phi_light: float,
-             center: tuple[float, float], kpc_per_arcsec: float) -> dict:
+    def draw(
+        self,
+        rng: np.random.Generator,
+        defl: dict,
+        light: dict,
+        q_light: float,
+        phi_light: float,
+        center: tuple[float, float],
+        kpc_per_arcsec: float,
+    ) -> dict:
         """Composite mass parameters (a JSON-able dict) for a deflector with the given light."""
         p = self.prior
         cx, cy = center
@@ -120,15 +131,26 @@ class CompositeMass:
         phi3 = float(rng.uniform(-math.pi, math.pi))
         a4 = float(rng.normal(0.0, p.a4_sigma_theta_E)) * theta_sis
         return {
-            "stellar": {"k_eff": k_eff, "R_sersic": light["R_sersic"], "n_sersic": light["n_sersic"],
-                        "e1": es1 / 3.0, "e2": es2 / 3.0, "q_kappa": q_star, "center_x": cx, "center_y": cy,
-                        "stellar_fraction_theta_E_sis": f_star},
-            "halo": {"Rs": Rs, "alpha_Rs": alpha_Rs, "e1": eh1, "e2": eh2, "q": q_halo,
-                     "center_x": cx, "center_y": cy},
+            "stellar": {
+                "k_eff": k_eff,
+                "R_sersic": light["R_sersic"],
+                "n_sersic": light["n_sersic"],
+                "e1": es1 / 3.0,
+                "e2": es2 / 3.0,
+                "q_kappa": q_star,
+                "center_x": cx,
+                "center_y": cy,
+                "stellar_fraction_theta_E_sis": f_star,
+            },
+            "halo": {"Rs": Rs, "alpha_Rs": alpha_Rs, "e1": eh1, "e2": eh2, "q": q_halo, "center_x": cx, "center_y": cy},
             "shear": {"gamma1": shear * math.cos(2 * phi_shear), "gamma2": shear * math.sin(2 * phi_shear)},
-            "multipoles": [{"m": 3, "a_m": a3, "phi_m": phi3}, {"m": 4, "a_m": abs(a4),
-                                                              "phi_m": phi_mass + (0.0 if a4 >= 0 else math.pi / 4)}],
-            "position_angle_rad": phi_mass, "center_x": cx, "center_y": cy,
+            "multipoles": [
+                {"m": 3, "a_m": a3, "phi_m": phi3},
+                {"m": 4, "a_m": abs(a4), "phi_m": phi_mass + (0.0 if a4 >= 0 else math.pi / 4)},
+            ],
+            "position_angle_rad": phi_mass,
+            "center_x": cx,
+            "center_y": cy,
         }
 
     @staticmethod
@@ -136,12 +158,21 @@ class CompositeMass:
         """lenstronomy kwargs for ``LENS_MODEL_LIST`` from a composite mass dict."""
         s, h, sh = mass["stellar"], mass["halo"], mass["shear"]
         cx, cy = mass["center_x"], mass["center_y"]
-        out = [{k: float(s[k]) for k in ("k_eff", "R_sersic", "n_sersic", "e1", "e2", "center_x", "center_y")},
-               {k: float(h[k]) for k in ("Rs", "alpha_Rs", "e1", "e2", "center_x", "center_y")},
-               {"gamma1": float(sh["gamma1"]), "gamma2": float(sh["gamma2"]), "ra_0": cx, "dec_0": cy}]
+        out = [
+            {k: float(s[k]) for k in ("k_eff", "R_sersic", "n_sersic", "e1", "e2", "center_x", "center_y")},
+            {k: float(h[k]) for k in ("Rs", "alpha_Rs", "e1", "e2", "center_x", "center_y")},
+            {"gamma1": float(sh["gamma1"]), "gamma2": float(sh["gamma2"]), "ra_0": cx, "dec_0": cy},
+        ]
         for mp in mass["multipoles"]:
-            out.append({"m": int(mp["m"]), "a_m": float(mp["a_m"]), "phi_m": float(mp["phi_m"]),
-                        "center_x": cx, "center_y": cy})
+            out.append(
+                {
+                    "m": int(mp["m"]),
+                    "a_m": float(mp["a_m"]),
+                    "phi_m": float(mp["phi_m"]),
+                    "center_x": cx,
+                    "center_y": cy,
+                }
+            )
         return out
 
     def effective(self, mass: dict, guess: float) -> dict:
@@ -161,8 +192,16 @@ class CompositeMass:
         wsum = sum(weights) or 1.0
         e1 = (weights[0] * e_star[0] + weights[1] * h["e1"]) / wsum
         e2 = (weights[0] * e_star[1] + weights[1] * h["e2"]) / wsum
-        return {"theta_E": theta_E, "gamma": gamma, "e1": e1, "e2": e2, "center_x": cx, "center_y": cy,
-                "gamma1": mass["shear"]["gamma1"], "gamma2": mass["shear"]["gamma2"]}
+        return {
+            "theta_E": theta_E,
+            "gamma": gamma,
+            "e1": e1,
+            "e2": e2,
+            "center_x": cx,
+            "center_y": cy,
+            "gamma1": mass["shear"]["gamma1"],
+            "gamma2": mass["shear"]["gamma2"],
+        }
 
     def _component_kappa(self, kw: Sequence[dict], radius: float, cx: float, cy: float) -> list[float]:
         phi = (np.arange(64) + 0.5) * (2 * math.pi / 64)

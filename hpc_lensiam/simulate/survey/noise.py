@@ -9,6 +9,7 @@ The noise sigma per pixel is lenstronomy's ``SingleBand.estimate_noise`` (backgr
 over all exposures; Poisson: Gaussian approximation of the source counts); the draw uses the numpy
 Generator of the sample (lenstronomy's own ``noise_for_model`` draws from the global numpy state).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -42,6 +43,7 @@ class Observation:
 
     def band(self, sky_offset_mag: float):
         from lenstronomy.SimulationAPI.observation_api import SingleBand
+
         kw = dict(self.kwargs)
         kw["sky_brightness"] = float(kw["sky_brightness"]) + float(sky_offset_mag)
         return SingleBand(**kw)

@@ -19,6 +19,7 @@ Where each prior comes from:
 Everything is drawn from the numpy Generator passed in, in a fixed order (reproducible from the seed).
 Distances come from tables built once per process (astropy is slow per call).
 """
+
 from __future__ import annotations
 
 import math
@@ -39,6 +40,7 @@ class Cosmology:
 
     def __init__(self, H0: float, Omega_m: float, z_max: float = 6.0, n: int = 4000):
         from astropy.cosmology import FlatLambdaCDM
+
         self.astropy = FlatLambdaCDM(H0=H0, Om0=Omega_m)
         self.z = np.linspace(0.0, z_max, n)
         self.d_m_mpc = self.astropy.comoving_transverse_distance(self.z).value  # flat: = comoving distance
@@ -65,7 +67,7 @@ class Cosmology:
         """Critical surface density in solar masses per arcsec^2 (c^2 D_s / (4 pi G D_l D_ls))."""
         g_mpc = 4.30091e-9  # G in Mpc (km/s)^2 / Msun
         d_l, d_s, d_ls = self.d_a(z_l), self.d_a(z_s), self.d_a12(z_l, z_s)
-        per_mpc2 = C_KM_S ** 2 * d_s / (4 * math.pi * g_mpc * d_l * d_ls)
+        per_mpc2 = C_KM_S**2 * d_s / (4 * math.pi * g_mpc * d_l * d_ls)
         return per_mpc2 * (d_l / RAD_TO_ARCSEC) ** 2
 
 
@@ -95,12 +97,12 @@ class Population:
         self.cosmo = Cosmology(p.H0_km_s_Mpc, p.Omega_m, z_max=max(6.0, p.z_source_max + 0.5))
         s = np.linspace(*p.sigma_v_km_s, 2000)
         x = s / VDF_SIGMA_STAR
-        vdf = x ** VDF_ALPHA * np.exp(-x ** VDF_BETA) / s  # Choi et al. (2007) shape (norm irrelevant)
-        self._sigma = _table_sampler(s, vdf * s ** 4)      # lensing cross-section ~ theta_E^2 ~ sigma^4
+        vdf = x**VDF_ALPHA * np.exp(-(x**VDF_BETA)) / s  # Choi et al. (2007) shape (norm irrelevant)
+        self._sigma = _table_sampler(s, vdf * s**4)  # lensing cross-section ~ theta_E^2 ~ sigma^4
         zl = np.linspace(*p.z_lens, 2000)
         self._z_l = _table_sampler(zl, np.interp(zl, self.cosmo.z, self.cosmo.dvdz))
         zs = np.linspace(1e-3, p.z_source_max, 4000)
-        self._nz_s = (zs, zs ** 2 * np.exp(-(zs / p.z_source_z0) ** 1.5))
+        self._nz_s = (zs, zs**2 * np.exp(-((zs / p.z_source_z0) ** 1.5)))
         m = np.linspace(*p.source_M, 2000)
         self._source_M = _table_sampler(m, schechter_mag_pdf(m, p.source_M_star, p.source_alpha))
         mi = np.linspace(*p.interloper_mag, 2000)
@@ -119,9 +121,14 @@ class Population:
             z_l = self._z_l(rng.random())
             z_s = self._z_source(rng, z_l)
             ratio = self.cosmo.d_a12(z_l, z_s) / self.cosmo.d_a(z_s)
-            if rng.random() < ratio ** 2:
-                return {"sigma_v_km_s": sigma, "z_lens": z_l, "z_source": z_s, "d_ls_over_d_s": ratio,
-                        "theta_E_sis": theta_E_sis_arcsec(sigma, ratio)}
+            if rng.random() < ratio**2:
+                return {
+                    "sigma_v_km_s": sigma,
+                    "z_lens": z_l,
+                    "z_source": z_s,
+                    "d_ls_over_d_s": ratio,
+                    "theta_E_sis": theta_E_sis_arcsec(sigma, ratio),
+                }
         raise RuntimeError("draw_redshifts_sigma: no accepted draw")  # pragma: no cover
 
     def draw_lens_light(self, rng: np.random.Generator, defl: dict, fj_offset_mag: float | None = None) -> dict:
@@ -136,11 +143,19 @@ class Population:
         M = p.fj_M_at_200 + p.fj_slope * math.log10(defl["sigma_v_km_s"] / 200.0) + off
         z = defl["z_lens"]
         mag = M + self.cosmo.distance_modulus(z) + p.k_correction_per_z * z
-        log_r = math.log10(p.size_R_kpc_at_M0) + p.size_dlogR_dM * (M - p.fj_M_at_200) \
+        log_r = (
+            math.log10(p.size_R_kpc_at_M0)
+            + p.size_dlogR_dM * (M - p.fj_M_at_200)
             + float(rng.normal(0.0, p.size_scatter_dex))
-        R_arcsec = 10 ** log_r / self.cosmo.kpc_per_arcsec(z)
-        return {"abs_mag": M, "mag": mag, "fj_offset_mag": off, "R_sersic": R_arcsec,
-                "n_sersic": float(rng.uniform(*p.n_sersic_lens))}
+        )
+        R_arcsec = 10**log_r / self.cosmo.kpc_per_arcsec(z)
+        return {
+            "abs_mag": M,
+            "mag": mag,
+            "fj_offset_mag": off,
+            "R_sersic": R_arcsec,
+            "n_sersic": float(rng.uniform(*p.n_sersic_lens)),
+        }
 
     def draw_q_light(self, rng: np.random.Generator) -> float:
         p = self.prior
@@ -156,15 +171,24 @@ class Population:
         p = self.prior
         M = self._source_M(rng.random())
         mag = M + self.cosmo.distance_modulus(z_s) - 2.5 * math.log10(1.0 + z_s)  # flat-f_nu K-correction
-        log_r = math.log10(p.source_size_R_kpc_at_M_star) + p.source_size_dlogR_dM * (M - p.source_M_star) \
-            + p.source_size_z_power * math.log10(1.0 + z_s) + float(rng.normal(0.0, p.source_size_scatter_dex))
+        log_r = (
+            math.log10(p.source_size_R_kpc_at_M_star)
+            + p.source_size_dlogR_dM * (M - p.source_M_star)
+            + p.source_size_z_power * math.log10(1.0 + z_s)
+            + float(rng.normal(0.0, p.source_size_scatter_dex))
+        )
         q = float(rng.uniform(*p.source_q))
         phi = float(rng.uniform(0.0, math.pi))
         e = (1 - q) / (1 + q)
-        return {"kind": "sersic", "abs_mag": M, "mag": mag,
-                "R_sersic": 10 ** log_r / self.cosmo.kpc_per_arcsec(z_s),
-                "n_sersic": float(rng.uniform(*p.source_n_sersic)),
-                "e1": e * math.cos(2 * phi), "e2": e * math.sin(2 * phi)}
+        return {
+            "kind": "sersic",
+            "abs_mag": M,
+            "mag": mag,
+            "R_sersic": 10**log_r / self.cosmo.kpc_per_arcsec(z_s),
+            "n_sersic": float(rng.uniform(*p.source_n_sersic)),
+            "e1": e * math.cos(2 * phi),
+            "e2": e * math.sin(2 * phi),
+        }
 
     def draw_interlopers(self, rng: np.random.Generator, field_arcsec: float) -> list[dict]:
         """Unlensed field galaxies anywhere in the field (Poisson number), same law in both classes."""
@@ -177,9 +201,16 @@ class Population:
             phi = float(rng.uniform(0.0, math.pi))
             e = (1 - q) / (1 + q)
             half = field_arcsec / 2
-            out.append({"kind": "sersic", "mag": m,
-                        "R_sersic": float(10 ** (math.log10(0.3) - 0.1 * (m - 23.0) + rng.normal(0, 0.2))),
-                        "n_sersic": float(rng.uniform(0.5, 4.0)),
-                        "e1": e * math.cos(2 * phi), "e2": e * math.sin(2 * phi),
-                        "center_x": float(rng.uniform(-half, half)), "center_y": float(rng.uniform(-half, half))})
+            out.append(
+                {
+                    "kind": "sersic",
+                    "mag": m,
+                    "R_sersic": float(10 ** (math.log10(0.3) - 0.1 * (m - 23.0) + rng.normal(0, 0.2))),
+                    "n_sersic": float(rng.uniform(0.5, 4.0)),
+                    "e1": e * math.cos(2 * phi),
+                    "e2": e * math.sin(2 * phi),
+                    "center_x": float(rng.uniform(-half, half)),
+                    "center_y": float(rng.uniform(-half, half)),
+                }
+            )
         return out

@@ -13,6 +13,7 @@ Images are counted on the ray-shot grid with the triangle test (Schneider, Ehler
 source point holds an image there; touching hits are one image, whose magnification is the ratio
 of the triangles' image- and source-plane areas.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,15 @@ def _cross(ax, ay, bx, by):
     return ax * by - ay * bx
 
 
-def image_multiplicity(beta_x: np.ndarray, beta_y: np.ndarray, n_side: int, cell_area_arcsec2: float,
-                       xs: float, ys: float, min_abs_mag: float) -> tuple[int, list[float]]:
+def image_multiplicity(
+    beta_x: np.ndarray,
+    beta_y: np.ndarray,
+    n_side: int,
+    cell_area_arcsec2: float,
+    xs: float,
+    ys: float,
+    min_abs_mag: float,
+) -> tuple[int, list[float]]:
     """(number of images with |mu| >= min_abs_mag, their |mu|) of the point (xs, ys).
 
     ``beta_x, beta_y``: source-plane coordinates of an ``n_side`` x ``n_side`` regular image grid
@@ -67,8 +75,17 @@ def arc_snr(arc_cps: np.ndarray, sigma_cps: np.ndarray) -> float:
     return float(arc_cps[mask].sum() / np.sqrt((sigma_cps[mask] ** 2).sum()))
 
 
-def passes(cuts: SelectionCuts, *, n_images: int, magnification: float, snr: float, theta_E: float,
-           source_R_arcsec: float, psf_fwhm_arcsec: float) -> bool:
-    resolved = theta_E ** 2 > cuts.resolution_factor ** 2 * (source_R_arcsec ** 2 + (psf_fwhm_arcsec / 2) ** 2)
-    return (n_images >= cuts.min_images and magnification >= cuts.min_magnification
-            and snr >= cuts.min_arc_snr and resolved)
+def passes(
+    cuts: SelectionCuts,
+    *,
+    n_images: int,
+    magnification: float,
+    snr: float,
+    theta_E: float,
+    source_R_arcsec: float,
+    psf_fwhm_arcsec: float,
+) -> bool:
+    resolved = theta_E**2 > cuts.resolution_factor**2 * (source_R_arcsec**2 + (psf_fwhm_arcsec / 2) ** 2)
+    return (
+        n_images >= cuts.min_images and magnification >= cuts.min_magnification and snr >= cuts.min_arc_snr and resolved
+    )

@@ -23,6 +23,7 @@ half-light radius (``_draw_source``; docs/survey.md "COSMOS sources").
 ``mass`` (the composite parameters and the population draw), ``views`` (per view: lens light, source,
 measurements), ``interlopers``.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,7 +53,7 @@ class Rays:
         self.grid, self.factor, self.lens_model, self.kwargs = grid, int(factor), lens_model, kwargs
         x, y = grid.x_arcsec, grid.y_arcsec
         self.beta = lens_model.ray_shooting(x, y, kwargs) if lens_model is not None else (x, y)
-        n, f2 = grid.num_pix ** 2, self.factor ** 2
+        n, f2 = grid.num_pix**2, self.factor**2
         self._done = np.zeros(n, bool)
         self._bx = np.empty((n, f2)) if f2 else None
         self._by = np.empty((n, f2)) if f2 else None
@@ -95,11 +96,14 @@ class SurveySimulator(PairSampler):
         if cfg.cosmos_dir:
             sp = cfg.source
             self.catalog: CosmosCatalog | None = CosmosCatalog(
-                cfg.cosmos_dir, min_size_pix=sp.cosmos_min_size_pix, max_noise_frac=sp.cosmos_max_noise_frac,
-                clean_k_sigma=sp.cosmos_clean_k_sigma)
+                cfg.cosmos_dir,
+                min_size_pix=sp.cosmos_min_size_pix,
+                max_noise_frac=sp.cosmos_max_noise_frac,
+                clean_k_sigma=sp.cosmos_clean_k_sigma,
+            )
         else:
             self.catalog = None
-        self._binned: dict[tuple[int, int], CosmosStamp] = {}   # (row, block) -> block-summed stamp
+        self._binned: dict[tuple[int, int], CosmosStamp] = {}  # (row, block) -> block-summed stamp
         self.n_side = inst.num_pix * inst.supersampling_factor
         self.cell_area = (inst.pixel_scale_arcsec / inst.supersampling_factor) ** 2
         self.field_arcsec = inst.num_pix * inst.pixel_scale_arcsec
@@ -114,17 +118,20 @@ class SurveySimulator(PairSampler):
         supersampling (the paper family's scheme and keys); ``evaluate(mask)``: the surface brightness at the
         sub-pixel points of the pixels in ``mask``."""
         inst = self.config.instrument
-        return self.grid.bin_adaptive(sb, evaluate, inst.adaptive_supersampling_factor,
-                                      inst.adaptive_threshold) * self.grid.pixel_area_arcsec2
+        return (
+            self.grid.bin_adaptive(sb, evaluate, inst.adaptive_supersampling_factor, inst.adaptive_threshold)
+            * self.grid.pixel_area_arcsec2
+        )
 
     def _sersic_cps(self, prof: dict, cps: float) -> np.ndarray:
         """Detector image (e-/s per pixel) of an unlensed elliptical Sersic of total count rate ``cps``."""
         unit = self._sersic.total_flux(amp=1.0, R_sersic=prof["R_sersic"], n_sersic=prof["n_sersic"])
-        kw = {"amp": cps / unit, **{k: prof[k] for k in ("R_sersic", "n_sersic", "e1", "e2", "center_x",
-                                                           "center_y")}}
+        kw = {"amp": cps / unit, **{k: prof[k] for k in ("R_sersic", "n_sersic", "e1", "e2", "center_x", "center_y")}}
         factor = self.config.instrument.adaptive_supersampling_factor
-        return self._bin(self._light.function(self.grid.x_arcsec, self.grid.y_arcsec, **kw),
-                         lambda mask: self._light.function(*self.grid.subpixel_points(mask, factor), **kw))
+        return self._bin(
+            self._light.function(self.grid.x_arcsec, self.grid.y_arcsec, **kw),
+            lambda mask: self._light.function(*self.grid.subpixel_points(mask, factor), **kw),
+        )
 
     def _source_sb(self, x, y, src: dict) -> np.ndarray:
         """Surface brightness (e-/s/arcsec^2) of a source at source-plane (x, y), scaled to its magnitude."""
@@ -132,11 +139,27 @@ class SurveySimulator(PairSampler):
         if src["kind"] == "cosmos":  # unit-sum stamp: amp = 1 / pixel^2 is unit total flux (sources.py)
             stamp = self._stamp(src["row"], src["stamp_block"])
             pixel = src["scale"] * src["stamp_block"]
-            return stamp.surface_brightness(x, y, amp=cps / pixel ** 2, center_x=src["center_x"],
-                                            center_y=src["center_y"], phi_G=src["phi_G"], scale=pixel)
+            return stamp.surface_brightness(
+                x,
+                y,
+                amp=cps / pixel**2,
+                center_x=src["center_x"],
+                center_y=src["center_y"],
+                phi_G=src["phi_G"],
+                scale=pixel,
+            )
         unit = self._sersic.total_flux(amp=1.0, R_sersic=src["R_sersic"], n_sersic=src["n_sersic"])
-        return self._light.function(x, y, amp=cps / unit, R_sersic=src["R_sersic"], n_sersic=src["n_sersic"],
-                                    e1=src["e1"], e2=src["e2"], center_x=src["center_x"], center_y=src["center_y"])
+        return self._light.function(
+            x,
+            y,
+            amp=cps / unit,
+            R_sersic=src["R_sersic"],
+            n_sersic=src["n_sersic"],
+            e1=src["e1"],
+            e2=src["e2"],
+            center_x=src["center_x"],
+            center_y=src["center_y"],
+        )
 
     def stamp_block(self, scale_arcsec: float) -> int:
         """Stamp pixels summed per side so a stamp at ``scale_arcsec`` per pixel is no finer than
@@ -152,8 +175,9 @@ class SurveySimulator(PairSampler):
         stamp = self._binned.get((row, block))
         if stamp is None:
             raw = self.catalog.stamp(row)
-            stamp = self._binned[(row, block)] = CosmosStamp(rebin_stamp(raw.image, block),
-                                                             raw.pixel_scale_arcsec * block)
+            stamp = self._binned[(row, block)] = CosmosStamp(
+                rebin_stamp(raw.image, block), raw.pixel_scale_arcsec * block
+            )
         return stamp
 
     def _source_cps(self, rays: Rays, src: dict | None) -> np.ndarray:
@@ -168,8 +192,12 @@ class SurveySimulator(PairSampler):
 
     def rays(self, mass: dict) -> Rays:
         """Rays of a composite mass (a ``params["mass"]`` dict)."""
-        return Rays(self.grid, self.config.instrument.adaptive_supersampling_factor, self.mass.lens_model,
-                    self.mass.kwargs(mass))
+        return Rays(
+            self.grid,
+            self.config.instrument.adaptive_supersampling_factor,
+            self.mass.lens_model,
+            self.mass.kwargs(mass),
+        )
 
     # ------------------------------------------------------------------------------ the deflector
     def _draw_deflector(self, rng: np.random.Generator) -> dict:
@@ -187,19 +215,37 @@ class SurveySimulator(PairSampler):
         m_star = self._sersic.total_flux(amp=s["k_eff"], R_sersic=s["R_sersic"], n_sersic=s["n_sersic"]) * sigma_crit
         lum = 10 ** (-0.4 * (light["abs_mag"] - M_SUN_R))
         mass.update({k: float(defl[k]) for k in ("sigma_v_km_s", "z_lens", "z_source", "theta_E_sis")})
-        mass.update(stellar_mass_msun=float(m_star), stellar_mass_to_light_r=float(m_star / lum),
-                    sigma_crit_msun_arcsec2=float(sigma_crit))
-        return {"defl": defl, "light": light, "q_light": q, "phi_light": phi, "center": (cx, cy),
-                "mass": mass, "lens": lens}
+        mass.update(
+            stellar_mass_msun=float(m_star),
+            stellar_mass_to_light_r=float(m_star / lum),
+            sigma_crit_msun_arcsec2=float(sigma_crit),
+        )
+        return {
+            "defl": defl,
+            "light": light,
+            "q_light": q,
+            "phi_light": phi,
+            "center": (cx, cy),
+            "mass": mass,
+            "lens": lens,
+        }
 
     def _view_light(self, rng: np.random.Generator, d: dict, first: bool) -> dict:
         """Lens light of a view: the deflector's own draw for the first, redrawn within the scatter after."""
         light = d["light"] if first else self.population.draw_lens_light(rng, d["defl"])
         e1, e2 = (lambda q, p: ((1 - q) / (1 + q) * math.cos(2 * p), (1 - q) / (1 + q) * math.sin(2 * p)))(
-            d["q_light"], d["phi_light"])
-        return {"mag": float(light["mag"]), "abs_mag": float(light["abs_mag"]), "R_sersic": float(light["R_sersic"]),
-                "n_sersic": float(light["n_sersic"]), "e1": e1, "e2": e2,
-                "center_x": d["center"][0], "center_y": d["center"][1]}
+            d["q_light"], d["phi_light"]
+        )
+        return {
+            "mag": float(light["mag"]),
+            "abs_mag": float(light["abs_mag"]),
+            "R_sersic": float(light["R_sersic"]),
+            "n_sersic": float(light["n_sersic"]),
+            "e1": e1,
+            "e2": e2,
+            "center_x": d["center"][0],
+            "center_y": d["center"][1],
+        }
 
     # ------------------------------------------------------------------------------ one view
     def _measure(self, rays: Rays, src, view: dict) -> dict:
@@ -209,12 +255,23 @@ class SurveySimulator(PairSampler):
         total = view["scene_conv"] + arc_conv
         sigma = self.observation.sigma(view["band"], total)
         cps = self.observation.magnitude_to_cps(src["mag"])
-        n_img, mags = image_multiplicity(rays.beta[0], rays.beta[1], self.n_side, self.cell_area, src["center_x"],
-                                         src["center_y"], self.config.selection.min_image_mag)
-        return {"magnification": float(arc.sum() / cps), "n_images": n_img,
-                "image_magnifications": [float(m) for m in mags],
-                "arc_snr": arc_snr(arc_conv, sigma), "arc_flux_fraction": float(arc_conv.sum() / total.sum()),
-                "_arc_conv": arc_conv}
+        n_img, mags = image_multiplicity(
+            rays.beta[0],
+            rays.beta[1],
+            self.n_side,
+            self.cell_area,
+            src["center_x"],
+            src["center_y"],
+            self.config.selection.min_image_mag,
+        )
+        return {
+            "magnification": float(arc.sum() / cps),
+            "n_images": n_img,
+            "image_magnifications": [float(m) for m in mags],
+            "arc_snr": arc_snr(arc_conv, sigma),
+            "arc_flux_fraction": float(arc_conv.sum() / total.sum()),
+            "_arc_conv": arc_conv,
+        }
 
     def _draw_source(self, rng, z_source: float) -> dict:
         """A source with the population's magnitude and half-light radius for ``z_source``: an analytic Sersic,
@@ -227,17 +284,24 @@ class SurveySimulator(PairSampler):
             return src
         row = self.catalog.draw_row(rng)
         stamp = self.catalog.stamp(row)
-        scale = src["R_sersic"] / stamp.half_light_radius_pix   # source-plane arcsec per stamp pixel
-        return {"kind": "cosmos", "id": int(self.catalog.ident[row]), "row": row, "abs_mag": src["abs_mag"],
-                "mag": src["mag"], "R_sersic": src["R_sersic"], "scale": scale,
-                "stamp_block": self.stamp_block(scale),
-                "stamp_R_half_arcsec": stamp.half_light_radius_pix * stamp.pixel_scale_arcsec,
-                "phi_G": float(rng.uniform(0.0, 2 * math.pi))}
+        scale = src["R_sersic"] / stamp.half_light_radius_pix  # source-plane arcsec per stamp pixel
+        return {
+            "kind": "cosmos",
+            "id": int(self.catalog.ident[row]),
+            "row": row,
+            "abs_mag": src["abs_mag"],
+            "mag": src["mag"],
+            "R_sersic": src["R_sersic"],
+            "scale": scale,
+            "stamp_block": self.stamp_block(scale),
+            "stamp_R_half_arcsec": stamp.half_light_radius_pix * stamp.pixel_scale_arcsec,
+            "phi_G": float(rng.uniform(0.0, 2 * math.pi)),
+        }
 
     @staticmethod
     def _place(rng, src: dict, d: dict, r_max: float, r_min: float = 0.0) -> dict:
         """``src`` centred uniformly in the annulus r_min..r_max (arcsec) around the lens centre."""
-        r = math.sqrt(rng.uniform(r_min ** 2, r_max ** 2))
+        r = math.sqrt(rng.uniform(r_min**2, r_max**2))
         phi = float(rng.uniform(0.0, 2 * math.pi))
         return {**src, "center_x": d["center"][0] + r * math.cos(phi), "center_y": d["center"][1] + r * math.sin(phi)}
 
@@ -248,14 +312,21 @@ class SurveySimulator(PairSampler):
         theta_E = d["lens"]["theta_E"]
         for _ in range(cuts.source_tries):
             src = self._place(rng, self._draw_source(rng, d["defl"]["z_source"]), d, r_max)
-            resolved = theta_E ** 2 > cuts.resolution_factor ** 2 * (
-                src["R_sersic"] ** 2 + (self.psf_fwhm[view["psf_id"]] / 2) ** 2)
+            resolved = theta_E**2 > cuts.resolution_factor**2 * (
+                src["R_sersic"] ** 2 + (self.psf_fwhm[view["psf_id"]] / 2) ** 2
+            )
             if not resolved:
                 continue
             m = self._measure(rays, src, view)
-            if passes(cuts, n_images=m["n_images"], magnification=m["magnification"], snr=m["arc_snr"],
-                      theta_E=theta_E, source_R_arcsec=src["R_sersic"],
-                      psf_fwhm_arcsec=self.psf_fwhm[view["psf_id"]]):
+            if passes(
+                cuts,
+                n_images=m["n_images"],
+                magnification=m["magnification"],
+                snr=m["arc_snr"],
+                theta_E=theta_E,
+                source_R_arcsec=src["R_sersic"],
+                psf_fwhm_arcsec=self.psf_fwhm[view["psf_id"]],
+            ):
                 return src, m
         return None
 
@@ -286,8 +357,13 @@ class SurveySimulator(PairSampler):
         ll = self._view_light(rng, d, first)
         psf_id = int(rng.integers(len(self.psf_bank)))
         sky = self.observation.draw_conditions(rng)
-        return {"lens_light": ll, "psf_id": psf_id, "sky_offset_mag": sky, "band": self.observation.band(sky),
-                "scene_conv": self._scene_conv(ll, interlopers, psf_id)}
+        return {
+            "lens_light": ll,
+            "psf_id": psf_id,
+            "sky_offset_mag": sky,
+            "band": self.observation.band(sky),
+            "scene_conv": self._scene_conv(ll, interlopers, psf_id),
+        }
 
     def render_model(self, params: dict, view: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(noiseless image, its noise sigma), e-/s per pixel, of view ``view`` of a recorded sample
@@ -319,8 +395,10 @@ class SurveySimulator(PairSampler):
             if len(views) == n_views:
                 break
         else:
-            raise UserError(f"survey simulation: no deflector passed the selection in "
-                               f"{cfg.selection.max_tries} draws (loosen selection or widen the priors)")
+            raise UserError(
+                f"survey simulation: no deflector passed the selection in "
+                f"{cfg.selection.max_tries} draws (loosen selection or widen the priors)"
+            )
         images, out_views = [], []
         for view in views:
             src, m = view["source"], view["measure"]
@@ -331,18 +409,33 @@ class SurveySimulator(PairSampler):
             noisy = Observation.add_noise(rng, model, Observation.sigma(view["band"], model))
             top = float(noisy.max())
             images.append((noisy / top).astype(np.float32))
-            rec = {"lens_light": view["lens_light"], "source": src, "psf_id": view["psf_id"],
-                   "psf_name": self.psf_bank.names[view["psf_id"]], "sky_offset_mag": view["sky_offset_mag"],
-                   "image_max_cps": top, "background_sigma_cps": float(view["band"].background_noise),
-                   "lens_light_max_cps": float(view["scene_conv"].max())}
+            rec = {
+                "lens_light": view["lens_light"],
+                "source": src,
+                "psf_id": view["psf_id"],
+                "psf_name": self.psf_bank.names[view["psf_id"]],
+                "sky_offset_mag": view["sky_offset_mag"],
+                "image_max_cps": top,
+                "background_sigma_cps": float(view["band"].background_noise),
+                "lens_light_max_cps": float(view["scene_conv"].max()),
+            }
             if m is None:
-                m = {"magnification": 0.0, "n_images": 0, "image_magnifications": [], "arc_snr": 0.0,
-                     "arc_flux_fraction": 0.0}
+                m = {
+                    "magnification": 0.0,
+                    "n_images": 0,
+                    "image_magnifications": [],
+                    "arc_snr": 0.0,
+                    "arc_flux_fraction": 0.0,
+                }
             rec.update(m)
             out_views.append(rec)
-        params = {"family": "survey", "is_lens": int(is_lens),
-                  "lens": {k: float(d["lens"][k]) for k in LENS_PARAMS},
-                  "mass": d["mass"], "views": out_views, "interlopers": interlopers,
-                  "deflector_draws": attempt}
+        params = {
+            "family": "survey",
+            "is_lens": int(is_lens),
+            "lens": {k: float(d["lens"][k]) for k in LENS_PARAMS},
+            "mass": d["mass"],
+            "views": out_views,
+            "interlopers": interlopers,
+            "deflector_draws": attempt,
+        }
         return images, params
-
