@@ -167,9 +167,9 @@ def run_method(
         def search(q):
             return numpy_topk(x, q, K, block_rows)
     else:
-        import faiss
+        from hpc_lensiam.embed.similar import IVF_TRAIN_PER_LIST, build_index, import_faiss
 
-        from hpc_lensiam.embed.similar import IVF_TRAIN_PER_LIST, build_index
+        faiss = import_faiss()  # as `similar` imports it: on this CPU's OpenBLAS kernel unless told otherwise
 
         res["faiss_threads"] = faiss.omp_get_max_threads()
         _log(f"{method}: building the index (faiss {faiss.__version__}, {res['faiss_threads']} thread(s))")
@@ -249,8 +249,8 @@ def main() -> None:
     ap.add_argument(
         "--openblas-coretype",
         default=None,
-        help="OPENBLAS_CORETYPE for the method processes (faiss-cpu's bundled OpenBLAS may not know "
-        "a recent CPU and fall back to a slow kernel; e.g. SkylakeX on an AVX-512 machine)",
+        help="OPENBLAS_CORETYPE for the method processes (default: the kernel `similar` picks from the CPU "
+        "flags for faiss-cpu's bundled OpenBLAS, which may not know a recent CPU; e.g. Prescott for the old fallback)",
     )
     ap.add_argument("--dir", default="runs/bench_similar", help="where the vector file (and its truth) go")
     ap.add_argument("--keep-vectors", action="store_true", help="keep the vector file (default: delete it)")

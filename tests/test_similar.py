@@ -4,6 +4,9 @@ by image and --anomaly, umap --overlay; the real Euclid Q1 lens against a simula
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -269,3 +272,36 @@ def test_similar_bench_exact_search_and_vector_file_lifetime(tmp_path):
     kept = tmp_path / "v" / "vectors_3000x32_seed0.f32"
     x = np.fromfile(kept, np.float32).reshape(3000, 32)
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)  # unit vectors, whole file
+
+
+def test_faiss_runs_on_this_cpus_openblas_kernel():
+    """faiss-cpu's bundled OpenBLAS (0.3.15) does not know recent x86 CPUs and falls back to a generic
+    kernel, ~4x slower (docs/real_images.md): `similar` names the kernel from the CPU's flags for faiss's
+    import only (the variable is gone afterwards, so child processes are untouched); a user's
+    OPENBLAS_CORETYPE wins."""
+    pytest.importorskip("threadpoolctl")
+    from hpc_lensiam.embed.similar import openblas_coretype
+
+    kernel = openblas_coretype()
+    if kernel is None:
+        pytest.skip("this CPU's flags name no OpenBLAS kernel (not x86 Linux with AVX2)")
+    code = (
+        "import os; from hpc_lensiam.embed.similar import import_faiss; import_faiss(); "
+        "from threadpoolctl import threadpool_info; "
+        "arch = [i['architecture'] for i in threadpool_info() "
+        "if i['internal_api'] == 'openblas' and 'faiss' in i['filepath']]; "
+        "print(arch[0], os.environ.get('OPENBLAS_CORETYPE'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [kernel, "None"], r.stdout
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "OPENBLAS_CORETYPE": "Prescott"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["Prescott", "Prescott"], r.stdout

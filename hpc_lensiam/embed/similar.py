@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -45,12 +47,47 @@ def unit_vectors(features: np.ndarray, mean: np.ndarray | None = None) -> np.nda
     return x
 
 
+def openblas_coretype(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The OpenBLAS kernel name for this x86 CPU from its flags (SkylakeX: AVX-512; Haswell: AVX2 + FMA),
+    or None where the flags do not say (another architecture, or no /proc/cpuinfo)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return None
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "SkylakeX"
+    if {"avx2", "fma"} <= flags:
+        return "Haswell"
+    return None
+
+
+def import_faiss():
+    """``faiss``, with its bundled OpenBLAS on this CPU's kernel.
+
+    faiss-cpu's wheel bundles OpenBLAS 0.3.15, which does not recognise recent x86 CPUs and falls back
+    to a generic kernel: on an AVX-512 machine its matrix products (IVF training and assignment, flat
+    search of batches) ran at 12-14 GFLOP/s per core against 50-64 with the right kernel
+    (docs/real_images.md). OpenBLAS reads ``OPENBLAS_CORETYPE`` once, when the library loads, so it is
+    set from the CPU's own flags just for faiss's first import (a value the user set is kept), then
+    removed again: numpy's OpenBLAS, already loaded, and child processes are not affected."""
+    if "faiss" not in sys.modules and "OPENBLAS_CORETYPE" not in os.environ and (kernel := openblas_coretype()):
+        os.environ["OPENBLAS_CORETYPE"] = kernel
+        try:
+            import faiss
+        finally:
+            del os.environ["OPENBLAS_CORETYPE"]
+    import faiss
+
+    return faiss
+
+
 def build_index(x: np.ndarray, kind: str = "flat", nlist: int | None = None, nprobe: int = IVF_NPROBE):
     """faiss inner-product index over unit vectors ``x``: ``flat`` (exact) or ``ivf``.
 
     ``x`` may be a read-only memory map (``bench/similar.py`` passes one): faiss copies the vectors
     into the index (IVF adds them 65536 at a time), so the index is the only full copy in memory."""
-    import faiss
+    faiss = import_faiss()
 
     d = x.shape[1]
     if kind == "flat":
