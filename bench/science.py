@@ -273,21 +273,7 @@ def main() -> None:
             emb = out / f"emb_{kind}_s{ps}.h5"
             steps.run(
                 f"embed {kind} seed {ps}",
-                [
-                    torchrun,
-                    "--standalone",
-                    "--nproc_per_node",
-                    NPROC,
-                    "-m",
-                    "hpc_lensiam",
-                    "embed",
-                    "--checkpoint",
-                    ckpt,
-                    "--data",
-                    shards["probe"],
-                    "--out",
-                    emb,
-                ],
+                embed_cmd(torchrun, ckpt, shards["probe"], emb),
                 [emb],
             )
             if ps == a.pretrain_seeds[0] and a.curve:
@@ -360,6 +346,25 @@ def main() -> None:
     )
 
 
+def embed_cmd(torchrun, ckpt: Path, data: Path, emb: Path) -> list:
+    """``hpc-lensiam embed`` of ``data`` with checkpoint ``ckpt`` on NPROC torchrun processes."""
+    return [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node",
+        NPROC,
+        "-m",
+        "hpc_lensiam",
+        "embed",
+        "--checkpoint",
+        ckpt,
+        "--data",
+        data,
+        "--out",
+        emb,
+    ]
+
+
 def precision_check(steps: Steps, a, out: Path, shards: dict, zi: list, torchrun, hl) -> dict:
     """LenSiam for ``--precision-check`` steps: fp32 seed 0, bf16 seeds 0 and 1, probed on the held-out set.
 
@@ -407,21 +412,7 @@ def precision_check(steps: Steps, a, out: Path, shards: dict, zi: list, torchrun
         emb, pj = out / f"check_{prec}_s{ps}.h5", out / f"check_{prec}_s{ps}.json"
         steps.run(
             f"precision check: embed {prec} seed {ps}",
-            [
-                torchrun,
-                "--standalone",
-                "--nproc_per_node",
-                NPROC,
-                "-m",
-                "hpc_lensiam",
-                "embed",
-                "--checkpoint",
-                ckpt,
-                "--data",
-                shards["probe"],
-                "--out",
-                emb,
-            ],
+            embed_cmd(torchrun, ckpt, shards["probe"], emb),
             [emb],
         )
         steps.run(f"precision check: probe {prec} seed {ps}", [hl, "probe", "--embeddings", emb, "--json", pj], [pj])
@@ -451,21 +442,7 @@ def learning_curve(steps: Steps, run_dir: Path, probe_shards: Path, out: Path, k
         emb, pj = out / f"curve_{kind}_{step}.h5", out / f"curve_{kind}_{step}.json"
         steps.run(
             f"embed {kind} step {step}",
-            [
-                torchrun,
-                "--standalone",
-                "--nproc_per_node",
-                NPROC,
-                "-m",
-                "hpc_lensiam",
-                "embed",
-                "--checkpoint",
-                ck,
-                "--data",
-                probe_shards,
-                "--out",
-                emb,
-            ],
+            embed_cmd(torchrun, ck, probe_shards, emb),
             [emb],
         )
         steps.run(f"probe {kind} step {step}", [hl, "probe", "--embeddings", emb, "--json", pj], [pj])
