@@ -7,8 +7,10 @@ for the SAME number of optimizer steps with each method's recipe (``train --meth
 SAME held-out pairs, and probe them (ridge, split by lens system, as ``hpc-lensiam probe``). The
 table gives the held-out R^2 of theta_E, e1 and gamma with a 95% bootstrap interval over the test
 lens systems, the mean step time (seconds per optimizer step, measured by the trainer, first step
-excluded) and the final loss. Every step is the package's own CLI; each finished run is skipped on a
-rerun (its ``probe_<run>.json`` exists) and an interrupted pretraining resumes (``--resume``).
+excluded) and the final loss. Lens minus standard augmentation per method is a paired difference on
+the same test lens systems (``hpc-lensiam probe --against``), with its 95% interval over systems.
+Every step is the package's own CLI, run through the resumable ledger of bench/ledger.py
+(``OUT/steps.json``): a finished step is skipped on a rerun and an interrupted pretraining resumes.
 
     .venv/bin/python bench/methods.py                          # 2,048 pairs, 320 steps: hours on 2 cores
     .venv/bin/python bench/methods.py --pairs 128 --probe-pairs 64 --steps 4 --num-pix 40 \\
@@ -25,44 +27,24 @@ import json
 import math
 import os
 import platform
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from ledger import BIN, Steps  # noqa: E402
+
+from hpc_lensiam.io import atomic_write_json, atomic_write_text  # noqa: E402
+
 PARAMS = ("theta_E", "e1", "gamma")
 AUGS = {"lens": "lensiam", "standard": "simsiam"}
 
 
-def run(cmd: list, log: list, name: str) -> None:
-    cmd = [str(c) for c in cmd]
-    print(f"\n[methods] {name}: {shlex.join(cmd)}", flush=True)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=REPO)
-    log.append(
-        {
-            "step": name,
-            "seconds": time.perf_counter() - t0,
-            "command": shlex.join(cmd).replace(str(BIN) + "/", ".venv/bin/").replace(str(REPO) + "/", ""),
-        }
-    )
-
-
-def probe_with_intervals(emb_path: Path, n_boot: int) -> dict:
-    """Ridge (and k-NN) probe of PARAMS as ``hpc-lensiam probe`` runs it: same split, CV and 95%
-    bootstrap intervals over the test lens systems (both views resampled together)."""
-    from hpc_lensiam.embed.extract import load_embeddings
-    from hpc_lensiam.embed.probe import probe_arrays, split_by_key
-
-    emb = load_embeddings(emb_path)
-    test = split_by_key(emb["keys"])
-    res = probe_arrays(emb["features"], {p: emb["params"][p] for p in PARAMS}, emb["pair_id"], test, n_boot=n_boot)
-    out = {p: {"r2": res["ridge"][p], "ci95": list(res["ridge_ci95"][p]), "knn_r2": res["knn"][p]} for p in PARAMS}
-    return {"params": out, "n_test": int(test.sum()), "n_train": int((~test).sum())}
+def ridge(probe_json: Path) -> dict:
+    """The ridge probe's R^2 and 95% interval per parameter, from ``hpc-lensiam probe --json``."""
+    res = next(iter(json.loads(probe_json.read_text())["results"].values()))
+    params = {p: {"r2": res["ridge"][p], "ci95": res["ridge_ci95"][p], "knn_r2": res["knn"][p]} for p in PARAMS}
+    return {"params": params, "n_test_systems": res.get("systems_test")}
 
 
 def train_stats(run_dir: Path, global_batch: int) -> dict:
@@ -99,17 +81,16 @@ def main() -> None:
     out = (REPO / a.out) if not Path(a.out).is_absolute() else Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     hl = BIN / "hpc-lensiam"
-    log: list[dict] = []
+    steps = Steps(out, "methods")
     sim_yaml = out / "sim.yaml"
     sim_yaml.write_text(f"instrument:\n  num_pix: {a.num_pix}\n")
     shards, probe_shards = out / "shards" / "pretrain", out / "shards" / "probe"
     sim = [hl, "simulate", "--config", sim_yaml, "--shard-size", 128]
-    run(sim + ["--out", shards, "--pairs", a.pairs, "--seed", a.seed], log, "simulate pretraining pairs")
-    run(
-        sim + ["--out", probe_shards, "--pairs", a.probe_pairs, "--seed", a.seed + 1000],
-        log,
-        "simulate held-out probe pairs",
-    )
+    for what, d, n, seed in (
+        ("pretraining", shards, a.pairs, a.seed),
+        ("held-out probe", probe_shards, a.probe_pairs, a.seed + 1000),
+    ):
+        steps.run(f"simulate {what} pairs", sim + ["--out", d, "--pairs", n, "--seed", seed], [d / "manifest.json"])
 
     global_batch = a.batch_size * a.nproc
     steps_per_epoch = a.pairs // global_batch
@@ -122,73 +103,39 @@ def main() -> None:
     runs = [(m, aug, a.arch) for m in a.methods.split(",") for aug in a.augs.split(",")]
     if a.vit:
         runs.append(("simsiam", "lens", a.vit))
-    results = {}
-    rpath = out / "methods.json"
-    if rpath.is_file():
-        results = json.loads(rpath.read_text()).get("results", {})
+    results, paired = {}, {}
     for method, aug, arch in runs:
         name = f"{method}_{aug}_{arch}"
-        pj = out / f"probe_{name}.json"
-        if pj.is_file():
-            print(f"[methods] {name}: done ({pj.name} exists)", flush=True)
-            results[name] = json.loads(pj.read_text())
-            continue
         run_dir = out / f"run_{name}"
-        resume = ["--resume"] if (run_dir / "checkpoints" / "last.pt").is_file() else []
-        run(
-            launch
-            + [
-                "train",
-                "--data",
-                shards,
-                "--out",
-                run_dir,
-                "--method",
-                method,
-                "--mode",
-                AUGS[aug],
-                "--arch",
-                arch,
-                "--batch-size",
-                a.batch_size,
-                "--epochs",
-                epochs,
-                "--max-steps",
-                a.steps,
-                "--warmup-epochs",
-                max(1, epochs // 10),
-                "--seed",
-                a.seed,
-                "--workers",
-                1,
-                "--no-zero-init-residual",
-                "--log-every",
-                1,
-                "--ckpt-every",
-                10**6,
-                *resume,
-            ],
-            log,
-            f"pretrain {name}",
-        )
-        emb = out / f"emb_{name}.h5"
-        run(launch + ["embed", "--checkpoint", run_dir, "--data", probe_shards, "--out", emb], log, f"embed {name}")
-        res = {
-            "method": method,
-            "augmentation": aug,
-            "arch": arch,
-            **train_stats(run_dir, global_batch),
-            **probe_with_intervals(emb, a.n_boot),
-            "commands": log[-2:],
-        }
-        pj.write_text(json.dumps(res, indent=1))
-        results[name] = res
-        rpath.write_text(json.dumps({"args": vars(a), "results": results}, indent=1))
-    write_report(out / "methods.md", a, epochs, results, log)
-    print(f"\n[methods] done; table in {out / 'methods.md'}", flush=True)
+        ckpt = run_dir / "checkpoints" / "last.pt"
+        train = ["train", "--data", shards, "--out", run_dir, "--method", method, "--mode", AUGS[aug]]
+        train += ["--arch", arch, "--batch-size", a.batch_size, "--epochs", epochs, "--max-steps", a.steps]
+        train += ["--warmup-epochs", max(1, epochs // 10), "--seed", a.seed, "--workers", 1]
+        train += ["--no-zero-init-residual", "--log-every", 1, "--ckpt-every", 10**6]
+        steps.run(f"pretrain {name}", launch + train, [ckpt], resume_flag=ckpt.exists())
+        emb, pj = out / f"emb_{name}.h5", out / f"probe_{name}.json"
+        embed = ["embed", "--checkpoint", run_dir, "--data", probe_shards, "--out", emb]
+        steps.run(f"embed {name}", launch + embed, [emb])
+        steps.run(f"probe {name}", [hl, "probe", "--embeddings", emb, "--json", pj], [pj])
+        stats = train_stats(run_dir, global_batch)
+        results[name] = {"method": method, "augmentation": aug, "arch": arch, **stats, **ridge(pj)}
+        atomic_write_json(out / "methods.json", {"args": vars(a), "results": results, "paired": paired})
+    for m in a.methods.split(","):
+        lens, std = out / f"emb_{m}_lens_{a.arch}.h5", out / f"emb_{m}_standard_{a.arch}.h5"
+        if lens.is_file() and std.is_file():
+            pj = out / f"paired_{m}_{a.arch}.json"
+            against = [hl, "probe", "--embeddings", lens, "--against", std, "--json", pj]
+            steps.run(f"paired probe {m}: lens - standard", against, [pj])
+            paired[m] = json.loads(pj.read_text())["paired_difference"]["ridge"]
+    atomic_write_json(out / "methods.json", {"args": vars(a), "results": results, "paired": paired})
+    write_report(out / "methods.md", a, epochs, results, paired, steps.done)
+    print(
+        f"\n[methods] done: {len(results)} runs, {len(paired)} lens-standard pairs; table in {out / 'methods.md'}",
+        flush=True,
+    )
 
 
-def write_report(path: Path, a, epochs: int, results: dict, log: list) -> None:
+def write_report(path: Path, a, epochs: int, results: dict, paired: dict, done: dict) -> None:
     gb = a.batch_size * a.nproc
     lines = [
         "# Lens augmentation x SSL method: held-out probe R^2 at a fixed budget",
@@ -217,20 +164,19 @@ def write_report(path: Path, a, epochs: int, results: dict, log: list) -> None:
         )
     lines += [
         "",
-        "Lens minus standard augmentation, per method (ridge R^2):",
+        "Lens minus standard augmentation per method: paired ridge R^2 difference on the same test lens "
+        "systems, 95% interval over systems (`hpc-lensiam probe --against`; one pretraining seed each, so "
+        "training noise is not in the interval):",
         "",
         "| method | " + " | ".join(f"delta {p}" for p in PARAMS) + " |",
         "|---|---|---|---|",
     ]
-    for m in a.methods.split(","):
-        lens, std = results.get(f"{m}_lens_{a.arch}"), results.get(f"{m}_standard_{a.arch}")
-        if lens and std:
-            lines.append(
-                f"| {m} | "
-                + " | ".join(f"{lens['params'][p]['r2'] - std['params'][p]['r2']:+.3f}" for p in PARAMS)
-                + " |"
-            )
-    steps = log[:2] + [c for r in results.values() for c in r.get("commands", [])]
+    for m, d in paired.items():
+        lines.append(
+            f"| {m} | "
+            + " | ".join(f"{d[p]['delta']:+.3f} [{d[p]['ci95'][0]:+.3f}, {d[p]['ci95'][1]:+.3f}]" for p in PARAMS)
+            + " |"
+        )
     lines += [
         "",
         "## Commands (wall seconds of the invocation that ran them)",
@@ -238,11 +184,9 @@ def write_report(path: Path, a, epochs: int, results: dict, log: list) -> None:
         "| step | seconds | command |",
         "|---|---|---|",
     ]
-    lines += [f"| {s['step']} | {s['seconds']:.0f} | `{s['command']}` |" for s in steps]
+    lines += [f"| {name} | {s['seconds']:.0f} | `{s['command']}` |" for name, s in done.items()]
     lines += ["", f"Made by `.venv/bin/python bench/methods.py {' '.join(sys.argv[1:])}`.", ""]
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    atomic_write_text(path, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -33,16 +33,17 @@ import argparse
 import json
 import os
 import platform
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from hpc_lensiam.io import atomic_write_json, atomic_write_text  # noqa: E402
+from hpc_lensiam.io import atomic_write_text  # noqa: E402
 from hpc_lensiam.stats import hierarchical_paired_difference, seed_summary  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+from ledger import Steps  # noqa: E402
 
 BIN = Path(sys.executable).parent
 NPROC = 2
@@ -106,29 +107,6 @@ def tasks(families: list[str]) -> list[dict]:
     return out
 
 
-class Steps:
-    """The resumable step runner: OUT/steps.json records every command that succeeded and its time."""
-
-    def __init__(self, out: Path):
-        self.path = out / "steps.json"
-        self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
-
-    def run(self, name: str, cmd: list, outputs: list[Path] = (), resume_flag: bool = False) -> None:
-        cmd = [str(c) for c in cmd]
-        shown = shlex.join(cmd).replace(str(BIN) + "/", ".venv/bin/").replace(str(REPO) + "/", "")
-        prev = self.done.get(name)
-        if prev and prev["command"] == shown and all(Path(o).exists() for o in outputs):
-            print(f"[science] {name}: done before ({prev['seconds']:.0f} s), skipped", flush=True)
-            return
-        full = cmd + (["--resume"] if resume_flag else [])
-        print(f"\n[science] {name}: {shlex.join(full)}", flush=True)
-        t0 = time.perf_counter()
-        subprocess.run(full, check=True, cwd=REPO)
-        self.done[name] = {"command": shown, "seconds": time.perf_counter() - t0}
-        atomic_write_json(self.path, self.done)
-        print(f"[science] {name}: {self.done[name]['seconds']:.0f} s", flush=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/science-protocol", help="working folder (shards, runs, embeddings)")
@@ -184,10 +162,10 @@ def main() -> None:
     out = REPO / a.out
     report = REPO / "docs" / "science" / f"{a.tag}.md"
     if a.report_only:
-        write_report(report, a, out, Steps(out).done)
+        write_report(report, a, out, Steps(out, "science").done)
         return
     out.mkdir(parents=True, exist_ok=True)
-    steps = Steps(out)
+    steps = Steps(out, "science")
     t_start = time.perf_counter()
     hl, mpiexec, torchrun = BIN / "hpc-lensiam", BIN / "mpiexec", BIN / "torchrun"
     sim_yaml = out / "sim.yaml"
@@ -238,35 +216,16 @@ def main() -> None:
             ckpt = run_dir / "checkpoints" / "last.pt"
             steps.run(
                 f"pretrain {kind} seed {ps}",
-                [
+                pretrain_cmd(
                     torchrun,
-                    "--standalone",
-                    "--nproc_per_node",
-                    NPROC,
-                    "-m",
-                    "hpc_lensiam",
-                    "train",
-                    "--data",
+                    a,
                     shards["lensiam-survey" if kind == "lensiam-survey" else "lensiam"],
-                    "--out",
                     run_dir,
-                    "--mode",
                     kind.split("-")[0],
-                    "--arch",
-                    a.arch,
-                    "--epochs",
-                    a.epochs,
-                    "--batch-size",
-                    a.batch_size,
-                    "--seed",
                     ps,
-                    "--precision",
                     a.precision,
-                    "--warmup-epochs",
-                    max(1, a.epochs // 10),
-                    *zi,
-                    *ms,
-                ],
+                    [*zi, *ms],
+                ),
                 [ckpt],
                 resume_flag=ckpt.exists(),
             )
@@ -346,23 +305,21 @@ def main() -> None:
     )
 
 
+def on_ranks(torchrun, *args) -> list:
+    """``hpc-lensiam ARGS`` on NPROC torchrun processes of this machine."""
+    return [torchrun, "--standalone", "--nproc_per_node", NPROC, "-m", "hpc_lensiam", *args]
+
+
+def pretrain_cmd(torchrun, a, data: Path, run_dir: Path, mode: str, seed: int, precision: str, extra: list) -> list:
+    """One pretraining run of the protocol (the protocol's arch, epochs, batch and warm-up)."""
+    train = ["train", "--data", data, "--out", run_dir, "--mode", mode, "--arch", a.arch, "--epochs", a.epochs]
+    train += ["--batch-size", a.batch_size, "--seed", seed, "--precision", precision]
+    return on_ranks(torchrun, *train, "--warmup-epochs", max(1, a.epochs // 10), *extra)
+
+
 def embed_cmd(torchrun, ckpt: Path, data: Path, emb: Path) -> list:
     """``hpc-lensiam embed`` of ``data`` with checkpoint ``ckpt`` on NPROC torchrun processes."""
-    return [
-        torchrun,
-        "--standalone",
-        "--nproc_per_node",
-        NPROC,
-        "-m",
-        "hpc_lensiam",
-        "embed",
-        "--checkpoint",
-        ckpt,
-        "--data",
-        data,
-        "--out",
-        emb,
-    ]
+    return on_ranks(torchrun, "embed", "--checkpoint", ckpt, "--data", data, "--out", emb)
 
 
 def precision_check(steps: Steps, a, out: Path, shards: dict, zi: list, torchrun, hl) -> dict:
@@ -376,36 +333,9 @@ def precision_check(steps: Steps, a, out: Path, shards: dict, zi: list, torchrun
         ckpt = run_dir / "checkpoints" / "last.pt"
         steps.run(
             f"precision check: pretrain lensiam {prec} seed {ps}",
-            [
-                torchrun,
-                "--standalone",
-                "--nproc_per_node",
-                NPROC,
-                "-m",
-                "hpc_lensiam",
-                "train",
-                "--data",
-                shards["lensiam"],
-                "--out",
-                run_dir,
-                "--mode",
-                "lensiam",
-                "--arch",
-                a.arch,
-                "--epochs",
-                a.epochs,
-                "--batch-size",
-                a.batch_size,
-                "--seed",
-                ps,
-                "--precision",
-                prec,
-                "--warmup-epochs",
-                max(1, a.epochs // 10),
-                *zi,
-                "--max-steps",
-                a.precision_check,
-            ],
+            pretrain_cmd(
+                torchrun, a, shards["lensiam"], run_dir, "lensiam", ps, prec, [*zi, "--max-steps", a.precision_check]
+            ),
             [ckpt],
             resume_flag=ckpt.exists(),
         )
