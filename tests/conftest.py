@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -90,6 +91,18 @@ def train_tiny(data: Path, out: Path, **kw) -> Path:
     cfg.update(kw)
     train(train_config(**cfg))
     return out
+
+
+def torchrun_cmd(nproc: int = 2) -> list[str]:
+    """``torchrun --standalone --nproc_per_node N -m hpc_lensiam`` from this venv: append the subcommand."""
+    return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), "-m", "hpc_lensiam"]
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a launcher child, without the RANK/WORLD_SIZE/LOCAL_RANK that a
+    parent torchrun may have set (the child would take itself for one of that run's workers)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**env, **extra}
 
 
 def rerecord_shard(data_dir: Path, name: str) -> None:

@@ -36,13 +36,8 @@ def emb2(ckpt, lensiam_shards, tmp_path_factory, bin_dir) -> Path:
     out = tmp_path_factory.mktemp("emb") / "emb.h5"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
-        [
-            str(bin_dir / "torchrun"),
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "hpc_lensiam",
+        conftest.torchrun_cmd(2)
+        + [
             "embed",
             "--checkpoint",
             str(ckpt),

@@ -151,34 +151,11 @@ def test_finetune_end_to_end(exported, single_shards, lensiam_shards, tmp_path):
     assert len(y) == len(p) == 24 and abs(1 - ((y - p) ** 2).sum() / ((y - y.mean()) ** 2).sum() - rep["r2"]) < 1e-9
 
     # the no-pretraining baseline, and the frozen-backbone probe is deterministic for a seed
-    base = finetune(
-        "none",
-        str(single_shards),
-        str(lensiam_shards),
-        target="e1",
-        n_train=20,
-        n_test=10,
-        epochs=1,
-        freeze_backbone=True,
-        batch_size=16,
-        seed=1,
-        arch="resnet18",
-        progress=False,
+    frozen_random = dict(
+        target="e1", n_train=20, n_test=10, epochs=1, freeze_backbone=True, batch_size=16, seed=1, arch="resnet18"
     )
-    again = finetune(
-        "none",
-        str(single_shards),
-        str(lensiam_shards),
-        target="e1",
-        n_train=20,
-        n_test=10,
-        epochs=1,
-        freeze_backbone=True,
-        batch_size=16,
-        seed=1,
-        arch="resnet18",
-        progress=False,
-    )
+    base = finetune("none", str(single_shards), str(lensiam_shards), progress=False, **frozen_random)
+    again = finetune("none", str(single_shards), str(lensiam_shards), progress=False, **frozen_random)
     assert base["init"].startswith("random") and not base["test_from_train_set"]
     assert base["r2"] == again["r2"] and base["r2_ci95"] == again["r2_ci95"]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BIN, REPO, _simulate, rerecord_shard, train_tiny
+from conftest import BIN, REPO, _simulate, rerecord_shard, torchrun_cmd, train_tiny
 from hpc_lensiam.config import simulation_config
 from hpc_lensiam.errors import ConfigError, UserError
 from hpc_lensiam.io import read_manifest, sha256_file
@@ -735,7 +735,7 @@ def test_resume_never_runs_beside_trainers_left_by_a_killed_agent(data, tmp_path
         "1",
     ]
     agent = subprocess.Popen(
-        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "1", "-m", "hpc_lensiam", "train", *args],
+        torchrun_cmd(1) + ["train", *args],
         env=_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, launcher_env, torchrun_cmd
 from hpc_lensiam.config import TrainConfig
 from hpc_lensiam.errors import ConfigError, UserError
 from hpc_lensiam.models.simsiam import SimSiam, simsiam_loss
@@ -285,7 +285,7 @@ def test_srun_without_torchrun_refused(tmp_path):
     check_torch_launch({"SLURM_NTASKS": "2", "SLURM_PROCID": "0"})  # the batch shell
     with pytest.raises(UserError, match="PMI_SIZE=2"):
         check_torch_launch({"PMI_SIZE": "2"})  # mpiexec -n 2 train
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = launcher_env()
     env.update(SRUN_TASK1, PYTHONPATH=str(REPO))
     for cmd in (
         ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")],
@@ -402,8 +402,7 @@ def test_zero1_world_size_change_resumes_weights_only(lensiam_shards, tmp_path, 
     resumed by 1 process used to die in a FileNotFoundError; now weights-only with one notice."""
     _clean_env(monkeypatch)
     run = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = str(REPO)
+    env = launcher_env(PYTHONPATH=str(REPO))
     args = [
         "--data",
         str(lensiam_shards),
@@ -427,13 +426,8 @@ def test_zero1_world_size_change_resumes_weights_only(lensiam_shards, tmp_path, 
         "1",
     ]
     p = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "torchrun"),
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "hpc_lensiam",
+        torchrun_cmd(2)
+        + [
             "train",
             *args,
             "--max-steps",
@@ -545,15 +539,8 @@ def _children(pid: int) -> list[int]:
 def test_trainers_die_with_their_torchrun_agent(lensiam_shards, tmp_path):
     """kill -9 of the torchrun agent: the trainers (PR_SET_PDEATHSIG) stop too instead of running on."""
     run = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = str(REPO)
-    cmd = [
-        str(Path(sys.executable).parent / "torchrun"),
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "hpc_lensiam",
+    env = launcher_env(PYTHONPATH=str(REPO))
+    cmd = torchrun_cmd(2) + [
         "train",
         "--data",
         str(lensiam_shards),

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import train_tiny
+from conftest import launcher_env, torchrun_cmd, train_tiny
 from hpc_lensiam.config import TrainConfig
 from hpc_lensiam.errors import ConfigError, UserError
 from hpc_lensiam.models.backbones import backbone_state_dict, build_backbone, get
@@ -396,8 +396,6 @@ def test_byol_with_deepspeed_and_simclr_on_two_torchrun_ranks(lensiam_shards, tm
     """The method seam under both engines: BYOL (LARS, EMA hook) through DeepSpeed in one process,
     SimCLR (global-batch negatives gathered inside the DDP loop) on 2 torchrun/gloo ranks."""
     import subprocess
-    import sys
-    from pathlib import Path
 
     from hpc_lensiam.downstream.export import backbone_from_checkpoint
 
@@ -409,14 +407,8 @@ def test_byol_with_deepspeed_and_simclr_on_two_torchrun_ranks(lensiam_shards, tm
     bb, info = backbone_from_checkpoint(run)
     assert info["method"] == "byol" and info["arch"] == "resnet18" and "fc.0.weight" not in bb
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    cmd = [
-        str(Path(sys.executable).parent / "torchrun"),
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "hpc_lensiam",
+    env = launcher_env()
+    cmd = torchrun_cmd(2) + [
         "train",
         "--data",
         str(lensiam_shards),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import train_tiny
+from conftest import launcher_env, torchrun_cmd, train_tiny
 from hpc_lensiam.cli import main
 from hpc_lensiam.config import simulation_config
 from hpc_lensiam.data.online import OnlineLoader
@@ -186,19 +186,9 @@ def test_online_bad_input_is_one_line(tmp_path, capsys, args, match):
 @pytest.mark.slow
 def test_online_two_ranks_torchrun(bin_dir, yamls, tmp_path):
     """Each rank renders its own micro-batch (gloo DDP on CPU); the run finishes and checkpoints."""
-    import os
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONWARNINGS"] = "ignore"
+    env = launcher_env(PYTHONWARNINGS="ignore")
     out = tmp_path / "ddp"
-    cmd = [
-        str(Path(sys.executable).parent / "torchrun"),
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "hpc_lensiam",
+    cmd = torchrun_cmd(2) + [
         "train",
         "--data",
         f"online:{yamls['small']}",

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import launcher_env, torchrun_cmd
 from hpc_lensiam.config import TrainConfig
 from hpc_lensiam.errors import ConfigError, UserError
 from hpc_lensiam.train.checkpoint import load_checkpoint, load_model_state
@@ -29,22 +30,11 @@ SMALL = ["--arch", "resnet18", "--batch-size", "4", "--epochs", "2", "--log-ever
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONWARNINGS"] = "ignore"
-    return env
+    return launcher_env(PYTHONWARNINGS="ignore")
 
 
 def _torchrun(args: list[str], nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [
-        str(Path(sys.executable).parent / "torchrun"),
-        "--standalone",
-        "--nproc_per_node",
-        str(nproc),
-        "-m",
-        "hpc_lensiam",
-        "train",
-        *args,
-    ]
+    cmd = torchrun_cmd(nproc) + ["train", *args]
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -162,13 +152,7 @@ def test_ddp_sigterm_then_resume_matches_uninterrupted(lensiam_shards, ddp_ref, 
     boundary and saves; --resume continues the same step counter, lr and loss curve."""
     run = tmp_path / "run"
     args = ["--data", str(lensiam_shards), "--out", str(run), *SMALL, "--workers", "1", "--ckpt-every", "4"]
-    cmd = [
-        str(Path(sys.executable).parent / "torchrun"),
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "hpc_lensiam",
+    cmd = torchrun_cmd(2) + [
         "train",
         *args,
         "--max-steps",
