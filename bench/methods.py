@@ -75,7 +75,6 @@ def main() -> None:
     ap.add_argument("--methods", default="simsiam,byol,vicreg,simclr")
     ap.add_argument("--augs", default="lens,standard")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-boot", type=int, default=1000)
     a = ap.parse_args()
 
     out = (REPO / a.out) if not Path(a.out).is_absolute() else Path(a.out)
@@ -146,7 +145,7 @@ def write_report(path: Path, a, epochs: int, results: dict, paired: dict, done: 
         f"steps of global batch {gb} ({epochs} epoch(s) of the schedule), seed {a.seed}, each method with its "
         f"recipe (docs/methods.md), zero_init_residual off. Probe: ridge on the frozen backbone features of "
         f"{a.probe_pairs} held-out pairs (both views), split by lens system; 95% bootstrap interval over the "
-        f"test lens systems ({a.n_boot} resamples, as `hpc-lensiam probe`). Step time: seconds per "
+        f"test lens systems (1000 resamples, `hpc-lensiam probe`). Step time: seconds per "
         "optimizer step measured by the trainer.",
         "",
         "| method | augmentation | backbone | theta_E R^2 | e1 R^2 | gamma R^2 | s/step | final loss |",
