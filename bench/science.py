@@ -38,14 +38,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from ledger import BIN, Steps  # noqa: E402  (puts the repository on sys.path too)
+
 from hpc_lensiam.io import atomic_write_text  # noqa: E402
 from hpc_lensiam.stats import hierarchical_paired_difference, seed_summary  # noqa: E402
 
-sys.path.insert(0, str(REPO / "bench"))
-from ledger import Steps  # noqa: E402
-
-BIN = Path(sys.executable).parent
 NPROC = 2
 # name -> (pretraining run kind or None for random weights, frozen backbone)
 ARMS = {

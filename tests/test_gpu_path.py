@@ -285,8 +285,7 @@ def test_srun_without_torchrun_refused(tmp_path):
     check_torch_launch({"SLURM_NTASKS": "2", "SLURM_PROCID": "0"})  # the batch shell
     with pytest.raises(UserError, match="PMI_SIZE=2"):
         check_torch_launch({"PMI_SIZE": "2"})  # mpiexec -n 2 train
-    env = launcher_env()
-    env.update(SRUN_TASK1, PYTHONPATH=str(REPO))
+    env = launcher_env(**SRUN_TASK1, PYTHONPATH=str(REPO))
     for cmd in (
         ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")],
         ["embed", "--checkpoint", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "e.h5")],
