@@ -320,3 +320,59 @@ def test_a_new_task_is_one_class_and_one_registry_line(single_shards, monkeypatc
     assert (np.array(log["test_predictions"]) > 0).all() and np.isfinite(log["r2"])
     # standardised in log space: exp(mean log theta_E) is the geometric mean, below the arithmetic one
     assert np.exp(log["target_train_mean"]) < lin["target_train_mean"]
+
+
+def test_a_new_backbone_is_one_module_and_one_registry_line(single_shards, tmp_path, monkeypatch):
+    """docs/extending.md's MobileNetV3-Small, registered in-process with no case for it anywhere else:
+    a SimSiam on it checkpoints, exports into stock torchvision with the trained features, embeds
+    and fine-tunes (pretrained and from scratch), and its arch is named by its weights alone."""
+    import re
+
+    from hpc_lensiam.downstream.export import export_backbone, load_backbone
+    from hpc_lensiam.downstream.finetune import finetune
+    from hpc_lensiam.models import backbones
+    from hpc_lensiam.models.methods import SimSiam
+    from hpc_lensiam.train.checkpoint import save_checkpoint
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text()
+    section = page.split("## A new backbone", 1)[1].split("\n## ", 1)[0]
+    namespace: dict = {}
+    exec(re.search(r"```python\n(.*?)```", section, re.S).group(1), namespace)
+    (spec,) = namespace["ENTRIES"]
+    monkeypatch.setitem(backbones.BACKBONES, spec.name, spec)
+
+    torch.manual_seed(0)
+    model = SimSiam(spec.name, dim=64, pred_dim=16)
+    x = _images(single_shards, 8)
+    model(x, x.flip(-1))  # one forward in train mode: BatchNorm running statistics move off their init
+    assert backbones.recognise(backbones.backbone_state_dict(model.state_dict(), spec.head)) is spec
+    ckpt = tmp_path / "last.pt"
+    config = {"arch": spec.name, "method": "simsiam", "mode": "lensiam"}
+    save_checkpoint(ckpt, {"model": model.state_dict(), "config": config, "step": 1})
+
+    out = tmp_path / "mobilenet.pt"
+    side = export_backbone(str(ckpt), str(out))
+    assert side["arch"] == spec.name and side["feature_dim"] == 576 and side["input"]["channels"] == 3
+    stock = torchvision.models.mobilenet_v3_small()
+    res = stock.load_state_dict(torch.load(out, weights_only=True), strict=False)
+    assert sorted(res.missing_keys) == sorted(k for k in stock.state_dict() if k.startswith("classifier."))
+    assert res.unexpected_keys == []
+    stock.classifier = torch.nn.Identity()
+    trained, info = load_backbone(ckpt)  # what `embed` runs
+    assert info["arch"] == spec.name
+    with torch.inference_mode():
+        a, b = trained(x), stock.eval()(x.repeat(1, 3, 1, 1))
+    assert a.shape == (8, 576) and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+    kw = dict(target="theta_E", n_train=20, n_test=10, epochs=1, batch_size=16, seed=0, progress=False)
+    pre = finetune(str(out), str(single_shards), str(single_shards), freeze_backbone=True, **kw)
+    scratch = finetune("none", str(single_shards), str(single_shards), arch=spec.name, **kw)
+    assert (pre["arch"], pre["init"], scratch["arch"]) == (spec.name, "pretrained", spec.name)
+    assert pre["test_targets"] == scratch["test_targets"] and np.isfinite([pre["r2"], scratch["r2"]]).all()
+
+    # weights of no registered layout are refused before any image is read, naming the file
+    broken = tmp_path / "broken.pt"
+    state = torch.load(out, weights_only=True)
+    torch.save({k: v for k, v in state.items() if not k.startswith("features.12.")}, broken)
+    with pytest.raises(UserError, match=r"broken\.pt: weights match no known backbone"):
+        finetune(str(broken), str(single_shards), str(single_shards), **kw)

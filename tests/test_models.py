@@ -28,8 +28,8 @@ def test_backbone_is_torchvision_resnet_with_1_channel_stem_and_zero_init_residu
     assert all(float(b.bn2.weight.detach().abs().sum()) == 0 for layer in (net.layer1, net.layer4) for b in layer)
     with torch.no_grad():
         assert net.eval()(torch.randn(2, 1, 48, 48)).shape == (2, 512)  # native size, no resize
-    with pytest.raises(ValueError, match="resnet34"):
-        build_backbone("resnet34")
+    with pytest.raises(ValueError, match="unknown arch 'vgg16'"):  # not in the registry
+        build_backbone("vgg16")
 
 
 def test_zero_init_residual_can_be_turned_off_for_short_runs():
@@ -149,3 +149,23 @@ def test_load_model_state_errors(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read checkpoint"):
         load_model_state(tmp_path)
+
+
+def test_every_registered_backbone_is_named_by_its_weights_alone():
+    """`recognise` (what export, embed and finetune use) names each entry from its trained 1-channel
+    weights and from its library (export) layout, and no second entry claims either: the registry
+    holds no two backbones that weights cannot tell apart. Built on the meta device (no memory)."""
+    from hpc_lensiam.models.backbones import BACKBONES, recognise
+
+    for spec in BACKBONES.values():
+        side = 88 if spec.name.endswith("_p8") else 110  # a ViT's patch must divide the side
+        with torch.device("meta"):
+            trained = spec.build(side, True).state_dict()
+            library, in_chans = spec.library(side)
+        for state in (trained, library.state_dict()):
+            state = {k: v for k, v in state.items() if not k.startswith(f"{spec.head}.")}
+            claimed = [s.name for s in BACKBONES.values() if s.matches(state)]
+            assert claimed == [spec.name] and recognise(state) is spec
+        assert spec.img_size_of(trained) in (None, side)
+        # the export's input channels: a torchvision stem takes 3 repeated channels, a timm ViT 1
+        assert in_chans == (3 if spec.family == "torchvision" else 1)

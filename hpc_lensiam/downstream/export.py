@@ -26,24 +26,17 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..io import atomic_path, atomic_write_json, check_output_file, check_torch_file, read_manifest, sha256_json
-from ..models.backbones.resnet import CHANNELS, fold_conv1, infer_arch, to_torchvision
-from ..models.backbones.resnet import RESNETS as _RESNETS
 
 FORMATS = ("pt", "safetensors")
 SIDECAR_FORMAT = "hpc_lensiam.backbone/1"
 NORMALISATION = "each image divided by its maximum (max = 1), as the shards store it; no mean/std subtraction"
 __all__ = [
-    "CHANNELS",
     "FORMATS",
-    "_RESNETS",
     "backbone_from_checkpoint",
     "export_backbone",
-    "fold_conv1",
-    "infer_arch",
     "load_backbone",
     "read_backbone_file",
     "read_sidecar",
-    "to_torchvision",
 ]
 
 
@@ -83,10 +76,11 @@ def backbone_from_checkpoint(checkpoint: str | os.PathLike, arch: str | None = N
     """(1-channel backbone state for ``build_backbone``, info) from any training checkpoint.
 
     ``arch``, if given, is what the caller expects: a checkpoint of another arch is a UserError.
-    ResNets are recognised from their weights; a ViT from the checkpoint's config (its image side
-    from the position embedding).
+    The arch is recognised from the weights (:func:`hpc_lensiam.models.backbones.recognise`) and
+    must agree with the one the checkpoint's config declares; a ViT's image side comes from its
+    position embedding.
     """
-    from ..models.backbones import BACKBONES, backbone_state_dict
+    from ..models.backbones import ARCHS, BACKBONES, backbone_state_dict, recognise
     from ..train.checkpoint import load_model_state
 
     if not Path(checkpoint).exists():
@@ -99,27 +93,21 @@ def backbone_from_checkpoint(checkpoint: str | os.PathLike, arch: str | None = N
     state, config, step = load_model_state(checkpoint)
     config = config if isinstance(config, dict) else {}
     declared = config.get("arch")
-    spec = BACKBONES.get(declared)
-    vit = spec is not None and spec.family == "timm"
-    bb = backbone_state_dict(state, spec.head if vit else "fc")
-    if not bb or ("pos_embed" not in bb if vit else "conv1.weight" not in bb):
+    bb = backbone_state_dict(state, BACKBONES[declared].head if declared in BACKBONES else "fc")
+    if not bb:
         raise UserError(
             f"{checkpoint}: no encoder.* backbone weights: not a pretraining checkpoint "
             "(an exported backbone goes to `finetune --backbone`, not here)"
         )
-    img_size = None
-    if vit:
-        found, img_size = declared, spec.img_size_of(bb)
-    else:
-        found = infer_arch(bb)
-        if found is None:
-            raise UserError(f"{checkpoint}: backbone weights match no torchvision ResNet")
-        if declared and declared != found:
-            raise UserError(f"{checkpoint}: its config says arch {declared!r} but its weights are a {found}")
+    spec = recognise(bb)
+    if spec is None:
+        raise UserError(f"{checkpoint}: backbone weights match no known backbone (expected one of: {', '.join(ARCHS)})")
+    found = spec.name
+    if declared and declared != found:
+        raise UserError(f"{checkpoint}: its config says arch {declared!r} but its weights are a {found}")
     if arch and arch != found:
         raise UserError(f"{checkpoint}: checkpoint of the wrong arch: {found}, expected {arch}")
-    if found not in BACKBONES:
-        raise UserError(f"{checkpoint}: unknown arch {found!r} (expected one of: {', '.join(BACKBONES)})")
+    img_size = spec.img_size_of(bb)
     info = {
         "arch": found,
         "mode": config.get("mode", "unknown"),

@@ -3,13 +3,13 @@
 ``hpc-lensiam finetune --backbone backbone.pt|none --train DIR --test DIR --target theta_E
 --n-train 1000 --n-test 1000 [--epochs E] [--freeze-backbone]`` (paper: 1,000 / 1,000 images).
 
-- Backbone: an ``hpc-lensiam export`` file (arch from its JSON sidecar), any torchvision ResNet
-  weights file (arch inferred from the keys; ``fc`` dropped), or ``none``: the same arch at random
-  init, the no-pretraining baseline (``--arch``, default resnet101). Its ``fc`` becomes
-  ``Linear(feature_dim, 1)``.
-  A ViT export (``--arch vit_*`` pretraining) is rebuilt with ``timm.create_model`` from the
-  arguments in its sidecar; it reads the single grayscale channel at its training size.
-- Input, the export contract: each image divided by its max (as stored) and repeated on 3 channels.
+- Backbone: an ``hpc-lensiam export`` file, a stock library weights file of a registered arch (a
+  torchvision ResNet's, its ``fc`` dropped), or ``none``: the stock library model at random init,
+  the no-pretraining baseline (``--arch``, default resnet101). The arch is recognised from the
+  weights (``BackboneSpec.matches``; the sidecar, if any, must agree), so a backbone added to the
+  registry needs nothing here. A ``Linear(feature_dim, 1)`` head ``fc`` goes on top.
+- Input, the export contract: each image divided by its max (as stored), repeated on the library
+  model's input channels (3 for a torchvision ResNet, 1 for a timm ViT at its training size).
 - The first ``n_train`` samples of ``--train`` (manifest order) are split ``1 - val_fraction`` /
   ``val_fraction`` with the seed; the epoch with the lowest validation loss is kept. The first
   ``n_test`` samples of ``--test`` are used once, for the final report only. If ``--test`` is the
@@ -45,101 +45,69 @@ DEFAULT_ARCH = "resnet101"
 
 
 # ---------------------------------------------------------------------------------------- model
-def _vit_regressor(vit, dim: int):
-    """A timm ViT (1 channel) behind the torchvision-shaped interface the loop uses: ``.fc`` head and
-    the 3-channel repeated input, of which it reads one channel (all three are the same image)."""
+def _with_linear_head(features, in_chans: int, dim: int):
+    """The library model (head = Identity) fed the export contract's input, with ``fc = Linear(D, 1)``:
+    a grayscale image ``(N, 1, H, W)`` goes in repeated on the model's ``in_chans`` channels (3 for a
+    torchvision ResNet, whose folded ``conv1`` then gives the trained features; 1 for a timm ViT)."""
     import torch.nn as nn
 
-    class _ViTRegressor(nn.Module):
+    class LinearHead(nn.Module):
         def __init__(self):
             super().__init__()
-            self.vit, self.fc = vit, nn.Linear(dim, 1)
+            self.features, self.in_chans, self.fc = features, in_chans, nn.Linear(dim, 1)
 
         def forward(self, x):
-            return self.fc(self.vit(x[:, :1]))
+            return self.fc(self.features(x.repeat(1, self.in_chans, 1, 1)))
 
-    return _ViTRegressor()
+    return LinearHead()
 
 
 def build_model(backbone: str, arch: str | None, seed: int, img_size: int | None = None):
-    """(torchvision ResNet or timm ViT with fc = Linear(D, 1), description dict).
+    """(library backbone with a ``Linear(D, 1)`` head ``fc``, description dict).
 
-    ``img_size``: the data's image side, needed only to build a random-init ViT (``--backbone none``).
+    The arch comes from the weights (:func:`hpc_lensiam.models.backbones.recognise`), checked against
+    ``--arch`` and the export sidecar; the weights go into the stock library model through the
+    backbone's export contract (``BackboneSpec.export``, a no-op on an export). ``img_size``: the
+    data's image side, used only to build a random-init backbone that needs it (a ViT).
     """
     import torch
-    import torch.nn as nn
-    import torchvision
 
-    from ..models.backbones import BACKBONES, build_backbone
-    from .export import _RESNETS, fold_conv1, infer_arch, read_backbone_file, read_sidecar
+    from ..models.backbones import ARCHS, BACKBONES, recognise
+    from .export import read_backbone_file, read_sidecar
 
-    vits = [a for a, s in BACKBONES.items() if s.family == "timm"]
-    known = sorted(set(_RESNETS.values())) + vits
-    if arch is not None and arch not in known:
-        raise UserError(f"--arch: {arch!r} is not one of {', '.join(known)}")
+    if arch is not None and arch not in BACKBONES:
+        raise UserError(f"--arch: {arch!r} is not one of {', '.join(ARCHS)}")
     torch.manual_seed(seed)
     desc = {"backbone": backbone}
     if backbone.lower() == "none":
-        arch = arch or DEFAULT_ARCH
-        if arch in vits:
-            try:
-                vit = build_backbone(arch, img_size=img_size)
-            except ValueError as exc:
-                raise UserError(f"--arch: {exc}") from None
-            model = _vit_regressor(vit, BACKBONES[arch].feature_dim)
-            desc.update(img_size=img_size)
-        else:
-            model = getattr(torchvision.models, arch)(weights=None)
-        desc.update(arch=arch, init="random (no pretraining)")
+        spec = BACKBONES[arch or DEFAULT_ARCH]
+        try:
+            features, in_chans = spec.library(img_size)
+        except ValueError as exc:
+            raise UserError(f"--arch: {exc}") from None
+        desc.update(arch=spec.name, init="random (no pretraining)")
     else:
         state = read_backbone_file(backbone)
         side = read_sidecar(backbone)
-        if "pos_embed" in state:  # a ViT export: timm's arguments come from the sidecar
-            if not (side and side.get("timm") and side.get("arch") in vits):
-                raise UserError(
-                    f"{backbone}: a ViT backbone needs its `hpc-lensiam export` sidecar "
-                    f"({backbone}.json, with the timm arguments)"
-                )
-            found = side["arch"]
-            if arch and arch != found:
-                raise UserError(f"{backbone}: backbone of the wrong arch: {found}, --arch asked for {arch}")
-            import timm
-
-            kw = dict(side["timm"])
-            vit = timm.create_model(kw.pop("model_name"), pretrained=False, **kw)
-            try:
-                vit.load_state_dict(state, strict=True)
-            except RuntimeError as exc:
-                raise UserError(f"{backbone}: weights do not fit timm {found} ({str(exc).splitlines()[0]})") from None
-            model = _vit_regressor(vit, BACKBONES[found].feature_dim)
-            desc.update(arch=found, init="pretrained", sidecar=side, img_size=kw["img_size"])
-        else:
-            found = infer_arch(state)
-            if found is None:
-                raise UserError(f"{backbone}: weights match no torchvision ResNet")
-            if side and side.get("arch") and side["arch"] != found:
-                raise UserError(f"{backbone}: sidecar says arch {side['arch']!r} but the weights are a {found}")
-            if arch and arch != found:
-                raise UserError(f"{backbone}: backbone of the wrong arch: {found}, --arch asked for {arch}")
-            arch = found
-            model = getattr(torchvision.models, arch)(weights=None)
-            try:
-                res = model.load_state_dict(fold_conv1(state), strict=False)
-            except RuntimeError as exc:
-                raise UserError(
-                    f"{backbone}: weights do not fit torchvision {arch} ({str(exc).splitlines()[0]})"
-                ) from None
-            if set(res.missing_keys) - {"fc.weight", "fc.bias"} or res.unexpected_keys:
-                raise UserError(
-                    f"{backbone}: not a complete {arch} backbone (missing {res.missing_keys[:3]}, "
-                    f"unexpected {res.unexpected_keys[:3]})"
-                )
-            desc.update(arch=arch, init="pretrained", sidecar=side)
-    dim = model.fc.in_features
-    if not isinstance(model.fc, nn.Linear) or model.fc.out_features != 1:
-        model.fc = nn.Linear(dim, 1)
-    desc["feature_dim"] = dim
-    return model, desc
+        spec = recognise(state)
+        if spec is None:
+            raise UserError(f"{backbone}: weights match no known backbone (expected one of: {', '.join(ARCHS)})")
+        if side and side.get("arch") and side["arch"] != spec.name:
+            raise UserError(f"{backbone}: sidecar says arch {side['arch']!r} but the weights are a {spec.name}")
+        if arch and arch != spec.name:
+            raise UserError(f"{backbone}: backbone of the wrong arch: {spec.name}, --arch asked for {arch}")
+        state = {k: v for k, v in state.items() if not k.startswith(f"{spec.head}.")}
+        try:
+            ex = spec.export(state, spec.img_size_of(state))
+        except (RuntimeError, ValueError) as exc:
+            raise UserError(f"{backbone}: weights do not fit {spec.name} ({str(exc).splitlines()[0]})") from None
+        features, in_chans = ex.model.train(), ex.in_chans
+        desc.update(arch=spec.name, init="pretrained", sidecar=side)
+    side_px = spec.img_size_of(features.state_dict())  # the image side the backbone is bound to (a ViT's)
+    if side_px:
+        desc["img_size"] = side_px
+    desc["feature_dim"] = spec.feature_dim
+    return _with_linear_head(features, in_chans, spec.feature_dim), desc
 
 
 def _batches(n: int, batch_size: int, gen=None, drop_single: bool = False):
@@ -159,12 +127,12 @@ def _images(inputs) -> bool:
 
 
 def _forward(net, inputs, idx, device):
-    """``net``'s output (B,) for samples ``idx``; images go in on 3 repeated channels (the export contract)."""
+    """``net``'s output (B,) for samples ``idx``; images go in as ``(B, 1, H, W)``."""
     import torch
 
     x = torch.as_tensor(inputs[idx.numpy()])
     if _images(x):
-        x = x.unsqueeze(1).repeat(1, 3, 1, 1)
+        x = x.unsqueeze(1)
     return net(x.to(device)).squeeze(1)
 
 
@@ -420,7 +388,7 @@ def finetune(
     check_args(n_train, n_test, epochs, batch_size, val_fraction, lr, seed, out_json)
     t0 = time.perf_counter()
     img_size = None
-    if backbone.lower() == "none" and (arch or "").startswith("vit"):  # a random-init ViT: the data's side
+    if backbone.lower() == "none":  # a random-init backbone bound to an image side (a ViT) takes the data's
         img_size = (read_manifest(train_dir).get("image_shape") or [None])[-1]
     model, desc = build_model(backbone, arch, seed, img_size)  # bad backbone / arch fails before data loading
     split = load_split(train_dir, test_dir, n_train, n_test, val_fraction, seed, task, desc, verify)

@@ -8,7 +8,9 @@ layout, kept for every method and backbone).
 
 ``spec.export(state, img_size)`` turns a trained 1-channel backbone state into the state a stock
 library model loads (torchvision or timm), with that model and how to load it; the exporter
-checks the keys and the features (:mod:`hpc_lensiam.downstream.export`).
+checks the keys and the features (:mod:`hpc_lensiam.downstream.export`). ``spec.matches(state)``
+recognises the arch from weights (:func:`recognise`), and ``spec.library(img_size)`` builds the
+stock model an export loads into, so export, embed and finetune hold no per-backbone case.
 
 Adding a backbone = one module with an ``ENTRIES`` tuple of :class:`BackboneSpec` + one entry in
 ``_MODULES`` below (docs/extending.md shows an example).
@@ -28,6 +30,15 @@ def get(arch: str) -> BackboneSpec:
     if arch not in BACKBONES:
         raise ValueError(f"unknown arch {arch!r} (expected one of: {', '.join(ARCHS)})")
     return BACKBONES[arch]
+
+
+def recognise(state: dict) -> BackboneSpec | None:
+    """The registered backbone whose weight layout ``state`` has (a trained 1-channel backbone, an
+    export or a library weights file, head removed), or None. Entries never share a layout (a test
+    checks every pair), so the weights alone name their arch: no per-family case in the exporter or
+    the fine-tuner."""
+    hits = [s for s in BACKBONES.values() if s.matches(state)]
+    return hits[0] if len(hits) == 1 else None
 
 
 def feature_dim(arch: str) -> int:
@@ -59,4 +70,5 @@ __all__ = [
     "build_backbone",
     "feature_dim",
     "get",
+    "recognise",
 ]

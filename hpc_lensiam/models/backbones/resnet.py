@@ -13,17 +13,9 @@ Export contract (the official SimSiam export): the 1-channel ``conv1`` is folded
 
 from __future__ import annotations
 
-from .spec import BackboneSpec, Exported
+from .spec import BackboneSpec, Exported, fold_stem, matches_layout
 
-FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "resnet101": 2048}
-# torchvision ResNets by (bottleneck blocks?, blocks per stage)
-RESNETS = {
-    (False, (2, 2, 2, 2)): "resnet18",
-    (False, (3, 4, 6, 3)): "resnet34",
-    (True, (3, 4, 6, 3)): "resnet50",
-    (True, (3, 4, 23, 3)): "resnet101",
-    (True, (3, 8, 36, 3)): "resnet152",
-}
+FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
 CHANNELS = "grayscale image repeated on 3 channels (conv1 folded from the 1-channel training stem)"
 
 
@@ -44,34 +36,13 @@ def build(arch: str, zero_init_residual: bool = True):
     return net
 
 
-def infer_arch(state: dict) -> str | None:
-    """torchvision ResNet name from a backbone state_dict's keys (None if it is not one)."""
-    counts = []
-    for i in range(1, 5):
-        idx = {int(k.split(".")[1]) for k in state if k.startswith(f"layer{i}.") and k.split(".")[1].isdigit()}
-        if not idx:
-            return None
-        counts.append(max(idx) + 1)
-    bottleneck = any(k.startswith("layer1.0.conv3.") for k in state)
-    return RESNETS.get((bottleneck, tuple(counts)))
-
-
-def fold_conv1(state: dict) -> dict:
-    """1-channel ``conv1.weight`` -> 3-channel ``repeat / 3`` (same output on a repeated image)."""
-    w = state.get("conv1.weight")
-    if w is not None and w.shape[1] == 1:
-        state = dict(state)
-        state["conv1.weight"] = (w.repeat(1, 3, 1, 1) / 3.0).contiguous()
-    return state
-
-
 def to_torchvision(bb: dict, arch: str):
     """Fold conv1, load into ``torchvision.models.<arch>()`` checking the missing/unexpected keys."""
     import torchvision
 
     from ...errors import UserError
 
-    state = fold_conv1(bb)
+    state = fold_stem(bb, "conv1.weight")
     tv = getattr(torchvision.models, arch)(weights=None)
     try:
         res = tv.load_state_dict(state, strict=False)
@@ -83,6 +54,17 @@ def to_torchvision(bb: dict, arch: str):
             f"unexpected {res.unexpected_keys} (expected missing fc.weight, fc.bias only)"
         )
     return state, tv
+
+
+def library(arch: str):
+    """Stock ``torchvision.models.<arch>()`` at random init (torchvision's own, 3-channel stem),
+    ``fc = Identity``: what an export loads into, and the no-pretraining baseline of ``finetune``."""
+    import torch.nn as nn
+    import torchvision
+
+    tv = getattr(torchvision.models, arch)(weights=None)
+    tv.fc = nn.Identity()
+    return tv, 3
 
 
 def _specs():
@@ -111,6 +93,8 @@ def _specs():
             head="fc",
             build=lambda img_size, zir, a=a: build(a, zir),
             export=export(a),
+            library=lambda img_size, a=a: library(a),
+            matches=matches_layout(lambda a=a: library(a)[0], head="fc", stem="conv1.weight"),
         )
         for a, d in FEATURE_DIMS.items()
     )

@@ -66,6 +66,17 @@ def img_size_of(patch: int):
     return run
 
 
+def matches(width: str, patch: int):
+    """Weights of this width and patch size: the position embedding's width, the patch kernel's side
+    (the image side comes from the number of positions, :func:`img_size_of`)."""
+
+    def run(state: dict) -> bool:
+        pos, proj = state.get("pos_embed"), state.get("patch_embed.proj.weight")
+        return pos is not None and proj is not None and pos.shape[-1] == WIDTHS[width] and proj.shape[-1] == patch
+
+    return run
+
+
 def to_timm(bb: dict, width: str, patch: int, img_size: int):
     """Load into ``timm.create_model`` with the training arguments; assert the key contract."""
     import timm
@@ -113,6 +124,8 @@ def _specs():
             head="head",
             build=lambda img_size, zir, w=w, p=p: build(w, p, img_size),
             export=export(w, p),
+            library=lambda img_size, w=w, p=p: (build(w, p, img_size), 1),
+            matches=matches(w, p),
             img_size_of=img_size_of(p),
             recipe=RECIPE,
         )
