@@ -388,7 +388,8 @@ def _load(path: Path):
 
 
 def collect_units(out: Path, task_key: str, arm: str, pretrain_seeds: list[int]) -> dict:
-    """{(pretraining seed or None, fine-tuning seed): (metric, test targets, predictions, test sha)}."""
+    """{(pretraining seed or None, fine-tuning seed): (metric value, test targets, predictions, test sha,
+    metric name, TPR at FPR 1e-2 or None)}."""
     kind = ARMS[arm][0]
     units = {}
     for ps in pretrain_seeds if kind else [None]:
@@ -398,7 +399,9 @@ def collect_units(out: Path, task_key: str, arm: str, pretrain_seeds: list[int])
         metric = rep.get("metric", "r2")
         for r in rep["runs"]:
             scores = r.get("test_scores", r.get("test_predictions"))
-            units[(ps, r["seed"])] = (r[metric], rep["test_targets"], scores, rep.get("test_manifest_sha256"), metric)
+            tpr = (r.get("tpr_at_fpr") or {}).get("0.01", {}).get("tpr")
+            sha = rep.get("test_manifest_sha256")
+            units[(ps, r["seed"])] = (r[metric], rep["test_targets"], scores, sha, metric, tpr)
     return units
 
 
@@ -514,10 +517,11 @@ def write_report(path: Path, a, out: Path, done: dict) -> None:
             continue
         metric = next(iter(next(iter(units.values())).values()))[4]
         name = {"r2": "R^2", "auc": "ROC AUC"}.get(metric, metric)
+        with_tpr = metric == "auc"  # lens finding: the TPR a survey would get at 1% false positives, beside AUC
         lines += [
             f"| arm | runs (pretraining x fine-tuning seeds) | test {name} mean +- sd | per pretraining seed "
-            f"(mean over fine-tuning seeds) | paper R^2 |",
-            "|---|---|---|---|---|",
+            f"(mean over fine-tuning seeds) | " + ("TPR at FPR 1e-2 mean +- sd | " if with_tpr else "") + "paper R^2 |",
+            "|---|---|---|---|---|" + ("---|" if with_tpr else ""),
         ]
         for arm, u in units.items():
             s = seed_summary(v[0] for v in u.values())
@@ -526,8 +530,13 @@ def write_report(path: Path, a, out: Path, done: dict) -> None:
                 per.setdefault(ps, []).append(v[0])
             per_txt = ", ".join(f"s{ps}: {np.mean(v):.3f}" for ps, v in per.items() if ps is not None) or "-"
             sd = f"{s['sd']:.3f}" if s["sd"] is not None else "n/a"
+            tpr_txt = ""
+            if with_tpr:
+                tprs = [v[5] for v in u.values() if v[5] is not None]
+                st = seed_summary(tprs) if len(tprs) > 1 else None
+                tpr_txt = f"{st['mean']:.2f} +- {st['sd']:.2f} | " if st else "- | "
             lines.append(
-                f"| {arm} | {s['n']} | {s['mean']:.3f} +- {sd} | {per_txt} | "
+                f"| {arm} | {s['n']} | {s['mean']:.3f} +- {sd} | {per_txt} | {tpr_txt}"
                 f"{PAPER.get(arm, '-') if t['key'] == 'paper_theta_E' else '-'} |"
             )
         lines += [
