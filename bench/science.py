@@ -36,6 +36,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -387,9 +388,19 @@ def _load(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+class Unit(NamedTuple):
+    """One fine-tuning run of an arm: what the report tables and the paired differences read."""
+
+    value: float  # the task's metric (R^2 or ROC AUC)
+    targets: list  # test targets
+    scores: list  # test predictions (or scores)
+    test_sha: str | None  # the test set's manifest hash: runs pair only on the same test set
+    metric: str  # "r2" | "auc"
+    tpr_1e2: float | None  # lens finding: TPR at FPR 1e-2
+
+
 def collect_units(out: Path, task_key: str, arm: str, pretrain_seeds: list[int]) -> dict:
-    """{(pretraining seed or None, fine-tuning seed): (metric value, test targets, predictions, test sha,
-    metric name, TPR at FPR 1e-2 or None)}."""
+    """{(pretraining seed or None, fine-tuning seed): :class:`Unit`}."""
     kind = ARMS[arm][0]
     units = {}
     for ps in pretrain_seeds if kind else [None]:
@@ -401,7 +412,7 @@ def collect_units(out: Path, task_key: str, arm: str, pretrain_seeds: list[int])
             scores = r.get("test_scores", r.get("test_predictions"))
             tpr = (r.get("tpr_at_fpr") or {}).get("0.01", {}).get("tpr")
             sha = rep.get("test_manifest_sha256")
-            units[(ps, r["seed"])] = (r[metric], rep["test_targets"], scores, sha, metric, tpr)
+            units[(ps, r["seed"])] = Unit(r[metric], rep["test_targets"], scores, sha, metric, tpr)
     return units
 
 
@@ -410,7 +421,7 @@ def paired(units_a: dict, units_b: dict):
     keys = []
     for ps, fs in units_a:
         kb = (ps, fs) if (ps, fs) in units_b else (None, fs)
-        if kb in units_b and units_a[(ps, fs)][3] == units_b[kb][3]:
+        if kb in units_b and units_a[(ps, fs)].test_sha == units_b[kb].test_sha:
             keys.append(((ps, fs), kb))
     return keys
 
@@ -515,7 +526,7 @@ def write_report(path: Path, a, out: Path, done: dict) -> None:
         if not units:
             lines.append("(not run yet)")
             continue
-        metric = next(iter(next(iter(units.values())).values()))[4]
+        metric = next(iter(next(iter(units.values())).values())).metric
         name = {"r2": "R^2", "auc": "ROC AUC"}.get(metric, metric)
         with_tpr = metric == "auc"  # lens finding: the TPR a survey would get at 1% false positives, beside AUC
         lines += [
@@ -524,15 +535,15 @@ def write_report(path: Path, a, out: Path, done: dict) -> None:
             "|---|---|---|---|---|" + ("---|" if with_tpr else ""),
         ]
         for arm, u in units.items():
-            s = seed_summary(v[0] for v in u.values())
+            s = seed_summary(v.value for v in u.values())
             per = {}
             for (ps, _), v in u.items():
-                per.setdefault(ps, []).append(v[0])
+                per.setdefault(ps, []).append(v.value)
             per_txt = ", ".join(f"s{ps}: {np.mean(v):.3f}" for ps, v in per.items() if ps is not None) or "-"
             sd = f"{s['sd']:.3f}" if s["sd"] is not None else "n/a"
             tpr_txt = ""
             if with_tpr:
-                tprs = [v[5] for v in u.values() if v[5] is not None]
+                tprs = [v.tpr_1e2 for v in u.values() if v.tpr_1e2 is not None]
                 st = seed_summary(tprs) if len(tprs) > 1 else None
                 tpr_txt = f"{st['mean']:.2f} +- {st['sd']:.2f} | " if st else "- | "
             lines.append(
@@ -554,9 +565,9 @@ def write_report(path: Path, a, out: Path, done: dict) -> None:
             keys = paired(units[x], units[z])
             if len(keys) < 1:
                 continue
-            y = np.asarray(units[x][keys[0][0]][1])
-            pa = np.asarray([units[x][ka][2] for ka, _ in keys])
-            pb = np.asarray([units[z][kb][2] for _, kb in keys])
+            y = np.asarray(units[x][keys[0][0]].targets)
+            pa = np.asarray([units[x][ka].scores for ka, _ in keys])
+            pb = np.asarray([units[z][kb].scores for _, kb in keys])
             r = hierarchical_paired_difference(y, pa, pb, metric, n_boot=2000, seed=0)
             df = f"{r['df']:.1f}" if r["df"] else "-"
             lines.append(
