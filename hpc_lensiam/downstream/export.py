@@ -228,8 +228,9 @@ def export_backbone(checkpoint: str, out: str, fmt: str = "pt", arch: str | None
 
 # ------------------------------------------------------------------------------ read an export back
 def read_backbone_file(path: str | os.PathLike) -> dict:
-    """A backbone weights file (our export, a torchvision weights file; .pt/.pth or safetensors)
-    -> plain state_dict without ``fc.*``, ``module.`` prefixes stripped."""
+    """A backbone weights file (our export, a library weights file; .pt/.pth or safetensors)
+    -> plain state_dict, ``module.`` prefixes stripped. A library file's classifier head stays: which
+    keys are the head depends on the arch, so the caller drops them once it is recognised."""
     import torch
 
     path = Path(path)
@@ -273,8 +274,7 @@ def read_backbone_file(path: str | os.PathLike) -> dict:
             f"{state_sha256(state)[:12]} vs {side['weights_sha256'][:12]}); the file was damaged or "
             f"replaced: export it again"
         )
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def read_sidecar(path: str | os.PathLike) -> dict | None:
