@@ -13,8 +13,9 @@ Downstream sets (``--downstream-family``): ``paper`` = the same simulator family
 is_lens``).
 
 The probe (ridge/k-NN on a held-out paper-family set, intervals over lens systems) compares LenSiam and
-SimSiam of each pretraining seed. Fine-tuning differences use the hierarchical paired bootstrap of
-:mod:`hpc_lensiam.stats` over (pretraining seed, fine-tuning seed) units and test images.
+SimSiam of each pretraining seed, and over all pretraining seeds together. Fine-tuning differences use
+the hierarchical paired bootstrap of :mod:`hpc_lensiam.stats` with pretraining and fine-tuning seeds
+as two resampled levels (a backbone's fine-tunings share its luck), with the test images.
 
 Every step is the package's own CLI, so the report's commands are what a user runs, and every step is
 resumable: a step whose command already succeeded (``OUT/steps.json``) and whose outputs exist is
@@ -426,6 +427,30 @@ def paired(units_a: dict, units_b: dict):
     return keys
 
 
+def pooled_probe_difference(probe_reports: list) -> dict | None:
+    """LenSiam - SimSiam ridge R^2 over all pretraining seeds, the seeds resampled with the test systems.
+
+    Each seed's probe report holds both methods' held-out predictions on the same test systems;
+    stacked, the pretraining seeds are the seed level of :func:`hierarchical_paired_difference`.
+    None with fewer than 2 seeds or if the seeds' test systems differ.
+    """
+    import numpy as np
+
+    if len(probe_reports) < 2:
+        return None
+    pairs = [list(pr["results"].values()) for pr in probe_reports]
+    first = pairs[0][0]
+    if any(r["test_keys"] != first["test_keys"] for pair in pairs for r in pair):
+        return None
+    out = {}
+    for p in ("theta_E", "e1", "gamma"):
+        pa = np.asarray([a["test_predictions"]["ridge"][p] for a, _ in pairs])
+        pb = np.asarray([b["test_predictions"]["ridge"][p] for _, b in pairs])
+        y = first["test_targets"][p]
+        out[p] = hierarchical_paired_difference(y, pa, pb, "r2", first["test_pair_id"], n_boot=2000, seed=0)
+    return out
+
+
 def write_report(path: Path, a, out: Path, done: dict) -> None:
     """The whole report from the files in OUT: finished parts filled in, the rest marked not run yet."""
     import numpy as np
@@ -505,7 +530,8 @@ def write_report(path: Path, a, out: Path, done: dict) -> None:
             lines += [
                 "",
                 "Paired ridge R^2 difference LenSiam - SimSiam on the same test systems (95% interval over "
-                "systems, one pretraining seed each: pretraining-seed noise is not in it; compare the rows):",
+                "systems, one pretraining seed per row: pretraining-seed noise is not in it; the last row "
+                "resamples the pretraining seeds too):",
                 "",
                 "| pretraining seed | theta_E | e1 | gamma |",
                 "|---|---|---|---|",
@@ -516,6 +542,18 @@ def write_report(path: Path, a, out: Path, done: dict) -> None:
                     + " | ".join(
                         "{:+.3f} [{:+.3f}, {:+.3f}]".format(d["ridge"][p]["delta"], *d["ridge"][p]["ci95"])
                         for p in ("theta_E", "e1", "gamma")
+                    )
+                    + " |"
+                )
+            pooled = pooled_probe_difference([probes[ps] for ps in probe_diff])
+            if pooled:
+                lines.append(
+                    f"| all {len(probe_diff)} (pretraining seeds resampled) | "
+                    + " | ".join(
+                        "{:+.3f} [{:+.3f}, {:+.3f}] (df {})".format(
+                            r["delta"], *r["ci95"], f"{r['df']:.1f}" if r["df"] and r["df"] < 1000 else "> 999"
+                        )
+                        for r in pooled.values()
                     )
                     + " |"
                 )
@@ -552,11 +590,13 @@ def write_report(path: Path, a, out: Path, done: dict) -> None:
             )
         lines += [
             "",
-            f"Paired differences of test {name} (hierarchical bootstrap: (pretraining, fine-tuning) seed "
-            f"units and test images resampled together, 2000 resamples; estimate +- t(df) x se; the "
-            f"test-images-only interval, which ignores seed noise, for reference):",
+            f"Paired differences of test {name} (hierarchical bootstrap, 2000 resamples: pretraining seeds "
+            f"and fine-tuning seeds resampled as two levels (a backbone's fine-tunings share its luck; a "
+            f"fine-tuning seed's split is shared by every backbone), with the test images; estimate +- "
+            f"t(df) x se; the test-images-only interval, which ignores seed noise, for reference; per run: "
+            f"each (pretraining, fine-tuning) seed pair):",
             "",
-            "| difference | units | delta | 95% interval | df | test-images-only interval | per unit |",
+            "| difference | runs (resampled units) | delta | 95% interval | df | test-images-only interval | per run |",
             "|---|---|---|---|---|---|---|",
         ]
         for x, z in DIFFERENCES:
@@ -568,11 +608,14 @@ def write_report(path: Path, a, out: Path, done: dict) -> None:
             y = np.asarray(units[x][keys[0][0]].targets)
             pa = np.asarray([units[x][ka].scores for ka, _ in keys])
             pb = np.asarray([units[z][kb].scores for _, kb in keys])
-            r = hierarchical_paired_difference(y, pa, pb, metric, n_boot=2000, seed=0)
-            df = f"{r['df']:.1f}" if r["df"] else "-"
+            levels = {"pretraining": [ka[0] for ka, _ in keys], "fine-tuning": [ka[1] for ka, _ in keys]}
+            r = hierarchical_paired_difference(y, pa, pb, metric, n_boot=2000, seed=0, levels=levels)
+            df = "-" if not r["df"] else f"{r['df']:.1f}" if r["df"] < 1000 else "> 999"
+            resampled = " x ".join(f"{n} {name}" for name, n in r["levels"].items()) + " seeds"
             lines.append(
-                f"| {x} - {z} | {len(keys)} | {r['delta']:+.3f} | [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
-                f" | {df} | [{r['ci95_images_only'][0]:+.3f}, {r['ci95_images_only'][1]:+.3f}] | "
+                f"| {x} - {z} | {len(keys)} ({resampled}) | {r['delta']:+.3f} | "
+                f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | {df} | "
+                f"[{r['ci95_images_only'][0]:+.3f}, {r['ci95_images_only'][1]:+.3f}] | "
                 + " ".join(f"{v:+.3f}" for v in r["per_seed"])
                 + " |"
             )

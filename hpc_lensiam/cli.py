@@ -379,8 +379,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_finetune)
 
     s = sub.add_parser("compare", help="paired, seed-aware difference of two finetune reports on one test set")
-    s.add_argument("a", help="finetune --json report of backbone A (one seed or --seeds)")
-    s.add_argument("b", help="finetune --json report of backbone B, same test set and seeds")
+    s.add_argument(
+        "a",
+        help="finetune --json report of backbone A (one seed or --seeds); several pretraining seeds of A: "
+        "A_s0.json,A_s1.json (pretraining and fine-tuning seeds are then both resampled)",
+    )
+    s.add_argument(
+        "b",
+        help="finetune --json report(s) of backbone B, same test set and fine-tuning seeds: one per report "
+        "of A (paired in order), or one (e.g. random init)",
+    )
     s.add_argument("--json", default=None, help="write the comparison as JSON here too")
     s.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
     s.add_argument("--seed", type=int, default=0, help="bootstrap seed")

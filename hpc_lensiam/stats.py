@@ -12,7 +12,8 @@ synthetic predictions whose truth is known.
 - :func:`bootstrap_interval`: R^2 or ROC AUC of one set of predictions, resampling test *systems*
   (``groups``: both views of a lens pair go in or out together, as in the probe);
 - :func:`hierarchical_paired_difference`: metric(A) - metric(B) over S paired fine-tuning seeds,
-  resampling seeds and test systems together (the same draws for both arms);
+  resampling seeds and test systems together (the same draws for both arms); ``levels`` says
+  when the rows are pretraining x fine-tuning seeds, each level then resampled on its own;
 - :func:`seed_summary`: mean and sample sd across seeds.
 
 Everything is vectorised over bootstrap replicates as weighted metrics: a resample is a vector of
@@ -165,6 +166,7 @@ def hierarchical_paired_difference(
     groups=None,
     n_boot: int = 2000,
     seed: int = 0,
+    levels: dict | None = None,
 ) -> dict:
     """metric(A) - metric(B) averaged over S paired seeds, with an interval that includes seed noise.
 
@@ -179,10 +181,24 @@ def hierarchical_paired_difference(
     normal quantile under-covers: 0.855 at 3 seeds, docs/statistics.md). With S = 1 the seed term cannot be
     estimated; the interval is then the images-only one and ``seed_variance`` is None.
 
-    Returns a dict: ``delta`` (mean over seeds of the per-seed differences), ``per_seed``,
+    ``levels`` names what the rows are when they are not S exchangeable seeds: ``{name: one label
+    per row}``, e.g. ``{"pretraining seed": [0, 0, 0, 1, 1, 1], "fine-tuning seed": [0, 1, 2, 0, 1,
+    2]}`` for C pretrained backbones each fine-tuned with the same F seeds. Those runs are not C x F
+    independent units: the F fine-tunings of one backbone inherit its luck, and fine-tuning seed f
+    (its split, head init, batch order) is shared by every backbone, so resampling the rows flat
+    counts either spread too often as independent evidence and under-covers (tests/test_stats.py
+    measures it). Each level with >= 2 labels is resampled on its own, its unit the mean over the
+    other levels (the same draws for both arms), Rao-Wu-rescaled by sqrt(L / (L - 1)), and enters
+    df with L - 1: with 2 pretraining seeds the interval is wide, as it should be. Two levels must
+    form a full grid (every combination once). Like images x seeds, crossed levels are resampled
+    independently, so their interaction is counted by both: conservative, not under-covering.
+    Default: every row its own label (one level, "seed").
+
+    Returns a dict: ``delta`` (mean over seeds of the per-seed differences), ``per_seed`` (per row),
     ``ci95`` (hierarchical), ``se``, ``df``, ``se_images_only`` and ``ci95_images_only`` (the
     paired test-images-only percentile interval, seeds held fixed, for reference), ``seed_variance``
-    (the seed component of se^2), ``seeds``, ``n_test``, ``n_boot``, ``metric``.
+    (the seed components of se^2, summed), ``seeds`` (rows), ``levels`` ({name: labels} of each
+    level resampled), ``n_test``, ``n_boot``, ``metric``.
     """
     from scipy import stats as sps
 
@@ -194,6 +210,7 @@ def hierarchical_paired_difference(
             f"A {pa.shape}, B {pb.shape}, targets {len(y)}"
         )
     s = pa.shape[0]
+    means = _level_means(levels if levels is not None else {"seed": range(s)}, s)  # {name: (S, L)}
     ones = np.ones((1, len(y)))
     per_seed = (_weighted_metric(metric, y, pa, ones) - _weighted_metric(metric, y, pb, ones))[0]
     delta = float(per_seed.mean())
@@ -209,19 +226,25 @@ def hierarchical_paired_difference(
         "delta": delta,
         "per_seed": [float(v) for v in per_seed],
         "seeds": int(s),
+        "levels": {name: m.shape[1] for name, m in means.items()},
         "n_test": len(y),
         "n_boot": int(n_boot),
         "se_images_only": se_img,
         "ci95_images_only": [float(lo_i), float(hi_i)],
     }
-    if s == 1:
+    if not means:
         return {**out, "se": se_img, "df": None, "seed_variance": None, "ci95": [float(lo_i), float(hi_i)]}
-    pick = rng.integers(0, s, size=(n_boot, s))
-    d_seed = np.take_along_axis(d, pick, axis=1).mean(1)
-    d_star = d_img + math.sqrt(s / (s - 1)) * (d_seed - d_img)  # Rao-Wu rescaling
+    d_star, v_levels = d_img.copy(), []
+    for m in means.values():
+        n_lab = m.shape[1]
+        pick = rng.integers(0, n_lab, size=(n_boot, n_lab))
+        d_level = np.take_along_axis(d @ m, pick, axis=1).mean(1)
+        d_star += math.sqrt(n_lab / (n_lab - 1)) * (d_level - d_img)  # Rao-Wu rescaling
+        v_levels.append((float((per_seed @ m).var(ddof=1)) / n_lab, n_lab - 1))
     se = float(np.nanstd(d_star, ddof=1))
-    v_seed = float(per_seed.var(ddof=1)) / s
-    df = (se_img**2 + v_seed) ** 2 / (v_seed**2 / (s - 1)) if v_seed > 0 else float("inf")
+    v_seed = sum(v for v, _ in v_levels)
+    den = sum(v**2 / dof for v, dof in v_levels)
+    df = (se_img**2 + v_seed) ** 2 / den if den > 0 else float("inf")
     half = float(sps.t.ppf(0.975, df)) * se if math.isfinite(df) else 1.959963984540054 * se
     return {
         **out,
@@ -230,3 +253,23 @@ def hierarchical_paired_difference(
         "seed_variance": v_seed,
         "ci95": [delta - half, delta + half],
     }
+
+
+def _level_means(levels: dict, rows: int) -> dict:
+    """{name: (rows, L) matrix averaging the rows of each label} for every level with >= 2 labels."""
+    coded = {}
+    for name, labels in levels.items():
+        labels = [str(v) for v in labels]
+        if len(labels) != rows:
+            raise ValueError(f"levels[{name!r}]: one label per seed row expected, got {len(labels)} for {rows}")
+        coded[name] = np.unique(labels, return_inverse=True)[1]
+    if len(coded) > 1:
+        combos = set(zip(*coded.values()))
+        full = math.prod(int(c.max()) + 1 for c in coded.values())
+        if len(combos) != rows or full != rows:
+            raise ValueError(f"levels {list(coded)}: the rows must form a full grid, each combination once")
+    out = {}
+    for name, code in coded.items():
+        if code.max() >= 1:
+            out[name] = np.eye(code.max() + 1)[code] / np.bincount(code)
+    return out

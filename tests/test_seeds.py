@@ -139,6 +139,34 @@ def test_compare_paired_seed_aware_difference(reports, tmp_path):
     assert "over 2 paired seeds x 10 test images" in r.stdout
 
 
+def test_compare_backbones_of_several_pretraining_seeds(reports, tmp_path):
+    """A_s0,A_s1 against B_s0,B_s1 (and against one random-init report): the 2 x 2 runs are resampled
+    as pretraining and fine-tuning levels, the estimate is the mean of the four paired differences."""
+    from hpc_lensiam.downstream.seeds import compare
+    from hpc_lensiam.stats import hierarchical_paired_difference
+
+    a, b = (json.loads(reports[k].read_text()) for k in ("a", "b"))
+    a2 = {**a, "runs": [{**r, "test_predictions": [v + 0.1 for v in r["test_predictions"]]} for r in a["runs"]]}
+    (tmp_path / "a_s1.json").write_text(json.dumps(a2))  # a second pretraining seed of A, worse by a shift
+    a_list = f"{reports['a']},{tmp_path / 'a_s1.json'}"
+    res = compare(a_list, f"{reports['b']},{reports['b']}", n_boot=500)
+    y = np.asarray(a["test_targets"])
+    pa = np.asarray([r["test_predictions"] for r in a["runs"] + a2["runs"]])
+    pb = np.asarray([r["test_predictions"] for r in b["runs"] * 2])
+    levels = {"pretraining": [0, 0, 1, 1], "fine-tuning": [0, 1, 0, 1]}
+    assert res["levels"] == {"pretraining": 2, "fine-tuning": 2} and res["seeds"] == 4
+    for key in ("delta", "ci95", "per_seed", "se"):
+        assert res[key] == hierarchical_paired_difference(y, pa, pb, "r2", None, 500, 0, levels=levels)[key]
+    one_b = compare([str(reports["a"]), str(tmp_path / "a_s1.json")], [str(reports["b"])], n_boot=500)
+    assert one_b["delta"] == res["delta"] and one_b["pretraining_seed_pairs"][1][1] == str(reports["b"])
+    r = _cli("compare", a_list, reports["b"], "--n-boot", 500)
+    assert r.returncode == 0 and r.stdout.count("\n") == 1
+    assert "over 2 pretraining x 2 fine-tuning seeds x 10 test images" in r.stdout
+    assert f"{res['delta']:+.3f} [{res['ci95'][0]:+.3f}, {res['ci95'][1]:+.3f}]" in r.stdout
+    r = _cli("compare", a_list, f"{reports['b']},{reports['b']},{reports['b']}")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "2 report(s) for A but 3 for B" in r.stderr
+
+
 def test_compare_and_seeds_bad_input(reports, single_shards, tmp_path):
     from hpc_lensiam.downstream.seeds import compare, finetune_seeds
 

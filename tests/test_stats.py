@@ -80,6 +80,85 @@ def test_hierarchical_interval_does_not_under_cover_without_seed_noise():
     assert hier >= 0.95 - TOL, f"hierarchical coverage {hier:.3f}"
 
 
+def _grid_arms(rng, n: int, pretrain: int, finetune: int, tau_pretrain: float, tau_finetune: float, crossed: bool):
+    """As :func:`_two_arms` for runs (c, f), c the pretraining seed, f the fine-tuning seed, row
+    c * finetune + f. Each arm's luck: tau_p u_kc (shared by the fine-tunings of backbone c) +
+    tau_f u_kf if ``crossed`` (fine-tuning seed f, its split and head init, shared by every backbone)
+    else tau_f u_kcf (nested: each run its own), + 0.03 u_kcf (the rest).
+    Expected R^2(A) - R^2(B): exp(2 (tau_p^2 + tau_f^2 + 0.03^2)) (sigma_b^2 - sigma_a^2) n / (n - 3)."""
+    y, h = rng.normal(size=n), rng.normal(size=n)
+    rows = pretrain * finetune
+
+    def arm(sigma):
+        ft = np.tile(rng.normal(size=finetune), pretrain) if crossed else rng.normal(size=rows)
+        luck = np.repeat(tau_pretrain * rng.normal(size=pretrain), finetune) + tau_finetune * ft
+        scale = sigma * np.exp(luck + 0.03 * rng.normal(size=rows))[:, None]
+        return y + scale * (math.sqrt(0.7) * h + math.sqrt(0.3) * rng.normal(size=(rows, n)))
+
+    truth = math.exp(2 * (tau_pretrain**2 + tau_finetune**2 + 0.03**2)) * (0.45**2 - 0.40**2) * n / (n - 3)
+    labels = {
+        "pretraining seed": np.repeat(np.arange(pretrain), finetune),
+        "fine-tuning seed": np.tile(np.arange(finetune), pretrain),
+    }
+    return y, arm(0.40), arm(0.45), truth, labels
+
+
+def _grid_coverage(tau_pretrain: float, tau_finetune: float, crossed: bool, seed: int) -> dict:
+    """Coverage of the interval over 3 x 3 runs, resampled flat, by pretraining seed only, and by both levels."""
+    rng = np.random.default_rng(seed)
+    hits = {"flat": 0, "pretraining": 0, "both": 0}
+    for rep in range(REPS):
+        y, pa, pb, truth, labels = _grid_arms(rng, 150, 3, 3, tau_pretrain, tau_finetune, crossed)
+        for kind, levels in (
+            ("flat", None),
+            ("pretraining", {"pretraining seed": labels["pretraining seed"]}),
+            ("both", labels),
+        ):
+            res = hierarchical_paired_difference(y, pa, pb, n_boot=400, seed=rep, levels=levels)
+            hits[kind] += res["ci95"][0] <= truth <= res["ci95"][1]
+    return {k: v / REPS for k, v in hits.items()}
+
+
+def test_pretraining_seeds_above_fine_tuning_seeds_are_resampled_as_their_own_level():
+    """3 pretraining x 3 fine-tuning seeds, the pretraining luck dominant (as in the protocol, where
+    one backbone's three fine-tunings agree and two backbones do not). Resampling the 9 runs as
+    exchangeable units (the report's first version) under-covers; resampling the pretraining seeds
+    as a level covers ~95%, alone (nested design) or with the fine-tuning level."""
+    cov = _grid_coverage(tau_pretrain=0.25, tau_finetune=0.03, crossed=False, seed=3)
+    assert cov["flat"] < 0.88, f"flat coverage {cov['flat']:.3f}: expected to under-cover"
+    assert _within_binomial(cov["pretraining"]), f"pretraining-level coverage {cov['pretraining']:.3f}"
+    assert cov["both"] >= 0.95 - TOL, f"two-level coverage {cov['both']:.3f}"
+
+
+def test_a_fine_tuning_seed_shared_by_all_backbones_is_a_level_too():
+    """Crossed design: fine-tuning seed f (split, head init) moves every backbone's run alike. The
+    pretraining-seed means then all share the same F fine-tuning draws, so resampling pretraining
+    seeds alone misses that spread and under-covers; both levels resampled cover."""
+    cov = _grid_coverage(tau_pretrain=0.03, tau_finetune=0.25, crossed=True, seed=4)
+    assert cov["pretraining"] < 0.88, f"pretraining-only coverage {cov['pretraining']:.3f}: expected to under-cover"
+    assert cov["both"] >= 0.95 - TOL, f"two-level coverage {cov['both']:.3f}"
+
+
+def test_levels_exact_cases():
+    rng = np.random.default_rng(1)
+    y, pa, pb, _, labels = _grid_arms(rng, 200, 2, 3, 0.2, 0.05, crossed=True)
+    res = hierarchical_paired_difference(y, pa, pb, n_boot=300, levels=labels)
+    d = np.asarray(res["per_seed"]).reshape(2, 3)
+    assert res["levels"] == {"pretraining seed": 2, "fine-tuning seed": 3} and res["seeds"] == 6
+    v = d.mean(1).var(ddof=1) / 2 + d.mean(0).var(ddof=1) / 3
+    assert math.isclose(res["seed_variance"], float(v)) and math.isclose(res["delta"], float(d.mean()))
+    # one pretraining seed: only its fine-tuning seeds vary, exactly the flat comparison of those rows
+    one = hierarchical_paired_difference(
+        y, pa[:3], pb[:3], n_boot=300, levels={"pretraining seed": [7, 7, 7], "fine-tuning seed": [0, 1, 2]}
+    )
+    flat = hierarchical_paired_difference(y, pa[:3], pb[:3], n_boot=300)
+    assert one == {**flat, "levels": {"fine-tuning seed": 3}} and flat["levels"] == {"seed": 3}
+    with pytest.raises(ValueError, match="one label per seed row"):
+        hierarchical_paired_difference(y, pa, pb, levels={"pretraining seed": [0, 1]})
+    with pytest.raises(ValueError, match="full grid"):
+        hierarchical_paired_difference(y, pa, pb, levels={"a": [0, 0, 0, 1, 1, 1], "b": [0, 1, 2, 0, 1, 1]})
+
+
 def test_hierarchical_difference_exact_cases():
     rng = np.random.default_rng(0)
     y, pa, pb, _ = _two_arms(rng, 200, 3, tau=0.1)

@@ -10,7 +10,9 @@ after every seed, so an interrupted run loses at most the seed in progress.
 ``hpc-lensiam compare A.json B.json`` pairs the two reports seed by seed on the same test set and
 prints metric(A) - metric(B) with the hierarchical interval of
 :func:`hpc_lensiam.stats.hierarchical_paired_difference` (seeds and test images resampled
-together). A single-seed report (``--seed``) counts as one seed.
+together). A single-seed report (``--seed``) counts as one seed. ``compare A_s0.json,A_s1.json
+B_s0.json,B_s1.json`` compares backbones pretrained with several seeds: the pretraining seeds and the
+fine-tuning seeds are then resampled as two levels (a backbone's fine-tunings share its luck).
 """
 
 from __future__ import annotations
@@ -181,52 +183,81 @@ def load_seed_report(path: str) -> dict:
     }
 
 
-def compare(a_path: str, b_path: str, out_json: str | None = None, n_boot: int = 2000, seed: int = 0) -> dict:
-    """metric(A) - metric(B), paired by seed on the same test set, with the hierarchical 95% interval."""
+def compare(a_path, b_path, out_json: str | None = None, n_boot: int = 2000, seed: int = 0) -> dict:
+    """metric(A) - metric(B), paired by seed on the same test set, with the hierarchical 95% interval.
+
+    ``a_path``/``b_path`` are one report each, or a list (or comma-separated string) of reports, one
+    per pretraining seed of the backbone: ``A_s0.json,A_s1.json``. Then the runs are pretraining x
+    fine-tuning seeds and both are resampled as levels (docs/statistics.md): fine-tuning seed f of
+    A's i-th report pairs with seed f of B's i-th, or of B's only report (a random-init arm has no
+    pretraining seed).
+    """
     if n_boot < 100:
         raise UserError(f"--n-boot: must be >= 100 for a 95% interval, got {n_boot}")
-    a, b = load_seed_report(a_path), load_seed_report(b_path)
-    if (a["target"], a["metric"]) != (b["target"], b["metric"]):
+    a_paths, b_paths = (_paths(p) for p in (a_path, b_path))
+    if len(b_paths) not in (1, len(a_paths)):
         raise UserError(
-            f"compare: {a_path} is {a['target']} ({a['metric']}) but {b_path} is "
-            f"{b['target']} ({b['metric']}): compare runs of one task"
+            f"compare: {len(a_paths)} report(s) for A but {len(b_paths)} for B: give B one report per A "
+            f"report (its pretraining seeds), or one (a backbone without pretraining seeds)"
         )
-    same_test = (
-        a["test_manifest_sha256"] == b["test_manifest_sha256"]
-        and len(a["targets"]) == len(b["targets"])
-        and np.array_equal(a["targets"], b["targets"])
+    a_reps = [load_seed_report(p) for p in a_paths]
+    b_reps = [load_seed_report(p) for p in b_paths]
+    first = a_reps[0]
+    rows_a, rows_b, levels = [], [], {"pretraining": [], "fine-tuning": []}
+    for i, a in enumerate(a_reps):
+        b = b_reps[i if len(b_reps) > 1 else 0]
+        for other in (a, b):
+            _check_pairable(first, other)
+        if sorted(a["seeds"]) != sorted(b["seeds"]):
+            raise UserError(
+                f"compare: {a['path']} has seeds {a['seeds']} but {b['path']} has {b['seeds']}: "
+                f"a paired comparison needs the same fine-tuning seeds"
+            )
+        order = [b["seeds"].index(s) for s in a["seeds"]]
+        rows_a.append(a["preds"])
+        rows_b.append(b["preds"][order])
+        levels["pretraining"] += [i] * len(a["seeds"])
+        levels["fine-tuning"] += a["seeds"]
+    nested = len(a_reps) > 1
+    res = hierarchical_paired_difference(
+        first["targets"],
+        np.concatenate(rows_a),
+        np.concatenate(rows_b),
+        first["metric"],
+        None,
+        n_boot,
+        seed,
+        levels=levels if nested else None,
     )
-    if not same_test:
-        raise UserError(
-            f"compare: {a_path} and {b_path} were tested on different test sets ({len(a['targets'])} vs "
-            f"{len(b['targets'])} images, manifest {str(a['test_manifest_sha256'])[:12]} vs "
-            f"{str(b['test_manifest_sha256'])[:12]}): a paired comparison needs the same test images"
-        )
-    if sorted(a["seeds"]) != sorted(b["seeds"]):
-        raise UserError(
-            f"compare: {a_path} has seeds {a['seeds']} but {b_path} has {b['seeds']}: "
-            f"a paired comparison needs the same fine-tuning seeds"
-        )
-    order = [b["seeds"].index(s) for s in a["seeds"]]
-    res = hierarchical_paired_difference(a["targets"], a["preds"], b["preds"][order], a["metric"], None, n_boot, seed)
-    names = (Path(a_path).stem, Path(b_path).stem)
+    names = (_name(a_paths), _name(b_paths))
+    a_values = [v for a in a_reps for v in a["values"]]
+    b_values = [v for b in b_reps for v in b["values"]]
     res.update(
-        a=a_path,
-        b=b_path,
-        seed_pairs=a["seeds"],
-        target=a["target"],
-        a_summary=seed_summary(a["values"]),
-        b_summary=seed_summary(np.asarray(b["values"])[order]),
+        a=a_path if not nested else a_paths,
+        b=b_path if len(b_paths) == 1 and not nested else b_paths,
+        seed_pairs=levels["fine-tuning"],
+        target=first["target"],
+        a_summary=seed_summary(a_values),
+        b_summary=seed_summary(b_values if len(b_reps) > 1 else np.asarray(b_values)[order]),
         interval="hierarchical bootstrap: seeds and test images resampled together, paired; "
         "estimate +- t(df) x bootstrap se",
     )
+    if nested:
+        res["pretraining_seed_pairs"] = [[p, b_paths[i if len(b_paths) > 1 else 0]] for i, p in enumerate(a_paths)]
+        res["interval"] = (
+            "hierarchical bootstrap: pretraining seeds (reports), fine-tuning seeds and test images resampled, "
+            "paired; estimate +- t(df) x bootstrap se"
+        )
     lo, hi = res["ci95"]
     li, hi_i = res["ci95_images_only"]
-    seeds_note = (
-        f"over {res['seeds']} paired seeds x {res['n_test']} test images"
-        if res["seeds"] > 1
-        else f"one seed: test images only, seed noise NOT included; {res['n_test']} test images"
-    )
+    if nested:
+        seeds_note = (
+            f"over {len(a_reps)} pretraining x {len(first['seeds'])} fine-tuning seeds x {res['n_test']} test images"
+        )
+    elif res["seeds"] > 1:
+        seeds_note = f"over {res['seeds']} paired seeds x {res['n_test']} test images"
+    else:
+        seeds_note = f"one seed: test images only, seed noise NOT included; {res['n_test']} test images"
     print(
         f"compare: {_label(res['metric'])} {names[0]} - {names[1]} = {res['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}] "
         f"(95%, {seeds_note}); per seed {' '.join(f'{v:+.3f}' for v in res['per_seed'])}; "
@@ -237,3 +268,35 @@ def compare(a_path: str, b_path: str, out_json: str | None = None, n_boot: int =
     if out_json:
         atomic_write_json(out_json, res)
     return res
+
+
+def _paths(spec) -> list[str]:
+    """A report path, a comma-separated list of them, or a list."""
+    paths = [p for p in (spec.split(",") if isinstance(spec, str) else list(spec)) if str(p)]
+    if not paths:
+        raise UserError("compare: no report given")
+    return [str(p) for p in paths]
+
+
+def _name(paths: list[str]) -> str:
+    return Path(paths[0]).stem if len(paths) == 1 else "+".join(Path(p).stem for p in paths)
+
+
+def _check_pairable(a: dict, b: dict) -> None:
+    """The same task and the same test images, or a UserError naming both files."""
+    if (a["target"], a["metric"]) != (b["target"], b["metric"]):
+        raise UserError(
+            f"compare: {a['path']} is {a['target']} ({a['metric']}) but {b['path']} is "
+            f"{b['target']} ({b['metric']}): compare runs of one task"
+        )
+    same_test = (
+        a["test_manifest_sha256"] == b["test_manifest_sha256"]
+        and len(a["targets"]) == len(b["targets"])
+        and np.array_equal(a["targets"], b["targets"])
+    )
+    if not same_test:
+        raise UserError(
+            f"compare: {a['path']} and {b['path']} were tested on different test sets ({len(a['targets'])} vs "
+            f"{len(b['targets'])} images, manifest {str(a['test_manifest_sha256'])[:12]} vs "
+            f"{str(b['test_manifest_sha256'])[:12]}): a paired comparison needs the same test images"
+        )
