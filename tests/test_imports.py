@@ -10,6 +10,7 @@ holds in the code too. Imports under ``if TYPE_CHECKING:`` never run and are lef
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 PACKAGE = "hpc_lensiam"
@@ -143,3 +144,12 @@ def test_cycle_finder_finds_a_planted_cycle():
 def test_no_import_cycle_between_package_modules():
     cycles = find_cycles(import_graph(package_modules()))
     assert not cycles, "import cycles (lazy imports included):\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_test_process_does_not_see_bench_scripts_as_top_level_modules():
+    """bench/ and tests/ hold scripts with plain names; on sys.path they shadow libraries that
+    dependencies import optionally (a bench/coverage.py made numba's `import coverage` find it and
+    fail, erroring 170 tests). Every test module is imported before this runs (pytest collects all
+    first), so a module that puts bench/ on sys.path fails here."""
+    bench = ROOT.parent / "bench"
+    assert not [p for p in sys.path if p and Path(p).resolve() == bench.resolve()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,8 +11,13 @@ import pytest
 
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "bench"))
-from ledger import Steps
+# Loaded from its file, not by putting bench/ on sys.path: the test process must not see the bench
+# scripts as top-level modules (a bench/coverage.py once shadowed the `coverage` that numba probes
+# for, and 170 tests failed; tests/test_imports.py checks sys.path).
+_spec = importlib.util.spec_from_file_location("bench_ledger", REPO / "bench" / "ledger.py")
+_ledger = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_ledger)
+Steps = _ledger.Steps
 
 
 def _append(log, text: str) -> list:

@@ -9,7 +9,7 @@ run a unit), by pretraining seed only, and by both levels (``levels``), with the
 Synthetic arms of tests/test_stats.py (150 test images, 400 resamples, 200 replications: a
 coverage's binomial sd is 0.015).
 
-    .venv/bin/python bench/coverage.py
+    .venv/bin/python bench/interval_coverage.py
 """
 
 from __future__ import annotations
