@@ -16,7 +16,10 @@ Every step is the package's own CLI, run through the resumable ledger of bench/l
     .venv/bin/python bench/methods.py --pairs 128 --probe-pairs 64 --steps 4 --num-pix 40 \\
         --batch-size 16 --vit vit_tiny_p8 --out runs/methods-smoke    # smoke test, minutes
 
-Writes ``OUT/methods.md`` (the table, the budget, the commands) and ``OUT/methods.json``.
+Writes ``OUT/methods.md`` (the table, the budget, the commands) and ``OUT/methods.json`` after every
+run, so a run stopped part-way leaves whole rows for what finished (marked partial); a method's paired
+lens - standard row is added as soon as both of its runs exist. ``--report-only`` rewrites both from
+OUT and runs nothing.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ def main() -> None:
     ap.add_argument("--methods", default="simsiam,byol,vicreg,simclr")
     ap.add_argument("--augs", default="lens,standard")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from OUT, run nothing")
     a = ap.parse_args()
 
     out = (REPO / a.out) if not Path(a.out).is_absolute() else Path(a.out)
@@ -82,14 +86,15 @@ def main() -> None:
     hl = BIN / "hpc-lensiam"
     steps = Steps(out, "methods")
     sim_yaml = out / "sim.yaml"
-    sim_yaml.write_text(f"instrument:\n  num_pix: {a.num_pix}\n")
     shards, probe_shards = out / "shards" / "pretrain", out / "shards" / "probe"
     sim = [hl, "simulate", "--config", sim_yaml, "--shard-size", 128]
     for what, d, n, seed in (
         ("pretraining", shards, a.pairs, a.seed),
         ("held-out probe", probe_shards, a.probe_pairs, a.seed + 1000),
     ):
-        steps.run(f"simulate {what} pairs", sim + ["--out", d, "--pairs", n, "--seed", seed], [d / "manifest.json"])
+        if not a.report_only:
+            sim_yaml.write_text(f"instrument:\n  num_pix: {a.num_pix}\n")
+            steps.run(f"simulate {what} pairs", sim + ["--out", d, "--pairs", n, "--seed", seed], [d / "manifest.json"])
 
     global_batch = a.batch_size * a.nproc
     steps_per_epoch = a.pairs // global_batch
@@ -107,38 +112,43 @@ def main() -> None:
         name = f"{method}_{aug}_{arch}"
         run_dir = out / f"run_{name}"
         ckpt = run_dir / "checkpoints" / "last.pt"
-        train = ["train", "--data", shards, "--out", run_dir, "--method", method, "--mode", AUGS[aug]]
-        train += ["--arch", arch, "--batch-size", a.batch_size, "--epochs", epochs, "--max-steps", a.steps]
-        train += ["--warmup-epochs", max(1, epochs // 10), "--seed", a.seed, "--workers", 1]
-        train += ["--no-zero-init-residual", "--log-every", 1, "--ckpt-every", 10**6]
-        steps.run(f"pretrain {name}", launch + train, [ckpt], resume_flag=ckpt.exists())
         emb, pj = out / f"emb_{name}.h5", out / f"probe_{name}.json"
-        embed = ["embed", "--checkpoint", run_dir, "--data", probe_shards, "--out", emb]
-        steps.run(f"embed {name}", launch + embed, [emb])
-        steps.run(f"probe {name}", [hl, "probe", "--embeddings", emb, "--json", pj], [pj])
-        stats = train_stats(run_dir, global_batch)
-        results[name] = {"method": method, "augmentation": aug, "arch": arch, **stats, **ridge(pj)}
+        if not a.report_only:
+            train = ["train", "--data", shards, "--out", run_dir, "--method", method, "--mode", AUGS[aug]]
+            train += ["--arch", arch, "--batch-size", a.batch_size, "--epochs", epochs, "--max-steps", a.steps]
+            train += ["--warmup-epochs", max(1, epochs // 10), "--seed", a.seed, "--workers", 1]
+            train += ["--no-zero-init-residual", "--log-every", 1, "--ckpt-every", 10**6]
+            steps.run(f"pretrain {name}", launch + train, [ckpt], resume_flag=ckpt.exists())
+            embed = ["embed", "--checkpoint", run_dir, "--data", probe_shards, "--out", emb]
+            steps.run(f"embed {name}", launch + embed, [emb])
+            steps.run(f"probe {name}", [hl, "probe", "--embeddings", emb, "--json", pj], [pj])
+        if pj.is_file():
+            stats = train_stats(run_dir, global_batch)
+            results[name] = {"method": method, "augmentation": aug, "arch": arch, **stats, **ridge(pj)}
+        lens, std = out / f"emb_{method}_lens_{a.arch}.h5", out / f"emb_{method}_standard_{a.arch}.h5"
+        pj_pair = out / f"paired_{method}_{a.arch}.json"
+        if arch == a.arch and method not in paired and lens.is_file() and std.is_file():  # as soon as both exist
+            if not a.report_only:
+                against = [hl, "probe", "--embeddings", lens, "--against", std, "--json", pj_pair]
+                steps.run(f"paired probe {method}: lens - standard", against, [pj_pair])
+            if pj_pair.is_file():
+                paired[method] = json.loads(pj_pair.read_text())["paired_difference"]["ridge"]
+        # the report after every run, so a run stopped part-way has whole rows for what finished
         atomic_write_json(out / "methods.json", {"args": vars(a), "results": results, "paired": paired})
-    for m in a.methods.split(","):
-        lens, std = out / f"emb_{m}_lens_{a.arch}.h5", out / f"emb_{m}_standard_{a.arch}.h5"
-        if lens.is_file() and std.is_file():
-            pj = out / f"paired_{m}_{a.arch}.json"
-            against = [hl, "probe", "--embeddings", lens, "--against", std, "--json", pj]
-            steps.run(f"paired probe {m}: lens - standard", against, [pj])
-            paired[m] = json.loads(pj.read_text())["paired_difference"]["ridge"]
-    atomic_write_json(out / "methods.json", {"args": vars(a), "results": results, "paired": paired})
-    write_report(out / "methods.md", a, epochs, results, paired, steps.done)
+        write_report(out / "methods.md", a, epochs, results, paired, steps.done, len(runs))
     print(
-        f"\n[methods] done: {len(results)} runs, {len(paired)} lens-standard pairs; table in {out / 'methods.md'}",
+        f"\n[methods] done: {len(results)} of {len(runs)} runs, {len(paired)} lens-standard pairs; table in "
+        f"{out / 'methods.md'}",
         flush=True,
     )
 
 
-def write_report(path: Path, a, epochs: int, results: dict, paired: dict, done: dict) -> None:
+def write_report(path: Path, a, epochs: int, results: dict, paired: dict, done: dict, n_runs: int) -> None:
     gb = a.batch_size * a.nproc
     lines = [
         "# Lens augmentation x SSL method: held-out probe R^2 at a fixed budget",
         "",
+        *([f"**Partial: {len(results)} of {n_runs} runs finished so far.**", ""] if len(results) < n_runs else []),
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; Python {platform.python_version()}.",
         "",
         f"Budget: {a.pairs} pretraining pairs ({a.num_pix}x{a.num_pix} px, hst preset), {a.steps} optimizer "
@@ -183,8 +193,9 @@ def write_report(path: Path, a, epochs: int, results: dict, paired: dict, done: 
         "| step | seconds | command |",
         "|---|---|---|",
     ]
-    lines += [f"| {name} | {s['seconds']:.0f} | `{s['command']}` |" for name, s in done.items()]
-    lines += ["", f"Made by `.venv/bin/python bench/methods.py {' '.join(sys.argv[1:])}`.", ""]
+    lines += [f"| {name} | {s['seconds']:.0f} | `{s['command']}` |" for name, s in sorted(done.items())]
+    argv = " ".join(x for x in sys.argv[1:] if x != "--report-only")
+    lines += ["", f"Made by `.venv/bin/python bench/methods.py {argv}`.", ""]
     atomic_write_text(path, "\n".join(lines))
 
 
