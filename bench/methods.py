@@ -51,11 +51,15 @@ def ridge(probe_json: Path) -> dict:
 
 
 def train_stats(run_dir: Path, global_batch: int) -> dict:
-    """Mean seconds per optimizer step (from the trainer's images/s, first row excluded) and final loss."""
+    """Mean seconds per optimizer step and final loss, from the trainer's metrics.csv (logged every step).
+
+    A row's ``pairs_per_s`` is the global batch (in pairs: two images each) over that step's wall
+    time, so a step took ``global_batch / pairs_per_s`` seconds; the first step (start-up) is left out.
+    """
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f)]
-    ips = [float(r["images_per_s"]) for r in rows[1:] or rows if float(r["images_per_s"]) > 0]
-    step_s = global_batch / (sum(ips) / len(ips)) if ips else float("nan")
+    rates = [float(r["pairs_per_s"]) for r in rows[1:] or rows if float(r["pairs_per_s"]) > 0]
+    step_s = sum(global_batch / r for r in rates) / len(rates) if rates else float("nan")
     return {
         "step_s": step_s,
         "final_loss": float(rows[-1]["loss"]),

@@ -441,3 +441,31 @@ def test_byol_with_deepspeed_and_simclr_on_two_torchrun_ranks(lensiam_shards, tm
     losses = [float(r.split(",")[2]) for r in rows]
     # NT-Xent over the global batch of 8 pairs: 15 candidates per anchor, chance level log(15)
     assert len(losses) == 2 and all(0 < v < 2 * math.log(15) for v in losses)
+
+
+def test_bench_methods_step_time_is_seconds_per_step_of_pairs(tmp_path):
+    """bench/methods.py's s/step column: a metrics.csv row's pairs_per_s is the global batch (pairs)
+    over that step's time. Its first version divided the batch by images_per_s (two images per pair)
+    and printed half the real step time."""
+    import importlib.util
+    import sys
+
+    from conftest import REPO
+
+    saved = list(sys.path)  # the script puts bench/ on sys.path to import its ledger; undo that here
+    try:
+        spec = importlib.util.spec_from_file_location("bench_methods", REPO / "bench" / "methods.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path[:] = saved
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [(1, 10.0, 0.5), (2, 20.0, 0.4), (3, 40.0, 0.3)]  # step, pairs/s, loss; step 1 is start-up
+    (run / "metrics.csv").write_text(
+        "step,epoch,loss,lr,z_std,pairs_per_s,images_per_s\n"
+        + "".join(f"{s},0,{loss},0.1,0.02,{p},{2 * p}\n" for s, p, loss in rows)
+    )
+    stats = bench.train_stats(run, global_batch=64)
+    assert stats["step_s"] == pytest.approx((64 / 20 + 64 / 40) / 2)  # 2.4 s: the mean step, start-up excluded
+    assert stats["final_loss"] == 0.3 and stats["steps"] == 3
