@@ -6,7 +6,7 @@ resnet18, plus one LenSiam run of a ViT-small at native resolution: pretrain on 
 for the SAME number of optimizer steps with each method's recipe (``train --method M``), embed the
 SAME held-out pairs, and probe them (ridge, split by lens system, as ``hpc-lensiam probe``). The
 table gives the held-out R^2 of theta_E, e1 and gamma with a 95% bootstrap interval over the test
-lens systems, the mean step time (seconds per optimizer step, measured by the trainer, first step
+lens systems, the median step time (seconds per optimizer step, measured by the trainer, first step
 excluded) and the final loss. Lens minus standard augmentation per method is a paired difference on
 the same test lens systems (``hpc-lensiam probe --against``), with its 95% interval over systems.
 Every step is the package's own CLI, run through the resumable ledger of bench/ledger.py
@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -51,15 +52,17 @@ def ridge(probe_json: Path) -> dict:
 
 
 def train_stats(run_dir: Path, global_batch: int) -> dict:
-    """Mean seconds per optimizer step and final loss, from the trainer's metrics.csv (logged every step).
+    """Median seconds per optimizer step and final loss, from the trainer's metrics.csv (logged every step).
 
     A row's ``pairs_per_s`` is the global batch (in pairs: two images each) over that step's wall
-    time, so a step took ``global_batch / pairs_per_s`` seconds; the first step (start-up) is left out.
+    time, so a step took ``global_batch / pairs_per_s`` seconds; the first step (start-up) is left
+    out, and the median, not the mean, is reported: a run paused or crowded for a while on a shared
+    machine (SIGSTOP while CI ran, here) shows as a few huge steps that would dominate a mean.
     """
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f)]
     rates = [float(r["pairs_per_s"]) for r in rows[1:] or rows if float(r["pairs_per_s"]) > 0]
-    step_s = sum(global_batch / r for r in rates) / len(rates) if rates else float("nan")
+    step_s = float(statistics.median(global_batch / r for r in rates)) if rates else float("nan")
     return {
         "step_s": step_s,
         "final_loss": float(rows[-1]["loss"]),
@@ -160,7 +163,7 @@ def write_report(path: Path, a, epochs: int, results: dict, paired: dict, done: 
         f"recipe (docs/methods.md), zero_init_residual off. Probe: ridge on the frozen backbone features of "
         f"{a.probe_pairs} held-out pairs (both views), split by lens system; 95% bootstrap interval over the "
         f"test lens systems (1000 resamples, `hpc-lensiam probe`). Step time: seconds per "
-        "optimizer step measured by the trainer.",
+        "optimizer step (median over steps, start-up excluded) measured by the trainer.",
         "",
         "| method | augmentation | backbone | theta_E R^2 | e1 R^2 | gamma R^2 | s/step | final loss |",
         "|---|---|---|---|---|---|---|---|",

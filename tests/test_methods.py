@@ -445,8 +445,8 @@ def test_byol_with_deepspeed_and_simclr_on_two_torchrun_ranks(lensiam_shards, tm
 
 def test_bench_methods_step_time_is_seconds_per_step_of_pairs(tmp_path):
     """bench/methods.py's s/step column: a metrics.csv row's pairs_per_s is the global batch (pairs)
-    over that step's time. Its first version divided the batch by images_per_s (two images per pair)
-    and printed half the real step time."""
+    over that step's time. Its first version divided the batch by the mean images_per_s (two images
+    per pair: half the real step time, and a paused step skewed it); now the median step."""
     import importlib.util
     import sys
 
@@ -461,11 +461,12 @@ def test_bench_methods_step_time_is_seconds_per_step_of_pairs(tmp_path):
         sys.path[:] = saved
     run = tmp_path / "run"
     run.mkdir()
-    rows = [(1, 10.0, 0.5), (2, 20.0, 0.4), (3, 40.0, 0.3)]  # step, pairs/s, loss; step 1 is start-up
+    # step, pairs/s, loss: step 1 is start-up; step 5 was paused (SIGSTOP) for 21 minutes
+    rows = [(1, 10.0, 0.5), (2, 20.0, 0.4), (3, 40.0, 0.35), (4, 32.0, 0.32), (5, 0.05, 0.3)]
     (run / "metrics.csv").write_text(
         "step,epoch,loss,lr,z_std,pairs_per_s,images_per_s\n"
         + "".join(f"{s},0,{loss},0.1,0.02,{p},{2 * p}\n" for s, p, loss in rows)
     )
     stats = bench.train_stats(run, global_batch=64)
-    assert stats["step_s"] == pytest.approx((64 / 20 + 64 / 40) / 2)  # 2.4 s: the mean step, start-up excluded
-    assert stats["final_loss"] == 0.3 and stats["steps"] == 3
+    assert stats["step_s"] == pytest.approx((64 / 32 + 64 / 20) / 2)  # 2.6 s: the median of 3.2, 1.6, 2.0, 1280
+    assert stats["final_loss"] == 0.3 and stats["steps"] == 5
