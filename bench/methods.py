@@ -97,11 +97,10 @@ def main() -> None:
     sim = [hl, "simulate", "--config", sim_yaml, "--shard-size", 128]
     if not a.report_only:
         sim_yaml.write_text(f"instrument:\n  num_pix: {a.num_pix}\n")
-    for what, d, n, seed in (
-        ("pretraining", shards, a.pairs, a.seed),
-        ("held-out probe", probe_shards, a.probe_pairs, a.seed + 1000),
-    ):
-        if not a.report_only:
+        for what, d, n, seed in (
+            ("pretraining", shards, a.pairs, a.seed),
+            ("held-out probe", probe_shards, a.probe_pairs, a.seed + 1000),
+        ):
             steps.run(f"simulate {what} pairs", sim + ["--out", d, "--pairs", n, "--seed", seed], [d / "manifest.json"])
 
     global_batch = a.batch_size * a.nproc
