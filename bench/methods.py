@@ -18,7 +18,9 @@ Every step is the package's own CLI, run through the resumable ledger of bench/l
 
 Writes ``OUT/methods.md`` (the table, the budget, the commands) and ``OUT/methods.json`` after every
 run, so a run stopped part-way leaves whole rows for what finished (marked partial); a method's paired
-lens - standard row is added as soon as both of its runs exist. ``--report-only`` rewrites both from
+lens - standard row is added as soon as both of its runs exist. After the runs, each backbone's random
+weights (``embed --checkpoint none``, seed ``--seed``) are embedded and probed the same way, the
+no-pretraining reference, and every run is paired against it. ``--report-only`` rewrites both from
 OUT and runs nothing.
 """
 
@@ -143,14 +145,54 @@ def main() -> None:
         # the report after every run, so a run stopped part-way has whole rows for what finished
         atomic_write_json(out / "methods.json", {"args": vars(a), "results": results, "paired": paired})
         write_report(out / "methods.md", a, epochs, results, paired, steps.done, len(runs))
+
+    # The no-pretraining reference: each backbone's random weights (seed --seed) on the same probe
+    # pairs, and every run minus it on the same test systems: "learned little" vs "learned nothing".
+    reference, over_reference = {}, {}
+    for arch in dict.fromkeys(arch for _, _, arch in runs):
+        emb, pj = out / f"emb_random_{arch}.h5", out / f"probe_random_{arch}.json"
+        if not a.report_only:
+            embed = ["embed", "--checkpoint", "none", "--arch", arch, "--seed", a.seed]
+            steps.run(f"embed random-weight {arch}", launch + embed + ["--data", probe_shards, "--out", emb], [emb])
+            steps.run(f"probe random-weight {arch}", [hl, "probe", "--embeddings", emb, "--json", pj], [pj])
+        if pj.is_file():
+            reference[arch] = {"method": "none", "augmentation": "random weights", "arch": arch, **ridge(pj)}
+    for name, r in results.items():
+        ref, pj_pair = out / f"emb_random_{r['arch']}.h5", out / f"over_random_{name}.json"
+        if not a.report_only and ref.is_file():
+            against = [hl, "probe", "--embeddings", out / f"emb_{name}.h5", "--against", ref, "--json", pj_pair]
+            steps.run(f"paired probe {name} - random weights", against, [pj_pair])
+        if pj_pair.is_file():
+            over_reference[name] = json.loads(pj_pair.read_text())["paired_difference"]["ridge"]
+    report = {"args": vars(a), "results": results, "paired": paired}
+    atomic_write_json(out / "methods.json", {**report, "reference": reference, "over_reference": over_reference})
+    write_report(out / "methods.md", a, epochs, results, paired, steps.done, len(runs), reference, over_reference)
     print(
-        f"\n[methods] done: {len(results)} of {len(runs)} runs, {len(paired)} lens-standard pairs; table in "
-        f"{out / 'methods.md'}",
+        f"\n[methods] done: {len(results)} of {len(runs)} runs, {len(paired)} lens-standard pairs, "
+        f"{len(reference)} random-weight reference(s); table in {out / 'methods.md'}",
         flush=True,
     )
 
 
-def write_report(path: Path, a, epochs: int, results: dict, paired: dict, done: dict, n_runs: int) -> None:
+def _delta_row(label: str, d: dict) -> str:
+    return (
+        f"| {label} | "
+        + " | ".join(f"{d[p]['delta']:+.3f} [{d[p]['ci95'][0]:+.3f}, {d[p]['ci95'][1]:+.3f}]" for p in PARAMS)
+        + " |"
+    )
+
+
+def write_report(
+    path: Path,
+    a,
+    epochs: int,
+    results: dict,
+    paired: dict,
+    done: dict,
+    n_runs: int,
+    reference: dict | None = None,
+    over_reference: dict | None = None,
+) -> None:
     gb = a.batch_size * a.nproc
     lines = [
         "# Lens augmentation x SSL method: held-out probe R^2 at a fixed budget",
@@ -178,6 +220,12 @@ def write_report(path: Path, a, epochs: int, results: dict, paired: dict, done: 
             + " | ".join(cells)
             + f" | {r['step_s']:.2f} | {r['final_loss']:.4f} |"
         )
+    for r in (reference or {}).values():
+        cells = [
+            f"{r['params'][p]['r2']:.3f} [{r['params'][p]['ci95'][0]:.3f}, {r['params'][p]['ci95'][1]:.3f}]"
+            for p in PARAMS
+        ]
+        lines.append(f"| none | random weights (seed {a.seed}) | {r['arch']} | " + " | ".join(cells) + " | - | - |")
     lines += [
         "",
         "Lens minus standard augmentation per method: paired ridge R^2 difference on the same test lens "
@@ -187,12 +235,18 @@ def write_report(path: Path, a, epochs: int, results: dict, paired: dict, done: 
         "| method | " + " | ".join(f"delta {p}" for p in PARAMS) + " |",
         "|---|---|---|---|",
     ]
-    for m, d in paired.items():
-        lines.append(
-            f"| {m} | "
-            + " | ".join(f"{d[p]['delta']:+.3f} [{d[p]['ci95'][0]:+.3f}, {d[p]['ci95'][1]:+.3f}]" for p in PARAMS)
-            + " |"
-        )
+    lines += [_delta_row(m, d) for m, d in paired.items()]
+    if over_reference:
+        lines += [
+            "",
+            "Each run minus its backbone's random weights (the no-pretraining reference, `hpc-lensiam embed "
+            "--checkpoint none`), paired on the same test lens systems: what pretraining added over what the "
+            "architecture alone gives a ridge probe:",
+            "",
+            "| run | " + " | ".join(f"delta {p}" for p in PARAMS) + " |",
+            "|---|---|---|---|",
+        ]
+        lines += [_delta_row(name, d) for name, d in over_reference.items()]
     lines += [
         "",
         "## Commands (wall seconds of the invocation that ran them)",

@@ -121,7 +121,14 @@ def _cmd_embed(a):
     from .embed.extract import extract_embeddings
 
     extract_embeddings(
-        checkpoint=a.checkpoint, data_dir=a.data, out=a.out, batch_size=a.batch_size, workers=a.workers, verify=a.verify
+        checkpoint=a.checkpoint,
+        data_dir=a.data,
+        out=a.out,
+        batch_size=a.batch_size,
+        workers=a.workers,
+        verify=a.verify,
+        arch=a.arch,
+        seed=a.seed,
     )
 
 
@@ -299,7 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("embed", help="backbone features of every image to HDF5 (run under torchrun)")
-    s.add_argument("--checkpoint", required=True)
+    s.add_argument(
+        "--checkpoint",
+        required=True,
+        help="RUN, RUN/checkpoints/last.pt or a DeepSpeed folder; 'none': random weights (no-pretraining reference)",
+    )
+    s.add_argument(
+        "--arch", default=None, help="the arch the checkpoint must hold; with --checkpoint none: which (resnet18)"
+    )
+    s.add_argument("--seed", type=int, default=None, help="with --checkpoint none: the weights' seed (0)")
     s.add_argument("--data", required=True, nargs="+", help="shard folder(s): several go into one file")
     s.add_argument("--out", required=True)
     s.add_argument("--batch-size", type=int, default=128)

@@ -166,6 +166,42 @@ def test_embed_bad_checkpoints(ckpt, lensiam_shards, tmp_path):
     assert not (tmp_path / "x.h5").exists()
 
 
+def test_embed_random_weights_reference(emb2, ckpt, lensiam_shards, tmp_path, capsys):
+    """``--checkpoint none``: the no-pretraining reference is a seeded draw (same seed, same
+    features; another seed, others), labelled as such in the file, and bad flags are one line."""
+    from hpc_lensiam.cli import main
+    from hpc_lensiam.embed.extract import extract_embeddings, load_embeddings
+
+    run = {"batch_size": 32, "workers": 0, "progress": False}
+    a, b, c = tmp_path / "r0.h5", tmp_path / "r0b.h5", tmp_path / "r1.h5"
+    extract_embeddings("none", str(lensiam_shards), str(a), arch="resnet18", seed=0, **run)
+    extract_embeddings("none", str(lensiam_shards), str(b), batch_size=7, workers=0, progress=False)  # defaults
+    extract_embeddings("none", str(lensiam_shards), str(c), arch="resnet18", seed=1, **run)
+    ea, eb, ec, trained = (load_embeddings(p) for p in (a, b, c, emb2))
+    np.testing.assert_allclose(ea["features"], eb["features"], rtol=1e-5, atol=1e-6)
+    assert ea["features"].shape == trained["features"].shape == (128, 512)
+    assert (ea["keys"] == trained["keys"]).all() and np.isfinite(ea["features"]).all()
+    for other in (ec, trained):  # another seed, or training, gives other features
+        assert np.abs(ea["features"] - other["features"]).max() > 1e-2 * np.abs(ea["features"]).max()
+    assert ea["attrs"]["checkpoint"] == "none (random resnet18 weights, seed 0)"
+    assert ea["attrs"]["step"] == 0 and ea["attrs"]["train_mode"] == "random-weights"
+    assert ea["attrs"]["weights_sha256"] != ec["attrs"]["weights_sha256"]
+
+    def cli(*args):
+        capsys.readouterr()
+        rc = main(["embed", "--data", str(lensiam_shards), "--out", str(tmp_path / "x.h5"), *map(str, args)])
+        return rc, capsys.readouterr().err
+
+    for args, expect in (
+        (("--checkpoint", "none", "--arch", "resnet7"), "--arch: 'resnet7' is not one of"),
+        (("--checkpoint", ckpt, "--seed", 3), "--seed: only with --checkpoint none"),
+        (("--checkpoint", ckpt, "--arch", "resnet50"), "wrong arch: resnet18, expected resnet50"),
+    ):
+        rc, err = cli(*args)
+        assert rc == 2 and err.count("\n") == 1 and err.startswith("hpc-lensiam: error: ") and expect in err, err
+    assert not (tmp_path / "x.h5").exists()
+
+
 # ---------------------------------------------------------------------------------------- UMAP
 def test_umap_small_file(emb2, tmp_path):
     import shutil

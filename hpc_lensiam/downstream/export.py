@@ -139,6 +139,41 @@ def load_backbone(checkpoint: str | os.PathLike, arch: str | None = None):
     return net.eval(), info
 
 
+def random_backbone(arch: str, seed: int = 0, img_size: int | None = None):
+    """(random-weight 1-channel backbone in eval mode, info): the no-pretraining reference of a probe.
+
+    What the architecture alone gives, so a probe can tell "this method learned little" from "this
+    method learned nothing": torchvision's init with every residual branch live (as finetune's
+    ``--backbone none``), drawn from ``seed`` so every rank, and every rerun, gets the same weights.
+    ``img_size``: the data's image side (a ViT's patch grid needs it).
+    """
+    import torch
+
+    from ..models.backbones import ARCHS, BACKBONES, build_backbone
+
+    if arch not in BACKBONES:
+        raise UserError(f"--arch: {arch!r} is not one of {', '.join(ARCHS)}")
+    torch.manual_seed(seed)
+    try:
+        net = build_backbone(arch, zero_init_residual=False, img_size=img_size)
+    except ValueError as exc:
+        raise UserError(f"--arch: {exc}") from None
+    info = {
+        "arch": arch,
+        "mode": "random-weights",
+        "method": "none",
+        "step": 0,
+        "config_hash": "",
+        "feature_dim": BACKBONES[arch].feature_dim,
+        "img_size": img_size,
+        "weights_sha256": state_sha256(net.state_dict()),
+        "engine": "none",
+        "image_shape": None,
+        "checkpoint": f"none (random {arch} weights, seed {seed})",
+    }
+    return net.eval(), info
+
+
 def checkpoint_fingerprint(checkpoint: str | os.PathLike) -> str:
     """sha256 of the checkpoint's backbone weights: equal for the DDP and DeepSpeed copies of a state."""
     return backbone_from_checkpoint(checkpoint)[1]["weights_sha256"]

@@ -338,16 +338,24 @@ def extract_embeddings(
     workers: int = 1,
     progress: bool = True,
     verify: bool = False,
+    arch: str | None = None,
+    seed: int | None = None,
 ) -> dict:
     """Embed every image of ``data_dir`` (one shard folder, or several into one file with a
     ``source`` column) with the checkpoint's backbone into HDF5 ``out``.
 
-    Runs as one process or as every rank of ``torchrun``; returns the output's attributes.
+    ``checkpoint="none"``: a random-weight ``arch`` backbone drawn from ``seed`` (default 0), the
+    no-pretraining reference a probe compares trained features against. ``arch`` with a checkpoint:
+    the arch it must hold. Runs as one process or as every rank of ``torchrun``; returns the
+    output's attributes.
     """
-    from ..downstream.export import load_backbone
+    from ..downstream.export import load_backbone, random_backbone
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    random_weights = str(checkpoint).lower() == "none"
+    if not random_weights and seed is not None:
+        raise UserError("--seed: only with --checkpoint none (a checkpoint's weights are already drawn)")
     out = Path(out)
     dirs = [str(data_dir)] if isinstance(data_dir, (str, os.PathLike)) else [str(d) for d in data_dir]
     resolved = [str(Path(d).resolve()) for d in dirs]
@@ -366,10 +374,14 @@ def extract_embeddings(
     world = _World()
     try:
         start = time.perf_counter()
-        backbone, info = load_backbone(checkpoint)  # same bad checkpoint -> same UserError on every rank
+        if random_weights:  # same seed -> same weights on every rank
+            side = (manifests[0].get("image_shape") or [None])[-1]
+            backbone, info = random_backbone(arch or "resnet18", 0 if seed is None else seed, side)
+        else:  # same bad checkpoint -> same UserError on every rank
+            backbone, info = load_backbone(checkpoint, arch)
         attrs = {
             "format": FORMAT,
-            "checkpoint": str(Path(checkpoint).resolve()),
+            "checkpoint": info["checkpoint"],
             "weights_sha256": info["weights_sha256"],
             "step": int(info["step"]),
             "arch": info["arch"],
