@@ -20,7 +20,8 @@ Writes ``OUT/methods.md`` (the table, the budget, the commands) and ``OUT/method
 run, so a run stopped part-way leaves whole rows for what finished (marked partial); a method's paired
 lens - standard row is added as soon as both of its runs exist. After the runs, each backbone's random
 weights (``embed --checkpoint none``, seed ``--seed``) are embedded and probed the same way, the
-no-pretraining reference, and every run is paired against it. ``--report-only`` rewrites both from
+no-pretraining reference, and every run is paired against it; a run on another backbone (the ViT)
+is paired against the same method and augmentation on ``--arch``. ``--report-only`` rewrites both from
 OUT and runs nothing.
 """
 
@@ -164,9 +165,26 @@ def main() -> None:
             steps.run(f"paired probe {name} - random weights", against, [pj_pair])
         if pj_pair.is_file():
             over_reference[name] = json.loads(pj_pair.read_text())["paired_difference"]["ridge"]
-    report = {"args": vars(a), "results": results, "paired": paired}
-    atomic_write_json(out / "methods.json", {**report, "reference": reference, "over_reference": over_reference})
-    write_report(out / "methods.md", a, epochs, results, paired, steps.done, len(runs), reference, over_reference)
+    # a run on another backbone (the ViT) against the same method and augmentation on --arch
+    across = {}
+    for name, r in results.items():
+        base = out / f"emb_{r['method']}_{r['augmentation']}_{a.arch}.h5"
+        pj_pair = out / f"across_{name}.json"
+        if r["arch"] == a.arch:
+            continue
+        if not a.report_only and base.is_file():
+            against = [hl, "probe", "--embeddings", out / f"emb_{name}.h5", "--against", base, "--json", pj_pair]
+            steps.run(f"paired probe {name} - {a.arch}", against, [pj_pair])
+        if pj_pair.is_file():
+            across[f"{name} - {r['method']}_{r['augmentation']}_{a.arch}"] = json.loads(pj_pair.read_text())[
+                "paired_difference"
+            ]["ridge"]
+    report = {"args": vars(a), "results": results, "paired": paired, "reference": reference}
+    report.update(over_reference=over_reference, across=across)
+    atomic_write_json(out / "methods.json", report)
+    write_report(
+        out / "methods.md", a, epochs, results, paired, steps.done, len(runs), reference, over_reference, across
+    )
     print(
         f"\n[methods] done: {len(results)} of {len(runs)} runs, {len(paired)} lens-standard pairs, "
         f"{len(reference)} random-weight reference(s); table in {out / 'methods.md'}",
@@ -192,6 +210,7 @@ def write_report(
     n_runs: int,
     reference: dict | None = None,
     over_reference: dict | None = None,
+    across: dict | None = None,
 ) -> None:
     gb = a.batch_size * a.nproc
     lines = [
@@ -247,6 +266,16 @@ def write_report(
             "|---|---|---|---|",
         ]
         lines += [_delta_row(name, d) for name, d in over_reference.items()]
+    if across:
+        lines += [
+            "",
+            f"Across backbones: a run minus the same method and augmentation on {a.arch}, paired on the same "
+            "test lens systems:",
+            "",
+            "| runs | " + " | ".join(f"delta {p}" for p in PARAMS) + " |",
+            "|---|---|---|---|",
+        ]
+        lines += [_delta_row(name, d) for name, d in across.items()]
     lines += [
         "",
         "## Commands (wall seconds of the invocation that ran them)",
