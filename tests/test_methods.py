@@ -443,10 +443,7 @@ def test_byol_with_deepspeed_and_simclr_on_two_torchrun_ranks(lensiam_shards, tm
     assert len(losses) == 2 and all(0 < v < 2 * math.log(15) for v in losses)
 
 
-def test_bench_methods_step_time_is_seconds_per_step_of_pairs(tmp_path):
-    """bench/methods.py's s/step column: a metrics.csv row's pairs_per_s is the global batch (pairs)
-    over that step's time. Its first version divided the batch by the mean images_per_s (two images
-    per pair: half the real step time, and a paused step skewed it); now the median step."""
+def _bench_methods():
     import importlib.util
     import sys
 
@@ -459,6 +456,61 @@ def test_bench_methods_step_time_is_seconds_per_step_of_pairs(tmp_path):
         spec.loader.exec_module(bench)
     finally:
         sys.path[:] = saved
+    return bench
+
+
+def test_bench_methods_report_has_the_random_weight_reference_and_its_differences(tmp_path):
+    """The report's no-pretraining rows: each backbone's random weights in the R^2 table (no step time,
+    no loss), every run minus them, and the other backbone's run minus the same run on --arch."""
+    import argparse
+
+    bench = _bench_methods()
+
+    def params(*r2):
+        return {p: {"r2": v, "ci95": [v - 0.1, v + 0.1]} for p, v in zip(bench.PARAMS, r2)}
+
+    def delta(*d):
+        return {p: {"delta": v, "ci95": [v - 0.05, v + 0.05]} for p, v in zip(bench.PARAMS, d)}
+
+    run = {"method": "simsiam", "augmentation": "lens", "step_s": 3.0, "final_loss": -0.2}
+    results = {"simsiam_lens_resnet18": {**run, "arch": "resnet18", "params": params(0.69, 0.57, 0.12)}}
+    reference = {"resnet18": {"method": "none", "arch": "resnet18", "params": params(0.75, 0.59, 0.31)}}
+    a = argparse.Namespace(
+        batch_size=64, nproc=1, pairs=2048, num_pix=110, steps=320, seed=0, probe_pairs=512, arch="resnet18"
+    )
+    path = tmp_path / "methods.md"
+    bench.write_report(
+        path,
+        a,
+        10,
+        results,
+        {},
+        {},
+        1,
+        reference,
+        {"simsiam_lens_resnet18": delta(-0.057, -0.021, -0.188)},
+        {"simsiam_lens_vit - simsiam_lens_resnet18": delta(0.066, -0.017, 0.227)},
+    )
+    text = path.read_text()
+    rows = text.splitlines()
+    ref = [r for r in rows if r.startswith("| none |")]
+    assert ref == ["| none | random weights (seed 0) | resnet18 | 0.750 [0.650, 0.850] | 0.590 [0.490, 0.690] | "
+                   "0.310 [0.210, 0.410] | - | - |"]  # fmt: skip
+    assert (
+        "| simsiam_lens_resnet18 | -0.057 [-0.107, -0.007] | -0.021 [-0.071, +0.029] | -0.188 [-0.238, -0.138] |"
+        in rows
+    )
+    assert "| simsiam_lens_vit - simsiam_lens_resnet18 | +0.066 [+0.016, +0.116] |" in text
+    assert "Partial" not in text  # 1 of 1 runs
+    bench.write_report(path, a, 10, results, {}, {}, 1)  # before the references exist: no such tables
+    assert "random weights" not in path.read_text() and "Across backbones" not in path.read_text()
+
+
+def test_bench_methods_step_time_is_seconds_per_step_of_pairs(tmp_path):
+    """bench/methods.py's s/step column: a metrics.csv row's pairs_per_s is the global batch (pairs)
+    over that step's time. Its first version divided the batch by the mean images_per_s (two images
+    per pair: half the real step time, and a paused step skewed it); now the median step."""
+    bench = _bench_methods()
     run = tmp_path / "run"
     run.mkdir()
     # step, pairs/s, loss: step 1 is start-up; step 5 was paused (SIGSTOP) for 21 minutes
