@@ -19,8 +19,9 @@ Every step is the package's own CLI, run through the resumable ledger of bench/l
 Writes ``OUT/methods.md`` (the table, the budget, the commands) and ``OUT/methods.json`` after every
 run, so a run stopped part-way leaves whole rows for what finished (marked partial); a method's paired
 lens - standard row is added as soon as both of its runs exist. After the runs, each backbone's random
-weights (``embed --checkpoint none``, seed ``--seed``) are embedded and probed the same way, the
-no-pretraining reference, and every run is paired against it; a run on another backbone (the ViT)
+weights (``embed --checkpoint none``, seed ``--seed``) and the --arch runs' init with only its
+BatchNorm statistics fitted (one epoch at lr 1e-12) are embedded and probed the same way, the
+no-pretraining references, and every run is paired against each; a run on another backbone (the ViT)
 is paired against the same method and augmentation on ``--arch``. ``--report-only`` rewrites both from
 OUT and runs nothing.
 """
@@ -147,24 +148,46 @@ def main() -> None:
         atomic_write_json(out / "methods.json", {"args": vars(a), "results": results, "paired": paired})
         write_report(out / "methods.md", a, epochs, results, paired, steps.done, len(runs))
 
-    # The no-pretraining reference: each backbone's random weights (seed --seed) on the same probe
-    # pairs, and every run minus it on the same test systems: "learned little" vs "learned nothing".
-    reference, over_reference = {}, {}
+    # The no-pretraining references on the same probe pairs, and every run minus each on the same test
+    # systems ("learned little" vs "learned nothing"): "random" is each backbone's random weights as
+    # drawn (``embed --checkpoint none``, BatchNorm statistics at their init); "init" is the --arch
+    # runs' own init (seed --seed, the SimSiam recipe), weights unmoved (lr 1e-12, no weight decay)
+    # for one epoch so that only the BatchNorm statistics are fitted to the pretraining images.
+    reference, over_reference, refs = {}, {}, {}
     for arch in dict.fromkeys(arch for _, _, arch in runs):
         emb, pj = out / f"emb_random_{arch}.h5", out / f"probe_random_{arch}.json"
         if not a.report_only:
             embed = ["embed", "--checkpoint", "none", "--arch", arch, "--seed", a.seed]
             steps.run(f"embed random-weight {arch}", launch + embed + ["--data", probe_shards, "--out", emb], [emb])
             steps.run(f"probe random-weight {arch}", [hl, "probe", "--embeddings", emb, "--json", pj], [pj])
+        refs[f"random_{arch}"] = (f"random weights (seed {a.seed})", arch, emb, pj)
+    init_dir = out / f"run_init_{a.arch}"
+    emb, pj = out / f"emb_init_{a.arch}.h5", out / f"probe_init_{a.arch}.json"
+    if not a.report_only:
+        init = ["train", "--data", shards, "--out", init_dir, "--method", "simsiam", "--mode", "lensiam"]
+        init += ["--arch", a.arch, "--batch-size", a.batch_size, "--epochs", 1, "--max-steps", steps_per_epoch]
+        init += ["--base-lr", "1e-12", "--weight-decay", 0, "--seed", a.seed, "--workers", 1]
+        init += ["--no-zero-init-residual", "--log-every", 1, "--ckpt-every", 10**6]
+        steps.run(
+            f"fit BatchNorm statistics of the {a.arch} init", launch + init, [init_dir / "checkpoints" / "last.pt"]
+        )
+        embed = ["embed", "--checkpoint", init_dir, "--data", probe_shards, "--out", emb]
+        steps.run(f"embed {a.arch} init", launch + embed, [emb])
+        steps.run(f"probe {a.arch} init", [hl, "probe", "--embeddings", emb, "--json", pj], [pj])
+    refs[f"init_{a.arch}"] = (f"init, BatchNorm fitted (seed {a.seed})", a.arch, emb, pj)
+    for key, (label, arch, emb, pj) in refs.items():
         if pj.is_file():
-            reference[arch] = {"method": "none", "augmentation": "random weights", "arch": arch, **ridge(pj)}
-    for name, r in results.items():
-        ref, pj_pair = out / f"emb_random_{r['arch']}.h5", out / f"over_random_{name}.json"
-        if not a.report_only and ref.is_file():
-            against = [hl, "probe", "--embeddings", out / f"emb_{name}.h5", "--against", ref, "--json", pj_pair]
-            steps.run(f"paired probe {name} - random weights", against, [pj_pair])
-        if pj_pair.is_file():
-            over_reference[name] = json.loads(pj_pair.read_text())["paired_difference"]["ridge"]
+            reference[key] = {"method": "none", "augmentation": label, "arch": arch, **ridge(pj)}
+        for name, r in results.items():
+            pj_pair = out / f"over_{key.split('_')[0]}_{name}.json"
+            if r["arch"] != arch:
+                continue
+            if not a.report_only and emb.is_file():
+                against = [hl, "probe", "--embeddings", out / f"emb_{name}.h5", "--against", emb, "--json", pj_pair]
+                steps.run(f"paired probe {name} - {label.split(' (')[0]}", against, [pj_pair])
+            if pj_pair.is_file():
+                diff = json.loads(pj_pair.read_text())["paired_difference"]["ridge"]
+                over_reference[f"{name} - {label.split(' (')[0]}"] = diff
     # a run on another backbone (the ViT) against the same method and augmentation on --arch
     across = {}
     for name, r in results.items():
@@ -187,7 +210,7 @@ def main() -> None:
     )
     print(
         f"\n[methods] done: {len(results)} of {len(runs)} runs, {len(paired)} lens-standard pairs, "
-        f"{len(reference)} random-weight reference(s); table in {out / 'methods.md'}",
+        f"{len(reference)} no-pretraining reference(s); table in {out / 'methods.md'}",
         flush=True,
     )
 
@@ -244,7 +267,7 @@ def write_report(
             f"{r['params'][p]['r2']:.3f} [{r['params'][p]['ci95'][0]:.3f}, {r['params'][p]['ci95'][1]:.3f}]"
             for p in PARAMS
         ]
-        lines.append(f"| none | random weights (seed {a.seed}) | {r['arch']} | " + " | ".join(cells) + " | - | - |")
+        lines.append(f"| none | {r['augmentation']} | {r['arch']} | " + " | ".join(cells) + " | - | - |")
     lines += [
         "",
         "Lens minus standard augmentation per method: paired ridge R^2 difference on the same test lens "
@@ -258,9 +281,11 @@ def write_report(
     if over_reference:
         lines += [
             "",
-            "Each run minus its backbone's random weights (the no-pretraining reference, `hpc-lensiam embed "
-            "--checkpoint none`), paired on the same test lens systems: what pretraining added over what the "
-            "architecture alone gives a ridge probe:",
+            "Each run minus the no-pretraining references of its backbone, paired on the same test lens systems: "
+            "what pretraining added over what the architecture alone gives a ridge probe. Random weights: "
+            "`hpc-lensiam embed --checkpoint none` (BatchNorm statistics at their init); init, BatchNorm fitted: "
+            "the SimSiam runs' own init, trained one epoch at lr 1e-12 so that only the BatchNorm statistics "
+            "move:",
             "",
             "| run | " + " | ".join(f"delta {p}" for p in PARAMS) + " |",
             "|---|---|---|---|",

@@ -474,7 +474,18 @@ def test_bench_methods_report_has_the_random_weight_reference_and_its_difference
 
     run = {"method": "simsiam", "augmentation": "lens", "step_s": 3.0, "final_loss": -0.2}
     results = {"simsiam_lens_resnet18": {**run, "arch": "resnet18", "params": params(0.69, 0.57, 0.12)}}
-    reference = {"resnet18": {"method": "none", "arch": "resnet18", "params": params(0.75, 0.59, 0.31)}}
+    reference = {
+        "random_resnet18": {
+            "augmentation": "random weights (seed 0)",
+            "arch": "resnet18",
+            "params": params(0.75, 0.59, 0.31),
+        },
+        "init_resnet18": {
+            "augmentation": "init, BatchNorm fitted (seed 0)",
+            "arch": "resnet18",
+            "params": params(0.64, 0.45, 0.24),
+        },
+    }
     a = argparse.Namespace(
         batch_size=64, nproc=1, pairs=2048, num_pix=110, steps=320, seed=0, probe_pairs=512, arch="resnet18"
     )
@@ -488,18 +499,20 @@ def test_bench_methods_report_has_the_random_weight_reference_and_its_difference
         {},
         1,
         reference,
-        {"simsiam_lens_resnet18": delta(-0.057, -0.021, -0.188)},
+        {"simsiam_lens_resnet18 - random weights": delta(-0.057, -0.021, -0.188)},
         {"simsiam_lens_vit - simsiam_lens_resnet18": delta(0.066, -0.017, 0.227)},
     )
     text = path.read_text()
     rows = text.splitlines()
     ref = [r for r in rows if r.startswith("| none |")]
-    assert ref == ["| none | random weights (seed 0) | resnet18 | 0.750 [0.650, 0.850] | 0.590 [0.490, 0.690] | "
-                   "0.310 [0.210, 0.410] | - | - |"]  # fmt: skip
-    assert (
-        "| simsiam_lens_resnet18 | -0.057 [-0.107, -0.007] | -0.021 [-0.071, +0.029] | -0.188 [-0.238, -0.138] |"
-        in rows
-    )
+    assert ref == [
+        "| none | random weights (seed 0) | resnet18 | 0.750 [0.650, 0.850] | 0.590 [0.490, 0.690] | "
+        "0.310 [0.210, 0.410] | - | - |",
+        "| none | init, BatchNorm fitted (seed 0) | resnet18 | 0.640 [0.540, 0.740] | 0.450 [0.350, 0.550] | "
+        "0.240 [0.140, 0.340] | - | - |",
+    ]
+    over = "| simsiam_lens_resnet18 - random weights | -0.057 [-0.107, -0.007] | -0.021 [-0.071, +0.029] | "
+    assert over + "-0.188 [-0.238, -0.138] |" in rows
     assert "| simsiam_lens_vit - simsiam_lens_resnet18 | +0.066 [+0.016, +0.116] |" in text
     assert "Partial" not in text  # 1 of 1 runs
     bench.write_report(path, a, 10, results, {}, {}, 1)  # before the references exist: no such tables
