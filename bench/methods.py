@@ -2,7 +2,8 @@
 
 For each method (SimSiam, BYOL, VICReg, SimCLR) x {lens augmentation (LenSiam pairs, ``--mode
 lensiam``), standard augmentation (two SimSiam augmentations of view 1, ``--mode simsiam``)} on a
-resnet18, plus one LenSiam run of a ViT-small at native resolution: pretrain on the SAME shards
+resnet18, plus a LenSiam run of a ViT-small at native resolution (``--vit-augs lens,standard``: and
+its standard-augmentation run): pretrain on the SAME shards
 for the SAME number of optimizer steps with each method's recipe (``train --method M``), embed the
 SAME held-out pairs, and probe them (ridge, split by lens system, as ``hpc-lensiam probe``). The
 table gives the held-out R^2 of theta_E, e1 and gamma with a 95% bootstrap interval over the test
@@ -85,7 +86,8 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=1, help="torchrun processes per run (1: plain process)")
     ap.add_argument("--num-pix", type=int, default=110, help="image side, hst preset")
     ap.add_argument("--arch", default="resnet18")
-    ap.add_argument("--vit", default="vit_small_p10", help="the ViT of the extra LenSiam run ('' for none)")
+    ap.add_argument("--vit", default="vit_small_p10", help="the ViT of the extra SimSiam-loss run(s) ('' for none)")
+    ap.add_argument("--vit-augs", default="lens", help="augmentations of the ViT runs: lens, or lens,standard")
     ap.add_argument("--methods", default="simsiam,byol,vicreg,simclr")
     ap.add_argument("--augs", default="lens,standard")
     ap.add_argument("--seed", type=int, default=0)
@@ -117,7 +119,7 @@ def main() -> None:
     )
     runs = [(m, aug, a.arch) for m in a.methods.split(",") for aug in a.augs.split(",")]
     if a.vit:
-        runs.append(("simsiam", "lens", a.vit))
+        runs += [("simsiam", aug, a.vit) for aug in a.vit_augs.split(",")]
     results, paired = {}, {}
     for method, aug, arch in runs:
         name = f"{method}_{aug}_{arch}"
@@ -136,14 +138,15 @@ def main() -> None:
         if pj.is_file():
             stats = train_stats(run_dir, global_batch)
             results[name] = {"method": method, "augmentation": aug, "arch": arch, **stats, **ridge(pj)}
-        lens, std = out / f"emb_{method}_lens_{a.arch}.h5", out / f"emb_{method}_standard_{a.arch}.h5"
-        pj_pair = out / f"paired_{method}_{a.arch}.json"
-        if arch == a.arch and method not in paired and lens.is_file() and std.is_file():  # as soon as both exist
+        lens, std = out / f"emb_{method}_lens_{arch}.h5", out / f"emb_{method}_standard_{arch}.h5"
+        pj_pair = out / f"paired_{method}_{arch}.json"
+        key = method if arch == a.arch else f"{method}, {arch}"
+        if key not in paired and lens.is_file() and std.is_file():  # as soon as both exist
             if not a.report_only:
                 against = [hl, "probe", "--embeddings", lens, "--against", std, "--json", pj_pair]
-                steps.run(f"paired probe {method}: lens - standard", against, [pj_pair])
+                steps.run(f"paired probe {key}: lens - standard", against, [pj_pair])
             if pj_pair.is_file():
-                paired[method] = json.loads(pj_pair.read_text())["paired_difference"]["ridge"]
+                paired[key] = json.loads(pj_pair.read_text())["paired_difference"]["ridge"]
         # the report after every run, so a run stopped part-way has whole rows for what finished
         atomic_write_json(out / "methods.json", {"args": vars(a), "results": results, "paired": paired})
         write_report(out / "methods.md", a, epochs, results, paired, steps.done, len(runs))
