@@ -76,6 +76,14 @@ def train_stats(run_dir: Path, global_batch: int) -> dict:
     }
 
 
+def paired_probe(steps: Steps, name: str, emb: Path, against: Path, pj: Path, run: bool) -> dict | None:
+    """``hpc-lensiam probe --embeddings emb --against against`` as ledger step ``name`` (when ``run``
+    and both files exist): the paired ridge R^2 differences on the same test systems, or None yet."""
+    if run and emb.is_file() and against.is_file():
+        steps.run(name, [BIN / "hpc-lensiam", "probe", "--embeddings", emb, "--against", against, "--json", pj], [pj])
+    return json.loads(pj.read_text())["paired_difference"]["ridge"] if pj.is_file() else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/methods", help="working folder (shards, runs, embeddings, report)")
@@ -138,15 +146,13 @@ def main() -> None:
         if pj.is_file():
             stats = train_stats(run_dir, global_batch)
             results[name] = {"method": method, "augmentation": aug, "arch": arch, **stats, **ridge(pj)}
-        lens, std = out / f"emb_{method}_lens_{arch}.h5", out / f"emb_{method}_standard_{arch}.h5"
-        pj_pair = out / f"paired_{method}_{arch}.json"
         key = method if arch == a.arch else f"{method}, {arch}"
-        if key not in paired and lens.is_file() and std.is_file():  # as soon as both exist
-            if not a.report_only:
-                against = [hl, "probe", "--embeddings", lens, "--against", std, "--json", pj_pair]
-                steps.run(f"paired probe {key}: lens - standard", against, [pj_pair])
-            if pj_pair.is_file():
-                paired[key] = json.loads(pj_pair.read_text())["paired_difference"]["ridge"]
+        if key not in paired:  # as soon as both runs exist
+            lens, std = out / f"emb_{method}_lens_{arch}.h5", out / f"emb_{method}_standard_{arch}.h5"
+            step, pj_pair = f"paired probe {key}: lens - standard", out / f"paired_{method}_{arch}.json"
+            d = paired_probe(steps, step, lens, std, pj_pair, not a.report_only)
+            if d is not None:
+                paired[key] = d
         # the report after every run, so a run stopped part-way has whole rows for what finished
         atomic_write_json(out / "methods.json", {"args": vars(a), "results": results, "paired": paired})
         write_report(out / "methods.md", a, epochs, results, paired, steps.done, len(runs))
@@ -156,14 +162,14 @@ def main() -> None:
     # drawn (``embed --checkpoint none``, BatchNorm statistics at their init); "init" is the --arch
     # runs' own init (seed --seed, the SimSiam recipe), weights unmoved (lr 1e-12, no weight decay)
     # for one epoch so that only the BatchNorm statistics are fitted to the pretraining images.
-    reference, over_reference, refs = {}, {}, {}
+    reference, over_reference, refs = {}, {}, []  # refs: (file prefix, kind, arch, embeddings, probe)
     for arch in dict.fromkeys(arch for _, _, arch in runs):
         emb, pj = out / f"emb_random_{arch}.h5", out / f"probe_random_{arch}.json"
         if not a.report_only:
             embed = ["embed", "--checkpoint", "none", "--arch", arch, "--seed", a.seed]
             steps.run(f"embed random-weight {arch}", launch + embed + ["--data", probe_shards, "--out", emb], [emb])
             steps.run(f"probe random-weight {arch}", [hl, "probe", "--embeddings", emb, "--json", pj], [pj])
-        refs[f"random_{arch}"] = (f"random weights (seed {a.seed})", arch, emb, pj)
+        refs.append(("random", "random weights", arch, emb, pj))
     init_dir = out / f"run_init_{a.arch}"
     emb, pj = out / f"emb_init_{a.arch}.h5", out / f"probe_init_{a.arch}.json"
     if not a.report_only:
@@ -177,34 +183,26 @@ def main() -> None:
         embed = ["embed", "--checkpoint", init_dir, "--data", probe_shards, "--out", emb]
         steps.run(f"embed {a.arch} init", launch + embed, [emb])
         steps.run(f"probe {a.arch} init", [hl, "probe", "--embeddings", emb, "--json", pj], [pj])
-    refs[f"init_{a.arch}"] = (f"init, BatchNorm fitted (seed {a.seed})", a.arch, emb, pj)
-    for key, (label, arch, emb, pj) in refs.items():
+    refs.append(("init", "init, BatchNorm fitted", a.arch, emb, pj))
+    for prefix, kind, arch, emb, pj in refs:
         if pj.is_file():
-            reference[key] = {"method": "none", "augmentation": label, "arch": arch, **ridge(pj)}
-        for name, r in results.items():
-            pj_pair = out / f"over_{key.split('_')[0]}_{name}.json"
-            if r["arch"] != arch:
-                continue
-            if not a.report_only and emb.is_file():
-                against = [hl, "probe", "--embeddings", out / f"emb_{name}.h5", "--against", emb, "--json", pj_pair]
-                steps.run(f"paired probe {name} - {label.split(' (')[0]}", against, [pj_pair])
-            if pj_pair.is_file():
-                diff = json.loads(pj_pair.read_text())["paired_difference"]["ridge"]
-                over_reference[f"{name} - {label.split(' (')[0]}"] = diff
+            label = f"{kind} (seed {a.seed})"
+            reference[f"{prefix}_{arch}"] = {"method": "none", "augmentation": label, "arch": arch, **ridge(pj)}
+        for name in (name for name, r in results.items() if r["arch"] == arch):
+            step, pj_pair = f"paired probe {name} - {kind}", out / f"over_{prefix}_{name}.json"
+            d = paired_probe(steps, step, out / f"emb_{name}.h5", emb, pj_pair, not a.report_only)
+            if d is not None:
+                over_reference[f"{name} - {kind}"] = d
     # a run on another backbone (the ViT) against the same method and augmentation on --arch
     across = {}
     for name, r in results.items():
-        base = out / f"emb_{r['method']}_{r['augmentation']}_{a.arch}.h5"
-        pj_pair = out / f"across_{name}.json"
         if r["arch"] == a.arch:
             continue
-        if not a.report_only and base.is_file():
-            against = [hl, "probe", "--embeddings", out / f"emb_{name}.h5", "--against", base, "--json", pj_pair]
-            steps.run(f"paired probe {name} - {a.arch}", against, [pj_pair])
-        if pj_pair.is_file():
-            across[f"{name} - {r['method']}_{r['augmentation']}_{a.arch}"] = json.loads(pj_pair.read_text())[
-                "paired_difference"
-            ]["ridge"]
+        base = f"{r['method']}_{r['augmentation']}_{a.arch}"
+        step, pj_pair = f"paired probe {name} - {a.arch}", out / f"across_{name}.json"
+        d = paired_probe(steps, step, out / f"emb_{name}.h5", out / f"emb_{base}.h5", pj_pair, not a.report_only)
+        if d is not None:
+            across[f"{name} - {base}"] = d
     report = {"args": vars(a), "results": results, "paired": paired, "reference": reference}
     report.update(over_reference=over_reference, across=across)
     atomic_write_json(out / "methods.json", report)
@@ -218,12 +216,22 @@ def main() -> None:
     )
 
 
-def _delta_row(label: str, d: dict) -> str:
-    return (
+def _r2_cells(r: dict) -> str:
+    """The R^2 [95% interval] cells of one probe result, one per parameter of PARAMS."""
+    return " | ".join(
+        f"{r['params'][p]['r2']:.3f} [{r['params'][p]['ci95'][0]:.3f}, {r['params'][p]['ci95'][1]:.3f}]" for p in PARAMS
+    )
+
+
+def _delta_table(caption: str, first: str, rows: dict) -> list[str]:
+    """A caption and a table of paired differences (delta [95% interval] per parameter), one row per entry."""
+    lines = [caption, "", f"| {first} | " + " | ".join(f"delta {p}" for p in PARAMS) + " |", "|---|---|---|---|"]
+    return lines + [
         f"| {label} | "
         + " | ".join(f"{d[p]['delta']:+.3f} [{d[p]['ci95'][0]:+.3f}, {d[p]['ci95'][1]:+.3f}]" for p in PARAMS)
         + " |"
-    )
+        for label, d in rows.items()
+    ]
 
 
 def write_report(
@@ -255,55 +263,38 @@ def write_report(
         "| method | augmentation | backbone | theta_E R^2 | e1 R^2 | gamma R^2 | s/step | final loss |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in results.values():
-        cells = [
-            f"{r['params'][p]['r2']:.3f} [{r['params'][p]['ci95'][0]:.3f}, {r['params'][p]['ci95'][1]:.3f}]"
-            for p in PARAMS
-        ]
-        lines.append(
-            f"| {r['method']} | {r['augmentation']} | {r['arch']} | "
-            + " | ".join(cells)
-            + f" | {r['step_s']:.2f} | {r['final_loss']:.4f} |"
-        )
-    for r in (reference or {}).values():
-        cells = [
-            f"{r['params'][p]['r2']:.3f} [{r['params'][p]['ci95'][0]:.3f}, {r['params'][p]['ci95'][1]:.3f}]"
-            for p in PARAMS
-        ]
-        lines.append(f"| none | {r['augmentation']} | {r['arch']} | " + " | ".join(cells) + " | - | - |")
     lines += [
-        "",
+        f"| {r['method']} | {r['augmentation']} | {r['arch']} | {_r2_cells(r)} | "
+        f"{r['step_s']:.2f} | {r['final_loss']:.4f} |"
+        for r in results.values()
+    ]
+    lines += [
+        f"| none | {r['augmentation']} | {r['arch']} | {_r2_cells(r)} | - | - |" for r in (reference or {}).values()
+    ]
+    lines += [""] + _delta_table(
         "Lens minus standard augmentation per method: paired ridge R^2 difference on the same test lens "
         "systems, 95% interval over systems (`hpc-lensiam probe --against`; one pretraining seed each, so "
         "training noise is not in the interval):",
-        "",
-        "| method | " + " | ".join(f"delta {p}" for p in PARAMS) + " |",
-        "|---|---|---|---|",
-    ]
-    lines += [_delta_row(m, d) for m, d in paired.items()]
+        "method",
+        paired,
+    )
     if over_reference:
-        lines += [
-            "",
+        lines += [""] + _delta_table(
             "Each run minus the no-pretraining references of its backbone, paired on the same test lens systems: "
             "what pretraining added over what the architecture alone gives a ridge probe. Random weights: "
             "`hpc-lensiam embed --checkpoint none` (BatchNorm statistics at their init); init, BatchNorm fitted: "
             "the SimSiam runs' own init, trained one epoch at lr 1e-12 so that only the BatchNorm statistics "
             "move:",
-            "",
-            "| run | " + " | ".join(f"delta {p}" for p in PARAMS) + " |",
-            "|---|---|---|---|",
-        ]
-        lines += [_delta_row(name, d) for name, d in over_reference.items()]
+            "run",
+            over_reference,
+        )
     if across:
-        lines += [
-            "",
+        lines += [""] + _delta_table(
             f"Across backbones: a run minus the same method and augmentation on {a.arch}, paired on the same "
             "test lens systems:",
-            "",
-            "| runs | " + " | ".join(f"delta {p}" for p in PARAMS) + " |",
-            "|---|---|---|---|",
-        ]
-        lines += [_delta_row(name, d) for name, d in across.items()]
+            "runs",
+            across,
+        )
     lines += [
         "",
         "## Commands (wall seconds of the invocation that ran them)",
