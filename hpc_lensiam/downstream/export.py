@@ -268,6 +268,8 @@ def read_backbone_file(path: str | os.PathLike) -> dict:
     keys are the head depends on the arch, so the caller drops them once it is recognised."""
     import torch
 
+    from ..train.checkpoint import load_weights_only
+
     path = Path(path)
     if not path.is_file():
         raise UserError(
@@ -280,8 +282,7 @@ def read_backbone_file(path: str | os.PathLike) -> dict:
 
             state = load_file(str(path))
         else:
-            check_torch_file(path)
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_weights_only(path, what="backbone weights")
     except UserError:
         raise
     except Exception as exc:  # first line only: torch's text goes on to advise weights_only=False

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..io import atomic_path
+from ..io import atomic_path, check_torch_file
 
 LAST = "last.pt"
 DS_DIR = "deepspeed"
@@ -203,14 +203,55 @@ def _resolve(path: Path) -> Path:
     raise UserError(f"{path}: holds no checkpoint (no last.pt, checkpoints/last.pt or DeepSpeed 'latest')")
 
 
+# The only classes (beyond tensors and plain containers) DeepSpeed 0.19 pickles into its checkpoint
+# files: the loss scaler, ZeRO's fragment addresses and stage enum in the optimizer-state files.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+)
+
+
+def _deepspeed_safe_globals() -> list:
+    """The classes of :data:`DEEPSPEED_SAFE_GLOBALS` (those importable: none without DeepSpeed)."""
+    import importlib
+
+    out = []
+    for name in DEEPSPEED_SAFE_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            out.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            continue
+    return out
+
+
+def load_weights_only(path: str | os.PathLike, map_location="cpu", what: str = "checkpoint"):
+    """``torch.load`` that never runs a file's code: ``weights_only=True`` (tensors, plain containers)
+    plus only DeepSpeed's few known classes, for every torch file a user may hand the package (our
+    checkpoints, DeepSpeed's model and optimizer files, backbones). A file that needs any other
+    global is refused in one line (``UserError``), never unpickled with ``weights_only=False``."""
+    path = Path(path)
+    check_torch_file(path)
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, a disallowed global, ...
+        text = str(exc)
+        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if unsupported:  # torch's own text goes on to advise weights_only=False: never that
+            raise UserError(
+                f"{path}: refused to read {what}: it needs the Python global {unsupported.group(1)}, which "
+                "a weights file never holds (loading it would run code from the file)"
+            ) from None
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        raise UserError(f"{path}: cannot read {what} ({type(exc).__name__}: {first})") from None
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load one of our checkpoint files (``last.pt``/``step_*.pt``) onto the CPU, hash checked."""
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, not a torch file, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UserError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {first})") from None
+    ckpt = load_weights_only(path)
     if not isinstance(ckpt, dict):
         raise UserError(f"{path}: not an hpc_lensiam checkpoint (a {type(ckpt).__name__}, not a dict)")
     if HASH_KEY in ckpt and state_sha256(ckpt) != ckpt[HASH_KEY]:
@@ -254,10 +295,9 @@ def load_model_state(path: str | os.PathLike) -> tuple[dict, dict | None, int | 
         if not path.is_file():
             raise UserError(f"{path}: missing (the DeepSpeed 'latest' file names tag {tag!r})")
     if path.name.startswith("mp_rank_"):
-        try:  # DeepSpeed's own file pickles its config objects too
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise UserError(f"{path}: cannot read DeepSpeed checkpoint ({type(exc).__name__}: {exc})") from None
+        ckpt = load_weights_only(path, what="DeepSpeed checkpoint")
+        if not isinstance(ckpt, dict):
+            raise UserError(f"{path}: not a DeepSpeed checkpoint (a {type(ckpt).__name__}, not a dict)")
         state, step = ckpt.get("module"), ckpt.get("step", ckpt.get("global_steps"))
     else:
         ckpt = load_checkpoint(path)

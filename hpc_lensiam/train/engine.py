@@ -36,6 +36,7 @@ from .checkpoint import (
     DS_DIR,
     LAST,
     capture_rank_rng,
+    load_weights_only,
     periodic_tags,
     prune_deepspeed_tags,
     save_checkpoint,
@@ -150,6 +151,19 @@ def resume_mode(ckpt: dict, kind: str, zero_stage: int, world_size: int) -> str 
     return None
 
 
+def _weights_only_checkpoint_engine(engine):
+    """DeepSpeed's checkpoint engine with its ``load`` swapped for :func:`load_weights_only`.
+
+    DeepSpeed 0.19 reads its model and optimizer files with ``torch.load(weights_only=False)``: a
+    run folder handed to ``--resume`` could run code from a planted file. Saving is untouched."""
+
+    def load(path: str, map_location=None):
+        return load_weights_only(path, map_location=map_location, what="DeepSpeed checkpoint")
+
+    engine.load = load
+    return engine
+
+
 class Engine:
     """DDP (``--engine ddp``) or DeepSpeed (``--engine deepspeed``) behind one interface.
 
@@ -209,6 +223,7 @@ class Engine:
             self.model, self.optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=optimizer, config=self.plan.deepspeed
             )
+            self.model.checkpoint_engine = _weights_only_checkpoint_engine(self.model.checkpoint_engine)
         else:
             self.optimizer = optimizer
             self.model = model
