@@ -12,6 +12,7 @@ on the validation loss. What a task class provides (``TASKS`` maps ``--task NAME
 - ``name``; ``__init__(target)`` refuses a ``--target`` the task cannot learn (UserError);
 - ``labels(rows, what)``: its column of the (n, 9) label rows (the 8 lens parameters, then is_lens),
   refusing samples without that label; ``fit(y_train)``: anything learnt from the train split's labels;
+- ``state()`` / ``load_state(d)``: what ``fit`` learnt, as plain numbers (saved with a fine-tuned model);
 - ``encode(y)`` -> the head's float targets; ``loss(out, t)`` on the head's (B,) output (torch);
   ``decode(raw)`` -> the reported test predictions;
 - ``report(y, p, n_boot, seed, out_json)`` -> (metrics dict merged into the JSON report, one summary line).
@@ -54,6 +55,13 @@ class RegressTask:
 
     def fit(self, y_train: np.ndarray) -> None:
         self.mu, self.sd = float(y_train.mean()), float(y_train.std()) or 1.0
+
+    def state(self) -> dict:
+        """What ``fit`` learnt, saved with a model so ``predict`` decodes the head's output the same way."""
+        return {"target_mean": self.mu, "target_std": self.sd}
+
+    def load_state(self, state: dict) -> None:
+        self.mu, self.sd = float(state["target_mean"]), float(state["target_std"])
 
     def encode(self, y: np.ndarray) -> np.ndarray:
         return (y - self.mu) / self.sd
@@ -113,6 +121,12 @@ class ClassifyTask:
     def fit(self, y_train: np.ndarray) -> None:
         if len(np.unique(y_train)) < 2:
             raise UserError("--n-train: the training split holds one class only; use more samples")
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
 
     def encode(self, y: np.ndarray) -> np.ndarray:
         return y.astype(np.float64)
