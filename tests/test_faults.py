@@ -763,3 +763,32 @@ def test_resume_never_runs_beside_trainers_left_by_a_killed_agent(data, tmp_path
                 os.kill(trainer, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# ------------------------------------------------------------------ issue 25: stale and outside
+@pytest.mark.parametrize("name", ["../outside/shard-000001.tar", "ABS", "sub/../shard-000001.tar"])
+def test_manifest_shard_name_leading_out_of_the_folder_is_refused(copy, tmp_path, name):
+    """Issue 25: a manifest naming ``../x.tar`` made verify and the readers use a file outside the
+    data folder (a good shard there: verify was clean). Only plain file names are accepted."""
+    from hpc_lensiam.data.images import load_images
+    from hpc_lensiam.data.loader import ShardLoader
+    from hpc_lensiam.integrity import check_shards
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(copy / "shard-000001.tar", outside / "shard-000001.tar")
+    name = str(outside / "shard-000001.tar") if name == "ABS" else name
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"][1]["name"] = name
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    line = one_error_line(cli("verify", copy))
+    assert f"{copy / 'manifest.json'}: shard entry 1 has name {name!r}, not a plain file name" in line, line
+    for read in (
+        lambda: ShardLoader(str(copy), "lensiam", 4, workers=0),
+        lambda: load_images(copy, 4),
+        lambda: check_shards(copy, verify=True),
+    ):
+        with pytest.raises(UserError, match="shard entry 1 has name .* not a plain file name"):
+            read()
+    assert "shard entry 1" in one_error_line(cli("show", copy, "--out", tmp_path / "grid.png"))
+    assert not (tmp_path / "grid.png").exists()
