@@ -589,11 +589,15 @@ def tiny_fs(tmp_path):
 
 
 def test_disk_full_and_read_only_output(tiny_fs):
-    """Row: disk full and read-only output gave tracebacks, some only after the compute."""
+    """Row: disk full and read-only output gave tracebacks, some only after the compute.
+    (A disk that fills while shards are written: test_disk_full_while_writing_shards_...)"""
     out = tiny_fs / "ds"
     line = one_error_line(cli("simulate", "--out", out, "--pairs", 40, "--shard-size", 20, "--seed", 0))
-    assert "No space left on device" in line and str(out) in line
-    assert not list(out.glob(".tmp-*")) and not list(out.glob("shard-*"))  # nothing half written
+    # issue 25: the planned size is checked against the free space before anything is written
+    assert (
+        f"--pairs 40: the data set needs about 3.97 MB (99328 bytes per sample x 40 samples), but --out {out}" in line
+    )
+    assert not out.exists()  # nothing written at all, not even .plan.json
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
     line = one_error_line(cli("simulate", "--out", tiny_fs / "ro", "--pairs", 2, "--shard-size", 2))
     assert "Read-only file system" in line and "ro" in line
@@ -825,3 +829,75 @@ def test_two_psf_files_of_one_name_edited_between_killed_run_and_rerun_is_refuse
         simulate_shards(out_dir=str(out), **kw)
     assert not (out / "shard-000001.tar").exists() and not (out / "manifest.json").exists()
     assert manifest["inputs"]["psf_files"] == {str(a.resolve()): sha_a, str(b.resolve()): sha256_file(b)}
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 4 MB tmpfs (root only): room for the planned data set, until another job fills it."""
+    mnt = tmp_path / "mnt4"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(fs: Path) -> None:
+    """Take every free byte of ``fs``, as another job filling the disk would."""
+    import errno
+
+    fd = os.open(fs / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, bytes(1 << 16))
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_disk_full_while_writing_shards_is_one_line_and_leaves_no_partial_file(small_fs, tmp_path, ranks):
+    """Row (disk full), issue 25 for 2 ranks: the disk fills while `simulate` writes shards (after its
+    size check). Before: with `mpiexec -n 2` a traceback from a rank and MPI_Abort(1); now one
+    `hpc-lensiam: error:` line naming the file, exit 2, no partial file, every shard left complete."""
+    from hpc_lensiam.integrity import verify_dataset
+
+    out = small_fs / "ds"
+    yaml_path = tmp_path / "small.yaml"
+    yaml_path.write_text("instrument:\n  num_pix: 32\n")
+    args = ["simulate", "--out", out, "--pairs", 60, "--shard-size", 2, "--seed", 0, "--config", yaml_path]
+    cmd = [str(BIN / "hpc-lensiam"), *map(str, args)]
+    if ranks > 1:
+        cmd = [str(BIN / "mpiexec"), "-n", str(ranks), *cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("shard-*.tar")):
+        time.sleep(0.05)
+    _fill(small_fs)
+    stdout, stderr = proc.communicate(timeout=600)
+    line = one_error_line(subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr))
+    assert "No space left on device" in line and str(out) in line, line
+    said = [x for x in stderr.splitlines() if x.strip() and not x.startswith("simulate:")]  # not the bar, note
+    assert len(said) <= 2, stderr  # the line, and MPI's own line about the abort
+    assert not list(out.glob(".tmp-*")) and not list((out / ".done").glob(".tmp-*"))  # nothing half written
+    assert not (out / "manifest.json").exists() and list(out.glob("shard-*.tar"))
+    (small_fs / "filler").unlink()  # room again: the rerun keeps the complete shards and finishes
+    rerun = cli(*args)
+    assert rerun.returncode == 0 and "already done" in rerun.stdout and "(0 already done)" not in rerun.stdout
+    assert verify_dataset(out, progress=False) == []
+
+
+def test_huge_pairs_are_refused_at_once_writing_nothing(tmp_path):
+    """Issue 25: `--pairs 1e12 --shard-size 1` ran 30 s in silence with no size or disk check, then
+    left a .plan.json binding the folder to it. Now one line, at once, and nothing written."""
+    out = tmp_path / "ds"
+    start = time.perf_counter()
+    line = one_error_line(cli("simulate", "--out", out, "--pairs", 10**12, "--shard-size", 1))
+    assert "--pairs 1000000000000 --shard-size 1: 1000000000000 shards, more than 1000000 files" in line
+    line = one_error_line(cli("simulate", "--out", out, "--pairs", 10**12, "--shard-size", 10**6))
+    assert "--pairs 1000000000000: the data set needs about 99.3 PB (99328 bytes per sample" in line
+    assert f"but --out {out} is on a file system with" in line and "free" in line
+    assert time.perf_counter() - start < 30 and not out.exists()
