@@ -31,7 +31,7 @@ PLAN_NAME = ".plan.json"  # written first: what this folder is being filled with
 DONE_DIR = ".done"  # one record per shard this package wrote: size and sha256
 MODES = ("lensiam", "single")
 ENGINES = ("lenstronomy", "torch")  # LensSimulator, or its batched torch twin (docs/online.md)
-_TAG_PROGRESS, _TAG_DONE = 11, 12
+_TAG_PROGRESS, _TAG_DONE, _TAG_ERROR = 11, 12, 13
 
 
 def shard_name(index: int) -> str:
@@ -135,6 +135,52 @@ def write_tar(path: Path, samples, on_sample=None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ MPI
+class _RankFailed(UserError):
+    """Another rank's one-line error (a full disk, bad input), raised on rank 0 to be said once."""
+
+
+def _user_error_line(exc: BaseException) -> str | None:
+    """The one line the CLI would print for ``exc`` (a UserError or a full disk, read-only file
+    system...), or None for anything else (a bug: its traceback is wanted)."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        from ..cli import _os_error_line
+
+        return _os_error_line(exc)
+    return None
+
+
+def _fail_ranks(comm, rank: int, out_dir: Path, exc: BaseException) -> None:
+    """End every rank after ``exc`` on this one, with one error line and no partial file.
+
+    A user-side failure (full disk, bad input) on another rank goes to rank 0, which says it
+    (``_RankFailed`` from its progress loop) together with its own; rank 0 removes the partial
+    files of every rank, then aborts the job with exit code 2. A bug aborts with 1 and its traceback.
+    """
+    line = _user_error_line(exc)
+    if line is None:
+        import traceback
+
+        traceback.print_exc()
+        comm.Abort(1)
+        os._exit(1)  # Abort may return before the launcher kills this process: say nothing more
+    if rank != 0:
+        comm.send(line, dest=0, tag=_TAG_ERROR)
+        deadline = time.monotonic() + 120  # rank 0 sees it after its current sample
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+        print(f"hpc-lensiam: error (rank {rank}): {line}", file=sys.stderr, flush=True)  # rank 0 is stuck
+        comm.Abort(2)
+        os._exit(2)
+    print(f"hpc-lensiam: error: {line}", file=sys.stderr, flush=True)
+    time.sleep(1.0)  # let mpiexec pass the line on: an abort can end its forwarding before it is read
+    for stale in [*out_dir.glob(TMP_PREFIX + "*"), *(out_dir / DONE_DIR).glob(TMP_PREFIX + "*")]:
+        stale.unlink(missing_ok=True)  # the other ranks' shards in progress: they end with this job
+    comm.Abort(2)
+    os._exit(2)
+
+
 class _Progress:
     """tqdm on rank 0 over every rank's finished samples; other ranks send small MPI messages."""
 
@@ -162,9 +208,11 @@ class _Progress:
 
         status = MPI.Status()
         while self.done < self.size - 1 and (
-            block or self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG_PROGRESS, status=status)
+            block or self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status)
         ):
-            n = self.comm.recv(source=MPI.ANY_SOURCE, tag=_TAG_PROGRESS, status=status)
+            n = self.comm.recv(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status)
+            if status.Get_tag() == _TAG_ERROR:  # another rank failed on the user's side: say it once, here
+                raise _RankFailed(n)
             if n < 0:  # that rank finished
                 self.done += 1
             elif self.bar:
@@ -200,7 +248,7 @@ def _check_existing(out_dir: Path, plan: dict) -> None:
                     if (old.get("inputs") or {}).get(kind, {}).get(n) != sha
                 )
                 raise UserError(
-                    f"{out_dir}: was simulated from other input files (sha256 of "
+                    f"{out_dir}: was made from other input files (sha256 of "
                     f"{', '.join(changed) or 'the PSF/COSMOS file list'} changed); restore "
                     f"them, or choose another --out"
                 )
@@ -222,13 +270,15 @@ def input_hashes(cfg) -> dict:
 
     Recorded in the plan and manifest (provenance), and compared on a rerun: a PSF file edited
     between a killed run and its rerun would otherwise give one data set made with two PSFs.
+    Keyed by resolved path (the key shows the file name too): two PSFs of one name in two folders
+    are two entries, each checked.
     """
     from .sources import CATALOG_NAMES
 
-    out = {"psf_files": {Path(f).name: sha256_file(f) for f in getattr(cfg, "psf_files", None) or []}}
+    out = {"psf_files": {str(Path(f).resolve()): sha256_file(f) for f in getattr(cfg, "psf_files", None) or []}}
     if getattr(cfg, "cosmos_dir", None):
         cat = next((Path(cfg.cosmos_dir) / n for n in CATALOG_NAMES if (Path(cfg.cosmos_dir) / n).is_file()), None)
-        out["cosmos_catalog"] = {cat.name: sha256_file(cat)} if cat else {}
+        out["cosmos_catalog"] = {str(cat.resolve()): sha256_file(cat)} if cat else {}
     return out
 
 
@@ -277,6 +327,57 @@ def _shards_to_write(out_dir: Path, shards: ShardPlan, known: dict, indices) -> 
     return todo, good
 
 
+MAX_SHARDS = 1_000_000  # shard-NNNNNN.tar: six digits, and already a million files in one folder
+
+
+def _tar_bytes(size: int) -> int:
+    """Bytes one tar member of ``size`` bytes takes: its 512-byte header and its data in 512 blocks."""
+    return 512 + -(-size // 512) * 512
+
+
+def check_planned_size(out_dir: Path, num_samples: int, shard_size: int, num_pix: int, views: int) -> None:
+    """Before anything is written: a sane shard count, and room for the planned data set.
+
+    The size is a lower bound (float32 images as .npy tar members, one 512-byte block of params per
+    sample), less the shards already in ``out_dir`` (a rerun); it is compared with the free space of
+    the file system ``out_dir`` is (or would be) on.
+    """
+    import shutil
+
+    shards = -(-num_samples // shard_size)
+    if shards > MAX_SHARDS:
+        raise UserError(
+            f"--pairs {num_samples} --shard-size {shard_size}: {shards} shards, more than {MAX_SHARDS} files "
+            f"in one folder; raise --shard-size (or lower --pairs)"
+        )
+    per_sample = views * _tar_bytes(128 + 4 * num_pix * num_pix) + _tar_bytes(512)
+    have = sum(p.stat().st_size for p in out_dir.glob("shard-*.tar")) if out_dir.is_dir() else 0
+    need = per_sample * num_samples - have
+    base = out_dir
+    while not base.exists() and base != base.parent:  # the nearest folder that exists
+        base = base.parent
+    if not os.access(base, os.W_OK | os.X_OK):
+        return  # read-only or not ours: the first write says so, naming the file
+    try:
+        free = shutil.disk_usage(base).free
+    except OSError:
+        return  # not a folder we can stat: the write itself will say why
+    if need > free:
+        raise UserError(
+            f"--pairs {num_samples}: the data set needs about {_human(need)} ({per_sample} bytes per sample "
+            f"x {num_samples} samples{', less the shards already there' if have else ''}), but --out "
+            f"{out_dir} is on a file system with {_human(free)} free; lower --pairs or choose another --out"
+        )
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} PB"
+
+
 def torch_simulator(cfg, device: str):
     """``--engine torch``: the batched renderer on ``device`` (float32, as the shards store)."""
     from .torch_render import TorchLensSimulator, resolve_device
@@ -321,6 +422,8 @@ def simulate_shards(
         raise UserError(f"--engine torch: renders the paper family (EPL + shear) only, not --family {family}")
     if num_samples < 1 or shard_size < 1:
         raise UserError(f"--pairs and --shard-size must be >= 1 (got {num_samples}, {shard_size})")
+    if -(-num_samples // shard_size) > MAX_SHARDS:  # before anything else: the count alone is enough
+        check_planned_size(Path(out_dir), num_samples, shard_size, 8, 1)
     if seed < 0:
         raise UserError(f"--seed: must be >= 0, got {seed}")
     cfg, make_simulator = resolve_family(
@@ -347,6 +450,7 @@ def simulate_shards(
     if engine != "lenstronomy":  # likewise the lenstronomy engine's
         plan["engine"] = engine
     _check_existing(out_dir, plan)
+    check_planned_size(out_dir, num_samples, shard_size, cfg.instrument.num_pix, 2 if mode == "lensiam" else 1)
 
     # Build the simulator before touching the folder: a bad COSMOS dir or PSF file writes nothing.
     import warnings
@@ -392,9 +496,9 @@ def write_shard_set(out_dir: Path, plan: dict, shards: ShardPlan, progress: bool
                 stale.unlink(missing_ok=True)  # partial files of a killed run
             if not (out_dir / PLAN_NAME).is_file():
                 atomic_write_json(out_dir / PLAN_NAME, plan)
-        except UserError as exc:
+        except (UserError, OSError) as exc:  # a full or read-only disk too: every rank must hear of it
             lock.release()
-            failed = str(exc)
+            failed = _user_error_line(exc) or f"{out_dir}: {exc}"
     if comm is not None:
         failed = comm.bcast(failed, root=0)
     if failed:
@@ -419,14 +523,11 @@ def _write_all(comm, rank, size, out_dir, plan, shards, progress, what, write_on
         for index in todo[rank::size]:
             entries[index] = write_one(index, bar.tick)
         bar.finish()
-    except BaseException:
+    except BaseException as exc:
         if bar.bar:  # end the bar's line: the error is a line of its own
             bar.bar.close()
         if comm is not None and size > 1:
-            import traceback
-
-            traceback.print_exc()
-            comm.Abort(1)
+            _fail_ranks(comm, rank, out_dir, exc)
         raise
     if comm is not None:
         gathered = comm.gather(entries, root=0)
