@@ -41,10 +41,10 @@ def _children() -> list[int]:
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
             continue
-        if ppid == me:
+        if int(ppid) == me and state != "Z":  # an exited rank that torchrun has not reaped yet is done
             out.append(int(entry))
     return out
 
@@ -76,6 +76,8 @@ class _Forward:
     def _expired(self, signum, frame):
         from torch.distributed.elastic.multiprocessing.api import SignalException
 
+        if not _children():  # every rank has ended (torchrun may wait for other nodes' agents)
+            return
         raise SignalException("ranks still running after the grace period", sigval=signal.SIGKILL)
 
     def close(self):
@@ -89,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # the agent's W/E lines
+    # the agent's W/E lines (torchelastic's loggers carry their own level: set each one)
+    for name in [n for n in logging.Logger.manager.loggerDict if n.startswith("torch.distributed")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
     args = torchrun.parse_args(argv if argv is not None else sys.argv[1:])
     forwarded = {s.name for s in FORWARDED}
     args.signals_to_handle = ",".join(

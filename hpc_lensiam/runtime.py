@@ -226,11 +226,15 @@ def collective_failure(exc: BaseException, rank: int, world_size: int, timeout_m
 
     A peer that exited: quiet (that rank says why). A peer that stopped answering: the lowest rank
     whose collective timed out names the ranks that did not answer the roll call and the operation."""
+    import torch.distributed as dist
+
     from .errors import PeerFailure
 
     if world_size < 2 or not isinstance(exc, RuntimeError):
         return None
     text = str(exc).lower()
+    if not isinstance(exc, dist.DistError) and not any(k in text for k in ("gloo", "nccl", "c10d")):
+        return None  # not the process group's (a loader's timeout, say)
     gone = any(s in text for s in _PEER_GONE)
     if not gone and not any(s in text for s in _PEER_SILENT):
         return None

@@ -878,6 +878,35 @@ def test_sigterm_to_the_launcher_checkpoints_and_exits_0(data, tmp_path):
 
 
 @pytest.mark.slow
+def test_rank_still_running_after_the_grace_is_killed_in_one_line(data, tmp_path):
+    """SIGTERM while a rank cannot stop (here: SIGSTOP'd): after torchrun's shutdown timeout the ranks
+    are killed and the launcher says so in one line, no traceback."""
+    run = tmp_path / "run"
+    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "3"}
+    proc = _launch("--data", data, "--out", run, *TINY, "--epochs", 1000, "--log-every", 1, env=env)
+    stopped = None
+    try:
+        _wait_for_rows(run, 2, proc)
+        stopped = _rank_pid(proc.pid, 1)
+        os.kill(stopped, signal.SIGSTOP)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    lines = [x for x in err.splitlines() if x.startswith("hpc-lensiam")]
+    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0] == (
+        "hpc-lensiam: error: rank(s) still running 3 s after SIGTERM were killed (--shutdown-timeout); "
+        "--resume continues from the last checkpoint saved"
+    )
+
+
+@pytest.mark.slow
 def test_hung_peer_times_out_naming_the_rank(data, tmp_path):
     """Row (issue 25): a stopped rank (SIGSTOP) left the others waiting in a collective forever. Now
     --dist-timeout (minutes) bounds the wait and the surviving rank names the silent one, in one line."""
