@@ -134,7 +134,9 @@ class RunDir:
         self.changes = changes
 
     def write_config(self, header: str, resume: bool, step: int) -> None:
-        """``config.yaml`` once (a fresh run); a resume that changes anything appends to the history."""
+        """``config.yaml`` (a fresh run); a resume that changes anything appends to the history, and
+        an allowed change of a guarded key or the data makes ``config.yaml`` the config now used,
+        keeping the one before as ``config.N.yaml``."""
         text = header + dump_yaml(self.cfg)
         first = self.out / "config.yaml"
         self.written = True
