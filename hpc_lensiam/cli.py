@@ -12,7 +12,7 @@ import sys
 import types
 import typing
 
-from .errors import UserError
+from .errors import PEER_EXIT_CODE, PeerFailure, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -478,6 +478,10 @@ def main(argv: list[str] | None = None) -> int:
         if _is_rank0():
             print(f"hpc-lensiam: error: {exc}", file=sys.stderr)
         return 2
+    except PeerFailure as exc:  # another rank failed (it says why) or hung (named here)
+        if not exc.quiet:
+            print(f"hpc-lensiam: error: {exc}", file=sys.stderr, flush=True)
+        return PEER_EXIT_CODE
     except OSError as exc:  # rank-local (one rank's disk): every rank that hits it says so
         line = _os_error_line(exc)
         if line is None:

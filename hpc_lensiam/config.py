@@ -409,6 +409,7 @@ class TrainConfig:
     deepspeed_config: str | None = None
     zero_stage: int = 0
     skip_bad_samples: bool = False
+    dist_timeout: float = 30.0  # minutes a collective waits for a silent rank before the run stops naming it
     verify: bool = False  # sha256 of every shard against the manifest before training
     online_epoch_samples: int = 100_000  # --data online: samples (pairs or images) per epoch, all ranks
     online_compile: bool = False  # --data online: torch.compile the ray shooting (minutes once, then fast)
@@ -469,6 +470,8 @@ class TrainConfig:
                 raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
         if self.zero_stage not in (0, 1):
             raise ConfigError(f"{where}.zero_stage: expected 0 or 1 (ZeRO buys nothing for ResNet101)")
+        if not self.dist_timeout > 0:
+            raise ConfigError(f"{where}.dist_timeout: must be > 0 minutes, got {self.dist_timeout}")
 
 
 # ------------------------------------------------------------------------------------------ ingest

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BIN, REPO, _simulate, rerecord_shard, torchrun_cmd, train_tiny
+from conftest import BIN, REPO, _simulate, launcher_env, rerecord_shard, torchrun_cmd, train_tiny
 from hpc_lensiam.config import simulation_config
 from hpc_lensiam.errors import ConfigError, UserError
 from hpc_lensiam.io import read_manifest, sha256_file
@@ -374,12 +374,68 @@ def test_resume_with_other_data_is_refused_then_allowed_and_recorded(run_copy, d
     with pytest.raises(UserError, match=r"other settings: data .*manifest sha256"):
         _resume(other, run_copy)
     assert _resume(other, run_copy, seed=5, allow_config_change=True)["step"] == 3
-    assert (run_copy / "config.yaml").read_text() == first
+    assert (run_copy / "config.1.yaml").read_text() == first  # config.yaml is now the config used
     import yaml
 
     history = yaml.safe_load((run_copy / "config_history.yaml").read_text())
     assert len(history) == 1 and history[0]["resumed_at_step"] == 2
     assert set(history[0]["changed"]) == {"data", "seed"} and history[0]["changed"]["seed"] == {"before": 0, "after": 5}
+
+
+def test_refusal_advice_works_after_an_allowed_change(run_copy, data):
+    """Row (issue 25): after --allow-config-change, the refusal's advice (resume with RUN/config.yaml)
+    failed: that file kept the first config. Now it is the config used, the first kept as config.1.yaml."""
+    import yaml
+
+    from hpc_lensiam.train.loop import train, train_config
+
+    first = (run_copy / "config.yaml").read_text()
+    assert _resume(data, run_copy, seed=5, allow_config_change=True)["step"] == 3
+    with pytest.raises(UserError, match=r"seed 5 -> 0; use the run's own settings \(RUN/config\.yaml\)"):
+        _resume(data, run_copy, max_steps=4)
+    assert train(train_config(str(run_copy / "config.yaml"), max_steps=4), resume=True)["step"] == 4  # the advice
+    assert (run_copy / "config.1.yaml").read_text() == first
+    assert train_config(str(run_copy / "config.yaml")).seed == 5
+    history = yaml.safe_load((run_copy / "config_history.yaml").read_text())
+    assert history[0]["previous_config"] == "config.1.yaml" and history[0]["changed"]["seed"]["after"] == 5
+
+
+def test_resume_through_a_copied_run_folders_config_trains_the_copy(data, tmp_path):
+    """Row (issue 25): `--config copy/config.yaml --resume` trained the ORIGINAL run (the copied
+    config.yaml's `out:` names it). A run folder's own config.yaml trains the folder it sits in."""
+    import yaml
+
+    from hpc_lensiam.train.checkpoint import load_checkpoint
+    from hpc_lensiam.train.loop import train, train_config
+
+    orig = train_tiny(data, tmp_path / "orig", batch_size=4)
+    copy_run = Path(shutil.copytree(orig, tmp_path / "copy"))
+    assert yaml.safe_load((copy_run / "config.yaml").read_text())["out"] == str(orig)  # as copied
+    before = {p.name: p.read_bytes() for p in (orig / "checkpoints").iterdir()}
+    metrics = (orig / "metrics.csv").read_text()
+    assert train(train_config(str(copy_run / "config.yaml"), max_steps=3), resume=True)["step"] == 3
+    assert load_checkpoint(copy_run / "checkpoints" / "last.pt")["step"] == 3
+    assert {p.name: p.read_bytes() for p in (orig / "checkpoints").iterdir()} == before
+    assert (orig / "metrics.csv").read_text() == metrics
+    # an explicit --out still wins over the folder the config sits in
+    assert train_config(str(copy_run / "config.yaml"), out=str(tmp_path / "new")).out == str(tmp_path / "new")
+
+
+def test_refusals_before_training_leave_nothing_behind(data, run_copy, tmp_path):
+    """Row (issue 25): data-shape refusals left an empty run folder holding a .lock."""
+    for kw, named in (({"batch_size": 100}, "batch larger than the data"), ({"arch": "vit_tiny_p10"}, "patch size")):
+        with pytest.raises(UserError, match=named):
+            train_tiny(data, tmp_path / "new" / "run", **kw)
+        assert not (tmp_path / "new").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="batch larger than the data"):
+        train_tiny(data, empty, batch_size=100)
+    assert list(empty.iterdir()) == []
+    files = sorted(p.relative_to(run_copy) for p in run_copy.rglob("*"))  # a copy without its .lock
+    with pytest.raises(UserError, match="other settings: seed 0 -> 1"):
+        _resume(data, run_copy, seed=1)
+    assert sorted(p.relative_to(run_copy) for p in run_copy.rglob("*")) == files
 
 
 def test_resume_from_a_moved_copy_of_the_same_data_is_allowed(run_copy, data, tmp_path):
@@ -901,3 +957,125 @@ def test_huge_pairs_are_refused_at_once_writing_nothing(tmp_path):
     assert "--pairs 1000000000000: the data set needs about 99.3 PB (99328 bytes per sample" in line
     assert f"but --out {out} is on a file system with" in line and "free" in line
     assert time.perf_counter() - start < 30 and not out.exists()
+
+
+# --------------------------------------------------------------- signals and peers under the launcher
+TINY = ["--arch", "resnet18", "--batch-size", "4", "--workers", "0", "--proj-dim", "64", "--pred-dim", "16"]
+
+
+def _launch(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """``python -m hpc_lensiam.launch --standalone --nproc_per_node 2 -m hpc_lensiam train ARGS``."""
+    cmd = [sys.executable, "-m", "hpc_lensiam.launch", "--standalone", "--nproc_per_node", "2", "-m", "hpc_lensiam"]
+    return subprocess.Popen(
+        [*cmd, "train", *map(str, args)],
+        env=launcher_env(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env or {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_rows(run: Path, rows: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run / "metrics.csv"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) > rows:
+            return
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"no {rows} metrics rows: " + "".join(proc.communicate())[-3000:])
+
+
+def _rank_pid(launcher: int, rank: int) -> int:
+    """The pid of the trainer of global rank ``rank``: the launcher's child whose RANK says so."""
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == launcher and f"RANK={rank}".encode() in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                return int(entry)
+        except (OSError, ValueError):
+            continue
+    raise AssertionError(f"no rank {rank} under pid {launcher}")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_checkpoints_and_exits_0(data, tmp_path):
+    """Row (issue 25): `kill -TERM` of the launcher exited 1 with torchrun's SignalException traceback
+    although every rank had saved; docs/training.md promises exit 0."""
+    from hpc_lensiam.train.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    proc = _launch("--data", data, "--out", run, *TINY, "--epochs", 1000, "--log-every", 1)
+    _wait_for_rows(run, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "hpc-lensiam" not in err, err[-3000:]
+    step = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
+    assert step >= 2 and f"train: stopped by SIGTERM at step {step}; checkpoint" in out, out
+
+
+@pytest.mark.slow
+def test_rank_still_running_after_the_grace_is_killed_in_one_line(data, tmp_path):
+    """SIGTERM while a rank cannot stop (here: SIGSTOP'd): after torchrun's shutdown timeout the ranks
+    are killed and the launcher says so in one line, no traceback."""
+    run = tmp_path / "run"
+    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "3"}
+    proc = _launch("--data", data, "--out", run, *TINY, "--epochs", 1000, "--log-every", 1, env=env)
+    stopped = None
+    try:
+        _wait_for_rows(run, 2, proc)
+        stopped = _rank_pid(proc.pid, 1)
+        os.kill(stopped, signal.SIGSTOP)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    lines = [x for x in err.splitlines() if x.startswith("hpc-lensiam")]
+    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0] == (
+        "hpc-lensiam: error: rank(s) still running 3 s after SIGTERM were killed (--shutdown-timeout); "
+        "--resume continues from the last checkpoint saved"
+    )
+
+
+@pytest.mark.slow
+def test_hung_peer_times_out_naming_the_rank(data, tmp_path):
+    """Row (issue 25): a stopped rank (SIGSTOP) left the others waiting in a collective forever. Now
+    --dist-timeout (minutes) bounds the wait and the surviving rank names the silent one, in one line."""
+    run = tmp_path / "run"
+    proc = _launch("--data", data, "--out", run, *TINY, "--epochs", 1000, "--log-every", 1, "--dist-timeout", 0.1)
+    stopped = None
+    try:
+        _wait_for_rows(run, 2, proc)
+        stopped = _rank_pid(proc.pid, 1)
+        os.kill(stopped, signal.SIGSTOP)
+        t0 = time.time()
+        out, err = proc.communicate(timeout=240)  # 6 s + a 10 s roll call + torchrun's 30 s for the stopped rank
+    finally:
+        proc.kill()
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode == 1 and time.time() - t0 < 200, err[-3000:]
+    lines = [x for x in err.splitlines() if x.startswith("hpc-lensiam")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith("hpc-lensiam: error: rank 0: no answer from rank 1 for 0.1 min (--dist-timeout) in ")
+    assert "hung" in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_healthy_rank_is_quiet_when_a_peer_fails_on_bad_data(copy, tmp_path):
+    """Row (issue 25): one rank failed on an unreadable shard; the healthy rank printed ~70 lines (the
+    traceback of the collective it was waiting in). Now the failing rank's line is the whole report."""
+    _unreadable_in_a_worker(copy)  # read by one rank only
+    proc = _launch("--data", copy, "--out", tmp_path / "run", *TINY, "--epochs", 2)
+    out, err = proc.communicate(timeout=300)
+    assert "shard-000003.tar" in one_error_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))

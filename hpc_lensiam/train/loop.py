@@ -35,23 +35,41 @@ from ..io import read_manifest
 from ..models.methods import build_method, recipe
 from ..models.methods.simsiam import z_std
 from ..rng import derive_seed
+from ..runtime import collective_failure
 from .checkpoint import LAST
 from .monitor import IMAGES_PER_PAIR, METRICS, Monitor
 from .resume import load_weights, restore, verify
-from .rundir import RunDir
+from .rundir import RESOLVED, RunDir
 
 
 def train_config(config_path: str | None = None, **overrides) -> TrainConfig:
     """TrainConfig from defaults <- the method's recipe <- YAML file <- keyword overrides (the CLI
-    flags; None = unset). The recipe is that of the chosen ``method`` on the chosen ``arch``."""
+    flags; None = unset). The recipe is that of the chosen ``method`` on the chosen ``arch``.
+
+    A run folder's own ``RUN/config.yaml`` trains into the folder it sits in: its ``out:`` still names
+    the folder it was first written in, which is another run once the folder was copied or moved."""
     data = read_yaml(config_path) if config_path else {}
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if config_path and "out" not in overrides and is_run_config(config_path):
+        data["out"] = str(Path(config_path).parent)
     pick = {**TrainConfig().__dict__, **data, **overrides}
     base = recipe(pick["method"], pick["arch"])
     cfg = from_dict(TrainConfig, base, "recipe") if base else TrainConfig()
     if config_path:
         cfg = merge(cfg, data, str(config_path))
     return merge(cfg, overrides, "flags") if overrides else cfg
+
+
+def is_run_config(path) -> bool:
+    """True for a ``config.yaml`` that a run wrote into its folder (it starts with the resolved line)."""
+    path = Path(path)
+    if path.name != "config.yaml":
+        return False
+    try:
+        with open(path) as f:
+            return f.readline().startswith(RESOLVED)
+    except OSError:
+        return False
 
 
 def scaled_lr(cfg: TrainConfig, world_size: int) -> float:
@@ -103,20 +121,31 @@ def train(cfg: TrainConfig, resume: bool = False, allow_config_change: bool = Fa
     engine = Engine(cfg)
     run = None
     stop = _StopSignal()
+    broken = False  # a collective broke: leave the group without its (possibly blocking) teardown
+    done = False
     try:
         run = RunDir(cfg, engine, allow_config_change)
         if resume and not last.is_file() and engine.is_main:
             print(f"train: --resume: no checkpoint at {last} yet, starting from step 0", flush=True)
-        return _train(cfg, engine, out, ckpt_dir, resume and last.is_file(), stop, run)
+        summary = _train(cfg, engine, out, ckpt_dir, resume and last.is_file(), stop, run)
+        done = True
+        return summary
     except ShardError as exc:  # one rank's shard: say it from that rank (the CLI prints rank 0 only)
         if not engine.is_main:
             print(f"hpc-lensiam: error (rank {engine.rank}): {exc}", file=sys.stderr, flush=True)
         raise
+    except RuntimeError as exc:  # another rank failed (quiet here: it says why) or hung (named here)
+        failure = collective_failure(exc, engine.rank, engine.world_size, cfg.dist_timeout)
+        if failure is None:
+            raise
+        broken = True
+        raise failure from None
     finally:
         stop.restore()
         if run is not None:
-            run.close()
-        engine.close()
+            run.close(refused=not done)
+        if not broken:
+            engine.close()
 
 
 def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSignal, run: RunDir) -> dict:
@@ -262,7 +291,7 @@ def write_run_files(engine, run: RunDir, out: Path, sched: Schedule, resume: boo
     """Rank 0: ``config.yaml`` (with the resolved numbers) and ``metrics.csv`` (kept up to ``step`` on resume)."""
     out.mkdir(parents=True, exist_ok=True)
     header = (
-        f"# resolved: world_size={engine.world_size} global_batch={sched.global_batch} lr={sched.lr0:.6g} "
+        f"{RESOLVED} world_size={engine.world_size} global_batch={sched.global_batch} lr={sched.lr0:.6g} "
         f"steps_per_epoch={sched.steps_per_epoch} total_steps={sched.total_steps} "
         f"warmup_steps={sched.warmup_steps}\n"
     )
