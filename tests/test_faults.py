@@ -763,3 +763,24 @@ def test_resume_never_runs_beside_trainers_left_by_a_killed_agent(data, tmp_path
                 os.kill(trainer, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# ------------------------------------------------------------------------- issue 25: also-items
+@pytest.mark.parametrize("bad", [np.inf, np.nan, -np.inf])
+@pytest.mark.parametrize("family", ["paper", "survey"])
+def test_psf_file_with_a_non_finite_pixel_is_one_line_at_load(tmp_path, bad, family):
+    """Row (issue 25): a PSF with an inf pixel gave a traceback from the resampling (OverflowError); a NaN or
+    -inf pixel was silently taken as 0. Now one line naming the file, its HDU and the pixel, before any
+    rendering or writing. The PSF sits in an extension (HDU 1) after an empty primary HDU."""
+    from astropy.io import fits
+
+    y, x = np.mgrid[-10:11, -10:11]
+    psf = np.exp(-(x**2 + y**2) / (2 * 1.5**2)).astype(np.float32)
+    psf[3, 4] = bad
+    path = tmp_path / "psf.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(psf)]).writeto(path)
+    out = tmp_path / "ds"
+    args = ["--psf", path, "--psf-pixel-scale", 0.05, "--pairs", 2, "--out", out, "--family", family]
+    line = one_error_line(cli("simulate", *args))
+    assert f"{path} (HDU 1): 1 non-finite PSF pixel(s), the first {float(bad)} at row 3, column 4" in line, line
+    assert not out.exists()
