@@ -784,3 +784,15 @@ def test_psf_file_with_a_non_finite_pixel_is_one_line_at_load(tmp_path, bad, fam
     line = one_error_line(cli("simulate", *args))
     assert f"{path} (HDU 1): 1 non-finite PSF pixel(s), the first {float(bad)} at row 3, column 4" in line, line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_disk_full_in_export_is_one_line_nothing_half_written(tiny_fs, run_a, fmt):
+    """Row (issue 25): export onto a full disk gave a traceback (torch.save's "enforce fail"); now one line
+    naming the file, and neither the weights nor the sidecar is left (half) written."""
+    out = tiny_fs / f"backbone.{fmt}"
+    line = one_error_line(
+        cli("export", "--checkpoint", run_a / "checkpoints" / "last.pt", "--out", out, "--format", fmt)
+    )
+    assert "No space left on device" in line and str(out) in line, line
+    assert list(tiny_fs.iterdir()) == []  # no weights, no sidecar, no .tmp-*
