@@ -1079,3 +1079,58 @@ def test_healthy_rank_is_quiet_when_a_peer_fails_on_bad_data(copy, tmp_path):
     proc = _launch("--data", copy, "--out", tmp_path / "run", *TINY, "--epochs", 2)
     out, err = proc.communicate(timeout=300)
     assert "shard-000003.tar" in one_error_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+
+
+# ------------------------------------------------------------------------- issue 25: also-items
+@pytest.mark.parametrize("bad", [np.inf, np.nan, -np.inf])
+@pytest.mark.parametrize("family", ["paper", "survey"])
+def test_psf_file_with_a_non_finite_pixel_is_one_line_at_load(tmp_path, bad, family):
+    """Row (issue 25): a PSF with an inf pixel gave a traceback from the resampling (OverflowError); a NaN or
+    -inf pixel was silently taken as 0. Now one line naming the file, its HDU and the pixel, before any
+    rendering or writing. The PSF sits in an extension (HDU 1) after an empty primary HDU."""
+    from astropy.io import fits
+
+    y, x = np.mgrid[-10:11, -10:11]
+    psf = np.exp(-(x**2 + y**2) / (2 * 1.5**2)).astype(np.float32)
+    psf[3, 4] = bad
+    path = tmp_path / "psf.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(psf)]).writeto(path)
+    out = tmp_path / "ds"
+    args = ["--psf", path, "--psf-pixel-scale", 0.05, "--pairs", 2, "--out", out, "--family", family]
+    line = one_error_line(cli("simulate", *args))
+    assert f"{path} (HDU 1): 1 non-finite PSF pixel(s), the first {float(bad)} at row 3, column 4" in line, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_disk_full_in_export_is_one_line_nothing_half_written(tiny_fs, run_a, fmt):
+    """Row (issue 25): export onto a full disk gave a traceback (torch.save's "enforce fail"); now one line
+    naming the file, and neither the weights nor the sidecar is left (half) written."""
+    out = tiny_fs / f"backbone.{fmt}"
+    line = one_error_line(
+        cli("export", "--checkpoint", run_a / "checkpoints" / "last.pt", "--out", out, "--format", fmt)
+    )
+    assert "No space left on device" in line and str(out) in line, line
+    assert list(tiny_fs.iterdir()) == []  # no weights, no sidecar, no .tmp-*
+
+
+def test_umap_checks_every_file_it_writes_before_fitting(tiny_fs, run_a, data, tmp_path):
+    """Row (issue 25): umap on a read-only embeddings file failed after ~33 s of fitting, with the figure
+    already written. Now the embeddings file (rewritten with the coordinates) is checked first: read-only, or
+    no room for its copy, is one line naming it, before any fit; nothing is written."""
+    from hpc_lensiam.embed.extract import extract_embeddings
+
+    extract_embeddings(str(run_a / "checkpoints" / "last.pt"), str(data), str(tmp_path / "emb.h5"), progress=False)
+    emb = Path(shutil.copy(tmp_path / "emb.h5", tiny_fs / "emb.h5"))
+    filler = tiny_fs / "filler"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(tiny_fs).free - emb.stat().st_size // 2))  # no room for a copy
+    fig = tmp_path / "u.png"
+    t0 = time.monotonic()
+    line = one_error_line(cli("umap", "--embeddings", emb, "--out", fig))
+    assert f"--embeddings {emb}: " in line and "KiB free" in line, line
+    filler.unlink()
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
+    line = one_error_line(cli("umap", "--embeddings", emb, "--out", fig))
+    assert f"--embeddings {emb}: not writable" in line, line
+    assert time.monotonic() - t0 < 60  # two refusals at the door (the fit alone took ~33 s)
+    assert not fig.exists() and sorted(p.name for p in tiny_fs.iterdir()) == ["emb.h5"]

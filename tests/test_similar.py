@@ -305,3 +305,34 @@ def test_faiss_runs_on_this_cpus_openblas_kernel():
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["Prescott", "Prescott"], r.stdout
+
+
+def test_similar_checks_its_outputs_before_the_search_and_refuses_zero_columns(tmp_path, capsys):
+    """Rows (issue 25): `similar` found an unwritable --out/--json only after the search (the table already
+    printed), and took a 0-column feature file (every cosine 0, a ranking of noise). Both: one line, exit 2,
+    nothing searched, printed or written."""
+    rng = np.random.default_rng(0)
+    emb = tmp_path / "e.h5"
+    _write_features(emb, rng.normal(size=(200, 8)))
+    blocker = tmp_path / "taken"
+    blocker.write_text("x")
+    for flags, named in (
+        (["--json", str(blocker / "a.json")], f"--json {blocker / 'a.json'}: {blocker} exists and is not a folder"),
+        (["--json", str(tmp_path)], f"--json {tmp_path}: is a folder"),
+        (["--out", str(blocker / "grid.png")], f"--out {blocker / 'grid.png'}: {blocker} exists and is not a folder"),
+    ):
+        for query in (["--anomaly", "-k", "5"], ["--key", "000001_000002"]):
+            assert main(["similar", "--embeddings", str(emb), *query, *flags]) == 2
+            captured = capsys.readouterr()
+            assert captured.out == "", captured.out  # refused before the search: no table
+            assert captured.err.count("\n") == 1 and named in captured.err, captured.err
+    assert blocker.read_text() == "x"
+
+    zero = tmp_path / "zero.h5"
+    _write_features(zero, np.zeros((50, 0)))
+    for query in (["--anomaly", "-k", "3"], ["--key", "000000_000001"]):
+        assert main(["similar", "--embeddings", str(zero), *query, "--json", str(tmp_path / "z.json")]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1, captured
+        assert f"{zero}: 'features' has shape (50, 0), no feature columns" in captured.err
+    assert not (tmp_path / "z.json").exists()

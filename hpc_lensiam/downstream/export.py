@@ -19,9 +19,11 @@ folders alike (:func:`hpc_lensiam.train.checkpoint.load_model_state`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 from ..errors import UserError
@@ -185,6 +187,7 @@ def export_backbone(checkpoint: str, out: str, fmt: str = "pt", arch: str | None
     import torch
 
     from ..models.backbones import get
+    from ..train.checkpoint import _FULL_BYTES
 
     if fmt not in FORMATS:
         raise UserError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -210,13 +213,6 @@ def export_backbone(checkpoint: str, out: str, fmt: str = "pt", arch: str | None
 
     out = Path(out)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    with atomic_path(out) as tmp:
-        if fmt == "pt":
-            torch.save(state, tmp)
-        else:
-            from safetensors.torch import save_file
-
-            save_file(state, str(tmp), metadata={"format": SIDECAR_FORMAT, "arch": info["arch"]})
     n_params = sum(v.numel() for k, v in state.items() if not k.endswith("num_batches_tracked"))
     sidecar = {
         "format": SIDECAR_FORMAT,
@@ -250,7 +246,21 @@ def export_backbone(checkpoint: str, out: str, fmt: str = "pt", arch: str | None
         },
         "check": {"features_max_relative_error": err},
     }
-    atomic_write_json(sidecar_path(out), sidecar)
+    # the weights go to a temporary file, renamed into place only once the sidecar is written: a failure (a
+    # full disk) leaves no new file, and an earlier export at ``out`` as it was
+    with atomic_path(out) as tmp:
+        try:
+            if fmt == "pt":
+                torch.save(state, tmp)
+            else:
+                from safetensors.torch import save_file
+
+                save_file(state, str(tmp), metadata={"format": SIDECAR_FORMAT, "arch": info["arch"]})
+        except Exception as exc:  # torch: RuntimeError "enforce fail"; safetensors: SafetensorError; no errno
+            if "No space left" in str(exc) or shutil.disk_usage(tmp.parent).free < _FULL_BYTES:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out)) from None
+            raise
+        atomic_write_json(sidecar_path(out), sidecar)
     print(
         f"export: {info['arch']} backbone ({info['method']}, {info['mode']}, step {info['step']}, "
         f"{n_params / 1e6:.1f}M parameters, {ex.in_chans}-channel input, feature check {err:.1e}) -> {out} "

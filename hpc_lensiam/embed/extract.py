@@ -279,6 +279,11 @@ def load_embeddings(path: str | os.PathLike, need_params: bool = True) -> dict:
     with f:
         if "features" not in f or f["features"].ndim != 2:
             raise UserError(f"{path}: no 2-D 'features' dataset (expected the output of `hpc-lensiam embed`)")
+        if f["features"].shape[1] == 0:  # every cosine, distance and fit on it is meaningless
+            raise UserError(
+                f"{path}: 'features' has shape {f['features'].shape}, no feature columns "
+                "(expected the output of `hpc-lensiam embed`)"
+            )
         n = f["features"].shape[0]
         out = {"path": str(path), "features": f["features"][...].astype(np.float32, copy=False), "attrs": dict(f.attrs)}
         out["keys"] = f["keys"].asstr()[...] if "keys" in f else np.array([str(i) for i in range(n)])

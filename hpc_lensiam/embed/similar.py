@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..io import atomic_path, atomic_write_json, decode_npy, read_manifest
+from ..io import atomic_path, atomic_write_json, check_output_file, decode_npy, read_manifest
 from .extract import load_embeddings
 
 IVF_MIN_ROWS = 50_000  # --anomaly switches from exact to IVF search above this many rows
@@ -273,6 +273,9 @@ def similar(
         raise UserError("--image needs --checkpoint (the backbone the embeddings were made with)")
     if k < 1:
         raise UserError(f"-k: must be >= 1, got {k}")
+    for path, flag in ((out, "--out"), (json_out, "--json")):  # before the search, not after it
+        if path:
+            check_output_file(path, flag)
     emb = load_embeddings(embeddings, need_params=False)
     n = len(emb["features"])
     t0 = time.perf_counter()

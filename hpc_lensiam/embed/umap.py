@@ -11,6 +11,7 @@ Cost on 100k+ points: see docs/evaluation.md ("umap").
 
 from __future__ import annotations
 
+import os
 import resource
 import shutil
 import time
@@ -149,6 +150,28 @@ def save_coords(path: str | Path, coords: np.ndarray, attrs: dict) -> None:
                 ds.attrs[k] = v
 
 
+def check_rewritable(path: str | Path, flag: str) -> None:
+    """Before any compute: ``save_coords`` can rewrite ``path`` (a copy beside it, then a rename): the file and
+    its folder are writable and the folder's disk holds a second copy. A UserError naming the file otherwise
+    (the fit took ~30 s before the write failed, after the figure was written)."""
+    path = Path(path)
+    if not path.is_file():
+        return  # load_embeddings names a missing file
+    folder = path.parent
+    if not (os.access(path, os.W_OK) and os.access(folder, os.W_OK | os.X_OK)):  # False on a read-only mount too
+        raise UserError(
+            f"{flag} {path}: not writable (umap stores the coordinates in it as dataset 'umap', through a copy "
+            f"in {folder}); make it writable or work on a writable copy"
+        )
+    size, free = path.stat().st_size, shutil.disk_usage(folder).free
+    need = size + size // 100 + (16 << 10)  # the copy, plus the (N, 2) float32 coordinates (< 1% of (N, D))
+    if free < need:
+        raise UserError(
+            f"{flag} {path}: {free / 2**10:.0f} KiB free in {folder}; rewriting it with the coordinates needs "
+            f"{need / 2**10:.0f} KiB (a copy beside it, then a rename)"
+        )
+
+
 def _overlay_labels(emb: dict) -> list[str]:
     """File names of ingested images (read back from their shards), else source/key."""
     from .similar import ShardImages, _source_dirs
@@ -181,6 +204,9 @@ def run_umap(
     if seed < 0:
         raise UserError(f"--seed: must be >= 0, got {seed}")
     check_output_file(out, "--out")
+    check_rewritable(embeddings, "--embeddings")
+    if overlay is not None:
+        check_rewritable(overlay, "--overlay")
     emb = load_embeddings(embeddings, need_params=False)
     missing = [c for c in names if c not in emb["params"]]
     if missing:

@@ -487,7 +487,7 @@ def write_shard_set(out_dir: Path, plan: dict, shards: ShardPlan, progress: bool
     from .mpi_env import mpi_world
 
     comm, rank, size = mpi_world()
-    lock, failed = DirLock(out_dir, what), None
+    lock, failed, new_plan = DirLock(out_dir, what), None, False
     if rank == 0:
         try:
             lock.acquire()
@@ -496,6 +496,7 @@ def write_shard_set(out_dir: Path, plan: dict, shards: ShardPlan, progress: bool
                 stale.unlink(missing_ok=True)  # partial files of a killed run
             if not (out_dir / PLAN_NAME).is_file():
                 atomic_write_json(out_dir / PLAN_NAME, plan)
+                new_plan = True
         except (UserError, OSError) as exc:  # a full or read-only disk too: every rank must hear of it
             lock.release()
             failed = _user_error_line(exc) or f"{out_dir}: {exc}"
@@ -505,6 +506,12 @@ def write_shard_set(out_dir: Path, plan: dict, shards: ShardPlan, progress: bool
         raise UserError(failed)
     try:
         return _write_all(comm, rank, size, out_dir, plan, shards, progress, what, write_one)
+    except UserError:
+        # refused before a single shard was written (e.g. a survey selection nothing passes): the plan this
+        # run wrote must not bind the folder to the refused config
+        if new_plan and not any(out_dir.glob("shard-*.tar")) and not any((out_dir / DONE_DIR).glob("*.json")):
+            (out_dir / PLAN_NAME).unlink(missing_ok=True)
+        raise
     finally:
         lock.release()
 
