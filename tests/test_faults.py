@@ -763,3 +763,32 @@ def test_resume_never_runs_beside_trainers_left_by_a_killed_agent(data, tmp_path
                 os.kill(trainer, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# ------------------------------------------------------- a damaged shard of the right size (issue 25)
+def _damage(path: Path, where: str) -> str:
+    """Flip one byte of shard ``path`` (same size, no manifest change) inside the second sample's
+    view1.npy: its npy header ("npy") or its tar header ("tar"). Returns that sample's key."""
+    raw = bytearray(path.read_bytes())
+    with tarfile.open(path) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith("view1.npy")][1]
+    raw[member.offset_data + 20 if where == "npy" else member.offset + 130] ^= 0x41
+    path.write_bytes(bytes(raw))
+    return member.name.split(".", 1)[0]
+
+
+@pytest.mark.parametrize("where", ["npy", "tar"])
+def test_damaged_shard_named_by_embed_finetune_show(copy, data, tmp_path, where):
+    """Row (issue 25): bytes flipped inside a shard of the right size: embed, finetune and show gave
+    23-67-line tracebacks naming neither shard nor sample (train and verify named both). Now one line
+    naming the shard file and the sample key, exit 2, nothing written."""
+    key = _damage(copy / "shard-000001.tar", where)
+    for args, out in (
+        (("embed", "--checkpoint", "none", "--arch", "resnet18", "--data", copy, "--workers", 1), "e.h5"),
+        (("finetune", "--backbone", "none", "--arch", "resnet18", "--train", copy, "--test", data), "f.json"),
+        (("show", copy, "-n", 24), "grid.png"),
+    ):
+        extra = ("--n-train", 20, "--n-test", 4, "--epochs", 1, "--json") if args[0] == "finetune" else ("--out",)
+        line = one_error_line(cli(*args, *extra, tmp_path / out))
+        assert "shard-000001.tar" in line and f"sample {key!r}" in line, line
+        assert not list(tmp_path.glob(out.split(".")[0] + "*")), line

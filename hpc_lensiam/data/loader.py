@@ -30,6 +30,7 @@ import io
 import multiprocessing
 import os
 import random
+import re
 import signal
 import sys
 import warnings
@@ -184,6 +185,28 @@ def _worker_signals(_worker_id: int, closing=None) -> None:
 
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the trainer's checkpoint-and-stop signal
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def worker_message(exc: BaseException) -> str:
+    """The message of an error re-raised from a DataLoader worker, less the worker's traceback that
+    torch puts into it ("Caught X in DataLoader worker process N. Original Traceback ..."): its last
+    line, less the exception's class name. Other messages are returned unchanged."""
+    text = str(exc).strip()
+    if "in DataLoader worker process" not in text:
+        return text
+    return re.sub(r"^(?:\w+\.)*\w+: ", "", text.splitlines()[-1], count=1)
+
+
+def worker_batches(loader):
+    """The batches of a torch DataLoader (``embed``'s rows): bad data found by a worker (a UserError)
+    is one line, as in the main process, and the workers stop as soon as the caller leaves."""
+    it = iter(loader)
+    try:
+        yield from it
+    except UserError as exc:  # re-raised from a worker with its traceback in the message
+        raise type(exc)(worker_message(exc)) from None
+    finally:
+        getattr(it, "_shutdown_workers", lambda: None)()
 
 
 class ShardLoader:

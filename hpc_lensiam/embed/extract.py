@@ -73,8 +73,12 @@ def checked_samples(sizes: dict[str, int]):
 
 def row_loader(paths: list[str], mode: str, batch_size: int, workers: int, sizes: dict[str, int] | None = None):
     """Batches (keys, views, images (B,H,W) float32, lens (B,8)) over ``paths``, in shard order
-    with ``workers`` <= 1 (several workers interleave shards; the join sorts anyway)."""
+    with ``workers`` <= 1 (several workers interleave shards; the join sorts anyway). A damaged
+    shard found by a worker is one line naming the shard and the sample (``worker_batches``)."""
+    import torch
     import webdataset as wds
+
+    from ..data.loader import worker_batches
 
     workers = max(0, min(workers, len(paths)))
     ds = wds.DataPipeline(
@@ -84,7 +88,8 @@ def row_loader(paths: list[str], mode: str, batch_size: int, workers: int, sizes
         image_rows(mode),
         wds.batched(batch_size, collation_fn=_collate, partial=True),
     )
-    return wds.WebLoader(ds, batch_size=None, num_workers=workers)
+    # torch's DataLoader itself, not wds.WebLoader: its iterator hides _shutdown_workers
+    return worker_batches(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers))
 
 
 # ------------------------------------------------------------------------------------ distribution
@@ -466,6 +471,7 @@ def _same_run(out: Path, attrs: dict) -> bool:
 
 def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show, dim, sizes):
     """Embed this rank's shards (``jobs``: [source index, path, mode]), folder by folder."""
+    import contextlib
     import itertools
 
     import torch
@@ -489,7 +495,7 @@ def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show,
         ((src, b) for b in row_loader(paths, mode, batch_size, workers, sizes)) for src, mode, paths in groups
     )
     i = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), contextlib.nullcontext() if bar is None else bar:  # an error starts its own line
         for src, (k, v, img, p) in batches:
             # (the DataLoader turns numpy batches into tensors)
             x = torch.as_tensor(img).unsqueeze(1).to(device, non_blocking=True)
@@ -517,8 +523,6 @@ def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show,
             sources += [src] * len(y)
             if bar:
                 bar.update(len(y))
-    if bar:
-        bar.close()
     views = np.concatenate(views) if views else np.zeros(0, np.int8)
     lens = np.concatenate(lens) if lens else np.zeros((0, len(LABELS)))
     _write_part(part, run_id, jobs, keys, views, feats[:i], lens, sources)
