@@ -792,3 +792,62 @@ def test_damaged_shard_named_by_embed_finetune_show(copy, data, tmp_path, where)
         line = one_error_line(cli(*args, *extra, tmp_path / out))
         assert "shard-000001.tar" in line and f"sample {key!r}" in line, line
         assert not list(tmp_path.glob(out.split(".")[0] + "*")), line
+
+
+# ------------------------------------------------------------ the lock and loader workers (issue 25)
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _tiny_train_args(data: Path, run: Path, workers: int) -> list:
+    return [
+        "train",
+        "--data",
+        data,
+        "--out",
+        run,
+        "--arch",
+        "resnet18",
+        "--batch-size",
+        4,
+        "--workers",
+        workers,
+        "--proj-dim",
+        64,
+        "--pred-dim",
+        16,
+    ]
+
+
+@pytest.mark.slow
+def test_loader_workers_do_not_hold_the_run_lock_after_kill_9(data, tmp_path):
+    """Row (issue 25): the DataLoader workers inherited RUN/.lock's flock; for ~5 s after kill -9 of the
+    trainer (until its workers noticed) a rerun was refused naming the dead pid. Now the workers close
+    the lock's descriptor when forked: the lock goes with the trainer."""
+    from hpc_lensiam.lock import DirLock
+
+    run = tmp_path / "run"
+    args = [str(a) for a in _tiny_train_args(data, run, workers=2)]
+    trainer = subprocess.Popen(
+        [str(BIN / "hpc-lensiam"), *args, "--epochs", "1000", "--ckpt-every", "1", "--log-every", "100"],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not ((run / "checkpoints" / "last.pt").is_file() and _children(trainer.pid)):
+            time.sleep(0.05)
+        workers = _children(trainer.pid)
+        assert workers, "no loader workers seen"
+        trainer.kill()
+        trainer.wait()
+        assert any(Path(f"/proc/{w}").exists() for w in workers)  # the orphaned workers are still there
+        DirLock(run, "train").acquire().release()  # before the fix: "in use by another job, ... pid <dead>"
+    finally:
+        trainer.kill()
+    proc = cli(*args, "--epochs", "1000", "--max-steps", 1, "--resume", "--log-every", "100")
+    assert proc.returncode == 0, proc.stderr[-2000:]
