@@ -58,7 +58,7 @@ class LoaderError(UserError):
 
 # Seconds the main process waits for one batch from its workers before it gives up (DataLoader
 # ``timeout``): generous (a batch is ~1 s of reading; a resumed epoch first skips its seen samples),
-# but a worker blocked on a hung file system or stopped no longer hangs the job forever.
+# but a worker blocked on a hung file system no longer hangs the job forever.
 LOADER_TIMEOUT = 600.0
 
 _HANDOVER = None  # shared with the forked workers: why a worker could not hand over its batch
@@ -79,7 +79,10 @@ def _feeder_failed(exc, obj) -> None:
     multiprocessing's default prints a traceback and drops the batch, and the main process then
     waits for it forever (issue 25: ``embed`` under ``ulimit -f`` or with /dev/shm full, whose
     tensors could not be moved to shared memory, waited 636 s until killed). Here the reason goes to
-    the main process and the worker ends: the main process sees a dead worker at once and names why."""
+    the main process and the worker ends: the main process sees a dead worker at once and names why.
+    A broken pipe is left alone: the main process closed the queue, it is stopping the workers."""
+    if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+        return
     if _HANDOVER is not None:
         _HANDOVER.value = f"{type(exc).__name__}: {' '.join(str(exc).split())}".encode()[:511]
     os._exit(70)
