@@ -129,6 +129,7 @@ def _cmd_embed(a):
         verify=a.verify,
         arch=a.arch,
         seed=a.seed,
+        loader_timeout=a.loader_timeout,
     )
 
 
@@ -333,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--workers", type=int, default=1)
+    s.add_argument(
+        "--loader-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds to wait for one batch from the loader's workers, then fail naming them (default 600)",
+    )
     s.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest first")
     s.set_defaults(func=_cmd_embed)
 
@@ -468,6 +476,16 @@ def _os_error_line(exc: OSError) -> str | None:
     return f"{path}: {exc.strerror}" + (f" (-> {exc.filename2})" if exc.filename2 else "")
 
 
+def _loader_line(exc: RuntimeError, command: str) -> str | None:
+    """A DataLoader worker that died while the main process was not waiting for a batch (torch's
+    SIGCHLD handler raises in whatever the main process runs): one line, as the loaders give."""
+    if not str(exc).startswith("DataLoader "):
+        return None
+    from .data.loader import loader_failure
+
+    return loader_failure(exc, command)
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
@@ -484,6 +502,13 @@ def main(argv: list[str] | None = None) -> int:
         return PEER_EXIT_CODE
     except OSError as exc:  # rank-local (one rank's disk): every rank that hits it says so
         line = _os_error_line(exc)
+        if line is None:
+            raise
+        rank = "" if _is_rank0() else f" (rank {os.environ.get('RANK') or os.environ.get('PMI_RANK')})"
+        print(f"hpc-lensiam: error{rank}: {line}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # a loader worker's death, which torch's SIGCHLD handler raises anywhere
+        line = _loader_line(exc, args.command)
         if line is None:
             raise
         rank = "" if _is_rank0() else f" (rank {os.environ.get('RANK') or os.environ.get('PMI_RANK')})"

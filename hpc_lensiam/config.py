@@ -395,6 +395,7 @@ class TrainConfig:
     vicreg_std_coeff: float = 25.0
     vicreg_cov_coeff: float = 1.0
     workers: int = 2
+    loader_timeout: float = 600.0  # s without a batch from the loader's workers, then a one-line error (no hang)
     shuffle_buffer: int = 1000
     seed: int = 0
     log_every: int = 10
@@ -459,6 +460,8 @@ class TrainConfig:
             raise ConfigError(f"{where}.seed: must be >= 0, got {self.seed}")
         if self.shuffle_buffer < 1:
             raise ConfigError(f"{where}.shuffle_buffer: must be >= 1, got {self.shuffle_buffer}")
+        if not self.loader_timeout > 0:
+            raise ConfigError(f"{where}.loader_timeout: must be > 0 seconds, got {self.loader_timeout}")
         if self.proj_hidden_dim is not None and self.proj_hidden_dim < 1:
             raise ConfigError(f"{where}.proj_hidden_dim: must be >= 1, got {self.proj_hidden_dim}")
         if not 0.0 <= self.ema_tau_base <= 1.0:

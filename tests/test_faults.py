@@ -1134,3 +1134,187 @@ def test_umap_checks_every_file_it_writes_before_fitting(tiny_fs, run_a, data, t
     assert f"--embeddings {emb}: not writable" in line, line
     assert time.monotonic() - t0 < 60  # two refusals at the door (the fit alone took ~33 s)
     assert not fig.exists() and sorted(p.name for p in tiny_fs.iterdir()) == ["emb.h5"]
+
+
+# ------------------------------------------------------- a damaged shard of the right size (issue 25)
+def _damage(path: Path, where: str) -> str:
+    """Flip one byte of shard ``path`` (same size, no manifest change) inside the second sample's
+    view1.npy: its npy header ("npy") or its tar header ("tar"). Returns that sample's key."""
+    raw = bytearray(path.read_bytes())
+    with tarfile.open(path) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith("view1.npy")][1]
+    raw[member.offset_data + 20 if where == "npy" else member.offset + 130] ^= 0x41
+    path.write_bytes(bytes(raw))
+    return member.name.split(".", 1)[0]
+
+
+@pytest.mark.parametrize("where", ["npy", "tar"])
+def test_damaged_shard_named_by_embed_finetune_show(copy, data, tmp_path, where):
+    """Row (issue 25): bytes flipped inside a shard of the right size: embed, finetune and show gave
+    23-67-line tracebacks naming neither shard nor sample (train and verify named both). Now one line
+    naming the shard file and the sample key, exit 2, nothing written."""
+    key = _damage(copy / "shard-000001.tar", where)
+    for args, out in (
+        (("embed", "--checkpoint", "none", "--arch", "resnet18", "--data", copy, "--workers", 1), "e.h5"),
+        (("finetune", "--backbone", "none", "--arch", "resnet18", "--train", copy, "--test", data), "f.json"),
+        (("show", copy, "-n", 24), "grid.png"),
+    ):
+        extra = ("--n-train", 20, "--n-test", 4, "--epochs", 1, "--json") if args[0] == "finetune" else ("--out",)
+        line = one_error_line(cli(*args, *extra, tmp_path / out))
+        assert "shard-000001.tar" in line and f"sample {key!r}" in line, line
+        assert not list(tmp_path.glob(out.split(".")[0] + "*")), line
+
+
+# ------------------------------------------------------------ the lock and loader workers (issue 25)
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _tiny_train_args(data: Path, run: Path, workers: int) -> list:
+    return [
+        "train",
+        "--data",
+        data,
+        "--out",
+        run,
+        "--arch",
+        "resnet18",
+        "--batch-size",
+        4,
+        "--workers",
+        workers,
+        "--proj-dim",
+        64,
+        "--pred-dim",
+        16,
+    ]
+
+
+@pytest.mark.slow
+def test_loader_workers_do_not_hold_the_run_lock_after_kill_9(data, tmp_path):
+    """Row (issue 25): the DataLoader workers inherited RUN/.lock's flock; for ~5 s after kill -9 of the
+    trainer (until its workers noticed) a rerun was refused naming the dead pid. Now the workers close
+    the lock's descriptor when forked: the lock goes with the trainer."""
+    from hpc_lensiam.lock import DirLock
+
+    run = tmp_path / "run"
+    args = [str(a) for a in _tiny_train_args(data, run, workers=2)]
+    trainer = subprocess.Popen(
+        [str(BIN / "hpc-lensiam"), *args, "--epochs", "1000", "--ckpt-every", "1", "--log-every", "100"],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not ((run / "checkpoints" / "last.pt").is_file() and _children(trainer.pid)):
+            time.sleep(0.05)
+        workers = _children(trainer.pid)
+        assert workers, "no loader workers seen"
+        trainer.kill()
+        trainer.wait()
+        assert any(Path(f"/proc/{w}").exists() for w in workers)  # the orphaned workers are still there
+        DirLock(run, "train").acquire().release()  # before the fix: "in use by another job, ... pid <dead>"
+    finally:
+        trainer.kill()
+    proc = cli(*args, "--epochs", "1000", "--max-steps", 1, "--resume", "--log-every", "100")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ---------------------------------------------------- loader workers that fail, die or hang (issue 25)
+def _file_size_limit(limit: int):
+    """preexec_fn: ``ulimit -f`` for the command (a worker's batch no longer fits in shared memory)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+class _Leased:
+    """Another process holds a write lease on ``path``: every other open() of it waits (up to
+    /proc/sys/fs/lease-break-time, 45 s by default), as on a hung file system: a loader worker really
+    blocked in a system call."""
+
+    CODE = (
+        "import fcntl, os, signal, sys, time; signal.signal(signal.SIGIO, signal.SIG_IGN); "
+        "fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK); "
+        "print('held', flush=True); time.sleep(600)"
+    )
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        try:
+            if int(Path("/proc/sys/fs/lease-break-time").read_text()) < 30:
+                pytest.skip("lease-break-time < 30 s: a lease blocks open() too briefly here")
+        except OSError:
+            pytest.skip("no /proc/sys/fs/lease-break-time")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", self.CODE, str(self.path)], stdout=subprocess.PIPE, text=True
+        )
+        if self.proc.stdout.readline().strip() != "held":
+            self.proc.kill()
+            pytest.skip("cannot take a file lease here")
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.mark.slow
+def test_embed_loader_worker_that_cannot_hand_over_or_hangs_is_one_line(copy, tmp_path):
+    """Row (issue 25): under `ulimit -f` embed's worker could not move its batch to shared memory; the
+    batch was dropped and the main process waited 636 s until killed. Now the worker's failure is one
+    line naming it; a worker blocked in a system call ends the job after --loader-timeout, naming it."""
+    base = ("embed", "--checkpoint", "none", "--arch", "resnet18", "--data", copy, "--workers", 1, "--batch-size", 4)
+    proc = cli(*base, "--out", tmp_path / "e.h5", timeout=240, preexec_fn=_file_size_limit(8192))  # batch: 16 kB
+    line = one_error_line(proc)
+    assert "data-loader worker (pid" in line and "could not hand over its batch" in line, line
+    assert "File too large" in line, line
+    with _Leased(copy / "shard-000003.tar"):  # the worker blocks opening its 4th shard, for 45 s
+        line = one_error_line(cli(*base, "--loader-timeout", 10, "--out", tmp_path / "e.h5", timeout=240))
+    assert "no batch from data-loader worker (pid" in line and "in 10 s" in line, line
+    assert not list(tmp_path.glob("e*.h5"))
+
+
+@pytest.mark.slow
+def test_train_loader_worker_killed_blocked_or_unable_to_hand_over_is_one_line(data, tmp_path):
+    """The same for train's loader, and a worker killed with SIGKILL mid-run (before: torch's
+    "DataLoader worker (pid N) is killed by signal" traceback, exit 1)."""
+    args = [str(a) for a in _tiny_train_args(data, tmp_path / "run", workers=2)]
+    proc = cli(*args, "--max-steps", 2, "--out", tmp_path / "r1", timeout=240, preexec_fn=_file_size_limit(8192))
+    line = one_error_line(proc)
+    assert "train: data-loader worker (pid" in line and "File too large" in line, line
+
+    with _Leased(data / "shard-000003.tar"):  # read-only: the lease only delays opening it
+        line = one_error_line(cli(*args, "--max-steps", 2, "--loader-timeout", 10, "--out", tmp_path / "r2"))
+    assert "train: no batch from data-loader worker (pid" in line and "in 10 s" in line, line
+
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "w") as err:
+        trainer = subprocess.Popen(
+            [str(BIN / "hpc-lensiam"), *args, "--epochs", "1000", "--log-every", "1000"],
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        killed, deadline = [], time.time() + 300
+        while trainer.poll() is None and time.time() < deadline:
+            workers = _children(trainer.pid)
+            if workers and (run := tmp_path / "run" / "metrics.csv").is_file() and len(killed) < 5:
+                os.kill(workers[0], signal.SIGKILL)  # a worker just ending its epoch may escape: try again
+                killed.append(workers[0])
+                time.sleep(10)
+            time.sleep(0.05)
+        assert killed and trainer.wait(timeout=60) is not None, run
+    finally:
+        trainer.kill()
+    proc = subprocess.CompletedProcess(trainer.args, trainer.returncode, "", stderr.read_text())
+    line = one_error_line(proc)
+    assert "train: data-loader worker (pid" in line and "killed by signal" in line, line
+    assert any(f"pid {pid})" in line for pid in killed), line

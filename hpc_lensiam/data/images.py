@@ -15,8 +15,8 @@ import os
 import numpy as np
 
 from ..errors import UserError
-from ..integrity import check_finite, check_shards, shard_samples
-from ..io import LENS_PARAMS, decode_npy, shard_paths
+from ..integrity import check_shards, decode_member, shard_samples
+from ..io import LENS_PARAMS, shard_paths
 
 _VIEWS = {"lensiam": ("view1", "view2"), "single": ("image",)}
 # what each image row carries: the 8 lens parameters, then is_lens (NaN where params.json has none)
@@ -55,7 +55,7 @@ def image_rows(mode: str, with_params: bool = False):
             for v, name in enumerate(names, start=1):
                 if name + ".npy" not in s:
                     raise UserError(f"{where}: no {name}.npy in a {mode!r} shard")
-                image = check_finite(decode_npy(s[name + ".npy"]), s.get("__url__", "?"), s["__key__"], name + ".npy")
+                image = decode_member(s[name + ".npy"], s.get("__url__", "?"), s["__key__"], name + ".npy")
                 yield (s["__key__"], v, image, lens, *extra)
 
     return expand

@@ -71,10 +71,22 @@ def checked_samples(sizes: dict[str, int]):
     return read
 
 
-def row_loader(paths: list[str], mode: str, batch_size: int, workers: int, sizes: dict[str, int] | None = None):
+def row_loader(
+    paths: list[str],
+    mode: str,
+    batch_size: int,
+    workers: int,
+    sizes: dict[str, int] | None = None,
+    timeout: float | None = None,
+):
     """Batches (keys, views, images (B,H,W) float32, lens (B,8)) over ``paths``, in shard order
-    with ``workers`` <= 1 (several workers interleave shards; the join sorts anyway)."""
+    with ``workers`` <= 1 (several workers interleave shards; the join sorts anyway). A damaged
+    shard found by a worker is one line naming the shard and the sample, and so is a worker that
+    dies, or hands over no batch for ``timeout`` s (default ``LOADER_TIMEOUT``; ``worker_batches``)."""
+    import torch
     import webdataset as wds
+
+    from ..data.loader import LOADER_TIMEOUT, _handover_buffer, init_worker, worker_batches
 
     workers = max(0, min(workers, len(paths)))
     ds = wds.DataPipeline(
@@ -84,7 +96,16 @@ def row_loader(paths: list[str], mode: str, batch_size: int, workers: int, sizes
         image_rows(mode),
         wds.batched(batch_size, collation_fn=_collate, partial=True),
     )
-    return wds.WebLoader(ds, batch_size=None, num_workers=workers)
+    # torch's DataLoader itself, not wds.WebLoader: its iterator hides _shutdown_workers
+    _handover_buffer()
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=None,
+        num_workers=workers,
+        worker_init_fn=init_worker,
+        timeout=(LOADER_TIMEOUT if timeout is None else timeout) if workers else 0,
+    )
+    return worker_batches(loader, "embed")
 
 
 # ------------------------------------------------------------------------------------ distribution
@@ -345,6 +366,7 @@ def extract_embeddings(
     verify: bool = False,
     arch: str | None = None,
     seed: int | None = None,
+    loader_timeout: float | None = None,
 ) -> dict:
     """Embed every image of ``data_dir`` (one shard folder, or several into one file with a
     ``source`` column) with the checkpoint's backbone into HDF5 ``out``.
@@ -352,12 +374,15 @@ def extract_embeddings(
     ``checkpoint="none"``: a random-weight ``arch`` backbone drawn from ``seed`` (default 0), the
     no-pretraining reference a probe compares trained features against. ``arch`` with a checkpoint:
     the arch it must hold. Runs as one process or as every rank of ``torchrun``; returns the
-    output's attributes.
+    output's attributes. ``loader_timeout``: seconds to wait for one batch from the loader's workers
+    (default ``data.loader.LOADER_TIMEOUT``), then a one-line error instead of a hang.
     """
     from ..downstream.export import load_backbone, random_backbone
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if loader_timeout is not None and not loader_timeout > 0:
+        raise UserError(f"--loader-timeout must be > 0 seconds, got {loader_timeout}")
     random_weights = str(checkpoint).lower() == "none"
     if not random_weights and seed is not None:
         raise UserError("--seed: only with --checkpoint none (a checkpoint's weights are already drawn)")
@@ -429,6 +454,7 @@ def extract_embeddings(
                 progress and world.rank == 0,
                 info["feature_dim"],
                 sizes,
+                loader_timeout,
             )
         world.barrier()
         result = attrs
@@ -469,8 +495,9 @@ def _same_run(out: Path, attrs: dict) -> bool:
         return False
 
 
-def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show, dim, sizes):
+def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show, dim, sizes, timeout=None):
     """Embed this rank's shards (``jobs``: [source index, path, mode]), folder by folder."""
+    import contextlib
     import itertools
 
     import torch
@@ -491,10 +518,10 @@ def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show,
         bar = tqdm(total=n_rows, unit="img", desc="embed (rank 0)", dynamic_ncols=True, file=sys.stderr)
     groups = [(src, mode, [j[1] for j in js]) for (src, mode), js in itertools.groupby(jobs, lambda j: (j[0], j[2]))]
     batches = itertools.chain.from_iterable(
-        ((src, b) for b in row_loader(paths, mode, batch_size, workers, sizes)) for src, mode, paths in groups
+        ((src, b) for b in row_loader(paths, mode, batch_size, workers, sizes, timeout)) for src, mode, paths in groups
     )
     i = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), contextlib.nullcontext() if bar is None else bar:  # an error starts its own line
         for src, (k, v, img, p) in batches:
             # (the DataLoader turns numpy batches into tensors)
             x = torch.as_tensor(img).unsqueeze(1).to(device, non_blocking=True)
@@ -522,8 +549,6 @@ def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show,
             sources += [src] * len(y)
             if bar:
                 bar.update(len(y))
-    if bar:
-        bar.close()
     views = np.concatenate(views) if views else np.zeros(0, np.int8)
     lens = np.concatenate(lens) if lens else np.zeros((0, len(LABELS)))
     _write_part(part, run_id, jobs, keys, views, feats[:i], lens, sources)

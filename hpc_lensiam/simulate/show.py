@@ -8,8 +8,8 @@ from itertools import islice
 from pathlib import Path
 
 from ..errors import UserError
-from ..integrity import check_finite, check_shards, shard_samples
-from ..io import atomic_path, check_output_file, decode_npy, shard_paths
+from ..integrity import IntegrityError, check_shards, decode_member, shard_samples
+from ..io import atomic_path, check_output_file, shard_paths
 
 
 def iter_samples(data_dir: str | os.PathLike):
@@ -20,10 +20,17 @@ def iter_samples(data_dir: str | os.PathLike):
     manifest = check_shards(data_dir)
     for path, entry in zip(shard_paths(data_dir, manifest), manifest["shards"]):
         for raw in shard_samples(path, int(entry["num_samples"])):
-            sample = {"key": raw["__key__"], "params": json.loads(raw["params.json"])}
+            try:
+                params = json.loads(raw["params.json"])
+            except (KeyError, ValueError) as exc:  # a flipped byte: not JSON, or not UTF-8
+                raise IntegrityError(
+                    f"shard {path} sample {raw['__key__']!r}: params.json is not readable JSON "
+                    f"({type(exc).__name__}: {exc}); `hpc-lensiam verify {data_dir}` checks every shard"
+                ) from None
+            sample = {"key": raw["__key__"], "params": params}
             for name in ("view1", "view2", "image"):
                 if f"{name}.npy" in raw:
-                    sample[name] = check_finite(decode_npy(raw[f"{name}.npy"]), path, raw["__key__"], f"{name}.npy")
+                    sample[name] = decode_member(raw[f"{name}.npy"], path, raw["__key__"], f"{name}.npy")
             yield sample
 
 
