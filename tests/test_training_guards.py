@@ -255,3 +255,55 @@ def test_rel_update_matches_a_manual_computation(lensiam_shards, tmp_path, engin
 
     tiny = train_tiny(lensiam_shards, tmp_path / "tiny", **{**kw, "base_lr": 1e-12})
     assert all(0 <= r["rel_update"] < 1e-9 for r in _metrics(tiny).values())
+
+
+# ------------------------------------------------------------------------ embed records its precision
+def test_embed_records_precision_and_a_bf16_file_is_not_up_to_date_for_fp32(lensiam_shards, tmp_path, capsys):
+    """A GPU embeds under bf16/fp16 autocast, a CPU in fp32: the file records it, and a file made in
+    another precision is recomputed instead of counting as up to date."""
+    import h5py
+
+    from hpc_lensiam.embed.extract import extract_embeddings
+
+    run = train_tiny(lensiam_shards, tmp_path / "run", max_steps=1)
+    out = tmp_path / "emb.h5"
+    args = (str(run / "checkpoints" / "last.pt"), str(lensiam_shards), str(out))
+    extract_embeddings(*args, batch_size=32, workers=0, progress=False)
+    with h5py.File(out, "r") as f:
+        assert f.attrs["precision"] == "fp32"
+    capsys.readouterr()
+    extract_embeddings(*args, batch_size=32, workers=0, progress=False)
+    assert "is up to date" in capsys.readouterr().out  # same precision: nothing to do
+    with h5py.File(out, "r+") as f:  # as written by a bf16 GPU run
+        f.attrs["precision"] = "bf16"
+    extract_embeddings(*args, batch_size=32, workers=0, progress=False)
+    assert "is up to date" not in capsys.readouterr().out
+    with h5py.File(out, "r") as f:
+        assert f.attrs["precision"] == "fp32"
+
+    from hpc_lensiam.embed.extract import embed_precision
+
+    assert embed_precision(CPU) == "fp32"
+
+
+# --------------------------------------------------------- four torchrun ranks, one visible GPU
+def test_more_torchrun_ranks_than_visible_gpus_is_the_packages_error(monkeypatch):
+    """torchrun --nproc_per_node 4 on a node with one visible GPU used to put all four ranks on
+    cuda:0 and fail inside NCCL; the device rule (faked device count, on a CPU) now refuses it.
+    One GPU per task from a launcher that binds them (Slurm/MPI, no torchrun) stays cuda:0."""
+    from hpc_lensiam.errors import UserError
+    from hpc_lensiam.runtime import device_for, runtime
+
+    env = {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}
+    rt = runtime(env)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "t30")  # what torchrun's agent sets in its workers
+    with pytest.raises(UserError, match=r"LOCAL_WORLD_SIZE=4: .* only 1 GPU\(s\) .*--nproc_per_node 1"):
+        device_for(rt, cuda=True, device_count=1)
+    with pytest.raises(UserError, match="only 2 GPU"):
+        device_for(rt, cuda=True, device_count=2)
+    assert device_for(rt, cuda=True, device_count=4) == torch.device("cuda", 3)
+    assert device_for(rt, cuda=True, device_count=1, exclusive=False) == torch.device("cuda", 0)  # embed (gloo)
+    one = runtime({"RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1"})
+    assert device_for(one, cuda=True, device_count=1) == torch.device("cuda", 0)  # one torchrun per GPU
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert device_for(runtime({}), cuda=True, device_count=1) == torch.device("cuda", 0)
