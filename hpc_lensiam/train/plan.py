@@ -178,9 +178,15 @@ def make_plan(cfg, caps: DeviceCaps, world_size: int) -> DevicePlan:
     """The device plan for training ``cfg`` on a device with ``caps`` in a world of ``world_size``."""
     check_precision(cfg.precision, caps)
     if cfg.precision == "fp16" and cfg.engine == "deepspeed" and cfg.zero_stage != 0:
+        # Re-checked against DeepSpeed 0.19.8 (runtime/zero/stage_1_and_2.py): ZeRO-1/2 now build a
+        # torch GradScaler for fp16 torch_autocast, but it unscales and checks inf/NaN on this rank's
+        # own fp32 partition only and calls update() once per param group, with no all-reduce of the
+        # overflow flag: ranks can skip different steps and go on with different loss scales, whose
+        # scaled gradients ZeRO then averages. ZeRO-0 uses one engine-level GradScaler over whole grads.
         raise ConfigError(
-            "--precision fp16 with --engine deepspeed needs --zero-stage 0 "
-            "(DeepSpeed's autocast loss scaler is ZeRO-0 only); use bf16 for ZeRO-1"
+            "--precision fp16 with --engine deepspeed needs --zero-stage 0 (DeepSpeed 0.19's ZeRO-1 fp16 "
+            "autocast scaler checks overflow per rank partition, without agreement across ranks); use bf16 "
+            "for ZeRO-1"
         )
     cuda = caps.type == "cuda"
     deterministic = bool(getattr(cfg, "deterministic", False))
