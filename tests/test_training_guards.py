@@ -307,3 +307,43 @@ def test_more_torchrun_ranks_than_visible_gpus_is_the_packages_error(monkeypatch
     assert device_for(one, cuda=True, device_count=1) == torch.device("cuda", 0)  # one torchrun per GPU
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     assert device_for(runtime({}), cuda=True, device_count=1) == torch.device("cuda", 0)
+
+
+# ------------------------------------------------------- simulate --engine torch: device recorded
+def test_torch_engine_records_its_device_and_each_mpi_rank_gets_its_gpu(tmp_path):
+    """The torch renderer's bytes depend on the device type (CPU and CUDA random streams differ):
+    the plan and manifest record it and a rerun on the other type is refused instead of mixing two
+    data sets in one folder. Under MPI a bare ``--device cuda`` is ``cuda:<local rank>`` per rank
+    (it was ``cuda:0`` for every rank)."""
+    from hpc_lensiam.errors import UserError
+    from hpc_lensiam.simulate.writer import rank_device, simulate_shards
+
+    assert [rank_device("cuda", r, 4) for r in range(4)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert [rank_device("cuda", r, 2) for r in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert rank_device("cuda", 3, 1) == "cuda:0"  # one visible GPU per task (launcher binding)
+    assert rank_device("cuda:1", 0, 4) == "cuda:1" and rank_device("cpu", 2, 4) == "cpu"
+
+    out = tmp_path / "ds"
+    kw = dict(num_samples=2, shard_size=2, mode="lensiam", seed=3, engine="torch", progress=False)
+    kw["overrides"] = {"instrument": {"num_pix": 32}}
+    manifest = simulate_shards(out_dir=str(out), device="cpu", **kw)
+    assert manifest["device"] == "cpu" and json.loads((out / "manifest.json").read_text())["device"] == "cpu"
+    with pytest.raises(UserError, match="device: 'cpu' there, 'cuda' asked"):
+        simulate_shards(out_dir=str(out), device="cuda", **kw)
+    assert simulate_shards(out_dir=str(out), device="cpu", **kw)["shards"] == manifest["shards"]  # same device: fine
+
+    # the local rank that picks the GPU, from real MPI ranks (the venv's mpiexec, 2 ranks on this node)
+    import subprocess
+    import sys
+
+    from conftest import BIN
+
+    code = (
+        "from mpi4py import MPI; from hpc_lensiam.simulate.writer import _local_rank; "
+        "print(_local_rank(MPI.COMM_WORLD))"
+    )
+    proc = subprocess.run(
+        [str(BIN / "mpiexec"), "-n", "2", sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(proc.stdout.split()) == ["0", "1"]
