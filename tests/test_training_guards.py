@@ -24,6 +24,8 @@ from hpc_lensiam.train.loop import scaled_lr, train_config
 from hpc_lensiam.train.plan import DeviceCaps, make_plan
 
 CPU = torch.device("cpu")
+# conftest.train_tiny's config, for a --resume of one of its runs
+_TINY = dict(arch="resnet18", batch_size=8, epochs=1, workers=0, proj_dim=64, pred_dim=16, log_every=1)
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -347,3 +349,20 @@ def test_torch_engine_records_its_device_and_each_mpi_rank_gets_its_gpu(tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(proc.stdout.split()) == ["0", "1"]
+
+
+def test_resume_keeps_rows_written_before_the_rel_update_column(lensiam_shards, tmp_path, capsys):
+    """A run started before rel_update existed resumes with its metrics rows (rel_update nan), not
+    with every row dropped as damaged."""
+    run = train_tiny(lensiam_shards, tmp_path / "run")
+    path = run / "metrics.csv"
+    lines = path.read_text().strip().splitlines()
+    path.write_text("\n".join(",".join(line.split(",")[:-1]) for line in lines) + "\n")  # the old 13 columns
+    capsys.readouterr()
+    from hpc_lensiam.train.loop import train
+
+    train(train_config(**{**_TINY, "data": str(lensiam_shards), "out": str(run), "max_steps": 3}), resume=True)
+    assert "damaged" not in capsys.readouterr().err
+    rows = _metrics(run)
+    assert sorted(rows) == [1, 2, 3] and all(math.isnan(rows[s]["rel_update"]) for s in (1, 2))
+    assert rows[3]["rel_update"] > 0
