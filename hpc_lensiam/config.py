@@ -475,6 +475,27 @@ class TrainConfig:
             raise ConfigError(f"{where}.zero_stage: expected 0 or 1 (ZeRO buys nothing for ResNet101)")
         if not self.dist_timeout > 0:
             raise ConfigError(f"{where}.dist_timeout: must be > 0 minutes, got {self.dist_timeout}")
+        if self.engine == "deepspeed" and self.zero_stage >= 1 and self.optimizer == "lars":
+            # ZeRO-1 flattens each param group into one fp32 partition and steps the optimizer on that
+            # flat tensor: LARS then computes one trust ratio for the whole partition, not per layer
+            # (measured: one step moves conv1 by 5.6e-2 and the block convs by 0, where ZeRO-0 moves
+            # every layer by lr x eta). The byol, simclr and vicreg recipes use LARS.
+            raise ConfigError(
+                f"{where}.zero_stage: --zero-stage {self.zero_stage} with --optimizer lars is refused: ZeRO >= 1 "
+                f"flattens each parameter group into one partition, so LARS would compute one trust ratio for "
+                f"all layers instead of one per layer; use --zero-stage 0 (or --engine ddp) with LARS, or "
+                f"--optimizer sgd/adamw under ZeRO-1"
+            )
+        if self.grad_accum > 1 and self.method in ("simclr", "vicreg"):
+            # the lr would be scaled for grad_accum x the batch, while SimCLR's negatives, VICReg's
+            # variance/covariance terms and BatchNorm only ever see one micro-batch
+            raise ConfigError(
+                f"{where}.grad_accum: --grad-accum {self.grad_accum} with --method {self.method} is refused: the "
+                f"lr would be scaled for a {self.grad_accum}x larger batch, but "
+                f"{'the negatives' if self.method == 'simclr' else 'the variance and covariance terms'} and "
+                f"BatchNorm see one micro-batch of {self.batch_size} per rank; use --grad-accum 1 and raise "
+                f"--batch-size or the number of ranks"
+            )
 
 
 # ------------------------------------------------------------------------------------------ ingest

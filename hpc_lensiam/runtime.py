@@ -139,14 +139,28 @@ def pick_cuda_index(local_rank: int, device_count: int) -> int:
     return local_rank
 
 
-def device_for(rt: Runtime, cuda: bool | None = None, device_count: int | None = None):
-    """``torch.device`` of this process: ``cuda:<pick_cuda_index>`` when CUDA is usable, else cpu."""
+def device_for(rt: Runtime, cuda: bool | None = None, device_count: int | None = None, exclusive: bool = True):
+    """``torch.device`` of this process: ``cuda:<pick_cuda_index>`` when CUDA is usable, else cpu.
+
+    torchrun's workers on a node all inherit the same ``CUDA_VISIBLE_DEVICES`` (torchrun binds no
+    GPU), so under torchrun more local ranks than visible GPUs means several ranks on one GPU, which
+    NCCL refuses deep inside its first collective: refused here, naming the fix. (One visible GPU is
+    everyone's ``cuda:0`` only where a launcher binds one GPU per task: Slurm, MPI.) ``exclusive=False``
+    (``embed``, whose ranks talk over gloo) lets several workers share one GPU.
+    """
     import torch
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if not cuda:
         return torch.device("cpu")
     count = torch.cuda.device_count() if device_count is None else device_count
+    if exclusive and count >= 1 and under_torchrun() and rt.local_world_size > count:
+        raise UserError(
+            f"LOCAL_WORLD_SIZE={rt.local_world_size}: torchrun started {rt.local_world_size} processes on this "
+            f"node but only {count} GPU(s) are visible to them (torchrun's workers share CUDA_VISIBLE_DEVICES, "
+            f"and NCCL cannot put two ranks on one GPU): start at most {count} per node "
+            f"(torchrun --nproc_per_node {count}) or make {rt.local_world_size} GPUs visible"
+        )
     return torch.device("cuda", pick_cuda_index(rt.local_rank, count))
 
 

@@ -23,7 +23,9 @@ HDF5 layout (``FORMAT``), N rows = images (lensiam shards: 2 per sample, single 
                                      (survey family, docs/survey.md; ingested images labelled with it)
     umap            (N, 2) float32   added later by ``hpc-lensiam umap``
     attrs: format, checkpoint, weights_sha256 (of the backbone weights), step, arch, train_mode, config_hash,
-           data_dir, data_mode, manifest_sha256, num_samples, num_images, feature_dim, world_size
+           data_dir, data_mode, manifest_sha256, num_samples, num_images, feature_dim, world_size,
+           precision (fp32 on a CPU; bf16, or fp16 without native bf16, on a GPU: autocast). A rerun
+           counts as up to date only with the same weights, data manifest and precision.
 """
 
 from __future__ import annotations
@@ -155,10 +157,21 @@ def _device():
 
     from ..runtime import device_for, runtime
 
-    device = device_for(runtime(command="embed"))
+    device = device_for(runtime(command="embed"), exclusive=False)  # gloo: ranks may share a GPU
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
+
+
+def embed_precision(device) -> str:
+    """What the features are computed in on ``device``: fp32 on a CPU, the autocast dtype on a GPU
+    (bf16 where native, else fp16: :func:`hpc_lensiam.train.plan.inference_dtype`)."""
+    import torch
+
+    from ..train.plan import DeviceCaps, inference_dtype
+
+    dtype = inference_dtype(DeviceCaps.detect(device))
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 # ---------------------------------------------------------------------------------------- HDF5 io
@@ -424,6 +437,7 @@ def extract_embeddings(
             "manifest_sha256": manifest_sha,
             "feature_dim": int(info["feature_dim"]),
             "views": max(len(views_of(m)) for m in modes),
+            "precision": embed_precision(_device()),  # bf16/fp16 GPU features are not an fp32 rerun's
         }
         if world.bcast(_same_run(out, attrs) if world.rank == 0 else None):
             if world.rank == 0:
@@ -434,7 +448,7 @@ def extract_embeddings(
                 )
             return attrs
         attrs["world_size"] = world.size
-        run_id = sha256_json({k: attrs[k] for k in ("weights_sha256", "manifest_sha256", "world_size")})
+        run_id = sha256_json({k: attrs[k] for k in ("weights_sha256", "manifest_sha256", "world_size", "precision")})
 
         mine = [list(j[:3]) for j in jobs[world.rank :: world.size]]
         part = part_path(out, world.rank)
@@ -488,7 +502,10 @@ def _same_run(out: Path, attrs: dict) -> bool:
     try:
         with h5py.File(out, "r") as f:
             return (
-                all(f.attrs.get(k) == attrs[k] for k in ("format", "weights_sha256", "step", "manifest_sha256", "arch"))
+                all(
+                    f.attrs.get(k) == attrs[k]
+                    for k in ("format", "weights_sha256", "step", "manifest_sha256", "arch", "precision")
+                )
                 and "features" in f
             )
     except OSError:

@@ -32,7 +32,7 @@ from ..config import TrainConfig, from_dict, merge, read_yaml, to_dict
 from ..data.sources import source_for
 from ..errors import UserError
 from ..io import read_manifest
-from ..models.methods import build_method, recipe
+from ..models.methods import build_method, lr_scaling_rule, recipe
 from ..models.methods.simsiam import z_std
 from ..rng import derive_seed
 from ..runtime import collective_failure
@@ -57,7 +57,11 @@ def train_config(config_path: str | None = None, **overrides) -> TrainConfig:
     cfg = from_dict(TrainConfig, base, "recipe") if base else TrainConfig()
     if config_path:
         cfg = merge(cfg, data, str(config_path))
-    return merge(cfg, overrides, "flags") if overrides else cfg
+    cfg = merge(cfg, overrides, "flags") if overrides else cfg
+    rule = lr_scaling_rule(cfg.method, cfg.optimizer)  # the rule of the optimizer finally chosen
+    if "lr_scaling" not in data and "lr_scaling" not in overrides and cfg.lr_scaling != rule:
+        cfg = merge(cfg, {"lr_scaling": rule}, "recipe")
+    return cfg
 
 
 def is_run_config(path) -> bool:
@@ -267,6 +271,9 @@ def build_model(cfg, engine, image_side: int, sched: Schedule, ckpt_dir: Path, r
 def announce(cfg, engine, sched: Schedule, step: int, resume: bool) -> None:
     """Rank 0's two start-up lines: what runs where, and the batch/lr/schedule arithmetic."""
     rule = f"sqrt({sched.global_batch})" if cfg.lr_scaling == "sqrt" else f"{sched.global_batch}/256"
+    pair = f"{cfg.method} + {cfg.optimizer}"
+    expected = lr_scaling_rule(cfg.method, cfg.optimizer)
+    why = f"the {pair} rule" if cfg.lr_scaling == expected else f"set by config; the {pair} rule is {expected}"
     pred = f" (predictor {'fixed' if cfg.fix_pred_lr else 'scheduled'})" if hasattr(engine.module, "predictor") else ""
     backend = engine.backend if engine.world_size > 1 or cfg.engine == "deepspeed" else "single process"
     _say(
@@ -275,10 +282,13 @@ def announce(cfg, engine, sched: Schedule, step: int, resume: bool) -> None:
         f"{engine.world_size} rank(s) on {engine.device.type} ({backend})"
         f"{' + SyncBatchNorm' if engine.plan.sync_bn != 'none' else ''} | {engine.plan.describe()}",
     )
+    for line in engine.plan.warnings:
+        _say(engine, line)
     _say(
         engine,
         f"train: global batch {cfg.batch_size} x {engine.world_size} rank(s) x {cfg.grad_accum} accum = "
-        f"{sched.global_batch}; lr = {cfg.base_lr} x {rule} = {sched.lr0:.6g}{pred}; {sched.steps_per_epoch} "
+        f"{sched.global_batch}; lr = {cfg.base_lr} x {rule} = {sched.lr0:.6g} ({cfg.lr_scaling}: {why}){pred}; "
+        f"{sched.steps_per_epoch} "
         f"steps/epoch x {cfg.epochs} epochs = {sched.total_steps} steps, warm-up {sched.warmup_steps}; "
         f"{'resuming at step ' + str(step) if resume else 'from step 0'}"
         f"{f', stopping at {sched.end_step}' if sched.end_step < sched.total_steps else ''}",

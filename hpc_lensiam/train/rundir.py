@@ -191,6 +191,8 @@ class RunDir:
             with open(path, newline="", errors="replace") as f:
                 lines = list(csv.reader(f))[1:]
             for r in lines:
+                if len(r) == len(METRICS) - 1:  # a row written before the rel_update column: not damaged
+                    r = r + ["nan"]
                 try:
                     if len(r) != len(METRICS):
                         raise ValueError
