@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -457,12 +458,12 @@ def test_psf_file_changed_between_killed_run_and_rerun_is_refused(tmp_path):
     )
     out = tmp_path / "ds"
     manifest = simulate_shards(out_dir=str(out), **kw)
-    assert manifest["inputs"]["psf_files"] == {"psf.fits": sha256_file(psf)}
+    assert manifest["inputs"]["psf_files"] == {str(psf.resolve()): sha256_file(psf)}
     (out / "manifest.json").unlink()  # as if killed before the end
     (out / "shard-000001.tar").unlink()
     psf.unlink()
     _psf_fits(psf, 2.5)
-    with pytest.raises(UserError, match=r"other input files \(sha256 of psf\.fits changed\)"):
+    with pytest.raises(UserError, match=rf"other input files \(sha256 of {re.escape(str(psf.resolve()))} changed\)"):
         simulate_shards(out_dir=str(out), **kw)
     assert not (out / "shard-000001.tar").exists()
 
@@ -763,3 +764,64 @@ def test_resume_never_runs_beside_trainers_left_by_a_killed_agent(data, tmp_path
                 os.kill(trainer, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# ------------------------------------------------------------------ issue 25: stale and outside
+@pytest.mark.parametrize("name", ["../outside/shard-000001.tar", "ABS", "sub/../shard-000001.tar"])
+def test_manifest_shard_name_leading_out_of_the_folder_is_refused(copy, tmp_path, name):
+    """Issue 25: a manifest naming ``../x.tar`` made verify and the readers use a file outside the
+    data folder (a good shard there: verify was clean). Only plain file names are accepted."""
+    from hpc_lensiam.data.images import load_images
+    from hpc_lensiam.data.loader import ShardLoader
+    from hpc_lensiam.integrity import check_shards
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(copy / "shard-000001.tar", outside / "shard-000001.tar")
+    name = str(outside / "shard-000001.tar") if name == "ABS" else name
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"][1]["name"] = name
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    line = one_error_line(cli("verify", copy))
+    assert f"{copy / 'manifest.json'}: shard entry 1 has name {name!r}, not a plain file name" in line, line
+    for read in (
+        lambda: ShardLoader(str(copy), "lensiam", 4, workers=0),
+        lambda: load_images(copy, 4),
+        lambda: check_shards(copy, verify=True),
+    ):
+        with pytest.raises(UserError, match="shard entry 1 has name .* not a plain file name"):
+            read()
+    assert "shard entry 1" in one_error_line(cli("show", copy, "--out", tmp_path / "grid.png"))
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_two_psf_files_of_one_name_edited_between_killed_run_and_rerun_is_refused(tmp_path):
+    """Issue 25: psfA/p.fits and psfB/p.fits were recorded under one key "p.fits" (the last one's
+    sha256), so editing psfA/p.fits between a killed run and its rerun gave a data set made with
+    two PSFs and a clean verify. Both are recorded by resolved path, and the edited one is named."""
+    from hpc_lensiam.simulate.writer import simulate_shards
+
+    (tmp_path / "psfA").mkdir()
+    (tmp_path / "psfB").mkdir()
+    a, b = _psf_fits(tmp_path / "psfA" / "p.fits", 1.5), _psf_fits(tmp_path / "psfB" / "p.fits", 2.5)
+    kw = dict(
+        num_samples=4,
+        shard_size=2,
+        mode="lensiam",
+        seed=0,
+        overrides=SMALL,
+        psf_files=[str(a), str(b)],
+        psf_pixel_scale_arcsec=0.05,
+        progress=False,
+    )
+    out = tmp_path / "ds"
+    manifest = simulate_shards(out_dir=str(out), **kw)
+    (out / "manifest.json").unlink()  # as if killed before the end
+    (out / "shard-000001.tar").unlink()
+    sha_a = sha256_file(a)
+    a.unlink()
+    _psf_fits(a, 3.5)
+    with pytest.raises(UserError, match=rf"other input files \(sha256 of {re.escape(str(a.resolve()))} changed\)"):
+        simulate_shards(out_dir=str(out), **kw)
+    assert not (out / "shard-000001.tar").exists() and not (out / "manifest.json").exists()
+    assert manifest["inputs"]["psf_files"] == {str(a.resolve()): sha_a, str(b.resolve()): sha256_file(b)}

@@ -200,7 +200,7 @@ def _check_existing(out_dir: Path, plan: dict) -> None:
                     if (old.get("inputs") or {}).get(kind, {}).get(n) != sha
                 )
                 raise UserError(
-                    f"{out_dir}: was simulated from other input files (sha256 of "
+                    f"{out_dir}: was made from other input files (sha256 of "
                     f"{', '.join(changed) or 'the PSF/COSMOS file list'} changed); restore "
                     f"them, or choose another --out"
                 )
@@ -222,13 +222,15 @@ def input_hashes(cfg) -> dict:
 
     Recorded in the plan and manifest (provenance), and compared on a rerun: a PSF file edited
     between a killed run and its rerun would otherwise give one data set made with two PSFs.
+    Keyed by resolved path (the key shows the file name too): two PSFs of one name in two folders
+    are two entries, each checked.
     """
     from .sources import CATALOG_NAMES
 
-    out = {"psf_files": {Path(f).name: sha256_file(f) for f in getattr(cfg, "psf_files", None) or []}}
+    out = {"psf_files": {str(Path(f).resolve()): sha256_file(f) for f in getattr(cfg, "psf_files", None) or []}}
     if getattr(cfg, "cosmos_dir", None):
         cat = next((Path(cfg.cosmos_dir) / n for n in CATALOG_NAMES if (Path(cfg.cosmos_dir) / n).is_file()), None)
-        out["cosmos_catalog"] = {cat.name: sha256_file(cat)} if cat else {}
+        out["cosmos_catalog"] = {str(cat.resolve()): sha256_file(cat)} if cat else {}
     return out
 
 
