@@ -81,6 +81,9 @@ def _cmd_ingest(a):
         "input_pixel_scale_arcsec": a.pixel_scale,
         "orientation": a.orientation,
         "shard_size": a.shard_size,
+        "each_hdu": a.each_hdu or None,
+        "pad": a.pad or None,
+        "psf": a.psf,
     }
     cfg = from_dict(IngestConfig, {k: v for k, v in flags.items() if v is not None}, "ingest flags")
     ingest(out_dir=a.out, files=a.files, list_csv=a.list, labels_csv=a.labels, config=cfg, skip_bad=a.skip_bad)
@@ -260,11 +263,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="--engine torch: torch device (cpu, cuda, cuda:1)")
     s.set_defaults(func=_cmd_simulate)
 
-    s = sub.add_parser("ingest", help="real FITS/.npy cutouts -> single-mode shards on a preset's grid (MPI ranks)")
-    s.add_argument("files", nargs="*", help="FITS or .npy cutouts (or --list)")
+    s = sub.add_parser(
+        "ingest", help="real cutouts (FITS, .npy, lenstronomy HDF5, PNG/JPEG) -> single-mode shards (MPI ranks)"
+    )
+    s.add_argument(
+        "files", nargs="*", help="FITS, .npy (2-D, or an (N,H,W) stack), lenstronomy .h5/.hdf5, PNG/JPEG (or --list)"
+    )
     s.add_argument("--out", required=True, help="output shard directory")
-    s.add_argument("--list", default=None, metavar="CSV", help="catalogue: a 'file' column, optional 'hdu'")
-    s.add_argument("--labels", default=None, metavar="CSV", help="'file' column + lens parameters / is_lens")
+    s.add_argument(
+        "--list",
+        default=None,
+        metavar="CSV",
+        help="catalogue: a 'file' column, optional 'hdu'/'idx', 'name'/'id', 'psf', 'pixel_scale'; others kept",
+    )
+    s.add_argument(
+        "--labels",
+        default=None,
+        metavar="CSV",
+        help="'file' (or 'name'/'id', or 'idx' for one stack) + lens parameters / is_lens; other columns kept",
+    )
+    s.add_argument("--each-hdu", action="store_true", help="FITS: every 2-D image HDU is an object (stamp files)")
+    s.add_argument("--pad", action="store_true", help="pad cutouts smaller than the target field with sky (0)")
+    s.add_argument("--psf", default=None, metavar="FILE", help="PSF of every input (default: psf_*.h5 beside an .h5)")
     s.add_argument("--preset", choices=("hst", "euclid"), default=None, help="target grid (default hst)")
     s.add_argument("--num-pix", type=int, default=None, help="target image side (default: the preset's)")
     s.add_argument(
