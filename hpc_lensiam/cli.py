@@ -132,6 +132,7 @@ def _cmd_embed(a):
         verify=a.verify,
         arch=a.arch,
         seed=a.seed,
+        table=a.table,
     )
 
 
@@ -165,6 +166,7 @@ def _cmd_similar(a):
         pixel_scale=a.pixel_scale,
         orientation=a.orientation,
         top=a.top,
+        table=a.table,
     )
 
 
@@ -354,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest first")
+    s.add_argument(
+        "--table", default=None, metavar="T.csv|T.fits", help="also a table: one row per image (name, kept columns)"
+    )
     s.set_defaults(func=_cmd_embed)
 
     s = sub.add_parser("umap", help="2-D UMAP of embeddings, coloured by lens parameters")
@@ -373,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("similar", help="nearest neighbours by cosine similarity (faiss); --anomaly: most isolated")
     s.add_argument("--embeddings", required=True)
     q = s.add_mutually_exclusive_group(required=True)
-    q.add_argument("--key", default=None, help="query: a sample key of the file (view 1)")
+    q.add_argument("--key", default=None, help="query: a sample key or object name of the file (view 1)")
     q.add_argument("--image", default=None, help="query: a FITS/.npy cutout, ingested and embedded (--checkpoint)")
     q.add_argument("--anomaly", action="store_true", help="rank every image by distance to its k-th neighbour")
     s.add_argument("--source", default=None, help="with --key: the data folder, when several hold the key")
@@ -382,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=int, default=16, help="with --anomaly: how many to show")
     s.add_argument("--out", default=None, help="PNG grid of the query and its neighbours")
     s.add_argument("--json", default=None)
+    s.add_argument(
+        "--table",
+        nargs="+",
+        default=None,
+        metavar="T.csv|T.fits",
+        help="the neighbours / ranking as CSV and/or FITS: name, source, kept catalogue columns, labels",
+    )
     s.add_argument("--index", choices=("auto", "flat", "ivf"), default="auto")
     s.add_argument("--hdu", default=None, help="with --image: the image HDU")
     s.add_argument("--pixel-scale", type=float, default=None, help="with --image: arcsec/pixel if no WCS")
