@@ -156,14 +156,10 @@ class ShardImages:
         self._cache: dict[str, dict] = {}
         self._where: dict[str, dict[str, str]] = {}  # folder -> {key: shard}, for keys that are names
 
-    def _shard_of(self, data_dir: str, key: str) -> str:
-        """The shard holding ``key``: ``shard-AAAAAA.tar`` for the simulator's ``AAAAAA_BBBBBB`` keys,
-        else found by listing the folder's shards once (ingested keys are object names)."""
+    def _index(self, data_dir: str) -> dict[str, str]:
+        """{key: shard} of a folder, from its shards' member names (read once)."""
         import tarfile
 
-        guess = Path(data_dir) / f"shard-{key.split('_')[0]}.tar"
-        if guess.is_file():
-            return str(guess)
         if data_dir not in self._where:
             index: dict[str, str] = {}
             for shard in sorted(Path(data_dir).glob("shard-*.tar")):
@@ -171,17 +167,25 @@ class ShardImages:
                     for n in t.getnames():
                         index.setdefault(n.rsplit("/", 1)[-1].split(".", 1)[0], str(shard))
             self._where[data_dir] = index
-        return self._where[data_dir].get(key, str(guess))
+        return self._where[data_dir]
 
-    def get(self, data_dir: str, key: str, view: int) -> tuple[np.ndarray, dict]:
+    def _load(self, shard: str, key: str, data_dir: str) -> dict | None:
         from ..data.loader import read_shard
 
-        shard = self._shard_of(data_dir, key)
         if shard not in self._cache:
             if not Path(shard).is_file():
                 raise UserError(f"{shard}: missing (needed for sample {key}; the embeddings name {data_dir})")
             self._cache = {shard: {s["__key__"]: s for s in read_shard(shard)}}  # keep one shard
-        sample = self._cache[shard].get(key)
+        return self._cache[shard].get(key)
+
+    def get(self, data_dir: str, key: str, view: int) -> tuple[np.ndarray, dict]:
+        """The simulator's keys ``AAAAAA_BBBBBB`` live in ``shard-AAAAAA.tar``; any other key (an
+        ingested object's name), or one not there, is looked up in the folder's index of shards."""
+        shard = str(Path(data_dir) / f"shard-{key.split('_')[0]}.tar")
+        sample = self._load(shard, key, data_dir) if Path(shard).is_file() else None
+        if sample is None:
+            shard = self._index(data_dir).get(key, shard)
+            sample = self._load(shard, key, data_dir)
         if sample is None:
             raise UserError(f"{shard}: no sample {key}")
         name = next(n for n in (f"view{view}.npy", "image.npy") if n in sample)

@@ -269,10 +269,14 @@ def check_names(objs: list[Obj]) -> None:
     for o in objs:
         other = seen.get(o.key)
         if other is not None:
-            same = "name" if other.name == o.name else f"key {o.key!r} (from names {other.name!r} and {o.name!r})"
+            what = (
+                f"name {o.name!r}"
+                if other.name == o.name
+                else f"key {o.key!r} (from names {other.name!r} and {o.name!r})"
+            )
+            also = other.path if other.member is None else f"{other.path} {other.member}"
             raise UserError(
-                f"{o.path}: duplicate object {same if same != 'name' else 'name ' + repr(o.name)} (also "
-                f"{other.path}{'' if other.member is None else ' ' + str(other.member)}); names must be unique: "
+                f"{o.path}: duplicate object {what} (also {also}); names must be unique: "
                 "give a name or id column in --list/--labels"
             )
         seen[o.key] = o
