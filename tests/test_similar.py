@@ -408,6 +408,7 @@ def test_names_round_trip_from_ingest_to_embed_similar_and_predict(ckpt, single_
         assert len(table) == 6 and list(table["name"]) == [r["name"] for r in rep["neighbours"]]
         assert set(table.colnames) >= {"rank", "cosine", "query", "name", "key", "source", "ra", "dec", "mag_i"}
         assert all(q == "J1.a" for q in table["query"])
+        assert table["rank"].dtype.kind == table["view"].dtype.kind == "i"  # integers stay integers
         for row, r in zip(table, rep["neighbours"]):
             if r["source"] != str(single_shards):
                 assert row["ra"] == r["catalog"]["ra"] and row["source"] == r["source"]
