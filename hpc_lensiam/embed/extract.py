@@ -607,9 +607,19 @@ def grid_mismatch(grid: dict, trained: dict | None) -> str | None:
 def write_embedding_table(h5: str | os.PathLike, table: str) -> str:
     """One row per image of an embeddings file (name, key, source, view, the kept catalogue columns,
     the known labels) as CSV or FITS (astropy Table, missing values masked)."""
+    import h5py
+
     from ..downstream.predict import write_table
 
-    e = load_embeddings(h5, need_params=False)
+    with h5py.File(h5, "r") as f:  # everything but the features (8 GB at 10^6 x 2048)
+        e = {k: f[k].asstr()[...] for k in ("keys", "name", "source", "catalog") if k in f}
+        e.setdefault("name", e["keys"])  # a file from before names were kept
+        e.setdefault("source", np.full(len(e["keys"]), "", dtype=object))
+        e.setdefault("catalog", np.full(len(e["keys"]), "{}", dtype=object))
+        e["view"] = f["view"][...]
+        e["params"] = {p: f["params"][p][...] for p in f["params"] if p in LENS_PARAMS} if "params" in f else {}
+        e["params_known"] = {p: f["params_known"][p][...] for p in f["params_known"]} if "params_known" in f else {}
+        e["is_lens"] = f["params"]["is_lens"][...] if "params/is_lens" in f else None
     rows = []
     for i in range(len(e["keys"])):
         row = {
