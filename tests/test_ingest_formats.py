@@ -112,6 +112,11 @@ def test_multi_hdu_stamps_each_hdu_an_object(tmp_path):
     assert [k for k, _, _ in rows] == ["st_hdu0", "st_hdu1", "st_hdu2"]
     assert [p["ingest"]["hdu"] for _, _, p in rows] == ["0", "1", "2"]
     assert [p["ingest"]["shape"] for _, _, p in rows] == [[60, 60], [70, 70], [80, 80]]
+    # a --list naming HDUs of one file (and rows of a stack): each an object, named by its member
+    np.save(tmp_path / "stack.npy", np.stack(stamps[2:] * 2))
+    (tmp_path / "cat.csv").write_text("file,hdu\nst.fits,1\nst.fits,2\nstack.npy,1\n")
+    ingest(str(tmp_path / "listed"), list_csv=str(tmp_path / "cat.csv"), config=cfg, progress=False)
+    assert [k for k, _, _ in params_of(tmp_path / "listed")] == ["st_hdu1", "st_hdu2", "stack_1"]
     # without --each-hdu: the first 2-D image HDU only, as before
     ingest(
         str(tmp_path / "one"),

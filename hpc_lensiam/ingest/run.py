@@ -21,6 +21,7 @@ import csv
 import math
 import re
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -145,9 +146,15 @@ def make_objects(entries, cfg: IngestConfig, list_csv: str | None = None) -> lis
     """Input entries (path, member, --list row) -> objects, multi-object files expanded; names from the
     file stem (``_hduN`` / ``_<row>`` for several objects in one file) or the row's name/id column."""
     objs = []
+    times = Counter(str(Path(p).resolve()) for p, _, _ in entries)
     for path, member, row in entries:
         line = row.pop("__line__", None) if row else None
         for m, suffix in expand(path, cfg, member):
+            if m is not None and not suffix:  # a member named by --list: a stack row, or one of several HDUs
+                if Path(path).suffix.lower() == ".npy":
+                    suffix = f"_{m}"
+                elif times[str(Path(path).resolve())] > 1:
+                    suffix = f"_hdu{m}"
             stem = Path(path).stem
             given = _first(row, NAME_COLUMNS) if row else ""
             o = Obj(path, m, (given + suffix) if given else stem + suffix, default_name=stem + suffix)
