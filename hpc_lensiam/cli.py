@@ -81,6 +81,9 @@ def _cmd_ingest(a):
         "input_pixel_scale_arcsec": a.pixel_scale,
         "orientation": a.orientation,
         "shard_size": a.shard_size,
+        "each_hdu": a.each_hdu or None,
+        "pad": a.pad or None,
+        "psf": a.psf,
     }
     cfg = from_dict(IngestConfig, {k: v for k, v in flags.items() if v is not None}, "ingest flags")
     ingest(out_dir=a.out, files=a.files, list_csv=a.list, labels_csv=a.labels, config=cfg, skip_bad=a.skip_bad)
@@ -130,6 +133,7 @@ def _cmd_embed(a):
         arch=a.arch,
         seed=a.seed,
         loader_timeout=a.loader_timeout,
+        table=a.table,
     )
 
 
@@ -163,6 +167,7 @@ def _cmd_similar(a):
         pixel_scale=a.pixel_scale,
         orientation=a.orientation,
         top=a.top,
+        table=a.table,
     )
 
 
@@ -261,11 +266,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="--engine torch: torch device (cpu, cuda, cuda:1)")
     s.set_defaults(func=_cmd_simulate)
 
-    s = sub.add_parser("ingest", help="real FITS/.npy cutouts -> single-mode shards on a preset's grid (MPI ranks)")
-    s.add_argument("files", nargs="*", help="FITS or .npy cutouts (or --list)")
+    s = sub.add_parser(
+        "ingest", help="real cutouts (FITS, .npy, lenstronomy HDF5, PNG/JPEG) -> single-mode shards (MPI ranks)"
+    )
+    s.add_argument(
+        "files", nargs="*", help="FITS, .npy (2-D, or an (N,H,W) stack), lenstronomy .h5/.hdf5, PNG/JPEG (or --list)"
+    )
     s.add_argument("--out", required=True, help="output shard directory")
-    s.add_argument("--list", default=None, metavar="CSV", help="catalogue: a 'file' column, optional 'hdu'")
-    s.add_argument("--labels", default=None, metavar="CSV", help="'file' column + lens parameters / is_lens")
+    s.add_argument(
+        "--list",
+        default=None,
+        metavar="CSV",
+        help="catalogue: a 'file' column, optional 'hdu'/'idx', 'name'/'id', 'psf', 'pixel_scale'; others kept",
+    )
+    s.add_argument(
+        "--labels",
+        default=None,
+        metavar="CSV",
+        help="'file' (or 'name'/'id', or 'idx' for one stack) + lens parameters / is_lens; other columns kept",
+    )
+    s.add_argument("--each-hdu", action="store_true", help="FITS: every 2-D image HDU is an object (stamp files)")
+    s.add_argument("--pad", action="store_true", help="pad cutouts smaller than the target field with sky (0)")
+    s.add_argument("--psf", default=None, metavar="FILE", help="PSF of every input (default: psf_*.h5 beside an .h5)")
     s.add_argument("--preset", choices=("hst", "euclid"), default=None, help="target grid (default hst)")
     s.add_argument("--num-pix", type=int, default=None, help="target image side (default: the preset's)")
     s.add_argument(
@@ -342,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for one batch from the loader's workers, then fail naming them (default 600)",
     )
     s.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest first")
+    s.add_argument(
+        "--table", default=None, metavar="T.csv|T.fits", help="also a table: one row per image (name, kept columns)"
+    )
     s.set_defaults(func=_cmd_embed)
 
     s = sub.add_parser("umap", help="2-D UMAP of embeddings, coloured by lens parameters")
@@ -361,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("similar", help="nearest neighbours by cosine similarity (faiss); --anomaly: most isolated")
     s.add_argument("--embeddings", required=True)
     q = s.add_mutually_exclusive_group(required=True)
-    q.add_argument("--key", default=None, help="query: a sample key of the file (view 1)")
+    q.add_argument("--key", default=None, help="query: a sample key or object name of the file (view 1)")
     q.add_argument("--image", default=None, help="query: a FITS/.npy cutout, ingested and embedded (--checkpoint)")
     q.add_argument("--anomaly", action="store_true", help="rank every image by distance to its k-th neighbour")
     s.add_argument("--source", default=None, help="with --key: the data folder, when several hold the key")
@@ -370,6 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=int, default=16, help="with --anomaly: how many to show")
     s.add_argument("--out", default=None, help="PNG grid of the query and its neighbours")
     s.add_argument("--json", default=None)
+    s.add_argument(
+        "--table",
+        nargs="+",
+        default=None,
+        metavar="T.csv|T.fits",
+        help="the neighbours / ranking as CSV and/or FITS: name, source, kept catalogue columns, labels",
+    )
     s.add_argument("--index", choices=("auto", "flat", "ivf"), default="auto")
     s.add_argument("--hdu", default=None, help="with --image: the image HDU")
     s.add_argument("--pixel-scale", type=float, default=None, help="with --image: arcsec/pixel if no WCS")

@@ -23,7 +23,8 @@ $H embed --checkpoint "$CKPT" --data "$W/sims" --out "$W/sims.h5" --workers 0
 $H embed --checkpoint "$CKPT" --data "$W/euclid_q1" --out "$W/real.h5" --workers 0
 $H umap --embeddings "$W/sims.h5" --overlay "$W/real.h5" --out $D/umap_overlay.png --color theta_E,gamma
 $H embed --checkpoint "$CKPT" --data "$W/sims" "$W/euclid_q1" --out "$W/mixed.h5" --workers 0
-$H similar --embeddings "$W/mixed.h5" --key 000000_000000 --source "$W/euclid_q1" -k 11 \
-    --out $D/euclid_q1_neighbours.png --json "$W/neighbours.json"
+# by the object's name (the file stem): unique across the two folders, so no --source
+$H similar --embeddings "$W/mixed.h5" --key "$(basename "$EUCLID" .fits)" -k 11 \
+    --out $D/euclid_q1_neighbours.png --json "$W/neighbours.json" --table "$W/neighbours.csv"
 $H similar --embeddings "$W/mixed.h5" --image "$EUCLID" --checkpoint "$CKPT" -k 3
-$H similar --embeddings "$W/mixed.h5" --anomaly -k 5 --top 6 --out $D/anomalies.png --json "$W/anomaly.json"
+$H similar --embeddings "$W/mixed.h5" --anomaly -k 5 --top 6 --out $D/anomalies.png --json "$W/anomaly.json" --table "$W/anomaly.csv"

@@ -63,6 +63,19 @@ def sidecar_path(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".json")
 
 
+def _training_grid(config: dict | None) -> dict | None:
+    """The pixel grid of the data a checkpoint was trained on (its manifest), None where unknown."""
+    from .model_file import data_grid
+
+    data = (config or {}).get("data")
+    if not data:
+        return None
+    try:
+        return data_grid(data)
+    except (UserError, OSError, ValueError):
+        return None
+
+
 def _image_shape(config: dict | None):
     data = (config or {}).get("data")
     if not data:
@@ -121,6 +134,7 @@ def backbone_from_checkpoint(checkpoint: str | os.PathLike, arch: str | None = N
         "weights_sha256": state_sha256(bb),
         "engine": config.get("engine", "unknown"),
         "image_shape": _image_shape(config),
+        "training_grid": _training_grid(config),
         "checkpoint": str(Path(checkpoint).resolve()),
     }
     return bb, info

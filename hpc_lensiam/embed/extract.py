@@ -12,7 +12,9 @@ already complete from an interrupted run reuses it.
 HDF5 layout (``FORMAT``), N rows = images (lensiam shards: 2 per sample, single shards: 1)::
 
     features        (N, D) float32   backbone output (D = 512 resnet18, 2048 resnet50/101)
-    keys            (N,)   str       webdataset sample key, e.g. "000003_000017"
+    keys            (N,)   str       webdataset sample key, e.g. "000003_000017" (ingested: the object name, sanitised)
+    name            (N,)   str       the object's name (params.json ``name``: ingested images), else the key
+    catalog         (N,)   str       JSON of the columns ingest kept (params.json ``catalog``), "{}" for none
     source          (N,)   str       the data folder of the row, as given to --data (several may be)
     view            (N,)   int8      1 or 2 (which image of the pair; single shards: 1)
     pair_id         (N,)   int64     index of the lens system (sorted unique keys): both views share it
@@ -26,6 +28,10 @@ HDF5 layout (``FORMAT``), N rows = images (lensiam shards: 2 per sample, single 
            data_dir, data_mode, manifest_sha256, num_samples, num_images, feature_dim, world_size,
            precision (fp32 on a CPU; bf16, or fp16 without native bf16, on a GPU: autocast). A rerun
            counts as up to date only with the same weights, data manifest and precision.
+           training_grid / data_grids (JSON: the backbone's training pixel grid, each folder's)
+
+``table=`` (``embed --table T.csv|.fits``) also writes one row per image (name, key, source, view, file,
+the kept catalogue columns, the known labels) with astropy, for a catalogue tool.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.images import LABELS, image_rows, views_of
+from ..downstream.model_file import data_grid
 from ..errors import UserError
 from ..integrity import check_shards, shard_samples
 from ..io import (
@@ -58,8 +65,17 @@ FORMAT = "hpc_lensiam.embeddings/1"
 
 # ----------------------------------------------------------------------------------- shard reading
 def _collate(rows):
-    keys, views, images, lens = zip(*rows)
-    return list(keys), np.array(views, np.int8), np.stack(images).astype(np.float32), np.stack(lens)
+    keys, views, images, lens, *meta = zip(*rows)
+    out = list(keys), np.array(views, np.int8), np.stack(images).astype(np.float32), np.stack(lens)
+    return (*out, [_identity(p) for p in meta[0]]) if meta else out
+
+
+def _identity(params: dict) -> str:
+    """What a row carries of its object beyond labels, as JSON: name, catalogue columns, source file."""
+    kept = params.get("catalog") if isinstance(params.get("catalog"), dict) else {}
+    ingest = params.get("ingest") if isinstance(params.get("ingest"), dict) else {}
+    out = {"name": params.get("name"), "catalog": kept, "file": ingest.get("file")}
+    return json.dumps({k: v for k, v in out.items() if v})
 
 
 def checked_samples(sizes: dict[str, int]):
@@ -80,11 +96,13 @@ def row_loader(
     workers: int,
     sizes: dict[str, int] | None = None,
     timeout: float | None = None,
+    with_identity: bool = False,
 ):
     """Batches (keys, views, images (B,H,W) float32, lens (B,8)) over ``paths``, in shard order
-    with ``workers`` <= 1 (several workers interleave shards; the join sorts anyway). A damaged
-    shard found by a worker is one line naming the shard and the sample, and so is a worker that
-    dies, or hands over no batch for ``timeout`` s (default ``LOADER_TIMEOUT``; ``worker_batches``)."""
+    with ``workers`` <= 1 (several workers interleave shards; the join sorts anyway); with
+    ``with_identity`` a fifth item, each row's name / catalogue / file as JSON (:func:`_identity`).
+    A damaged shard found by a worker is one line naming the shard and the sample, and so is a worker
+    that dies, or hands over no batch for ``timeout`` s (default ``LOADER_TIMEOUT``; ``worker_batches``)."""
     import torch
     import webdataset as wds
 
@@ -95,7 +113,7 @@ def row_loader(
         wds.SimpleShardList(paths),
         wds.split_by_worker,
         checked_samples(sizes or {}),
-        image_rows(mode),
+        image_rows(mode, with_params=with_identity),
         wds.batched(batch_size, collation_fn=_collate, partial=True),
     )
     # torch's DataLoader itself, not wds.WebLoader: its iterator hides _shutdown_workers
@@ -179,7 +197,7 @@ def part_path(out: Path, rank: int) -> Path:
     return out.with_name(f"{out.stem}.part{rank}{out.suffix or '.h5'}")
 
 
-def _write_part(path: Path, run_id: str, shards: list, keys, views, feats, lens, sources) -> None:
+def _write_part(path: Path, run_id: str, shards: list, keys, views, feats, lens, sources, ident=None) -> None:
     import h5py
 
     sources = np.asarray(sources, np.int32)
@@ -192,6 +210,8 @@ def _write_part(path: Path, run_id: str, shards: list, keys, views, feats, lens,
             f["view"] = np.asarray(views, np.int8)[order]
             f["lens"] = lens[order]
             f["source"] = sources[order]
+            ident = ident if ident is not None else ["{}"] * len(keys)
+            f.create_dataset("ident", data=np.array(ident, dtype=object)[order], dtype=_str_dtype())
 
 
 def _str_dtype():
@@ -254,6 +274,15 @@ def _join(
                 g.create_dataset("source", data=np.array(sources, dtype=object)[s_sorted], dtype=_str_dtype())
                 g["view"] = all_views[order].astype(np.int8)
                 g["pair_id"] = pair_id.astype(np.int64)
+                ident = np.concatenate([f["ident"].asstr()[...] for f in files]).astype(object)[order]
+                parsed = [json.loads(t) for t in ident]
+                names = [str(d.get("name") or k) for d, k in zip(parsed, k_sorted)]
+                g.create_dataset("name", data=np.array(names, dtype=object), dtype=_str_dtype())
+                cats = [
+                    json.dumps({**d.get("catalog", {}), **({"file": d["file"]} if d.get("file") else {})})
+                    for d in parsed
+                ]
+                g.create_dataset("catalog", data=np.array(cats, dtype=object), dtype=_str_dtype())
                 lens = np.empty((n, files[0]["lens"].shape[1]))
                 src_owner, src_row = owner[order], row[order]
                 for a in range(0, n, block):  # each part's rows in a block are one contiguous range
@@ -334,6 +363,8 @@ def load_embeddings(path: str | os.PathLike, need_params: bool = True) -> dict:
             out["pair_id"] = np.unique(out["keys"], return_inverse=True)[1]
         out["umap"] = f["umap"][...] if "umap" in f else None
         out["source"] = f["source"].asstr()[...] if "source" in f else np.full(n, "", dtype=object)
+        out["name"] = f["name"].asstr()[...] if "name" in f else out["keys"]
+        out["catalog"] = f["catalog"].asstr()[...] if "catalog" in f else np.full(n, "{}", dtype=object)
         out["params_known"] = (
             {name: f["params_known"][name][...] for name in f["params_known"]} if "params_known" in f else {}
         )
@@ -380,6 +411,7 @@ def extract_embeddings(
     arch: str | None = None,
     seed: int | None = None,
     loader_timeout: float | None = None,
+    table: str | None = None,
 ) -> dict:
     """Embed every image of ``data_dir`` (one shard folder, or several into one file with a
     ``source`` column) with the checkpoint's backbone into HDF5 ``out``.
@@ -413,6 +445,12 @@ def extract_embeddings(
     for d, m in zip(dirs, manifests):
         check_shards(d, m, verify=verify)
     check_output_file(out, "--out")
+    if table is not None:
+        from ..downstream.predict import TABLE_SUFFIXES
+
+        if Path(table).suffix not in TABLE_SUFFIXES:
+            raise UserError(f"--table {table}: expected a file ending in {' or '.join(TABLE_SUFFIXES)}")
+        check_output_file(table, "--table")
 
     world = _World()
     try:
@@ -439,6 +477,13 @@ def extract_embeddings(
             "views": max(len(views_of(m)) for m in modes),
             "precision": embed_precision(_device()),  # bf16/fp16 GPU features are not an fp32 rerun's
         }
+        grids = [data_grid(d) for d in dirs]
+        attrs["training_grid"] = json.dumps(info.get("training_grid"))
+        attrs["data_grids"] = json.dumps(grids)
+        if world.rank == 0:
+            for d, g in zip(dirs, grids):
+                if (w := grid_mismatch(g, info.get("training_grid"))) is not None:
+                    print(f"embed: warning: --data {d}: {w}", file=sys.stderr, flush=True)
         if world.bcast(_same_run(out, attrs) if world.rank == 0 else None):
             if world.rank == 0:
                 print(
@@ -446,6 +491,8 @@ def extract_embeddings(
                     f"step {attrs['step']}, same data manifest); nothing to do",
                     flush=True,
                 )
+                if table is not None:
+                    write_embedding_table(out, table)
             return attrs
         attrs["world_size"] = world.size
         run_id = sha256_json({k: attrs[k] for k in ("weights_sha256", "manifest_sha256", "world_size", "precision")})
@@ -488,6 +535,8 @@ def extract_embeddings(
                 flush=True,
             )
             result = {**attrs, "num_images": n, "num_samples": num_samples}
+            if table is not None:
+                write_embedding_table(out, table)
         world.barrier()  # nobody leaves (or reruns) before the joined file exists
         return result
     finally:
@@ -526,7 +575,7 @@ def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show,
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         amp = inference_dtype(DeviceCaps.detect(device))  # bf16 only where native (not V100/T4's emulation)
-    keys, views, lens, sources = [], [], [], []
+    keys, views, lens, sources, ident = [], [], [], [], []
     feats = np.empty((n_rows, dim), np.float32)
     bar = None
     if show:
@@ -535,11 +584,12 @@ def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show,
         bar = tqdm(total=n_rows, unit="img", desc="embed (rank 0)", dynamic_ncols=True, file=sys.stderr)
     groups = [(src, mode, [j[1] for j in js]) for (src, mode), js in itertools.groupby(jobs, lambda j: (j[0], j[2]))]
     batches = itertools.chain.from_iterable(
-        ((src, b) for b in row_loader(paths, mode, batch_size, workers, sizes, timeout)) for src, mode, paths in groups
+        ((src, b) for b in row_loader(paths, mode, batch_size, workers, sizes, timeout, with_identity=True))
+        for src, mode, paths in groups
     )
     i = 0
     with torch.inference_mode(), contextlib.nullcontext() if bar is None else bar:  # an error starts its own line
-        for src, (k, v, img, p) in batches:
+        for src, (k, v, img, p, who) in batches:
             # (the DataLoader turns numpy batches into tensors)
             x = torch.as_tensor(img).unsqueeze(1).to(device, non_blocking=True)
             if device.type == "cuda":
@@ -564,8 +614,69 @@ def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show,
             views.append(np.asarray(v, np.int8))
             lens.append(np.asarray(p, np.float64))
             sources += [src] * len(y)
+            ident += who
             if bar:
                 bar.update(len(y))
     views = np.concatenate(views) if views else np.zeros(0, np.int8)
     lens = np.concatenate(lens) if lens else np.zeros((0, len(LABELS)))
-    _write_part(part, run_id, jobs, keys, views, feats[:i], lens, sources)
+    _write_part(part, run_id, jobs, keys, views, feats[:i], lens, sources, ident)
+
+
+GRID_TOLERANCE = 0.01  # relative pixel-scale difference taken as the same grid (as predict)
+
+
+def grid_mismatch(grid: dict, trained: dict | None) -> str | None:
+    """Why a data folder's pixel grid is not the backbone's training grid, or None (same, or unknown)."""
+    if not trained:
+        return None
+    problems = []
+    a, b = grid.get("pixel_scale_arcsec"), trained.get("pixel_scale_arcsec")
+    if a is not None and b is not None and abs(a - b) > GRID_TOLERANCE * b:
+        problems.append(f'{a:g}"/px, the backbone was trained on {b:g}"/px ({a / b:.3g}x)')
+    s, t = grid.get("image_shape"), trained.get("image_shape")
+    if s and t and list(s) != list(t):
+        problems.append(f"images {s[0]}x{s[1]} px, trained on {t[0]}x{t[1]}")
+    if not problems:
+        return None
+    return (
+        "another pixel grid than the backbone's training data (" + "; ".join(problems) + "): a lens of one size "
+        "looks like another size to it; neighbours and probes compare such features as they are, "
+        "`predict` refuses them"
+    )
+
+
+def write_embedding_table(h5: str | os.PathLike, table: str) -> str:
+    """One row per image of an embeddings file (name, key, source, view, the kept catalogue columns,
+    the known labels) as CSV or FITS (astropy Table, missing values masked)."""
+    import h5py
+
+    from ..downstream.predict import write_table
+
+    with h5py.File(h5, "r") as f:  # everything but the features (8 GB at 10^6 x 2048)
+        e = {k: f[k].asstr()[...] for k in ("keys", "name", "source", "catalog") if k in f}
+        e.setdefault("name", e["keys"])  # a file from before names were kept
+        e.setdefault("source", np.full(len(e["keys"]), "", dtype=object))
+        e.setdefault("catalog", np.full(len(e["keys"]), "{}", dtype=object))
+        e["view"] = f["view"][...]
+        e["params"] = {p: f["params"][p][...] for p in f["params"] if p in LENS_PARAMS} if "params" in f else {}
+        e["params_known"] = {p: f["params_known"][p][...] for p in f["params_known"]} if "params_known" in f else {}
+        e["is_lens"] = f["params"]["is_lens"][...] if "params/is_lens" in f else None
+    rows = []
+    for i in range(len(e["keys"])):
+        row = {
+            "name": str(e["name"][i]),
+            "key": str(e["keys"][i]),
+            "source": str(e["source"][i]),
+            "view": int(e["view"][i]),
+        }
+        kept = json.loads(e["catalog"][i] or "{}")
+        row.update({k: v for k, v in kept.items() if k not in row and not isinstance(v, (dict, list))})
+        for p, v in e["params"].items():
+            known = e["params_known"].get(p)
+            row[p] = float(v[i]) if known is None or known[i] else None
+        if e["is_lens"] is not None:
+            row["is_lens"] = int(e["is_lens"][i])
+        rows.append(row)
+    write_table(rows, str(table))
+    print(f"embed: table of {len(rows)} rows -> {table}", flush=True)
+    return str(table)

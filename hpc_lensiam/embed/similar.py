@@ -14,8 +14,12 @@
   checkpoint, which must be the one the file was made with (weights sha256).
 - ``--anomaly`` ranks every image by its cosine distance (1 - similarity) to its k-th nearest
   neighbour outside its own lens system: large = unlike anything else in the set.
-- Output: a table on stdout, ``--json`` (atomic), ``--out`` a PNG grid of the query and its
-  neighbours (or the top anomalies), images read back from the shards by key, captioned.
+- ``--key`` takes a sample key or an object name (ingested images: the name kept in params.json); it
+  needs ``--source`` only when several folders hold it.
+- Output: a table on stdout, ``--json`` (atomic), ``--table`` CSV and/or FITS (astropy Table: one row
+  per image with its name, source folder, file and the catalogue columns ingest kept), ``--out`` a PNG
+  grid of the query and its neighbours (or the top anomalies), images read back from the shards by
+  key, captioned.
 """
 
 from __future__ import annotations
@@ -150,16 +154,38 @@ class ShardImages:
 
     def __init__(self):
         self._cache: dict[str, dict] = {}
+        self._where: dict[str, dict[str, str]] = {}  # folder -> {key: shard}, for keys that are names
 
-    def get(self, data_dir: str, key: str, view: int) -> tuple[np.ndarray, dict]:
+    def _index(self, data_dir: str) -> dict[str, str]:
+        """{key: shard} of a folder, from its shards' member names (read once)."""
+        import tarfile
+
+        if data_dir not in self._where:
+            index: dict[str, str] = {}
+            for shard in sorted(Path(data_dir).glob("shard-*.tar")):
+                with tarfile.open(shard) as t:
+                    for n in t.getnames():
+                        index.setdefault(n.rsplit("/", 1)[-1].split(".", 1)[0], str(shard))
+            self._where[data_dir] = index
+        return self._where[data_dir]
+
+    def _load(self, shard: str, key: str, data_dir: str) -> dict | None:
         from ..data.loader import read_shard
 
-        shard = str(Path(data_dir) / f"shard-{key.split('_')[0]}.tar")
         if shard not in self._cache:
             if not Path(shard).is_file():
                 raise UserError(f"{shard}: missing (needed for sample {key}; the embeddings name {data_dir})")
             self._cache = {shard: {s["__key__"]: s for s in read_shard(shard)}}  # keep one shard
-        sample = self._cache[shard].get(key)
+        return self._cache[shard].get(key)
+
+    def get(self, data_dir: str, key: str, view: int) -> tuple[np.ndarray, dict]:
+        """The simulator's keys ``AAAAAA_BBBBBB`` live in ``shard-AAAAAA.tar``; any other key (an
+        ingested object's name), or one not there, is looked up in the folder's index of shards."""
+        shard = str(Path(data_dir) / f"shard-{key.split('_')[0]}.tar")
+        sample = self._load(shard, key, data_dir) if Path(shard).is_file() else None
+        if sample is None:
+            shard = self._index(data_dir).get(key, shard)
+            sample = self._load(shard, key, data_dir)
         if sample is None:
             raise UserError(f"{shard}: no sample {key}")
         name = next(n for n in (f"view{view}.npy", "image.npy") if n in sample)
@@ -196,17 +222,20 @@ def draw_grid(panels: list[tuple[np.ndarray, str]], out: str, title: str) -> Non
 
 # --------------------------------------------------------------------------------------- query
 def _row_of(emb: dict, key: str, source: str | None) -> int:
-    rows = np.nonzero((emb["keys"] == key) & (emb["view"] == 1))[0]
+    """The view-1 row of a sample key or an object name, in ``source`` if given."""
+    rows = np.nonzero(((emb["keys"] == key) | (emb["name"] == key)) & (emb["view"] == 1))[0]
     if source is not None:
         rows = rows[emb["source"][rows] == source]
     if len(rows) == 0:
         where = f" in source {source!r}" if source is not None else ""
         raise UserError(
-            f"--key {key}: no such sample{where} in {emb['path']} "
+            f"--key {key}: no such sample or object name{where} in {emb['path']} "
             f"(keys look like {emb['keys'][0]!r}; sources: {', '.join(sorted(set(emb['source'])))})"
         )
     if len(rows) > 1:
-        raise UserError(f"--key {key}: in several sources ({', '.join(emb['source'][rows])}); add --source")
+        raise UserError(
+            f"--key {key}: in several sources ({', '.join(emb['source'][rows])}); add --source with one of them"
+        )
     return int(rows[0])
 
 
@@ -265,6 +294,7 @@ def similar(
     orientation: str = "simulator",
     top: int = 16,
     progress: bool = True,
+    table: list[str] | str | None = None,
 ) -> dict:
     """Nearest neighbours of one image (``key`` or ``image``), or ``anomaly`` scores of all; see module doc."""
     if sum(x is not None and x is not False for x in (key, image, anomaly or None)) != 1:
@@ -276,6 +306,13 @@ def similar(
     for path, flag in ((out, "--out"), (json_out, "--json")):  # before the search, not after it
         if path:
             check_output_file(path, flag)
+    tables = [table] if isinstance(table, str) else list(table or [])
+    for t in tables:
+        from ..downstream.predict import TABLE_SUFFIXES
+
+        if Path(t).suffix not in TABLE_SUFFIXES:
+            raise UserError(f"--table {t}: expected a file ending in {' or '.join(TABLE_SUFFIXES)}")
+        check_output_file(t, "--table")
     emb = load_embeddings(embeddings, need_params=False)
     n = len(emb["features"])
     t0 = time.perf_counter()
@@ -303,8 +340,13 @@ def similar(
         if key is not None:
             q = _row_of(emb, key, source)
             query_vec, skip = x[q : q + 1], emb["pair_id"] == emb["pair_id"][q]
-            query = {"key": key, "source": str(emb["source"][q]), "view": 1}
-            q_img, q_params = shards.get(dirs[query["source"]], key, 1) if out else (None, {})
+            query = {
+                "key": str(emb["keys"][q]),
+                "name": str(emb["name"][q]),
+                "source": str(emb["source"][q]),
+                "view": 1,
+            }
+            q_img, q_params = shards.get(dirs[query["source"]], query["key"], 1) if out else (None, {})
         else:
             feat, q_img, meta = embed_image(emb, image, checkpoint, hdu, pixel_scale, orientation)
             query_vec, skip = unit_vectors(feat, mean), np.zeros(n, bool)
@@ -330,13 +372,34 @@ def similar(
         draw_grid(panels, out, title)
     if json_out:
         atomic_write_json(json_out, report)
+    for t in tables:
+        write_rows_table(rows, t, anomaly, report.get("query"))
     print(
         f"similar: {report['mode']} over {n} images ({report['index']} index) in {report['seconds']:.2f} s"
         + (f"; grid {out}" if out else "")
-        + (f"; json {json_out}" if json_out else ""),
+        + (f"; json {json_out}" if json_out else "")
+        + "".join(f"; table {t}" for t in tables),
         flush=True,
     )
     return report
+
+
+def write_rows_table(rows: list[dict], path: str, anomaly: bool, query: dict | None = None) -> None:
+    """The neighbours (or the ranking) as a CSV/FITS table: rank, cosine (or distance), name, key, source
+    folder, view, then the catalogue columns ingest kept and the known labels; a query by key or image
+    is named in the ``query`` column."""
+    from ..downstream.predict import write_table
+
+    out = []
+    for r in rows:
+        row = {"rank": r["rank"], ("distance" if anomaly else "cosine"): r["score" if anomaly else "similarity"]}
+        if query:
+            row["query"] = query.get("name") or query.get("key") or query.get("image")
+        row.update({"name": r["name"], "key": r["key"], "source": r["source"], "view": r["view"]})
+        row.update({k: v for k, v in r["catalog"].items() if k not in row and not isinstance(v, (dict, list))})
+        row.update({p: v for p, v in r["params"].items() if p not in row})
+        out.append(row)
+    write_table(out, path)
 
 
 def _row(emb: dict, i: int, rank: int, **value) -> dict:
@@ -344,21 +407,31 @@ def _row(emb: dict, i: int, rank: int, **value) -> dict:
     params = {
         p: float(v[i]) for p, v in emb["params"].items() if p not in emb["params_known"] or emb["params_known"][p][i]
     }
+    if emb.get("is_lens") is not None:
+        params["is_lens"] = int(emb["is_lens"][i])
     return {
         "rank": rank,
         **value,
+        "name": str(emb["name"][i]),
         "key": str(emb["keys"][i]),
         "source": str(emb["source"][i]),
         "view": int(emb["view"][i]),
+        "catalog": json.loads(emb["catalog"][i] or "{}"),
         "params": params,
     }
 
 
 def format_table(rows: list[dict], anomaly: bool) -> str:
-    head = ["rank", "distance" if anomaly else "cosine", "source", "key", "view", "theta_E", "gamma", "e1"]
+    head = ["rank", "distance" if anomaly else "cosine", "source", "name", "view", "theta_E", "gamma", "e1"]
     shown = ("theta_E", "gamma", "e1")
     body = [
-        [str(r["rank"]), f"{r['score' if anomaly else 'similarity']:.4f}", r["source"] or "-", r["key"], str(r["view"])]
+        [
+            str(r["rank"]),
+            f"{r['score' if anomaly else 'similarity']:.4f}",
+            r["source"] or "-",
+            r["name"],
+            str(r["view"]),
+        ]
         + [f"{r['params'][p]:.3f}" if p in r["params"] else "-" for p in shown]
         for r in rows
     ]
