@@ -64,6 +64,12 @@ def _cmd_simulate(a):
         lens_fraction=a.lens_fraction,
         engine=a.engine,
         device=a.device,
+        match={
+            "file": a.match,
+            "num_pix": a.num_pix,
+            "correlated_noise_rho": a.correlated_noise,
+            "psf": a.match_psf,
+        },
     )
 
 
@@ -239,8 +245,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pairs", type=int, required=True, help="number of samples (pairs, or images in single mode)")
     s.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     s.add_argument("--mode", choices=("lensiam", "single"), default="lensiam")
-    s.add_argument("--preset", choices=("hst", "euclid"), default=None)
+    s.add_argument(
+        "--preset",
+        choices=("hst", "euclid", "hst-f140w"),
+        default=None,
+        help="instrument; hst-f140w: the DESI-HST F140W lenses' (docs/simulation.md)",
+    )
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--match",
+        default=None,
+        metavar="FILE",
+        help="simulate the instrument of a real cutout (lenstronomy HDF5 or FITS): scale, field, PSF, noise, flux",
+    )
+    s.add_argument("--match-psf", default=None, metavar="FILE", help="--match: its PSF (default: found as ingest does)")
+    s.add_argument("--num-pix", type=int, default=None, help="--match / hst-f140w: image side (default: the file's)")
+    s.add_argument(
+        "--correlated-noise",
+        type=float,
+        default=None,
+        metavar="RHO",
+        help="--match / hst-f140w: neighbour correlation of the background noise (default 0: white)",
+    )
     s.add_argument("--cosmos-dir", default=None, help="GalSim real-galaxy-catalog folder (COSMOS 23.5/25.2)")
     s.add_argument("--psf", nargs="+", default=None, metavar="FITS", help="PSF FITS files (image or cube)")
     s.add_argument("--psf-pixel-scale", type=float, default=None, help="arcsec/pixel of the PSF files")

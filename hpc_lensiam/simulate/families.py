@@ -45,10 +45,43 @@ def resolve_family(
     psf_pixel_scale_arcsec=None,
     overrides: dict | None = None,
     lens_fraction: float | None = None,
+    match: dict | None = None,
 ) -> tuple[object, Callable]:
-    """(validated config, simulator factory) of ``family``; bad flags are UserErrors, before any work."""
+    """(validated config, simulator factory) of ``family``; bad flags are UserErrors, before any work.
+
+    ``match``: the paper family with a real image's instrument (simulate/match.py): a dict of
+    ``file`` (``--match``), ``num_pix``, ``correlated_noise_rho``, ``psf``; also taken for a matched
+    preset (``hst-f140w``) with or without it."""
     if family not in FAMILIES:
         raise UserError(f"--family: {family!r} is not one of {', '.join(FAMILIES)}")
+    from .match import PRESETS as MATCHED_PRESETS
+
+    match = {k: v for k, v in (match or {}).items() if v is not None}
+    if match or preset in MATCHED_PRESETS:
+        if family != "paper":
+            raise UserError(f"--match / --preset {preset}: the paper family only, not --family {family}")
+        if lens_fraction is not None:
+            raise UserError("--lens-fraction: only the survey family has non-lenses (add --family survey)")
+        if match.get("file") is None and preset not in MATCHED_PRESETS:
+            raise UserError("--num-pix / --correlated-noise / --match-psf: need --match FILE or --preset hst-f140w")
+        if match.get("file") is not None and preset is not None:
+            raise UserError(f"--match and --preset {preset}: give one instrument, not both")
+        if psf_files or psf_pixel_scale_arcsec is not None:
+            raise UserError("--psf: a matched instrument uses its own PSF (drop --psf, or --match-psf FILE)")
+        from .match import MatchedSimulator, matched_config
+
+        cfg = matched_config(
+            match=match.get("file"),
+            preset=preset,
+            config_path=config_path,
+            num_pix=match.get("num_pix"),
+            correlated_noise_rho=match.get("correlated_noise_rho"),
+            cosmos_dir=cosmos_dir,
+            match_psf=match.get("psf"),
+        )
+        if overrides:
+            cfg = merge(cfg, overrides, "overrides")
+        return cfg, MatchedSimulator
     if family == "paper":
         if lens_fraction is not None:
             raise UserError("--lens-fraction: only the survey family has non-lenses (add --family survey)")

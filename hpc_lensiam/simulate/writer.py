@@ -278,6 +278,9 @@ def input_hashes(cfg) -> dict:
     from .sources import CATALOG_NAMES
 
     out = {"psf_files": {str(Path(f).resolve()): sha256_file(f) for f in getattr(cfg, "psf_files", None) or []}}
+    if getattr(cfg, "match_file", None):  # simulate --match: the real file and the PSF file beside it
+        psf = str(cfg.match_psf_file or "").split("[")[0]
+        out["match_file"] = {str(Path(f).resolve()): sha256_file(f) for f in dict.fromkeys([cfg.match_file, psf]) if f}
     if getattr(cfg, "cosmos_dir", None):
         cat = next((Path(cfg.cosmos_dir) / n for n in CATALOG_NAMES if (Path(cfg.cosmos_dir) / n).is_file()), None)
         out["cosmos_catalog"] = {str(cat.resolve()): sha256_file(cat)} if cat else {}
@@ -442,6 +445,7 @@ def simulate_shards(
     lens_fraction: float | None = None,
     engine: str = "lenstronomy",
     device: str = "cpu",
+    match: dict | None = None,
 ) -> dict:
     """Simulate ``num_samples`` pairs (or single images) into WebDataset shards; return the manifest.
 
@@ -460,6 +464,8 @@ def simulate_shards(
         raise UserError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
     if engine == "torch" and family != "paper":
         raise UserError(f"--engine torch: renders the paper family (EPL + shear) only, not --family {family}")
+    if engine == "torch" and (any(v is not None for v in (match or {}).values()) or preset == "hst-f140w"):
+        raise UserError("--engine torch: renders the paper presets only, not --match or a matched preset")
     if num_samples < 1 or shard_size < 1:
         raise UserError(f"--pairs and --shard-size must be >= 1 (got {num_samples}, {shard_size})")
     if -(-num_samples // shard_size) > MAX_SHARDS:  # before anything else: the count alone is enough
@@ -467,7 +473,16 @@ def simulate_shards(
     if seed < 0:
         raise UserError(f"--seed: must be >= 0, got {seed}")
     cfg, make_simulator = resolve_family(
-        family, mode, preset, config_path, cosmos_dir, psf_files, psf_pixel_scale_arcsec, overrides, lens_fraction
+        family,
+        mode,
+        preset,
+        config_path,
+        cosmos_dir,
+        psf_files,
+        psf_pixel_scale_arcsec,
+        overrides,
+        lens_fraction,
+        match,
     )
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -487,6 +502,8 @@ def simulate_shards(
     }
     if family != "paper":  # the paper family's manifest stays as it was
         plan["family"] = family
+    if getattr(cfg, "match_file", None) or getattr(cfg, "match_psf_file", None):  # simulate/match.py
+        plan["matched"] = {"file": cfg.match_file, "psf": cfg.match_psf_file, "flux_units": cfg.flux_units}
     if engine != "lenstronomy":  # likewise the lenstronomy engine's
         plan["engine"] = engine
         if device_type(device):  # CPU and CUDA random streams differ: the bytes depend on it
