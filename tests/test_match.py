@@ -143,6 +143,9 @@ def test_match_gives_the_files_pixel_scale_psf_and_noise(path, tmp_path):
         fwhm_used = fwhm_arcsec(sim.psf_bank.kernels[view["psf_id"]], scale)
         assert abs(fwhm_used / fwhm_real - 1) <= FWHM_TOL, (fwhm_used, fwhm_real)
         assert np.isfinite(sample["image"]).all() and sample["image"].max() == 1.0
+    bank = [fwhm_arcsec(k, scale) for k in sim.psf_bank.kernels]  # a bank around the file's PSF, not copies
+    assert bank[0] == pytest.approx(fwhm_real, rel=1e-9) and max(bank) > 1.01 * fwhm_real
+    assert all(abs(f / fwhm_real - 1) <= FWHM_TOL for f in bank)
     # a point source through the simulator's own convolution has the file's FWHM
     delta = np.zeros(sim.grid.shape)
     delta[sim.num_pix // 2, sim.num_pix // 2] = 1.0
