@@ -244,10 +244,8 @@ def panel_figure(panels: list[dict], title: str = "", kind: str = DEFAULT_STRETC
     fontsize = 8.0 if n <= 2 else 6.5
     cap_h = cap_lines * fontsize * 1.35 / 72 + 0.12
     label_h = 0.2 if any(p.get("label") for p in panels) else 0.0
-    title_h = 0.25 * (title.count("; ") + 1) + 0.3 if title else 0.1
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(side * cols + 0.2, rows * (side + cap_h + label_h) + title_h), squeeze=False
-    )
+    body_h = rows * (side + cap_h + label_h)
+    fig, axes = plt.subplots(rows, cols, figsize=(side * cols + 0.2, body_h + 0.6), squeeze=False)
     for ax in axes.flat[n:]:
         ax.remove()
     for ax, p in zip(axes.flat, panels):
@@ -255,8 +253,11 @@ def panel_figure(panels: list[dict], title: str = "", kind: str = DEFAULT_STRETC
         if p.get("label"):
             ax.set_xlabel(p["label"], fontsize=fontsize)
     renderer = fig.canvas.get_renderer()
-    if title:
-        fit_suptitle(fig, title, 9 if n > 2 else 8.5, renderer)
+    if title:  # the figure's height follows the title's lines once it fits the width
+        lines = fit_suptitle(fig, title, 9 if n > 2 else 8.5, renderer).count("\n") + 1
+        fig.set_size_inches(fig.get_size_inches()[0], body_h + 0.18 * lines + 0.2)
+    else:
+        fig.set_size_inches(fig.get_size_inches()[0], body_h + 0.1)
     for _ in range(2):  # the layout sets the axes' widths, the captions must fit them: twice settles it
         for ax, p in zip(axes.flat, panels):
             if p.get("caption"):

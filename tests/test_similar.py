@@ -161,7 +161,9 @@ def test_similar_by_key_real_lens_among_simulations(mixed, real_dir, tmp_path, c
 
 def test_similar_by_image_equals_by_key(mixed, ckpt, real_dir, tmp_path, lensiam_shards):
     by_key = similar(str(mixed), key="000000_000000", source=str(real_dir), k=4, progress=False)
-    by_img = similar(str(mixed), image=str(EUCLID), checkpoint=str(ckpt), k=5, progress=False)
+    png = tmp_path / "by_image.png"  # the query panel: the re-ingested file, its scale from the ingest grid
+    by_img = similar(str(mixed), image=str(EUCLID), checkpoint=str(ckpt), k=5, progress=False, out=str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     first = by_img["neighbours"][0]
     assert first["key"] == "000000_000000" and first["source"] == str(real_dir)  # itself, re-ingested
     assert first["similarity"] > 0.9999

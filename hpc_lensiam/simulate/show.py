@@ -29,7 +29,7 @@ def iter_samples(data_dir: str | os.PathLike):
 
 def caption(params: dict) -> str:
     """Lens parameters that are known (all of them for simulations, labels for ingested images),
-    and an ingested image's file name."""
+    and an ingested image's file name (whole: the figure shortens it to fit its panel)."""
     lens = params.get("lens") or {}
     parts = [
         f"{sym}={lens[k]:{fmt}}"
@@ -39,7 +39,7 @@ def caption(params: dict) -> str:
     if "is_lens" in params:
         parts.append("lens" if params["is_lens"] else "non-lens")
     if "ingest" in params:
-        parts.insert(0, Path(params["ingest"]["file"]).name[:24])
+        parts.insert(0, Path(params["ingest"]["file"]).name)
     return "  ".join(parts)
 
 
