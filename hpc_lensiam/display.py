@@ -8,7 +8,8 @@ sky, logarithmic above, so structure a few sigma above the noise and the lens co
 visible.
 
 - noise sigma (:func:`noise_sigma`), in the image's units: the background RMS the sample records
-  (``params["ingest"]["background_rms"]`` over its ``flux_scale``), else the simulator's
+  (``params["ingest"]["background_rms"]`` over its ``flux_scale``, times what the resampling to the
+  target grid did to white noise), else the simulator's
   ``noise_sigma`` of the view (a fraction of the peak), else 1.4826 x the median distance to the
   median of the pixels below it (a one-sided MAD: sources only add flux, so that side is the sky);
 - :func:`stretch`: ``lo`` = median - 0.5 sigma (the sky sits just above black, its noise visible
@@ -64,13 +65,26 @@ def mad_sigma(image: np.ndarray) -> float:
     return float(1.4826 * np.median(below)) if below.size else 0.0
 
 
+def resampled_noise_factor(ingest: dict) -> float:
+    """How ingest's flux-conserving resampling scaled per-pixel white noise: an output pixel ``r`` =
+    out/in pixel scale times wider sums ~r^2 input pixels (noise x r) when ``r`` >= 1, and holds a
+    fraction r^2 of one input pixel (noise x r^2) when upsampling. 1 when the scales are not recorded."""
+    s_in, s_out = ingest.get("pixel_scale_arcsec"), ingest.get("target_pixel_scale_arcsec")
+    if isinstance(s_in, (list, tuple)) and len(s_in) == 2:
+        s_in = math.sqrt(float(s_in[0]) * float(s_in[1]))
+    if not (isinstance(s_in, (int, float)) and isinstance(s_out, (int, float)) and s_in > 0 and s_out > 0):
+        return 1.0
+    r = float(s_out) / float(s_in)
+    return r if r >= 1 else r * r
+
+
 def noise_sigma(image: np.ndarray, params: dict | None = None, view: int = 1) -> tuple[float, str]:
     """(noise sigma in the image's units, where it came from): see the module doc."""
     params = params or {}
     ing = params.get("ingest") or {}
     rms, scale = ing.get("background_rms"), ing.get("flux_scale")
     if isinstance(rms, (int, float)) and isinstance(scale, (int, float)) and rms > 0 and scale > 0:
-        return float(rms) / float(scale), "background_rms"
+        return float(rms) / float(scale) * resampled_noise_factor(ing), "background_rms"
     views = params.get("views") or []
     if 1 <= view <= len(views) and isinstance(views[view - 1], dict):
         s = views[view - 1].get("noise_sigma")

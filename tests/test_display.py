@@ -52,6 +52,12 @@ def test_noise_sigma_prefers_the_recorded_noise_then_the_mad():
         0.005,
         "background_rms",
     )
+    # resampled 0.05"/px -> 0.1"/px: each pixel sums 4 independent ones, the noise doubles; upsampling
+    # 0.1 -> 0.05 spreads a pixel over 4 (each holds a quarter of its flux and noise)
+    down = {"background_rms": 0.02, "flux_scale": 4.0, "pixel_scale_arcsec": 0.05, "target_pixel_scale_arcsec": 0.1}
+    assert display.noise_sigma(img, {"ingest": down})[0] == pytest.approx(0.01)
+    up = {**down, "pixel_scale_arcsec": [0.1, 0.1], "target_pixel_scale_arcsec": 0.05}
+    assert display.noise_sigma(img, {"ingest": up})[0] == pytest.approx(0.005 / 4)
     views = {"views": [{"noise_sigma": 0.01}, {"noise_sigma": 0.03}]}
     assert display.noise_sigma(img, views, view=2) == (0.03, "simulated noise_sigma")
     s, where = display.noise_sigma(img, {"ingest": {"file": "x.fits"}})
