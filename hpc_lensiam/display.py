@@ -3,22 +3,22 @@
 Images here are normalised to a maximum of 1 (simulator and ingest alike), so a bright lens
 galaxy at 1 and an arc a few noise sigmas above the sky (~0.01) are both on the same linear
 0-1 scale, where the arc is invisible. The default display is therefore an asinh stretch whose
-softening is the image's noise level (Lupton et al. 1999, 2004): linear within ~1 sigma of the
-sky, logarithmic above, so structure a few sigma above the noise and the lens core are both
+softening is set by the image's noise level (Lupton et al. 1999, 2004): linear within a few sigma
+of the sky, logarithmic above, so structure a few sigma above the noise and the lens core are both
 visible.
 
 - noise sigma (:func:`noise_sigma`), in the image's units: the background RMS the sample records
   (``params["ingest"]["background_rms"]`` over its ``flux_scale``, times what the resampling to the
-  target grid did to white noise), else the simulator's
-  ``noise_sigma`` of the view (a fraction of the peak), else 1.4826 x the median distance to the
-  median of the pixels below it (a one-sided MAD: sources only add flux, so that side is the sky);
+  target grid did to white noise), else the simulator's ``noise_sigma`` of the view (a fraction of
+  the peak), else 1.4826 x the median distance to the median of the pixels below it (a one-sided
+  MAD: sources only add flux, so that side is the sky);
 - :func:`stretch`: ``lo`` = median - 0.5 sigma (the sky sits just above black, its noise visible
   but subdued), ``hi`` = the maximum; asinh: ``asinh((x - lo) / a) / asinh((hi - lo) / a)`` with
   ``a`` = 2 sigma (chosen by eye on simulated pairs and the Euclid Q1 lens: 1 sigma made the noise
-  as bright as faint arcs);
-  log: ``log10(1 + 1000 t) / log10(1001)`` of ``t = (x - lo) / (hi - lo)`` (ds9's log); linear: ``t``;
-- scale bar: the largest round length (0.1, 0.2, 0.25, 0.5, 1, 2, 5 ... arcsec) up to a quarter of
-  the field, from the data set's pixel scale;
+  as bright as faint arcs); log: ``log10(1 + 1000 t) / log10(1001)`` of ``t = (x - lo) / (hi - lo)``
+  (ds9's log); linear: ``t``;
+- scale bar: the largest round length (0.05, 0.1, 0.2, 0.25, 0.5, 1, 2, 5 ... arcsec) up to a
+  quarter of the field, from the data set's pixel scale;
 - captions are shortened (middle ellipsis) until they fit their panel, measured with the renderer.
 
 Torch-free; matplotlib is imported inside the drawing functions only.
@@ -43,7 +43,7 @@ BLACK_SIGMA = 0.5  # black level: the sky median minus this many sigmas
 LOG_A = 1000.0  # ds9's log stretch exponent
 NICE_ARCSEC = (0.05, 0.1, 0.2, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 CMAP = "magma"
-STRETCH_HELP = "image display: asinh (default; softening = the noise sigma), linear, or log"
+STRETCH_HELP = "image display: asinh (default; softening 2 x the image's noise sigma), linear, or log"
 
 
 def check_stretch(stretch: str, flag: str = "--stretch") -> str:
