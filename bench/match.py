@@ -112,11 +112,11 @@ def figure(out: str, tmp: Path) -> None:
 
     rows = [r for r in csv.DictReader(open(REAL / "desi_hst" / "labels.csv")) if r["theta_E_arcsec"]]
     panels = []
-    for r in rows[:5]:
+    for i, r in enumerate(rows[:5]):
         path = REAL / "desi_hst" / r["file"]
         real = read_instrument(str(path))
         theta = float(r["theta_E_arcsec"])
-        _, sims = simulate(path, tmp / f"fig_{path.stem}", 2, seed=1, theta_e=theta)
+        _, sims = simulate(path, tmp / f"fig_{path.stem}", 2, seed=i, theta_e=theta)
         rms, scale = real.background_rms_e_per_s, real.pixel_scale_arcsec
         panels.append({"image": real.image, "sigma": rms, "pixel_scale": scale, "caption": f"{r['name']} (real)"})
         for k, (img, p) in enumerate(sims):

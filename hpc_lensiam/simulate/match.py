@@ -51,7 +51,7 @@ class MatchedLensLight:
     centre and ellipticity (perturbed), with a total magnitude in the band; ``bulge_fraction`` of the
     flux in the bulge."""
 
-    mag: Range = (16.5, 20.0)
+    mag: Range = (17.0, 20.0)
     bulge_fraction: Range = (0.3, 0.8)
     bulge_R_sersic_arcsec: Range = (0.1, 0.6)
     bulge_n_sersic: Range = (3.0, 5.5)
@@ -115,7 +115,7 @@ class MatchedSimulationConfig:
     lens: LensPrior = field(default_factory=LensPrior)
     lens_light: MatchedLensLight = field(default_factory=MatchedLensLight)
     source: SourcePrior = field(default_factory=SourcePrior)
-    source_mag: Range = (21.5, 25.0)  # unlensed total magnitude of the source
+    source_mag: Range = (20.5, 24.0)  # unlensed total magnitude of the source
     noise: MatchedNoise = field(default_factory=MatchedNoise)
     psf: MatchedPSF = field(default_factory=MatchedPSF)
     zero_point_mag: float = 26.45
@@ -283,9 +283,13 @@ def _base(preset: str, instrument: dict, noise: dict, zp: float, zp_from: str, k
             "psf_size_pix": int(kernel.shape[0]),
             **instrument,
         },
-        # theta_E of DESI-HST-like lenses (0.9-3.3" measured); centres within a pixel of the cutout centre
+        # theta_E of DESI-HST-like lenses (0.87-3.32" measured); centres within a pixel of the cutout centre;
+        # mass axis ratios q >~ 0.5 (|e| <= 0.28; the five fitted DESI-HST lenses have q 0.66-0.95, the
+        # paper's e1, e2 in [-0.5, 0.5] made q ~ 0.2 deflectors that no such sample has)
         "lens": {
             "theta_E_arcsec": (0.5, 3.5),
+            "e1": (-0.2, 0.2),
+            "e2": (-0.2, 0.2),
             "center_x_arcsec": (-0.08, 0.08),
             "center_y_arcsec": (-0.08, 0.08),
         },
