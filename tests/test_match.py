@@ -260,3 +260,26 @@ def test_match_flags_need_a_matched_instrument():
         resolve_family("survey", "single", preset="hst-f140w")
     with pytest.raises(Exception, match="correlated_noise_rho"):
         resolve_family("paper", "single", preset="hst-f140w", match={"correlated_noise_rho": 0.9})
+
+
+def test_preset_hst_f140w_holds_the_desi_hst_files_numbers():
+    """The stored preset is the DESI-HST F140W files' instrument: their PSF (FWHM within 1%), pixel scale,
+    background RMS and exposure within the files' ranges, a field that holds their arcs."""
+    files = sorted((REAL / "desi_hst").glob("DESIJ*_F140W.h5"))
+    if not files:
+        pytest.skip(f"shared data not present at {REAL / 'desi_hst'}")
+    from hpc_lensiam.simulate.families import resolve_family
+    from hpc_lensiam.simulate.match import read_instrument
+    from hpc_lensiam.simulate.psf import fwhm_arcsec
+
+    real = [read_instrument(str(f)) for f in files]
+    cfg, make = resolve_family("paper", "single", preset="hst-f140w")
+    assert all(r.pixel_scale_arcsec == pytest.approx(cfg.instrument.pixel_scale_arcsec, rel=1e-6) for r in real)
+    rms = [r.background_rms_e_per_s for r in real]
+    assert min(rms) <= cfg.noise.background_rms_e_per_s <= max(rms)
+    assert cfg.noise.background_rms_e_per_s == pytest.approx(float(np.median(rms)), rel=0.03)
+    exposure = [r.exposure_time_s for r in real]
+    assert min(exposure) <= cfg.noise.exposure_time_s <= max(exposure)
+    stored = make(cfg).psf_bank.kernels[0]
+    assert fwhm_arcsec(stored, 0.08) == pytest.approx(fwhm_arcsec(real[0].psf_kernel, 0.08), rel=0.01)
+    assert min(r.shape[0] for r in real) <= cfg.instrument.num_pix <= max(r.shape[0] for r in real)
