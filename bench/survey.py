@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--numerics", type=int, default=0, help="lenses for the supersampling convergence (0: skip)")
     a = ap.parse_args()
 
-    from hpc_lensiam.config import simulation_config
+    from hpc_lensiam.simulate.config import simulation_config
     from hpc_lensiam.simulate.simulator import LensSimulator
     from hpc_lensiam.simulate.survey import survey_config
     from hpc_lensiam.simulate.survey.simulator import SurveySimulator

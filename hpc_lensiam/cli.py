@@ -1,6 +1,6 @@
 """``hpc-lensiam`` command line: argparse subcommands, each calling one public function.
 
-Every user mistake surfaces as a :class:`~hpc_lensiam.errors.UserError`: one line on stderr and
+Every user mistake surfaces as a :class:`~hpc_lensiam.core.errors.UserError`: one line on stderr and
 exit code 2. The Python API is the same functions, so the CLI adds no behaviour of its own.
 """
 
@@ -12,7 +12,8 @@ import sys
 import types
 import typing
 
-from .errors import UserError
+from .core.errors import UserError
+from .core.runtime import is_rank0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,7 +69,8 @@ def _cmd_simulate(a):
 
 
 def _cmd_ingest(a):
-    from .config import IngestConfig, from_dict
+    from .core.config import from_dict
+    from .ingest.config import IngestConfig
     from .ingest.run import ingest
 
     flags = {
@@ -89,7 +91,7 @@ def _cmd_ingest(a):
 def _cmd_verify(a):
     from pathlib import Path
 
-    from .integrity import verify_dataset
+    from .shards.integrity import verify_dataset
 
     bad = verify_dataset(a.data_dir)
     if bad:
@@ -101,13 +103,13 @@ def _cmd_verify(a):
 
 
 def _cmd_show(a):
-    from .simulate.show import show_pairs
+    from .shards.show import show_pairs
 
     show_pairs(data_dir=a.data_dir, out=a.out, n=a.n)
 
 
 def _cmd_train(a):
-    from .config import TrainConfig
+    from .train.config import TrainConfig
     from .train.loop import train, train_config
 
     train(
@@ -208,8 +210,8 @@ def _cmd_compare(a):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import TrainConfig
     from .downstream.tasks import TASKS
+    from .train.config import TrainConfig
 
     p = _Parser(prog="hpc-lensiam", description="LenSiam: self-supervised representations of strong lenses")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -411,16 +413,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _is_rank0() -> bool:
-    """Under mpiexec or torchrun every rank hits the same bad input: let one of them say so."""
-    import os
-
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "RANK"):
-        if os.environ.get(var, "0") != "0":
-            return False
-    return True
-
-
 # Environment failures that are the user's to fix (full disk, read-only or wrong path): one line
 # naming the path, like bad input, rather than a traceback.
 _USER_ERRNOS = {"ENOSPC", "EROFS", "EEXIST", "EACCES", "EPERM", "ENOTDIR", "EISDIR", "EDQUOT", "ENOENT"}
@@ -442,14 +434,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as exc:
-        if _is_rank0():
+        if is_rank0():
             print(f"hpc-lensiam: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # rank-local (one rank's disk): every rank that hits it says so
         line = _os_error_line(exc)
         if line is None:
             raise
-        rank = "" if _is_rank0() else f" (rank {os.environ.get('RANK') or os.environ.get('PMI_RANK')})"
+        rank = "" if is_rank0() else f" (rank {os.environ.get('RANK') or os.environ.get('PMI_RANK')})"
         print(f"hpc-lensiam: error{rank}: {line}", file=sys.stderr)
         return 2
     return 0

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 from conftest import BIN, REPO, _simulate, rerecord_shard, torchrun_cmd, train_tiny
-from hpc_lensiam.config import simulation_config
-from hpc_lensiam.errors import ConfigError, UserError
-from hpc_lensiam.io import read_manifest, sha256_file
+from hpc_lensiam.core.errors import ConfigError, UserError
+from hpc_lensiam.core.io import sha256_file
+from hpc_lensiam.shards.manifest import read_manifest
+from hpc_lensiam.simulate.config import simulation_config
 
 SMALL = {"instrument": {"num_pix": 32}}
 
@@ -93,9 +94,9 @@ def test_manifest_records_size_and_inputs(data):
 
 def test_flipped_byte_found_by_verify_and_train_verify_embed_finetune(copy, tmp_path):
     """Row: bytes flipped inside a shard's image were used by train, embed and finetune."""
-    from hpc_lensiam.data.images import load_images
     from hpc_lensiam.data.loader import ShardError
-    from hpc_lensiam.integrity import check_shards, verify_dataset
+    from hpc_lensiam.shards.integrity import check_shards, verify_dataset
+    from hpc_lensiam.shards.reader import load_images
 
     _flip(copy / "shard-000002.tar")
     bad = verify_dataset(copy, progress=False)
@@ -125,7 +126,8 @@ def test_verify_names_every_bad_shard(copy):
 
 def test_shard_cut_at_a_member_boundary(copy):
     """Row: a shard cut between two samples trained on half the shard without a warning."""
-    from hpc_lensiam.data.loader import ShardError, ShardLoader, read_shard
+    from hpc_lensiam.data.loader import ShardError, ShardLoader
+    from hpc_lensiam.shards.tar import read_shard
 
     path = copy / "shard-000004.tar"
     path.write_bytes(path.read_bytes()[: _member_boundary(path)])
@@ -164,10 +166,12 @@ def test_nan_pixel_named_at_write_and_read(copy, tmp_path):
     """Row: one NaN pixel: training stopped without naming the sample; embed wrote a NaN row."""
     import webdataset as wds
 
-    from hpc_lensiam.data.images import load_images
-    from hpc_lensiam.data.loader import ShardError, ShardLoader, read_shard
-    from hpc_lensiam.integrity import IntegrityError
-    from hpc_lensiam.simulate.writer import encode_sample, npy_bytes
+    from hpc_lensiam.data.loader import ShardError, ShardLoader
+    from hpc_lensiam.shards.integrity import IntegrityError
+    from hpc_lensiam.shards.manifest import npy_bytes
+    from hpc_lensiam.shards.reader import load_images
+    from hpc_lensiam.shards.tar import read_shard
+    from hpc_lensiam.shards.writer import encode_sample
 
     image = np.ones((4, 4), np.float32)
     image[1, 2] = np.nan
@@ -200,7 +204,8 @@ def test_embed_never_writes_nan_rows_and_probe_umap_refuse_them(copy, tmp_path):
     from hpc_lensiam.embed.extract import extract_embeddings
     from hpc_lensiam.embed.probe import probe
     from hpc_lensiam.embed.umap import run_umap
-    from hpc_lensiam.train.checkpoint import load_checkpoint, save_checkpoint
+    from hpc_lensiam.models.weights import load_checkpoint
+    from hpc_lensiam.train.checkpoint import save_checkpoint
 
     run = train_tiny(copy, tmp_path / "run", batch_size=4)
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
@@ -226,7 +231,7 @@ def test_embed_never_writes_nan_rows_and_probe_umap_refuse_them(copy, tmp_path):
 # ------------------------------------------------------------------------------------- locks
 def test_second_simulate_into_a_locked_folder_fails_at_once_naming_the_holder(data, tmp_path):
     """Row: two simulate jobs into one --out gave a mixed data set."""
-    from hpc_lensiam.lock import DirLock
+    from hpc_lensiam.core.lock import DirLock
 
     out = tmp_path / "sim"
     with DirLock(out, "simulate"):
@@ -271,17 +276,17 @@ def test_two_simulate_jobs_started_one_second_apart(tmp_path):
     assert "in use by another job" in line or "different data set (seed: 0 there, 1 asked)" in line
     manifest = read_manifest(out)
     assert manifest["seed"] == 0 and json.loads((out / ".plan.json").read_text())["seed"] == 0
-    from hpc_lensiam.integrity import verify_dataset
+    from hpc_lensiam.shards.integrity import verify_dataset
 
     assert verify_dataset(out, progress=False) == []
 
 
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     code = (
-        f"from hpc_lensiam.lock import DirLock; import time; DirLock({str(tmp_path)!r}, 'train').acquire(); "
+        f"from hpc_lensiam.core.lock import DirLock; import time; DirLock({str(tmp_path)!r}, 'train').acquire(); "
         f"print('held', flush=True); time.sleep(600)"
     )
-    from hpc_lensiam.lock import DirLock
+    from hpc_lensiam.core.lock import DirLock
 
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=_env())
     assert proc.stdout.readline().strip() == "held"
@@ -294,7 +299,7 @@ def test_lock_is_released_when_its_holder_is_killed(tmp_path):
 
 def test_second_train_into_a_locked_run_fails_naming_the_holder(data, tmp_path):
     """Row: two train runs into one --out both exited 0, run A's checkpoints overwritten."""
-    from hpc_lensiam.lock import DirLock
+    from hpc_lensiam.core.lock import DirLock
 
     run = tmp_path / "run"
     with DirLock(run, "train"):
@@ -338,7 +343,7 @@ def _resume(data, run, **kw):
 
 
 def test_checkpoint_records_config_hash_and_data(run_a, data):
-    from hpc_lensiam.train.checkpoint import load_checkpoint
+    from hpc_lensiam.models.weights import load_checkpoint
     from hpc_lensiam.train.rundir import config_hash
 
     ckpt = load_checkpoint(run_a / "checkpoints" / "last.pt")

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from conftest import BIN, REPO, _simulate, train_tiny
-from hpc_lensiam.errors import UserError
+from hpc_lensiam.core.errors import UserError
 
 TINY = dict(
     arch="resnet18", batch_size=8, epochs=5, workers=0, proj_dim=64, pred_dim=16, engine="deepspeed", zero_stage=1
@@ -140,7 +140,7 @@ def test_deepspeed_optimizer_file_on_resume(tmp_path, data):
 
     optim.write_bytes(genuine)  # DeepSpeed's own classes (LossScaler, ZeroStageEnum, ...) are allowed
     train(resume, resume=True)
-    from hpc_lensiam.train.checkpoint import load_checkpoint
+    from hpc_lensiam.models.weights import load_checkpoint
 
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3
 
@@ -168,7 +168,7 @@ def test_npy_object_arrays_are_never_unpickled(tmp_path, data):
 
     _refused(_cli("ingest", tmp_path / "cutout.npy", "--out", tmp_path / "ing"), marker, "cutout.npy")
 
-    from hpc_lensiam.io import decode_npy
+    from hpc_lensiam.shards.manifest import decode_npy
 
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=True)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from scipy.stats import ks_2samp
 
-from hpc_lensiam.simulate.show import iter_samples
+from hpc_lensiam.shards.reader import iter_samples
 from hpc_lensiam.simulate.sources import half_light_radius_pix
 from hpc_lensiam.simulate.survey import survey_config
 from hpc_lensiam.simulate.survey.mass import CompositeMass, effective_slope, einstein_radius

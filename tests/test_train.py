@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from conftest import launcher_env, torchrun_cmd
-from hpc_lensiam.config import TrainConfig
-from hpc_lensiam.errors import ConfigError, UserError
-from hpc_lensiam.train.checkpoint import load_checkpoint, load_model_state
+from hpc_lensiam.core.errors import ConfigError, UserError
+from hpc_lensiam.models.weights import load_checkpoint, load_model_state
+from hpc_lensiam.train.config import TrainConfig
 from hpc_lensiam.train.loop import lr_at, scaled_lr, train, train_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -293,7 +293,7 @@ def test_resnet101_one_step(lensiam_shards, tmp_path):
 
 
 def test_bf16_autocast_correctness(lensiam_shards, tmp_path):
-    from hpc_lensiam.models.simsiam import SimSiam, simsiam_loss
+    from hpc_lensiam.models.methods.simsiam import SimSiam, simsiam_loss
     from hpc_lensiam.train.engine import Engine
 
     cfg = _cfg(lensiam_shards, tmp_path / "bf16", precision="bf16", max_steps=2)

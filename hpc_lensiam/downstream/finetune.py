@@ -18,11 +18,11 @@
   ``--freeze-backbone`` the backbone runs once in eval mode and only the linear head is trained.
 - ``--task classify --target is_lens`` (survey-family sets): the lens-finding task, logistic head and
   BCE, reporting ROC AUC and TPR at FPR 1e-2 / 1e-3 with bootstrap intervals and the ROC curve
-  (tasks.py, classify_metrics.py); the rest of this page holds for both tasks.
+  (tasks.py, evaluation/classify.py); the rest of this page holds for both tasks.
 - Report: test R^2 with a bootstrap 95% interval (1000 resamples, seeded), residual sigma and RMSE
   in the target's units; one line on stdout and, with ``--json``, a JSON file (atomic) that also
   keeps the test targets and predictions, so two backbones can be compared pairwise
-  (``hpc-lensiam compare``; the statistics live in :mod:`hpc_lensiam.stats`). ``--seeds 0,1,2``
+  (``hpc-lensiam compare``; the statistics live in :mod:`hpc_lensiam.evaluation.stats`). ``--seeds 0,1,2``
   runs the recipe once per seed (:mod:`hpc_lensiam.downstream.seeds`).
 """
 
@@ -36,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.images import load_images
-from ..errors import UserError
-from ..io import MANIFEST_NAME, atomic_write_json, check_output_file, read_manifest, sha256_file
+from ..core.errors import UserError
+from ..core.io import atomic_write_json, check_output_file, sha256_file
+from ..shards.manifest import MANIFEST_NAME, read_manifest
+from ..shards.reader import load_images
 from .tasks import make_task
 
 DEFAULT_ARCH = "resnet101"
@@ -73,7 +74,7 @@ def build_model(backbone: str, arch: str | None, seed: int, img_size: int | None
     import torch
 
     from ..models.backbones import ARCHS, BACKBONES, recognise
-    from .export import read_backbone_file, read_sidecar
+    from ..models.weights import read_backbone_file, read_sidecar
 
     if arch is not None and arch not in BACKBONES:
         raise UserError(f"--arch: {arch!r} is not one of {', '.join(ARCHS)}")
@@ -381,7 +382,7 @@ def finetune(
     linear head on the backbone; return (and print) the test report. The tasks are in :mod:`.tasks`."""
     import torch
 
-    from ..runtime import device_for, runtime
+    from ..core.runtime import device_for, runtime
 
     rt = runtime(command="finetune")  # one process: refuses `srun -n N` copies writing the same report
     task = make_task(task, target)

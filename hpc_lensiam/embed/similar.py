@@ -29,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from ..io import atomic_path, atomic_write_json, decode_npy, read_manifest
+from ..core.errors import UserError
+from ..core.io import atomic_path, atomic_write_json
+from ..shards.manifest import read_manifest
 from .extract import load_embeddings
 
 IVF_MIN_ROWS = 50_000  # --anomaly switches from exact to IVF search above this many rows
@@ -137,7 +138,7 @@ def anomaly_scores(
 
 
 # -------------------------------------------------------------------------------------- images
-def _source_dirs(emb: dict) -> dict[str, str]:
+def source_dirs(emb: dict) -> dict[str, str]:
     """source name (as in the file's ``source`` column) -> shard folder."""
     a = emb["attrs"]
     dirs = json.loads(a["data_dirs"]) if "data_dirs" in a else [str(a.get("data_dir", ""))]
@@ -149,25 +150,20 @@ class ShardImages:
     """Images and params.json read back from shards by (folder, key, view), one shard at a time."""
 
     def __init__(self):
-        self._cache: dict[str, dict] = {}
+        from ..shards.reader import SamplesByKey
+
+        self._samples = SamplesByKey()
 
     def get(self, data_dir: str, key: str, view: int) -> tuple[np.ndarray, dict]:
-        from ..data.loader import read_shard
+        from ..shards.reader import decode_member
 
-        shard = str(Path(data_dir) / f"shard-{key.split('_')[0]}.tar")
-        if shard not in self._cache:
-            if not Path(shard).is_file():
-                raise UserError(f"{shard}: missing (needed for sample {key}; the embeddings name {data_dir})")
-            self._cache = {shard: {s["__key__"]: s for s in read_shard(shard)}}  # keep one shard
-        sample = self._cache[shard].get(key)
-        if sample is None:
-            raise UserError(f"{shard}: no sample {key}")
+        sample = self._samples.get(data_dir, key)
         name = next(n for n in (f"view{view}.npy", "image.npy") if n in sample)
-        return decode_npy(sample[name]), json.loads(sample["params.json"])
+        return decode_member(sample, name, sample.get("__url__", "?")), json.loads(sample["params.json"])
 
 
 def _caption(rank: int | None, sim: float | None, key: str, params: dict, label: str = "") -> str:
-    from ..simulate.show import caption
+    from ..shards.show import caption
 
     head = label or (f"#{rank}  cos {sim:.3f}" if rank is not None else "")
     return "\n".join(t for t in (head, key, caption(params)) if t)
@@ -216,10 +212,11 @@ def embed_image(
     """(feature vector, the ingested image, its ingest metadata) on the grid of the file's data."""
     import torch
 
-    from ..config import IngestConfig, from_dict
-    from ..downstream.export import load_backbone
+    from ..core.config import from_dict
+    from ..ingest.config import IngestConfig
     from ..ingest.prepare import prepare
     from ..ingest.read import inspect_cutout
+    from ..models.weights import load_backbone
 
     backbone, info = load_backbone(checkpoint)
     if info["weights_sha256"] != emb["attrs"].get("weights_sha256"):
@@ -228,7 +225,7 @@ def embed_image(
             f"{info['weights_sha256'][:12]} vs {str(emb['attrs'].get('weights_sha256'))[:12]}): "
             "features would not be comparable"
         )
-    data_dir = next(iter(_source_dirs(emb).values()))
+    data_dir = next(iter(source_dirs(emb).values()))
     manifest = read_manifest(data_dir)
     scale = manifest.get("pixel_scale_arcsec") or manifest["config"]["instrument"]["pixel_scale_arcsec"]
     cfg = from_dict(
@@ -278,7 +275,7 @@ def similar(
     t0 = time.perf_counter()
     mean = emb["features"].mean(0, dtype=np.float64).astype(np.float32)
     x = unit_vectors(emb.pop("features"), mean)  # the raw features are not needed again: one copy fewer
-    dirs = _source_dirs(emb)
+    dirs = source_dirs(emb)
     shards = ShardImages()
     report: dict = {"embeddings": str(embeddings), "rows": n, "k": k}
     if anomaly:

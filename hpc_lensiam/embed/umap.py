@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from ..io import LENS_PARAMS, UNITS, atomic_path, check_output_file
+from ..core.errors import UserError
+from ..core.io import atomic_path, check_output_file
+from ..shards.manifest import LENS_PARAMS, UNITS
 from .extract import load_embeddings
 
 LABELS = {
@@ -151,9 +152,9 @@ def save_coords(path: str | Path, coords: np.ndarray, attrs: dict) -> None:
 
 def _overlay_labels(emb: dict) -> list[str]:
     """File names of ingested images (read back from their shards), else source/key."""
-    from .similar import ShardImages, _source_dirs
+    from .similar import ShardImages, source_dirs
 
-    dirs, shards, labels = _source_dirs(emb), ShardImages(), []
+    dirs, shards, labels = source_dirs(emb), ShardImages(), []
     for key, src, view in zip(emb["keys"], emb["source"], emb["view"]):
         try:
             params = shards.get(dirs[src], key, int(view))[1]

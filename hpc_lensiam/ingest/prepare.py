@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import IngestConfig
-from ..errors import UserError
-from ..simulate.psf import _overlap_matrix
+from ..core.errors import UserError
+from ..shards.resample import overlap_matrix
+from .config import IngestConfig
 from .read import CutoutInfo, read_cutout
 
 
@@ -69,8 +69,8 @@ def resample(
     """Flux-conserving resample onto ``num_pix`` x ``num_pix`` pixels of ``scale_out_arcsec``,
     centred on the image centre (the same centring as the simulator's grid)."""
     ny, nx = image.shape
-    wy = _overlap_matrix(ny, scale_y_arcsec, num_pix, scale_out_arcsec, (ny - 1) / 2.0)
-    wx = _overlap_matrix(nx, scale_x_arcsec, num_pix, scale_out_arcsec, (nx - 1) / 2.0)
+    wy = overlap_matrix(ny, scale_y_arcsec, num_pix, scale_out_arcsec, (ny - 1) / 2.0)
+    wx = overlap_matrix(nx, scale_x_arcsec, num_pix, scale_out_arcsec, (nx - 1) / 2.0)
     return wy @ image @ wx.T
 
 

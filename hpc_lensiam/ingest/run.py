@@ -8,7 +8,7 @@ Two passes over the inputs, both split across ranks:
    ``skip_bad``, is left out with a warning and counted.
 2. write: the good inputs, in input order, fill shards of ``shard_size``; shard i holds inputs
    i*shard_size.. and is written by whichever rank, through the simulator's shard machinery
-   (:func:`hpc_lensiam.simulate.writer.write_shard_set`): the same bytes for any rank count,
+   (:func:`hpc_lensiam.shards.writer.write_shard_set`): the same bytes for any rank count,
    complete shards kept on a rerun, ``manifest.json`` last.
 
 Preparation runs twice per input (check, then write): the price of refusing bad input before
@@ -24,11 +24,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from .. import __version__
-from ..config import IngestConfig, to_dict
-from ..errors import UserError
-from ..io import LENS_PARAMS, MANIFEST_FORMAT, sha256_json
-from ..simulate.writer import ShardPlan, _check_existing, encode_sample, shard_name, write_shard_set, write_tar
+from ..core import __version__
+from ..core.config import to_dict
+from ..core.errors import UserError
+from ..core.io import sha256_json
+from ..shards.manifest import LENS_PARAMS, MANIFEST_FORMAT, shard_name
+from ..shards.writer import ShardPlan, check_existing, encode_sample, write_shard_set, write_tar
+from .config import IngestConfig
 from .prepare import prepare
 from .read import inspect_cutout
 
@@ -179,7 +181,7 @@ def ingest(
     progress: bool = True,
 ) -> dict:
     """Ingest real cutouts into single-mode shards under ``out_dir``; return the manifest."""
-    from ..simulate.mpi_env import mpi_world
+    from ..core.runtime import mpi_world
 
     cfg = config or IngestConfig()
     if bool(files) == bool(list_csv):
@@ -221,7 +223,7 @@ def ingest(
         ),
     }
     out = Path(out_dir)
-    _check_existing(out, plan)
+    check_existing(out, plan)
     shards = ShardPlan(len(good), cfg.shard_size)
     manifest = write_shard_set(
         out, plan, shards, progress, "ingest", _write_one(out, cfg, inputs, good, labels, shards)

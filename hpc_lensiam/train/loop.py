@@ -28,14 +28,15 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig, from_dict, merge, read_yaml, to_dict
+from ..core.config import from_dict, merge, read_yaml, to_dict
+from ..core.errors import UserError
+from ..core.rng import derive_seed
 from ..data.sources import source_for
-from ..errors import UserError
-from ..io import read_manifest
 from ..models.methods import build_method, recipe
 from ..models.methods.simsiam import z_std
-from ..rng import derive_seed
-from .checkpoint import LAST
+from ..models.weights import LAST
+from ..shards.manifest import read_manifest
+from .config import TrainConfig
 from .monitor import IMAGES_PER_PAIR, METRICS, Monitor
 from .resume import load_weights, restore, verify
 from .rundir import RunDir

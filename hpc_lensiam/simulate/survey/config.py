@@ -1,6 +1,6 @@
 """Typed configuration of the survey family: population, composite mass, observation, selection.
 
-Validated once, like every config of the package (``hpc_lensiam.config.from_dict``): unknown keys,
+Validated once, like every config of the package (``hpc_lensiam.core.config.from_dict``): unknown keys,
 wrong types and impossible ranges raise a ConfigError naming the file and key. The resolved config
 (with ``lens_fraction`` filled in) is stored in the shard manifest, so a data set says how it was made.
 The priors and their sources are documented where they are drawn (population.py, mass.py).
@@ -11,16 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...config import (
-    INSTRUMENT_PRESETS,
-    ConfigError,
-    InstrumentConfig,
-    Range,
-    _check_fraction,
-    _check_range,
-    from_dict,
-    read_yaml,
-)
+from ...core.config import Range, check_fraction, check_range, from_dict, read_yaml
+from ...core.errors import ConfigError
+from ..config import INSTRUMENT_PRESETS, InstrumentConfig
 
 FAMILY = "survey"
 # lenstronomy SimulationAPI observation configs used for each instrument preset (sky, read noise,
@@ -68,12 +61,12 @@ class PopulationPrior:
     def validate(self, where: str) -> None:
         if self.H0_km_s_Mpc <= 0 or not 0 < self.Omega_m < 1:
             raise ConfigError(f"{where}: H0_km_s_Mpc > 0 and 0 < Omega_m < 1 expected")
-        _check_range(where, "z_lens", self.z_lens, lo=0.0, strict_lo=True)
+        check_range(where, "z_lens", self.z_lens, lo=0.0, strict_lo=True)
         if self.z_source_max <= self.z_lens[1] + self.z_source_min_gap:
             raise ConfigError(f"{where}.z_source_max: must exceed z_lens max + z_source_min_gap")
         if self.z_source_min_gap <= 0 or self.z_source_z0 <= 0:
             raise ConfigError(f"{where}: z_source_min_gap and z_source_z0 must be > 0")
-        _check_range(where, "sigma_v_km_s", self.sigma_v_km_s, lo=0.0, strict_lo=True)
+        check_range(where, "sigma_v_km_s", self.sigma_v_km_s, lo=0.0, strict_lo=True)
         for name in (
             "fj_scatter_mag",
             "size_scatter_dex",
@@ -85,12 +78,12 @@ class PopulationPrior:
                 raise ConfigError(f"{where}.{name}: must be >= 0")
         if self.size_R_kpc_at_M0 <= 0 or self.source_size_R_kpc_at_M_star <= 0:
             raise ConfigError(f"{where}: sizes must be > 0")
-        _check_range(where, "n_sersic_lens", self.n_sersic_lens, lo=0.2, hi=10.0)
-        _check_range(where, "source_n_sersic", self.source_n_sersic, lo=0.2, hi=10.0)
-        _check_range(where, "source_q", self.source_q, lo=0.05, hi=1.0)
-        _check_range(where, "source_M", self.source_M)
-        _check_range(where, "interloper_mag", self.interloper_mag)
-        _check_range(where, "lens_center_arcsec", self.lens_center_arcsec)
+        check_range(where, "n_sersic_lens", self.n_sersic_lens, lo=0.2, hi=10.0)
+        check_range(where, "source_n_sersic", self.source_n_sersic, lo=0.2, hi=10.0)
+        check_range(where, "source_q", self.source_q, lo=0.05, hi=1.0)
+        check_range(where, "source_M", self.source_M)
+        check_range(where, "interloper_mag", self.interloper_mag)
+        check_range(where, "lens_center_arcsec", self.lens_center_arcsec)
         if not 0 < self.q_min <= 1 or not 0 < self.q_light_mean <= 1:
             raise ConfigError(f"{where}: q_min and q_light_mean must be in (0, 1]")
         if self.source_radius_theta_E <= 0:
@@ -115,7 +108,7 @@ class MassPrior:
     a4_sigma_theta_E: float = 0.01
 
     def validate(self, where: str) -> None:
-        _check_range(where, "stellar_fraction_theta_E", self.stellar_fraction_theta_E, lo=0.0, hi=1.0)
+        check_range(where, "stellar_fraction_theta_E", self.stellar_fraction_theta_E, lo=0.0, hi=1.0)
         for name in ("halo_r_s_kpc_median", "halo_q_mean", "shear_max"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}.{name}: must be > 0")
@@ -189,7 +182,7 @@ class SurveySourceSettings:
     #                                              block-summed to it (simulator.py: flux kept, no aliasing)
 
     def validate(self, where: str) -> None:
-        _check_fraction(where, "cosmos_fraction", self.cosmos_fraction)
+        check_fraction(where, "cosmos_fraction", self.cosmos_fraction)
         if self.cosmos_min_size_pix < 1:
             raise ConfigError(f"{where}.cosmos_min_size_pix: must be >= 1")
         if self.cosmos_max_noise_frac <= 0:
@@ -225,8 +218,8 @@ class SurveySimulationConfig:
         if self.preset not in OBSERVATIONS:
             raise ConfigError(f"{where}.preset: {self.preset!r} is not one of {', '.join(OBSERVATIONS)}")
         if self.lens_fraction is not None:
-            _check_fraction(where, "lens_fraction", self.lens_fraction)
-        _check_fraction(where, "non_lens_source_absent_fraction", self.non_lens_source_absent_fraction)
+            check_fraction(where, "lens_fraction", self.lens_fraction)
+        check_fraction(where, "non_lens_source_absent_fraction", self.non_lens_source_absent_fraction)
         if self.psf_pixel_scale_arcsec is not None and self.psf_pixel_scale_arcsec <= 0:
             raise ConfigError(f"{where}.psf_pixel_scale_arcsec: must be > 0")
 

@@ -1,30 +1,14 @@
-"""A PNG grid of simulated samples, so a user can look at what was simulated."""
+"""``hpc-lensiam show``: a PNG grid of a shard set's samples, so a user can look at what was simulated."""
 
 from __future__ import annotations
 
-import json
 import os
 from itertools import islice
 from pathlib import Path
 
-from ..errors import UserError
-from ..integrity import check_finite, check_shards, shard_samples
-from ..io import atomic_path, check_output_file, decode_npy, shard_paths
-
-
-def iter_samples(data_dir: str | os.PathLike):
-    """Decoded samples of a shard folder in manifest order: dicts of arrays + ``params``.
-
-    Shards are checked against the manifest (size, end-of-archive, sample count) and pixels must be
-    finite, as for training: a picture of damaged data is an error, not a plausible image."""
-    manifest = check_shards(data_dir)
-    for path, entry in zip(shard_paths(data_dir, manifest), manifest["shards"]):
-        for raw in shard_samples(path, int(entry["num_samples"])):
-            sample = {"key": raw["__key__"], "params": json.loads(raw["params.json"])}
-            for name in ("view1", "view2", "image"):
-                if f"{name}.npy" in raw:
-                    sample[name] = check_finite(decode_npy(raw[f"{name}.npy"]), path, raw["__key__"], f"{name}.npy")
-            yield sample
+from ..core.errors import UserError
+from ..core.io import atomic_path, check_output_file
+from .reader import iter_samples
 
 
 def caption(params: dict) -> str:

@@ -6,8 +6,9 @@ sample count and sha256 when it is written; the checks here compare a shard with
 
 * :func:`check_shards` -- cheap, always: every listed shard exists and has the recorded size;
   with ``verify`` also its sha256 (reads every byte). All bad shards are named in one error.
-* :func:`shard_samples` -- the samples of one shard, requiring the tar's end-of-archive blocks
-  and exactly the manifest's sample count, so a shard cut at a member boundary is an error.
+* :func:`hpc_lensiam.shards.reader.shard_samples` -- the samples of one shard, requiring the tar's
+  end-of-archive blocks and exactly the manifest's sample count, so a shard cut at a member boundary
+  is an error.
 * :func:`verify_dataset` -- ``hpc-lensiam verify DIR``: size, tar structure, sample count and
   sha256 of every shard, one line per bad shard.
 * :func:`check_finite` -- a non-finite pixel is an error naming the file and the sample key,
@@ -22,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.tar import read_shard, tar_members
-from .errors import UserError
-from .io import MANIFEST_NAME, read_manifest, sha256_file, shard_paths
+from ..core.errors import UserError
+from ..core.io import sha256_file
+from .manifest import MANIFEST_NAME, read_manifest, shard_paths
+from .tar import tar_members
 
 
 class IntegrityError(UserError):
@@ -133,17 +135,6 @@ def verify_dataset(data_dir: str | os.PathLike, progress: bool = True) -> list[s
         flush=True,
     )
     return bad
-
-
-def shard_samples(path: str, expected: int | None):
-    """The raw samples of one shard (``loader.read_shard``), then an error if their count is not
-    ``expected``: a shard cut cleanly between two samples reads without error otherwise."""
-    n = 0
-    for sample in read_shard(path):
-        n += 1
-        yield sample
-    if expected is not None and n != expected:
-        raise IntegrityError(f"shard {path}: holds {n} samples, the manifest says {expected} (truncated?)")
 
 
 def check_finite(array: np.ndarray, path, key: str, member: str) -> np.ndarray:

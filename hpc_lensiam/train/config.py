@@ -1,0 +1,120 @@
+"""The training command's typed config (``TrainConfig``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..core.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """SimSiam / LenSiam pretraining (the LenSiam paper's recipe). CLI flags override YAML values.
+
+    The defaults below are SimSiam's recipe on a ResNet; ``method`` and ``arch`` choose another
+    recipe (:func:`hpc_lensiam.models.methods.recipe`, docs/methods.md), which
+    :func:`hpc_lensiam.train.loop.train_config` applies under the YAML file and the flags.
+    """
+
+    data: str = ""
+    out: str = "runs/pretrain"
+    mode: str = "lensiam"  # lensiam: stored pair; simsiam: two augmentations of one image
+    method: str = "simsiam"  # simsiam | byol | vicreg | simclr (docs/methods.md)
+    optimizer: str = "sgd"  # sgd | lars | adamw (the method's/backbone's recipe sets it)
+    lr_scaling: str = "linear"  # linear: lr = base_lr x batch/256; sqrt: base_lr x sqrt(batch)
+    engine: str = "ddp"  # ddp | deepspeed
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    arch: str = "resnet101"  # resnet18 | resnet50 | resnet101 | vit_{tiny,small,base}_p{8,10,11}
+    zero_init_residual: bool = True  # SimSiam reference init; false for short runs (docs/results.md)
+    batch_size: int = 64  # per rank
+    grad_accum: int = 1
+    epochs: int = 100
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    base_lr: float = 0.03  # lr = base_lr * global_batch / 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 10.0
+    fix_pred_lr: bool = True
+    proj_dim: int = 2048  # projector output width
+    proj_hidden_dim: int | None = None  # projector hidden width (None: proj_dim; SimSiam uses proj_dim)
+    pred_dim: int = 512  # predictor hidden width (SimSiam, BYOL)
+    ema_tau_base: float = 0.996  # BYOL: target decay at step 0, cosine to 1
+    temperature: float = 0.1  # SimCLR: NT-Xent temperature
+    vicreg_sim_coeff: float = 25.0  # VICReg: invariance, variance, covariance weights
+    vicreg_std_coeff: float = 25.0
+    vicreg_cov_coeff: float = 1.0
+    workers: int = 2
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500  # steps between periodic checkpoints (plus last.pt)
+    keep_last: int = 3  # periodic step_*.pt kept (newest); 0 keeps all
+    deterministic: bool = False  # deterministic algorithms, cudnn.benchmark off (docs/gpu.md)
+    probe_data: str | None = None  # held-out shards: ridge R^2 of theta_E, e1, gamma every probe_every
+    probe_every: int = 500  # steps between lens-physics probes (with probe_data)
+    probe_samples: int = 256  # samples of probe_data embedded per probe (first ones, manifest order)
+    channels_last: bool = True  # CUDA only
+    sync_batchnorm: bool = True  # SyncBatchNorm across ranks (world size > 1); false: per-rank BN
+    deepspeed_config: str | None = None
+    zero_stage: int = 0
+    skip_bad_samples: bool = False
+    verify: bool = False  # sha256 of every shard against the manifest before training
+    online_epoch_samples: int = 100_000  # --data online: samples (pairs or images) per epoch, all ranks
+    online_compile: bool = False  # --data online: torch.compile the ray shooting (minutes once, then fast)
+
+    def validate(self, where: str) -> None:
+        from ..models.backbones import ARCHS
+        from ..models.methods import METHODS
+        from .optim import OPTIMIZERS
+
+        choices = {
+            "mode": ("lensiam", "simsiam"),
+            "engine": ("ddp", "deepspeed"),
+            "precision": ("fp32", "bf16", "fp16"),
+            "arch": ARCHS,
+            "method": tuple(METHODS),
+            "optimizer": OPTIMIZERS,
+            "lr_scaling": ("linear", "sqrt"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{where}.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "epochs",
+            "log_every",
+            "ckpt_every",
+            "proj_dim",
+            "pred_dim",
+            "probe_every",
+            "probe_samples",
+            "online_epoch_samples",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"{where}.max_steps: must be >= 1")
+        if self.keep_last < 0:
+            raise ConfigError(f"{where}.keep_last: must be >= 0 (0 keeps every periodic checkpoint)")
+        if self.workers < 0 or self.base_lr <= 0 or self.warmup_epochs < 0:
+            raise ConfigError(f"{where}: workers >= 0, base_lr > 0 and warmup_epochs >= 0 expected")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"{where}.momentum: {self.momentum} is not in [0, 1)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{where}.weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.seed < 0:
+            raise ConfigError(f"{where}.seed: must be >= 0, got {self.seed}")
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"{where}.shuffle_buffer: must be >= 1, got {self.shuffle_buffer}")
+        if self.proj_hidden_dim is not None and self.proj_hidden_dim < 1:
+            raise ConfigError(f"{where}.proj_hidden_dim: must be >= 1, got {self.proj_hidden_dim}")
+        if not 0.0 <= self.ema_tau_base <= 1.0:
+            raise ConfigError(f"{where}.ema_tau_base: {self.ema_tau_base} is not in [0, 1]")
+        if self.temperature <= 0:
+            raise ConfigError(f"{where}.temperature: must be > 0, got {self.temperature}")
+        for name in ("vicreg_sim_coeff", "vicreg_std_coeff", "vicreg_cov_coeff"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.zero_stage not in (0, 1):
+            raise ConfigError(f"{where}.zero_stage: expected 0 or 1 (ZeRO buys nothing for ResNet101)")
