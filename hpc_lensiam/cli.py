@@ -190,6 +190,7 @@ def _cmd_finetune(a):
         arch=a.arch,
         task=a.task,
         verify=a.verify,
+        save_model=a.save_model,
     )
     if a.seeds is None:
         if a.resume:
@@ -201,6 +202,19 @@ def _cmd_finetune(a):
     if a.seed is not None:
         raise UserError("--seed and --seeds: give one of them")
     finetune_seeds(parse_seeds(a.seeds), out_json=a.json, resume=a.resume, **kw)
+
+
+def _cmd_predict(a):
+    from .downstream.predict import predict
+
+    predict(
+        a.model,
+        a.data,
+        a.out,
+        batch_size=a.batch_size,
+        allow_grid_mismatch=a.allow_grid_mismatch,
+        verify=a.verify,
+    )
 
 
 def _cmd_compare(a):
@@ -393,7 +407,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--json", default=None)
     s.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest first")
+    s.add_argument(
+        "--save-model",
+        default=None,
+        metavar="M.safetensors",
+        help="save the fine-tuned network for `predict` (with --seeds: M.seedS.safetensors per seed)",
+    )
     s.set_defaults(func=_cmd_finetune)
+
+    s = sub.add_parser("predict", help="apply fine-tuned models (finetune --save-model) to shard sets: a catalogue")
+    s.add_argument("--model", nargs="+", required=True, help="saved model(s) of one task: several = an ensemble")
+    s.add_argument("--data", nargs="+", required=True, help="shard set(s) to predict (simulated or ingested)")
+    s.add_argument("--out", required=True, help="catalogue: .csv or .fits, one row per image")
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument(
+        "--allow-grid-mismatch",
+        action="store_true",
+        help="predict data on another pixel grid than the models' training data (refused by default)",
+    )
+    s.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest first")
+    s.set_defaults(func=_cmd_predict)
 
     s = sub.add_parser("compare", help="paired, seed-aware difference of two finetune reports on one test set")
     s.add_argument(

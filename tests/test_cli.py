@@ -29,3 +29,15 @@ def test_both_optional_spellings_give_typed_flags():
     a = p.parse_args(["--old-style", "0.5", "--new-style", "0.25", "--flag"])
     assert (a.old_style, a.new_style, a.flag) == (0.5, 0.25, True)
     assert isinstance(a.old_style, float) and isinstance(a.new_style, float)
+
+
+def test_demo_config_trains_short_runs_without_zero_init_residual():
+    """`make demo` trains a few dozen steps: with the zero-init residual default the backbone stays
+    little more than its stem (README), so its config turns it off, and says nothing false about bf16."""
+    from pathlib import Path
+
+    from hpc_lensiam.train.loop import train_config
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    assert train_config(str(demo)).zero_init_residual is False
+    assert "20x slower" not in demo.read_text()

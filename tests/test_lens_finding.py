@@ -63,6 +63,22 @@ def test_auc_and_tpr_at_fpr_against_definitions():
 
 
 # ------------------------------------------------------------------------------------------ finetune
+def test_summary_line_says_unresolved_below_one_false_positive():
+    """With 11 non-lenses the smallest FPR a threshold can hold is 1/11: TPR at FPR 1e-2 is then not a
+    measurement (it printed "0.08 [0.00, 0.33]" as one), and the line must say so; with 2,000
+    non-lenses both points are resolved and printed with their intervals."""
+    from hpc_lensiam.downstream.tasks import make_task
+
+    rng = np.random.default_rng(0)
+    task = make_task("classify", "is_lens")
+    y = np.r_[np.ones(40), np.zeros(11)].astype(int)
+    _, line = task.report(y, rng.random(y.size), 50, 0, None)
+    assert "TPR@FPR=1e-2 = unresolved (FPR floor 1/11" in line and "TPR@FPR=1e-3 = unresolved" in line, line
+    y = np.r_[np.ones(40), np.zeros(2000)].astype(int)
+    _, line = task.report(y, rng.random(y.size), 50, 0, None)
+    assert "unresolved" not in line and line.count("] (95%") == 1 and "TPR@FPR=1e-3 = 0.00 [" in line, line
+
+
 @pytest.mark.parametrize("frozen", [True, False])
 def test_finetune_classify_reports_auc_tpr_and_roc(survey_shards, tmp_path, frozen):
     from hpc_lensiam.downstream.finetune import finetune

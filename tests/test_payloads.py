@@ -6,6 +6,7 @@ file; the package must refuse it in one line and the marker must never appear. T
 the same file loaded with ``weights_only=False`` does create the marker (checked first, so a test that
 passes is not a payload that never fires).
 
+Fine-tuned models (`finetune --save-model`) are safetensors files, which hold raw tensors and strings.
 Formats that cannot carry code are named here so the list is complete: FITS (PSF banks, COSMOS,
 ingest; astropy reads numbers and header cards) and HDF5 (embeddings; h5py stores numbers and
 strings, it never unpickles) have no such path. ``.npy`` can (object arrays are pickles): every
@@ -175,3 +176,14 @@ def test_npy_object_arrays_are_never_unpickled(tmp_path, data):
     with pytest.raises(ValueError, match="allow_pickle"):
         decode_npy(buf.getvalue())
     assert not marker.exists()
+
+
+def test_saved_model_given_to_predict(tmp_path, data):
+    """A fine-tuned model is a safetensors file (raw tensors and strings): a pickle under that name is
+    refused as "not a safetensors model file", never unpickled."""
+    marker = tmp_path / "ran"
+    pickled = _plant(tmp_path / "model.pt", {"fc.weight": Payload(marker)})
+    _fires(pickled, marker)  # (torch.load itself hands a *.safetensors name to safetensors: fire it as .pt)
+    evil = tmp_path / "model.safetensors"
+    pickled.rename(evil)
+    _refused(_cli("predict", "--model", evil, "--data", data, "--out", tmp_path / "c.csv"), marker, "model.safetensors")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import launcher_env, torchrun_cmd
+from conftest import launcher_env, torchrun_cmd, train_tiny
 from hpc_lensiam.core.errors import ConfigError, UserError
 from hpc_lensiam.models.weights import load_checkpoint, load_model_state
 from hpc_lensiam.train.config import TrainConfig
@@ -424,3 +424,22 @@ def test_deepspeed_config_generated_or_from_json(tmp_path):
     user.write_text("{not json")
     with pytest.raises(ConfigError, match="cannot read DeepSpeed config"):
         deepspeed_config(cfg, world_size=4)
+
+
+def test_max_steps_inside_the_warm_up_is_said_at_start(lensiam_shards, tmp_path, capsys):
+    """`--max-steps` stops a run without shortening its schedule (a stopped run is the prefix of the
+    full one); a 2-rank demo run never left its warm-up and nothing said so. Now the start says where
+    the stop falls: inside the warm-up (a warning naming what to change) or on the cosine (the lr)."""
+    from hpc_lensiam.train.loop import Schedule, train_config
+
+    cfg = train_config(data="x", out="y", epochs=10, warmup_epochs=2, max_steps=15)
+    sched = Schedule.from_config(cfg, world_size=2, batches_per_epoch=10)  # 10 steps/epoch, warm-up 20
+    assert sched.warmup_steps == 20 and sched.end_step == 15
+    assert "stops inside the warm-up (20 steps)" in sched.stop_note()
+    later = Schedule.from_config(train_config(data="x", out="y", epochs=10, warmup_epochs=2, max_steps=60), 2, 10)
+    assert "stops at lr" in later.stop_note() and "warm-up" not in later.stop_note()
+    assert Schedule.from_config(train_config(data="x", out="y", epochs=10), 2, 10).stop_note() is None
+
+    train_tiny(lensiam_shards, tmp_path / "run", epochs=4, warmup_epochs=2, max_steps=2)
+    out = capsys.readouterr().out
+    assert "train: warning: --max-steps 2 stops inside the warm-up" in out, out

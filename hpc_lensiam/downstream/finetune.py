@@ -40,6 +40,8 @@ from ..core.errors import UserError
 from ..core.io import atomic_write_json, check_output_file, sha256_file
 from ..shards.manifest import MANIFEST_NAME, read_manifest
 from ..shards.reader import load_images
+from .model_file import check_model_path, data_grid
+from .model_file import save_model as save_model_file
 from .tasks import make_task
 
 DEFAULT_ARCH = "resnet101"
@@ -107,7 +109,7 @@ def build_model(backbone: str, arch: str | None, seed: int, img_size: int | None
     side_px = spec.img_size_of(features.state_dict())  # the image side the backbone is bound to (a ViT's)
     if side_px:
         desc["img_size"] = side_px
-    desc["feature_dim"] = spec.feature_dim
+    desc["feature_dim"], desc["in_chans"] = spec.feature_dim, in_chans
     return _with_linear_head(features, in_chans, spec.feature_dim), desc
 
 
@@ -377,6 +379,7 @@ def finetune(
     progress: bool = True,
     task: str = "regress",
     verify: bool = False,
+    save_model: str | None = None,
 ) -> dict:
     """Regress ``target`` (``task="regress"``) or find lenses (``task="classify"``, target is_lens) with a
     linear head on the backbone; return (and print) the test report. The tasks are in :mod:`.tasks`."""
@@ -387,6 +390,8 @@ def finetune(
     rt = runtime(command="finetune")  # one process: refuses `srun -n N` copies writing the same report
     task = make_task(task, target)
     check_args(n_train, n_test, epochs, batch_size, val_fraction, lr, seed, out_json)
+    if save_model:
+        check_model_path(save_model)
     t0 = time.perf_counter()
     img_size = None
     if backbone.lower() == "none":  # a random-init backbone bound to an image side (a ViT) takes the data's
@@ -452,13 +457,47 @@ def finetune(
         test_dir,
         time.perf_counter() - t0,
     )
+    if save_model:
+        val_resid = task.decode(predict(net, in_va, batch_size, device)) - split.y_va
+        meta = model_meta(task, desc, recipe, report, train_dir, float(np.std(val_resid, ddof=1)))
+        save_model_file(save_model, model, meta)
+        report["model_file"] = str(save_model)
     if out_json:
         atomic_write_json(out_json, report)
     print(
         f"finetune: {summary}; {desc['arch']} {desc['init']}"
         f"{', frozen' if freeze_backbone else ''} ({backbone}), {len(split.y_tr)} train / {len(split.y_va)} val / "
         f"{len(split.y_te)} test, best epoch {best[1]}/{epochs}, {report['seconds']:.0f} s"
-        + (f"; report {out_json}" if out_json else ""),
+        + (f"; report {out_json}" if out_json else "")
+        + (f"; model {save_model}" if save_model else ""),
         flush=True,
     )
     return report
+
+
+def model_meta(task, desc: dict, recipe: dict, report: dict, train_dir: str, val_residual_sigma: float) -> dict:
+    """What a saved model carries besides its weights (:mod:`.model_file`)."""
+    from ..shards.manifest import UNITS
+
+    metrics = {k: report[k] for k in ("r2", "r2_ci95", "residual_sigma", "bias", "auc", "auc_ci95") if k in report}
+    return {
+        "task": task.name,
+        "target": task.target,
+        "task_state": task.state(),
+        "unit": UNITS.get(task.target, ""),
+        "arch": desc["arch"],
+        "in_chans": desc["in_chans"],
+        "feature_dim": desc["feature_dim"],
+        "img_size": desc.get("img_size"),
+        "input": {**data_grid(train_dir), "normalisation": "each image divided by its maximum (as stored)"},
+        "val_residual_sigma": val_residual_sigma if task.name == "regress" else None,
+        "recipe": recipe,
+        "backbone": report["backbone"],
+        "init": report["init"],
+        "freeze_backbone": report["freeze_backbone"],
+        "pretraining": report.get("pretraining"),
+        "best_epoch": report["best_epoch"],
+        "train_manifest_sha256": report["train_manifest_sha256"],
+        "test_manifest_sha256": report["test_manifest_sha256"],
+        "test_metrics": metrics,
+    }

@@ -53,7 +53,7 @@ def _scores(report: dict) -> list:
 
 def _recipe(kw: dict) -> dict:
     """Everything that makes two runs of one seed the same run: arguments and input file hashes."""
-    recipe = {k: v for k, v in sorted(kw.items()) if k not in ("progress", "verify")}
+    recipe = {k: v for k, v in sorted(kw.items()) if k not in ("progress", "verify", "save_model")}
     for key in ("train_dir", "test_dir"):
         manifest = Path(kw[key]) / MANIFEST_NAME
         recipe[key + "_manifest_sha256"] = sha256_file(manifest) if manifest.is_file() else None
@@ -94,9 +94,12 @@ def _combine(runs: list[dict], seeds: list[int], recipe: dict) -> dict:
 
 
 def finetune_seeds(seeds: list[int], out_json: str | None = None, resume: bool = False, **kw) -> dict:
-    """Run ``finetune(**kw, seed=s)`` for every seed; per-seed reports plus mean +- sd across seeds."""
+    """Run ``finetune(**kw, seed=s)`` for every seed; per-seed reports plus mean +- sd across seeds.
+    ``save_model=M`` saves each seed's model (``M.seedS.safetensors`` when there are several)."""
     from .finetune import finetune
+    from .model_file import seed_path
 
+    save_model = kw.pop("save_model", None)
     recipe = _recipe(kw)
     done: dict[int, dict] = {}
     if resume:
@@ -120,7 +123,8 @@ def finetune_seeds(seeds: list[int], out_json: str | None = None, resume: bool =
         if s in by_seed:
             print(f"finetune: seed {s} already in {out_json}, kept", flush=True)
             continue
-        by_seed[s] = finetune(seed=s, out_json=None, **kw)
+        model = seed_path(save_model, s, len(seeds)) if save_model else None
+        by_seed[s] = finetune(seed=s, out_json=None, save_model=model, **kw)
         if out_json:  # after every seed: an interruption loses only the seed in progress
             atomic_write_json(out_json, _combine([by_seed[q] for q in seeds if q in by_seed], seeds, recipe))
     runs = [by_seed[q] for q in seeds]

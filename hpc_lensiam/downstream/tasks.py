@@ -12,6 +12,7 @@ on the validation loss. What a task class provides (``TASKS`` maps ``--task NAME
 - ``name``; ``__init__(target)`` refuses a ``--target`` the task cannot learn (UserError);
 - ``labels(rows, what)``: its column of the (n, 9) label rows (the 8 lens parameters, then is_lens),
   refusing samples without that label; ``fit(y_train)``: anything learnt from the train split's labels;
+- ``state()`` / ``load_state(d)``: what ``fit`` learnt, as plain numbers (saved with a fine-tuned model);
 - ``encode(y)`` -> the head's float targets; ``loss(out, t)`` on the head's (B,) output (torch);
   ``decode(raw)`` -> the reported test predictions;
 - ``report(y, p, n_boot, seed, out_json)`` -> (metrics dict merged into the JSON report, one summary line).
@@ -54,6 +55,13 @@ class RegressTask:
 
     def fit(self, y_train: np.ndarray) -> None:
         self.mu, self.sd = float(y_train.mean()), float(y_train.std()) or 1.0
+
+    def state(self) -> dict:
+        """What ``fit`` learnt, saved with a model so ``predict`` decodes the head's output the same way."""
+        return {"target_mean": self.mu, "target_std": self.sd}
+
+    def load_state(self, state: dict) -> None:
+        self.mu, self.sd = float(state["target_mean"]), float(state["target_std"])
 
     def encode(self, y: np.ndarray) -> np.ndarray:
         return (y - self.mu) / self.sd
@@ -114,6 +122,12 @@ class ClassifyTask:
         if len(np.unique(y_train)) < 2:
             raise UserError("--n-train: the training split holds one class only; use more samples")
 
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
     def encode(self, y: np.ndarray) -> np.ndarray:
         return y.astype(np.float64)
 
@@ -126,20 +140,27 @@ class ClassifyTask:
         return 1.0 / (1.0 + np.exp(-raw.astype(np.float64)))  # lens probability
 
     def report(self, y: np.ndarray, p: np.ndarray, n_boot: int, seed: int, out_json: str | None) -> tuple[dict, str]:
-        from ..evaluation.classify import classification_report, plot_roc
+        from ..evaluation.classify import FPR_POINTS, classification_report, plot_roc
 
         rep = classification_report(y, p, n_boot, seed)
         if out_json:
             png = str(Path(out_json).with_suffix("")) + "_roc.png"
             rep["roc_png"] = plot_roc(rep, png, title=f"lens finding: {Path(out_json).stem}")
-        t2, t3 = rep["tpr_at_fpr"]["0.01"], rep["tpr_at_fpr"]["0.001"]
+        tprs = ", ".join(f"TPR@FPR={f:.0e}".replace("e-0", "e-") + f" = {_tpr_text(rep, f)}" for f in FPR_POINTS)
         line = (
             f"is_lens AUC = {rep['auc']:.3f} [{rep['auc_ci95'][0]:.3f}, {rep['auc_ci95'][1]:.3f}] "
-            f"(95% bootstrap), TPR@FPR=1e-2 = {t2['tpr']:.2f} [{t2['ci95'][0]:.2f}, {t2['ci95'][1]:.2f}], "
-            f"TPR@FPR=1e-3 = {t3['tpr']:.2f}{'' if t3['resolvable'] else ' (unresolved: too few non-lenses)'}"
-            f"; {rep['n_lenses']} lenses / {rep['n_non_lenses']} non-lenses"
+            f"(95% bootstrap), {tprs}; {rep['n_lenses']} lenses / {rep['n_non_lenses']} non-lenses"
         )
         return rep, line
+
+
+def _tpr_text(rep: dict, fpr: float) -> str:
+    """TPR at ``fpr`` with its interval, or "unresolved" when the test set has fewer than 1/fpr
+    non-lenses (then the number only says "no false positive at all", at any FPR below 1/N_neg)."""
+    t = rep["tpr_at_fpr"][f"{fpr:g}"]
+    if not t["resolvable"]:
+        return f"unresolved (FPR floor 1/{rep['n_non_lenses']}: too few non-lenses)"
+    return f"{t['tpr']:.2f} [{t['ci95'][0]:.2f}, {t['ci95'][1]:.2f}]"
 
 
 # ``--task NAME`` -> its class: a new task is one class with the methods above plus one line here

@@ -85,25 +85,34 @@ def lens_vector(params_json: bytes, where: str) -> np.ndarray:
         raise UserError(f"{where}: params.json lacks the lens parameters ({exc!r})") from None
 
 
-def image_rows(mode: str):
-    """webdataset stage: raw samples -> one row per image (key, view, image, lens vector)."""
+def image_rows(mode: str, with_params: bool = False):
+    """webdataset stage: raw samples -> one row per image (key, view, image, lens vector), and with
+    ``with_params`` the sample's whole ``params.json`` dict last (what a catalogue row carries)."""
     names = views_of(mode)
 
     def expand(samples):
         for s in samples:
             where = f"{s.get('__url__', '?')}:{s['__key__']}"
             lens = lens_vector(s["params.json"], where)
+            extra = (json.loads(s["params.json"]),) if with_params else ()
             for v, name in enumerate(names, start=1):
                 if name + ".npy" not in s:
                     raise UserError(f"{where}: no {name}.npy in a {mode!r} shard")
                 image = decode_member(s, name + ".npy", s.get("__url__", "?"))
-                yield s["__key__"], v, image, lens
+                yield (s["__key__"], v, image, lens, *extra)
 
     return expand
 
 
-def load_images(data_dir: str | os.PathLike, n: int | None = None, what: str = "--data", verify: bool = False):
-    """First ``n`` samples of a shard set (manifest order), one process: (keys, images, labels).
+def load_images(
+    data_dir: str | os.PathLike,
+    n: int | None = None,
+    what: str = "--data",
+    verify: bool = False,
+    with_params: bool = False,
+):
+    """First ``n`` samples of a shard set (manifest order), one process: (keys, images, labels), and
+    with ``with_params`` a fourth item, each sample's ``params.json`` dict.
 
     ``labels`` is (n, 9): the 8 lens parameters and is_lens (``LABELS``; NaN where the set has none).
 
@@ -115,20 +124,21 @@ def load_images(data_dir: str | os.PathLike, n: int | None = None, what: str = "
     if n is not None and n > total:
         raise UserError(f"{what} {data_dir}: asked for {n} samples but it holds only {total}")
     n = total if n is None else n
-    keys, images, lens = [], [], []
-    for k, v, img, p in _iter_rows(data_dir, manifest):
+    keys, images, lens, params = [], [], [], []
+    for k, v, img, p, *extra in _iter_rows(data_dir, manifest, with_params):
         if v != 1:
             continue
-        keys.append(k), images.append(img), lens.append(p)
+        keys.append(k), images.append(img), lens.append(p), params.extend(extra)
         if len(keys) == n:
             break
     if len(keys) < n:
         raise UserError(f"{what} {data_dir}: the shards hold {len(keys)} samples, the manifest says {total}")
-    return keys, np.stack(images).astype(np.float32), np.stack(lens)
+    out = (keys, np.stack(images).astype(np.float32), np.stack(lens))
+    return (*out, params) if with_params else out
 
 
-def _iter_rows(data_dir, manifest):
-    yield from image_rows(manifest["mode"])(raw_samples(data_dir, manifest))
+def _iter_rows(data_dir, manifest, with_params: bool = False):
+    yield from image_rows(manifest["mode"], with_params)(raw_samples(data_dir, manifest))
 
 
 class SamplesByKey:

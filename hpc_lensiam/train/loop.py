@@ -167,6 +167,24 @@ class Schedule:
     def lr(self, step: int) -> float:
         return lr_at(step, self.lr0, self.warmup_steps, self.total_steps)
 
+    def stop_note(self) -> str | None:
+        """Where ``--max-steps`` cuts the schedule, said at start (None when it does not): the schedule
+        is that of ``--epochs`` (so a stopped run is the prefix of the full run, and ``--resume``
+        continues it), so a short ``--max-steps`` may end inside the warm-up or high on the cosine."""
+        if self.end_step >= self.total_steps:
+            return None
+        if self.end_step <= self.warmup_steps:
+            return (
+                f"train: warning: --max-steps {self.end_step} stops inside the warm-up ({self.warmup_steps} steps): "
+                f"the lr never reaches its peak {self.lr0:.6g}; for a complete short schedule lower --epochs "
+                f"(the schedule spans --epochs) and --warmup-epochs instead"
+            )
+        last = self.lr(self.end_step - 1)
+        return (
+            f"train: note: --max-steps {self.end_step} stops at lr {last:.3g} ({last / self.lr0:.0%} of the peak), "
+            f"before the cosine of {self.total_steps} steps ends; --resume with more steps continues the same schedule"
+        )
+
     def state(self, step: int) -> dict:
         """The checkpoint's ``scheduler`` entry (resume warns when steps_per_epoch changed)."""
         return {
@@ -237,6 +255,8 @@ def announce(cfg, engine, sched: Schedule, step: int, resume: bool) -> None:
         f"{'resuming at step ' + str(step) if resume else 'from step 0'}"
         f"{f', stopping at {sched.end_step}' if sched.end_step < sched.total_steps else ''}",
     )
+    if sched.stop_note():
+        _say(engine, sched.stop_note())
 
 
 def write_run_files(engine, run: RunDir, out: Path, sched: Schedule, resume: bool, step: int) -> None:
