@@ -40,7 +40,7 @@ from ..core.errors import UserError
 from ..core.io import atomic_write_json, check_output_file, sha256_file
 from ..shards.manifest import MANIFEST_NAME, read_manifest
 from ..shards.reader import load_images
-from .model_file import check_model_path, data_grid
+from .model_file import check_model_path, data_grid, with_linear_head
 from .model_file import save_model as save_model_file
 from .tasks import make_task
 
@@ -48,23 +48,6 @@ DEFAULT_ARCH = "resnet101"
 
 
 # ---------------------------------------------------------------------------------------- model
-def _with_linear_head(features, in_chans: int, dim: int):
-    """The library model (head = Identity) fed the export contract's input, with ``fc = Linear(D, 1)``:
-    a grayscale image ``(N, 1, H, W)`` goes in repeated on the model's ``in_chans`` channels (3 for a
-    torchvision ResNet, whose folded ``conv1`` then gives the trained features; 1 for a timm ViT)."""
-    import torch.nn as nn
-
-    class LinearHead(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.features, self.in_chans, self.fc = features, in_chans, nn.Linear(dim, 1)
-
-        def forward(self, x):
-            return self.fc(self.features(x.repeat(1, self.in_chans, 1, 1)))
-
-    return LinearHead()
-
-
 def build_model(backbone: str, arch: str | None, seed: int, img_size: int | None = None):
     """(library backbone with a ``Linear(D, 1)`` head ``fc``, description dict).
 
@@ -110,7 +93,7 @@ def build_model(backbone: str, arch: str | None, seed: int, img_size: int | None
     if side_px:
         desc["img_size"] = side_px
     desc["feature_dim"], desc["in_chans"] = spec.feature_dim, in_chans
-    return _with_linear_head(features, in_chans, spec.feature_dim), desc
+    return with_linear_head(features, in_chans, spec.feature_dim), desc
 
 
 def _batches(n: int, batch_size: int, gen=None, drop_single: bool = False):

@@ -92,20 +92,36 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
+def with_linear_head(features, in_chans: int, dim: int):
+    """The library model (head = Identity) fed the export contract's input, with ``fc = Linear(D, 1)``:
+    a grayscale image ``(N, 1, H, W)`` goes in repeated on the model's ``in_chans`` channels (3 for a
+    torchvision ResNet, whose folded ``conv1`` then gives the trained features; 1 for a timm ViT)."""
+    import torch.nn as nn
+
+    class LinearHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features, self.in_chans, self.fc = features, in_chans, nn.Linear(dim, 1)
+
+        def forward(self, x):
+            return self.fc(self.features(x.repeat(1, self.in_chans, 1, 1)))
+
+    return LinearHead()
+
+
 def load_model(path: str | os.PathLike):
     """(network in eval mode on the CPU, metadata) from a saved model: the library backbone of the
     recorded arch with its linear head, loaded strictly (every key present, no key left over)."""
     from safetensors.torch import load_file
 
     from ..models.backbones import BACKBONES
-    from .finetune import _with_linear_head
 
     meta = read_meta(path)
     spec = BACKBONES.get(meta.get("arch"))
     if spec is None:
         raise UserError(f"--model {path}: arch {meta.get('arch')!r} is not a known backbone")
     features, in_chans = spec.library(meta.get("img_size"))
-    net = _with_linear_head(features, in_chans, spec.feature_dim)
+    net = with_linear_head(features, in_chans, spec.feature_dim)
     try:
         missing, unexpected = net.load_state_dict(load_file(str(path)), strict=False)
     except RuntimeError as exc:  # shape mismatch
