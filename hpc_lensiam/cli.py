@@ -12,7 +12,7 @@ import sys
 import types
 import typing
 
-from .core.errors import UserError
+from .core.errors import UserError, os_error_line
 from .core.runtime import is_rank0
 
 
@@ -446,20 +446,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Environment failures that are the user's to fix (full disk, read-only or wrong path): one line
-# naming the path, like bad input, rather than a traceback.
-_USER_ERRNOS = {"ENOSPC", "EROFS", "EEXIST", "EACCES", "EPERM", "ENOTDIR", "EISDIR", "EDQUOT", "ENOENT"}
-
-
-def _os_error_line(exc: OSError) -> str | None:
-    import errno
-
-    if errno.errorcode.get(exc.errno or 0) not in _USER_ERRNOS:
-        return None
-    path = exc.filename if exc.filename is not None else "?"
-    return f"{path}: {exc.strerror}" + (f" (-> {exc.filename2})" if exc.filename2 else "")
-
-
 def main(argv: list[str] | None = None) -> int:
     import os
 
@@ -471,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hpc-lensiam: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # rank-local (one rank's disk): every rank that hits it says so
-        line = _os_error_line(exc)
+        line = os_error_line(exc)
         if line is None:
             raise
         rank = "" if is_rank0() else f" (rank {os.environ.get('RANK') or os.environ.get('PMI_RANK')})"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -462,12 +463,12 @@ def test_psf_file_changed_between_killed_run_and_rerun_is_refused(tmp_path):
     )
     out = tmp_path / "ds"
     manifest = simulate_shards(out_dir=str(out), **kw)
-    assert manifest["inputs"]["psf_files"] == {"psf.fits": sha256_file(psf)}
+    assert manifest["inputs"]["psf_files"] == {str(psf.resolve()): sha256_file(psf)}
     (out / "manifest.json").unlink()  # as if killed before the end
     (out / "shard-000001.tar").unlink()
     psf.unlink()
     _psf_fits(psf, 2.5)
-    with pytest.raises(UserError, match=r"other input files \(sha256 of psf\.fits changed\)"):
+    with pytest.raises(UserError, match=rf"other input files \(sha256 of {re.escape(str(psf.resolve()))} changed\)"):
         simulate_shards(out_dir=str(out), **kw)
     assert not (out / "shard-000001.tar").exists()
 
@@ -593,11 +594,15 @@ def tiny_fs(tmp_path):
 
 
 def test_disk_full_and_read_only_output(tiny_fs):
-    """Row: disk full and read-only output gave tracebacks, some only after the compute."""
+    """Row: disk full and read-only output gave tracebacks, some only after the compute.
+    (A disk that fills while shards are written: test_disk_full_while_writing_shards_...)"""
     out = tiny_fs / "ds"
     line = one_error_line(cli("simulate", "--out", out, "--pairs", 40, "--shard-size", 20, "--seed", 0))
-    assert "No space left on device" in line and str(out) in line
-    assert not list(out.glob(".tmp-*")) and not list(out.glob("shard-*"))  # nothing half written
+    # issue 25: the planned size is checked against the free space before anything is written
+    assert (
+        f"--pairs 40: the data set needs about 3.97 MB (99328 bytes per sample x 40 samples), but --out {out}" in line
+    )
+    assert not out.exists()  # nothing written at all, not even .plan.json
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
     line = one_error_line(cli("simulate", "--out", tiny_fs / "ro", "--pairs", 2, "--shard-size", 2))
     assert "Read-only file system" in line and "ro" in line
@@ -768,3 +773,136 @@ def test_resume_never_runs_beside_trainers_left_by_a_killed_agent(data, tmp_path
                 os.kill(trainer, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# ------------------------------------------------------------------ issue 25: stale and outside
+@pytest.mark.parametrize("name", ["../outside/shard-000001.tar", "ABS", "sub/../shard-000001.tar"])
+def test_manifest_shard_name_leading_out_of_the_folder_is_refused(copy, tmp_path, name):
+    """Issue 25: a manifest naming ``../x.tar`` made verify and the readers use a file outside the
+    data folder (a good shard there: verify was clean). Only plain file names are accepted."""
+    from hpc_lensiam.data.loader import ShardLoader
+    from hpc_lensiam.shards.integrity import check_shards
+    from hpc_lensiam.shards.reader import load_images
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(copy / "shard-000001.tar", outside / "shard-000001.tar")
+    name = str(outside / "shard-000001.tar") if name == "ABS" else name
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"][1]["name"] = name
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    line = one_error_line(cli("verify", copy))
+    assert f"{copy / 'manifest.json'}: shard entry 1 has name {name!r}, not a plain file name" in line, line
+    for read in (
+        lambda: ShardLoader(str(copy), "lensiam", 4, workers=0),
+        lambda: load_images(copy, 4),
+        lambda: check_shards(copy, verify=True),
+    ):
+        with pytest.raises(UserError, match="shard entry 1 has name .* not a plain file name"):
+            read()
+    assert "shard entry 1" in one_error_line(cli("show", copy, "--out", tmp_path / "grid.png"))
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_two_psf_files_of_one_name_edited_between_killed_run_and_rerun_is_refused(tmp_path):
+    """Issue 25: psfA/p.fits and psfB/p.fits were recorded under one key "p.fits" (the last one's
+    sha256), so editing psfA/p.fits between a killed run and its rerun gave a data set made with
+    two PSFs and a clean verify. Both are recorded by resolved path, and the edited one is named."""
+    from hpc_lensiam.simulate.writer import simulate_shards
+
+    (tmp_path / "psfA").mkdir()
+    (tmp_path / "psfB").mkdir()
+    a, b = _psf_fits(tmp_path / "psfA" / "p.fits", 1.5), _psf_fits(tmp_path / "psfB" / "p.fits", 2.5)
+    kw = dict(
+        num_samples=4,
+        shard_size=2,
+        mode="lensiam",
+        seed=0,
+        overrides=SMALL,
+        psf_files=[str(a), str(b)],
+        psf_pixel_scale_arcsec=0.05,
+        progress=False,
+    )
+    out = tmp_path / "ds"
+    manifest = simulate_shards(out_dir=str(out), **kw)
+    (out / "manifest.json").unlink()  # as if killed before the end
+    (out / "shard-000001.tar").unlink()
+    sha_a = sha256_file(a)
+    a.unlink()
+    _psf_fits(a, 3.5)
+    with pytest.raises(UserError, match=rf"other input files \(sha256 of {re.escape(str(a.resolve()))} changed\)"):
+        simulate_shards(out_dir=str(out), **kw)
+    assert not (out / "shard-000001.tar").exists() and not (out / "manifest.json").exists()
+    assert manifest["inputs"]["psf_files"] == {str(a.resolve()): sha_a, str(b.resolve()): sha256_file(b)}
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 4 MB tmpfs (root only): room for the planned data set, until another job fills it."""
+    mnt = tmp_path / "mnt4"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(fs: Path) -> None:
+    """Take every free byte of ``fs``, as another job filling the disk would."""
+    import errno
+
+    fd = os.open(fs / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, bytes(1 << 16))
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_disk_full_while_writing_shards_is_one_line_and_leaves_no_partial_file(small_fs, tmp_path, ranks):
+    """Row (disk full), issue 25 for 2 ranks: the disk fills while `simulate` writes shards (after its
+    size check). Before: with `mpiexec -n 2` a traceback from a rank and MPI_Abort(1); now one
+    `hpc-lensiam: error:` line naming the file, exit 2, no partial file, every shard left complete."""
+    from hpc_lensiam.shards.integrity import verify_dataset
+
+    out = small_fs / "ds"
+    yaml_path = tmp_path / "small.yaml"
+    yaml_path.write_text("instrument:\n  num_pix: 32\n")
+    args = ["simulate", "--out", out, "--pairs", 60, "--shard-size", 2, "--seed", 0, "--config", yaml_path]
+    cmd = [str(BIN / "hpc-lensiam"), *map(str, args)]
+    if ranks > 1:
+        cmd = [str(BIN / "mpiexec"), "-n", str(ranks), *cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("shard-*.tar")):
+        time.sleep(0.05)
+    _fill(small_fs)
+    stdout, stderr = proc.communicate(timeout=600)
+    line = one_error_line(subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr))
+    assert "No space left on device" in line and str(out) in line, line
+    said = [x for x in stderr.splitlines() if x.strip() and not x.startswith("simulate:")]  # not the bar, note
+    assert len(said) <= 2, stderr  # the line, and MPI's own line about the abort
+    assert not list(out.glob(".tmp-*")) and not list((out / ".done").glob(".tmp-*"))  # nothing half written
+    assert not (out / "manifest.json").exists() and list(out.glob("shard-*.tar"))
+    (small_fs / "filler").unlink()  # room again: the rerun keeps the complete shards and finishes
+    rerun = cli(*args)
+    assert rerun.returncode == 0 and "already done" in rerun.stdout and "(0 already done)" not in rerun.stdout
+    assert verify_dataset(out, progress=False) == []
+
+
+def test_huge_pairs_are_refused_at_once_writing_nothing(tmp_path):
+    """Issue 25: `--pairs 1e12 --shard-size 1` ran 30 s in silence with no size or disk check, then
+    left a .plan.json binding the folder to it. Now one line, at once, and nothing written."""
+    out = tmp_path / "ds"
+    start = time.perf_counter()
+    line = one_error_line(cli("simulate", "--out", out, "--pairs", 10**12, "--shard-size", 1))
+    assert "--pairs 1000000000000 --shard-size 1: 1000000000000 shards, more than 1000000 files" in line
+    line = one_error_line(cli("simulate", "--out", out, "--pairs", 10**12, "--shard-size", 10**6))
+    assert "--pairs 1000000000000: the data set needs about 99.3 PB (99328 bytes per sample" in line
+    assert f"but --out {out} is on a file system with" in line and "free" in line
+    assert time.perf_counter() - start < 30 and not out.exists()

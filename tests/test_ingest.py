@@ -15,6 +15,7 @@ import pytest
 
 import conftest
 from hpc_lensiam.cli import main
+from hpc_lensiam.core.io import sha256_file
 from hpc_lensiam.ingest.config import IngestConfig
 from hpc_lensiam.ingest.prepare import resample
 from hpc_lensiam.ingest.run import ingest
@@ -459,3 +460,70 @@ def test_finetune_and_show_read_ingested_shards_unchanged(tmp_path):
             arch="resnet18",
             progress=False,
         )
+
+
+def test_rerun_after_an_input_was_edited_is_refused_naming_it(tmp_path, bin_dir):
+    """Issue 25: kill after 2 of 3 shards, edit an input, rerun: exit 0, verify clean, shard 0 still
+    held the old image (only the input paths were hashed). The inputs' sha256 are in the plan now:
+    the rerun is one error line naming the edited file, and the folder is left as it was."""
+    scale = 0.05
+    files = [
+        write_fits(tmp_path / f"f{i}.fits", sky_image(100, scale, [(0.1 * i, 0, 10.0, 0.2)], seed=i), scale)
+        for i in range(3)
+    ]
+    out = tmp_path / "out"
+    cmd = [str(bin_dir / "hpc-lensiam"), "ingest", *map(str, files), "--out", str(out)]
+    cmd += ["--preset", "euclid", "--num-pix", "40", "--shard-size", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (out / "manifest.json").unlink()  # as if killed after 2 of the 3 shards
+    (out / "shard-000002.tar").unlink()
+    before = {p.name: p.read_bytes() for p in out.glob("shard-*.tar")}
+    files[0].unlink()
+    write_fits(files[0], sky_image(100, scale, [(-0.6, 0.4, 10.0, 0.2)], seed=9), scale)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpc-lensiam: error: "), r.stderr[-2000:]
+    assert f"other input files (sha256 of {files[0].resolve()} changed)" in lines[0]
+    assert {p.name: p.read_bytes() for p in out.glob("shard-*.tar")} == before and not (out / "manifest.json").exists()
+    # restored: the rerun completes the data set
+    files[0].unlink()
+    write_fits(files[0], sky_image(100, scale, [(0.0, 0, 10.0, 0.2)], seed=0), scale)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "wrote 1 new samples (2 already done)" in r.stdout, r.stderr[-2000:]
+    m = read_manifest(out)
+    assert m["inputs"]["cutouts"] == {str(f.resolve()): sha256_file(f) for f in files}
+
+
+@pytest.mark.parametrize(
+    "case,expect",
+    [
+        ("npy_50", ["--pixel-scale 50: ", 'input pixel scale 50"/px (from --pixel-scale) would be upsampled 500x']),
+        ("wcs_1deg", ['input pixel scale 3600"/px (from its WCS) would be upsampled 3.6e+04x', "within 20x"]),
+        ("wcs_tiny", ['would be downsampled 40x onto the target grid of 0.1"/px', '0.005 to 2"/px']),
+        ("plateau", ["is constant on the target grid (no structure"]),
+    ],
+)
+def test_implausible_resampling_or_a_constant_result_is_refused(tmp_path, capsys, case, expect):
+    """Issue 25: --pixel-scale 50 (or a WCS of 1 deg/px) gave exit 0 and a constant image. The input
+    scale must be within 20x of the target's either way, and a result with no structure is refused."""
+    img = sky_image(100, 0.05, [(0, 0, 10.0, 0.2)])
+    extra = []
+    if case == "npy_50":
+        path = tmp_path / "cut.npy"
+        np.save(path, img)
+        extra = ["--pixel-scale", 50]
+    elif case == "wcs_1deg":
+        path = write_fits(tmp_path / "cut.fits", img, 3600.0)
+    elif case == "wcs_tiny":
+        path = write_fits(tmp_path / "cut.fits", sky_image(1000, 0.0025, [(0, 0, 10.0, 0.2)]), 0.0025)
+    else:  # a flat plateau over the field, zeros (the sky) around it: positive but constant in the field
+        img = np.zeros((200, 200))
+        img[40:160, 40:160] = 5.0
+        path = write_fits(tmp_path / "cut.fits", img, 0.05)
+    out = tmp_path / "out"
+    rc, _, err = run_cli(capsys, "ingest", path, "--out", out, "--preset", "euclid", "--num-pix", 40, *extra)
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("hpc-lensiam: error: "), err
+    assert str(path) in err and all(e in err for e in expect), err
+    assert not out.exists()

@@ -213,3 +213,33 @@ def test_online_two_ranks_torchrun(bin_dir, yamls, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "2 rank(s)" in proc.stdout and "2 steps/epoch" in proc.stdout
     assert (out / "checkpoints" / "last.pt").is_file()
+
+
+def test_online_resume_after_a_psf_file_was_edited_is_refused_naming_it(tmp_path):
+    """Issue 25: the online source's identity hashed its config, not the PSF/COSMOS files it names,
+    so `--resume` after the PSF file was edited continued on other data silently."""
+    from astropy.io import fits
+
+    from hpc_lensiam.core.errors import UserError
+    from hpc_lensiam.train.loop import train, train_config
+
+    def psf(sigma: float) -> None:
+        y, x = np.mgrid[-10:11, -10:11]
+        fits.PrimaryHDU(np.exp(-(x**2 + y**2) / (2 * sigma**2)).astype(np.float32)).writeto(
+            tmp_path / "psf.fits", overwrite=True
+        )
+
+    psf(1.5)
+    cfg = tmp_path / "psf.yaml"
+    cfg.write_text(f"instrument:\n  num_pix: 48\npsf_files: [{tmp_path / 'psf.fits'}]\npsf_pixel_scale_arcsec: 0.05\n")
+    spec, run = f"online:{cfg}", tmp_path / "run"
+    kw = dict(batch_size=4, online_epoch_samples=16, ckpt_every=1)
+    train_tiny(spec, run, **{**kw, "max_steps": 1})
+    psf(2.5)
+    flags = dict(data=spec, out=str(run), arch="resnet18", batch_size=4, max_steps=2, epochs=1, workers=0)
+    flags.update(proj_dim=64, pred_dim=16, log_every=1, online_epoch_samples=16, ckpt_every=1)
+    psf_path = str((tmp_path / "psf.fits").resolve())
+    with pytest.raises(UserError, match=r"other settings: data .*; sha256 of " + psf_path.replace(".", r"\.")):
+        train(train_config(**flags), resume=True)
+    psf(1.5)  # the same contents again: the same data, the resume goes on
+    assert train(train_config(**flags), resume=True)["step"] == 2

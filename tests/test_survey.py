@@ -230,7 +230,7 @@ def test_cosmos_sources_are_recorded_and_pass_the_cuts(cosmos_set, cosmos_dir):
     manifest = json.loads((out / "manifest.json").read_text())
     assert (
         manifest["config"]["cosmos_dir"] == str(cosmos_dir)
-        and "real_galaxy_catalog_23.5.fits" in manifest["inputs"]["cosmos_catalog"]
+        and str((cosmos_dir / "real_galaxy_catalog_23.5.fits").resolve()) in manifest["inputs"]["cosmos_catalog"]
     )
     cuts = manifest["config"]["selection"]
     idents = set(int(i) for i in fits.getdata(cosmos_dir / "real_galaxy_catalog_23.5.fits", 1)["IDENT"])

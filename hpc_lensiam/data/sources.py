@@ -40,6 +40,11 @@ class DataSource:
     def identity(self, data: str) -> str:
         raise NotImplementedError
 
+    def inputs(self, data: str) -> dict[str, str]:
+        """{resolved path: sha256} of the files the data are made from (part of ``identity``), so a
+        refused ``--resume`` can name the file that changed; {} when there are none."""
+        return {}
+
     def loader(self, cfg, engine):
         raise NotImplementedError
 
@@ -97,7 +102,21 @@ class OnlineSource(PrefixSource):
     prefix = PREFIX
 
     def identity(self, data: str) -> str:
-        return sha256_json(to_dict(online_config(data)))  # the data is its simulation config
+        """The simulation config, and the contents of the PSF files and COSMOS catalog it names: a
+        file edited between a run and its ``--resume`` is other data (without files: the config's
+        sha256 alone, as before)."""
+        config = to_dict(online_config(data))
+        files = self.inputs(data)
+        return sha256_json({"config": config, "files": files}) if files else sha256_json(config)
+
+    def inputs(self, data: str) -> dict[str, str]:
+        from ..simulate.writer import input_hashes
+
+        try:
+            named = input_hashes(online_config(data))
+        except OSError:  # a missing or unreadable PSF: the loader names it when it loads the bank
+            return {}
+        return {path: sha for files in named.values() for path, sha in files.items()}
 
     def loader(self, cfg, engine):
         return OnlineLoader.from_train_config(cfg, engine.rank, engine.world_size, engine.device)

@@ -90,8 +90,33 @@ def check_covers(info: CutoutInfo, cfg: IngestConfig) -> None:
         )
 
 
+# The target grid may resample an input by at most this factor either way. Real pairs stay well
+# inside it (SDSS 0.396"/px onto HST's 0.05" is 7.9; JWST 0.031" onto Euclid's 0.1" is 1/3.2); a
+# factor beyond it is a wrong --pixel-scale or WCS (50"/px, 1 deg/px), whose result is one input
+# pixel smeared over the whole field: a constant image.
+MAX_RESAMPLE = 20.0
+
+
+def check_scale(info: CutoutInfo, cfg: IngestConfig) -> None:
+    """The input's pixel scale is within :data:`MAX_RESAMPLE` of the target's, either way."""
+    t = cfg.target_pixel_scale_arcsec
+    sx, sy = info.pixel_scales_arcsec
+    up, down = max(sx, sy) / t, t / min(sx, sy)
+    if up <= MAX_RESAMPLE and down <= MAX_RESAMPLE:
+        return
+    factor = f"upsampled {up:.3g}x" if up > MAX_RESAMPLE else f"downsampled {down:.3g}x"
+    scale = f'{sx:g}"/px' if abs(sx - sy) <= 1e-9 * sx else f'{sx:g}" x {sy:g}"/px'
+    where = f"--pixel-scale {cfg.input_pixel_scale_arcsec:g}: {info.path}" if info.scale_from == "flag" else info.path
+    raise UserError(
+        f"{where}: input pixel scale {scale} ({'from --pixel-scale' if info.scale_from == 'flag' else 'from its WCS'}) "
+        f'would be {factor} onto the target grid of {t:g}"/px (expected within {MAX_RESAMPLE:g}x either way: '
+        f'an input scale of {t / MAX_RESAMPLE:g} to {t * MAX_RESAMPLE:g}"/px); check the pixel scale'
+    )
+
+
 def prepare(info: CutoutInfo, cfg: IngestConfig) -> tuple[np.ndarray, dict]:
     """(float32 image, max 1, on the target grid; metadata for params.json)."""
+    check_scale(info, cfg)
     check_covers(info, cfg)
     image, bad = read_cutout(info, cfg)
     if image.shape != info.shape:
@@ -114,6 +139,11 @@ def prepare(info: CutoutInfo, cfg: IngestConfig) -> tuple[np.ndarray, dict]:
         raise UserError(
             f"{info.path}: HDU {info.hdu or 'array'} has no positive flux in the field after sky "
             f"subtraction (sky {sky:g}, {mask_fraction:.0%} masked)"
+        )
+    if float(out.max() - out.min()) <= 1e-6 * top:
+        raise UserError(
+            f"{info.path}: HDU {info.hdu or 'array'} is constant on the target grid (no structure: the "
+            f'{n}x{n} px field of {s:g}"/px sees one flat level; expected an image with a source in it)'
         )
     # residual angle between the x axis and the wanted +RA (simulator) or -RA (sky) direction
     want = 1.0 if cfg.orientation == "simulator" else -1.0

@@ -27,7 +27,7 @@ from pathlib import Path
 from ..core import __version__
 from ..core.config import to_dict
 from ..core.errors import UserError
-from ..core.io import sha256_json
+from ..core.io import sha256_file, sha256_json
 from ..shards.manifest import LENS_PARAMS, MANIFEST_FORMAT, shard_name
 from ..shards.writer import ShardPlan, check_existing, encode_sample, write_shard_set, write_tar
 from .config import IngestConfig
@@ -121,8 +121,12 @@ def read_labels(labels_csv: str, inputs: Sequence[tuple[str, str | None]]) -> di
 
 
 # -------------------------------------------------------------------------------------- passes
-def _check_inputs(inputs, cfg: IngestConfig, comm, rank: int, size: int, progress: bool) -> dict[int, str]:
-    """{input index: error message} over all ranks (each checks inputs rank::size)."""
+def _check_inputs(
+    inputs, cfg: IngestConfig, comm, rank: int, size: int, progress: bool
+) -> tuple[dict[int, str], dict[int, str]]:
+    """({input index: error message}, {input index: sha256 of the file}) over all ranks (each checks
+    inputs rank::size). The sha256 of each good input goes into the plan, so a rerun over a folder
+    whose inputs were edited since is refused instead of keeping shards of the old contents."""
     mine = range(rank, len(inputs), size)
     bar = None
     if progress and rank == 0:
@@ -137,12 +141,16 @@ def _check_inputs(inputs, cfg: IngestConfig, comm, rank: int, size: int, progres
             disable=None,
         )  # None: only on a terminal, so bad input stays one line
     bad: dict[int, str] = {}
+    shas: dict[int, str] = {}
     for i in mine:
         path, hdu = inputs[i]
         try:
             prepare(inspect_cutout(path, cfg, hdu), cfg)
+            shas[i] = sha256_file(path)
         except UserError as exc:
             bad[i] = str(exc)
+        except OSError as exc:
+            bad[i] = f"{path}: cannot read ({exc.strerror})"
         if bar:
             bar.update(1)
     if bar:
@@ -150,7 +158,9 @@ def _check_inputs(inputs, cfg: IngestConfig, comm, rank: int, size: int, progres
     if comm is not None and size > 1:
         for part in comm.allgather(bad):
             bad.update(part)
-    return bad
+        for part in comm.allgather(shas):
+            shas.update(part)
+    return bad, shas
 
 
 def _write_one(out_dir: Path, cfg: IngestConfig, inputs, good: list[int], labels: dict, shards: ShardPlan):
@@ -190,7 +200,7 @@ def ingest(
     labels = read_labels(labels_csv, inputs) if labels_csv else {}
     comm, rank, size = mpi_world()
 
-    bad = _check_inputs(inputs, cfg, comm, rank, size, progress)
+    bad, shas = _check_inputs(inputs, cfg, comm, rank, size, progress)
     if bad and not skip_bad:
         first = min(bad)
         more = f" (and {len(bad) - 1} more bad input(s); --skip-bad leaves them out)" if len(bad) > 1 else ""
@@ -222,6 +232,10 @@ def ingest(
             {"config": config, "inputs": kept, "labels": {str(i): labels[i] for i in sorted(labels)}}
         ),
     }
+    # the inputs' contents, by resolved path: compared on a rerun (shards.writer.check_existing), so a file
+    # edited between a killed run and its rerun is named and refused, never kept as stale shards
+    plan["inputs"] = {"cutouts": {str(Path(inputs[i][0]).resolve()): shas[i] for i in good}}
+    plan["inputs_sha256"] = sha256_json(plan["inputs"])
     out = Path(out_dir)
     check_existing(out, plan)
     shards = ShardPlan(len(good), cfg.shard_size)

@@ -91,10 +91,31 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
             raise UserError(f"{path}: missing key {key!r}")
     if not manifest["shards"]:
         raise UserError(f"{path}: lists no shards")
+    check_shard_names(manifest, path)
     return manifest
+
+
+def check_shard_names(manifest: dict, path: str | os.PathLike) -> None:
+    """Every shard entry names a plain file inside the data folder: a name with a folder part
+    (``../x.tar``, ``/abs/x.tar``, ``sub/x.tar``) would make readers and ``verify`` follow it out."""
+    for i, entry in enumerate(manifest["shards"]):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if (
+            not isinstance(name, str)
+            or name in ("", ".", "..")
+            or "/" in name
+            or "\\" in name
+            or "\0" in name
+            or Path(name).name != name
+        ):
+            raise UserError(
+                f"{path}: shard entry {i} has name {name!r}, not a plain file name (expected a shard "
+                f"file inside the data folder, e.g. shard-000000.tar)"
+            )
 
 
 def shard_paths(data_dir: str | os.PathLike, manifest: dict | None = None) -> list[str]:
     """Absolute paths of every shard the manifest lists, in manifest order."""
     manifest = manifest or read_manifest(data_dir)
+    check_shard_names(manifest, Path(data_dir) / MANIFEST_NAME)
     return [str(Path(data_dir).resolve() / s["name"]) for s in manifest["shards"]]

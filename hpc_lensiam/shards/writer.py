@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import sys
 import tarfile
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.errors import UserError
+from ..core.errors import UserError, os_error_line
 from ..core.io import TMP_PREFIX, atomic_open, atomic_write_json
 from ..core.lock import DirLock
 from .integrity import check_finite, shard_problem
@@ -28,7 +29,7 @@ from .manifest import MANIFEST_NAME, npy_bytes, shard_name
 
 PLAN_NAME = ".plan.json"  # written first: what this folder is being filled with
 DONE_DIR = ".done"  # one record per shard this package wrote: size and sha256
-_TAG_PROGRESS, _TAG_DONE = 11, 12
+_TAG_PROGRESS, _TAG_DONE, _TAG_ERROR = 11, 12, 13
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,50 @@ def write_tar(path: Path, samples, on_sample=None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ MPI
+class _RankFailed(UserError):
+    """Another rank's one-line error (a full disk, bad input), raised on rank 0 to be said once."""
+
+
+def _user_error_line(exc: BaseException) -> str | None:
+    """The one line the CLI would print for ``exc`` (a UserError or a full disk, read-only file
+    system...), or None for anything else (a bug: its traceback is wanted)."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return os_error_line(exc)
+    return None
+
+
+def _fail_ranks(comm, rank: int, out_dir: Path, exc: BaseException) -> None:
+    """End every rank after ``exc`` on this one, with one error line and no partial file.
+
+    A user-side failure (full disk, bad input) on another rank goes to rank 0, which says it
+    (``_RankFailed`` from its progress loop) together with its own; rank 0 removes the partial
+    files of every rank, then aborts the job with exit code 2. A bug aborts with 1 and its traceback.
+    """
+    line = _user_error_line(exc)
+    if line is None:
+        import traceback
+
+        traceback.print_exc()
+        comm.Abort(1)
+        os._exit(1)  # Abort may return before the launcher kills this process: say nothing more
+    if rank != 0:
+        comm.send(line, dest=0, tag=_TAG_ERROR)
+        deadline = time.monotonic() + 120  # rank 0 sees it after its current sample
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+        print(f"hpc-lensiam: error (rank {rank}): {line}", file=sys.stderr, flush=True)  # rank 0 is stuck
+        comm.Abort(2)
+        os._exit(2)
+    print(f"hpc-lensiam: error: {line}", file=sys.stderr, flush=True)
+    time.sleep(1.0)  # let mpiexec pass the line on: an abort can end its forwarding before it is read
+    for stale in [*out_dir.glob(TMP_PREFIX + "*"), *(out_dir / DONE_DIR).glob(TMP_PREFIX + "*")]:
+        stale.unlink(missing_ok=True)  # the other ranks' shards in progress: they end with this job
+    comm.Abort(2)
+    os._exit(2)
+
+
 class _Progress:
     """tqdm on rank 0 over every rank's finished samples; other ranks send small MPI messages."""
 
@@ -132,9 +177,11 @@ class _Progress:
 
         status = MPI.Status()
         while self.done < self.size - 1 and (
-            block or self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG_PROGRESS, status=status)
+            block or self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status)
         ):
-            n = self.comm.recv(source=MPI.ANY_SOURCE, tag=_TAG_PROGRESS, status=status)
+            n = self.comm.recv(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status)
+            if status.Get_tag() == _TAG_ERROR:  # another rank failed on the user's side: say it once, here
+                raise _RankFailed(n)
             if n < 0:  # that rank finished
                 self.done += 1
             elif self.bar:
@@ -170,7 +217,7 @@ def check_existing(out_dir: Path, plan: dict) -> None:
                     if (old.get("inputs") or {}).get(kind, {}).get(n) != sha
                 )
                 raise UserError(
-                    f"{out_dir}: was simulated from other input files (sha256 of "
+                    f"{out_dir}: was made from other input files (sha256 of "
                     f"{', '.join(changed) or 'the PSF/COSMOS file list'} changed); restore "
                     f"them, or choose another --out"
                 )
@@ -254,9 +301,9 @@ def write_shard_set(out_dir: Path, plan: dict, shards: ShardPlan, progress: bool
                 stale.unlink(missing_ok=True)  # partial files of a killed run
             if not (out_dir / PLAN_NAME).is_file():
                 atomic_write_json(out_dir / PLAN_NAME, plan)
-        except UserError as exc:
+        except (UserError, OSError) as exc:  # a full or read-only disk too: every rank must hear of it
             lock.release()
-            failed = str(exc)
+            failed = _user_error_line(exc) or f"{out_dir}: {exc}"
     if comm is not None:
         failed = comm.bcast(failed, root=0)
     if failed:
@@ -281,14 +328,11 @@ def _write_all(comm, rank, size, out_dir, plan, shards, progress, what, write_on
         for index in todo[rank::size]:
             entries[index] = write_one(index, bar.tick)
         bar.finish()
-    except BaseException:
+    except BaseException as exc:
         if bar.bar:  # end the bar's line: the error is a line of its own
             bar.bar.close()
         if comm is not None and size > 1:
-            import traceback
-
-            traceback.print_exc()
-            comm.Abort(1)
+            _fail_ranks(comm, rank, out_dir, exc)
         raise
     if comm is not None:
         gathered = comm.gather(entries, root=0)

@@ -46,14 +46,67 @@ def input_hashes(cfg) -> dict:
 
     Recorded in the plan and manifest (provenance), and compared on a rerun: a PSF file edited
     between a killed run and its rerun would otherwise give one data set made with two PSFs.
+    Keyed by resolved path (the key shows the file name too): two PSFs of one name in two folders
+    are two entries, each checked.
     """
     from .sources import CATALOG_NAMES
 
-    out = {"psf_files": {Path(f).name: sha256_file(f) for f in getattr(cfg, "psf_files", None) or []}}
+    out = {"psf_files": {str(Path(f).resolve()): sha256_file(f) for f in getattr(cfg, "psf_files", None) or []}}
     if getattr(cfg, "cosmos_dir", None):
         cat = next((Path(cfg.cosmos_dir) / n for n in CATALOG_NAMES if (Path(cfg.cosmos_dir) / n).is_file()), None)
-        out["cosmos_catalog"] = {cat.name: sha256_file(cat)} if cat else {}
+        out["cosmos_catalog"] = {str(cat.resolve()): sha256_file(cat)} if cat else {}
     return out
+
+
+MAX_SHARDS = 1_000_000  # shard-NNNNNN.tar: six digits, and already a million files in one folder
+
+
+def _tar_bytes(size: int) -> int:
+    """Bytes one tar member of ``size`` bytes takes: its 512-byte header and its data in 512 blocks."""
+    return 512 + -(-size // 512) * 512
+
+
+def check_planned_size(out_dir: Path, num_samples: int, shard_size: int, num_pix: int, views: int) -> None:
+    """Before anything is written: a sane shard count, and room for the planned data set.
+
+    The size is a lower bound (float32 images as .npy tar members, one 512-byte block of params per
+    sample), less the shards already in ``out_dir`` (a rerun); it is compared with the free space of
+    the file system ``out_dir`` is (or would be) on.
+    """
+    import shutil
+
+    shards = -(-num_samples // shard_size)
+    if shards > MAX_SHARDS:
+        raise UserError(
+            f"--pairs {num_samples} --shard-size {shard_size}: {shards} shards, more than {MAX_SHARDS} files "
+            f"in one folder; raise --shard-size (or lower --pairs)"
+        )
+    per_sample = views * _tar_bytes(128 + 4 * num_pix * num_pix) + _tar_bytes(512)
+    have = sum(p.stat().st_size for p in out_dir.glob("shard-*.tar")) if out_dir.is_dir() else 0
+    need = per_sample * num_samples - have
+    base = out_dir
+    while not base.exists() and base != base.parent:  # the nearest folder that exists
+        base = base.parent
+    if not os.access(base, os.W_OK | os.X_OK):
+        return  # read-only or not ours: the first write says so, naming the file
+    try:
+        free = shutil.disk_usage(base).free
+    except OSError:
+        return  # not a folder we can stat: the write itself will say why
+    if need > free:
+        raise UserError(
+            f"--pairs {num_samples}: the data set needs about {_human(need)} ({per_sample} bytes per sample "
+            f"x {num_samples} samples{', less the shards already there' if have else ''}), but --out "
+            f"{out_dir} is on a file system with {_human(free)} free; lower --pairs or choose another --out"
+        )
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} PB"
 
 
 def torch_simulator(cfg, device: str):
@@ -100,6 +153,8 @@ def simulate_shards(
         raise UserError(f"--engine torch: renders the paper family (EPL + shear) only, not --family {family}")
     if num_samples < 1 or shard_size < 1:
         raise UserError(f"--pairs and --shard-size must be >= 1 (got {num_samples}, {shard_size})")
+    if -(-num_samples // shard_size) > MAX_SHARDS:  # before anything else: the count alone is enough
+        check_planned_size(Path(out_dir), num_samples, shard_size, 8, 1)
     if seed < 0:
         raise UserError(f"--seed: must be >= 0, got {seed}")
     cfg, make_simulator = resolve_family(
@@ -126,6 +181,7 @@ def simulate_shards(
     if engine != "lenstronomy":  # likewise the lenstronomy engine's
         plan["engine"] = engine
     check_existing(out_dir, plan)
+    check_planned_size(out_dir, num_samples, shard_size, cfg.instrument.num_pix, 2 if mode == "lensiam" else 1)
 
     # Build the simulator before touching the folder: a bad COSMOS dir or PSF file writes nothing.
     import warnings

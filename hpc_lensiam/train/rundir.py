@@ -7,8 +7,9 @@
   a killed run are removed under the lock.
 * **Resume guard.** Each checkpoint stores ``config_hash`` (of the keys that define the run,
   :data:`GUARDED`) and ``data_manifest_sha256`` (the data source's identity: a shard directory's
-  manifest sha256, an online source's simulation config's). ``--resume`` with other data or another value of
-  a guarded key is a one-line error naming the keys; with ``--allow-config-change`` the change is
+  manifest sha256, an online source's simulation config's with the sha256 of the PSF/COSMOS files it
+  names, which ``data_inputs`` also stores by path). ``--resume`` with other data or another value of
+  a guarded key is a one-line error naming the keys (and any edited file); with ``--allow-config-change`` the change is
   appended to ``RUN/config_history.yaml`` and ``RUN/config.yaml`` (the first config) stays.
 * **Metrics repair.** On resume ``metrics.csv`` keeps its well-formed rows up to the checkpoint's
   step; a damaged tail (a kill mid-write, a full disk) is dropped with a warning, never fatal.
@@ -73,7 +74,9 @@ class RunDir:
         self.lock = DirLock(self.out, "train")
         # the data's identity (shards: manifest sha256; online: its simulation config's); checks --data
         # before the run folder is created (data/sources.py)
-        self.manifest_sha = source_for(cfg.data).identity(cfg.data)
+        source = source_for(cfg.data)
+        self.manifest_sha = source.identity(cfg.data)
+        self.data_inputs = source.inputs(cfg.data)  # {path: sha256} behind the identity, to name a change
         failed = ""
         if engine.is_main:
             try:
@@ -94,7 +97,10 @@ class RunDir:
 
     def state_keys(self) -> dict:
         """Keys every checkpoint carries so that ``--resume`` can tell it is the same run."""
-        return {"config_hash": config_hash(to_dict(self.cfg)), "data_manifest_sha256": self.manifest_sha}
+        keys = {"config_hash": config_hash(to_dict(self.cfg)), "data_manifest_sha256": self.manifest_sha}
+        if self.data_inputs:
+            keys["data_inputs"] = self.data_inputs
+        return keys
 
     def check_resume(self, ckpt: dict, path: Path) -> None:
         """Refuse to continue ``ckpt`` with other data or another value of a guarded key."""
@@ -103,9 +109,12 @@ class RunDir:
         changes = {k: (old[k], new[k]) for k in GUARDED if k in old and old[k] != new[k]}
         old_data = ckpt.get("data_manifest_sha256")
         if old_data and self.manifest_sha and old_data != self.manifest_sha:
+            was, now = ckpt.get("data_inputs") or {}, self.data_inputs
+            edited = sorted(p for p in {*was, *now} if was.get(p) != now.get(p))
             changes["data"] = (
                 f"{old.get('data')} (manifest sha256 {old_data[:12]})",
-                f"{new['data']} (manifest sha256 {self.manifest_sha[:12]})",
+                f"{new['data']} (manifest sha256 {self.manifest_sha[:12]}"
+                + (f"; sha256 of {', '.join(edited)} changed)" if edited else ")"),
             )
         if changes and not self.allow:
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
