@@ -402,7 +402,7 @@ def test_gloo_sync_batchnorm_equals_full_batch_batchnorm(tmp_path):
 
 
 def test_deepspeed_config_generated_or_from_json(tmp_path):
-    from hpc_lensiam.train.engine import deepspeed_config
+    from hpc_lensiam.train.plan import deepspeed_config
 
     cfg = TrainConfig(batch_size=8, grad_accum=2, precision="bf16", zero_stage=1)
     ds = deepspeed_config(cfg, world_size=4)
