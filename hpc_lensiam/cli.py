@@ -1,6 +1,6 @@
 """``hpc-lensiam`` command line: argparse subcommands, each calling one public function.
 
-Every user mistake surfaces as a :class:`~hpc_lensiam.core.errors.UserError`: one line on stderr and
+Every user mistake surfaces as a :class:`~hpc_lensiam.errors.UserError`: one line on stderr and
 exit code 2. The Python API is the same functions, so the CLI adds no behaviour of its own.
 """
 
@@ -12,7 +12,7 @@ import sys
 import types
 import typing
 
-from .core.errors import UserError, os_error_line
+from .core.errors import PEER_EXIT_CODE, PeerFailure, UserError, os_error_line
 from .core.runtime import is_rank0
 
 
@@ -40,6 +40,16 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
                 default=None,
                 help=f"(default: {f.default if f.default is not dataclasses.MISSING else '...'})",
             )
+
+
+def _add_stretch_flag(parser: argparse.ArgumentParser) -> None:
+    """``--stretch asinh|linear|log`` of every command that draws images; checked by the command (one
+    ``hpc-lensiam: error:`` line naming the allowed values, before any compute)."""
+    from .shards.display import DEFAULT_STRETCH, STRETCH_HELP, STRETCHES
+
+    parser.add_argument(
+        "--stretch", default=DEFAULT_STRETCH, metavar="{" + ",".join(STRETCHES) + "}", help=STRETCH_HELP
+    )
 
 
 def _dataclass_overrides(args: argparse.Namespace, cls) -> dict:
@@ -83,9 +93,24 @@ def _cmd_ingest(a):
         "input_pixel_scale_arcsec": a.pixel_scale,
         "orientation": a.orientation,
         "shard_size": a.shard_size,
+        "each_hdu": a.each_hdu or None,
+        "pad": a.pad or None,
+        "psf": a.psf,
     }
     cfg = from_dict(IngestConfig, {k: v for k, v in flags.items() if v is not None}, "ingest flags")
+    if a.preview is not None:  # checked before anything is read or written
+        from .core.io import check_output_file
+        from .shards.display import check_stretch
+
+        check_stretch(a.stretch)
+        check_output_file(a.preview, "--preview")
+        if a.preview_n < 1:
+            raise UserError(f"--preview-n: expected >= 1, got {a.preview_n}")
     ingest(out_dir=a.out, files=a.files, list_csv=a.list, labels_csv=a.labels, config=cfg, skip_bad=a.skip_bad)
+    if a.preview is not None and is_rank0():  # rank 0 wrote the manifest last: the data set is complete
+        from .shards.show import show_pairs
+
+        show_pairs(a.out, a.preview, n=a.preview_n, stretch=a.stretch, what="ingest --preview")
 
 
 def _cmd_verify(a):
@@ -105,7 +130,7 @@ def _cmd_verify(a):
 def _cmd_show(a):
     from .shards.show import show_pairs
 
-    show_pairs(data_dir=a.data_dir, out=a.out, n=a.n)
+    show_pairs(data_dir=a.data_dir, out=a.out, n=a.n, stretch=a.stretch)
 
 
 def _cmd_train(a):
@@ -131,13 +156,23 @@ def _cmd_embed(a):
         verify=a.verify,
         arch=a.arch,
         seed=a.seed,
+        loader_timeout=a.loader_timeout,
+        table=a.table,
     )
 
 
 def _cmd_umap(a):
     from .embed.umap import run_umap
 
-    run_umap(embeddings=a.embeddings, out=a.out, color=a.color.split(","), seed=a.seed, overlay=a.overlay)
+    run_umap(
+        embeddings=a.embeddings,
+        out=a.out,
+        color=a.color.split(","),
+        seed=a.seed,
+        overlay=a.overlay,
+        coords_out=a.coords,
+        stretch=a.stretch,
+    )
 
 
 def _cmd_probe(a):
@@ -164,6 +199,8 @@ def _cmd_similar(a):
         pixel_scale=a.pixel_scale,
         orientation=a.orientation,
         top=a.top,
+        table=a.table,
+        stretch=a.stretch,
     )
 
 
@@ -262,11 +299,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="--engine torch: torch device (cpu, cuda, cuda:1)")
     s.set_defaults(func=_cmd_simulate)
 
-    s = sub.add_parser("ingest", help="real FITS/.npy cutouts -> single-mode shards on a preset's grid (MPI ranks)")
-    s.add_argument("files", nargs="*", help="FITS or .npy cutouts (or --list)")
+    s = sub.add_parser(
+        "ingest", help="real cutouts (FITS, .npy, lenstronomy HDF5, PNG/JPEG) -> single-mode shards (MPI ranks)"
+    )
+    s.add_argument(
+        "files", nargs="*", help="FITS, .npy (2-D, or an (N,H,W) stack), lenstronomy .h5/.hdf5, PNG/JPEG (or --list)"
+    )
     s.add_argument("--out", required=True, help="output shard directory")
-    s.add_argument("--list", default=None, metavar="CSV", help="catalogue: a 'file' column, optional 'hdu'")
-    s.add_argument("--labels", default=None, metavar="CSV", help="'file' column + lens parameters / is_lens")
+    s.add_argument(
+        "--list",
+        default=None,
+        metavar="CSV",
+        help="catalogue: a 'file' column, optional 'hdu'/'idx', 'name'/'id', 'psf', 'pixel_scale'; others kept",
+    )
+    s.add_argument(
+        "--labels",
+        default=None,
+        metavar="CSV",
+        help="'file' (or 'name'/'id', or 'idx' for one stack) + lens parameters / is_lens; other columns kept",
+    )
+    s.add_argument("--each-hdu", action="store_true", help="FITS: every 2-D image HDU is an object (stamp files)")
+    s.add_argument("--pad", action="store_true", help="pad cutouts smaller than the target field with sky (0)")
+    s.add_argument("--psf", default=None, metavar="FILE", help="PSF of every input (default: psf_*.h5 beside an .h5)")
     s.add_argument("--preset", choices=("hst", "euclid"), default=None, help="target grid (default hst)")
     s.add_argument("--num-pix", type=int, default=None, help="target image side (default: the preset's)")
     s.add_argument(
@@ -294,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--shard-size", type=int, default=None, help="images per shard (default 1000)")
     s.add_argument("--skip-bad", action="store_true", help="leave bad inputs out with a warning instead of stopping")
+    s.add_argument("--preview", default=None, metavar="PNG", help="draw the ingested images (as `show` does) here")
+    s.add_argument("--preview-n", type=int, default=16, metavar="N", help="with --preview: how many (16)")
+    _add_stretch_flag(s)
     s.set_defaults(func=_cmd_ingest)
     s = sub.add_parser(
         "verify",
@@ -307,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("data_dir")
     s.add_argument("--out", required=True)
     s.add_argument("-n", type=int, default=8)
+    _add_stretch_flag(s)
     s.set_defaults(func=_cmd_show)
 
     s = sub.add_parser("train", help="SimSiam/LenSiam pretraining (run under torchrun for several processes)")
@@ -335,15 +393,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--workers", type=int, default=1)
+    s.add_argument(
+        "--loader-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds to wait for one batch from the loader's workers, then fail naming them (default 600)",
+    )
     s.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest first")
+    s.add_argument(
+        "--table", default=None, metavar="T.csv|T.fits", help="also a table: one row per image (name, kept columns)"
+    )
     s.set_defaults(func=_cmd_embed)
 
-    s = sub.add_parser("umap", help="2-D UMAP of embeddings, coloured by lens parameters")
-    s.add_argument("--embeddings", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--color", default="theta_E,e1,gamma")
+    s = sub.add_parser("umap", help="2-D UMAP of embeddings, coloured by any of its columns")
+    s.add_argument("--embeddings", required=True, help="read only")
+    s.add_argument("--out", required=True, help="the figure (PNG, or PDF/SVG by suffix)")
+    s.add_argument(
+        "--color",
+        default="theta_E,e1,gamma",
+        help="columns of the file, comma-separated: lens parameters, is_lens, source, view, any params/ column",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overlay", default=None, help="embeddings of real images to draw on the fitted map")
+    s.add_argument("--coords", default=None, metavar="CSV", help="the 2-D coordinates (default: --out with .csv)")
+    _add_stretch_flag(s)
     s.set_defaults(func=_cmd_umap)
 
     s = sub.add_parser("probe", help="held-out R^2 of k-NN and ridge probes for the 8 lens parameters")
@@ -355,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("similar", help="nearest neighbours by cosine similarity (faiss); --anomaly: most isolated")
     s.add_argument("--embeddings", required=True)
     q = s.add_mutually_exclusive_group(required=True)
-    q.add_argument("--key", default=None, help="query: a sample key of the file (view 1)")
+    q.add_argument("--key", default=None, help="query: a sample key or object name of the file (view 1)")
     q.add_argument("--image", default=None, help="query: a FITS/.npy cutout, ingested and embedded (--checkpoint)")
     q.add_argument("--anomaly", action="store_true", help="rank every image by distance to its k-th neighbour")
     s.add_argument("--source", default=None, help="with --key: the data folder, when several hold the key")
@@ -364,10 +438,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=int, default=16, help="with --anomaly: how many to show")
     s.add_argument("--out", default=None, help="PNG grid of the query and its neighbours")
     s.add_argument("--json", default=None)
+    s.add_argument(
+        "--table",
+        nargs="+",
+        default=None,
+        metavar="T.csv|T.fits",
+        help="the neighbours / ranking as CSV and/or FITS: name, source, kept catalogue columns, labels",
+    )
     s.add_argument("--index", choices=("auto", "flat", "ivf"), default="auto")
     s.add_argument("--hdu", default=None, help="with --image: the image HDU")
     s.add_argument("--pixel-scale", type=float, default=None, help="with --image: arcsec/pixel if no WCS")
     s.add_argument("--orientation", choices=("simulator", "sky", "asis"), default="simulator")
+    _add_stretch_flag(s)
     s.set_defaults(func=_cmd_similar)
 
     s = sub.add_parser("export", help="export the backbone as a stock torchvision state_dict")
@@ -446,6 +528,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _loader_line(exc: RuntimeError, command: str) -> str | None:
+    """A DataLoader worker that died while the main process was not waiting for a batch (torch's
+    SIGCHLD handler raises in whatever the main process runs): one line, as the loaders give."""
+    if not str(exc).startswith("DataLoader "):
+        return None
+    from .data.loader import loader_failure
+
+    return loader_failure(exc, command)
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
@@ -456,8 +548,19 @@ def main(argv: list[str] | None = None) -> int:
         if is_rank0():
             print(f"hpc-lensiam: error: {exc}", file=sys.stderr)
         return 2
+    except PeerFailure as exc:  # another rank failed (it says why) or hung (named here)
+        if not exc.quiet:
+            print(f"hpc-lensiam: error: {exc}", file=sys.stderr, flush=True)
+        return PEER_EXIT_CODE
     except OSError as exc:  # rank-local (one rank's disk): every rank that hits it says so
         line = os_error_line(exc)
+        if line is None:
+            raise
+        rank = "" if is_rank0() else f" (rank {os.environ.get('RANK') or os.environ.get('PMI_RANK')})"
+        print(f"hpc-lensiam: error{rank}: {line}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # a loader worker's death, which torch's SIGCHLD handler raises anywhere
+        line = _loader_line(exc, args.command)
         if line is None:
             raise
         rank = "" if is_rank0() else f" (rank {os.environ.get('RANK') or os.environ.get('PMI_RANK')})"

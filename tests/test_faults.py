@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BIN, REPO, _simulate, rerecord_shard, torchrun_cmd, train_tiny
+from conftest import BIN, REPO, _simulate, launcher_env, rerecord_shard, torchrun_cmd, train_tiny
 from hpc_lensiam.core.errors import ConfigError, UserError
 from hpc_lensiam.core.io import sha256_file
 from hpc_lensiam.shards.manifest import read_manifest
@@ -284,7 +284,7 @@ def test_two_simulate_jobs_started_one_second_apart(tmp_path):
 
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     code = (
-        f"from hpc_lensiam.core.lock import DirLock; import time; DirLock({str(tmp_path)!r}, 'train').acquire(); "
+        f"from hpc_lensiam.lock import DirLock; import time; DirLock({str(tmp_path)!r}, 'train').acquire(); "
         f"print('held', flush=True); time.sleep(600)"
     )
     from hpc_lensiam.core.lock import DirLock
@@ -379,12 +379,68 @@ def test_resume_with_other_data_is_refused_then_allowed_and_recorded(run_copy, d
     with pytest.raises(UserError, match=r"other settings: data .*manifest sha256"):
         _resume(other, run_copy)
     assert _resume(other, run_copy, seed=5, allow_config_change=True)["step"] == 3
-    assert (run_copy / "config.yaml").read_text() == first
+    assert (run_copy / "config.1.yaml").read_text() == first  # config.yaml is now the config used
     import yaml
 
     history = yaml.safe_load((run_copy / "config_history.yaml").read_text())
     assert len(history) == 1 and history[0]["resumed_at_step"] == 2
     assert set(history[0]["changed"]) == {"data", "seed"} and history[0]["changed"]["seed"] == {"before": 0, "after": 5}
+
+
+def test_refusal_advice_works_after_an_allowed_change(run_copy, data):
+    """Row (issue 25): after --allow-config-change, the refusal's advice (resume with RUN/config.yaml)
+    failed: that file kept the first config. Now it is the config used, the first kept as config.1.yaml."""
+    import yaml
+
+    from hpc_lensiam.train.loop import train, train_config
+
+    first = (run_copy / "config.yaml").read_text()
+    assert _resume(data, run_copy, seed=5, allow_config_change=True)["step"] == 3
+    with pytest.raises(UserError, match=r"seed 5 -> 0; use the run's own settings \(RUN/config\.yaml\)"):
+        _resume(data, run_copy, max_steps=4)
+    assert train(train_config(str(run_copy / "config.yaml"), max_steps=4), resume=True)["step"] == 4  # the advice
+    assert (run_copy / "config.1.yaml").read_text() == first
+    assert train_config(str(run_copy / "config.yaml")).seed == 5
+    history = yaml.safe_load((run_copy / "config_history.yaml").read_text())
+    assert history[0]["previous_config"] == "config.1.yaml" and history[0]["changed"]["seed"]["after"] == 5
+
+
+def test_resume_through_a_copied_run_folders_config_trains_the_copy(data, tmp_path):
+    """Row (issue 25): `--config copy/config.yaml --resume` trained the ORIGINAL run (the copied
+    config.yaml's `out:` names it). A run folder's own config.yaml trains the folder it sits in."""
+    import yaml
+
+    from hpc_lensiam.models.weights import load_checkpoint
+    from hpc_lensiam.train.loop import train, train_config
+
+    orig = train_tiny(data, tmp_path / "orig", batch_size=4)
+    copy_run = Path(shutil.copytree(orig, tmp_path / "copy"))
+    assert yaml.safe_load((copy_run / "config.yaml").read_text())["out"] == str(orig)  # as copied
+    before = {p.name: p.read_bytes() for p in (orig / "checkpoints").iterdir()}
+    metrics = (orig / "metrics.csv").read_text()
+    assert train(train_config(str(copy_run / "config.yaml"), max_steps=3), resume=True)["step"] == 3
+    assert load_checkpoint(copy_run / "checkpoints" / "last.pt")["step"] == 3
+    assert {p.name: p.read_bytes() for p in (orig / "checkpoints").iterdir()} == before
+    assert (orig / "metrics.csv").read_text() == metrics
+    # an explicit --out still wins over the folder the config sits in
+    assert train_config(str(copy_run / "config.yaml"), out=str(tmp_path / "new")).out == str(tmp_path / "new")
+
+
+def test_refusals_before_training_leave_nothing_behind(data, run_copy, tmp_path):
+    """Row (issue 25): data-shape refusals left an empty run folder holding a .lock."""
+    for kw, named in (({"batch_size": 100}, "batch larger than the data"), ({"arch": "vit_tiny_p10"}, "patch size")):
+        with pytest.raises(UserError, match=named):
+            train_tiny(data, tmp_path / "new" / "run", **kw)
+        assert not (tmp_path / "new").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="batch larger than the data"):
+        train_tiny(data, empty, batch_size=100)
+    assert list(empty.iterdir()) == []
+    files = sorted(p.relative_to(run_copy) for p in run_copy.rglob("*"))  # a copy without its .lock
+    with pytest.raises(UserError, match="other settings: seed 0 -> 1"):
+        _resume(data, run_copy, seed=1)
+    assert sorted(p.relative_to(run_copy) for p in run_copy.rglob("*")) == files
 
 
 def test_resume_from_a_moved_copy_of_the_same_data_is_allowed(run_copy, data, tmp_path):
@@ -906,3 +962,361 @@ def test_huge_pairs_are_refused_at_once_writing_nothing(tmp_path):
     assert "--pairs 1000000000000: the data set needs about 99.3 PB (99328 bytes per sample" in line
     assert f"but --out {out} is on a file system with" in line and "free" in line
     assert time.perf_counter() - start < 30 and not out.exists()
+
+
+# --------------------------------------------------------------- signals and peers under the launcher
+TINY = ["--arch", "resnet18", "--batch-size", "4", "--workers", "0", "--proj-dim", "64", "--pred-dim", "16"]
+
+
+def _launch(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """``python -m hpc_lensiam.launch --standalone --nproc_per_node 2 -m hpc_lensiam train ARGS``."""
+    cmd = [sys.executable, "-m", "hpc_lensiam.launch", "--standalone", "--nproc_per_node", "2", "-m", "hpc_lensiam"]
+    return subprocess.Popen(
+        [*cmd, "train", *map(str, args)],
+        env=launcher_env(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env or {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_rows(run: Path, rows: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run / "metrics.csv"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) > rows:
+            return
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"no {rows} metrics rows: " + "".join(proc.communicate())[-3000:])
+
+
+def _rank_pid(launcher: int, rank: int) -> int:
+    """The pid of the trainer of global rank ``rank``: the launcher's child whose RANK says so."""
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == launcher and f"RANK={rank}".encode() in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                return int(entry)
+        except (OSError, ValueError):
+            continue
+    raise AssertionError(f"no rank {rank} under pid {launcher}")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_checkpoints_and_exits_0(data, tmp_path):
+    """Row (issue 25): `kill -TERM` of the launcher exited 1 with torchrun's SignalException traceback
+    although every rank had saved; docs/training.md promises exit 0."""
+    from hpc_lensiam.models.weights import load_checkpoint
+
+    run = tmp_path / "run"
+    proc = _launch("--data", data, "--out", run, *TINY, "--epochs", 1000, "--log-every", 1)
+    _wait_for_rows(run, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "hpc-lensiam" not in err, err[-3000:]
+    step = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
+    assert step >= 2 and f"train: stopped by SIGTERM at step {step}; checkpoint" in out, out
+
+
+@pytest.mark.slow
+def test_rank_still_running_after_the_grace_is_killed_in_one_line(data, tmp_path):
+    """SIGTERM while a rank cannot stop (here: SIGSTOP'd): after torchrun's shutdown timeout the ranks
+    are killed and the launcher says so in one line, no traceback."""
+    run = tmp_path / "run"
+    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "3"}
+    proc = _launch("--data", data, "--out", run, *TINY, "--epochs", 1000, "--log-every", 1, env=env)
+    stopped = None
+    try:
+        _wait_for_rows(run, 2, proc)
+        stopped = _rank_pid(proc.pid, 1)
+        os.kill(stopped, signal.SIGSTOP)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    lines = [x for x in err.splitlines() if x.startswith("hpc-lensiam")]
+    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0] == (
+        "hpc-lensiam: error: rank(s) still running 3 s after SIGTERM were killed (--shutdown-timeout); "
+        "--resume continues from the last checkpoint saved"
+    )
+
+
+@pytest.mark.slow
+def test_hung_peer_times_out_naming_the_rank(data, tmp_path):
+    """Row (issue 25): a stopped rank (SIGSTOP) left the others waiting in a collective forever. Now
+    --dist-timeout (minutes) bounds the wait and the surviving rank names the silent one, in one line."""
+    run = tmp_path / "run"
+    proc = _launch("--data", data, "--out", run, *TINY, "--epochs", 1000, "--log-every", 1, "--dist-timeout", 0.1)
+    stopped = None
+    try:
+        _wait_for_rows(run, 2, proc)
+        stopped = _rank_pid(proc.pid, 1)
+        os.kill(stopped, signal.SIGSTOP)
+        t0 = time.time()
+        out, err = proc.communicate(timeout=240)  # 6 s + a 10 s roll call + torchrun's 30 s for the stopped rank
+    finally:
+        proc.kill()
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode == 1 and time.time() - t0 < 200, err[-3000:]
+    lines = [x for x in err.splitlines() if x.startswith("hpc-lensiam")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith("hpc-lensiam: error: rank 0: no answer from rank 1 for 0.1 min (--dist-timeout) in ")
+    assert "hung" in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_healthy_rank_is_quiet_when_a_peer_fails_on_bad_data(copy, tmp_path):
+    """Row (issue 25): one rank failed on an unreadable shard; the healthy rank printed ~70 lines (the
+    traceback of the collective it was waiting in). Now the failing rank's line is the whole report."""
+    _unreadable_in_a_worker(copy)  # read by one rank only
+    proc = _launch("--data", copy, "--out", tmp_path / "run", *TINY, "--epochs", 2)
+    out, err = proc.communicate(timeout=300)
+    assert "shard-000003.tar" in one_error_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+
+
+# ------------------------------------------------------------------------- issue 25: also-items
+@pytest.mark.parametrize("bad", [np.inf, np.nan, -np.inf])
+@pytest.mark.parametrize("family", ["paper", "survey"])
+def test_psf_file_with_a_non_finite_pixel_is_one_line_at_load(tmp_path, bad, family):
+    """Row (issue 25): a PSF with an inf pixel gave a traceback from the resampling (OverflowError); a NaN or
+    -inf pixel was silently taken as 0. Now one line naming the file, its HDU and the pixel, before any
+    rendering or writing. The PSF sits in an extension (HDU 1) after an empty primary HDU."""
+    from astropy.io import fits
+
+    y, x = np.mgrid[-10:11, -10:11]
+    psf = np.exp(-(x**2 + y**2) / (2 * 1.5**2)).astype(np.float32)
+    psf[3, 4] = bad
+    path = tmp_path / "psf.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(psf)]).writeto(path)
+    out = tmp_path / "ds"
+    args = ["--psf", path, "--psf-pixel-scale", 0.05, "--pairs", 2, "--out", out, "--family", family]
+    line = one_error_line(cli("simulate", *args))
+    assert f"{path} (HDU 1): 1 non-finite PSF pixel(s), the first {float(bad)} at row 3, column 4" in line, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_disk_full_in_export_is_one_line_nothing_half_written(tiny_fs, run_a, fmt):
+    """Row (issue 25): export onto a full disk gave a traceback (torch.save's "enforce fail"); now one line
+    naming the file, and neither the weights nor the sidecar is left (half) written."""
+    out = tiny_fs / f"backbone.{fmt}"
+    line = one_error_line(
+        cli("export", "--checkpoint", run_a / "checkpoints" / "last.pt", "--out", out, "--format", fmt)
+    )
+    assert "No space left on device" in line and str(out) in line, line
+    assert list(tiny_fs.iterdir()) == []  # no weights, no sidecar, no .tmp-*
+
+
+def test_umap_checks_every_file_it_writes_before_fitting(tiny_fs, run_a, data, tmp_path):
+    """Row (issue 25): umap on a read-only embeddings file failed after ~33 s of fitting, with the figure
+    already written (it stored its coordinates in the input file). Now the input is only read (a read-only
+    embeddings file works: tests/test_similar.py) and every file umap writes, the figure and the
+    coordinates, is checked first: on a read-only file system, one line naming it, before any fit."""
+    from hpc_lensiam.embed.extract import extract_embeddings
+
+    emb = tmp_path / "emb.h5"
+    extract_embeddings(str(run_a / "checkpoints" / "last.pt"), str(data), str(emb), progress=False)
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
+    t0 = time.monotonic()
+    line = one_error_line(cli("umap", "--embeddings", emb, "--out", tiny_fs / "u.png"))
+    assert str(tiny_fs) in line and "not writable" in line, line
+    line = one_error_line(cli("umap", "--embeddings", emb, "--out", tmp_path / "u.png", "--coords", tiny_fs / "u.csv"))
+    assert f"--coords {tiny_fs / 'u.csv'}" in line and "not writable" in line, line
+    assert time.monotonic() - t0 < 60  # two refusals at the door (the fit alone took ~33 s)
+    assert not (tmp_path / "u.png").exists() and not list(tiny_fs.iterdir())
+
+
+# ------------------------------------------------------- a damaged shard of the right size (issue 25)
+def _damage(path: Path, where: str) -> str:
+    """Flip one byte of shard ``path`` (same size, no manifest change) inside the second sample's
+    view1.npy: its npy header ("npy") or its tar header ("tar"). Returns that sample's key."""
+    raw = bytearray(path.read_bytes())
+    with tarfile.open(path) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith("view1.npy")][1]
+    raw[member.offset_data + 20 if where == "npy" else member.offset + 130] ^= 0x41
+    path.write_bytes(bytes(raw))
+    return member.name.split(".", 1)[0]
+
+
+@pytest.mark.parametrize("where", ["npy", "tar"])
+def test_damaged_shard_named_by_embed_finetune_show(copy, data, tmp_path, where):
+    """Row (issue 25): bytes flipped inside a shard of the right size: embed, finetune and show gave
+    23-67-line tracebacks naming neither shard nor sample (train and verify named both). Now one line
+    naming the shard file and the sample key, exit 2, nothing written."""
+    key = _damage(copy / "shard-000001.tar", where)
+    for args, out in (
+        (("embed", "--checkpoint", "none", "--arch", "resnet18", "--data", copy, "--workers", 1), "e.h5"),
+        (("finetune", "--backbone", "none", "--arch", "resnet18", "--train", copy, "--test", data), "f.json"),
+        (("show", copy, "-n", 24), "grid.png"),
+    ):
+        extra = ("--n-train", 20, "--n-test", 4, "--epochs", 1, "--json") if args[0] == "finetune" else ("--out",)
+        line = one_error_line(cli(*args, *extra, tmp_path / out))
+        assert "shard-000001.tar" in line and f"sample {key!r}" in line, line
+        assert not list(tmp_path.glob(out.split(".")[0] + "*")), line
+
+
+# ------------------------------------------------------------ the lock and loader workers (issue 25)
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _tiny_train_args(data: Path, run: Path, workers: int) -> list:
+    return [
+        "train",
+        "--data",
+        data,
+        "--out",
+        run,
+        "--arch",
+        "resnet18",
+        "--batch-size",
+        4,
+        "--workers",
+        workers,
+        "--proj-dim",
+        64,
+        "--pred-dim",
+        16,
+    ]
+
+
+@pytest.mark.slow
+def test_loader_workers_do_not_hold_the_run_lock_after_kill_9(data, tmp_path):
+    """Row (issue 25): the DataLoader workers inherited RUN/.lock's flock; for ~5 s after kill -9 of the
+    trainer (until its workers noticed) a rerun was refused naming the dead pid. Now the workers close
+    the lock's descriptor when forked: the lock goes with the trainer."""
+    from hpc_lensiam.core.lock import DirLock
+
+    run = tmp_path / "run"
+    args = [str(a) for a in _tiny_train_args(data, run, workers=2)]
+    trainer = subprocess.Popen(
+        [str(BIN / "hpc-lensiam"), *args, "--epochs", "1000", "--ckpt-every", "1", "--log-every", "100"],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not ((run / "checkpoints" / "last.pt").is_file() and _children(trainer.pid)):
+            time.sleep(0.05)
+        workers = _children(trainer.pid)
+        assert workers, "no loader workers seen"
+        trainer.kill()
+        trainer.wait()
+        assert any(Path(f"/proc/{w}").exists() for w in workers)  # the orphaned workers are still there
+        DirLock(run, "train").acquire().release()  # before the fix: "in use by another job, ... pid <dead>"
+    finally:
+        trainer.kill()
+    proc = cli(*args, "--epochs", "1000", "--max-steps", 1, "--resume", "--log-every", "100")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ---------------------------------------------------- loader workers that fail, die or hang (issue 25)
+def _file_size_limit(limit: int):
+    """preexec_fn: ``ulimit -f`` for the command (a worker's batch no longer fits in shared memory)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+class _Leased:
+    """Another process holds a write lease on ``path``: every other open() of it waits (up to
+    /proc/sys/fs/lease-break-time, 45 s by default), as on a hung file system: a loader worker really
+    blocked in a system call."""
+
+    CODE = (
+        "import fcntl, os, signal, sys, time; signal.signal(signal.SIGIO, signal.SIG_IGN); "
+        "fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK); "
+        "print('held', flush=True); time.sleep(600)"
+    )
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        try:
+            if int(Path("/proc/sys/fs/lease-break-time").read_text()) < 30:
+                pytest.skip("lease-break-time < 30 s: a lease blocks open() too briefly here")
+        except OSError:
+            pytest.skip("no /proc/sys/fs/lease-break-time")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", self.CODE, str(self.path)], stdout=subprocess.PIPE, text=True
+        )
+        if self.proc.stdout.readline().strip() != "held":
+            self.proc.kill()
+            pytest.skip("cannot take a file lease here")
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.mark.slow
+def test_embed_loader_worker_that_cannot_hand_over_or_hangs_is_one_line(copy, tmp_path):
+    """Row (issue 25): under `ulimit -f` embed's worker could not move its batch to shared memory; the
+    batch was dropped and the main process waited 636 s until killed. Now the worker's failure is one
+    line naming it; a worker blocked in a system call ends the job after --loader-timeout, naming it."""
+    base = ("embed", "--checkpoint", "none", "--arch", "resnet18", "--data", copy, "--workers", 1, "--batch-size", 4)
+    proc = cli(*base, "--out", tmp_path / "e.h5", timeout=240, preexec_fn=_file_size_limit(8192))  # batch: 16 kB
+    line = one_error_line(proc)
+    assert "data-loader worker (pid" in line and "could not hand over its batch" in line, line
+    assert "File too large" in line, line
+    with _Leased(copy / "shard-000003.tar"):  # the worker blocks opening its 4th shard, for 45 s
+        line = one_error_line(cli(*base, "--loader-timeout", 10, "--out", tmp_path / "e.h5", timeout=240))
+    assert "no batch from data-loader worker (pid" in line and "in 10 s" in line, line
+    assert not list(tmp_path.glob("e*.h5"))
+
+
+@pytest.mark.slow
+def test_train_loader_worker_killed_blocked_or_unable_to_hand_over_is_one_line(data, tmp_path):
+    """The same for train's loader, and a worker killed with SIGKILL mid-run (before: torch's
+    "DataLoader worker (pid N) is killed by signal" traceback, exit 1)."""
+    args = [str(a) for a in _tiny_train_args(data, tmp_path / "run", workers=2)]
+    proc = cli(*args, "--max-steps", 2, "--out", tmp_path / "r1", timeout=240, preexec_fn=_file_size_limit(8192))
+    line = one_error_line(proc)
+    assert "train: data-loader worker (pid" in line and "File too large" in line, line
+
+    with _Leased(data / "shard-000003.tar"):  # read-only: the lease only delays opening it
+        line = one_error_line(cli(*args, "--max-steps", 2, "--loader-timeout", 10, "--out", tmp_path / "r2"))
+    assert "train: no batch from data-loader worker (pid" in line and "in 10 s" in line, line
+
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "w") as err:
+        trainer = subprocess.Popen(
+            [str(BIN / "hpc-lensiam"), *args, "--epochs", "1000", "--log-every", "1000"],
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        killed, deadline = [], time.time() + 300
+        while trainer.poll() is None and time.time() < deadline:
+            workers = _children(trainer.pid)
+            if workers and (run := tmp_path / "run" / "metrics.csv").is_file() and len(killed) < 5:
+                os.kill(workers[0], signal.SIGKILL)  # a worker just ending its epoch may escape: try again
+                killed.append(workers[0])
+                time.sleep(10)
+            time.sleep(0.05)
+        assert killed and trainer.wait(timeout=60) is not None, run
+    finally:
+        trainer.kill()
+    proc = subprocess.CompletedProcess(trainer.args, trainer.returncode, "", stderr.read_text())
+    line = one_error_line(proc)
+    assert "train: data-loader worker (pid" in line and "killed by signal" in line, line
+    assert any(f"pid {pid})" in line for pid in killed), line

@@ -38,6 +38,8 @@ EDGES: dict[tuple[str, str], str] = {
     ("train", "data"): "training consumes the data sources and loaders",
     ("ingest", "simulate"): "real cutouts land on a simulation preset's grid (INSTRUMENT_PRESETS)",
     ("embed", "ingest"): "`similar --image` embeds a real cutout as ingest prepares it",
+    ("embed", "data"): "embed reads its batches through the training loader's worker machinery",
+    ("embed", "downstream"): "embed and similar write their --table catalogues with predict's writer",
 }
 
 

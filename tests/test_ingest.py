@@ -126,7 +126,7 @@ def test_ingest_flux_conserved_and_normalised_like_the_simulator(tmp_path):
     # the shard's image x flux_scale gives back the file's total flux (the blobs lie inside the 4.8" field)
     total = img.astype(np.float64).sum() * meta["flux_scale"]
     assert total == pytest.approx(1300.0, rel=1e-6)
-    assert params["lens"] == {} and key == "000000_000000"
+    assert params["lens"] == {} and key == "a" and params["name"] == "a"  # the key is the object's name
     m = read_manifest(out)
     assert m["mode"] == "single" and m["image_shape"] == [48, 48] and m["kind"] == "ingest"
 
@@ -230,7 +230,7 @@ def test_labels_csv_and_catalog(tmp_path):
         progress=False,
     )
     rows = params_of(out)
-    assert [k for k, _, _ in rows] == ["000000_000000", "000000_000001", "000000_000002", "000001_000000"]
+    assert [k for k, _, _ in rows] == ["a", "b", "c", "d"]  # keys are the objects' names (file stems)
     p = [r[2] for r in rows]
     assert p[0]["lens"] == {"theta_E": 1.2, "gamma": 2.0} and p[0]["is_lens"] == 1
     assert p[1]["lens"] == {} and "is_lens" not in p[1]
@@ -244,7 +244,7 @@ def test_labels_csv_and_catalog(tmp_path):
 def bad_inputs(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("bad")
     good = sky_image(100, 0.05, [(0, 0, 10.0, 0.2)])
-    files = {"good": write_fits(d / "good.fits", good, 0.05)}
+    files = {"good": write_fits(d / "good.fits", good, 0.05), "good2": write_fits(d / "good2.fits", good, 0.05)}
     (d / "junk.fits").write_bytes(b"this is not a FITS file at all\n" * 200)
     files["unreadable"] = d / "junk.fits"
     files["missing"] = d / "nothere.fits"
@@ -303,7 +303,7 @@ def test_skip_bad_warns_counts_and_writes_the_rest(bad_inputs, tmp_path, capsys)
         bad_inputs["good"],
         bad_inputs["missing"],
         bad_inputs["not_2d"],
-        bad_inputs["good"],
+        bad_inputs["good2"],  # another file: one file twice is a duplicate object name
         "--out",
         out,
         "--preset",

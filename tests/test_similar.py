@@ -79,7 +79,9 @@ def test_embed_several_folders_source_column_and_unlabelled_rows(mixed, single_s
     e = load_embeddings(mixed, need_params=False)
     assert e["features"].shape == (65, 512) and np.isfinite(e["features"]).all()
     assert list(e["source"]) == [str(single_shards)] * 64 + [str(real_dir)]
-    assert e["keys"][-1] == "000000_000000" and e["keys"][0] == "000000_000000"  # each row keeps its shard key
+    assert e["keys"][0] == "000000_000000"  # each simulated row keeps its shard key
+    assert e["keys"][-1] == e["name"][-1] == EUCLID.stem  # an ingested row: its key is the object's name
+    assert e["name"][0] == "000000_000000" and json.loads(e["catalog"][-1]) == {"file": str(EUCLID.resolve())}
     assert len(np.unique(e["pair_id"])) == 65  # same key, two systems
     with h5py.File(mixed) as f:
         for p in LENS_PARAMS:  # NaN-free, marked unknown
@@ -128,9 +130,7 @@ def test_similar_by_key_real_lens_among_simulations(mixed, real_dir, tmp_path, c
             "--embeddings",
             str(mixed),
             "--key",
-            "000000_000000",
-            "--source",
-            str(real_dir),
+            EUCLID.stem,  # the object's name: unique across the two folders, so no --source
             "-k",
             "5",
             "--out",
@@ -151,19 +151,20 @@ def test_similar_by_key_real_lens_among_simulations(mixed, real_dir, tmp_path, c
     assert all(set(r["params"]) == set(LENS_PARAMS) for r in nb)  # simulated: labelled
     assert nb[0]["key"] in table and "cosine" in table
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # a key in both folders needs --source; an unknown key is one error line
-    assert main(["similar", "--embeddings", str(mixed), "--key", "000000_000000"]) == 2
-    assert "in several sources" in capsys.readouterr().err
+    assert rep["query"] == {"key": EUCLID.stem, "name": EUCLID.stem, "source": str(real_dir), "view": 1}
+    # (a name in two folders needs --source: test_names_round_trip...); an unknown key is one error line
     assert main(["similar", "--embeddings", str(mixed), "--key", "999999_000000"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--key 999999_000000: no such sample" in err
 
 
 def test_similar_by_image_equals_by_key(mixed, ckpt, real_dir, tmp_path, lensiam_shards):
-    by_key = similar(str(mixed), key="000000_000000", source=str(real_dir), k=4, progress=False)
-    by_img = similar(str(mixed), image=str(EUCLID), checkpoint=str(ckpt), k=5, progress=False)
+    by_key = similar(str(mixed), key=EUCLID.stem, source=str(real_dir), k=4, progress=False)
+    png = tmp_path / "by_image.png"  # the query panel: the re-ingested file, its scale from the ingest grid
+    by_img = similar(str(mixed), image=str(EUCLID), checkpoint=str(ckpt), k=5, progress=False, out=str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     first = by_img["neighbours"][0]
-    assert first["key"] == "000000_000000" and first["source"] == str(real_dir)  # itself, re-ingested
+    assert first["key"] == EUCLID.stem and first["source"] == str(real_dir)  # itself, re-ingested
     assert first["similarity"] > 0.9999
     assert [(r["key"], r["source"]) for r in by_img["neighbours"][1:]] == [
         (r["key"], r["source"]) for r in by_key["neighbours"]
@@ -219,13 +220,16 @@ def test_umap_overlay_places_real_images_with_the_fitted_map(ckpt, single_shards
     extract_embeddings(str(ckpt), str(single_shards), str(sim), workers=0, progress=False)
     extract_embeddings(str(ckpt), str(real_dir), str(real), workers=0, progress=False)
     png = tmp_path / "u.png"
-    res = run_umap(str(sim), str(png), ["theta_E"], seed=0, overlay=str(real))
+    res = run_umap(str(sim), str(png), ["theta_E"], seed=0, overlay=str(real), coords_out=str(tmp_path / "c.csv"))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ov = res["overlay"]
+    rows = _read_csv(tmp_path / "c.csv")  # both files' points in one table, the inputs untouched
+    assert [r["set"] for r in rows] == ["fitted"] * 64 + ["overlay"] and rows[-1]["source"] == str(real_dir)
+    u = np.array([[float(r["umap_1"]), float(r["umap_2"])] for r in rows[:64]])
+    assert ov.shape == (1, 2)
+    np.testing.assert_allclose([[float(rows[-1]["umap_1"]), float(rows[-1]["umap_2"])]], ov, rtol=1e-5)
     with h5py.File(sim) as f, h5py.File(real) as g:
-        u = f["umap"][...]
-        assert g["umap"].shape == (1, 2) and g["umap"].attrs["fitted_on"] == str(sim.resolve())
-        np.testing.assert_allclose(g["umap"][...], ov)
+        assert "umap" not in f and "umap" not in g
     lo, hi = u.min(0) - 0.5 * np.ptp(u, 0), u.max(0) + 0.5 * np.ptp(u, 0)
     assert np.all((ov >= lo) & (ov <= hi))  # on the simulated map, not far off it
     other = tmp_path / "other.h5"
@@ -234,6 +238,63 @@ def test_umap_overlay_places_real_images_with_the_fitted_map(ckpt, single_shards
         f.attrs["weights_sha256"] = "0" * 64
     with pytest.raises(UserError, match="not embedded with the backbone"):
         run_umap(str(sim), str(png), ["theta_E"], overlay=str(other))
+
+
+def _read_csv(path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_umap_colours_by_any_column_says_what_it_does_and_only_reads_its_input(mixed, real_dir, tmp_path, capfd):
+    """--color takes any per-row column, categorical ones (is_lens, source) with discrete colours; a
+    line per phase on stderr; the coordinates go to --coords and a read-only input works."""
+    import shutil
+    import stat
+
+    from hpc_lensiam.core.io import sha256_file
+    from hpc_lensiam.embed.umap import is_categorical, read_columns
+
+    emb = tmp_path / "labelled.h5"
+    shutil.copyfile(mixed, emb)
+    with h5py.File(emb, "r+") as f:  # as embed writes it when every folder is labelled (survey family)
+        f["params"].create_dataset("is_lens", data=(np.arange(65) % 2).astype(np.int8))
+    emb.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)  # read-only
+    before = sha256_file(emb)
+    cols = read_columns(emb, 65)
+    assert {"theta_E", "is_lens", "source", "view"} <= set(cols)
+    assert is_categorical(cols["is_lens"][0]) and is_categorical(cols["source"][0])
+    assert not is_categorical(cols["theta_E"][0]) and cols["theta_E"][1].tolist() == [True] * 64 + [False]
+    png, coords = tmp_path / "u.png", tmp_path / "u_coords.csv"
+    argv = ["umap", "--embeddings", str(emb), "--out", str(png), "--coords", str(coords)]
+    assert main(argv + ["--color", "is_lens,source,theta_E", "--stretch", "log"]) == 0
+    err = capfd.readouterr().err
+    assert "umap: fitting UMAP on 65 points of 512-d features" in err
+    assert f"umap: drawing {png}" in err and f"umap: writing coordinates to {coords}" in err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sha256_file(emb) == before
+    rows = _read_csv(coords)
+    assert list(rows[0]) == ["set", "source", "key", "view", "umap_1", "umap_2", "is_lens", "theta_E"]
+    assert [r["is_lens"] for r in rows] == [str(i % 2) for i in range(65)]
+    assert rows[-1]["source"] == str(real_dir) and rows[-1]["theta_E"] == ""  # the real lens: unknown
+    assert not (tmp_path / "u.csv").exists()
+    # an unknown column: one line naming the flag and the file's columns, before any fitting
+    assert main(argv + ["--color", "theta_E,redshift"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hpc-lensiam: error: --color: unknown column 'redshift' (columns of")
+    assert "is_lens" in err[0] and "source" in err[0] and "theta_E" in err[0]
+    # --coords onto the input is refused
+    assert main(["umap", "--embeddings", str(emb), "--out", str(png), "--coords", str(emb)]) == 2
+    assert "--coords" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("stretch", ["linear", "log"])
+def test_similar_figures_with_each_stretch(mixed, real_dir, tmp_path, stretch):
+    key, anomaly = tmp_path / "key.png", tmp_path / "anomaly.png"
+    common = ["similar", "--embeddings", str(mixed), "--stretch", stretch]
+    assert main(common + ["--key", "000000_000000", "--source", str(real_dir), "-k", "3", "--out", str(key)]) == 0
+    assert main(common + ["--anomaly", "-k", "3", "--top", "2", "--out", str(anomaly)]) == 0
+    assert key.read_bytes()[:8] == anomaly.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_similar_bench_exact_search_and_vector_file_lifetime(tmp_path):
@@ -305,3 +366,189 @@ def test_faiss_runs_on_this_cpus_openblas_kernel():
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["Prescott", "Prescott"], r.stdout
+
+
+def test_similar_checks_its_outputs_before_the_search_and_refuses_zero_columns(tmp_path, capsys):
+    """Rows (issue 25): `similar` found an unwritable --out/--json only after the search (the table already
+    printed), and took a 0-column feature file (every cosine 0, a ranking of noise). Both: one line, exit 2,
+    nothing searched, printed or written."""
+    rng = np.random.default_rng(0)
+    emb = tmp_path / "e.h5"
+    _write_features(emb, rng.normal(size=(200, 8)))
+    blocker = tmp_path / "taken"
+    blocker.write_text("x")
+    for flags, named in (
+        (["--json", str(blocker / "a.json")], f"--json {blocker / 'a.json'}: {blocker} exists and is not a folder"),
+        (["--json", str(tmp_path)], f"--json {tmp_path}: is a folder"),
+        (["--out", str(blocker / "grid.png")], f"--out {blocker / 'grid.png'}: {blocker} exists and is not a folder"),
+    ):
+        for query in (["--anomaly", "-k", "5"], ["--key", "000001_000002"]):
+            assert main(["similar", "--embeddings", str(emb), *query, *flags]) == 2
+            captured = capsys.readouterr()
+            assert captured.out == "", captured.out  # refused before the search: no table
+            assert captured.err.count("\n") == 1 and named in captured.err, captured.err
+    assert blocker.read_text() == "x"
+
+    zero = tmp_path / "zero.h5"
+    _write_features(zero, np.zeros((50, 0)))
+    for query in (["--anomaly", "-k", "3"], ["--key", "000000_000001"]):
+        assert main(["similar", "--embeddings", str(zero), *query, "--json", str(tmp_path / "z.json")]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1, captured
+        assert f"{zero}: 'features' has shape (50, 0), no feature columns" in captured.err
+    assert not (tmp_path / "z.json").exists()
+
+
+def test_names_round_trip_from_ingest_to_embed_similar_and_predict(ckpt, single_shards, tmp_path, capsys):
+    """Object names and the catalogue's extra columns (RA, Dec, a magnitude, a flag) go from the
+    --list CSV into params.json, embed's HDF5 and table, similar's CSV/FITS (--key and --anomaly)
+    and predict's catalogue; a name in two folders needs --source (one line naming both)."""
+    import csv
+
+    from astropy.table import Table
+    from test_ingest import sky_image, write_fits
+
+    from hpc_lensiam.downstream.predict import predict
+    from hpc_lensiam.downstream.seeds import finetune_seeds
+
+    folders = {}
+    for tag, ra0 in (("a", 150.0), ("b", 200.0)):
+        d = tmp_path / tag
+        d.mkdir()
+        lines = ["file,name,ra,dec,mag_i,flag"]
+        for i in range(3):
+            write_fits(d / f"f{i}.fits", sky_image(120, 0.05, [(0.3 * i, -0.2, 10.0, 0.2 + 0.1 * i)]), 0.05)
+            lines.append(f"f{i}.fits,J{i}.{tag if i else 'x'},{ra0 + i},{-1.5 + i},{20 + i / 4},ok")
+        (d / "cat.csv").write_text("\n".join(lines) + "\n")  # J0.x is in both folders, J1.a / J1.b are not
+        folders[tag] = d / "shards"
+        assert (
+            main(
+                [
+                    "ingest",
+                    "--list",
+                    str(d / "cat.csv"),
+                    "--out",
+                    str(folders[tag]),
+                    "--preset",
+                    "euclid",
+                    "--num-pix",
+                    "48",
+                ]
+            )
+            == 0
+        )
+    emb, emb_table = tmp_path / "emb.h5", tmp_path / "emb.csv"
+    data = [str(single_shards), str(folders["a"]), str(folders["b"])]
+    assert (
+        main(
+            [
+                "embed",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                *data,
+                "--out",
+                str(emb),
+                "--workers",
+                "0",
+                "--table",
+                str(emb_table),
+            ]
+        )
+        == 0
+    )
+    err = capsys.readouterr().err
+    # the tiny backbone was trained on the hst grid (0.05"/px): every euclid folder is one warning line
+    assert (
+        sum(
+            "embed: warning: --data" in x and '0.1"/px, the backbone was trained on 0.05"/px' in x
+            for x in err.splitlines()
+        )
+        == 3
+    )
+    with h5py.File(emb) as f:
+        names = f["name"].asstr()[...].tolist()
+        cats = [json.loads(c) for c in f["catalog"].asstr()[...]]
+        assert json.loads(f.attrs["training_grid"])["pixel_scale_arcsec"] == 0.05
+    assert names[64:] == ["J0.x", "J1.a", "J2.a", "J0.x", "J1.b", "J2.b"]
+    assert cats[65]["ra"] == 151.0 and cats[65]["mag_i"] == 20.25 and cats[65]["flag"] == "ok"
+    t = Table.read(emb_table, format="ascii.csv")
+    assert len(t) == 70 and t["name"][65] == "J1.a" and t["ra"][65] == 151.0 and t["source"][65] == data[1]
+    assert bool(t["ra"].mask[0])  # a simulated row: no RA
+
+    # --key by name: unique -> no --source; in two folders -> one line naming both
+    nj, ncsv, nfits = tmp_path / "n.json", tmp_path / "n.csv", tmp_path / "n.fits"
+    rc = main(
+        [
+            "similar",
+            "--embeddings",
+            str(emb),
+            "--key",
+            "J1.a",
+            "-k",
+            "6",
+            "--json",
+            str(nj),
+            "--table",
+            str(ncsv),
+            str(nfits),
+        ]
+    )
+    assert rc == 0
+    rep = json.loads(nj.read_text())
+    assert rep["query"]["name"] == "J1.a" and rep["query"]["key"] == "J1_a"
+    for table in (Table.read(ncsv, format="ascii.csv"), Table.read(nfits)):
+        assert len(table) == 6 and list(table["name"]) == [r["name"] for r in rep["neighbours"]]
+        assert set(table.colnames) >= {"rank", "cosine", "query", "name", "key", "source", "ra", "dec", "mag_i"}
+        assert all(q == "J1.a" for q in table["query"])
+        assert table["rank"].dtype.kind == table["view"].dtype.kind == "i"  # integers stay integers
+        for row, r in zip(table, rep["neighbours"]):
+            if r["source"] != str(single_shards):
+                assert row["ra"] == r["catalog"]["ra"] and row["source"] == r["source"]
+    capsys.readouterr()
+    assert main(["similar", "--embeddings", str(emb), "--key", "J0.x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "in several sources" in err and data[1] in err and data[2] in err
+    by_src = similar(str(emb), key="J0.x", source=data[2], k=3, progress=False)
+    assert by_src["query"]["source"] == data[2]
+
+    # --anomaly: one row per image, names and kept columns
+    acsv = tmp_path / "odd.csv"
+    assert main(["similar", "--embeddings", str(emb), "--anomaly", "-k", "3", "--table", str(acsv)]) == 0
+    t = Table.read(acsv, format="ascii.csv")
+    assert len(t) == 70 and "distance" in t.colnames
+    real = sorted((str(r["name"]), float(r["ra"])) for r in t if r["source"] != str(single_shards))
+    assert real == [
+        ("J0.x", 150.0),
+        ("J0.x", 200.0),
+        ("J1.a", 151.0),
+        ("J1.b", 201.0),
+        ("J2.a", 152.0),
+        ("J2.b", 202.0),
+    ]
+
+    # predict: the names and columns in the catalogue (a 1-epoch theta_E model on the euclid singles)
+    finetune_seeds(
+        [0],
+        out_json=str(tmp_path / "ft.json"),
+        train_dir=str(single_shards),
+        test_dir=str(single_shards),
+        save_model=str(tmp_path / "m.safetensors"),
+        backbone="none",
+        arch="resnet18",
+        n_train=40,
+        n_test=20,
+        epochs=1,
+        batch_size=16,
+        progress=False,
+    )
+    model = next(tmp_path.glob("m*.safetensors"))
+    predict([str(model)], [str(folders["a"])], str(tmp_path / "pred.csv"), n_boot=0)
+    with open(tmp_path / "pred.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == ["J0.x", "J1.a", "J2.a"] and [r["key"] for r in rows] == [
+        "J0_x",
+        "J1_a",
+        "J2_a",
+    ]
+    assert [float(r["ra"]) for r in rows] == [150.0, 151.0, 152.0] and rows[1]["flag"] == "ok"

@@ -321,3 +321,108 @@ def test_bad_input_one_line_exit_2_nothing_written(bin_dir, tmp_path, args, mess
     assert proc.stderr.startswith("hpc-lensiam: error: ") and message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ impossible parameters (issue 25 break 5)
+def _survey_cli(bin_dir, out, config, timeout=300):
+    return subprocess.run(
+        [str(bin_dir / "hpc-lensiam"), "simulate", "--family", "survey", "--out", str(out), "--config", str(config)]
+        + ["--pairs", "2", "--shard-size", "2"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _one_line(proc) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("hpc-lensiam")]
+    assert len(lines) == 1 and lines[0].startswith("hpc-lensiam: error: ") and "Traceback" not in proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        (
+            "population:\n  lens_center_arcsec: [50, 50]\n",
+            'population.lens_center_arcsec: range [50, 50] reaches outside the field (allowed: inside (-5.5, 5.5)"',
+        ),
+        (
+            "selection:\n  min_magnification: 1.0e+9\n",
+            "selection.min_magnification: 1e+09 is outside the allowed range [0, 100]",
+        ),
+    ],
+)
+def test_impossible_survey_parameters_refused_before_drawing(bin_dir, tmp_path, yaml_text, message):
+    """Break: these ran 2000 deflector draws per sample (~20 minutes at the preset's grid) before an error."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml_text)
+    out = tmp_path / "out"
+    line = _one_line(_survey_cli(bin_dir, out, config, timeout=120))  # at the door, not after the draws
+    assert f"{config}.{message}" in line, line
+    assert not out.exists()
+
+
+def _numeric_fields(cls):
+    """(name, kind) of the numbers of a config dataclass: 'range', 'int' or 'float'."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) else [tp]
+        if typing.get_origin(tp) is tuple:
+            yield f.name, "range"
+        elif args and args[0] in (int, float):
+            yield f.name, args[0].__name__
+
+
+def test_every_survey_number_is_bounded():
+    """Every number of every survey config section has an allowed range: an absurd value either way is
+    one ConfigError naming the key and the allowed range (the paper family's config validates likewise)."""
+    from hpc_lensiam.core.errors import ConfigError
+    from hpc_lensiam.simulate.survey import config as sc
+
+    sections = {
+        "population": sc.PopulationPrior,
+        "mass": sc.MassPrior,
+        "observation": sc.ObservationSettings,
+        "selection": sc.SelectionCuts,
+        "source": sc.SurveySourceSettings,
+    }
+    checked = 0
+    for section, cls in sections.items():
+        for name, kind in _numeric_fields(cls):
+            for big in (1e7, -1e7):
+                value = {"range": [big, big], "int": int(big), "float": big}[kind]
+                with pytest.raises(ConfigError, match=rf"config\.{section}\.{name}: .*(allowed|fraction|exceed)"):
+                    survey_config(preset="euclid", **{section: {name: value}})
+                checked += 1
+    for name, value in (("psf_pixel_scale_arcsec", 1e7), ("lens_fraction", 2.0), ("psf_bank_seed", -1)):
+        with pytest.raises(ConfigError, match=rf"config\.{name}: "):
+            survey_config(preset="euclid", **{name: value})
+    assert checked > 100
+    survey_config(preset="euclid")  # the defaults are inside every bound
+
+
+def test_too_strict_selection_stops_after_the_first_draws_naming_the_cut(bin_dir, tmp_path):
+    """An in-range but unreachable cut: the first FAIL_FAST_DRAWS deflector draws accept nothing, so the run
+    stops there (not after selection.max_tries = 2000 draws per sample) with one line naming the cut, its
+    threshold and the best value reached; the folder is not bound to the refused config."""
+    from hpc_lensiam.simulate.survey.simulator import FAIL_FAST_DRAWS
+
+    grid = "instrument:\n  num_pix: 32\n  supersampling_factor: 1\n"
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(grid + "selection:\n  min_magnification: 100\n")
+    out = tmp_path / "out"
+    line = _one_line(_survey_cli(bin_dir, out, strict))
+    assert f"first {FAIL_FAST_DRAWS} deflector draws" in line, line
+    assert "selection.min_magnification = 100 rejected" in line and "highest magnification reached was" in line
+    assert not any(p.name != ".lock" for p in out.iterdir())  # no plan, no shard
+    loose = tmp_path / "loose.yaml"
+    loose.write_text(grid)
+    proc = _survey_cli(bin_dir, out, loose)  # the same --out, a config that passes: accepted
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "manifest.json").is_file()

@@ -14,6 +14,7 @@ from typing import Any
 from .errors import UserError
 
 TMP_PREFIX = ".tmp-"
+FULL_DISK_BYTES = 1 << 20  # free space under which a failed torch.save is taken for a full disk
 
 
 @contextlib.contextmanager

@@ -6,6 +6,14 @@ written; a second job fails at once naming the holder's host and pid. The kernel
 ``flock`` when the holder dies, however it dies (``kill -9`` included), so a stale ``.lock`` file
 never blocks a rerun. On a cluster file system ``flock`` must be coherent across nodes (Lustre
 mounted with ``-o flock``, GPFS, NFSv4); with ``localflock`` it only excludes jobs on one node.
+
+A ``flock`` belongs to the open file description, which a forked child shares: DataLoader workers
+(forked by the trainer) kept the lock for the ~5 s they take to notice their trainer's ``kill -9``,
+and a rerun was refused naming a dead pid. So every forked child closes its copy of a held lock's
+descriptor at once (``os.register_at_fork``); closing one copy leaves the holder's lock in place.
+(An exec'd child never inherits it: the descriptor is close-on-exec. POSIX ``lockf`` locks are per
+process and not inherited, but a process drops them on closing *any* descriptor of the file, and they
+never conflict within one process; OFD locks belong to the shared description, like ``flock``.)
 """
 
 from __future__ import annotations
@@ -19,6 +27,19 @@ from pathlib import Path
 from .errors import UserError
 
 LOCK_NAME = ".lock"
+_HELD: set[DirLock] = set()  # the locks this process holds (a dropped DirLock keeps its descriptor open)
+
+
+def _forget_in_child() -> None:
+    """In a forked child: close the inherited lock descriptors (the parent keeps its lock)."""
+    for lock in list(_HELD):
+        if lock.fd is not None:
+            try:
+                os.close(lock.fd)
+            except OSError:
+                pass
+            lock.fd = None
+    _HELD.clear()
 
 
 def prepare_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
@@ -66,9 +87,11 @@ class DirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} ({self.what}, since {stamp})\n".encode(), 0)
         self.fd = fd
+        _HELD.add(self)
         return self
 
     def release(self) -> None:
+        _HELD.discard(self)
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the flock; the file itself stays
             self.fd = None
@@ -78,3 +101,6 @@ class DirLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)

@@ -144,14 +144,28 @@ def pick_cuda_index(local_rank: int, device_count: int) -> int:
     return local_rank
 
 
-def device_for(rt: Runtime, cuda: bool | None = None, device_count: int | None = None):
-    """``torch.device`` of this process: ``cuda:<pick_cuda_index>`` when CUDA is usable, else cpu."""
+def device_for(rt: Runtime, cuda: bool | None = None, device_count: int | None = None, exclusive: bool = True):
+    """``torch.device`` of this process: ``cuda:<pick_cuda_index>`` when CUDA is usable, else cpu.
+
+    torchrun's workers on a node all inherit the same ``CUDA_VISIBLE_DEVICES`` (torchrun binds no
+    GPU), so under torchrun more local ranks than visible GPUs means several ranks on one GPU, which
+    NCCL refuses deep inside its first collective: refused here, naming the fix. (One visible GPU is
+    everyone's ``cuda:0`` only where a launcher binds one GPU per task: Slurm, MPI.) ``exclusive=False``
+    (``embed``, whose ranks talk over gloo) lets several workers share one GPU.
+    """
     import torch
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if not cuda:
         return torch.device("cpu")
     count = torch.cuda.device_count() if device_count is None else device_count
+    if exclusive and count >= 1 and under_torchrun() and rt.local_world_size > count:
+        raise UserError(
+            f"LOCAL_WORLD_SIZE={rt.local_world_size}: torchrun started {rt.local_world_size} processes on this "
+            f"node but only {count} GPU(s) are visible to them (torchrun's workers share CUDA_VISIBLE_DEVICES, "
+            f"and NCCL cannot put two ranks on one GPU): start at most {count} per node "
+            f"(torchrun --nproc_per_node {count}) or make {rt.local_world_size} GPUs visible"
+        )
     return torch.device("cuda", pick_cuda_index(rt.local_rank, count))
 
 
@@ -230,6 +244,79 @@ class ControlGroup:
     def close(self):
         if self.created:
             self.dist.destroy_process_group()
+
+
+# A collective that broke: the peer's socket closed (it exited: bad data, a crash, a kill) or
+# nothing came for the process group's timeout (it hangs: stopped, deadlocked, stuck in I/O).
+# Gloo's and NCCL's words for each.
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "remote process exited")
+_PEER_SILENT = ("timed out", "timeout")
+ROLL_CALL_S = 10.0  # how long a rank whose collective timed out waits for the others to say they are alive
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost frame of this package in ``exc``'s traceback: the operation that waited."""
+    tb, found = exc.__traceback__, ""
+    root = os.path.dirname(os.path.abspath(__file__))
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if os.path.abspath(code.co_filename).startswith(root):
+            rel = os.path.relpath(code.co_filename, os.path.dirname(root))
+            found = f"{getattr(code, 'co_qualname', code.co_name)} ({rel}:{tb.tb_lineno})"
+        tb = tb.tb_next
+    return found or "a collective"
+
+
+def _roll_call(rank: int, world_size: int, state: str, wait_s: float) -> dict[int, str]:
+    """Every rank whose collective broke says so in the group's store (its own TCP connection, not
+    the broken one) and, when ``wait_s`` > 0, waits that long for the others: {rank: state} of the
+    ranks that answered. A stopped or deadlocked rank cannot answer."""
+    import time
+
+    import torch.distributed as dist
+
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        keys = {r: f"hpc_lensiam/broken/{r}" for r in range(world_size)}
+        store.set(keys[rank], state)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and not store.check(list(keys.values())):
+            time.sleep(0.2)
+        return {r: store.get(k).decode() for r, k in keys.items() if store.check([k])}
+    except Exception:  # no store (or its host is gone): this rank's own view only
+        return {rank: state}
+
+
+def collective_failure(exc: BaseException, rank: int, world_size: int, timeout_min: float):
+    """A :class:`~hpc_lensiam.errors.PeerFailure` when ``exc`` is a broken collective, else None.
+
+    A peer that exited: quiet (that rank says why). A peer that stopped answering: the lowest rank
+    whose collective timed out names the ranks that did not answer the roll call and the operation."""
+    import torch.distributed as dist
+
+    from .errors import PeerFailure
+
+    if world_size < 2 or not isinstance(exc, RuntimeError):
+        return None
+    text = str(exc).lower()
+    if not isinstance(exc, dist.DistError) and not any(k in text for k in ("gloo", "nccl", "c10d")):
+        return None  # not the process group's (a loader's timeout, say)
+    gone = any(s in text for s in _PEER_GONE)
+    if not gone and not any(s in text for s in _PEER_SILENT):
+        return None
+    answered = _roll_call(rank, world_size, "gone" if gone else "timeout", 0.0 if gone else ROLL_CALL_S)
+    if gone:
+        return PeerFailure(f"rank {rank}: another rank left the process group (its error says why)", quiet=True)
+    timed_out = sorted(r for r, s in answered.items() if s == "timeout")
+    silent = [r for r in range(world_size) if r not in answered]
+    quiet = bool(timed_out) and rank != timed_out[0]  # one line per job
+    who = f"rank {', '.join(map(str, silent))}" if silent else "another rank"
+    return PeerFailure(
+        f"rank {rank}: no answer from {who} for {timeout_min:g} min (--dist-timeout) in {_where(exc)}: "
+        f"that rank is hung (stopped, deadlocked or stuck in I/O); stopping; --resume continues from the "
+        f"last checkpoint",
+        quiet=quiet,
+    )
 
 
 # ----------------------------------------------------------------------------- process hygiene

@@ -29,6 +29,7 @@ import functools
 import multiprocessing
 import os
 import random
+import re
 import signal
 import sys
 import warnings
@@ -39,13 +40,110 @@ from webdataset.filters import _shuffle
 
 from ..core.errors import UserError
 from ..core.rng import derive_seed
-from ..shards.integrity import IntegrityError, check_finite, shard_problem
+from ..shards.integrity import IntegrityError, check_finite, shard_problem, shard_samples
 from ..shards.manifest import NpyDecoder, read_manifest, shard_paths
-from ..shards.reader import shard_samples
 
 
 class ShardError(UserError):
     """A shard (or a sample in it) that cannot be read; the message names the shard."""
+
+
+class LoaderError(UserError):
+    """A DataLoader worker that did not hand over its batch: dead, blocked past the loader timeout,
+    or unable to pass the batch to the main process; the message says which and why, when known."""
+
+
+# Seconds the main process waits for one batch from its workers before it gives up (DataLoader
+# ``timeout``): generous (a batch is ~1 s of reading; a resumed epoch first skips its seen samples),
+# but a worker blocked on a hung file system no longer hangs the job forever.
+LOADER_TIMEOUT = 600.0
+
+_HANDOVER = None  # shared with the forked workers: why a worker could not hand over its batch
+
+
+def handover_buffer():
+    """The shared buffer (created once in the main process, before it forks workers), emptied."""
+    global _HANDOVER
+    if _HANDOVER is None:
+        _HANDOVER = multiprocessing.RawArray("c", 512)
+    _HANDOVER.value = b""
+    return _HANDOVER
+
+
+def _feeder_failed(exc, obj) -> None:
+    """A worker's queue feeder thread could not send a batch (``Queue._on_queue_feeder_error``).
+
+    multiprocessing's default prints a traceback and drops the batch, and the main process then
+    waits for it forever (issue 25: ``embed`` under ``ulimit -f`` or with /dev/shm full, whose
+    tensors could not be moved to shared memory, waited 636 s until killed). Here the reason goes to
+    the main process and the worker ends: the main process sees a dead worker at once and names why.
+    A broken pipe is left alone: the main process closed the queue, it is stopping the workers."""
+    if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+        return
+    if _HANDOVER is not None:
+        _HANDOVER.value = f"{type(exc).__name__}: {' '.join(str(exc).split())}".encode()[:511]
+    os._exit(70)
+
+
+def init_worker(_worker_id: int = 0) -> None:
+    """``worker_init_fn`` of every loader with workers: a batch the worker cannot hand over ends it."""
+    import multiprocessing.queues
+
+    multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(_feeder_failed)
+
+
+def _awaited_worker(it) -> str:
+    """The " (pid N)" of the worker whose batch a DataLoader iterator waits for, when it can tell."""
+    try:
+        return f" (pid {it._workers[it._task_info[it._rcvd_idx][0]].pid})"
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return ""
+
+
+def loader_failure(exc: BaseException, what: str, it=None) -> str | None:
+    """One line for a failure of torch's DataLoader workers (raised as a RuntimeError), or None.
+    ``it``: the DataLoader's iterator, to name the worker a timed-out wait was for."""
+    text = str(exc)
+    if m := re.match(r"DataLoader timed out after (\S+) seconds", text):
+        return (
+            f"{what}: no batch from data-loader worker{_awaited_worker(it)} in {float(m[1]):g} s: it is blocked "
+            f"(a hung file system?); a longer --loader-timeout, or --workers 0 to read in the main process"
+        )
+    if m := re.match(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (.*)", text, re.S):
+        why = _HANDOVER.value.decode(errors="replace") if _HANDOVER is not None else ""
+        if why:
+            return (
+                f"{what}: data-loader worker (pid {m[1]}) could not hand over its batch to the main process "
+                f"({why}): /dev/shm full, or a file-size limit (ulimit -f)?"
+            )
+        how = m[2].split(". Details are lost")[0].strip().rstrip(".")
+        codes = [w.exitcode for w in getattr(it, "_workers", ()) if str(w.pid) == m[1].strip()]
+        if codes and codes[0] is not None:  # torch's own check says only "exited unexpectedly"
+            code = codes[0]
+            try:
+                how = f"was killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        return f"{what}: data-loader worker (pid {m[1]}) {how} (out of memory, or killed?)"
+    return None
+
+
+def _stop_workers(it, failed: bool = False) -> None:
+    """Stop an iterator's workers now: torch's shutdown, then SIGKILL for a stopped or stuck one.
+    ``failed``: the job ends on an error: SIGKILL first, not after torch's joins (5 s each), once
+    torch's SIGCHLD handler no longer watches them (it would raise "killed by signal" over the error)."""
+    if failed and getattr(it, "_worker_pids_set", False):
+        from torch.utils.data._utils import signal_handling
+
+        signal_handling._remove_worker_pids(id(it))
+        it._worker_pids_set = False
+        for w in it._workers:
+            if w.is_alive():
+                w.kill()
+    getattr(it, "_shutdown_workers", lambda: None)()
+    for w in getattr(it, "_workers", ()):
+        if w.is_alive():
+            w.kill()
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -158,6 +256,35 @@ def _worker_signals(_worker_id: int, closing=None) -> None:
 
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the trainer's checkpoint-and-stop signal
     signal.signal(signal.SIGTERM, on_sigterm)
+    init_worker(_worker_id)
+
+
+def worker_message(exc: BaseException) -> str:
+    """The message of an error re-raised from a DataLoader worker, less the worker's traceback that
+    torch puts into it ("Caught X in DataLoader worker process N. Original Traceback ..."): its last
+    line, less the exception's class name. Other messages are returned unchanged."""
+    text = str(exc).strip()
+    if "in DataLoader worker process" not in text:
+        return text
+    return re.sub(r"^(?:\w+\.)*\w+: ", "", text.splitlines()[-1], count=1)
+
+
+def worker_batches(loader, what: str):
+    """The batches of a torch DataLoader (``embed``'s rows): bad data found by a worker (a UserError)
+    is one line, as in the main process; so is a worker that died, hung past the loader's timeout or
+    could not hand over its batch (a LoaderError); the workers stop as soon as the caller leaves."""
+    it, failed = iter(loader), True
+    try:
+        yield from it
+        failed = False
+    except UserError as exc:  # re-raised from a worker with its traceback in the message
+        raise type(exc)(worker_message(exc)) from None
+    except RuntimeError as exc:
+        if (line := loader_failure(exc, what, it)) is None:
+            raise
+        raise LoaderError(line) from None
+    finally:
+        _stop_workers(it, failed)
 
 
 class ShardLoader:
@@ -181,6 +308,7 @@ class ShardLoader:
         skip_bad_samples: bool = False,
         pin_memory: bool = False,
         verify: bool = False,
+        timeout: float = LOADER_TIMEOUT,
     ):
         if not data_dir:
             raise UserError("--data: no shard directory given")
@@ -239,7 +367,7 @@ class ShardLoader:
         if not shape:
             raise UserError(f"{Path(data_dir) / 'manifest.json'}: missing key 'image_shape'")
         self.image_shape = tuple(shape)
-        self.batch_size, self.pin_memory = batch_size, pin_memory
+        self.batch_size, self.pin_memory, self.timeout = batch_size, pin_memory, timeout
         sizes = {p: int(s.get("num_samples", 1)) for p, s in zip(shards, manifest["shards"])}
         self.dataset = ShardStream(
             sizes,
@@ -259,6 +387,7 @@ class ShardLoader:
         """Batches ``start .. batches_per_epoch-1`` of ``epoch`` (the same ones whatever ``start``)."""
         self.dataset.epoch, self.dataset.start = epoch, start
         closing = multiprocessing.RawValue("b", 0)  # shared with the workers (fork), read in a handler
+        handover_buffer()
         # torch's DataLoader itself (not wds.WebLoader, whose iterator hides _shutdown_workers: the
         # workers then lived on until interpreter exit, and a worker's error took 100 s to end the job)
         loader = torch.utils.data.DataLoader(
@@ -268,6 +397,7 @@ class ShardLoader:
             pin_memory=self.pin_memory,
             persistent_workers=False,
             worker_init_fn=functools.partial(_worker_signals, closing=closing),
+            timeout=self.timeout if self.workers else 0,
         )
         it = iter(loader)
         try:
@@ -278,6 +408,12 @@ class ShardLoader:
                 if w.is_alive():
                     w.terminate()
             raise ShardError(str(exc).strip().splitlines()[-1].split("ShardError: ", 1)[-1]) from None
+        except RuntimeError as exc:  # a worker died, hung past the timeout or could not hand over a batch
+            closing.value = 1
+            if (line := loader_failure(exc, "train", it)) is None:
+                raise
+            _stop_workers(it, failed=True)
+            raise LoaderError(line) from None
         finally:  # stop the workers now, even when the caller leaves mid-epoch
             closing.value = 1
-            getattr(it, "_shutdown_workers", lambda: None)()
+            _stop_workers(it)

@@ -88,6 +88,7 @@ class ShardSource(DataSource):
             cfg.skip_bad_samples,
             verify=cfg.verify,
             pin_memory=engine.plan.pin_memory,
+            timeout=cfg.loader_timeout,
         )
         if engine.is_main and (
             busy := cpu_budget_warning(loader.workers if cfg.workers else 0, engine.local_world_size)

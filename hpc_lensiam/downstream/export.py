@@ -20,10 +20,13 @@ folders alike (:func:`hpc_lensiam.models.weights.load_model_state`); the readers
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 from pathlib import Path
 
 from ..core.errors import UserError
-from ..core.io import atomic_path, atomic_write_json, check_output_file
+from ..core.io import FULL_DISK_BYTES, atomic_path, atomic_write_json, check_output_file
 from ..models.weights import SIDECAR_FORMAT, load_backbone, sidecar_path, weights_sha256
 
 FORMATS = ("pt", "safetensors")
@@ -62,13 +65,6 @@ def export_backbone(checkpoint: str, out: str, fmt: str = "pt", arch: str | None
 
     out = Path(out)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    with atomic_path(out) as tmp:
-        if fmt == "pt":
-            torch.save(state, tmp)
-        else:
-            from safetensors.torch import save_file
-
-            save_file(state, str(tmp), metadata={"format": SIDECAR_FORMAT, "arch": info["arch"]})
     n_params = sum(v.numel() for k, v in state.items() if not k.endswith("num_batches_tracked"))
     sidecar = {
         "format": SIDECAR_FORMAT,
@@ -102,7 +98,21 @@ def export_backbone(checkpoint: str, out: str, fmt: str = "pt", arch: str | None
         },
         "check": {"features_max_relative_error": err},
     }
-    atomic_write_json(sidecar_path(out), sidecar)
+    # the weights go to a temporary file, renamed into place only once the sidecar is written: a failure (a
+    # full disk) leaves no new file, and an earlier export at ``out`` as it was
+    with atomic_path(out) as tmp:
+        try:
+            if fmt == "pt":
+                torch.save(state, tmp)
+            else:
+                from safetensors.torch import save_file
+
+                save_file(state, str(tmp), metadata={"format": SIDECAR_FORMAT, "arch": info["arch"]})
+        except Exception as exc:  # torch: RuntimeError "enforce fail"; safetensors: SafetensorError; no errno
+            if "No space left" in str(exc) or shutil.disk_usage(tmp.parent).free < FULL_DISK_BYTES:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out)) from None
+            raise
+        atomic_write_json(sidecar_path(out), sidecar)
     print(
         f"export: {info['arch']} backbone ({info['method']}, {info['mode']}, step {info['step']}, "
         f"{n_params / 1e6:.1f}M parameters, {ex.in_chans}-channel input, feature check {err:.1e}) -> {out} "

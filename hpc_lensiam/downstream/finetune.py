@@ -38,9 +38,9 @@ import numpy as np
 
 from ..core.errors import UserError
 from ..core.io import atomic_write_json, check_output_file, sha256_file
-from ..shards.manifest import MANIFEST_NAME, read_manifest
+from ..shards.manifest import MANIFEST_NAME, data_grid, read_manifest
 from ..shards.reader import load_images
-from .model_file import check_model_path, data_grid, with_linear_head
+from .model_file import check_model_path, with_linear_head
 from .model_file import save_model as save_model_file
 from .tasks import make_task
 

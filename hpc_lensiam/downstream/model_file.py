@@ -58,18 +58,6 @@ def save_model(path: str | os.PathLike, net, meta: dict) -> Path:
     return Path(path)
 
 
-def data_grid(data_dir: str | os.PathLike) -> dict:
-    """The pixel grid of a shard set: ``{"pixel_scale_arcsec", "image_shape"}`` from its manifest
-    (an ingested set's target grid, a simulated set's instrument; None where it does not say)."""
-    from ..shards.manifest import read_manifest
-
-    m = read_manifest(data_dir)
-    cfg = m.get("config") or {}
-    scale = m.get("pixel_scale_arcsec") or (cfg.get("instrument") or {}).get("pixel_scale_arcsec")
-    scale = scale if scale is not None else cfg.get("pixel_scale_arcsec")
-    return {"pixel_scale_arcsec": None if scale is None else float(scale), "image_shape": m.get("image_shape")}
-
-
 def read_meta(path: str | os.PathLike) -> dict:
     """The metadata document of a saved model (no tensors read); one-line UserError on anything else."""
     from safetensors import safe_open

@@ -34,7 +34,8 @@ import numpy as np
 
 from ..core.errors import UserError
 from ..core.io import atomic_path, atomic_write_json, check_output_file
-from .model_file import data_grid, load_model, read_meta
+from ..shards.manifest import data_grid
+from .model_file import load_model, read_meta
 from .tasks import make_task
 
 TABLE_SUFFIXES = (".csv", ".fits")
@@ -172,7 +173,9 @@ def write_table(rows: list[dict], path: str) -> None:
         vals = [r.get(n) for r in rows]
         mask = [v is None or (isinstance(v, float) and math.isnan(v)) for v in vals]
         kinds = {type(v) for v, m in zip(vals, mask) if not m}
-        if kinds <= {int, float, bool, np.float64, np.float32} and kinds:
+        if kinds <= {int, np.int64} and kinds:  # counts, ranks, flags, ids: integers stay integers
+            data = [0 if m else int(v) for v, m in zip(vals, mask)]
+        elif kinds <= {int, float, bool, np.float64, np.float32} and kinds:
             data = [np.nan if m else float(v) for v, m in zip(vals, mask)]
         else:
             data = ["" if m else str(v) for v, m in zip(vals, mask)]

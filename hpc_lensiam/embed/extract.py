@@ -12,7 +12,9 @@ already complete from an interrupted run reuses it.
 HDF5 layout (``FORMAT``), N rows = images (lensiam shards: 2 per sample, single shards: 1)::
 
     features        (N, D) float32   backbone output (D = 512 resnet18, 2048 resnet50/101)
-    keys            (N,)   str       webdataset sample key, e.g. "000003_000017"
+    keys            (N,)   str       webdataset sample key, e.g. "000003_000017" (ingested: the object name, sanitised)
+    name            (N,)   str       the object's name (params.json ``name``: ingested images), else the key
+    catalog         (N,)   str       JSON of the columns ingest kept (params.json ``catalog``), "{}" for none
     source          (N,)   str       the data folder of the row, as given to --data (several may be)
     view            (N,)   int8      1 or 2 (which image of the pair; single shards: 1)
     pair_id         (N,)   int64     index of the lens system (sorted unique keys): both views share it
@@ -23,7 +25,13 @@ HDF5 layout (``FORMAT``), N rows = images (lensiam shards: 2 per sample, single 
                                      (survey family, docs/survey.md; ingested images labelled with it)
     umap            (N, 2) float32   added later by ``hpc-lensiam umap``
     attrs: format, checkpoint, weights_sha256 (of the backbone weights), step, arch, train_mode, config_hash,
-           data_dir, data_mode, manifest_sha256, num_samples, num_images, feature_dim, world_size
+           data_dir, data_mode, manifest_sha256, num_samples, num_images, feature_dim, world_size,
+           precision (fp32 on a CPU; bf16, or fp16 without native bf16, on a GPU: autocast). A rerun
+           counts as up to date only with the same weights, data manifest and precision.
+           training_grid / data_grids (JSON: the backbone's training pixel grid, each folder's)
+
+``table=`` (``embed --table T.csv|.fits``) also writes one row per image (name, key, source, view, file,
+the kept catalogue columns, the known labels) with astropy, for a catalogue tool.
 """
 
 from __future__ import annotations
@@ -39,17 +47,26 @@ import numpy as np
 from ..core.errors import UserError
 from ..core.io import atomic_path, check_output_file, sha256_file, sha256_json
 from ..core.runtime import ControlGroup
-from ..shards.integrity import check_shards
-from ..shards.manifest import LENS_PARAMS, MANIFEST_NAME, read_manifest, shard_paths
-from ..shards.reader import LABELS, image_rows, shard_samples, views_of
+from ..shards.integrity import check_shards, shard_samples
+from ..shards.manifest import LENS_PARAMS, MANIFEST_NAME, data_grid, read_manifest, shard_paths
+from ..shards.reader import LABELS, image_rows, views_of
 
 FORMAT = "hpc_lensiam.embeddings/1"
 
 
 # ----------------------------------------------------------------------------------- shard reading
 def _collate(rows):
-    keys, views, images, lens = zip(*rows)
-    return list(keys), np.array(views, np.int8), np.stack(images).astype(np.float32), np.stack(lens)
+    keys, views, images, lens, *meta = zip(*rows)
+    out = list(keys), np.array(views, np.int8), np.stack(images).astype(np.float32), np.stack(lens)
+    return (*out, [_identity(p) for p in meta[0]]) if meta else out
+
+
+def _identity(params: dict) -> str:
+    """What a row carries of its object beyond labels, as JSON: name, catalogue columns, source file."""
+    kept = params.get("catalog") if isinstance(params.get("catalog"), dict) else {}
+    ingest = params.get("ingest") if isinstance(params.get("ingest"), dict) else {}
+    out = {"name": params.get("name"), "catalog": kept, "file": ingest.get("file")}
+    return json.dumps({k: v for k, v in out.items() if v})
 
 
 def checked_samples(sizes: dict[str, int]):
@@ -63,33 +80,67 @@ def checked_samples(sizes: dict[str, int]):
     return read
 
 
-def row_loader(paths: list[str], mode: str, batch_size: int, workers: int, sizes: dict[str, int] | None = None):
+def row_loader(
+    paths: list[str],
+    mode: str,
+    batch_size: int,
+    workers: int,
+    sizes: dict[str, int] | None = None,
+    timeout: float | None = None,
+    with_identity: bool = False,
+):
     """Batches (keys, views, images (B,H,W) float32, lens (B,8)) over ``paths``, in shard order
-    with ``workers`` <= 1 (several workers interleave shards; the join sorts anyway)."""
+    with ``workers`` <= 1 (several workers interleave shards; the join sorts anyway); with
+    ``with_identity`` a fifth item, each row's name / catalogue / file as JSON (:func:`_identity`).
+    A damaged shard found by a worker is one line naming the shard and the sample, and so is a worker
+    that dies, or hands over no batch for ``timeout`` s (default ``LOADER_TIMEOUT``; ``worker_batches``)."""
+    import torch
     import webdataset as wds
+
+    from ..data.loader import LOADER_TIMEOUT, handover_buffer, init_worker, worker_batches
 
     workers = max(0, min(workers, len(paths)))
     ds = wds.DataPipeline(
         wds.SimpleShardList(paths),
         wds.split_by_worker,
         checked_samples(sizes or {}),
-        image_rows(mode),
+        image_rows(mode, with_params=with_identity),
         wds.batched(batch_size, collation_fn=_collate, partial=True),
     )
-    return wds.WebLoader(ds, batch_size=None, num_workers=workers)
+    # torch's DataLoader itself, not wds.WebLoader: its iterator hides _shutdown_workers
+    handover_buffer()
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=None,
+        num_workers=workers,
+        worker_init_fn=init_worker,
+        timeout=(LOADER_TIMEOUT if timeout is None else timeout) if workers else 0,
+    )
+    return worker_batches(loader, "embed")
 
 
 # ------------------------------------------------------------------------------------ distribution
 def _device():
-    """This rank's device, by the same rule as training (hpc_lensiam.core.runtime)."""
+    """This rank's device, by the same rule as training (hpc_lensiam.runtime)."""
     import torch
 
     from ..core.runtime import device_for, runtime
 
-    device = device_for(runtime(command="embed"))
+    device = device_for(runtime(command="embed"), exclusive=False)  # gloo: ranks may share a GPU
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
+
+
+def embed_precision(device) -> str:
+    """What the features are computed in on ``device``: fp32 on a CPU, the autocast dtype on a GPU
+    (bf16 where native, else fp16: :func:`hpc_lensiam.train.plan.inference_dtype`)."""
+    import torch
+
+    from ..core.runtime import DeviceCaps, inference_dtype
+
+    dtype = inference_dtype(DeviceCaps.detect(device))
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 # ---------------------------------------------------------------------------------------- HDF5 io
@@ -97,7 +148,7 @@ def part_path(out: Path, rank: int) -> Path:
     return out.with_name(f"{out.stem}.part{rank}{out.suffix or '.h5'}")
 
 
-def _write_part(path: Path, run_id: str, shards: list, keys, views, feats, lens, sources) -> None:
+def _write_part(path: Path, run_id: str, shards: list, keys, views, feats, lens, sources, ident=None) -> None:
     import h5py
 
     sources = np.asarray(sources, np.int32)
@@ -110,6 +161,8 @@ def _write_part(path: Path, run_id: str, shards: list, keys, views, feats, lens,
             f["view"] = np.asarray(views, np.int8)[order]
             f["lens"] = lens[order]
             f["source"] = sources[order]
+            ident = ident if ident is not None else ["{}"] * len(keys)
+            f.create_dataset("ident", data=np.array(ident, dtype=object)[order], dtype=_str_dtype())
 
 
 def _str_dtype():
@@ -172,6 +225,15 @@ def _join(
                 g.create_dataset("source", data=np.array(sources, dtype=object)[s_sorted], dtype=_str_dtype())
                 g["view"] = all_views[order].astype(np.int8)
                 g["pair_id"] = pair_id.astype(np.int64)
+                ident = np.concatenate([f["ident"].asstr()[...] for f in files]).astype(object)[order]
+                parsed = [json.loads(t) for t in ident]
+                names = [str(d.get("name") or k) for d, k in zip(parsed, k_sorted)]
+                g.create_dataset("name", data=np.array(names, dtype=object), dtype=_str_dtype())
+                cats = [
+                    json.dumps({**d.get("catalog", {}), **({"file": d["file"]} if d.get("file") else {})})
+                    for d in parsed
+                ]
+                g.create_dataset("catalog", data=np.array(cats, dtype=object), dtype=_str_dtype())
                 lens = np.empty((n, files[0]["lens"].shape[1]))
                 src_owner, src_row = owner[order], row[order]
                 for a in range(0, n, block):  # each part's rows in a block are one contiguous range
@@ -231,6 +293,11 @@ def load_embeddings(path: str | os.PathLike, need_params: bool = True) -> dict:
     with f:
         if "features" not in f or f["features"].ndim != 2:
             raise UserError(f"{path}: no 2-D 'features' dataset (expected the output of `hpc-lensiam embed`)")
+        if f["features"].shape[1] == 0:  # every cosine, distance and fit on it is meaningless
+            raise UserError(
+                f"{path}: 'features' has shape {f['features'].shape}, no feature columns "
+                "(expected the output of `hpc-lensiam embed`)"
+            )
         n = f["features"].shape[0]
         out = {"path": str(path), "features": f["features"][...].astype(np.float32, copy=False), "attrs": dict(f.attrs)}
         out["keys"] = f["keys"].asstr()[...] if "keys" in f else np.array([str(i) for i in range(n)])
@@ -247,6 +314,8 @@ def load_embeddings(path: str | os.PathLike, need_params: bool = True) -> dict:
             out["pair_id"] = np.unique(out["keys"], return_inverse=True)[1]
         out["umap"] = f["umap"][...] if "umap" in f else None
         out["source"] = f["source"].asstr()[...] if "source" in f else np.full(n, "", dtype=object)
+        out["name"] = f["name"].asstr()[...] if "name" in f else out["keys"]
+        out["catalog"] = f["catalog"].asstr()[...] if "catalog" in f else np.full(n, "{}", dtype=object)
         out["params_known"] = (
             {name: f["params_known"][name][...] for name in f["params_known"]} if "params_known" in f else {}
         )
@@ -292,6 +361,8 @@ def extract_embeddings(
     verify: bool = False,
     arch: str | None = None,
     seed: int | None = None,
+    loader_timeout: float | None = None,
+    table: str | None = None,
 ) -> dict:
     """Embed every image of ``data_dir`` (one shard folder, or several into one file with a
     ``source`` column) with the checkpoint's backbone into HDF5 ``out``.
@@ -299,12 +370,15 @@ def extract_embeddings(
     ``checkpoint="none"``: a random-weight ``arch`` backbone drawn from ``seed`` (default 0), the
     no-pretraining reference a probe compares trained features against. ``arch`` with a checkpoint:
     the arch it must hold. Runs as one process or as every rank of ``torchrun``; returns the
-    output's attributes.
+    output's attributes. ``loader_timeout``: seconds to wait for one batch from the loader's workers
+    (default ``data.loader.LOADER_TIMEOUT``), then a one-line error instead of a hang.
     """
     from ..models.weights import load_backbone, random_backbone
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if loader_timeout is not None and not loader_timeout > 0:
+        raise UserError(f"--loader-timeout must be > 0 seconds, got {loader_timeout}")
     random_weights = str(checkpoint).lower() == "none"
     if not random_weights and seed is not None:
         raise UserError("--seed: only with --checkpoint none (a checkpoint's weights are already drawn)")
@@ -322,6 +396,12 @@ def extract_embeddings(
     for d, m in zip(dirs, manifests):
         check_shards(d, m, verify=verify)
     check_output_file(out, "--out")
+    if table is not None:
+        from ..downstream.predict import TABLE_SUFFIXES
+
+        if Path(table).suffix not in TABLE_SUFFIXES:
+            raise UserError(f"--table {table}: expected a file ending in {' or '.join(TABLE_SUFFIXES)}")
+        check_output_file(table, "--table")
 
     world = ControlGroup(command="embed")
     try:
@@ -346,7 +426,15 @@ def extract_embeddings(
             "manifest_sha256": manifest_sha,
             "feature_dim": int(info["feature_dim"]),
             "views": max(len(views_of(m)) for m in modes),
+            "precision": embed_precision(_device()),  # bf16/fp16 GPU features are not an fp32 rerun's
         }
+        grids = [data_grid(d) for d in dirs]
+        attrs["training_grid"] = json.dumps(info.get("training_grid"))
+        attrs["data_grids"] = json.dumps(grids)
+        if world.rank == 0:
+            for d, g in zip(dirs, grids):
+                if (w := grid_mismatch(g, info.get("training_grid"))) is not None:
+                    print(f"embed: warning: --data {d}: {w}", file=sys.stderr, flush=True)
         if world.bcast(_same_run(out, attrs) if world.rank == 0 else None):
             if world.rank == 0:
                 print(
@@ -354,9 +442,11 @@ def extract_embeddings(
                     f"step {attrs['step']}, same data manifest); nothing to do",
                     flush=True,
                 )
+                if table is not None:
+                    write_embedding_table(out, table)
             return attrs
         attrs["world_size"] = world.size
-        run_id = sha256_json({k: attrs[k] for k in ("weights_sha256", "manifest_sha256", "world_size")})
+        run_id = sha256_json({k: attrs[k] for k in ("weights_sha256", "manifest_sha256", "world_size", "precision")})
 
         mine = [list(j[:3]) for j in jobs[world.rank :: world.size]]
         part = part_path(out, world.rank)
@@ -376,6 +466,7 @@ def extract_embeddings(
                 progress and world.rank == 0,
                 info["feature_dim"],
                 sizes,
+                loader_timeout,
             )
         world.barrier()
         result = attrs
@@ -395,6 +486,8 @@ def extract_embeddings(
                 flush=True,
             )
             result = {**attrs, "num_images": n, "num_samples": num_samples}
+            if table is not None:
+                write_embedding_table(out, table)
         world.barrier()  # nobody leaves (or reruns) before the joined file exists
         return result
     finally:
@@ -409,15 +502,19 @@ def _same_run(out: Path, attrs: dict) -> bool:
     try:
         with h5py.File(out, "r") as f:
             return (
-                all(f.attrs.get(k) == attrs[k] for k in ("format", "weights_sha256", "step", "manifest_sha256", "arch"))
+                all(
+                    f.attrs.get(k) == attrs[k]
+                    for k in ("format", "weights_sha256", "step", "manifest_sha256", "arch", "precision")
+                )
                 and "features" in f
             )
     except OSError:
         return False
 
 
-def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show, dim, sizes):
+def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show, dim, sizes, timeout=None):
     """Embed this rank's shards (``jobs``: [source index, path, mode]), folder by folder."""
+    import contextlib
     import itertools
 
     import torch
@@ -429,7 +526,7 @@ def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show,
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         amp = inference_dtype(DeviceCaps.detect(device))  # bf16 only where native (not V100/T4's emulation)
-    keys, views, lens, sources = [], [], [], []
+    keys, views, lens, sources, ident = [], [], [], [], []
     feats = np.empty((n_rows, dim), np.float32)
     bar = None
     if show:
@@ -438,11 +535,12 @@ def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show,
         bar = tqdm(total=n_rows, unit="img", desc="embed (rank 0)", dynamic_ncols=True, file=sys.stderr)
     groups = [(src, mode, [j[1] for j in js]) for (src, mode), js in itertools.groupby(jobs, lambda j: (j[0], j[2]))]
     batches = itertools.chain.from_iterable(
-        ((src, b) for b in row_loader(paths, mode, batch_size, workers, sizes)) for src, mode, paths in groups
+        ((src, b) for b in row_loader(paths, mode, batch_size, workers, sizes, timeout, with_identity=True))
+        for src, mode, paths in groups
     )
     i = 0
-    with torch.inference_mode():
-        for src, (k, v, img, p) in batches:
+    with torch.inference_mode(), contextlib.nullcontext() if bar is None else bar:  # an error starts its own line
+        for src, (k, v, img, p, who) in batches:
             # (the DataLoader turns numpy batches into tensors)
             x = torch.as_tensor(img).unsqueeze(1).to(device, non_blocking=True)
             if device.type == "cuda":
@@ -467,10 +565,69 @@ def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show,
             views.append(np.asarray(v, np.int8))
             lens.append(np.asarray(p, np.float64))
             sources += [src] * len(y)
+            ident += who
             if bar:
                 bar.update(len(y))
-    if bar:
-        bar.close()
     views = np.concatenate(views) if views else np.zeros(0, np.int8)
     lens = np.concatenate(lens) if lens else np.zeros((0, len(LABELS)))
-    _write_part(part, run_id, jobs, keys, views, feats[:i], lens, sources)
+    _write_part(part, run_id, jobs, keys, views, feats[:i], lens, sources, ident)
+
+
+GRID_TOLERANCE = 0.01  # relative pixel-scale difference taken as the same grid (as predict)
+
+
+def grid_mismatch(grid: dict, trained: dict | None) -> str | None:
+    """Why a data folder's pixel grid is not the backbone's training grid, or None (same, or unknown)."""
+    if not trained:
+        return None
+    problems = []
+    a, b = grid.get("pixel_scale_arcsec"), trained.get("pixel_scale_arcsec")
+    if a is not None and b is not None and abs(a - b) > GRID_TOLERANCE * b:
+        problems.append(f'{a:g}"/px, the backbone was trained on {b:g}"/px ({a / b:.3g}x)')
+    s, t = grid.get("image_shape"), trained.get("image_shape")
+    if s and t and list(s) != list(t):
+        problems.append(f"images {s[0]}x{s[1]} px, trained on {t[0]}x{t[1]}")
+    if not problems:
+        return None
+    return (
+        "another pixel grid than the backbone's training data (" + "; ".join(problems) + "): a lens of one size "
+        "looks like another size to it; neighbours and probes compare such features as they are, "
+        "`predict` refuses them"
+    )
+
+
+def write_embedding_table(h5: str | os.PathLike, table: str) -> str:
+    """One row per image of an embeddings file (name, key, source, view, the kept catalogue columns,
+    the known labels) as CSV or FITS (astropy Table, missing values masked)."""
+    import h5py
+
+    from ..downstream.predict import write_table
+
+    with h5py.File(h5, "r") as f:  # everything but the features (8 GB at 10^6 x 2048)
+        e = {k: f[k].asstr()[...] for k in ("keys", "name", "source", "catalog") if k in f}
+        e.setdefault("name", e["keys"])  # a file from before names were kept
+        e.setdefault("source", np.full(len(e["keys"]), "", dtype=object))
+        e.setdefault("catalog", np.full(len(e["keys"]), "{}", dtype=object))
+        e["view"] = f["view"][...]
+        e["params"] = {p: f["params"][p][...] for p in f["params"] if p in LENS_PARAMS} if "params" in f else {}
+        e["params_known"] = {p: f["params_known"][p][...] for p in f["params_known"]} if "params_known" in f else {}
+        e["is_lens"] = f["params"]["is_lens"][...] if "params/is_lens" in f else None
+    rows = []
+    for i in range(len(e["keys"])):
+        row = {
+            "name": str(e["name"][i]),
+            "key": str(e["keys"][i]),
+            "source": str(e["source"][i]),
+            "view": int(e["view"][i]),
+        }
+        kept = json.loads(e["catalog"][i] or "{}")
+        row.update({k: v for k, v in kept.items() if k not in row and not isinstance(v, (dict, list))})
+        for p, v in e["params"].items():
+            known = e["params_known"].get(p)
+            row[p] = float(v[i]) if known is None or known[i] else None
+        if e["is_lens"] is not None:
+            row["is_lens"] = int(e["is_lens"][i])
+        rows.append(row)
+    write_table(rows, str(table))
+    print(f"embed: table of {len(rows)} rows -> {table}", flush=True)
+    return str(table)

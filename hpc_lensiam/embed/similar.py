@@ -14,8 +14,12 @@
   checkpoint, which must be the one the file was made with (weights sha256).
 - ``--anomaly`` ranks every image by its cosine distance (1 - similarity) to its k-th nearest
   neighbour outside its own lens system: large = unlike anything else in the set.
-- Output: a table on stdout, ``--json`` (atomic), ``--out`` a PNG grid of the query and its
-  neighbours (or the top anomalies), images read back from the shards by key, captioned.
+- ``--key`` takes a sample key or an object name (ingested images: the name kept in params.json); it
+  needs ``--source`` only when several folders hold it.
+- Output: a table on stdout, ``--json`` (atomic), ``--table`` CSV and/or FITS (astropy Table: one row
+  per image with its name, source folder, file and the catalogue columns ingest kept), ``--out`` a PNG
+  grid of the query and its neighbours (or the top anomalies), images read back from the shards by
+  key, captioned.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import UserError
-from ..core.io import atomic_path, atomic_write_json
-from ..shards.manifest import read_manifest
+from ..core.io import atomic_write_json, check_output_file
+from ..shards.manifest import decode_npy, read_manifest
 from .extract import load_embeddings
 
 IVF_MIN_ROWS = 50_000  # --anomaly switches from exact to IVF search above this many rows
@@ -150,16 +154,43 @@ class ShardImages:
     """Images and params.json read back from shards by (folder, key, view), one shard at a time."""
 
     def __init__(self):
-        from ..shards.reader import SamplesByKey
+        self._cache: dict[str, dict] = {}
+        self._where: dict[str, dict[str, str]] = {}  # folder -> {key: shard}, for keys that are names
 
-        self._samples = SamplesByKey()
+    def _index(self, data_dir: str) -> dict[str, str]:
+        """{key: shard} of a folder, from its shards' member names (read once)."""
+        import tarfile
+
+        if data_dir not in self._where:
+            index: dict[str, str] = {}
+            for shard in sorted(Path(data_dir).glob("shard-*.tar")):
+                with tarfile.open(shard) as t:
+                    for n in t.getnames():
+                        index.setdefault(n.rsplit("/", 1)[-1].split(".", 1)[0], str(shard))
+            self._where[data_dir] = index
+        return self._where[data_dir]
+
+    def _load(self, shard: str, key: str, data_dir: str) -> dict | None:
+        from ..shards.tar import read_shard
+
+        if shard not in self._cache:
+            if not Path(shard).is_file():
+                raise UserError(f"{shard}: missing (needed for sample {key}; the embeddings name {data_dir})")
+            self._cache = {shard: {s["__key__"]: s for s in read_shard(shard)}}  # keep one shard
+        return self._cache[shard].get(key)
 
     def get(self, data_dir: str, key: str, view: int) -> tuple[np.ndarray, dict]:
-        from ..shards.reader import decode_member
-
-        sample = self._samples.get(data_dir, key)
+        """The simulator's keys ``AAAAAA_BBBBBB`` live in ``shard-AAAAAA.tar``; any other key (an
+        ingested object's name), or one not there, is looked up in the folder's index of shards."""
+        shard = str(Path(data_dir) / f"shard-{key.split('_')[0]}.tar")
+        sample = self._load(shard, key, data_dir) if Path(shard).is_file() else None
+        if sample is None:
+            shard = self._index(data_dir).get(key, shard)
+            sample = self._load(shard, key, data_dir)
+        if sample is None:
+            raise UserError(f"{shard}: no sample {key}")
         name = next(n for n in (f"view{view}.npy", "image.npy") if n in sample)
-        return decode_member(sample, name, sample.get("__url__", "?")), json.loads(sample["params.json"])
+        return decode_npy(sample[name]), json.loads(sample["params.json"])
 
 
 def _caption(rank: int | None, sim: float | None, key: str, params: dict, label: str = "") -> str:
@@ -169,40 +200,49 @@ def _caption(rank: int | None, sim: float | None, key: str, params: dict, label:
     return "\n".join(t for t in (head, key, caption(params)) if t)
 
 
-def draw_grid(panels: list[tuple[np.ndarray, str]], out: str, title: str) -> None:
-    import matplotlib
+def _panel(img: np.ndarray, cap: str, params: dict, view: int, scale: float | None) -> dict:
+    """One figure panel: the image, its caption, its noise sigma and pixel scale (hpc_lensiam.display)."""
+    from ..shards.display import noise_sigma
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return {"image": img, "caption": cap, "sigma": noise_sigma(img, params, view)[0], "pixel_scale": scale}
 
-    cols = min(6, len(panels))
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.9 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (img, cap) in zip(axes.flat, panels):
-        ax.imshow(img, origin="lower", cmap="magma", vmin=0, vmax=1)
-        ax.set_title(cap, fontsize=6.5, loc="left")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout(h_pad=2.0)  # room for the 3-line captions
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+
+def _pixel_scales(dirs: dict[str, str]) -> dict[str, float | None]:
+    """source name -> arcsec/pixel of its shard set (None where the manifest cannot be read)."""
+    from ..shards.display import pixel_scale_of
+
+    out = {}
+    for name, d in dirs.items():
+        try:
+            out[name] = pixel_scale_of(read_manifest(d))
+        except UserError:
+            out[name] = None
+    return out
+
+
+def draw_grid(panels: list[dict], out: str, title: str, stretch: str = "asinh") -> None:
+    """The query and its neighbours (or the top anomalies): :func:`hpc_lensiam.display.draw_panels`."""
+    from ..shards.display import describe, draw_panels
+
+    draw_panels(panels, out, f"{title}; {describe(stretch)}", stretch, max_cols=6, dpi=110)
 
 
 # --------------------------------------------------------------------------------------- query
 def _row_of(emb: dict, key: str, source: str | None) -> int:
-    rows = np.nonzero((emb["keys"] == key) & (emb["view"] == 1))[0]
+    """The view-1 row of a sample key or an object name, in ``source`` if given."""
+    rows = np.nonzero(((emb["keys"] == key) | (emb["name"] == key)) & (emb["view"] == 1))[0]
     if source is not None:
         rows = rows[emb["source"][rows] == source]
     if len(rows) == 0:
         where = f" in source {source!r}" if source is not None else ""
         raise UserError(
-            f"--key {key}: no such sample{where} in {emb['path']} "
+            f"--key {key}: no such sample or object name{where} in {emb['path']} "
             f"(keys look like {emb['keys'][0]!r}; sources: {', '.join(sorted(set(emb['source'])))})"
         )
     if len(rows) > 1:
-        raise UserError(f"--key {key}: in several sources ({', '.join(emb['source'][rows])}); add --source")
+        raise UserError(
+            f"--key {key}: in several sources ({', '.join(emb['source'][rows])}); add --source with one of them"
+        )
     return int(rows[0])
 
 
@@ -262,20 +302,37 @@ def similar(
     orientation: str = "simulator",
     top: int = 16,
     progress: bool = True,
+    table: list[str] | str | None = None,
+    stretch: str = "asinh",
 ) -> dict:
-    """Nearest neighbours of one image (``key`` or ``image``), or ``anomaly`` scores of all; see module doc."""
+    """Nearest neighbours of one image (``key`` or ``image``), or ``anomaly`` scores of all; see module doc.
+    ``stretch``: the figure's image display (:mod:`hpc_lensiam.display`)."""
+    from ..shards.display import check_stretch
+
+    check_stretch(stretch)
     if sum(x is not None and x is not False for x in (key, image, anomaly or None)) != 1:
         raise UserError("similar: give exactly one of --key, --image, --anomaly")
     if image is not None and checkpoint is None:
         raise UserError("--image needs --checkpoint (the backbone the embeddings were made with)")
     if k < 1:
         raise UserError(f"-k: must be >= 1, got {k}")
+    for path, flag in ((out, "--out"), (json_out, "--json")):  # before the search, not after it
+        if path:
+            check_output_file(path, flag)
+    tables = [table] if isinstance(table, str) else list(table or [])
+    for t in tables:
+        from ..downstream.predict import TABLE_SUFFIXES
+
+        if Path(t).suffix not in TABLE_SUFFIXES:
+            raise UserError(f"--table {t}: expected a file ending in {' or '.join(TABLE_SUFFIXES)}")
+        check_output_file(t, "--table")
     emb = load_embeddings(embeddings, need_params=False)
     n = len(emb["features"])
     t0 = time.perf_counter()
     mean = emb["features"].mean(0, dtype=np.float64).astype(np.float32)
     x = unit_vectors(emb.pop("features"), mean)  # the raw features are not needed again: one copy fewer
     dirs = source_dirs(emb)
+    scales = _pixel_scales(dirs) if out else {}
     shards = ShardImages()
     report: dict = {"embeddings": str(embeddings), "rows": n, "k": k}
     if anomaly:
@@ -291,14 +348,20 @@ def similar(
         panels = []
         for r in shown if out else []:
             img, params = shards.get(dirs[r["source"]], r["key"], r["view"])
-            panels.append((img, _caption(None, None, r["key"], params, f"#{r['rank']}  dist {r['score']:.3f}")))
+            cap = _caption(None, None, r["key"], params, f"#{r['rank']}  dist {r['score']:.3f}")
+            panels.append(_panel(img, cap, params, r["view"], scales.get(r["source"])))
         title = f"most isolated images: cosine distance to the {k}-th neighbour ({n} images, {kind} index)"
     else:
         if key is not None:
             q = _row_of(emb, key, source)
             query_vec, skip = x[q : q + 1], emb["pair_id"] == emb["pair_id"][q]
-            query = {"key": key, "source": str(emb["source"][q]), "view": 1}
-            q_img, q_params = shards.get(dirs[query["source"]], key, 1) if out else (None, {})
+            query = {
+                "key": str(emb["keys"][q]),
+                "name": str(emb["name"][q]),
+                "source": str(emb["source"][q]),
+                "view": 1,
+            }
+            q_img, q_params = shards.get(dirs[query["source"]], query["key"], 1) if out else (None, {})
         else:
             feat, q_img, meta = embed_image(emb, image, checkpoint, hdu, pixel_scale, orientation)
             query_vec, skip = unit_vectors(feat, mean), np.zeros(n, bool)
@@ -312,25 +375,50 @@ def similar(
         report.update(mode="query", index=kind, query=query, neighbours=rows)
         panels = []
         if out:
-            panels.append((q_img, _caption(None, None, query.get("key", Path(str(image)).name), q_params, "query")))
+            q_cap = _caption(None, None, query.get("key", Path(str(image)).name), q_params, "query")
+            src = query.get("source")
+            q_scale = scales[src] if src is not None else q_params["ingest"].get("target_pixel_scale_arcsec")
+            panels.append(_panel(q_img, q_cap, q_params, 1, q_scale))
             for r in rows:
                 img, params = shards.get(dirs[r["source"]], r["key"], r["view"])
-                panels.append((img, _caption(r["rank"], r["similarity"], r["key"], params)))
+                cap = _caption(r["rank"], r["similarity"], r["key"], params)
+                panels.append(_panel(img, cap, params, r["view"], scales.get(r["source"])))
         shown = rows
         title = f"{k} nearest neighbours by cosine similarity among {n} images"
     report["seconds"] = time.perf_counter() - t0
     print(format_table(shown, anomaly), flush=True)
     if out:
-        draw_grid(panels, out, title)
+        draw_grid(panels, out, title, stretch)
     if json_out:
         atomic_write_json(json_out, report)
+    for t in tables:
+        write_rows_table(rows, t, anomaly, report.get("query"))
     print(
         f"similar: {report['mode']} over {n} images ({report['index']} index) in {report['seconds']:.2f} s"
         + (f"; grid {out}" if out else "")
-        + (f"; json {json_out}" if json_out else ""),
+        + (f"; json {json_out}" if json_out else "")
+        + "".join(f"; table {t}" for t in tables),
         flush=True,
     )
     return report
+
+
+def write_rows_table(rows: list[dict], path: str, anomaly: bool, query: dict | None = None) -> None:
+    """The neighbours (or the ranking) as a CSV/FITS table: rank, cosine (or distance), name, key, source
+    folder, view, then the catalogue columns ingest kept and the known labels; a query by key or image
+    is named in the ``query`` column."""
+    from ..downstream.predict import write_table
+
+    out = []
+    for r in rows:
+        row = {"rank": r["rank"], ("distance" if anomaly else "cosine"): r["score" if anomaly else "similarity"]}
+        if query:
+            row["query"] = query.get("name") or query.get("key") or query.get("image")
+        row.update({"name": r["name"], "key": r["key"], "source": r["source"], "view": r["view"]})
+        row.update({k: v for k, v in r["catalog"].items() if k not in row and not isinstance(v, (dict, list))})
+        row.update({p: v for p, v in r["params"].items() if p not in row})
+        out.append(row)
+    write_table(out, path)
 
 
 def _row(emb: dict, i: int, rank: int, **value) -> dict:
@@ -338,21 +426,31 @@ def _row(emb: dict, i: int, rank: int, **value) -> dict:
     params = {
         p: float(v[i]) for p, v in emb["params"].items() if p not in emb["params_known"] or emb["params_known"][p][i]
     }
+    if emb.get("is_lens") is not None:
+        params["is_lens"] = int(emb["is_lens"][i])
     return {
         "rank": rank,
         **value,
+        "name": str(emb["name"][i]),
         "key": str(emb["keys"][i]),
         "source": str(emb["source"][i]),
         "view": int(emb["view"][i]),
+        "catalog": json.loads(emb["catalog"][i] or "{}"),
         "params": params,
     }
 
 
 def format_table(rows: list[dict], anomaly: bool) -> str:
-    head = ["rank", "distance" if anomaly else "cosine", "source", "key", "view", "theta_E", "gamma", "e1"]
+    head = ["rank", "distance" if anomaly else "cosine", "source", "name", "view", "theta_E", "gamma", "e1"]
     shown = ("theta_E", "gamma", "e1")
     body = [
-        [str(r["rank"]), f"{r['score' if anomaly else 'similarity']:.4f}", r["source"] or "-", r["key"], str(r["view"])]
+        [
+            str(r["rank"]),
+            f"{r['score' if anomaly else 'similarity']:.4f}",
+            r["source"] or "-",
+            r["name"],
+            str(r["view"]),
+        ]
         + [f"{r['params'][p]:.3f}" if p in r["params"] else "-" for p in shown]
         for r in rows
     ]

@@ -30,6 +30,9 @@ class IngestConfig:
     orientation: str = "simulator"  # simulator: columns grow with RA, rows with Dec
     sky_sigma: float = 3.0  # sigma-clipping threshold of the sky estimate
     shard_size: int = 1000
+    each_hdu: bool = False  # FITS: every 2-D image HDU is an object (stamp files), not only the first
+    pad: bool = False  # a cutout smaller than the target field is padded with sky (0) instead of refused
+    psf: str | None = None  # PSF file for every input (HDF5 kernel_point_source, .npy or FITS); None: found
 
     def validate(self, where: str) -> None:
         if self.preset not in INSTRUMENT_PRESETS:

@@ -31,13 +31,27 @@ from .read import CutoutInfo, read_cutout
 
 def sky_level(image: np.ndarray, bad: np.ndarray, sigma: float = 3.0) -> float:
     """Sigma-clipped median of the good pixels."""
+    return sky_stats(image, bad, sigma)[0]
+
+
+def sky_stats(image: np.ndarray, bad: np.ndarray, sigma: float = 3.0) -> tuple[float, float]:
+    """(median, standard deviation) of the good pixels, sigma-clipped: the sky and its noise."""
     from astropy.stats import sigma_clipped_stats
 
     good = image[~bad]
     if good.size == 0:
-        return 0.0
-    _, median, _ = sigma_clipped_stats(good, sigma=sigma, maxiters=10)
-    return float(median)
+        return 0.0, 0.0
+    _, median, std = sigma_clipped_stats(good, sigma=sigma, maxiters=10)
+    return float(median), float(std)
+
+
+def white_noise_gain(sx: float, sy: float, ny: int, nx: int, num_pix: int, scale_out: float) -> float:
+    """sigma of a target pixel / sigma of an input pixel for white noise through :func:`resample`
+    (the central target pixel): sqrt(sum of squared overlap weights) along each axis."""
+    c = num_pix // 2
+    wy = overlap_matrix(ny, sy, num_pix, scale_out, (ny - 1) / 2.0)[c]
+    wx = overlap_matrix(nx, sx, num_pix, scale_out, (nx - 1) / 2.0)[c]
+    return float(np.sqrt((wy**2).sum() * (wx**2).sum()))
 
 
 def orient(image: np.ndarray, matrix: np.ndarray, orientation: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -117,11 +131,12 @@ def check_scale(info: CutoutInfo, cfg: IngestConfig) -> None:
 def prepare(info: CutoutInfo, cfg: IngestConfig) -> tuple[np.ndarray, dict]:
     """(float32 image, max 1, on the target grid; metadata for params.json)."""
     check_scale(info, cfg)
-    check_covers(info, cfg)
+    if not cfg.pad:
+        check_covers(info, cfg)
     image, bad = read_cutout(info, cfg)
     if image.shape != info.shape:
         raise UserError(f"{info.path}: image changed since it was inspected ({image.shape} vs {info.shape})")
-    sky = sky_level(image, bad, cfg.sky_sigma)
+    sky, sky_std = sky_stats(image, bad, cfg.sky_sigma)
     image = np.where(bad, 0.0, image - sky)
     image, m, ops = orient(image, info.scale_matrix_arcsec, cfg.orientation)
     bad, _, _ = orient(bad, info.scale_matrix_arcsec, cfg.orientation)
@@ -149,9 +164,16 @@ def prepare(info: CutoutInfo, cfg: IngestConfig) -> tuple[np.ndarray, dict]:
     want = 1.0 if cfg.orientation == "simulator" else -1.0
     rotation = math.degrees(math.atan2(want * m[1, 0], want * m[0, 0])) if cfg.orientation != "asis" else None
     square = abs(sx - sy) <= 1e-9 * sx
+    extra = dict(info.extra)
+    if "background_rms" not in extra:  # no noise level in the file: the sigma-clipped scatter of the sky
+        extra["background_rms"], extra["noise_from"] = sky_std, "sigma-clipped std of the sky pixels"
+    rms = extra.pop("background_rms")
+    gain = white_noise_gain(sx, sy, image.shape[0], image.shape[1], n, s)
     meta = {
         "file": str(Path(info.path).resolve()),
+        "format": info.kind,
         "hdu": info.hdu,
+        **({"row": int(info.member)} if info.member else {}),
         "pixel_scale_arcsec": sx if square else [sx, sy],
         "pixel_scale_from": info.scale_from,
         "shape": list(info.shape),
@@ -164,5 +186,12 @@ def prepare(info: CutoutInfo, cfg: IngestConfig) -> tuple[np.ndarray, dict]:
         "rotation_deg": None if rotation is None else round(rotation, 6),
         "num_pix": n,
         "target_pixel_scale_arcsec": s,
+        "upsample_factor": round(max(sx, sy) / s, 6),  # > 1: the input pixels are coarser than the target's
+        "background_rms": rms,  # per input pixel, in the file's units
+        # the same noise in the stored image's units (pixel x flux_scale = file units): per input pixel,
+        # and per target pixel for white noise carried through the resampling
+        "noise_rms": rms / top,
+        "noise_rms_target_pixel": rms * gain / top,
+        **extra,
     }
     return (out / top).astype(np.float32), meta

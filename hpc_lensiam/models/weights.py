@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..core.errors import UserError
 from ..core.io import check_torch_file, sha256_json
-from ..shards.manifest import read_manifest
+from ..shards.manifest import data_grid, read_manifest
 
 LAST = "last.pt"
 DS_DIR = "deepspeed"
@@ -197,6 +197,17 @@ def sidecar_path(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".json")
 
 
+def _training_grid(config: dict | None) -> dict | None:
+    """The pixel grid of the data a checkpoint was trained on (its manifest), None where unknown."""
+    data = (config or {}).get("data")
+    if not data:
+        return None
+    try:
+        return data_grid(data)
+    except (UserError, OSError, ValueError):
+        return None
+
+
 def _image_shape(config: dict | None):
     data = (config or {}).get("data")
     if not data:
@@ -254,6 +265,7 @@ def backbone_from_checkpoint(checkpoint: str | os.PathLike, arch: str | None = N
         "weights_sha256": weights_sha256(bb),
         "engine": config.get("engine", "unknown"),
         "image_shape": _image_shape(config),
+        "training_grid": _training_grid(config),
         "checkpoint": str(Path(checkpoint).resolve()),
     }
     return bb, info

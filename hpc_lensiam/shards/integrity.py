@@ -6,9 +6,8 @@ sample count and sha256 when it is written; the checks here compare a shard with
 
 * :func:`check_shards` -- cheap, always: every listed shard exists and has the recorded size;
   with ``verify`` also its sha256 (reads every byte). All bad shards are named in one error.
-* :func:`hpc_lensiam.shards.reader.shard_samples` -- the samples of one shard, requiring the tar's
-  end-of-archive blocks and exactly the manifest's sample count, so a shard cut at a member boundary
-  is an error.
+* :func:`shard_samples` -- the samples of one shard, requiring the tar's end-of-archive blocks
+  and exactly the manifest's sample count, so a shard cut at a member boundary is an error.
 * :func:`verify_dataset` -- ``hpc-lensiam verify DIR``: size, tar structure, sample count and
   sha256 of every shard, one line per bad shard.
 * :func:`check_finite` -- a non-finite pixel is an error naming the file and the sample key,
@@ -19,14 +18,15 @@ from __future__ import annotations
 
 import os
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
 
 from ..core.errors import UserError
 from ..core.io import sha256_file
-from .manifest import MANIFEST_NAME, read_manifest, shard_paths
-from .tar import tar_members
+from .manifest import MANIFEST_NAME, decode_npy, read_manifest, shard_paths
+from .tar import read_shard, tar_members
 
 
 class IntegrityError(UserError):
@@ -135,6 +135,49 @@ def verify_dataset(data_dir: str | os.PathLike, progress: bool = True) -> list[s
         flush=True,
     )
     return bad
+
+
+def _verify_hint(path) -> str:
+    return f"`hpc-lensiam verify {Path(path).parent}` checks every shard"
+
+
+def shard_samples(path: str, expected: int | None):
+    """The raw samples of one shard (``loader.read_shard``), then an error if their count is not
+    ``expected``: a shard cut cleanly between two samples reads without error otherwise.
+
+    A damaged tar (a bad header checksum, a cut member, bytes flipped in a header) is an
+    IntegrityError naming the shard and the last sample read whole, not a bare ValueError."""
+    n, key = 0, None
+    try:
+        for sample in read_shard(path):
+            n, key = n + 1, sample.get("__key__")
+            yield sample
+    except (ValueError, EOFError, KeyError, tarfile.TarError) as exc:  # UnicodeDecodeError is a ValueError
+        reading = getattr(exc, "sample_key", None)  # the sample being assembled (tar.py), else the last one read
+        where = (
+            f"in or just after sample {reading!r}"
+            if reading is not None
+            else (f"after sample {key!r}" if key is not None else "at its first sample")
+        )
+        raise IntegrityError(
+            f"shard {path}: cannot read the tar {where} ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+            f"{_verify_hint(path)}"
+        ) from None
+    if expected is not None and n != expected:
+        raise IntegrityError(f"shard {path}: holds {n} samples, the manifest says {expected} (truncated?)")
+
+
+def decode_member(data: bytes, path, key: str, member: str) -> np.ndarray:
+    """One ``.npy`` member of a shard's sample -> its finite array; bytes that are not an npy array
+    (a flipped byte in its header) are an IntegrityError naming the shard, sample and member."""
+    try:
+        array = decode_npy(data)
+    except Exception as exc:  # numpy's ValueError, or a pickled-object refusal, on damaged bytes
+        raise IntegrityError(
+            f"shard {path} sample {key!r}: {member} is not a readable npy array "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); {_verify_hint(path)}"
+        ) from None
+    return check_finite(array, path, key, member)
 
 
 def check_finite(array: np.ndarray, path, key: str, member: str) -> np.ndarray:

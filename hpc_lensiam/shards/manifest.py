@@ -119,3 +119,13 @@ def shard_paths(data_dir: str | os.PathLike, manifest: dict | None = None) -> li
     manifest = manifest or read_manifest(data_dir)
     check_shard_names(manifest, Path(data_dir) / MANIFEST_NAME)
     return [str(Path(data_dir).resolve() / s["name"]) for s in manifest["shards"]]
+
+
+def data_grid(data_dir: str | os.PathLike) -> dict:
+    """The pixel grid of a shard set: ``{"pixel_scale_arcsec", "image_shape"}`` from its manifest
+    (an ingested set's target grid, a simulated set's instrument; None where it does not say)."""
+    m = read_manifest(data_dir)
+    cfg = m.get("config") or {}
+    scale = m.get("pixel_scale_arcsec") or (cfg.get("instrument") or {}).get("pixel_scale_arcsec")
+    scale = scale if scale is not None else cfg.get("pixel_scale_arcsec")
+    return {"pixel_scale_arcsec": None if scale is None else float(scale), "image_shape": m.get("image_shape")}

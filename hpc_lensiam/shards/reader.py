@@ -1,9 +1,10 @@
-"""The one sample reader of a shard set: streaming (:func:`raw_samples`, :func:`shard_samples`), by
+"""The one sample reader of a shard set: streaming (:func:`raw_samples`), by
 index (:func:`load_images`, the first ``n`` in manifest order), by key (:class:`SamplesByKey`).
 
 Every byte comes through the package's tar reader (:mod:`hpc_lensiam.shards.tar`) via
-:func:`shard_samples`, which also holds each shard to its manifest sample count, and every image
-through the one npy decoder (:mod:`hpc_lensiam.shards.manifest`) and the finite-pixel check, so a
+:func:`~hpc_lensiam.shards.integrity.shard_samples`, which also holds each shard to its manifest sample
+count, and every image through the one npy decoder (:mod:`hpc_lensiam.shards.manifest`) and the
+finite-pixel check (:func:`~hpc_lensiam.shards.integrity.decode_member`), so a
 damaged shard reads the same way (an error naming it) wherever it is read: the training loader, the
 images of embed, finetune and the monitor, ``show`` and ``similar``. No torch here: ``finetune`` and
 the training monitor load their few thousand images as numpy arrays, and ``embed`` batches the same
@@ -19,20 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import UserError
-from .integrity import IntegrityError, check_finite, check_shards
-from .manifest import LENS_PARAMS, decode_npy, read_manifest, shard_of_key, shard_paths
+from .integrity import IntegrityError, check_shards, decode_member, shard_samples
+from .manifest import LENS_PARAMS, read_manifest, shard_of_key, shard_paths
 from .tar import read_shard
-
-
-def shard_samples(path: str, expected: int | None):
-    """The raw samples of one shard (:func:`hpc_lensiam.shards.tar.read_shard`), then an error if their count is not
-    ``expected``: a shard cut cleanly between two samples reads without error otherwise."""
-    n = 0
-    for sample in read_shard(path):
-        n += 1
-        yield sample
-    if expected is not None and n != expected:
-        raise IntegrityError(f"shard {path}: holds {n} samples, the manifest says {expected} (truncated?)")
 
 
 def raw_samples(data_dir: str | os.PathLike, manifest: dict):
@@ -41,24 +31,26 @@ def raw_samples(data_dir: str | os.PathLike, manifest: dict):
         yield from shard_samples(path, int(entry["num_samples"]))
 
 
-def decode_member(sample: dict, member: str, path) -> np.ndarray:
-    """One ``.npy`` member of a raw sample as an array; a non-finite pixel is an error naming
-    ``path``, the sample and the member."""
-    return check_finite(decode_npy(sample[member]), path, sample["__key__"], member)
-
-
 def iter_samples(data_dir: str | os.PathLike):
     """Decoded samples of a shard folder in manifest order: dicts of arrays + ``params``.
 
     Shards are checked against the manifest (size, end-of-archive, sample count) and pixels must be
     finite, as for training: a picture of damaged data is an error, not a plausible image."""
     manifest = check_shards(data_dir)
-    for raw in raw_samples(data_dir, manifest):
-        sample = {"key": raw["__key__"], "params": json.loads(raw["params.json"])}
-        for name in ("view1", "view2", "image"):
-            if f"{name}.npy" in raw:
-                sample[name] = decode_member(raw, f"{name}.npy", raw["__url__"])
-        yield sample
+    for path, entry in zip(shard_paths(data_dir, manifest), manifest["shards"]):
+        for raw in shard_samples(path, int(entry["num_samples"])):  # = raw_samples, naming the path
+            try:
+                params = json.loads(raw["params.json"])
+            except (KeyError, ValueError) as exc:  # a flipped byte: not JSON, or not UTF-8
+                raise IntegrityError(
+                    f"shard {path} sample {raw['__key__']!r}: params.json is not readable JSON "
+                    f"({type(exc).__name__}: {exc}); `hpc-lensiam verify {data_dir}` checks every shard"
+                ) from None
+            sample = {"key": raw["__key__"], "params": params}
+            for name in ("view1", "view2", "image"):
+                if f"{name}.npy" in raw:
+                    sample[name] = decode_member(raw[f"{name}.npy"], path, raw["__key__"], f"{name}.npy")
+            yield sample
 
 
 _VIEWS = {"lensiam": ("view1", "view2"), "single": ("image",)}
@@ -98,7 +90,7 @@ def image_rows(mode: str, with_params: bool = False):
             for v, name in enumerate(names, start=1):
                 if name + ".npy" not in s:
                     raise UserError(f"{where}: no {name}.npy in a {mode!r} shard")
-                image = decode_member(s, name + ".npy", s.get("__url__", "?"))
+                image = decode_member(s[name + ".npy"], s.get("__url__", "?"), s["__key__"], name + ".npy")
                 yield (s["__key__"], v, image, lens, *extra)
 
     return expand

@@ -57,17 +57,21 @@ def tar_members(f, skip_data: bool = False):
 def _samples(files, path):
     """Group consecutive files ``KEY.ext`` into ``{"__key__": KEY, ext: bytes, "__url__": path}``."""
     sample = None
-    for name, data in files:
-        base = name.rsplit("/", 1)[-1]
-        if "." not in base or base.startswith("__"):
-            continue
-        key, ext = base.split(".", 1)
-        key = name[: len(name) - len(base)] + key
-        if sample is None or key != sample["__key__"]:
-            if sample is not None:
-                yield sample
-            sample = {"__key__": key, "__url__": path}
-        sample[ext.lower()] = data
+    try:
+        for name, data in files:
+            base = name.rsplit("/", 1)[-1]
+            if "." not in base or base.startswith("__"):
+                continue
+            key, ext = base.split(".", 1)
+            key = name[: len(name) - len(base)] + key
+            if sample is None or key != sample["__key__"]:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": path}
+            sample[ext.lower()] = data
+    except (ValueError, EOFError) as exc:  # a damaged header or member: say which sample was being read
+        exc.sample_key = sample["__key__"] if sample is not None else None
+        raise
     if sample is not None:
         yield sample
 

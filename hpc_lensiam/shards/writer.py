@@ -208,7 +208,9 @@ def check_existing(out_dir: Path, plan: dict) -> None:
             old = json.loads(path.read_text())
         except ValueError:
             raise UserError(f"{path}: unreadable; remove it or choose another --out") from None
-        for key in ("mode", "seed", "num_samples", "shard_size", "config_hash", "engine", "inputs_sha256"):
+        for key in ("mode", "seed", "num_samples", "shard_size", "config_hash", "engine", "inputs_sha256", "device"):
+            if key == "device" and key not in old:  # a torch-engine set from before the device was recorded
+                continue
             if key == "inputs_sha256" and key in plan and key in old and old[key] != plan[key]:
                 changed = sorted(
                     n
@@ -282,7 +284,7 @@ def _shards_to_write(out_dir: Path, shards: ShardPlan, known: dict, indices) -> 
 def write_shard_set(out_dir: Path, plan: dict, shards: ShardPlan, progress: bool, what: str, write_one) -> dict:
     """The MPI shard machinery behind ``simulate`` and ``ingest``; returns the manifest.
 
-    Rank 0 takes the folder (``DIR/.lock``), re-checks it under the lock (:func:`check_existing`),
+    Rank 0 takes the folder (``DIR/.lock``), re-checks it under the lock (:func:`_check_existing`),
     removes partial files of a killed run and writes ``plan`` first as ``.plan.json``; the other
     ranks start only if it succeeded. ``write_one(index, tick)`` writes shard ``index`` atomically
     (calling ``tick()`` per sample) and returns its manifest entry (:func:`write_tar`). Ranks take the
@@ -292,7 +294,7 @@ def write_shard_set(out_dir: Path, plan: dict, shards: ShardPlan, progress: bool
     from ..core.runtime import mpi_world
 
     comm, rank, size = mpi_world()
-    lock, failed = DirLock(out_dir, what), None
+    lock, failed, new_plan = DirLock(out_dir, what), None, False
     if rank == 0:
         try:
             lock.acquire()
@@ -301,6 +303,7 @@ def write_shard_set(out_dir: Path, plan: dict, shards: ShardPlan, progress: bool
                 stale.unlink(missing_ok=True)  # partial files of a killed run
             if not (out_dir / PLAN_NAME).is_file():
                 atomic_write_json(out_dir / PLAN_NAME, plan)
+                new_plan = True
         except (UserError, OSError) as exc:  # a full or read-only disk too: every rank must hear of it
             lock.release()
             failed = _user_error_line(exc) or f"{out_dir}: {exc}"
@@ -310,6 +313,12 @@ def write_shard_set(out_dir: Path, plan: dict, shards: ShardPlan, progress: bool
         raise UserError(failed)
     try:
         return _write_all(comm, rank, size, out_dir, plan, shards, progress, what, write_one)
+    except UserError:
+        # refused before a single shard was written (e.g. a survey selection nothing passes): the plan this
+        # run wrote must not bind the folder to the refused config
+        if new_plan and not any(out_dir.glob("shard-*.tar")) and not any((out_dir / DONE_DIR).glob("*.json")):
+            (out_dir / PLAN_NAME).unlink(missing_ok=True)
+        raise
     finally:
         lock.release()
 

@@ -298,15 +298,15 @@ def _read_psf_fits(path: str, pixel_scale_arcsec: float | None):
         raise UserError(f"{path}: PSF file not found (psf_files)")
     try:
         with fits.open(p, memmap=False) as hdul:
-            hdu = next(
+            hdu_index, hdu = next(
                 (
-                    h
-                    for h in hdul
+                    (k, h)
+                    for k, h in enumerate(hdul)
                     if getattr(h, "data", None) is not None
                     and getattr(h, "is_image", True)
                     and np.asarray(h.data).size > 0
                 ),
-                None,
+                (None, None),
             )
             if hdu is None:
                 raise UserError(f"{path}: no image data in this FITS file (expected a 2-D PSF or a 3-D cube)")
@@ -324,6 +324,15 @@ def _read_psf_fits(path: str, pixel_scale_arcsec: float | None):
         raise UserError(f"{path}: PSF image has {data.ndim} dimensions (expected 2-D or a 3-D cube)")
     if stack.shape[0] == 0 or min(stack.shape[1:]) < 1:
         raise UserError(f"{path}: empty PSF image {data.shape}")
+    bad = ~np.isfinite(stack)
+    if bad.any():  # an inf made the resampling overflow (a traceback); a NaN was silently taken as 0
+        plane, row, col = (int(v) for v in np.argwhere(bad)[0])
+        where = f"plane {plane}, " if data.ndim == 3 else ""
+        raise UserError(
+            f"{path} (HDU {hdu_index}): {int(bad.sum())} non-finite PSF pixel(s), the first "
+            f"{stack[plane, row, col]} at {where}row {row}, column {col}; a PSF must be finite "
+            f"(mark pixels without data 0 or negative)"
+        )
     scale = pixel_scale_arcsec if pixel_scale_arcsec is not None else _header_scale(header)
     if scale is None:
         raise UserError(

@@ -109,11 +109,49 @@ def _human(n: float) -> str:
     return f"{n:.3g} PB"
 
 
-def torch_simulator(cfg, device: str):
-    """``--engine torch``: the batched renderer on ``device`` (float32, as the shards store)."""
+def rank_device(device: str, local_rank: int, device_count: int) -> str:
+    """This rank's ``--device``: a bare ``cuda`` is ``cuda:<local rank>`` (round-robin when a node
+    has more ranks than GPUs, so every GPU renders; one visible GPU, a launcher's per-task binding,
+    is everyone's ``cuda:0``); ``cuda:N`` and ``cpu`` are taken as given. Which GPU renders does not
+    change the bytes (the same CUDA random stream), the device type does (:func:`device_type`)."""
+    if device.strip() != "cuda" or device_count < 1:
+        return device
+    return f"cuda:{local_rank % device_count}"
+
+
+def device_type(device: str) -> str | None:
+    """``cpu`` or ``cuda`` (what the torch engine's bytes depend on: CPU and CUDA random streams
+    differ), or None for a string that is not a torch device (resolve_device reports it later)."""
+    import torch
+
+    try:
+        return torch.device(device).type
+    except (RuntimeError, ValueError):
+        return None
+
+
+def _local_rank(comm) -> int:
+    """This MPI rank's index among the ranks on its node (0 without MPI)."""
+    if comm is None:
+        return 0
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.Get_rank()
+    finally:
+        node.Free()
+
+
+def torch_simulator(cfg, device: str, local_rank: int = 0):
+    """``--engine torch``: the batched renderer on ``device`` (float32, as the shards store); under
+    MPI each rank renders on its own GPU (:func:`rank_device`), not all on ``cuda:0``."""
+    import torch
+
     from .torch_render import TorchLensSimulator, resolve_device
 
-    return TorchLensSimulator(cfg, device=resolve_device(device, "--device"))
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return TorchLensSimulator(cfg, device=resolve_device(rank_device(device, local_rank, count), "--device"))
 
 
 def simulate_shards(
@@ -144,7 +182,7 @@ def simulate_shards(
     from ..core.runtime import mpi_world
     from .families import resolve_family
 
-    _, rank, _ = mpi_world()  # the srun-singleton check, before any work
+    comm, rank, _ = mpi_world()  # the srun-singleton check, before any work
     if mode not in MODES:
         raise UserError(f"--mode: {mode!r} is not one of {', '.join(MODES)}")
     if engine not in ENGINES:
@@ -180,6 +218,8 @@ def simulate_shards(
         plan["family"] = family
     if engine != "lenstronomy":  # likewise the lenstronomy engine's
         plan["engine"] = engine
+        if device_type(device):  # CPU and CUDA random streams differ: the bytes depend on it
+            plan["device"] = device_type(device)
     check_existing(out_dir, plan)
     check_planned_size(out_dir, num_samples, shard_size, cfg.instrument.num_pix, 2 if mode == "lensiam" else 1)
 
@@ -188,7 +228,7 @@ def simulate_shards(
 
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always")
-        sim = make_simulator(cfg) if engine == "lenstronomy" else torch_simulator(cfg, device)
+        sim = make_simulator(cfg) if engine == "lenstronomy" else torch_simulator(cfg, device, _local_rank(comm))
     if rank == 0:  # said once, not once per rank
         for note in notes:
             print(f"simulate: note: {note.message}", file=sys.stderr, flush=True)

@@ -33,11 +33,10 @@ from pathlib import Path
 import torch
 
 from ..core.errors import UserError
-from ..core.io import atomic_path
+from ..core.io import FULL_DISK_BYTES, atomic_path
 from ..models.weights import DS_DIR, HASH_KEY, LAST, checkpoint_sha256, load_checkpoint
 
 _PERIODIC = re.compile(r"^step_(\d+)\.pt$")
-_FULL_BYTES = 1 << 20  # free space under which a failed torch.save is taken for a full disk
 
 
 def _fsync_file(path: Path) -> None:
@@ -63,7 +62,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
         try:
             torch.save(state, tmp)
         except RuntimeError:  # torch's zip writer reports a full disk as an "enforce fail", no errno
-            if shutil.disk_usage(tmp.parent).free < _FULL_BYTES:
+            if shutil.disk_usage(tmp.parent).free < FULL_DISK_BYTES:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
             raise
         _fsync_file(tmp)

@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -186,7 +187,7 @@ class Engine:
             )
         self._created_group = False
         if self.kind == "deepspeed" or self.world_size > 1:
-            self._created_group = init_distributed(rt, self.device)
+            self._created_group = init_distributed(rt, self.device, timedelta(minutes=cfg.dist_timeout))
         if self.kind == "deepspeed":
             import deepspeed
 

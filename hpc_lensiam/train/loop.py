@@ -31,28 +31,50 @@ import torch
 from ..core.config import from_dict, merge, read_yaml, to_dict
 from ..core.errors import UserError
 from ..core.rng import derive_seed
+from ..core.runtime import collective_failure
 from ..data.sources import source_for
-from ..models.methods import build_method, recipe
+from ..models.methods import build_method, lr_scaling_rule, recipe
 from ..models.methods.simsiam import z_std
 from ..models.weights import LAST
 from ..shards.manifest import read_manifest
 from .config import TrainConfig
 from .monitor import IMAGES_PER_PAIR, METRICS, Monitor
 from .resume import load_weights, restore, verify
-from .rundir import RunDir
+from .rundir import RESOLVED, RunDir
 
 
 def train_config(config_path: str | None = None, **overrides) -> TrainConfig:
     """TrainConfig from defaults <- the method's recipe <- YAML file <- keyword overrides (the CLI
-    flags; None = unset). The recipe is that of the chosen ``method`` on the chosen ``arch``."""
+    flags; None = unset). The recipe is that of the chosen ``method`` on the chosen ``arch``.
+
+    A run folder's own ``RUN/config.yaml`` trains into the folder it sits in: its ``out:`` still names
+    the folder it was first written in, which is another run once the folder was copied or moved."""
     data = read_yaml(config_path) if config_path else {}
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if config_path and "out" not in overrides and is_run_config(config_path):
+        data["out"] = str(Path(config_path).parent)
     pick = {**TrainConfig().__dict__, **data, **overrides}
     base = recipe(pick["method"], pick["arch"])
     cfg = from_dict(TrainConfig, base, "recipe") if base else TrainConfig()
     if config_path:
         cfg = merge(cfg, data, str(config_path))
-    return merge(cfg, overrides, "flags") if overrides else cfg
+    cfg = merge(cfg, overrides, "flags") if overrides else cfg
+    rule = lr_scaling_rule(cfg.method, cfg.optimizer)  # the rule of the optimizer finally chosen
+    if "lr_scaling" not in data and "lr_scaling" not in overrides and cfg.lr_scaling != rule:
+        cfg = merge(cfg, {"lr_scaling": rule}, "recipe")
+    return cfg
+
+
+def is_run_config(path) -> bool:
+    """True for a ``config.yaml`` that a run wrote into its folder (it starts with the resolved line)."""
+    path = Path(path)
+    if path.name != "config.yaml":
+        return False
+    try:
+        with open(path) as f:
+            return f.readline().startswith(RESOLVED)
+    except OSError:
+        return False
 
 
 def scaled_lr(cfg: TrainConfig, world_size: int) -> float:
@@ -104,20 +126,31 @@ def train(cfg: TrainConfig, resume: bool = False, allow_config_change: bool = Fa
     engine = Engine(cfg)
     run = None
     stop = _StopSignal()
+    broken = False  # a collective broke: leave the group without its (possibly blocking) teardown
+    done = False
     try:
         run = RunDir(cfg, engine, allow_config_change)
         if resume and not last.is_file() and engine.is_main:
             print(f"train: --resume: no checkpoint at {last} yet, starting from step 0", flush=True)
-        return _train(cfg, engine, out, ckpt_dir, resume and last.is_file(), stop, run)
+        summary = _train(cfg, engine, out, ckpt_dir, resume and last.is_file(), stop, run)
+        done = True
+        return summary
     except ShardError as exc:  # one rank's shard: say it from that rank (the CLI prints rank 0 only)
         if not engine.is_main:
             print(f"hpc-lensiam: error (rank {engine.rank}): {exc}", file=sys.stderr, flush=True)
         raise
+    except RuntimeError as exc:  # another rank failed (quiet here: it says why) or hung (named here)
+        failure = collective_failure(exc, engine.rank, engine.world_size, cfg.dist_timeout)
+        if failure is None:
+            raise
+        broken = True
+        raise failure from None
     finally:
         stop.restore()
         if run is not None:
-            run.close()
-        engine.close()
+            run.close(refused=not done)
+        if not broken:
+            engine.close()
 
 
 def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSignal, run: RunDir) -> dict:
@@ -134,6 +167,10 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
     while progress.step < sched.end_step and not progress.stopped_by:
         train_one_epoch(cfg, engine, loader, sched, monitor, run, stop, progress, bar)
     monitor.close()
+    if engine.is_main:  # RUN/loss.png beside metrics.csv; a plotting failure is one warning line
+        from ..shards.display import plot_loss_safely
+
+        plot_loss_safely(out / "metrics.csv", out / "loss.png", 1 / math.sqrt(cfg.proj_dim))
     if bar is not None:
         bar.close()
     return summarize(cfg, engine, sched, progress, ckpt_dir)
@@ -239,6 +276,9 @@ def build_model(cfg, engine, image_side: int, sched: Schedule, ckpt_dir: Path, r
 def announce(cfg, engine, sched: Schedule, step: int, resume: bool) -> None:
     """Rank 0's two start-up lines: what runs where, and the batch/lr/schedule arithmetic."""
     rule = f"sqrt({sched.global_batch})" if cfg.lr_scaling == "sqrt" else f"{sched.global_batch}/256"
+    pair = f"{cfg.method} + {cfg.optimizer}"
+    expected = lr_scaling_rule(cfg.method, cfg.optimizer)
+    why = f"the {pair} rule" if cfg.lr_scaling == expected else f"set by config; the {pair} rule is {expected}"
     pred = f" (predictor {'fixed' if cfg.fix_pred_lr else 'scheduled'})" if hasattr(engine.module, "predictor") else ""
     backend = engine.backend if engine.world_size > 1 or cfg.engine == "deepspeed" else "single process"
     _say(
@@ -247,10 +287,13 @@ def announce(cfg, engine, sched: Schedule, step: int, resume: bool) -> None:
         f"{engine.world_size} rank(s) on {engine.device.type} ({backend})"
         f"{' + SyncBatchNorm' if engine.plan.sync_bn != 'none' else ''} | {engine.plan.describe()}",
     )
+    for line in engine.plan.warnings:
+        _say(engine, line)
     _say(
         engine,
         f"train: global batch {cfg.batch_size} x {engine.world_size} rank(s) x {cfg.grad_accum} accum = "
-        f"{sched.global_batch}; lr = {cfg.base_lr} x {rule} = {sched.lr0:.6g}{pred}; {sched.steps_per_epoch} "
+        f"{sched.global_batch}; lr = {cfg.base_lr} x {rule} = {sched.lr0:.6g} ({cfg.lr_scaling}: {why}){pred}; "
+        f"{sched.steps_per_epoch} "
         f"steps/epoch x {cfg.epochs} epochs = {sched.total_steps} steps, warm-up {sched.warmup_steps}; "
         f"{'resuming at step ' + str(step) if resume else 'from step 0'}"
         f"{f', stopping at {sched.end_step}' if sched.end_step < sched.total_steps else ''}",
@@ -263,7 +306,7 @@ def write_run_files(engine, run: RunDir, out: Path, sched: Schedule, resume: boo
     """Rank 0: ``config.yaml`` (with the resolved numbers) and ``metrics.csv`` (kept up to ``step`` on resume)."""
     out.mkdir(parents=True, exist_ok=True)
     header = (
-        f"# resolved: world_size={engine.world_size} global_batch={sched.global_batch} lr={sched.lr0:.6g} "
+        f"{RESOLVED} world_size={engine.world_size} global_batch={sched.global_batch} lr={sched.lr0:.6g} "
         f"steps_per_epoch={sched.steps_per_epoch} total_steps={sched.total_steps} "
         f"warmup_steps={sched.warmup_steps}\n"
     )

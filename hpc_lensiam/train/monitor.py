@@ -14,7 +14,14 @@ scalars as TensorBoard event files under ``RUN/tb/`` (``tensorboard --logdir RUN
   ``probe_r2_gamma``: the held-out ridge R^2 of those lens parameters from the backbone's features
   of the first ``probe_samples`` samples of DIR (``evaluation/probe.py``'s ridge with its fixed split).
   The curve of these numbers is what exposed the zero-init-residual problem (docs/results.md): a
-  backbone can lower the SimSiam loss while its features lose the lens physics.
+  backbone can lower the SimSiam loss while its features lose the lens physics. The features are
+  the backbone seam's (:func:`backbone_features`: the encoder with its head, the projector, bypassed),
+  so every ``--arch`` (ResNet or ViT) probes the same way;
+- ``rel_update``: the relative backbone update ``|W_now - W_prev| / |W_prev|`` since the previous
+  row (the first row: since the run's start or resume), over the backbone's parameters only (the
+  online encoder minus its projector head), computed on rank 0 from the module's full fp32 weights
+  under every engine (DDP, DeepSpeed ZeRO-0/1). It is the step size a run actually takes: at the
+  recipes' batch-64 lrs it differs 10x between methods (issue 30).
 """
 
 from __future__ import annotations
@@ -42,7 +49,9 @@ METRICS = (
     "data_wait_s",
     "compute_s",
     "peak_mem_mb",
-) + tuple(f"probe_r2_{p}" for p in PROBE_PARAMS)
+    *(f"probe_r2_{p}" for p in PROBE_PARAMS),
+    "rel_update",
+)
 IMAGES_PER_PAIR = 2
 
 
@@ -52,12 +61,43 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def backbone_features(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Pooled features of a torchvision ResNet whose ``fc`` is the projector (everything but fc)."""
-    e = encoder
-    x = e.maxpool(e.relu(e.bn1(e.conv1(x))))
-    x = e.layer4(e.layer3(e.layer2(e.layer1(x))))
-    return torch.flatten(e.avgpool(x), 1)
+def backbone_features(encoder: nn.Module, head: str, x: torch.Tensor) -> torch.Tensor:
+    """Pooled backbone features of an SSL encoder whose ``head`` attribute (``fc``, ``head``) is the
+    projector: the backbone seam (:mod:`hpc_lensiam.models.backbones`) maps images to pooled features
+    with its head an ``Identity``, so the projector is swapped out for the call, whatever the arch."""
+    projector = getattr(encoder, head)
+    setattr(encoder, head, nn.Identity())
+    try:
+        return encoder(x)
+    finally:
+        setattr(encoder, head, projector)
+
+
+def backbone_params(method: nn.Module) -> list[torch.Tensor]:
+    """The backbone's parameters of an SSL method: ``encoder.*`` minus ``encoder.<head>.*`` (the
+    projector), in a fixed order; a momentum target and the predictor are not the backbone."""
+    head = f"{method.head_attr}."
+    return [p for n, p in method.encoder.named_parameters() if not n.startswith(head)]
+
+
+class UpdateSize:
+    """``|W_now - W_prev| / |W_prev|`` over the backbone's parameters, ``W_prev`` the weights at the
+    previous :meth:`__call__` (or at construction). Norms in fp64 over all parameters together."""
+
+    def __init__(self, method: nn.Module):
+        self.params = backbone_params(method)
+        self.prev = self._snapshot()
+
+    @torch.no_grad()
+    def _snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def __call__(self) -> float:
+        diff = sum(float((p.detach().float() - q).double().pow(2).sum()) for p, q in zip(self.params, self.prev))
+        norm = sum(float(q.double().pow(2).sum()) for q in self.prev)
+        self.prev = self._snapshot()
+        return math.sqrt(diff) / math.sqrt(norm) if norm > 0 else float("nan")
 
 
 class LensProbe:
@@ -82,7 +122,9 @@ class LensProbe:
         self.targets = {p: lens[:, LENS_PARAMS.index(p)] for p in PROBE_PARAMS}
 
     @torch.no_grad()
-    def __call__(self, encoder: nn.Module, device: torch.device, dtype, memory_format, batch: int = 64) -> dict:
+    def __call__(
+        self, encoder: nn.Module, head: str, device: torch.device, dtype, memory_format, batch: int = 64
+    ) -> dict:
         from ..evaluation.probe import probe_arrays
 
         was_training = encoder.training
@@ -92,7 +134,7 @@ class LensProbe:
             for i in range(0, len(self.images), batch):
                 x = self.images[i : i + batch].to(device, memory_format=memory_format)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    feats.append(backbone_features(encoder, x).float().cpu())
+                    feats.append(backbone_features(encoder, head, x).float().cpu())
         finally:
             encoder.train(was_training)
         r = probe_arrays(torch.cat(feats).numpy(), self.targets, self.keys, self.test)
@@ -112,8 +154,10 @@ class Monitor:
         self.wait = self.compute = 0.0
         self.mark = time.perf_counter()
         self.probed: dict[str, float] = {}
+        self.update_size = None
         if not self.main:
             return
+        self.update_size = UpdateSize(engine.module)  # the weights this run starts from
         if cfg.probe_data:
             self.probe = LensProbe(cfg.probe_data, cfg.probe_samples)
         from torch.utils.tensorboard import SummaryWriter
@@ -161,6 +205,7 @@ class Monitor:
             "peak_mem_mb": peak_memory_mb(self.engine.device),
         }
         row.update({f"probe_r2_{p}": self.probed.pop(p, float("nan")) for p in PROBE_PARAMS})
+        row["rel_update"] = self.update_size() if self.update_size is not None else float("nan")
         self._reset_interval(now)
         return row
 
@@ -179,8 +224,10 @@ class Monitor:
         return self.probe is not None and step % self.cfg.probe_every == 0
 
     def run_probe(self, step: int) -> dict:
-        plan = self.engine.plan
-        r2 = self.probe(self.engine.module.encoder, self.engine.device, plan.autocast_dtype, plan.input_memory_format)
+        plan, method = self.engine.plan, self.engine.module
+        r2 = self.probe(
+            method.encoder, method.head_attr, self.engine.device, plan.autocast_dtype, plan.input_memory_format
+        )
         self.probed = dict(r2)
         print(f"train: probe at step {step}: ridge R^2 " + ", ".join(f"{p} {v:.3f}" for p, v in r2.items()), flush=True)
         self.mark = time.perf_counter()  # the probe is neither data wait nor training compute

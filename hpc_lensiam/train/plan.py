@@ -56,6 +56,7 @@ class DevicePlan:
     tf32: bool = False
     deterministic: bool = False
     pin_memory: bool = False
+    warnings: tuple[str, ...] = ()  # one line each, printed by rank 0 at start
 
     def describe(self) -> str:
         fmt = "channels_last" if self.input_memory_format == torch.channels_last else "contiguous"
@@ -113,22 +114,51 @@ def deepspeed_config(cfg, world_size: int) -> dict:
                     f"{path}: {key} = {user[key]} contradicts the flags ({ds[key]}); "
                     f"set the batch with --batch-size/--grad-accum"
                 )
+        zero = user.get("zero_optimization")
+        if zero is not None:  # ds.update(user) would silently switch the ZeRO stage behind --zero-stage
+            stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+            if stage != cfg.zero_stage:
+                raise ConfigError(
+                    f"{path}: zero_optimization.stage = {stage!r} contradicts --zero-stage {cfg.zero_stage}; "
+                    f"set the stage with --zero-stage (0 or 1) and leave it out of the JSON, or make them equal"
+                )
         ds.update(user)
     return ds
+
+
+def deepspeed_warnings(ds: dict | None) -> tuple[str, ...]:
+    """One-line warnings about a DeepSpeed JSON that undoes the generated config's fixes."""
+    if not ds:
+        return ()
+    ac = ds.get("torch_autocast")
+    if isinstance(ac, dict) and ac.get("enabled") and ac.get("lower_precision_safe_modules") != []:
+        return (
+            "train: warning: the DeepSpeed JSON's torch_autocast section replaces the generated one without "
+            '"lower_precision_safe_modules": []: ZeRO >= 1 then all-reduces Conv/Linear gradients in '
+            f"{ac.get('dtype', 'bfloat16')} (DDP and ZeRO-0 reduce fp32); add that key to keep fp32 reduces",
+        )
+    return ()
 
 
 def make_plan(cfg, caps: DeviceCaps, world_size: int) -> DevicePlan:
     """The device plan for training ``cfg`` on a device with ``caps`` in a world of ``world_size``."""
     check_precision(cfg.precision, caps)
     if cfg.precision == "fp16" and cfg.engine == "deepspeed" and cfg.zero_stage != 0:
+        # Re-checked against DeepSpeed 0.19.8 (runtime/zero/stage_1_and_2.py): ZeRO-1/2 now build a
+        # torch GradScaler for fp16 torch_autocast, but it unscales and checks inf/NaN on this rank's
+        # own fp32 partition only and calls update() once per param group, with no all-reduce of the
+        # overflow flag: ranks can skip different steps and go on with different loss scales, whose
+        # scaled gradients ZeRO then averages. ZeRO-0 uses one engine-level GradScaler over whole grads.
         raise ConfigError(
-            "--precision fp16 with --engine deepspeed needs --zero-stage 0 "
-            "(DeepSpeed's autocast loss scaler is ZeRO-0 only); use bf16 for ZeRO-1"
+            "--precision fp16 with --engine deepspeed needs --zero-stage 0 (DeepSpeed 0.19's ZeRO-1 fp16 "
+            "autocast scaler checks overflow per rank partition, without agreement across ranks); use bf16 "
+            "for ZeRO-1"
         )
     cuda = caps.type == "cuda"
     deterministic = bool(getattr(cfg, "deterministic", False))
     nhwc = cuda and cfg.channels_last
     fmt = torch.channels_last if nhwc else torch.contiguous_format
+    ds = deepspeed_config(cfg, world_size) if cfg.engine == "deepspeed" else None
     return DevicePlan(
         device_type=caps.type,
         precision=cfg.precision,
@@ -138,11 +168,12 @@ def make_plan(cfg, caps: DeviceCaps, world_size: int) -> DevicePlan:
         input_memory_format=fmt,
         sync_bn=("torch" if cuda else "gloo") if world_size > 1 and getattr(cfg, "sync_batchnorm", True) else "none",
         ddp_kwargs={"broadcast_buffers": False} if world_size > 1 else {},
-        deepspeed=deepspeed_config(cfg, world_size) if cfg.engine == "deepspeed" else None,
+        deepspeed=ds,
         cudnn_benchmark=cuda and not deterministic,
         tf32=cuda,
         deterministic=deterministic,
         pin_memory=cuda,
+        warnings=deepspeed_warnings(ds),
     )
 
 

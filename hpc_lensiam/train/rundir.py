@@ -1,6 +1,6 @@
 """A training run folder that one job owns, and whose ``--resume`` continues the same run.
 
-* **Lock.** Global rank 0 holds ``RUN/.lock`` (``fcntl.flock``, see :mod:`hpc_lensiam.core.lock`) from
+* **Lock.** Global rank 0 holds ``RUN/.lock`` (``fcntl.flock``, see :mod:`hpc_lensiam.lock`) from
   start to end; every rank learns whether it got it before anything is written, so a second
   ``train`` into the same ``--out`` fails at once naming the holder's host and pid instead of
   overwriting run A's checkpoints and interleaving ``metrics.csv``. Leftover ``.tmp-*`` files of
@@ -9,8 +9,13 @@
   :data:`GUARDED`) and ``data_manifest_sha256`` (the data source's identity: a shard directory's
   manifest sha256, an online source's simulation config's with the sha256 of the PSF/COSMOS files it
   names, which ``data_inputs`` also stores by path). ``--resume`` with other data or another value of
-  a guarded key is a one-line error naming the keys (and any edited file); with ``--allow-config-change`` the change is
-  appended to ``RUN/config_history.yaml`` and ``RUN/config.yaml`` (the first config) stays.
+  a guarded key is a one-line error naming the keys (and any edited file); with
+  ``--allow-config-change`` the change is appended to ``RUN/config_history.yaml``, the config used
+  until then is kept as ``RUN/config.N.yaml`` (N = 1 for the first change) and ``RUN/config.yaml``
+  becomes the config now used, so that ``--config RUN/config.yaml --resume`` (the refusal's advice)
+  continues the run as it now is.
+* **Nothing left by a refusal.** A run refused before it wrote anything (data that does not fit
+  the model or the batch, a refused resume) removes the ``.lock`` and the folders it created.
 * **Metrics repair.** On resume ``metrics.csv`` keeps its well-formed rows up to the checkpoint's
   step; a damaged tail (a kill mid-write, a full disk) is dropped with a warning, never fatal.
 """
@@ -27,7 +32,7 @@ import torch
 from ..core.config import dump_yaml, to_dict
 from ..core.errors import UserError
 from ..core.io import TMP_PREFIX, atomic_write_text, sha256_json
-from ..core.lock import DirLock, prepare_dir
+from ..core.lock import LOCK_NAME, DirLock, prepare_dir
 from ..data.sources import source_for
 from .monitor import METRICS
 
@@ -59,6 +64,15 @@ GUARDED = (
     "shuffle_buffer",
 )
 HISTORY = "config_history.yaml"
+RESOLVED = "# resolved:"  # the first line of RUN/config.yaml: the numbers the run resolved
+
+
+def _missing_top(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet, or None."""
+    top, p = None, path.absolute()
+    while not p.exists():
+        top, p = p, p.parent
+    return top
 
 
 def config_hash(config: dict) -> str:
@@ -78,7 +92,11 @@ class RunDir:
         self.manifest_sha = source.identity(cfg.data)
         self.data_inputs = source.inputs(cfg.data)  # {path: sha256} behind the identity, to name a change
         failed = ""
+        self.written = False  # anything written into the folder (a refused run removes what it made)
+        self.new_top = self.lock_existed = None
         if engine.is_main:
+            self.new_top = _missing_top(self.out)
+            self.lock_existed = (self.out / LOCK_NAME).exists()
             try:
                 prepare_dir(self.out)
                 self.lock.acquire()
@@ -126,28 +144,41 @@ class RunDir:
         self.changes = changes
 
     def write_config(self, header: str, resume: bool, step: int) -> None:
-        """``config.yaml`` once (a fresh run); a resume that changes anything appends to the history."""
+        """``config.yaml`` (a fresh run); a resume that changes anything appends to the history, and
+        an allowed change of a guarded key or the data makes ``config.yaml`` the config now used,
+        keeping the one before as ``config.N.yaml``."""
         text = header + dump_yaml(self.cfg)
         first = self.out / "config.yaml"
+        self.written = True
         if not resume or not first.is_file():
             atomic_write_text(first, text)
             return
         if first.read_text() == text:
             return
+        kept = None
+        if self.changes:  # an allowed change: config.yaml follows the run, the one used until now is kept
+            n = 1
+            while (self.out / f"config.{n}.yaml").exists():
+                n += 1
+            kept = self.out / f"config.{n}.yaml"
+            atomic_write_text(kept, first.read_text())
         entry = {
             "resumed_at_step": step,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "changed": {k: {"before": a, "after": b} for k, (a, b) in self.changes.items()},
-            "resolved": header.strip().removeprefix("# resolved: "),
+            "resolved": header.strip().removeprefix(RESOLVED).strip(),
             "config": to_dict(self.cfg),
         }
+        if kept is not None:
+            entry["previous_config"] = kept.name
         history = self.out / HISTORY
         old = history.read_text() if history.is_file() else ""
         atomic_write_text(history, old + dump_yaml([entry]))
-        if self.changes:
+        if kept is not None:
+            atomic_write_text(first, text)
             print(
                 f"train: warning: --allow-config-change: {', '.join(self.changes)} changed; recorded in "
-                f"{history} ({first} keeps the first config)",
+                f"{history}; {first} is now the config used ({kept.name} keeps the one before)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -160,6 +191,8 @@ class RunDir:
             with open(path, newline="", errors="replace") as f:
                 lines = list(csv.reader(f))[1:]
             for r in lines:
+                if len(r) == len(METRICS) - 1:  # a row written before the rel_update column: not damaged
+                    r = r + ["nan"]
                 try:
                     if len(r) != len(METRICS):
                         raise ValueError
@@ -176,5 +209,20 @@ class RunDir:
                 )
         atomic_write_text(path, "\n".join([",".join(METRICS)] + [",".join(r) for r in rows]) + "\n")
 
-    def close(self) -> None:
+    def close(self, refused: bool = False) -> None:
+        """Release the lock; ``refused`` (the run stopped on an error): if nothing was written yet,
+        remove the ``.lock`` and the folders this run created, so that a refusal leaves nothing behind."""
+        if refused and not self.written and self.lock.fd is not None:
+            if not self.lock_existed:
+                self.lock.path.unlink(missing_ok=True)
+            if self.new_top is not None:
+                d = self.out.absolute()
+                while True:
+                    try:
+                        d.rmdir()  # only when empty
+                    except OSError:
+                        break
+                    if d == self.new_top:
+                        break
+                    d = d.parent
         self.lock.release()

@@ -7,7 +7,8 @@ documented with the paper they come from. Adding a method = one module + one ent
 
 :func:`recipe` gives the TrainConfig defaults of a (method, backbone): the method's paper recipe,
 then the backbone's own (``BackboneSpec.recipe``: a ViT's is MoCo v3's AdamW recipe, since SGD/LARS
-recipes were tuned for ResNets). YAML keys and flags override both.
+recipes were tuned for ResNets), and the lr scaling rule of the resulting (method, optimizer)
+(:func:`lr_scaling_rule`). YAML keys and flags override all of them.
 """
 
 from __future__ import annotations
@@ -34,7 +35,20 @@ def recipe(method: str, arch: str) -> dict:
     out = dict(METHODS[method].recipe) if isinstance(method, str) and method in METHODS else {}
     if isinstance(arch, str) and arch in BACKBONES:
         out.update(BACKBONES[arch].recipe)
+    if out:
+        out["lr_scaling"] = lr_scaling_rule(method, out.get("optimizer", "sgd"))
     return out
+
+
+def lr_scaling_rule(method: str, optimizer: str) -> str:
+    """The lr scaling rule that goes with ``(method, optimizer)``: the rule its base lr was tuned for.
+
+    SimCLR's LARS recipe uses the square-root rule (its paper's small-batch rule, ``lr_rules``);
+    every other pair is linear, a ViT's AdamW included (MoCo v3's 1.5e-4 x batch/256). Combining an
+    AdamW base lr meant for the linear rule with SimCLR's sqrt rule gave a ViT 32x its lr at batch 64.
+    """
+    m = METHODS.get(method) if isinstance(method, str) else None
+    return getattr(m, "lr_rules", {}).get(optimizer, "linear") if m is not None else "linear"
 
 
 def build_method(cfg, img_size: int | None = None) -> SSLMethod:
@@ -52,6 +66,7 @@ __all__ = [
     "build_method",
     "gather_with_grad",
     "get",
+    "lr_scaling_rule",
     "mlp",
     "recipe",
 ]

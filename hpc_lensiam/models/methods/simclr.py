@@ -51,12 +51,12 @@ class SimCLR(SSLMethod):
     recipe = dict(
         optimizer="lars",
         base_lr=0.075,
-        lr_scaling="sqrt",
         weight_decay=1e-6,
         proj_hidden_dim=2048,
         proj_dim=128,
         temperature=0.1,
     )
+    lr_rules = {"lars": "sqrt"}  # base_lr 0.075 x sqrt(batch): the paper's rule for its LARS recipe
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
 """Typed configuration of the survey family: population, composite mass, observation, selection.
 
-Validated once, like every config of the package (``hpc_lensiam.core.config.from_dict``): unknown keys,
+Validated once, like every config of the package (``hpc_lensiam.config.from_dict``): unknown keys,
 wrong types and impossible ranges raise a ConfigError naming the file and key. The resolved config
 (with ``lens_fraction`` filled in) is stored in the shard manifest, so a data set says how it was made.
 The priors and their sources are documented where they are drawn (population.py, mass.py).
@@ -8,10 +8,11 @@ The priors and their sources are documented where they are drawn (population.py,
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...core.config import Range, check_fraction, check_range, from_dict, read_yaml
+from ...core.config import Range, check_fraction, from_dict, read_yaml
 from ...core.errors import ConfigError
 from ..config import INSTRUMENT_PRESETS, InstrumentConfig
 
@@ -19,6 +20,42 @@ FAMILY = "survey"
 # lenstronomy SimulationAPI observation configs used for each instrument preset (sky, read noise,
 # exposure, zero point); lenstronomy ships HST only as WFC3/F160W.
 OBSERVATIONS = {"euclid": ("Euclid", "VIS"), "hst": ("HST", "WFC3_F160W")}
+
+
+# Allowed values of every number in a survey config: (low, high, low excluded, high excluded); a [min, max]
+# range must lie inside its field's bounds at both ends. Generous: they refuse what no galaxy-scale lens
+# survey holds (a 1e9 magnification cut, a 5000 km/s deflector), which would otherwise draw for minutes
+# before the per-sample draw budget ends in an error; a merely too strict in-range choice is caught by
+# the simulator's early stop (simulator.FAIL_FAST_DRAWS). docs/survey.md lists them.
+Bounds = dict[str, tuple[float, float, bool, bool]]
+
+
+def _interval(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:
+    return f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+def _check_bounds(obj, where: str, bounds: Bounds) -> None:
+    """One ConfigError naming the key, its value and the allowed interval, for the first field out of it."""
+    for name, (lo, hi, lo_open, hi_open) in bounds.items():
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        ends = value if isinstance(value, (tuple, list)) else (value,)
+        ok = all((v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi) for v in ends)
+        if not ok:
+            shown = f"range [{ends[0]:g}, {ends[1]:g}]" if len(ends) == 2 else f"{value:g}"
+            raise ConfigError(
+                f"{where}.{name}: {shown} is outside the allowed range {_interval(lo, hi, lo_open, hi_open)}"
+            )
+
+
+def _closed(lo: float, hi: float) -> tuple[float, float, bool, bool]:
+    return (lo, hi, False, False)
+
+
+def _above(lo: float, hi: float) -> tuple[float, float, bool, bool]:
+    """(lo, hi]: strictly above lo."""
+    return (lo, hi, True, False)
 
 
 @dataclass
@@ -58,36 +95,45 @@ class PopulationPrior:
     interloper_mag: Range = (20.0, 25.5)
     interloper_count_slope: float = 0.3  # dN/dm ~ 10^(slope m) (faint galaxy counts)
 
+    BOUNDS: typing.ClassVar[Bounds] = {
+        "H0_km_s_Mpc": _closed(20.0, 200.0),
+        "Omega_m": (0.0, 1.0, True, True),
+        "z_lens": _above(0.0, 5.0),
+        "z_source_max": _above(0.0, 10.0),
+        "z_source_min_gap": _above(0.0, 5.0),
+        "z_source_z0": _above(0.0, 10.0),
+        "sigma_v_km_s": _closed(20.0, 1000.0),
+        "fj_M_at_200": _closed(-26.0, -16.0),
+        "fj_slope": _closed(-20.0, 0.0),
+        "fj_scatter_mag": _closed(0.0, 2.0),
+        "k_correction_per_z": _closed(-5.0, 5.0),
+        "size_R_kpc_at_M0": _above(0.0, 50.0),
+        "size_dlogR_dM": _closed(-1.0, 1.0),
+        "size_scatter_dex": _closed(0.0, 1.0),
+        "n_sersic_lens": _closed(0.2, 10.0),
+        "q_light_mean": _above(0.0, 1.0),
+        "q_light_sigma": _closed(0.0, 1.0),
+        "q_min": _above(0.0, 1.0),
+        "lens_center_arcsec": _closed(-50.0, 50.0),  # and inside the field: SurveySimulationConfig.validate
+        "source_M_star": _closed(-26.0, -16.0),
+        "source_alpha": _closed(-3.0, 1.0),
+        "source_M": _closed(-28.0, -10.0),
+        "source_size_R_kpc_at_M_star": _above(0.0, 50.0),
+        "source_size_dlogR_dM": _closed(-1.0, 1.0),
+        "source_size_z_power": _closed(-3.0, 1.0),
+        "source_size_scatter_dex": _closed(0.0, 1.0),
+        "source_n_sersic": _closed(0.2, 10.0),
+        "source_q": _closed(0.05, 1.0),
+        "source_radius_theta_E": _above(0.0, 10.0),
+        "interloper_density_arcmin2": _closed(0.0, 1000.0),
+        "interloper_mag": _closed(10.0, 35.0),
+        "interloper_count_slope": _closed(-1.0, 1.0),
+    }
+
     def validate(self, where: str) -> None:
-        if self.H0_km_s_Mpc <= 0 or not 0 < self.Omega_m < 1:
-            raise ConfigError(f"{where}: H0_km_s_Mpc > 0 and 0 < Omega_m < 1 expected")
-        check_range(where, "z_lens", self.z_lens, lo=0.0, strict_lo=True)
+        _check_bounds(self, where, self.BOUNDS)
         if self.z_source_max <= self.z_lens[1] + self.z_source_min_gap:
             raise ConfigError(f"{where}.z_source_max: must exceed z_lens max + z_source_min_gap")
-        if self.z_source_min_gap <= 0 or self.z_source_z0 <= 0:
-            raise ConfigError(f"{where}: z_source_min_gap and z_source_z0 must be > 0")
-        check_range(where, "sigma_v_km_s", self.sigma_v_km_s, lo=0.0, strict_lo=True)
-        for name in (
-            "fj_scatter_mag",
-            "size_scatter_dex",
-            "source_size_scatter_dex",
-            "q_light_sigma",
-            "interloper_density_arcmin2",
-        ):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{where}.{name}: must be >= 0")
-        if self.size_R_kpc_at_M0 <= 0 or self.source_size_R_kpc_at_M_star <= 0:
-            raise ConfigError(f"{where}: sizes must be > 0")
-        check_range(where, "n_sersic_lens", self.n_sersic_lens, lo=0.2, hi=10.0)
-        check_range(where, "source_n_sersic", self.source_n_sersic, lo=0.2, hi=10.0)
-        check_range(where, "source_q", self.source_q, lo=0.05, hi=1.0)
-        check_range(where, "source_M", self.source_M)
-        check_range(where, "interloper_mag", self.interloper_mag)
-        check_range(where, "lens_center_arcsec", self.lens_center_arcsec)
-        if not 0 < self.q_min <= 1 or not 0 < self.q_light_mean <= 1:
-            raise ConfigError(f"{where}: q_min and q_light_mean must be in (0, 1]")
-        if self.source_radius_theta_E <= 0:
-            raise ConfigError(f"{where}.source_radius_theta_E: must be > 0")
 
 
 @dataclass
@@ -107,23 +153,23 @@ class MassPrior:
     a3_sigma_theta_E: float = 0.005  # multipoles a_m / theta_E (Van de Vyvere et al. 2022)
     a4_sigma_theta_E: float = 0.01
 
+    BOUNDS: typing.ClassVar[Bounds] = {
+        "stellar_fraction_theta_E": _closed(0.0, 1.0),
+        "halo_r_s_kpc_median": _above(0.0, 1000.0),
+        "halo_r_s_scatter_dex": _closed(0.0, 1.0),
+        "halo_q_mean": _above(0.0, 1.0),
+        "halo_q_sigma": _closed(0.0, 1.0),
+        "mass_light_q_sigma": _closed(0.0, 1.0),
+        "misalignment_deg_sigma": _closed(0.0, 180.0),
+        "shear_median": _closed(0.0, 0.5),
+        "shear_scatter_dex": _closed(0.0, 1.0),
+        "shear_max": _above(0.0, 0.5),
+        "a3_sigma_theta_E": _closed(0.0, 0.5),
+        "a4_sigma_theta_E": _closed(0.0, 0.5),
+    }
+
     def validate(self, where: str) -> None:
-        check_range(where, "stellar_fraction_theta_E", self.stellar_fraction_theta_E, lo=0.0, hi=1.0)
-        for name in ("halo_r_s_kpc_median", "halo_q_mean", "shear_max"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{where}.{name}: must be > 0")
-        for name in (
-            "halo_r_s_scatter_dex",
-            "halo_q_sigma",
-            "mass_light_q_sigma",
-            "misalignment_deg_sigma",
-            "shear_median",
-            "shear_scatter_dex",
-            "a3_sigma_theta_E",
-            "a4_sigma_theta_E",
-        ):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{where}.{name}: must be >= 0")
+        _check_bounds(self, where, self.BOUNDS)
 
 
 @dataclass
@@ -134,13 +180,14 @@ class ObservationSettings:
     exposure_time_s: float | None = None  # per exposure; None: the config's
     sky_brightness_jitter_mag: float = 0.2  # per view: sky varies with pointing (uniform +-)
 
+    BOUNDS: typing.ClassVar[Bounds] = {
+        "num_exposures": _closed(1, 10000),
+        "exposure_time_s": _above(0.0, 1e5),
+        "sky_brightness_jitter_mag": _closed(0.0, 5.0),
+    }
+
     def validate(self, where: str) -> None:
-        if self.num_exposures is not None and self.num_exposures < 1:
-            raise ConfigError(f"{where}.num_exposures: must be >= 1")
-        if self.exposure_time_s is not None and self.exposure_time_s <= 0:
-            raise ConfigError(f"{where}.exposure_time_s: must be > 0")
-        if self.sky_brightness_jitter_mag < 0:
-            raise ConfigError(f"{where}.sky_brightness_jitter_mag: must be >= 0")
+        _check_bounds(self, where, self.BOUNDS)
 
 
 @dataclass
@@ -155,13 +202,18 @@ class SelectionCuts:
     source_tries: int = 20  # sources tried per deflector before a new deflector is drawn
     max_tries: int = 2000  # deflector draws per sample before giving up (an error)
 
+    BOUNDS: typing.ClassVar[Bounds] = {
+        "min_magnification": _closed(0.0, 100.0),  # an extended source is rarely magnified past ~50
+        "min_arc_snr": _closed(0.0, 1000.0),
+        "resolution_factor": _closed(0.0, 10.0),
+        "min_images": _closed(1, 5),  # a galaxy-scale lens makes at most 5 images (one is central)
+        "min_image_mag": _closed(0.0, 100.0),
+        "source_tries": _closed(1, 1000),
+        "max_tries": _closed(1, 100000),
+    }
+
     def validate(self, where: str) -> None:
-        for name in ("min_magnification", "min_arc_snr", "resolution_factor", "min_image_mag"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{where}.{name}: must be >= 0")
-        for name in ("min_images", "source_tries", "max_tries"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{where}.{name}: must be >= 1")
+        _check_bounds(self, where, self.BOUNDS)
 
 
 @dataclass
@@ -181,16 +233,16 @@ class SurveySourceSettings:
     cosmos_min_stamp_pixel: float = 0.5  # stamps scaled finer than this x the detector pixel are
     #                                              block-summed to it (simulator.py: flux kept, no aliasing)
 
+    BOUNDS: typing.ClassVar[Bounds] = {
+        "cosmos_min_size_pix": _closed(1, 10000),
+        "cosmos_max_noise_frac": _above(0.0, 1.0),
+        "cosmos_clean_k_sigma": _closed(0.0, 100.0),  # or null: raw stamps
+        "cosmos_min_stamp_pixel": _closed(0.0, 10.0),  # 0: stamps never rebinned
+    }
+
     def validate(self, where: str) -> None:
         check_fraction(where, "cosmos_fraction", self.cosmos_fraction)
-        if self.cosmos_min_size_pix < 1:
-            raise ConfigError(f"{where}.cosmos_min_size_pix: must be >= 1")
-        if self.cosmos_max_noise_frac <= 0:
-            raise ConfigError(f"{where}.cosmos_max_noise_frac: must be > 0")
-        if self.cosmos_clean_k_sigma is not None and self.cosmos_clean_k_sigma < 0:
-            raise ConfigError(f"{where}.cosmos_clean_k_sigma: must be >= 0 (or null: no cleaning)")
-        if self.cosmos_min_stamp_pixel < 0:
-            raise ConfigError(f"{where}.cosmos_min_stamp_pixel: must be >= 0 (0: stamps never rebinned)")
+        _check_bounds(self, where, self.BOUNDS)
 
 
 @dataclass
@@ -220,8 +272,17 @@ class SurveySimulationConfig:
         if self.lens_fraction is not None:
             check_fraction(where, "lens_fraction", self.lens_fraction)
         check_fraction(where, "non_lens_source_absent_fraction", self.non_lens_source_absent_fraction)
-        if self.psf_pixel_scale_arcsec is not None and self.psf_pixel_scale_arcsec <= 0:
-            raise ConfigError(f"{where}.psf_pixel_scale_arcsec: must be > 0")
+        _check_bounds(self, where, {"psf_pixel_scale_arcsec": _above(0.0, 10.0)})
+        if self.psf_bank_seed < 0:
+            raise ConfigError(f"{where}.psf_bank_seed: must be >= 0, got {self.psf_bank_seed}")
+        # the deflector inside the field (as the paper family's lens centre): off it, every draw is rejected
+        half = self.instrument.num_pix * self.instrument.pixel_scale_arcsec / 2
+        c = self.population.lens_center_arcsec
+        if max(abs(v) for v in c) >= half:
+            raise ConfigError(
+                f"{where}.population.lens_center_arcsec: range [{c[0]:g}, {c[1]:g}] reaches outside the field "
+                f'(allowed: inside (-{half:g}, {half:g})" = num_pix x pixel_scale_arcsec / 2)'
+            )
 
 
 def default_lens_fraction(mode: str) -> float:

@@ -75,7 +75,7 @@ def arc_snr(arc_cps: np.ndarray, sigma_cps: np.ndarray) -> float:
     return float(arc_cps[mask].sum() / np.sqrt((sigma_cps[mask] ** 2).sum()))
 
 
-def passes(
+def failed_cuts(
     cuts: SelectionCuts,
     *,
     n_images: int,
@@ -84,8 +84,65 @@ def passes(
     theta_E: float,
     source_R_arcsec: float,
     psf_fwhm_arcsec: float,
-) -> bool:
+) -> list[str]:
+    """The ``SelectionCuts`` keys a measured source fails (empty: it passes)."""
     resolved = theta_E**2 > cuts.resolution_factor**2 * (source_R_arcsec**2 + (psf_fwhm_arcsec / 2) ** 2)
-    return (
-        n_images >= cuts.min_images and magnification >= cuts.min_magnification and snr >= cuts.min_arc_snr and resolved
+    checks = (
+        ("resolution_factor", resolved),
+        ("min_images", n_images >= cuts.min_images),
+        ("min_magnification", magnification >= cuts.min_magnification),
+        ("min_arc_snr", snr >= cuts.min_arc_snr),
     )
+    return [name for name, ok in checks if not ok]
+
+
+def passes(cuts: SelectionCuts, **measured) -> bool:
+    return not failed_cuts(cuts, **measured)
+
+
+class Rejections:
+    """Why the systems drawn so far failed the selection: per cut, how many sources it saw and rejected and
+    the best value any of them reached. Feeds the error when no deflector passes (simulator.py), so that
+    error names the cut to loosen instead of "loosen selection"."""
+
+    WHAT = {
+        "resolution_factor": "theta_E / sqrt(r_source^2 + (FWHM/2)^2)",
+        "min_images": "image count",
+        "min_magnification": "magnification",
+        "min_arc_snr": "arc S/N",
+    }
+
+    def __init__(self) -> None:
+        self.draws = 0
+        self.subcritical = 0  # deflectors without an Einstein radius
+        self.sources = 0
+        self.seen = dict.fromkeys(self.WHAT, 0)
+        self.rejected = dict.fromkeys(self.WHAT, 0)
+        self.best = dict.fromkeys(self.WHAT, float("-inf"))
+
+    def source(self, values: dict[str, float], failed: list[str]) -> None:
+        """One source: ``values`` of the cuts it was checked against (key -> measured value), ``failed``
+        the keys it failed."""
+        self.sources += 1
+        for key, value in values.items():
+            self.seen[key] += 1
+            self.best[key] = max(self.best[key], float(value))
+        for key in failed:
+            self.rejected[key] += 1
+
+    def summary(self, cuts: SelectionCuts) -> str:
+        """One sentence: the cut that rejected the largest share of the sources it saw, with its threshold
+        and the best value reached (or: every deflector was subcritical)."""
+        head = f"{self.draws} deflector draws ({self.sources} sources tried)"
+        if self.sources == 0:
+            return (
+                f"{head}: no deflector had an Einstein radius ({self.subcritical} subcritical); "
+                f"raise population.sigma_v_km_s or the mass"
+            )
+        key = max(self.WHAT, key=lambda k: (self.rejected[k] / max(self.seen[k], 1), self.rejected[k]))
+        threshold = getattr(cuts, key)
+        return (
+            f"{head}: selection.{key} = {threshold:g} rejected {self.rejected[key]} of the {self.seen[key]} "
+            f"sources it saw (the highest {self.WHAT[key]} reached was {self.best[key]:.3g}); loosen it or "
+            f"widen the priors"
+        )

@@ -40,7 +40,12 @@ from .config import SurveySimulationConfig
 from .mass import CompositeMass
 from .noise import Observation
 from .population import M_SUN_R, Population
-from .selection import arc_snr, image_multiplicity, passes
+from .selection import Rejections, arc_snr, failed_cuts, image_multiplicity
+
+# No sample accepted in the first this-many deflector draws of a simulator: stop at once, naming the cut
+# that rejected them (defaults need 1-3 draws per sample; selection.max_tries (2000) x ~0.5 s per draw at
+# the preset's grid would be ~20 minutes before the same error). Later samples keep max_tries.
+FAIL_FAST_DRAWS = 100
 
 
 class Rays:
@@ -103,6 +108,7 @@ class SurveySimulator(PairSampler):
             )
         else:
             self.catalog = None
+        self._accepted = 0  # samples that passed the selection (none yet: FAIL_FAST_DRAWS applies)
         self._binned: dict[tuple[int, int], CosmosStamp] = {}  # (row, block) -> block-summed stamp
         self.n_side = inst.num_pix * inst.supersampling_factor
         self.cell_area = (inst.pixel_scale_arcsec / inst.supersampling_factor) ** 2
@@ -305,28 +311,40 @@ class SurveySimulator(PairSampler):
         phi = float(rng.uniform(0.0, 2 * math.pi))
         return {**src, "center_x": d["center"][0] + r * math.cos(phi), "center_y": d["center"][1] + r * math.sin(phi)}
 
-    def _try_lensed_source(self, rng, d: dict, rays: Rays, view: dict):
-        """First source of ``source_tries`` that passes the cuts, with its measurements, or None."""
+    def _try_lensed_source(self, rng, d: dict, rays: Rays, view: dict, tally: Rejections | None = None):
+        """First source of ``source_tries`` that passes the cuts, with its measurements, or None. ``tally``:
+        records why each source failed."""
         cuts = self.config.selection
         r_max = self.config.population.source_radius_theta_E * d["defl"]["theta_E_sis"]
         theta_E = d["lens"]["theta_E"]
+        fwhm = self.psf_fwhm[view["psf_id"]]
         for _ in range(cuts.source_tries):
             src = self._place(rng, self._draw_source(rng, d["defl"]["z_source"]), d, r_max)
-            resolved = theta_E**2 > cuts.resolution_factor**2 * (
-                src["R_sersic"] ** 2 + (self.psf_fwhm[view["psf_id"]] / 2) ** 2
-            )
+            size = math.sqrt(src["R_sersic"] ** 2 + (fwhm / 2) ** 2)
+            resolved = theta_E**2 > cuts.resolution_factor**2 * size**2
             if not resolved:
+                if tally is not None:
+                    tally.source({"resolution_factor": theta_E / size}, ["resolution_factor"])
                 continue
             m = self._measure(rays, src, view)
-            if passes(
+            failed = failed_cuts(
                 cuts,
                 n_images=m["n_images"],
                 magnification=m["magnification"],
                 snr=m["arc_snr"],
                 theta_E=theta_E,
                 source_R_arcsec=src["R_sersic"],
-                psf_fwhm_arcsec=self.psf_fwhm[view["psf_id"]],
-            ):
+                psf_fwhm_arcsec=fwhm,
+            )
+            if tally is not None:
+                values = {
+                    "resolution_factor": theta_E / size,
+                    "min_images": m["n_images"],
+                    "min_magnification": m["magnification"],
+                    "min_arc_snr": m["arc_snr"],
+                }
+                tally.source(values, failed)
+            if not failed:
                 return src, m
         return None
 
@@ -378,16 +396,23 @@ class SurveySimulator(PairSampler):
     def _sample(self, rng: np.random.Generator, n_views: int) -> tuple[list[np.ndarray], dict]:
         cfg = self.config
         is_lens = bool(rng.random() < cfg.lens_fraction)
-        for attempt in range(1, cfg.selection.max_tries + 1):  # noqa: B007 (read after the loop)
+        tally = Rejections()
+        for attempt in range(1, cfg.selection.max_tries + 1):
+            if not self._accepted and attempt > FAIL_FAST_DRAWS:
+                raise UserError(
+                    f"survey simulation: no sample passed the selection in the first {tally.summary(cfg.selection)}"
+                )
+            tally.draws = attempt
             d = self._draw_deflector(rng)
             if d["lens"]["theta_E"] <= 0:
+                tally.subcritical += 1
                 continue
             rays = self.rays(d["mass"])
             interlopers = self.population.draw_interlopers(rng, self.field_arcsec)
             views = []
             for v in range(n_views):
                 view = self._prepare_view(rng, d, v == 0, interlopers)
-                found = self._try_lensed_source(rng, d, rays, view)
+                found = self._try_lensed_source(rng, d, rays, view, tally)
                 if found is None:
                     break
                 view["source"], view["measure"] = found
@@ -396,9 +421,10 @@ class SurveySimulator(PairSampler):
                 break
         else:
             raise UserError(
-                f"survey simulation: no deflector passed the selection in "
-                f"{cfg.selection.max_tries} draws (loosen selection or widen the priors)"
+                f"survey simulation: no deflector passed the selection in selection.max_tries = "
+                f"{tally.summary(cfg.selection)}"
             )
+        self._accepted += 1
         images, out_views = [], []
         for view in views:
             src, m = view["source"], view["measure"]
