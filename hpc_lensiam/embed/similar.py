@@ -35,7 +35,7 @@ import numpy as np
 
 from ..core.errors import UserError
 from ..core.io import atomic_write_json, check_output_file
-from ..shards.manifest import decode_npy, read_manifest
+from ..shards.manifest import read_manifest
 from .extract import load_embeddings
 
 IVF_MIN_ROWS = 50_000  # --anomaly switches from exact to IVF search above this many rows
@@ -151,46 +151,21 @@ def source_dirs(emb: dict) -> dict[str, str]:
 
 
 class ShardImages:
-    """Images and params.json read back from shards by (folder, key, view), one shard at a time."""
+    """Images and params.json read back from shards by (folder, key, view), one shard at a time
+    (:class:`hpc_lensiam.shards.reader.SamplesByKey`)."""
 
     def __init__(self):
-        self._cache: dict[str, dict] = {}
-        self._where: dict[str, dict[str, str]] = {}  # folder -> {key: shard}, for keys that are names
+        from ..shards.reader import SamplesByKey
 
-    def _index(self, data_dir: str) -> dict[str, str]:
-        """{key: shard} of a folder, from its shards' member names (read once)."""
-        import tarfile
-
-        if data_dir not in self._where:
-            index: dict[str, str] = {}
-            for shard in sorted(Path(data_dir).glob("shard-*.tar")):
-                with tarfile.open(shard) as t:
-                    for n in t.getnames():
-                        index.setdefault(n.rsplit("/", 1)[-1].split(".", 1)[0], str(shard))
-            self._where[data_dir] = index
-        return self._where[data_dir]
-
-    def _load(self, shard: str, key: str, data_dir: str) -> dict | None:
-        from ..shards.tar import read_shard
-
-        if shard not in self._cache:
-            if not Path(shard).is_file():
-                raise UserError(f"{shard}: missing (needed for sample {key}; the embeddings name {data_dir})")
-            self._cache = {shard: {s["__key__"]: s for s in read_shard(shard)}}  # keep one shard
-        return self._cache[shard].get(key)
+        self._samples = SamplesByKey()
 
     def get(self, data_dir: str, key: str, view: int) -> tuple[np.ndarray, dict]:
-        """The simulator's keys ``AAAAAA_BBBBBB`` live in ``shard-AAAAAA.tar``; any other key (an
-        ingested object's name), or one not there, is looked up in the folder's index of shards."""
-        shard = str(Path(data_dir) / f"shard-{key.split('_')[0]}.tar")
-        sample = self._load(shard, key, data_dir) if Path(shard).is_file() else None
-        if sample is None:
-            shard = self._index(data_dir).get(key, shard)
-            sample = self._load(shard, key, data_dir)
-        if sample is None:
-            raise UserError(f"{shard}: no sample {key}")
+        from ..shards.integrity import decode_member
+
+        sample = self._samples.get(data_dir, key)
         name = next(n for n in (f"view{view}.npy", "image.npy") if n in sample)
-        return decode_npy(sample[name]), json.loads(sample["params.json"])
+        image = decode_member(sample[name], sample.get("__url__", data_dir), key, name)
+        return image, json.loads(sample["params.json"])
 
 
 def _caption(rank: int | None, sim: float | None, key: str, params: dict, label: str = "") -> str:

@@ -136,24 +136,46 @@ def _iter_rows(data_dir, manifest, with_params: bool = False):
 class SamplesByKey:
     """Raw samples read back by (folder, key), one shard held at a time (``similar``, ``umap``'s pictures).
 
-    A key ``NNNNNN_...`` lives in ``shard-NNNNNN.tar`` (:func:`~hpc_lensiam.shards.manifest.shard_of_key`).
-    A shard the folder's manifest lists is checked against its entry (size, then its sample count)
+    The simulator's keys ``AAAAAA_BBBBBB`` live in ``shard-AAAAAA.tar``
+    (:func:`~hpc_lensiam.shards.manifest.shard_of_key`); any other key (an ingested object's name), or
+    one not there, is looked up in the folder's index of shards (their member names, read once). A
+    shard the folder's manifest lists is checked against its entry (size, then its sample count)
     before it is used, as every other reader does.
     """
 
     def __init__(self):
         self._cache: dict[str, dict] = {}
+        self._where: dict[str, dict[str, str]] = {}  # folder -> {key: shard}, for keys that are names
 
     def get(self, data_dir: str, key: str) -> dict:
         shard = str(Path(data_dir) / shard_of_key(key))
+        sample = self._load(shard, key, data_dir) if Path(shard).is_file() else None
+        if sample is None:
+            shard = self._index(data_dir).get(key, shard)
+            sample = self._load(shard, key, data_dir)
+        if sample is None:
+            raise UserError(f"{shard}: no sample {key}")
+        return sample
+
+    def _index(self, data_dir: str) -> dict[str, str]:
+        """{key: shard} of a folder, from its shards' member names (read once)."""
+        import tarfile
+
+        if data_dir not in self._where:
+            index: dict[str, str] = {}
+            for shard in sorted(Path(data_dir).glob("shard-*.tar")):
+                with tarfile.open(shard) as t:
+                    for n in t.getnames():
+                        index.setdefault(n.rsplit("/", 1)[-1].split(".", 1)[0], str(shard))
+            self._where[data_dir] = index
+        return self._where[data_dir]
+
+    def _load(self, shard: str, key: str, data_dir: str) -> dict | None:
         if shard not in self._cache:
             if not Path(shard).is_file():
                 raise UserError(f"{shard}: missing (needed for sample {key}; the embeddings name {data_dir})")
             self._cache = {shard: {s["__key__"]: s for s in self._read(data_dir, shard)}}  # keep one shard
-        sample = self._cache[shard].get(key)
-        if sample is None:
-            raise UserError(f"{shard}: no sample {key}")
-        return sample
+        return self._cache[shard].get(key)
 
     @staticmethod
     def _read(data_dir: str, shard: str):
