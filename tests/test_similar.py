@@ -292,7 +292,7 @@ def test_umap_colours_by_any_column_says_what_it_does_and_only_reads_its_input(m
 def test_similar_figures_with_each_stretch(mixed, real_dir, tmp_path, stretch):
     key, anomaly = tmp_path / "key.png", tmp_path / "anomaly.png"
     common = ["similar", "--embeddings", str(mixed), "--stretch", stretch]
-    assert main(common + ["--key", "000000_000000", "--source", str(real_dir), "-k", "3", "--out", str(key)]) == 0
+    assert main(common + ["--key", EUCLID.stem, "--source", str(real_dir), "-k", "3", "--out", str(key)]) == 0
     assert main(common + ["--anomaly", "-k", "3", "--top", "2", "--out", str(anomaly)]) == 0
     assert key.read_bytes()[:8] == anomaly.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
