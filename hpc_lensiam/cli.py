@@ -1,6 +1,6 @@
 """``hpc-lensiam`` command line: argparse subcommands, each calling one public function.
 
-Every user mistake surfaces as a :class:`~hpc_lensiam.errors.UserError`: one line on stderr and
+Every user mistake surfaces as a :class:`~hpc_lensiam.core.errors.UserError`: one line on stderr and
 exit code 2. The Python API is the same functions, so the CLI adds no behaviour of its own.
 """
 

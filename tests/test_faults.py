@@ -284,7 +284,7 @@ def test_two_simulate_jobs_started_one_second_apart(tmp_path):
 
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     code = (
-        f"from hpc_lensiam.lock import DirLock; import time; DirLock({str(tmp_path)!r}, 'train').acquire(); "
+        f"from hpc_lensiam.core.lock import DirLock; import time; DirLock({str(tmp_path)!r}, 'train').acquire(); "
         f"print('held', flush=True); time.sleep(600)"
     )
     from hpc_lensiam.core.lock import DirLock

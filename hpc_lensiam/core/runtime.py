@@ -288,7 +288,7 @@ def _roll_call(rank: int, world_size: int, state: str, wait_s: float) -> dict[in
 
 
 def collective_failure(exc: BaseException, rank: int, world_size: int, timeout_min: float):
-    """A :class:`~hpc_lensiam.errors.PeerFailure` when ``exc`` is a broken collective, else None.
+    """A :class:`~hpc_lensiam.core.errors.PeerFailure` when ``exc`` is a broken collective, else None.
 
     A peer that exited: quiet (that rank says why). A peer that stopped answering: the lowest rank
     whose collective timed out names the ranks that did not answer the roll call and the operation."""

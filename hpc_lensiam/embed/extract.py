@@ -121,7 +121,7 @@ def row_loader(
 
 # ------------------------------------------------------------------------------------ distribution
 def _device():
-    """This rank's device, by the same rule as training (hpc_lensiam.runtime)."""
+    """This rank's device, by the same rule as training (hpc_lensiam.core.runtime)."""
     import torch
 
     from ..core.runtime import device_for, runtime

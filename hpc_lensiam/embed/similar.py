@@ -176,7 +176,7 @@ def _caption(rank: int | None, sim: float | None, key: str, params: dict, label:
 
 
 def _panel(img: np.ndarray, cap: str, params: dict, view: int, scale: float | None) -> dict:
-    """One figure panel: the image, its caption, its noise sigma and pixel scale (hpc_lensiam.display)."""
+    """One figure panel: the image, its caption, its noise sigma and pixel scale (hpc_lensiam.shards.display)."""
     from ..shards.display import noise_sigma
 
     return {"image": img, "caption": cap, "sigma": noise_sigma(img, params, view)[0], "pixel_scale": scale}
@@ -196,7 +196,7 @@ def _pixel_scales(dirs: dict[str, str]) -> dict[str, float | None]:
 
 
 def draw_grid(panels: list[dict], out: str, title: str, stretch: str = "asinh") -> None:
-    """The query and its neighbours (or the top anomalies): :func:`hpc_lensiam.display.draw_panels`."""
+    """The query and its neighbours (or the top anomalies): :func:`hpc_lensiam.shards.display.draw_panels`."""
     from ..shards.display import describe, draw_panels
 
     draw_panels(panels, out, f"{title}; {describe(stretch)}", stretch, max_cols=6, dpi=110)
@@ -281,7 +281,7 @@ def similar(
     stretch: str = "asinh",
 ) -> dict:
     """Nearest neighbours of one image (``key`` or ``image``), or ``anomaly`` scores of all; see module doc.
-    ``stretch``: the figure's image display (:mod:`hpc_lensiam.display`)."""
+    ``stretch``: the figure's image display (:mod:`hpc_lensiam.shards.display`)."""
     from ..shards.display import check_stretch
 
     check_stretch(stretch)

@@ -34,7 +34,7 @@ def show_pairs(
 ) -> str:
     """Draw ``n`` samples (view1 | view2 side by side, or the single images in rows of up to 4), lens
     params captioned, each image stretched from its own noise level with an arcsec scale bar
-    (:mod:`hpc_lensiam.display`)."""
+    (:mod:`hpc_lensiam.shards.display`)."""
     from .display import check_stretch, describe, draw_panels, noise_sigma, pixel_scale_of
 
     check_stretch(stretch)

@@ -1,6 +1,6 @@
 """A training run folder that one job owns, and whose ``--resume`` continues the same run.
 
-* **Lock.** Global rank 0 holds ``RUN/.lock`` (``fcntl.flock``, see :mod:`hpc_lensiam.lock`) from
+* **Lock.** Global rank 0 holds ``RUN/.lock`` (``fcntl.flock``, see :mod:`hpc_lensiam.core.lock`) from
   start to end; every rank learns whether it got it before anything is written, so a second
   ``train`` into the same ``--out`` fails at once naming the holder's host and pid instead of
   overwriting run A's checkpoints and interleaving ``metrics.csv``. Leftover ``.tmp-*`` files of

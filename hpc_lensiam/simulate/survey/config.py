@@ -1,6 +1,6 @@
 """Typed configuration of the survey family: population, composite mass, observation, selection.
 
-Validated once, like every config of the package (``hpc_lensiam.config.from_dict``): unknown keys,
+Validated once, like every config of the package (``hpc_lensiam.core.config.from_dict``): unknown keys,
 wrong types and impossible ranges raise a ConfigError naming the file and key. The resolved config
 (with ``lens_fraction`` filled in) is stored in the shard manifest, so a data set says how it was made.
 The priors and their sources are documented where they are drawn (population.py, mass.py).
