@@ -341,15 +341,22 @@ def test_torch_engine_records_its_device_and_each_mpi_rank_gets_its_gpu(tmp_path
 
     from conftest import BIN
 
+    # each rank writes its own file: mpiexec may interleave the two ranks' stdout ("01" was seen under load)
     code = (
-        "from mpi4py import MPI; from hpc_lensiam.simulate.writer import _local_rank; "
-        "print(_local_rank(MPI.COMM_WORLD))"
+        "import sys; from pathlib import Path; from mpi4py import MPI; "
+        "from hpc_lensiam.simulate.writer import _local_rank; c = MPI.COMM_WORLD; "
+        "Path(sys.argv[1], f'rank{c.Get_rank()}').write_text(str(_local_rank(c)))"
     )
+    ranks = tmp_path / "ranks"
+    ranks.mkdir()
     proc = subprocess.run(
-        [str(BIN / "mpiexec"), "-n", "2", sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+        [str(BIN / "mpiexec"), "-n", "2", sys.executable, "-c", code, str(ranks)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(proc.stdout.split()) == ["0", "1"]
+    assert sorted(f.read_text() for f in ranks.iterdir()) == ["0", "1"]
 
 
 def test_resume_keeps_rows_written_before_the_rel_update_column(lensiam_shards, tmp_path, capsys):
