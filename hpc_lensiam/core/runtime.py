@@ -209,7 +209,7 @@ def is_rank0() -> bool:
 
 class ControlGroup:
     """torch.distributed under torchrun (gloo for the few control messages: ``embed``'s barrier and
-    broadcasts), else one process."""
+    broadcasts, ``predict``'s gather of every rank's predictions), else one process."""
 
     def __init__(self, command: str = "embed"):
         import torch.distributed as dist
@@ -240,6 +240,14 @@ class ControlGroup:
         box = [obj]
         self.dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
+
+    def gather(self, obj) -> list | None:
+        """Every rank's ``obj`` on rank 0, in rank order (None on the other ranks)."""
+        if self.size == 1:
+            return [obj]
+        out = [None] * self.size if self.rank == 0 else None
+        self.dist.gather_object(obj, out, dst=0, group=self.group)
+        return out
 
     def close(self):
         if self.created:
