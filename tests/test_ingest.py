@@ -15,6 +15,7 @@ import pytest
 
 import conftest
 from hpc_lensiam.cli import main
+from hpc_lensiam.core.errors import UserError
 from hpc_lensiam.core.io import sha256_file
 from hpc_lensiam.ingest.config import IngestConfig
 from hpc_lensiam.ingest.prepare import resample
@@ -237,6 +238,25 @@ def test_labels_csv_and_catalog(tmp_path):
     assert p[2]["is_lens"] == 0 and p[2]["ingest"]["hdu"] == "SCI_FLUX"
     assert p[3]["ingest"]["hdu"] == "" and p[3]["ingest"]["pixel_scale_from"] == "flag"
     np.testing.assert_array_equal(rows[3][1], rows[0][1])  # .npy = the FITS layout (north up, east left)
+
+
+def test_angle_labels_with_their_unit_in_the_column_name(tmp_path):
+    """Lens-model tables (the real DESI-HST labels) write ``theta_E_arcsec``: it is the theta_E label (not
+    only a kept column), so predict can score against it; both spellings that disagree are refused."""
+    scale = 0.05
+    for name in ("a", "b"):
+        write_fits(tmp_path / f"{name}.fits", sky_image(100, scale, [(0, 0, 10.0, 0.2)]), scale)
+    (tmp_path / "labels.csv").write_text("name,file,theta_E_arcsec,q_mass\nA,a.fits,1.55,0.66\nB,b.fits,,\n")
+    out = tmp_path / "out"
+    files = [str(tmp_path / "a.fits"), str(tmp_path / "b.fits")]
+    cfg = IngestConfig(preset="euclid", num_pix=40, shard_size=3)
+    ingest(str(out), files=files, labels_csv=str(tmp_path / "labels.csv"), config=cfg, progress=False)
+    p = [r[2] for r in params_of(out)]
+    assert p[0]["lens"] == {"theta_E": 1.55} and p[0]["catalog"]["q_mass"] == 0.66
+    assert p[1]["lens"] == {}
+    (tmp_path / "bad.csv").write_text("file,theta_E,theta_E_arcsec\na.fits,1.2,1.55\n")
+    with pytest.raises(UserError, match="theta_E='1.2' but theta_E_arcsec='1.55'"):
+        ingest(str(tmp_path / "o2"), files=files, labels_csv=str(tmp_path / "bad.csv"), config=cfg, progress=False)
 
 
 # ------------------------------------------------------------------------------- bad input

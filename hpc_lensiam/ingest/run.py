@@ -32,7 +32,7 @@ from ..core import __version__
 from ..core.config import to_dict
 from ..core.errors import UserError
 from ..core.io import sha256_file, sha256_json
-from ..shards.manifest import LENS_PARAMS, MANIFEST_FORMAT, shard_name
+from ..shards.manifest import LENS_PARAMS, MANIFEST_FORMAT, UNITS, shard_name
 from ..shards.writer import ShardPlan, check_existing, encode_sample, write_shard_set, write_tar
 from .config import IngestConfig
 from .prepare import prepare
@@ -177,6 +177,11 @@ def _labels_of(row: dict, what: str, line: int) -> dict:
     lab: dict = {}
     for name in LABEL_NAMES:
         v = row.get(name, "")
+        alias = f"{name}_arcsec" if UNITS.get(name) == "arcsec" else None  # lens-model tables say the unit
+        if alias and row.get(alias, "") != "":
+            if v != "" and float(v) != float(row[alias]):
+                raise UserError(f"{what}: line {line}: {name}={v!r} but {alias}={row[alias]!r}: give one of them")
+            v = row[alias]
         if v == "":
             continue
         try:
@@ -201,7 +206,8 @@ def read_labels(labels_csv: str, objs: list[Obj]) -> int:
     A row finds its object by ``file`` (the path as given, resolved, or the file name when unique)
     narrowed by ``hdu`` / ``idx`` / ``row`` for multi-object files; without ``file``, by ``name``/``id``
     (the object's default name) or, for a single ``.npy`` stack, by ``idx``/``row``. Lens parameters
-    (lenstronomy names) and ``is_lens`` are labels; every other column is kept in params.json under
+    (lenstronomy names; an angle also as ``NAME_arcsec``, as lens-model tables write ``theta_E_arcsec``)
+    and ``is_lens`` are labels; every other column is kept in params.json under
     ``catalog`` (RA, Dec, magnitudes, flags ...); a ``name``/``id`` cell renames the object, a
     ``pixel_scale`` cell gives its input pixel scale, a ``psf`` cell its PSF file. A column spelled like
     a label in another case (``theta_e``) is refused as a typo.
