@@ -219,6 +219,7 @@ class SelectionCuts:
     min_theta_E_fwhm: float = 1.5  # resolvable: theta_E >= this x the PSF bank's median FWHM (3 half-widths)
     min_theta_E_arcsec: float = 0.0  # and >= this explicit minimum (arcsec)
     max_deflector_mag: float | None = 22.5  # deflector apparent magnitude limit (VIS 22.5); null: none
+    edge_frame_pix: int = 3  # the source's light stays below the noise in this outer frame (0: off; selection.py)
     min_images: int = 2  # a lens is multiply imaged (images with |mu| >= min_image_mag)
     min_image_mag: float = 0.1  # demagnified central images below this do not count
     source_tries: int = 20  # sources tried per deflector before a new deflector is drawn
@@ -231,6 +232,7 @@ class SelectionCuts:
         "min_theta_E_fwhm": _closed(0.0, 20.0),
         "min_theta_E_arcsec": _closed(0.0, 10.0),
         "max_deflector_mag": _closed(10.0, 35.0),
+        "edge_frame_pix": _closed(0, 50),
         "min_images": _closed(1, 5),  # a galaxy-scale lens makes at most 5 images (one is central)
         "min_image_mag": _closed(0.0, 100.0),
         "source_tries": _closed(1, 1000),

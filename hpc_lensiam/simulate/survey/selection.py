@@ -6,7 +6,11 @@ A system is labelled lens when (thresholds in ``SelectionCuts``):
 - total magnification of the extended source >= ``min_magnification`` (Collett: 3);
 - arc signal-to-noise >= ``min_arc_snr`` (Collett: 20), summed over the pixels where the PSF-convolved
   arc exceeds the noise sigma (lens light perfectly subtracted, its Poisson noise kept);
-- the source is resolved inside the Einstein radius: theta_E^2 > f^2 (r_source^2 + (FWHM/2)^2).
+- the source is resolved inside the Einstein radius: theta_E^2 > f^2 (r_source^2 + (FWHM/2)^2);
+- its light lies in the cutout: no pixel of the PSF-convolved arcs in the outer ``edge_frame_pix`` pixels
+  of the field above the background noise sigma (a search's cutout is centred on the deflector and holds
+  its arcs). Non-lenses' background galaxies obey the same rule (simulator.py), so neither class has a
+  glow at the field's edge that the other lacks (issue 28 (1): 19% of hst non-lenses had one, no lens).
 
 Before any source, a deflector is a survey target only when it is bright enough (apparent magnitude <=
 ``max_deflector_mag``, VIS 22.5 like Euclid's lens searches) and its theta_E is resolvable (>=
@@ -83,6 +87,16 @@ def min_theta_E_arcsec(cuts: SelectionCuts, psf_fwhm_arcsec: float) -> float:
     return max(cuts.min_theta_E_arcsec, cuts.min_theta_E_fwhm * psf_fwhm_arcsec)
 
 
+def edge_snr(conv_cps: np.ndarray, background_sigma_cps: float, frame_pix: int) -> float:
+    """Brightest pixel of a PSF-convolved source image in the outer ``frame_pix`` pixels, in units of the
+    background noise sigma (0 with no frame)."""
+    if frame_pix <= 0:
+        return 0.0
+    frame = np.ones(conv_cps.shape, bool)
+    frame[frame_pix:-frame_pix, frame_pix:-frame_pix] = False
+    return float(conv_cps[frame].max() / background_sigma_cps)
+
+
 def arc_snr(arc_cps: np.ndarray, sigma_cps: np.ndarray) -> float:
     """Collett (2015) arc S/N: sum of arc flux over pixels where it exceeds the noise, over that noise."""
     mask = arc_cps > sigma_cps
@@ -100,6 +114,7 @@ def failed_cuts(
     theta_E: float,
     source_R_arcsec: float,
     psf_fwhm_arcsec: float,
+    edge_snr: float = 0.0,
 ) -> list[str]:
     """The ``SelectionCuts`` keys a measured source fails (empty: it passes)."""
     resolved = theta_E**2 > cuts.resolution_factor**2 * (source_R_arcsec**2 + (psf_fwhm_arcsec / 2) ** 2)
@@ -108,6 +123,7 @@ def failed_cuts(
         ("min_images", n_images >= cuts.min_images),
         ("min_magnification", magnification >= cuts.min_magnification),
         ("min_arc_snr", snr >= cuts.min_arc_snr),
+        ("edge_frame_pix", cuts.edge_frame_pix == 0 or edge_snr <= 1.0),
     )
     return [name for name, ok in checks if not ok]
 
@@ -126,6 +142,7 @@ class Rejections:
         "min_images": "image count",
         "min_magnification": "magnification",
         "min_arc_snr": "arc S/N",
+        "edge_frame_pix": "peak arc S/N per pixel in the edge frame",
     }
 
     DEFLECTOR = {

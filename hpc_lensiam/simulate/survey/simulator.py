@@ -42,7 +42,7 @@ from .config import NEGATIVE_KINDS, SurveySimulationConfig
 from .mass import CompositeMass
 from .noise import Observation
 from .population import M_SUN_R, Population
-from .selection import Rejections, arc_snr, failed_cuts, image_multiplicity, min_theta_E_arcsec
+from .selection import Rejections, arc_snr, edge_snr, failed_cuts, image_multiplicity, min_theta_E_arcsec
 
 # No sample accepted in the first this-many deflector draws of a simulator: stop at once, naming the cut
 # that rejected them (defaults need 1-3 draws per sample; selection.max_tries (2000) x ~0.5 s per draw at
@@ -363,9 +363,9 @@ class SurveySimulator(PairSampler):
             "n_images": n_img,
             "image_magnifications": [float(m) for m in mags],
             "arc_snr": arc_snr(arc_conv, sigma),
+            "edge_snr": edge_snr(arc_conv, view["band"].background_noise, self.config.selection.edge_frame_pix),
             "arc_flux_fraction": float(arc_conv.sum() / total.sum()),
             "_arc_conv": arc_conv,
-            "_arc": arc,
         }
 
     def _draw_source(self, rng, z_source: float) -> dict:
@@ -424,6 +424,7 @@ class SurveySimulator(PairSampler):
                 theta_E=theta_E,
                 source_R_arcsec=src["R_sersic"],
                 psf_fwhm_arcsec=fwhm,
+                edge_snr=m["edge_snr"],
             )
             if tally is not None:
                 values = {
@@ -431,6 +432,7 @@ class SurveySimulator(PairSampler):
                     "min_images": m["n_images"],
                     "min_magnification": m["magnification"],
                     "min_arc_snr": m["arc_snr"],
+                    "edge_frame_pix": m["edge_snr"],
                 }
                 tally.source(values, failed)
             if not failed:
@@ -445,8 +447,9 @@ class SurveySimulator(PairSampler):
         it: magnitudes reached -139 when its image fell off the field and only a wing was left). It is placed
         outside the caustics (one image, magnified less than the lens cut) where its image stays in the field:
         the source within ``r_max`` = field half-width - theta_E - 3 R_e - FWHM of the lens centre (its image
-        lies ~theta_E further out), and at most 2% of its in-field flux in the outer 2-pixel frame. Where no
-        such place is found in ``source_tries``, the non-lens has no galaxy.
+        lies ~theta_E further out), and its PSF-convolved light in the outer ``selection.edge_frame_pix``
+        pixels below the background noise sigma, as lenses' arcs (selection.py). Where no such place is found
+        in ``source_tries``, the non-lens has no galaxy.
         """
         cfg = self.config
         if rng.random() < cfg.non_lens_source_absent_fraction:
@@ -458,15 +461,12 @@ class SurveySimulator(PairSampler):
         r_max = min(4.0 * r_min, self.field_arcsec / 2 - theta - 3.0 * src["R_sersic"] - fwhm)
         if r_max <= r_min:
             return None, None
-        frame = np.ones(self.grid.shape, bool)
-        frame[2:-2, 2:-2] = False
         for _ in range(cfg.selection.source_tries):
             moved = self._place(rng, src, d, r_max=r_max, r_min=r_min)
             m = self._measure(rays, moved, view)
             if m["n_images"] > 1 or not 0 < m["magnification"] < cfg.selection.min_magnification:
                 continue
-            arc = m["_arc"]
-            if arc[frame].sum() > 0.02 * arc.sum():
+            if cfg.selection.edge_frame_pix and m["edge_snr"] > 1.0:
                 continue
             return moved, m
         return None, None
@@ -637,8 +637,6 @@ class SurveySimulator(PairSampler):
                 bulge, lookalike = self._lookalike(rng, d, kind)
                 view["lens_light"] = {**view["lens_light"], "bulge_fraction": bulge}
                 view["scene_conv"] = self._scene_conv(view["lens_light"], interlopers, view["psf_id"], lookalike)
-            if m is not None:
-                m.pop("_arc", None)
             arc_conv = m.pop("_arc_conv") if m is not None else np.zeros(self.grid.shape)
             model = view["scene_conv"] + arc_conv
             noisy = Observation.add_noise(rng, model, Observation.sigma(view["band"], model))
