@@ -258,7 +258,7 @@ def test_cosmos_source_flux_and_size_match_the_population_draw(cosmos_set, cosmo
     drawn magnitude's (within 1%), and on a fine grid its half-light radius is the drawn R_sersic (3%)."""
     _, params = cosmos_set
     sim = _survey_sim(cosmos_dir)
-    fine = _survey_sim(cosmos_dir, num_pix=160, pixel_scale_arcsec=0.01)
+    fine = _survey_sim(cosmos_dir, num_pix=320, pixel_scale_arcsec=0.01)  # 3.2": holds a 0.25" source's wings
     sources = [p["views"][0]["source"] for p in params if p["views"][0]["source"] is not None]
     assert len(sources) >= 4
     for src in sources:
