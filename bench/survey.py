@@ -134,6 +134,7 @@ def _row(sim, p: dict) -> dict:
         "noise_over_max": v["background_sigma_cps"] / v["image_max_cps"],
         "n_images": v["n_images"],
         "edge_glow": _edge_glow(sim, p),
+        "companion": any(c["kind"] == "sersic" for c in v.get("lookalike", [])),
         "ml_r": m.get("stellar_mass_to_light_r"),
         "c200": m.get("halo", {}).get("c200"),
         "src_mag": None,
@@ -214,6 +215,8 @@ def summarise(preset: str, sim, rows: list[dict]) -> None:
     for key in ("image_max_cps", "noise_over_max"):
         p = ks_2samp([r[key] for r in lens], [r[key] for r in non]).pvalue
         print(f"  KS lenses vs non-lenses, {key}: p = {p:.3g}")
+    for name, group in (("lenses", lens), ("non-lenses", non)):
+        print(f"  with a companion galaxy, {name}: {_wilson(sum(r.get('companion', 0) for r in group), len(group))}")
     kinds = Counter(r["negative_kind"] for r in non)
     print("  non-lenses by kind: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
     th = np.array([r["theta_E"] for r in rows])

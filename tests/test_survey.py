@@ -512,11 +512,22 @@ def test_negatives_include_look_alikes_counted_by_kind(population):
         f = getattr(mix, kind)
         count = kinds.count(kind)
         assert abs(count - f * n) <= 4 * np.sqrt(n * f * (1 - f)) and count > 0, (kind, count, n)
+    with_neighbours = {0: [], 1: []}
     for r in rows:
         p = r["params"]
         look = p["views"][0]["lookalike"]
         kind = p["negative_kind"]
-        assert bool(look) == (kind in ("ring", "spiral", "merger", "group")), (kind, look)
+        if not r["is_lens"]:
+            assert bool(look) == (kind in ("ring", "spiral", "merger", "group")), (kind, look)
+        else:
+            assert all(c["kind"] == "sersic" for c in look)  # lenses: companions only
+        with_neighbours[r["is_lens"]].append(any(c["kind"] == "sersic" for c in look))
+    # a companion is no class cue: lenses have them as often as non-lenses (merger + group = 0.3)
+    f0, f1 = np.mean(with_neighbours[0]), np.mean(with_neighbours[1])
+    assert abs(f0 - f1) <= 3 * np.sqrt(0.3 * 0.7 * (1 / len(with_neighbours[0]) + 1 / len(with_neighbours[1]))), (
+        f0,
+        f1,
+    )
 
 
 def test_look_alike_profiles_carry_their_magnitude():

@@ -283,6 +283,8 @@ class NegativeMix:
     partly in a ring (collisional / polar / star-forming rings); spiral: a bulge + disk with two spiral arms;
     merger: a close companion with a tidal tail; group: 1-3 early-type companions. The central galaxy keeps
     the deflector's total magnitude in every kind, so the deflector magnitude distribution is that of lenses.
+    Lenses get companions too (``lens_companion_fraction``, as many as the merger and group non-lenses have),
+    so a neighbour is no class cue: lenses live in groups as often (their light only; their mass is left out).
     """
 
     elliptical: float = 0.4
@@ -297,6 +299,7 @@ class NegativeMix:
     companion_dmag: Range = (0.0, 2.5)  # companion magnitude - central galaxy's
     companion_distance_arcsec: Range = (0.8, 3.0)
     tail_flux_fraction: Range = (0.05, 0.2)  # of the pair's light in the tidal tail
+    lens_companion_fraction: float = 0.3  # lenses with 1-3 companions (light only): as many as merger + group
 
     BOUNDS: typing.ClassVar[Bounds] = {
         **{k: _closed(0.0, 1.0) for k in NEGATIVE_KINDS},
@@ -307,6 +310,7 @@ class NegativeMix:
         "companion_dmag": _closed(-5.0, 10.0),
         "companion_distance_arcsec": _above(0.0, 50.0),
         "tail_flux_fraction": _closed(0.0, 1.0),
+        "lens_companion_fraction": _closed(0.0, 1.0),
     }
 
     def validate(self, where: str) -> None:

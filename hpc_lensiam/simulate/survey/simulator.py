@@ -625,13 +625,19 @@ class SurveySimulator(PairSampler):
                 f"{tally.summary(cfg.selection)}"
             )
         self._accepted += 1
-        kind = None
+        kind, companions = None, []
         if not is_lens:
             kind = NEGATIVE_KINDS[int(rng.choice(len(NEGATIVE_KINDS), p=cfg.negatives.fractions()))]
+        elif rng.random() < cfg.negatives.lens_companion_fraction:  # environment, shared by the views
+            companions = [self._companion(rng, d, n_range=(3.0, 5.0)) for _ in range(int(rng.integers(1, 4)))]
         images, out_views = [], []
         for view in views:
             src, m = view["source"], view["measure"]
-            lookalike: list[dict] = []
+            lookalike: list[dict] = companions
+            if companions:
+                view["scene_conv"] = self._scene_conv(view["lens_light"], interlopers, view["psf_id"], companions)
+                arc_conv = view["measure"]["_arc_conv"]
+                view["measure"]["arc_flux_fraction"] = float(arc_conv.sum() / (view["scene_conv"] + arc_conv).sum())
             if not is_lens:
                 src, m = self._non_lens_source(rng, d, rays, view)
                 bulge, lookalike = self._lookalike(rng, d, kind)
