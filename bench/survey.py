@@ -135,6 +135,7 @@ def _row(sim, p: dict) -> dict:
         "n_images": v["n_images"],
         "edge_glow": _edge_glow(sim, p),
         "companion": any(c["kind"] == "sersic" for c in v.get("lookalike", [])),
+        "spiral": any(c["kind"] == "spiral" for c in v.get("lookalike", [])),
         "ml_r": m.get("stellar_mass_to_light_r"),
         "c200": m.get("halo", {}).get("c200"),
         "src_mag": None,
@@ -217,6 +218,7 @@ def summarise(preset: str, sim, rows: list[dict]) -> None:
         print(f"  KS lenses vs non-lenses, {key}: p = {p:.3g}")
     for name, group in (("lenses", lens), ("non-lenses", non)):
         print(f"  with a companion galaxy, {name}: {_wilson(sum(r.get('companion', 0) for r in group), len(group))}")
+        print(f"  spiral central galaxy, {name}: {_wilson(sum(r.get('spiral', 0) for r in group), len(group))}")
     kinds = Counter(r["negative_kind"] for r in non)
     print("  non-lenses by kind: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
     th = np.array([r["theta_E"] for r in rows])

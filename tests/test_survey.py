@@ -520,10 +520,12 @@ def test_negatives_include_look_alikes_counted_by_kind(population):
         if not r["is_lens"]:
             assert bool(look) == (kind in ("ring", "spiral", "merger", "group")), (kind, look)
         else:
-            assert all(c["kind"] == "sersic" for c in look)  # lenses: companions only
+            assert all(c["kind"] in ("sersic", "spiral") for c in look)  # lenses: companions, spiral light
         with_neighbours[r["is_lens"]].append(any(c["kind"] == "sersic" for c in look))
     # a companion is no class cue: lenses have them as often as non-lenses (merger + group = 0.3)
     f0, f1 = np.mean(with_neighbours[0]), np.mean(with_neighbours[1])
+    spirals = [any(c["kind"] == "spiral" for c in r["params"]["views"][0]["lookalike"]) for r in rows if r["is_lens"]]
+    assert abs(np.mean(spirals) - 0.1) <= 4 * np.sqrt(0.1 * 0.9 / len(spirals)) and any(spirals)
     assert abs(f0 - f1) <= 3 * np.sqrt(0.3 * 0.7 * (1 / len(with_neighbours[0]) + 1 / len(with_neighbours[1]))), (
         f0,
         f1,

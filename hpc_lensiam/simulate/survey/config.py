@@ -285,6 +285,8 @@ class NegativeMix:
     the deflector's total magnitude in every kind, so the deflector magnitude distribution is that of lenses.
     Lenses get companions too (``lens_companion_fraction``, as many as the merger and group non-lenses have),
     so a neighbour is no class cue: lenses live in groups as often (their light only; their mass is left out).
+    ``lens_spiral_fraction`` of lenses have a spiral deflector's light (bulge + armed disk, the mass unchanged):
+    ~10-20% of galaxy-scale lenses are late types (Treu et al. 2011, SWELLS), so arms alone say no "non-lens".
     """
 
     elliptical: float = 0.4
@@ -300,6 +302,7 @@ class NegativeMix:
     companion_distance_arcsec: Range = (0.8, 3.0)
     tail_flux_fraction: Range = (0.05, 0.2)  # of the pair's light in the tidal tail
     lens_companion_fraction: float = 0.3  # lenses with 1-3 companions (light only): as many as merger + group
+    lens_spiral_fraction: float = 0.1  # lenses whose deflector light is a bulge + spiral disk (SWELLS-like)
 
     BOUNDS: typing.ClassVar[Bounds] = {
         **{k: _closed(0.0, 1.0) for k in NEGATIVE_KINDS},
@@ -311,6 +314,7 @@ class NegativeMix:
         "companion_distance_arcsec": _above(0.0, 50.0),
         "tail_flux_fraction": _closed(0.0, 1.0),
         "lens_companion_fraction": _closed(0.0, 1.0),
+        "lens_spiral_fraction": _closed(0.0, 1.0),
     }
 
     def validate(self, where: str) -> None:

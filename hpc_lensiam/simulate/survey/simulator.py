@@ -625,16 +625,22 @@ class SurveySimulator(PairSampler):
                 f"{tally.summary(cfg.selection)}"
             )
         self._accepted += 1
-        kind, companions = None, []
+        kind, companions, lens_bulge = None, [], 1.0
         if not is_lens:
             kind = NEGATIVE_KINDS[int(rng.choice(len(NEGATIVE_KINDS), p=cfg.negatives.fractions()))]
-        elif rng.random() < cfg.negatives.lens_companion_fraction:  # environment, shared by the views
-            companions = [self._companion(rng, d, n_range=(3.0, 5.0)) for _ in range(int(rng.integers(1, 4)))]
+        else:  # a lens's environment and light type, shared by its views (config.NegativeMix)
+            if rng.random() < cfg.negatives.lens_spiral_fraction:
+                lens_bulge, companions = self._lookalike(rng, d, "spiral")
+            if rng.random() < cfg.negatives.lens_companion_fraction:
+                companions = companions + [
+                    self._companion(rng, d, n_range=(3.0, 5.0)) for _ in range(int(rng.integers(1, 4)))
+                ]
         images, out_views = [], []
         for view in views:
             src, m = view["source"], view["measure"]
             lookalike: list[dict] = companions
             if companions:
+                view["lens_light"] = {**view["lens_light"], "bulge_fraction": lens_bulge}
                 view["scene_conv"] = self._scene_conv(view["lens_light"], interlopers, view["psf_id"], companions)
                 arc_conv = view["measure"]["_arc_conv"]
                 view["measure"]["arc_flux_fraction"] = float(arc_conv.sum() / (view["scene_conv"] + arc_conv).sum())
