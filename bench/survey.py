@@ -243,7 +243,12 @@ def draw_grid(images, params, real, out: str, n_cols: int = 5) -> None:
     import matplotlib.pyplot as plt
 
     lenses = [(i, p) for i, p in zip(images, params) if p["is_lens"]][: n_cols - 1]
-    non = [(i, p) for i, p in zip(images, params) if not p["is_lens"]][:n_cols]
+    first, rest, seen = [], [], set()  # one non-lens per look-alike kind first, then the rest
+    for i, p in zip(images, params):
+        if not p["is_lens"]:
+            (rest if p.get("negative_kind") in seen else first).append((i, p))
+            seen.add(p.get("negative_kind"))
+    non = (first + rest)[:n_cols]
     stretch = lambda im: np.arcsinh(np.clip(im, 0, None) / 0.02) / np.arcsinh(1 / 0.02)  # noqa: E731
     fig, axes = plt.subplots(2, n_cols, figsize=(1.6 * n_cols, 3.5))
     for ax in axes.ravel():
@@ -257,7 +262,8 @@ def draw_grid(images, params, real, out: str, n_cols: int = 5) -> None:
         ax.set_title(f'lens θE={p["lens"]["theta_E"]:.2f}" n={v["n_images"]}', fontsize=7)
     for ax, (im, p) in zip(axes[1], non):
         ax.imshow(stretch(im), origin="lower", cmap="gray", vmin=0, vmax=1)
-        ax.set_title("non-lens" + (" +galaxy" if p["views"][0]["source"] else ""), fontsize=7)
+        kind = p.get("negative_kind") or ""
+        ax.set_title(f"non-lens {kind}" + (" +gal" if p["views"][0]["source"] else ""), fontsize=7)
     fig.tight_layout(pad=0.3)
     import io
 
