@@ -228,8 +228,8 @@ def summarise(preset: str, sim, rows: list[dict]) -> None:
     print(f"  deflector mag (5/50/95%): {q(dm)}; fainter than 22.5: {np.mean(dm > 22.5):.1%}")
     ml = np.array([r["ml_r"] for r in rows if r["ml_r"] is not None])
     print(
-        f"  stellar M/L_r: {ml.min():.2f}-{ml.max():.2f}, above 8: {np.mean(ml > 8):.1%}, "
-        f"above 6: {np.mean(ml > 6 + 1e-6):.1%}"
+        f"  stellar M/L_r: {ml.min():.2f}-{ml.max():.2f}, above 8: {np.mean(ml > 8 * (1 + 1e-9)):.1%}, "
+        f"above 6: {np.mean(ml > 6):.1%}"
     )
     c = [r["c200"] for r in rows if r["c200"] is not None]
     if c:

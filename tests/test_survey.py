@@ -598,7 +598,7 @@ def test_euclid_psf_is_as_wide_as_vis():
 
 def test_halo_concentration_on_the_c_m_relation_and_stellar_m_l_capped(population):
     """Issue 28 (5): c200 is Duffy et al. (2008)'s c(M200, z) times the recorded log-normal offset, r_s = r200/c,
-    the halo carries the non-stellar share of the SIS mass inside theta_E_SIS, and M*/L_r <= 6 (before: r_s
+    the halo carries the non-stellar share of the SIS mass inside theta_E_SIS, and M*/L_r <= 8 (before: r_s
     drawn freely, 14% of M/L above 8)."""
     from lenstronomy.LensModel.Profiles.nfw import NFW
 
@@ -617,8 +617,8 @@ def test_halo_concentration_on_the_c_m_relation_and_stellar_m_l_capped(populatio
         a_h, _ = NFW().derivatives(m["theta_E_sis"], 0.0, Rs=h["Rs"], alpha_Rs=h["alpha_Rs"])
         f_star = m["stellar"]["stellar_fraction_theta_E_sis"]
         assert a_h == pytest.approx((1 - f_star) * m["theta_E_sis"], rel=1e-4)
-        assert m["stellar_mass_to_light_r"] <= 6.0 * (1 + 1e-6)
-        assert 1e11 < h["M200_msun"] < 1e15 and 1.5 < h["c200"] < 15
+        assert m["stellar_mass_to_light_r"] <= 8.0 * (1 + 1e-6)
+        assert 1e11 < h["M200_msun"] < 3e15 and 1.5 < h["c200"] < 15  # to cluster haloes of 330 km/s BCGs
 
 
 def test_central_images_are_suppressed(population):

@@ -158,7 +158,7 @@ class MassPrior:
     """Composite mass: stellar Sersic (M/L from the lensing budget) + elliptical NFW + shear + m=3,4."""
 
     stellar_fraction_theta_E: Range = (0.45, 0.85)  # f_* inside theta_E (Auger et al. 2010, SLACS)
-    stellar_ml_r_max: float = 6.0  # cap on M*/L_r (solar): old populations, Salpeter IMF (mass.py)
+    stellar_ml_r_max: float = 8.0  # cap on M*/L_r (solar): old populations, Salpeter to bottom-heavy IMF (mass.py)
     halo_concentration_scatter_dex: float = 0.11  # scatter about c(M) of Duffy et al. (2008) (mass.py)
     halo_q_mean: float = 0.8
     halo_q_sigma: float = 0.1
