@@ -239,7 +239,9 @@ def main() -> None:
                 learning_curve(steps, run_dir, shards["probe"], out, kind, torchrun, hl)
             if ps == a.pretrain_seeds[0]:
                 png = REPO / "docs" / "science" / f"umap_{kind}_{a.tag}.png"
-                steps.run(f"umap {kind} seed {ps}", [hl, "umap", "--embeddings", emb, "--out", png, "--seed", 0], [png])
+                coords = out / f"umap_{kind}.csv"  # the coordinates beside the run, not in docs/
+                cmd = [hl, "umap", "--embeddings", emb, "--out", png, "--seed", 0, "--coords", coords]
+                steps.run(f"umap {kind} seed {ps}", cmd, [png])
             backbone = out / f"backbone_{kind}_s{ps}.pt"
             steps.run(f"export {kind} seed {ps}", [hl, "export", "--checkpoint", ckpt, "--out", backbone], [backbone])
         pj = out / f"probe_s{ps}.json"

@@ -41,6 +41,16 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
             )
 
 
+def _add_stretch_flag(parser: argparse.ArgumentParser) -> None:
+    """``--stretch asinh|linear|log`` of every command that draws images; checked by the command (one
+    ``hpc-lensiam: error:`` line naming the allowed values, before any compute)."""
+    from .display import DEFAULT_STRETCH, STRETCH_HELP, STRETCHES
+
+    parser.add_argument(
+        "--stretch", default=DEFAULT_STRETCH, metavar="{" + ",".join(STRETCHES) + "}", help=STRETCH_HELP
+    )
+
+
 def _dataclass_overrides(args: argparse.Namespace, cls) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
 
@@ -86,7 +96,19 @@ def _cmd_ingest(a):
         "psf": a.psf,
     }
     cfg = from_dict(IngestConfig, {k: v for k, v in flags.items() if v is not None}, "ingest flags")
+    if a.preview is not None:  # checked before anything is read or written
+        from .display import check_stretch
+        from .io import check_output_file
+
+        check_stretch(a.stretch)
+        check_output_file(a.preview, "--preview")
+        if a.preview_n < 1:
+            raise UserError(f"--preview-n: expected >= 1, got {a.preview_n}")
     ingest(out_dir=a.out, files=a.files, list_csv=a.list, labels_csv=a.labels, config=cfg, skip_bad=a.skip_bad)
+    if a.preview is not None and _is_rank0():  # rank 0 wrote the manifest last: the data set is complete
+        from .simulate.show import show_pairs
+
+        show_pairs(a.out, a.preview, n=a.preview_n, stretch=a.stretch, what="ingest --preview")
 
 
 def _cmd_verify(a):
@@ -106,7 +128,7 @@ def _cmd_verify(a):
 def _cmd_show(a):
     from .simulate.show import show_pairs
 
-    show_pairs(data_dir=a.data_dir, out=a.out, n=a.n)
+    show_pairs(data_dir=a.data_dir, out=a.out, n=a.n, stretch=a.stretch)
 
 
 def _cmd_train(a):
@@ -140,7 +162,15 @@ def _cmd_embed(a):
 def _cmd_umap(a):
     from .embed.umap import run_umap
 
-    run_umap(embeddings=a.embeddings, out=a.out, color=a.color.split(","), seed=a.seed, overlay=a.overlay)
+    run_umap(
+        embeddings=a.embeddings,
+        out=a.out,
+        color=a.color.split(","),
+        seed=a.seed,
+        overlay=a.overlay,
+        coords_out=a.coords,
+        stretch=a.stretch,
+    )
 
 
 def _cmd_probe(a):
@@ -168,6 +198,7 @@ def _cmd_similar(a):
         orientation=a.orientation,
         top=a.top,
         table=a.table,
+        stretch=a.stretch,
     )
 
 
@@ -315,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--shard-size", type=int, default=None, help="images per shard (default 1000)")
     s.add_argument("--skip-bad", action="store_true", help="leave bad inputs out with a warning instead of stopping")
+    s.add_argument("--preview", default=None, metavar="PNG", help="draw the ingested images (as `show` does) here")
+    s.add_argument("--preview-n", type=int, default=16, metavar="N", help="with --preview: how many (16)")
+    _add_stretch_flag(s)
     s.set_defaults(func=_cmd_ingest)
     s = sub.add_parser(
         "verify",
@@ -328,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("data_dir")
     s.add_argument("--out", required=True)
     s.add_argument("-n", type=int, default=8)
+    _add_stretch_flag(s)
     s.set_defaults(func=_cmd_show)
 
     s = sub.add_parser("train", help="SimSiam/LenSiam pretraining (run under torchrun for several processes)")
@@ -369,12 +404,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=_cmd_embed)
 
-    s = sub.add_parser("umap", help="2-D UMAP of embeddings, coloured by lens parameters")
-    s.add_argument("--embeddings", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--color", default="theta_E,e1,gamma")
+    s = sub.add_parser("umap", help="2-D UMAP of embeddings, coloured by any of its columns")
+    s.add_argument("--embeddings", required=True, help="read only")
+    s.add_argument("--out", required=True, help="the figure (PNG, or PDF/SVG by suffix)")
+    s.add_argument(
+        "--color",
+        default="theta_E,e1,gamma",
+        help="columns of the file, comma-separated: lens parameters, is_lens, source, view, any params/ column",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overlay", default=None, help="embeddings of real images to draw on the fitted map")
+    s.add_argument("--coords", default=None, metavar="CSV", help="the 2-D coordinates (default: --out with .csv)")
+    _add_stretch_flag(s)
     s.set_defaults(func=_cmd_umap)
 
     s = sub.add_parser("probe", help="held-out R^2 of k-NN and ridge probes for the 8 lens parameters")
@@ -406,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hdu", default=None, help="with --image: the image HDU")
     s.add_argument("--pixel-scale", type=float, default=None, help="with --image: arcsec/pixel if no WCS")
     s.add_argument("--orientation", choices=("simulator", "sky", "asis"), default="simulator")
+    _add_stretch_flag(s)
     s.set_defaults(func=_cmd_similar)
 
     s = sub.add_parser("export", help="export the backbone as a stock torchvision state_dict")

@@ -204,20 +204,31 @@ def test_embed_random_weights_reference(emb2, ckpt, lensiam_shards, tmp_path, ca
 
 # ---------------------------------------------------------------------------------------- UMAP
 def test_umap_small_file(emb2, tmp_path):
+    import csv
     import shutil
 
     from hpc_lensiam.embed.umap import run_umap
+    from hpc_lensiam.io import sha256_file
 
     emb = tmp_path / "emb.h5"
     shutil.copyfile(emb2, emb)
+    before = sha256_file(emb)
     png = tmp_path / "umap.png"
     res = run_umap(str(emb), str(png), ["theta_E", "e1", "gamma"], seed=3)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and res["points"] == 128
+    # the coordinates go to their own CSV beside the figure; the input is only read
+    assert res["coords"] == str(tmp_path / "umap.csv") and res["settings"]["seed"] == 3
+    with open(res["coords"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    u = np.array([[float(r["umap_1"]), float(r["umap_2"])] for r in rows])
+    assert u.shape == (128, 2) and np.isfinite(u).all()
+    np.testing.assert_allclose(u, res["coordinates"], rtol=1e-5)
+    assert sha256_file(emb) == before
     with h5py.File(emb) as f:
-        u = f["umap"][...]
-        assert u.shape == (128, 2) and np.isfinite(u).all() and f["umap"].attrs["seed"] == 3
+        assert "umap" not in f and [r["key"] for r in rows] == list(f["keys"].asstr()[...])
+        assert [float(r["theta_E"]) for r in rows] == pytest.approx(f["params"]["theta_E"][...], rel=1e-5)
         assert f["features"].shape == (128, 512) and "params" in f  # the rest is intact
-    with pytest.raises(UserError, match="unknown parameter 'theta'"):
+    with pytest.raises(UserError, match="unknown column 'theta'"):
         run_umap(str(emb), str(tmp_path / "x.png"), ["theta"], seed=0)
 
 

@@ -1116,24 +1116,21 @@ def test_disk_full_in_export_is_one_line_nothing_half_written(tiny_fs, run_a, fm
 
 def test_umap_checks_every_file_it_writes_before_fitting(tiny_fs, run_a, data, tmp_path):
     """Row (issue 25): umap on a read-only embeddings file failed after ~33 s of fitting, with the figure
-    already written. Now the embeddings file (rewritten with the coordinates) is checked first: read-only, or
-    no room for its copy, is one line naming it, before any fit; nothing is written."""
+    already written (it stored its coordinates in the input file). Now the input is only read (a read-only
+    embeddings file works: tests/test_similar.py) and every file umap writes, the figure and the
+    coordinates, is checked first: on a read-only file system, one line naming it, before any fit."""
     from hpc_lensiam.embed.extract import extract_embeddings
 
-    extract_embeddings(str(run_a / "checkpoints" / "last.pt"), str(data), str(tmp_path / "emb.h5"), progress=False)
-    emb = Path(shutil.copy(tmp_path / "emb.h5", tiny_fs / "emb.h5"))
-    filler = tiny_fs / "filler"
-    filler.write_bytes(b"\0" * (shutil.disk_usage(tiny_fs).free - emb.stat().st_size // 2))  # no room for a copy
-    fig = tmp_path / "u.png"
-    t0 = time.monotonic()
-    line = one_error_line(cli("umap", "--embeddings", emb, "--out", fig))
-    assert f"--embeddings {emb}: " in line and "KiB free" in line, line
-    filler.unlink()
+    emb = tmp_path / "emb.h5"
+    extract_embeddings(str(run_a / "checkpoints" / "last.pt"), str(data), str(emb), progress=False)
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
-    line = one_error_line(cli("umap", "--embeddings", emb, "--out", fig))
-    assert f"--embeddings {emb}: not writable" in line, line
+    t0 = time.monotonic()
+    line = one_error_line(cli("umap", "--embeddings", emb, "--out", tiny_fs / "u.png"))
+    assert str(tiny_fs) in line and "not writable" in line, line
+    line = one_error_line(cli("umap", "--embeddings", emb, "--out", tmp_path / "u.png", "--coords", tiny_fs / "u.csv"))
+    assert f"--coords {tiny_fs / 'u.csv'}" in line and "not writable" in line, line
     assert time.monotonic() - t0 < 60  # two refusals at the door (the fit alone took ~33 s)
-    assert not fig.exists() and sorted(p.name for p in tiny_fs.iterdir()) == ["emb.h5"]
+    assert not (tmp_path / "u.png").exists() and not list(tiny_fs.iterdir())
 
 
 # ------------------------------------------------------- a damaged shard of the right size (issue 25)

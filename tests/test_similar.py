@@ -160,7 +160,9 @@ def test_similar_by_key_real_lens_among_simulations(mixed, real_dir, tmp_path, c
 
 def test_similar_by_image_equals_by_key(mixed, ckpt, real_dir, tmp_path, lensiam_shards):
     by_key = similar(str(mixed), key=EUCLID.stem, source=str(real_dir), k=4, progress=False)
-    by_img = similar(str(mixed), image=str(EUCLID), checkpoint=str(ckpt), k=5, progress=False)
+    png = tmp_path / "by_image.png"  # the query panel: the re-ingested file, its scale from the ingest grid
+    by_img = similar(str(mixed), image=str(EUCLID), checkpoint=str(ckpt), k=5, progress=False, out=str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     first = by_img["neighbours"][0]
     assert first["key"] == EUCLID.stem and first["source"] == str(real_dir)  # itself, re-ingested
     assert first["similarity"] > 0.9999
@@ -218,13 +220,16 @@ def test_umap_overlay_places_real_images_with_the_fitted_map(ckpt, single_shards
     extract_embeddings(str(ckpt), str(single_shards), str(sim), workers=0, progress=False)
     extract_embeddings(str(ckpt), str(real_dir), str(real), workers=0, progress=False)
     png = tmp_path / "u.png"
-    res = run_umap(str(sim), str(png), ["theta_E"], seed=0, overlay=str(real))
+    res = run_umap(str(sim), str(png), ["theta_E"], seed=0, overlay=str(real), coords_out=str(tmp_path / "c.csv"))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ov = res["overlay"]
+    rows = _read_csv(tmp_path / "c.csv")  # both files' points in one table, the inputs untouched
+    assert [r["set"] for r in rows] == ["fitted"] * 64 + ["overlay"] and rows[-1]["source"] == str(real_dir)
+    u = np.array([[float(r["umap_1"]), float(r["umap_2"])] for r in rows[:64]])
+    assert ov.shape == (1, 2)
+    np.testing.assert_allclose([[float(rows[-1]["umap_1"]), float(rows[-1]["umap_2"])]], ov, rtol=1e-5)
     with h5py.File(sim) as f, h5py.File(real) as g:
-        u = f["umap"][...]
-        assert g["umap"].shape == (1, 2) and g["umap"].attrs["fitted_on"] == str(sim.resolve())
-        np.testing.assert_allclose(g["umap"][...], ov)
+        assert "umap" not in f and "umap" not in g
     lo, hi = u.min(0) - 0.5 * np.ptp(u, 0), u.max(0) + 0.5 * np.ptp(u, 0)
     assert np.all((ov >= lo) & (ov <= hi))  # on the simulated map, not far off it
     other = tmp_path / "other.h5"
@@ -233,6 +238,63 @@ def test_umap_overlay_places_real_images_with_the_fitted_map(ckpt, single_shards
         f.attrs["weights_sha256"] = "0" * 64
     with pytest.raises(UserError, match="not embedded with the backbone"):
         run_umap(str(sim), str(png), ["theta_E"], overlay=str(other))
+
+
+def _read_csv(path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_umap_colours_by_any_column_says_what_it_does_and_only_reads_its_input(mixed, real_dir, tmp_path, capfd):
+    """--color takes any per-row column, categorical ones (is_lens, source) with discrete colours; a
+    line per phase on stderr; the coordinates go to --coords and a read-only input works."""
+    import shutil
+    import stat
+
+    from hpc_lensiam.embed.umap import is_categorical, read_columns
+    from hpc_lensiam.io import sha256_file
+
+    emb = tmp_path / "labelled.h5"
+    shutil.copyfile(mixed, emb)
+    with h5py.File(emb, "r+") as f:  # as embed writes it when every folder is labelled (survey family)
+        f["params"].create_dataset("is_lens", data=(np.arange(65) % 2).astype(np.int8))
+    emb.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)  # read-only
+    before = sha256_file(emb)
+    cols = read_columns(emb, 65)
+    assert {"theta_E", "is_lens", "source", "view"} <= set(cols)
+    assert is_categorical(cols["is_lens"][0]) and is_categorical(cols["source"][0])
+    assert not is_categorical(cols["theta_E"][0]) and cols["theta_E"][1].tolist() == [True] * 64 + [False]
+    png, coords = tmp_path / "u.png", tmp_path / "u_coords.csv"
+    argv = ["umap", "--embeddings", str(emb), "--out", str(png), "--coords", str(coords)]
+    assert main(argv + ["--color", "is_lens,source,theta_E", "--stretch", "log"]) == 0
+    err = capfd.readouterr().err
+    assert "umap: fitting UMAP on 65 points of 512-d features" in err
+    assert f"umap: drawing {png}" in err and f"umap: writing coordinates to {coords}" in err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sha256_file(emb) == before
+    rows = _read_csv(coords)
+    assert list(rows[0]) == ["set", "source", "key", "view", "umap_1", "umap_2", "is_lens", "theta_E"]
+    assert [r["is_lens"] for r in rows] == [str(i % 2) for i in range(65)]
+    assert rows[-1]["source"] == str(real_dir) and rows[-1]["theta_E"] == ""  # the real lens: unknown
+    assert not (tmp_path / "u.csv").exists()
+    # an unknown column: one line naming the flag and the file's columns, before any fitting
+    assert main(argv + ["--color", "theta_E,redshift"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hpc-lensiam: error: --color: unknown column 'redshift' (columns of")
+    assert "is_lens" in err[0] and "source" in err[0] and "theta_E" in err[0]
+    # --coords onto the input is refused
+    assert main(["umap", "--embeddings", str(emb), "--out", str(png), "--coords", str(emb)]) == 2
+    assert "--coords" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("stretch", ["linear", "log"])
+def test_similar_figures_with_each_stretch(mixed, real_dir, tmp_path, stretch):
+    key, anomaly = tmp_path / "key.png", tmp_path / "anomaly.png"
+    common = ["similar", "--embeddings", str(mixed), "--stretch", stretch]
+    assert main(common + ["--key", EUCLID.stem, "--source", str(real_dir), "-k", "3", "--out", str(key)]) == 0
+    assert main(common + ["--anomaly", "-k", "3", "--top", "2", "--out", str(anomaly)]) == 0
+    assert key.read_bytes()[:8] == anomaly.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_similar_bench_exact_search_and_vector_file_lifetime(tmp_path):

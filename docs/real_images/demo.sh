@@ -16,12 +16,15 @@ $H train --data "$W/pairs" --out "$W/run" --arch resnet18 --batch-size 32 --max-
     --workers 0 --proj-dim 256 --pred-dim 64 --warmup-epochs 0 --no-zero-init-residual --log-every 20
 # the real lens onto the same grid, labelled as a lens
 printf 'file,is_lens\n%s,1\n' "$(basename $EUCLID)" > "$W/labels.csv"
-$H ingest "$EUCLID" --out "$W/euclid_q1" --preset euclid --num-pix 64 --labels "$W/labels.csv"
-$H show "$W/euclid_q1" --out $D/euclid_q1_ingested.png -n 1
+# --preview draws it as `show` would (asinh stretch by default, softened by the image's noise)
+$H ingest "$EUCLID" --out "$W/euclid_q1" --preset euclid --num-pix 64 --labels "$W/labels.csv" \
+    --preview $D/euclid_q1_ingested.png
+$H show "$W/euclid_q1" --out "$W/euclid_q1_linear.png" -n 1 --stretch linear   # the old picture, for comparison
 CKPT="$W/run/checkpoints/last.pt"
 $H embed --checkpoint "$CKPT" --data "$W/sims" --out "$W/sims.h5" --workers 0
 $H embed --checkpoint "$CKPT" --data "$W/euclid_q1" --out "$W/real.h5" --workers 0
-$H umap --embeddings "$W/sims.h5" --overlay "$W/real.h5" --out $D/umap_overlay.png --color theta_E,gamma
+$H umap --embeddings "$W/sims.h5" --overlay "$W/real.h5" --out $D/umap_overlay.png --color theta_E,gamma \
+    --coords "$W/umap.csv"
 $H embed --checkpoint "$CKPT" --data "$W/sims" "$W/euclid_q1" --out "$W/mixed.h5" --workers 0
 # by the object's name (the file stem): unique across the two folders, so no --source
 $H similar --embeddings "$W/mixed.h5" --key "$(basename "$EUCLID" .fits)" -k 11 \

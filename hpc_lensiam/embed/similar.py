@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..io import atomic_path, atomic_write_json, check_output_file, decode_npy, read_manifest
+from ..io import atomic_write_json, check_output_file, decode_npy, read_manifest
 from .extract import load_embeddings
 
 IVF_MIN_ROWS = 50_000  # --anomaly switches from exact to IVF search above this many rows
@@ -199,25 +199,31 @@ def _caption(rank: int | None, sim: float | None, key: str, params: dict, label:
     return "\n".join(t for t in (head, key, caption(params)) if t)
 
 
-def draw_grid(panels: list[tuple[np.ndarray, str]], out: str, title: str) -> None:
-    import matplotlib
+def _panel(img: np.ndarray, cap: str, params: dict, view: int, scale: float | None) -> dict:
+    """One figure panel: the image, its caption, its noise sigma and pixel scale (hpc_lensiam.display)."""
+    from ..display import noise_sigma
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return {"image": img, "caption": cap, "sigma": noise_sigma(img, params, view)[0], "pixel_scale": scale}
 
-    cols = min(6, len(panels))
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.9 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (img, cap) in zip(axes.flat, panels):
-        ax.imshow(img, origin="lower", cmap="magma", vmin=0, vmax=1)
-        ax.set_title(cap, fontsize=6.5, loc="left")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout(h_pad=2.0)  # room for the 3-line captions
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+
+def _pixel_scales(dirs: dict[str, str]) -> dict[str, float | None]:
+    """source name -> arcsec/pixel of its shard set (None where the manifest cannot be read)."""
+    from ..display import pixel_scale_of
+
+    out = {}
+    for name, d in dirs.items():
+        try:
+            out[name] = pixel_scale_of(read_manifest(d))
+        except UserError:
+            out[name] = None
+    return out
+
+
+def draw_grid(panels: list[dict], out: str, title: str, stretch: str = "asinh") -> None:
+    """The query and its neighbours (or the top anomalies): :func:`hpc_lensiam.display.draw_panels`."""
+    from ..display import describe, draw_panels
+
+    draw_panels(panels, out, f"{title}; {describe(stretch)}", stretch, max_cols=6, dpi=110)
 
 
 # --------------------------------------------------------------------------------------- query
@@ -295,8 +301,13 @@ def similar(
     top: int = 16,
     progress: bool = True,
     table: list[str] | str | None = None,
+    stretch: str = "asinh",
 ) -> dict:
-    """Nearest neighbours of one image (``key`` or ``image``), or ``anomaly`` scores of all; see module doc."""
+    """Nearest neighbours of one image (``key`` or ``image``), or ``anomaly`` scores of all; see module doc.
+    ``stretch``: the figure's image display (:mod:`hpc_lensiam.display`)."""
+    from ..display import check_stretch
+
+    check_stretch(stretch)
     if sum(x is not None and x is not False for x in (key, image, anomaly or None)) != 1:
         raise UserError("similar: give exactly one of --key, --image, --anomaly")
     if image is not None and checkpoint is None:
@@ -319,6 +330,7 @@ def similar(
     mean = emb["features"].mean(0, dtype=np.float64).astype(np.float32)
     x = unit_vectors(emb.pop("features"), mean)  # the raw features are not needed again: one copy fewer
     dirs = _source_dirs(emb)
+    scales = _pixel_scales(dirs) if out else {}
     shards = ShardImages()
     report: dict = {"embeddings": str(embeddings), "rows": n, "k": k}
     if anomaly:
@@ -334,7 +346,8 @@ def similar(
         panels = []
         for r in shown if out else []:
             img, params = shards.get(dirs[r["source"]], r["key"], r["view"])
-            panels.append((img, _caption(None, None, r["key"], params, f"#{r['rank']}  dist {r['score']:.3f}")))
+            cap = _caption(None, None, r["key"], params, f"#{r['rank']}  dist {r['score']:.3f}")
+            panels.append(_panel(img, cap, params, r["view"], scales.get(r["source"])))
         title = f"most isolated images: cosine distance to the {k}-th neighbour ({n} images, {kind} index)"
     else:
         if key is not None:
@@ -360,16 +373,20 @@ def similar(
         report.update(mode="query", index=kind, query=query, neighbours=rows)
         panels = []
         if out:
-            panels.append((q_img, _caption(None, None, query.get("key", Path(str(image)).name), q_params, "query")))
+            q_cap = _caption(None, None, query.get("key", Path(str(image)).name), q_params, "query")
+            src = query.get("source")
+            q_scale = scales[src] if src is not None else q_params["ingest"].get("target_pixel_scale_arcsec")
+            panels.append(_panel(q_img, q_cap, q_params, 1, q_scale))
             for r in rows:
                 img, params = shards.get(dirs[r["source"]], r["key"], r["view"])
-                panels.append((img, _caption(r["rank"], r["similarity"], r["key"], params)))
+                cap = _caption(r["rank"], r["similarity"], r["key"], params)
+                panels.append(_panel(img, cap, params, r["view"], scales.get(r["source"])))
         shown = rows
         title = f"{k} nearest neighbours by cosine similarity among {n} images"
     report["seconds"] = time.perf_counter() - t0
     print(format_table(shown, anomaly), flush=True)
     if out:
-        draw_grid(panels, out, title)
+        draw_grid(panels, out, title, stretch)
     if json_out:
         atomic_write_json(json_out, report)
     for t in tables:

@@ -1,19 +1,30 @@
-"""2-D UMAP of the embeddings, one panel per lens parameter (paper Fig. 2), coordinates saved back.
+"""2-D UMAP of the embeddings, one panel per column of the file (paper Fig. 2), coordinates to a CSV.
 
-``hpc-lensiam umap --embeddings emb.h5 --out umap.png [--color theta_E,e1,gamma] [--seed 0]``
+``hpc-lensiam umap --embeddings emb.h5 --out umap.png [--color theta_E,e1,gamma] [--seed 0]
+[--coords umap.csv] [--overlay real.h5] [--stretch asinh]``
 
 umap-learn on the standardised features, ``random_state=seed`` (reproducible; umap-learn then runs
-single-threaded), ``low_memory=True``. The 2-D coordinates go into the embeddings file as dataset
-``umap`` (N, 2) with the settings as attributes; the file is rewritten through a temporary copy and
-a rename, so a crash never leaves it half-written. The figure is written atomically too.
-Cost on 100k+ points: see docs/evaluation.md ("umap").
+single-threaded), ``low_memory=True``.
+
+- ``--color``: any per-row column of the embeddings file: the lens parameters, ``is_lens``, any other
+  ``params/`` column, ``source``, ``view``. Text columns and integer columns with few values
+  (``is_lens``, ``source``, ``view``) are categorical: discrete colours and a legend with counts;
+  the others get a colour bar. Rows whose value is unknown (``params_known``) are grey.
+- The coordinates go to their own CSV (``--coords``, default the figure's name with ``.csv``):
+  ``set`` (fitted / overlay), ``source``, ``key``, ``view``, ``umap_1``, ``umap_2`` and the coloured
+  columns; the input files are only read (a read-only file works).
+- ``--overlay``: a second embeddings file (real images, same backbone) placed on the fitted map with
+  its ``transform``, numbered stars, and a strip of thumbnails of those images (read back from their
+  shards, stretched as ``show`` draws them, with an arcsec scale bar).
+- A line per phase on stderr (fitting, placing, drawing, writing). Figure and CSV are written
+  atomically. Cost on 100k+ points: see docs/evaluation.md ("umap").
 """
 
 from __future__ import annotations
 
-import os
+import csv
 import resource
-import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -21,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..io import LENS_PARAMS, UNITS, atomic_path, check_output_file
+from ..io import LENS_PARAMS, UNITS, atomic_path, check_output_file, read_manifest
 from .extract import load_embeddings
 
 LABELS = {
@@ -36,13 +47,62 @@ LABELS = {
 }
 
 
-def check_colors(color: list[str]) -> list[str]:
+MAX_THUMBS = 8  # overlay images drawn as thumbnails (numbered on the map)
+MAX_CATEGORIES = 12  # an integer column with at most this many values is categorical
+PER_ROW = ("source", "view")  # per-row datasets of an embeddings file that can colour the map
+
+
+def say(msg: str) -> None:
+    """One progress line on stderr (stdout keeps the results)."""
+    print(f"umap: {msg}", file=sys.stderr, flush=True)
+
+
+def read_columns(path: str | Path, n: int) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Every per-row column of an embeddings file: {name: (values, known mask or None)}, read-only.
+
+    ``params/*`` (lens parameters, ``is_lens`` and any other), then ``source`` and ``view``."""
+    import h5py
+
+    cols: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    with h5py.File(path, "r") as f:
+        known = f["params_known"] if "params_known" in f else {}
+        if "params" in f:
+            for name, ds in f["params"].items():
+                if isinstance(ds, h5py.Dataset) and ds.shape == (n,):
+                    vals = ds.asstr()[...] if ds.dtype.kind in "SO" else ds[...]
+                    cols[name] = (vals, known[name][...].astype(bool) if name in known else None)
+        for name in PER_ROW:
+            if name in f and isinstance(f[name], h5py.Dataset) and f[name].shape == (n,):
+                ds = f[name]
+                cols.setdefault(name, (ds.asstr()[...] if ds.dtype.kind in "SO" else ds[...], None))
+    return cols
+
+
+def is_categorical(values: np.ndarray) -> bool:
+    """Text, bool, or integer-valued with at most MAX_CATEGORIES distinct values."""
+    v = np.asarray(values)
+    if v.dtype.kind in "SUOb":
+        return True
+    if v.dtype.kind in "iuf" and v.size:
+        finite = v[np.isfinite(v)] if v.dtype.kind == "f" else v
+        return bool(np.all(finite == np.round(finite))) and len(np.unique(finite)) <= MAX_CATEGORIES
+    return False
+
+
+def check_colors(color: list[str], columns: dict | None = None, path: str = "") -> list[str]:
+    """The ``--color`` names, each a column of the file (``columns``, from :func:`read_columns`)."""
     names = [c.strip() for c in color if c and c.strip()]
+    have = ", ".join(columns) if columns else "none"
     if not names:
-        raise UserError(f"--color: give at least one of {', '.join(LENS_PARAMS)}")
-    bad = [c for c in names if c not in LENS_PARAMS]
-    if bad:
-        raise UserError(f"--color: unknown parameter {bad[0]!r} (expected some of: {', '.join(LENS_PARAMS)})")
+        raise UserError(f"--color: give at least one column (columns of {path}: {have})")
+    for c in names if columns is not None else []:
+        if c not in columns:
+            if c in LENS_PARAMS:
+                raise UserError(
+                    f"{path}: no lens parameter {c!r} to colour by (--color: columns of this file: {have}; "
+                    "expected an embeddings file written by `hpc-lensiam embed`)"
+                )
+            raise UserError(f"--color: unknown column {c!r} (columns of {path}: {have})")
     return names
 
 
@@ -77,113 +137,163 @@ def fit_umap(
         return coords, reducer.transform((np.asarray(extra, np.float32) - mean) / std).astype(np.float32)
 
 
+def _label(name: str) -> str:
+    return LABELS.get(name, name) + (f" [{UNITS[name]}]" if name in UNITS else "")
+
+
+def _category_name(name: str, value) -> str:
+    if name == "source":
+        return Path(str(value)).name or "(none)"
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        value = int(value)
+    return f"{name}={value}"
+
+
+def _draw_column(fig, ax, coords, name, values, known, size):
+    """One panel: categorical columns get discrete colours and a legend, numbers a colour bar; rows
+    with no value are grey."""
+    import matplotlib.pyplot as plt
+
+    known = np.ones(len(coords), bool) if known is None else known
+    if (~known).any():
+        ax.scatter(
+            *coords[~known].T, s=size, c="0.75", linewidths=0, rasterized=True, label=f"no value ({(~known).sum()})"
+        )
+    if is_categorical(values[known]):
+        cats = list(np.unique(values[known]))
+        cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
+        for i, cat in enumerate(cats):
+            rows = known & (values == cat)
+            ax.scatter(
+                *coords[rows].T,
+                s=max(size, 4.0),
+                color=cmap(i % cmap.N),
+                alpha=0.85,
+                linewidths=0,
+                rasterized=True,
+                label=f"{_category_name(name, cat)} ({rows.sum()})",
+            )
+        ax.legend(loc="best", fontsize=7, markerscale=2, framealpha=0.8)
+        return
+    v = values.astype(np.float64)
+    idx = np.nonzero(known)[0]
+    idx = idx[np.argsort(np.abs(v[idx] - np.median(v[idx])))]  # extremes drawn last, on top
+    sc = ax.scatter(*coords[idx].T, c=v[idx], s=size, cmap="viridis", alpha=0.8, linewidths=0, rasterized=True)
+    cb = fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.03)
+    cb.set_label(_label(name))
+    if (~known).any():
+        ax.legend(loc="best", fontsize=7, markerscale=2, framealpha=0.8)
+
+
 def plot_panels(
     coords: np.ndarray,
-    params: dict[str, np.ndarray],
+    columns: dict[str, tuple[np.ndarray, np.ndarray | None]],
     names: list[str],
     out: Path,
     title: str,
-    overlay: tuple[np.ndarray, list[str]] | None = None,
+    overlay: tuple[np.ndarray, list[str], list[dict | None]] | None = None,
+    stretch: str = "asinh",
 ):
+    """One panel per column in ``names``; ``overlay``: (coords, labels, thumbnail panels or None)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..display import describe, draw_image, shorten
+
     n = len(coords)
     size = float(np.clip(20000.0 / max(n, 1), 0.3, 12.0))
-    fig, axes = plt.subplots(1, len(names), figsize=(4.4 * len(names), 4.2), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        v = params[name]
-        order = np.argsort(np.abs(v - np.median(v)))  # extremes drawn last, on top
-        sc = ax.scatter(
-            coords[order, 0],
-            coords[order, 1],
-            c=v[order],
-            s=size,
-            cmap="viridis",
-            alpha=0.8,
-            linewidths=0,
-            rasterized=True,
-        )
-        if overlay is not None:  # real images: marked and labelled on top
-            oc, labels = overlay
-            ax.scatter(
-                oc[:, 0],
-                oc[:, 1],
-                marker="*",
-                s=160,
-                c="red",
-                edgecolors="white",
-                linewidths=0.8,
-                zorder=5,
-                label="real images",
-            )
-            for (ox, oy), text in list(zip(oc, labels))[:20]:
-                ax.annotate(text, (ox, oy), xytext=(4, 4), textcoords="offset points", fontsize=6.5, color="red")
-            ax.legend(loc="lower right", fontsize=7)
-        cb = fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.03)
-        cb.set_label(LABELS.get(name, name) + (f" [{UNITS[name]}]" if name in UNITS else ""))
-        ax.set_title(f"coloured by {LABELS.get(name, name)}")
+    thumbs = [] if overlay is None else [t for t in overlay[2][:MAX_THUMBS] if t is not None]
+    width = max(4.6 * len(names), 1.45 * len(thumbs))
+    fig = plt.figure(figsize=(width, 4.4 + (1.95 if thumbs else 0)), layout="constrained")
+    grid = fig.add_gridspec(2 if thumbs else 1, 1, height_ratios=[4.4, 1.95] if thumbs else None)
+    axes = grid[0].subgridspec(1, len(names)).subplots(squeeze=False)[0]
+    for ax, name in zip(axes, names):
+        values, known = columns[name]
+        _draw_column(fig, ax, coords, name, np.asarray(values), known, size)
+        if overlay is not None:  # real images: numbered (thumbnails below) or labelled stars on top
+            oc, labels, _ = overlay
+            ax.scatter(*oc.T, marker="*", s=160, c="red", edgecolors="white", linewidths=0.8, zorder=5)
+            for i, ((ox, oy), text) in enumerate(list(zip(oc, labels))[:20]):
+                tag = str(i + 1) if i < len(thumbs) else shorten(text, 20)
+                ax.annotate(tag, (ox, oy), xytext=(4, 4), textcoords="offset points", fontsize=7, color="red")
+        ax.set_title(f"coloured by {LABELS.get(name, name)}", fontsize=10)
         ax.set_xticks([]), ax.set_yticks([])
         ax.set_xlabel("UMAP 1"), ax.set_ylabel("UMAP 2")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    if thumbs:
+        cols = max(len(thumbs), int(width // 1.45))
+        taxes = grid[1].subgridspec(1, cols, wspace=0.08).subplots(squeeze=False)[0]
+        for ax in taxes[len(thumbs) :]:
+            ax.remove()
+        for i, (ax, t) in enumerate(zip(taxes, thumbs)):
+            draw_image(ax, t["image"], stretch, t.get("sigma"), t.get("pixel_scale"), fontsize=6)
+            ax.set_title(shorten(f"{i + 1} {overlay[1][i]}", 24), fontsize=6.5, loc="left", color="red")
+    fig.suptitle(title + (f"\nreal images: red stars, thumbnails {describe(stretch)}" if thumbs else ""), fontsize=9)
     fmt = (out.suffix.lstrip(".") or "png").lower()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format=fmt, dpi=150)
     plt.close(fig)
 
 
-def save_coords(path: str | Path, coords: np.ndarray, attrs: dict) -> None:
-    """Add/replace dataset ``umap`` in an embeddings file: copy, edit the copy, rename (atomic)."""
-    import h5py
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "r+") as f:
-            if "umap" in f:
-                del f["umap"]
-            ds = f.create_dataset("umap", data=coords.astype(np.float32))
-            for k, v in attrs.items():
-                ds.attrs[k] = v
-
-
-def check_rewritable(path: str | Path, flag: str) -> None:
-    """Before any compute: ``save_coords`` can rewrite ``path`` (a copy beside it, then a rename): the file and
-    its folder are writable and the folder's disk holds a second copy. A UserError naming the file otherwise
-    (the fit took ~30 s before the write failed, after the figure was written)."""
-    path = Path(path)
-    if not path.is_file():
-        return  # load_embeddings names a missing file
-    folder = path.parent
-    if not (os.access(path, os.W_OK) and os.access(folder, os.W_OK | os.X_OK)):  # False on a read-only mount too
-        raise UserError(
-            f"{flag} {path}: not writable (umap stores the coordinates in it as dataset 'umap', through a copy "
-            f"in {folder}); make it writable or work on a writable copy"
-        )
-    size, free = path.stat().st_size, shutil.disk_usage(folder).free
-    need = size + size // 100 + (16 << 10)  # the copy, plus the (N, 2) float32 coordinates (< 1% of (N, D))
-    if free < need:
-        raise UserError(
-            f"{flag} {path}: {free / 2**10:.0f} KiB free in {folder}; rewriting it with the coordinates needs "
-            f"{need / 2**10:.0f} KiB (a copy beside it, then a rename)"
-        )
+def write_coords(
+    path: str | Path, sets: list[tuple[str, dict, np.ndarray]], names: list[str], columns: list[dict]
+) -> None:
+    """The coordinates as CSV (atomic): one row per embedded image, ``set`` naming its file's role, and
+    the coloured columns (empty where a row has no value)."""
+    names = [c for c in names if c not in ("source", "view")]  # always there
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["set", "source", "key", "view", "umap_1", "umap_2", *names])
+        for (role, emb, xy), cols in zip(sets, columns):
+            for i in range(len(xy)):
+                row = [
+                    role,
+                    emb["source"][i],
+                    emb["keys"][i],
+                    int(emb["view"][i]),
+                    f"{xy[i, 0]:.6g}",
+                    f"{xy[i, 1]:.6g}",
+                ]
+                for name in names:
+                    v, known = cols.get(name, (None, None))
+                    row.append("" if v is None or (known is not None and not known[i]) else _cell(v[i]))
+                w.writerow(row)
 
 
-def _overlay_labels(emb: dict) -> list[str]:
-    """File names of ingested images (read back from their shards), else source/key."""
+def _cell(v) -> str:
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.6g}"
+    if isinstance(v, (bytes, np.bytes_)):
+        return v.decode()
+    return str(v.item() if hasattr(v, "item") else v)
+
+
+def _overlay_items(emb: dict) -> tuple[list[str], list[dict | None]]:
+    """File names of ingested images (read back from their shards), else source/key; and a thumbnail
+    panel (image, noise sigma, pixel scale) for the first MAX_THUMBS rows, None where unreadable."""
+    from ..display import noise_sigma, pixel_scale_of
     from .similar import ShardImages, _source_dirs
 
-    dirs, shards, labels = _source_dirs(emb), ShardImages(), []
-    for key, src, view in zip(emb["keys"], emb["source"], emb["view"]):
+    dirs, shards, labels, thumbs, scales = _source_dirs(emb), ShardImages(), [], [], {}
+    for i, (key, src, view) in enumerate(zip(emb["keys"], emb["source"], emb["view"])):
         try:
-            params = shards.get(dirs[src], key, int(view))[1]
-            labels.append(Path(params["ingest"]["file"]).stem[:28])
+            img, params = shards.get(dirs[src], key, int(view))
         except (UserError, KeyError):
             labels.append(f"{Path(src).name}/{key}" if src else str(key))
-    return labels
+            thumbs.append(None)
+            continue
+        name = (params.get("ingest") or {}).get("file")
+        labels.append(Path(name).stem[:28] if name else f"{Path(src).name}/{key}")
+        if i < MAX_THUMBS:
+            if src not in scales:
+                try:
+                    scales[src] = pixel_scale_of(read_manifest(dirs[src]))
+                except UserError:
+                    scales[src] = None
+            sigma = noise_sigma(img, params, int(view))[0]
+            thumbs.append({"image": img, "sigma": sigma, "pixel_scale": scales[src]})
+    return labels, thumbs
 
 
 def run_umap(
@@ -194,27 +304,31 @@ def run_umap(
     n_neighbors: int = 15,
     min_dist: float = 0.1,
     overlay: str | None = None,
+    coords_out: str | None = None,
+    stretch: str = "asinh",
 ) -> dict:
-    """Fit a seeded 2-D UMAP, draw one panel per parameter in ``color``, store coordinates.
+    """Fit a seeded 2-D UMAP, draw one panel per column in ``color``, write the coordinates to
+    ``coords_out`` (default: ``out`` with suffix ``.csv``). The input files are only read.
 
     ``overlay``: a second embeddings file (real images, same backbone) placed on the fitted map,
-    marked and labelled; its coordinates are stored in it as ``umap`` too (attribute ``fitted_on``).
+    marked, numbered and drawn as thumbnails; its rows go into the same CSV (``set`` = overlay).
     """
-    names = check_colors(color or ["theta_E", "e1", "gamma"])
+    from ..display import check_stretch
+
+    check_stretch(stretch)
     if seed < 0:
         raise UserError(f"--seed: must be >= 0, got {seed}")
     check_output_file(out, "--out")
-    check_rewritable(embeddings, "--embeddings")
-    if overlay is not None:
-        check_rewritable(overlay, "--overlay")
+    coords_path = Path(coords_out) if coords_out else Path(out).with_suffix(".csv")
+    check_output_file(coords_path, "--coords")
+    if coords_path.resolve() in {Path(out).resolve(), Path(embeddings).resolve()} | (
+        {Path(overlay).resolve()} if overlay else set()
+    ):
+        raise UserError(f"--coords {coords_path}: the same file as --out, --embeddings or --overlay")
     emb = load_embeddings(embeddings, need_params=False)
-    missing = [c for c in names if c not in emb["params"]]
-    if missing:
-        raise UserError(
-            f"{embeddings}: no lens parameter {missing[0]!r} to colour by "
-            "(expected an embeddings file written by `hpc-lensiam embed`)"
-        )
     n, d = emb["features"].shape
+    columns = read_columns(embeddings, n)
+    names = check_colors(color or ["theta_E", "e1", "gamma"], columns, str(embeddings))
     if n < 4:
         raise UserError(f"{embeddings}: {n} points; UMAP needs at least 4")
     over = None
@@ -227,10 +341,12 @@ def run_umap(
                 f"{str(over['attrs'].get('weights_sha256'))[:12]} vs "
                 f"{str(emb['attrs'].get('weights_sha256'))[:12]})"
             )
+    say(f"fitting UMAP on {n} points of {d}-d features (seed {seed}, {n_neighbors} neighbours)")
     t0 = time.perf_counter()
     if over is None:
         coords = fit_umap(emb["features"], seed, n_neighbors, min_dist)
     else:
+        say(f"placing {len(over['features'])} overlay point(s) from {overlay} with the fitted map")
         coords, over_coords = fit_umap(emb["features"], seed, n_neighbors, min_dist, extra=over["features"])
     fit_s = time.perf_counter() - t0
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -241,24 +357,22 @@ def run_umap(
         f"{n} images, {d}-d features -> UMAP (seed {seed})"
     )
     out = Path(out)
-    settings = {
-        "seed": seed,
-        "n_neighbors": n_neighbors,
-        "min_dist": min_dist,
-        "metric": "euclidean on standardised features",
-        "fit_seconds": round(fit_s, 2),
-    }
-    plot_panels(
-        coords, emb["params"], names, out, title, None if over is None else (over_coords, _overlay_labels(over))
-    )
-    save_coords(embeddings, coords, settings)
+    say(f"drawing {out} ({', '.join(names)})")
+    over_cols = {}
+    ov = None
     if over is not None:
-        save_coords(overlay, over_coords, {**settings, "fitted_on": str(Path(embeddings).resolve())})
+        over_cols = read_columns(overlay, len(over["features"]))
+        ov = (over_coords, *_overlay_items(over))
+    plot_panels(coords, columns, names, out, title, ov, stretch)
+    say(f"writing coordinates to {coords_path}")
+    sets = [("fitted", emb, coords)] + ([("overlay", over, over_coords)] if over is not None else [])
+    write_coords(coords_path, sets, names, [columns, over_cols][: len(sets)])
+    if over is not None:
         for key, (ux, uy) in zip(over["keys"], over_coords):
             print(f"umap: overlay {key}: ({ux:.3f}, {uy:.3f})", flush=True)
     print(
         f"umap: {n} points, {d}-d -> 2-D in {fit_s:.1f} s (process peak RSS {peak_gb:.2f} GB); "
-        f"figure ({', '.join(names)}) -> {out}; coordinates -> {embeddings}:/umap",
+        f"figure ({', '.join(names)}) -> {out}; coordinates -> {coords_path}",
         flush=True,
     )
     return {
@@ -267,5 +381,8 @@ def run_umap(
         "fit_seconds": fit_s,
         "peak_rss_gb": peak_gb,
         "figure": str(out),
+        "coords": str(coords_path),
+        "coordinates": coords,
         "overlay": None if over is None else over_coords,
+        "settings": {"seed": seed, "n_neighbors": n_neighbors, "min_dist": min_dist},
     }

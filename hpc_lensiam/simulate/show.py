@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..integrity import IntegrityError, check_shards, decode_member, shard_samples
-from ..io import atomic_path, check_output_file, shard_paths
+from ..io import check_output_file, read_manifest, shard_paths
 
 
 def iter_samples(data_dir: str | os.PathLike):
@@ -36,7 +36,7 @@ def iter_samples(data_dir: str | os.PathLike):
 
 def caption(params: dict) -> str:
     """Lens parameters that are known (all of them for simulations, labels for ingested images),
-    and an ingested image's file name."""
+    and an ingested image's file name (whole: the figure shortens it to fit its panel)."""
     lens = params.get("lens") or {}
     parts = [
         f"{sym}={lens[k]:{fmt}}"
@@ -46,35 +46,37 @@ def caption(params: dict) -> str:
     if "is_lens" in params:
         parts.append("lens" if params["is_lens"] else "non-lens")
     if "ingest" in params:
-        parts.insert(0, Path(params["ingest"]["file"]).name[:24])
+        parts.insert(0, Path(params["ingest"]["file"]).name)
     return "  ".join(parts)
 
 
-def show_pairs(data_dir: str | os.PathLike, out: str | os.PathLike, n: int = 8) -> str:
-    """Draw ``n`` samples, one row each (view1 | view2, or the single image), lens params captioned."""
-    import matplotlib
+def show_pairs(
+    data_dir: str | os.PathLike, out: str | os.PathLike, n: int = 8, stretch: str = "asinh", what: str = "show"
+) -> str:
+    """Draw ``n`` samples (view1 | view2 side by side, or the single images in rows of up to 4), lens
+    params captioned, each image stretched from its own noise level with an arcsec scale bar
+    (:mod:`hpc_lensiam.display`)."""
+    from ..display import check_stretch, describe, draw_panels, noise_sigma, pixel_scale_of
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    check_stretch(stretch)
     if n < 1:
         raise UserError(f"-n: expected >= 1, got {n}")
     check_output_file(out, "--out")
     samples = list(islice(iter_samples(data_dir), n))
     if not samples:
         raise UserError(f"{data_dir}: the shards hold no samples")
+    scale = pixel_scale_of(read_manifest(data_dir))
     views = [v for v in ("view1", "view2", "image") if v in samples[0]]
-    fig, axes = plt.subplots(len(samples), len(views), figsize=(2.2 * len(views), 2.3 * len(samples)), squeeze=False)
-    for row, sample in zip(axes, samples):
-        for ax, view in zip(row, views):
-            ax.imshow(sample[view], origin="lower", cmap="magma", vmin=0, vmax=1)
-            ax.set_xticks([]), ax.set_yticks([])
-        row[0].set_title(caption(sample["params"]), fontsize=8, loc="left")
-    for ax, view in zip(axes[-1], views):
-        ax.set_xlabel(view, fontsize=8)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    print(f"show: drew {len(samples)} samples from {data_dir} to {out}", flush=True)
+    panels = []
+    for sample in samples:
+        for j, view in enumerate(views):
+            img = sample[view]
+            sigma, _ = noise_sigma(img, sample["params"], view=int(view[-1]) if view[-1].isdigit() else 1)
+            cap = "\n".join(t for t in (sample["key"], caption(sample["params"])) if t) if j == 0 else ""
+            label = view if len(views) > 1 else None
+            panels.append({"image": img, "caption": cap, "sigma": sigma, "pixel_scale": scale, "label": label})
+    what_n = f"{len(samples)} {'pair' if len(views) > 1 else 'image'}{'s' * (len(samples) > 1)}"
+    title = f"{Path(data_dir).name}: {what_n}; {describe(stretch)}"
+    draw_panels(panels, out, title, stretch, max_cols=4, step=len(views), dpi=100)
+    print(f"{what}: drew {len(samples)} samples from {data_dir} to {out} ({stretch} stretch)", flush=True)
     return str(out)

@@ -166,6 +166,10 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
     while progress.step < sched.end_step and not progress.stopped_by:
         train_one_epoch(cfg, engine, loader, sched, monitor, run, stop, progress, bar)
     monitor.close()
+    if engine.is_main:  # RUN/loss.png beside metrics.csv; a plotting failure is one warning line
+        from ..display import plot_loss_safely
+
+        plot_loss_safely(out / "metrics.csv", out / "loss.png", 1 / math.sqrt(cfg.proj_dim))
     if bar is not None:
         bar.close()
     return summarize(cfg, engine, sched, progress, ckpt_dir)
