@@ -8,7 +8,7 @@
   1-sigma uncertainty ``sqrt(sd_seeds^2 + sigma_val^2)``: the spread over the fine-tuning seeds (what
   the fit does not pin down) plus the models' residual sd on their validation split (the scatter
   of a single model around the truth, which a seed ensemble alone does not see: with 3 seeds the
-  spread alone covered far fewer than 68% of held-out truths). It is one number per model, so it
+  spread alone covered 32% of held-out truths, the sum 76%; docs/evaluation.md). It is one number per model, so it
   does not grow for an unusual image; a heteroscedastic head would, at the cost of a second output
   and a Gaussian-NLL loss (not built). Calibration is measured, not assumed: with labels the
   metrics give the fraction of truths within 1 and 2 sigma (0.68 / 0.95 when calibrated).
