@@ -291,7 +291,7 @@ def main() -> None:
         population(a.presets.split(","), a.population, a.pop_rows, a.pop_grid, 0, not a.summarise_only)
         return
 
-    from hpc_lensiam.config import simulation_config
+    from hpc_lensiam.simulate.config import simulation_config
     from hpc_lensiam.simulate.simulator import LensSimulator
     from hpc_lensiam.simulate.survey import survey_config
     from hpc_lensiam.simulate.survey.simulator import SurveySimulator

@@ -15,10 +15,11 @@ import pytest
 
 import conftest
 from hpc_lensiam.cli import main
-from hpc_lensiam.config import IngestConfig
+from hpc_lensiam.core.io import sha256_file
+from hpc_lensiam.ingest.config import IngestConfig
 from hpc_lensiam.ingest.prepare import resample
 from hpc_lensiam.ingest.run import ingest
-from hpc_lensiam.io import read_manifest, sha256_file
+from hpc_lensiam.shards.manifest import read_manifest
 
 EUCLID = conftest.SHARED_DATA / "euclid_q1" / "102020532_NEG589257492489565961.fits"
 DEG = 1 / 3600.0
@@ -410,9 +411,9 @@ def test_euclid_nir_band_with_no_data_pixels(euclid_file, tmp_path):
 
 def test_finetune_and_show_read_ingested_shards_unchanged(tmp_path):
     """Labelled real images train a regressor like simulated ones; unlabelled ones are refused."""
+    from hpc_lensiam.core.errors import UserError
     from hpc_lensiam.downstream.finetune import finetune
-    from hpc_lensiam.errors import UserError
-    from hpc_lensiam.simulate.show import show_pairs
+    from hpc_lensiam.shards.show import show_pairs
 
     scale, rows = 0.1, ["file,theta_E,is_lens"]
     files = []

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import BIN, REPO
-from hpc_lensiam.errors import UserError
+from hpc_lensiam.core.errors import UserError
 
 RECIPE = dict(backbone="none", arch="resnet18", n_train=40, n_test=20, epochs=2, batch_size=16, progress=False)
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from scipy.stats import ks_2samp
 
-from hpc_lensiam.simulate.show import iter_samples
+from hpc_lensiam.shards.reader import iter_samples
 from hpc_lensiam.simulate.sources import half_light_radius_pix
 from hpc_lensiam.simulate.survey import survey_config
 from hpc_lensiam.simulate.survey.mass import CompositeMass, effective_slope, einstein_radius
@@ -388,7 +388,7 @@ def _numeric_fields(cls):
 def test_every_survey_number_is_bounded():
     """Every number of every survey config section has an allowed range: an absurd value either way is
     one ConfigError naming the key and the allowed range (the paper family's config validates likewise)."""
-    from hpc_lensiam.errors import ConfigError
+    from hpc_lensiam.core.errors import ConfigError
     from hpc_lensiam.simulate.survey import config as sc
 
     sections = {

@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from ..io import atomic_path, atomic_write_json, check_output_file
-from .model_file import data_grid, load_model, read_meta
+from ..core.errors import UserError
+from ..core.io import atomic_path, atomic_write_json, check_output_file
+from ..shards.manifest import data_grid
+from .model_file import load_model, read_meta
 from .tasks import make_task
 
 TABLE_SUFFIXES = (".csv", ".fits")
@@ -112,7 +113,7 @@ def regression_metrics(y: np.ndarray, p: np.ndarray, sigma: np.ndarray, n_boot: 
     """Point and calibration metrics of predictions ``p`` +- ``sigma`` against truths ``y``."""
     from scipy.stats import spearmanr
 
-    from ..stats import r2
+    from ..evaluation.stats import r2
 
     d = p - y
     rel = np.abs(d) / np.abs(y)
@@ -196,8 +197,8 @@ def predict(
 ) -> dict:
     """Predict every image of ``data_dirs`` with the ensemble ``models``; write the catalogue ``out``
     (and metrics + a plot where the sets are labelled); return the metrics dict."""
-    from ..data.images import load_images
-    from ..runtime import device_for, runtime
+    from ..core.runtime import device_for, runtime
+    from ..shards.reader import load_images
     from .finetune import predict as run_net
 
     rt = runtime(command="predict")
@@ -259,7 +260,7 @@ def predict(
                 f"{metrics['within_2sigma']:.0%}"
             )
         else:
-            from .classify_metrics import classification_report
+            from ..evaluation.classify import classification_report
 
             metrics = classification_report(yl.astype(int), pl, n_boot, 0) if len(np.unique(yl)) == 2 else {}
             if metrics:

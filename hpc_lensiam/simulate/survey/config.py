@@ -1,6 +1,6 @@
 """Typed configuration of the survey family: population, composite mass, observation, selection.
 
-Validated once, like every config of the package (``hpc_lensiam.config.from_dict``): unknown keys,
+Validated once, like every config of the package (``hpc_lensiam.core.config.from_dict``): unknown keys,
 wrong types and impossible ranges raise a ConfigError naming the file and key. The resolved config
 (with ``lens_fraction`` filled in) is stored in the shard manifest, so a data set says how it was made.
 The priors and their sources are documented where they are drawn (population.py, mass.py).
@@ -12,15 +12,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...config import (
-    INSTRUMENT_PRESETS,
-    ConfigError,
-    InstrumentConfig,
-    Range,
-    _check_fraction,
-    from_dict,
-    read_yaml,
-)
+from ...core.config import Range, check_fraction, from_dict, read_yaml
+from ...core.errors import ConfigError
+from ..config import INSTRUMENT_PRESETS, InstrumentConfig
 
 FAMILY = "survey"
 # Observation config of each instrument preset (sky, read noise, exposure, zero point): euclid is
@@ -268,7 +262,7 @@ class SurveySourceSettings:
     }
 
     def validate(self, where: str) -> None:
-        _check_fraction(where, "cosmos_fraction", self.cosmos_fraction)
+        check_fraction(where, "cosmos_fraction", self.cosmos_fraction)
         _check_bounds(self, where, self.BOUNDS)
 
 
@@ -353,8 +347,8 @@ class SurveySimulationConfig:
         if self.preset not in OBSERVATIONS:
             raise ConfigError(f"{where}.preset: {self.preset!r} is not one of {', '.join(OBSERVATIONS)}")
         if self.lens_fraction is not None:
-            _check_fraction(where, "lens_fraction", self.lens_fraction)
-        _check_fraction(where, "non_lens_source_absent_fraction", self.non_lens_source_absent_fraction)
+            check_fraction(where, "lens_fraction", self.lens_fraction)
+        check_fraction(where, "non_lens_source_absent_fraction", self.non_lens_source_absent_fraction)
         _check_bounds(self, where, {"psf_pixel_scale_arcsec": _above(0.0, 10.0)})
         if self.psf_bank_seed < 0:
             raise ConfigError(f"{where}.psf_bank_seed: must be >= 0, got {self.psf_bank_seed}")

@@ -32,8 +32,8 @@ import math
 
 import numpy as np
 
-from ...errors import UserError
-from ...io import LENS_PARAMS
+from ...core.errors import UserError
+from ...shards.manifest import LENS_PARAMS
 from ..instrument import DetectorGrid
 from ..psf import PSFBank, fwhm_arcsec
 from ..simulator import PairSampler
