@@ -554,7 +554,7 @@ def test_look_alike_profiles_carry_their_magnitude():
 
 
 def test_negative_mix_must_sum_to_one():
-    from hpc_lensiam.errors import ConfigError
+    from hpc_lensiam.core.errors import ConfigError
 
     with pytest.raises(
         ConfigError, match=r"config\.negatives\.elliptical\+ring\+spiral\+merger\+group: .* sum to 1\.2"
