@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[test,lint]' $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[all,test,lint]' $(TORCH_PIN)
 	touch $@
 
 # The whole chain on CPU, small: simulate (2 MPI ranks) -> pretrain (2 torchrun processes) ->

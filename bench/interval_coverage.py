@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_stats import REPS, _grid_arms  # the one definition of the synthetic arms
 
-from hpc_lensiam.stats import hierarchical_paired_difference
+from hpc_lensiam.evaluation.stats import hierarchical_paired_difference
 
 KINDS = ("flat", "pretraining seed only", "both levels")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
-from hpc_lensiam.io import atomic_write_json  # noqa: E402
+from hpc_lensiam.core.io import atomic_write_json  # noqa: E402
 
 
 def shown(cmd: list) -> str:

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 from ledger import BIN, Steps  # noqa: E402
 
-from hpc_lensiam.io import atomic_write_json, atomic_write_text  # noqa: E402
+from hpc_lensiam.core.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 PARAMS = ("theta_E", "e1", "gamma")
 AUGS = {"lens": "lensiam", "standard": "simsiam"}

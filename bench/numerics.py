@@ -35,7 +35,7 @@ COSMOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cosmo
 
 def _sim(preset: str, factor, num_pix: int | None):
     """factor: an int (uniform) or "F+aA@T" (uniform F, adaptive A where the sub-sample spread > T x peak)."""
-    from hpc_lensiam.config import simulation_config
+    from hpc_lensiam.simulate.config import simulation_config
     from hpc_lensiam.simulate.simulator import LensSimulator
 
     if isinstance(factor, str):  # "2+a16@0.02": uniform 2, adaptive 16 above threshold 0.02
@@ -109,7 +109,7 @@ def _quad_flux(renderer, amp: float, kw: dict) -> float:
 
 
 def core_sersic(n: int, seed: int = 0) -> dict:
-    from hpc_lensiam.config import SourcePrior
+    from hpc_lensiam.simulate.config import SourcePrior
     from hpc_lensiam.simulate.priors import uniform
     from hpc_lensiam.simulate.sources import (
         SourceRenderer,

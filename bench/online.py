@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hpc_lensiam.config import simulation_config  # noqa: E402
+from hpc_lensiam.simulate.config import simulation_config  # noqa: E402
 from hpc_lensiam.simulate.simulator import LensSimulator  # noqa: E402
 from hpc_lensiam.simulate.torch_render import TorchLensSimulator  # noqa: E402
 

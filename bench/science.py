@@ -14,7 +14,7 @@ is_lens``).
 
 The probe (ridge/k-NN on a held-out paper-family set, intervals over lens systems) compares LenSiam and
 SimSiam of each pretraining seed, and over all pretraining seeds together. Fine-tuning differences use
-the hierarchical paired bootstrap of :mod:`hpc_lensiam.stats` with pretraining and fine-tuning seeds
+the hierarchical paired bootstrap of :mod:`hpc_lensiam.evaluation.stats` with pretraining and fine-tuning seeds
 as two resampled levels (a backbone's fine-tunings share its luck), with the test images.
 
 Every step is the package's own CLI, so the report's commands are what a user runs, and every step is
@@ -43,8 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 from ledger import BIN, Steps  # noqa: E402  (puts the repository on sys.path too)
 
-from hpc_lensiam.io import atomic_write_text  # noqa: E402
-from hpc_lensiam.stats import hierarchical_paired_difference, seed_summary  # noqa: E402
+from hpc_lensiam.core.io import atomic_write_text  # noqa: E402
+from hpc_lensiam.evaluation.stats import hierarchical_paired_difference, seed_summary  # noqa: E402
 
 NPROC = 2
 # name -> (pretraining run kind or None for random weights, frozen backbone)

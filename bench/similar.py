@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_lensiam.io import atomic_write_json
+from hpc_lensiam.core.io import atomic_write_json
 
 K = 16
 CLUSTERS = 1000

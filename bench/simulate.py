@@ -31,7 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hpc_lensiam.config import simulation_config  # noqa: E402
+from hpc_lensiam.simulate.config import simulation_config  # noqa: E402
 from hpc_lensiam.simulate.simulator import LensSimulator, lens_kwargs, lens_light_kwargs  # noqa: E402
 
 _CORE = ("amp", "R_sersic", "Rb", "n_sersic", "gamma", "alpha", "e1", "e2", "center_x", "center_y")

@@ -13,6 +13,15 @@ Numerics (``--numerics N``): N lenses re-rendered noiseless (``render_model``) a
 and at 2 + adaptive 16 (the default), against uniform factor 10; the error of an image is the largest
 |model - reference| over pixels in units of that pixel's noise sigma (sky, read and Poisson noise).
 
+Population (``--population N``; issue 28's re-measurement): N single images per preset (``--presets``) at the
+preset's pixel scale and field, supersampling 1 + adaptive (``--pop-grid`` overrides num_pix), one row per sample
+appended to ``--pop-rows`` (JSON lines, sample i drawn from the Generator seeded (seed, i): a killed run resumes
+where it stopped, and rows of another code version can be summarised the same way, ``--summarise-only``).
+Per preset: stored source magnitudes against the source prior; the edge-glow fraction (the background galaxy's
+PSF-convolved light above the background noise sigma in some pixel of the outer 3-pixel frame) of lenses and
+non-lenses with Wilson 95% intervals; two-sample KS p of image maximum and of noise/maximum between the classes;
+non-lenses by ``negative_kind``; theta_E and deflector-magnitude quantiles; halo c200 and stellar M/L ranges.
+
 Grid: the real Euclid Q1 lens (``../shared/data/euclid_q1``, VIS_FLUX, 0.1"/px like the euclid preset,
 so "resampled to the same grid" is a centre crop of num_pix) beside simulated lenses and non-lenses,
 each divided by its maximum, shown with the same asinh stretch.
@@ -96,6 +105,137 @@ def numerics(preset: str, n: int, seed: int = 0) -> None:
         )
 
 
+def _edge_glow(sim, p, n_frame: int = 3) -> bool:
+    """The background galaxy's PSF-convolved light above the background sigma in the outer n_frame pixels."""
+    v = p["views"][0]
+    if v["source"] is None:
+        return False
+    try:
+        rays = sim.rays(p["mass"], p["lens"]["theta_E"])
+    except TypeError:  # code before issue 28 (6)
+        rays = sim.rays(p["mass"])
+    img = sim.psf_bank.convolve(sim._source_cps(rays, v["source"]), v["psf_id"])
+    frame = np.ones(img.shape, bool)
+    frame[n_frame:-n_frame, n_frame:-n_frame] = False
+    return bool((img[frame] > v["background_sigma_cps"]).any())
+
+
+def _row(sim, p: dict) -> dict:
+    """The numbers of one sample the population report needs (JSON-able)."""
+    v = p["views"][0]
+    src, m = v["source"], p["mass"]
+    pop = sim.population
+    row = {
+        "is_lens": int(p["is_lens"]),
+        "negative_kind": p.get("negative_kind", None if p["is_lens"] else "elliptical (lone)"),
+        "theta_E": p["lens"]["theta_E"],
+        "defl_mag": v["lens_light"]["mag"],
+        "image_max_cps": v["image_max_cps"],
+        "noise_over_max": v["background_sigma_cps"] / v["image_max_cps"],
+        "n_images": v["n_images"],
+        "edge_glow": _edge_glow(sim, p),
+        "companion": any(c["kind"] == "sersic" for c in v.get("lookalike", [])),
+        "spiral": any(c["kind"] == "spiral" for c in v.get("lookalike", [])),
+        "ml_r": m.get("stellar_mass_to_light_r"),
+        "c200": m.get("halo", {}).get("c200"),
+        "src_mag": None,
+        "src_mag_in_prior": None,
+    }
+    if src is not None:
+        z = m["z_source"]
+        shift = pop.cosmo.distance_modulus(z) - 2.5 * np.log10(1.0 + z)
+        lo, hi = pop.prior.source_M
+        row["src_mag"] = src["mag"]
+        row["src_mag_in_prior"] = bool(lo + shift - 1e-6 <= src["mag"] <= hi + shift + 1e-6)
+    return row
+
+
+def population(presets: list[str], n: int, rows_path: str, num_pix: int | None, seed: int, run: bool) -> None:
+    """Simulate (resumably) and summarise the population (module doc)."""
+    import json
+
+    from hpc_lensiam.simulate.survey import survey_config
+    from hpc_lensiam.simulate.survey.simulator import SurveySimulator
+
+    path = Path(rows_path)
+    done: dict[str, list[dict]] = {p: [] for p in presets}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done.setdefault(r["preset"], []).append(r)
+    for preset in presets:
+        inst = {"supersampling_factor": 1, **({"num_pix": num_pix} if num_pix else {})}
+        sim = SurveySimulator(survey_config(preset=preset, mode="single", instrument=inst))
+        have = {r["i"] for r in done[preset]}
+        t = time.perf_counter()
+        with path.open("a") as f:
+            for i in range(n) if run else ():
+                if i in have:
+                    continue
+                p = sim.sample_single(np.random.default_rng([seed, i]))["params"]
+                r = {"preset": preset, "i": i, **_row(sim, p)}
+                f.write(json.dumps(r) + "\n")
+                f.flush()
+                done[preset].append(r)
+        if run:
+            print(f"[{preset}: {time.perf_counter() - t:.0f} s]")
+        summarise(preset, sim, [r for r in done[preset] if r["i"] < n])
+
+
+def _wilson(k: int, n: int) -> str:
+    if n == 0:
+        return "n/a"
+    z = 1.96
+    p = k / n
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return f"{p:.1%} [{max(c - h, 0):.1%}, {min(c + h, 1):.1%}] ({k}/{n})"
+
+
+def summarise(preset: str, sim, rows: list[dict]) -> None:
+    from collections import Counter
+
+    from scipy.stats import ks_2samp
+
+    lens = [r for r in rows if r["is_lens"]]
+    non = [r for r in rows if not r["is_lens"]]
+    g = sim.grid
+    print(
+        f"## {preset}: {len(rows)} single images ({len(lens)} lenses, {len(non)} non-lenses), "
+        f'{g.num_pix} px at {g.pixel_scale_arcsec}"/px, supersampling 1 + adaptive'
+    )
+    mags = [r for r in rows if r["src_mag"] is not None]
+    bad = [r for r in mags if not r["src_mag_in_prior"]]
+    print(
+        f"  stored source magnitudes: {len(mags)} images with a background galaxy, {len(bad)} outside the source "
+        f"prior (non-lenses {sum(not r['is_lens'] for r in bad)}); lowest {min(r['src_mag'] for r in mags):.1f}"
+    )
+    for name, group in (("lenses", lens), ("non-lenses", non)):
+        print(f"  edge glow, {name}: {_wilson(sum(r['edge_glow'] for r in group), len(group))}")
+    for key in ("image_max_cps", "noise_over_max"):
+        p = ks_2samp([r[key] for r in lens], [r[key] for r in non]).pvalue
+        print(f"  KS lenses vs non-lenses, {key}: p = {p:.3g}")
+    for name, group in (("lenses", lens), ("non-lenses", non)):
+        print(f"  with a companion galaxy, {name}: {_wilson(sum(r.get('companion', 0) for r in group), len(group))}")
+        print(f"  spiral central galaxy, {name}: {_wilson(sum(r.get('spiral', 0) for r in group), len(group))}")
+    kinds = Counter(r["negative_kind"] for r in non)
+    print("  non-lenses by kind: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+    th = np.array([r["theta_E"] for r in rows])
+    dm = np.array([r["defl_mag"] for r in rows])
+    q = lambda a: "/".join(f"{x:.2f}" for x in np.percentile(a, [5, 50, 95]))  # noqa: E731
+    print(f'  theta_E (5/50/95%): {q(th)}"; below 0.3": {np.mean(th < 0.3):.1%}; min {th.min():.3f}"')
+    print(f"  deflector mag (5/50/95%): {q(dm)}; fainter than 22.5: {np.mean(dm > 22.5):.1%}")
+    ml = np.array([r["ml_r"] for r in rows if r["ml_r"] is not None])
+    print(
+        f"  stellar M/L_r: {ml.min():.2f}-{ml.max():.2f}, above 8: {np.mean(ml > 8 * (1 + 1e-9)):.1%}, "
+        f"above 6: {np.mean(ml > 6):.1%}"
+    )
+    c = [r["c200"] for r in rows if r["c200"] is not None]
+    if c:
+        print(f"  halo c200 (5/50/95%): {q(c)}")
+
+
 def draw_grid(images, params, real, out: str, n_cols: int = 5) -> None:
     import matplotlib
 
@@ -103,7 +243,12 @@ def draw_grid(images, params, real, out: str, n_cols: int = 5) -> None:
     import matplotlib.pyplot as plt
 
     lenses = [(i, p) for i, p in zip(images, params) if p["is_lens"]][: n_cols - 1]
-    non = [(i, p) for i, p in zip(images, params) if not p["is_lens"]][:n_cols]
+    first, rest, seen = [], [], set()  # one non-lens per look-alike kind first, then the rest
+    for i, p in zip(images, params):
+        if not p["is_lens"]:
+            (rest if p.get("negative_kind") in seen else first).append((i, p))
+            seen.add(p.get("negative_kind"))
+    non = (first + rest)[:n_cols]
     stretch = lambda im: np.arcsinh(np.clip(im, 0, None) / 0.02) / np.arcsinh(1 / 0.02)  # noqa: E731
     fig, axes = plt.subplots(2, n_cols, figsize=(1.6 * n_cols, 3.5))
     for ax in axes.ravel():
@@ -117,7 +262,8 @@ def draw_grid(images, params, real, out: str, n_cols: int = 5) -> None:
         ax.set_title(f'lens θE={p["lens"]["theta_E"]:.2f}" n={v["n_images"]}', fontsize=7)
     for ax, (im, p) in zip(axes[1], non):
         ax.imshow(stretch(im), origin="lower", cmap="gray", vmin=0, vmax=1)
-        ax.set_title("non-lens" + (" +galaxy" if p["views"][0]["source"] else ""), fontsize=7)
+        kind = p.get("negative_kind") or ""
+        ax.set_title(f"non-lens {kind}" + (" +gal" if p["views"][0]["source"] else ""), fontsize=7)
     fig.tight_layout(pad=0.3)
     import io
 
@@ -135,9 +281,17 @@ def main() -> None:
     ap.add_argument("--preset", default="euclid")
     ap.add_argument("--grid", default=None, help="write the picture grid PNG here")
     ap.add_argument("--numerics", type=int, default=0, help="lenses for the supersampling convergence (0: skip)")
+    ap.add_argument("--population", type=int, default=0, help="samples per preset for the population report")
+    ap.add_argument("--presets", default="euclid,hst")
+    ap.add_argument("--pop-rows", default="survey_population.jsonl", help="rows of the population (resumable)")
+    ap.add_argument("--pop-grid", type=int, default=None, help="num_pix of the population (default: preset's)")
+    ap.add_argument("--summarise-only", action="store_true", help="summarise --pop-rows without simulating")
     a = ap.parse_args()
+    if a.population:
+        population(a.presets.split(","), a.population, a.pop_rows, a.pop_grid, 0, not a.summarise_only)
+        return
 
-    from hpc_lensiam.config import simulation_config
+    from hpc_lensiam.simulate.config import simulation_config
     from hpc_lensiam.simulate.simulator import LensSimulator
     from hpc_lensiam.simulate.survey import survey_config
     from hpc_lensiam.simulate.survey.simulator import SurveySimulator

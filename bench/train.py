@@ -28,10 +28,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hpc_lensiam.config import TrainConfig  # noqa: E402
 from hpc_lensiam.data.loader import ShardLoader  # noqa: E402
-from hpc_lensiam.io import shard_paths  # noqa: E402
-from hpc_lensiam.models.simsiam import SimSiam, simsiam_loss  # noqa: E402
+from hpc_lensiam.models.methods.simsiam import SimSiam, simsiam_loss  # noqa: E402
+from hpc_lensiam.shards.manifest import shard_paths  # noqa: E402
+from hpc_lensiam.train.config import TrainConfig  # noqa: E402
 from hpc_lensiam.train.engine import Engine  # noqa: E402
 
 

@@ -1,3 +1,5 @@
 """hpc_lensiam: LenSiam self-supervised representation learning for strong lenses, laptop to Slurm."""
 
-__version__ = "0.1.0"
+from .core import __version__
+
+__all__ = ["__version__"]

@@ -1,6 +1,6 @@
 """``hpc-lensiam`` command line: argparse subcommands, each calling one public function.
 
-Every user mistake surfaces as a :class:`~hpc_lensiam.errors.UserError`: one line on stderr and
+Every user mistake surfaces as a :class:`~hpc_lensiam.core.errors.UserError`: one line on stderr and
 exit code 2. The Python API is the same functions, so the CLI adds no behaviour of its own.
 """
 
@@ -12,7 +12,8 @@ import sys
 import types
 import typing
 
-from .errors import PEER_EXIT_CODE, PeerFailure, UserError
+from .core.errors import PEER_EXIT_CODE, PeerFailure, UserError, os_error_line
+from .core.runtime import is_rank0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,7 +45,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
 def _add_stretch_flag(parser: argparse.ArgumentParser) -> None:
     """``--stretch asinh|linear|log`` of every command that draws images; checked by the command (one
     ``hpc-lensiam: error:`` line naming the allowed values, before any compute)."""
-    from .display import DEFAULT_STRETCH, STRETCH_HELP, STRETCHES
+    from .shards.display import DEFAULT_STRETCH, STRETCH_HELP, STRETCHES
 
     parser.add_argument(
         "--stretch", default=DEFAULT_STRETCH, metavar="{" + ",".join(STRETCHES) + "}", help=STRETCH_HELP
@@ -84,7 +85,8 @@ def _cmd_simulate(a):
 
 
 def _cmd_ingest(a):
-    from .config import IngestConfig, from_dict
+    from .core.config import from_dict
+    from .ingest.config import IngestConfig
     from .ingest.run import ingest
 
     flags = {
@@ -103,16 +105,16 @@ def _cmd_ingest(a):
     }
     cfg = from_dict(IngestConfig, {k: v for k, v in flags.items() if v is not None}, "ingest flags")
     if a.preview is not None:  # checked before anything is read or written
-        from .display import check_stretch
-        from .io import check_output_file
+        from .core.io import check_output_file
+        from .shards.display import check_stretch
 
         check_stretch(a.stretch)
         check_output_file(a.preview, "--preview")
         if a.preview_n < 1:
             raise UserError(f"--preview-n: expected >= 1, got {a.preview_n}")
     ingest(out_dir=a.out, files=a.files, list_csv=a.list, labels_csv=a.labels, config=cfg, skip_bad=a.skip_bad)
-    if a.preview is not None and _is_rank0():  # rank 0 wrote the manifest last: the data set is complete
-        from .simulate.show import show_pairs
+    if a.preview is not None and is_rank0():  # rank 0 wrote the manifest last: the data set is complete
+        from .shards.show import show_pairs
 
         show_pairs(a.out, a.preview, n=a.preview_n, stretch=a.stretch, what="ingest --preview")
 
@@ -120,7 +122,7 @@ def _cmd_ingest(a):
 def _cmd_verify(a):
     from pathlib import Path
 
-    from .integrity import verify_dataset
+    from .shards.integrity import verify_dataset
 
     bad = verify_dataset(a.data_dir)
     if bad:
@@ -132,13 +134,13 @@ def _cmd_verify(a):
 
 
 def _cmd_show(a):
-    from .simulate.show import show_pairs
+    from .shards.show import show_pairs
 
     show_pairs(data_dir=a.data_dir, out=a.out, n=a.n, stretch=a.stretch)
 
 
 def _cmd_train(a):
-    from .config import TrainConfig
+    from .train.config import TrainConfig
     from .train.loop import train, train_config
 
     train(
@@ -265,8 +267,8 @@ def _cmd_compare(a):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import TrainConfig
     from .downstream.tasks import TASKS
+    from .train.config import TrainConfig
 
     p = _Parser(prog="hpc-lensiam", description="LenSiam: self-supervised representations of strong lenses")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -552,30 +554,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _is_rank0() -> bool:
-    """Under mpiexec or torchrun every rank hits the same bad input: let one of them say so."""
-    import os
-
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "RANK"):
-        if os.environ.get(var, "0") != "0":
-            return False
-    return True
-
-
-# Environment failures that are the user's to fix (full disk, read-only or wrong path): one line
-# naming the path, like bad input, rather than a traceback.
-_USER_ERRNOS = {"ENOSPC", "EROFS", "EEXIST", "EACCES", "EPERM", "ENOTDIR", "EISDIR", "EDQUOT", "ENOENT"}
-
-
-def _os_error_line(exc: OSError) -> str | None:
-    import errno
-
-    if errno.errorcode.get(exc.errno or 0) not in _USER_ERRNOS:
-        return None
-    path = exc.filename if exc.filename is not None else "?"
-    return f"{path}: {exc.strerror}" + (f" (-> {exc.filename2})" if exc.filename2 else "")
-
-
 def _loader_line(exc: RuntimeError, command: str) -> str | None:
     """A DataLoader worker that died while the main process was not waiting for a batch (torch's
     SIGCHLD handler raises in whatever the main process runs): one line, as the loaders give."""
@@ -593,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as exc:
-        if _is_rank0():
+        if is_rank0():
             print(f"hpc-lensiam: error: {exc}", file=sys.stderr)
         return 2
     except PeerFailure as exc:  # another rank failed (it says why) or hung (named here)
@@ -601,17 +579,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hpc-lensiam: error: {exc}", file=sys.stderr, flush=True)
         return PEER_EXIT_CODE
     except OSError as exc:  # rank-local (one rank's disk): every rank that hits it says so
-        line = _os_error_line(exc)
+        line = os_error_line(exc)
         if line is None:
             raise
-        rank = "" if _is_rank0() else f" (rank {os.environ.get('RANK') or os.environ.get('PMI_RANK')})"
+        rank = "" if is_rank0() else f" (rank {os.environ.get('RANK') or os.environ.get('PMI_RANK')})"
         print(f"hpc-lensiam: error{rank}: {line}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # a loader worker's death, which torch's SIGCHLD handler raises anywhere
         line = _loader_line(exc, args.command)
         if line is None:
             raise
-        rank = "" if _is_rank0() else f" (rank {os.environ.get('RANK') or os.environ.get('PMI_RANK')})"
+        rank = "" if is_rank0() else f" (rank {os.environ.get('RANK') or os.environ.get('PMI_RANK')})"
         print(f"hpc-lensiam: error{rank}: {line}", file=sys.stderr)
         return 2
     return 0

@@ -8,7 +8,7 @@ Why: when a rank exits with an error, plain torchrun adds ~40 lines (its own war
 the agent and a ``ChildFailedError`` report) after the rank's ``hpc-lensiam: error: ...`` line and
 exits 1. Here the failing rank's line is the whole report and its exit code is kept: 2 for bad
 input. A rank that stopped because another one failed or hung (exit code
-:data:`~hpc_lensiam.errors.PEER_EXIT_CODE`) has said so itself, or stays quiet for the rank that
+:data:`~hpc_lensiam.core.errors.PEER_EXIT_CODE`) has said so itself, or stays quiet for the rank that
 failed; a rank that failed any other way (a crash, a signal) gets one line naming rank, host, pid
 and exit code; its own traceback is above it.
 
@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 
-from .errors import PEER_EXIT_CODE
+from .core.errors import PEER_EXIT_CODE
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
 

@@ -110,7 +110,8 @@ def rerecord_shard(data_dir: Path, name: str) -> None:
     shard's content on purpose models a bad sample written by the simulator, not a damaged file."""
     import json
 
-    from hpc_lensiam.io import MANIFEST_NAME, sha256_file
+    from hpc_lensiam.core.io import sha256_file
+    from hpc_lensiam.shards.manifest import MANIFEST_NAME
 
     path = Path(data_dir) / MANIFEST_NAME
     manifest = json.loads(path.read_text())

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import conftest
-from hpc_lensiam import display
 from hpc_lensiam.cli import main
+from hpc_lensiam.shards import display
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

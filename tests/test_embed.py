@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import conftest
-from hpc_lensiam.errors import UserError
-from hpc_lensiam.io import LENS_PARAMS
+from hpc_lensiam.core.errors import UserError
+from hpc_lensiam.shards.manifest import LENS_PARAMS
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -82,8 +82,8 @@ def _shard_image(data_dir: Path, key: str, view: int) -> np.ndarray:
 def test_embed_two_ranks_every_image_once_aligned(emb2, ckpt, lensiam_shards):
     import torch
 
-    from hpc_lensiam.downstream.export import load_backbone
     from hpc_lensiam.embed.extract import load_embeddings
+    from hpc_lensiam.models.weights import load_backbone
 
     e = load_embeddings(emb2)
     manifest = json.loads((lensiam_shards / "manifest.json").read_text())
@@ -110,7 +110,7 @@ def test_embed_two_ranks_every_image_once_aligned(emb2, ckpt, lensiam_shards):
     a = e["attrs"]
     assert a["step"] == 2 and a["arch"] == "resnet18" and a["world_size"] == 2
     assert a["checkpoint"] == str(ckpt.resolve()) and a["weights_sha256"] == info["weights_sha256"]
-    from hpc_lensiam.io import sha256_file
+    from hpc_lensiam.core.io import sha256_file
 
     assert a["manifest_sha256"] == sha256_file(lensiam_shards / "manifest.json")
     assert not list(emb2.parent.glob("*.part*")) and not list(emb2.parent.glob(".tmp-*"))
@@ -207,8 +207,8 @@ def test_umap_small_file(emb2, tmp_path):
     import csv
     import shutil
 
+    from hpc_lensiam.core.io import sha256_file
     from hpc_lensiam.embed.umap import run_umap
-    from hpc_lensiam.io import sha256_file
 
     emb = tmp_path / "emb.h5"
     shutil.copyfile(emb2, emb)
@@ -247,7 +247,8 @@ def _write_emb(path: Path, features: np.ndarray, params: dict | None, keys) -> N
 
 
 def test_probe_near_one_with_signal_near_zero_on_noise(tmp_path):
-    from hpc_lensiam.embed.probe import probe, split_by_key
+    from hpc_lensiam.embed.probe import probe
+    from hpc_lensiam.evaluation.probe import split_by_key
 
     rng = np.random.default_rng(0)
     systems = 400

@@ -13,8 +13,8 @@ import torch
 import torchvision
 
 from conftest import train_tiny
-from hpc_lensiam.errors import UserError
-from hpc_lensiam.io import LENS_PARAMS
+from hpc_lensiam.core.errors import UserError
+from hpc_lensiam.shards.manifest import LENS_PARAMS
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -34,7 +34,7 @@ def exported(run_ddp, tmp_path_factory) -> Path:
 
 
 def _images(data_dir: Path, n: int) -> torch.Tensor:
-    from hpc_lensiam.data.images import load_images
+    from hpc_lensiam.shards.reader import load_images
 
     _, x, _ = load_images(data_dir, n)
     return torch.as_tensor(x).unsqueeze(1)
@@ -52,7 +52,8 @@ def _torchvision(arch: str, state: dict) -> torch.nn.Module:
 def test_export_round_trip_into_torchvision(run_ddp, exported, lensiam_shards, tmp_path):
     from safetensors.torch import load_file
 
-    from hpc_lensiam.downstream.export import export_backbone, load_backbone
+    from hpc_lensiam.downstream.export import export_backbone
+    from hpc_lensiam.models.weights import load_backbone
 
     state = torch.load(exported, weights_only=True)
     assert state["conv1.weight"].shape == (64, 3, 7, 7)
@@ -179,7 +180,7 @@ def test_finetune_end_to_end(exported, single_shards, lensiam_shards, tmp_path):
 
 
 def test_paired_r2_difference_cancels_the_shared_test_set():
-    from hpc_lensiam.stats import paired_r2_difference, r2
+    from hpc_lensiam.evaluation.stats import paired_r2_difference, r2
 
     rng = np.random.default_rng(0)
     y = rng.normal(size=400)
@@ -328,10 +329,11 @@ def test_a_new_backbone_is_one_module_and_one_registry_line(single_shards, tmp_p
     and fine-tunes (pretrained and from scratch), and its arch is named by its weights alone."""
     import re
 
-    from hpc_lensiam.downstream.export import export_backbone, load_backbone
+    from hpc_lensiam.downstream.export import export_backbone
     from hpc_lensiam.downstream.finetune import finetune
     from hpc_lensiam.models import backbones
     from hpc_lensiam.models.methods import SimSiam
+    from hpc_lensiam.models.weights import load_backbone
     from hpc_lensiam.train.checkpoint import save_checkpoint
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text()

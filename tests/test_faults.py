@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 
 from conftest import BIN, REPO, _simulate, launcher_env, rerecord_shard, torchrun_cmd, train_tiny
-from hpc_lensiam.config import simulation_config
-from hpc_lensiam.errors import ConfigError, UserError
-from hpc_lensiam.io import read_manifest, sha256_file
+from hpc_lensiam.core.errors import ConfigError, UserError
+from hpc_lensiam.core.io import sha256_file
+from hpc_lensiam.shards.manifest import read_manifest
+from hpc_lensiam.simulate.config import simulation_config
 
 SMALL = {"instrument": {"num_pix": 32}}
 
@@ -94,9 +95,9 @@ def test_manifest_records_size_and_inputs(data):
 
 def test_flipped_byte_found_by_verify_and_train_verify_embed_finetune(copy, tmp_path):
     """Row: bytes flipped inside a shard's image were used by train, embed and finetune."""
-    from hpc_lensiam.data.images import load_images
     from hpc_lensiam.data.loader import ShardError
-    from hpc_lensiam.integrity import check_shards, verify_dataset
+    from hpc_lensiam.shards.integrity import check_shards, verify_dataset
+    from hpc_lensiam.shards.reader import load_images
 
     _flip(copy / "shard-000002.tar")
     bad = verify_dataset(copy, progress=False)
@@ -126,7 +127,8 @@ def test_verify_names_every_bad_shard(copy):
 
 def test_shard_cut_at_a_member_boundary(copy):
     """Row: a shard cut between two samples trained on half the shard without a warning."""
-    from hpc_lensiam.data.loader import ShardError, ShardLoader, read_shard
+    from hpc_lensiam.data.loader import ShardError, ShardLoader
+    from hpc_lensiam.shards.tar import read_shard
 
     path = copy / "shard-000004.tar"
     path.write_bytes(path.read_bytes()[: _member_boundary(path)])
@@ -165,10 +167,12 @@ def test_nan_pixel_named_at_write_and_read(copy, tmp_path):
     """Row: one NaN pixel: training stopped without naming the sample; embed wrote a NaN row."""
     import webdataset as wds
 
-    from hpc_lensiam.data.images import load_images
-    from hpc_lensiam.data.loader import ShardError, ShardLoader, read_shard
-    from hpc_lensiam.integrity import IntegrityError
-    from hpc_lensiam.simulate.writer import encode_sample, npy_bytes
+    from hpc_lensiam.data.loader import ShardError, ShardLoader
+    from hpc_lensiam.shards.integrity import IntegrityError
+    from hpc_lensiam.shards.manifest import npy_bytes
+    from hpc_lensiam.shards.reader import load_images
+    from hpc_lensiam.shards.tar import read_shard
+    from hpc_lensiam.shards.writer import encode_sample
 
     image = np.ones((4, 4), np.float32)
     image[1, 2] = np.nan
@@ -201,7 +205,8 @@ def test_embed_never_writes_nan_rows_and_probe_umap_refuse_them(copy, tmp_path):
     from hpc_lensiam.embed.extract import extract_embeddings
     from hpc_lensiam.embed.probe import probe
     from hpc_lensiam.embed.umap import run_umap
-    from hpc_lensiam.train.checkpoint import load_checkpoint, save_checkpoint
+    from hpc_lensiam.models.weights import load_checkpoint
+    from hpc_lensiam.train.checkpoint import save_checkpoint
 
     run = train_tiny(copy, tmp_path / "run", batch_size=4)
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
@@ -227,7 +232,7 @@ def test_embed_never_writes_nan_rows_and_probe_umap_refuse_them(copy, tmp_path):
 # ------------------------------------------------------------------------------------- locks
 def test_second_simulate_into_a_locked_folder_fails_at_once_naming_the_holder(data, tmp_path):
     """Row: two simulate jobs into one --out gave a mixed data set."""
-    from hpc_lensiam.lock import DirLock
+    from hpc_lensiam.core.lock import DirLock
 
     out = tmp_path / "sim"
     with DirLock(out, "simulate"):
@@ -272,17 +277,17 @@ def test_two_simulate_jobs_started_one_second_apart(tmp_path):
     assert "in use by another job" in line or "different data set (seed: 0 there, 1 asked)" in line
     manifest = read_manifest(out)
     assert manifest["seed"] == 0 and json.loads((out / ".plan.json").read_text())["seed"] == 0
-    from hpc_lensiam.integrity import verify_dataset
+    from hpc_lensiam.shards.integrity import verify_dataset
 
     assert verify_dataset(out, progress=False) == []
 
 
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     code = (
-        f"from hpc_lensiam.lock import DirLock; import time; DirLock({str(tmp_path)!r}, 'train').acquire(); "
+        f"from hpc_lensiam.core.lock import DirLock; import time; DirLock({str(tmp_path)!r}, 'train').acquire(); "
         f"print('held', flush=True); time.sleep(600)"
     )
-    from hpc_lensiam.lock import DirLock
+    from hpc_lensiam.core.lock import DirLock
 
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=_env())
     assert proc.stdout.readline().strip() == "held"
@@ -295,7 +300,7 @@ def test_lock_is_released_when_its_holder_is_killed(tmp_path):
 
 def test_second_train_into_a_locked_run_fails_naming_the_holder(data, tmp_path):
     """Row: two train runs into one --out both exited 0, run A's checkpoints overwritten."""
-    from hpc_lensiam.lock import DirLock
+    from hpc_lensiam.core.lock import DirLock
 
     run = tmp_path / "run"
     with DirLock(run, "train"):
@@ -339,7 +344,7 @@ def _resume(data, run, **kw):
 
 
 def test_checkpoint_records_config_hash_and_data(run_a, data):
-    from hpc_lensiam.train.checkpoint import load_checkpoint
+    from hpc_lensiam.models.weights import load_checkpoint
     from hpc_lensiam.train.rundir import config_hash
 
     ckpt = load_checkpoint(run_a / "checkpoints" / "last.pt")
@@ -405,7 +410,7 @@ def test_resume_through_a_copied_run_folders_config_trains_the_copy(data, tmp_pa
     config.yaml's `out:` names it). A run folder's own config.yaml trains the folder it sits in."""
     import yaml
 
-    from hpc_lensiam.train.checkpoint import load_checkpoint
+    from hpc_lensiam.models.weights import load_checkpoint
     from hpc_lensiam.train.loop import train, train_config
 
     orig = train_tiny(data, tmp_path / "orig", batch_size=4)
@@ -831,9 +836,9 @@ def test_resume_never_runs_beside_trainers_left_by_a_killed_agent(data, tmp_path
 def test_manifest_shard_name_leading_out_of_the_folder_is_refused(copy, tmp_path, name):
     """Issue 25: a manifest naming ``../x.tar`` made verify and the readers use a file outside the
     data folder (a good shard there: verify was clean). Only plain file names are accepted."""
-    from hpc_lensiam.data.images import load_images
     from hpc_lensiam.data.loader import ShardLoader
-    from hpc_lensiam.integrity import check_shards
+    from hpc_lensiam.shards.integrity import check_shards
+    from hpc_lensiam.shards.reader import load_images
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -919,7 +924,7 @@ def test_disk_full_while_writing_shards_is_one_line_and_leaves_no_partial_file(s
     """Row (disk full), issue 25 for 2 ranks: the disk fills while `simulate` writes shards (after its
     size check). Before: with `mpiexec -n 2` a traceback from a rank and MPI_Abort(1); now one
     `hpc-lensiam: error:` line naming the file, exit 2, no partial file, every shard left complete."""
-    from hpc_lensiam.integrity import verify_dataset
+    from hpc_lensiam.shards.integrity import verify_dataset
 
     out = small_fs / "ds"
     yaml_path = tmp_path / "small.yaml"
@@ -1002,7 +1007,7 @@ def _rank_pid(launcher: int, rank: int) -> int:
 def test_sigterm_to_the_launcher_checkpoints_and_exits_0(data, tmp_path):
     """Row (issue 25): `kill -TERM` of the launcher exited 1 with torchrun's SignalException traceback
     although every rank had saved; docs/training.md promises exit 0."""
-    from hpc_lensiam.train.checkpoint import load_checkpoint
+    from hpc_lensiam.models.weights import load_checkpoint
 
     run = tmp_path / "run"
     proc = _launch("--data", data, "--out", run, *TINY, "--epochs", 1000, "--log-every", 1)
@@ -1195,7 +1200,7 @@ def test_loader_workers_do_not_hold_the_run_lock_after_kill_9(data, tmp_path):
     """Row (issue 25): the DataLoader workers inherited RUN/.lock's flock; for ~5 s after kill -9 of the
     trainer (until its workers noticed) a rerun was refused naming the dead pid. Now the workers close
     the lock's descriptor when forked: the lock goes with the trainer."""
-    from hpc_lensiam.lock import DirLock
+    from hpc_lensiam.core.lock import DirLock
 
     run = tmp_path / "run"
     args = [str(a) for a in _tiny_train_args(data, run, workers=2)]

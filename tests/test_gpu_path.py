@@ -22,24 +22,26 @@ import pytest
 import torch
 
 from conftest import REPO, launcher_env, torchrun_cmd
-from hpc_lensiam.config import TrainConfig
-from hpc_lensiam.errors import ConfigError, UserError
-from hpc_lensiam.models.simsiam import SimSiam, simsiam_loss
-from hpc_lensiam.runtime import check_torch_launch, cpu_budget_warning, pick_cuda_index, process_group_kwargs, runtime
-from hpc_lensiam.train.checkpoint import (
-    capture_rank_rng,
-    load_checkpoint,
-    load_for_resume,
-    rank_rng,
-    restore_rank_rng,
-    save_checkpoint,
+from hpc_lensiam.core.errors import ConfigError, UserError
+from hpc_lensiam.core.runtime import (
+    DeviceCaps,
+    check_torch_launch,
+    cpu_budget_warning,
+    inference_dtype,
+    pick_cuda_index,
+    process_group_kwargs,
+    runtime,
 )
+from hpc_lensiam.models.methods.simsiam import SimSiam, simsiam_loss
+from hpc_lensiam.models.weights import load_checkpoint
+from hpc_lensiam.train.checkpoint import capture_rank_rng, load_for_resume, rank_rng, restore_rank_rng, save_checkpoint
+from hpc_lensiam.train.config import TrainConfig
 from hpc_lensiam.train.engine import Engine, resume_mode
 from hpc_lensiam.train.loop import train, train_config
-from hpc_lensiam.train.plan import DeviceCaps, apply_switches, inference_dtype, make_plan
+from hpc_lensiam.train.plan import apply_switches, make_plan
 
 CPU = torch.device("cpu")
-# What Slurm sets in each task of a plain `srun -n 2` (measured: simulate/mpi_env.py, test_mpi_env.py)
+# What Slurm sets in each task of a plain `srun -n 2` (measured: core/runtime.py, test_mpi_env.py)
 SRUN_TASK1 = {
     "SLURM_JOB_ID": "4",
     "SLURM_NTASKS": "2",
@@ -606,10 +608,10 @@ def test_tensorboard_metrics_and_lens_probe(lensiam_shards, single_shards, tmp_p
     import numpy as np
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from hpc_lensiam.data.images import load_images
-    from hpc_lensiam.downstream.export import load_backbone
-    from hpc_lensiam.embed.probe import probe_arrays, split_by_key
-    from hpc_lensiam.io import LENS_PARAMS
+    from hpc_lensiam.evaluation.probe import probe_arrays, split_by_key
+    from hpc_lensiam.models.weights import load_backbone
+    from hpc_lensiam.shards.manifest import LENS_PARAMS
+    from hpc_lensiam.shards.reader import load_images
 
     _clean_env(monkeypatch)
     run = tmp_path / "run"

@@ -15,10 +15,12 @@ import pytest
 
 import conftest
 from hpc_lensiam.cli import main
-from hpc_lensiam.config import IngestConfig
+from hpc_lensiam.core.errors import UserError
+from hpc_lensiam.core.io import sha256_file
+from hpc_lensiam.ingest.config import IngestConfig
 from hpc_lensiam.ingest.prepare import resample
 from hpc_lensiam.ingest.run import ingest
-from hpc_lensiam.io import read_manifest, sha256_file
+from hpc_lensiam.shards.manifest import read_manifest
 
 EUCLID = conftest.SHARED_DATA / "euclid_q1" / "102020532_NEG589257492489565961.fits"
 DEG = 1 / 3600.0
@@ -238,6 +240,25 @@ def test_labels_csv_and_catalog(tmp_path):
     np.testing.assert_array_equal(rows[3][1], rows[0][1])  # .npy = the FITS layout (north up, east left)
 
 
+def test_angle_labels_with_their_unit_in_the_column_name(tmp_path):
+    """Lens-model tables (the real DESI-HST labels) write ``theta_E_arcsec``: it is the theta_E label (not
+    only a kept column), so predict can score against it; both spellings that disagree are refused."""
+    scale = 0.05
+    for name in ("a", "b"):
+        write_fits(tmp_path / f"{name}.fits", sky_image(100, scale, [(0, 0, 10.0, 0.2)]), scale)
+    (tmp_path / "labels.csv").write_text("name,file,theta_E_arcsec,q_mass\nA,a.fits,1.55,0.66\nB,b.fits,,\n")
+    out = tmp_path / "out"
+    files = [str(tmp_path / "a.fits"), str(tmp_path / "b.fits")]
+    cfg = IngestConfig(preset="euclid", num_pix=40, shard_size=3)
+    ingest(str(out), files=files, labels_csv=str(tmp_path / "labels.csv"), config=cfg, progress=False)
+    p = [r[2] for r in params_of(out)]
+    assert p[0]["lens"] == {"theta_E": 1.55} and p[0]["catalog"]["q_mass"] == 0.66
+    assert p[1]["lens"] == {}
+    (tmp_path / "bad.csv").write_text("file,theta_E,theta_E_arcsec\na.fits,1.2,1.55\n")
+    with pytest.raises(UserError, match="theta_E='1.2' but theta_E_arcsec='1.55'"):
+        ingest(str(tmp_path / "o2"), files=files, labels_csv=str(tmp_path / "bad.csv"), config=cfg, progress=False)
+
+
 # ------------------------------------------------------------------------------- bad input
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory) -> dict[str, Path]:
@@ -410,9 +431,9 @@ def test_euclid_nir_band_with_no_data_pixels(euclid_file, tmp_path):
 
 def test_finetune_and_show_read_ingested_shards_unchanged(tmp_path):
     """Labelled real images train a regressor like simulated ones; unlabelled ones are refused."""
+    from hpc_lensiam.core.errors import UserError
     from hpc_lensiam.downstream.finetune import finetune
-    from hpc_lensiam.errors import UserError
-    from hpc_lensiam.simulate.show import show_pairs
+    from hpc_lensiam.shards.show import show_pairs
 
     scale, rows = 0.1, ["file,theta_E,is_lens"]
     files = []

@@ -13,9 +13,9 @@ import pytest
 from test_ingest import params_of, run_cli, sky_image, write_fits
 
 import conftest
-from hpc_lensiam.config import IngestConfig
+from hpc_lensiam.ingest.config import IngestConfig
 from hpc_lensiam.ingest.run import ingest, shard_key
-from hpc_lensiam.io import read_manifest
+from hpc_lensiam.shards.manifest import read_manifest
 
 REAL = conftest.SHARED_DATA / "real_lenses"
 SLSIM = conftest.SHARED_DATA / "slsim"

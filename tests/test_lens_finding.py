@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import conftest
-from hpc_lensiam.downstream.classify_metrics import classification_report, roc_auc, tpr_at_fpr
-from hpc_lensiam.errors import UserError
+from hpc_lensiam.core.errors import UserError
+from hpc_lensiam.evaluation.classify import classification_report, roc_auc, tpr_at_fpr
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -147,7 +147,7 @@ def test_finetune_classify_bad_input(survey_shards, single_shards):
 def test_embed_carries_is_lens_and_probe_reports_lens_finding(survey_shards, lensiam_shards, tmp_path, capsys):
     from hpc_lensiam.embed.extract import extract_embeddings, load_embeddings
     from hpc_lensiam.embed.probe import probe
-    from hpc_lensiam.simulate.show import iter_samples
+    from hpc_lensiam.shards.reader import iter_samples
 
     ckpt = conftest.train_tiny(lensiam_shards, tmp_path / "run") / "checkpoints" / "last.pt"
     out = tmp_path / "emb.h5"

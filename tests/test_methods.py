@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from conftest import launcher_env, torchrun_cmd, train_tiny
-from hpc_lensiam.config import TrainConfig
-from hpc_lensiam.errors import ConfigError, UserError
+from hpc_lensiam.core.errors import ConfigError, UserError
 from hpc_lensiam.models.backbones import backbone_state_dict, build_backbone, get
 from hpc_lensiam.models.methods import BYOL, METHODS, SimCLR, SimSiam, VICReg, recipe
 from hpc_lensiam.models.methods.byol import byol_loss, ema_tau
 from hpc_lensiam.models.methods.simclr import nt_xent_loss
 from hpc_lensiam.models.methods.vicreg import vicreg_loss
-from hpc_lensiam.train.checkpoint import load_checkpoint
+from hpc_lensiam.models.weights import load_checkpoint
+from hpc_lensiam.train.config import TrainConfig
 from hpc_lensiam.train.loop import scaled_lr, train_config
 from hpc_lensiam.train.optim import LARS
 
@@ -397,7 +397,7 @@ def test_byol_with_deepspeed_and_simclr_on_two_torchrun_ranks(lensiam_shards, tm
     SimCLR (global-batch negatives gathered inside the DDP loop) on 2 torchrun/gloo ranks."""
     import subprocess
 
-    from hpc_lensiam.downstream.export import backbone_from_checkpoint
+    from hpc_lensiam.models.weights import backbone_from_checkpoint
 
     run = train_tiny(
         lensiam_shards, tmp_path / "ds", method="byol", engine="deepspeed", proj_hidden_dim=32, proj_dim=16, pred_dim=32

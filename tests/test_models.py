@@ -9,8 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hpc_lensiam.models.simsiam import SimSiam, backbone_state_dict, build_backbone, feature_dim, simsiam_loss, z_std
-from hpc_lensiam.train.checkpoint import load_model_state, save_checkpoint
+from hpc_lensiam.models.backbones import backbone_state_dict, build_backbone, feature_dim
+from hpc_lensiam.models.methods.simsiam import SimSiam, simsiam_loss, z_std
+from hpc_lensiam.models.weights import load_model_state
+from hpc_lensiam.train.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,8 @@ def test_zero_init_residual_can_be_turned_off_for_short_runs():
     assert net.conv1.in_channels == 1
     model = SimSiam("resnet18", zero_init_residual=False)
     assert float(model.encoder.layer2[0].bn2.weight.detach().min()) == 1.0
-    from hpc_lensiam.config import TrainConfig, from_dict
+    from hpc_lensiam.core.config import from_dict
+    from hpc_lensiam.train.config import TrainConfig
 
     assert TrainConfig().zero_init_residual is True  # the SimSiam reference recipe by default
     assert from_dict(TrainConfig, {"zero_init_residual": False}, "t").zero_init_residual is False
@@ -140,7 +143,7 @@ def test_checkpoint_roundtrip_and_backbone_export(tmp_path, model18):
 
 
 def test_load_model_state_errors(tmp_path):
-    from hpc_lensiam.errors import UserError
+    from hpc_lensiam.core.errors import UserError
 
     with pytest.raises(UserError, match="no such checkpoint"):
         load_model_state(tmp_path / "nope")

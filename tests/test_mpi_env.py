@@ -1,7 +1,7 @@
 """The srun-singleton guard: check_launch on crafted environments, and real launches.
 
 The crafted environments copy what Slurm 22.05 and the mpich wheel's Hydra set, as measured on the
-local cluster (see hpc_lensiam/simulate/mpi_env.py); tests/test_slurm.py repeats the real thing
+local cluster (see hpc_lensiam/core/runtime.py); tests/test_slurm.py repeats the real thing
 under Slurm.
 """
 
@@ -15,8 +15,8 @@ import sys
 import pytest
 
 from conftest import BIN, REPO
-from hpc_lensiam.errors import UserError
-from hpc_lensiam.simulate.mpi_env import check_launch, launch_evidence
+from hpc_lensiam.core.errors import UserError
+from hpc_lensiam.core.runtime import check_launch, launch_evidence
 
 # The batch shell of `sbatch --ntasks=2`: one process; SLURM_NTASKS=2 describes the allocation.
 BATCH_SHELL = {
@@ -123,7 +123,7 @@ def test_default_environ_is_os_environ(monkeypatch):
 
 # ------------------------------------------------------------------------------ real processes
 SNIPPET = (
-    "from hpc_lensiam.simulate.mpi_env import mpi_world; c, r, s = mpi_world(); "
+    "from hpc_lensiam.core.runtime import mpi_world; c, r, s = mpi_world(); "
     "print(f'rank {r} of {s} comm={c is not None}', flush=True)"
 )
 

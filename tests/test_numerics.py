@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from hpc_lensiam.config import SourcePrior, simulation_config
+from hpc_lensiam.simulate.config import SourcePrior, simulation_config
 from hpc_lensiam.simulate.priors import draw_source
 from hpc_lensiam.simulate.simulator import LensSimulator
 from hpc_lensiam.simulate.sources import SourceRenderer, clean_stamp

@@ -14,11 +14,11 @@ import torch
 
 from conftest import launcher_env, torchrun_cmd, train_tiny
 from hpc_lensiam.cli import main
-from hpc_lensiam.config import simulation_config
 from hpc_lensiam.data.online import OnlineLoader
-from hpc_lensiam.io import read_manifest
+from hpc_lensiam.models.weights import load_model_state
+from hpc_lensiam.shards.manifest import read_manifest
+from hpc_lensiam.simulate.config import simulation_config
 from hpc_lensiam.simulate.simulator import LensSimulator
-from hpc_lensiam.train.checkpoint import load_model_state
 
 # 48 px, no noise: the shard images can be compared with the lenstronomy path pixel for pixel
 NO_NOISE = "instrument:\n  num_pix: 48\n  noise_sigma: [0.0, 0.0]\nsource:\n  merger_fraction: 0.5\n"
@@ -220,7 +220,7 @@ def test_online_resume_after_a_psf_file_was_edited_is_refused_naming_it(tmp_path
     so `--resume` after the PSF file was edited continued on other data silently."""
     from astropy.io import fits
 
-    from hpc_lensiam.errors import UserError
+    from hpc_lensiam.core.errors import UserError
     from hpc_lensiam.train.loop import train, train_config
 
     def psf(sigma: float) -> None:

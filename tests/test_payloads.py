@@ -7,9 +7,9 @@ the same file loaded with ``weights_only=False`` does create the marker (checked
 passes is not a payload that never fires).
 
 Fine-tuned models (`finetune --save-model`) are safetensors files, which hold raw tensors and strings.
-Formats that cannot carry code are named here so the list is complete: FITS (PSF banks, COSMOS,
-ingest; astropy reads numbers and header cards) and HDF5 (embeddings; h5py stores numbers and
-strings, it never unpickles) have no such path. ``.npy`` can (object arrays are pickles): every
+FITS (PSF banks, COSMOS, ingest; astropy reads numbers and header cards) and HDF5 (embeddings; h5py
+stores numbers and strings, it never unpickles) have no such path: a pickle planted in a PSF file and
+in an embeddings file is shown to stay bytes. ``.npy`` can (object arrays are pickles): every
 ``.npy`` reader loads with ``allow_pickle=False`` and is tested here too.
 """
 
@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from conftest import BIN, REPO, _simulate, train_tiny
-from hpc_lensiam.errors import UserError
+from hpc_lensiam.core.errors import UserError
 
 TINY = dict(
     arch="resnet18", batch_size=8, epochs=5, workers=0, proj_dim=64, pred_dim=16, engine="deepspeed", zero_stage=1
@@ -141,7 +141,7 @@ def test_deepspeed_optimizer_file_on_resume(tmp_path, data):
 
     optim.write_bytes(genuine)  # DeepSpeed's own classes (LossScaler, ZeroStageEnum, ...) are allowed
     train(resume, resume=True)
-    from hpc_lensiam.train.checkpoint import load_checkpoint
+    from hpc_lensiam.models.weights import load_checkpoint
 
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3
 
@@ -169,7 +169,7 @@ def test_npy_object_arrays_are_never_unpickled(tmp_path, data):
 
     _refused(_cli("ingest", tmp_path / "cutout.npy", "--out", tmp_path / "ing"), marker, "cutout.npy")
 
-    from hpc_lensiam.io import decode_npy
+    from hpc_lensiam.shards.manifest import decode_npy
 
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=True)
@@ -187,3 +187,62 @@ def test_saved_model_given_to_predict(tmp_path, data):
     evil = tmp_path / "model.safetensors"
     pickled.rename(evil)
     _refused(_cli("predict", "--model", evil, "--data", data, "--out", tmp_path / "c.csv"), marker, "model.safetensors")
+
+
+def _pickled(marker: Path) -> bytes:
+    """The payload's pickle bytes, checked to fire when unpickled (then the marker is removed)."""
+    import pickle
+
+    blob = pickle.dumps(Payload(marker))
+    pickle.loads(blob)
+    assert marker.exists(), "the payload does not fire: this test would prove nothing"
+    marker.unlink()
+    return blob
+
+
+def test_psf_fits_file_with_a_pickle_inside(tmp_path):
+    """A PSF bank file is FITS: a pickle stored in it (a binary table HDU of pickle bytes beside the PSF
+    image) is only ever bytes to astropy. Simulating with the file never runs it."""
+    from astropy.io import fits
+
+    from hpc_lensiam.simulate.writer import simulate_shards
+
+    marker = tmp_path / "ran"
+    yy, xx = np.mgrid[-10:11, -10:11]
+    psf = np.exp(-(xx**2 + yy**2) / (2 * 1.5**2))
+    blob = np.frombuffer(_pickled(marker), dtype=np.uint8)
+    table = fits.BinTableHDU.from_columns([fits.Column(name="payload", format=f"{blob.size}B", array=blob[None])])
+    path = tmp_path / "psf.fits"
+    fits.HDUList([fits.PrimaryHDU(psf / psf.sum()), table]).writeto(path)
+    simulate_shards(
+        out_dir=str(tmp_path / "ds"),
+        num_samples=2,
+        shard_size=2,
+        mode="lensiam",
+        seed=0,
+        overrides={"instrument": {"num_pix": 32}},
+        psf_files=[str(path)],
+        psf_pixel_scale_arcsec=0.05,
+        progress=False,
+    )
+    assert not marker.exists()
+
+
+def test_embeddings_hdf5_with_a_pickle_inside(tmp_path, data):
+    """An embeddings file is HDF5: pickle bytes planted in it (an opaque dataset and an attribute) stay
+    bytes for `probe` and `umap`, which read it whole."""
+    import h5py
+
+    from hpc_lensiam.embed.extract import extract_embeddings
+
+    marker = tmp_path / "ran"
+    emb = tmp_path / "emb.h5"
+    extract_embeddings("none", str(data), str(emb), progress=False, arch="resnet18", seed=0)
+    with h5py.File(emb, "r+") as f:
+        f.create_dataset("payload", data=np.void(_pickled(marker)))
+        f.attrs["payload"] = np.void(_pickled(marker))
+    proc = _cli("probe", "--embeddings", emb, "--json", tmp_path / "p.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _cli("umap", "--embeddings", emb, "--out", tmp_path / "u.png")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not marker.exists()

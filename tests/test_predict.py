@@ -14,8 +14,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import BIN, REPO
-from hpc_lensiam.errors import UserError
+from conftest import BIN, REPO, torchrun_cmd
+from hpc_lensiam.core.errors import UserError
 
 RECIPE = dict(backbone="none", arch="resnet18", n_train=40, n_test=20, epochs=2, batch_size=16, progress=False)
 
@@ -152,3 +152,27 @@ def test_bad_input_is_one_line_before_any_image_is_read(single_shards, ensemble,
 
         check_model_path(tmp_path / "m.pt")
     assert not list(tmp_path.glob("c.*"))
+
+
+def test_predict_under_torchrun_equals_one_process(single_shards, ensemble, tmp_path):
+    """Two torchrun ranks each predict every other image; rank 0 gathers them: the same catalogue, row
+    for row, as one process (and only rank 0 writes)."""
+    import csv
+
+    out, _ = ensemble
+    models = [str(out / f"m.seed{s}.safetensors") for s in (0, 1)]
+    one = tmp_path / "one.csv"
+    assert _cli("predict", "--model", *models, "--data", single_shards, "--out", one).returncode == 0
+    two = tmp_path / "two.csv"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [*torchrun_cmd(2), "predict", "--model", *models, "--data", str(single_shards), "--out", str(two)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("predict: 64 image(s)") == 1, proc.stdout  # one summary line: rank 0's
+    with open(one) as f, open(two) as g:
+        a, b = list(csv.DictReader(f)), list(csv.DictReader(g))
+    assert [r["key"] for r in a] == [r["key"] for r in b]
+    for col in ("theta_E_pred", "theta_E_sigma", "theta_E_pred_m0", "theta_E_pred_m1"):
+        np.testing.assert_allclose([float(r[col]) for r in b], [float(r[col]) for r in a], rtol=1e-4, atol=1e-6)
+    assert not list(tmp_path.glob("two.part*")) and not list(tmp_path.glob(".tmp-*"))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpc_lensiam.errors import UserError
+from hpc_lensiam.core.errors import UserError
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -143,7 +143,7 @@ def test_compare_backbones_of_several_pretraining_seeds(reports, tmp_path):
     """A_s0,A_s1 against B_s0,B_s1 (and against one random-init report): the 2 x 2 runs are resampled
     as pretraining and fine-tuning levels, the estimate is the mean of the four paired differences."""
     from hpc_lensiam.downstream.seeds import compare
-    from hpc_lensiam.stats import hierarchical_paired_difference
+    from hpc_lensiam.evaluation.stats import hierarchical_paired_difference
 
     a, b = (json.loads(reports[k].read_text()) for k in ("a", "b"))
     a2 = {**a, "runs": [{**r, "test_predictions": [v + 0.1 for v in r["test_predictions"]]} for r in a["runs"]]}
@@ -229,7 +229,7 @@ def survey_set(tmp_path_factory) -> Path:
 def test_seed_aware_lens_finding_on_the_survey_set(survey_set, tmp_path):
     """The science protocol's survey arm in small: two resnet18 recipes (full fine-tuning and frozen features)
     find lenses over seeds 0,1 on one survey test set; `compare` pairs them by seed on the AUC."""
-    from hpc_lensiam.stats import roc_auc
+    from hpc_lensiam.evaluation.stats import roc_auc
 
     reports = {}
     for name, extra in (("full", []), ("frozen", ["--freeze-backbone"])):

@@ -15,10 +15,10 @@ import pytest
 
 import conftest
 from hpc_lensiam.cli import main
-from hpc_lensiam.config import IngestConfig
+from hpc_lensiam.core.errors import UserError
 from hpc_lensiam.embed.similar import similar, unit_vectors
-from hpc_lensiam.errors import UserError
-from hpc_lensiam.io import LENS_PARAMS
+from hpc_lensiam.ingest.config import IngestConfig
+from hpc_lensiam.shards.manifest import LENS_PARAMS
 
 pytestmark = pytest.mark.timeout(900)
 EUCLID = conftest.SHARED_DATA / "euclid_q1" / "102020532_NEG589257492489565961.fits"
@@ -253,8 +253,8 @@ def test_umap_colours_by_any_column_says_what_it_does_and_only_reads_its_input(m
     import shutil
     import stat
 
+    from hpc_lensiam.core.io import sha256_file
     from hpc_lensiam.embed.umap import is_categorical, read_columns
-    from hpc_lensiam.io import sha256_file
 
     emb = tmp_path / "labelled.h5"
     shutil.copyfile(mixed, emb)
@@ -292,7 +292,7 @@ def test_umap_colours_by_any_column_says_what_it_does_and_only_reads_its_input(m
 def test_similar_figures_with_each_stretch(mixed, real_dir, tmp_path, stretch):
     key, anomaly = tmp_path / "key.png", tmp_path / "anomaly.png"
     common = ["similar", "--embeddings", str(mixed), "--stretch", stretch]
-    assert main(common + ["--key", "000000_000000", "--source", str(real_dir), "-k", "3", "--out", str(key)]) == 0
+    assert main(common + ["--key", EUCLID.stem, "--source", str(real_dir), "-k", "3", "--out", str(key)]) == 0
     assert main(common + ["--anomaly", "-k", "3", "--top", "2", "--out", str(anomaly)]) == 0
     assert key.read_bytes()[:8] == anomaly.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

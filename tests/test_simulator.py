@@ -9,9 +9,9 @@ import warnings
 import numpy as np
 import pytest
 
-from hpc_lensiam.config import simulation_config
-from hpc_lensiam.errors import ConfigError, UserError
-from hpc_lensiam.io import LENS_PARAMS
+from hpc_lensiam.core.errors import ConfigError, UserError
+from hpc_lensiam.shards.manifest import LENS_PARAMS
+from hpc_lensiam.simulate.config import simulation_config
 from hpc_lensiam.simulate.priors import draw_lens, draw_lens_light, draw_source
 from hpc_lensiam.simulate.simulator import LensSimulator, lens_kwargs
 

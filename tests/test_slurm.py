@@ -112,7 +112,7 @@ def sbatch(
 # ---------------------------------------------------------------------------- (a) singleton trap
 PROBE = """\
 import os, sys
-from hpc_lensiam.simulate.mpi_env import mpi_world
+from hpc_lensiam.core.runtime import mpi_world
 comm, rank, size = mpi_world()
 print(f"{sys.argv[1]}: rank {rank} of {size}", flush=True)
 """
@@ -167,7 +167,7 @@ RUN_KEYS = {"created", "created_at", "elapsed_s", "host", "hostname", "ranks", "
 
 def _data_set(out: Path) -> dict:
     """The manifest minus run details, after checking every shard is there with its sha256."""
-    from hpc_lensiam.io import sha256_file
+    from hpc_lensiam.core.io import sha256_file
 
     manifest = json.loads((out / "manifest.json").read_text())
     for entry in manifest["shards"]:
@@ -228,7 +228,7 @@ def test_simulate_sh_matches_plain_mpiexec(slurm, plain_simulation, tmp_path, la
     assert job.rc == 0, job
     assert "2 rank(s)" in job.log, job
     assert _data_set(out) == plain_simulation
-    from hpc_lensiam.io import TMP_PREFIX
+    from hpc_lensiam.core.io import TMP_PREFIX
 
     assert not list(out.glob(TMP_PREFIX + "*")), "partial shards left behind"
 
@@ -268,7 +268,7 @@ def _metric_steps(run: Path) -> list[int]:
 
 
 def test_pretrain_sh_two_processes_leave_a_checkpoint(slurm, pretrain_sh, lensiam_shards, tmp_path):
-    from hpc_lensiam.train.checkpoint import load_checkpoint
+    from hpc_lensiam.models.weights import load_checkpoint
 
     run = tmp_path / "run"
     job = sbatch(
@@ -295,7 +295,7 @@ def test_pretrain_sh_two_processes_leave_a_checkpoint(slurm, pretrain_sh, lensia
 def test_pretrain_sh_usr1_checkpoints_requeues_and_resumes(slurm, pretrain_sh, lensiam_shards, tmp_path):
     """Slurm's time-limit warning (USR1 to the batch shell), sent by hand: the job checkpoints,
     requeues itself, and the requeued run resumes from that checkpoint to the end."""
-    from hpc_lensiam.train.checkpoint import load_checkpoint
+    from hpc_lensiam.models.weights import load_checkpoint
 
     steps = 24
     run = tmp_path / "run"

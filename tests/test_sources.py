@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from conftest import train_tiny
+from hpc_lensiam.core.errors import UserError
+from hpc_lensiam.core.io import sha256_file
 from hpc_lensiam.data.sources import SOURCES, OnlineSource, PrefixSource, ShardSource, source_for
-from hpc_lensiam.data.tar import read_shard
-from hpc_lensiam.errors import UserError
-from hpc_lensiam.io import decode_npy, sha256_file, shard_paths
 from hpc_lensiam.models.methods import build_method
-from hpc_lensiam.train.checkpoint import load_checkpoint
+from hpc_lensiam.models.weights import load_checkpoint
+from hpc_lensiam.shards.manifest import decode_npy, shard_paths
+from hpc_lensiam.shards.tar import read_shard
 from hpc_lensiam.train.loop import train, train_config
 
 

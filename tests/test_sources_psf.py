@@ -10,8 +10,8 @@ import pytest
 from astropy.io import fits
 from scipy.signal import fftconvolve
 
-from hpc_lensiam.config import InstrumentConfig, simulation_config
-from hpc_lensiam.errors import UserError
+from hpc_lensiam.core.errors import UserError
+from hpc_lensiam.simulate.config import InstrumentConfig, simulation_config
 from hpc_lensiam.simulate.psf import PSFBank, convolve_same, fwhm_arcsec, resample_psf
 from hpc_lensiam.simulate.simulator import LensSimulator
 from hpc_lensiam.simulate.sources import CosmosCatalog

@@ -1,4 +1,4 @@
-"""Coverage of every interval in hpc_lensiam.stats, measured on synthetic predictions with a known truth.
+"""Coverage of every interval in hpc_lensiam.evaluation.stats, measured on synthetic predictions with a known truth.
 
 Each coverage test draws REPS independent test sets (and seeds) from a model whose population value
 is known in closed form, builds the 95% interval on each, and counts how often it holds the truth.
@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from hpc_lensiam.stats import (
+from hpc_lensiam.evaluation.stats import (
     bootstrap_auc,
     bootstrap_interval,
     hierarchical_paired_difference,
@@ -243,7 +243,7 @@ def test_probe_reports_r2_intervals_over_lens_systems(tmp_path, capsys):
     from test_embed import _write_emb
 
     from hpc_lensiam.embed.probe import probe
-    from hpc_lensiam.io import LENS_PARAMS
+    from hpc_lensiam.shards.manifest import LENS_PARAMS
 
     rng = np.random.default_rng(4)
     systems = 400

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from scipy.stats import ks_2samp
 
-from hpc_lensiam.simulate.show import iter_samples
+from hpc_lensiam.shards.reader import iter_samples
 from hpc_lensiam.simulate.sources import half_light_radius_pix
 from hpc_lensiam.simulate.survey import survey_config
 from hpc_lensiam.simulate.survey.mass import CompositeMass, effective_slope, einstein_radius
@@ -56,6 +56,7 @@ def population(tmp_path_factory):
         )
         rows.append(
             {
+                "params": p,
                 "is_lens": p["is_lens"],
                 "theta_E": p["lens"]["theta_E"],
                 "arc_frac": v["arc_flux_fraction"],
@@ -134,9 +135,8 @@ def test_composite_theta_E_matches_lenstronomy_grid_estimate():
     from hpc_lensiam.simulate.survey.config import MassPrior
 
     cm = CompositeMass(MassPrior())
-    mass = cm.draw(
-        np.random.default_rng(1), {"theta_E_sis": 1.0}, {"R_sersic": 1.2, "n_sersic": 4.0}, 0.7, 0.3, (0.0, 0.0), 6.0
-    )
+    defl = {"theta_E_sis": 1.0, "z_lens": 0.5, "z_source": 2.0, "sigma_v_km_s": 250.0}
+    mass = cm.draw(np.random.default_rng(1), defl, {"R_sersic": 1.2, "n_sersic": 4.0}, 0.7, 0.3, (0.0, 0.0), 6.0)
     eff = cm.effective(mass, guess=1.0)
     grid = LensProfileAnalysis(cm.lens_model).effective_einstein_radius_grid(
         cm.kwargs(mass), center_x=0.0, center_y=0.0, grid_num=400, grid_spacing=0.01
@@ -255,18 +255,24 @@ def test_cosmos_sources_are_recorded_and_pass_the_cuts(cosmos_set, cosmos_dir):
 
 def test_cosmos_source_flux_and_size_match_the_population_draw(cosmos_set, cosmos_dir):
     """Rendered unlensed and noiseless with the simulator's own numerics, a COSMOS source's counts are the
-    drawn magnitude's (within 1%), and on a fine grid its half-light radius is the drawn R_sersic (3%)."""
+    drawn magnitude's (within 1%), and on a fine grid its half-light radius is the drawn R_sersic (3%). The
+    fine grid follows the source (R_sersic / 30 per pixel, 16 R_sersic wide; done by rendering the source
+    scaled to R = 0.3" on a 0.01"/px grid, 4.8" wide): a fixed 0.01"/px, 1.6" grid
+    cut the wings of a 0.25" galaxy (0.229") and under-resolved a 0.07" one (+3.1%) once non-lenses drew
+    their own galaxies (issue 28)."""
     _, params = cosmos_set
     sim = _survey_sim(cosmos_dir)
-    fine = _survey_sim(cosmos_dir, num_pix=160, pixel_scale_arcsec=0.01)
+    fine = _survey_sim(cosmos_dir, num_pix=480, pixel_scale_arcsec=0.01)
     sources = [p["views"][0]["source"] for p in params if p["views"][0]["source"] is not None]
     assert len(sources) >= 4
     for src in sources:
         centred = {**src, "center_x": 0.02, "center_y": -0.03}
         cps = sim.observation.magnitude_to_cps(src["mag"])
         assert sim._source_cps(sim.unlensed_rays(), centred).sum() == pytest.approx(cps, rel=0.01)
-        image = fine._source_cps(fine.unlensed_rays(), {**centred, "stamp_block": fine.stamp_block(src["scale"])})
-        assert half_light_radius_pix(image) * 0.01 == pytest.approx(src["R_sersic"], rel=0.03)
+        k = 0.3 / src["R_sersic"]  # the source k x larger on the 0.01"/px grid = a grid k x finer
+        big = {**centred, "scale": src["scale"] * k, "stamp_block": fine.stamp_block(src["scale"] * k)}
+        image = fine._source_cps(fine.unlensed_rays(), big)
+        assert half_light_radius_pix(image) * 0.01 / k == pytest.approx(src["R_sersic"], rel=0.03)
 
 
 def test_adaptive_supersampling_converges_where_factor_1_does_not():
@@ -382,7 +388,7 @@ def _numeric_fields(cls):
 def test_every_survey_number_is_bounded():
     """Every number of every survey config section has an allowed range: an absurd value either way is
     one ConfigError naming the key and the allowed range (the paper family's config validates likewise)."""
-    from hpc_lensiam.errors import ConfigError
+    from hpc_lensiam.core.errors import ConfigError
     from hpc_lensiam.simulate.survey import config as sc
 
     sections = {
@@ -391,6 +397,7 @@ def test_every_survey_number_is_bounded():
         "observation": sc.ObservationSettings,
         "selection": sc.SelectionCuts,
         "source": sc.SurveySourceSettings,
+        "negatives": sc.NegativeMix,
     }
     checked = 0
     for section, cls in sections.items():
@@ -426,3 +433,212 @@ def test_too_strict_selection_stops_after_the_first_draws_naming_the_cut(bin_dir
     proc = _survey_cli(bin_dir, out, loose)  # the same --out, a config that passes: accepted
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "manifest.json").is_file()
+
+
+# ------------------------------------------------------------------ issue 28: the survey family's physics
+def _source_mag_bounds(sim, z):
+    """Apparent magnitudes the source prior allows at redshift z (the population's absolute range)."""
+    pop = sim.population
+    shift = pop.cosmo.distance_modulus(z) - 2.5 * np.log10(1.0 + z)
+    lo, hi = pop.prior.source_M
+    return lo + shift, hi + shift
+
+
+def _edge_glow(sim, p, n_frame=3):
+    """Whether the PSF-convolved background galaxy (arcs or unlensed image) puts a pixel above the background
+    noise sigma in the outer ``n_frame`` pixels of the field: the glow the old non-lens construction gave."""
+    v = p["views"][0]
+    if v["source"] is None:
+        return False
+    try:
+        rays = sim.rays(p["mass"], p["lens"]["theta_E"])
+    except TypeError:  # before issue 28 (6): no central-image core
+        rays = sim.rays(p["mass"])
+    img = sim.psf_bank.convolve(sim._source_cps(rays, v["source"]), v["psf_id"])
+    frame = np.ones(img.shape, bool)
+    frame[n_frame:-n_frame, n_frame:-n_frame] = False
+    return bool((img[frame] > v["background_sigma_cps"]).any())
+
+
+def test_non_lens_galaxies_are_physical_and_stay_in_the_field(population):
+    """Issue 28 (1): a non-lens's background galaxy has a magnitude and size drawn like any unlensed source
+    (within the source prior and the size-luminosity relation; no rescaling to the arcs' flux, which gave
+    magnitudes down to -139) and its image stays in the field: the share of non-lenses whose galaxy glows in
+    the field's edge is no larger than the lenses' (before: 5% of euclid non-lenses, no lens)."""
+    _, rows = population
+    sim = SurveySimulator(survey_config(preset="euclid", mode="single", **GRID))
+    prior = sim.population.prior
+    n_src, glow = 0, {0: [], 1: []}
+    for r in rows:
+        p = r["params"]
+        glow[r["is_lens"]].append(_edge_glow(sim, p))
+        src = p["views"][0]["source"]
+        if r["is_lens"] or src is None:
+            continue
+        n_src += 1
+        z = p["mass"]["z_source"]
+        lo, hi = _source_mag_bounds(sim, z)
+        assert lo - 1e-6 <= src["mag"] <= hi + 1e-6, (src["mag"], lo, hi)
+        M = src["mag"] - sim.population.cosmo.distance_modulus(z) + 2.5 * np.log10(1.0 + z)
+        expected = (
+            np.log10(prior.source_size_R_kpc_at_M_star)
+            + prior.source_size_dlogR_dM * (M - prior.source_M_star)
+            + prior.source_size_z_power * np.log10(1.0 + z)
+        )
+        observed = np.log10(src["R_sersic"] * sim.population.cosmo.kpc_per_arcsec(z))
+        assert abs(observed - expected) <= 5 * prior.source_size_scatter_dex, (observed, expected)
+    assert n_src >= 15
+    lens_glow, non_glow = np.mean(glow[1]), np.mean(glow[0])
+    n_non = len(glow[0])
+    assert non_glow <= lens_glow + 3 * np.sqrt(max(lens_glow, 0.01) * (1 - lens_glow) / n_non), (non_glow, lens_glow)
+
+
+def test_noise_over_max_and_image_max_do_not_tell_the_classes_apart(population):
+    """Issue 28 (1): the stored image's normalisation (its maximum, the noise relative to it) is not a cue."""
+    _, rows = population
+    nm = {
+        c: np.array([r["params"]["views"][0]["background_sigma_cps"] / r["max_cps"] for r in rows if r["is_lens"] == c])
+        for c in (0, 1)
+    }
+    assert ks_2samp(nm[0], nm[1]).pvalue > 0.05
+    assert ks_2samp(_col(rows, "max_cps", 1), _col(rows, "max_cps", 0)).pvalue > 0.05
+
+
+def test_negatives_include_look_alikes_counted_by_kind(population):
+    """Issue 28 (2): non-lenses are not 51-53% a lone elliptical: rings, spirals, mergers and groups in the
+    configured mix, each recorded as ``negative_kind`` (lenses: null)."""
+    from hpc_lensiam.simulate.survey.config import NEGATIVE_KINDS, NegativeMix
+
+    _, rows = population
+    kinds = [r["params"]["negative_kind"] for r in rows if not r["is_lens"]]
+    assert all(r["params"]["negative_kind"] is None for r in rows if r["is_lens"])
+    mix = NegativeMix()
+    n = len(kinds)
+    for kind in NEGATIVE_KINDS:
+        f = getattr(mix, kind)
+        count = kinds.count(kind)
+        assert abs(count - f * n) <= 4 * np.sqrt(n * f * (1 - f)) and count > 0, (kind, count, n)
+    with_neighbours = {0: [], 1: []}
+    for r in rows:
+        p = r["params"]
+        look = p["views"][0]["lookalike"]
+        kind = p["negative_kind"]
+        if not r["is_lens"]:
+            assert bool(look) == (kind in ("ring", "spiral", "merger", "group")), (kind, look)
+        else:
+            assert all(c["kind"] in ("sersic", "spiral") for c in look)  # lenses: companions, spiral light
+        with_neighbours[r["is_lens"]].append(any(c["kind"] == "sersic" for c in look))
+    # a companion is no class cue: lenses have them as often as non-lenses (merger + group = 0.3)
+    f0, f1 = np.mean(with_neighbours[0]), np.mean(with_neighbours[1])
+    spirals = [any(c["kind"] == "spiral" for c in r["params"]["views"][0]["lookalike"]) for r in rows if r["is_lens"]]
+    assert abs(np.mean(spirals) - 0.1) <= 4 * np.sqrt(0.1 * 0.9 / len(spirals)) and any(spirals)
+    assert abs(f0 - f1) <= 3 * np.sqrt(0.3 * 0.7 * (1 / len(with_neighbours[0]) + 1 / len(with_neighbours[1]))), (
+        f0,
+        f1,
+    )
+
+
+def test_look_alike_profiles_carry_their_magnitude():
+    """The ring (and tidal-tail segment) and spiral-disk profiles integrate to the flux they are given."""
+    from hpc_lensiam.simulate.survey.simulator import ring_sb, spiral_sb
+
+    x, y = np.meshgrid(np.linspace(-8, 8, 1601), np.linspace(-8, 8, 1601))
+    area = (16 / 1600) ** 2
+    base = {"q": 0.7, "phi": 0.4, "center_x": 0.1, "center_y": -0.2}
+    ring = {**base, "kind": "ring", "radius": 1.2, "width": 0.15}
+    tail = {**ring, "arc_center_rad": 1.0, "arc_sigma_rad": 0.5}
+    spiral = {**base, "kind": "spiral", "scale_length": 0.8, "arm_amplitude": 0.7, "pitch_rad": 0.3, "arm_phase": 1}
+    for comp, sb in ((ring, ring_sb), (tail, ring_sb), (spiral, spiral_sb)):
+        assert sb(x, y, comp, 3.0).sum() * area == pytest.approx(3.0, rel=0.01), comp
+        assert (sb(x, y, comp, 3.0) >= 0).all()
+
+
+def test_negative_mix_must_sum_to_one():
+    from hpc_lensiam.core.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"config\.negatives\.elliptical\+ring\+spiral\+merger\+group: .* sum to 1\.2"
+    ):
+        survey_config(preset="euclid", negatives={"elliptical": 0.6})
+
+
+def test_no_lens_below_the_resolvability_cut_or_the_magnitude_limit(population):
+    """Issue 28 (3): theta_E >= 1.5 PSF FWHM (0.31" for VIS; before: 18% below 0.3") and deflectors no fainter
+    than VIS 22.5 (before: 43% fainter), in both classes (non-lenses share the selected deflectors)."""
+    _, rows = population
+    sim = SurveySimulator(survey_config(preset="euclid", mode="single", **GRID))
+    assert sim.min_theta_E_arcsec == pytest.approx(1.5 * np.median(sim.psf_fwhm)) and sim.min_theta_E_arcsec > 0.3
+    for r in rows:
+        assert r["theta_E"] >= sim.min_theta_E_arcsec, r["theta_E"]
+        assert r["defl_mag"] <= 22.5, r["defl_mag"]
+
+
+def test_hst_preset_is_one_band_f814w():
+    """Issue 28 (4): the hst preset's zero point, sky and noise are ACS/WFC F814W's, the band of its 814 nm PSF
+    (before: WFC3/F160W's 25.96 and 22.3 with an 814 nm PSF)."""
+    from hpc_lensiam.simulate.psf import PSFBank, fwhm_arcsec
+    from hpc_lensiam.simulate.survey.noise import Observation
+
+    cfg = survey_config(preset="hst")
+    obs = Observation("hst", cfg.instrument.pixel_scale_arcsec, cfg.observation)
+    assert obs.zero_point == 25.94 and obs.kwargs["sky_brightness"] == 22.1 and obs.kwargs["exposure_time"] == 2200.0
+    assert cfg.instrument.wavelength_nm == 814.0 and cfg.instrument.pixel_scale_arcsec == 0.05
+    fwhm = np.median([fwhm_arcsec(k, 0.05) for k in PSFBank.from_config(cfg).kernels])
+    assert 0.08 <= fwhm <= 0.11  # ACS/WFC F814W
+
+
+def test_euclid_psf_is_as_wide_as_vis():
+    """Issue 28 (7): the euclid preset's PSF bank has the VIS PSF's 0.207" FWHM (before: 0.17-0.18")."""
+    from hpc_lensiam.simulate.psf import PSFBank, fwhm_arcsec
+
+    cfg = survey_config(preset="euclid")
+    fwhm = [fwhm_arcsec(k, 0.1) for k in PSFBank.from_config(cfg).kernels]
+    assert np.median(fwhm) == pytest.approx(0.207, abs=0.003) and min(fwhm) > 0.195
+
+
+def test_halo_concentration_on_the_c_m_relation_and_stellar_m_l_capped(population):
+    """Issue 28 (5): c200 is Duffy et al. (2008)'s c(M200, z) times the recorded log-normal offset, r_s = r200/c,
+    the halo carries the non-stellar share of the SIS mass inside theta_E_SIS, and M*/L_r <= 8 (before: r_s
+    drawn freely, 14% of M/L above 8)."""
+    from lenstronomy.LensModel.Profiles.nfw import NFW
+
+    from hpc_lensiam.simulate.survey.mass import concentration_duffy08
+
+    _, rows = population
+    sim = SurveySimulator(survey_config(preset="euclid", mode="single", **GRID))
+    cosmo = sim.population.cosmo
+    for r in rows:
+        m = r["params"]["mass"]
+        h, z = m["halo"], m["z_lens"]
+        c = concentration_duffy08(h["M200_msun"], z, 0.7) * 10 ** h["c200_dex_offset"]
+        assert h["c200"] == pytest.approx(c, rel=1e-9)
+        r200 = (3 * h["M200_msun"] / (4 * np.pi * 200 * cosmo.rho_crit_msun_kpc3(z))) ** (1 / 3)
+        assert h["Rs"] * cosmo.kpc_per_arcsec(z) * h["c200"] == pytest.approx(r200, rel=1e-6)
+        a_h, _ = NFW().derivatives(m["theta_E_sis"], 0.0, Rs=h["Rs"], alpha_Rs=h["alpha_Rs"])
+        f_star = m["stellar"]["stellar_fraction_theta_E_sis"]
+        assert a_h == pytest.approx((1 - f_star) * m["theta_E_sis"], rel=1e-4)
+        assert m["stellar_mass_to_light_r"] <= 8.0 * (1 + 1e-6)
+        assert 1e11 < h["M200_msun"] < 3e15 and 1.5 < h["c200"] < 15  # to cluster haloes of 330 km/s BCGs
+
+
+def test_central_images_are_suppressed(population):
+    """Issue 28 (6): the lensed light that reaches the image from within 0.1 theta_E of the centre (the central
+    image: the composite's finite-density stellar core made it |mu| 0.05-0.57) is below 1% of the source's,
+    as in real lenses; rendered noiseless on a 0.02"/px grid around the lens."""
+    _, rows = population
+    lenses = [r["params"] for r in rows if r["is_lens"]][:25]
+    fine = SurveySimulator(
+        survey_config(preset="euclid", mode="single", instrument={"num_pix": 100, "pixel_scale_arcsec": 0.02})
+    )
+    worst = 0.0
+    for p in lenses:
+        src, theta = p["views"][0]["source"], p["lens"]["theta_E"]
+        try:
+            rays = fine.rays(p["mass"], theta)
+        except TypeError:  # before issue 28 (6)
+            rays = fine.rays(p["mass"])
+        img = fine._source_cps(rays, src)
+        cx, cy = p["lens"]["center_x"], p["lens"]["center_y"]
+        inner = np.hypot(fine.grid.x_pix_arcsec - cx, fine.grid.y_pix_arcsec - cy) < 0.1 * theta
+        worst = max(worst, img[inner].sum() / fine.observation.magnitude_to_cps(src["mag"]))
+    assert worst < 0.01, worst

@@ -10,10 +10,10 @@ import pytest
 import torch
 from scipy import stats
 
-from hpc_lensiam.config import SimulationConfig, simulation_config
-from hpc_lensiam.errors import UserError
-from hpc_lensiam.io import LENS_PARAMS
+from hpc_lensiam.core.errors import UserError
+from hpc_lensiam.shards.manifest import LENS_PARAMS
 from hpc_lensiam.simulate import priors
+from hpc_lensiam.simulate.config import SimulationConfig, simulation_config
 from hpc_lensiam.simulate.simulator import LensSimulator
 from hpc_lensiam.simulate.sources import SourceRenderer, core_sersic_amp_for_unit_flux
 from hpc_lensiam.simulate.torch_physics import core_sersic_unit_flux_amp, epl_series_terms, epl_shear_deflection

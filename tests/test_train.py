@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from conftest import launcher_env, torchrun_cmd, train_tiny
-from hpc_lensiam.config import TrainConfig
-from hpc_lensiam.errors import ConfigError, UserError
-from hpc_lensiam.train.checkpoint import load_checkpoint, load_model_state
+from hpc_lensiam.core.errors import ConfigError, UserError
+from hpc_lensiam.models.weights import load_checkpoint, load_model_state
+from hpc_lensiam.train.config import TrainConfig
 from hpc_lensiam.train.loop import lr_at, scaled_lr, train, train_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -293,7 +293,7 @@ def test_resnet101_one_step(lensiam_shards, tmp_path):
 
 
 def test_bf16_autocast_correctness(lensiam_shards, tmp_path):
-    from hpc_lensiam.models.simsiam import SimSiam, simsiam_loss
+    from hpc_lensiam.models.methods.simsiam import SimSiam, simsiam_loss
     from hpc_lensiam.train.engine import Engine
 
     cfg = _cfg(lensiam_shards, tmp_path / "bf16", precision="bf16", max_steps=2)
@@ -402,7 +402,7 @@ def test_gloo_sync_batchnorm_equals_full_batch_batchnorm(tmp_path):
 
 
 def test_deepspeed_config_generated_or_from_json(tmp_path):
-    from hpc_lensiam.train.engine import deepspeed_config
+    from hpc_lensiam.train.plan import deepspeed_config
 
     cfg = TrainConfig(batch_size=8, grad_accum=2, precision="bf16", zero_stage=1)
     ds = deepspeed_config(cfg, world_size=4)

@@ -19,9 +19,10 @@ import torch
 
 from conftest import train_tiny
 from hpc_lensiam.cli import main
-from hpc_lensiam.errors import ConfigError
+from hpc_lensiam.core.errors import ConfigError
+from hpc_lensiam.core.runtime import DeviceCaps
 from hpc_lensiam.train.loop import scaled_lr, train_config
-from hpc_lensiam.train.plan import DeviceCaps, make_plan
+from hpc_lensiam.train.plan import make_plan
 
 CPU = torch.device("cpu")
 # conftest.train_tiny's config, for a --resume of one of its runs
@@ -57,7 +58,7 @@ def _lars_relative_updates(engine, zero_stage: int) -> dict[str, float]:
     """|dW|/|W| per backbone weight after one LARS step through a real DeepSpeed engine."""
     import deepspeed
 
-    from hpc_lensiam.models.simsiam import SimSiam, simsiam_loss
+    from hpc_lensiam.models.methods.simsiam import SimSiam, simsiam_loss
     from hpc_lensiam.train.optim import LARS, _split_1d
 
     torch.manual_seed(0)
@@ -123,10 +124,10 @@ def test_lars_with_zero1_is_refused_in_one_line(lensiam_shards, tmp_path, capsys
 def test_vit_run_with_probe_data_logs_probe_rows(lensiam_shards, single_shards, tmp_path):
     """The training probe uses the backbone seam's features (head bypassed), so a ViT probes like a
     ResNet (it crashed on ``encoder.maxpool``), and equals an offline probe of the saved backbone."""
-    from hpc_lensiam.data.images import load_images
-    from hpc_lensiam.downstream.export import load_backbone
-    from hpc_lensiam.embed.probe import probe_arrays, split_by_key
-    from hpc_lensiam.io import LENS_PARAMS
+    from hpc_lensiam.evaluation.probe import probe_arrays, split_by_key
+    from hpc_lensiam.models.weights import load_backbone
+    from hpc_lensiam.shards.manifest import LENS_PARAMS
+    from hpc_lensiam.shards.reader import load_images
 
     run = train_tiny(
         lensiam_shards,
@@ -237,7 +238,7 @@ def test_rel_update_matches_a_manual_computation(lensiam_shards, tmp_path, engin
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from hpc_lensiam.models.methods import build_method
-    from hpc_lensiam.train.checkpoint import load_checkpoint
+    from hpc_lensiam.models.weights import load_checkpoint
 
     kw = dict(engine=engine, zero_stage=1 if engine == "deepspeed" else 0, ckpt_every=1, keep_last=0, base_lr=0.5)
     run = train_tiny(lensiam_shards, tmp_path / "run", **kw)
@@ -293,8 +294,8 @@ def test_more_torchrun_ranks_than_visible_gpus_is_the_packages_error(monkeypatch
     """torchrun --nproc_per_node 4 on a node with one visible GPU used to put all four ranks on
     cuda:0 and fail inside NCCL; the device rule (faked device count, on a CPU) now refuses it.
     One GPU per task from a launcher that binds them (Slurm/MPI, no torchrun) stays cuda:0."""
-    from hpc_lensiam.errors import UserError
-    from hpc_lensiam.runtime import device_for, runtime
+    from hpc_lensiam.core.errors import UserError
+    from hpc_lensiam.core.runtime import device_for, runtime
 
     env = {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}
     rt = runtime(env)
@@ -317,7 +318,7 @@ def test_torch_engine_records_its_device_and_each_mpi_rank_gets_its_gpu(tmp_path
     the plan and manifest record it and a rerun on the other type is refused instead of mixing two
     data sets in one folder. Under MPI a bare ``--device cuda`` is ``cuda:<local rank>`` per rank
     (it was ``cuda:0`` for every rank)."""
-    from hpc_lensiam.errors import UserError
+    from hpc_lensiam.core.errors import UserError
     from hpc_lensiam.simulate.writer import rank_device, simulate_shards
 
     assert [rank_device("cuda", r, 4) for r in range(4)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
@@ -340,15 +341,22 @@ def test_torch_engine_records_its_device_and_each_mpi_rank_gets_its_gpu(tmp_path
 
     from conftest import BIN
 
+    # each rank writes its own file: mpiexec may interleave the two ranks' stdout ("01" was seen under load)
     code = (
-        "from mpi4py import MPI; from hpc_lensiam.simulate.writer import _local_rank; "
-        "print(_local_rank(MPI.COMM_WORLD))"
+        "import sys; from pathlib import Path; from mpi4py import MPI; "
+        "from hpc_lensiam.simulate.writer import _local_rank; c = MPI.COMM_WORLD; "
+        "Path(sys.argv[1], f'rank{c.Get_rank()}').write_text(str(_local_rank(c)))"
     )
+    ranks = tmp_path / "ranks"
+    ranks.mkdir()
     proc = subprocess.run(
-        [str(BIN / "mpiexec"), "-n", "2", sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+        [str(BIN / "mpiexec"), "-n", "2", sys.executable, "-c", code, str(ranks)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(proc.stdout.split()) == ["0", "1"]
+    assert sorted(f.read_text() for f in ranks.iterdir()) == ["0", "1"]
 
 
 def test_resume_keeps_rows_written_before_the_rel_update_column(lensiam_shards, tmp_path, capsys):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpc_lensiam.io import LENS_PARAMS, read_manifest
+from hpc_lensiam.shards.manifest import LENS_PARAMS, read_manifest
 
 SMALL = "instrument:\n  num_pix: 40\n"
 

@@ -26,7 +26,6 @@ samples skipped since the last batch.
 from __future__ import annotations
 
 import functools
-import io
 import multiprocessing
 import os
 import random
@@ -36,15 +35,13 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from webdataset.filters import _shuffle
 
-from ..errors import UserError
-from ..integrity import IntegrityError, check_finite, shard_problem, shard_samples
-from ..io import read_manifest, shard_paths
-from ..rng import derive_seed
-from .tar import read_shard  # noqa: F401  (re-exported: the loader's tar reader)
+from ..core.errors import UserError
+from ..core.rng import derive_seed
+from ..shards.integrity import IntegrityError, check_finite, shard_problem, shard_samples
+from ..shards.manifest import NpyDecoder, read_manifest, shard_paths
 
 
 class ShardError(UserError):
@@ -64,7 +61,7 @@ LOADER_TIMEOUT = 600.0
 _HANDOVER = None  # shared with the forked workers: why a worker could not hand over its batch
 
 
-def _handover_buffer():
+def handover_buffer():
     """The shared buffer (created once in the main process, before it forks workers), emptied."""
     global _HANDOVER
     if _HANDOVER is None:
@@ -147,30 +144,6 @@ def _stop_workers(it, failed: bool = False) -> None:
     for w in getattr(it, "_workers", ()):
         if w.is_alive():
             w.kill()
-
-
-class NpyDecoder:
-    """``np.save`` bytes -> float32 2-D array view; parses the header once, then ``np.frombuffer``."""
-
-    def __init__(self):
-        self.header = b""
-        self.shape = None
-
-    def __call__(self, data: bytes) -> np.ndarray:
-        if not self.header or not data.startswith(self.header):
-            self._parse(data)
-        return np.frombuffer(data, dtype=np.float32, count=self.count, offset=len(self.header)).reshape(self.shape)
-
-    def _parse(self, data: bytes) -> None:
-        f = io.BytesIO(data)
-        version = np.lib.format.read_magic(f)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
-        shape, fortran, dtype = read_header(f)
-        if dtype != np.float32 or fortran or len(shape) != 2:
-            raise ValueError(f"expected a C-order float32 2-D npy array, got {dtype} {shape}")
-        self.header, self.shape, self.count = data[: f.tell()], shape, int(np.prod(shape))
-        if len(data) != f.tell() + 4 * self.count:
-            raise ValueError(f"npy payload is {len(data) - f.tell()} bytes, expected {4 * self.count}")
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -414,7 +387,7 @@ class ShardLoader:
         """Batches ``start .. batches_per_epoch-1`` of ``epoch`` (the same ones whatever ``start``)."""
         self.dataset.epoch, self.dataset.start = epoch, start
         closing = multiprocessing.RawValue("b", 0)  # shared with the workers (fork), read in a handler
-        _handover_buffer()
+        handover_buffer()
         # torch's DataLoader itself (not wds.WebLoader, whose iterator hides _shutdown_workers: the
         # workers then lived on until interpreter exit, and a worker's error took 100 s to end the job)
         loader = torch.utils.data.DataLoader(

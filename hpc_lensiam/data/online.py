@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import INSTRUMENT_PRESETS, SimulationConfig, simulation_config
-from ..errors import UserError
-from ..rng import derive_seed
+from ..core.errors import UserError
+from ..core.rng import derive_seed
+from ..simulate.config import INSTRUMENT_PRESETS, SimulationConfig, simulation_config
 
 PREFIX = "online"
 FAMILIES = ("paper",)  # simulation families the torch renderer implements (the EPL + shear one)

@@ -23,10 +23,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..config import to_dict
-from ..errors import UserError
-from ..io import MANIFEST_NAME, read_manifest, sha256_file, sha256_json
-from ..runtime import cpu_budget_warning
+from ..core.config import to_dict
+from ..core.errors import UserError
+from ..core.io import sha256_file, sha256_json
+from ..core.runtime import cpu_budget_warning
+from ..shards.manifest import MANIFEST_NAME, read_manifest
 from .online import PREFIX, OnlineLoader, online_config
 
 

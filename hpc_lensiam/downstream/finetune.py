@@ -18,11 +18,11 @@
   ``--freeze-backbone`` the backbone runs once in eval mode and only the linear head is trained.
 - ``--task classify --target is_lens`` (survey-family sets): the lens-finding task, logistic head and
   BCE, reporting ROC AUC and TPR at FPR 1e-2 / 1e-3 with bootstrap intervals and the ROC curve
-  (tasks.py, classify_metrics.py); the rest of this page holds for both tasks.
+  (tasks.py, evaluation/classify.py); the rest of this page holds for both tasks.
 - Report: test R^2 with a bootstrap 95% interval (1000 resamples, seeded), residual sigma and RMSE
   in the target's units; one line on stdout and, with ``--json``, a JSON file (atomic) that also
   keeps the test targets and predictions, so two backbones can be compared pairwise
-  (``hpc-lensiam compare``; the statistics live in :mod:`hpc_lensiam.stats`). ``--seeds 0,1,2``
+  (``hpc-lensiam compare``; the statistics live in :mod:`hpc_lensiam.evaluation.stats`). ``--seeds 0,1,2``
   runs the recipe once per seed (:mod:`hpc_lensiam.downstream.seeds`).
 """
 
@@ -36,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.images import load_images
-from ..errors import UserError
-from ..io import MANIFEST_NAME, atomic_write_json, check_output_file, read_manifest, sha256_file
-from .model_file import check_model_path, data_grid
+from ..core.errors import UserError
+from ..core.io import atomic_write_json, check_output_file, sha256_file
+from ..shards.manifest import MANIFEST_NAME, data_grid, read_manifest
+from ..shards.reader import load_images
+from .model_file import check_model_path, with_linear_head
 from .model_file import save_model as save_model_file
 from .tasks import make_task
 
@@ -47,23 +48,6 @@ DEFAULT_ARCH = "resnet101"
 
 
 # ---------------------------------------------------------------------------------------- model
-def _with_linear_head(features, in_chans: int, dim: int):
-    """The library model (head = Identity) fed the export contract's input, with ``fc = Linear(D, 1)``:
-    a grayscale image ``(N, 1, H, W)`` goes in repeated on the model's ``in_chans`` channels (3 for a
-    torchvision ResNet, whose folded ``conv1`` then gives the trained features; 1 for a timm ViT)."""
-    import torch.nn as nn
-
-    class LinearHead(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.features, self.in_chans, self.fc = features, in_chans, nn.Linear(dim, 1)
-
-        def forward(self, x):
-            return self.fc(self.features(x.repeat(1, self.in_chans, 1, 1)))
-
-    return LinearHead()
-
-
 def build_model(backbone: str, arch: str | None, seed: int, img_size: int | None = None):
     """(library backbone with a ``Linear(D, 1)`` head ``fc``, description dict).
 
@@ -75,7 +59,7 @@ def build_model(backbone: str, arch: str | None, seed: int, img_size: int | None
     import torch
 
     from ..models.backbones import ARCHS, BACKBONES, recognise
-    from .export import read_backbone_file, read_sidecar
+    from ..models.weights import read_backbone_file, read_sidecar
 
     if arch is not None and arch not in BACKBONES:
         raise UserError(f"--arch: {arch!r} is not one of {', '.join(ARCHS)}")
@@ -109,7 +93,7 @@ def build_model(backbone: str, arch: str | None, seed: int, img_size: int | None
     if side_px:
         desc["img_size"] = side_px
     desc["feature_dim"], desc["in_chans"] = spec.feature_dim, in_chans
-    return _with_linear_head(features, in_chans, spec.feature_dim), desc
+    return with_linear_head(features, in_chans, spec.feature_dim), desc
 
 
 def _batches(n: int, batch_size: int, gen=None, drop_single: bool = False):
@@ -384,7 +368,7 @@ def finetune(
     linear head on the backbone; return (and print) the test report. The tasks are in :mod:`.tasks`."""
     import torch
 
-    from ..runtime import device_for, runtime
+    from ..core.runtime import device_for, runtime
 
     rt = runtime(command="finetune")  # one process: refuses `srun -n N` copies writing the same report
     task = make_task(task, target)
@@ -476,7 +460,7 @@ def finetune(
 
 def model_meta(task, desc: dict, recipe: dict, report: dict, train_dir: str, val_residual_sigma: float) -> dict:
     """What a saved model carries besides its weights (:mod:`.model_file`)."""
-    from ..io import UNITS
+    from ..shards.manifest import UNITS
 
     metrics = {k: report[k] for k in ("r2", "r2_ci95", "residual_sigma", "bias", "auc", "auc_ci95") if k in report}
     return {

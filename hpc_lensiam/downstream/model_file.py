@@ -23,8 +23,8 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import UserError
-from ..io import atomic_path
+from ..core.errors import UserError
+from ..core.io import atomic_path
 
 FORMAT = "hpc_lensiam.model/1"
 META_KEY = "hpc_lensiam"
@@ -38,7 +38,7 @@ def seed_path(path: str | os.PathLike, seed: int, n_seeds: int) -> Path:
 
 def check_model_path(path: str | os.PathLike) -> None:
     """``--save-model`` must name a ``.safetensors`` file in a writable place (checked before training)."""
-    from ..io import check_output_file
+    from ..core.io import check_output_file
 
     if Path(path).suffix != ".safetensors":
         raise UserError(f"--save-model {path}: expected a file name ending in .safetensors")
@@ -56,18 +56,6 @@ def save_model(path: str | os.PathLike, net, meta: dict) -> Path:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
     return Path(path)
-
-
-def data_grid(data_dir: str | os.PathLike) -> dict:
-    """The pixel grid of a shard set: ``{"pixel_scale_arcsec", "image_shape"}`` from its manifest
-    (an ingested set's target grid, a simulated set's instrument; None where it does not say)."""
-    from ..io import read_manifest
-
-    m = read_manifest(data_dir)
-    cfg = m.get("config") or {}
-    scale = m.get("pixel_scale_arcsec") or (cfg.get("instrument") or {}).get("pixel_scale_arcsec")
-    scale = scale if scale is not None else cfg.get("pixel_scale_arcsec")
-    return {"pixel_scale_arcsec": None if scale is None else float(scale), "image_shape": m.get("image_shape")}
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -92,20 +80,36 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
+def with_linear_head(features, in_chans: int, dim: int):
+    """The library model (head = Identity) fed the export contract's input, with ``fc = Linear(D, 1)``:
+    a grayscale image ``(N, 1, H, W)`` goes in repeated on the model's ``in_chans`` channels (3 for a
+    torchvision ResNet, whose folded ``conv1`` then gives the trained features; 1 for a timm ViT)."""
+    import torch.nn as nn
+
+    class LinearHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features, self.in_chans, self.fc = features, in_chans, nn.Linear(dim, 1)
+
+        def forward(self, x):
+            return self.fc(self.features(x.repeat(1, self.in_chans, 1, 1)))
+
+    return LinearHead()
+
+
 def load_model(path: str | os.PathLike):
     """(network in eval mode on the CPU, metadata) from a saved model: the library backbone of the
     recorded arch with its linear head, loaded strictly (every key present, no key left over)."""
     from safetensors.torch import load_file
 
     from ..models.backbones import BACKBONES
-    from .finetune import _with_linear_head
 
     meta = read_meta(path)
     spec = BACKBONES.get(meta.get("arch"))
     if spec is None:
         raise UserError(f"--model {path}: arch {meta.get('arch')!r} is not a known backbone")
     features, in_chans = spec.library(meta.get("img_size"))
-    net = _with_linear_head(features, in_chans, spec.feature_dim)
+    net = with_linear_head(features, in_chans, spec.feature_dim)
     try:
         missing, unexpected = net.load_state_dict(load_file(str(path)), strict=False)
     except RuntimeError as exc:  # shape mismatch

@@ -8,7 +8,7 @@
   1-sigma uncertainty ``sqrt(sd_seeds^2 + sigma_val^2)``: the spread over the fine-tuning seeds (what
   the fit does not pin down) plus the models' residual sd on their validation split (the scatter
   of a single model around the truth, which a seed ensemble alone does not see: with 3 seeds the
-  spread alone covered far fewer than 68% of held-out truths). It is one number per model, so it
+  spread alone covered 32% of held-out truths, the sum 76%; docs/evaluation.md). It is one number per model, so it
   does not grow for an unusual image; a heteroscedastic head would, at the cost of a second output
   and a Gaussian-NLL loss (not built). Calibration is measured, not assumed: with labels the
   metrics give the fraction of truths within 1 and 2 sigma (0.68 / 0.95 when calibrated).
@@ -20,8 +20,9 @@
   ``key``, ``source`` (the data folder), the source file of an ingested image, the prediction,
   its uncertainty, each model's prediction, and the true value when the set is labelled. With labels
   also ``<out>.metrics.json`` and ``<out>_pred_vs_true.png`` (the 1:1 line drawn).
-- One process (the models run in turn over the images of each folder, which are read whole into
-  memory: ~48 kB per 110 px image).
+- One process, or every rank of ``torchrun`` (``torchrun --nproc_per_node N -m hpc_lensiam predict
+  ...``): every rank reads each folder (whole, into memory: ~48 kB per 110 px image), predicts every
+  N-th image from its rank on with every model, and rank 0 gathers the shares and writes the outputs.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from ..io import atomic_path, atomic_write_json, check_output_file
-from .model_file import data_grid, load_model, read_meta
+from ..core.errors import UserError
+from ..core.io import atomic_path, atomic_write_json, check_output_file
+from ..shards.manifest import data_grid
+from .model_file import load_model, read_meta
 from .tasks import make_task
 
 TABLE_SUFFIXES = (".csv", ".fits")
@@ -112,7 +114,7 @@ def regression_metrics(y: np.ndarray, p: np.ndarray, sigma: np.ndarray, n_boot: 
     """Point and calibration metrics of predictions ``p`` +- ``sigma`` against truths ``y``."""
     from scipy.stats import spearmanr
 
-    from ..stats import r2
+    from ..evaluation.stats import r2
 
     d = p - y
     rel = np.abs(d) / np.abs(y)
@@ -196,53 +198,95 @@ def predict(
 ) -> dict:
     """Predict every image of ``data_dirs`` with the ensemble ``models``; write the catalogue ``out``
     (and metrics + a plot where the sets are labelled); return the metrics dict."""
-    from ..data.images import load_images
-    from ..runtime import device_for, runtime
+    from ..core.runtime import ControlGroup, device_for
+    from ..shards.reader import load_images
+
+    world = ControlGroup(command="predict")  # one process, or every rank of torchrun
+    try:
+        metas = check_args(models, data_dirs, out, batch_size)
+        warnings = [w for w in (check_grid(d, models, metas, allow_grid_mismatch) for d in data_dirs) if w]
+        for w in warnings if world.rank == 0 else ():
+            print(w, file=sys.stderr, flush=True)
+        device = device_for(world.rt)
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(device)
+        nets, tasks = [], []
+        for m, meta in zip(models, metas):
+            net, _ = load_model(m)
+            nets.append(net.to(device))
+            t = make_task(meta["task"], meta["target"])
+            t.load_state(meta["task_state"])
+            tasks.append(t)
+        rows, truths = [], []
+        for d in data_dirs:
+            keys, xs, labels, params = load_images(d, what="--data", verify=verify, with_params=True)
+            each = _predict_share(world, nets, tasks, xs, batch_size, device)
+            if world.rank == 0:
+                truths.append(labels[:, tasks[0].column])
+                rows.extend(_rows(d, keys, params, each, truths[-1], metas))
+        if world.rank != 0:
+            return {"rank": world.rank}
+        return _write_outputs(rows, truths, metas, models, data_dirs, out, n_boot)
+    finally:
+        world.close()
+
+
+def _predict_share(world, nets, tasks, xs: np.ndarray, batch_size: int, device) -> np.ndarray | None:
+    """Every model's decoded prediction (M, N) of the images ``xs``: this rank predicts every
+    ``world.size``-th image from its rank on, rank 0 gathers the shares (None on other ranks)."""
     from .finetune import predict as run_net
 
-    rt = runtime(command="predict")
-    metas = check_args(models, data_dirs, out, batch_size)
-    warnings = [w for w in (check_grid(d, models, metas, allow_grid_mismatch) for d in data_dirs) if w]
-    for w in warnings:
-        print(w, file=sys.stderr, flush=True)
-    task = metas[0]["task"]
-    target = metas[0]["target"]
-    unit = metas[0].get("unit", "")
-    device = device_for(rt)
-    nets, tasks = [], []
-    for m, meta in zip(models, metas):
-        net, _ = load_model(m)
-        nets.append(net.to(device))
-        t = make_task(task, target)
-        t.load_state(meta["task_state"])
-        tasks.append(t)
+    mine = np.arange(world.rank, len(xs), world.size)
+    part = np.stack([t.decode(run_net(net, xs[mine], batch_size, device)) for net, t in zip(nets, tasks)])
+    shares = world.gather((mine, part))
+    if shares is None:
+        return None
+    each = np.empty((len(nets), len(xs)))
+    for idx, pred in shares:
+        each[:, idx] = pred
+    return each
 
-    rows, y_all, p_all, s_all = [], [], [], []
-    pred_col = "p_lens" if task == "classify" else f"{target}_pred"
-    sig_col = "p_lens_sd" if task == "classify" else f"{target}_sigma"
-    for d in data_dirs:
-        keys, xs, labels, params = load_images(d, what="--data", verify=verify, with_params=True)
-        each = np.stack([t.decode(run_net(net, xs, batch_size, device)) for net, t in zip(nets, tasks)])
-        mean = each.mean(axis=0)
-        spread = each.std(axis=0, ddof=1) if len(nets) > 1 else np.zeros_like(mean)
-        if task == "regress":
-            aleatoric = np.sqrt(np.mean([meta["val_residual_sigma"] ** 2 for meta in metas]))
-            sigma = np.sqrt(spread**2 + aleatoric**2)
-        else:
-            sigma = spread
-        column = tasks[0].column
-        truth = labels[:, column]
-        for i, key in enumerate(keys):
-            name, cols = _name_and_columns(key, params[i])
-            row = {"name": name, "key": key, "source": str(Path(d).resolve()), **cols}
-            row[pred_col], row[sig_col] = float(mean[i]), float(sigma[i])
-            for j in range(len(nets)):
-                row[f"{pred_col}_m{j}"] = float(each[j, i])
-            row[f"{target}_true"] = float(truth[i]) if np.isfinite(truth[i]) else None
-            rows.append(row)
-        y_all.append(truth), p_all.append(mean), s_all.append(sigma)
+
+def columns(meta: dict) -> tuple[str, str]:
+    """The catalogue's prediction and uncertainty columns for a model's task."""
+    if meta["task"] == "classify":
+        return "p_lens", "p_lens_sd"
+    return f"{meta['target']}_pred", f"{meta['target']}_sigma"
+
+
+def _rows(data_dir: str, keys, params, each: np.ndarray, truth: np.ndarray, metas: list[dict]) -> list[dict]:
+    """Catalogue rows of one folder: the ensemble's mean and sigma (see the module docstring)."""
+    task, target = metas[0]["task"], metas[0]["target"]
+    pred_col, sig_col = columns(metas[0])
+    mean = each.mean(axis=0)
+    spread = each.std(axis=0, ddof=1) if len(each) > 1 else np.zeros_like(mean)
+    if task == "regress":
+        aleatoric = np.sqrt(np.mean([meta["val_residual_sigma"] ** 2 for meta in metas]))
+        sigma = np.sqrt(spread**2 + aleatoric**2)
+    else:
+        sigma = spread
+    rows = []
+    for i, key in enumerate(keys):
+        name, cols = _name_and_columns(key, params[i])
+        row = {"name": name, "key": key, "source": str(Path(data_dir).resolve()), **cols}
+        row[pred_col], row[sig_col] = float(mean[i]), float(sigma[i])
+        for j in range(len(each)):
+            row[f"{pred_col}_m{j}"] = float(each[j, i])
+        row[f"{target}_true"] = float(truth[i]) if np.isfinite(truth[i]) else None
+        rows.append(row)
+    return rows
+
+
+def _write_outputs(rows, truths, metas, models, data_dirs, out: str, n_boot: int) -> dict:
+    """Rank 0: the catalogue, and where objects are labelled the metrics file and the plot."""
+    task, target, unit = metas[0]["task"], metas[0]["target"], metas[0].get("unit", "")
+    pred_col, sig_col = columns(metas[0])
     write_table(rows, out)
-    y, p, s = np.concatenate(y_all), np.concatenate(p_all), np.concatenate(s_all)
+    y = np.concatenate(truths)
+    p = np.array([r[pred_col] for r in rows])
+    s = np.array([r[sig_col] for r in rows])
     labelled = np.isfinite(y)
     result = {"n": len(rows), "n_labelled": int(labelled.sum()), "models": [str(m) for m in models], "out": out}
     stem = str(Path(out).with_suffix(""))
@@ -259,7 +303,7 @@ def predict(
                 f"{metrics['within_2sigma']:.0%}"
             )
         else:
-            from .classify_metrics import classification_report
+            from ..evaluation.classify import classification_report
 
             metrics = classification_report(yl.astype(int), pl, n_boot, 0) if len(np.unique(yl)) == 2 else {}
             if metrics:

@@ -9,7 +9,7 @@ after every seed, so an interrupted run loses at most the seed in progress.
 
 ``hpc-lensiam compare A.json B.json`` pairs the two reports seed by seed on the same test set and
 prints metric(A) - metric(B) with the hierarchical interval of
-:func:`hpc_lensiam.stats.hierarchical_paired_difference` (seeds and test images resampled
+:func:`hpc_lensiam.evaluation.stats.hierarchical_paired_difference` (seeds and test images resampled
 together). A single-seed report (``--seed``) counts as one seed. ``compare A_s0.json,A_s1.json
 B_s0.json,B_s1.json`` compares backbones pretrained with several seeds: the pretraining seeds and the
 fine-tuning seeds are then resampled as two levels (a backbone's fine-tunings share its luck).
@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from ..io import MANIFEST_NAME, atomic_write_json, sha256_file
-from ..stats import hierarchical_paired_difference, seed_summary
+from ..core.errors import UserError
+from ..core.io import atomic_write_json, sha256_file
+from ..evaluation.stats import hierarchical_paired_difference, seed_summary
+from ..shards.manifest import MANIFEST_NAME
 
 FORMAT = "hpc_lensiam.finetune_seeds/1"
 SUMMARY_KEYS = ("r2", "residual_sigma", "rmse", "bias", "auc")  # summarised where every seed has them

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from ..io import LENS_PARAMS, UNITS
+from ..core.errors import UserError
+from ..shards.manifest import LENS_PARAMS, UNITS
 
 IS_LENS_COLUMN = len(LENS_PARAMS)  # load_images labels: the 8 lens parameters, then is_lens
 
@@ -73,7 +73,7 @@ class RegressTask:
         return raw.astype(np.float64) * self.sd + self.mu
 
     def report(self, y: np.ndarray, p: np.ndarray, n_boot: int, seed: int, out_json: str | None) -> tuple[dict, str]:
-        from ..stats import bootstrap_r2, r2
+        from ..evaluation.stats import bootstrap_r2, r2
 
         resid = p - y
         score, ci = r2(y, p), bootstrap_r2(y, p, n_boot, seed)
@@ -140,7 +140,7 @@ class ClassifyTask:
         return 1.0 / (1.0 + np.exp(-raw.astype(np.float64)))  # lens probability
 
     def report(self, y: np.ndarray, p: np.ndarray, n_boot: int, seed: int, out_json: str | None) -> tuple[dict, str]:
-        from .classify_metrics import FPR_POINTS, classification_report, plot_roc
+        from ..evaluation.classify import FPR_POINTS, classification_report, plot_roc
 
         rep = classification_report(y, p, n_boot, seed)
         if out_json:

@@ -40,25 +40,16 @@ import json
 import os
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 
-from ..data.images import LABELS, image_rows, views_of
-from ..downstream.model_file import data_grid
-from ..errors import UserError
-from ..integrity import check_shards, shard_samples
-from ..io import (
-    LENS_PARAMS,
-    MANIFEST_NAME,
-    atomic_path,
-    check_output_file,
-    read_manifest,
-    sha256_file,
-    sha256_json,
-    shard_paths,
-)
+from ..core.errors import UserError
+from ..core.io import atomic_path, check_output_file, sha256_file, sha256_json
+from ..core.runtime import ControlGroup
+from ..shards.integrity import check_shards, shard_samples
+from ..shards.manifest import LENS_PARAMS, MANIFEST_NAME, data_grid, read_manifest, shard_paths
+from ..shards.reader import LABELS, image_rows, views_of
 
 FORMAT = "hpc_lensiam.embeddings/1"
 
@@ -106,7 +97,7 @@ def row_loader(
     import torch
     import webdataset as wds
 
-    from ..data.loader import LOADER_TIMEOUT, _handover_buffer, init_worker, worker_batches
+    from ..data.loader import LOADER_TIMEOUT, handover_buffer, init_worker, worker_batches
 
     workers = max(0, min(workers, len(paths)))
     ds = wds.DataPipeline(
@@ -117,7 +108,7 @@ def row_loader(
         wds.batched(batch_size, collation_fn=_collate, partial=True),
     )
     # torch's DataLoader itself, not wds.WebLoader: its iterator hides _shutdown_workers
-    _handover_buffer()
+    handover_buffer()
     loader = torch.utils.data.DataLoader(
         ds,
         batch_size=None,
@@ -129,51 +120,11 @@ def row_loader(
 
 
 # ------------------------------------------------------------------------------------ distribution
-class _World:
-    """torch.distributed under torchrun (gloo for the few control messages), else one process."""
-
-    def __init__(self):
-        import torch.distributed as dist
-
-        from ..runtime import die_with_parent, runtime, under_torchrun
-
-        self.dist = dist
-        self.created = False
-        self.group = None
-        self.rt = runtime(command="embed")  # refuses `srun -n N` without torchrun
-        if under_torchrun():
-            die_with_parent()
-        if self.rt.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=timedelta(hours=6))
-            self.created = True
-        if dist.is_initialized():
-            self.rank, self.size = dist.get_rank(), dist.get_world_size()
-            if dist.get_backend() != "gloo":  # caller's NCCL group: objects travel over gloo
-                self.group = dist.new_group(backend="gloo", timeout=timedelta(hours=6))
-        else:
-            self.rank, self.size = 0, 1
-
-    def barrier(self):
-        if self.size > 1:
-            self.dist.barrier(group=self.group)
-
-    def bcast(self, obj):
-        if self.size == 1:
-            return obj
-        box = [obj]
-        self.dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
-
-    def close(self):
-        if self.created:
-            self.dist.destroy_process_group()
-
-
 def _device():
-    """This rank's device, by the same rule as training (hpc_lensiam.runtime)."""
+    """This rank's device, by the same rule as training (hpc_lensiam.core.runtime)."""
     import torch
 
-    from ..runtime import device_for, runtime
+    from ..core.runtime import device_for, runtime
 
     device = device_for(runtime(command="embed"), exclusive=False)  # gloo: ranks may share a GPU
     if device.type == "cuda":
@@ -186,7 +137,7 @@ def embed_precision(device) -> str:
     (bf16 where native, else fp16: :func:`hpc_lensiam.train.plan.inference_dtype`)."""
     import torch
 
-    from ..train.plan import DeviceCaps, inference_dtype
+    from ..core.runtime import DeviceCaps, inference_dtype
 
     dtype = inference_dtype(DeviceCaps.detect(device))
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
@@ -422,7 +373,7 @@ def extract_embeddings(
     output's attributes. ``loader_timeout``: seconds to wait for one batch from the loader's workers
     (default ``data.loader.LOADER_TIMEOUT``), then a one-line error instead of a hang.
     """
-    from ..downstream.export import load_backbone, random_backbone
+    from ..models.weights import load_backbone, random_backbone
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
@@ -452,7 +403,7 @@ def extract_embeddings(
             raise UserError(f"--table {table}: expected a file ending in {' or '.join(TABLE_SUFFIXES)}")
         check_output_file(table, "--table")
 
-    world = _World()
+    world = ControlGroup(command="embed")
     try:
         start = time.perf_counter()
         if random_weights:  # same seed -> same weights on every rank
@@ -568,7 +519,7 @@ def _embed_part(backbone, jobs, batch_size, workers, part, run_id, n_rows, show,
 
     import torch
 
-    from ..train.plan import DeviceCaps, inference_dtype
+    from ..core.runtime import DeviceCaps, inference_dtype
 
     device = _device()
     model = backbone.to(device).eval()

@@ -33,8 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from ..io import atomic_write_json, check_output_file, decode_npy, read_manifest
+from ..core.errors import UserError
+from ..core.io import atomic_write_json, check_output_file
+from ..shards.manifest import read_manifest
 from .extract import load_embeddings
 
 IVF_MIN_ROWS = 50_000  # --anomaly switches from exact to IVF search above this many rows
@@ -141,7 +142,7 @@ def anomaly_scores(
 
 
 # -------------------------------------------------------------------------------------- images
-def _source_dirs(emb: dict) -> dict[str, str]:
+def source_dirs(emb: dict) -> dict[str, str]:
     """source name (as in the file's ``source`` column) -> shard folder."""
     a = emb["attrs"]
     dirs = json.loads(a["data_dirs"]) if "data_dirs" in a else [str(a.get("data_dir", ""))]
@@ -150,65 +151,40 @@ def _source_dirs(emb: dict) -> dict[str, str]:
 
 
 class ShardImages:
-    """Images and params.json read back from shards by (folder, key, view), one shard at a time."""
+    """Images and params.json read back from shards by (folder, key, view), one shard at a time
+    (:class:`hpc_lensiam.shards.reader.SamplesByKey`)."""
 
     def __init__(self):
-        self._cache: dict[str, dict] = {}
-        self._where: dict[str, dict[str, str]] = {}  # folder -> {key: shard}, for keys that are names
+        from ..shards.reader import SamplesByKey
 
-    def _index(self, data_dir: str) -> dict[str, str]:
-        """{key: shard} of a folder, from its shards' member names (read once)."""
-        import tarfile
-
-        if data_dir not in self._where:
-            index: dict[str, str] = {}
-            for shard in sorted(Path(data_dir).glob("shard-*.tar")):
-                with tarfile.open(shard) as t:
-                    for n in t.getnames():
-                        index.setdefault(n.rsplit("/", 1)[-1].split(".", 1)[0], str(shard))
-            self._where[data_dir] = index
-        return self._where[data_dir]
-
-    def _load(self, shard: str, key: str, data_dir: str) -> dict | None:
-        from ..data.loader import read_shard
-
-        if shard not in self._cache:
-            if not Path(shard).is_file():
-                raise UserError(f"{shard}: missing (needed for sample {key}; the embeddings name {data_dir})")
-            self._cache = {shard: {s["__key__"]: s for s in read_shard(shard)}}  # keep one shard
-        return self._cache[shard].get(key)
+        self._samples = SamplesByKey()
 
     def get(self, data_dir: str, key: str, view: int) -> tuple[np.ndarray, dict]:
-        """The simulator's keys ``AAAAAA_BBBBBB`` live in ``shard-AAAAAA.tar``; any other key (an
-        ingested object's name), or one not there, is looked up in the folder's index of shards."""
-        shard = str(Path(data_dir) / f"shard-{key.split('_')[0]}.tar")
-        sample = self._load(shard, key, data_dir) if Path(shard).is_file() else None
-        if sample is None:
-            shard = self._index(data_dir).get(key, shard)
-            sample = self._load(shard, key, data_dir)
-        if sample is None:
-            raise UserError(f"{shard}: no sample {key}")
+        from ..shards.integrity import decode_member
+
+        sample = self._samples.get(data_dir, key)
         name = next(n for n in (f"view{view}.npy", "image.npy") if n in sample)
-        return decode_npy(sample[name]), json.loads(sample["params.json"])
+        image = decode_member(sample[name], sample.get("__url__", data_dir), key, name)
+        return image, json.loads(sample["params.json"])
 
 
 def _caption(rank: int | None, sim: float | None, key: str, params: dict, label: str = "") -> str:
-    from ..simulate.show import caption
+    from ..shards.show import caption
 
     head = label or (f"#{rank}  cos {sim:.3f}" if rank is not None else "")
     return "\n".join(t for t in (head, key, caption(params)) if t)
 
 
 def _panel(img: np.ndarray, cap: str, params: dict, view: int, scale: float | None) -> dict:
-    """One figure panel: the image, its caption, its noise sigma and pixel scale (hpc_lensiam.display)."""
-    from ..display import noise_sigma
+    """One figure panel: the image, its caption, its noise sigma and pixel scale (hpc_lensiam.shards.display)."""
+    from ..shards.display import noise_sigma
 
     return {"image": img, "caption": cap, "sigma": noise_sigma(img, params, view)[0], "pixel_scale": scale}
 
 
 def _pixel_scales(dirs: dict[str, str]) -> dict[str, float | None]:
     """source name -> arcsec/pixel of its shard set (None where the manifest cannot be read)."""
-    from ..display import pixel_scale_of
+    from ..shards.display import pixel_scale_of
 
     out = {}
     for name, d in dirs.items():
@@ -220,8 +196,8 @@ def _pixel_scales(dirs: dict[str, str]) -> dict[str, float | None]:
 
 
 def draw_grid(panels: list[dict], out: str, title: str, stretch: str = "asinh") -> None:
-    """The query and its neighbours (or the top anomalies): :func:`hpc_lensiam.display.draw_panels`."""
-    from ..display import describe, draw_panels
+    """The query and its neighbours (or the top anomalies): :func:`hpc_lensiam.shards.display.draw_panels`."""
+    from ..shards.display import describe, draw_panels
 
     draw_panels(panels, out, f"{title}; {describe(stretch)}", stretch, max_cols=6, dpi=110)
 
@@ -251,10 +227,11 @@ def embed_image(
     """(feature vector, the ingested image, its ingest metadata) on the grid of the file's data."""
     import torch
 
-    from ..config import IngestConfig, from_dict
-    from ..downstream.export import load_backbone
+    from ..core.config import from_dict
+    from ..ingest.config import IngestConfig
     from ..ingest.prepare import prepare
     from ..ingest.read import inspect_cutout
+    from ..models.weights import load_backbone
 
     backbone, info = load_backbone(checkpoint)
     if info["weights_sha256"] != emb["attrs"].get("weights_sha256"):
@@ -263,7 +240,7 @@ def embed_image(
             f"{info['weights_sha256'][:12]} vs {str(emb['attrs'].get('weights_sha256'))[:12]}): "
             "features would not be comparable"
         )
-    data_dir = next(iter(_source_dirs(emb).values()))
+    data_dir = next(iter(source_dirs(emb).values()))
     manifest = read_manifest(data_dir)
     scale = manifest.get("pixel_scale_arcsec") or manifest["config"]["instrument"]["pixel_scale_arcsec"]
     cfg = from_dict(
@@ -304,8 +281,8 @@ def similar(
     stretch: str = "asinh",
 ) -> dict:
     """Nearest neighbours of one image (``key`` or ``image``), or ``anomaly`` scores of all; see module doc.
-    ``stretch``: the figure's image display (:mod:`hpc_lensiam.display`)."""
-    from ..display import check_stretch
+    ``stretch``: the figure's image display (:mod:`hpc_lensiam.shards.display`)."""
+    from ..shards.display import check_stretch
 
     check_stretch(stretch)
     if sum(x is not None and x is not False for x in (key, image, anomaly or None)) != 1:
@@ -329,7 +306,7 @@ def similar(
     t0 = time.perf_counter()
     mean = emb["features"].mean(0, dtype=np.float64).astype(np.float32)
     x = unit_vectors(emb.pop("features"), mean)  # the raw features are not needed again: one copy fewer
-    dirs = _source_dirs(emb)
+    dirs = source_dirs(emb)
     scales = _pixel_scales(dirs) if out else {}
     shards = ShardImages()
     report: dict = {"embeddings": str(embeddings), "rows": n, "k": k}

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from ..io import LENS_PARAMS, UNITS, atomic_path, check_output_file, read_manifest
+from ..core.errors import UserError
+from ..core.io import atomic_path, check_output_file
+from ..shards.manifest import LENS_PARAMS, UNITS, read_manifest
 from .extract import load_embeddings
 
 LABELS = {
@@ -200,7 +201,7 @@ def plot_panels(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..display import describe, draw_image, shorten
+    from ..shards.display import describe, draw_image, shorten
 
     n = len(coords)
     size = float(np.clip(20000.0 / max(n, 1), 0.3, 12.0))
@@ -272,10 +273,10 @@ def _cell(v) -> str:
 def _overlay_items(emb: dict) -> tuple[list[str], list[dict | None]]:
     """File names of ingested images (read back from their shards), else source/key; and a thumbnail
     panel (image, noise sigma, pixel scale) for the first MAX_THUMBS rows, None where unreadable."""
-    from ..display import noise_sigma, pixel_scale_of
-    from .similar import ShardImages, _source_dirs
+    from ..shards.display import noise_sigma, pixel_scale_of
+    from .similar import ShardImages, source_dirs
 
-    dirs, shards, labels, thumbs, scales = _source_dirs(emb), ShardImages(), [], [], {}
+    dirs, shards, labels, thumbs, scales = source_dirs(emb), ShardImages(), [], [], {}
     for i, (key, src, view) in enumerate(zip(emb["keys"], emb["source"], emb["view"])):
         try:
             img, params = shards.get(dirs[src], key, int(view))
@@ -313,7 +314,7 @@ def run_umap(
     ``overlay``: a second embeddings file (real images, same backbone) placed on the fitted map,
     marked, numbered and drawn as thumbnails; its rows go into the same CSV (``set`` = overlay).
     """
-    from ..display import check_stretch
+    from ..shards.display import check_stretch
 
     check_stretch(stretch)
     if seed < 0:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import IngestConfig
-from ..errors import UserError
-from ..simulate.psf import _overlap_matrix
+from ..core.errors import UserError
+from ..shards.resample import overlap_matrix
+from .config import IngestConfig
 from .read import CutoutInfo, read_cutout
 
 
@@ -49,8 +49,8 @@ def white_noise_gain(sx: float, sy: float, ny: int, nx: int, num_pix: int, scale
     """sigma of a target pixel / sigma of an input pixel for white noise through :func:`resample`
     (the central target pixel): sqrt(sum of squared overlap weights) along each axis."""
     c = num_pix // 2
-    wy = _overlap_matrix(ny, sy, num_pix, scale_out, (ny - 1) / 2.0)[c]
-    wx = _overlap_matrix(nx, sx, num_pix, scale_out, (nx - 1) / 2.0)[c]
+    wy = overlap_matrix(ny, sy, num_pix, scale_out, (ny - 1) / 2.0)[c]
+    wx = overlap_matrix(nx, sx, num_pix, scale_out, (nx - 1) / 2.0)[c]
     return float(np.sqrt((wy**2).sum() * (wx**2).sum()))
 
 
@@ -83,8 +83,8 @@ def resample(
     """Flux-conserving resample onto ``num_pix`` x ``num_pix`` pixels of ``scale_out_arcsec``,
     centred on the image centre (the same centring as the simulator's grid)."""
     ny, nx = image.shape
-    wy = _overlap_matrix(ny, scale_y_arcsec, num_pix, scale_out_arcsec, (ny - 1) / 2.0)
-    wx = _overlap_matrix(nx, scale_x_arcsec, num_pix, scale_out_arcsec, (nx - 1) / 2.0)
+    wy = overlap_matrix(ny, scale_y_arcsec, num_pix, scale_out_arcsec, (ny - 1) / 2.0)
+    wx = overlap_matrix(nx, scale_x_arcsec, num_pix, scale_out_arcsec, (nx - 1) / 2.0)
     return wy @ image @ wx.T
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import IngestConfig
-from ..errors import UserError
+from ..core.errors import UserError
+from .config import IngestConfig
 
 
 @dataclass

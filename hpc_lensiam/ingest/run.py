@@ -28,11 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
-from ..config import IngestConfig, to_dict
-from ..errors import UserError
-from ..io import LENS_PARAMS, MANIFEST_FORMAT, sha256_file, sha256_json
-from ..simulate.writer import ShardPlan, _check_existing, encode_sample, shard_name, write_shard_set, write_tar
+from ..core import __version__
+from ..core.config import to_dict
+from ..core.errors import UserError
+from ..core.io import sha256_file, sha256_json
+from ..shards.manifest import LENS_PARAMS, MANIFEST_FORMAT, UNITS, shard_name
+from ..shards.writer import ShardPlan, check_existing, encode_sample, write_shard_set, write_tar
+from .config import IngestConfig
 from .prepare import prepare
 from .read import CHANNEL_RULE, HDF5_SUFFIXES, PSF_DATASET, expand, find_psf, inspect_cutout, read_psf
 
@@ -175,6 +177,11 @@ def _labels_of(row: dict, what: str, line: int) -> dict:
     lab: dict = {}
     for name in LABEL_NAMES:
         v = row.get(name, "")
+        alias = f"{name}_arcsec" if UNITS.get(name) == "arcsec" else None  # lens-model tables say the unit
+        if alias and row.get(alias, "") != "":
+            if v != "" and float(v) != float(row[alias]):
+                raise UserError(f"{what}: line {line}: {name}={v!r} but {alias}={row[alias]!r}: give one of them")
+            v = row[alias]
         if v == "":
             continue
         try:
@@ -199,7 +206,8 @@ def read_labels(labels_csv: str, objs: list[Obj]) -> int:
     A row finds its object by ``file`` (the path as given, resolved, or the file name when unique)
     narrowed by ``hdu`` / ``idx`` / ``row`` for multi-object files; without ``file``, by ``name``/``id``
     (the object's default name) or, for a single ``.npy`` stack, by ``idx``/``row``. Lens parameters
-    (lenstronomy names) and ``is_lens`` are labels; every other column is kept in params.json under
+    (lenstronomy names; an angle also as ``NAME_arcsec``, as lens-model tables write ``theta_E_arcsec``)
+    and ``is_lens`` are labels; every other column is kept in params.json under
     ``catalog`` (RA, Dec, magnitudes, flags ...); a ``name``/``id`` cell renames the object, a
     ``pixel_scale`` cell gives its input pixel scale, a ``psf`` cell its PSF file. A column spelled like
     a label in another case (``theta_e``) is refused as a typo.
@@ -421,7 +429,7 @@ def ingest(
     progress: bool = True,
 ) -> dict:
     """Ingest real cutouts into single-mode shards under ``out_dir``; return the manifest."""
-    from ..simulate.mpi_env import mpi_world
+    from ..core.runtime import mpi_world
 
     cfg = config or IngestConfig()
     if bool(files) == bool(list_csv):
@@ -467,7 +475,7 @@ def ingest(
         "skipped_inputs": len(bad),
         "config_hash": sha256_json({"config": config, "inputs": kept, "labels": labels}),
     }
-    # the inputs' contents, by resolved path: compared on a rerun (writer._check_existing), so a file
+    # the inputs' contents, by resolved path: compared on a rerun (shards.writer.check_existing), so a file
     # edited between a killed run and its rerun is named and refused, never kept as stale shards
     plan["inputs"] = {"cutouts": {str(Path(objs[i].path).resolve()): seen[i]["sha256"] for i in good}}
     psfs = {
@@ -479,7 +487,7 @@ def ingest(
         plan["inputs"]["psfs"] = psfs
     plan["inputs_sha256"] = sha256_json(plan["inputs"])
     out = Path(out_dir)
-    _check_existing(out, plan)
+    check_existing(out, plan)
     shards = ShardPlan(len(good), cfg.shard_size)
     manifest = write_shard_set(out, plan, shards, progress, "ingest", _write_one(out, cfg, objs, good, shards))
     if rank == 0:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..config import SimulationConfig, merge, simulation_config
-from ..errors import UserError
+from ..core.config import merge
+from ..core.errors import UserError
+from .config import SimulationConfig, simulation_config
 
 FAMILIES = ("paper", "survey")
 

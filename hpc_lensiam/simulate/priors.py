@@ -11,8 +11,8 @@ import math
 
 import numpy as np
 
-from ..config import LensLightPrior, LensPrior, SourcePrior
-from ..io import LENS_PARAMS
+from ..shards.manifest import LENS_PARAMS
+from .config import LensLightPrior, LensPrior, SourcePrior
 
 
 def uniform(rng: np.random.Generator, bounds) -> float:

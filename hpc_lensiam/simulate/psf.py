@@ -15,30 +15,14 @@ from pathlib import Path
 import numpy as np
 from scipy import fft as sfft
 
-from ..errors import UserError
+from ..core.errors import UserError
+from ..shards.resample import overlap_matrix
 
 # header keys that may give a PSF file's pixel scale, in arcsec (CDELT is handled separately)
 _SCALE_KEYS_ARCSEC = ("PIXSCALE", "PIXELSCL", "PIXSCAL", "PIXSIZE", "SCALE")
 
 
 # ------------------------------------------------------------------------------------ resampling
-def _overlap_matrix(n_in: int, scale_in: float, n_out: int, scale_out: float, center_in: float) -> np.ndarray:
-    """(n_out, n_in) weights: length of input pixel j inside output pixel i, in input pixels.
-
-    Input pixel j covers [j - 0.5, j + 0.5] (input-pixel units); output pixels, ``scale_out``
-    wide, are laid out symmetrically around input coordinate ``center_in``. Summing input flux
-    with these weights integrates the (piecewise-constant) PSF over each output pixel, which
-    conserves flux.
-    """
-    r = scale_out / scale_in  # output pixel width in input pixels
-    edges_out = center_in + (np.arange(n_out + 1) - n_out / 2.0) * r
-    lo_in = np.arange(n_in) - 0.5
-    hi_in = lo_in + 1.0
-    lo = np.maximum(edges_out[:-1, None], lo_in[None, :])
-    hi = np.minimum(edges_out[1:, None], hi_in[None, :])
-    return np.clip(hi - lo, 0.0, None)
-
-
 def _centroid_near_peak(img: np.ndarray, radius: int, iterations: int = 3) -> tuple[float, float]:
     """Light centroid (row, col) in a window of ``radius`` pixels, started at the peak and re-centred
     on the centroid a few times: robust to noisy far wings, unbiased for a symmetric core."""
@@ -80,8 +64,8 @@ def resample_psf(
     n_out = min(size_pix, n_fit if n_fit % 2 == 1 else n_fit - 1)
     if n_out < 1:
         raise UserError(f"{where}: PSF image {img.shape} is smaller than one detector pixel")
-    wy = _overlap_matrix(img.shape[0], scale_in_arcsec, n_out, scale_out_arcsec, ci)
-    wx = _overlap_matrix(img.shape[1], scale_in_arcsec, n_out, scale_out_arcsec, cj)
+    wy = overlap_matrix(img.shape[0], scale_in_arcsec, n_out, scale_out_arcsec, ci)
+    wx = overlap_matrix(img.shape[1], scale_in_arcsec, n_out, scale_out_arcsec, cj)
     out = wy @ img @ wx.T
     s = out.sum()
     if not s > 0:

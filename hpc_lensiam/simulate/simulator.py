@@ -11,20 +11,17 @@ pair and both views evaluate their own source on the same source-plane coordinat
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 import numpy as np
 
-from ..config import SimulationConfig
-from ..errors import UserError
-from ..io import LENS_PARAMS
+from ..core.errors import UserError
+from ..shards.manifest import LENS_PARAMS
+from .config import SimulationConfig
 from .instrument import DetectorGrid
 from .priors import draw_lens, draw_lens_light, draw_source, uniform
 from .psf import PSFBank, convolve_same
 from .sources import CosmosCatalog, SourceRenderer
-
-log = logging.getLogger(__name__)
 
 LENS_MODEL_LIST = ("EPL_NUMBA", "SHEAR")
 _LENS_DEFAULTS = {"gamma": 2.0, "e1": 0.0, "e2": 0.0, "center_x": 0.0, "center_y": 0.0, "gamma1": 0.0, "gamma2": 0.0}
@@ -288,7 +285,7 @@ class LensSimulator(PairSampler):
     ) -> np.ndarray:
         """Render a chosen system; returns a float32 (num_pix, num_pix) image normalised to max 1.
 
-        lens: the 8 names of ``hpc_lensiam.io.LENS_PARAMS`` (theta_E required; gamma defaults to 2,
+        lens: the 8 names of ``hpc_lensiam.shards.manifest.LENS_PARAMS`` (theta_E required; gamma defaults to 2,
         the rest to 0). source: a dict with ``kind`` ("sersic" | "core_sersic" | "cosmos") and that
         profile's lenstronomy kwargs (a cosmos source takes "id" = IDENT or "image" = a 2-D stamp
         with "pixel_scale"), or a list of such dicts (summed). lens_light: SERSIC_ELLIPSE kwargs with

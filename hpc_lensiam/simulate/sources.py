@@ -8,16 +8,13 @@ dict into surface brightness at given source-plane coordinates.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-
-log = logging.getLogger(__name__)
+from ..core.errors import UserError
 
 CATALOG_NAMES = ("real_galaxy_catalog_25.2.fits", "real_galaxy_catalog_23.5.fits")
 REQUIRED_COLUMNS = ("IDENT", "GAL_FILENAME", "GAL_HDU", "PIXEL_SCALE", "NOISE_VARIANCE")

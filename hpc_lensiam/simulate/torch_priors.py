@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from ..config import LensLightPrior, LensPrior, SourcePrior
-from ..io import LENS_PARAMS
+from ..shards.manifest import LENS_PARAMS
+from .config import LensLightPrior, LensPrior, SourcePrior
 from .torch_physics import core_sersic_unit_flux_amp
 
 NONE, SERSIC, CORE_SERSIC, COSMOS = -1, 0, 1, 2

@@ -27,10 +27,10 @@ import warnings
 import numpy as np
 import torch
 
-from ..config import SimulationConfig
-from ..errors import UserError
-from ..io import LENS_PARAMS
+from ..core.errors import UserError
+from ..shards.manifest import LENS_PARAMS
 from . import torch_priors as tp
+from .config import SimulationConfig
 from .instrument import DetectorGrid
 from .psf import PSFBank
 from .simulator import check_lens

@@ -1,6 +1,6 @@
 """The one place that differs between DDP and DeepSpeed, and the only place with rank logic.
 
-``Engine(cfg)`` reads its rank and device from :mod:`hpc_lensiam.runtime` (which refuses several
+``Engine(cfg)`` reads its rank and device from :mod:`hpc_lensiam.core.runtime` (which refuses several
 processes started without torchrun), takes every device-dependent choice from the device plan
 (:mod:`.plan`: memory format, autocast dtype, loss scaler, SyncBatchNorm kind, DeepSpeed JSON,
 cudnn/TF32), joins the process group (NCCL with ``device_id`` on CUDA, gloo on CPU; a plain
@@ -31,27 +31,20 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..errors import UserError
-from ..runtime import backend_for, device_for, die_with_parent, init_distributed, runtime, under_torchrun
-from .checkpoint import (
-    DS_DIR,
-    LAST,
-    capture_rank_rng,
-    load_weights_only,
-    periodic_tags,
-    prune_deepspeed_tags,
-    save_checkpoint,
-    save_periodic,
-)
-from .optim import build_optimizer
-from .plan import (  # noqa: F401
-    DTYPES,
+from ..core.errors import UserError
+from ..core.runtime import (
     DeviceCaps,
-    DevicePlan,
-    apply_switches,
-    deepspeed_config,
-    make_plan,
+    backend_for,
+    device_for,
+    die_with_parent,
+    init_distributed,
+    runtime,
+    under_torchrun,
 )
+from ..models.weights import DS_DIR, LAST, load_weights_only
+from .checkpoint import capture_rank_rng, periodic_tags, prune_deepspeed_tags, save_checkpoint, save_periodic
+from .optim import build_optimizer
+from .plan import DevicePlan, apply_switches, make_plan
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -28,15 +28,16 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig, from_dict, merge, read_yaml, to_dict
+from ..core.config import from_dict, merge, read_yaml, to_dict
+from ..core.errors import UserError
+from ..core.rng import derive_seed
+from ..core.runtime import collective_failure
 from ..data.sources import source_for
-from ..errors import UserError
-from ..io import read_manifest
 from ..models.methods import build_method, lr_scaling_rule, recipe
 from ..models.methods.simsiam import z_std
-from ..rng import derive_seed
-from ..runtime import collective_failure
-from .checkpoint import LAST
+from ..models.weights import LAST
+from ..shards.manifest import read_manifest
+from .config import TrainConfig
 from .monitor import IMAGES_PER_PAIR, METRICS, Monitor
 from .resume import load_weights, restore, verify
 from .rundir import RESOLVED, RunDir
@@ -167,7 +168,7 @@ def _train(cfg, engine, out: Path, ckpt_dir: Path, resume: bool, stop: _StopSign
         train_one_epoch(cfg, engine, loader, sched, monitor, run, stop, progress, bar)
     monitor.close()
     if engine.is_main:  # RUN/loss.png beside metrics.csv; a plotting failure is one warning line
-        from ..display import plot_loss_safely
+        from ..shards.display import plot_loss_safely
 
         plot_loss_safely(out / "metrics.csv", out / "loss.png", 1 / math.sqrt(cfg.proj_dim))
     if bar is not None:

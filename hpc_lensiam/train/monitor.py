@@ -12,7 +12,7 @@ scalars as TensorBoard event files under ``RUN/tb/`` (``tensorboard --logdir RUN
   peak resident memory on a CPU;
 - with ``--probe-data DIR``, every ``probe_every`` steps, ``probe_r2_theta_E``, ``probe_r2_e1``,
   ``probe_r2_gamma``: the held-out ridge R^2 of those lens parameters from the backbone's features
-  of the first ``probe_samples`` samples of DIR (``embed/probe.py``'s ridge with its fixed split).
+  of the first ``probe_samples`` samples of DIR (``evaluation/probe.py``'s ridge with its fixed split).
   The curve of these numbers is what exposed the zero-init-residual problem (docs/results.md): a
   backbone can lower the SimSiam loss while its features lose the lens physics. The features are
   the backbone seam's (:func:`backbone_features`: the encoder with its head, the projector, bypassed),
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 PROBE_PARAMS = ("theta_E", "e1", "gamma")
 METRICS = (
@@ -104,9 +104,9 @@ class LensProbe:
     """Ridge R^2 of theta_E, e1, gamma from the backbone's features of a held-out shard set."""
 
     def __init__(self, data_dir: str, samples: int):
-        from ..data.images import load_images
-        from ..embed.probe import split_by_key
-        from ..io import LENS_PARAMS, read_manifest
+        from ..evaluation.probe import split_by_key
+        from ..shards.manifest import LENS_PARAMS, read_manifest
+        from ..shards.reader import load_images
 
         manifest = read_manifest(data_dir)
         n = min(samples, int(manifest["num_samples"]))
@@ -125,7 +125,7 @@ class LensProbe:
     def __call__(
         self, encoder: nn.Module, head: str, device: torch.device, dtype, memory_format, batch: int = 64
     ) -> dict:
-        from ..embed.probe import probe_arrays
+        from ..evaluation.probe import probe_arrays
 
         was_training = encoder.training
         encoder.eval()

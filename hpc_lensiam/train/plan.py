@@ -35,37 +35,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
+from ..core.runtime import DeviceCaps
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-NATIVE_BF16_CAPABILITY = (8, 0)
-
-
-@dataclass(frozen=True)
-class DeviceCaps:
-    """What the plan needs to know about a device. ``capability`` is CUDA's (major, minor)."""
-
-    type: str = "cpu"  # "cuda" | "cpu"
-    capability: tuple[int, int] | None = None
-    name: str = "cpu"
-
-    @property
-    def bf16_native(self) -> bool:
-        """torch.cuda.is_bf16_supported(including_emulation=False): Ampere (8.0) or newer; any CPU."""
-        if self.type != "cuda":
-            return True
-        return self.capability is not None and tuple(self.capability) >= NATIVE_BF16_CAPABILITY
-
-    @classmethod
-    def detect(cls, device: torch.device) -> DeviceCaps:
-        if device.type != "cuda":
-            return cls()
-        return cls("cuda", tuple(torch.cuda.get_device_capability(device)), torch.cuda.get_device_name(device))
-
-    @classmethod
-    def cuda(cls, capability=(9, 0), name: str = "H100-like (assumed)") -> DeviceCaps:
-        """A GPU's capabilities without a GPU: how the CPU tests build the CUDA plan."""
-        return cls("cuda", tuple(capability), name)
 
 
 @dataclass(frozen=True)
@@ -105,13 +78,6 @@ def check_precision(precision: str, caps: DeviceCaps, what: str = "--precision")
             f"(needs >= 8.0; torch would emulate it many times slower); use {what} fp16 "
             f"(autocast + loss scaling) or fp32"
         )
-
-
-def inference_dtype(caps: DeviceCaps) -> torch.dtype | None:
-    """Autocast dtype for embedding: bf16 where native, else fp16 on a GPU; None (fp32) on a CPU."""
-    if caps.type != "cuda":
-        return None
-    return torch.bfloat16 if caps.bf16_native else torch.float16
 
 
 def deepspeed_config(cfg, world_size: int) -> dict:

@@ -1,6 +1,6 @@
 """A training run folder that one job owns, and whose ``--resume`` continues the same run.
 
-* **Lock.** Global rank 0 holds ``RUN/.lock`` (``fcntl.flock``, see :mod:`hpc_lensiam.lock`) from
+* **Lock.** Global rank 0 holds ``RUN/.lock`` (``fcntl.flock``, see :mod:`hpc_lensiam.core.lock`) from
   start to end; every rank learns whether it got it before anything is written, so a second
   ``train`` into the same ``--out`` fails at once naming the holder's host and pid instead of
   overwriting run A's checkpoints and interleaving ``metrics.csv``. Leftover ``.tmp-*`` files of
@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import dump_yaml, to_dict
+from ..core.config import dump_yaml, to_dict
+from ..core.errors import UserError
+from ..core.io import TMP_PREFIX, atomic_write_text, sha256_json
+from ..core.lock import LOCK_NAME, DirLock, prepare_dir
 from ..data.sources import source_for
-from ..errors import UserError
-from ..io import TMP_PREFIX, atomic_write_text, sha256_json
-from ..lock import LOCK_NAME, DirLock, prepare_dir
 from .monitor import METRICS
 
 # What makes a resumed run the same run: its data (manifest sha256) and these keys. Not guarded:

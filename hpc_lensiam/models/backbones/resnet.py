@@ -40,7 +40,7 @@ def to_torchvision(bb: dict, arch: str):
     """Fold conv1, load into ``torchvision.models.<arch>()`` checking the missing/unexpected keys."""
     import torchvision
 
-    from ...errors import UserError
+    from ...core.errors import UserError
 
     state = fold_stem(bb, "conv1.weight")
     tv = getattr(torchvision.models, arch)(weights=None)

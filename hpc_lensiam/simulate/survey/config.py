@@ -1,6 +1,6 @@
 """Typed configuration of the survey family: population, composite mass, observation, selection.
 
-Validated once, like every config of the package (``hpc_lensiam.config.from_dict``): unknown keys,
+Validated once, like every config of the package (``hpc_lensiam.core.config.from_dict``): unknown keys,
 wrong types and impossible ranges raise a ConfigError naming the file and key. The resolved config
 (with ``lens_fraction`` filled in) is stored in the shard manifest, so a data set says how it was made.
 The priors and their sources are documented where they are drawn (population.py, mass.py).
@@ -12,20 +12,25 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...config import (
-    INSTRUMENT_PRESETS,
-    ConfigError,
-    InstrumentConfig,
-    Range,
-    _check_fraction,
-    from_dict,
-    read_yaml,
-)
+from ...core.config import Range, check_fraction, from_dict, read_yaml
+from ...core.errors import ConfigError
+from ..config import INSTRUMENT_PRESETS, InstrumentConfig
 
 FAMILY = "survey"
-# lenstronomy SimulationAPI observation configs used for each instrument preset (sky, read noise,
-# exposure, zero point); lenstronomy ships HST only as WFC3/F160W.
-OBSERVATIONS = {"euclid": ("Euclid", "VIS"), "hst": ("HST", "WFC3_F160W")}
+# Observation config of each instrument preset (sky, read noise, exposure, zero point): euclid is
+# lenstronomy's SimulationAPI Euclid VIS config; hst is ACS/WFC F814W, the band of the preset's 814 nm
+# PSF, given in noise.py (lenstronomy ships HST only as WFC3/F160W, whose sky and zero point do not go
+# with an 814 nm PSF; issue 28 (4)).
+OBSERVATIONS = {"euclid": ("Euclid", "VIS"), "hst": ("HST", "ACS_F814W")}
+
+# The survey family's changes to the package's instrument presets (config.INSTRUMENT_PRESETS, shared with
+# the paper family, which keeps them). euclid: the built-in diffraction PSF of a 1.2 m aperture at 725 nm
+# with the paper family's 0.4 px detector blur is 0.17-0.18" FWHM; the real VIS PSF is 0.207" (issue 28
+# (7); Euclid Collaboration: Cropper et al. 2024 quote 0.16-0.2" across the band and field, the Q1 lens
+# PSF of ../shared/data measures 0.207"). A 0.55 px Gaussian blur (charge diffusion, jitter and the
+# broad band together) gives a median FWHM of 0.207" over the bank (0.20-0.22"). hst: ACS/WFC F814W
+# at 0.05"/px drizzled, PSF 0.09-0.1" FWHM as built in.
+SURVEY_INSTRUMENT = {"euclid": {"detector_blur_sigma_pix": 0.55}, "hst": {}}
 
 
 # Allowed values of every number in a survey config: (low, high, low excluded, high excluded); a [min, max]
@@ -147,8 +152,8 @@ class MassPrior:
     """Composite mass: stellar Sersic (M/L from the lensing budget) + elliptical NFW + shear + m=3,4."""
 
     stellar_fraction_theta_E: Range = (0.45, 0.85)  # f_* inside theta_E (Auger et al. 2010, SLACS)
-    halo_r_s_kpc_median: float = 80.0  # NFW scale radius (Gavazzi+2007; Dutton & Maccio 2014)
-    halo_r_s_scatter_dex: float = 0.2
+    stellar_ml_r_max: float = 8.0  # cap on M*/L_r (solar): old populations, Salpeter to bottom-heavy IMF (mass.py)
+    halo_concentration_scatter_dex: float = 0.11  # scatter about c(M) of Duffy et al. (2008) (mass.py)
     halo_q_mean: float = 0.8
     halo_q_sigma: float = 0.1
     mass_light_q_sigma: float = 0.08  # stellar-mass axis ratio = light's + this scatter
@@ -158,11 +163,12 @@ class MassPrior:
     shear_max: float = 0.15
     a3_sigma_theta_E: float = 0.005  # multipoles a_m / theta_E (Van de Vyvere et al. 2022)
     a4_sigma_theta_E: float = 0.01
+    central_image_radius_theta_E: float = 0.12  # no lensed light, no image counted inside (simulator.py)
 
     BOUNDS: typing.ClassVar[Bounds] = {
         "stellar_fraction_theta_E": _closed(0.0, 1.0),
-        "halo_r_s_kpc_median": _above(0.0, 1000.0),
-        "halo_r_s_scatter_dex": _closed(0.0, 1.0),
+        "stellar_ml_r_max": _above(0.0, 100.0),
+        "halo_concentration_scatter_dex": _closed(0.0, 1.0),
         "halo_q_mean": _above(0.0, 1.0),
         "halo_q_sigma": _closed(0.0, 1.0),
         "mass_light_q_sigma": _closed(0.0, 1.0),
@@ -172,6 +178,7 @@ class MassPrior:
         "shear_max": _above(0.0, 0.5),
         "a3_sigma_theta_E": _closed(0.0, 0.5),
         "a4_sigma_theta_E": _closed(0.0, 0.5),
+        "central_image_radius_theta_E": _closed(0.0, 0.5),
     }
 
     def validate(self, where: str) -> None:
@@ -203,6 +210,10 @@ class SelectionCuts:
     min_magnification: float = 3.0  # total magnification of the source (extended)
     min_arc_snr: float = 20.0  # arc S/N over pixels where the arc exceeds 1 sigma of the noise
     resolution_factor: float = 1.0  # theta_E^2 > f^2 (r_source^2 + (FWHM / 2)^2)
+    min_theta_E_fwhm: float = 1.5  # resolvable: theta_E >= this x the PSF bank's median FWHM (3 half-widths)
+    min_theta_E_arcsec: float = 0.0  # and >= this explicit minimum (arcsec)
+    max_deflector_mag: float | None = 22.5  # deflector apparent magnitude limit (VIS 22.5); null: none
+    edge_frame_pix: int = 3  # the source's light stays below the noise in this outer frame (0: off; selection.py)
     min_images: int = 2  # a lens is multiply imaged (images with |mu| >= min_image_mag)
     min_image_mag: float = 0.1  # demagnified central images below this do not count
     source_tries: int = 20  # sources tried per deflector before a new deflector is drawn
@@ -212,6 +223,10 @@ class SelectionCuts:
         "min_magnification": _closed(0.0, 100.0),  # an extended source is rarely magnified past ~50
         "min_arc_snr": _closed(0.0, 1000.0),
         "resolution_factor": _closed(0.0, 10.0),
+        "min_theta_E_fwhm": _closed(0.0, 20.0),
+        "min_theta_E_arcsec": _closed(0.0, 10.0),
+        "max_deflector_mag": _closed(10.0, 35.0),
+        "edge_frame_pix": _closed(0, 50),
         "min_images": _closed(1, 5),  # a galaxy-scale lens makes at most 5 images (one is central)
         "min_image_mag": _closed(0.0, 100.0),
         "source_tries": _closed(1, 1000),
@@ -247,8 +262,63 @@ class SurveySourceSettings:
     }
 
     def validate(self, where: str) -> None:
-        _check_fraction(where, "cosmos_fraction", self.cosmos_fraction)
+        check_fraction(where, "cosmos_fraction", self.cosmos_fraction)
         _check_bounds(self, where, self.BOUNDS)
+
+
+NEGATIVE_KINDS = ("elliptical", "ring", "spiral", "merger", "group")
+
+
+@dataclass
+class NegativeMix:
+    """Kinds of non-lenses and their fractions (sum 1; simulator.py ``_lookalike`` draws each).
+
+    elliptical: the selected deflector alone (with an unlensed background galaxy or not); ring: its light
+    partly in a ring (collisional / polar / star-forming rings); spiral: a bulge + disk with two spiral arms;
+    merger: a close companion with a tidal tail; group: 1-3 early-type companions. The central galaxy keeps
+    the deflector's total magnitude in every kind, so the deflector magnitude distribution is that of lenses.
+    Lenses get companions too (``lens_companion_fraction``, as many as the merger and group non-lenses have),
+    so a neighbour is no class cue: lenses live in groups as often (their light only; their mass is left out).
+    ``lens_spiral_fraction`` of lenses have a spiral deflector's light (bulge + armed disk, the mass unchanged):
+    ~10-20% of galaxy-scale lenses are late types (Treu et al. 2011, SWELLS), so arms alone say no "non-lens".
+    """
+
+    elliptical: float = 0.4
+    ring: float = 0.15
+    spiral: float = 0.15
+    merger: float = 0.15
+    group: float = 0.15
+    ring_flux_fraction: Range = (0.05, 0.25)  # of the galaxy's light in its ring
+    ring_radius_theta_E: Range = (0.7, 1.5)  # ring radius / the deflector's theta_E (arc-like radii)
+    spiral_bulge_fraction: Range = (0.4, 0.8)  # B/T of lens-like (Sa-Sb) spirals
+    spiral_arm_amplitude: Range = (0.3, 0.8)  # m=2 modulation of the disk
+    companion_dmag: Range = (0.0, 2.5)  # companion magnitude - central galaxy's
+    companion_distance_arcsec: Range = (0.8, 3.0)
+    tail_flux_fraction: Range = (0.05, 0.2)  # of the pair's light in the tidal tail
+    lens_companion_fraction: float = 0.3  # lenses with 1-3 companions (light only): as many as merger + group
+    lens_spiral_fraction: float = 0.1  # lenses whose deflector light is a bulge + spiral disk (SWELLS-like)
+
+    BOUNDS: typing.ClassVar[Bounds] = {
+        **{k: _closed(0.0, 1.0) for k in NEGATIVE_KINDS},
+        "ring_flux_fraction": _closed(0.0, 1.0),
+        "ring_radius_theta_E": _above(0.0, 10.0),
+        "spiral_bulge_fraction": _closed(0.0, 1.0),
+        "spiral_arm_amplitude": _closed(0.0, 1.0),
+        "companion_dmag": _closed(-5.0, 10.0),
+        "companion_distance_arcsec": _above(0.0, 50.0),
+        "tail_flux_fraction": _closed(0.0, 1.0),
+        "lens_companion_fraction": _closed(0.0, 1.0),
+        "lens_spiral_fraction": _closed(0.0, 1.0),
+    }
+
+    def validate(self, where: str) -> None:
+        _check_bounds(self, where, self.BOUNDS)
+        total = sum(getattr(self, k) for k in NEGATIVE_KINDS)
+        if abs(total - 1.0) > 1e-6:
+            raise ConfigError(f"{where}.{'+'.join(NEGATIVE_KINDS)}: the fractions sum to {total:g}, not 1")
+
+    def fractions(self) -> list[float]:
+        return [getattr(self, k) for k in NEGATIVE_KINDS]
 
 
 @dataclass
@@ -263,6 +333,7 @@ class SurveySimulationConfig:
     observation: ObservationSettings = field(default_factory=ObservationSettings)
     selection: SelectionCuts = field(default_factory=SelectionCuts)
     source: SurveySourceSettings = field(default_factory=SurveySourceSettings)
+    negatives: NegativeMix = field(default_factory=NegativeMix)
     lens_fraction: float | None = None  # None: 0.5 in single mode, 1.0 for LenSiam pairs
     non_lens_source_absent_fraction: float = 0.5  # non-lenses: no source; else a singly imaged one
     cosmos_dir: str | None = None  # GalSim real-galaxy-catalog folder; None = analytic Sersic sources
@@ -276,8 +347,8 @@ class SurveySimulationConfig:
         if self.preset not in OBSERVATIONS:
             raise ConfigError(f"{where}.preset: {self.preset!r} is not one of {', '.join(OBSERVATIONS)}")
         if self.lens_fraction is not None:
-            _check_fraction(where, "lens_fraction", self.lens_fraction)
-        _check_fraction(where, "non_lens_source_absent_fraction", self.non_lens_source_absent_fraction)
+            check_fraction(where, "lens_fraction", self.lens_fraction)
+        check_fraction(where, "non_lens_source_absent_fraction", self.non_lens_source_absent_fraction)
         _check_bounds(self, where, {"psf_pixel_scale_arcsec": _above(0.0, 10.0)})
         if self.psf_bank_seed < 0:
             raise ConfigError(f"{where}.psf_bank_seed: must be >= 0, got {self.psf_bank_seed}")
@@ -313,7 +384,7 @@ def survey_config(
         raise ConfigError(
             f"{where}: unknown preset {name!r} for the survey family (expected one of: {', '.join(OBSERVATIONS)})"
         )
-    data["instrument"] = {**INSTRUMENT_PRESETS[name], **(data.get("instrument") or {})}
+    data["instrument"] = {**INSTRUMENT_PRESETS[name], **SURVEY_INSTRUMENT[name], **(data.get("instrument") or {})}
     for k, v in overrides.items():
         if v is None:
             continue

@@ -1,9 +1,11 @@
-"""Noise in physical units: lenstronomy's SimulationAPI observation configs (Euclid VIS, HST WFC3/F160W).
+"""Noise in physical units: Euclid VIS (lenstronomy's SimulationAPI config) and HST ACS/WFC F814W (below).
 
 The exposure time, number of exposures, sky brightness (mag/arcsec^2), read noise, CCD gain and
-magnitude zero point come from ``lenstronomy.SimulationAPI.ObservationConfig`` for the preset; the
-pixel scale is the preset's detector grid (euclid 0.1"/px ~ VIS's 0.101"; hst 0.05"/px, finer than
-F160W's 0.08", so its sky per pixel is scaled accordingly). Images are in electrons per second.
+magnitude zero point of euclid come from ``lenstronomy.SimulationAPI.ObservationConfig.Euclid`` (VIS);
+those of hst from ``ACS_F814W`` below: one band for the preset's sky, zero point, noise and its
+814 nm PSF (lenstronomy ships HST only as WFC3/F160W, which the hst preset used to mix with an
+814 nm PSF: issue 28 (4)). The pixel scale is the preset's detector grid (euclid 0.1"/px ~ VIS's
+0.101"; hst 0.05"/px, ACS/WFC's drizzled scale). Images are in electrons per second.
 
 The noise sigma per pixel is lenstronomy's ``SingleBand.estimate_noise`` (background: sky + read noise
 over all exposures; Poisson: Gaussian approximation of the source counts); the draw uses the numpy
@@ -18,12 +20,31 @@ import numpy as np
 
 from .config import OBSERVATIONS, ObservationSettings
 
+# HST ACS/WFC F814W, a one-orbit image like the SLACS lenses' (Bolton et al. 2008: ~2100-2200 s in F814W):
+# AB zero point 25.94 (ACS zero points, Bohlin 2016, AJ 152, 60: 25.937 for F814W), sky 22.1 AB mag/arcsec^2
+# (~0.085 e-/s per 0.05" pixel, average zodiacal + earthshine, ACS Instrument Handbook), read noise 4.5 e-
+# and gain 2 e-/ADU (ACS/WFC), PSF FWHM ~0.09-0.1" at 0.05"/px (the preset's 814 nm built-in bank).
+ACS_F814W = {
+    "exposure_time": 2200.0,
+    "sky_brightness": 22.1,
+    "magnitude_zero_point": 25.94,
+    "num_exposures": 1,
+    "read_noise": 4.5,
+    "ccd_gain": 2.0,
+    "pixel_scale": 0.05,
+    "seeing": 0.095,
+    "psf_type": "GAUSSIAN",
+}
+
 
 def observation_kwargs(preset: str, pixel_scale_arcsec: float, settings: ObservationSettings) -> dict:
-    """SingleBand kwargs of the preset's lenstronomy observation config, on our pixel grid."""
+    """SingleBand kwargs of the preset's observation config (module doc), on our pixel grid."""
     module, band = OBSERVATIONS[preset]
-    cls = getattr(importlib.import_module(f"lenstronomy.SimulationAPI.ObservationConfig.{module}"), module)
-    kw = cls(band=band).kwargs_single_band()
+    if band == "ACS_F814W":
+        kw = dict(ACS_F814W)
+    else:
+        cls = getattr(importlib.import_module(f"lenstronomy.SimulationAPI.ObservationConfig.{module}"), module)
+        kw = cls(band=band).kwargs_single_band()
     kw["pixel_scale"] = float(pixel_scale_arcsec)
     if settings.num_exposures is not None:
         kw["num_exposures"] = int(settings.num_exposures)

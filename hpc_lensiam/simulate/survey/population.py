@@ -60,6 +60,12 @@ class Cosmology:
         d_l_pc = self.d_m(z) * (1.0 + z) * 1e6
         return 5.0 * math.log10(d_l_pc) - 5.0
 
+    def rho_crit_msun_kpc3(self, z: float) -> float:
+        """Critical density of the universe at z (Msun / kpc^3, physical): the halo's overdensity reference."""
+        import astropy.units as u
+
+        return float(self.astropy.critical_density(z).to(u.Msun / u.kpc**3).value)
+
     def kpc_per_arcsec(self, z: float) -> float:
         return self.d_a(z) * 1e3 / RAD_TO_ARCSEC
 

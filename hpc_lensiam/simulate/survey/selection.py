@@ -6,7 +6,15 @@ A system is labelled lens when (thresholds in ``SelectionCuts``):
 - total magnification of the extended source >= ``min_magnification`` (Collett: 3);
 - arc signal-to-noise >= ``min_arc_snr`` (Collett: 20), summed over the pixels where the PSF-convolved
   arc exceeds the noise sigma (lens light perfectly subtracted, its Poisson noise kept);
-- the source is resolved inside the Einstein radius: theta_E^2 > f^2 (r_source^2 + (FWHM/2)^2).
+- the source is resolved inside the Einstein radius: theta_E^2 > f^2 (r_source^2 + (FWHM/2)^2);
+- its light lies in the cutout: no pixel of the PSF-convolved arcs in the outer ``edge_frame_pix`` pixels
+  of the field above the background noise sigma (a search's cutout is centred on the deflector and holds
+  its arcs). Non-lenses' background galaxies obey the same rule (simulator.py), so neither class has a
+  glow at the field's edge that the other lacks (issue 28 (1): 19% of hst non-lenses had one, no lens).
+
+Before any source, a deflector is a survey target only when it is bright enough (apparent magnitude <=
+``max_deflector_mag``, VIS 22.5 like Euclid's lens searches) and its theta_E is resolvable (>=
+``min_theta_E_fwhm`` x the median PSF FWHM of the bank and >= ``min_theta_E_arcsec``): ``min_theta_E_arcsec``.
 
 Images are counted on the ray-shot grid with the triangle test (Schneider, Ehlers & Falco 1992, sec.
 11.2): every grid cell is split in two triangles; a triangle whose source-plane image contains the
@@ -33,11 +41,13 @@ def image_multiplicity(
     xs: float,
     ys: float,
     min_abs_mag: float,
+    keep: np.ndarray | None = None,
 ) -> tuple[int, list[float]]:
     """(number of images with |mu| >= min_abs_mag, their |mu|) of the point (xs, ys).
 
     ``beta_x, beta_y``: source-plane coordinates of an ``n_side`` x ``n_side`` regular image grid
-    (lenstronomy order, row = y); ``cell_area_arcsec2``: the image-plane area of one grid cell.
+    (lenstronomy order, row = y); ``cell_area_arcsec2``: the image-plane area of one grid cell; ``keep``:
+    1/0 per grid point, cells with any 0 corner hold no image (the central-image core, simulator.py).
     """
     from scipy import ndimage
 
@@ -58,6 +68,9 @@ def image_multiplicity(
         tri_area = 0.5 * np.abs(_cross(q[0] - p[0], q[1] - p[1], r[0] - p[0], r[1] - p[1]))
         hit |= inside
         area = np.where(inside, np.minimum(area, tri_area), area)
+    if keep is not None:
+        k = np.asarray(keep).reshape(n_side, n_side) > 0
+        hit &= k[:-1, :-1] & k[:-1, 1:] & k[1:, :-1] & k[1:, 1:]
     labels, n = ndimage.label(hit, structure=np.ones((3, 3)))
     mags = []
     for i in range(1, n + 1):
@@ -65,6 +78,23 @@ def image_multiplicity(
         mags.append(0.5 * cell_area_arcsec2 / max(src_area, 1e-300))
     kept = sorted((m for m in mags if m >= min_abs_mag), reverse=True)
     return len(kept), kept
+
+
+def min_theta_E_arcsec(cuts: SelectionCuts, psf_fwhm_arcsec: float) -> float:
+    """Smallest theta_E a lens may have: resolvable (``min_theta_E_fwhm`` x the PSF FWHM, default 1.5 FWHM =
+    3 PSF half-widths) and at least ``min_theta_E_arcsec``. Below it the images merge with the deflector's
+    core into one blob and the label is noise (issue 28 (3): 18% of lenses had theta_E < 0.3")."""
+    return max(cuts.min_theta_E_arcsec, cuts.min_theta_E_fwhm * psf_fwhm_arcsec)
+
+
+def edge_snr(conv_cps: np.ndarray, background_sigma_cps: float, frame_pix: int) -> float:
+    """Brightest pixel of a PSF-convolved source image in the outer ``frame_pix`` pixels, in units of the
+    background noise sigma (0 with no frame)."""
+    if frame_pix <= 0:
+        return 0.0
+    frame = np.ones(conv_cps.shape, bool)
+    frame[frame_pix:-frame_pix, frame_pix:-frame_pix] = False
+    return float(conv_cps[frame].max() / background_sigma_cps)
 
 
 def arc_snr(arc_cps: np.ndarray, sigma_cps: np.ndarray) -> float:
@@ -84,6 +114,7 @@ def failed_cuts(
     theta_E: float,
     source_R_arcsec: float,
     psf_fwhm_arcsec: float,
+    edge_snr: float = 0.0,
 ) -> list[str]:
     """The ``SelectionCuts`` keys a measured source fails (empty: it passes)."""
     resolved = theta_E**2 > cuts.resolution_factor**2 * (source_R_arcsec**2 + (psf_fwhm_arcsec / 2) ** 2)
@@ -92,6 +123,7 @@ def failed_cuts(
         ("min_images", n_images >= cuts.min_images),
         ("min_magnification", magnification >= cuts.min_magnification),
         ("min_arc_snr", snr >= cuts.min_arc_snr),
+        ("edge_frame_pix", cuts.edge_frame_pix == 0 or edge_snr <= 1.0),
     )
     return [name for name, ok in checks if not ok]
 
@@ -110,15 +142,29 @@ class Rejections:
         "min_images": "image count",
         "min_magnification": "magnification",
         "min_arc_snr": "arc S/N",
+        "edge_frame_pix": "peak arc S/N per pixel in the edge frame",
+    }
+
+    DEFLECTOR = {
+        "max_deflector_mag": ("selection.max_deflector_mag", "lowest deflector magnitude", min),
+        "min_theta_E": ("selection.min_theta_E_fwhm / min_theta_E_arcsec", "highest theta_E", max),
     }
 
     def __init__(self) -> None:
+        self.deflector_rejected = dict.fromkeys(self.DEFLECTOR, 0)
+        self.deflector_best: dict[str, float] = {}
         self.draws = 0
         self.subcritical = 0  # deflectors without an Einstein radius
         self.sources = 0
         self.seen = dict.fromkeys(self.WHAT, 0)
         self.rejected = dict.fromkeys(self.WHAT, 0)
         self.best = dict.fromkeys(self.WHAT, float("-inf"))
+
+    def deflector(self, key: str, value: float) -> None:
+        """One deflector rejected by a deflector-level cut (``DEFLECTOR``) at measured ``value``."""
+        self.deflector_rejected[key] += 1
+        pick = self.DEFLECTOR[key][2]
+        self.deflector_best[key] = pick(self.deflector_best.get(key, value), float(value))
 
     def source(self, values: dict[str, float], failed: list[str]) -> None:
         """One source: ``values`` of the cuts it was checked against (key -> measured value), ``failed``
@@ -134,6 +180,13 @@ class Rejections:
         """One sentence: the cut that rejected the largest share of the sources it saw, with its threshold
         and the best value reached (or: every deflector was subcritical)."""
         head = f"{self.draws} deflector draws ({self.sources} sources tried)"
+        if self.sources == 0 and any(self.deflector_rejected.values()):
+            key = max(self.deflector_rejected, key=self.deflector_rejected.get)
+            name, what, _ = self.DEFLECTOR[key]
+            return (
+                f"{head}: {name} rejected {self.deflector_rejected[key]} of them (the {what} reached was "
+                f"{self.deflector_best[key]:.3g}); loosen it or widen the priors"
+            )
         if self.sources == 0:
             return (
                 f"{head}: no deflector had an Einstein radius ({self.subcritical} subcritical); "

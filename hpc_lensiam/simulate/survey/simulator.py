@@ -8,9 +8,11 @@ One sample:
    ``source_radius_theta_E`` x theta_E_SIS of the lens centre, until one passes the Collett-style cuts
    (selection.py); if a view finds none, the deflector is redrawn;
 3. non-lenses (probability 1 - lens_fraction, decided first): the same selected deflector (so both
-   classes share the deflector population exactly), with the source removed
-   (``non_lens_source_absent_fraction``) or moved outside the caustics (singly imaged, not magnified
-   past the cut); field interlopers are drawn for both classes alike;
+   classes share the deflector population exactly), without a background galaxy
+   (``non_lens_source_absent_fraction``) or with a new one drawn like any unlensed source (physical
+   magnitude, size-luminosity relation, never rescaled) outside the caustics and inside the field
+   (``_non_lens_source``); a look-alike kind (``negatives``: elliptical, ring, spiral, merger, group;
+   ``_lookalike``) recorded as ``negative_kind``; field interlopers are drawn for both classes alike;
 4. image (e-/s) = PSF * (lens light + lensed source + interlopers) + noise (noise.py), stored divided by
    its maximum (float32), as the paper family's images are; the maximum is stored (``image_max_cps``).
    Light is binned with the paper family's adaptive supersampling (DetectorGrid.bin_adaptive; the
@@ -30,22 +32,58 @@ import math
 
 import numpy as np
 
-from ...errors import UserError
-from ...io import LENS_PARAMS
+from ...core.errors import UserError
+from ...shards.manifest import LENS_PARAMS
 from ..instrument import DetectorGrid
 from ..psf import PSFBank, fwhm_arcsec
 from ..simulator import PairSampler
 from ..sources import CosmosCatalog, CosmosStamp, rebin_stamp
-from .config import SurveySimulationConfig
+from .config import NEGATIVE_KINDS, SurveySimulationConfig
 from .mass import CompositeMass
 from .noise import Observation
 from .population import M_SUN_R, Population
-from .selection import Rejections, arc_snr, failed_cuts, image_multiplicity
+from .selection import Rejections, arc_snr, edge_snr, failed_cuts, image_multiplicity, min_theta_E_arcsec
 
 # No sample accepted in the first this-many deflector draws of a simulator: stop at once, naming the cut
 # that rejected them (defaults need 1-3 draws per sample; selection.max_tries (2000) x ~0.5 s per draw at
 # the preset's grid would be ~20 minutes before the same error). Later samples keep max_tries.
 FAIL_FAST_DRAWS = 100
+
+
+def ring_sb(x, y, comp: dict, flux: float) -> np.ndarray:
+    """Surface brightness of an elliptical Gaussian ring (radius, width, axis ratio q, angle phi) of total
+    ``flux``; with ``arc_center_rad`` / ``arc_sigma_rad`` only a Gaussian-windowed segment of it (a tidal
+    tail). Normalised exactly: in the circularised frame (x', y'/q) the profile separates into a radial
+    Gaussian ring and an angular window, so the flux is q x the two integrals."""
+    from scipy.special import erf
+
+    c, s = math.cos(comp["phi"]), math.sin(comp["phi"])
+    dx, dy = np.asarray(x) - comp["center_x"], np.asarray(y) - comp["center_y"]
+    u, v = c * dx + s * dy, (-s * dx + c * dy) / comp["q"]
+    r, ang = np.hypot(u, v), np.arctan2(v, u)
+    R, w = comp["radius"], comp["width"]
+    radial = w**2 * math.exp(-(R**2) / (2 * w**2)) + R * w * math.sqrt(math.pi / 2) * (1 + erf(R / (math.sqrt(2) * w)))
+    sb = np.exp(-((r - R) ** 2) / (2 * w**2))
+    angular = 2 * math.pi
+    if comp.get("arc_sigma_rad"):
+        sig = comp["arc_sigma_rad"]
+        d = (ang - comp["arc_center_rad"] + math.pi) % (2 * math.pi) - math.pi
+        sb = sb * np.exp(-(d**2) / (2 * sig**2))
+        angular = sig * math.sqrt(2 * math.pi) * erf(math.pi / (math.sqrt(2) * sig))
+    return flux / (comp["q"] * radial * angular) * sb
+
+
+def spiral_sb(x, y, comp: dict, flux: float) -> np.ndarray:
+    """Surface brightness of an exponential disk (scale length h, axis ratio q) of total ``flux`` with two
+    logarithmic spiral arms: I = I0 exp(-r/h) (1 + A cos(2 (phi - ln(r/h) / tan(pitch)) - phase)). The arms
+    average to zero on every circle of the circularised frame, so the flux is the disk's, 2 pi q h^2 I0."""
+    c, s = math.cos(comp["phi"]), math.sin(comp["phi"])
+    dx, dy = np.asarray(x) - comp["center_x"], np.asarray(y) - comp["center_y"]
+    u, v = c * dx + s * dy, (-s * dx + c * dy) / comp["q"]
+    r, ang = np.hypot(u, v), np.arctan2(v, u)
+    h = comp["scale_length"]
+    arms = np.cos(2 * (ang - np.log(np.maximum(r, 1e-6) / h) / math.tan(comp["pitch_rad"])) - comp["arm_phase"])
+    return flux / (2 * math.pi * comp["q"] * h**2) * np.exp(-r / h) * (1 + comp["arm_amplitude"] * arms)
 
 
 class Rays:
@@ -54,14 +92,34 @@ class Rays:
     source tries and views of a sample share the mass, and their refined pixels overlap (the arcs).
     ``lens_model=None``: unlensed (source plane = image plane)."""
 
-    def __init__(self, grid: DetectorGrid, factor: int, lens_model=None, kwargs: list[dict] | None = None):
+    def __init__(
+        self,
+        grid: DetectorGrid,
+        factor: int,
+        lens_model=None,
+        kwargs: list[dict] | None = None,
+        core: tuple[float, float, float] | None = None,
+    ):
         self.grid, self.factor, self.lens_model, self.kwargs = grid, int(factor), lens_model, kwargs
+        self.core = core  # (centre x, centre y, radius): no lensed light from image-plane points inside
         x, y = grid.x_arcsec, grid.y_arcsec
         self.beta = lens_model.ray_shooting(x, y, kwargs) if lens_model is not None else (x, y)
+        self.outside_core = self._outside(x, y)
         n, f2 = grid.num_pix**2, self.factor**2
         self._done = np.zeros(n, bool)
         self._bx = np.empty((n, f2)) if f2 else None
         self._by = np.empty((n, f2)) if f2 else None
+
+    def _outside(self, x, y):
+        """1 where image-plane (x, y) lies outside the central-image core, else 0 (all 1 without a core)."""
+        if self.core is None:
+            return 1.0
+        cx, cy, r = self.core
+        return (np.hypot(np.asarray(x) - cx, np.asarray(y) - cy) >= r).astype(np.float64)
+
+    def subpixel_outside_core(self, mask: np.ndarray):
+        """``_outside`` at the sub-pixel points of the pixels in ``mask`` (``subpixel``'s order)."""
+        return self._outside(*self.grid.subpixel_points(mask, self.factor)) if self.core is not None else 1.0
 
     def subpixel(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Source-plane (x, y) of the factor x factor points of each pixel in ``mask``, in grid.subpixel_points
@@ -92,10 +150,11 @@ class SurveySimulator(PairSampler):
         inst = cfg.instrument
         self.grid = DetectorGrid.from_config(inst)
         self.population = Population(cfg.population)
-        self.mass = CompositeMass(cfg.mass)
+        self.mass = CompositeMass(cfg.mass, self.population.cosmo, h=cfg.population.H0_km_s_Mpc / 100.0)
         self.observation = Observation(cfg.preset, inst.pixel_scale_arcsec, cfg.observation)
         self.psf_bank = PSFBank.from_config(cfg)
         self.psf_fwhm = [fwhm_arcsec(k, inst.pixel_scale_arcsec) for k in self.psf_bank.kernels]
+        self.min_theta_E_arcsec = min_theta_E_arcsec(cfg.selection, float(np.median(self.psf_fwhm)))
         self._light = SersicElliptic()
         self._sersic = Sersic()
         if cfg.cosmos_dir:
@@ -190,32 +249,60 @@ class SurveySimulator(PairSampler):
         """Lensed (or, with unlensed ``rays``, plain) detector image of a source, e-/s per pixel."""
         if src is None:
             return np.zeros(self.grid.shape)
-        return self._bin(self._source_sb(*rays.beta, src), lambda mask: self._source_sb(*rays.subpixel(mask), src))
+        return self._bin(
+            self._source_sb(*rays.beta, src) * rays.outside_core,
+            lambda mask: self._source_sb(*rays.subpixel(mask), src) * rays.subpixel_outside_core(mask),
+        )
 
     def unlensed_rays(self) -> Rays:
         """Rays of an empty sky (source plane = image plane): a source's own image, for checks."""
         return Rays(self.grid, self.config.instrument.adaptive_supersampling_factor)
 
-    def rays(self, mass: dict) -> Rays:
-        """Rays of a composite mass (a ``params["mass"]`` dict)."""
+    def rays(self, mass: dict, theta_E: float | None = None) -> Rays:
+        """Rays of a composite mass (a ``params["mass"]`` dict); with ``theta_E``, no lensed light from inside
+        the central-image core (``central_image_core_radius``)."""
+        core = None
+        if theta_E is not None:
+            core = (mass["center_x"], mass["center_y"], self.central_image_core_radius(theta_E))
         return Rays(
             self.grid,
             self.config.instrument.adaptive_supersampling_factor,
             self.mass.lens_model,
             self.mass.kwargs(mass),
+            core,
         )
+
+    def central_image_core_radius(self, theta_E: float) -> float:
+        """Radius (arcsec) inside which lensed light is dropped and images are not counted: the central image.
+
+        The composite's stellar Sersic has a finite central surface density (every Sersic does), so with the
+        NFW's weak cusp its central (odd, positive-parity) image reached |mu| 0.05-0.57 (issue 28 (6)), where
+        real lenses' central images are below ~0.01 or absent (Keeton 2003, ApJ 582, 17; Winn, Rusin &
+        Kochanek 2004, Nature 427, 613: |mu| ~ 0.004 in PMN J1632-0033), demagnified by stellar cusps
+        and the central black hole (Mao, Witt & Keeton 2001), which the mass model includes (mass.py) but
+        whose Einstein radius (~0.01-0.05") is below the grid's sampling. The central image of the composite
+        lies within 0.1 theta_E of the centre while the saddle image of a double stays beyond ~0.15 theta_E
+        (measured on 40 euclid lenses); ``mass.central_image_radius_theta_E`` (0.12) x theta_E separates them."""
+        return self.config.mass.central_image_radius_theta_E * theta_E
 
     # ------------------------------------------------------------------------------ the deflector
     def _draw_deflector(self, rng: np.random.Generator) -> dict:
+        """A deflector, or ``{"rejected": key}`` when it fails a deflector-level cut (the magnitude limit
+        ``selection.max_deflector_mag``, checked before the costly mass; the resolvability cut on theta_E)."""
         pop = self.population
+        cuts = self.config.selection
         defl = pop.draw_redshifts_sigma(rng)
         light = pop.draw_lens_light(rng, defl)
+        if cuts.max_deflector_mag is not None and light["mag"] > cuts.max_deflector_mag:
+            return {"rejected": "max_deflector_mag", "value": light["mag"]}
         q = pop.draw_q_light(rng)
         phi = float(rng.uniform(0.0, math.pi))
         cx, cy = pop.draw_center(rng)
         kpc = pop.cosmo.kpc_per_arcsec(defl["z_lens"])
         mass = self.mass.draw(rng, defl, light, q, phi, (cx, cy), kpc)
         lens = self.mass.effective(mass, guess=defl["theta_E_sis"])
+        if 0 < lens["theta_E"] < self.min_theta_E_arcsec:
+            return {"rejected": "min_theta_E", "value": lens["theta_E"]}
         sigma_crit = pop.cosmo.sigma_crit_msun_arcsec2(defl["z_lens"], defl["z_source"])
         s = mass["stellar"]
         m_star = self._sersic.total_flux(amp=s["k_eff"], R_sersic=s["R_sersic"], n_sersic=s["n_sersic"]) * sigma_crit
@@ -269,12 +356,14 @@ class SurveySimulator(PairSampler):
             src["center_x"],
             src["center_y"],
             self.config.selection.min_image_mag,
+            rays.outside_core if rays.core is not None else None,
         )
         return {
             "magnification": float(arc.sum() / cps),
             "n_images": n_img,
             "image_magnifications": [float(m) for m in mags],
             "arc_snr": arc_snr(arc_conv, sigma),
+            "edge_snr": edge_snr(arc_conv, view["band"].background_noise, self.config.selection.edge_frame_pix),
             "arc_flux_fraction": float(arc_conv.sum() / total.sum()),
             "_arc_conv": arc_conv,
         }
@@ -335,6 +424,7 @@ class SurveySimulator(PairSampler):
                 theta_E=theta_E,
                 source_R_arcsec=src["R_sersic"],
                 psf_fwhm_arcsec=fwhm,
+                edge_snr=m["edge_snr"],
             )
             if tally is not None:
                 values = {
@@ -342,31 +432,137 @@ class SurveySimulator(PairSampler):
                     "min_images": m["n_images"],
                     "min_magnification": m["magnification"],
                     "min_arc_snr": m["arc_snr"],
+                    "edge_frame_pix": m["edge_snr"],
                 }
                 tally.source(values, failed)
             if not failed:
                 return src, m
         return None
 
-    def _non_lens_source(self, rng, d: dict, rays: Rays, view: dict, src: dict, lensed: dict):
-        """The view's source (the same galaxy, analytic or COSMOS) moved outside the caustics (one image, below
-        the magnification cut) with the observed flux the lensed arcs had (so flux is no tell), or dropped."""
-        cuts = self.config.selection
-        if rng.random() < self.config.non_lens_source_absent_fraction:
+    def _non_lens_source(self, rng, d: dict, rays: Rays, view: dict):
+        """A non-lens's background galaxy, or (None, None) (``non_lens_source_absent_fraction``).
+
+        Drawn like any unlensed source (issue 28 (1)): a new galaxy at the deflector's source redshift, with the
+        population's magnitude and size-luminosity relation, never rescaled (the arcs' flux used to be given to
+        it: magnitudes reached -139 when its image fell off the field and only a wing was left). It is placed
+        outside the caustics (one image, magnified less than the lens cut) where its image stays in the field:
+        the source within ``r_max`` = field half-width - theta_E - 3 R_e - FWHM of the lens centre (its image
+        lies ~theta_E further out), and its PSF-convolved light in the outer ``selection.edge_frame_pix``
+        pixels below the background noise sigma, as lenses' arcs (selection.py). Where no such place is found
+        in ``source_tries``, the non-lens has no galaxy.
+        """
+        cfg = self.config
+        if rng.random() < cfg.non_lens_source_absent_fraction:
             return None, None
-        theta = d["defl"]["theta_E_sis"]
-        for _ in range(cuts.source_tries):
-            moved = self._place(rng, src, d, r_max=4.0 * theta, r_min=1.0 * theta)
+        src = self._draw_source(rng, d["defl"]["z_source"])
+        theta = d["lens"]["theta_E"]
+        fwhm = self.psf_fwhm[view["psf_id"]]
+        r_min = max(theta, d["defl"]["theta_E_sis"])
+        r_max = min(4.0 * r_min, self.field_arcsec / 2 - theta - 3.0 * src["R_sersic"] - fwhm)
+        if r_max <= r_min:
+            return None, None
+        for _ in range(cfg.selection.source_tries):
+            moved = self._place(rng, src, d, r_max=r_max, r_min=r_min)
             m = self._measure(rays, moved, view)
-            if m["n_images"] > 1 or m["magnification"] >= cuts.min_magnification or m["magnification"] <= 0:
+            if m["n_images"] > 1 or not 0 < m["magnification"] < cfg.selection.min_magnification:
                 continue
-            moved["mag"] = src["mag"] - 2.5 * math.log10(lensed["magnification"] / m["magnification"])
-            return moved, self._measure(rays, moved, view)
+            if cfg.selection.edge_frame_pix and m["edge_snr"] > 1.0:
+                continue
+            return moved, m
         return None, None
 
-    def _scene_conv(self, lens_light: dict, interlopers: list[dict], psf_id: int) -> np.ndarray:
-        """PSF-convolved unlensed light of a view (e-/s per pixel): the deflector and the field interlopers."""
-        scene = self._sersic_cps(lens_light, self.observation.magnitude_to_cps(lens_light["mag"]))
+    # ------------------------------------------------------------------------------ look-alike negatives
+    def _lookalike(self, rng, d: dict, kind: str) -> tuple[float, list[dict]]:
+        """(bulge fraction of the deflector's light, extra light components) of a non-lens of ``kind``
+        (config.NegativeMix). The central galaxy keeps the deflector's total magnitude (its bulge Sersic
+        carries ``bulge_fraction`` of it, a ring or a spiral disk the rest), so deflector magnitudes are
+        distributed as the lenses'; companions and tidal tails are added light."""
+        mix = self.config.negatives
+        light = d["light"]
+        mag = float(light["mag"])
+        cx, cy = d["center"]
+        q, phi = d["q_light"], d["phi_light"]
+        theta = d["lens"]["theta_E"]
+        if kind == "ring":
+            f = float(rng.uniform(*mix.ring_flux_fraction))
+            radius = theta * float(rng.uniform(*mix.ring_radius_theta_E))
+            width = radius * float(rng.uniform(0.08, 0.2))
+            ring = {"kind": "ring", "mag": mag - 2.5 * math.log10(f), "radius": radius, "width": width}
+            return 1.0 - f, [{**ring, "q": q, "phi": phi, "center_x": cx, "center_y": cy}]
+        if kind == "spiral":
+            bulge = float(rng.uniform(*mix.spiral_bulge_fraction))
+            disk = {
+                "kind": "spiral",
+                "mag": mag - 2.5 * math.log10(1.0 - bulge),
+                "scale_length": light["R_sersic"] * float(rng.uniform(1.0, 2.0)) / 1.678,  # R_e = 1.678 h
+                "arm_amplitude": float(rng.uniform(*mix.spiral_arm_amplitude)),
+                "pitch_rad": math.radians(float(rng.uniform(10.0, 30.0))),
+                "arm_phase": float(rng.uniform(0.0, 2 * math.pi)),
+            }
+            return bulge, [{**disk, "q": q, "phi": phi, "center_x": cx, "center_y": cy}]
+        if kind == "merger":
+            comp = self._companion(rng, d, n_range=(1.0, 4.0))
+            sep = math.hypot(comp["center_x"] - cx, comp["center_y"] - cy)
+            angle = math.atan2(comp["center_y"] - cy, comp["center_x"] - cx)
+            pair_flux = 10 ** (-0.4 * mag) + 10 ** (-0.4 * comp["mag"])
+            tail = {
+                "kind": "ring",
+                "mag": -2.5 * math.log10(float(rng.uniform(*mix.tail_flux_fraction)) * pair_flux),
+                "radius": sep * float(rng.uniform(0.8, 1.5)),
+                "width": float(rng.uniform(0.05, 0.15)),
+                "q": 1.0,
+                "phi": 0.0,
+                "arc_center_rad": angle + float(rng.uniform(-math.pi / 2, math.pi / 2)),
+                "arc_sigma_rad": float(rng.uniform(0.3, 0.8)),
+                "center_x": cx,
+                "center_y": cy,
+            }
+            return 1.0, [comp, tail]
+        if kind == "group":
+            return 1.0, [self._companion(rng, d, n_range=(3.0, 5.0)) for _ in range(int(rng.integers(1, 4)))]
+        return 1.0, []
+
+    def _companion(self, rng, d: dict, n_range: tuple[float, float]) -> dict:
+        """A galaxy near the deflector: fainter by ``companion_dmag``, size from the early-type R ~ L^0.65."""
+        mix = self.config.negatives
+        dmag = float(rng.uniform(*mix.companion_dmag))
+        r = float(rng.uniform(*mix.companion_distance_arcsec))
+        ang = float(rng.uniform(0.0, 2 * math.pi))
+        q = float(rng.uniform(0.5, 1.0))
+        e = (1 - q) / (1 + q)
+        pa = float(rng.uniform(0.0, math.pi))
+        return {
+            "kind": "sersic",
+            "mag": float(d["light"]["mag"]) + dmag,
+            "R_sersic": float(d["light"]["R_sersic"]) * 10 ** (-0.4 * 0.65 * dmag),
+            "n_sersic": float(rng.uniform(*n_range)),
+            "e1": e * math.cos(2 * pa),
+            "e2": e * math.sin(2 * pa),
+            "center_x": d["center"][0] + r * math.cos(ang),
+            "center_y": d["center"][1] + r * math.sin(ang),
+        }
+
+    def _component_cps(self, comp: dict) -> np.ndarray:
+        """Detector image (e-/s per pixel) of a look-alike light component (its ``mag`` is its total flux)."""
+        cps = self.observation.magnitude_to_cps(comp["mag"])
+        if comp["kind"] == "sersic":
+            return self._sersic_cps(comp, cps)
+        sb = ring_sb if comp["kind"] == "ring" else spiral_sb
+        factor = self.config.instrument.adaptive_supersampling_factor
+        return self._bin(
+            sb(self.grid.x_arcsec, self.grid.y_arcsec, comp, cps),
+            lambda mask: sb(*self.grid.subpixel_points(mask, factor), comp, cps),
+        )
+
+    def _scene_conv(
+        self, lens_light: dict, interlopers: list[dict], psf_id: int, lookalike: list[dict] | None = None
+    ) -> np.ndarray:
+        """PSF-convolved unlensed light of a view (e-/s per pixel): the deflector (its bulge, ``bulge_fraction``
+        of its light), look-alike components (non-lenses) and the field interlopers."""
+        cps = self.observation.magnitude_to_cps(lens_light["mag"]) * lens_light.get("bulge_fraction", 1.0)
+        scene = self._sersic_cps(lens_light, cps)
+        for comp in lookalike or ():
+            scene = scene + self._component_cps(comp)
         for g in interlopers:
             scene = scene + self._sersic_cps(g, self.observation.magnitude_to_cps(g["mag"]))
         return self.psf_bank.convolve(scene, psf_id)
@@ -388,8 +584,9 @@ class SurveySimulator(PairSampler):
         (``params`` as in params.json), with this simulator's grid and numerics: a data set's samples
         re-rendered at other settings (supersampling convergence, tests/test_survey.py)."""
         v = params["views"][view]
-        model = self._scene_conv(v["lens_light"], params["interlopers"], v["psf_id"])
-        model = model + self.psf_bank.convolve(self._source_cps(self.rays(params["mass"]), v["source"]), v["psf_id"])
+        model = self._scene_conv(v["lens_light"], params["interlopers"], v["psf_id"], v.get("lookalike"))
+        rays = self.rays(params["mass"], params["lens"]["theta_E"] if "black_hole" in params["mass"] else None)
+        model = model + self.psf_bank.convolve(self._source_cps(rays, v["source"]), v["psf_id"])
         return model, Observation.sigma(self.observation.band(v["sky_offset_mag"]), model)
 
     # ------------------------------------------------------------------------------ samples
@@ -404,10 +601,13 @@ class SurveySimulator(PairSampler):
                 )
             tally.draws = attempt
             d = self._draw_deflector(rng)
+            if "rejected" in d:
+                tally.deflector(d["rejected"], d["value"])
+                continue
             if d["lens"]["theta_E"] <= 0:
                 tally.subcritical += 1
                 continue
-            rays = self.rays(d["mass"])
+            rays = self.rays(d["mass"], d["lens"]["theta_E"])
             interlopers = self.population.draw_interlopers(rng, self.field_arcsec)
             views = []
             for v in range(n_views):
@@ -425,11 +625,30 @@ class SurveySimulator(PairSampler):
                 f"{tally.summary(cfg.selection)}"
             )
         self._accepted += 1
+        kind, companions, lens_bulge = None, [], 1.0
+        if not is_lens:
+            kind = NEGATIVE_KINDS[int(rng.choice(len(NEGATIVE_KINDS), p=cfg.negatives.fractions()))]
+        else:  # a lens's environment and light type, shared by its views (config.NegativeMix)
+            if rng.random() < cfg.negatives.lens_spiral_fraction:
+                lens_bulge, companions = self._lookalike(rng, d, "spiral")
+            if rng.random() < cfg.negatives.lens_companion_fraction:
+                companions = companions + [
+                    self._companion(rng, d, n_range=(3.0, 5.0)) for _ in range(int(rng.integers(1, 4)))
+                ]
         images, out_views = [], []
         for view in views:
             src, m = view["source"], view["measure"]
+            lookalike: list[dict] = companions
+            if companions:
+                view["lens_light"] = {**view["lens_light"], "bulge_fraction": lens_bulge}
+                view["scene_conv"] = self._scene_conv(view["lens_light"], interlopers, view["psf_id"], companions)
+                arc_conv = view["measure"]["_arc_conv"]
+                view["measure"]["arc_flux_fraction"] = float(arc_conv.sum() / (view["scene_conv"] + arc_conv).sum())
             if not is_lens:
-                src, m = self._non_lens_source(rng, d, rays, view, src, m)
+                src, m = self._non_lens_source(rng, d, rays, view)
+                bulge, lookalike = self._lookalike(rng, d, kind)
+                view["lens_light"] = {**view["lens_light"], "bulge_fraction": bulge}
+                view["scene_conv"] = self._scene_conv(view["lens_light"], interlopers, view["psf_id"], lookalike)
             arc_conv = m.pop("_arc_conv") if m is not None else np.zeros(self.grid.shape)
             model = view["scene_conv"] + arc_conv
             noisy = Observation.add_noise(rng, model, Observation.sigma(view["band"], model))
@@ -444,6 +663,7 @@ class SurveySimulator(PairSampler):
                 "image_max_cps": top,
                 "background_sigma_cps": float(view["band"].background_noise),
                 "lens_light_max_cps": float(view["scene_conv"].max()),
+                "lookalike": lookalike,
             }
             if m is None:
                 m = {
@@ -458,6 +678,7 @@ class SurveySimulator(PairSampler):
         params = {
             "family": "survey",
             "is_lens": int(is_lens),
+            "negative_kind": kind,
             "lens": {k: float(d["lens"][k]) for k in LENS_PARAMS},
             "mass": d["mass"],
             "views": out_views,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..stats import bootstrap_auc, roc_auc  # one AUC for the package (Mann-Whitney, ties one half)
+from .stats import bootstrap_auc, roc_auc  # one AUC for the package (Mann-Whitney, ties one half)
 
 __all__ = ["FPR_POINTS", "roc_auc", "roc_curve", "tpr_at_fpr", "bootstrap", "classification_report", "plot_roc"]
 
@@ -93,7 +93,7 @@ def plot_roc(report: dict, out_png: str, title: str = "") -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_path
+    from ..core.io import atomic_path
 
     fpr = np.asarray(report["roc"]["fpr"])
     tpr = np.asarray(report["roc"]["tpr"])

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.tar import read_shard, tar_members
-from .errors import UserError
-from .io import MANIFEST_NAME, decode_npy, read_manifest, sha256_file, shard_paths
+from ..core.errors import UserError
+from ..core.io import sha256_file
+from .manifest import MANIFEST_NAME, decode_npy, read_manifest, shard_paths
+from .tar import read_shard, tar_members
 
 
 class IntegrityError(UserError):

@@ -27,3 +27,18 @@ class PeerFailure(Exception):
     def __init__(self, message: str, quiet: bool = False):
         super().__init__(message)
         self.quiet = quiet
+
+
+# Environment failures that are the user's to fix (full disk, read-only or wrong path): one line
+# naming the path, like bad input, rather than a traceback.
+_USER_ERRNOS = {"ENOSPC", "EROFS", "EEXIST", "EACCES", "EPERM", "ENOTDIR", "EISDIR", "EDQUOT", "ENOENT"}
+
+
+def os_error_line(exc: OSError) -> str | None:
+    """The one line naming the path for an environment failure that is the user's to fix, or None."""
+    import errno
+
+    if errno.errorcode.get(exc.errno or 0) not in _USER_ERRNOS:
+        return None
+    path = exc.filename if exc.filename is not None else "?"
+    return f"{path}: {exc.strerror}" + (f" (-> {exc.filename2})" if exc.filename2 else "")

@@ -7,31 +7,10 @@ import os
 from itertools import islice
 from pathlib import Path
 
-from ..errors import UserError
-from ..integrity import IntegrityError, check_shards, decode_member, shard_samples
-from ..io import check_output_file, read_manifest, shard_paths
-
-
-def iter_samples(data_dir: str | os.PathLike):
-    """Decoded samples of a shard folder in manifest order: dicts of arrays + ``params``.
-
-    Shards are checked against the manifest (size, end-of-archive, sample count) and pixels must be
-    finite, as for training: a picture of damaged data is an error, not a plausible image."""
-    manifest = check_shards(data_dir)
-    for path, entry in zip(shard_paths(data_dir, manifest), manifest["shards"]):
-        for raw in shard_samples(path, int(entry["num_samples"])):
-            try:
-                params = json.loads(raw["params.json"])
-            except (KeyError, ValueError) as exc:  # a flipped byte: not JSON, or not UTF-8
-                raise IntegrityError(
-                    f"shard {path} sample {raw['__key__']!r}: params.json is not readable JSON "
-                    f"({type(exc).__name__}: {exc}); `hpc-lensiam verify {data_dir}` checks every shard"
-                ) from None
-            sample = {"key": raw["__key__"], "params": params}
-            for name in ("view1", "view2", "image"):
-                if f"{name}.npy" in raw:
-                    sample[name] = decode_member(raw[f"{name}.npy"], path, raw["__key__"], f"{name}.npy")
-            yield sample
+from ..core.errors import UserError
+from ..core.io import check_output_file
+from .manifest import read_manifest
+from .reader import iter_samples
 
 
 def caption(params: dict) -> str:
@@ -55,8 +34,8 @@ def show_pairs(
 ) -> str:
     """Draw ``n`` samples (view1 | view2 side by side, or the single images in rows of up to 4), lens
     params captioned, each image stretched from its own noise level with an arcsec scale bar
-    (:mod:`hpc_lensiam.display`)."""
-    from ..display import check_stretch, describe, draw_panels, noise_sigma, pixel_scale_of
+    (:mod:`hpc_lensiam.shards.display`)."""
+    from .display import check_stretch, describe, draw_panels, noise_sigma, pixel_scale_of
 
     check_stretch(stretch)
     if n < 1:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from ..core.errors import UserError
 
 STRETCHES = ("asinh", "linear", "log")
 DEFAULT_STRETCH = "asinh"
@@ -296,7 +296,7 @@ def draw_panels(
     of ``step``), unused cells removed. Captions and the title are shortened to fit. Atomic write."""
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
+    from ..core.io import atomic_path
 
     fig = panel_figure(panels, title, kind, max_cols, step)
     with atomic_path(out) as tmp:
@@ -324,7 +324,7 @@ def plot_loss(metrics_csv: str | os.PathLike, out: str | os.PathLike, z_std_ref:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
+    from ..core.io import atomic_path
 
     step = np.array([r["step"] for r in rows])
     col = {k: np.array([r[k] for r in rows]) for k in ("loss", "lr", "z_std")}

@@ -1,4 +1,4 @@
-"""Atomic file writes, hashing and the shard manifest (the contract between stages)."""
+"""Atomic file writes, hashing and output-file checks: the file-system floor under every stage."""
 
 from __future__ import annotations
 
@@ -13,14 +13,8 @@ from typing import Any
 
 from .errors import UserError
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "hpc_lensiam.shards/1"
 TMP_PREFIX = ".tmp-"
-# The 8 lens-mass parameters every sample stores, under their lenstronomy names (EPL + SHEAR);
-# theta_E, center_x, center_y in arcsec, the rest dimensionless.
-LENS_PARAMS = ("theta_E", "gamma", "e1", "e2", "center_x", "center_y", "gamma1", "gamma2")
-# units of the lens parameters that have one (the rest are dimensionless)
-UNITS = {"theta_E": "arcsec", "center_x": "arcsec", "center_y": "arcsec"}
+FULL_DISK_BYTES = 1 << 20  # free space under which a failed torch.save is taken for a full disk
 
 
 @contextlib.contextmanager
@@ -71,15 +65,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def decode_npy(data: bytes):
-    """The bytes of one ``.npy`` shard member -> numpy array (no pickles)."""
-    import io as _io
-
-    import numpy as np
-
-    return np.load(_io.BytesIO(data), allow_pickle=False)
-
-
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -91,54 +76,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def sha256_json(obj: Any) -> str:
     """Stable hash of a JSON-able object (sorted keys), e.g. a resolved config."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def read_manifest(data_dir: str | os.PathLike) -> dict:
-    """Load and check ``DIR/manifest.json``; a clear UserError if it is missing or malformed."""
-    path = Path(data_dir) / MANIFEST_NAME
-    if not Path(data_dir).is_dir():
-        raise UserError(f"{data_dir}: no such data directory (expected shards made by `hpc-lensiam simulate`)")
-    if not path.is_file():
-        raise UserError(f"{path}: missing (expected a shard directory written by `hpc-lensiam simulate`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise UserError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-    for key in ("shards", "mode", "num_samples"):
-        if key not in manifest:
-            raise UserError(f"{path}: missing key {key!r}")
-    if not manifest["shards"]:
-        raise UserError(f"{path}: lists no shards")
-    check_shard_names(manifest, path)
-    return manifest
-
-
-def check_shard_names(manifest: dict, path: str | os.PathLike) -> None:
-    """Every shard entry names a plain file inside the data folder: a name with a folder part
-    (``../x.tar``, ``/abs/x.tar``, ``sub/x.tar``) would make readers and ``verify`` follow it out."""
-    for i, entry in enumerate(manifest["shards"]):
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if (
-            not isinstance(name, str)
-            or name in ("", ".", "..")
-            or "/" in name
-            or "\\" in name
-            or "\0" in name
-            or Path(name).name != name
-        ):
-            raise UserError(
-                f"{path}: shard entry {i} has name {name!r}, not a plain file name (expected a shard "
-                f"file inside the data folder, e.g. shard-000000.tar)"
-            )
-
-
-def shard_paths(data_dir: str | os.PathLike, manifest: dict | None = None) -> list[str]:
-    """Absolute paths of every shard the manifest lists, in manifest order."""
-    manifest = manifest or read_manifest(data_dir)
-    check_shard_names(manifest, Path(data_dir) / MANIFEST_NAME)
-    return [str(Path(data_dir).resolve() / s["name"]) for s in manifest["shards"]]
 
 
 def check_output_file(path: str | os.PathLike, flag: str) -> Path:

@@ -1,5 +1,8 @@
 """Which process am I, on which device, talking over which backend: one answer for every command.
 
+The MPI world of ``simulate``/``ingest`` (:func:`mpi_world`), torchrun's ranks (:func:`runtime`) and
+what a device can do (:class:`DeviceCaps`, :func:`inference_dtype`) for every launcher.
+
 ``simulate`` (MPI), ``train``, ``embed`` and ``finetune`` (torch.distributed under torchrun, or one
 process) all read their rank, local rank, world size and device here, so a cluster launch means the
 same thing to each of them.
@@ -9,7 +12,7 @@ torchrun) starts two independent processes that each find no torchrun variables 
 "rank 0 of 1" on the same GPU, writing the same ``last.pt``. The environment still says several
 tasks were started (a Slurm step with ``SLURM_STEP_NUM_TASKS`` > 1 or ``SLURM_PROCID`` > 0, or a
 PMI/PMIx/Open MPI/Hydra size > 1: :func:`launch_evidence`, measured on the local Slurm, see
-``simulate/mpi_env.py``), so :func:`check_torch_launch` refuses it before anything is written and
+:func:`mpi_world` below), so :func:`check_torch_launch` refuses it before anything is written and
 names torchrun. ``slurm/pretrain.sh`` starts one torchrun per node (a 1-task-per-node step), whose
 ``WORLD_SIZE`` covers every node, so it passes.
 
@@ -25,6 +28,8 @@ import signal
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 from .errors import UserError
 
@@ -194,6 +199,61 @@ def init_distributed(rt: Runtime, device, timeout=None) -> bool:
     return True
 
 
+def is_rank0() -> bool:
+    """Under mpiexec or torchrun every rank hits the same bad input: let one of them say so."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "RANK"):
+        if os.environ.get(var, "0") != "0":
+            return False
+    return True
+
+
+class ControlGroup:
+    """torch.distributed under torchrun (gloo for the few control messages: ``embed``'s barrier and
+    broadcasts, ``predict``'s gather of every rank's predictions), else one process."""
+
+    def __init__(self, command: str = "embed"):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.created = False
+        self.group = None
+        self.rt = runtime(command=command)  # refuses `srun -n N` without torchrun
+        if under_torchrun():
+            die_with_parent()
+        if self.rt.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=timedelta(hours=6))
+            self.created = True
+        if dist.is_initialized():
+            self.rank, self.size = dist.get_rank(), dist.get_world_size()
+            if dist.get_backend() != "gloo":  # caller's NCCL group: objects travel over gloo
+                self.group = dist.new_group(backend="gloo", timeout=timedelta(hours=6))
+        else:
+            self.rank, self.size = 0, 1
+
+    def barrier(self):
+        if self.size > 1:
+            self.dist.barrier(group=self.group)
+
+    def bcast(self, obj):
+        if self.size == 1:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def gather(self, obj) -> list | None:
+        """Every rank's ``obj`` on rank 0, in rank order (None on the other ranks)."""
+        if self.size == 1:
+            return [obj]
+        out = [None] * self.size if self.rank == 0 else None
+        self.dist.gather_object(obj, out, dst=0, group=self.group)
+        return out
+
+    def close(self):
+        if self.created:
+            self.dist.destroy_process_group()
+
+
 # A collective that broke: the peer's socket closed (it exited: bad data, a crash, a kill) or
 # nothing came for the process group's timeout (it hangs: stopped, deadlocked, stuck in I/O).
 # Gloo's and NCCL's words for each.
@@ -236,7 +296,7 @@ def _roll_call(rank: int, world_size: int, state: str, wait_s: float) -> dict[in
 
 
 def collective_failure(exc: BaseException, rank: int, world_size: int, timeout_min: float):
-    """A :class:`~hpc_lensiam.errors.PeerFailure` when ``exc`` is a broken collective, else None.
+    """A :class:`~hpc_lensiam.core.errors.PeerFailure` when ``exc`` is a broken collective, else None.
 
     A peer that exited: quiet (that rank says why). A peer that stopped answering: the lowest rank
     whose collective timed out names the ranks that did not answer the roll call and the operation."""
@@ -316,3 +376,109 @@ def cpu_budget_warning(workers: int, local_processes: int, cpus: int | None = No
         f"usable CPU(s) (os.sched_getaffinity): the loader will starve the device; lower --workers or "
         f"request more CPUs (Slurm: --cpus-per-task={need} for one torchrun per node, see docs/gpu.md)"
     )
+
+
+# ------------------------------------------------------------------------------- the MPI world
+# The MPI world of this process, and the guard against the srun-singleton trap.
+#
+# The trap: inside a Slurm allocation, plain ``srun -n 2 hpc-lensiam simulate ...`` (no ``--mpi=``)
+# starts two independent processes that each initialise MPI alone as "rank 0 of 1". Both would
+# simulate every shard and overwrite each other's files. The same happens when a launcher from one
+# MPI (a system ``mpirun``) starts a program whose mpi4py is linked against another MPI (the PyPI
+# wheel). :func:`mpi_world` notices that the environment announces several tasks while MPI's world
+# has one, and stops with a :class:`~hpc_lensiam.core.errors.UserError` naming the fix.
+#
+# What the launchers set, measured on a one-node Slurm 22.05 (``ci/slurm-up.sh``) with the PyPI
+# ``mpich`` wheel, inside ``sbatch --ntasks=2``:
+#
+# - the batch shell itself: SLURM_NTASKS=2 SLURM_NPROCS=2 SLURM_PROCID=0 and no SLURM_STEP_*;
+#   one process, world 1 (correct: it is the script, not a rank).
+# - ``srun -n 2`` (no --mpi): SLURM_STEP_ID, SLURM_STEP_NUM_TASKS=2, SLURM_PROCID=0 and 1, no PMI
+#   variables; two processes, each world 1 -- the trap.
+# - ``srun --mpi=pmi2 -n 2``: the same plus PMI_SIZE=2, PMI_RANK=0/1, SLURM_MPI_TYPE=pmi2; world 2.
+# - ``mpiexec -n 2`` (the wheel's Hydra, which starts its proxy with a 1-task ``srun``): PMI_SIZE=2,
+#   MPI_LOCALNRANKS=2, SLURM_STEP_NUM_TASKS=1, SLURM_PROCID=0 in both ranks; world 2.
+# - ``srun --mpi=pmix``: refused, Debian's plugin finds no libpmix; it is for a site MPI built
+#   with PMIx.
+#
+# So the batch shell's SLURM_NTASKS alone proves nothing (it is one process, and ``mpiexec`` started
+# from it builds a correct world); only a Slurm *step* (SLURM_STEP_ID set) with several tasks, a task
+# number above 0, or a PMI/PMIx/Open MPI/Hydra size above 1 says several ranks were meant.
+# That reading of the environment is :func:`launch_evidence` above (train, embed and finetune
+# refuse the same trap when torchrun is missing); this section adds the MPI side.
+
+FIX = (
+    "launch with `mpiexec -n N` (the venv's, from the PyPI mpich wheel) inside the allocation, or "
+    "`srun --mpi=pmi2` with the mpich wheel, or `srun --mpi=pmix` with a PMIx-enabled site MPI "
+    "and mpi4py built against it"
+)
+
+
+def check_launch(size: int, environ: Mapping[str, str] | None = None) -> None:
+    """Raise UserError when the launcher started several tasks but MPI's world has ``size`` 1."""
+    if size > 1:
+        return
+    why = launch_evidence(environ)
+    if why is not None:
+        raise UserError(
+            f"{why} but MPI's world size is 1: each task would be its own rank 0 and write the same "
+            f"shards (plain `srun` without --mpi, or an mpirun from another MPI than mpi4py's); {FIX}"
+        )
+
+
+def mpi_world() -> tuple[Any, int, int]:
+    """``(comm, rank, size)`` of this process; ``comm`` is MPI.COMM_WORLD, or None without mpi4py.
+
+    Raises UserError for the srun-singleton trap (see :func:`check_launch`).
+    """
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        comm, rank, size = None, 0, 1
+    else:
+        comm = MPI.COMM_WORLD
+        rank, size = comm.Get_rank(), comm.Get_size()
+    check_launch(size, environ=os.environ)
+    return comm, rank, size
+
+
+# ---------------------------------------------------------------------------- device capabilities
+NATIVE_BF16_CAPABILITY = (8, 0)
+
+
+@dataclass(frozen=True)
+class DeviceCaps:
+    """What the plan needs to know about a device. ``capability`` is CUDA's (major, minor)."""
+
+    type: str = "cpu"  # "cuda" | "cpu"
+    capability: tuple[int, int] | None = None
+    name: str = "cpu"
+
+    @property
+    def bf16_native(self) -> bool:
+        """torch.cuda.is_bf16_supported(including_emulation=False): Ampere (8.0) or newer; any CPU."""
+        if self.type != "cuda":
+            return True
+        return self.capability is not None and tuple(self.capability) >= NATIVE_BF16_CAPABILITY
+
+    @classmethod
+    def detect(cls, device) -> DeviceCaps:
+        import torch
+
+        if device.type != "cuda":
+            return cls()
+        return cls("cuda", tuple(torch.cuda.get_device_capability(device)), torch.cuda.get_device_name(device))
+
+    @classmethod
+    def cuda(cls, capability=(9, 0), name: str = "H100-like (assumed)") -> DeviceCaps:
+        """A GPU's capabilities without a GPU: how the CPU tests build the CUDA plan."""
+        return cls("cuda", tuple(capability), name)
+
+
+def inference_dtype(caps: DeviceCaps):
+    """Autocast dtype for embedding: bf16 where native, else fp16 on a GPU; None (fp32) on a CPU."""
+    if caps.type != "cuda":
+        return None
+    import torch
+
+    return torch.bfloat16 if caps.bf16_native else torch.float16

@@ -1,0 +1,147 @@
+"""The training command's typed config (``TrainConfig``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..core.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """SimSiam / LenSiam pretraining (the LenSiam paper's recipe). CLI flags override YAML values.
+
+    The defaults below are SimSiam's recipe on a ResNet; ``method`` and ``arch`` choose another
+    recipe (:func:`hpc_lensiam.models.methods.recipe`, docs/methods.md), which
+    :func:`hpc_lensiam.train.loop.train_config` applies under the YAML file and the flags.
+    """
+
+    data: str = ""
+    out: str = "runs/pretrain"
+    mode: str = "lensiam"  # lensiam: stored pair; simsiam: two augmentations of one image
+    method: str = "simsiam"  # simsiam | byol | vicreg | simclr (docs/methods.md)
+    optimizer: str = "sgd"  # sgd | lars | adamw (the method's/backbone's recipe sets it)
+    lr_scaling: str = "linear"  # linear: lr = base_lr x batch/256; sqrt: base_lr x sqrt(batch)
+    engine: str = "ddp"  # ddp | deepspeed
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    arch: str = "resnet101"  # resnet18 | resnet50 | resnet101 | vit_{tiny,small,base}_p{8,10,11}
+    zero_init_residual: bool = True  # SimSiam reference init; false for short runs (docs/results.md)
+    batch_size: int = 64  # per rank
+    grad_accum: int = 1
+    epochs: int = 100
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    base_lr: float = 0.03  # lr = base_lr * global_batch / 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 10.0
+    fix_pred_lr: bool = True
+    proj_dim: int = 2048  # projector output width
+    proj_hidden_dim: int | None = None  # projector hidden width (None: proj_dim; SimSiam uses proj_dim)
+    pred_dim: int = 512  # predictor hidden width (SimSiam, BYOL)
+    ema_tau_base: float = 0.996  # BYOL: target decay at step 0, cosine to 1
+    temperature: float = 0.1  # SimCLR: NT-Xent temperature
+    vicreg_sim_coeff: float = 25.0  # VICReg: invariance, variance, covariance weights
+    vicreg_std_coeff: float = 25.0
+    vicreg_cov_coeff: float = 1.0
+    workers: int = 2
+    loader_timeout: float = 600.0  # s without a batch from the loader's workers, then a one-line error (no hang)
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500  # steps between periodic checkpoints (plus last.pt)
+    keep_last: int = 3  # periodic step_*.pt kept (newest); 0 keeps all
+    deterministic: bool = False  # deterministic algorithms, cudnn.benchmark off (docs/gpu.md)
+    probe_data: str | None = None  # held-out shards: ridge R^2 of theta_E, e1, gamma every probe_every
+    probe_every: int = 500  # steps between lens-physics probes (with probe_data)
+    probe_samples: int = 256  # samples of probe_data embedded per probe (first ones, manifest order)
+    channels_last: bool = True  # CUDA only
+    sync_batchnorm: bool = True  # SyncBatchNorm across ranks (world size > 1); false: per-rank BN
+    deepspeed_config: str | None = None
+    zero_stage: int = 0
+    skip_bad_samples: bool = False
+    dist_timeout: float = 30.0  # minutes a collective waits for a silent rank before the run stops naming it
+    verify: bool = False  # sha256 of every shard against the manifest before training
+    online_epoch_samples: int = 100_000  # --data online: samples (pairs or images) per epoch, all ranks
+    online_compile: bool = False  # --data online: torch.compile the ray shooting (minutes once, then fast)
+
+    def validate(self, where: str) -> None:
+        from ..models.backbones import ARCHS
+        from ..models.methods import METHODS
+        from .optim import OPTIMIZERS
+
+        choices = {
+            "mode": ("lensiam", "simsiam"),
+            "engine": ("ddp", "deepspeed"),
+            "precision": ("fp32", "bf16", "fp16"),
+            "arch": ARCHS,
+            "method": tuple(METHODS),
+            "optimizer": OPTIMIZERS,
+            "lr_scaling": ("linear", "sqrt"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{where}.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "epochs",
+            "log_every",
+            "ckpt_every",
+            "proj_dim",
+            "pred_dim",
+            "probe_every",
+            "probe_samples",
+            "online_epoch_samples",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"{where}.max_steps: must be >= 1")
+        if self.keep_last < 0:
+            raise ConfigError(f"{where}.keep_last: must be >= 0 (0 keeps every periodic checkpoint)")
+        if self.workers < 0 or self.base_lr <= 0 or self.warmup_epochs < 0:
+            raise ConfigError(f"{where}: workers >= 0, base_lr > 0 and warmup_epochs >= 0 expected")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"{where}.momentum: {self.momentum} is not in [0, 1)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{where}.weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.seed < 0:
+            raise ConfigError(f"{where}.seed: must be >= 0, got {self.seed}")
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"{where}.shuffle_buffer: must be >= 1, got {self.shuffle_buffer}")
+        if not self.loader_timeout > 0:
+            raise ConfigError(f"{where}.loader_timeout: must be > 0 seconds, got {self.loader_timeout}")
+        if self.proj_hidden_dim is not None and self.proj_hidden_dim < 1:
+            raise ConfigError(f"{where}.proj_hidden_dim: must be >= 1, got {self.proj_hidden_dim}")
+        if not 0.0 <= self.ema_tau_base <= 1.0:
+            raise ConfigError(f"{where}.ema_tau_base: {self.ema_tau_base} is not in [0, 1]")
+        if self.temperature <= 0:
+            raise ConfigError(f"{where}.temperature: must be > 0, got {self.temperature}")
+        for name in ("vicreg_sim_coeff", "vicreg_std_coeff", "vicreg_cov_coeff"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.zero_stage not in (0, 1):
+            raise ConfigError(f"{where}.zero_stage: expected 0 or 1 (ZeRO buys nothing for ResNet101)")
+        if not self.dist_timeout > 0:
+            raise ConfigError(f"{where}.dist_timeout: must be > 0 minutes, got {self.dist_timeout}")
+        if self.engine == "deepspeed" and self.zero_stage >= 1 and self.optimizer == "lars":
+            # ZeRO-1 flattens each param group into one fp32 partition and steps the optimizer on that
+            # flat tensor: LARS then computes one trust ratio for the whole partition, not per layer
+            # (measured: one step moves conv1 by 5.6e-2 and the block convs by 0, where ZeRO-0 moves
+            # every layer by lr x eta). The byol, simclr and vicreg recipes use LARS.
+            raise ConfigError(
+                f"{where}.zero_stage: --zero-stage {self.zero_stage} with --optimizer lars is refused: ZeRO >= 1 "
+                f"flattens each parameter group into one partition, so LARS would compute one trust ratio for "
+                f"all layers instead of one per layer; use --zero-stage 0 (or --engine ddp) with LARS, or "
+                f"--optimizer sgd/adamw under ZeRO-1"
+            )
+        if self.grad_accum > 1 and self.method in ("simclr", "vicreg"):
+            # the lr would be scaled for grad_accum x the batch, while SimCLR's negatives, VICReg's
+            # variance/covariance terms and BatchNorm only ever see one micro-batch
+            raise ConfigError(
+                f"{where}.grad_accum: --grad-accum {self.grad_accum} with --method {self.method} is refused: the "
+                f"lr would be scaled for a {self.grad_accum}x larger batch, but "
+                f"{'the negatives' if self.method == 'simclr' else 'the variance and covariance terms'} and "
+                f"BatchNorm see one micro-batch of {self.batch_size} per rank; use --grad-accum 1 and raise "
+                f"--batch-size or the number of ranks"
+            )
