@@ -7,7 +7,7 @@ used, Gaussian fit of the pixel kernel), background noise (the file's ``backgrou
 std of the border strips of the real image and of the simulated images in e-/s), neighbour
 correlation of the border noise. The figure puts the five DESI-HST lenses with a theta_E label
 beside two matched simulations each, drawn with the label's theta_E, in the same asinh stretch
-(``hpc_lensiam.display``; softening 2 x the file's background RMS).
+(``hpc_lensiam.shards.display``; softening 2 x the file's background RMS).
 
     PYTHONPATH=$PWD .venv/bin/python bench/match.py --out docs/real_images/matched_sims.png
 """
@@ -107,7 +107,7 @@ def measure(path: Path, tmp: Path, n: int = 4) -> dict:
 
 
 def figure(out: str, tmp: Path) -> None:
-    from hpc_lensiam.display import draw_panels
+    from hpc_lensiam.shards.display import draw_panels
     from hpc_lensiam.simulate.match import read_instrument
 
     rows = [r for r in csv.DictReader(open(REAL / "desi_hst" / "labels.csv")) if r["theta_E_arcsec"]]

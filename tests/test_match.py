@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import conftest
-from hpc_lensiam.errors import UserError
+from hpc_lensiam.core.errors import UserError
 
 REAL = conftest.SHARED_DATA / "real_lenses"
 EUCLID = conftest.SHARED_DATA / "euclid_q1" / "102020532_NEG589257492489565961.fits"

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError, InstrumentConfig, LensPrior, Range, SourcePrior, _check_range, from_dict
-from ..errors import UserError
+from ..core.config import Range, check_range, from_dict
+from ..core.errors import ConfigError, UserError
+from .config import InstrumentConfig, LensPrior, SourcePrior
 from .psf import PSFBank, fwhm_arcsec
 from .simulator import LensSimulator
 
@@ -60,12 +61,12 @@ class MatchedLensLight:
     follow_mass_sigma_frac: float = 0.025
 
     def validate(self, where: str) -> None:
-        _check_range(where, "mag", self.mag)
-        _check_range(where, "bulge_fraction", self.bulge_fraction, lo=0.0, hi=1.0)
+        check_range(where, "mag", self.mag)
+        check_range(where, "bulge_fraction", self.bulge_fraction, lo=0.0, hi=1.0)
         for name in ("bulge_R_sersic_arcsec", "envelope_R_sersic_arcsec"):
-            _check_range(where, name, getattr(self, name), lo=0.0, strict_lo=True)
+            check_range(where, name, getattr(self, name), lo=0.0, strict_lo=True)
         for name in ("bulge_n_sersic", "envelope_n_sersic"):
-            _check_range(where, name, getattr(self, name), lo=0.2, hi=10.0)
+            check_range(where, name, getattr(self, name), lo=0.2, hi=10.0)
 
 
 @dataclass
@@ -100,8 +101,8 @@ class MatchedPSF:
     def validate(self, where: str) -> None:
         if self.bank_size < 1:
             raise ConfigError(f"{where}.bank_size: must be >= 1")
-        _check_range(where, "broadening_frac", self.broadening_frac, lo=0.0, hi=0.5)
-        _check_range(where, "ellipticity", self.ellipticity, lo=0.0, hi=0.5)
+        check_range(where, "broadening_frac", self.broadening_frac, lo=0.0, hi=0.5)
+        check_range(where, "ellipticity", self.ellipticity, lo=0.0, hi=0.5)
 
 
 @dataclass
@@ -128,7 +129,7 @@ class MatchedSimulationConfig:
     psf_bank_seed: int = 0
 
     def validate(self, where: str) -> None:
-        _check_range(where, "source_mag", self.source_mag)
+        check_range(where, "source_mag", self.source_mag)
         half = self.instrument.num_pix * self.instrument.pixel_scale_arcsec / 2
         reach = max(abs(v) for v in self.lens.center_x_arcsec) + max(abs(v) for v in self.source.center_arcsec)
         if reach >= half:
@@ -174,7 +175,7 @@ def _fits_band_psf(info, path: str) -> tuple[np.ndarray, float | None, str]:
 
 def read_instrument(path: str, psf: str | None = None) -> MatchedInstrument:
     """Read a cutout's instrument with ingest's reader; a UserError naming the file for anything missing."""
-    from ..config import IngestConfig
+    from ..ingest.config import IngestConfig
     from ..ingest.read import find_psf, inspect_cutout, read_cutout, read_psf
 
     cfg = IngestConfig()
@@ -326,7 +327,7 @@ def matched_config(
     match_psf: str | None = None,
 ) -> MatchedSimulationConfig:
     """The validated config of ``--match FILE`` or of a stored preset; YAML (``--config``) and flags on top."""
-    from ..config import read_yaml
+    from ..core.config import read_yaml
 
     if match is not None:
         inst = read_instrument(match, match_psf)
@@ -582,7 +583,7 @@ class MatchedSimulator(LensSimulator):
         return out + background_noise(rng, out.shape, n.background_rms_e_per_s, n.correlated_noise_rho)
 
     def _sample(self, rng: np.random.Generator, n_views: int):
-        from ..io import LENS_PARAMS
+        from ..shards.manifest import LENS_PARAMS
         from .priors import draw_lens
 
         lens = draw_lens(rng, self.config.lens)
