@@ -230,8 +230,8 @@ def embed_image(
     from ..core.config import from_dict
     from ..ingest.config import IngestConfig
     from ..ingest.prepare import prepare
-    from ..ingest.read import inspect_cutout
     from ..models.weights import load_backbone
+    from ..shards.cutouts import inspect_cutout
 
     backbone, info = load_backbone(checkpoint)
     if info["weights_sha256"] != emb["attrs"].get("weights_sha256"):

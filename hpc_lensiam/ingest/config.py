@@ -5,32 +5,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.errors import ConfigError
+from ..shards.cutouts import CutoutOptions
 from ..simulate.config import INSTRUMENT_PRESETS, InstrumentConfig
 
 ORIENTATIONS = ("simulator", "sky", "asis")
 
 
 @dataclass
-class IngestConfig:
+class IngestConfig(CutoutOptions):
     """Real cutouts -> the simulator's grid (``hpc-lensiam ingest``); the target grid is a preset's.
 
     ``num_pix`` / ``pixel_scale_arcsec`` are the *target* grid (None: the preset's), so ingested
     images match what a backbone was trained on. ``input_pixel_scale_arcsec`` is used only for
-    files whose header gives none (no CD/CDELT keys, and every .npy).
+    files whose header gives none (no CD/CDELT keys, and every .npy); it and the other reading options
+    are :class:`~hpc_lensiam.shards.cutouts.CutoutOptions`'s.
     """
 
     preset: str = "hst"
     num_pix: int | None = None
     pixel_scale_arcsec: float | None = None
-    hdu: str | None = None  # name or index; None: the first HDU holding a 2-D image
-    rms_hdu: str | None = "auto"  # name/index, "auto" (X_FLUX -> X_RMS if present) or None
-    weight_hdu: str | None = None  # inverse-variance map: weight <= 0 = no data
-    rms_no_data: float = 1e15  # RMS at or above this (Euclid writes 1e16) = no data
-    input_pixel_scale_arcsec: float | None = None
     orientation: str = "simulator"  # simulator: columns grow with RA, rows with Dec
     sky_sigma: float = 3.0  # sigma-clipping threshold of the sky estimate
     shard_size: int = 1000
-    each_hdu: bool = False  # FITS: every 2-D image HDU is an object (stamp files), not only the first
     pad: bool = False  # a cutout smaller than the target field is padded with sky (0) instead of refused
     psf: str | None = None  # PSF file for every input (HDF5 kernel_point_source, .npy or FITS); None: found
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import UserError
+from ..shards.cutouts import CutoutInfo, read_cutout
 from ..shards.resample import overlap_matrix
 from .config import IngestConfig
-from .read import CutoutInfo, read_cutout
 
 
 def sky_level(image: np.ndarray, bad: np.ndarray, sigma: float = 3.0) -> float:

@@ -32,11 +32,11 @@ from ..core import __version__
 from ..core.config import to_dict
 from ..core.errors import UserError
 from ..core.io import sha256_file, sha256_json
+from ..shards.cutouts import CHANNEL_RULE, HDF5_SUFFIXES, PSF_DATASET, expand, find_psf, inspect_cutout, read_psf
 from ..shards.manifest import LENS_PARAMS, MANIFEST_FORMAT, UNITS, shard_name
 from ..shards.writer import ShardPlan, check_existing, encode_sample, write_shard_set, write_tar
 from .config import IngestConfig
 from .prepare import prepare
-from .read import CHANNEL_RULE, HDF5_SUFFIXES, PSF_DATASET, expand, find_psf, inspect_cutout, read_psf
 
 LABEL_NAMES = (*LENS_PARAMS, "is_lens")
 

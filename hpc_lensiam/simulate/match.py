@@ -3,7 +3,7 @@
 The networks only know their simulations, so real-data answers depend on the simulations having the
 real image's pixel scale, field, PSF, noise and flux scale. This module reads those from a cutout that
 ``ingest`` reads (lenstronomy HDF5 with a ``psf_*.h5`` beside it, or a FITS file whose RMS and PSF
-HDUs sit beside its image HDU), through ``hpc_lensiam.ingest.read``, and renders in the file's flux
+HDUs sit beside its image HDU), through ``hpc_lensiam.shards.cutouts``, and renders in the file's flux
 units (e-/s for HST and Euclid) before the usual max normalisation of the stored images.
 
 Choices (docs/simulation.md, "Matching a real image"):
@@ -159,7 +159,7 @@ def _fail(path, what: str) -> UserError:
 
 def _fits_band_psf(info, path: str) -> tuple[np.ndarray, float | None, str]:
     """A FITS cutout's PSF: the HDU named like its image HDU with ``_PSF`` (``VIS_FLUX`` -> ``VIS_PSF``)."""
-    from ..ingest.read import _open_fits
+    from ..shards.cutouts import _open_fits
     from .psf import _header_scale
 
     name = info.hdu
@@ -175,10 +175,9 @@ def _fits_band_psf(info, path: str) -> tuple[np.ndarray, float | None, str]:
 
 def read_instrument(path: str, psf: str | None = None) -> MatchedInstrument:
     """Read a cutout's instrument with ingest's reader; a UserError naming the file for anything missing."""
-    from ..ingest.config import IngestConfig
-    from ..ingest.read import find_psf, inspect_cutout, read_cutout, read_psf
+    from ..shards.cutouts import CutoutOptions, find_psf, inspect_cutout, read_cutout, read_psf
 
-    cfg = IngestConfig()
+    cfg = CutoutOptions()
     info = inspect_cutout(str(path), cfg)
     if info.kind not in ("hdf5", "fits"):
         raise _fail(path, f"a {info.kind} file has no instrument to match (expected a lenstronomy HDF5 or FITS cutout)")

@@ -25,7 +25,20 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import UserError
-from .config import IngestConfig
+
+
+
+@dataclass
+class CutoutOptions:
+    """How a cutout file is read (the reader's part of ``ingest``'s config, which extends it; ``simulate
+    --match`` reads with the defaults). Lives with the reader, below both stages that read real files."""
+
+    hdu: str | None = None  # name or index; None: the first HDU holding a 2-D image
+    rms_hdu: str | None = "auto"  # name/index, "auto" (X_FLUX -> X_RMS if present) or None
+    weight_hdu: str | None = None  # inverse-variance map: weight <= 0 = no data
+    rms_no_data: float = 1e15  # RMS at or above this (Euclid writes 1e16) = no data
+    input_pixel_scale_arcsec: float | None = None  # files whose header gives none (no CD/CDELT, every .npy)
+    each_hdu: bool = False  # FITS: every 2-D image HDU is an object (stamp files), not only the first
 
 
 @dataclass
@@ -105,7 +118,7 @@ def _dims(header) -> tuple:
     return tuple(header.get(f"NAXIS{i}") for i in range(header.get("NAXIS", 0), 0, -1))
 
 
-def _mask_hdu(hdul, image_name: str, cfg: IngestConfig, path: str):
+def _mask_hdu(hdul, image_name: str, cfg: CutoutOptions, path: str):
     """(index, kind) of the RMS or weight HDU to mask with, or (None, '')."""
     if cfg.weight_hdu is not None:
         return _image_hdu(hdul, cfg.weight_hdu, path)[0], "weight"
@@ -143,7 +156,7 @@ def _open_fits(path: str):
         raise UserError(f"{path}: cannot read as FITS ({type(exc).__name__}: {exc})") from None
 
 
-def inspect_cutout(path: str, cfg: IngestConfig, hdu: str | None = None) -> CutoutInfo:
+def inspect_cutout(path: str, cfg: CutoutOptions, hdu: str | None = None) -> CutoutInfo:
     """Header-level checks of one input: readable, 2-D, a pixel scale, an RMS/weight HDU of its shape."""
     p = Path(path)
     if not p.is_file():
@@ -193,7 +206,7 @@ def inspect_cutout(path: str, cfg: IngestConfig, hdu: str | None = None) -> Cuto
     return CutoutInfo(str(path), label, shape, m, src, mask_name, kind, extra=extra)
 
 
-def read_cutout(info: CutoutInfo, cfg: IngestConfig) -> tuple[np.ndarray, np.ndarray]:
+def read_cutout(info: CutoutInfo, cfg: CutoutOptions) -> tuple[np.ndarray, np.ndarray]:
     """(image float64, bad-pixel mask) of an inspected cutout.
 
     Bad = not finite, or flagged by the RMS HDU (not finite, <= 0, or >= ``rms_no_data``) or the
@@ -245,7 +258,7 @@ def _load_npy(path: str):
         raise UserError(f"{path}: cannot read as .npy ({type(exc).__name__}: {exc})") from None
 
 
-def expand(path: str, cfg: IngestConfig, hdu: str | None = None) -> list[tuple[str | None, str]]:
+def expand(path: str, cfg: CutoutOptions, hdu: str | None = None) -> list[tuple[str | None, str]]:
     """The objects in one input file: [(member, name suffix)]. One for a 2-D image; every row of an
     (N, H, W) ``.npy`` stack (suffix ``_<row>``); with ``cfg.each_hdu`` every 2-D image HDU of a FITS
     file (suffix ``_hdu<N>``). A file that cannot be opened is one object: the check pass names it."""
@@ -280,7 +293,7 @@ def _h5_value(f, name: str, path: str):
         raise UserError(f"{path}: cannot read dataset {name!r} ({type(exc).__name__}: {exc})") from None
 
 
-def _inspect_hdf5(path: str, cfg: IngestConfig) -> CutoutInfo:
+def _inspect_hdf5(path: str, cfg: CutoutOptions) -> CutoutInfo:
     """A lenstronomy HDF5 cutout: ``image_data`` (H, W); ``transform_pix2angle`` (2x2 arcsec per pixel,
     d(RA, Dec)/d(x, y), x = column) gives the pixel scale and orientation; ``background_rms``
     (scalar or map), ``exposure_time`` (scalar or map) or ``exposure_map``, ``ra_at_xy_0`` /
@@ -356,7 +369,7 @@ def _read_hdf5(info: CutoutInfo) -> tuple[np.ndarray, np.ndarray]:
     return img, bad
 
 
-def _inspect_display(path: str, cfg: IngestConfig) -> CutoutInfo:
+def _inspect_display(path: str, cfg: CutoutOptions) -> CutoutInfo:
     img = _read_display(path)
     m, src = _scale_matrix({}, path, cfg.input_pixel_scale_arcsec)
     extra = {"display_image": True, "channel_rule": CHANNEL_RULE}
