@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
-import json
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
@@ -32,16 +29,13 @@ REAL = SHARED / "real_lenses"
 
 
 def _images(out: Path) -> list[tuple[np.ndarray, dict]]:
-    found = []
-    for shard in sorted(out.glob("shard-*.tar")):
-        with tarfile.open(shard) as tar:
-            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-        for name in sorted(n for n in members if n.endswith(".params.json")):
-            key = name.split(".", 1)[0]
-            params = json.loads(members[name])
-            img = np.load(io.BytesIO(members[f"{key}.image.npy"]), allow_pickle=False).astype(np.float64)
-            found.append((img * params["views"][0]["peak_e_per_s"], params))
-    return found
+    """(image in e-/s, params) of every sample, through the package's one sample reader."""
+    from hpc_lensiam.shards.reader import iter_samples
+
+    return [
+        (s["image"].astype(np.float64) * s["params"]["views"][0]["peak_e_per_s"], s["params"])
+        for s in iter_samples(out)
+    ]
 
 
 def border(image: np.ndarray, width: int = 8) -> np.ndarray:

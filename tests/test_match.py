@@ -7,11 +7,8 @@ background noise (within 10% of ``background_rms``, measured in source-free pixe
 
 from __future__ import annotations
 
-import io
-import json
 import shutil
 import subprocess
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -44,19 +41,10 @@ def _cli(*args, ranks: int = 0):
 
 
 def _samples(out: Path) -> list[dict]:
-    found = []
-    for shard in sorted(out.glob("shard-*.tar")):
-        with tarfile.open(shard) as tar:
-            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-        for name in sorted(n for n in members if n.endswith(".params.json")):
-            key = name.split(".", 1)[0]
-            found.append(
-                {
-                    "params": json.loads(members[name]),
-                    "image": np.load(io.BytesIO(members[f"{key}.image.npy"]), allow_pickle=False),
-                }
-            )
-    return found
+    """Every sample of a shard set (params, image), through the package's one sample reader."""
+    from hpc_lensiam.shards.reader import iter_samples
+
+    return list(iter_samples(out))
 
 
 # ----------------------------------------------------------------------------------- physics units
