@@ -49,4 +49,4 @@ test: install lint
 	$(PY) -m pytest -q tests
 
 bench: install
-	$(PY) bench/simulate.py
+	$(PY) -m bench.simulate

@@ -1,7 +1,7 @@
 """One-shot check of the GPU path: run it once on a machine with a GPU before a cluster run.
 
-    .venv/bin/python bench/gpu_check.py                 # one or more GPUs, < 8 min on one GPU
-    .venv/bin/python bench/gpu_check.py --cpu-smoke     # the same script, tiny, on a CPU (tests/)
+    .venv/bin/python -m bench.gpu_check                 # one or more GPUs, < 8 min on one GPU
+    .venv/bin/python -m bench.gpu_check --cpu-smoke     # the same script, tiny, on a CPU (tests/)
 
 Every case is the real command line (``hpc-lensiam train``/``embed``/``export`` in a fresh process,
 as a cluster job runs them) on shards it simulates itself:
@@ -13,7 +13,7 @@ as a cluster job runs them) on shards it simulates itself:
    only, said in one line), and a resume with the same engine;
 3. embed and export of the result on the GPU;
 4. the shard loader's pairs/s with ``--workers`` worker processes;
-5. the on-the-fly renderer (``bench/online.py --device cuda``): rendered pairs/s at batch 256-4096 at
+5. the on-the-fly renderer (``python -m bench.online --device cuda``): rendered pairs/s at batch 256-4096 at
    110 px and the training ratio online / shards.
 
 Prints one table (images/s = 2 x pairs/s, peak device memory, data wait vs compute per step) and
@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
 
 
@@ -134,7 +133,9 @@ def main(argv=None) -> int:
     import torch
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (the test suite runs this)")
+    ap.add_argument(
+        "--cpu-smoke", "--quick", action="store_true", help="tiny sizes on the CPU (the test suite runs this)"
+    )
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one, removed)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None, help="per process")
@@ -285,7 +286,7 @@ def main(argv=None) -> int:
     # 4. the loader alone
     loader = {w: loader_pairs_per_s(str(data), batch, w, pin=bool(gpus)) for w in sorted({0, workers})}
 
-    # 5. on-the-fly lens augmentation (bench/online.py): rendered pairs/s at batch 256-4096 at 110 px
+    # 5. on-the-fly lens augmentation (bench.online): rendered pairs/s at batch 256-4096 at 110 px
     # and the training ratio online / shards, on the device the trainer uses (docs/online.md)
     online_json = work / "online.json"
     online = (
@@ -333,7 +334,7 @@ def main(argv=None) -> int:
     )
     online_line = chk.run(
         "online",
-        [sys.executable, str(REPO / "bench" / "online.py"), *online, "--json", str(online_json)],
+        [sys.executable, "-m", "bench.online", *online, "--json", str(online_json)],
         expect=("online bench:",),
         timeout=900,
     )

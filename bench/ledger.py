@@ -1,4 +1,4 @@
-"""The resumable step runner the long bench scripts share (bench/science.py, bench/methods.py).
+"""The resumable step runner the long bench scripts share (bench.science, bench.methods).
 
 ``OUT/steps.json`` records every command that succeeded and how long it took. On a rerun a step is
 skipped when the same command succeeded before and its outputs still exist; an interrupted training
@@ -10,19 +10,14 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-sys.path.insert(0, str(REPO))
-from hpc_lensiam.core.io import atomic_write_json  # noqa: E402
+from hpc_lensiam.core.io import atomic_write_json
 
+from .common import BIN, REPO, shown
 
-def shown(cmd: list) -> str:
-    """The command as a user types it from the repository root (.venv/bin/..., relative paths)."""
-    return shlex.join([str(c) for c in cmd]).replace(str(BIN) + "/", ".venv/bin/").replace(str(REPO) + "/", "")
+__all__ = ["BIN", "REPO", "Steps", "shown"]
 
 
 class Steps:

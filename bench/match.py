@@ -9,7 +9,7 @@ correlation of the border noise. The figure puts the five DESI-HST lenses with a
 beside two matched simulations each, drawn with the label's theta_E, in the same asinh stretch
 (``hpc_lensiam.shards.display``; softening 2 x the file's background RMS).
 
-    PYTHONPATH=$PWD .venv/bin/python bench/match.py --out docs/real_images/matched_sims.png
+    .venv/bin/python -m bench.match --out docs/real_images/matched_sims.png
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .common import parse_quick, print_ratio
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data"
 REAL = SHARED / "real_lenses"
 
@@ -136,7 +137,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(REPO / "docs" / "real_images" / "matched_sims.png"))
     ap.add_argument("--no-figure", action="store_true")
-    a = ap.parse_args()
+    a = parse_quick(ap, None, dict(no_figure=True))
     files = (
         sorted((REAL / "desi_hst").glob("DESIJ*_F140W.h5"))
         + sorted((REAL / "desj0408_hst").glob("data_*.hdf5"))
@@ -145,6 +146,7 @@ def main() -> None:
     )
     if not files:
         sys.exit(f"no shared data under {SHARED}")
+    ratios = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         print(
@@ -155,6 +157,7 @@ def main() -> None:
         for path in files:
             m = measure(path, tmp)
             lo, hi = m["fwhm_sim"]
+            ratios.append((lo + hi) / 2 / m["fwhm_real"])
             print(
                 f"| {m['file']} | {m['shape'][0]} | {m['scale_real']:.4f} / {m['scale_sim']:.4f} | "
                 f"{m['fwhm_real']:.3f} / {lo:.3f}-{hi:.3f} | {m['rms_file']:.4f} / {m['rms_real_border']:.4f} / "
@@ -164,6 +167,7 @@ def main() -> None:
         if not a.no_figure:
             figure(a.out, tmp)
             print(f"figure: {a.out}")
+    print_ratio(float(np.median(ratios)), "simulated over real PSF FWHM, median over files")
 
 
 if __name__ == "__main__":

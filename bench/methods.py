@@ -10,21 +10,21 @@ table gives the held-out R^2 of theta_E, e1 and gamma with a 95% bootstrap inter
 lens systems, the median step time (seconds per optimizer step, measured by the trainer, first step
 excluded) and the final loss. Lens minus standard augmentation per method is a paired difference on
 the same test lens systems (``hpc-lensiam probe --against``), with its 95% interval over systems.
-Every step is the package's own CLI, run through the resumable ledger of bench/ledger.py
+Every step is the package's own CLI, run through the resumable ledger of bench.ledger
 (``OUT/steps.json``): a finished step is skipped on a rerun and an interrupted pretraining resumes.
 
-    .venv/bin/python bench/methods.py                          # 2,048 pairs, 320 steps: hours on 2 cores
-    .venv/bin/python bench/methods.py --pairs 128 --probe-pairs 64 --steps 4 --num-pix 40 \\
-        --batch-size 16 --vit vit_tiny_p8 --out runs/methods-smoke    # smoke test, minutes
+    .venv/bin/python -m bench.methods                          # 2,048 pairs, 320 steps: hours on 2 cores
+    .venv/bin/python -m bench.methods --pairs 128 --probe-pairs 64 --steps 4 --num-pix 40 \\
+        --batch-size 16 --vit vit_tiny_p8 --out runs/methods-smoke --tag methods-smoke   # smoke test, minutes
 
-Writes ``OUT/methods.md`` (the table, the budget, the commands) and ``OUT/methods.json`` after every
-run, so a run stopped part-way leaves whole rows for what finished (marked partial); a method's paired
-lens - standard row is added as soon as both of its runs exist. After the runs, each backbone's random
-weights (``embed --checkpoint none``, seed ``--seed``) and the --arch runs' init with only its
-BatchNorm statistics fitted (one epoch at lr 1e-12) are embedded and probed the same way, the
-no-pretraining references, and every run is paired against each; a run on another backbone (the ViT)
-is paired against the same method and augmentation on ``--arch``. ``--report-only`` rewrites both from
-OUT and runs nothing.
+Writes the report ``docs/science/<tag>.md`` (the table, the budget, the commands; ``--reports`` puts it
+elsewhere) and ``OUT/methods.json`` after every run, so a run stopped part-way leaves whole rows for what
+finished (marked partial); a method's paired lens - standard row is added as soon as both of its runs
+exist. After the runs, each backbone's random weights (``embed --checkpoint none``, seed ``--seed``) and
+the --arch runs' init with only its BatchNorm statistics fitted (one epoch at lr 1e-12) are embedded and
+probed the same way, the no-pretraining references, and every run is paired against each; a run on
+another backbone (the ViT) is paired against the same method and augmentation on ``--arch``.
+``--report-only`` rewrites both from OUT and runs nothing.
 """
 
 from __future__ import annotations
@@ -33,27 +33,33 @@ import argparse
 import csv
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from ledger import BIN, Steps  # noqa: E402
+from hpc_lensiam.core.io import atomic_write_json, atomic_write_text
 
-from hpc_lensiam.core.io import atomic_write_json, atomic_write_text  # noqa: E402
+from .common import (
+    PARAMS,
+    REPORTS,
+    RunLayout,
+    commands_table,
+    embed_cmd,
+    hl,
+    interval,
+    launcher,
+    machine_line,
+    made_by,
+    out_dir,
+    parse_quick,
+    print_ratio,
+    probe_cmd,
+    ridge,
+    table,
+)
+from .ledger import Steps
 
-PARAMS = ("theta_E", "e1", "gamma")
 AUGS = {"lens": "lensiam", "standard": "simsiam"}
-
-
-def ridge(probe_json: Path) -> dict:
-    """The ridge probe's R^2 and 95% interval per parameter, from ``hpc-lensiam probe --json``."""
-    res = next(iter(json.loads(probe_json.read_text())["results"].values()))
-    params = {p: {"r2": res["ridge"][p], "ci95": res["ridge_ci95"][p], "knn_r2": res["knn"][p]} for p in PARAMS}
-    return {"params": params, "n_test_systems": res.get("systems_test")}
 
 
 def train_stats(run_dir: Path, global_batch: int) -> dict:
@@ -80,13 +86,15 @@ def paired_probe(steps: Steps, name: str, emb: Path, against: Path, pj: Path, ru
     """``hpc-lensiam probe --embeddings emb --against against`` as ledger step ``name`` (when ``run``
     and both files exist): the paired ridge R^2 differences on the same test systems, or None yet."""
     if run and emb.is_file() and against.is_file():
-        steps.run(name, [BIN / "hpc-lensiam", "probe", "--embeddings", emb, "--against", against, "--json", pj], [pj])
+        steps.run(name, probe_cmd(emb, pj, against), [pj])
     return json.loads(pj.read_text())["paired_difference"]["ridge"] if pj.is_file() else None
 
 
-def main() -> None:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/methods", help="working folder (shards, runs, embeddings, report)")
+    ap.add_argument("--out", default="runs/methods", help="working folder (shards, runs, embeddings, methods.json)")
+    ap.add_argument("--tag", default="methods", help="names the report, docs/science/<tag>.md")
+    ap.add_argument("--reports", default=None, help="folder of the report (docs/science; --quick: OUT)")
     ap.add_argument("--pairs", type=int, default=2048, help="pretraining pairs (the same for every run)")
     ap.add_argument("--probe-pairs", type=int, default=512, help="held-out pairs to embed and probe")
     ap.add_argument("--steps", type=int, default=320, help="optimizer steps per run (the fixed budget)")
@@ -100,17 +108,21 @@ def main() -> None:
     ap.add_argument("--augs", default="lens,standard")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from OUT, run nothing")
-    a = ap.parse_args()
+    quick = dict(pairs=64, probe_pairs=48, steps=3, num_pix=40, batch_size=16, vit="", methods="simsiam")
+    return parse_quick(ap, argv, dict(quick, out="runs/bench-quick/methods", tag="quick"))
 
-    out = (REPO / a.out) if not Path(a.out).is_absolute() else Path(a.out)
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    out = out_dir(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    hl = BIN / "hpc-lensiam"
+    a.reports = a.reports or str(out if a.quick else REPORTS)
+    report_md = Path(a.reports) / f"{a.tag}.md"
+    lay = RunLayout(out)
     steps = Steps(out, "methods")
-    sim_yaml = out / "sim.yaml"
-    shards, probe_shards = out / "shards" / "pretrain", out / "shards" / "probe"
-    sim = [hl, "simulate", "--config", sim_yaml, "--shard-size", 128]
+    shards, probe_shards = lay.shards("pretrain"), lay.shards("probe")
+    sim = hl("simulate", "--config", lay.sim_yaml(a.num_pix, write=not a.report_only), "--shard-size", 128)
     if not a.report_only:
-        sim_yaml.write_text(f"instrument:\n  num_pix: {a.num_pix}\n")
         for what, d, n, seed in (
             ("pretraining", shards, a.pairs, a.seed),
             ("held-out probe", probe_shards, a.probe_pairs, a.seed + 1000),
@@ -120,42 +132,38 @@ def main() -> None:
     global_batch = a.batch_size * a.nproc
     steps_per_epoch = a.pairs // global_batch
     if steps_per_epoch < 1:
-        sys.exit(f"bench/methods.py: error: --pairs {a.pairs} < global batch {global_batch}")
+        sys.exit(f"bench.methods: error: --pairs {a.pairs} < global batch {global_batch}")
     epochs = math.ceil(a.steps / steps_per_epoch)
-    launch = (
-        [BIN / "torchrun", "--standalone", "--nproc_per_node", a.nproc, "-m", "hpc_lensiam"] if a.nproc > 1 else [hl]
-    )
+    launch = launcher(a.nproc)
     runs = [(m, aug, a.arch) for m in a.methods.split(",") for aug in a.augs.split(",")]
     if a.vit:
         runs += [("simsiam", aug, a.vit) for aug in a.vit_augs.split(",")]
     results, paired = {}, {}
     for method, aug, arch in runs:
         name = f"{method}_{aug}_{arch}"
-        run_dir = out / f"run_{name}"
-        ckpt = run_dir / "checkpoints" / "last.pt"
-        emb, pj = out / f"emb_{name}.h5", out / f"probe_{name}.json"
+        run_dir, ckpt = lay.run(name), lay.last(name)
+        emb, pj = lay.emb(name), lay.probe(name)
         if not a.report_only:
             train = ["train", "--data", shards, "--out", run_dir, "--method", method, "--mode", AUGS[aug]]
             train += ["--arch", arch, "--batch-size", a.batch_size, "--epochs", epochs, "--max-steps", a.steps]
             train += ["--warmup-epochs", max(1, epochs // 10), "--seed", a.seed, "--workers", 1]
             train += ["--no-zero-init-residual", "--log-every", 1, "--ckpt-every", 10**6]
             steps.run(f"pretrain {name}", launch + train, [ckpt], resume_flag=ckpt.exists())
-            embed = ["embed", "--checkpoint", run_dir, "--data", probe_shards, "--out", emb]
-            steps.run(f"embed {name}", launch + embed, [emb])
-            steps.run(f"probe {name}", [hl, "probe", "--embeddings", emb, "--json", pj], [pj])
+            steps.run(f"embed {name}", embed_cmd(launch, run_dir, probe_shards, emb), [emb])
+            steps.run(f"probe {name}", probe_cmd(emb, pj), [pj])
         if pj.is_file():
             stats = train_stats(run_dir, global_batch)
             results[name] = {"method": method, "augmentation": aug, "arch": arch, **stats, **ridge(pj)}
         key = method if arch == a.arch else f"{method}, {arch}"
         if key not in paired:  # as soon as both runs exist
-            lens, std = out / f"emb_{method}_lens_{arch}.h5", out / f"emb_{method}_standard_{arch}.h5"
+            lens, std = lay.emb(f"{method}_lens_{arch}"), lay.emb(f"{method}_standard_{arch}")
             step, pj_pair = f"paired probe {key}: lens - standard", out / f"paired_{method}_{arch}.json"
             d = paired_probe(steps, step, lens, std, pj_pair, not a.report_only)
             if d is not None:
                 paired[key] = d
         # the report after every run, so a run stopped part-way has whole rows for what finished
         atomic_write_json(out / "methods.json", {"args": vars(a), "results": results, "paired": paired})
-        write_report(out / "methods.md", a, epochs, results, paired, steps.done, len(runs))
+        write_report(report_md, a, epochs, results, paired, steps.done, len(runs))
 
     # The no-pretraining references on the same probe pairs, and every run minus each on the same test
     # systems ("learned little" vs "learned nothing"): "random" is each backbone's random weights as
@@ -164,25 +172,22 @@ def main() -> None:
     # for one epoch so that only the BatchNorm statistics are fitted to the pretraining images.
     reference, over_reference, refs = {}, {}, []  # refs: (file prefix, kind, arch, embeddings, probe)
     for arch in dict.fromkeys(arch for _, _, arch in runs):
-        emb, pj = out / f"emb_random_{arch}.h5", out / f"probe_random_{arch}.json"
+        emb, pj = lay.emb(f"random_{arch}"), lay.probe(f"random_{arch}")
         if not a.report_only:
-            embed = ["embed", "--checkpoint", "none", "--arch", arch, "--seed", a.seed]
-            steps.run(f"embed random-weight {arch}", launch + embed + ["--data", probe_shards, "--out", emb], [emb])
-            steps.run(f"probe random-weight {arch}", [hl, "probe", "--embeddings", emb, "--json", pj], [pj])
+            embed = embed_cmd(launch, "none", probe_shards, emb, "--arch", arch, "--seed", a.seed)
+            steps.run(f"embed random-weight {arch}", embed, [emb])
+            steps.run(f"probe random-weight {arch}", probe_cmd(emb, pj), [pj])
         refs.append(("random", "random weights", arch, emb, pj))
-    init_dir = out / f"run_init_{a.arch}"
-    emb, pj = out / f"emb_init_{a.arch}.h5", out / f"probe_init_{a.arch}.json"
+    init_dir = lay.run(f"init_{a.arch}")
+    emb, pj = lay.emb(f"init_{a.arch}"), lay.probe(f"init_{a.arch}")
     if not a.report_only:
         init = ["train", "--data", shards, "--out", init_dir, "--method", "simsiam", "--mode", "lensiam"]
         init += ["--arch", a.arch, "--batch-size", a.batch_size, "--epochs", 1, "--max-steps", steps_per_epoch]
         init += ["--base-lr", "1e-12", "--weight-decay", 0, "--seed", a.seed, "--workers", 1]
         init += ["--no-zero-init-residual", "--log-every", 1, "--ckpt-every", 10**6]
-        steps.run(
-            f"fit BatchNorm statistics of the {a.arch} init", launch + init, [init_dir / "checkpoints" / "last.pt"]
-        )
-        embed = ["embed", "--checkpoint", init_dir, "--data", probe_shards, "--out", emb]
-        steps.run(f"embed {a.arch} init", launch + embed, [emb])
-        steps.run(f"probe {a.arch} init", [hl, "probe", "--embeddings", emb, "--json", pj], [pj])
+        steps.run(f"fit BatchNorm statistics of the {a.arch} init", launch + init, [lay.last(f"init_{a.arch}")])
+        steps.run(f"embed {a.arch} init", embed_cmd(launch, init_dir, probe_shards, emb), [emb])
+        steps.run(f"probe {a.arch} init", probe_cmd(emb, pj), [pj])
     refs.append(("init", "init, BatchNorm fitted", a.arch, emb, pj))
     for prefix, kind, arch, emb, pj in refs:
         if pj.is_file():
@@ -190,7 +195,7 @@ def main() -> None:
             reference[f"{prefix}_{arch}"] = {"method": "none", "augmentation": label, "arch": arch, **ridge(pj)}
         for name in (name for name, r in results.items() if r["arch"] == arch):
             step, pj_pair = f"paired probe {name} - {kind}", out / f"over_{prefix}_{name}.json"
-            d = paired_probe(steps, step, out / f"emb_{name}.h5", emb, pj_pair, not a.report_only)
+            d = paired_probe(steps, step, lay.emb(name), emb, pj_pair, not a.report_only)
             if d is not None:
                 over_reference[f"{name} - {kind}"] = d
     # a run on another backbone (the ViT) against the same method and augmentation on --arch
@@ -200,38 +205,36 @@ def main() -> None:
             continue
         base = f"{r['method']}_{r['augmentation']}_{a.arch}"
         step, pj_pair = f"paired probe {name} - {a.arch}", out / f"across_{name}.json"
-        d = paired_probe(steps, step, out / f"emb_{name}.h5", out / f"emb_{base}.h5", pj_pair, not a.report_only)
+        d = paired_probe(steps, step, lay.emb(name), lay.emb(base), pj_pair, not a.report_only)
         if d is not None:
             across[f"{name} - {base}"] = d
     report = {"args": vars(a), "results": results, "paired": paired, "reference": reference}
     report.update(over_reference=over_reference, across=across)
     atomic_write_json(out / "methods.json", report)
-    write_report(
-        out / "methods.md", a, epochs, results, paired, steps.done, len(runs), reference, over_reference, across
-    )
+    write_report(report_md, a, epochs, results, paired, steps.done, len(runs), reference, over_reference, across)
     print(
         f"\n[methods] done: {len(results)} of {len(runs)} runs, {len(paired)} lens-standard pairs, "
-        f"{len(reference)} no-pretraining reference(s); table in {out / 'methods.md'}",
+        f"{len(reference)} no-pretraining reference(s); table in {report_md}",
         flush=True,
     )
+    m = a.methods.split(",")[0]
+    lens, std = (results.get(f"{m}_{aug}_{a.arch}") for aug in ("lens", "standard"))
+    if lens and std:
+        r2 = lens["params"]["theta_E"]["r2"] / std["params"]["theta_E"]["r2"]
+        print_ratio(r2, f"{m} lens over standard augmentation, probe theta_E R^2")
 
 
 def _r2_cells(r: dict) -> str:
     """The R^2 [95% interval] cells of one probe result, one per parameter of PARAMS."""
-    return " | ".join(
-        f"{r['params'][p]['r2']:.3f} [{r['params'][p]['ci95'][0]:.3f}, {r['params'][p]['ci95'][1]:.3f}]" for p in PARAMS
-    )
+    return " | ".join(interval(r["params"][p]["r2"], r["params"][p]["ci95"]) for p in PARAMS)
 
 
 def _delta_table(caption: str, first: str, rows: dict) -> list[str]:
     """A caption and a table of paired differences (delta [95% interval] per parameter), one row per entry."""
-    lines = [caption, "", f"| {first} | " + " | ".join(f"delta {p}" for p in PARAMS) + " |", "|---|---|---|---|"]
-    return lines + [
-        f"| {label} | "
-        + " | ".join(f"{d[p]['delta']:+.3f} [{d[p]['ci95'][0]:+.3f}, {d[p]['ci95'][1]:+.3f}]" for p in PARAMS)
-        + " |"
-        for label, d in rows.items()
+    cells = [
+        [label, *(interval(d[p]["delta"], d[p]["ci95"], signed=True) for p in PARAMS)] for label, d in rows.items()
     ]
+    return [caption, "", *table([first, *(f"delta {p}" for p in PARAMS)], cells)]
 
 
 def write_report(
@@ -251,7 +254,7 @@ def write_report(
         "# Lens augmentation x SSL method: held-out probe R^2 at a fixed budget",
         "",
         *([f"**Partial: {len(results)} of {n_runs} runs finished so far.**", ""] if len(results) < n_runs else []),
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; Python {platform.python_version()}.",
+        machine_line(),
         "",
         f"Budget: {a.pairs} pretraining pairs ({a.num_pix}x{a.num_pix} px, hst preset), {a.steps} optimizer "
         f"steps of global batch {gb} ({epochs} epoch(s) of the schedule), seed {a.seed}, each method with its "
@@ -260,17 +263,14 @@ def write_report(
         f"test lens systems (1000 resamples, `hpc-lensiam probe`). Step time: seconds per "
         "optimizer step (median over steps, start-up excluded) measured by the trainer.",
         "",
-        "| method | augmentation | backbone | theta_E R^2 | e1 R^2 | gamma R^2 | s/step | final loss |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {r['method']} | {r['augmentation']} | {r['arch']} | {_r2_cells(r)} | "
-        f"{r['step_s']:.2f} | {r['final_loss']:.4f} |"
+    header = ["method", "augmentation", "backbone", *(f"{p} R^2" for p in PARAMS), "s/step", "final loss"]
+    rows = [
+        [r["method"], r["augmentation"], r["arch"], _r2_cells(r), f"{r['step_s']:.2f}", f"{r['final_loss']:.4f}"]
         for r in results.values()
     ]
-    lines += [
-        f"| none | {r['augmentation']} | {r['arch']} | {_r2_cells(r)} | - | - |" for r in (reference or {}).values()
-    ]
+    rows += [["none", r["augmentation"], r["arch"], _r2_cells(r), "-", "-"] for r in (reference or {}).values()]
+    lines += table(header, rows)
     lines += [""] + _delta_table(
         "Lens minus standard augmentation per method: paired ridge R^2 difference on the same test lens "
         "systems, 95% interval over systems (`hpc-lensiam probe --against`; one pretraining seed each, so "
@@ -295,16 +295,8 @@ def write_report(
             "runs",
             across,
         )
-    lines += [
-        "",
-        "## Commands (wall seconds of the invocation that ran them)",
-        "",
-        "| step | seconds | command |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {name} | {s['seconds']:.0f} | `{s['command']}` |" for name, s in sorted(done.items())]
-    argv = " ".join(x for x in sys.argv[1:] if x != "--report-only")
-    lines += ["", f"Made by `.venv/bin/python bench/methods.py {argv}`.", ""]
+    lines += commands_table("Commands (wall seconds of the invocation that ran them)", done, sort=True)
+    lines += ["", f"Made by {made_by('methods')}.", ""]
     atomic_write_text(path, "\n".join(lines))
 
 

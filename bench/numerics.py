@@ -1,6 +1,6 @@
 """Numerics of the paper family, measured: supersampling convergence, core-Sersic normalisation, COSMOS cleaning.
 
-    PYTHONPATH=$PWD .venv/bin/python bench/numerics.py --n 40 [--preset hst] [--fig docs/numerics_supersampling.png]
+    .venv/bin/python -m bench.numerics --n 40 [--preset hst] [--fig docs/numerics_supersampling.png]
 
 1. Supersampling: ``--n`` systems drawn from the paper family's priors (lens, source, lens light, PSF,
    noise sigma) are rendered noiseless at supersampling factors 1..8 and at 10 (the reference); the
@@ -27,6 +27,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
+
+from .common import parse_quick, print_ratio
 
 FACTORS = (1, 2, 4, 8, "2+a16@0.05", "2+a16@0.1", "2+a8@0.1")
 REFERENCE = 10
@@ -195,7 +197,7 @@ def main() -> None:
     ap.add_argument("--preset", default="hst")
     ap.add_argument("--num-pix", type=int, default=None, help="smaller grid for a quick run")
     ap.add_argument("--fig", default=None)
-    a = ap.parse_args()
+    a = parse_quick(ap, None, dict(n=4, num_pix=40))
     res = supersampling(a.n, a.preset, a.num_pix)
     print(
         f"supersampling ({a.preset}, {a.n} systems, error vs factor {REFERENCE} in units of each image's noise sigma):"
@@ -207,6 +209,8 @@ def main() -> None:
         )
     if a.fig:
         plot(res, a.fig)
+    last = list(res)[-1]
+    print_ratio(res[last]["within_sigma"], f"fraction of images within 1 sigma of factor {REFERENCE} at {last}")
     cs = core_sersic(max(a.n, 200))
     print(
         f"core-Sersic total flux with the Sersic formula: min {cs['old_min']:.3f}, median {cs['old_median']:.3f}, "

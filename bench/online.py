@@ -11,8 +11,8 @@ interleaved rounds and the best round of each is kept):
    model, batch and steps; the ratio online / shards is the figure of merit (the goal on a GPU is
    >= 0.9 with ResNet101: rendering must hide behind the step).
 
-Usage (CPU, small):   python bench/online.py --batch 8 32 --train-steps 4
-Usage (GPU, paper):   python bench/online.py --device cuda --batch 256 1024 4096 --arch resnet101 \\
+Usage (CPU, small):   python -m bench.online --batch 8 32 --train-steps 4
+Usage (GPU, paper):   python -m bench.online --device cuda --batch 256 1024 4096 --arch resnet101 \\
                           --train-batch 128 --precision bf16 --train-steps 20
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import tempfile
 import time
 import warnings
@@ -30,12 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from hpc_lensiam.simulate.config import simulation_config
+from hpc_lensiam.simulate.simulator import LensSimulator
+from hpc_lensiam.simulate.torch_render import TorchLensSimulator
 
-from hpc_lensiam.simulate.config import simulation_config  # noqa: E402
-from hpc_lensiam.simulate.simulator import LensSimulator  # noqa: E402
-from hpc_lensiam.simulate.torch_render import TorchLensSimulator  # noqa: E402
+from .common import parse_quick, print_ratio
 
 
 def _sync(device: torch.device) -> None:
@@ -186,7 +184,8 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="torch.compile the ray shooting (render and online)")
     p.add_argument("--json", default=None, help="also write the figures here")
-    args = p.parse_args(argv)
+    quick = dict(batch=[8], num_pix=48, numpy_pairs=2, rounds=1, accuracy_systems=2, train_batch=4, train_steps=2)
+    args = parse_quick(p, argv, quick)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device on this machine (the CUDA path is written but unmeasured here)")
 
@@ -217,6 +216,8 @@ def main(argv=None) -> dict:
     print(line, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+    if "train_pairs_per_s" in result:
+        print_ratio(result["train_pairs_per_s"]["ratio_online_over_shards"], "training online over shards, pairs/s")
     return result
 
 

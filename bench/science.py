@@ -23,8 +23,8 @@ skipped; training resumes from its last checkpoint; ``finetune --seeds --resume`
 The report is rewritten after every probe and fine-tuning step from whatever has finished, so the
 protocol may be run in parts (``--report-only`` rewrites it from OUT without running anything).
 
-    .venv/bin/python bench/science.py --tag protocol            # the defaults: hours of 2 CPU cores
-    .venv/bin/python bench/science.py --pairs 64 --probe-pairs 64 --n-train 40 --n-test 40 --num-pix 48 \\
+    .venv/bin/python -m bench.science --tag protocol            # the defaults: hours of 2 CPU cores
+    .venv/bin/python -m bench.science --pairs 64 --probe-pairs 64 --n-train 40 --n-test 40 --num-pix 48 \\
         --steps 2 --finetune-epochs 1 --out runs/science-smoke --tag smoke   # smoke test, minutes
 """
 
@@ -32,19 +32,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from ledger import BIN, Steps  # noqa: E402  (puts the repository on sys.path too)
+from hpc_lensiam.core.io import atomic_write_text
+from hpc_lensiam.evaluation.stats import hierarchical_paired_difference, seed_summary
 
-from hpc_lensiam.core.io import atomic_write_text  # noqa: E402
-from hpc_lensiam.evaluation.stats import hierarchical_paired_difference, seed_summary  # noqa: E402
+from .common import (
+    BIN,
+    REPO,
+    REPORTS,
+    RunLayout,
+    commands_table,
+    hl,
+    load,
+    machine_line,
+    made_by,
+    on_ranks,
+    out_dir,
+    parse_quick,
+    print_ratio,
+    probe_cmd,
+)
+from .ledger import Steps
 
 NPROC = 2
 # name -> (pretraining run kind or None for random weights, frozen backbone)
@@ -107,10 +118,11 @@ def tasks(families: list[str]) -> list[dict]:
     return out
 
 
-def main() -> None:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/science-protocol", help="working folder (shards, runs, embeddings)")
     ap.add_argument("--tag", default="protocol", help="names docs/science/<tag>.md and its figures")
+    ap.add_argument("--reports", default=None, help="folder of the report and figures (docs/science; --quick: OUT)")
     ap.add_argument("--pairs", type=int, default=4096, help="LenSiam pretraining pairs")
     ap.add_argument("--probe-pairs", type=int, default=1024, help="held-out pairs for embeddings/probe")
     ap.add_argument("--n-train", type=int, default=1000)
@@ -155,25 +167,30 @@ def main() -> None:
     ap.add_argument("--ckpt-every", type=int, default=0, help="periodic checkpoints every N steps (0: none)")
     ap.add_argument("--curve", action="store_true", help="embed + probe every periodic checkpoint (first seed)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from OUT, run nothing")
-    a = ap.parse_args()
+    quick = dict(pairs=64, probe_pairs=64, n_train=40, n_test=40, num_pix=48, steps=2, finetune_epochs=1)
+    a = parse_quick(ap, argv, dict(quick, out="runs/bench-quick/science", tag="quick"))
     a.pretrain_seeds, a.finetune_seeds = parse_ints(a.pretrain_seeds), parse_ints(a.finetune_seeds)
     if a.precision == "auto" and not a.precision_check:
         ap.error("--precision auto needs --precision-check STEPS")
-    out = REPO / a.out
-    report = REPO / "docs" / "science" / f"{a.tag}.md"
+    return a
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    out = out_dir(a.out)
+    a.reports = a.reports or str(out if a.quick else REPORTS)
+    report = Path(a.reports) / f"{a.tag}.md"
     if a.report_only:
         write_report(report, a, out, Steps(out, "science").done)
         return
     out.mkdir(parents=True, exist_ok=True)
     steps = Steps(out, "science")
     t_start = time.perf_counter()
-    hl, mpiexec, torchrun = BIN / "hpc-lensiam", BIN / "mpiexec", BIN / "torchrun"
-    sim_yaml = out / "sim.yaml"
-    sim_yaml.write_text(f"instrument:\n  num_pix: {a.num_pix}\n")
-    sim = [mpiexec, "-n", NPROC, hl, "simulate", "--config", sim_yaml]
+    lay = RunLayout(out)
+    sim = [BIN / "mpiexec", "-n", NPROC, *hl("simulate", "--config", lay.sim_yaml(a.num_pix))]
 
     def simulate(name: str, n: int, seed_offset: int, flags: list) -> Path:
-        d = out / "shards" / name
+        d = lay.shards(name)
         shard = 128 if n >= 256 else max(8, n // 8)  # 128 as in runs A-C (same bytes); small sets: >= 8 shards
         steps.run(
             f"simulate {name}",
@@ -195,7 +212,7 @@ def main() -> None:
     # ---- bf16 autocast is 1.78x faster on this CPU: use it only if it measures the same as fp32
     zi = [] if a.zero_init_residual else ["--no-zero-init-residual"]
     if a.precision_check:
-        check = precision_check(steps, a, out, shards, zi, torchrun, hl)
+        check = precision_check(steps, a, out, shards, zi)
         if a.precision == "auto":
             a.precision = "bf16" if check["within_seed_noise"] else "fp32"
             print(
@@ -212,12 +229,10 @@ def main() -> None:
     seeds = ",".join(map(str, a.finetune_seeds))
     for ps in a.pretrain_seeds:
         for kind in kinds:
-            run_dir = out / f"run_{kind}_s{ps}"
-            ckpt = run_dir / "checkpoints" / "last.pt"
+            run_dir, ckpt = lay.run(f"{kind}_s{ps}"), lay.last(f"{kind}_s{ps}")
             steps.run(
                 f"pretrain {kind} seed {ps}",
                 pretrain_cmd(
-                    torchrun,
                     a,
                     shards["lensiam-survey" if kind == "lensiam-survey" else "lensiam"],
                     run_dir,
@@ -229,34 +244,25 @@ def main() -> None:
                 [ckpt],
                 resume_flag=ckpt.exists(),
             )
-            emb = out / f"emb_{kind}_s{ps}.h5"
+            emb = lay.emb(f"{kind}_s{ps}")
             steps.run(
                 f"embed {kind} seed {ps}",
-                embed_cmd(torchrun, ckpt, shards["probe"], emb),
+                embed_cmd(ckpt, shards["probe"], emb),
                 [emb],
             )
             if ps == a.pretrain_seeds[0] and a.curve:
-                learning_curve(steps, run_dir, shards["probe"], out, kind, torchrun, hl)
+                learning_curve(steps, run_dir, shards["probe"], out, kind)
             if ps == a.pretrain_seeds[0]:
-                png = REPO / "docs" / "science" / f"umap_{kind}_{a.tag}.png"
+                png = Path(a.reports) / f"umap_{kind}_{a.tag}.png"
                 coords = out / f"umap_{kind}.csv"  # the coordinates beside the run, not in docs/
-                cmd = [hl, "umap", "--embeddings", emb, "--out", png, "--seed", 0, "--coords", coords]
+                cmd = hl("umap", "--embeddings", emb, "--out", png, "--seed", 0, "--coords", coords)
                 steps.run(f"umap {kind} seed {ps}", cmd, [png])
             backbone = out / f"backbone_{kind}_s{ps}.pt"
-            steps.run(f"export {kind} seed {ps}", [hl, "export", "--checkpoint", ckpt, "--out", backbone], [backbone])
-        pj = out / f"probe_s{ps}.json"
+            steps.run(f"export {kind} seed {ps}", hl("export", "--checkpoint", ckpt, "--out", backbone), [backbone])
+        pj = lay.probe(f"s{ps}")
         steps.run(
             f"probe LenSiam vs SimSiam seed {ps}",
-            [
-                hl,
-                "probe",
-                "--embeddings",
-                out / f"emb_lensiam_s{ps}.h5",
-                "--against",
-                out / f"emb_simsiam_s{ps}.h5",
-                "--json",
-                pj,
-            ],
+            probe_cmd(lay.emb(f"lensiam_s{ps}"), pj, lay.emb(f"simsiam_s{ps}")),
             [pj],
         )
         write_report(report, a, out, steps.done)
@@ -272,8 +278,7 @@ def main() -> None:
                 steps.run(
                     f"finetune {t['key']} {arm}" + (f" pretrain seed {ps}" if kind else ""),
                     [
-                        hl,
-                        "finetune",
+                        *hl("finetune"),
                         "--backbone",
                         backbone,
                         "--arch",
@@ -301,30 +306,32 @@ def main() -> None:
                     resume_flag=True,
                 )
                 write_report(report, a, out, steps.done)
+    first = load(lay.probe(f"s{a.pretrain_seeds[0]}"))
+    if first:
+        lensiam, simsiam = (r["ridge"]["theta_E"] for r in first["results"].values())
+        print_ratio(
+            lensiam / simsiam, f"LenSiam over SimSiam probe theta_E R^2, pretraining seed {a.pretrain_seeds[0]}"
+        )
+    shown_report = report.relative_to(REPO) if report.is_relative_to(REPO) else report
     print(
-        f"\n[science] done in {(time.perf_counter() - t_start) / 60:.1f} min; results in {report.relative_to(REPO)}",
+        f"\n[science] done in {(time.perf_counter() - t_start) / 60:.1f} min; results in {shown_report}",
         flush=True,
     )
 
 
-def on_ranks(torchrun, *args) -> list:
-    """``hpc-lensiam ARGS`` on NPROC torchrun processes of this machine."""
-    return [torchrun, "--standalone", "--nproc_per_node", NPROC, "-m", "hpc_lensiam", *args]
-
-
-def pretrain_cmd(torchrun, a, data: Path, run_dir: Path, mode: str, seed: int, precision: str, extra: list) -> list:
+def pretrain_cmd(a, data: Path, run_dir: Path, mode: str, seed: int, precision: str, extra: list) -> list:
     """One pretraining run of the protocol (the protocol's arch, epochs, batch and warm-up)."""
     train = ["train", "--data", data, "--out", run_dir, "--mode", mode, "--arch", a.arch, "--epochs", a.epochs]
     train += ["--batch-size", a.batch_size, "--seed", seed, "--precision", precision]
-    return on_ranks(torchrun, *train, "--warmup-epochs", max(1, a.epochs // 10), *extra)
+    return on_ranks(NPROC, *train, "--warmup-epochs", max(1, a.epochs // 10), *extra)
 
 
-def embed_cmd(torchrun, ckpt: Path, data: Path, emb: Path) -> list:
+def embed_cmd(ckpt: Path, data: Path, emb: Path) -> list:
     """``hpc-lensiam embed`` of ``data`` with checkpoint ``ckpt`` on NPROC torchrun processes."""
-    return on_ranks(torchrun, "embed", "--checkpoint", ckpt, "--data", data, "--out", emb)
+    return on_ranks(NPROC, "embed", "--checkpoint", ckpt, "--data", data, "--out", emb)
 
 
-def precision_check(steps: Steps, a, out: Path, shards: dict, zi: list, torchrun, hl) -> dict:
+def precision_check(steps: Steps, a, out: Path, shards: dict, zi: list) -> dict:
     """LenSiam for ``--precision-check`` steps: fp32 seed 0, bf16 seeds 0 and 1, probed on the held-out set.
 
     bf16 is used when the largest |bf16 - fp32| probe difference (same seed) is no larger than the
@@ -335,20 +342,18 @@ def precision_check(steps: Steps, a, out: Path, shards: dict, zi: list, torchrun
         ckpt = run_dir / "checkpoints" / "last.pt"
         steps.run(
             f"precision check: pretrain lensiam {prec} seed {ps}",
-            pretrain_cmd(
-                torchrun, a, shards["lensiam"], run_dir, "lensiam", ps, prec, [*zi, "--max-steps", a.precision_check]
-            ),
+            pretrain_cmd(a, shards["lensiam"], run_dir, "lensiam", ps, prec, [*zi, "--max-steps", a.precision_check]),
             [ckpt],
             resume_flag=ckpt.exists(),
         )
         emb, pj = out / f"check_{prec}_s{ps}.h5", out / f"check_{prec}_s{ps}.json"
         steps.run(
             f"precision check: embed {prec} seed {ps}",
-            embed_cmd(torchrun, ckpt, shards["probe"], emb),
+            embed_cmd(ckpt, shards["probe"], emb),
             [emb],
         )
-        steps.run(f"precision check: probe {prec} seed {ps}", [hl, "probe", "--embeddings", emb, "--json", pj], [pj])
-        probes[(prec, ps)] = next(iter(_load(pj)["results"].values()))["ridge"]
+        steps.run(f"precision check: probe {prec} seed {ps}", probe_cmd(emb, pj), [pj])
+        probes[(prec, ps)] = next(iter(load(pj)["results"].values()))["ridge"]
     return precision_verdict(probes)
 
 
@@ -367,17 +372,17 @@ def precision_verdict(probes: dict) -> dict:
     }
 
 
-def learning_curve(steps: Steps, run_dir: Path, probe_shards: Path, out: Path, kind: str, torchrun, hl) -> None:
+def learning_curve(steps: Steps, run_dir: Path, probe_shards: Path, out: Path, kind: str) -> None:
     """Embed and probe every periodic checkpoint: lens physics in the features vs pretraining step."""
     for ck in sorted((run_dir / "checkpoints").glob("step_*.pt")):
         step = int(ck.stem.split("_")[1])
         emb, pj = out / f"curve_{kind}_{step}.h5", out / f"curve_{kind}_{step}.json"
         steps.run(
             f"embed {kind} step {step}",
-            embed_cmd(torchrun, ck, probe_shards, emb),
+            embed_cmd(ck, probe_shards, emb),
             [emb],
         )
-        steps.run(f"probe {kind} step {step}", [hl, "probe", "--embeddings", emb, "--json", pj], [pj])
+        steps.run(f"probe {kind} step {step}", probe_cmd(emb, pj), [pj])
 
 
 def finetune_json(out: Path, task_key: str, arm: str, ps) -> Path:
@@ -387,10 +392,6 @@ def finetune_json(out: Path, task_key: str, arm: str, ps) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- the report
-def _load(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 class Unit(NamedTuple):
     """One fine-tuning run of an arm: what the report tables and the paired differences read."""
 
@@ -407,7 +408,7 @@ def collect_units(out: Path, task_key: str, arm: str, pretrain_seeds: list[int])
     kind = ARMS[arm][0]
     units = {}
     for ps in pretrain_seeds if kind else [None]:
-        rep = _load(finetune_json(out, task_key, arm, ps))
+        rep = load(finetune_json(out, task_key, arm, ps))
         if rep is None:
             continue
         metric = rep.get("metric", "r2")
@@ -459,7 +460,7 @@ def write_report(path: Path, a, out: Path, done: dict) -> None:
 
     ps_list = a.pretrain_seeds
     checks = {
-        (prec, ps): _load(out / f"check_{prec}_s{ps}.json") for prec, ps in (("fp32", 0), ("bf16", 0), ("bf16", 1))
+        (prec, ps): load(out / f"check_{prec}_s{ps}.json") for prec, ps in (("fp32", 0), ("bf16", 0), ("bf16", 1))
     }
     verdict = (
         precision_verdict({k: next(iter(c["results"].values()))["ridge"] for k, c in checks.items()})
@@ -471,7 +472,7 @@ def write_report(path: Path, a, out: Path, done: dict) -> None:
     lines = [
         "# LenSiam vs SimSiam vs random init, with seeds and intervals",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; Python {platform.python_version()}.",
+        machine_line(),
         "",
         f"Set-up: {a.pairs} LenSiam pairs ({a.num_pix}x{a.num_pix} px, hst preset), {a.arch}, {a.epochs} epochs"
         + (f" (stopped at {a.steps} steps)" if a.steps else "")
@@ -514,7 +515,7 @@ def write_report(path: Path, a, out: Path, done: dict) -> None:
             + ".",
             "",
         ] + head
-    probes = {ps: _load(out / f"probe_s{ps}.json") for ps in ps_list}
+    probes = {ps: load(out / f"probe_s{ps}.json") for ps in ps_list}
     if not any(probes.values()):
         lines.append("(not run yet)")
     else:
@@ -636,25 +637,13 @@ def write_report(path: Path, a, out: Path, done: dict) -> None:
                 f"| {f.stem.split('_')[1]} | {f.stem.split('_')[2]} | {r['theta_E']:.3f} | {r['e1']:.3f} | "
                 f"{r['gamma']:.3f} | {np.mean(list(r.values())):.3f} |"
             )
-    figs = sorted((REPO / "docs" / "science").glob(f"umap_*_{a.tag}.png"))
+    figs = sorted(Path(a.reports).glob(f"umap_*_{a.tag}.png"))
     if figs:
         lines += ["", "## UMAP of the held-out embeddings (first pretraining seed)", ""]
         lines += [f"![{f.stem}]({f.name})" for f in figs]
-    lines += [
-        "",
-        "## Commands and wall times (steps finished so far)",
-        "",
-        "| step | seconds | command |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {name} | {s['seconds']:.0f} | `{s['command']}` |" for name, s in done.items()]
+    lines += commands_table("Commands and wall times (steps finished so far)", done)
     total = sum(s["seconds"] for s in done.values())
-    argv = " ".join(x for x in sys.argv[1:] if x != "--report-only")
-    lines += [
-        "",
-        f"Total step time so far: {total / 60:.1f} min. Made by `.venv/bin/python bench/science.py {argv}`.",
-        "",
-    ]
+    lines += ["", f"Total step time so far: {total / 60:.1f} min. Made by {made_by('science')}.", ""]
     atomic_write_text(path, "\n".join(lines))
 
 

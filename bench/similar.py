@@ -1,6 +1,6 @@
 """Vector search for `hpc-lensiam similar`: faiss flat and IVF against brute-force numpy, up to 10^6 x 2048.
 
-    PYTHONPATH=$PWD .venv/bin/python bench/similar.py --rows 100000 1000000 --dim 2048
+    .venv/bin/python -m bench.similar --rows 100000 1000000 --dim 2048
 
 The vectors (seeded synthetic unit vectors, a mixture of 1000 Gaussian clusters, like embeddings
 of many kinds of image) are generated once per size, block by block, into a float32 file on disk
@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from hpc_lensiam.core.io import atomic_write_json
+
+from .common import REPO, parse_quick, print_ratio
 
 K = 16
 CLUSTERS = 1000
@@ -259,7 +261,8 @@ def main() -> None:
     ap.add_argument("--block-rows", type=int, default=65536, help="rows per block of the numpy/truth scans")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: METHOD
-    a = ap.parse_args()
+    quick = dict(rows=[3000], dim=32, block_rows=700, recall_queries=40, repeats=1, methods=["numpy", "flat"])
+    a = parse_quick(ap, None, quick)
     if a.one:
         path = vector_path(a.dir, a.rows[0], a.dim, 0)
         print(json.dumps(run_method(a.one, path, a.rows[0], a.dim, a.recall_queries, a.repeats, a.block_rows)))
@@ -280,7 +283,8 @@ def main() -> None:
             for m in ("truth", *a.methods):
                 cmd = [
                     sys.executable,
-                    __file__,
+                    "-m",
+                    "bench.similar",
                     "--one",
                     m,
                     "--rows",
@@ -297,9 +301,9 @@ def main() -> None:
                     str(a.block_rows),
                 ]
                 env = _child_env(a.threads, a.openblas_coretype)
-                r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+                r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
                 if r.returncode != 0:
-                    raise SystemExit(f"bench/similar.py: {m} at {rows} rows failed (exit {r.returncode})")
+                    raise SystemExit(f"bench.similar: {m} at {rows} rows failed (exit {r.returncode})")
                 results.append(json.loads(r.stdout.strip().splitlines()[-1]))
                 print(json.dumps(results[-1]), flush=True)
         finally:
@@ -315,6 +319,9 @@ def main() -> None:
     print("\n" + table(results))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     print(f"\n# this driver's own peak RSS (vector generation, incl. the file's dirty pages): {peak:.2f} GB")
+    ms = {r["method"]: r["query1_ms"] for r in results if r["rows"] == a.rows[-1]}
+    if "numpy" in ms and "flat" in ms:
+        print_ratio(ms["numpy"] / ms["flat"], f"1-query time numpy blocks over faiss flat, {a.rows[-1]} rows")
 
 
 if __name__ == "__main__":

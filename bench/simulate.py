@@ -8,7 +8,7 @@
      Same supersampling, same profiles, same PSF kernels; the images are checked to agree.
 2. The 1-rank vs 2-rank speed-up of ``mpiexec -n K hpc-lensiam simulate`` (if the writer exists).
 
-Usage: python bench/simulate.py [--pairs 40] [--repeats 3] [--cosmos DIR] [--mpi-pairs 800]
+Usage: python -m bench.simulate [--pairs 40] [--repeats 3] [--cosmos DIR] [--mpi-pairs 800]
 The machine may be shared: ours and naive are interleaved in rounds and the best round is kept.
 """
 
@@ -28,11 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from hpc_lensiam.simulate.config import simulation_config
+from hpc_lensiam.simulate.simulator import LensSimulator, lens_kwargs, lens_light_kwargs
 
-from hpc_lensiam.simulate.config import simulation_config  # noqa: E402
-from hpc_lensiam.simulate.simulator import LensSimulator, lens_kwargs, lens_light_kwargs  # noqa: E402
+from .common import REPO, parse_quick, print_ratio
 
 _CORE = ("amp", "R_sersic", "Rb", "n_sersic", "gamma", "alpha", "e1", "e2", "center_x", "center_y")
 
@@ -192,7 +191,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mpi-shard-size", type=int, default=25)
     ap.add_argument("--mpi-repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=123)
-    args = ap.parse_args(argv)
+    quick = dict(pairs=4, repeats=1, num_pix=48, cosmos="", mpi_pairs=32, mpi_shard_size=8, mpi_repeats=1)
+    args = parse_quick(ap, argv, quick)
     warnings.simplefilter("ignore")
     try:
         from astropy.utils import iers
@@ -238,6 +238,7 @@ def main(argv=None) -> int:
     )
     results["mpi_speedup_2_ranks"] = mpi_speedup(args.mpi_pairs, args.mpi_shard_size, args.num_pix, args.mpi_repeats)
     print(json.dumps(results, indent=1))
+    print_ratio(results["analytic sources"]["ratio"], "sample_pair over the naive loop, analytic sources")
     return 0
 
 

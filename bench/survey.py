@@ -1,6 +1,6 @@
 """Survey family: simulation rate (images/s on one core) and the picture grid beside the real Euclid lens.
 
-    PYTHONPATH=$PWD .venv/bin/python bench/survey.py --n 20 [--grid docs/survey_grid.png] [--numerics 12]
+    .venv/bin/python -m bench.survey --n 20 [--grid docs/survey_grid.png] [--numerics 12]
 
 Rate: ``sample_single`` / ``sample_pair`` of one SurveySimulator in this process (one core,
 OMP/MKL threads 1), at the preset's own grid (euclid: 110 x 110 at 0.1"/px, supersampling 2 + adaptive
@@ -39,6 +39,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np
+
+from .common import parse_quick, print_ratio
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL = SHARED / "euclid_q1" / "102020532_NEG589257492489565961.fits"
@@ -286,7 +288,7 @@ def main() -> None:
     ap.add_argument("--pop-rows", default="survey_population.jsonl", help="rows of the population (resumable)")
     ap.add_argument("--pop-grid", type=int, default=None, help="num_pix of the population (default: preset's)")
     ap.add_argument("--summarise-only", action="store_true", help="summarise --pop-rows without simulating")
-    a = ap.parse_args()
+    a = parse_quick(ap, None, dict(n=3))
     if a.population:
         population(a.presets.split(","), a.population, a.pop_rows, a.pop_grid, 0, not a.summarise_only)
         return
@@ -340,6 +342,7 @@ def main() -> None:
         print(f"  picture grid: {a.grid}")
     if a.numerics:
         numerics(a.preset, a.numerics)
+    print_ratio(r_single / r_paper, "survey-family over paper-family single images/s")
 
 
 if __name__ == "__main__":

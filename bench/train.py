@@ -7,8 +7,8 @@
 3. fp32 vs bf16 autocast training images/s on this machine;
 4. with a GPU: ResNet101 images/s at bf16 + channels_last vs fp32.
 
-    .venv/bin/python bench/train.py                      # simulates 512 pairs at 110x110 once (cached)
-    .venv/bin/python bench/train.py --data shards/hst --arch resnet50 --batch 64 --workers 4
+    .venv/bin/python -m bench.train                      # simulates 512 pairs at 110x110 once (cached)
+    .venv/bin/python -m bench.train --data shards/hst --arch resnet50 --batch 64 --workers 4
 
 "images/s" counts training samples (pairs): each is two forward/backward passes through the network.
 """
@@ -19,20 +19,18 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from hpc_lensiam.data.loader import ShardLoader
+from hpc_lensiam.models.methods.simsiam import SimSiam, simsiam_loss
+from hpc_lensiam.shards.manifest import shard_paths
+from hpc_lensiam.train.config import TrainConfig
+from hpc_lensiam.train.engine import Engine
 
-from hpc_lensiam.data.loader import ShardLoader  # noqa: E402
-from hpc_lensiam.models.methods.simsiam import SimSiam, simsiam_loss  # noqa: E402
-from hpc_lensiam.shards.manifest import shard_paths  # noqa: E402
-from hpc_lensiam.train.config import TrainConfig  # noqa: E402
-from hpc_lensiam.train.engine import Engine  # noqa: E402
+from .common import REPO, parse_quick, print_ratio
 
 
 def ensure_data(args) -> str:
@@ -191,7 +189,8 @@ def main(argv=None) -> dict:
     p.add_argument("--precision-steps", type=int, default=6, help="timed steps for fp32 vs bf16")
     p.add_argument("--gpu-batch", type=int, default=64)
     p.add_argument("--json", default=None, help="also write the figures here")
-    a = p.parse_args(argv)
+    quick = dict(pairs=64, num_pix=48, batch=8, workers=1, steps=3, warmup=1, precision_steps=2, gpu_batch=8)
+    a = parse_quick(p, argv, quick)
 
     data = ensure_data(a)
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
@@ -247,6 +246,7 @@ def main(argv=None) -> dict:
     )
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+    print_ratio(res["decode_speedup"], "our shard decode over webdataset .decode(), pairs/s")
     return res
 
 

@@ -2,7 +2,7 @@
 
 Read: README.md, every page under docs/, and the Makefile (the recipe behind `make demo`).
 - Every command they show -- `hpc-lensiam CMD ...`, `python -m hpc_lensiam CMD ...`, `torchrun ... -m
-  hpc_lensiam CMD ...`, `python bench/NAME.py ...`, in fenced code blocks and in inline code -- names a
+  hpc_lensiam CMD ...`, `python -m bench.NAME ...`, in fenced code blocks and in inline code -- names a
   real subcommand or script, and each `--flag` after it (its trailing `# comment` included, where the
   docs list optional flags) appears in that command's own `--help`.
 - A `--flag` in inline code that follows no command exists in some subcommand's or script's help,
@@ -49,7 +49,7 @@ FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 INLINE = re.compile(r"`([^`\n]+)`")
 INVOCATION = re.compile(
     r"(?:hpc-lensiam|\$\(HL\)|-m\s+hpc_lensiam)\s+(?P<cmd>[a-z][a-z-]*)"  # the CLI, also as $(HL) in the Makefile
-    r"|(?P<bench>bench/[a-z_]+\.py)"
+    r"|-m\s+(?P<bench>bench\.[a-z_]+)"  # a bench script, run as a module from the repository root
 )
 
 
@@ -74,11 +74,11 @@ def _command_texts(path: Path) -> list[str]:
 
 @functools.cache
 def _help_flags(target: str) -> frozenset[str] | None:
-    """Flags in `hpc-lensiam CMD --help` or `python bench/NAME.py --help`; None if there is no such command."""
-    if target.startswith("bench/"):
-        if not (REPO / target).is_file():
+    """Flags in `hpc-lensiam CMD --help` or `python -m bench.NAME --help`; None if there is no such command."""
+    if target.startswith("bench."):
+        if not (REPO / "bench" / f"{target.split('.')[1]}.py").is_file():
             return None
-        argv = [sys.executable, str(REPO / target), "--help"]
+        argv = [sys.executable, "-m", target, "--help"]
     else:
         argv = [sys.executable, "-m", "hpc_lensiam", target, "--help"]
     env = {**os.environ, "COLUMNS": "1000", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -123,6 +123,16 @@ def test_every_shown_command_and_flag_exists():
         elif flags - known:
             problems.append(f"{doc}: `{target}` has no {', '.join(sorted(flags - known))} in its --help")
     assert not problems, "\n".join(sorted(set(problems)))
+
+
+BY_PATH = re.compile(r"python[0-9.]*\s+bench/[a-z_]+\.py")
+
+
+def test_bench_scripts_are_run_as_modules():
+    """bench/ is a package whose scripts import their shared helpers relatively: `python bench/NAME.py`
+    fails, `python -m bench.NAME` (from the repository root) is the one way to run them."""
+    shown = [f"{_rel(p)}: {t}" for p in [*DOCS, REPO / "Makefile"] for t in _command_texts(p) if BY_PATH.search(t)]
+    assert not shown, "run bench scripts as `python -m bench.NAME`:\n" + "\n".join(shown)
 
 
 def test_flags_in_prose_exist_somewhere():

@@ -675,12 +675,12 @@ def test_probe_data_checked_before_training(lensiam_shards, tmp_path, monkeypatc
     assert not (tmp_path / "run").exists()
 
 
-# ------------------------------------------------------------------------------ bench/gpu_check.py
+# ------------------------------------------------------------------------------ bench.gpu_check
 @pytest.mark.slow
 def test_gpu_check_cpu_smoke(tmp_path):
     """The one-shot GPU check, tiny on the CPU, so it cannot rot: every case passes, table printed."""
     p = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--cpu-smoke", "--out", str(tmp_path / "w")],
+        [sys.executable, "-m", "bench.gpu_check", "--cpu-smoke", "--out", str(tmp_path / "w")],
         cwd=REPO,
         capture_output=True,
         text=True,

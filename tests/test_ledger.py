@@ -1,23 +1,14 @@
-"""bench/ledger.py: the long protocols' step ledger skips only what really finished."""
+"""bench.ledger: the long protocols' step ledger skips only what really finished."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
-
-# Loaded from its file, not by putting bench/ on sys.path: the test process must not see the bench
-# scripts as top-level modules (a bench/coverage.py once shadowed the `coverage` that numba probes
-# for, and 170 tests failed; tests/test_imports.py checks sys.path).
-_spec = importlib.util.spec_from_file_location("bench_ledger", REPO / "bench" / "ledger.py")
-_ledger = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_ledger)
-Steps = _ledger.Steps
+from bench.ledger import Steps
 
 
 def _append(log, text: str) -> list:

@@ -444,19 +444,9 @@ def test_byol_with_deepspeed_and_simclr_on_two_torchrun_ranks(lensiam_shards, tm
 
 
 def _bench_methods():
-    import importlib.util
-    import sys
+    import bench.methods
 
-    from conftest import REPO
-
-    saved = list(sys.path)  # the script puts bench/ on sys.path to import its ledger; undo that here
-    try:
-        spec = importlib.util.spec_from_file_location("bench_methods", REPO / "bench" / "methods.py")
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
-    finally:
-        sys.path[:] = saved
-    return bench
+    return bench.methods
 
 
 def test_bench_methods_report_has_the_random_weight_reference_and_its_differences(tmp_path):

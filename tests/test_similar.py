@@ -298,18 +298,19 @@ def test_similar_figures_with_each_stretch(mixed, real_dir, tmp_path, stretch):
 
 
 def test_similar_bench_exact_search_and_vector_file_lifetime(tmp_path):
-    """bench/similar.py at a tiny size: its block-streamed numpy search and faiss flat are exact (recall 1 against
+    """bench.similar at a tiny size: its block-streamed numpy search and faiss flat are exact (recall 1 against
     an unblocked float64 sort), IVF is measured with the package's index, and the vector file is deleted
     unless --keep-vectors."""
     import os
     import subprocess
     import sys
 
-    bench = Path(__file__).resolve().parents[1] / "bench" / "similar.py"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
     common = [
         sys.executable,
-        str(bench),
+        "-m",
+        "bench.similar",
         "--rows",
         "3000",
         "--dim",
@@ -323,13 +324,15 @@ def test_similar_bench_exact_search_and_vector_file_lifetime(tmp_path):
         "--dir",
         str(tmp_path / "v"),
     ]
-    subprocess.run(common + ["--json", str(tmp_path / "r.json")], check=True, env=env, capture_output=True)
+    subprocess.run(common + ["--json", str(tmp_path / "r.json")], check=True, env=env, capture_output=True, cwd=repo)
     res = {r["method"]: r for r in json.loads((tmp_path / "r.json").read_text())}
     assert set(res) == {"truth", "numpy", "flat", "ivf"}
     assert res["numpy"]["recall_at_16"] == 1.0 and res["flat"]["recall_at_16"] == 1.0
     assert res["ivf"]["nlist"] == int(4 * np.sqrt(3000)) and 0 < res["ivf"]["recall_at_16"] <= 1
     assert not any((tmp_path / "v").iterdir())  # vectors and truth deleted by default
-    subprocess.run(common + ["--methods", "numpy", "--keep-vectors"], check=True, env=env, capture_output=True)
+    subprocess.run(
+        common + ["--methods", "numpy", "--keep-vectors"], check=True, env=env, capture_output=True, cwd=repo
+    )
     kept = tmp_path / "v" / "vectors_3000x32_seed0.f32"
     x = np.fromfile(kept, np.float32).reshape(3000, 32)
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)  # unit vectors, whole file
