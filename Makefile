@@ -48,5 +48,6 @@ lint: install
 test: install lint
 	$(PY) -m pytest -q tests
 
+# Every bench script's quick mode (bench/registry.py, one line per script), then one table of ratios.
 bench: install
-	$(PY) -m bench.simulate
+	$(PY) -m bench.registry
