@@ -60,6 +60,68 @@ from .common import (
 from .ledger import Steps
 
 AUGS = {"lens": "lensiam", "standard": "simsiam"}
+OPT_FLAGS = {"optimizer": "--optimizer", "base_lr": "--base-lr", "weight_decay": "--weight-decay"}
+OPT_FLAGS.update(momentum="--momentum", lr_scaling="--lr-scaling")
+RECIPE_ALIASES = {"sgd": "simsiam", "lars": "simclr"}  # SimSiam's SGD recipe, SimCLR's LARS recipe
+
+
+def _bad(flag: str, text: str) -> SystemExit:
+    print(f"hpc-lensiam: error: {flag}: {text}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def optimizer_recipe(method: str, arch: str) -> dict:
+    """The optimizer part of a method's recipe on ``arch``: optimizer, base lr, weight decay, momentum, lr rule."""
+    from hpc_lensiam.models.methods import lr_scaling_rule, recipe
+    from hpc_lensiam.train.config import TrainConfig
+
+    out = {k: getattr(TrainConfig(), k) for k in OPT_FLAGS} | {
+        k: v for k, v in recipe(method, arch).items() if k in OPT_FLAGS
+    }
+    return out | {"lr_scaling": lr_scaling_rule(method, out["optimizer"])}
+
+
+def override_flags(method: str, arch: str, override: str) -> list:
+    """``train`` flags of an optimizer override: ``+``-joined parts, each another method's optimizer recipe
+    (``simclr``, or ``lars`` = SimCLR's LARS, ``sgd`` = SimSiam's SGD) or ``lrNx`` (the base lr times N)."""
+    from hpc_lensiam.models.methods import METHODS
+
+    opt, factor = optimizer_recipe(method, arch), 1.0
+    for part in override.split("+"):
+        if part.startswith("lr") and part.endswith("x"):
+            try:
+                factor *= float(part[2:-1])
+            except ValueError:
+                raise _bad("--runs", f"{part!r}: lrNx with a number N expected (lr8x, lr0.5x)") from None
+        elif RECIPE_ALIASES.get(part, part) in METHODS:
+            opt = optimizer_recipe(RECIPE_ALIASES.get(part, part), arch)
+        else:
+            raise _bad("--runs", f"@{part}: a method ({', '.join(sorted(METHODS))}), sgd, lars or lrNx expected")
+    opt["base_lr"] = opt["base_lr"] * factor
+    return [x for k, flag in OPT_FLAGS.items() for x in (flag, f"{opt[k]:g}" if k == "base_lr" else opt[k])]
+
+
+def parse_runs(text: str, arch: str) -> list[tuple]:
+    """``--runs simsiam-lens@lars,simclr-lens@sgd,simsiam-lens@lr8x``: (method, augmentation, arch, override)."""
+    from hpc_lensiam.models.methods import METHODS
+
+    runs = []
+    for spec in (s.strip() for s in text.split(",") if s.strip()):
+        head, _, override = spec.partition("@")
+        method, _, aug = head.partition("-")
+        if method not in METHODS or aug not in AUGS or not override:
+            raise _bad("--runs", f"{spec!r}: METHOD-AUG@OVERRIDE expected (simsiam-lens@lars, simclr-lens@lr2x)")
+        override_flags(method, arch, override)  # checked before anything runs
+        runs.append((method, aug, arch, override))
+    return runs
+
+
+def update_size(run_dir: Path) -> dict:
+    """The relative backbone update per logged step (metrics.csv ``rel_update``): median and last, or None."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        vals = [float(r["rel_update"]) for r in csv.DictReader(f) if r.get("rel_update") not in (None, "", "nan")]
+    vals = [v for v in vals if math.isfinite(v)]
+    return {"median": statistics.median(vals), "last": vals[-1]} if vals else None
 
 
 def train_stats(run_dir: Path, global_batch: int) -> dict:
@@ -90,6 +152,49 @@ def paired_probe(steps: Steps, name: str, emb: Path, against: Path, pj: Path, ru
     return json.loads(pj.read_text())["paired_difference"]["ridge"] if pj.is_file() else None
 
 
+def probe_curve(steps: Steps, lay: RunLayout, launch: list, name: str, probe_shards: Path, run: bool) -> list:
+    """Embed and probe every periodic checkpoint of run ``name`` (``step_*.pt``, kept by ``--keep-last 0``):
+    [{step, params: {p: {r2, ci95}}}] in step order, for what has been probed."""
+    curve = []
+    for ck in sorted((lay.run(name) / "checkpoints").glob("step_*.pt")):
+        step = int(ck.stem.split("_")[1])
+        emb, pj = lay.emb(f"curve_{name}_{step}"), lay.probe(f"curve_{name}_{step}")
+        if run:
+            steps.run(f"embed {name} step {step}", embed_cmd(launch, ck, probe_shards, emb), [emb])
+            steps.run(f"probe {name} step {step}", probe_cmd(emb, pj), [pj])
+        if pj.is_file():
+            curve.append({"step": step, "params": ridge(pj)["params"]})
+    return curve
+
+
+def plot_curves(path: Path, results: dict, reference: dict) -> None:
+    """Ridge R^2 (95% interval bars) vs pretraining step per run, one panel per parameter; the
+    no-pretraining references as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PARAMS), figsize=(5 * len(PARAMS), 4), sharex=True)
+    for ax, p in zip(axes, PARAMS):
+        for name, r in results.items():
+            if not r.get("curve"):
+                continue
+            x = [c["step"] for c in r["curve"]]
+            y = [c["params"][p]["r2"] for c in r["curve"]]
+            err = [[v - c["params"][p]["ci95"][0] for v, c in zip(y, r["curve"])]]
+            err += [[c["params"][p]["ci95"][1] - v for v, c in zip(y, r["curve"])]]
+            ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, label=name)
+        for (key, ref), style in zip(reference.items(), ("--", ":", "-.")):
+            ax.axhline(ref["params"][p]["r2"], color="k", ls=style, lw=1, label=f"no pretraining: {key}")
+        ax.set(title=f"ridge R^2 of {p} (held-out)", xlabel="pretraining step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/methods", help="working folder (shards, runs, embeddings, methods.json)")
@@ -107,6 +212,16 @@ def parse_args(argv=None):
     ap.add_argument("--methods", default="simsiam,byol,vicreg,simclr")
     ap.add_argument("--augs", default="lens,standard")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default=None, help="pretraining shards to use instead of simulating (--pairs: theirs)")
+    ap.add_argument("--probe-data", default=None, help="held-out shards to use instead of simulating")
+    ap.add_argument(
+        "--runs",
+        default="",
+        help="extra runs with an optimizer override on --arch: METHOD-AUG@OVERRIDE,... where OVERRIDE is another "
+        "method's optimizer recipe (simclr; lars = SimCLR's LARS, sgd = SimSiam's SGD) or lrNx, joined by +",
+    )
+    ap.add_argument("--lr-sweep", default="", help="lr factors (0.5,2): each --methods lens run again at lr x N")
+    ap.add_argument("--curve-every", type=int, default=0, help="probe a checkpoint every N steps (0: final only)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from OUT, run nothing")
     quick = dict(pairs=64, probe_pairs=48, steps=3, num_pix=40, batch_size=16, vit="", methods="simsiam")
     return parse_quick(ap, argv, dict(quick, out="runs/bench-quick/methods", tag="quick"))
@@ -121,13 +236,32 @@ def main(argv=None) -> None:
     lay = RunLayout(out)
     steps = Steps(out, "methods")
     shards, probe_shards = lay.shards("pretrain"), lay.shards("probe")
+    for flag, given in (("--data", a.data), ("--probe-data", a.probe_data)):
+        if given and not (out_dir(given) / "manifest.json").is_file():
+            raise _bad(flag, f"{given}: a shard folder with manifest.json expected")
+    if a.data:
+        from hpc_lensiam.shards.manifest import read_manifest
+
+        shards, a.pairs = out_dir(a.data), int(read_manifest(out_dir(a.data))["num_samples"])
+    if a.probe_data:
+        from hpc_lensiam.shards.manifest import read_manifest
+
+        probe_shards, a.probe_pairs = out_dir(a.probe_data), int(read_manifest(out_dir(a.probe_data))["num_samples"])
+    extra = parse_runs(a.runs, a.arch)
+    try:
+        sweep = [float(f) for f in a.lr_sweep.split(",") if f.strip()]
+    except ValueError:
+        raise _bad("--lr-sweep", f"{a.lr_sweep!r}: comma-separated lr factors expected (0.5,2)") from None
+    extra += [(m, "lens", a.arch, f"lr{f:g}x") for m in a.methods.split(",") for f in sweep]
     sim = hl("simulate", "--config", lay.sim_yaml(a.num_pix, write=not a.report_only), "--shard-size", 128)
     if not a.report_only:
-        for what, d, n, seed in (
-            ("pretraining", shards, a.pairs, a.seed),
-            ("held-out probe", probe_shards, a.probe_pairs, a.seed + 1000),
+        for what, d, n, seed, given in (
+            ("pretraining", shards, a.pairs, a.seed, a.data),
+            ("held-out probe", probe_shards, a.probe_pairs, a.seed + 1000, a.probe_data),
         ):
-            steps.run(f"simulate {what} pairs", sim + ["--out", d, "--pairs", n, "--seed", seed], [d / "manifest.json"])
+            if not given:
+                cmd = sim + ["--out", d, "--pairs", n, "--seed", seed]
+                steps.run(f"simulate {what} pairs", cmd, [d / "manifest.json"])
 
     global_batch = a.batch_size * a.nproc
     steps_per_epoch = a.pairs // global_batch
@@ -135,25 +269,32 @@ def main(argv=None) -> None:
         sys.exit(f"bench.methods: error: --pairs {a.pairs} < global batch {global_batch}")
     epochs = math.ceil(a.steps / steps_per_epoch)
     launch = launcher(a.nproc)
-    runs = [(m, aug, a.arch) for m in a.methods.split(",") for aug in a.augs.split(",")]
+    runs = [(m, aug, a.arch, "") for m in a.methods.split(",") for aug in a.augs.split(",")]
     if a.vit:
-        runs += [("simsiam", aug, a.vit) for aug in a.vit_augs.split(",")]
-    results, paired = {}, {}
-    for method, aug, arch in runs:
-        name = f"{method}_{aug}_{arch}"
+        runs += [("simsiam", aug, a.vit, "") for aug in a.vit_augs.split(",")]
+    runs += extra
+    ckpt_every = ["--ckpt-every", a.curve_every, "--keep-last", 0] if a.curve_every else ["--ckpt-every", 10**6]
+    results, paired, curves = {}, {}, {}
+    for method, aug, arch, override in runs:
+        name = f"{method}_{aug}_{arch}" + (f"_{override.replace('+', '_')}" if override else "")
         run_dir, ckpt = lay.run(name), lay.last(name)
         emb, pj = lay.emb(name), lay.probe(name)
         if not a.report_only:
             train = ["train", "--data", shards, "--out", run_dir, "--method", method, "--mode", AUGS[aug]]
             train += ["--arch", arch, "--batch-size", a.batch_size, "--epochs", epochs, "--max-steps", a.steps]
             train += ["--warmup-epochs", max(1, epochs // 10), "--seed", a.seed, "--workers", 1]
-            train += ["--no-zero-init-residual", "--log-every", 1, "--ckpt-every", 10**6]
+            train += ["--no-zero-init-residual", "--log-every", 1, *ckpt_every]
+            train += override_flags(method, arch, override) if override else []
             steps.run(f"pretrain {name}", launch + train, [ckpt], resume_flag=ckpt.exists())
             steps.run(f"embed {name}", embed_cmd(launch, run_dir, probe_shards, emb), [emb])
             steps.run(f"probe {name}", probe_cmd(emb, pj), [pj])
+        curves[name] = probe_curve(steps, lay, launch, name, probe_shards, not a.report_only) if a.curve_every else []
         if pj.is_file():
             stats = train_stats(run_dir, global_batch)
-            results[name] = {"method": method, "augmentation": aug, "arch": arch, **stats, **ridge(pj)}
+            results[name] = {"method": method, "augmentation": aug, "arch": arch, "override": override, **stats}
+            results[name].update(rel_update=update_size(run_dir), curve=curves[name], **ridge(pj))
+        if override:
+            continue  # an optimizer swap pairs against the references below, not lens - standard
         key = method if arch == a.arch else f"{method}, {arch}"
         if key not in paired:  # as soon as both runs exist
             lens, std = lay.emb(f"{method}_lens_{arch}"), lay.emb(f"{method}_standard_{arch}")
@@ -171,7 +312,7 @@ def main(argv=None) -> None:
     # runs' own init (seed --seed, the SimSiam recipe), weights unmoved (lr 1e-12, no weight decay)
     # for one epoch so that only the BatchNorm statistics are fitted to the pretraining images.
     reference, over_reference, refs = {}, {}, []  # refs: (file prefix, kind, arch, embeddings, probe)
-    for arch in dict.fromkeys(arch for _, _, arch in runs):
+    for arch in dict.fromkeys(arch for _, _, arch, _ in runs):
         emb, pj = lay.emb(f"random_{arch}"), lay.probe(f"random_{arch}")
         if not a.report_only:
             embed = embed_cmd(launch, "none", probe_shards, emb, "--arch", arch, "--seed", a.seed)
@@ -202,6 +343,8 @@ def main(argv=None) -> None:
     across = {}
     for name, r in results.items():
         if r["arch"] == a.arch:
+            continue
+        if r.get("override"):
             continue
         base = f"{r['method']}_{r['augmentation']}_{a.arch}"
         step, pj_pair = f"paired probe {name} - {a.arch}", out / f"across_{name}.json"
@@ -237,6 +380,54 @@ def _delta_table(caption: str, first: str, rows: dict) -> list[str]:
     return [caption, "", *table([first, *(f"delta {p}" for p in PARAMS)], cells)]
 
 
+def _swap_section(a, results: dict, done: dict) -> list[str]:
+    """The optimizer swaps and the lr sweep: each run's override and its cost (ledger wall seconds)."""
+    swaps = {n: r for n, r in results.items() if r.get("override")}
+    if not swaps:
+        return []
+    sweep = {f"lr{float(f):g}x" for f in str(getattr(a, "lr_sweep", "") or "").split(",") if f.strip()}
+
+    def cost(name: str) -> tuple[float, float]:
+        pre = done.get(f"pretrain {name}", {}).get("seconds", 0.0)
+        probe = sum(s["seconds"] for k, s in done.items() if k != f"pretrain {name}" and k.split(" ")[1:2] == [name])
+        return pre, probe
+
+    rows, total = [], [0.0, 0.0]
+    for name, r in swaps.items():
+        pre, probe = cost(name)
+        flags = " ".join(str(x) for x in override_flags(r["method"], r["arch"], r["override"]))
+        rows.append([name, f"`{flags}`", f"{pre / 60:.1f}", f"{probe / 60:.1f}"])
+        if r["override"] in sweep:
+            total[0], total[1] = total[0] + pre, total[1] + probe
+    lines = ["", "## Optimizer swaps and lr sweep", ""]
+    lines += table(["run", "train flags of the override", "pretraining min", "embed + probe min"], rows)
+    if sweep:
+        lines += [
+            "",
+            f"Cost of the lr sweep ({', '.join(sorted(sweep))} per method): {total[0] / 60:.1f} min of pretraining "
+            f"and {total[1] / 60:.1f} min of embedding and probing on this machine (wall time of the ledger steps).",
+        ]
+    return lines
+
+
+def _curve_section(path: Path, a, results: dict, reference: dict) -> list[str]:
+    """Probe R^2 vs pretraining step for every run with a curve, beside the no-pretraining references; the PNG."""
+    with_curve = {n: r for n, r in results.items() if r.get("curve")}
+    if not with_curve:
+        return []
+    png = path.with_name(f"{path.stem}_curve.png")
+    plot_curves(png, with_curve, reference)
+    rows = [
+        [n, c["step"], *(interval(c["params"][p]["r2"], c["params"][p]["ci95"]) for p in PARAMS)]
+        for n, r in with_curve.items()
+        for c in r["curve"]
+    ]
+    rows += [[f"no pretraining: {r['augmentation']}", "-", *_r2_cells(r).split(" | ")] for r in reference.values()]
+    lines = ["", "## Probe R^2 vs pretraining step (same held-out pairs; 95% interval over test lens systems)", ""]
+    lines += table(["run", "step", *(f"{p} R^2" for p in PARAMS)], rows)
+    return lines + ["", f"![probe R^2 vs step]({png.name})"]
+
+
 def write_report(
     path: Path,
     a,
@@ -265,12 +456,29 @@ def write_report(
         "",
     ]
     header = ["method", "augmentation", "backbone", *(f"{p} R^2" for p in PARAMS), "s/step", "final loss"]
+    header.append("rel. update/step: median, last")
     rows = [
-        [r["method"], r["augmentation"], r["arch"], _r2_cells(r), f"{r['step_s']:.2f}", f"{r['final_loss']:.4f}"]
+        [
+            r["method"] + (f" @{r['override']}" if r.get("override") else ""),
+            r["augmentation"],
+            r["arch"],
+            _r2_cells(r),
+            f"{r['step_s']:.2f}",
+            f"{r['final_loss']:.4f}",
+            "{:.2e}, {:.2e}".format(r["rel_update"]["median"], r["rel_update"]["last"]) if r.get("rel_update") else "-",
+        ]
         for r in results.values()
     ]
-    rows += [["none", r["augmentation"], r["arch"], _r2_cells(r), "-", "-"] for r in (reference or {}).values()]
+    rows += [["none", r["augmentation"], r["arch"], _r2_cells(r), "-", "-", "-"] for r in (reference or {}).values()]
     lines += table(header, rows)
+    lines += [
+        "",
+        "rel. update/step: the relative backbone update |W_t - W_t-1| / |W_t-1| per optimizer step (the "
+        "trainer's metrics.csv `rel_update`), the step size each recipe really takes; an optimizer swap "
+        "(`@lars`: SimCLR's LARS recipe, `@sgd`: SimSiam's SGD recipe, `@lrNx`: the run's base lr times N) "
+        "is named after its method.",
+    ]
+    lines += _swap_section(a, results, done) + _curve_section(path, a, results, reference or {})
     lines += [""] + _delta_table(
         "Lens minus standard augmentation per method: paired ridge R^2 difference on the same test lens "
         "systems, 95% interval over systems (`hpc-lensiam probe --against`; one pretraining seed each, so "

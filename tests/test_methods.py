@@ -497,9 +497,9 @@ def test_bench_methods_report_has_the_random_weight_reference_and_its_difference
     ref = [r for r in rows if r.startswith("| none |")]
     assert ref == [
         "| none | random weights (seed 0) | resnet18 | 0.750 [0.650, 0.850] | 0.590 [0.490, 0.690] | "
-        "0.310 [0.210, 0.410] | - | - |",
+        "0.310 [0.210, 0.410] | - | - | - |",
         "| none | init, BatchNorm fitted (seed 0) | resnet18 | 0.640 [0.540, 0.740] | 0.450 [0.350, 0.550] | "
-        "0.240 [0.140, 0.340] | - | - |",
+        "0.240 [0.140, 0.340] | - | - | - |",
     ]
     over = "| simsiam_lens_resnet18 - random weights | -0.057 [-0.107, -0.007] | -0.021 [-0.071, +0.029] | "
     assert over + "-0.188 [-0.238, -0.138] |" in rows
@@ -525,3 +525,41 @@ def test_bench_methods_step_time_is_seconds_per_step_of_pairs(tmp_path):
     stats = bench.train_stats(run, global_batch=64)
     assert stats["step_s"] == pytest.approx((64 / 32 + 64 / 20) / 2)  # 2.6 s: the median of 3.2, 1.6, 2.0, 1280
     assert stats["final_loss"] == 0.3 and stats["steps"] == 5
+
+
+@pytest.mark.slow
+def test_bench_methods_optimizer_swap_harness_tiny(tmp_path):
+    """The optimizer-swap experiment's harness at a tiny size: a run named with an override trains with the
+    other method's recipe (its flags in the ledger), every periodic checkpoint is embedded and probed (the
+    curve, with intervals, in methods.json, the report's table and a PNG), rel_update is reported beside
+    each run, and a rerun skips every finished step. A bad override exits 2 before anything runs."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out, reports = tmp_path / "w", tmp_path / "r"
+    cmd = [sys.executable, "-m", "bench.methods", "--out", str(out), "--reports", str(reports), "--tag", "t"]
+    cmd += ["--pairs", "16", "--probe-pairs", "24", "--steps", "4", "--num-pix", "32", "--batch-size", "8"]
+    cmd += ["--methods", "simsiam", "--augs", "lens", "--vit", "", "--runs", "simsiam-lens@lars", "--curve-every", "2"]
+    bad = subprocess.run([*cmd[:-4], "--runs", "simsiam-lens@adam"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("hpc-lensiam: error: --runs: @adam")
+    assert not out.exists() or not (out / "steps.json").exists()
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=1100)
+    res = json.loads((out / "methods.json").read_text())["results"]
+    swap = res["simsiam_lens_resnet18_lars"]
+    assert swap["override"] == "lars" and [c["step"] for c in swap["curve"]] == [2, 4]
+    assert all(c["params"]["theta_E"]["ci95"][0] <= c["params"]["theta_E"]["r2"] for c in swap["curve"])
+    assert swap["rel_update"]["median"] > 0 and res["simsiam_lens_resnet18"]["rel_update"]["median"] > 0
+    steps = json.loads((out / "steps.json").read_text())
+    assert (
+        "--optimizer lars --base-lr 0.075 --weight-decay 1e-06"
+        in steps["pretrain simsiam_lens_resnet18_lars"]["command"]
+    )
+    assert "--lr-scaling sqrt" in steps["pretrain simsiam_lens_resnet18_lars"]["command"]
+    text = (reports / "t.md").read_text()
+    assert "## Probe R^2 vs pretraining step" in text and (reports / "t_curve.png").stat().st_size > 1000
+    assert "| simsiam_lens_resnet18_lars | 4 |" in text and "rel. update/step" in text
+    again = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True, timeout=600)
+    assert "pretrain simsiam_lens_resnet18_lars: done before" in again.stdout and "step 2: done before" in again.stdout
