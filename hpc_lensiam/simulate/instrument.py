@@ -61,13 +61,24 @@ class DetectorGrid:
         img = np.asarray(flux, dtype=np.float64).reshape(n * s, n * s)
         if s == 1:
             return img.copy()
-        return img.reshape(n, s, n, s).mean(axis=(1, 3))
+        sub = img.reshape(n, s, n, s)
+        if s == 2:  # numpy's mean(axis=(1, 3)) to the bit ((a + b) + (c + d)) / 4, without its slow strided reduction
+            return ((sub[:, 0, :, 0] + sub[:, 0, :, 1]) + (sub[:, 1, :, 0] + sub[:, 1, :, 1])) / 4
+        return sub.mean(axis=(1, 3))
 
     def spread(self, flux: np.ndarray) -> np.ndarray:
         """Max minus min of each detector pixel's sub-samples (N, N): where the pixel average is unsure."""
         s, n = self.supersampling_factor, self.num_pix
         img = np.asarray(flux, dtype=np.float64).reshape(n, s, n, s)
-        return img.max(axis=(1, 3)) - img.min(axis=(1, 3))
+        # elementwise over the s^2 sub-sample planes: the same numbers as img.max(axis=(1, 3)) (max and min
+        # are exact), without numpy's slow reduction over two strided axes (~1/4 of a survey image's time)
+        hi, lo = img[:, 0, :, 0].copy(), img[:, 0, :, 0].copy()
+        for i in range(s):
+            for j in range(s):
+                if i or j:
+                    np.maximum(hi, img[:, i, :, j], out=hi)
+                    np.minimum(lo, img[:, i, :, j], out=lo)
+        return hi - lo
 
     def subpixel_points(self, mask: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
         """factor x factor evaluation points (arcsec, flattened, pixel by pixel) in each pixel of ``mask``."""

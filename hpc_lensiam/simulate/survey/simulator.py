@@ -141,6 +141,11 @@ class Rays:
 class SurveySimulator(PairSampler):
     """Same interface as the paper family's LensSimulator: ``sample_single``, ``sample_pair``."""
 
+    # Revision of the generator's numbers, recorded in the plan/manifest ("numerics") and checked on a rerun, so
+    # shards of another revision are never resumed into one set. 2: the fused composite deflection
+    # (deflection.py), whose theta_E and images differ from lenstronomy's in the last digits.
+    NUMERICS = 2
+
     def __init__(self, config: SurveySimulationConfig | None = None):
         from lenstronomy.LightModel.Profiles.sersic import Sersic, SersicElliptic
 
@@ -267,7 +272,7 @@ class SurveySimulator(PairSampler):
         return Rays(
             self.grid,
             self.config.instrument.adaptive_supersampling_factor,
-            self.mass.lens_model,
+            self.mass.deflection,
             self.mass.kwargs(mass),
             core,
         )
