@@ -171,6 +171,24 @@ def test_fused_composite_deflection_is_lenstronomys():
         assert cm.effective(mass, guess=defl["theta_E_sis"])["theta_E"] == pytest.approx(theta_ref, abs=1e-6)
 
 
+def test_compiled_sersic_light_is_lenstronomys():
+    """light.SersicLight (every survey light profile) gives lenstronomy's SersicElliptic, the centre, the
+    1000 R_e window and round and flattened profiles included."""
+    from lenstronomy.LightModel.Profiles.sersic import SersicElliptic
+
+    from hpc_lensiam.simulate.survey.light import SersicLight
+
+    rng = np.random.default_rng(3)
+    x, y = rng.uniform(-3.0, 3.0, 4000), rng.uniform(-3.0, 3.0, 4000)
+    x[0], y[0], x[1], y[1] = 0.3, -0.2, 400.0, 0.0  # the centre; beyond 1000 R_e
+    for kw in (
+        {"amp": 2.5, "R_sersic": 0.3, "n_sersic": 4.0, "e1": 0.1, "e2": -0.2, "center_x": 0.3, "center_y": -0.2},
+        {"amp": 1.0, "R_sersic": 0.05, "n_sersic": 0.8, "e1": 0.0, "e2": 0.0, "center_x": 0.3, "center_y": -0.2},
+    ):
+        ref, got = SersicElliptic().function(x, y, **kw), SersicLight().function(x, y, **kw)
+        assert np.allclose(got, ref, rtol=1e-13, atol=0) and got[1] == ref[1] == 0.0
+
+
 def test_image_multiplicity_counts_as_the_triangle_formulas():
     """The compiled triangle test finds the cells and areas of the plain array formulas (selection.py's old
     code, kept here as the reference) on a ray-shot composite lens, for sources inside and outside the caustics."""

@@ -39,6 +39,7 @@ from ..psf import PSFBank, fwhm_arcsec
 from ..simulator import PairSampler
 from ..sources import CosmosCatalog, CosmosStamp, rebin_stamp
 from .config import NEGATIVE_KINDS, SurveySimulationConfig
+from .light import SersicLight
 from .mass import CompositeMass
 from .noise import Observation
 from .population import M_SUN_R, Population
@@ -143,11 +144,12 @@ class SurveySimulator(PairSampler):
 
     # Revision of the generator's numbers, recorded in the plan/manifest ("numerics") and checked on a rerun, so
     # shards of another revision are never resumed into one set. 2: the fused composite deflection
-    # (deflection.py), whose theta_E and images differ from lenstronomy's in the last digits.
+    # (deflection.py) and Sersic light (light.py), whose theta_E and images differ from lenstronomy's in the last
+    # digits.
     NUMERICS = 2
 
     def __init__(self, config: SurveySimulationConfig | None = None):
-        from lenstronomy.LightModel.Profiles.sersic import Sersic, SersicElliptic
+        from lenstronomy.LightModel.Profiles.sersic import Sersic
 
         self.config = cfg = config if config is not None else SurveySimulationConfig()
         if cfg.lens_fraction is None:
@@ -160,7 +162,7 @@ class SurveySimulator(PairSampler):
         self.psf_bank = PSFBank.from_config(cfg)
         self.psf_fwhm = [fwhm_arcsec(k, inst.pixel_scale_arcsec) for k in self.psf_bank.kernels]
         self.min_theta_E_arcsec = min_theta_E_arcsec(cfg.selection, float(np.median(self.psf_fwhm)))
-        self._light = SersicElliptic()
+        self._light = SersicLight()  # lenstronomy's SersicElliptic, compiled (light.py)
         self._sersic = Sersic()
         if cfg.cosmos_dir:
             sp = cfg.source
