@@ -81,6 +81,11 @@ def image_multiplicity(
     if keep is not None:
         k = np.asarray(keep).reshape(n_side, n_side) > 0
         hit &= k[:-1, :-1] & k[:-1, 1:] & k[1:, :-1] & k[1:, 1:]
+    rows, cols = np.flatnonzero(hit.any(axis=1)), np.flatnonzero(hit.any(axis=0))
+    if rows.size == 0:
+        return 0, []
+    box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]  # the hits' bounding box: the same components
+    hit, area = hit[box], area[box]
     labels, n = ndimage.label(hit, structure=np.ones((3, 3)))
     mags = []
     for i in range(1, n + 1):
