@@ -8,6 +8,9 @@ the binned image afterwards.
 
 from __future__ import annotations
 
+import math
+
+import numba
 import numpy as np
 
 from .config import InstrumentConfig
@@ -45,6 +48,10 @@ class DetectorGrid:
         self.y_arcsec = np.ascontiguousarray(y, dtype=np.float64)
         # detector-pixel centres (no supersampling), as 2-D images
         self.x_pix_arcsec, self.y_pix_arcsec = data.pixel_coordinates
+        # the supersampled grid as an affine map (x = x0 + col dx, y = y0 + row dy): SubpixelRays' spline index
+        side = self.num_pix * self.supersampling_factor
+        gx, gy = self.x_arcsec.reshape(side, side), self.y_arcsec.reshape(side, side)
+        self._affine = (gx[0, 0], gx[0, -1] - gx[0, 0], gy[0, 0], gy[-1, 0] - gy[0, 0], side)
         self.pixel_area_arcsec2 = self.pixel_scale_arcsec**2
 
     @classmethod
@@ -105,3 +112,81 @@ class DetectorGrid:
         if mask.any():
             image[mask] = np.asarray(evaluate(mask), dtype=np.float64).reshape(-1, factor * factor).mean(axis=1)
         return image
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _cubic_bspline(cx, cy, row, col):  # pragma: no cover - compiled
+    """Cubic B-spline values of coefficient images cx, cy at fractional (row, col), all 4 x 4 taps inside
+    (what ``ndimage.map_coordinates(order=3, prefilter=False)`` computes there), both in one pass."""
+    n = row.shape[0]
+    ox, oy = np.empty(n), np.empty(n)
+    wr, wc = np.empty(4), np.empty(4)
+    for i in range(n):
+        r0, c0 = math.floor(row[i]), math.floor(col[i])
+        for w, t in ((wr, row[i] - r0), (wc, col[i] - c0)):
+            t2, t3 = t * t, t * t * t
+            w[0] = (1.0 - t) ** 3 / 6.0
+            w[1] = (3.0 * t3 - 6.0 * t2 + 4.0) / 6.0
+            w[2] = (-3.0 * t3 + 3.0 * t2 + 3.0 * t + 1.0) / 6.0
+            w[3] = t3 / 6.0
+        sx, sy = 0.0, 0.0
+        for a in range(4):
+            rr = int(r0) - 1 + a
+            tx, ty = 0.0, 0.0
+            for b in range(4):
+                cc = int(c0) - 1 + b
+                tx += wc[b] * cx[rr, cc]
+                ty += wc[b] * cy[rr, cc]
+            sx += wr[a] * tx
+            sy += wr[a] * ty
+        ox[i], oy[i] = sx, sy
+    return ox, oy
+
+
+class SubpixelRays:
+    """Source-plane positions of adaptive sub-pixel points for one mass model whose supersampled grid is ray-shot.
+
+    Refining a pixel at factor F needs F^2 ray-shot points (256 at F = 16): per LenSiam view about as many
+    points as the whole supersampled grid, which doubled the cost of an image. The deflection is smooth away
+    from the mass centre, and the grid's rays already sample it every 1/s pixel: there the sub-points'
+    deflection is the grid's interpolated by cubic B-splines (``scipy.ndimage.spline_filter`` coefficients
+    computed once per mass, evaluated in a compiled loop). Measured on 10 hst-prior EPL + shear lenses: error
+    < 5e-6 arcsec (1e-4 of a hst pixel) at 0.3-0.5 theta_E from the centre, < 2e-7 arcsec beyond; 0.005 arcsec
+    at 0.1-0.2 theta_E, so points nearer the centre than ``r_exact`` (the deflection's cusp), and points within
+    ``EDGE`` grid spacings of the field's edge (where the spline's boundary is felt), are ray-shot exactly
+    with ``shoot(x, y)``. Each point's position depends on it alone, not on which other points are asked
+    with it (shards stay the same for any rank count or batching). tests/test_numerics.py checks < 1e-5".
+    """
+
+    EDGE = 10  # supersampled spacings: the mirrored boundary's error there is 0.27^10 ~ 2e-6 of the deflection
+
+    def __init__(self, grid: DetectorGrid, beta_x, beta_y, shoot, center: tuple[float, float], r_exact: float):
+        self.grid, self.shoot = grid, shoot
+        self.cx, self.cy, self.r_exact = float(center[0]), float(center[1]), float(r_exact)
+        side = grid._affine[4]
+        self._alpha = [
+            (grid.x_arcsec - np.asarray(beta_x, dtype=np.float64)).reshape(side, side),
+            (grid.y_arcsec - np.asarray(beta_y, dtype=np.float64)).reshape(side, side),
+        ]
+        self._coef = None
+
+    def __call__(self, x, y) -> tuple[np.ndarray, np.ndarray]:
+        """Source-plane (x, y) of image-plane points (arcsec, 1-D)."""
+        from scipy import ndimage
+
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        x0, dx, y0, dy, side = self.grid._affine
+        lo, hi = self.EDGE, side - 1 - self.EDGE
+        col, row = (x - x0) / dx * (side - 1), (y - y0) / dy * (side - 1)
+        smooth = (col >= lo) & (col <= hi) & (row >= lo) & (row <= hi)
+        smooth &= (x - self.cx) ** 2 + (y - self.cy) ** 2 >= self.r_exact**2
+        bx, by = np.empty_like(x), np.empty_like(y)
+        if smooth.any():
+            if self._coef is None:
+                self._coef = [ndimage.spline_filter(a, order=3, mode="mirror") for a in self._alpha]
+            ax, ay = _cubic_bspline(self._coef[0], self._coef[1], row[smooth], col[smooth])
+            bx[smooth], by[smooth] = x[smooth] - ax, y[smooth] - ay
+        rest = ~smooth
+        if rest.any():
+            bx[rest], by[rest] = self.shoot(x[rest], y[rest])
+        return bx, by
