@@ -24,9 +24,6 @@ from .psf import PSFBank, convolve_same
 from .sources import CosmosCatalog, SourceRenderer
 
 LENS_MODEL_LIST = ("EPL_NUMBA", "SHEAR")
-# Adaptive sub-pixels nearer the mass centre than this x theta_E are ray-shot exactly, the others interpolated
-# from the grid's rays (instrument.SubpixelRays): the spline's error there is < 5e-6 arcsec.
-EXACT_RAYS_THETA_E = 0.3
 _LENS_DEFAULTS = {"gamma": 2.0, "e1": 0.0, "e2": 0.0, "center_x": 0.0, "center_y": 0.0, "gamma1": 0.0, "gamma2": 0.0}
 _LENS_LIGHT_KEYS = ("R_sersic", "n_sersic", "e1", "e2", "center_x", "center_y")
 
@@ -205,7 +202,7 @@ class LensSimulator(PairSampler):
 
     def subpixel_rays(self, beta_x, beta_y, lens: dict) -> SubpixelRays:
         """Ray shooting of adaptive sub-pixel points for the mass whose grid rays are ``beta_x, beta_y``: built
-        once per mass (the views of a pair share it and its spline), exact within 0.3 theta_E of the centre."""
+        once per mass (the views of a pair share it and its spline), exact near the centre (exact_radius)."""
         last = getattr(self, "_last_rays", None)
         if last is not None and last[0] is beta_x and last[1] is beta_y and last[2] == lens:
             return last[3]
@@ -215,7 +212,7 @@ class LensSimulator(PairSampler):
             beta_y,
             lambda x, y: self.ray_shooter.points(lens, x, y),
             (float(lens["center_x"]), float(lens["center_y"])),
-            EXACT_RAYS_THETA_E * float(lens["theta_E"]),
+            SubpixelRays.exact_radius(self.grid, float(lens["theta_E"])),
         )
         self._last_rays = (beta_x, beta_y, dict(lens), rays)
         return rays

@@ -34,7 +34,7 @@ import numpy as np
 
 from ...core.errors import UserError
 from ...shards.manifest import LENS_PARAMS
-from ..instrument import DetectorGrid
+from ..instrument import DetectorGrid, SubpixelRays
 from ..psf import PSFBank, fwhm_arcsec
 from ..simulator import PairSampler
 from ..sources import CosmosCatalog, CosmosStamp, rebin_stamp
@@ -89,8 +89,9 @@ def spiral_sb(x, y, comp: dict, flux: float) -> np.ndarray:
 
 class Rays:
     """Source-plane positions of the detector grid's evaluation points (``beta``) for one mass model, and of
-    the adaptive sub-pixel points of any pixel (``subpixel(mask)``), ray-shot lazily and once per pixel: the
-    source tries and views of a sample share the mass, and their refined pixels overlap (the arcs).
+    the adaptive sub-pixel points of any pixel (``subpixel(mask)``), found lazily and once per pixel (the source
+    tries and views of a sample share the mass, and their refined pixels overlap: the arcs) from the grid's
+    interpolated deflection, ray-shot exactly near the centre and the edge (instrument.SubpixelRays).
     ``lens_model=None``: unlensed (source plane = image plane)."""
 
     def __init__(
@@ -100,11 +101,22 @@ class Rays:
         lens_model=None,
         kwargs: list[dict] | None = None,
         core: tuple[float, float, float] | None = None,
+        theta_E_scale: float = 0.0,
     ):
         self.grid, self.factor, self.lens_model, self.kwargs = grid, int(factor), lens_model, kwargs
         self.core = core  # (centre x, centre y, radius): no lensed light from image-plane points inside
         x, y = grid.x_arcsec, grid.y_arcsec
         self.beta = lens_model.ray_shooting(x, y, kwargs) if lens_model is not None else (x, y)
+        self._shoot = None
+        if lens_model is not None and factor > 0:  # sub-points: the grid's deflection interpolated (SubpixelRays)
+            centre = (float(kwargs[1]["center_x"]), float(kwargs[1]["center_y"]))
+            self._shoot = SubpixelRays(
+                grid,
+                *self.beta,
+                lambda px, py: lens_model.ray_shooting(px, py, kwargs),
+                centre,
+                SubpixelRays.exact_radius(grid, theta_E_scale),
+            )
         self.outside_core = self._outside(x, y)
         n, f2 = grid.num_pix**2, self.factor**2
         self._done = np.zeros(n, bool)
@@ -133,7 +145,7 @@ class Rays:
             new = np.zeros(self._done.shape, bool)
             new[todo] = True
             x, y = self.grid.subpixel_points(new.reshape(mask.shape), self.factor)
-            bx, by = self.lens_model.ray_shooting(x, y, self.kwargs)
+            bx, by = self._shoot(x, y)
             self._bx[todo], self._by[todo] = bx.reshape(todo.size, -1), by.reshape(todo.size, -1)
             self._done[todo] = True
         return self._bx[idx].ravel(), self._by[idx].ravel()
@@ -277,6 +289,7 @@ class SurveySimulator(PairSampler):
             self.mass.deflection,
             self.mass.kwargs(mass),
             core,
+            theta_E if theta_E is not None else mass.get("theta_E_sis", 0.0),
         )
 
     def central_image_core_radius(self, theta_E: float) -> float:
