@@ -361,14 +361,9 @@ class SurveySimulator(PairSampler):
         }
 
     # ------------------------------------------------------------------------------ one view
-    def _measure(self, rays: Rays, src, view: dict) -> dict:
-        """Magnification, image count, arc S/N and flux fraction of a source in a prepared view."""
-        arc = self._source_cps(rays, src)
-        arc_conv = self.psf_bank.convolve(arc, view["psf_id"])
-        total = view["scene_conv"] + arc_conv
-        sigma = self.observation.sigma(view["band"], total)
-        cps = self.observation.magnitude_to_cps(src["mag"])
-        n_img, mags = image_multiplicity(
+    def _count_images(self, rays: Rays, src) -> tuple[int, list[float]]:
+        """(image count, their |mu|) of the source centre: the cheap cut, checked before the source is rendered."""
+        return image_multiplicity(
             rays.beta[0],
             rays.beta[1],
             self.n_side,
@@ -378,6 +373,16 @@ class SurveySimulator(PairSampler):
             self.config.selection.min_image_mag,
             rays.outside_core if rays.core is not None else None,
         )
+
+    def _measure(self, rays: Rays, src, view: dict, images: tuple[int, list[float]] | None = None) -> dict:
+        """Magnification, image count, arc S/N and flux fraction of a source in a prepared view (``images``:
+        ``_count_images``' answer when already known)."""
+        arc = self._source_cps(rays, src)
+        arc_conv = self.psf_bank.convolve(arc, view["psf_id"])
+        total = view["scene_conv"] + arc_conv
+        sigma = self.observation.sigma(view["band"], total)
+        cps = self.observation.magnitude_to_cps(src["mag"])
+        n_img, mags = images if images is not None else self._count_images(rays, src)
         return {
             "magnification": float(arc.sum() / cps),
             "n_images": n_img,
@@ -435,7 +440,12 @@ class SurveySimulator(PairSampler):
                 if tally is not None:
                     tally.source({"resolution_factor": theta_E / size}, ["resolution_factor"])
                 continue
-            m = self._measure(rays, src, view)
+            images = self._count_images(rays, src)
+            if images[0] < cuts.min_images:  # half the tries: rejected before the costly render (same samples)
+                if tally is not None:
+                    tally.source({"resolution_factor": theta_E / size, "min_images": images[0]}, ["min_images"])
+                continue
+            m = self._measure(rays, src, view, images)
             failed = failed_cuts(
                 cuts,
                 n_images=m["n_images"],
@@ -483,7 +493,10 @@ class SurveySimulator(PairSampler):
             return None, None
         for _ in range(cfg.selection.source_tries):
             moved = self._place(rng, src, d, r_max=r_max, r_min=r_min)
-            m = self._measure(rays, moved, view)
+            images = self._count_images(rays, moved)
+            if images[0] > 1:  # a lensed galaxy: no render needed to reject it
+                continue
+            m = self._measure(rays, moved, view, images)
             if m["n_images"] > 1 or not 0 < m["magnification"] < cfg.selection.min_magnification:
                 continue
             if cfg.selection.edge_frame_pix and m["edge_snr"] > 1.0:
