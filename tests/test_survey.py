@@ -167,6 +167,8 @@ def test_fused_composite_deflection_is_lenstronomys():
         assert np.allclose(bx, x - ref[0], rtol=0, atol=1e-9 * scale) and np.allclose(
             by, y - ref[1], rtol=0, atol=1e-9 * scale
         )
+        kappa_ref = cm._deflectors.kappa(x[:200], y[:200], kw[:2], k=1)
+        assert np.allclose(cm.deflection.halo_kappa(x[:200], y[:200], kw[1]), kappa_ref, rtol=1e-12, atol=0)
         theta_ref = einstein_radius(cm.lens_model, kw, 0.2, -0.1, guess=defl["theta_E_sis"])
         assert cm.effective(mass, guess=defl["theta_E_sis"])["theta_E"] == pytest.approx(theta_ref, abs=1e-6)
 

@@ -231,6 +231,31 @@ class CompositeDeflection:
             dtype=np.float64,
         )
 
+    def halo_kappa(self, x, y, kw: dict) -> np.ndarray:
+        """Convergence of the NFW_ELLIPSE_CSE halo at (x, y): lenstronomy's CSE hessian (Oguri 2021 eq. 21-23)
+        summed over the terms in one broadcast instead of 44 calls (the effective ellipticity's weights)."""
+        from lenstronomy.Util import param_util
+
+        phi_q, q = param_util.ellipticity2phi_q(kw["e1"], kw["e2"])
+        c, s_ = math.cos(phi_q), math.sin(phi_q)
+        dx, dy = np.asarray(x, dtype=np.float64) - kw["center_x"], np.asarray(y, dtype=np.float64) - kw["center_y"]
+        rs = float(kw["Rs"])
+        u = (dx * c + dy * s_) / rs * math.sqrt(q)
+        v = (-dx * s_ + dy * c) / rs * math.sqrt(q)
+        a, s = (self._a / q)[:, None], self._s[:, None]
+        psi = np.sqrt(q**2 * (s**2 + u**2) + v**2)
+        big_phi = (psi + s) ** 2 + (1 - q**2) * u**2
+        f_xx = (
+            q
+            / (s * big_phi)
+            * (1 + q**2 * s * (q**2 * s**2 + v**2) / psi**3 - 2 * u**2 * (psi + q**2 * s) ** 2 / (psi**2 * big_phi))
+        )
+        f_yy = (
+            q / (s * big_phi) * (1 + q**2 * s * (s**2 + u**2) / psi**3 - 2 * v**2 * (psi + s) ** 2 / (psi**2 * big_phi))
+        )
+        trace = q * (a * (f_xx + f_yy)).sum(axis=0)  # CSEProductAvg: q x the major-axis hessian
+        return self._nfw._normalization(kw["alpha_Rs"], rs, q) / rs**2 * 0.5 * trace
+
     def alpha(self, x, y, kwargs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         """Deflection (arcsec) at image-plane (x, y): the sum of the six profiles."""
         shape = np.shape(x)

@@ -337,8 +337,5 @@ class CompositeMass:
     def _component_kappa(self, kw: Sequence[dict], radius: float, cx: float, cy: float) -> list[float]:
         phi = (np.arange(64) + 0.5) * (2 * math.pi / 64)
         x, y = cx + radius * np.cos(phi), cy + radius * np.sin(phi)
-        out = []
-        for i in range(2):
-            k = self._deflectors.kappa(x, y, [kw[0], kw[1]], k=i)
-            out.append(float(np.mean(k)))
-        return out
+        stellar = self._deflectors.kappa(x, y, [kw[0], kw[1]], k=0)
+        return [float(np.mean(stellar)), float(np.mean(self.deflection.halo_kappa(x, y, kw[1])))]

@@ -118,10 +118,10 @@ class Rays:
                 SubpixelRays.exact_radius(grid, theta_E_scale),
             )
         self.outside_core = self._outside(x, y)
-        n, f2 = grid.num_pix**2, self.factor**2
-        self._done = np.zeros(n, bool)
-        self._bx = np.empty((n, f2)) if f2 else None
-        self._by = np.empty((n, f2)) if f2 else None
+        # rays of the pixels done so far, one row each (a few hundred: the arcs), and each pixel's row (-1: none);
+        # rows appended, not a (num_pix^2, factor^2) table whose 50 MB were page-faulted in per mass
+        self._row = np.full(grid.num_pix**2, -1, np.int64)
+        self._bx = self._by = np.empty((0, self.factor**2))
 
     def _outside(self, x, y):
         """1 where image-plane (x, y) lies outside the central-image core, else 0 (all 1 without a core)."""
@@ -140,15 +140,17 @@ class Rays:
         if self.lens_model is None:
             return self.grid.subpixel_points(mask, self.factor)
         idx = np.flatnonzero(mask)
-        todo = idx[~self._done[idx]]
+        todo = idx[self._row[idx] < 0]
         if todo.size:
-            new = np.zeros(self._done.shape, bool)
+            new = np.zeros(self._row.shape, bool)
             new[todo] = True
             x, y = self.grid.subpixel_points(new.reshape(mask.shape), self.factor)
             bx, by = self._shoot(x, y)
-            self._bx[todo], self._by[todo] = bx.reshape(todo.size, -1), by.reshape(todo.size, -1)
-            self._done[todo] = True
-        return self._bx[idx].ravel(), self._by[idx].ravel()
+            self._row[todo] = len(self._bx) + np.arange(todo.size)
+            self._bx = np.concatenate([self._bx, bx.reshape(todo.size, -1)])
+            self._by = np.concatenate([self._by, by.reshape(todo.size, -1)])
+        rows = self._row[idx]
+        return self._bx[rows].ravel(), self._by[rows].ravel()
 
 
 class SurveySimulator(PairSampler):
