@@ -208,7 +208,17 @@ def check_existing(out_dir: Path, plan: dict) -> None:
             old = json.loads(path.read_text())
         except ValueError:
             raise UserError(f"{path}: unreadable; remove it or choose another --out") from None
-        keys = ("mode", "seed", "num_samples", "shard_size", "config_hash", "engine", "inputs_sha256", "device", "numerics")
+        keys = (
+            "mode",
+            "seed",
+            "num_samples",
+            "shard_size",
+            "config_hash",
+            "engine",
+            "inputs_sha256",
+            "device",
+            "numerics",
+        )
         for key in keys:
             if key == "device" and key not in old:  # a torch-engine set from before the device was recorded
                 continue
