@@ -1,6 +1,11 @@
 """Survey family: simulation rate (images/s on one core) and the picture grid beside the real Euclid lens.
 
     .venv/bin/python -m bench.survey --n 20 [--grid docs/survey_grid.png] [--numerics 12]
+    .venv/bin/python -m bench.survey --side-by-side OLD_CHECKOUT [--rounds 3] [--n 16]
+
+Side by side (``--side-by-side``): the rates below (survey and paper singles, survey pairs, paper pairs with and
+without adaptive supersampling) of an earlier commit's checkout and of this one, in alternating subprocess rounds
+(the shared machine's load falls on both), best round each, printed with the after/before ratios.
 
 Rate: ``sample_single`` / ``sample_pair`` of one SurveySimulator in this process (one core,
 OMP/MKL threads 1), at the preset's own grid (euclid: 110 x 110 at 0.1"/px, supersampling 2 + adaptive
@@ -78,6 +83,65 @@ def rate(sim, draw: str, n: int, seed: int = 0) -> tuple[float, list[dict], list
     dt = time.perf_counter() - t
     per_sample_images = 2 if draw == "sample_pair" else 1
     return n * per_sample_images / dt, params, images
+
+
+def rates(preset: str, n: int) -> dict:
+    """Images/s (pairs/s for the paper pairs) on one core of the code on PYTHONPATH: the survey and paper families'
+    singles and pairs, the paper pairs with and without adaptive supersampling (``--side-by-side``)."""
+    from hpc_lensiam.simulate.config import simulation_config
+    from hpc_lensiam.simulate.simulator import LensSimulator
+    from hpc_lensiam.simulate.survey import survey_config
+    from hpc_lensiam.simulate.survey.simulator import SurveySimulator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        paper = LensSimulator(simulation_config(preset=preset))
+        plain = LensSimulator(simulation_config(preset=preset, instrument={"adaptive_supersampling_factor": 0}))
+    survey = SurveySimulator(survey_config(preset=preset, mode="single"))
+    survey_pairs = SurveySimulator(survey_config(preset=preset, mode="lensiam"))
+    return {
+        "survey single images/s": rate(survey, "sample_single", n)[0],
+        "survey pair images/s": rate(survey_pairs, "sample_pair", max(2, n // 2))[0],
+        "paper single images/s": rate(paper, "sample_single", 2 * n)[0],
+        "paper adaptive pairs/s": rate(paper, "sample_pair", 2 * n)[0] / 2,
+        "paper plain pairs/s": rate(plain, "sample_pair", 2 * n)[0] / 2,
+    }
+
+
+def side_by_side(old: str, preset: str, n: int, rounds: int) -> None:
+    """``rates`` of the code in ``old`` (a checkout of an earlier commit) and of this checkout, alternating in
+    ``rounds`` so the machine's load falls on both alike; best round of each, and their ratios."""
+    import json
+    import subprocess
+    import sys
+
+    here = str(Path(__file__).resolve().parents[1])
+    best: dict[str, dict] = {"before": {}, "after": {}}
+    print(f"load before: {os.getloadavg()[0]:.1f}")
+    for r in range(rounds):
+        for name, code in (("before", str(Path(old).resolve())), ("after", here)):
+            # this checkout's bench package (a regular package wins over an old checkout's plain folder),
+            # the package code of ``code`` (first on the path: the subprocess starts in it)
+            env = {**os.environ, "PYTHONPATH": f"{code}:{here}"}
+            cmd = [sys.executable, "-m", "bench.survey", "--rates-json", "--preset", preset, "--n", str(n)]
+            run = subprocess.run(cmd, env=env, cwd=code, check=True, capture_output=True, text=True)
+            got = json.loads(run.stdout)
+            for k, v in got.items():
+                best[name][k] = max(best[name].get(k, 0.0), v)
+            print(f"  round {r + 1} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in got.items()), flush=True)
+    print(f"load after: {os.getloadavg()[0]:.1f}; best of {rounds} rounds, {preset} preset, one core:")
+    for k in best["after"]:
+        b, a = best["before"][k], best["after"][k]
+        print(f"  {k:>24}: before {b:7.2f}  after {a:7.2f}  after/before {a / b:5.2f}x")
+    for name, r in best.items():
+        print(
+            f"  {name}: survey/paper single {r['survey single images/s'] / r['paper single images/s']:.2f}, "
+            f"adaptive cost per pair {r['paper plain pairs/s'] / r['paper adaptive pairs/s']:.2f}x"
+        )
+    print(
+        f"  after survey / before paper single: "
+        f"{best['after']['survey single images/s'] / best['before']['paper single images/s']:.2f}"
+    )
 
 
 def numerics(preset: str, n: int, seed: int = 0) -> None:
@@ -288,7 +352,18 @@ def main() -> None:
     ap.add_argument("--pop-rows", default="survey_population.jsonl", help="rows of the population (resumable)")
     ap.add_argument("--pop-grid", type=int, default=None, help="num_pix of the population (default: preset's)")
     ap.add_argument("--summarise-only", action="store_true", help="summarise --pop-rows without simulating")
+    ap.add_argument("--side-by-side", default=None, help="a checkout of an earlier commit: its rates beside these")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of --side-by-side")
+    ap.add_argument("--rates-json", action="store_true", help=argparse.SUPPRESS)
     a = parse_quick(ap, None, dict(n=3))
+    if a.rates_json:
+        import json
+
+        print(json.dumps(rates(a.preset, a.n)))
+        return
+    if a.side_by_side:
+        side_by_side(a.side_by_side, a.preset, a.n, a.rounds)
+        return
     if a.population:
         population(a.presets.split(","), a.population, a.pop_rows, a.pop_grid, 0, not a.summarise_only)
         return

@@ -145,6 +145,110 @@ def test_composite_theta_E_matches_lenstronomy_grid_estimate():
     assert 1.5 < eff["gamma"] < 2.5 and abs(eff["theta_E"] - 1.0) < 0.05  # normalised to the SIS mass
 
 
+def test_fused_composite_deflection_is_lenstronomys():
+    """deflection.CompositeDeflection (the ray shooting of every survey image and of the theta_E root finding)
+    gives lenstronomy's LensModel(LENS_MODEL_LIST) deflections, on and off the centre, and the same theta_E."""
+    from hpc_lensiam.simulate.survey.config import MassPrior
+
+    cm = CompositeMass(MassPrior())
+    rng = np.random.default_rng(5)
+    x, y = rng.uniform(-4.0, 4.0, 3000), rng.uniform(-4.0, 4.0, 3000)
+    x[:2], y[:2] = (0.2, 0.2 + 1e-9), (-0.1, -0.1)  # the centre itself and next to it
+    for seed in range(4):
+        defl = {"theta_E_sis": 0.6 + 0.3 * seed, "z_lens": 0.4, "z_source": 1.8, "sigma_v_km_s": 240.0}
+        light = {"R_sersic": 0.6 + 0.3 * seed, "n_sersic": 2.0 + seed}
+        mass = cm.draw(np.random.default_rng(seed), defl, light, 0.6, 0.4 * seed, (0.2, -0.1), 6.0)
+        kw = cm.kwargs(mass)
+        ref = cm.lens_model.alpha(x, y, kw)
+        got = cm.deflection.alpha(x, y, kw)
+        scale = np.abs(ref[0]).max()
+        assert np.abs(got[0] - ref[0]).max() <= 1e-9 * scale and np.abs(got[1] - ref[1]).max() <= 1e-9 * scale
+        bx, by = cm.deflection.ray_shooting(x, y, kw)
+        assert np.allclose(bx, x - ref[0], rtol=0, atol=1e-9 * scale) and np.allclose(
+            by, y - ref[1], rtol=0, atol=1e-9 * scale
+        )
+        kappa_ref = cm._deflectors.kappa(x[:200], y[:200], kw[:2], k=1)
+        assert np.allclose(cm.deflection.halo_kappa(x[:200], y[:200], kw[1]), kappa_ref, rtol=1e-12, atol=0)
+        theta_ref = einstein_radius(cm.lens_model, kw, 0.2, -0.1, guess=defl["theta_E_sis"])
+        assert cm.effective(mass, guess=defl["theta_E_sis"])["theta_E"] == pytest.approx(theta_ref, abs=1e-6)
+
+
+def test_compiled_sersic_light_is_lenstronomys():
+    """light.SersicLight (every survey light profile) gives lenstronomy's SersicElliptic, the centre, the
+    1000 R_e window and round and flattened profiles included."""
+    from lenstronomy.LightModel.Profiles.sersic import SersicElliptic
+
+    from hpc_lensiam.simulate.survey.light import SersicLight
+
+    rng = np.random.default_rng(3)
+    x, y = rng.uniform(-3.0, 3.0, 4000), rng.uniform(-3.0, 3.0, 4000)
+    x[0], y[0], x[1], y[1] = 0.3, -0.2, 400.0, 0.0  # the centre; beyond 1000 R_e
+    for kw in (
+        {"amp": 2.5, "R_sersic": 0.3, "n_sersic": 4.0, "e1": 0.1, "e2": -0.2, "center_x": 0.3, "center_y": -0.2},
+        {"amp": 1.0, "R_sersic": 0.05, "n_sersic": 0.8, "e1": 0.0, "e2": 0.0, "center_x": 0.3, "center_y": -0.2},
+    ):
+        ref, got = SersicElliptic().function(x, y, **kw), SersicLight().function(x, y, **kw)
+        assert np.allclose(got, ref, rtol=1e-13, atol=0) and got[1] == ref[1] == 0.0
+
+
+def test_image_multiplicity_counts_as_the_triangle_formulas():
+    """The compiled triangle test finds the cells and areas of the plain array formulas (selection.py's old
+    code, kept here as the reference) on a ray-shot composite lens, for sources inside and outside the caustics."""
+    from scipy import ndimage
+
+    from hpc_lensiam.simulate.survey.selection import image_multiplicity
+
+    def reference(bx, by, n, cell, xs, ys, min_mag, keep):
+        bx, by = np.asarray(bx).reshape(n, n) - xs, np.asarray(by).reshape(n, n) - ys
+        a, b, c, d = ((bx[i], by[i]) for i in ((np.s_[:-1, :-1]), np.s_[:-1, 1:], np.s_[1:, :-1], np.s_[1:, 1:]))
+        hit, area = np.zeros(a[0].shape, bool), np.full(a[0].shape, np.inf)
+        for p, q, r in ((a, b, c), (d, c, b)):
+            s1 = (q[0] - p[0]) * -p[1] - (q[1] - p[1]) * -p[0]
+            s2 = (r[0] - q[0]) * -q[1] - (r[1] - q[1]) * -q[0]
+            s3 = (p[0] - r[0]) * -r[1] - (p[1] - r[1]) * -r[0]
+            inside = ((s1 >= 0) & (s2 >= 0) & (s3 >= 0)) | ((s1 <= 0) & (s2 <= 0) & (s3 <= 0))
+            tri = 0.5 * np.abs((q[0] - p[0]) * (r[1] - p[1]) - (q[1] - p[1]) * (r[0] - p[0]))
+            hit |= inside
+            area = np.where(inside, np.minimum(area, tri), area)
+        k = np.asarray(keep).reshape(n, n) > 0
+        hit &= k[:-1, :-1] & k[:-1, 1:] & k[1:, :-1] & k[1:, 1:]
+        labels, m = ndimage.label(hit, structure=np.ones((3, 3)))
+        mags = [0.5 * cell / max(float(area[labels == i].min()), 1e-300) for i in range(1, m + 1)]
+        kept = sorted((x for x in mags if x >= min_mag), reverse=True)
+        return len(kept), kept
+
+    sim = SurveySimulator(survey_config(preset="euclid", mode="single", instrument={"num_pix": 40}))
+    rng = np.random.default_rng(2)
+    counts = set()
+    for _ in range(3):
+        p = sim.sample_single(rng)["params"]
+        rays = sim.rays(p["mass"], p["lens"]["theta_E"])
+        for xs, ys in rng.uniform(-0.6, 0.6, (15, 2)):
+            args = (*rays.beta, sim.n_side, sim.cell_area, p["lens"]["center_x"] + xs, p["lens"]["center_y"] + ys)
+            got = image_multiplicity(*args, 0.1, rays.outside_core)
+            assert got == reference(*args, 0.1, rays.outside_core)
+            counts.add(got[0])
+    assert len(counts) >= 2  # singly and multiply imaged sources both checked
+
+
+def test_shards_of_another_generator_revision_are_not_resumed_into(tmp_path):
+    """The manifest records the survey generator's numerics revision; a folder made by the revision before it
+    (no "numerics" key: the lenstronomy-dispatch deflections) is refused instead of resumed into, so one data
+    set never mixes the two revisions' bytes."""
+    from hpc_lensiam.core.errors import UserError
+
+    kw = {"num_samples": 2, "shard_size": 1, "mode": "single", "seed": 4, "overrides": GRID}
+    out = _simulate(tmp_path / "set", **kw)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["numerics"] == SurveySimulator.NUMERICS >= 2
+    _simulate(out, **kw)  # the same revision: a rerun finds the set complete
+    del manifest["numerics"]  # as the code before it wrote it
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "shard-000001.tar").unlink()
+    with pytest.raises(UserError, match=r"different data set \(numerics: 1 there, 2 asked\)"):
+        _simulate(out, **kw)
+
+
 def test_lensiam_pairs_share_the_mass_and_vary_the_rest(tmp_path):
     out = _simulate(tmp_path / "pairs", num_samples=4, shard_size=4, mode="lensiam", seed=3, overrides=GRID)
     assert json.loads((out / "manifest.json").read_text())["config"]["lens_fraction"] == 1.0

@@ -208,7 +208,18 @@ def check_existing(out_dir: Path, plan: dict) -> None:
             old = json.loads(path.read_text())
         except ValueError:
             raise UserError(f"{path}: unreadable; remove it or choose another --out") from None
-        for key in ("mode", "seed", "num_samples", "shard_size", "config_hash", "engine", "inputs_sha256", "device"):
+        keys = (
+            "mode",
+            "seed",
+            "num_samples",
+            "shard_size",
+            "config_hash",
+            "engine",
+            "inputs_sha256",
+            "device",
+            "numerics",
+        )
+        for key in keys:
             if key == "device" and key not in old:  # a torch-engine set from before the device was recorded
                 continue
             if key == "inputs_sha256" and key in plan and key in old and old[key] != plan[key]:
@@ -223,7 +234,8 @@ def check_existing(out_dir: Path, plan: dict) -> None:
                     f"{', '.join(changed) or 'the PSF/COSMOS file list'} changed); restore "
                     f"them, or choose another --out"
                 )
-            default = "lenstronomy" if key == "engine" else None  # manifests before --engine have none
+            # manifests before --engine have none; before "numerics", the generator's first revision made them
+            default = {"engine": "lenstronomy", "numerics": 1}.get(key)
             if key != "inputs_sha256" and old.get(key, default) != plan.get(key, default):
                 raise UserError(
                     f"{out_dir}: holds shards of a different data set ({key}: {old.get(key, default)!r} there, "

@@ -8,6 +8,9 @@ the binned image afterwards.
 
 from __future__ import annotations
 
+import math
+
+import numba
 import numpy as np
 
 from .config import InstrumentConfig
@@ -45,6 +48,10 @@ class DetectorGrid:
         self.y_arcsec = np.ascontiguousarray(y, dtype=np.float64)
         # detector-pixel centres (no supersampling), as 2-D images
         self.x_pix_arcsec, self.y_pix_arcsec = data.pixel_coordinates
+        # the supersampled grid as an affine map (x = x0 + col dx, y = y0 + row dy): SubpixelRays' spline index
+        side = self.num_pix * self.supersampling_factor
+        gx, gy = self.x_arcsec.reshape(side, side), self.y_arcsec.reshape(side, side)
+        self._affine = (gx[0, 0], gx[0, -1] - gx[0, 0], gy[0, 0], gy[-1, 0] - gy[0, 0], side)
         self.pixel_area_arcsec2 = self.pixel_scale_arcsec**2
 
     @classmethod
@@ -61,13 +68,24 @@ class DetectorGrid:
         img = np.asarray(flux, dtype=np.float64).reshape(n * s, n * s)
         if s == 1:
             return img.copy()
-        return img.reshape(n, s, n, s).mean(axis=(1, 3))
+        sub = img.reshape(n, s, n, s)
+        if s == 2:  # numpy's mean(axis=(1, 3)) to the bit ((a + b) + (c + d)) / 4, without its slow strided reduction
+            return ((sub[:, 0, :, 0] + sub[:, 0, :, 1]) + (sub[:, 1, :, 0] + sub[:, 1, :, 1])) / 4
+        return sub.mean(axis=(1, 3))
 
     def spread(self, flux: np.ndarray) -> np.ndarray:
         """Max minus min of each detector pixel's sub-samples (N, N): where the pixel average is unsure."""
         s, n = self.supersampling_factor, self.num_pix
         img = np.asarray(flux, dtype=np.float64).reshape(n, s, n, s)
-        return img.max(axis=(1, 3)) - img.min(axis=(1, 3))
+        # elementwise over the s^2 sub-sample planes: the same numbers as img.max(axis=(1, 3)) (max and min
+        # are exact), without numpy's slow reduction over two strided axes (~1/4 of a survey image's time)
+        hi, lo = img[:, 0, :, 0].copy(), img[:, 0, :, 0].copy()
+        for i in range(s):
+            for j in range(s):
+                if i or j:
+                    np.maximum(hi, img[:, i, :, j], out=hi)
+                    np.minimum(lo, img[:, i, :, j], out=lo)
+        return hi - lo
 
     def subpixel_points(self, mask: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
         """factor x factor evaluation points (arcsec, flattened, pixel by pixel) in each pixel of ``mask``."""
@@ -94,3 +112,91 @@ class DetectorGrid:
         if mask.any():
             image[mask] = np.asarray(evaluate(mask), dtype=np.float64).reshape(-1, factor * factor).mean(axis=1)
         return image
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _cubic_bspline(cx, cy, row, col):  # pragma: no cover - compiled
+    """Cubic B-spline values of coefficient images cx, cy at fractional (row, col), all 4 x 4 taps inside
+    (what ``ndimage.map_coordinates(order=3, prefilter=False)`` computes there), both in one pass."""
+    n = row.shape[0]
+    ox, oy = np.empty(n), np.empty(n)
+    wr, wc = np.empty(4), np.empty(4)
+    for i in range(n):
+        r0, c0 = math.floor(row[i]), math.floor(col[i])
+        for w, t in ((wr, row[i] - r0), (wc, col[i] - c0)):
+            t2, t3 = t * t, t * t * t
+            w[0] = (1.0 - t) ** 3 / 6.0
+            w[1] = (3.0 * t3 - 6.0 * t2 + 4.0) / 6.0
+            w[2] = (-3.0 * t3 + 3.0 * t2 + 3.0 * t + 1.0) / 6.0
+            w[3] = t3 / 6.0
+        sx, sy = 0.0, 0.0
+        for a in range(4):
+            rr = int(r0) - 1 + a
+            tx, ty = 0.0, 0.0
+            for b in range(4):
+                cc = int(c0) - 1 + b
+                tx += wc[b] * cx[rr, cc]
+                ty += wc[b] * cy[rr, cc]
+            sx += wr[a] * tx
+            sy += wr[a] * ty
+        ox[i], oy[i] = sx, sy
+    return ox, oy
+
+
+class SubpixelRays:
+    """Source-plane positions of adaptive sub-pixel points for one mass model whose supersampled grid is ray-shot.
+
+    Refining a pixel at factor F needs F^2 ray-shot points (256 at F = 16): per LenSiam view about as many
+    points as the whole supersampled grid, which doubled the cost of an image. The deflection is smooth away
+    from the mass centre, and the grid's rays already sample it every 1/s pixel: there the sub-points'
+    deflection is the grid's interpolated by cubic B-splines (``scipy.ndimage.spline_filter`` coefficients
+    computed once per mass, evaluated in a compiled loop). Measured on 10 hst-prior EPL + shear lenses: error
+    < 5e-6 arcsec (1e-4 of a hst pixel) at 0.3-0.5 theta_E from the centre, < 2e-7 arcsec beyond; 0.005 arcsec
+    at 0.1-0.2 theta_E, so points nearer the centre than ``r_exact`` (the deflection's cusp, ``exact_radius``),
+    and points within
+    ``EDGE`` grid spacings of the field's edge (where the spline's boundary is felt), are ray-shot exactly
+    with ``shoot(x, y)``. Each point's position depends on it alone, not on which other points are asked
+    with it (shards stay the same for any rank count or batching). tests/test_numerics.py checks < 1e-5".
+    """
+
+    EDGE = 10  # supersampled spacings: the mirrored boundary's error there is 0.27^10 ~ 2e-6 of the deflection
+    EXACT_THETA_E, EXACT_SPACINGS = 0.3, 12  # ray-shot exactly within max(0.3 theta_E, 12 spacings) of the centre
+
+    @classmethod
+    def exact_radius(cls, grid: DetectorGrid, theta_E: float) -> float:
+        """Radius (arcsec) around the mass centre inside which sub-points are ray-shot exactly. The spline's error
+        falls as (spacing / r)^4 from the cusp: measured < 5e-6 arcsec beyond 0.3 theta_E for hst-prior EPLs,
+        < 5e-6 beyond 12 spacings for euclid survey composites (Sersic + NFW + black hole), 3e-3 at 4-8."""
+        spacing = grid.pixel_scale_arcsec / grid.supersampling_factor
+        return max(cls.EXACT_THETA_E * float(theta_E), cls.EXACT_SPACINGS * spacing)
+
+    def __init__(self, grid: DetectorGrid, beta_x, beta_y, shoot, center: tuple[float, float], r_exact: float):
+        self.grid, self.shoot = grid, shoot
+        self.cx, self.cy, self.r_exact = float(center[0]), float(center[1]), float(r_exact)
+        side = grid._affine[4]
+        self._alpha = [
+            (grid.x_arcsec - np.asarray(beta_x, dtype=np.float64)).reshape(side, side),
+            (grid.y_arcsec - np.asarray(beta_y, dtype=np.float64)).reshape(side, side),
+        ]
+        self._coef = None
+
+    def __call__(self, x, y) -> tuple[np.ndarray, np.ndarray]:
+        """Source-plane (x, y) of image-plane points (arcsec, 1-D)."""
+        from scipy import ndimage
+
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        x0, dx, y0, dy, side = self.grid._affine
+        lo, hi = self.EDGE, side - 1 - self.EDGE
+        col, row = (x - x0) / dx * (side - 1), (y - y0) / dy * (side - 1)
+        smooth = (col >= lo) & (col <= hi) & (row >= lo) & (row <= hi)
+        smooth &= (x - self.cx) ** 2 + (y - self.cy) ** 2 >= self.r_exact**2
+        bx, by = np.empty_like(x), np.empty_like(y)
+        if smooth.any():
+            if self._coef is None:
+                self._coef = [ndimage.spline_filter(a, order=3, mode="mirror") for a in self._alpha]
+            ax, ay = _cubic_bspline(self._coef[0], self._coef[1], row[smooth], col[smooth])
+            bx[smooth], by[smooth] = x[smooth] - ax, y[smooth] - ay
+        rest = ~smooth
+        if rest.any():
+            bx[rest], by[rest] = self.shoot(x[rest], y[rest])
+        return bx, by

@@ -231,6 +231,9 @@ def simulate_shards(
     }
     if family != "paper":  # the paper family's manifest stays as it was
         plan["family"] = family
+    numerics = getattr(make_simulator, "NUMERICS", 1) if engine == "lenstronomy" else 1
+    if numerics > 1:  # the generator's revision: shards of older code (none recorded = 1) are not resumed into
+        plan["numerics"] = numerics
     if getattr(cfg, "match_file", None) or getattr(cfg, "match_psf_file", None):  # simulate/match.py
         plan["matched"] = {"file": cfg.match_file, "psf": cfg.match_psf_file, "flux_units": cfg.flux_units}
     if engine != "lenstronomy":  # likewise the lenstronomy engine's

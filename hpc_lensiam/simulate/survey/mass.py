@@ -144,8 +144,12 @@ class CompositeMass:
         from lenstronomy.LensModel.Profiles.nfw import NFW
         from lenstronomy.LensModel.Profiles.sersic import Sersic
 
+        from .deflection import PROFILES, CompositeDeflection
+
         self.prior = prior
-        self.lens_model = LensModel(list(LENS_MODEL_LIST))
+        self.lens_model = LensModel(list(LENS_MODEL_LIST))  # the reference ``deflection`` matches
+        assert PROFILES == LENS_MODEL_LIST
+        self.deflection = CompositeDeflection()  # lenstronomy's numbers, fused (deflection.py): ray shooting
         self._deflectors = LensModel(list(LENS_MODEL_LIST[:2]))  # stellar + halo, for the components' kappa
         self._sersic, self._nfw = Sersic(), NFW()
         if cosmo is None:
@@ -311,8 +315,8 @@ class CompositeMass:
         """
         kw = self.kwargs(mass)
         cx, cy = mass["center_x"], mass["center_y"]
-        theta_E = einstein_radius(self.lens_model, kw, cx, cy, guess=guess)
-        gamma = effective_slope(self.lens_model, kw, theta_E, cx, cy) if theta_E > 0 else 2.0
+        theta_E = einstein_radius(self.deflection, kw, cx, cy, guess=guess)
+        gamma = effective_slope(self.deflection, kw, theta_E, cx, cy) if theta_E > 0 else 2.0
         weights = self._component_kappa(kw, theta_E if theta_E > 0 else guess, cx, cy)
         s, h = mass["stellar"], mass["halo"]
         e_star = ellipticity(s["q_kappa"], mass["position_angle_rad"])
@@ -333,8 +337,5 @@ class CompositeMass:
     def _component_kappa(self, kw: Sequence[dict], radius: float, cx: float, cy: float) -> list[float]:
         phi = (np.arange(64) + 0.5) * (2 * math.pi / 64)
         x, y = cx + radius * np.cos(phi), cy + radius * np.sin(phi)
-        out = []
-        for i in range(2):
-            k = self._deflectors.kappa(x, y, [kw[0], kw[1]], k=i)
-            out.append(float(np.mean(k)))
-        return out
+        stellar = self._deflectors.kappa(x, y, [kw[0], kw[1]], k=0)
+        return [float(np.mean(stellar)), float(np.mean(self.deflection.halo_kappa(x, y, kw[1])))]

