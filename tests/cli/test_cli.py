@@ -38,6 +38,6 @@ def test_demo_config_trains_short_runs_without_zero_init_residual():
 
     from hpc_lensiam.train.loop import train_config
 
-    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
     assert train_config(str(demo)).zero_init_residual is False
     assert "20x slower" not in demo.read_text()

@@ -1,7 +1,7 @@
 """The srun-singleton guard: check_launch on crafted environments, and real launches.
 
 The crafted environments copy what Slurm 22.05 and the mpich wheel's Hydra set, as measured on the
-local cluster (see hpc_lensiam/core/runtime.py); tests/test_slurm.py repeats the real thing
+local cluster (see hpc_lensiam/core/runtime.py); tests/ops/test_slurm.py repeats the real thing
 under Slurm.
 """
 
@@ -14,9 +14,9 @@ import sys
 
 import pytest
 
-from conftest import BIN, REPO
 from hpc_lensiam.core.errors import UserError
 from hpc_lensiam.core.runtime import check_launch, launch_evidence
+from support import BIN, REPO
 
 # The batch shell of `sbatch --ntasks=2`: one process; SLURM_NTASKS=2 describes the allocation.
 BATCH_SHELL = {

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import rerecord_shard
 from hpc_lensiam.core.errors import UserError
 from hpc_lensiam.data.augment import augment, gaussian_blur, make_pair, random_resized_crop_flip
 from hpc_lensiam.data.loader import ShardError, ShardLoader
 from hpc_lensiam.shards.manifest import NpyDecoder, shard_paths
 from hpc_lensiam.shards.tar import read_shard
+from support import rerecord_shard
 
 
 def _keys(loader: ShardLoader, epoch: int = 0, start: int = 0) -> list[str]:

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import launcher_env, torchrun_cmd, train_tiny
 from hpc_lensiam.cli import main
 from hpc_lensiam.data.online import OnlineLoader
 from hpc_lensiam.models.weights import load_model_state
 from hpc_lensiam.shards.manifest import read_manifest
 from hpc_lensiam.simulate.config import simulation_config
 from hpc_lensiam.simulate.simulator import LensSimulator
+from support import launcher_env, torchrun_cmd, train_tiny
 
 # 48 px, no noise: the shard images can be compared with the lenstronomy path pixel for pixel
 NO_NOISE = "instrument:\n  num_pix: 48\n  noise_sigma: [0.0, 0.0]\nsource:\n  merger_fraction: 0.5\n"

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import train_tiny
 from hpc_lensiam.core.errors import UserError
 from hpc_lensiam.core.io import sha256_file
 from hpc_lensiam.data.sources import SOURCES, OnlineSource, PrefixSource, ShardSource, source_for
@@ -24,6 +23,7 @@ from hpc_lensiam.models.weights import load_checkpoint
 from hpc_lensiam.shards.manifest import decode_npy, shard_paths
 from hpc_lensiam.shards.tar import read_shard
 from hpc_lensiam.train.loop import train, train_config
+from support import train_tiny
 
 
 class NpyPairLoader:

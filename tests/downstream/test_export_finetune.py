@@ -12,9 +12,9 @@ import pytest
 import torch
 import torchvision
 
-from conftest import train_tiny
 from hpc_lensiam.core.errors import UserError
 from hpc_lensiam.shards.manifest import LENS_PARAMS
+from support import train_tiny
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -294,7 +294,7 @@ def test_a_new_task_is_one_class_and_one_registry_line(single_shards, monkeypatc
     from hpc_lensiam.downstream import tasks
     from hpc_lensiam.downstream.finetune import finetune
 
-    page = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs" / "extending.md").read_text()
     section = page.split("## A new downstream task", 1)[1].split("\n## ", 1)[0]
     namespace = dict(vars(tasks))
     exec(re.search(r"```python\n(.*?)```", section, re.S).group(1), namespace)
@@ -336,7 +336,7 @@ def test_a_new_backbone_is_one_module_and_one_registry_line(single_shards, tmp_p
     from hpc_lensiam.models.weights import load_backbone
     from hpc_lensiam.train.checkpoint import save_checkpoint
 
-    page = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs" / "extending.md").read_text()
     section = page.split("## A new backbone", 1)[1].split("\n## ", 1)[0]
     namespace: dict = {}
     exec(re.search(r"```python\n(.*?)```", section, re.S).group(1), namespace)

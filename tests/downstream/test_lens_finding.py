@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-import conftest
+import support
 from hpc_lensiam.core.errors import UserError
 from hpc_lensiam.evaluation.classify import classification_report, roc_auc, tpr_at_fpr
 
@@ -149,7 +149,7 @@ def test_embed_carries_is_lens_and_probe_reports_lens_finding(survey_shards, len
     from hpc_lensiam.embed.probe import probe
     from hpc_lensiam.shards.reader import iter_samples
 
-    ckpt = conftest.train_tiny(lensiam_shards, tmp_path / "run") / "checkpoints" / "last.pt"
+    ckpt = support.train_tiny(lensiam_shards, tmp_path / "run") / "checkpoints" / "last.pt"
     out = tmp_path / "emb.h5"
     extract_embeddings(checkpoint=str(ckpt), data_dir=str(survey_shards), out=str(out), batch_size=32, workers=0)
     truth = {s["key"]: s["params"]["is_lens"] for s in iter_samples(survey_shards)}

@@ -14,8 +14,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import BIN, REPO, torchrun_cmd
 from hpc_lensiam.core.errors import UserError
+from support import BIN, REPO, torchrun_cmd
 
 RECIPE = dict(backbone="none", arch="resnet18", n_train=40, n_test=20, epochs=2, batch_size=16, progress=False)
 

@@ -42,7 +42,7 @@ def _cli(*args) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "hpc_lensiam", *map(str, args)],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
 
 

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-import conftest
+import support
 from hpc_lensiam.core.errors import UserError
 from hpc_lensiam.shards.manifest import LENS_PARAMS
 
@@ -21,8 +21,8 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def train_tiny(data: Path, out: Path, **kw) -> Path:
-    """A real 2-step checkpoint (see conftest.train_tiny): its last.pt."""
-    return conftest.train_tiny(data, out, **kw) / "checkpoints" / "last.pt"
+    """A real 2-step checkpoint (see support.train_tiny): its last.pt."""
+    return support.train_tiny(data, out, **kw) / "checkpoints" / "last.pt"
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def emb2(ckpt, lensiam_shards, tmp_path_factory, bin_dir) -> Path:
     out = tmp_path_factory.mktemp("emb") / "emb.h5"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
-        conftest.torchrun_cmd(2)
+        support.torchrun_cmd(2)
         + [
             "embed",
             "--checkpoint",

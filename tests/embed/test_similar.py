@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-import conftest
+import support
 from hpc_lensiam.cli import main
 from hpc_lensiam.core.errors import UserError
 from hpc_lensiam.embed.similar import similar, unit_vectors
@@ -21,12 +21,12 @@ from hpc_lensiam.ingest.config import IngestConfig
 from hpc_lensiam.shards.manifest import LENS_PARAMS
 
 pytestmark = pytest.mark.timeout(900)
-EUCLID = conftest.SHARED_DATA / "euclid_q1" / "102020532_NEG589257492489565961.fits"
+EUCLID = support.SHARED_DATA / "euclid_q1" / "102020532_NEG589257492489565961.fits"
 
 
 @pytest.fixture(scope="module")
 def ckpt(lensiam_shards, tmp_path_factory) -> Path:
-    return conftest.train_tiny(lensiam_shards, tmp_path_factory.mktemp("run") / "run") / "checkpoints" / "last.pt"
+    return support.train_tiny(lensiam_shards, tmp_path_factory.mktemp("run") / "run") / "checkpoints" / "last.pt"
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def test_similar_by_image_equals_by_key(mixed, ckpt, real_dir, tmp_path, lensiam
     ]
     with pytest.raises(UserError, match="needs --checkpoint"):
         similar(str(mixed), image=str(EUCLID))
-    other = conftest.train_tiny(lensiam_shards, tmp_path / "other", max_steps=1) / "checkpoints" / "last.pt"
+    other = support.train_tiny(lensiam_shards, tmp_path / "other", max_steps=1) / "checkpoints" / "last.pt"
     with pytest.raises(UserError, match="not the backbone"):
         similar(str(mixed), image=str(EUCLID), checkpoint=str(other))
 
@@ -305,8 +305,8 @@ def test_similar_bench_exact_search_and_vector_file_lifetime(tmp_path):
     import subprocess
     import sys
 
-    bench = Path(__file__).resolve().parents[1] / "bench" / "similar.py"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    bench = Path(__file__).resolve().parents[2] / "bench" / "similar.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     common = [
         sys.executable,
         str(bench),
@@ -406,10 +406,10 @@ def test_names_round_trip_from_ingest_to_embed_similar_and_predict(ckpt, single_
     import csv
 
     from astropy.table import Table
-    from test_ingest import sky_image, write_fits
 
     from hpc_lensiam.downstream.predict import predict
     from hpc_lensiam.downstream.seeds import finetune_seeds
+    from support import sky_image, write_fits
 
     folders = {}
     for tag, ra0 in (("a", 150.0), ("b", 200.0)):

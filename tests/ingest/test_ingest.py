@@ -4,100 +4,22 @@ every bad input for real; MPI byte-identity and resume; the real Euclid Q1 lens.
 from __future__ import annotations
 
 import csv
-import io
-import json
 import subprocess
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import conftest
-from hpc_lensiam.cli import main
+import support
 from hpc_lensiam.core.errors import UserError
 from hpc_lensiam.core.io import sha256_file
 from hpc_lensiam.ingest.config import IngestConfig
 from hpc_lensiam.ingest.prepare import resample
 from hpc_lensiam.ingest.run import ingest
 from hpc_lensiam.shards.manifest import read_manifest
+from support import params_of, run_cli, sky_image, write_fits
 
-EUCLID = conftest.SHARED_DATA / "euclid_q1" / "102020532_NEG589257492489565961.fits"
-DEG = 1 / 3600.0
-
-
-def write_fits(
-    path: Path,
-    data: np.ndarray,
-    scale_arcsec: float | None = 0.03,
-    cd=None,
-    name="SCI_FLUX",
-    rms: np.ndarray | None = None,
-    weight: np.ndarray | None = None,
-) -> Path:
-    """A multi-extension FITS like a survey cutout: empty primary, the image with a TAN WCS
-    (CD matrix, default north up / east left), optionally an RMS or weight extension."""
-    from astropy.io import fits
-
-    hdr = fits.Header()
-    if scale_arcsec is not None:
-        m = np.array(cd if cd is not None else [[-scale_arcsec, 0.0], [0.0, scale_arcsec]]) * DEG
-        ny, nx = data.shape
-        hdr.update(
-            CTYPE1="RA---TAN",
-            CTYPE2="DEC--TAN",
-            CUNIT1="deg",
-            CUNIT2="deg",
-            CRVAL1=150.0,
-            CRVAL2=2.0,
-            CRPIX1=(nx + 1) / 2,
-            CRPIX2=(ny + 1) / 2,
-            CD1_1=m[0, 0],
-            CD1_2=m[0, 1],
-            CD2_1=m[1, 0],
-            CD2_2=m[1, 1],
-        )
-    hdus = [fits.PrimaryHDU(), fits.ImageHDU(data.astype(np.float32), header=hdr, name=name)]
-    if rms is not None:
-        hdus.append(fits.ImageHDU(rms.astype(np.float32), name=name.replace("_FLUX", "_RMS")))
-    if weight is not None:
-        hdus.append(fits.ImageHDU(weight.astype(np.float32), name="WHT"))
-    fits.HDUList(hdus).writeto(path)
-    return path
-
-
-def sky_image(n: int, scale: float, blobs, background: float = 0.0, noise: float = 0.0, seed: int = 0):
-    """(n, n) image in the FITS sky layout (column 0 = east): Gaussian blobs at (east, north) arcsec
-    offsets from the centre, each with total flux ``flux``; returns the image."""
-    rng = np.random.default_rng(seed)
-    c = (n - 1) / 2
-    yy, xx = np.mgrid[0:n, 0:n]
-    img = np.full((n, n), background, np.float64)
-    for east, north, flux, sigma in blobs:
-        x0, y0 = c - east / scale, c + north / scale  # east-left: RA grows to smaller columns
-        g = np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * (sigma / scale) ** 2))
-        img += flux * g / g.sum()
-    return img + noise * rng.normal(size=img.shape)
-
-
-def params_of(out: Path) -> list[tuple[str, np.ndarray, dict]]:
-    rows = []
-    for shard in sorted(out.glob("shard-*.tar")):
-        with tarfile.open(shard) as t:
-            names = t.getnames()
-            for n in names:
-                if n.endswith(".image.npy"):
-                    key = n.split(".")[0]
-                    img = np.load(io.BytesIO(t.extractfile(n).read()))
-                    rows.append((key, img, json.loads(t.extractfile(f"{key}.params.json").read())))
-    return rows
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
+EUCLID = support.SHARED_DATA / "euclid_q1" / "102020532_NEG589257492489565961.fits"
 
 
 # --------------------------------------------------------------------------------- physics

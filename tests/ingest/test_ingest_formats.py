@@ -10,15 +10,15 @@ import json
 
 import numpy as np
 import pytest
-from test_ingest import params_of, run_cli, sky_image, write_fits
 
-import conftest
+import support
 from hpc_lensiam.ingest.config import IngestConfig
 from hpc_lensiam.ingest.run import ingest, shard_key
 from hpc_lensiam.shards.manifest import read_manifest
+from support import params_of, run_cli, sky_image, write_fits
 
-REAL = conftest.SHARED_DATA / "real_lenses"
-SLSIM = conftest.SHARED_DATA / "slsim"
+REAL = support.SHARED_DATA / "real_lenses"
+SLSIM = support.SHARED_DATA / "slsim"
 
 
 def write_h5(path, image, scale=0.08, rms=0.02, exposure=None, transform=None, psf=None):

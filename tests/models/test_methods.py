@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import launcher_env, torchrun_cmd, train_tiny
 from hpc_lensiam.core.errors import ConfigError, UserError
 from hpc_lensiam.models.backbones import backbone_state_dict, build_backbone, get
 from hpc_lensiam.models.methods import BYOL, METHODS, SimCLR, SimSiam, VICReg, recipe
@@ -26,6 +25,7 @@ from hpc_lensiam.models.weights import load_checkpoint
 from hpc_lensiam.train.config import TrainConfig
 from hpc_lensiam.train.loop import scaled_lr, train_config
 from hpc_lensiam.train.optim import LARS
+from support import launcher_env, torchrun_cmd, train_tiny
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -447,7 +447,7 @@ def _bench_methods():
     import importlib.util
     import sys
 
-    from conftest import REPO
+    from support import REPO
 
     saved = list(sys.path)  # the script puts bench/ on sys.path to import its ledger; undo that here
     try:

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BIN, REPO, _simulate, launcher_env, rerecord_shard, torchrun_cmd, train_tiny
 from hpc_lensiam.core.errors import ConfigError, UserError
 from hpc_lensiam.core.io import sha256_file
 from hpc_lensiam.shards.manifest import read_manifest
 from hpc_lensiam.simulate.config import simulation_config
+from support import BIN, REPO, launcher_env, rerecord_shard, simulate_into, torchrun_cmd, train_tiny
 
 SMALL = {"instrument": {"num_pix": 32}}
 
@@ -52,7 +52,7 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """24 pairs in 6 shards of 4, 32 px."""
-    return _simulate(
+    return simulate_into(
         tmp_path_factory.mktemp("faults") / "data",
         num_samples=24,
         shard_size=4,
@@ -152,13 +152,13 @@ def test_simulate_rerun_redoes_truncated_and_flipped_shards(copy):
     manifest = read_manifest(copy)
     _flip(copy / "shard-000001.tar")
     (copy / "shard-000002.tar").write_bytes(before["shard-000002.tar"][:7000])
-    again = _simulate(copy, num_samples=24, shard_size=4, mode="lensiam", seed=3, overrides=SMALL)
+    again = simulate_into(copy, num_samples=24, shard_size=4, mode="lensiam", seed=3, overrides=SMALL)
     assert {p.name: p.read_bytes() for p in copy.glob("shard-*.tar")} == before
     assert read_manifest(again) == manifest
     # a killed run (no manifest yet): the records made when each shard was written decide
     (copy / "manifest.json").unlink()
     _flip(copy / "shard-000003.tar")
-    _simulate(copy, num_samples=24, shard_size=4, mode="lensiam", seed=3, overrides=SMALL)
+    simulate_into(copy, num_samples=24, shard_size=4, mode="lensiam", seed=3, overrides=SMALL)
     assert {p.name: p.read_bytes() for p in copy.glob("shard-*.tar")} == before
     assert read_manifest(copy) == manifest
 
@@ -374,7 +374,7 @@ def test_resume_with_changed_settings_is_refused(run_copy, data, change, named):
 
 
 def test_resume_with_other_data_is_refused_then_allowed_and_recorded(run_copy, data, tmp_path):
-    other = _simulate(tmp_path / "other", num_samples=24, shard_size=4, mode="lensiam", seed=4, overrides=SMALL)
+    other = simulate_into(tmp_path / "other", num_samples=24, shard_size=4, mode="lensiam", seed=4, overrides=SMALL)
     first = (run_copy / "config.yaml").read_text()
     with pytest.raises(UserError, match=r"other settings: data .*manifest sha256"):
         _resume(other, run_copy)
@@ -534,8 +534,8 @@ def test_finetune_same_seed_train_and_test_is_flagged(tmp_path, capfd):
     from hpc_lensiam.downstream.finetune import finetune
 
     kw = dict(num_samples=16, shard_size=8, mode="single", preset="euclid", seed=0, overrides=SMALL)
-    train_dir = _simulate(tmp_path / "train", **kw)
-    test_dir = _simulate(tmp_path / "test", **kw)
+    train_dir = simulate_into(tmp_path / "train", **kw)
+    test_dir = simulate_into(tmp_path / "test", **kw)
     assert (train_dir / "shard-000000.tar").read_bytes() == (test_dir / "shard-000000.tar").read_bytes()
     common = dict(
         backbone="none",
@@ -551,7 +551,7 @@ def test_finetune_same_seed_train_and_test_is_flagged(tmp_path, capfd):
     report = finetune(train_dir=str(train_dir), test_dir=str(test_dir), **common)
     assert report["test_from_train_set"] is True and report["test_images_in_train"] == 0
     # the same seed with another shard size: no identical shard, but identical images
-    other = _simulate(tmp_path / "test4", **{**kw, "shard_size": 4})
+    other = simulate_into(tmp_path / "test4", **{**kw, "shard_size": 4})
     report = finetune(train_dir=str(train_dir), test_dir=str(other), **common)
     assert report["test_from_train_set"] is False and report["test_images_in_train"] == 4
     assert "4 of 4 test images also appear in the training samples" in capfd.readouterr().err
@@ -1122,7 +1122,7 @@ def test_disk_full_in_export_is_one_line_nothing_half_written(tiny_fs, run_a, fm
 def test_umap_checks_every_file_it_writes_before_fitting(tiny_fs, run_a, data, tmp_path):
     """Row (issue 25): umap on a read-only embeddings file failed after ~33 s of fitting, with the figure
     already written (it stored its coordinates in the input file). Now the input is only read (a read-only
-    embeddings file works: tests/test_similar.py) and every file umap writes, the figure and the
+    embeddings file works: tests/embed/test_similar.py) and every file umap writes, the figure and the
     coordinates, is checked first: on a read-only file system, one line naming it, before any fit."""
     from hpc_lensiam.embed.extract import extract_embeddings
 

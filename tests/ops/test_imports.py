@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = "hpc_lensiam"
-ROOT = Path(__file__).resolve().parents[1] / PACKAGE
+ROOT = Path(__file__).resolve().parents[2] / PACKAGE
 
 # Lowest first. A unit is a subpackage, or a top-level module (`cli`, `__init__`, ...).
 LAYERS: list[set[str]] = [
@@ -64,7 +64,7 @@ def layer_of(unit: str) -> int:
     for i, units in enumerate(LAYERS):
         if unit in units:
             return i
-    raise AssertionError(f"unit {unit!r} is in no layer of tests/test_imports.py's LAYERS: place it there")
+    raise AssertionError(f"unit {unit!r} is in no layer of tests/ops/test_imports.py's LAYERS: place it there")
 
 
 def layer_violations(graph: dict[str, set[str]]) -> list[str]:

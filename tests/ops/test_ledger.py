@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from support import REPO
 
 # Loaded from its file, not by putting bench/ on sys.path: the test process must not see the bench
 # scripts as top-level modules (a bench/coverage.py once shadowed the `coverage` that numba probes
-# for, and 170 tests failed; tests/test_imports.py checks sys.path).
+# for, and 170 tests failed; tests/ops/test_imports.py checks sys.path).
 _spec = importlib.util.spec_from_file_location("bench_ledger", REPO / "bench" / "ledger.py")
 _ledger = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_ledger)

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, REPO, _simulate, train_tiny
 from hpc_lensiam.core.errors import UserError
+from support import BIN, REPO, simulate_into, train_tiny
 
 TINY = dict(
     arch="resnet18", batch_size=8, epochs=5, workers=0, proj_dim=64, pred_dim=16, engine="deepspeed", zero_stage=1
@@ -74,7 +74,7 @@ def _refused(proc: subprocess.CompletedProcess, marker: Path, name: str) -> str:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return _simulate(
+    return simulate_into(
         tmp_path_factory.mktemp("payload") / "data",
         num_samples=8,
         shard_size=4,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO
+from support import BIN, REPO
 
 VENV = BIN.parent
 PY = BIN / "python"

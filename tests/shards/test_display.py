@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import conftest
+import support
 from hpc_lensiam.cli import main
 from hpc_lensiam.shards import display
 
@@ -204,7 +204,7 @@ def test_ingest_preview_draws_the_ingested_cutouts(tmp_path, capsys):
 
 
 def test_train_writes_loss_png_beside_metrics_csv(lensiam_shards, tmp_path):
-    run = conftest.train_tiny(lensiam_shards, tmp_path / "run")
+    run = support.train_tiny(lensiam_shards, tmp_path / "run")
     assert (run / "metrics.csv").is_file()
     assert (run / "loss.png").read_bytes()[:8] == PNG
     assert not [p for p in run.iterdir() if p.name.startswith(".tmp")]  # written atomically

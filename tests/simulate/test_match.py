@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import conftest
+import support
 from hpc_lensiam.core.errors import UserError
 
-REAL = conftest.SHARED_DATA / "real_lenses"
-EUCLID = conftest.SHARED_DATA / "euclid_q1" / "102020532_NEG589257492489565961.fits"
+REAL = support.SHARED_DATA / "real_lenses"
+EUCLID = support.SHARED_DATA / "euclid_q1" / "102020532_NEG589257492489565961.fits"
 HST_FILES = (
     sorted((REAL / "desi_hst").glob("DESIJ*_F140W.h5"))
     + sorted((REAL / "desj0408_hst").glob("data_*.hdf5"))
@@ -34,9 +34,9 @@ def _needs(path: Path):
 
 
 def _cli(*args, ranks: int = 0):
-    cmd = [str(conftest.BIN / "hpc-lensiam"), *map(str, args)]
+    cmd = [str(support.BIN / "hpc-lensiam"), *map(str, args)]
     if ranks:
-        cmd = [str(conftest.BIN / "mpiexec"), "-n", str(ranks), *cmd]
+        cmd = [str(support.BIN / "mpiexec"), "-n", str(ranks), *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 

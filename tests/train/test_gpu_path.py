@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, launcher_env, torchrun_cmd
 from hpc_lensiam.core.errors import ConfigError, UserError
 from hpc_lensiam.core.runtime import (
     DeviceCaps,
@@ -39,6 +38,7 @@ from hpc_lensiam.train.config import TrainConfig
 from hpc_lensiam.train.engine import Engine, resume_mode
 from hpc_lensiam.train.loop import train, train_config
 from hpc_lensiam.train.plan import apply_switches, make_plan
+from support import REPO, launcher_env, torchrun_cmd
 
 CPU = torch.device("cpu")
 # What Slurm sets in each task of a plain `srun -n 2` (measured: core/runtime.py, test_mpi_env.py)

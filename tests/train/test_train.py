@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import launcher_env, torchrun_cmd, train_tiny
 from hpc_lensiam.core.errors import ConfigError, UserError
 from hpc_lensiam.models.weights import load_checkpoint, load_model_state
 from hpc_lensiam.train.config import TrainConfig
 from hpc_lensiam.train.loop import lr_at, scaled_lr, train, train_config
+from support import launcher_env, torchrun_cmd, train_tiny
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = ["--arch", "resnet18", "--batch-size", "4", "--epochs", "2", "--log-every", "1"]
 
 

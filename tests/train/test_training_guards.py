@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import train_tiny
 from hpc_lensiam.cli import main
 from hpc_lensiam.core.errors import ConfigError
 from hpc_lensiam.core.runtime import DeviceCaps
 from hpc_lensiam.train.loop import scaled_lr, train_config
 from hpc_lensiam.train.plan import make_plan
+from support import train_tiny
 
 CPU = torch.device("cpu")
-# conftest.train_tiny's config, for a --resume of one of its runs
+# support.train_tiny's config, for a --resume of one of its runs
 _TINY = dict(arch="resnet18", batch_size=8, epochs=1, workers=0, proj_dim=64, pred_dim=16, log_every=1)
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -339,7 +339,7 @@ def test_torch_engine_records_its_device_and_each_mpi_rank_gets_its_gpu(tmp_path
     import subprocess
     import sys
 
-    from conftest import BIN
+    from support import BIN
 
     # each rank writes its own file: mpiexec may interleave the two ranks' stdout ("01" was seen under load)
     code = (
