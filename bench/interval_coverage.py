@@ -6,7 +6,7 @@ seeds, a pretraining-seed effect tau_p and a fine-tuning-seed effect tau_f (nest
 own; crossed: seed f shared by every backbone), how often the 95% interval of
 ``hierarchical_paired_difference`` holds the known truth when the runs are resampled flat (every
 run a unit), by pretraining seed only, and by both levels (``levels``), with the mean widths.
-Synthetic arms of tests/test_stats.py (150 test images, 400 resamples, 200 replications: a
+Synthetic arms of tests/evaluation/test_stats.py (150 test images, 400 resamples, 200 replications: a
 coverage's binomial sd is 0.015).
 
     .venv/bin/python bench/interval_coverage.py
@@ -14,12 +14,13 @@ coverage's binomial sd is 0.015).
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "evaluation"))
 from test_stats import REPS, _grid_arms  # the one definition of the synthetic arms
 
 from hpc_lensiam.evaluation.stats import hierarchical_paired_difference
@@ -28,6 +29,7 @@ KINDS = ("flat", "pretraining seed only", "both levels")
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     print("| C | tau_p | tau_f | fine-tuning seed | " + " | ".join(f"coverage, {k}" for k in KINDS) + " | widths |")
     print("|---|---|---|---|---|---|---|---|")
     for c in (2, 3, 5):
