@@ -18,7 +18,7 @@ from hpc_lensiam.models.weights import load_model_state
 from hpc_lensiam.shards.manifest import read_manifest
 from hpc_lensiam.simulate.config import simulation_config
 from hpc_lensiam.simulate.simulator import LensSimulator
-from support import launcher_env, torchrun_cmd, train_tiny
+from support import launcher_env, tiny_config, torchrun_cmd, train_tiny
 
 # 48 px, no noise: the shard images can be compared with the lenstronomy path pixel for pixel
 NO_NOISE = "instrument:\n  num_pix: 48\n  noise_sigma: [0.0, 0.0]\nsource:\n  merger_fraction: 0.5\n"
@@ -125,25 +125,12 @@ def test_online_training_two_steps_and_resume_sees_the_same_pairs(yamls, tmp_pat
     spec = f"online:{yamls['small']}"
     kw = dict(batch_size=4, online_epoch_samples=16, ckpt_every=1)
     ref = train_tiny(spec, tmp_path / "ref", **kw)
-    from hpc_lensiam.train.loop import train, train_config
+    from hpc_lensiam.train.loop import train
 
     cut = tmp_path / "cut"
     train_tiny(spec, cut, **{**kw, "max_steps": 1})
     summary = train(
-        train_config(
-            data=spec,
-            out=str(cut),
-            arch="resnet18",
-            batch_size=4,
-            max_steps=2,
-            epochs=1,
-            workers=0,
-            proj_dim=64,
-            pred_dim=16,
-            log_every=1,
-            online_epoch_samples=16,
-            ckpt_every=1,
-        ),
+        tiny_config(spec, cut, batch_size=4, online_epoch_samples=16, ckpt_every=1),
         resume=True,
     )
     assert summary["step"] == 2 and summary["steps_run"] == 1

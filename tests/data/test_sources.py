@@ -23,7 +23,7 @@ from hpc_lensiam.models.weights import load_checkpoint
 from hpc_lensiam.shards.manifest import decode_npy, shard_paths
 from hpc_lensiam.shards.tar import read_shard
 from hpc_lensiam.train.loop import train, train_config
-from support import train_tiny
+from support import tiny_config, train_tiny
 
 
 class NpyPairLoader:
@@ -107,18 +107,7 @@ def test_registered_source_trains_and_guards_resume(npy_source, lensiam_shards, 
     other = _pairs_folder(lensiam_shards, tmp_path / "other", n=32)
     with pytest.raises(UserError, match=r"other settings: data"):
         train(
-            train_config(
-                data=f"npy:{other}",
-                out=str(run),
-                arch="resnet18",
-                batch_size=8,
-                max_steps=3,
-                epochs=1,
-                workers=0,
-                proj_dim=64,
-                pred_dim=16,
-                log_every=1,
-            ),
+            tiny_config(f"npy:{other}", run, max_steps=3),
             resume=True,
         )
 

@@ -25,7 +25,7 @@ from hpc_lensiam.models.weights import load_checkpoint
 from hpc_lensiam.train.config import TrainConfig
 from hpc_lensiam.train.loop import scaled_lr, train_config
 from hpc_lensiam.train.optim import LARS
-from support import launcher_env, torchrun_cmd, train_tiny
+from support import launcher_env, tiny_config, torchrun_cmd, train_tiny
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -355,17 +355,7 @@ def test_byol_resume_continues_the_ema_target(lensiam_shards, tmp_path):
     from hpc_lensiam.train.loop import train
 
     train(
-        train_config(
-            data=str(lensiam_shards),
-            out=str(tmp_path / "split"),
-            arch="resnet18",
-            batch_size=8,
-            max_steps=3,
-            epochs=1,
-            workers=0,
-            log_every=1,
-            **kw,
-        ),
+        tiny_config(lensiam_shards, tmp_path / "split", max_steps=3, **kw),
         resume=True,
     )
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
@@ -378,15 +368,14 @@ def test_byol_resume_continues_the_ema_target(lensiam_shards, tmp_path):
     # resuming it as another method is refused in one line naming both methods
     with pytest.raises(UserError, match=r"cannot resume this run .*--method simclr .*method 'byol'"):
         train(
-            train_config(
-                data=str(lensiam_shards),
-                out=str(tmp_path / "split"),
-                arch="resnet18",
-                batch_size=8,
+            tiny_config(
+                lensiam_shards,
+                tmp_path / "split",
                 max_steps=4,
-                epochs=1,
-                workers=0,
                 method="simclr",
+                proj_dim=None,
+                pred_dim=None,
+                log_every=None,
             ),
             resume=True,
         )

@@ -24,7 +24,7 @@ from hpc_lensiam.core.errors import ConfigError, UserError
 from hpc_lensiam.core.io import sha256_file
 from hpc_lensiam.shards.manifest import read_manifest
 from hpc_lensiam.simulate.config import simulation_config
-from support import BIN, REPO, launcher_env, rerecord_shard, simulate_into, torchrun_cmd, train_tiny
+from support import BIN, REPO, launcher_env, rerecord_shard, simulate_into, tiny_config, torchrun_cmd, train_tiny
 
 SMALL = {"instrument": {"num_pix": 32}}
 
@@ -323,24 +323,12 @@ def run_copy(run_a, tmp_path) -> Path:
 
 
 def _resume(data, run, **kw):
-    from hpc_lensiam.train.loop import train, train_config
+    """--resume of the tiny recipe with 4 per rank, to step 3, a checkpoint every step."""
+    from hpc_lensiam.train.loop import train
 
     allow = kw.pop("allow_config_change", False)
-    cfg = dict(
-        data=str(data),
-        out=str(run),
-        arch="resnet18",
-        batch_size=4,
-        max_steps=3,
-        epochs=1,
-        workers=0,
-        proj_dim=64,
-        pred_dim=16,
-        log_every=1,
-        ckpt_every=1,
-    )
-    cfg.update(kw)
-    return train(train_config(**cfg), resume=True, allow_config_change=allow)
+    cfg = tiny_config(data, run, **{"batch_size": 4, "max_steps": 3, "ckpt_every": 1, **kw})
+    return train(cfg, resume=True, allow_config_change=allow)
 
 
 def test_checkpoint_records_config_hash_and_data(run_a, data):

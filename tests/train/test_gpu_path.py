@@ -36,9 +36,9 @@ from hpc_lensiam.models.weights import load_checkpoint
 from hpc_lensiam.train.checkpoint import capture_rank_rng, load_for_resume, rank_rng, restore_rank_rng, save_checkpoint
 from hpc_lensiam.train.config import TrainConfig
 from hpc_lensiam.train.engine import Engine, resume_mode
-from hpc_lensiam.train.loop import train, train_config
+from hpc_lensiam.train.loop import train
 from hpc_lensiam.train.plan import apply_switches, make_plan
-from support import REPO, launcher_env, torchrun_cmd
+from support import REPO, launcher_env, tiny_config, torchrun_cmd
 
 CPU = torch.device("cpu")
 # What Slurm sets in each task of a plain `srun -n 2` (measured: core/runtime.py, test_mpi_env.py)
@@ -52,18 +52,8 @@ SRUN_TASK1 = {
 
 
 def _cfg(data, out, **kw) -> TrainConfig:
-    base = dict(
-        data=str(data),
-        out=str(out),
-        arch="resnet18",
-        batch_size=4,
-        epochs=2,
-        log_every=1,
-        workers=0,
-        proj_dim=64,
-        pred_dim=16,
-    )
-    return train_config(None, **{**base, **kw})
+    """The tiny recipe with 4 per rank over 2 epochs and no step cap unless one is given."""
+    return tiny_config(data, out, **{"batch_size": 4, "epochs": 2, "max_steps": None, **kw})
 
 
 def _one_step(engine: Engine, model: SimSiam) -> torch.Tensor:

@@ -23,7 +23,7 @@ from hpc_lensiam.core.errors import ConfigError, UserError
 from hpc_lensiam.models.weights import load_checkpoint, load_model_state
 from hpc_lensiam.train.config import TrainConfig
 from hpc_lensiam.train.loop import lr_at, scaled_lr, train, train_config
-from support import launcher_env, torchrun_cmd, train_tiny
+from support import launcher_env, tiny_config, torchrun_cmd, train_tiny
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["--arch", "resnet18", "--batch-size", "4", "--epochs", "2", "--log-every", "1"]
@@ -236,8 +236,9 @@ def test_bad_shard_on_any_rank_is_named(lensiam_shards, tmp_path):
 
 # ---------------------------------------------------------------------------- one process, kill -9
 def _cfg(data, out, **kw) -> TrainConfig:
-    base = dict(data=str(data), out=str(out), arch="resnet18", batch_size=4, epochs=2, log_every=1, workers=0)
-    return train_config(None, **{**base, **kw})
+    """The tiny recipe with 4 per rank over 2 epochs, no step cap unless given, full-size heads."""
+    base = {"batch_size": 4, "epochs": 2, "max_steps": None, "proj_dim": None, "pred_dim": None}
+    return tiny_config(data, out, **{**base, **kw})
 
 
 @pytest.mark.slow
