@@ -100,12 +100,20 @@ def one_error_line(proc: subprocess.CompletedProcess, tail: int = 3000) -> str:
     return lines[0]
 
 
+def only_error_line(proc: subprocess.CompletedProcess, tail: int = 3000) -> str:
+    """As :func:`one_error_line`, stricter: the whole of stderr is that one line (no launcher output,
+    no progress bar). Returns it."""
+    assert proc.returncode == 2, proc.stderr[-tail:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpc-lensiam: error: "), proc.stderr[-tail:]
+    return lines[0]
+
+
 def main_error_line(capsys, argv) -> str:
-    """The CLI in this process refuses ``argv``: ``main`` returns 2 and stderr is one line,
-    ``hpc-lensiam: error: ...``. Returns that line."""
+    """The CLI in this process refuses ``argv``: ``main`` returns 2 and what it wrote to stderr (since
+    capsys was last read) is one line, ``hpc-lensiam: error: ...``. Returns that line."""
     from hpc_lensiam.cli import main
 
-    capsys.readouterr()
     assert main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hpc-lensiam: error: "), err

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from hpc_lensiam.core.errors import UserError
-from support import BIN, REPO, torchrun_cmd
+from support import BIN, REPO, one_error_line, torchrun_cmd
 
 RECIPE = dict(backbone="none", arch="resnet18", n_train=40, n_test=20, epochs=2, batch_size=16, progress=False)
 
@@ -25,14 +25,6 @@ def _cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(BIN / "hpc-lensiam"), *map(str, args)], capture_output=True, text=True, timeout=600, env=env
     )
-
-
-def _one_error_line(proc) -> str:
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [x for x in proc.stderr.splitlines() if x.startswith("hpc-lensiam")]
-    assert len(lines) == 1 and lines[0].startswith("hpc-lensiam: error"), proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +110,7 @@ def test_another_pixel_grid_is_refused_unless_allowed(lensiam_shards, ensemble, 
     with --allow-grid-mismatch a warning naming both grids, and the catalogue."""
     out, _ = ensemble
     model = out / "m.seed0.safetensors"
-    line = _one_error_line(_cli("predict", "--model", model, "--data", lensiam_shards, "--out", tmp_path / "c.csv"))
+    line = one_error_line(_cli("predict", "--model", model, "--data", lensiam_shards, "--out", tmp_path / "c.csv"))
     assert '0.05"/px' in line and '0.1"/px' in line and "--allow-grid-mismatch" in line, line
     assert not (tmp_path / "c.csv").exists()
     proc = _cli(
@@ -131,20 +123,20 @@ def test_another_pixel_grid_is_refused_unless_allowed(lensiam_shards, ensemble, 
 def test_bad_input_is_one_line_before_any_image_is_read(single_shards, ensemble, tmp_path):
     out, _ = ensemble
     model = out / "m.seed0.safetensors"
-    assert "expected a catalogue file ending in .csv or .fits" in _one_error_line(
+    assert "expected a catalogue file ending in .csv or .fits" in one_error_line(
         _cli("predict", "--model", model, "--data", single_shards, "--out", tmp_path / "c.txt")
     )
-    assert "no such file" in _one_error_line(
+    assert "no such file" in one_error_line(
         _cli("predict", "--model", tmp_path / "nope.safetensors", "--data", single_shards, "--out", tmp_path / "c.csv")
     )
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
-    assert "not a safetensors model file" in _one_error_line(
+    assert "not a safetensors model file" in one_error_line(
         _cli("predict", "--model", tmp_path / "junk.safetensors", "--data", single_shards, "--out", tmp_path / "c.csv")
     )
-    assert "the same file given twice" in _one_error_line(
+    assert "the same file given twice" in one_error_line(
         _cli("predict", "--model", model, model, "--data", single_shards, "--out", tmp_path / "c.csv")
     )
-    assert "no such folder" in _one_error_line(
+    assert "no such folder" in one_error_line(
         _cli("predict", "--model", model, "--data", tmp_path / "none", "--out", tmp_path / "c.csv")
     )
     with pytest.raises(UserError, match="ending in .safetensors"):

@@ -24,7 +24,17 @@ from hpc_lensiam.core.errors import ConfigError, UserError
 from hpc_lensiam.core.io import sha256_file
 from hpc_lensiam.shards.manifest import read_manifest
 from hpc_lensiam.simulate.config import simulation_config
-from support import BIN, REPO, launcher_env, rerecord_shard, simulate_into, tiny_config, torchrun_cmd, train_tiny
+from support import (
+    BIN,
+    REPO,
+    launcher_env,
+    one_error_line,
+    rerecord_shard,
+    simulate_into,
+    tiny_config,
+    torchrun_cmd,
+    train_tiny,
+)
 
 SMALL = {"instrument": {"num_pix": 32}}
 
@@ -37,16 +47,6 @@ def cli(*args, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(BIN / "hpc-lensiam"), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=_env(), **kw
     )
-
-
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    """The run failed as bad input: exit code 2, exactly one error line (ours) and no traceback.
-    (simulate's stderr may also hold its progress bar and its one "note:" about analytic sources.)"""
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [x for x in proc.stderr.splitlines() if x.startswith("hpc-lensiam")]
-    assert len(lines) == 1 and lines[0].startswith("hpc-lensiam: error"), proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import pytest
 
 import support
 from hpc_lensiam.core.errors import UserError
+from support import only_error_line
 
 REAL = support.SHARED_DATA / "real_lenses"
 EUCLID = support.SHARED_DATA / "euclid_q1" / "102020532_NEG589257492489565961.fits"
@@ -233,9 +234,8 @@ def test_bad_match_file_is_one_error_line_before_rendering(case, tmp_path):
         resolve_family("paper", "single", match={"file": str(path)})
     out = tmp_path / "out"
     proc = _cli("simulate", "--out", out, "--pairs", 1, "--match", path)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("hpc-lensiam: error:"), proc.stderr
-    assert "cut.h5" in lines[0] and want[case] in lines[0]
+    line = only_error_line(proc)
+    assert "cut.h5" in line and want[case] in line
     assert not out.exists() or not any(out.iterdir())
 
 

@@ -23,6 +23,7 @@ from hpc_lensiam.simulate.sources import half_light_radius_pix
 from hpc_lensiam.simulate.survey import survey_config
 from hpc_lensiam.simulate.survey.mass import CompositeMass, effective_slope, einstein_radius
 from hpc_lensiam.simulate.survey.simulator import SurveySimulator
+from support import one_error_line
 
 GRID = {"instrument": {"num_pix": 48, "supersampling_factor": 1}}
 N_POP = 240
@@ -340,13 +341,6 @@ def _survey_cli(bin_dir, out, config, timeout=300):
     )
 
 
-def _one_line(proc) -> str:
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [x for x in proc.stderr.splitlines() if x.startswith("hpc-lensiam")]
-    assert len(lines) == 1 and lines[0].startswith("hpc-lensiam: error: ") and "Traceback" not in proc.stderr
-    return lines[0]
-
-
 @pytest.mark.parametrize(
     "yaml_text, message",
     [
@@ -365,7 +359,7 @@ def test_impossible_survey_parameters_refused_before_drawing(bin_dir, tmp_path, 
     config = tmp_path / "c.yaml"
     config.write_text(yaml_text)
     out = tmp_path / "out"
-    line = _one_line(_survey_cli(bin_dir, out, config, timeout=120))  # at the door, not after the draws
+    line = one_error_line(_survey_cli(bin_dir, out, config, timeout=120))  # at the door, not after the draws
     assert f"{config}.{message}" in line, line
     assert not out.exists()
 
@@ -424,7 +418,7 @@ def test_too_strict_selection_stops_after_the_first_draws_naming_the_cut(bin_dir
     strict = tmp_path / "strict.yaml"
     strict.write_text(grid + "selection:\n  min_magnification: 100\n")
     out = tmp_path / "out"
-    line = _one_line(_survey_cli(bin_dir, out, strict))
+    line = one_error_line(_survey_cli(bin_dir, out, strict))
     assert f"first {FAIL_FAST_DRAWS} deflector draws" in line, line
     assert "selection.min_magnification = 100 rejected" in line and "highest magnification reached was" in line
     assert not any(p.name != ".lock" for p in out.iterdir())  # no plan, no shard

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from hpc_lensiam.shards.manifest import LENS_PARAMS, read_manifest
+from support import one_error_line
 
 SMALL = "instrument:\n  num_pix: 40\n"
 
@@ -152,11 +153,9 @@ def test_single_mode_and_show(bin_dir, small_yaml, tmp_path):
 def _bad(bin_dir, tmp_path, *args) -> str:
     out = tmp_path / "bad"
     proc = cli(bin_dir, "simulate", "--out", out, "--pairs", 2, "--shard-size", 2, *args, check=False)
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("hpc-lensiam")]
-    assert len(lines) == 1, proc.stderr
+    line = one_error_line(proc)
     assert not out.exists(), "a rejected run must write nothing"
-    return lines[0]
+    return line
 
 
 def test_bad_inputs_fail_with_one_line_and_write_nothing(bin_dir, tmp_path, small_yaml, one_rank):

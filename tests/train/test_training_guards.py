@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from hpc_lensiam.cli import main
 from hpc_lensiam.core.errors import ConfigError
 from hpc_lensiam.core.runtime import DeviceCaps
 from hpc_lensiam.train.loop import scaled_lr, train_config
 from hpc_lensiam.train.plan import make_plan
-from support import train_tiny
+from support import main_error_line, train_tiny
 
 CPU = torch.device("cpu")
 # support.train_tiny's config, for a --resume of one of its runs
@@ -39,13 +38,6 @@ def _clean_environ(monkeypatch):
     yield
     os.environ.clear()
     os.environ.update(saved)
-
-
-def _one_error_line(capsys, argv: list[str]) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("hpc-lensiam: error: "), err
-    return err[0]
 
 
 def _metrics(run) -> dict[int, dict[str, float]]:
@@ -111,7 +103,7 @@ def test_lars_with_zero1_is_refused_in_one_line(lensiam_shards, tmp_path, capsys
     assert train_config(method="byol", engine="ddp", zero_stage=1).optimizer == "lars"
     assert train_config(method="byol", arch="vit_tiny_p8", engine="deepspeed", zero_stage=1).optimizer == "adamw"
     assert train_config(engine="deepspeed", zero_stage=1).optimizer == "sgd"
-    line = _one_error_line(
+    line = main_error_line(
         capsys,
         ["train", "--data", str(lensiam_shards), "--out", str(tmp_path / "r"), "--method", "byol", "--arch",
          "resnet18", "--engine", "deepspeed", "--zero-stage", "1"],
@@ -179,7 +171,7 @@ def test_grad_accum_refused_for_simclr_and_vicreg(lensiam_shards, tmp_path, caps
             train_config(method=method, grad_accum=2)
     assert train_config(method="byol", grad_accum=2).grad_accum == 2  # no batch-wide term in the loss
     assert train_config(method="simclr", grad_accum=1).grad_accum == 1
-    line = _one_error_line(
+    line = main_error_line(
         capsys,
         ["train", "--data", str(lensiam_shards), "--out", str(tmp_path / "r"), "--method", "vicreg",
          "--grad-accum", "4"],
@@ -199,7 +191,7 @@ def test_deepspeed_json_cannot_switch_the_zero_stage(lensiam_shards, tmp_path, c
     cfg = train_config(data=str(lensiam_shards), engine="deepspeed", zero_stage=1, deepspeed_config=str(js))
     assert make_plan(cfg, DeviceCaps(), 1).deepspeed["zero_optimization"]["stage"] == 1  # agreeing: fine
     js.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    line = _one_error_line(
+    line = main_error_line(
         capsys,
         ["train", "--data", str(lensiam_shards), "--out", str(tmp_path / "r"), "--arch", "resnet18",
          "--engine", "deepspeed", "--deepspeed-config", str(js), "--workers", "0"],
