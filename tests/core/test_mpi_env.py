@@ -135,6 +135,7 @@ def clean_env(**extra) -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_mpiexec_two_ranks():
     p = subprocess.run(
         [str(BIN / "mpiexec"), "-n", "2", sys.executable, "-c", SNIPPET],

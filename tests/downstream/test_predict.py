@@ -146,6 +146,7 @@ def test_bad_input_is_one_line_before_any_image_is_read(single_shards, ensemble,
     assert not list(tmp_path.glob("c.*"))
 
 
+@pytest.mark.slow
 def test_predict_under_torchrun_equals_one_process(single_shards, ensemble, tmp_path):
     """Two torchrun ranks each predict every other image; rank 0 gathers them: the same catalogue, row
     for row, as one process (and only rank 0 writes)."""

@@ -79,6 +79,7 @@ def _shard_image(data_dir: Path, key: str, view: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------- embed
+@pytest.mark.slow
 def test_embed_two_ranks_every_image_once_aligned(emb2, ckpt, lensiam_shards):
     import torch
 
@@ -116,6 +117,7 @@ def test_embed_two_ranks_every_image_once_aligned(emb2, ckpt, lensiam_shards):
     assert not list(emb2.parent.glob("*.part*")) and not list(emb2.parent.glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_embed_one_process_same_result_and_rerun_is_noop(emb2, ckpt, lensiam_shards, tmp_path, capsys):
     from hpc_lensiam.embed.extract import extract_embeddings
 
@@ -166,6 +168,7 @@ def test_embed_bad_checkpoints(ckpt, lensiam_shards, tmp_path):
     assert not (tmp_path / "x.h5").exists()
 
 
+@pytest.mark.slow
 def test_embed_random_weights_reference(emb2, ckpt, lensiam_shards, tmp_path, capsys):
     """``--checkpoint none``: the no-pretraining reference is a seeded draw (same seed, same
     features; another seed, others), labelled as such in the file, and bad flags are one line."""
@@ -203,6 +206,7 @@ def test_embed_random_weights_reference(emb2, ckpt, lensiam_shards, tmp_path, ca
 
 
 # ---------------------------------------------------------------------------------------- UMAP
+@pytest.mark.slow
 def test_umap_small_file(emb2, tmp_path):
     import csv
     import shutil
@@ -273,6 +277,7 @@ def test_probe_near_one_with_signal_near_zero_on_noise(tmp_path):
     assert set(saved["results"]) == {"lensiam", "simsiam"} and saved["results"]["lensiam"]["n_test"] == test.sum()
 
 
+@pytest.mark.slow
 def test_probe_on_real_embeddings_and_bad_files(emb2, tmp_path, capsys):
     from hpc_lensiam.embed.probe import probe
     from hpc_lensiam.embed.umap import run_umap

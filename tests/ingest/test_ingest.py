@@ -263,6 +263,7 @@ def test_skip_bad_warns_counts_and_writes_the_rest(bad_inputs, tmp_path, capsys)
 
 
 # ------------------------------------------------------------------------- MPI and resume
+@pytest.mark.slow
 def test_two_ranks_same_bytes_and_resume(tmp_path, bin_dir):
     scale = 0.05
     files = []

@@ -178,6 +178,7 @@ def _rank_worker(rank: int, world: int, port: int, z1: torch.Tensor, z2: torch.T
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_simclr_and_vicreg_see_the_global_batch_across_two_gloo_ranks(tmp_path):
     """Each rank holds half the pairs; the gathered loss and its gradients (averaged over ranks as
     DDP does) equal the single-process loss of the whole batch: negatives and statistics are global."""
@@ -381,6 +382,7 @@ def test_byol_resume_continues_the_ema_target(lensiam_shards, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_byol_with_deepspeed_and_simclr_on_two_torchrun_ranks(lensiam_shards, tmp_path):
     """The method seam under both engines: BYOL (LARS, EMA hook) through DeepSpeed in one process,
     SimCLR (global-batch negatives gathered inside the DDP loop) on 2 torchrun/gloo ranks."""

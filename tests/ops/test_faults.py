@@ -907,7 +907,7 @@ def _fill(fs: Path) -> None:
         os.close(fd)
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2: mpiexec
 def test_disk_full_while_writing_shards_is_one_line_and_leaves_no_partial_file(small_fs, tmp_path, ranks):
     """Row (disk full), issue 25 for 2 ranks: the disk fills while `simulate` writes shards (after its
     size check). Before: with `mpiexec -n 2` a traceback from a rank and MPI_Abort(1); now one

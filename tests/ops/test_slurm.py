@@ -24,7 +24,7 @@ from support import BIN, REPO
 
 VENV = BIN.parent
 PY = BIN / "python"
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]  # sbatch jobs: out of `make test-fast`
 
 
 def clean_env(**extra) -> dict:

@@ -184,6 +184,7 @@ def _copy_desi(tmp_path: Path) -> Path:
     return d / src.name
 
 
+@pytest.mark.slow
 def test_match_same_bytes_for_one_and_two_ranks_and_an_edited_file_is_refused(tmp_path):
     path = _copy_desi(tmp_path)
     args = ["--pairs", 5, "--shard-size", 2, "--mode", "lensiam", "--seed", 3, "--match", path, "--num-pix", 64]

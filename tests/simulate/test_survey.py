@@ -164,6 +164,7 @@ def test_lensiam_pairs_share_the_mass_and_vary_the_rest(tmp_path):
             assert v["n_images"] >= 2 and v["magnification"] >= 3 and v["arc_snr"] >= 20
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_whatever_the_rank_count(bin_dir, tmp_path):
     yaml = tmp_path / "grid.yaml"
     yaml.write_text("instrument:\n  num_pix: 40\n  supersampling_factor: 1\n")

@@ -70,6 +70,7 @@ def test_layout_and_manifest(one_rank):
     assert not list(one_rank.glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank_byte_for_byte(bin_dir, small_yaml, one_rank, tmp_path):
     out = tmp_path / "two"
     proc = cli(

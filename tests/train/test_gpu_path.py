@@ -193,6 +193,7 @@ def _ddp_worker(rank: int, port: int, data: str, out: str, precision: str):
     engine.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_cuda_plan_through_ddp_two_ranks(lensiam_shards, tmp_path, precision):
     """Finding 10: DDP with broadcast_buffers=False (SyncBN keeps buffers equal by itself), a

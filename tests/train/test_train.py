@@ -378,6 +378,7 @@ def _sync_bn_worker(rank: int, port: int, out: str):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_gloo_sync_batchnorm_equals_full_batch_batchnorm(tmp_path):
     """2 gloo ranks with 4 samples each == one BatchNorm over all 8 (forward, backward, running stats)."""
     import socket
