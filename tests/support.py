@@ -130,7 +130,24 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     return rc, cap.out, cap.err
 
 
-# ------------------------------------------------------------------------------ synthetic cutouts
+# ------------------------------------------------------------------------------ synthetic files
+def write_embeddings(path: Path, features: np.ndarray, params: dict | None, keys) -> None:
+    """An embeddings file in embed's HDF5 layout, two views per key, from given features (and lens
+    parameters, if any); its ``train_mode`` attribute is the file's stem."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f["features"] = features.astype(np.float32)
+        f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype())
+        f["view"] = np.tile([1, 2], len(keys) // 2).astype(np.int8)
+        f["pair_id"] = np.unique(keys, return_inverse=True)[1]
+        if params is not None:
+            g = f.create_group("params")
+            for k, v in params.items():
+                g[k] = v
+        f.attrs["train_mode"] = path.stem
+
+
 def write_fits(
     path: Path,
     data: np.ndarray,

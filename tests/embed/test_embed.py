@@ -16,6 +16,7 @@ import pytest
 import support
 from hpc_lensiam.core.errors import UserError
 from hpc_lensiam.shards.manifest import LENS_PARAMS
+from support import write_embeddings
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -237,19 +238,6 @@ def test_umap_small_file(emb2, tmp_path):
 
 
 # --------------------------------------------------------------------------------------- probe
-def _write_emb(path: Path, features: np.ndarray, params: dict | None, keys) -> None:
-    with h5py.File(path, "w") as f:
-        f["features"] = features.astype(np.float32)
-        f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype())
-        f["view"] = np.tile([1, 2], len(keys) // 2).astype(np.int8)
-        f["pair_id"] = np.unique(keys, return_inverse=True)[1]
-        if params is not None:
-            g = f.create_group("params")
-            for k, v in params.items():
-                g[k] = v
-        f.attrs["train_mode"] = path.stem
-
-
 def test_probe_near_one_with_signal_near_zero_on_noise(tmp_path):
     from hpc_lensiam.embed.probe import probe
     from hpc_lensiam.evaluation.probe import split_by_key
@@ -261,8 +249,8 @@ def test_probe_near_one_with_signal_near_zero_on_noise(tmp_path):
     y = np.stack([params[p] for p in LENS_PARAMS], 1)
     signal = y @ rng.normal(size=(8, 64)) + 0.02 * rng.normal(size=(2 * systems, 64))
     noise = rng.normal(size=(2 * systems, 64))
-    _write_emb(tmp_path / "lensiam.h5", signal, params, keys)
-    _write_emb(tmp_path / "simsiam.h5", noise, params, keys)
+    write_embeddings(tmp_path / "lensiam.h5", signal, params, keys)
+    write_embeddings(tmp_path / "simsiam.h5", noise, params, keys)
 
     test = split_by_key(keys)
     assert (test[0::2] == test[1::2]).all() and 0.1 < test.mean() < 0.3  # pairs never split
@@ -289,7 +277,7 @@ def test_probe_on_real_embeddings_and_bad_files(emb2, tmp_path, capsys):
     assert all(np.isfinite(res[m][p]) for m in ("knn", "ridge") for p in LENS_PARAMS)
 
     bare = tmp_path / "noparams.h5"
-    _write_emb(bare, np.zeros((20, 4)), None, np.repeat([f"{i:06d}" for i in range(10)], 2))
+    write_embeddings(bare, np.zeros((20, 4)), None, np.repeat([f"{i:06d}" for i in range(10)], 2))
     with pytest.raises(UserError, match="no lens parameters"):
         probe(str(bare))
     with pytest.raises(UserError, match="no lens parameter 'theta_E'"):

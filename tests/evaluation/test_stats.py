@@ -240,10 +240,9 @@ def test_probe_reports_r2_intervals_over_lens_systems(tmp_path, capsys):
     """The probe's table and JSON carry each R^2's interval; a weaker signal gets a wider one."""
     import json
 
-    from test_embed import _write_emb
-
     from hpc_lensiam.embed.probe import probe
     from hpc_lensiam.shards.manifest import LENS_PARAMS
+    from support import write_embeddings
 
     rng = np.random.default_rng(4)
     systems = 400
@@ -253,8 +252,8 @@ def test_probe_reports_r2_intervals_over_lens_systems(tmp_path, capsys):
     mix = rng.normal(size=(8, 64))
     strong = y @ mix + 0.3 * rng.normal(size=(2 * systems, 64))
     weak = y @ mix + 3.0 * np.repeat(rng.normal(size=(systems, 64)), 2, axis=0)  # noise shared by a pair
-    _write_emb(tmp_path / "strong.h5", strong, params, keys)
-    _write_emb(tmp_path / "weak.h5", weak, params, keys)
+    write_embeddings(tmp_path / "strong.h5", strong, params, keys)
+    write_embeddings(tmp_path / "weak.h5", weak, params, keys)
     rep = probe(str(tmp_path / "strong.h5"), against=str(tmp_path / "weak.h5"), out_json=str(tmp_path / "p.json"))
     table = capsys.readouterr().out
     assert "95% bootstrap interval over test lens systems" in table and table.count("[") >= 4 * len(LENS_PARAMS)
