@@ -47,6 +47,7 @@ def _samples(shard: Path):
         yield params, views
 
 
+@pytest.mark.slow
 def test_simulate_engine_torch_shards_match_lenstronomy(bin_dir, yamls, tmp_path):
     """Same layout and manifest as the lenstronomy engine; every view equals LensSimulator.render
     of its stored parameters (float32 renderer: < 1e-3 of the peak)."""
@@ -120,6 +121,7 @@ def test_online_batches_depend_on_seed_rank_and_index_only(yamls):
     assert set(next(single.epoch(0))) == {"x", "keys", "bad"}
 
 
+@pytest.mark.slow
 def test_online_training_two_steps_and_resume_sees_the_same_pairs(yamls, tmp_path):
     """2 steps at once == 1 step, then --resume for the second: same loss, same weights."""
     spec = f"online:{yamls['small']}"

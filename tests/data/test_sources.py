@@ -85,6 +85,7 @@ def test_source_for_picks_by_spec(npy_source, lensiam_shards):
         source_for("")
 
 
+@pytest.mark.slow
 def test_registered_source_trains_and_guards_resume(npy_source, lensiam_shards, tmp_path):
     """2 steps through the new source: step 1's loss is the fresh model's loss on the source's first
     batch; the checkpoint carries the source's identity, so resuming on other pairs is refused."""

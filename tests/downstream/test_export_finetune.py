@@ -77,6 +77,7 @@ def test_export_round_trip_into_torchvision(run_ddp, exported, lensiam_shards, t
     assert json.loads(Path(str(st) + ".json").read_text())["weights_format"] == "safetensors"
 
 
+@pytest.mark.slow
 def test_export_from_deepspeed_checkpoint(lensiam_shards, tmp_path):
     from hpc_lensiam.downstream.export import export_backbone
 

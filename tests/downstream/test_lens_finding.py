@@ -79,6 +79,7 @@ def test_summary_line_says_unresolved_below_one_false_positive():
     assert "unresolved" not in line and line.count("] (95%") == 1 and "TPR@FPR=1e-3 = 0.00 [" in line, line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("frozen", [True, False])
 def test_finetune_classify_reports_auc_tpr_and_roc(survey_shards, tmp_path, frozen):
     from hpc_lensiam.downstream.finetune import finetune
@@ -144,6 +145,7 @@ def test_finetune_classify_bad_input(survey_shards, single_shards):
 
 
 # ------------------------------------------------------------------------------------ embed + probe
+@pytest.mark.slow
 def test_embed_carries_is_lens_and_probe_reports_lens_finding(survey_shards, lensiam_shards, tmp_path, capsys):
     from hpc_lensiam.embed.extract import extract_embeddings, load_embeddings
     from hpc_lensiam.embed.probe import probe

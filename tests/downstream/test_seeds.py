@@ -71,6 +71,7 @@ def test_finetune_seeds_per_seed_and_mean_sd(reports, single_shards):
     assert one["r2"] == r2s[1] and one["test_predictions"] == rep["runs"][1]["test_predictions"]
 
 
+@pytest.mark.slow
 def test_finetune_seeds_resumes_after_a_kill(single_shards, tmp_path):
     """SIGKILL the CLI once the first seed is on disk; --resume keeps it and runs only the rest."""
     out = tmp_path / "ft.json"
@@ -226,6 +227,7 @@ def survey_set(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_seed_aware_lens_finding_on_the_survey_set(survey_set, tmp_path):
     """The science protocol's survey arm in small: two resnet18 recipes (full fine-tuning and frozen features)
     find lenses over seeds 0,1 on one survey test set; `compare` pairs them by seed on the AUC."""

@@ -119,6 +119,7 @@ def _grid_coverage(tau_pretrain: float, tau_finetune: float, crossed: bool, seed
     return {k: v / REPS for k, v in hits.items()}
 
 
+@pytest.mark.slow
 def test_pretraining_seeds_above_fine_tuning_seeds_are_resampled_as_their_own_level():
     """3 pretraining x 3 fine-tuning seeds, the pretraining luck dominant (as in the protocol, where
     one backbone's three fine-tunings agree and two backbones do not). Resampling the 9 runs as
@@ -130,6 +131,7 @@ def test_pretraining_seeds_above_fine_tuning_seeds_are_resampled_as_their_own_le
     assert cov["both"] >= 0.95 - TOL, f"two-level coverage {cov['both']:.3f}"
 
 
+@pytest.mark.slow
 def test_a_fine_tuning_seed_shared_by_all_backbones_is_a_level_too():
     """Crossed design: fine-tuning seed f (split, head init) moves every backbone's run alike. The
     pretraining-seed means then all share the same F fine-tuning draws, so resampling pretraining

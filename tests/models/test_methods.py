@@ -257,6 +257,7 @@ def test_simsiam_keeps_its_state_dict_layout_on_every_backbone():
 
 
 # ------------------------------------------------------------------------------------- ViT export
+@pytest.mark.slow
 def test_vit_at_native_110px_export_contract_with_timm():
     """vit_small_p10 at 110 px: timm.create_model with the same arguments loads the backbone with no
     missing or unexpected key; with a classifier it misses exactly head.weight/head.bias."""
@@ -303,6 +304,7 @@ def byol_vit_run(lensiam_shards, tmp_path_factory):
     )
 
 
+@pytest.mark.slow
 def test_byol_vit_run_exports_embeds_and_finetunes(byol_vit_run, lensiam_shards, single_shards, tmp_path):
     import json
 
@@ -348,6 +350,7 @@ def test_vit_patch_that_does_not_divide_the_image_is_refused_before_training(len
 
 
 # ----------------------------------------------------------------- resume, DeepSpeed, torchrun
+@pytest.mark.slow
 def test_byol_resume_continues_the_ema_target(lensiam_shards, tmp_path):
     """3 steps straight == 2 steps + --resume to 3: online weights AND the EMA target match."""
     kw = dict(method="byol", proj_hidden_dim=32, proj_dim=16, pred_dim=32)

@@ -82,6 +82,7 @@ def data(tmp_path_factory) -> Path:
     )
 
 
+@pytest.mark.slow
 def test_deepspeed_model_file_given_to_export_and_embed(tmp_path, data):
     """The reviewer's case: ``{"module": Evil()}`` as ``mp_rank_00_model_states.pt``, given as a file to
     ``export`` and as a DeepSpeed folder (``latest``) to ``embed``."""
@@ -101,6 +102,7 @@ def test_deepspeed_model_file_given_to_export_and_embed(tmp_path, data):
     assert "refused" in line, line
 
 
+@pytest.mark.slow
 def test_our_checkpoint_files_and_resume(tmp_path, data):
     """``last.pt`` and ``step_*.pt`` (export, embed, and ``train --resume`` with its fall-back)."""
     marker = tmp_path / "ran"
@@ -119,6 +121,7 @@ def test_our_checkpoint_files_and_resume(tmp_path, data):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_deepspeed_optimizer_file_on_resume(tmp_path, data):
     """DeepSpeed reads its own files with ``weights_only=False``: a planted ZeRO-1 optimizer-state file
     in a real run folder, then ``--resume`` with the same engine, stage and ranks (the full-restore

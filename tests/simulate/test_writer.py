@@ -101,6 +101,7 @@ def test_rerun_is_a_noop(bin_dir, small_yaml, one_rank):
     assert {p.name: p.stat().st_mtime_ns for p in one_rank.glob("shard-*.tar")} == before
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_data(bin_dir, small_yaml, tmp_path):
     args = ["simulate", "--pairs", 40, "--shard-size", 2, "--seed", 3, "--config", small_yaml]
     ref = tmp_path / "ref"

@@ -467,6 +467,7 @@ def _flip_inside_tensor_data(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_corrupt_last_pt_falls_back_to_newest_valid_step(lensiam_shards, tmp_path, monkeypatch, capsys):
     """Finding 9 (and issue 12's "bytes flipped inside last.pt then --resume"): the stored sha256
     catches a flipped file that still loads; resume falls back to the newest valid step_*.pt,

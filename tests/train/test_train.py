@@ -332,6 +332,7 @@ def test_bad_inputs(lensiam_shards, tmp_path):
     assert train(_cfg(lensiam_shards, tmp_path / "e", max_steps=1), resume=True)["steps_run"] == 0  # done already
 
 
+@pytest.mark.slow
 def test_bad_shard_named_or_skipped(lensiam_shards, tmp_path):
     data = Path(shutil.copytree(lensiam_shards, tmp_path / "data"))
     shard = data / "shard-000006.tar"
