@@ -103,6 +103,7 @@ def test_simulate_bad_device_fails_before_writing(bin_dir, tmp_path, device, mat
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
+@pytest.mark.slow
 def test_online_batches_depend_on_seed_rank_and_index_only(yamls):
     spec = f"online:{yamls['small']}"
     a = OnlineLoader(spec, "lensiam", batch_size=3, rank=0, world_size=2, seed=5, epoch_samples=24)
@@ -145,6 +146,7 @@ def test_online_training_two_steps_and_resume_sees_the_same_pairs(yamls, tmp_pat
     assert [r[:3] for r in rows] == [r[:3] for r in rows_cut]  # step, epoch, loss
 
 
+@pytest.mark.slow
 def test_online_simsiam_mode_trains(yamls, tmp_path):
     run = train_tiny(
         f"online:{yamls['small']}",
@@ -204,6 +206,7 @@ def test_online_two_ranks_torchrun(bin_dir, yamls, tmp_path):
     assert (out / "checkpoints" / "last.pt").is_file()
 
 
+@pytest.mark.slow
 def test_online_resume_after_a_psf_file_was_edited_is_refused_naming_it(tmp_path):
     """Issue 25: the online source's identity hashed its config, not the PSF/COSMOS files it names,
     so `--resume` after the PSF file was edited continued on other data silently."""

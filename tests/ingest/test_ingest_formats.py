@@ -268,6 +268,7 @@ def test_real_desi_hst_lenses(tmp_path, capsys):
     assert sum("upsampled 1.6x" in line for line in err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_real_aegis_stamps_slsim_stack_and_spacewarps_png(tmp_path):
     aegis = _need(REAL / "aegis_galaxies" / "AEGIS_F814w_images_01.fits")
     cfg = IngestConfig(input_pixel_scale_arcsec=0.03, each_hdu=True, pad=True)

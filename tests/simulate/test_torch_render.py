@@ -288,6 +288,7 @@ def cosmos_pair(cosmos_dir):
     return LensSimulator(cfg), TorchLensSimulator(cfg, dtype=torch.float64), TorchLensSimulator(cfg)
 
 
+@pytest.mark.slow
 def test_cosmos_stamps_match_lenstronomy_interpol(cosmos_pair):
     ref, t64, t32 = cosmos_pair
     systems = _systems(len(t64.stamp_rows), seed=23)
