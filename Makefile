@@ -1,12 +1,13 @@
 # The README's two commands: `make demo` and `make test`. Both install first (idempotent);
 # `make test` runs `make lint` (ruff, configured in pyproject.toml) before the tests.
+# `make test-fast` is the one to run while editing: every test not marked slow (pytest.ini).
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install lint demo test bench clean-demo
+.PHONY: install lint demo test test-fast bench clean-demo
 
 install: $(VENV)/.installed
 
@@ -47,6 +48,11 @@ lint: install
 
 test: install lint
 	$(PY) -m pytest -q tests
+
+# No multi-process (mpiexec, torchrun, gloo ranks), Slurm or long end-to-end test: those are marked
+# slow and run in `make test` (and CI) only.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 # Every bench script's quick mode (bench/registry.py, one line per script), then one table of ratios.
 bench: install

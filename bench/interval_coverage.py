@@ -6,7 +6,7 @@ seeds, a pretraining-seed effect tau_p and a fine-tuning-seed effect tau_f (nest
 own; crossed: seed f shared by every backbone), how often the 95% interval of
 ``hierarchical_paired_difference`` holds the known truth when the runs are resampled flat (every
 run a unit), by pretraining seed only, and by both levels (``levels``), with the mean widths.
-Synthetic arms of tests/test_stats.py (150 test images, 400 resamples, 200 replications: a
+Synthetic arms of tests/evaluation/test_stats.py (150 test images, 400 resamples, 200 replications: a
 coverage's binomial sd is 0.015).
 
     .venv/bin/python -m bench.interval_coverage
@@ -20,7 +20,7 @@ import argparse
 import numpy as np
 
 from hpc_lensiam.evaluation.stats import hierarchical_paired_difference
-from tests.test_stats import REPS, _grid_arms  # the one definition of the synthetic arms
+from tests.evaluation.test_stats import REPS, _grid_arms  # the one definition of the synthetic arms
 
 from .common import parse_quick, print_ratio
 

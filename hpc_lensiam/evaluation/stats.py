@@ -4,7 +4,7 @@ A downstream score moves for two reasons: which test systems were drawn (the tes
 of a population) and which fine-tuning seed was used (split, head init, batch order). An interval
 over test images alone says nothing about the second, and the second is not small here: two seeds
 of one recipe differed by +0.028 R^2 on 1,000 test images. Each function says what it resamples;
-docs/statistics.md says why, and tests/test_stats.py measures the coverage of every interval on
+docs/statistics.md says why, and tests/evaluation/test_stats.py measures the coverage of every interval on
 synthetic predictions whose truth is known.
 
 - :func:`bootstrap_r2`, :func:`paired_r2_difference`: test images only, one seed (the original
@@ -111,7 +111,7 @@ def paired_r2_difference(
     Resampling the images once for both models cancels the test set's own variance, so two models
     whose separate intervals overlap can still differ significantly (or not). It holds one
     fine-tuning seed per model fixed: with seed-to-seed variation it under-covers (measured in
-    tests/test_stats.py); use :func:`hierarchical_paired_difference` over several seeds instead.
+    tests/evaluation/test_stats.py); use :func:`hierarchical_paired_difference` over several seeds instead.
     """
     y, p_a, p_b = (np.asarray(v, dtype=np.float64) for v in (y, p_a, p_b))
     if not (len(y) == len(p_a) == len(p_b)) or len(y) < 2:
@@ -186,7 +186,7 @@ def hierarchical_paired_difference(
     2]}`` for C pretrained backbones each fine-tuned with the same F seeds. Those runs are not C x F
     independent units: the F fine-tunings of one backbone inherit its luck, and fine-tuning seed f
     (its split, head init, batch order) is shared by every backbone, so resampling the rows flat
-    counts either spread too often as independent evidence and under-covers (tests/test_stats.py
+    counts either spread too often as independent evidence and under-covers (tests/evaluation/test_stats.py
     measures it). Each level with >= 2 labels is resampled on its own, its unit the mean over the
     other levels (the same draws for both arms), Rao-Wu-rescaled by sqrt(L / (L - 1)), and enters
     df with L - 1: with 2 pretraining seeds the interval is wide, as it should be. Two levels must

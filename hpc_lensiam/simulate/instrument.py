@@ -156,7 +156,7 @@ class SubpixelRays:
     and points within
     ``EDGE`` grid spacings of the field's edge (where the spline's boundary is felt), are ray-shot exactly
     with ``shoot(x, y)``. Each point's position depends on it alone, not on which other points are asked
-    with it (shards stay the same for any rank count or batching). tests/test_numerics.py checks < 1e-5".
+    with it (shards stay the same for any rank count or batching). tests/simulate/test_numerics.py checks < 1e-5".
     """
 
     EDGE = 10  # supersampled spacings: the mirrored boundary's error there is 0.27^10 ~ 2e-6 of the deflection

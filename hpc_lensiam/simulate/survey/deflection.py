@@ -1,7 +1,7 @@
 """Deflection of the survey family's composite mass, fused in compiled loops.
 
 The same physics as lenstronomy's ``LensModel(PROFILES)`` (SERSIC_ELLIPSE_POTENTIAL, NFW_ELLIPSE_CSE, SHEAR,
-MULTIPOLE, MULTIPOLE, POINT_MASS; tests/test_survey.py checks the deflections to 1e-9 of their size and theta_E
+MULTIPOLE, MULTIPOLE, POINT_MASS; tests/simulate/test_survey.py checks the deflections to 1e-9 of their size and theta_E
 to 1e-6"), several times faster. Through lenstronomy, the halo's cored-steep-ellipsoid decomposition (Oguri
 2021: 44 CSE terms) is 44 numpy passes over the grid with their temporaries, each multipole takes arctan2, cos
 and sin of every point, and the stellar Sersic an incomplete gamma function per point: together 60% of a

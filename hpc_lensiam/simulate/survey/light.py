@@ -4,7 +4,7 @@ Every survey image evaluates it on the supersampled grid and the adaptive sub-pi
 deflector's light per view, the sources of every try, companions and interlopers): through lenstronomy that
 was ~28% of an image (a dozen numpy temporaries, a boolean-mask scatter for the 1000 R_e window, nan_to_num).
 Same formula and constants (product-average radius, b_n = 1.9992 n - 0.3271, radii floored at lenstronomy's
-smoothing, zero beyond ``max_R_frac``); tests/test_survey.py checks it against lenstronomy to 1e-13.
+smoothing, zero beyond ``max_R_frac``); tests/simulate/test_survey.py checks it against lenstronomy to 1e-13.
 """
 
 from __future__ import annotations

@@ -617,7 +617,7 @@ class SurveySimulator(PairSampler):
     def render_model(self, params: dict, view: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(noiseless image, its noise sigma), e-/s per pixel, of view ``view`` of a recorded sample
         (``params`` as in params.json), with this simulator's grid and numerics: a data set's samples
-        re-rendered at other settings (supersampling convergence, tests/test_survey.py)."""
+        re-rendered at other settings (supersampling convergence, tests/simulate/test_survey.py)."""
         v = params["views"][view]
         model = self._scene_conv(v["lens_light"], params["interlopers"], v["psf_id"], v.get("lookalike"))
         rays = self.rays(params["mass"], params["lens"]["theta_E"] if "black_hole" in params["mass"] else None)
