@@ -108,7 +108,7 @@ def main() -> None:
     steps = Steps(out, "methods")
     sim_yaml = out / "sim.yaml"
     shards, probe_shards = out / "shards" / "pretrain", out / "shards" / "probe"
-    sim = [hl, "simulate", "--config", sim_yaml, "--shard-size", 128]
+    sim = [hl, "simulate", "--physics", sim_yaml, "--shard-size", 128]
     if not a.report_only:
         sim_yaml.write_text(f"instrument:\n  num_pix: {a.num_pix}\n")
         for what, d, n, seed in (

@@ -170,7 +170,7 @@ def main() -> None:
     hl, mpiexec, torchrun = BIN / "hpc-lensiam", BIN / "mpiexec", BIN / "torchrun"
     sim_yaml = out / "sim.yaml"
     sim_yaml.write_text(f"instrument:\n  num_pix: {a.num_pix}\n")
-    sim = [mpiexec, "-n", NPROC, hl, "simulate", "--config", sim_yaml]
+    sim = [mpiexec, "-n", NPROC, hl, "simulate", "--physics", sim_yaml]
 
     def simulate(name: str, n: int, seed_offset: int, flags: list) -> Path:
         d = out / "shards" / name

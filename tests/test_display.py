@@ -192,7 +192,7 @@ def test_ingest_preview_draws_the_ingested_cutouts(tmp_path, capsys):
     out, png = tmp_path / "real", tmp_path / "preview.png"
 
     def argv(out):
-        return ["ingest", *map(str, files), "--out", str(out), "--pixel-scale", "0.05", "--num-pix", "64"]
+        return ["ingest", *map(str, files), "--out", str(out), "--input-pixel-scale", "0.05", "--num-pix", "64"]
 
     assert main(argv(out) + ["--preview", str(png), "--stretch", "log"]) == 0
     assert png.read_bytes()[:8] == PNG

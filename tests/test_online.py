@@ -53,7 +53,7 @@ def test_simulate_engine_torch_shards_match_lenstronomy(bin_dir, yamls, tmp_path
     out = tmp_path / "torch_ds"
     args = [
         "simulate",
-        "--engine",
+        "--renderer",
         "torch",
         "--out",
         out,
@@ -63,7 +63,7 @@ def test_simulate_engine_torch_shards_match_lenstronomy(bin_dir, yamls, tmp_path
         4,
         "--seed",
         3,
-        "--config",
+        "--physics",
         yamls["no_noise"],
     ]
     proc = _cli(bin_dir, *args)
@@ -97,7 +97,7 @@ def test_simulate_engine_torch_shards_match_lenstronomy(bin_dir, yamls, tmp_path
 )
 def test_simulate_bad_device_fails_before_writing(bin_dir, tmp_path, device, match):
     out = tmp_path / "ds"
-    proc = _cli(bin_dir, "simulate", "--engine", "torch", "--device", device, "--out", out, "--pairs", 2)
+    proc = _cli(bin_dir, "simulate", "--renderer", "torch", "--device", device, "--out", out, "--pairs", 2)
     assert proc.returncode == 2 and match in proc.stderr and "--device" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
 

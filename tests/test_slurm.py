@@ -200,7 +200,7 @@ def plain_simulation(tmp_path_factory) -> dict:
             str(SIM["SHARD_SIZE"]),
             "--seed",
             str(SIM["SEED"]),
-            "--mode",
+            "--samples",
             SIM["MODE"],
             "--preset",
             SIM["PRESET"],

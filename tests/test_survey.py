@@ -170,7 +170,7 @@ def test_same_seed_same_bytes_whatever_the_rank_count(bin_dir, tmp_path):
         "simulate",
         "--family",
         "survey",
-        "--mode",
+        "--samples",
         "single",
         "--pairs",
         6,
@@ -178,7 +178,7 @@ def test_same_seed_same_bytes_whatever_the_rank_count(bin_dir, tmp_path):
         2,
         "--seed",
         5,
-        "--config",
+        "--physics",
         yaml,
     ]
     outs = []
@@ -332,7 +332,7 @@ def test_bad_input_one_line_exit_2_nothing_written(bin_dir, tmp_path, args, mess
 # ------------------------------------------------------------------ impossible parameters (issue 25 break 5)
 def _survey_cli(bin_dir, out, config, timeout=300):
     return subprocess.run(
-        [str(bin_dir / "hpc-lensiam"), "simulate", "--family", "survey", "--out", str(out), "--config", str(config)]
+        [str(bin_dir / "hpc-lensiam"), "simulate", "--family", "survey", "--out", str(out), "--physics", str(config)]
         + ["--pairs", "2", "--shard-size", "2"],
         capture_output=True,
         text=True,
