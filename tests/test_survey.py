@@ -305,8 +305,8 @@ def test_adaptive_supersampling_converges_where_factor_1_does_not():
             ["--family", "survey", "--cosmos-dir", "EMPTYDIR"],
             "has no real_galaxy_catalog_25.2.fits or real_galaxy_catalog",
         ),
-        (["--family", "survey", "--preset", "euclid", "--config", "BADYAML"], "unknown key 'selectionn'"),
-        (["--family", "survey", "--config", "BADSOURCE"], "source.cosmos_fraction: 1.5 is not a fraction in [0, 1]"),
+        (["--family", "survey", "--preset", "euclid", "--physics", "BADYAML"], "unknown key 'selectionn'"),
+        (["--family", "survey", "--physics", "BADSOURCE"], "source.cosmos_fraction: 1.5 is not a fraction in [0, 1]"),
     ],
 )
 def test_bad_input_one_line_exit_2_nothing_written(bin_dir, tmp_path, args, message):

@@ -165,10 +165,10 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(bin_dir, tmp_path, smal
     assert "unknown key 'theta_e_arcsec'" in _bad(bin_dir, tmp_path, "--physics", typo)
     flipped = tmp_path / "flipped.yaml"
     flipped.write_text("lens:\n  gamma: [2.5, 1.5]\n")
-    assert "min > max" in _bad(bin_dir, tmp_path, "--config", flipped)
+    assert "min > max" in _bad(bin_dir, tmp_path, "--physics", flipped)
     negative = tmp_path / "negative.yaml"
     negative.write_text("lens:\n  theta_E_arcsec: [0.0, 1.0]\n")
-    assert "theta_E_arcsec" in _bad(bin_dir, tmp_path, "--config", negative)
+    assert "theta_E_arcsec" in _bad(bin_dir, tmp_path, "--physics", negative)
     assert "cosmos" in _bad(bin_dir, tmp_path, "--cosmos-dir", tmp_path / "nowhere").lower()
     broken_psf = tmp_path / "psf.fits"
     broken_psf.write_bytes(b"not a fits file")
