@@ -102,6 +102,10 @@ class IngestCommandConfig(IngestConfig):
         if self.files and self.list_csv:
             raise ConfigError(f"{where}.list_csv: give input files or --list catalog.csv (one of the two)")
 
+    def check_complete(self) -> None:
+        if not self.files and not self.list_csv:
+            raise ConfigError("ingest: give input files or --list catalog.csv (one of the two)")
+
     def grid(self) -> IngestConfig:
         """The data set's own config (what the manifest records)."""
         from dataclasses import fields

@@ -120,9 +120,10 @@ def check_scale(info: CutoutInfo, cfg: IngestConfig) -> None:
         return
     factor = f"upsampled {up:.3g}x" if up > MAX_RESAMPLE else f"downsampled {down:.3g}x"
     scale = f'{sx:g}"/px' if abs(sx - sy) <= 1e-9 * sx else f'{sx:g}" x {sy:g}"/px'
-    where = f"--input-pixel-scale {cfg.input_pixel_scale_arcsec:g}: {info.path}" if info.scale_from == "flag" else info.path
+    flag = info.scale_from == "flag"
+    where = f"--input-pixel-scale {cfg.input_pixel_scale_arcsec:g}: {info.path}" if flag else info.path
     raise UserError(
-        f"{where}: input pixel scale {scale} ({'from --input-pixel-scale' if info.scale_from == 'flag' else 'from its WCS'}) "
+        f"{where}: input pixel scale {scale} ({'from --input-pixel-scale' if flag else 'from its WCS'}) "
         f'would be {factor} onto the target grid of {t:g}"/px (expected within {MAX_RESAMPLE:g}x either way: '
         f'an input scale of {t / MAX_RESAMPLE:g} to {t * MAX_RESAMPLE:g}"/px); check the pixel scale'
     )
