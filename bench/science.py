@@ -45,6 +45,7 @@ from ledger import BIN, Steps  # noqa: E402  (puts the repository on sys.path to
 
 from hpc_lensiam.core.io import atomic_write_text  # noqa: E402
 from hpc_lensiam.evaluation.stats import hierarchical_paired_difference, seed_summary  # noqa: E402
+from hpc_lensiam.simulate.config import FAMILIES  # noqa: E402
 
 NPROC = 2
 # name -> (pretraining run kind or None for random weights, frozen backbone)
@@ -127,7 +128,7 @@ def main() -> None:
     ap.add_argument(
         "--downstream-family",
         nargs="+",
-        choices=("paper", "survey"),
+        choices=FAMILIES,
         default=["paper"],
         help="paper: the euclid set of the pretraining simulator; survey: the independent survey family",
     )

@@ -519,7 +519,10 @@ def test_rerun_after_an_input_was_edited_is_refused_naming_it(tmp_path, bin_dir)
 @pytest.mark.parametrize(
     "case,expect",
     [
-        ("npy_50", ["--input-pixel-scale 50: ", 'input pixel scale 50"/px (from --input-pixel-scale) would be upsampled 500x']),
+        (
+            "npy_50",
+            ["--input-pixel-scale 50: ", 'input pixel scale 50"/px (from --input-pixel-scale) would be upsampled 500x'],
+        ),
         ("wcs_1deg", ['input pixel scale 3600"/px (from its WCS) would be upsampled 3.6e+04x', "within 20x"]),
         ("wcs_tiny", ['would be downsampled 40x onto the target grid of 0.1"/px', '0.005 to 2"/px']),
         ("plateau", ["is constant on the target grid (no structure"]),

@@ -1,4 +1,4 @@
-"""The torch renderer in the pipeline: ``simulate --engine torch`` shards and ``train --data online``."""
+"""The torch renderer in the pipeline: ``simulate --renderer torch`` shards and ``train --data online``."""
 
 from __future__ import annotations
 

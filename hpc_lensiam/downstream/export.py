@@ -30,7 +30,6 @@ from ..core.io import FULL_DISK_BYTES, atomic_path, atomic_write_json, check_out
 from ..models.weights import SIDECAR_FORMAT, load_backbone, sidecar_path, weights_sha256
 from .config import ExportConfig
 
-FORMATS = ("pt", "safetensors")
 NORMALISATION = "each image divided by its maximum (max = 1), as the shards store it; no mean/std subtraction"
 
 

@@ -212,8 +212,10 @@ def simulation_config(
     return from_dict(SimulationConfig, data, where)
 
 
-SAMPLE_KINDS = ("pairs", "single")  # the manifest's mode: lensiam (pairs) | single
+SAMPLE_KINDS = ("pairs", "single")  # simulate --samples
+MODES = ("lensiam", "single")  # the manifest's name of each of SAMPLE_KINDS, in order
 RENDERERS = ("lenstronomy", "torch")  # LensSimulator, or its batched torch twin (docs/online.md)
+TORCH_FAMILIES = ("paper",)  # the families the torch renderer implements (the EPL + shear one)
 FAMILIES = ("paper", "survey")  # the generative models (simulate/families.py)
 SIMULATE_PRESETS = ("hst", "euclid", "hst-f140w")  # hst-f140w: simulate/match.py's matched preset
 
@@ -270,7 +272,7 @@ class SimulateConfig:
             raise ConfigError(f"{where}.seed: must be >= 0, got {self.seed}")
         if self.lens_fraction is not None:
             check_fraction(where, "lens_fraction", self.lens_fraction)
-        if self.renderer == "torch" and self.family != "paper":
+        if self.renderer == "torch" and self.family not in TORCH_FAMILIES:
             raise ConfigError(
                 f"{where}.renderer: torch renders the paper family (EPL + shear) only, not --family {self.family}"
             )
@@ -283,4 +285,4 @@ class SimulateConfig:
     @property
     def mode(self) -> str:
         """The manifest's name of ``samples``: lensiam (pairs) or single."""
-        return "lensiam" if self.samples == "pairs" else "single"
+        return MODES[SAMPLE_KINDS.index(self.samples)]
