@@ -315,6 +315,21 @@ def test_bad_labels_and_catalog(bad_inputs, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_python_api_checks_its_config_like_the_flags_before_reading(tmp_path):
+    """ingest() with an IngestConfig built directly (never validated) checked nothing: a 4 px grid went on to
+    read the inputs. Its arguments are checked as the command's config, naming the flag, before any file."""
+    out, missing = tmp_path / "out", str(tmp_path / "missing.fits")
+    with pytest.raises(UserError, match=r"^--num-pix: 4 is too small \(expected >= 8\)$"):
+        ingest(str(out), files=[missing], config=IngestConfig(num_pix=4), progress=False)
+    with pytest.raises(UserError, match=r"^--target-pixel-scale: must be > 0, got -0.1$"):
+        ingest(str(out), files=[missing], config=IngestConfig(pixel_scale_arcsec=-0.1), progress=False)
+    with pytest.raises(UserError, match=r"^--list: give input files or --list catalog.csv \(one of the two\)$"):
+        ingest(str(out), files=[missing], list_csv=str(tmp_path / "cat.csv"), progress=False)
+    with pytest.raises(UserError, match=r"^ingest: give input files or --list catalog.csv \(one of the two\)$"):
+        ingest(str(out), progress=False)
+    assert not out.exists()
+
+
 def test_skip_bad_warns_counts_and_writes_the_rest(bad_inputs, tmp_path, capsys):
     out = tmp_path / "out"
     rc, text, err = run_cli(
