@@ -299,7 +299,7 @@ def test_adaptive_supersampling_converges_where_factor_1_does_not():
     "args, message",
     [
         (["--lens-fraction", "0.3"], "--lens-fraction: only the survey family"),
-        (["--family", "survey", "--lens-fraction", "1.5"], "--lens-fraction: expected a fraction in [0, 1]"),
+        (["--family", "survey", "--lens-fraction", "1.5"], "--lens-fraction: 1.5 is not a fraction in [0, 1]"),
         (["--family", "survey", "--cosmos-dir", "/nonexistent"], "cosmos_dir: /nonexistent is not a directory"),
         (
             ["--family", "survey", "--cosmos-dir", "EMPTYDIR"],

@@ -116,13 +116,13 @@ class PredictConfig:
         False, "predict data on another pixel grid than the models' training data (refused by default)"
     )
     verify: bool = option(False, "check every shard's sha256 against the manifest first")
-    n_boot: int = option(1000, "bootstrap resamples of the metrics of labelled sets")
+    n_boot: int = option(1000, "bootstrap resamples of the metrics of labelled sets (0: no intervals)")
 
     def validate(self, where: str) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"{where}.batch_size: must be >= 1, got {self.batch_size}")
-        if self.n_boot < 1:
-            raise ConfigError(f"{where}.n_boot: must be >= 1, got {self.n_boot}")
+        if self.n_boot < 0:
+            raise ConfigError(f"{where}.n_boot: must be >= 0 (0: no intervals), got {self.n_boot}")
         if len(set(map(str, self.model))) != len(self.model):
             raise ConfigError(f"{where}.model: the same file given twice (an ensemble counts each model once)")
 
