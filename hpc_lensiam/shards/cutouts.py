@@ -28,7 +28,6 @@ from ..core.config import option
 from ..core.errors import UserError
 
 
-
 @dataclass
 class CutoutOptions:
     """How a cutout file is read (the reader's part of ``ingest``'s config, which extends it; ``simulate
@@ -39,8 +38,10 @@ class CutoutOptions:
     weight_hdu: str | None = option(None, "weight HDU: weight <= 0 masks a pixel")
     rms_no_data: float = option(1e15, "RMS at or above this (Euclid writes 1e16) is no data")
     input_pixel_scale_arcsec: float | None = option(
-        None, "arcsec/pixel of inputs whose header has no CD/CDELT (and of .npy files)",
-        flag="--input-pixel-scale", metavar="ARCSEC",
+        None,
+        "arcsec/pixel of inputs whose header has no CD/CDELT (and of .npy files)",
+        flag="--input-pixel-scale",
+        metavar="ARCSEC",
     )
     each_hdu: bool = option(False, "FITS: every 2-D image HDU is an object (stamp files), not only the first")
 

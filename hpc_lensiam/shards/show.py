@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-
-from dataclasses import dataclass
 
 from ..core.config import option
 from ..core.errors import ConfigError, UserError
