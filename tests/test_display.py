@@ -153,7 +153,7 @@ def one_error_line(capsys) -> str:
     return err[0]
 
 
-BAD_STRETCH = "hpc-lensiam: error: --stretch: unknown stretch 'bogus' (expected one of: asinh, linear, log)"
+BAD_STRETCH = "hpc-lensiam: error: --stretch: 'bogus' is not one of asinh, linear, log"
 
 
 def test_bad_stretch_is_one_line_before_any_compute(lensiam_shards, tmp_path, capsys):
