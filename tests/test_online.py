@@ -174,7 +174,7 @@ def test_online_simsiam_mode_trains(yamls, tmp_path):
         (["--data", "online:nonsense"], "unknown simulation family or config 'nonsense'"),
         (["--data", "online:missing.yaml"], "missing.yaml: config file not found"),
         (["--data", "online", "--online-epoch-samples", "4"], "--online-epoch-samples 4 is smaller than one step"),
-        (["--data", "online", "--online-epoch-samples", "0"], "online_epoch_samples: must be >= 1"),
+        (["--data", "online", "--online-epoch-samples", "0"], "--online-epoch-samples: must be >= 1"),
     ],
 )
 def test_online_bad_input_is_one_line(tmp_path, capsys, args, match):
