@@ -13,7 +13,12 @@ from ..core.config import option
 from ..core.errors import ConfigError
 
 FORMATS = ("pt", "safetensors")
-TASK_NAMES = ("regress", "classify")  # downstream/tasks.py's TASKS
+
+
+def task_names() -> tuple:
+    from .tasks import TASKS  # the registry: a task added there is a choice here
+
+    return tuple(TASKS)
 
 
 def archs() -> tuple:
@@ -42,7 +47,7 @@ class FinetuneConfig:
     task: str = option(
         "regress",
         "regress a lens parameter, or classify (--target is_lens: lens finding, survey family)",
-        choices=TASK_NAMES,
+        choices=task_names,
     )
     target: str = option("theta_E", "the label to predict (a lens parameter, or is_lens)")
     n_train: int = option(1000, "labelled training images used (>= 5)")
