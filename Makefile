@@ -25,8 +25,8 @@ TORCHRUN := $(BIN)/torchrun --standalone --nproc_per_node 2
 HL := $(BIN)/hpc-lensiam
 demo: install
 	$(BIN)/mpiexec -n 2 $(HL) simulate --out shards/demo --pairs 512 --shard-size 32 --seed 0
-	$(BIN)/mpiexec -n 2 $(HL) simulate --out shards/demo_euclid_train --mode single --preset euclid --pairs 320 --shard-size 32 --seed 1
-	$(BIN)/mpiexec -n 2 $(HL) simulate --out shards/demo_euclid_test --mode single --preset euclid --pairs 256 --shard-size 32 --seed 2
+	$(BIN)/mpiexec -n 2 $(HL) simulate --out shards/demo_euclid_train --samples single --preset euclid --pairs 320 --shard-size 32 --seed 1
+	$(BIN)/mpiexec -n 2 $(HL) simulate --out shards/demo_euclid_test --samples single --preset euclid --pairs 256 --shard-size 32 --seed 2
 	$(HL) show shards/demo --out $(DEMO)/pairs.png -n 8
 	$(TORCHRUN) -m hpc_lensiam train --config configs/demo.yaml --data shards/demo --out $(DEMO)/run \
 	    $$(test -f $(DEMO)/run/checkpoints/last.pt && echo --resume)

@@ -1,7 +1,7 @@
 """``simulate --match`` against the real files it matches (issue 28): a table and a side-by-side figure.
 
 For every shared HST lens file (``../shared/data/real_lenses``: desi_hst, desj0408_hst, dolphin_hst)
-and the Euclid Q1 lens: ``simulate --match FILE --mode single`` (in-process, the CLI's code path) and
+and the Euclid Q1 lens: ``simulate --match FILE --samples single`` (in-process, the CLI's code path) and
 the measured match: pixel scale, PSF FWHM (the file's kernel vs every kernel the simulated images
 used, Gaussian fit of the pixel kernel), background noise (the file's ``background_rms``; a robust
 std of the border strips of the real image and of the simulated images in e-/s), neighbour

@@ -253,7 +253,7 @@ def main(argv=None) -> None:
     except ValueError:
         raise _bad("--lr-sweep", f"{a.lr_sweep!r}: comma-separated lr factors expected (0.5,2)") from None
     extra += [(m, "lens", a.arch, f"lr{f:g}x") for m in a.methods.split(",") for f in sweep]
-    sim = hl("simulate", "--config", lay.sim_yaml(a.num_pix, write=not a.report_only), "--shard-size", 128)
+    sim = hl("simulate", "--physics", lay.sim_yaml(a.num_pix, write=not a.report_only), "--shard-size", 128)
     if not a.report_only:
         for what, d, n, seed, given in (
             ("pretraining", shards, a.pairs, a.seed, a.data),

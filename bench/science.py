@@ -38,6 +38,7 @@ from typing import NamedTuple
 
 from hpc_lensiam.core.io import atomic_write_text
 from hpc_lensiam.evaluation.stats import hierarchical_paired_difference, seed_summary
+from hpc_lensiam.simulate.config import FAMILIES
 
 from .common import (
     BIN,
@@ -139,7 +140,7 @@ def parse_args(argv=None):
     ap.add_argument(
         "--downstream-family",
         nargs="+",
-        choices=("paper", "survey"),
+        choices=FAMILIES,
         default=["paper"],
         help="paper: the euclid set of the pretraining simulator; survey: the independent survey family",
     )
@@ -187,7 +188,7 @@ def main(argv=None) -> None:
     steps = Steps(out, "science")
     t_start = time.perf_counter()
     lay = RunLayout(out)
-    sim = [BIN / "mpiexec", "-n", NPROC, *hl("simulate", "--config", lay.sim_yaml(a.num_pix))]
+    sim = [BIN / "mpiexec", "-n", NPROC, *hl("simulate", "--physics", lay.sim_yaml(a.num_pix))]
 
     def simulate(name: str, n: int, seed_offset: int, flags: list) -> Path:
         d = lay.shards(name)
@@ -205,7 +206,7 @@ def main(argv=None) -> None:
         shards["lensiam-survey"] = simulate("lensiam_survey", a.pairs, 4000, ["--family", "survey"])
     downstream = tasks(a.downstream_family)
     for i, t in enumerate(downstream):
-        single = ["--mode", "single", *t["sim"]]
+        single = ["--samples", "single", *t["sim"]]
         t["train"] = simulate(f"{t['key']}_train", int(a.n_train * 1.25), 2000 + 10 * i, single)
         t["test"] = simulate(f"{t['key']}_test", a.n_test, 3000 + 10 * i, single)
 

@@ -150,7 +150,7 @@ def mpi_speedup(pairs: int, shard_size: int, num_pix: int, repeats: int = 2):
                 str(shard_size),
                 "--seed",
                 "0",
-                "--config",
+                "--physics",
                 str(cfg / "sim.yaml"),
             ]
             t0 = time.perf_counter()

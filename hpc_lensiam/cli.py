@@ -22,101 +22,112 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """One ``--flag`` per dataclass field (``batch_size`` -> ``--batch-size``), default None."""
+    """One flag per field of config dataclass ``cls``, generated from its :func:`~hpc_lensiam.core.config.option`
+    metadata (help, choices, spelling; ``batch_size`` -> ``--batch-size`` by default). Every flag
+    defaults to None (not given), so the config's defaults and the ``--config`` file stay in force."""
+    from .core.config import choices_of, option_meta
+
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        meta = option_meta(cls, f)
         tp = hints[f.name]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         optional = typing.get_origin(tp) in (typing.Union, types.UnionType)  # Optional[X] and X | None
         base = args[0] if optional and args else tp
-        flag = "--" + f.name.replace("_", "-")
-        if base is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        many = typing.get_origin(base) is list
+        item = (typing.get_args(base) or (str,))[0] if many else base
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        text = meta.get("help") or f.name.replace("_", " ")
+        if meta.get("required"):
+            text += " (required)"
+        elif default not in (None, [], "") and item is not bool:
+            text += f" (default: {default})"
+        kw = {"help": text.replace("%", "%%"), "default": None}
+        if item is bool:
+            kw["action"] = argparse.BooleanOptionalAction
         else:
-            parser.add_argument(
-                flag,
-                dest=f.name,
-                type=base if base in (int, float) else str,
-                default=None,
-                help=f"(default: {f.default if f.default is not dataclasses.MISSING else '...'})",
-            )
-
-
-def _add_stretch_flag(parser: argparse.ArgumentParser) -> None:
-    """``--stretch asinh|linear|log`` of every command that draws images; checked by the command (one
-    ``hpc-lensiam: error:`` line naming the allowed values, before any compute)."""
-    from .shards.display import DEFAULT_STRETCH, STRETCH_HELP, STRETCHES
-
-    parser.add_argument(
-        "--stretch", default=DEFAULT_STRETCH, metavar="{" + ",".join(STRETCHES) + "}", help=STRETCH_HELP
-    )
+            kw["type"] = item if item in (int, float) else str
+            if choices_of(cls, f):  # shown here, checked by the config (one `hpc-lensiam: error:` line)
+                kw["metavar"] = "{" + ",".join(map(str, choices_of(cls, f))) + "}"
+            if meta.get("metavar"):
+                kw["metavar"] = meta["metavar"]
+            if many:
+                kw["nargs"] = "*" if meta.get("positional") else "+"
+        if meta.get("positional"):
+            kw.setdefault("nargs", "?")
+            parser.add_argument(f.name, **kw)
+            continue
+        names = [meta.get("flag") or "--" + f.name.replace("_", "-")] + ([meta["short"]] if meta.get("short") else [])
+        parser.add_argument(*names, dest=f.name, **kw)
 
 
 def _dataclass_overrides(args: argparse.Namespace, cls) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
 
 
+def _config(a: argparse.Namespace):
+    """The command's validated config: defaults <- ``--config`` YAML <- the flags given."""
+    from .core.config import resolve
+
+    cls = _config_class(a.command)
+    cfg = resolve(cls, a.config, _dataclass_overrides(a, cls))
+    complete = getattr(cfg, "check_complete", None)
+    if complete:
+        complete()
+    return cfg
+
+
 # ------------------------------------------------------------------------------------- commands
 def _cmd_simulate(a):
     from .simulate.writer import simulate_shards
 
+    c = _config(a)
     simulate_shards(
-        out_dir=a.out,
-        num_samples=a.pairs,
-        shard_size=a.shard_size,
-        mode=a.mode,
-        preset=a.preset,
-        seed=a.seed,
-        cosmos_dir=a.cosmos_dir,
-        psf_files=a.psf,
-        psf_pixel_scale_arcsec=a.psf_pixel_scale,
-        config_path=a.config,
-        family=a.family,
-        lens_fraction=a.lens_fraction,
-        engine=a.engine,
-        device=a.device,
+        out_dir=c.out,
+        num_samples=c.pairs,
+        shard_size=c.shard_size,
+        mode=c.mode,
+        preset=c.preset,
+        seed=c.seed,
+        cosmos_dir=c.cosmos_dir,
+        psf_files=c.psf or None,
+        psf_pixel_scale_arcsec=c.psf_pixel_scale,
+        config_path=c.physics,
+        family=c.family,
+        lens_fraction=c.lens_fraction,
+        engine=c.renderer,
+        device=c.device,
         match={
-            "file": a.match,
-            "num_pix": a.num_pix,
-            "correlated_noise_rho": a.correlated_noise,
-            "psf": a.match_psf,
+            "file": c.match,
+            "num_pix": c.num_pix,
+            "correlated_noise_rho": c.correlated_noise,
+            "psf": c.match_psf,
         },
     )
 
 
 def _cmd_ingest(a):
-    from .core.config import from_dict
-    from .ingest.config import IngestConfig
     from .ingest.run import ingest
 
-    flags = {
-        "preset": a.preset,
-        "num_pix": a.num_pix,
-        "pixel_scale_arcsec": a.target_pixel_scale,
-        "hdu": a.hdu,
-        "rms_hdu": a.rms_hdu,
-        "weight_hdu": a.weight_hdu,
-        "input_pixel_scale_arcsec": a.pixel_scale,
-        "orientation": a.orientation,
-        "shard_size": a.shard_size,
-        "each_hdu": a.each_hdu or None,
-        "pad": a.pad or None,
-        "psf": a.psf,
-    }
-    cfg = from_dict(IngestConfig, {k: v for k, v in flags.items() if v is not None}, "ingest flags")
-    if a.preview is not None:  # checked before anything is read or written
+    c = _config(a)
+    if c.preview is not None:  # checked before anything is read or written
         from .core.io import check_output_file
-        from .shards.display import check_stretch
 
-        check_stretch(a.stretch)
-        check_output_file(a.preview, "--preview")
-        if a.preview_n < 1:
-            raise UserError(f"--preview-n: expected >= 1, got {a.preview_n}")
-    ingest(out_dir=a.out, files=a.files, list_csv=a.list, labels_csv=a.labels, config=cfg, skip_bad=a.skip_bad)
-    if a.preview is not None and is_rank0():  # rank 0 wrote the manifest last: the data set is complete
+        check_output_file(c.preview, "--preview")
+    ingest(
+        out_dir=c.out,
+        files=c.files,
+        list_csv=c.list_csv,
+        labels_csv=c.labels_csv,
+        config=c.grid(),
+        skip_bad=c.skip_bad,
+    )
+    if c.preview is not None and is_rank0():  # rank 0 wrote the manifest last: the data set is complete
         from .shards.show import show_pairs
 
-        show_pairs(a.out, a.preview, n=a.preview_n, stretch=a.stretch, what="ingest --preview")
+        show_pairs(c.out, c.preview, n=c.preview_n, stretch=c.stretch, what="ingest --preview")
 
 
 def _cmd_verify(a):
@@ -136,15 +147,23 @@ def _cmd_verify(a):
 def _cmd_show(a):
     from .shards.show import show_pairs
 
-    show_pairs(data_dir=a.data_dir, out=a.out, n=a.n, stretch=a.stretch)
+    c = _config(a)
+    show_pairs(data_dir=c.data_dir, out=c.out, n=c.n, stretch=c.stretch)
 
 
 def _cmd_train(a):
+    from .core.config import name_flags
+    from .core.errors import ConfigError
     from .train.config import TrainConfig
     from .train.loop import train, train_config
 
+    flags = _dataclass_overrides(a, TrainConfig)
+    try:
+        cfg = train_config(config_path=a.config, **flags)
+    except ConfigError as exc:  # a bad flag is named as typed (--batch-size), not as a field
+        raise ConfigError(name_flags(str(exc), TrainConfig)) from None
     train(
-        train_config(config_path=a.config, **_dataclass_overrides(a, TrainConfig)),
+        cfg,
         resume=a.resume,
         allow_config_change=a.allow_config_change,
     )
@@ -153,404 +172,228 @@ def _cmd_train(a):
 def _cmd_embed(a):
     from .embed.extract import extract_embeddings
 
-    extract_embeddings(
-        checkpoint=a.checkpoint,
-        data_dir=a.data,
-        out=a.out,
-        batch_size=a.batch_size,
-        workers=a.workers,
-        verify=a.verify,
-        arch=a.arch,
-        seed=a.seed,
-        loader_timeout=a.loader_timeout,
-        table=a.table,
-    )
+    extract_embeddings(config=_config(a))
 
 
 def _cmd_umap(a):
     from .embed.umap import run_umap
 
-    run_umap(
-        embeddings=a.embeddings,
-        out=a.out,
-        color=a.color.split(","),
-        seed=a.seed,
-        overlay=a.overlay,
-        coords_out=a.coords,
-        stretch=a.stretch,
-    )
+    run_umap(config=_config(a))
 
 
 def _cmd_probe(a):
     from .embed.probe import probe
 
-    probe(embeddings=a.embeddings, against=a.against, out_json=a.json)
+    probe(config=_config(a))
 
 
 def _cmd_similar(a):
     from .embed.similar import similar
 
-    similar(
-        embeddings=a.embeddings,
-        key=a.key,
-        source=a.source,
-        image=a.image,
-        checkpoint=a.checkpoint,
-        k=a.k,
-        out=a.out,
-        json_out=a.json,
-        anomaly=a.anomaly,
-        index=a.index,
-        hdu=a.hdu,
-        pixel_scale=a.pixel_scale,
-        orientation=a.orientation,
-        top=a.top,
-        table=a.table,
-        stretch=a.stretch,
-    )
+    similar(config=_config(a))
 
 
 def _cmd_export(a):
     from .downstream.export import export_backbone
 
-    export_backbone(checkpoint=a.checkpoint, out=a.out, fmt=a.format, arch=a.arch)
+    export_backbone(config=_config(a))
 
 
 def _cmd_finetune(a):
     from .downstream.finetune import finetune
+    from .downstream.seeds import finetune_seeds
 
+    c = _config(a)
     kw = dict(
-        backbone=a.backbone,
-        train_dir=a.train,
-        test_dir=a.test,
-        target=a.target,
-        n_train=a.n_train,
-        n_test=a.n_test,
-        epochs=a.epochs,
-        freeze_backbone=a.freeze_backbone,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        arch=a.arch,
-        task=a.task,
-        verify=a.verify,
-        save_model=a.save_model,
+        backbone=c.backbone,
+        train_dir=c.train,
+        test_dir=c.test,
+        target=c.target,
+        n_train=c.n_train,
+        n_test=c.n_test,
+        epochs=c.epochs,
+        freeze_backbone=c.freeze_backbone,
+        batch_size=c.batch_size,
+        lr=c.lr,
+        arch=c.arch,
+        task=c.task,
+        verify=c.verify,
+        save_model=c.save_model,
+        val_fraction=c.val_fraction,
+        weight_decay=c.weight_decay,
+        n_boot=c.n_boot,
     )
-    if a.seeds is None:
-        if a.resume:
-            raise UserError("--resume: only with --seeds (it keeps the seeds already in --json)")
-        finetune(seed=0 if a.seed is None else a.seed, out_json=a.json, **kw)
-        return
-    from .downstream.seeds import finetune_seeds, parse_seeds
-
-    if a.seed is not None:
-        raise UserError("--seed and --seeds: give one of them")
-    finetune_seeds(parse_seeds(a.seeds), out_json=a.json, resume=a.resume, **kw)
+    if c.seeds is None:
+        finetune(seed=0 if c.seed is None else c.seed, out_json=c.json, **kw)
+    else:
+        finetune_seeds(c.seed_list(), out_json=c.json, resume=c.resume, **kw)
 
 
 def _cmd_predict(a):
     from .downstream.predict import predict
 
-    predict(
-        a.model,
-        a.data,
-        a.out,
-        batch_size=a.batch_size,
-        allow_grid_mismatch=a.allow_grid_mismatch,
-        verify=a.verify,
-    )
+    predict(config=_config(a))
 
 
 def _cmd_compare(a):
     from .downstream.seeds import compare
 
-    compare(a.a, a.b, out_json=a.json, n_boot=a.n_boot, seed=a.seed)
+    compare(config=_config(a))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .downstream.tasks import TASKS
-    from .train.config import TrainConfig
+def _cmd_config(a):
+    """Print COMMAND's full default configuration as YAML (what its ``--config`` reads back)."""
+    from .core.config import dump_yaml
 
+    if a.name == "train":
+        from .train.loop import train_config
+
+        cfg = train_config()  # the default method's recipe applied, as `train` resolves it
+    else:
+        cfg = _config_class(a.name)()
+    sys.stdout.write(dump_yaml(cfg))
+
+
+# name -> (help, config class "module:Class" or None, runner)
+COMMANDS: dict[str, tuple[str, str | None, typing.Callable]] = {
+    "simulate": (
+        "simulate lens pairs (MPI ranks) into WebDataset shards",
+        "simulate.config:SimulateConfig",
+        _cmd_simulate,
+    ),
+    "ingest": (
+        "real cutouts (FITS, .npy, lenstronomy HDF5, PNG/JPEG) -> single-image shards (MPI ranks)",
+        "ingest.config:IngestCommandConfig",
+        _cmd_ingest,
+    ),
+    "verify": (
+        "check every shard of a data set against its manifest (size, tar structure, sample count, sha256); "
+        "exit 2 naming bad shards",
+        None,
+        _cmd_verify,
+    ),
+    "show": ("draw a PNG grid of simulated pairs", "shards.show:ShowConfig", _cmd_show),
+    "train": (
+        "SimSiam/LenSiam pretraining (run under torchrun for several processes)",
+        "train.config:TrainConfig",
+        _cmd_train,
+    ),
+    "embed": ("backbone features of every image to HDF5 (run under torchrun)", "embed.config:EmbedConfig", _cmd_embed),
+    "umap": ("2-D UMAP of embeddings, coloured by any of its columns", "embed.config:UmapConfig", _cmd_umap),
+    "probe": (
+        "held-out R^2 of k-NN and ridge probes for the 8 lens parameters",
+        "embed.config:ProbeConfig",
+        _cmd_probe,
+    ),
+    "similar": (
+        "nearest neighbours by cosine similarity (faiss); --anomaly: most isolated",
+        "embed.config:SimilarConfig",
+        _cmd_similar,
+    ),
+    "export": (
+        "export the backbone as a stock torchvision state_dict",
+        "downstream.config:ExportConfig",
+        _cmd_export,
+    ),
+    "finetune": (
+        "regress a lens parameter on an independent set with few labels",
+        "downstream.config:FinetuneConfig",
+        _cmd_finetune,
+    ),
+    "predict": (
+        "apply fine-tuned models (finetune --save-model) to shard sets: a catalogue",
+        "downstream.config:PredictConfig",
+        _cmd_predict,
+    ),
+    "compare": (
+        "paired, seed-aware difference of two finetune reports on one test set",
+        "downstream.config:CompareConfig",
+        _cmd_compare,
+    ),
+}
+
+# Spellings that were renamed: refused with one line naming the new one (before any work).
+RENAMED: dict[str, dict[str, str]] = {
+    "simulate": {
+        "--mode": "--samples pairs|single (was --mode lensiam|single)",
+        "--engine": "--renderer lenstronomy|torch",
+        "--config": "--physics (the simulation YAML); --config is now the command's own config",
+    },
+    "ingest": {"--pixel-scale": "--input-pixel-scale (the inputs' arcsec/pixel; --target-pixel-scale: the grid's)"},
+    "similar": {
+        "--pixel-scale": "--input-pixel-scale",
+        "--source": "--data-dir (the data folder that holds --key)",
+    },
+}
+
+
+def _config_class(command: str):
+    import importlib
+
+    spec = COMMANDS[command][1]
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(f".{module}", __package__), name)
+
+
+def _check_renamed(argv: list[str]) -> None:
+    command = next((x for x in argv if not x.startswith("-")), None)
+    for arg in argv:
+        old = arg.split("=", 1)[0]
+        new = RENAMED.get(command or "", {}).get(old)
+        if new is not None and not (command == "simulate" and old == "--config" and _is_command_yaml(argv)):
+            raise UserError(f"{command} {old}: renamed to {new}")
+
+
+def _is_command_yaml(argv: list[str]) -> bool:
+    """``simulate --config FILE``: the command's config (accepted) or an old simulation YAML (refused)."""
+    from .core.config import read_yaml
+    from .simulate.config import SimulateConfig
+
+    i = next((k for k, x in enumerate(argv) if x.split("=", 1)[0] == "--config"), None)
+    path = argv[i].split("=", 1)[1] if "=" in argv[i] else (argv[i + 1] if i + 1 < len(argv) else None)
+    if path is None:
+        return True  # argparse names the missing value
+    try:
+        data = read_yaml(path)
+    except UserError:
+        return True  # resolve() names the file
+    names = {f.name for f in dataclasses.fields(SimulateConfig)}
+    return all(k in names for k in data)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command``, only that command's flags are generated (the others' choices may
+    import torch: the backbone names)."""
     p = _Parser(prog="hpc-lensiam", description="LenSiam: self-supervised representations of strong lenses")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    s = sub.add_parser("simulate", help="simulate lens pairs (MPI ranks) into WebDataset shards")
-    s.add_argument("--out", required=True, help="output shard directory")
-    s.add_argument("--pairs", type=int, required=True, help="number of samples (pairs, or images in single mode)")
-    s.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    s.add_argument("--mode", choices=("lensiam", "single"), default="lensiam")
-    s.add_argument(
-        "--preset",
-        choices=("hst", "euclid", "hst-f140w"),
-        default=None,
-        help="instrument; hst-f140w: the DESI-HST F140W lenses' (docs/simulation.md)",
-    )
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument(
-        "--match",
-        default=None,
-        metavar="FILE",
-        help="simulate the instrument of a real cutout (lenstronomy HDF5 or FITS): scale, field, PSF, noise, flux",
-    )
-    s.add_argument("--match-psf", default=None, metavar="FILE", help="--match: its PSF (default: found as ingest does)")
-    s.add_argument("--num-pix", type=int, default=None, help="--match / hst-f140w: image side (default: the file's)")
-    s.add_argument(
-        "--correlated-noise",
-        type=float,
-        default=None,
-        metavar="RHO",
-        help="--match / hst-f140w: neighbour correlation of the background noise (default 0: white)",
-    )
-    s.add_argument("--cosmos-dir", default=None, help="GalSim real-galaxy-catalog folder (COSMOS 23.5/25.2)")
-    s.add_argument("--psf", nargs="+", default=None, metavar="FITS", help="PSF FITS files (image or cube)")
-    s.add_argument("--psf-pixel-scale", type=float, default=None, help="arcsec/pixel of the PSF files")
-    s.add_argument("--config", default=None, help="simulation YAML (SimulationConfig, or the survey family's)")
-    s.add_argument(
-        "--family",
-        choices=("paper", "survey"),
-        default="paper",
-        help="generative model: the paper's (default) or the survey-realistic one (docs/survey.md)",
-    )
-    s.add_argument(
-        "--lens-fraction",
-        type=float,
-        default=None,
-        help="survey family: fraction of lenses (default 0.5 single, 1.0 lensiam); the rest non-lenses",
-    )
-    s.add_argument(
-        "--engine",
-        choices=("lenstronomy", "torch"),
-        default="lenstronomy",
-        help="paper family: lenstronomy (LensSimulator) or the batched torch renderer (docs/online.md)",
-    )
-    s.add_argument("--device", default="cpu", help="--engine torch: torch device (cpu, cuda, cuda:1)")
-    s.set_defaults(func=_cmd_simulate)
-
+    for name, (text, _spec, func) in COMMANDS.items():
+        s = sub.add_parser(name, help=text, description=text)
+        s.set_defaults(func=func)
+        if command not in (None, name):
+            continue
+        if name == "verify":
+            s.add_argument("data_dir", help="the shard folder")
+            continue
+        s.add_argument(
+            "--config",
+            default=None,
+            metavar="YAML",
+            help=f"{name}'s config (`hpc-lensiam config {name}` prints every key with its default); flags override it",
+        )
+        if name == "train":
+            s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+            s.add_argument(
+                "--allow-config-change",
+                action="store_true",
+                help="with --resume: continue although data/seed/lr/mode/batch/arch changed "
+                "(recorded in OUT/config_history.yaml)",
+            )
+        _add_dataclass_flags(s, _config_class(name))
     s = sub.add_parser(
-        "ingest", help="real cutouts (FITS, .npy, lenstronomy HDF5, PNG/JPEG) -> single-mode shards (MPI ranks)"
+        "config", help="print a command's full default configuration as YAML (what its --config reads back)"
     )
-    s.add_argument(
-        "files", nargs="*", help="FITS, .npy (2-D, or an (N,H,W) stack), lenstronomy .h5/.hdf5, PNG/JPEG (or --list)"
-    )
-    s.add_argument("--out", required=True, help="output shard directory")
-    s.add_argument(
-        "--list",
-        default=None,
-        metavar="CSV",
-        help="catalogue: a 'file' column, optional 'hdu'/'idx', 'name'/'id', 'psf', 'pixel_scale'; others kept",
-    )
-    s.add_argument(
-        "--labels",
-        default=None,
-        metavar="CSV",
-        help="'file' (or 'name'/'id', or 'idx' for one stack) + lens parameters / is_lens; other columns kept",
-    )
-    s.add_argument("--each-hdu", action="store_true", help="FITS: every 2-D image HDU is an object (stamp files)")
-    s.add_argument("--pad", action="store_true", help="pad cutouts smaller than the target field with sky (0)")
-    s.add_argument("--psf", default=None, metavar="FILE", help="PSF of every input (default: psf_*.h5 beside an .h5)")
-    s.add_argument("--preset", choices=("hst", "euclid"), default=None, help="target grid (default hst)")
-    s.add_argument("--num-pix", type=int, default=None, help="target image side (default: the preset's)")
-    s.add_argument(
-        "--target-pixel-scale",
-        type=float,
-        default=None,
-        metavar="ARCSEC",
-        help="target arcsec/pixel (default: the preset's)",
-    )
-    s.add_argument(
-        "--pixel-scale",
-        type=float,
-        default=None,
-        metavar="ARCSEC",
-        help="arcsec/pixel of inputs whose header has no CD/CDELT (and of .npy files)",
-    )
-    s.add_argument("--hdu", default=None, help="image HDU name or index (default: the first 2-D image)")
-    s.add_argument("--rms-hdu", default=None, help="RMS HDU masking no-data pixels: NAME|INDEX|auto|none (auto)")
-    s.add_argument("--weight-hdu", default=None, help="weight HDU: weight <= 0 masks a pixel")
-    s.add_argument(
-        "--orientation",
-        choices=("simulator", "sky", "asis"),
-        default=None,
-        help="simulator (default): columns grow with RA, rows with Dec; sky: north up, east left",
-    )
-    s.add_argument("--shard-size", type=int, default=None, help="images per shard (default 1000)")
-    s.add_argument("--skip-bad", action="store_true", help="leave bad inputs out with a warning instead of stopping")
-    s.add_argument("--preview", default=None, metavar="PNG", help="draw the ingested images (as `show` does) here")
-    s.add_argument("--preview-n", type=int, default=16, metavar="N", help="with --preview: how many (16)")
-    _add_stretch_flag(s)
-    s.set_defaults(func=_cmd_ingest)
-    s = sub.add_parser(
-        "verify",
-        help="check every shard of a data set against its manifest (size, "
-        "tar structure, sample count, sha256); exit 2 naming bad shards",
-    )
-    s.add_argument("data_dir")
-    s.set_defaults(func=_cmd_verify)
-
-    s = sub.add_parser("show", help="draw a PNG grid of simulated pairs")
-    s.add_argument("data_dir")
-    s.add_argument("--out", required=True)
-    s.add_argument("-n", type=int, default=8)
-    _add_stretch_flag(s)
-    s.set_defaults(func=_cmd_show)
-
-    s = sub.add_parser("train", help="SimSiam/LenSiam pretraining (run under torchrun for several processes)")
-    s.add_argument("--config", default=None, help="training YAML (TrainConfig); flags override it")
-    s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
-    s.add_argument(
-        "--allow-config-change",
-        action="store_true",
-        help="with --resume: continue although data/seed/lr/mode/batch/arch changed "
-        "(recorded in OUT/config_history.yaml)",
-    )
-    _add_dataclass_flags(s, TrainConfig)
-    s.set_defaults(func=_cmd_train)
-
-    s = sub.add_parser("embed", help="backbone features of every image to HDF5 (run under torchrun)")
-    s.add_argument(
-        "--checkpoint",
-        required=True,
-        help="RUN, RUN/checkpoints/last.pt or a DeepSpeed folder; 'none': random weights (no-pretraining reference)",
-    )
-    s.add_argument(
-        "--arch", default=None, help="the arch the checkpoint must hold; with --checkpoint none: which (resnet18)"
-    )
-    s.add_argument("--seed", type=int, default=None, help="with --checkpoint none: the weights' seed (0)")
-    s.add_argument("--data", required=True, nargs="+", help="shard folder(s): several go into one file")
-    s.add_argument("--out", required=True)
-    s.add_argument("--batch-size", type=int, default=128)
-    s.add_argument("--workers", type=int, default=1)
-    s.add_argument(
-        "--loader-timeout",
-        type=float,
-        default=None,
-        metavar="S",
-        help="seconds to wait for one batch from the loader's workers, then fail naming them (default 600)",
-    )
-    s.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest first")
-    s.add_argument(
-        "--table", default=None, metavar="T.csv|T.fits", help="also a table: one row per image (name, kept columns)"
-    )
-    s.set_defaults(func=_cmd_embed)
-
-    s = sub.add_parser("umap", help="2-D UMAP of embeddings, coloured by any of its columns")
-    s.add_argument("--embeddings", required=True, help="read only")
-    s.add_argument("--out", required=True, help="the figure (PNG, or PDF/SVG by suffix)")
-    s.add_argument(
-        "--color",
-        default="theta_E,e1,gamma",
-        help="columns of the file, comma-separated: lens parameters, is_lens, source, view, any params/ column",
-    )
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--overlay", default=None, help="embeddings of real images to draw on the fitted map")
-    s.add_argument("--coords", default=None, metavar="CSV", help="the 2-D coordinates (default: --out with .csv)")
-    _add_stretch_flag(s)
-    s.set_defaults(func=_cmd_umap)
-
-    s = sub.add_parser("probe", help="held-out R^2 of k-NN and ridge probes for the 8 lens parameters")
-    s.add_argument("--embeddings", required=True)
-    s.add_argument("--against", default=None, help="a second embeddings file to compare with")
-    s.add_argument("--json", default=None, help="write the table as JSON here too")
-    s.set_defaults(func=_cmd_probe)
-
-    s = sub.add_parser("similar", help="nearest neighbours by cosine similarity (faiss); --anomaly: most isolated")
-    s.add_argument("--embeddings", required=True)
-    q = s.add_mutually_exclusive_group(required=True)
-    q.add_argument("--key", default=None, help="query: a sample key or object name of the file (view 1)")
-    q.add_argument("--image", default=None, help="query: a FITS/.npy cutout, ingested and embedded (--checkpoint)")
-    q.add_argument("--anomaly", action="store_true", help="rank every image by distance to its k-th neighbour")
-    s.add_argument("--source", default=None, help="with --key: the data folder, when several hold the key")
-    s.add_argument("--checkpoint", default=None, help="with --image: the backbone the embeddings were made with")
-    s.add_argument("-k", type=int, default=16, help="neighbours (with --anomaly: which neighbour)")
-    s.add_argument("--top", type=int, default=16, help="with --anomaly: how many to show")
-    s.add_argument("--out", default=None, help="PNG grid of the query and its neighbours")
-    s.add_argument("--json", default=None)
-    s.add_argument(
-        "--table",
-        nargs="+",
-        default=None,
-        metavar="T.csv|T.fits",
-        help="the neighbours / ranking as CSV and/or FITS: name, source, kept catalogue columns, labels",
-    )
-    s.add_argument("--index", choices=("auto", "flat", "ivf"), default="auto")
-    s.add_argument("--hdu", default=None, help="with --image: the image HDU")
-    s.add_argument("--pixel-scale", type=float, default=None, help="with --image: arcsec/pixel if no WCS")
-    s.add_argument("--orientation", choices=("simulator", "sky", "asis"), default="simulator")
-    _add_stretch_flag(s)
-    s.set_defaults(func=_cmd_similar)
-
-    s = sub.add_parser("export", help="export the backbone as a stock torchvision state_dict")
-    s.add_argument("--checkpoint", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--format", choices=("pt", "safetensors"), default="pt")
-    s.add_argument("--arch", default=None, help="expected arch: refuse a checkpoint of another one")
-    s.set_defaults(func=_cmd_export)
-
-    s = sub.add_parser("finetune", help="regress a lens parameter on an independent set with few labels")
-    s.add_argument("--backbone", required=True, help="exported backbone, a torchvision weights file, or 'none'")
-    s.add_argument("--train", required=True)
-    s.add_argument("--test", required=True)
-    s.add_argument(
-        "--task",
-        choices=tuple(TASKS),
-        default="regress",
-        help="regress a lens parameter, or classify (--target is_lens: lens finding, survey family)",
-    )
-    s.add_argument("--target", default="theta_E")
-    s.add_argument("--n-train", type=int, default=1000)
-    s.add_argument("--n-test", type=int, default=1000)
-    s.add_argument("--epochs", type=int, default=30)
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--lr", type=float, default=None)
-    s.add_argument("--seed", type=int, default=None, help="one seed (default 0)")
-    s.add_argument(
-        "--seeds",
-        default=None,
-        metavar="S,S,...",
-        help="run the recipe once per seed (e.g. 0,1,2): per-seed numbers and mean +- sd",
-    )
-    s.add_argument("--resume", action="store_true", help="with --seeds: keep the seeds already in --json")
-    s.add_argument("--freeze-backbone", action="store_true")
-    s.add_argument(
-        "--arch", default=None, help="arch for --backbone none (default resnet101); else checked against the file"
-    )
-    s.add_argument("--json", default=None)
-    s.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest first")
-    s.add_argument(
-        "--save-model",
-        default=None,
-        metavar="M.safetensors",
-        help="save the fine-tuned network for `predict` (with --seeds: M.seedS.safetensors per seed)",
-    )
-    s.set_defaults(func=_cmd_finetune)
-
-    s = sub.add_parser("predict", help="apply fine-tuned models (finetune --save-model) to shard sets: a catalogue")
-    s.add_argument("--model", nargs="+", required=True, help="saved model(s) of one task: several = an ensemble")
-    s.add_argument("--data", nargs="+", required=True, help="shard set(s) to predict (simulated or ingested)")
-    s.add_argument("--out", required=True, help="catalogue: .csv or .fits, one row per image")
-    s.add_argument("--batch-size", type=int, default=128)
-    s.add_argument(
-        "--allow-grid-mismatch",
-        action="store_true",
-        help="predict data on another pixel grid than the models' training data (refused by default)",
-    )
-    s.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest first")
-    s.set_defaults(func=_cmd_predict)
-
-    s = sub.add_parser("compare", help="paired, seed-aware difference of two finetune reports on one test set")
-    s.add_argument(
-        "a",
-        help="finetune --json report of backbone A (one seed or --seeds); several pretraining seeds of A: "
-        "A_s0.json,A_s1.json (pretraining and fine-tuning seeds are then both resampled)",
-    )
-    s.add_argument(
-        "b",
-        help="finetune --json report(s) of backbone B, same test set and fine-tuning seeds: one per report "
-        "of A (paired in order), or one (e.g. random init)",
-    )
-    s.add_argument("--json", default=None, help="write the comparison as JSON here too")
-    s.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
-    s.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    s.set_defaults(func=_cmd_compare)
+    s.add_argument("name", metavar="COMMAND", choices=[n for n, v in COMMANDS.items() if v[1]])
+    s.set_defaults(func=_cmd_config)
     return p
 
 
@@ -567,7 +410,14 @@ def _loader_line(exc: RuntimeError, command: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        _check_renamed(argv)
+    except UserError as exc:
+        print(f"hpc-lensiam: error: {exc}", file=sys.stderr)
+        return 2
+    command = next((x for x in argv if not x.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:
         args.func(args)
     except UserError as exc:

@@ -6,7 +6,7 @@
 #   sbatch --nodes=4 --ntasks-per-node=64 slurm/simulate.sh    # more ranks: same bytes, faster
 #
 # Environment variables (all optional): OUT (shards/paper), PAIRS (100000), SHARD_SIZE (1000),
-# SEED (0), MODE (lensiam|single), PRESET (hst|euclid), CONFIG (a simulation YAML),
+# SEED (0), SAMPLES (pairs|single), PRESET (hst|euclid), PHYSICS (a simulation YAML),
 # EXTRA_ARGS (more `hpc-lensiam simulate` flags, e.g. "--cosmos-dir /data/COSMOS_23.5_training_sample"),
 # VENV (.venv: the repo's venv from `make install`), LAUNCHER (see below).
 #
@@ -37,7 +37,7 @@ OUT=${OUT:-shards/paper}
 PAIRS=${PAIRS:-100000}
 SHARD_SIZE=${SHARD_SIZE:-1000}
 SEED=${SEED:-0}
-MODE=${MODE:-lensiam}
+SAMPLES=${SAMPLES:-pairs}
 PRESET=${PRESET:-hst}
 LAUNCHER=${LAUNCHER:-mpiexec}
 NTASKS=${SLURM_NTASKS:-1}
@@ -47,8 +47,8 @@ case "$LAUNCHER" in
   *) read -r -a RUN <<< "$LAUNCHER" ;;
 esac
 ARGS=(simulate --out "$OUT" --pairs "$PAIRS" --shard-size "$SHARD_SIZE" --seed "$SEED"
-      --mode "$MODE" --preset "$PRESET")
-[ -n "${CONFIG:-}" ] && ARGS+=(--config "$CONFIG")
+      --samples "$SAMPLES" --preset "$PRESET")
+[ -n "${PHYSICS:-}" ] && ARGS+=(--physics "$PHYSICS")
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 
 echo "simulate.sh: ${RUN[*]} hpc-lensiam ${ARGS[*]} ${EXTRA[*]:-} (job ${SLURM_JOB_ID:-none}, $NTASKS tasks)"

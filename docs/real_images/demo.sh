@@ -11,7 +11,7 @@ mkdir -p "$W"
 printf 'instrument:\n  num_pix: 64\n' > "$W/grid64.yaml"
 # pretraining pairs and the simulated reference set, both on the euclid grid (0.1"/px), 64 px
 $H simulate --out "$W/pairs" --pairs 512 --shard-size 64 --preset euclid --config "$W/grid64.yaml" --seed 0
-$H simulate --out "$W/sims" --pairs 400 --shard-size 100 --preset euclid --mode single --config "$W/grid64.yaml" --seed 1
+$H simulate --out "$W/sims" --pairs 400 --shard-size 100 --preset euclid --samples single --physics "$W/grid64.yaml" --seed 1
 $H train --data "$W/pairs" --out "$W/run" --arch resnet18 --batch-size 32 --max-steps 21 --epochs 10 \
     --workers 0 --proj-dim 256 --pred-dim 64 --warmup-epochs 0 --no-zero-init-residual --log-every 20
 # the real lens onto the same grid, labelled as a lens
@@ -26,7 +26,7 @@ $H embed --checkpoint "$CKPT" --data "$W/euclid_q1" --out "$W/real.h5" --workers
 $H umap --embeddings "$W/sims.h5" --overlay "$W/real.h5" --out $D/umap_overlay.png --color theta_E,gamma \
     --coords "$W/umap.csv"
 $H embed --checkpoint "$CKPT" --data "$W/sims" "$W/euclid_q1" --out "$W/mixed.h5" --workers 0
-# by the object's name (the file stem): unique across the two folders, so no --source
+# by the object's name (the file stem): unique across the two folders, so no --data-dir
 $H similar --embeddings "$W/mixed.h5" --key "$(basename "$EUCLID" .fits)" -k 11 \
     --out $D/euclid_q1_neighbours.png --json "$W/neighbours.json" --table "$W/neighbours.csv"
 $H similar --embeddings "$W/mixed.h5" --image "$EUCLID" --checkpoint "$CKPT" -k 3

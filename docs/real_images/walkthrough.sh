@@ -14,11 +14,11 @@ mkdir -p "$OUT"
 # 1. Real cutouts onto the hst grid (110 px x 0.05"/px), named, with their noise, PSF and labels
 "$HL" ingest "$R"/desi_hst/DESI*_F140W.h5 --labels "$R/desi_hst/labels.csv" --out "$OUT/desi" --preview "$OUT/desi.png"
 "$HL" ingest "$R"/dolphin_hst/*/image_*.h5 --pad --out "$OUT/dolphin" --preview "$OUT/dolphin.png"
-"$HL" ingest "$R/aegis_galaxies/AEGIS_F814w_images_01.fits" --each-hdu --pixel-scale 0.03 --pad --out "$OUT/aegis"
+"$HL" ingest "$R/aegis_galaxies/AEGIS_F814w_images_01.fits" --each-hdu --input-pixel-scale 0.03 --pad --out "$OUT/aegis"
 
 # 2. Simulations on the same grid: LenSiam pairs to pretrain on, single images labelled with theta_E
 "$BIN/mpiexec" -n 2 "$HL" simulate --out "$OUT/pairs" --pairs 512 --shard-size 64 --seed 0
-"$BIN/mpiexec" -n 2 "$HL" simulate --out "$OUT/sims" --mode single --preset hst --pairs 1200 --shard-size 200 --seed 11
+"$BIN/mpiexec" -n 2 "$HL" simulate --out "$OUT/sims" --samples single --preset hst --pairs 1200 --shard-size 200 --seed 11
 "$BIN/torchrun" --standalone --nproc_per_node 2 -m hpc_lensiam train --config configs/demo.yaml \
     --data "$OUT/pairs" --out "$OUT/run" $(test -f "$OUT/run/checkpoints/last.pt" && echo --resume)
 

@@ -10,9 +10,10 @@ dataclasses themselves live with their stage: ``simulate/config.py``, ``ingest/c
 from __future__ import annotations
 
 import math
+import re
 import types
 import typing
-from dataclasses import asdict, fields, is_dataclass
+from dataclasses import MISSING, asdict, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -79,13 +80,21 @@ def _coerce(tp, value, where: str):
 
 
 def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
-    """Build dataclass ``cls`` from a (possibly partial) dict; missing keys keep their defaults."""
+    """Build dataclass ``cls`` from a (possibly partial) dict; missing keys keep their defaults.
+
+    Types are coerced, values of fields with ``choices`` (:func:`option`) checked, then ``validate``."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (expected one of: {', '.join(sorted(known))})")
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    for f in fields(cls):
+        allowed = choices_of(cls, f) if f.name in kwargs else None
+        value = kwargs.get(f.name)
+        for v in value if isinstance(value, list) else [value]:
+            if allowed and v is not None and v not in allowed:
+                raise ConfigError(f"{where}.{f.name}: {v!r} is not one of {', '.join(map(str, allowed))}")
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if validate:
@@ -153,3 +162,98 @@ def check_range(
 def check_fraction(where: str, name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ConfigError(f"{where}.{name}: {value} is not a fraction in [0, 1]")
+
+
+# ------------------------------------------------------------------------------- command options
+# A command's config is a dataclass whose fields are declared with :func:`option`: the default is
+# written once, with the help text, the allowed values and the flag's spelling. The CLI generates
+# its parser from these fields; :func:`resolve` merges a ``--config`` YAML file and the flags given,
+# validates once, and names a bad value by its flag (``--arch``), or by the file and key it came from.
+FLAGS = "flags"
+
+
+def option(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    choices: tuple | typing.Callable[[], tuple] | None = None,
+    flag: str | None = None,
+    short: str | None = None,
+    metavar: str | None = None,
+    positional: bool = False,
+    required: bool = False,
+    default_factory: Any = MISSING,
+):
+    """A config field that is also a command-line flag.
+
+    ``choices``: allowed values (or a function returning them, called only when that command's parser
+    is built or a value is checked: e.g. the backbone names, which import torch). ``flag``: the flag
+    when it is not ``--field-name``; ``short``: a one-letter alias; ``positional``: a positional
+    argument; ``required``: must be given, by the flag or in the ``--config`` file (default None)."""
+    meta = {"help": help, "choices": choices, "flag": flag, "short": short, "metavar": metavar}
+    meta.update(positional=positional, required=required)
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=None if default is MISSING else default, metadata=meta)
+
+
+def option_meta(cls, f) -> dict:
+    """A field's option metadata: :func:`option`'s, or the class's ``FLAG_META[name]`` (configs whose
+    field list is written as plain defaults)."""
+    return {**f.metadata, **getattr(cls, "FLAG_META", {}).get(f.name, {})}
+
+
+def choices_of(cls, f) -> tuple | None:
+    allowed = option_meta(cls, f).get("choices")
+    return tuple(allowed()) if callable(allowed) else allowed
+
+
+def flag_of(cls, name: str) -> str:
+    """The flag that sets field ``name`` of ``cls`` (``batch_size`` -> ``--batch-size``)."""
+    for f in fields(cls):
+        if f.name == name:
+            meta = option_meta(cls, f)
+            if meta.get("positional"):
+                return name.upper()
+            return meta.get("flag") or "--" + name.replace("_", "-")
+    return name
+
+
+def name_flags(message: str, cls, file_keys=(), path=None) -> str:
+    """``flags.batch_size: ...`` -> ``--batch-size: ...`` (or ``FILE.batch_size`` where the value came
+    from the ``--config`` file ``path``); a leading ``flags: `` is dropped."""
+
+    def one(m):
+        name = m.group(1)
+        return f"{path}.{name}" if name in file_keys else flag_of(cls, name)
+
+    message = re.sub(rf"\b{FLAGS}\.([A-Za-z_]\w*)", one, message)
+    return message[len(FLAGS) + 2 :] if message.startswith(f"{FLAGS}: ") else message
+
+
+def resolve(cls: type[T], config_path: str | Path | None = None, flags: dict | None = None) -> T:
+    """A command's config: defaults <- the ``--config`` YAML file <- the flags given (None: not given),
+    validated once; every error names the flag or the file's key. Required options are checked last."""
+    data = read_yaml(config_path) if config_path else {}
+    known = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(data) - known)
+    if unknown:  # a key of no option: named by the file
+        raise ConfigError(
+            f"{config_path}: unknown key {unknown[0]!r} (expected one of: {', '.join(sorted(known))}; "
+            f"`hpc-lensiam config COMMAND` prints them all)"
+        )
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    file_keys = set(data) - set(flags)
+    try:
+        obj = from_dict(cls, {**data, **flags}, FLAGS)
+    except ConfigError as exc:
+        raise ConfigError(name_flags(str(exc), cls, file_keys, config_path)) from None
+    for f in fields(cls):
+        if option_meta(cls, f).get("required") and getattr(obj, f.name) in (None, "", []):
+            raise ConfigError(f"{flag_of(cls, f.name)}: required (the flag, or key {f.name} in --config)")
+    return obj
+
+
+def from_flags(cls: type[T], values: dict) -> T:
+    """:func:`resolve` without a file: the Python API's keyword arguments (None: the default)."""
+    return resolve(cls, None, values)

@@ -20,10 +20,9 @@ import torch
 
 from ..core.errors import UserError
 from ..core.rng import derive_seed
-from ..simulate.config import INSTRUMENT_PRESETS, SimulationConfig, simulation_config
+from ..simulate.config import INSTRUMENT_PRESETS, TORCH_FAMILIES, SimulationConfig, simulation_config
 
 PREFIX = "online"
-FAMILIES = ("paper",)  # simulation families the torch renderer implements (the EPL + shear one)
 
 
 def online_config(data: str) -> SimulationConfig:
@@ -34,7 +33,7 @@ def online_config(data: str) -> SimulationConfig:
     --config``).
     """
     spec = data[len(PREFIX) + 1 :] if data.startswith(PREFIX + ":") else ""
-    if spec in ("",) + FAMILIES:
+    if spec in ("",) + TORCH_FAMILIES:
         return simulation_config()
     if spec in INSTRUMENT_PRESETS:
         return simulation_config(preset=spec)
@@ -42,7 +41,7 @@ def online_config(data: str) -> SimulationConfig:
         return simulation_config(config_path=spec)
     raise UserError(
         f"--data {data}: unknown simulation family or config {spec!r} (expected online, "
-        f"online:{'|'.join(FAMILIES + tuple(INSTRUMENT_PRESETS))} or online:CONFIG.yaml)"
+        f"online:{'|'.join(TORCH_FAMILIES + tuple(INSTRUMENT_PRESETS))} or online:CONFIG.yaml)"
     )
 
 

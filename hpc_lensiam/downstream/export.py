@@ -25,24 +25,39 @@ import os
 import shutil
 from pathlib import Path
 
-from ..core.errors import UserError
+from ..core.config import from_flags
 from ..core.io import FULL_DISK_BYTES, atomic_path, atomic_write_json, check_output_file
 from ..models.weights import SIDECAR_FORMAT, load_backbone, sidecar_path, weights_sha256
+from .config import ExportConfig
 
-FORMATS = ("pt", "safetensors")
 NORMALISATION = "each image divided by its maximum (max = 1), as the shards store it; no mean/std subtraction"
 
 
 # ------------------------------------------------------------------------------------ helpers
 # --------------------------------------------------------------------------------------- export
-def export_backbone(checkpoint: str, out: str, fmt: str = "pt", arch: str | None = None) -> dict:
+def export_backbone(
+    checkpoint: str | None = None,
+    out: str | None = None,
+    fmt: str | None = None,
+    arch: str | None = None,
+    config: ExportConfig | None = None,
+) -> dict:
     """Write ``out`` (library state_dict, ``.pt`` or safetensors) and ``out.json``; return the sidecar."""
     import torch
 
     from ..models.backbones import get
 
-    if fmt not in FORMATS:
-        raise UserError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    if config is None:  # the Python API's arguments (None: the config's default), validated once
+        config = from_flags(
+            ExportConfig,
+            dict(
+                checkpoint=None if checkpoint is None else str(checkpoint),
+                out=None if out is None else str(out),
+                format=fmt,
+                arch=arch,
+            ),
+        )
+    checkpoint, out, fmt, arch = config.checkpoint, config.out, config.format, config.arch
     check_output_file(out, "--out")
 
     net, info = load_backbone(checkpoint, arch)

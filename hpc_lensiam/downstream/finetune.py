@@ -36,10 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.config import from_flags
 from ..core.errors import UserError
 from ..core.io import atomic_write_json, check_output_file, sha256_file
 from ..shards.manifest import MANIFEST_NAME, data_grid, read_manifest
 from ..shards.reader import load_images
+from .config import FinetuneConfig
 from .model_file import check_model_path, with_linear_head
 from .model_file import save_model as save_model_file
 from .tasks import make_task
@@ -163,32 +165,22 @@ def shared_images(x_train: np.ndarray, x_test: np.ndarray) -> int:
 
 # ------------------------------------------------------------------------------------- the steps
 def check_args(
-    n_train: int,
-    n_test: int,
-    epochs: int,
-    batch_size: int,
-    val_fraction: float,
-    lr: float | None,
-    seed: int,
-    out_json: str | None,
-) -> None:
-    """Every numeric flag and the report path, before a backbone or an image is read."""
-    for name, v, lo in (
-        ("--n-train", n_train, 5),
-        ("--n-test", n_test, 2),
-        ("--epochs", epochs, 1),
-        ("--batch-size", batch_size, 1),
-    ):
-        if v is None or v < lo:
-            raise UserError(f"{name}: must be >= {lo}, got {v}")
-    if not 0 < val_fraction < 1:
-        raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if lr is not None and not (lr > 0 and np.isfinite(lr)):
-        raise UserError(f"--lr: must be a finite number > 0, got {lr}")
-    if seed < 0:
-        raise UserError(f"--seed: must be >= 0, got {seed}")
+    backbone: str,
+    train_dir: str,
+    test_dir: str,
+    out_json: str | None = None,
+    save_model: str | None = None,
+    **kw,
+) -> FinetuneConfig:
+    """The Python API's arguments as a :class:`FinetuneConfig` (its checks, written once, name the flags),
+    and the report and model paths, before a backbone or an image is read."""
+    paths = dict(backbone=backbone, train=train_dir, test=test_dir, json=out_json, save_model=save_model)
+    cfg = from_flags(FinetuneConfig, {**{k: None if v is None else str(v) for k, v in paths.items()}, **kw})
     if out_json:
         check_output_file(out_json, "--json")
+    if save_model:
+        check_model_path(save_model)
+    return cfg
 
 
 @dataclass
@@ -371,10 +363,12 @@ def finetune(
     from ..core.runtime import device_for, runtime
 
     rt = runtime(command="finetune")  # one process: refuses `srun -n N` copies writing the same report
+    check_args(  # every flag's check, before a backbone or an image is read
+        backbone, train_dir, test_dir, out_json, save_model, task=task, target=target, n_train=n_train,
+        n_test=n_test, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, arch=arch,
+        val_fraction=val_fraction, weight_decay=weight_decay, n_boot=n_boot,
+    )  # fmt: skip
     task = make_task(task, target)
-    check_args(n_train, n_test, epochs, batch_size, val_fraction, lr, seed, out_json)
-    if save_model:
-        check_model_path(save_model)
     t0 = time.perf_counter()
     img_size = None
     if backbone.lower() == "none":  # a random-init backbone bound to an image side (a ViT) takes the data's

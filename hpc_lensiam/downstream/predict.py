@@ -33,9 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.config import from_flags
 from ..core.errors import UserError
 from ..core.io import atomic_path, atomic_write_json, check_output_file
 from ..shards.manifest import data_grid
+from .config import PredictConfig
 from .model_file import load_model, read_meta
 from .tasks import make_task
 
@@ -48,10 +50,6 @@ def check_args(models: list[str], data_dirs: list[str], out: str, batch_size: in
     if Path(out).suffix not in TABLE_SUFFIXES:
         raise UserError(f"--out {out}: expected a catalogue file ending in {' or '.join(TABLE_SUFFIXES)}")
     check_output_file(out, "--out")
-    if batch_size < 1:
-        raise UserError(f"--batch-size: must be >= 1, got {batch_size}")
-    if len(set(map(str, models))) != len(models):
-        raise UserError("--model: the same file given twice (an ensemble counts each model once)")
     metas = [read_meta(m) for m in models]
     first = metas[0]
     for m, meta in zip(models[1:], metas[1:]):
@@ -188,19 +186,42 @@ def write_table(rows: list[dict], path: str) -> None:
 
 
 def predict(
-    models: list[str],
-    data_dirs: list[str],
-    out: str,
-    batch_size: int = 128,
-    allow_grid_mismatch: bool = False,
-    verify: bool = False,
-    n_boot: int = 1000,
+    models: list[str] | None = None,
+    data_dirs: list[str] | None = None,
+    out: str | None = None,
+    batch_size: int | None = None,
+    allow_grid_mismatch: bool | None = None,
+    verify: bool | None = None,
+    n_boot: int | None = None,
+    config: PredictConfig | None = None,
 ) -> dict:
     """Predict every image of ``data_dirs`` with the ensemble ``models``; write the catalogue ``out``
     (and metrics + a plot where the sets are labelled); return the metrics dict."""
     from ..core.runtime import ControlGroup, device_for
     from ..shards.reader import load_images
 
+    if config is None:  # the Python API's arguments (None: the config's default), validated once
+        config = from_flags(
+            PredictConfig,
+            dict(
+                model=None if models is None else [str(m) for m in models],
+                data=None if data_dirs is None else [str(d) for d in data_dirs],
+                out=None if out is None else str(out),
+                batch_size=batch_size,
+                allow_grid_mismatch=allow_grid_mismatch,
+                verify=verify,
+                n_boot=n_boot,
+            ),
+        )
+    c = config
+    models, data_dirs, out, batch_size, allow_grid_mismatch = (
+        c.model,
+        c.data,
+        c.out,
+        c.batch_size,
+        c.allow_grid_mismatch,
+    )
+    verify, n_boot = c.verify, c.n_boot
     world = ControlGroup(command="predict")  # one process, or every rank of torchrun
     try:
         metas = check_args(models, data_dirs, out, batch_size)

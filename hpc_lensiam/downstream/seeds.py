@@ -22,10 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.config import from_flags
 from ..core.errors import UserError
 from ..core.io import atomic_write_json, sha256_file
 from ..evaluation.stats import hierarchical_paired_difference, seed_summary
 from ..shards.manifest import MANIFEST_NAME
+from .config import CompareConfig
 
 FORMAT = "hpc_lensiam.finetune_seeds/1"
 SUMMARY_KEYS = ("r2", "residual_sigma", "rmse", "bias", "auc")  # summarised where every seed has them
@@ -188,7 +190,14 @@ def load_seed_report(path: str) -> dict:
     }
 
 
-def compare(a_path, b_path, out_json: str | None = None, n_boot: int = 2000, seed: int = 0) -> dict:
+def compare(
+    a_path=None,
+    b_path=None,
+    out_json: str | None = None,
+    n_boot: int | None = None,
+    seed: int | None = None,
+    config: CompareConfig | None = None,
+) -> dict:
     """metric(A) - metric(B), paired by seed on the same test set, with the hierarchical 95% interval.
 
     ``a_path``/``b_path`` are one report each, or a list (or comma-separated string) of reports, one
@@ -197,8 +206,12 @@ def compare(a_path, b_path, out_json: str | None = None, n_boot: int = 2000, see
     A's i-th report pairs with seed f of B's i-th, or of B's only report (a random-init arm has no
     pretraining seed).
     """
-    if n_boot < 100:
-        raise UserError(f"--n-boot: must be >= 100 for a 95% interval, got {n_boot}")
+    if config is None:  # the Python API's arguments (None: the config's default), validated once
+        join = lambda p: None if p is None else (p if isinstance(p, str) else ",".join(map(str, p)))  # noqa: E731
+        config = from_flags(
+            CompareConfig, dict(a=join(a_path), b=join(b_path), json=out_json, n_boot=n_boot, seed=seed)
+        )
+    a_path, b_path, out_json, n_boot, seed = config.a, config.b, config.json, config.n_boot, config.seed
     a_paths, b_paths = (_paths(p) for p in (a_path, b_path))
     if len(b_paths) not in (1, len(a_paths)):
         raise UserError(

@@ -44,12 +44,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.config import from_flags
 from ..core.errors import UserError
 from ..core.io import atomic_path, check_output_file, sha256_file, sha256_json
 from ..core.runtime import ControlGroup
 from ..shards.integrity import check_shards, shard_samples
 from ..shards.manifest import LENS_PARAMS, MANIFEST_NAME, data_grid, read_manifest, shard_paths
 from ..shards.reader import LABELS, image_rows, views_of
+from .config import EmbedConfig
 
 FORMAT = "hpc_lensiam.embeddings/1"
 
@@ -352,17 +354,18 @@ def _shard_jobs(dirs: list[str]):
 
 
 def extract_embeddings(
-    checkpoint: str,
-    data_dir: str | list[str],
-    out: str,
-    batch_size: int = 128,
-    workers: int = 1,
+    checkpoint: str | None = None,
+    data_dir: str | list[str] | None = None,
+    out: str | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
     progress: bool = True,
-    verify: bool = False,
+    verify: bool | None = None,
     arch: str | None = None,
     seed: int | None = None,
     loader_timeout: float | None = None,
     table: str | None = None,
+    config: EmbedConfig | None = None,
 ) -> dict:
     """Embed every image of ``data_dir`` (one shard folder, or several into one file with a
     ``source`` column) with the checkpoint's backbone into HDF5 ``out``.
@@ -375,15 +378,30 @@ def extract_embeddings(
     """
     from ..models.weights import load_backbone, random_backbone
 
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    if loader_timeout is not None and not loader_timeout > 0:
-        raise UserError(f"--loader-timeout must be > 0 seconds, got {loader_timeout}")
+    if config is None:  # the Python API's arguments (None: the config's default), validated once
+        if isinstance(data_dir, (str, os.PathLike)):
+            data_dir = [data_dir]
+        data = [str(d) for d in data_dir] if data_dir is not None else None
+        config = from_flags(
+            EmbedConfig,
+            dict(
+                checkpoint=None if checkpoint is None else str(checkpoint),
+                data=data,
+                out=None if out is None else str(out),
+                batch_size=batch_size,
+                workers=workers,
+                verify=verify,
+                arch=arch,
+                seed=seed,
+                loader_timeout=loader_timeout,
+                table=None if table is None else str(table),
+            ),
+        )
+    c = config
+    checkpoint, out, batch_size, workers, verify = c.checkpoint, Path(c.out), c.batch_size, c.workers, c.verify
+    arch, seed, loader_timeout, table = c.arch, c.seed, c.loader_timeout, c.table
     random_weights = str(checkpoint).lower() == "none"
-    if not random_weights and seed is not None:
-        raise UserError("--seed: only with --checkpoint none (a checkpoint's weights are already drawn)")
-    out = Path(out)
-    dirs = [str(data_dir)] if isinstance(data_dir, (str, os.PathLike)) else [str(d) for d in data_dir]
+    dirs = list(c.data)
     resolved = [str(Path(d).resolve()) for d in dirs]
     if not dirs or len(set(resolved)) != len(dirs):
         raise UserError(f"--data: expected one or more different shard folders, got {dirs}")

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.config import from_flags
 from ..core.errors import UserError
 from ..core.io import atomic_write_json, check_output_file
 from ..evaluation.probe import MODELS, probe_arrays, probe_classify, split_by_key
 from ..shards.manifest import LENS_PARAMS
+from .config import ProbeConfig
 from .extract import load_embeddings
 
 
@@ -115,11 +117,21 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def probe(
-    embeddings: str, against: str | None = None, out_json: str | None = None, test_fraction: float = 0.2, k: int = 10
+    embeddings: str | None = None,
+    against: str | None = None,
+    out_json: str | None = None,
+    test_fraction: float | None = None,
+    k: int | None = None,
+    config: ProbeConfig | None = None,
 ) -> dict:
     """Probe one embeddings file (and optionally a second one side by side); print a table."""
-    if not 0 < test_fraction < 1:
-        raise UserError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if config is None:  # the Python API's arguments (None: the config's default), validated once
+        config = from_flags(
+            ProbeConfig,
+            dict(embeddings=embeddings, against=against, json=out_json, test_fraction=test_fraction, k=k),
+        )
+    c = config
+    embeddings, against, out_json, test_fraction, k = c.embeddings, c.against, c.json, c.test_fraction, c.k
     if out_json:
         check_output_file(out_json, "--json")
     results: dict[str, dict] = {}

@@ -1,6 +1,6 @@
 """``hpc-lensiam similar``: images like a given one by cosine similarity, and the most isolated ones.
 
-``similar --embeddings emb.h5 (--key KEY [--source DIR] | --image FILE --checkpoint CKPT | --anomaly)
+``similar --embeddings emb.h5 (--key KEY [--data-dir DIR] | --image FILE --checkpoint CKPT | --anomaly)
 [-k 16] [--out grid.png] [--json out.json]``
 
 - Vectors: the file's features minus their mean (backbone features are post-ReLU averages, all
@@ -15,7 +15,7 @@
 - ``--anomaly`` ranks every image by its cosine distance (1 - similarity) to its k-th nearest
   neighbour outside its own lens system: large = unlike anything else in the set.
 - ``--key`` takes a sample key or an object name (ingested images: the name kept in params.json); it
-  needs ``--source`` only when several folders hold it.
+  needs ``--data-dir`` only when several folders hold it.
 - Output: a table on stdout, ``--json`` (atomic), ``--table`` CSV and/or FITS (astropy Table: one row
   per image with its name, source folder, file and the catalogue columns ingest kept), ``--out`` a PNG
   grid of the query and its neighbours (or the top anomalies), images read back from the shards by
@@ -33,9 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.config import from_flags
 from ..core.errors import UserError
 from ..core.io import atomic_write_json, check_output_file
 from ..shards.manifest import read_manifest
+from .config import SimilarConfig
 from .extract import load_embeddings
 
 IVF_MIN_ROWS = 50_000  # --anomaly switches from exact to IVF search above this many rows
@@ -44,6 +46,8 @@ IVF_TRAIN_PER_LIST = 40  # k-means sample: vectors per IVF list (faiss wants >= 
 
 
 # ------------------------------------------------------------------------------------ vectors
+
+
 def unit_vectors(features: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
     """Mean-centred, l2-normalised float32 copy (C-contiguous, what faiss wants)."""
     x = np.array(features, dtype=np.float32, order="C")
@@ -216,7 +220,7 @@ def _row_of(emb: dict, key: str, source: str | None) -> int:
         )
     if len(rows) > 1:
         raise UserError(
-            f"--key {key}: in several sources ({', '.join(emb['source'][rows])}); add --source with one of them"
+            f"--key {key}: in several sources ({', '.join(emb['source'][rows])}); add --data-dir with one of them"
         )
     return int(rows[0])
 
@@ -262,35 +266,69 @@ def embed_image(
 
 
 def similar(
-    embeddings: str,
+    embeddings: str | None = None,
     key: str | None = None,
-    source: str | None = None,
+    data_dir: str | None = None,
     image: str | None = None,
     checkpoint: str | None = None,
-    k: int = 16,
+    k: int | None = None,
     out: str | None = None,
     json_out: str | None = None,
-    anomaly: bool = False,
-    index: str = "auto",
+    anomaly: bool | None = None,
+    index: str | None = None,
     hdu: str | None = None,
-    pixel_scale: float | None = None,
-    orientation: str = "simulator",
-    top: int = 16,
+    input_pixel_scale: float | None = None,
+    orientation: str | None = None,
+    top: int | None = None,
     progress: bool = True,
     table: list[str] | str | None = None,
-    stretch: str = "asinh",
+    stretch: str | None = None,
+    config: SimilarConfig | None = None,
 ) -> dict:
     """Nearest neighbours of one image (``key`` or ``image``), or ``anomaly`` scores of all; see module doc.
     ``stretch``: the figure's image display (:mod:`hpc_lensiam.shards.display`)."""
-    from ..shards.display import check_stretch
-
-    check_stretch(stretch)
-    if sum(x is not None and x is not False for x in (key, image, anomaly or None)) != 1:
-        raise UserError("similar: give exactly one of --key, --image, --anomaly")
-    if image is not None and checkpoint is None:
-        raise UserError("--image needs --checkpoint (the backbone the embeddings were made with)")
-    if k < 1:
-        raise UserError(f"-k: must be >= 1, got {k}")
+    if config is None:  # the Python API's arguments (None: the config's default), validated once
+        config = from_flags(
+            SimilarConfig,
+            dict(
+                embeddings=embeddings,
+                key=key,
+                data_dir=data_dir,
+                image=image,
+                checkpoint=checkpoint,
+                k=k,
+                out=out,
+                json=json_out,
+                anomaly=anomaly,
+                index=index,
+                hdu=hdu,
+                input_pixel_scale=input_pixel_scale,
+                orientation=orientation,
+                top=top,
+                table=[table] if isinstance(table, str) else table,
+                stretch=stretch,
+            ),
+        )
+        config.check_complete()
+    c = config
+    embeddings, key, source, image, checkpoint, k, out = (
+        c.embeddings,
+        c.key,
+        c.data_dir,
+        c.image,
+        c.checkpoint,
+        c.k,
+        c.out,
+    )
+    json_out, anomaly, index, hdu, pixel_scale, orientation = (
+        c.json,
+        c.anomaly,
+        c.index,
+        c.hdu,
+        c.input_pixel_scale,
+        c.orientation,
+    )
+    top, table, stretch = c.top, c.table, c.stretch
     for path, flag in ((out, "--out"), (json_out, "--json")):  # before the search, not after it
         if path:
             check_output_file(path, flag)

@@ -31,9 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.config import from_flags
 from ..core.errors import UserError
 from ..core.io import atomic_path, check_output_file
 from ..shards.manifest import LENS_PARAMS, UNITS, read_manifest
+from .config import UmapConfig
 from .extract import load_embeddings
 
 LABELS = {
@@ -298,15 +300,16 @@ def _overlay_items(emb: dict) -> tuple[list[str], list[dict | None]]:
 
 
 def run_umap(
-    embeddings: str,
-    out: str,
+    embeddings: str | None = None,
+    out: str | None = None,
     color: list[str] | None = None,
-    seed: int = 0,
-    n_neighbors: int = 15,
-    min_dist: float = 0.1,
+    seed: int | None = None,
+    n_neighbors: int | None = None,
+    min_dist: float | None = None,
     overlay: str | None = None,
     coords_out: str | None = None,
-    stretch: str = "asinh",
+    stretch: str | None = None,
+    config: UmapConfig | None = None,
 ) -> dict:
     """Fit a seeded 2-D UMAP, draw one panel per column in ``color``, write the coordinates to
     ``coords_out`` (default: ``out`` with suffix ``.csv``). The input files are only read.
@@ -314,11 +317,31 @@ def run_umap(
     ``overlay``: a second embeddings file (real images, same backbone) placed on the fitted map,
     marked, numbered and drawn as thumbnails; its rows go into the same CSV (``set`` = overlay).
     """
-    from ..shards.display import check_stretch
-
-    check_stretch(stretch)
-    if seed < 0:
-        raise UserError(f"--seed: must be >= 0, got {seed}")
+    if config is None:  # the Python API's arguments (None: the config's default), validated once
+        config = from_flags(
+            UmapConfig,
+            dict(
+                embeddings=None if embeddings is None else str(embeddings),
+                out=None if out is None else str(out),
+                color=None if color is None else ",".join(color),
+                seed=seed,
+                n_neighbors=n_neighbors,
+                min_dist=min_dist,
+                overlay=None if overlay is None else str(overlay),
+                coords=None if coords_out is None else str(coords_out),
+                stretch=stretch,
+            ),
+        )
+    c = config
+    embeddings, out, seed, n_neighbors, min_dist, overlay = (
+        c.embeddings,
+        c.out,
+        c.seed,
+        c.n_neighbors,
+        c.min_dist,
+        c.overlay,
+    )
+    color, coords_out, stretch = [x for x in c.color.split(",") if x.strip()], c.coords, c.stretch
     check_output_file(out, "--out")
     coords_path = Path(coords_out) if coords_out else Path(out).with_suffix(".csv")
     check_output_file(coords_path, "--coords")

@@ -106,7 +106,7 @@ def check_covers(info: CutoutInfo, cfg: IngestConfig) -> None:
 
 # The target grid may resample an input by at most this factor either way. Real pairs stay well
 # inside it (SDSS 0.396"/px onto HST's 0.05" is 7.9; JWST 0.031" onto Euclid's 0.1" is 1/3.2); a
-# factor beyond it is a wrong --pixel-scale or WCS (50"/px, 1 deg/px), whose result is one input
+# factor beyond it is a wrong --input-pixel-scale or WCS (50"/px, 1 deg/px), whose result is one input
 # pixel smeared over the whole field: a constant image.
 MAX_RESAMPLE = 20.0
 
@@ -120,9 +120,10 @@ def check_scale(info: CutoutInfo, cfg: IngestConfig) -> None:
         return
     factor = f"upsampled {up:.3g}x" if up > MAX_RESAMPLE else f"downsampled {down:.3g}x"
     scale = f'{sx:g}"/px' if abs(sx - sy) <= 1e-9 * sx else f'{sx:g}" x {sy:g}"/px'
-    where = f"--pixel-scale {cfg.input_pixel_scale_arcsec:g}: {info.path}" if info.scale_from == "flag" else info.path
+    flag = info.scale_from == "flag"
+    where = f"--input-pixel-scale {cfg.input_pixel_scale_arcsec:g}: {info.path}" if flag else info.path
     raise UserError(
-        f"{where}: input pixel scale {scale} ({'from --pixel-scale' if info.scale_from == 'flag' else 'from its WCS'}) "
+        f"{where}: input pixel scale {scale} ({'from --input-pixel-scale' if flag else 'from its WCS'}) "
         f'would be {factor} onto the target grid of {t:g}"/px (expected within {MAX_RESAMPLE:g}x either way: '
         f'an input scale of {t / MAX_RESAMPLE:g} to {t * MAX_RESAMPLE:g}"/px); check the pixel scale'
     )

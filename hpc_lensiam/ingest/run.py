@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from ..core import __version__
-from ..core.config import to_dict
-from ..core.errors import UserError
+from ..core.config import FLAGS, from_dict, name_flags, to_dict
+from ..core.errors import ConfigError, UserError
 from ..core.io import sha256_file, sha256_json
 from ..shards.cutouts import CHANNEL_RULE, HDF5_SUFFIXES, PSF_DATASET, expand, find_psf, inspect_cutout, read_psf
 from ..shards.manifest import LENS_PARAMS, MANIFEST_FORMAT, UNITS, shard_name
 from ..shards.writer import ShardPlan, check_existing, encode_sample, write_shard_set, write_tar
-from .config import IngestConfig
+from .config import IngestCommandConfig, IngestConfig
 from .prepare import prepare
 
 LABEL_NAMES = (*LENS_PARAMS, "is_lens")
@@ -419,6 +419,34 @@ def _write_one(out_dir: Path, cfg: IngestConfig, objs: list[Obj], good: list[int
     return write
 
 
+def check_args(
+    out_dir: str,
+    files: Sequence[str] | None,
+    list_csv: str | None,
+    labels_csv: str | None,
+    config: IngestConfig,
+    skip_bad: bool,
+) -> IngestConfig:
+    """The Python API's arguments checked as the command's config (:class:`IngestCommandConfig`: its checks,
+    written once, name the flags), before anything is read; the data set's own config (validated)."""
+    from dataclasses import fields
+
+    values = {f.name: getattr(config, f.name) for f in fields(IngestConfig)}
+    values.update(
+        out=str(out_dir),
+        files=[str(f) for f in files or ()],
+        list_csv=None if list_csv is None else str(list_csv),
+        labels_csv=None if labels_csv is None else str(labels_csv),
+        skip_bad=skip_bad,
+    )
+    try:
+        cmd = from_dict(IngestCommandConfig, values, FLAGS)
+    except ConfigError as exc:
+        raise ConfigError(name_flags(str(exc), IngestCommandConfig)) from None
+    cmd.check_complete()
+    return cmd.grid()
+
+
 def ingest(
     out_dir: str,
     files: Sequence[str] | None = None,
@@ -431,9 +459,7 @@ def ingest(
     """Ingest real cutouts into single-mode shards under ``out_dir``; return the manifest."""
     from ..core.runtime import mpi_world
 
-    cfg = config or IngestConfig()
-    if bool(files) == bool(list_csv):
-        raise UserError("ingest: give input files or --list catalog.csv (one of the two)")
+    cfg = check_args(out_dir, files, list_csv, labels_csv, config or IngestConfig(), skip_bad)
     entries = [(str(f), None, {}) for f in files] if files else read_catalog(list_csv)
     objs = make_objects(entries, cfg, list_csv)
     n_labelled = read_labels(labels_csv, objs) if labels_csv else 0

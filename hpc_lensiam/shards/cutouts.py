@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.config import option
 from ..core.errors import UserError
-
 
 
 @dataclass
@@ -33,12 +33,17 @@ class CutoutOptions:
     """How a cutout file is read (the reader's part of ``ingest``'s config, which extends it; ``simulate
     --match`` reads with the defaults). Lives with the reader, below both stages that read real files."""
 
-    hdu: str | None = None  # name or index; None: the first HDU holding a 2-D image
-    rms_hdu: str | None = "auto"  # name/index, "auto" (X_FLUX -> X_RMS if present) or None
-    weight_hdu: str | None = None  # inverse-variance map: weight <= 0 = no data
-    rms_no_data: float = 1e15  # RMS at or above this (Euclid writes 1e16) = no data
-    input_pixel_scale_arcsec: float | None = None  # files whose header gives none (no CD/CDELT, every .npy)
-    each_hdu: bool = False  # FITS: every 2-D image HDU is an object (stamp files), not only the first
+    hdu: str | None = option(None, "image HDU name or index (default: the first 2-D image)")
+    rms_hdu: str | None = option("auto", "RMS HDU masking no-data pixels: NAME|INDEX|auto|none")
+    weight_hdu: str | None = option(None, "weight HDU: weight <= 0 masks a pixel")
+    rms_no_data: float = option(1e15, "RMS at or above this (Euclid writes 1e16) is no data")
+    input_pixel_scale_arcsec: float | None = option(
+        None,
+        "arcsec/pixel of inputs whose header has no CD/CDELT (and of .npy files)",
+        flag="--input-pixel-scale",
+        metavar="ARCSEC",
+    )
+    each_hdu: bool = option(False, "FITS: every 2-D image HDU is an object (stamp files), not only the first")
 
 
 @dataclass

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from ..core.errors import UserError
+from ..core.config import option
+from ..core.errors import ConfigError, UserError
 from ..core.io import check_output_file
+from .display import DEFAULT_STRETCH, STRETCH_HELP, STRETCHES
 from .manifest import read_manifest
 from .reader import iter_samples
+
+
+@dataclass
+class ShowConfig:
+    """``hpc-lensiam show``: a PNG grid of a data set's first samples."""
+
+    data_dir: str | None = option(None, "the shard folder", positional=True, required=True)
+    out: str | None = option(None, "the PNG", required=True)
+    n: int = option(8, "how many samples", flag="-n")
+    stretch: str = option(DEFAULT_STRETCH, STRETCH_HELP, choices=STRETCHES)
+
+    def validate(self, where: str) -> None:
+        if self.n < 1:
+            raise ConfigError(f"{where}.n: expected >= 1, got {self.n}")
 
 
 def caption(params: dict) -> str:

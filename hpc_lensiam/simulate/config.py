@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.config import Range, check_fraction, check_range, from_dict, read_yaml
+from ..core.config import Range, check_fraction, check_range, from_dict, option, read_yaml
 from ..core.errors import ConfigError
 
 
@@ -210,3 +210,79 @@ def simulation_config(
             continue
         data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
     return from_dict(SimulationConfig, data, where)
+
+
+SAMPLE_KINDS = ("pairs", "single")  # simulate --samples
+MODES = ("lensiam", "single")  # the manifest's name of each of SAMPLE_KINDS, in order
+RENDERERS = ("lenstronomy", "torch")  # LensSimulator, or its batched torch twin (docs/online.md)
+TORCH_FAMILIES = ("paper",)  # the families the torch renderer implements (the EPL + shear one)
+FAMILIES = ("paper", "survey")  # the generative models (simulate/families.py)
+SIMULATE_PRESETS = ("hst", "euclid", "hst-f140w")  # hst-f140w: simulate/match.py's matched preset
+
+
+@dataclass
+class SimulateConfig:
+    """``hpc-lensiam simulate``: what to simulate, how many and where; the physics is ``physics``'s YAML."""
+
+    out: str | None = option(None, "output shard directory", required=True)
+    pairs: int | None = option(None, "number of samples (pairs, or images with --samples single)", required=True)
+    samples: str = option(
+        "pairs", "pairs: two views of each lens (LenSiam pretraining); single: one image each", choices=SAMPLE_KINDS
+    )
+    shard_size: int = option(1000, "samples per shard")
+    preset: str | None = option(
+        None, "instrument; hst-f140w: the DESI-HST F140W lenses' (docs/simulation.md)", choices=SIMULATE_PRESETS
+    )
+    seed: int = option(0, "random seed of the data set")
+    physics: str | None = option(
+        None, "simulation YAML: priors and instrument (SimulationConfig, or the survey family's)", metavar="YAML"
+    )
+    family: str = option(
+        "paper", "generative model: the paper's or the survey-realistic one (docs/survey.md)", choices=FAMILIES
+    )
+    lens_fraction: float | None = option(
+        None, "survey family: fraction of lenses (default 0.5 single, 1.0 pairs); the rest non-lenses"
+    )
+    renderer: str = option(
+        "lenstronomy",
+        "paper family: lenstronomy (LensSimulator) or the batched torch renderer (docs/online.md)",
+        choices=RENDERERS,
+    )
+    device: str = option("cpu", "--renderer torch: torch device (cpu, cuda, cuda:1)")
+    match: str | None = option(
+        None,
+        "simulate the instrument of a real cutout (lenstronomy HDF5 or FITS): scale, field, PSF, noise, flux",
+        metavar="FILE",
+    )
+    match_psf: str | None = option(None, "--match: its PSF (default: found as ingest does)", metavar="FILE")
+    num_pix: int | None = option(None, "--match / hst-f140w: image side (default: the file's)")
+    correlated_noise: float | None = option(
+        None, "--match / hst-f140w: neighbour correlation of the background noise (default 0: white)", metavar="RHO"
+    )
+    cosmos_dir: str | None = option(None, "GalSim real-galaxy-catalog folder (COSMOS 23.5/25.2)")
+    psf: list[str] = option(help="PSF FITS files (image or cube)", metavar="FITS", default_factory=list)
+    psf_pixel_scale: float | None = option(None, "arcsec/pixel of the PSF files")
+
+    def validate(self, where: str) -> None:
+        if self.pairs is not None and self.pairs < 1:
+            raise ConfigError(f"{where}.pairs: must be >= 1, got {self.pairs}")
+        if self.shard_size < 1:
+            raise ConfigError(f"{where}.shard_size: must be >= 1, got {self.shard_size}")
+        if self.seed < 0:
+            raise ConfigError(f"{where}.seed: must be >= 0, got {self.seed}")
+        if self.lens_fraction is not None:
+            check_fraction(where, "lens_fraction", self.lens_fraction)
+        if self.renderer == "torch" and self.family not in TORCH_FAMILIES:
+            raise ConfigError(
+                f"{where}.renderer: torch renders the paper family (EPL + shear) only, not --family {self.family}"
+            )
+        matched = (self.match, self.match_psf, self.num_pix, self.correlated_noise)
+        if self.renderer == "torch" and (any(v is not None for v in matched) or self.preset == "hst-f140w"):
+            raise ConfigError(
+                f"{where}.renderer: torch renders the paper presets only, not --match or a matched preset"
+            )
+
+    @property
+    def mode(self) -> str:
+        """The manifest's name of ``samples``: lensiam (pairs) or single."""
+        return MODES[SAMPLE_KINDS.index(self.samples)]

@@ -12,9 +12,7 @@ from collections.abc import Callable
 
 from ..core.config import merge
 from ..core.errors import UserError
-from .config import SimulationConfig, simulation_config
-
-FAMILIES = ("paper", "survey")
+from .config import FAMILIES, SimulationConfig, simulation_config
 
 
 def resolve_config(

@@ -2,7 +2,7 @@
 
 Why: the lenstronomy path renders ~80 pairs/s per CPU core, while a GPU trainer consumes thousands
 per second; rendering on the training device lets every step see fresh pairs (``train --data
-online``) and makes ``simulate --engine torch`` fast on a GPU.
+online``) and makes ``simulate --renderer torch`` fast on a GPU.
 
 Same physics, step for step (each step names the numpy code it mirrors; the tests compare images):
 

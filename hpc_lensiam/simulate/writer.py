@@ -19,9 +19,7 @@ from ..core.errors import UserError
 from ..core.io import sha256_file, sha256_json
 from ..shards.manifest import MANIFEST_FORMAT, shard_name
 from ..shards.writer import ShardPlan, check_existing, encode_sample, write_shard_set, write_tar
-
-MODES = ("lensiam", "single")
-ENGINES = ("lenstronomy", "torch")  # LensSimulator, or its batched torch twin (docs/online.md)
+from .config import MODES, RENDERERS, TORCH_FAMILIES
 
 
 def shard_rng(seed: int, index: int) -> np.random.Generator:
@@ -147,7 +145,7 @@ def _local_rank(comm) -> int:
 
 
 def torch_simulator(cfg, device: str, local_rank: int = 0):
-    """``--engine torch``: the batched renderer on ``device`` (float32, as the shards store); under
+    """``--renderer torch``: the batched renderer on ``device`` (float32, as the shards store); under
     MPI each rank renders on its own GPU (:func:`rank_device`), not all on ``cuda:0``."""
     import torch
 
@@ -188,13 +186,13 @@ def simulate_shards(
 
     comm, rank, _ = mpi_world()  # the srun-singleton check, before any work
     if mode not in MODES:
-        raise UserError(f"--mode: {mode!r} is not one of {', '.join(MODES)}")
-    if engine not in ENGINES:
-        raise UserError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
-    if engine == "torch" and family != "paper":
-        raise UserError(f"--engine torch: renders the paper family (EPL + shear) only, not --family {family}")
+        raise UserError(f"mode: {mode!r} is not one of {', '.join(MODES)} (--samples pairs|single)")
+    if engine not in RENDERERS:
+        raise UserError(f"--renderer: {engine!r} is not one of {', '.join(RENDERERS)}")
+    if engine == "torch" and family not in TORCH_FAMILIES:
+        raise UserError(f"--renderer torch: renders the paper family (EPL + shear) only, not --family {family}")
     if engine == "torch" and (any(v is not None for v in (match or {}).values()) or preset == "hst-f140w"):
-        raise UserError("--engine torch: renders the paper presets only, not --match or a matched preset")
+        raise UserError("--renderer torch: renders the paper presets only, not --match or a matched preset")
     if num_samples < 1 or shard_size < 1:
         raise UserError(f"--pairs and --shard-size must be >= 1 (got {num_samples}, {shard_size})")
     if -(-num_samples // shard_size) > MAX_SHARDS:  # before anything else: the count alone is enough

@@ -3,8 +3,39 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..core.errors import ConfigError
+
+
+def _archs() -> tuple:
+    from ..models.backbones import ARCHS
+
+    return tuple(ARCHS)
+
+
+def _methods() -> tuple:
+    from ..models.methods import METHODS
+
+    return tuple(METHODS)
+
+
+def _optimizers() -> tuple:
+    from .optim import OPTIMIZERS
+
+    return tuple(OPTIMIZERS)
+
+
+# Allowed values of TrainConfig's fields: the flags show them, from_dict checks them.
+TRAIN_CHOICES = {
+    "mode": ("lensiam", "simsiam"),
+    "engine": ("ddp", "deepspeed"),
+    "precision": ("fp32", "bf16", "fp16"),
+    "arch": _archs,
+    "method": _methods,
+    "optimizer": _optimizers,
+    "lr_scaling": ("linear", "sqrt"),
+}
 
 
 @dataclass
@@ -64,23 +95,61 @@ class TrainConfig:
     online_epoch_samples: int = 100_000  # --data online: samples (pairs or images) per epoch, all ranks
     online_compile: bool = False  # --data online: torch.compile the ray shooting (minutes once, then fast)
 
-    def validate(self, where: str) -> None:
-        from ..models.backbones import ARCHS
-        from ..models.methods import METHODS
-        from .optim import OPTIMIZERS
+    # The flags' help and allowed values (core.config.option's metadata, kept beside the field list).
+    FLAG_META: ClassVar[dict] = {
+        "data": {"help": "shard folder, or online[:FAMILY_OR_CONFIG] (batches rendered on the device)"},
+        "out": {"help": "run folder: checkpoints, logs, config.yaml"},
+        "mode": {"help": "lensiam: the stored pair's two views; simsiam: two augmentations of one image"},
+        "method": {"help": "self-supervised method (docs/methods.md); sets its recipe's defaults"},
+        "optimizer": {"help": "the method's/backbone's recipe sets it"},
+        "lr_scaling": {"help": "linear: lr = base_lr x batch/256; sqrt: base_lr x sqrt(batch)"},
+        "engine": {"help": "distributed engine: torch DDP or DeepSpeed"},
+        "precision": {"help": "training precision (docs/gpu.md)"},
+        "arch": {"help": "backbone (the method's recipe may depend on it)"},
+        "batch_size": {"help": "per rank"},
+        "max_steps": {"help": "stop early (tests, smoke runs)"},
+        "base_lr": {"help": "lr = base_lr x global_batch / 256 (lr_scaling linear)"},
+        "loader_timeout": {"help": "seconds without a batch from the loader's workers, then a one-line error"},
+        "ckpt_every": {"help": "steps between periodic checkpoints (plus last.pt)"},
+        "keep_last": {"help": "periodic step_*.pt kept (newest); 0 keeps all"},
+        "probe_data": {"help": "held-out shards: ridge R^2 of theta_E, e1, gamma every --probe-every steps"},
+        "dist_timeout": {"help": "minutes a collective waits for a silent rank before the run stops naming it"},
+        "online_epoch_samples": {"help": "--data online: samples (pairs or images) per epoch, all ranks"},
+        "zero_init_residual": {"help": "zero-init each residual block's last BN (SimSiam); off for short runs"},
+        "grad_accum": {"help": "micro-batches per optimizer step"},
+        "epochs": {"help": "passes over the data"},
+        "momentum": {"help": "SGD/LARS momentum"},
+        "weight_decay": {"help": "weight decay"},
+        "warmup_epochs": {"help": "linear lr warm-up, then cosine decay"},
+        "fix_pred_lr": {"help": "SimSiam: the predictor keeps the base lr (no decay)"},
+        "proj_dim": {"help": "projector output width"},
+        "proj_hidden_dim": {"help": "projector hidden width (default: proj_dim)"},
+        "pred_dim": {"help": "predictor hidden width (SimSiam, BYOL)"},
+        "ema_tau_base": {"help": "BYOL: target decay at step 0, cosine to 1"},
+        "temperature": {"help": "SimCLR: NT-Xent temperature"},
+        "vicreg_sim_coeff": {"help": "VICReg: invariance weight"},
+        "vicreg_std_coeff": {"help": "VICReg: variance weight"},
+        "vicreg_cov_coeff": {"help": "VICReg: covariance weight"},
+        "workers": {"help": "loader worker processes per rank"},
+        "shuffle_buffer": {"help": "samples in the loader's shuffle buffer"},
+        "seed": {"help": "random seed of the run"},
+        "log_every": {"help": "steps between log lines"},
+        "deterministic": {"help": "deterministic algorithms, cudnn.benchmark off (docs/gpu.md)"},
+        "probe_every": {"help": "steps between lens-physics probes (with --probe-data)"},
+        "probe_samples": {"help": "samples of --probe-data embedded per probe (first ones, manifest order)"},
+        "channels_last": {"help": "channels-last memory format (CUDA only)"},
+        "sync_batchnorm": {"help": "SyncBatchNorm across ranks (world size > 1); off: per-rank BN"},
+        "deepspeed_config": {"help": "DeepSpeed JSON config (--engine deepspeed)"},
+        "zero_stage": {"help": "DeepSpeed ZeRO stage (0 or 1)"},
+        "skip_bad_samples": {"help": "skip undecodable samples with a warning instead of stopping"},
+        "verify": {"help": "sha256 of every shard against the manifest before training"},
+        "online_compile": {"help": "--data online: torch.compile the ray shooting (minutes once, then fast)"},
+    }
+    for _name, _allowed in TRAIN_CHOICES.items():
+        FLAG_META[_name] = {**FLAG_META.get(_name, {}), "choices": _allowed}
+    del _name, _allowed
 
-        choices = {
-            "mode": ("lensiam", "simsiam"),
-            "engine": ("ddp", "deepspeed"),
-            "precision": ("fp32", "bf16", "fp16"),
-            "arch": ARCHS,
-            "method": tuple(METHODS),
-            "optimizer": OPTIMIZERS,
-            "lr_scaling": ("linear", "sqrt"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{where}.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+    def validate(self, where: str) -> None:
         for name in (
             "batch_size",
             "grad_accum",

@@ -1,4 +1,4 @@
-"""The torch renderer in the pipeline: ``simulate --engine torch`` shards and ``train --data online``."""
+"""The torch renderer in the pipeline: ``simulate --renderer torch`` shards and ``train --data online``."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_simulate_engine_torch_shards_match_lenstronomy(bin_dir, yamls, tmp_path
     out = tmp_path / "torch_ds"
     args = [
         "simulate",
-        "--engine",
+        "--renderer",
         "torch",
         "--out",
         out,
@@ -64,7 +64,7 @@ def test_simulate_engine_torch_shards_match_lenstronomy(bin_dir, yamls, tmp_path
         4,
         "--seed",
         3,
-        "--config",
+        "--physics",
         yamls["no_noise"],
     ]
     proc = _cli(bin_dir, *args)
@@ -98,7 +98,7 @@ def test_simulate_engine_torch_shards_match_lenstronomy(bin_dir, yamls, tmp_path
 )
 def test_simulate_bad_device_fails_before_writing(bin_dir, tmp_path, device, match):
     out = tmp_path / "ds"
-    proc = _cli(bin_dir, "simulate", "--engine", "torch", "--device", device, "--out", out, "--pairs", 2)
+    proc = _cli(bin_dir, "simulate", "--renderer", "torch", "--device", device, "--out", out, "--pairs", 2)
     assert proc.returncode == 2 and match in proc.stderr and "--device" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
 
@@ -165,7 +165,7 @@ def test_online_simsiam_mode_trains(yamls, tmp_path):
         (["--data", "online:nonsense"], "unknown simulation family or config 'nonsense'"),
         (["--data", "online:missing.yaml"], "missing.yaml: config file not found"),
         (["--data", "online", "--online-epoch-samples", "4"], "--online-epoch-samples 4 is smaller than one step"),
-        (["--data", "online", "--online-epoch-samples", "0"], "online_epoch_samples: must be >= 1"),
+        (["--data", "online", "--online-epoch-samples", "0"], "--online-epoch-samples: must be >= 1"),
     ],
 )
 def test_online_bad_input_is_one_line(tmp_path, capsys, args, match):

@@ -207,7 +207,7 @@ def test_compare_and_seeds_bad_input(reports, single_shards, tmp_path):
 
 @pytest.fixture(scope="module")
 def survey_set(tmp_path_factory) -> Path:
-    """72 survey-family single images, half lenses (``simulate --family survey --mode single --lens-fraction 0.5
+    """72 survey-family single images, half lenses (``simulate --family survey --samples single --lens-fraction 0.5
     --preset euclid``), 48 x 48 px without supersampling: 32 train, then 40 test images (~20 of each class)."""
     from hpc_lensiam.simulate.writer import simulate_shards
 

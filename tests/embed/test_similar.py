@@ -130,7 +130,7 @@ def test_similar_by_key_real_lens_among_simulations(mixed, real_dir, tmp_path, c
             "--embeddings",
             str(mixed),
             "--key",
-            EUCLID.stem,  # the object's name: unique across the two folders, so no --source
+            EUCLID.stem,  # the object's name: unique across the two folders, so no --data-dir
             "-k",
             "5",
             "--out",
@@ -159,7 +159,7 @@ def test_similar_by_key_real_lens_among_simulations(mixed, real_dir, tmp_path, c
 
 
 def test_similar_by_image_equals_by_key(mixed, ckpt, real_dir, tmp_path, lensiam_shards):
-    by_key = similar(str(mixed), key=EUCLID.stem, source=str(real_dir), k=4, progress=False)
+    by_key = similar(str(mixed), key=EUCLID.stem, data_dir=str(real_dir), k=4, progress=False)
     png = tmp_path / "by_image.png"  # the query panel: the re-ingested file, its scale from the ingest grid
     by_img = similar(str(mixed), image=str(EUCLID), checkpoint=str(ckpt), k=5, progress=False, out=str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -292,7 +292,7 @@ def test_umap_colours_by_any_column_says_what_it_does_and_only_reads_its_input(m
 def test_similar_figures_with_each_stretch(mixed, real_dir, tmp_path, stretch):
     key, anomaly = tmp_path / "key.png", tmp_path / "anomaly.png"
     common = ["similar", "--embeddings", str(mixed), "--stretch", stretch]
-    assert main(common + ["--key", EUCLID.stem, "--source", str(real_dir), "-k", "3", "--out", str(key)]) == 0
+    assert main(common + ["--key", EUCLID.stem, "--data-dir", str(real_dir), "-k", "3", "--out", str(key)]) == 0
     assert main(common + ["--anomaly", "-k", "3", "--top", "2", "--out", str(anomaly)]) == 0
     assert key.read_bytes()[:8] == anomaly.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -512,7 +512,7 @@ def test_names_round_trip_from_ingest_to_embed_similar_and_predict(ckpt, single_
     assert main(["similar", "--embeddings", str(emb), "--key", "J0.x"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "in several sources" in err and data[1] in err and data[2] in err
-    by_src = similar(str(emb), key="J0.x", source=data[2], k=3, progress=False)
+    by_src = similar(str(emb), key="J0.x", data_dir=data[2], k=3, progress=False)
     assert by_src["query"]["source"] == data[2]
 
     # --anomaly: one row per image, names and kept columns

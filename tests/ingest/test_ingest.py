@@ -237,6 +237,21 @@ def test_bad_labels_and_catalog(bad_inputs, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_python_api_checks_its_config_like_the_flags_before_reading(tmp_path):
+    """ingest() with an IngestConfig built directly (never validated) checked nothing: a 4 px grid went on to
+    read the inputs. Its arguments are checked as the command's config, naming the flag, before any file."""
+    out, missing = tmp_path / "out", str(tmp_path / "missing.fits")
+    with pytest.raises(UserError, match=r"^--num-pix: 4 is too small \(expected >= 8\)$"):
+        ingest(str(out), files=[missing], config=IngestConfig(num_pix=4), progress=False)
+    with pytest.raises(UserError, match=r"^--target-pixel-scale: must be > 0, got -0.1$"):
+        ingest(str(out), files=[missing], config=IngestConfig(pixel_scale_arcsec=-0.1), progress=False)
+    with pytest.raises(UserError, match=r"^--list: give input files or --list catalog.csv \(one of the two\)$"):
+        ingest(str(out), files=[missing], list_csv=str(tmp_path / "cat.csv"), progress=False)
+    with pytest.raises(UserError, match=r"^ingest: give input files or --list catalog.csv \(one of the two\)$"):
+        ingest(str(out), progress=False)
+    assert not out.exists()
+
+
 def test_skip_bad_warns_counts_and_writes_the_rest(bad_inputs, tmp_path, capsys):
     out = tmp_path / "out"
     rc, text, err = run_cli(
@@ -439,21 +454,24 @@ def test_rerun_after_an_input_was_edited_is_refused_naming_it(tmp_path, bin_dir)
 @pytest.mark.parametrize(
     "case,expect",
     [
-        ("npy_50", ["--pixel-scale 50: ", 'input pixel scale 50"/px (from --pixel-scale) would be upsampled 500x']),
+        (
+            "npy_50",
+            ["--input-pixel-scale 50: ", 'input pixel scale 50"/px (from --input-pixel-scale) would be upsampled 500x'],
+        ),
         ("wcs_1deg", ['input pixel scale 3600"/px (from its WCS) would be upsampled 3.6e+04x', "within 20x"]),
         ("wcs_tiny", ['would be downsampled 40x onto the target grid of 0.1"/px', '0.005 to 2"/px']),
         ("plateau", ["is constant on the target grid (no structure"]),
     ],
 )
 def test_implausible_resampling_or_a_constant_result_is_refused(tmp_path, capsys, case, expect):
-    """Issue 25: --pixel-scale 50 (or a WCS of 1 deg/px) gave exit 0 and a constant image. The input
+    """Issue 25: --input-pixel-scale 50 (or a WCS of 1 deg/px) gave exit 0 and a constant image. The input
     scale must be within 20x of the target's either way, and a result with no structure is refused."""
     img = sky_image(100, 0.05, [(0, 0, 10.0, 0.2)])
     extra = []
     if case == "npy_50":
         path = tmp_path / "cut.npy"
         np.save(path, img)
-        extra = ["--pixel-scale", 50]
+        extra = ["--input-pixel-scale", 50]
     elif case == "wcs_1deg":
         path = write_fits(tmp_path / "cut.fits", img, 3600.0)
     elif case == "wcs_tiny":

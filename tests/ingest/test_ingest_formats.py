@@ -169,7 +169,7 @@ def test_rgb_png_one_channel_by_the_documented_rule_with_a_warning(tmp_path, cap
         tmp_path / "cut.png",
         "--out",
         out,
-        "--pixel-scale",
+        "--input-pixel-scale",
         0.1,
         "--preset",
         "euclid",

@@ -258,7 +258,7 @@ def test_two_simulate_jobs_started_one_second_apart(tmp_path):
             "2",
             "--seed",
             "0",
-            "--config",
+            "--physics",
             str(yaml_path),
         ],
         stdout=subprocess.PIPE,
@@ -270,7 +270,7 @@ def test_two_simulate_jobs_started_one_second_apart(tmp_path):
     while time.time() < deadline and not (out / ".lock").is_file():
         time.sleep(0.05)
     time.sleep(1)
-    b = cli("simulate", "--out", out, "--pairs", 40, "--shard-size", 2, "--seed", 1, "--config", yaml_path)
+    b = cli("simulate", "--out", out, "--pairs", 40, "--shard-size", 2, "--seed", 1, "--physics", yaml_path)
     a_out, a_err = a.communicate(timeout=600)
     assert a.returncode == 0, a_err[-2000:]
     line = one_error_line(b)
@@ -584,7 +584,7 @@ def test_bad_values_fail_at_the_door_in_one_line_writing_nothing(tmp_path, data)
     nan_yaml = tmp_path / "nan.yaml"
     nan_yaml.write_text("lens:\n  theta_E_arcsec: [.nan, 1]\n")
     assert "theta_E_arcsec" in one_error_line(
-        cli("simulate", "--out", tmp_path / "s", "--pairs", 2, "--config", nan_yaml)
+        cli("simulate", "--out", tmp_path / "s", "--pairs", 2, "--physics", nan_yaml)
     )
     assert "--seed: must be >= 0" in one_error_line(
         cli("simulate", "--out", tmp_path / "s", "--pairs", 2, "--seed", -1)
@@ -917,7 +917,7 @@ def test_disk_full_while_writing_shards_is_one_line_and_leaves_no_partial_file(s
     out = small_fs / "ds"
     yaml_path = tmp_path / "small.yaml"
     yaml_path.write_text("instrument:\n  num_pix: 32\n")
-    args = ["simulate", "--out", out, "--pairs", 60, "--shard-size", 2, "--seed", 0, "--config", yaml_path]
+    args = ["simulate", "--out", out, "--pairs", 60, "--shard-size", 2, "--seed", 0, "--physics", yaml_path]
     cmd = [str(BIN / "hpc-lensiam"), *map(str, args)]
     if ranks > 1:
         cmd = [str(BIN / "mpiexec"), "-n", str(ranks), *cmd]

@@ -160,7 +160,7 @@ def test_singleton_trap_under_slurm(slurm, tmp_path):
 
 
 # ------------------------------------------------------------------ (b) slurm/simulate.sh
-SIM = dict(PAIRS=8, SHARD_SIZE=2, SEED=5, MODE="lensiam", PRESET="hst")
+SIM = dict(PAIRS=8, SHARD_SIZE=2, SEED=5, SAMPLES="pairs", PRESET="hst")
 # Keys a manifest may carry that describe the run rather than the data set.
 RUN_KEYS = {"created", "created_at", "elapsed_s", "host", "hostname", "ranks", "num_ranks", "time"}
 
@@ -200,8 +200,8 @@ def plain_simulation(tmp_path_factory) -> dict:
             str(SIM["SHARD_SIZE"]),
             "--seed",
             str(SIM["SEED"]),
-            "--mode",
-            SIM["MODE"],
+            "--samples",
+            SIM["SAMPLES"],
             "--preset",
             SIM["PRESET"],
         ],

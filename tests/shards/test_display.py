@@ -148,7 +148,7 @@ def test_grid_shape():
 
 
 # ------------------------------------------------------------------------------------ commands
-BAD_STRETCH = "hpc-lensiam: error: --stretch: unknown stretch 'bogus' (expected one of: asinh, linear, log)"
+BAD_STRETCH = "hpc-lensiam: error: --stretch: 'bogus' is not one of asinh, linear, log"
 
 
 def test_bad_stretch_is_one_line_before_any_compute(lensiam_shards, tmp_path, capsys):
@@ -186,7 +186,7 @@ def test_ingest_preview_draws_the_ingested_cutouts(tmp_path, capsys):
     out, png = tmp_path / "real", tmp_path / "preview.png"
 
     def argv(out):
-        return ["ingest", *map(str, files), "--out", str(out), "--pixel-scale", "0.05", "--num-pix", "64"]
+        return ["ingest", *map(str, files), "--out", str(out), "--input-pixel-scale", "0.05", "--num-pix", "64"]
 
     assert main(argv(out) + ["--preview", str(png), "--stretch", "log"]) == 0
     assert png.read_bytes()[:8] == PNG

@@ -187,7 +187,7 @@ def _copy_desi(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_match_same_bytes_for_one_and_two_ranks_and_an_edited_file_is_refused(tmp_path):
     path = _copy_desi(tmp_path)
-    args = ["--pairs", 5, "--shard-size", 2, "--mode", "lensiam", "--seed", 3, "--match", path, "--num-pix", 64]
+    args = ["--pairs", 5, "--shard-size", 2, "--samples", "pairs", "--seed", 3, "--match", path, "--num-pix", 64]
     one, two = tmp_path / "one", tmp_path / "two"
     for out, ranks in ((one, 0), (two, 2)):
         proc = _cli("simulate", "--out", out, *args, ranks=ranks)

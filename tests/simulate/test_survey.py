@@ -276,7 +276,7 @@ def test_same_seed_same_bytes_whatever_the_rank_count(bin_dir, tmp_path):
         "simulate",
         "--family",
         "survey",
-        "--mode",
+        "--samples",
         "single",
         "--pairs",
         6,
@@ -284,7 +284,7 @@ def test_same_seed_same_bytes_whatever_the_rank_count(bin_dir, tmp_path):
         2,
         "--seed",
         5,
-        "--config",
+        "--physics",
         yaml,
     ]
     outs = []
@@ -405,14 +405,14 @@ def test_adaptive_supersampling_converges_where_factor_1_does_not():
     "args, message",
     [
         (["--lens-fraction", "0.3"], "--lens-fraction: only the survey family"),
-        (["--family", "survey", "--lens-fraction", "1.5"], "--lens-fraction: expected a fraction in [0, 1]"),
+        (["--family", "survey", "--lens-fraction", "1.5"], "--lens-fraction: 1.5 is not a fraction in [0, 1]"),
         (["--family", "survey", "--cosmos-dir", "/nonexistent"], "cosmos_dir: /nonexistent is not a directory"),
         (
             ["--family", "survey", "--cosmos-dir", "EMPTYDIR"],
             "has no real_galaxy_catalog_25.2.fits or real_galaxy_catalog",
         ),
-        (["--family", "survey", "--preset", "euclid", "--config", "BADYAML"], "unknown key 'selectionn'"),
-        (["--family", "survey", "--config", "BADSOURCE"], "source.cosmos_fraction: 1.5 is not a fraction in [0, 1]"),
+        (["--family", "survey", "--preset", "euclid", "--physics", "BADYAML"], "unknown key 'selectionn'"),
+        (["--family", "survey", "--physics", "BADSOURCE"], "source.cosmos_fraction: 1.5 is not a fraction in [0, 1]"),
     ],
 )
 def test_bad_input_one_line_exit_2_nothing_written(bin_dir, tmp_path, args, message):
@@ -438,7 +438,7 @@ def test_bad_input_one_line_exit_2_nothing_written(bin_dir, tmp_path, args, mess
 # ------------------------------------------------------------------ impossible parameters (issue 25 break 5)
 def _survey_cli(bin_dir, out, config, timeout=300):
     return subprocess.run(
-        [str(bin_dir / "hpc-lensiam"), "simulate", "--family", "survey", "--out", str(out), "--config", str(config)]
+        [str(bin_dir / "hpc-lensiam"), "simulate", "--family", "survey", "--out", str(out), "--physics", str(config)]
         + ["--pairs", "2", "--shard-size", "2"],
         capture_output=True,
         text=True,

@@ -45,7 +45,7 @@ def contents(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def one_rank(bin_dir, small_yaml, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one") / "ds"
-    cli(bin_dir, "simulate", "--out", out, "--pairs", 10, "--shard-size", 3, "--seed", 7, "--config", small_yaml)
+    cli(bin_dir, "simulate", "--out", out, "--pairs", 10, "--shard-size", 3, "--seed", 7, "--physics", small_yaml)
     return out
 
 
@@ -84,7 +84,7 @@ def test_two_ranks_equal_one_rank_byte_for_byte(bin_dir, small_yaml, one_rank, t
         3,
         "--seed",
         7,
-        "--config",
+        "--physics",
         small_yaml,
         ranks=2,
     )
@@ -95,7 +95,7 @@ def test_two_ranks_equal_one_rank_byte_for_byte(bin_dir, small_yaml, one_rank, t
 def test_rerun_is_a_noop(bin_dir, small_yaml, one_rank):
     before = {p.name: p.stat().st_mtime_ns for p in one_rank.glob("shard-*.tar")}
     proc = cli(
-        bin_dir, "simulate", "--out", one_rank, "--pairs", 10, "--shard-size", 3, "--seed", 7, "--config", small_yaml
+        bin_dir, "simulate", "--out", one_rank, "--pairs", 10, "--shard-size", 3, "--seed", 7, "--physics", small_yaml
     )
     assert "wrote 0 new samples (10 already done)" in proc.stdout
     assert {p.name: p.stat().st_mtime_ns for p in one_rank.glob("shard-*.tar")} == before
@@ -103,7 +103,7 @@ def test_rerun_is_a_noop(bin_dir, small_yaml, one_rank):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_data(bin_dir, small_yaml, tmp_path):
-    args = ["simulate", "--pairs", 40, "--shard-size", 2, "--seed", 3, "--config", small_yaml]
+    args = ["simulate", "--pairs", 40, "--shard-size", 2, "--seed", 3, "--physics", small_yaml]
     ref = tmp_path / "ref"
     cli(bin_dir, *args, "--out", ref)
     out = tmp_path / "killed"
@@ -136,11 +136,11 @@ def test_single_mode_and_show(bin_dir, small_yaml, tmp_path):
         4,
         "--shard-size",
         4,
-        "--mode",
+        "--samples",
         "single",
         "--preset",
         "euclid",
-        "--config",
+        "--physics",
         small_yaml,
     )
     manifest = read_manifest(out)
@@ -163,13 +163,13 @@ def _bad(bin_dir, tmp_path, *args) -> str:
 def test_bad_inputs_fail_with_one_line_and_write_nothing(bin_dir, tmp_path, small_yaml, one_rank):
     typo = tmp_path / "typo.yaml"
     typo.write_text("lens:\n  theta_e_arcsec: [1, 2]\n")
-    assert "unknown key 'theta_e_arcsec'" in _bad(bin_dir, tmp_path, "--config", typo)
+    assert "unknown key 'theta_e_arcsec'" in _bad(bin_dir, tmp_path, "--physics", typo)
     flipped = tmp_path / "flipped.yaml"
     flipped.write_text("lens:\n  gamma: [2.5, 1.5]\n")
-    assert "min > max" in _bad(bin_dir, tmp_path, "--config", flipped)
+    assert "min > max" in _bad(bin_dir, tmp_path, "--physics", flipped)
     negative = tmp_path / "negative.yaml"
     negative.write_text("lens:\n  theta_E_arcsec: [0.0, 1.0]\n")
-    assert "theta_E_arcsec" in _bad(bin_dir, tmp_path, "--config", negative)
+    assert "theta_E_arcsec" in _bad(bin_dir, tmp_path, "--physics", negative)
     assert "cosmos" in _bad(bin_dir, tmp_path, "--cosmos-dir", tmp_path / "nowhere").lower()
     broken_psf = tmp_path / "psf.fits"
     broken_psf.write_bytes(b"not a fits file")
@@ -189,7 +189,7 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(bin_dir, tmp_path, smal
         3,
         "--seed",
         8,
-        "--config",
+        "--physics",
         small_yaml,
         check=False,
     )
@@ -202,7 +202,18 @@ def test_singleton_trap_is_refused(bin_dir, tmp_path, small_yaml):
     env = {**os.environ, "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2"}
     out = tmp_path / "trap"
     proc = cli(
-        bin_dir, "simulate", "--out", out, "--pairs", 2, "--shard-size", 1, "--config", small_yaml, check=False, env=env
+        bin_dir,
+        "simulate",
+        "--out",
+        out,
+        "--pairs",
+        2,
+        "--shard-size",
+        1,
+        "--physics",
+        small_yaml,
+        check=False,
+        env=env,
     )
     assert proc.returncode == 2 and "mpiexec" in proc.stderr, proc.stderr
     assert not out.exists()

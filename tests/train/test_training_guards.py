@@ -304,7 +304,7 @@ def test_more_torchrun_ranks_than_visible_gpus_is_the_packages_error(monkeypatch
     assert device_for(runtime({}), cuda=True, device_count=1) == torch.device("cuda", 0)
 
 
-# ------------------------------------------------------- simulate --engine torch: device recorded
+# ------------------------------------------------------- simulate --renderer torch: device recorded
 @pytest.mark.slow
 def test_torch_engine_records_its_device_and_each_mpi_rank_gets_its_gpu(tmp_path):
     """The torch renderer's bytes depend on the device type (CPU and CUDA random streams differ):
