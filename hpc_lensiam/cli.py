@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=("lensiam", "single"), default="lensiam")
     s.add_argument(
         "--preset",
-        choices=("hst", "euclid", "hst-f140w"),
+        choices=("hst", "euclid", "lsst", "hst-f140w"),
         default=None,
         help="instrument; hst-f140w: the DESI-HST F140W lenses' (docs/simulation.md)",
     )
