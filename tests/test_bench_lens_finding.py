@@ -112,12 +112,17 @@ def test_lsst_preset_psf_and_noise_are_lenstronomys_lsst_i():
     Gaussian), the 10-year i-band coadd's sky, zero point and exposure from lenstronomy's config."""
     from lenstronomy.SimulationAPI.ObservationConfig.LSST import LSST
 
-    from hpc_lensiam.simulate.psf import PSFBank, fwhm_arcsec
+    from hpc_lensiam.simulate.psf import PSFBank, fwhm_arcsec, nyquist_oversampling
     from hpc_lensiam.simulate.survey.config import survey_config
     from hpc_lensiam.simulate.survey.noise import observation_kwargs
 
+    for preset in ("euclid", "hst"):  # their banks keep the 5x oversampling (unchanged kernels)
+        i = survey_config(preset).instrument
+        assert nyquist_oversampling(i.aperture_diameter_m, i.wavelength_nm, i.pixel_scale_arcsec) == 5
     cfg = survey_config("lsst")
     inst = cfg.instrument
+    # lambda / 2D at 755 nm, 8.36 m is 0.0093": 0.2" / 23 = 0.0087" samples it, 0.2" / 21 would not
+    assert nyquist_oversampling(inst.aperture_diameter_m, inst.wavelength_nm, inst.pixel_scale_arcsec) == 23
     assert (inst.num_pix, inst.pixel_scale_arcsec) == (64, 0.2)
     bank = PSFBank.builtin(inst, 0)
     fw = [fwhm_arcsec(k, inst.pixel_scale_arcsec) for k in bank.kernels]
