@@ -244,3 +244,10 @@ def test_slsim_sets_read_as_their_preset_and_grid(name, preset, num_pix, scale):
     ev = lf.read_eval_dir(SLSIM / name)
     assert (ev.preset, ev.num_pix, ev.pixel_scale, ev.n) == (preset, num_pix, scale, 200)
     assert sum(ev.is_lens) == 100
+
+
+def test_quick_sizes_scale_with_the_image_area_and_freeze_the_backbone():
+    assert lf.run_sizes(64, True) == lf.Sizes(1600, 400, 30, 32, True)
+    assert lf.run_sizes(100, True).n_train == 700 and lf.run_sizes(100, True).n_test == 400
+    assert lf.run_sizes(200, True).n_train == 400  # never below 400
+    assert not lf.run_sizes(64, False).freeze_backbone and lf.run_sizes(64, False).n_train == 8000
