@@ -41,6 +41,11 @@ REGISTRY = [
     Bench("gpu_check", ("--cpu-smoke",), "none: every case of the GPU path passes on the CPU (status)"),
     Bench("science", ("--quick", "--out", f"{QUICK_OUT}/science"), "LenSiam over SimSiam probe theta_E R^2"),
     Bench("methods", ("--quick", "--out", f"{QUICK_OUT}/methods"), "SimSiam lens over standard probe theta_E R^2"),
+    Bench(
+        "lens_finding",
+        ("--quick", "--eval", "../shared/data/slsim/lsst_i", "--out", f"{QUICK_OUT}/lens_finding"),
+        "held-out sims minus slsim LSST ROC AUC (the realism gap; needs the shared data beside the repo)",
+    ),
 ]
 
 

@@ -217,7 +217,8 @@ MODES = ("lensiam", "single")  # the manifest's name of each of SAMPLE_KINDS, in
 RENDERERS = ("lenstronomy", "torch")  # LensSimulator, or its batched torch twin (docs/online.md)
 TORCH_FAMILIES = ("paper",)  # the families the torch renderer implements (the EPL + shear one)
 FAMILIES = ("paper", "survey")  # the generative models (simulate/families.py)
-SIMULATE_PRESETS = ("hst", "euclid", "hst-f140w")  # hst-f140w: simulate/match.py's matched preset
+# lsst: the survey family only; hst-f140w: simulate/match.py's matched preset
+SIMULATE_PRESETS = ("hst", "euclid", "lsst", "hst-f140w")
 
 
 @dataclass

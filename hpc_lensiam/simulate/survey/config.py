@@ -21,7 +21,9 @@ FAMILY = "survey"
 # lenstronomy's SimulationAPI Euclid VIS config; hst is ACS/WFC F814W, the band of the preset's 814 nm
 # PSF, given in noise.py (lenstronomy ships HST only as WFC3/F160W, whose sky and zero point do not go
 # with an 814 nm PSF; issue 28 (4)).
-OBSERVATIONS = {"euclid": ("Euclid", "VIS"), "hst": ("HST", "ACS_F814W")}
+# lsst: lenstronomy's LSST i-band config at its default 10-year coadd (460 x 15 s, sky 20.48 mag/arcsec^2,
+# zero point 27.79, read noise 10 e-), the observatory the slsim LSST sets of ../shared/data use.
+OBSERVATIONS = {"euclid": ("Euclid", "VIS"), "hst": ("HST", "ACS_F814W"), "lsst": ("LSST", "i")}
 
 # The survey family's changes to the package's instrument presets (config.INSTRUMENT_PRESETS, shared with
 # the paper family, which keeps them). euclid: the built-in diffraction PSF of a 1.2 m aperture at 725 nm
@@ -30,7 +32,26 @@ OBSERVATIONS = {"euclid": ("Euclid", "VIS"), "hst": ("HST", "ACS_F814W")}
 # PSF of ../shared/data measures 0.207"). A 0.55 px Gaussian blur (charge diffusion, jitter and the
 # broad band together) gives a median FWHM of 0.207" over the bank (0.20-0.22"). hst: ACS/WFC F814W
 # at 0.05"/px drizzled, PSF 0.09-0.1" FWHM as built in.
-SURVEY_INSTRUMENT = {"euclid": {"detector_blur_sigma_pix": 0.55}, "hst": {}}
+#
+# lsst (survey family only, not a paper-family preset): Rubin's 8.36 m aperture (0.61 linear obstruction)
+# at 0.2"/px in i (755 nm), a 64 px (12.8") field. Its diffraction core (0.02") is nothing beside the
+# atmosphere: the Gaussian "detector" blur here carries the seeing, 1.455 px, so the bank's pixel-integrated
+# FWHM is 0.71" (tests/test_lens_finding.py), lenstronomy's LSST i-band seeing (a Gaussian PSF there too).
+# The built-in bank samples the diffraction pattern finely enough for any aperture (psf.py).
+SURVEY_INSTRUMENT = {
+    "euclid": {"detector_blur_sigma_pix": 0.55},
+    "hst": {},
+    "lsst": {
+        "name": "lsst",
+        "num_pix": 64,
+        "pixel_scale_arcsec": 0.2,
+        "aperture_diameter_m": 8.36,
+        "obstruction_frac": 0.61,
+        "wavelength_nm": 755.0,
+        "detector_blur_sigma_pix": 1.455,
+        "psf_size_pix": 15,
+    },
+}
 
 
 # Allowed values of every number in a survey config: (low, high, low excluded, high excluded); a [min, max]
@@ -384,7 +405,8 @@ def survey_config(
         raise ConfigError(
             f"{where}: unknown preset {name!r} for the survey family (expected one of: {', '.join(OBSERVATIONS)})"
         )
-    data["instrument"] = {**INSTRUMENT_PRESETS[name], **SURVEY_INSTRUMENT[name], **(data.get("instrument") or {})}
+    base = INSTRUMENT_PRESETS.get(name, {})  # lsst is the survey family's own preset
+    data["instrument"] = {**base, **SURVEY_INSTRUMENT[name], **(data.get("instrument") or {})}
     for k, v in overrides.items():
         if v is None:
             continue
