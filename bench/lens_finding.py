@@ -389,7 +389,7 @@ def run_eval(a) -> dict:
     atomic_write_text(labels, "idx,is_lens\n" + "".join(f"{i},{y}\n" for i, y in zip(ev.idx, ev.is_lens)))
     steps.run(
         "ingest_eval",
-        [*cli, "ingest", ev.images, "--labels", labels, "--pixel-scale", ev.pixel_scale, "--target-pixel-scale",
+        [*cli, "ingest", ev.images, "--labels", labels, "--input-pixel-scale", ev.pixel_scale, "--target-pixel-scale",
          ev.pixel_scale, "--num-pix", ev.num_pix, "--orientation", "asis", "--out", out / "eval_shards"],
         [out / "eval_shards" / "manifest.json"],
     )  # fmt: skip
@@ -444,7 +444,7 @@ def run_real(a) -> dict:
     cli = [str(BIN / "hpc-lensiam")]
     steps.run(
         "ingest_real",
-        [*cli, "ingest", *[p.resolve() for p, _ in rows], "--labels", labels, "--pixel-scale", a.real_pixel_scale,
+        [*cli, "ingest", *[p.resolve() for p, _ in rows], "--labels", labels, "--input-pixel-scale", a.real_pixel_scale,
          "--target-pixel-scale", grid["pixel_scale_arcsec"], "--num-pix", grid["num_pix"], "--orientation",
          "asis", "--out", out / "real_shards"],
         [out / "real_shards" / "manifest.json"],

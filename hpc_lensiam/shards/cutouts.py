@@ -98,7 +98,7 @@ def _scale_matrix(header, path: str, fallback: float | None) -> tuple[np.ndarray
             raise UserError(f"{path}: WCS pixel-scale matrix {m.tolist()} is singular")
         return m, "wcs"
     if fallback is None:
-        raise UserError(f"{path}: no pixel scale (no CD or CDELT keys in its header); pass --pixel-scale ARCSEC")
+        raise UserError(f"{path}: no pixel scale (no CD or CDELT keys in its header); pass --input-pixel-scale ARCSEC")
     return np.array([[-fallback, 0.0], [0.0, fallback]]), "flag"
 
 
