@@ -1,7 +1,7 @@
 """Does lens augmentation help every SSL method? Probe R^2 per method x augmentation, same data and budget.
 
-For each method (SimSiam, BYOL, VICReg, SimCLR) x {lens augmentation (LenSiam pairs, ``--mode
-lensiam``), standard augmentation (two SimSiam augmentations of view 1, ``--mode simsiam``)} on a
+For each method (SimSiam, BYOL, VICReg, SimCLR) x {lens augmentation (LenSiam pairs, ``--views
+lens``), standard augmentation (two SimSiam augmentations of view 1, ``--views standard``)} on a
 resnet18, plus a LenSiam run of a ViT-small at native resolution (``--vit-augs lens,standard``: and
 its standard-augmentation run): pretrain on the SAME shards
 for the SAME number of optimizer steps with each method's recipe (``train --method M``), embed the
@@ -46,7 +46,6 @@ from ledger import BIN, Steps  # noqa: E402
 from hpc_lensiam.core.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 PARAMS = ("theta_E", "e1", "gamma")
-AUGS = {"lens": "lensiam", "standard": "simsiam"}
 
 
 def ridge(probe_json: Path) -> dict:
@@ -135,7 +134,7 @@ def main() -> None:
         ckpt = run_dir / "checkpoints" / "last.pt"
         emb, pj = out / f"emb_{name}.h5", out / f"probe_{name}.json"
         if not a.report_only:
-            train = ["train", "--data", shards, "--out", run_dir, "--method", method, "--mode", AUGS[aug]]
+            train = ["train", "--data", shards, "--out", run_dir, "--method", method, "--views", aug]
             train += ["--arch", arch, "--batch-size", a.batch_size, "--epochs", epochs, "--max-steps", a.steps]
             train += ["--warmup-epochs", max(1, epochs // 10), "--seed", a.seed, "--workers", 1]
             train += ["--no-zero-init-residual", "--log-every", 1, "--ckpt-every", 10**6]
@@ -173,7 +172,7 @@ def main() -> None:
     init_dir = out / f"run_init_{a.arch}"
     emb, pj = out / f"emb_init_{a.arch}.h5", out / f"probe_init_{a.arch}.json"
     if not a.report_only:
-        init = ["train", "--data", shards, "--out", init_dir, "--method", "simsiam", "--mode", "lensiam"]
+        init = ["train", "--data", shards, "--out", init_dir, "--method", "simsiam", "--views", "lens"]
         init += ["--arch", a.arch, "--batch-size", a.batch_size, "--epochs", 1, "--max-steps", steps_per_epoch]
         init += ["--base-lr", "1e-12", "--weight-decay", 0, "--seed", a.seed, "--workers", 1]
         init += ["--no-zero-init-residual", "--log-every", 1, "--ckpt-every", 10**6]

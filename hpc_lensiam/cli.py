@@ -25,6 +25,8 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
     """One ``--flag`` per dataclass field (``batch_size`` -> ``--batch-size``), default None."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.metadata.get("flag") is False:  # set another way (train's --method-param KEY=VALUE)
+            continue
         tp = hints[f.name]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         optional = typing.get_origin(tp) in (typing.Union, types.UnionType)  # Optional[X] and X | None
@@ -140,11 +142,14 @@ def _cmd_show(a):
 
 
 def _cmd_train(a):
-    from .train.config import TrainConfig
+    from .train.config import RENAMED, TrainConfig, parse_method_params
     from .train.loop import train, train_config
 
+    overrides = _dataclass_overrides(a, TrainConfig)
+    overrides.update({k: getattr(a, k) for k in RENAMED if getattr(a, k, None) is not None})  # refused, named
+    overrides["method_params"] = parse_method_params(a.method_param)
     train(
-        train_config(config_path=a.config, **_dataclass_overrides(a, TrainConfig)),
+        train_config(config_path=a.config, **overrides),
         resume=a.resume,
         allow_config_change=a.allow_config_change,
     )
@@ -399,10 +404,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--allow-config-change",
         action="store_true",
-        help="with --resume: continue although data/seed/lr/mode/batch/arch changed "
+        help="with --resume: continue although data/seed/lr/views/batch/arch changed "
         "(recorded in OUT/config_history.yaml)",
     )
     _add_dataclass_flags(s, TrainConfig)
+    s.add_argument(
+        "--method-param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="the method's own hyperparameter (repeatable; YAML method_params:), e.g. --method byol "
+        "--method-param ema_tau_base=0.99 (docs/methods.md lists each method's keys)",
+    )
+    from .train.config import RENAMED
+
+    for old in RENAMED:  # renamed flags: refused with one line naming the new spelling
+        s.add_argument("--" + old.replace("_", "-"), dest=old, default=None, help=argparse.SUPPRESS)
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("embed", help="backbone features of every image to HDF5 (run under torchrun)")

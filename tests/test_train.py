@@ -253,8 +253,8 @@ def test_killed_run_resumes_exactly_simsiam_mode(single_shards, tmp_path):
         str(single_shards),
         "--out",
         str(run),
-        "--mode",
-        "simsiam",
+        "--views",
+        "standard",
         *SMALL,
         "--workers",
         "2",
@@ -276,10 +276,10 @@ def test_killed_run_resumes_exactly_simsiam_mode(single_shards, tmp_path):
     if killed_at > 6:
         pytest.skip(f"machine too slow to kill before step 6 (reached {killed_at})")
 
-    summary = train(_cfg(single_shards, run, mode="simsiam", workers=2, max_steps=8, ckpt_every=2), resume=True)
+    summary = train(_cfg(single_shards, run, views="standard", workers=2, max_steps=8, ckpt_every=2), resume=True)
     assert summary["step"] == 8 and summary["steps_run"] == 8 - killed_at
     ref = tmp_path / "ref"
-    train(_cfg(single_shards, ref, mode="simsiam", workers=2, max_steps=8, ckpt_every=2))
+    train(_cfg(single_shards, ref, views="standard", workers=2, max_steps=8, ckpt_every=2))
     rows = _metrics(run)
     assert sorted(rows) == list(range(1, 9))  # rows past last.pt dropped
     _same_curve(rows, _metrics(ref), range(1, 9))
