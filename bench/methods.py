@@ -46,6 +46,7 @@ from ledger import BIN, Steps  # noqa: E402
 from hpc_lensiam.core.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 PARAMS = ("theta_E", "e1", "gamma")
+AUGS = {"lens": "lens", "standard": "standard"}  # augmentation -> train --views
 
 
 def ridge(probe_json: Path) -> dict:
@@ -134,7 +135,7 @@ def main() -> None:
         ckpt = run_dir / "checkpoints" / "last.pt"
         emb, pj = out / f"emb_{name}.h5", out / f"probe_{name}.json"
         if not a.report_only:
-            train = ["train", "--data", shards, "--out", run_dir, "--method", method, "--views", aug]
+            train = ["train", "--data", shards, "--out", run_dir, "--method", method, "--views", AUGS[aug]]
             train += ["--arch", arch, "--batch-size", a.batch_size, "--epochs", epochs, "--max-steps", a.steps]
             train += ["--warmup-epochs", max(1, epochs // 10), "--seed", a.seed, "--workers", 1]
             train += ["--no-zero-init-residual", "--log-every", 1, "--ckpt-every", 10**6]

@@ -80,9 +80,7 @@ def test_lensiam_batches_are_the_stored_pairs(lensiam_shards):
 
 
 def test_ranks_see_disjoint_samples_each_exactly_once_per_epoch(lensiam_shards):
-    per_rank = [
-        _keys(ShardLoader(str(lensiam_shards), "lens", 4, rank=r, world_size=2, workers=2)) for r in range(2)
-    ]
+    per_rank = [_keys(ShardLoader(str(lensiam_shards), "lens", 4, rank=r, world_size=2, workers=2)) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == 32
     assert not set(per_rank[0]) & set(per_rank[1])
     counts = Counter(per_rank[0] + per_rank[1])
