@@ -273,7 +273,7 @@ def _cmd_compare(a):
 
 def build_parser() -> argparse.ArgumentParser:
     from .downstream.tasks import TASKS
-    from .train.config import TrainConfig
+    from .train.config import RENAMED, TrainConfig
 
     p = _Parser(prog="hpc-lensiam", description="LenSiam: self-supervised representations of strong lenses")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -415,8 +415,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="the method's own hyperparameter (repeatable; YAML method_params:), e.g. --method byol "
         "--method-param ema_tau_base=0.99 (docs/methods.md lists each method's keys)",
     )
-    from .train.config import RENAMED
-
     for old in RENAMED:  # renamed flags: refused with one line naming the new spelling
         s.add_argument("--" + old.replace("_", "-"), dest=old, default=None, help=argparse.SUPPRESS)
     s.set_defaults(func=_cmd_train)
