@@ -1,7 +1,7 @@
 """Does lens augmentation help every SSL method? Probe R^2 per method x augmentation, same data and budget.
 
-For each method (SimSiam, BYOL, VICReg, SimCLR) x {lens augmentation (LenSiam pairs, ``--mode
-lensiam``), standard augmentation (two SimSiam augmentations of view 1, ``--mode simsiam``)} on a
+For each method (SimSiam, BYOL, VICReg, SimCLR) x {lens augmentation (LenSiam pairs, ``--views
+lens``), standard augmentation (two SimSiam augmentations of view 1, ``--views standard``)} on a
 resnet18, plus a LenSiam run of a ViT-small at native resolution (``--vit-augs lens,standard``: and
 its standard-augmentation run): pretrain on the SAME shards
 for the SAME number of optimizer steps with each method's recipe (``train --method M``), embed the
@@ -59,7 +59,7 @@ from .common import (
 )
 from .ledger import Steps
 
-AUGS = {"lens": "lensiam", "standard": "simsiam"}
+AUGS = {"lens": "lens", "standard": "standard"}  # augmentation -> train --views
 OPT_FLAGS = {"optimizer": "--optimizer", "base_lr": "--base-lr", "weight_decay": "--weight-decay"}
 OPT_FLAGS.update(momentum="--momentum", lr_scaling="--lr-scaling")
 RECIPE_ALIASES = {"sgd": "simsiam", "lars": "simclr"}  # SimSiam's SGD recipe, SimCLR's LARS recipe
@@ -280,7 +280,7 @@ def main(argv=None) -> None:
         run_dir, ckpt = lay.run(name), lay.last(name)
         emb, pj = lay.emb(name), lay.probe(name)
         if not a.report_only:
-            train = ["train", "--data", shards, "--out", run_dir, "--method", method, "--mode", AUGS[aug]]
+            train = ["train", "--data", shards, "--out", run_dir, "--method", method, "--views", AUGS[aug]]
             train += ["--arch", arch, "--batch-size", a.batch_size, "--epochs", epochs, "--max-steps", a.steps]
             train += ["--warmup-epochs", max(1, epochs // 10), "--seed", a.seed, "--workers", 1]
             train += ["--no-zero-init-residual", "--log-every", 1, *ckpt_every]
@@ -322,7 +322,7 @@ def main(argv=None) -> None:
     init_dir = lay.run(f"init_{a.arch}")
     emb, pj = lay.emb(f"init_{a.arch}"), lay.probe(f"init_{a.arch}")
     if not a.report_only:
-        init = ["train", "--data", shards, "--out", init_dir, "--method", "simsiam", "--mode", "lensiam"]
+        init = ["train", "--data", shards, "--out", init_dir, "--method", "simsiam", "--views", "lens"]
         init += ["--arch", a.arch, "--batch-size", a.batch_size, "--epochs", 1, "--max-steps", steps_per_epoch]
         init += ["--base-lr", "1e-12", "--weight-decay", 0, "--seed", a.seed, "--workers", 1]
         init += ["--no-zero-init-residual", "--log-every", 1, "--ckpt-every", 10**6]

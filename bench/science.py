@@ -320,9 +320,13 @@ def main(argv=None) -> None:
     )
 
 
-def pretrain_cmd(a, data: Path, run_dir: Path, mode: str, seed: int, precision: str, extra: list) -> list:
-    """One pretraining run of the protocol (the protocol's arch, epochs, batch and warm-up)."""
-    train = ["train", "--data", data, "--out", run_dir, "--mode", mode, "--arch", a.arch, "--epochs", a.epochs]
+VIEWS = {"lensiam": "lens", "simsiam": "standard"}  # the protocol's run kinds -> train --views
+
+
+def pretrain_cmd(a, data: Path, run_dir: Path, kind: str, seed: int, precision: str, extra: list) -> list:
+    """One pretraining run of the protocol (the protocol's arch, epochs, batch and warm-up); ``kind``
+    lensiam (the stored lens pairs, ``--views lens``) or simsiam (standard augmentations)."""
+    train = ["train", "--data", data, "--out", run_dir, "--views", VIEWS[kind], "--arch", a.arch, "--epochs", a.epochs]
     train += ["--batch-size", a.batch_size, "--seed", seed, "--precision", precision]
     return on_ranks(NPROC, *train, "--warmup-epochs", max(1, a.epochs // 10), *extra)
 

@@ -29,7 +29,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
 
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if not f.init:
+        if not f.init or f.metadata.get("flag") is False:  # False: set another way (train's --method-param)
             continue
         meta = option_meta(cls, f)
         tp = hints[f.name]
@@ -154,10 +154,12 @@ def _cmd_show(a):
 def _cmd_train(a):
     from .core.config import name_flags
     from .core.errors import ConfigError
-    from .train.config import TrainConfig
+    from .train.config import RENAMED, TrainConfig, parse_method_params
     from .train.loop import train, train_config
 
     flags = _dataclass_overrides(a, TrainConfig)
+    flags.update({k: getattr(a, k) for k in RENAMED if getattr(a, k, None) is not None})  # refused, named
+    flags["method_params"] = parse_method_params(a.method_param)
     try:
         cfg = train_config(config_path=a.config, **flags)
     except ConfigError as exc:  # a bad flag is named as typed (--batch-size), not as a field
@@ -385,9 +387,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             s.add_argument(
                 "--allow-config-change",
                 action="store_true",
-                help="with --resume: continue although data/seed/lr/mode/batch/arch changed "
+                help="with --resume: continue although data/seed/lr/views/batch/arch changed "
                 "(recorded in OUT/config_history.yaml)",
             )
+            s.add_argument(
+                "--method-param",
+                action="append",
+                metavar="KEY=VALUE",
+                help="the method's own hyperparameter (repeatable; YAML method_params:), e.g. --method byol "
+                "--method-param ema_tau_base=0.99 (docs/methods.md lists each method's keys)",
+            )
+            from .train.config import RENAMED as TRAIN_RENAMED
+
+            for old in TRAIN_RENAMED:  # renamed flags: refused with one line naming the new spelling
+                s.add_argument("--" + old.replace("_", "-"), dest=old, default=None, help=argparse.SUPPRESS)
         _add_dataclass_flags(s, _config_class(name))
     s = sub.add_parser(
         "config", help="print a command's full default configuration as YAML (what its --config reads back)"

@@ -8,7 +8,7 @@
 #   ENGINE=deepspeed PRECISION=bf16 DATA=... sbatch --nodes=4 --gpus-per-node=8 slurm/pretrain.sh
 #
 # Environment variables (all optional): DATA (shards/paper), RUN (runs/pretrain), CONFIG
-# (configs/paper.yaml: the recipe; the variables below override it), MODE (lensiam|simsiam), ENGINE
+# (configs/paper.yaml: the recipe; the variables below override it), VIEWS (lens|standard), ENGINE
 # (ddp|deepspeed), PRECISION (fp32|bf16|fp16), ARCH, EPOCHS, MAX_STEPS, BATCH (per process; global =
 # BATCH x nodes x NPROC_PER_NODE), WORKERS (loader processes per training process), EXTRA_ARGS (more
 # `hpc-lensiam train` flags), NPROC_PER_NODE (default: the GPUs Slurm gave each node, else 2 on CPU),
@@ -75,7 +75,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-$NPROC_PER_
 
 ARGS=(train --data "$DATA" --out "$RUN")
 [ -n "$CONFIG" ] && ARGS+=(--config "$CONFIG")
-[ -n "${MODE:-}" ] && ARGS+=(--mode "$MODE")
+[ -n "${MODE:-}" ] && { echo "pretrain.sh: error: MODE was renamed: use VIEWS=lens|standard (train --views)" >&2; exit 2; }
+[ -n "${VIEWS:-}" ] && ARGS+=(--views "$VIEWS")
 [ -n "${ENGINE:-}" ] && ARGS+=(--engine "$ENGINE")
 [ -n "${PRECISION:-}" ] && ARGS+=(--precision "$PRECISION")
 [ -n "${ARCH:-}" ] && ARGS+=(--arch "$ARCH")

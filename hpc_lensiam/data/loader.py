@@ -290,14 +290,14 @@ def worker_batches(loader, what: str):
 class ShardLoader:
     """Batches of one rank, epoch by epoch: ``for batch in loader.epoch(e, start=0): ...``.
 
-    ``mode="lensiam"`` gives the stored pair (``x1``, ``x2``); ``mode="simsiam"`` one image ``x``
-    per sample (``image`` of single-mode shards, ``view1`` of pair shards).
+    ``views="lens"`` gives the stored pair (``x1``, ``x2``); ``views="standard"`` one image ``x``
+    per sample (``image`` of single-mode shards, ``view1`` of pair shards), augmented twice by the trainer.
     """
 
     def __init__(
         self,
         data_dir: str,
-        mode: str,
+        views: str,
         batch_size: int,
         rank: int = 0,
         world_size: int = 1,
@@ -331,17 +331,17 @@ class ShardLoader:
                 )
             if problem and rank == 0:
                 warnings.warn(f"shard {path}: {problem}; reading what it holds (--skip-bad-samples)", stacklevel=2)
-        if mode == "lensiam":
+        if views == "lens":
             if manifest["mode"] != "lensiam":
                 raise UserError(
-                    f"--mode lensiam needs pair shards; {data_dir} holds {manifest['mode']!r} "
-                    f"samples (use --mode simsiam, or simulate with --mode lensiam)"
+                    f"--views lens needs pair shards; {data_dir} holds {manifest['mode']!r} "
+                    f"samples (use --views standard, or simulate with --samples pairs)"
                 )
             keys = {"x1": "view1.npy", "x2": "view2.npy"}
-        elif mode == "simsiam":
+        elif views == "standard":
             keys = {"x": "image.npy" if manifest["mode"] == "single" else "view1.npy"}
         else:
-            raise UserError(f"--mode: {mode!r} is not one of lensiam, simsiam")
+            raise UserError(f"--views: {views!r} is not one of lens, standard")
         num = int(manifest["num_samples"])
         per_step = batch_size * world_size * grad_accum
         if num < per_step:

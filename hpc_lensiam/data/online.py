@@ -1,8 +1,8 @@
 """Training data with no shards: ``--data online[:FAMILY_OR_CONFIG]`` renders every batch on the device.
 
 ``OnlineLoader`` has ``ShardLoader``'s interface (``batches_per_epoch``, ``epoch(e, start)``, the
-same batch dicts: ``{"x1", "x2"}`` pairs for ``--mode lensiam``, ``{"x"}`` singles for ``--mode
-simsiam``, each (B, 1, H, W) float32, plus ``"keys"`` and ``"bad"``), so the training loop does not
+same batch dicts: ``{"x1", "x2"}`` pairs for ``--views lens``, ``{"x"}`` singles for ``--views
+standard``, each (B, 1, H, W) float32, plus ``"keys"`` and ``"bad"``), so the training loop does not
 know where its batches come from. Each rank renders its own micro-batch with the torch renderer on
 its training device just before the step, from a generator seeded by (seed, rank, batch index):
 a resumed run, which restarts at the same epoch and batch index, sees exactly the same pairs.
@@ -53,7 +53,7 @@ class OnlineLoader:
     def __init__(
         self,
         data: str,
-        mode: str,
+        views: str,
         batch_size: int,
         rank: int = 0,
         world_size: int = 1,
@@ -65,8 +65,8 @@ class OnlineLoader:
     ):
         from ..simulate.torch_render import TorchLensSimulator
 
-        if mode not in ("lensiam", "simsiam"):
-            raise UserError(f"--mode: {mode!r} is not one of lensiam, simsiam")
+        if views not in ("lens", "standard"):
+            raise UserError(f"--views: {views!r} is not one of lens, standard")
         per_step = batch_size * world_size * grad_accum
         if epoch_samples < per_step:
             raise UserError(
@@ -77,7 +77,7 @@ class OnlineLoader:
         with warnings.catch_warnings():  # "no cosmos_dir": the config says so; not once per rank
             warnings.simplefilter("ignore", UserWarning)
             self.sim = TorchLensSimulator(cfg, device=device, dtype=torch.float32, compile=compile)
-        self.mode, self.batch_size, self.rank, self.seed = mode, batch_size, rank, seed
+        self.views, self.batch_size, self.rank, self.seed = views, batch_size, rank, seed
         self.batches_per_epoch = epoch_samples // per_step * grad_accum
         self.image_shape = (self.sim.num_pix, self.sim.num_pix)
         self.config = cfg
@@ -86,7 +86,7 @@ class OnlineLoader:
     def from_train_config(cls, cfg, rank: int, world_size: int, device) -> OnlineLoader:
         return cls(
             cfg.data,
-            cfg.mode,
+            cfg.views,
             cfg.batch_size,
             rank,
             world_size,
@@ -106,7 +106,7 @@ class OnlineLoader:
         """Micro-batch ``index`` of ``epoch`` on this rank: always the same images."""
         g = self.generator(epoch, index)
         keys = [f"online_r{self.rank}_e{epoch}_b{index}_{j}" for j in range(self.batch_size)]
-        if self.mode == "lensiam":
+        if self.views == "lens":
             out = self.sim.sample_pairs(self.batch_size, g)
             return {"x1": out["view1"][:, None], "x2": out["view2"][:, None], "keys": keys, "bad": 0}
         out = self.sim.sample_singles(self.batch_size, g)

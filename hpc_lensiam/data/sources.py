@@ -9,7 +9,7 @@ The trainer knows nothing of shards or simulators: :func:`source_for` picks the 
 * ``loader(cfg, engine)``: this rank's batches, an object with ``batches_per_epoch`` (micro-batches
   per epoch on each rank, a multiple of ``grad_accum``), ``image_shape`` (H, W: the model is built
   for that side) and ``epoch(e, start=0)``, a closable iterator of micro-batches ``start ..`` of epoch
-  ``e``, each a dict ``{"x1", "x2"}`` (``--mode lensiam``, a pair) or ``{"x"}`` (``--mode simsiam``),
+  ``e``, each a dict ``{"x1", "x2"}`` (``--views lens``, a pair) or ``{"x"}`` (``--views standard``),
   float32 ``(B, 1, H, W)``, plus ``"keys"`` and ``"bad"`` (samples skipped). Batch ``i`` of epoch
   ``e`` must be the same whatever ``start``: that is what makes a resumed run continue exactly.
 
@@ -77,7 +77,7 @@ class ShardSource(DataSource):
 
         loader = ShardLoader(
             cfg.data,
-            cfg.mode,
+            cfg.views,
             cfg.batch_size,
             engine.rank,
             engine.world_size,

@@ -104,7 +104,7 @@ def export_backbone(
         },
         "training": {
             "method": info["method"],
-            "mode": info["mode"],
+            "views": info["views"],
             "step": info["step"],
             "config_hash": info["config_hash"],
             "engine": info["engine"],
@@ -129,7 +129,7 @@ def export_backbone(
             raise
         atomic_write_json(sidecar_path(out), sidecar)
     print(
-        f"export: {info['arch']} backbone ({info['method']}, {info['mode']}, step {info['step']}, "
+        f"export: {info['arch']} backbone ({info['method']}, {info['views']} views, step {info['step']}, "
         f"{n_params / 1e6:.1f}M parameters, {ex.in_chans}-channel input, feature check {err:.1e}) -> {out} "
         f"[{fmt}]; {ex.load.split(';')[0].removeprefix('m = ')} loads it ({ex.load.split('#')[-1].strip()}); "
         f"sidecar {sidecar_path(out)}",

@@ -228,6 +228,7 @@ def backbone_from_checkpoint(checkpoint: str | os.PathLike, arch: str | None = N
     position embedding.
     """
     from .backbones import ARCHS, BACKBONES, backbone_state_dict, recognise
+    from .methods import views_of
 
     if not Path(checkpoint).exists():
         raise UserError(
@@ -256,7 +257,8 @@ def backbone_from_checkpoint(checkpoint: str | os.PathLike, arch: str | None = N
     img_size = spec.img_size_of(bb)
     info = {
         "arch": found,
-        "mode": config.get("mode", "unknown"),
+        "views": views_of(config),  # lens | standard (an older run's mode: translated) | unknown
+        "mode": views_of(config),  # how the backbone was trained (embed's train_mode): its views here
         "method": config.get("method", "simsiam"),
         "step": int(step or 0),
         "config_hash": sha256_json(config) if config else "",
@@ -307,6 +309,7 @@ def random_backbone(arch: str, seed: int = 0, img_size: int | None = None):
         raise UserError(f"--arch: {exc}") from None
     info = {
         "arch": arch,
+        "views": "none",
         "mode": "random-weights",
         "method": "none",
         "step": 0,

@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, UserError
+
+# Keys and flags that were renamed: the old spelling is refused naming the new one (an older run's own
+# RUN/config.yaml and checkpoints are translated instead, :func:`translate_saved`).
+RENAMED = {
+    "mode": ("--views lens|standard", "views: lens|standard"),
+    "ema_tau_base": ("--method-param ema_tau_base=VALUE", "method_params: {ema_tau_base: VALUE}"),
+    "temperature": ("--method-param temperature=VALUE", "method_params: {temperature: VALUE}"),
+    "vicreg_sim_coeff": ("--method-param sim_coeff=VALUE", "method_params: {sim_coeff: VALUE}"),
+    "vicreg_std_coeff": ("--method-param std_coeff=VALUE", "method_params: {std_coeff: VALUE}"),
+    "vicreg_cov_coeff": ("--method-param cov_coeff=VALUE", "method_params: {cov_coeff: VALUE}"),
+}
+# an older run's flat method keys: (the method that read it, its name in that method's ``Params``)
+OLD_METHOD_KEYS = {
+    "ema_tau_base": ("byol", "ema_tau_base"),
+    "temperature": ("simclr", "temperature"),
+    "vicreg_sim_coeff": ("vicreg", "sim_coeff"),
+    "vicreg_std_coeff": ("vicreg", "std_coeff"),
+    "vicreg_cov_coeff": ("vicreg", "cov_coeff"),
+}
 
 
 def _archs() -> tuple:
     from ..models.backbones import ARCHS
 
     return tuple(ARCHS)
+
+
+def _views() -> tuple:
+    from ..models.methods import VIEWS
+
+    return tuple(VIEWS)
 
 
 def _methods() -> tuple:
@@ -28,7 +53,7 @@ def _optimizers() -> tuple:
 
 # Allowed values of TrainConfig's fields: the flags show them, from_dict checks them.
 TRAIN_CHOICES = {
-    "mode": ("lensiam", "simsiam"),
+    "views": _views,
     "engine": ("ddp", "deepspeed"),
     "precision": ("fp32", "bf16", "fp16"),
     "arch": _archs,
@@ -49,8 +74,11 @@ class TrainConfig:
 
     data: str = ""
     out: str = "runs/pretrain"
-    mode: str = "lensiam"  # lensiam: stored pair; simsiam: two augmentations of one image
+    views: str = "lens"  # lens: the stored lens pair; standard: two augmentations of one image (every method)
     method: str = "simsiam"  # simsiam | byol | vicreg | simclr (docs/methods.md)
+    # the method's own hyperparameters (its ``Params``: BYOL ema_tau_base, SimCLR temperature, VICReg
+    # sim/std/cov_coeff); YAML ``method_params:``, flag ``--method-param KEY=VALUE``
+    method_params: dict[str, Any] = field(default_factory=dict, metadata={"flag": False})
     optimizer: str = "sgd"  # sgd | lars | adamw (the method's/backbone's recipe sets it)
     lr_scaling: str = "linear"  # linear: lr = base_lr x batch/256; sqrt: base_lr x sqrt(batch)
     engine: str = "ddp"  # ddp | deepspeed
@@ -69,11 +97,6 @@ class TrainConfig:
     proj_dim: int = 2048  # projector output width
     proj_hidden_dim: int | None = None  # projector hidden width (None: proj_dim; SimSiam uses proj_dim)
     pred_dim: int = 512  # predictor hidden width (SimSiam, BYOL)
-    ema_tau_base: float = 0.996  # BYOL: target decay at step 0, cosine to 1
-    temperature: float = 0.1  # SimCLR: NT-Xent temperature
-    vicreg_sim_coeff: float = 25.0  # VICReg: invariance, variance, covariance weights
-    vicreg_std_coeff: float = 25.0
-    vicreg_cov_coeff: float = 1.0
     workers: int = 2
     loader_timeout: float = 600.0  # s without a batch from the loader's workers, then a one-line error (no hang)
     shuffle_buffer: int = 1000
@@ -99,7 +122,7 @@ class TrainConfig:
     FLAG_META: ClassVar[dict] = {
         "data": {"help": "shard folder, or online[:FAMILY_OR_CONFIG] (batches rendered on the device)"},
         "out": {"help": "run folder: checkpoints, logs, config.yaml"},
-        "mode": {"help": "lensiam: the stored pair's two views; simsiam: two augmentations of one image"},
+        "views": {"help": "lens: the stored lens pair; standard: two standard augmentations of one image"},
         "method": {"help": "self-supervised method (docs/methods.md); sets its recipe's defaults"},
         "optimizer": {"help": "the method's/backbone's recipe sets it"},
         "lr_scaling": {"help": "linear: lr = base_lr x batch/256; sqrt: base_lr x sqrt(batch)"},
@@ -125,11 +148,6 @@ class TrainConfig:
         "proj_dim": {"help": "projector output width"},
         "proj_hidden_dim": {"help": "projector hidden width (default: proj_dim)"},
         "pred_dim": {"help": "predictor hidden width (SimSiam, BYOL)"},
-        "ema_tau_base": {"help": "BYOL: target decay at step 0, cosine to 1"},
-        "temperature": {"help": "SimCLR: NT-Xent temperature"},
-        "vicreg_sim_coeff": {"help": "VICReg: invariance weight"},
-        "vicreg_std_coeff": {"help": "VICReg: variance weight"},
-        "vicreg_cov_coeff": {"help": "VICReg: covariance weight"},
         "workers": {"help": "loader worker processes per rank"},
         "shuffle_buffer": {"help": "samples in the loader's shuffle buffer"},
         "seed": {"help": "random seed of the run"},
@@ -150,6 +168,13 @@ class TrainConfig:
     del _name, _allowed
 
     def validate(self, where: str) -> None:
+        from ..models.methods import method_params
+
+        for name, allowed in TRAIN_CHOICES.items():
+            allowed = allowed() if callable(allowed) else allowed
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{where}.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        method_params(self.method, self.method_params, f"{where}.method_params")
         for name in (
             "batch_size",
             "grad_accum",
@@ -182,13 +207,6 @@ class TrainConfig:
             raise ConfigError(f"{where}.loader_timeout: must be > 0 seconds, got {self.loader_timeout}")
         if self.proj_hidden_dim is not None and self.proj_hidden_dim < 1:
             raise ConfigError(f"{where}.proj_hidden_dim: must be >= 1, got {self.proj_hidden_dim}")
-        if not 0.0 <= self.ema_tau_base <= 1.0:
-            raise ConfigError(f"{where}.ema_tau_base: {self.ema_tau_base} is not in [0, 1]")
-        if self.temperature <= 0:
-            raise ConfigError(f"{where}.temperature: must be > 0, got {self.temperature}")
-        for name in ("vicreg_sim_coeff", "vicreg_std_coeff", "vicreg_cov_coeff"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
         if self.zero_stage not in (0, 1):
             raise ConfigError(f"{where}.zero_stage: expected 0 or 1 (ZeRO buys nothing for ResNet101)")
         if not self.dist_timeout > 0:
@@ -214,3 +232,60 @@ class TrainConfig:
                 f"BatchNorm see one micro-batch of {self.batch_size} per rank; use --grad-accum 1 and raise "
                 f"--batch-size or the number of ranks"
             )
+
+    def resolved(self) -> TrainConfig:
+        """This config with ``method_params`` complete (the method's defaults filled): what a run saves
+        in RUN/config.yaml and its checkpoints, and what ``--resume`` compares."""
+        from ..core.config import to_dict
+        from ..models.methods import method_params
+
+        return replace(self, method_params=to_dict(method_params(self.method, self.method_params)))
+
+
+def refuse_renamed(data: dict, where: str, flags: bool = False) -> None:
+    """A renamed key in ``data`` (a YAML file's, or the flags'): one line naming the new spelling."""
+    for old, (flag, key) in RENAMED.items():
+        if old in data:
+            if flags:
+                raise UserError(f"--{old.replace('_', '-')} was renamed: use {flag}")
+            raise ConfigError(f"{where}: key {old!r} was renamed: use {key}")
+
+
+def translate_saved(config: dict) -> dict:
+    """An older run's saved config (RUN/config.yaml, a checkpoint's ``config``) in today's keys:
+    ``mode: lensiam|simsiam`` -> ``views: lens|standard``, the flat method keys -> ``method_params``
+    (the chosen method's; the others were unused). A current config comes back unchanged."""
+    from ..models.methods import OLD_MODE_VIEWS
+
+    if not any(k in config for k in RENAMED):
+        return config
+    new = dict(config)
+    if "mode" in new:
+        mode = new.pop("mode")
+        new.setdefault("views", OLD_MODE_VIEWS.get(mode, mode))
+    params = dict(new.get("method_params") or {})
+    for old, (method, key) in OLD_METHOD_KEYS.items():
+        if old in new:
+            value = new.pop(old)
+            if new.get("method", "simsiam") == method:
+                params.setdefault(key, value)
+    new["method_params"] = params
+    return new
+
+
+def parse_method_params(items: list[str] | None) -> dict | None:
+    """``--method-param KEY=VALUE`` (repeatable) as a mapping; VALUE is read as YAML (0.99, true, text)."""
+    import yaml
+
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"--method-param: expected KEY=VALUE (e.g. temperature=0.2), got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--method-param {item}: VALUE is not a number, true/false or text") from None
+    return out

@@ -37,7 +37,7 @@ from ..models.methods import build_method, lr_scaling_rule, recipe
 from ..models.methods.simsiam import z_std
 from ..models.weights import LAST
 from ..shards.manifest import read_manifest
-from .config import TrainConfig
+from .config import TrainConfig, refuse_renamed, translate_saved
 from .monitor import IMAGES_PER_PAIR, METRICS, Monitor
 from .resume import load_weights, restore, verify
 from .rundir import RESOLVED, RunDir
@@ -45,14 +45,24 @@ from .rundir import RESOLVED, RunDir
 
 def train_config(config_path: str | None = None, **overrides) -> TrainConfig:
     """TrainConfig from defaults <- the method's recipe <- YAML file <- keyword overrides (the CLI
-    flags; None = unset). The recipe is that of the chosen ``method`` on the chosen ``arch``.
+    flags; None = unset). The recipe is that of the chosen ``method`` on the chosen ``arch``; the
+    method's own hyperparameters (``method_params``) come back complete, its defaults filled.
+
+    A renamed key (``mode`` -> ``views``, BYOL's/SimCLR's/VICReg's flat keys -> ``method_params``)
+    is refused naming the new spelling, except in a run's own ``RUN/config.yaml`` written by an older
+    version, which is translated so that ``--config RUN/config.yaml --resume`` still continues it.
 
     A run folder's own ``RUN/config.yaml`` trains into the folder it sits in: its ``out:`` still names
     the folder it was first written in, which is another run once the folder was copied or moved."""
     data = read_yaml(config_path) if config_path else {}
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if config_path and "out" not in overrides and is_run_config(config_path):
-        data["out"] = str(Path(config_path).parent)
+    refuse_renamed(overrides, "flags", flags=True)
+    if config_path and is_run_config(config_path):
+        data = translate_saved(data)  # an older run's own config.yaml (mode:, flat method keys) resumes
+        if "out" not in overrides:
+            data["out"] = str(Path(config_path).parent)
+    elif config_path:
+        refuse_renamed(data, str(config_path))
     pick = {**TrainConfig().__dict__, **data, **overrides}
     base = recipe(pick["method"], pick["arch"])
     cfg = from_dict(TrainConfig, base, "recipe") if base else TrainConfig()
@@ -62,7 +72,7 @@ def train_config(config_path: str | None = None, **overrides) -> TrainConfig:
     rule = lr_scaling_rule(cfg.method, cfg.optimizer)  # the rule of the optimizer finally chosen
     if "lr_scaling" not in data and "lr_scaling" not in overrides and cfg.lr_scaling != rule:
         cfg = merge(cfg, {"lr_scaling": rule}, "recipe")
-    return cfg
+    return cfg.resolved()
 
 
 def is_run_config(path) -> bool:
@@ -116,6 +126,7 @@ def train(cfg: TrainConfig, resume: bool = False, allow_config_change: bool = Fa
     from ..data.loader import ShardError
     from .engine import Engine
 
+    cfg = cfg.resolved()  # the method's own hyperparameters complete, as saved and compared on resume
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     last = ckpt_dir / LAST
@@ -273,6 +284,12 @@ def build_model(cfg, engine, image_side: int, sched: Schedule, ckpt_dir: Path, r
     return step
 
 
+def _params_text(cfg) -> str:
+    """`` (ema_tau_base=0.996)``: the method's own hyperparameters in the start-up line ('' when none)."""
+    p = cfg.method_params or {}
+    return f" ({', '.join(f'{k}={v}' for k, v in p.items())})" if p else ""
+
+
 def announce(cfg, engine, sched: Schedule, step: int, resume: bool) -> None:
     """Rank 0's two start-up lines: what runs where, and the batch/lr/schedule arithmetic."""
     rule = f"sqrt({sched.global_batch})" if cfg.lr_scaling == "sqrt" else f"{sched.global_batch}/256"
@@ -283,7 +300,8 @@ def announce(cfg, engine, sched: Schedule, step: int, resume: bool) -> None:
     backend = engine.backend if engine.world_size > 1 or cfg.engine == "deepspeed" else "single process"
     _say(
         engine,
-        f"train: {cfg.method} | {cfg.mode} | {cfg.arch} | {cfg.optimizer} | engine {cfg.engine} | "
+        f"train: {cfg.method}{_params_text(cfg)} | {cfg.views} views | {cfg.arch} | {cfg.optimizer} | "
+        f"engine {cfg.engine} | "
         f"{engine.world_size} rank(s) on {engine.device.type} ({backend})"
         f"{' + SyncBatchNorm' if engine.plan.sync_bn != 'none' else ''} | {engine.plan.describe()}",
     )
@@ -389,11 +407,11 @@ def set_lr(engine, sched: Schedule, step: int) -> float:
 
 
 def make_views(cfg, engine, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A micro-batch's two views on the device: the stored lens pair (lensiam), or two batched
-    augmentations of one image seeded by (seed, rank, step, micro) (simsiam), so a resume repeats them."""
+    """A micro-batch's two views on the device: the stored lens pair (``views`` lens), or two batched
+    augmentations of one image seeded by (seed, rank, step, micro) (standard), so a resume repeats them."""
     from ..data.augment import make_pair
 
-    if cfg.mode == "lensiam":
+    if cfg.views == "lens":
         return engine.to_input(batch["x1"]), engine.to_input(batch["x2"])
     g = torch.Generator(device=engine.device)
     g.manual_seed(derive_seed(cfg.seed, engine.rank, step, micro))

@@ -34,12 +34,13 @@ from ..core.errors import UserError
 from ..core.io import TMP_PREFIX, atomic_write_text, sha256_json
 from ..core.lock import LOCK_NAME, DirLock, prepare_dir
 from ..data.sources import source_for
+from .config import translate_saved
 from .monitor import METRICS
 
 # What makes a resumed run the same run: its data (manifest sha256) and these keys. Not guarded:
 # epochs/max_steps (extending a run), engine/precision/workers (how it runs), logging cadence.
 GUARDED = (
-    "mode",
+    "views",
     "method",
     "arch",
     "seed",
@@ -55,11 +56,7 @@ GUARDED = (
     "proj_dim",
     "proj_hidden_dim",
     "pred_dim",
-    "ema_tau_base",
-    "temperature",
-    "vicreg_sim_coeff",
-    "vicreg_std_coeff",
-    "vicreg_cov_coeff",
+    "method_params",  # the method's own hyperparameters (BYOL's EMA, SimCLR's temperature, ...)
     "zero_init_residual",
     "shuffle_buffer",
 )
@@ -122,7 +119,7 @@ class RunDir:
 
     def check_resume(self, ckpt: dict, path: Path) -> None:
         """Refuse to continue ``ckpt`` with other data or another value of a guarded key."""
-        old = ckpt.get("config") or {}
+        old = translate_saved(ckpt.get("config") or {})  # an older run's mode:/flat method keys
         new = to_dict(self.cfg)
         changes = {k: (old[k], new[k]) for k in GUARDED if k in old and old[k] != new[k]}
         old_data = ckpt.get("data_manifest_sha256")

@@ -66,7 +66,7 @@ def _npy(a) -> bytes:
 
 
 def test_lensiam_batches_are_the_stored_pairs(lensiam_shards):
-    loader = ShardLoader(str(lensiam_shards), "lensiam", batch_size=4, workers=0)
+    loader = ShardLoader(str(lensiam_shards), "lens", batch_size=4, workers=0)
     assert loader.batches_per_epoch == 16 and loader.image_shape == (48, 48)
     samples = _all_samples(lensiam_shards)
     batch = next(iter(loader.epoch(0)))
@@ -80,9 +80,7 @@ def test_lensiam_batches_are_the_stored_pairs(lensiam_shards):
 
 
 def test_ranks_see_disjoint_samples_each_exactly_once_per_epoch(lensiam_shards):
-    per_rank = [
-        _keys(ShardLoader(str(lensiam_shards), "lensiam", 4, rank=r, world_size=2, workers=2)) for r in range(2)
-    ]
+    per_rank = [_keys(ShardLoader(str(lensiam_shards), "lens", 4, rank=r, world_size=2, workers=2)) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == 32
     assert not set(per_rank[0]) & set(per_rank[1])
     counts = Counter(per_rank[0] + per_rank[1])
@@ -91,7 +89,7 @@ def test_ranks_see_disjoint_samples_each_exactly_once_per_epoch(lensiam_shards):
 
 def test_uneven_split_still_gives_equal_steps_per_rank(lensiam_shards):
     """8 shards over 3 ranks (3, 3, 2 shards): every rank yields the same number of batches."""
-    loaders = [ShardLoader(str(lensiam_shards), "lensiam", 4, rank=r, world_size=3, workers=1) for r in range(3)]
+    loaders = [ShardLoader(str(lensiam_shards), "lens", 4, rank=r, world_size=3, workers=1) for r in range(3)]
     keys = [_keys(loader, epoch=1) for loader in loaders]
     assert {loader.batches_per_epoch for loader in loaders} == {64 // 12}
     assert [len(k) for k in keys] == [20, 20, 20]
@@ -100,7 +98,7 @@ def test_uneven_split_still_gives_equal_steps_per_rank(lensiam_shards):
 
 def test_seeded_order_and_exact_resume_inside_an_epoch(lensiam_shards):
     def loader(seed=0):
-        return ShardLoader(str(lensiam_shards), "lensiam", 4, workers=2, seed=seed, shuffle_buffer=16)
+        return ShardLoader(str(lensiam_shards), "lens", 4, workers=2, seed=seed, shuffle_buffer=16)
 
     full = list(loader().epoch(3))
     assert [b["keys"] for b in full] == [b["keys"] for b in loader().epoch(3)]  # reproducible
@@ -114,19 +112,19 @@ def test_seeded_order_and_exact_resume_inside_an_epoch(lensiam_shards):
 
 def test_workers_reduced_when_shards_are_few(lensiam_shards):
     with pytest.warns(UserWarning, match="using 2 worker"):
-        loader = ShardLoader(str(lensiam_shards), "lensiam", 2, rank=0, world_size=4, workers=3)
+        loader = ShardLoader(str(lensiam_shards), "lens", 2, rank=0, world_size=4, workers=3)
     assert loader.workers == 2 and len(_keys(loader)) == 16
 
 
 def test_simsiam_mode_reads_one_image(single_shards, lensiam_shards):
-    batch = next(iter(ShardLoader(str(single_shards), "simsiam", 8, workers=0).epoch(0)))
+    batch = next(iter(ShardLoader(str(single_shards), "standard", 8, workers=0).epoch(0)))
     assert set(batch) == {"x", "keys", "bad"} and batch["x"].shape == (8, 1, 48, 48)
-    pairs = ShardLoader(str(lensiam_shards), "simsiam", 8, workers=0)
+    pairs = ShardLoader(str(lensiam_shards), "standard", 8, workers=0)
     b = next(iter(pairs.epoch(0)))
     samples = _all_samples(lensiam_shards)
     assert np.array_equal(b["x"][0, 0].numpy(), np.load(io.BytesIO(samples[b["keys"][0]]["view1.npy"])))
     with pytest.raises(UserError, match="needs pair shards"):
-        ShardLoader(str(single_shards), "lensiam", 8)
+        ShardLoader(str(single_shards), "lens", 8)
 
 
 # ------------------------------------------------------------------------------------- bad input
@@ -137,9 +135,9 @@ def shard_copy(lensiam_shards, tmp_path) -> Path:
 
 def test_missing_or_empty_data_dir(tmp_path):
     with pytest.raises(UserError, match="no such data directory"):
-        ShardLoader(str(tmp_path / "absent"), "lensiam", 4)
+        ShardLoader(str(tmp_path / "absent"), "lens", 4)
     with pytest.raises(UserError, match="manifest.json: missing"):
-        ShardLoader(str(tmp_path), "lensiam", 4)
+        ShardLoader(str(tmp_path), "lens", 4)
     with pytest.raises(UserError, match="no shard directory"):
         ShardLoader("", "lensiam", 4)
 
@@ -147,16 +145,16 @@ def test_missing_or_empty_data_dir(tmp_path):
 def test_missing_shard_is_named(shard_copy):
     (shard_copy / "shard-000003.tar").unlink()
     with pytest.raises(ShardError, match=r"shard-000003\.tar: listed in .* but missing"):
-        ShardLoader(str(shard_copy), "lensiam", 4)
+        ShardLoader(str(shard_copy), "lens", 4)
 
 
 def test_truncated_shard_is_named_or_skipped_with_a_count(shard_copy, capfd):
     bad = shard_copy / "shard-000005.tar"
     bad.write_bytes(bad.read_bytes()[:30000])  # cut mid-sample
     with pytest.raises(ShardError, match=r"shard .*shard-000005\.tar.*cannot read"):
-        for _ in ShardLoader(str(shard_copy), "lensiam", 4, workers=2).epoch(0):
+        for _ in ShardLoader(str(shard_copy), "lens", 4, workers=2).epoch(0):
             pass
-    loader = ShardLoader(str(shard_copy), "lensiam", 4, workers=2, skip_bad_samples=True)
+    loader = ShardLoader(str(shard_copy), "lens", 4, workers=2, skip_bad_samples=True)
     batches = list(loader.epoch(0))
     assert len(batches) == 16 and sum(b["bad"] for b in batches) >= 1
     assert "shard-000005.tar" in capfd.readouterr().err
@@ -174,17 +172,17 @@ def test_corrupt_sample_is_named(shard_copy):
     rerecord_shard(shard_copy, path.name)  # a bad sample in a shard its manifest vouches for
     key = samples[3]["__key__"]
     with pytest.raises(ShardError, match=rf"shard-000002\.tar sample '{key}'"):
-        for _ in ShardLoader(str(shard_copy), "lensiam", 8, workers=0).epoch(0):
+        for _ in ShardLoader(str(shard_copy), "lens", 8, workers=0).epoch(0):
             pass
-    batches = list(ShardLoader(str(shard_copy), "lensiam", 8, workers=0, skip_bad_samples=True).epoch(0))
+    batches = list(ShardLoader(str(shard_copy), "lens", 8, workers=0, skip_bad_samples=True).epoch(0))
     assert sum(b["bad"] for b in batches) == 1 and key not in {k for b in batches for k in b["keys"]}
 
 
 def test_batch_larger_than_data_and_too_few_shards(lensiam_shards):
     with pytest.raises(UserError, match="batch larger than the data.*holds 64"):
-        ShardLoader(str(lensiam_shards), "lensiam", 40, world_size=2)
+        ShardLoader(str(lensiam_shards), "lens", 40, world_size=2)
     with pytest.raises(UserError, match="8 shard.*for 16 ranks"):
-        ShardLoader(str(lensiam_shards), "lensiam", 2, world_size=16)
+        ShardLoader(str(lensiam_shards), "lens", 2, world_size=16)
 
 
 # ---------------------------------------------------------------------------------- augmentations
@@ -192,7 +190,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def test_augment_is_batched_seeded_and_per_sample(single_shards):
-    x = next(iter(ShardLoader(str(single_shards), "simsiam", 16, workers=0).epoch(0)))["x"].to(DEVICE)
+    x = next(iter(ShardLoader(str(single_shards), "standard", 16, workers=0).epoch(0)))["x"].to(DEVICE)
     g = torch.Generator(device=DEVICE).manual_seed(0)
     v1, v2 = make_pair(x, g)
     assert v1.shape == x.shape and v1.device == x.device and torch.isfinite(v1).all()

@@ -106,7 +106,7 @@ def test_simulate_bad_device_fails_before_writing(bin_dir, tmp_path, device, mat
 @pytest.mark.slow
 def test_online_batches_depend_on_seed_rank_and_index_only(yamls):
     spec = f"online:{yamls['small']}"
-    a = OnlineLoader(spec, "lensiam", batch_size=3, rank=0, world_size=2, seed=5, epoch_samples=24)
+    a = OnlineLoader(spec, "lens", batch_size=3, rank=0, world_size=2, seed=5, epoch_samples=24)
     assert a.batches_per_epoch == 4 and a.image_shape == (48, 48)
     full = list(a.epoch(1))
     resumed = list(a.epoch(1, start=2))
@@ -116,9 +116,9 @@ def test_online_batches_depend_on_seed_rank_and_index_only(yamls):
     assert full[0]["x1"].shape == (3, 1, 48, 48) and full[0]["x1"].dtype == torch.float32
     assert not torch.equal(full[0]["x1"], full[1]["x1"])
     assert not torch.equal(full[0]["x1"], next(a.epoch(0))["x1"])  # epochs differ
-    other_rank = OnlineLoader(spec, "lensiam", batch_size=3, rank=1, world_size=2, seed=5, epoch_samples=24)
+    other_rank = OnlineLoader(spec, "lens", batch_size=3, rank=1, world_size=2, seed=5, epoch_samples=24)
     assert not torch.equal(full[0]["x1"], next(other_rank.epoch(1))["x1"])  # ranks differ
-    single = OnlineLoader(spec, "simsiam", batch_size=2, epoch_samples=8)
+    single = OnlineLoader(spec, "standard", batch_size=2, epoch_samples=8)
     assert set(next(single.epoch(0))) == {"x", "keys", "bad"}
 
 
@@ -151,7 +151,7 @@ def test_online_simsiam_mode_trains(yamls, tmp_path):
     run = train_tiny(
         f"online:{yamls['small']}",
         tmp_path / "simsiam",
-        mode="simsiam",
+        views="standard",
         batch_size=4,
         online_epoch_samples=8,
         max_steps=1,

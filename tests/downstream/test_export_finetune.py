@@ -66,7 +66,7 @@ def test_export_round_trip_into_torchvision(run_ddp, exported, lensiam_shards, t
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
     side = json.loads(Path(str(exported) + ".json").read_text())
-    assert side["arch"] == "resnet18" and side["training"]["mode"] == "lensiam" and side["training"]["step"] == 2
+    assert side["arch"] == "resnet18" and side["training"]["views"] == "lens" and side["training"]["step"] == 2
     assert side["input"]["size"] == [48, 48] and side["input"]["channels"] == 3
     assert "max" in side["input"]["normalisation"] and len(side["training"]["config_hash"]) == 64
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 
 import numpy as np
@@ -207,30 +208,37 @@ def test_each_method_has_its_papers_recipe_under_yaml_and_flags(tmp_path):
     assert all(m.paper for m in METHODS.values())
     simsiam = train_config(method="simsiam")
     assert (simsiam.optimizer, simsiam.base_lr, simsiam.weight_decay) == ("sgd", 0.03, 5e-4)  # unchanged
+    assert simsiam.method_params == {}  # SimSiam has no hyperparameters of its own
     byol = train_config(method="byol", arch="resnet18")
-    assert (byol.optimizer, byol.base_lr, byol.weight_decay, byol.ema_tau_base) == ("lars", 0.2, 1.5e-6, 0.996)
+    assert (byol.optimizer, byol.base_lr, byol.weight_decay, byol.method_params) == (
+        "lars",
+        0.2,
+        1.5e-6,
+        {"ema_tau_base": 0.996},
+    )
     assert (byol.proj_hidden_dim, byol.proj_dim, byol.pred_dim, byol.fix_pred_lr) == (4096, 256, 4096, False)
     vic = train_config(method="vicreg")
-    assert (
-        vic.proj_hidden_dim,
-        vic.proj_dim,
-        vic.vicreg_sim_coeff,
-        vic.vicreg_std_coeff,
-        vic.vicreg_cov_coeff,
-        vic.base_lr,
-        vic.weight_decay,
-    ) == (8192, 8192, 25.0, 25.0, 1.0, 0.2, 1e-6)
+    assert (vic.proj_hidden_dim, vic.proj_dim, vic.base_lr, vic.weight_decay) == (8192, 8192, 0.2, 1e-6)
+    assert vic.method_params == {"sim_coeff": 25.0, "std_coeff": 25.0, "cov_coeff": 1.0}
     sim = train_config(method="simclr", batch_size=64)
-    assert (sim.temperature, sim.lr_scaling, sim.proj_dim, sim.optimizer) == (0.1, "sqrt", 128, "lars")
+    assert (sim.method_params, sim.lr_scaling, sim.proj_dim, sim.optimizer) == (
+        {"temperature": 0.1},
+        "sqrt",
+        128,
+        "lars",
+    )
     assert scaled_lr(sim, world_size=2) == pytest.approx(0.075 * math.sqrt(128))  # sqrt rule
     assert scaled_lr(byol, world_size=1) == pytest.approx(0.2 * 64 / 256)  # linear rule
     vit = train_config(method="byol", arch="vit_small_p10")
     assert (vit.optimizer, vit.base_lr, vit.weight_decay, vit.proj_dim) == ("adamw", 1.5e-4, 0.1, 256)
     # YAML over the recipe, flags over YAML
     path = tmp_path / "t.yaml"
-    path.write_text("method: byol\nbase_lr: 0.5\ntemperature: 0.3\n")
+    path.write_text("method: byol\nbase_lr: 0.5\nmethod_params: {ema_tau_base: 0.99}\n")
     cfg = train_config(str(path), weight_decay=1e-5)
     assert (cfg.method, cfg.base_lr, cfg.weight_decay, cfg.optimizer) == ("byol", 0.5, 1e-5, "lars")
+    assert cfg.method_params == {"ema_tau_base": 0.99}
+    # flags (--method-param) over YAML, key by key
+    assert train_config(str(path), method_params={"ema_tau_base": 0.9}).method_params == {"ema_tau_base": 0.9}
     assert recipe("nope", "resnet18") == {}
     path.write_text("method: [byol]\n")
     with pytest.raises(ConfigError, match=r"t\.yaml\.method: expected a string"):
@@ -240,7 +248,7 @@ def test_each_method_has_its_papers_recipe_under_yaml_and_flags(tmp_path):
     with pytest.raises(ConfigError, match="arch: 'vit_huge_p14' is not one of"):
         train_config(arch="vit_huge_p14")
     with pytest.raises(ConfigError, match="temperature: must be > 0"):
-        train_config(method="simclr", temperature=0.0)
+        train_config(method="simclr", method_params={"temperature": 0.0})
     assert TrainConfig().method == "simsiam"
 
 
@@ -429,7 +437,7 @@ def test_byol_with_deepspeed_and_simclr_on_two_torchrun_ranks(lensiam_shards, tm
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "train: simclr | lensiam | resnet18 | lars" in proc.stdout
+    assert "train: simclr (temperature=0.1) | lens views | resnet18 | lars" in proc.stdout
     assert "lr = 0.075 x sqrt(8)" in proc.stdout  # global batch 4 x 2 ranks
     rows = (tmp_path / "simclr" / "metrics.csv").read_text().strip().splitlines()[1:]
     losses = [float(r.split(",")[2]) for r in rows]
@@ -557,3 +565,114 @@ def test_bench_methods_optimizer_swap_harness_tiny(tmp_path):
     assert "| simsiam_lens_resnet18_lars | 4 |" in text and "rel. update/step" in text
     again = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True, timeout=600)
     assert "pretrain simsiam_lens_resnet18_lars: done before" in again.stdout and "step 2: done before" in again.stdout
+
+
+# ------------------------------------------------------------------- a method's own hyperparameters
+def _barlow_from_the_docs():
+    """docs/extending.md's example method (Barlow Twins with its own ``lambd``), executed as written."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "extending.md").read_text()
+    section = page.split("## A new SSL method", 1)[1].split("\n## ", 1)[0]
+    namespace: dict = {}
+    exec(re.search(r"```python\n(.*?)```", section, re.S).group(1), namespace)
+    return namespace
+
+
+def test_a_new_method_with_its_own_hyperparameter_is_one_class_and_one_registry_line(
+    lensiam_shards, tmp_path, monkeypatch, capsys
+):
+    """The docs' Barlow Twins, registered with one line: ``--method barlow --method-param lambd=0.01``
+    trains 2 steps through the command line with nothing about it in TrainConfig; the run's
+    config.yaml and checkpoint record lambd; an unknown or out-of-range key is one line naming it."""
+    import dataclasses
+
+    import yaml
+
+    from hpc_lensiam.cli import main
+
+    ns = _barlow_from_the_docs()
+    monkeypatch.setitem(METHODS, "barlow", ns["Barlow"])  # the one registry line
+    assert not {f.name for f in dataclasses.fields(TrainConfig)} & {"lambd", "barlow"}
+    # the loss is Barlow Twins': 0 for identical, decorrelated, standardised embeddings
+    a = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    z = torch.linalg.qr(a - a.mean(0))[0] * 8  # centred, unit variance, uncorrelated columns
+    assert float(ns["barlow_loss"](z, z, 0.0051)) < 1e-6
+    assert float(ns["barlow_loss"](z, z.roll(1, dims=1), 0.0051)) > 7.9  # every C_ii = 0: 8 x 1
+    run = tmp_path / "barlow"
+    args = ["train", "--data", str(lensiam_shards), "--out", str(run), "--method", "barlow"]
+    args += ["--arch", "resnet18", "--batch-size", "8", "--max-steps", "2", "--epochs", "1", "--workers", "0"]
+    args += ["--proj-hidden-dim", "32", "--proj-dim", "16", "--log-every", "1", "--method-param", "lambd=0.01"]
+    assert main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "train: barlow (lambd=0.01) | lens views | resnet18 | lars" in out
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["method"] == "barlow" and saved["method_params"] == {"lambd": 0.01}
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 2 and ckpt["config"]["method_params"] == {"lambd": 0.01}
+    rows = (run / "metrics.csv").read_text().strip().splitlines()[1:]
+    assert len(rows) == 2 and all(math.isfinite(float(r.split(",")[2])) for r in rows)
+    # the default is the method's, written once in its Params
+    assert train_config(method="barlow").method_params == {"lambd": 0.0051}
+    for bad, line in (
+        ("lamda=0.01", "unknown key 'lamda' for --method barlow (its keys: lambd)"),
+        ("lambd=-1", "flags.method_params.lambd: must be >= 0, got -1.0"),
+        ("lambd=big", "flags.method_params.lambd: expected a number, got 'big'"),
+    ):
+        assert main([*args[:-1], bad, "--out", str(tmp_path / "refused")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("hpc-lensiam: error: ") and line in err, err
+    assert not (tmp_path / "refused").exists()  # refused before the run folder is made
+
+
+def test_method_params_are_checked_against_the_chosen_method(tmp_path):
+    """An unknown key names the method's keys; another method's key is unknown; a YAML mapping
+    and --method-param merge key by key; old flat keys and mode: are refused naming the new spelling."""
+    with pytest.raises(ConfigError, match=r"unknown key 'ema_tau_base' for --method simclr \(its keys: temperature\)"):
+        train_config(method="simclr", method_params={"ema_tau_base": 0.99})
+    with pytest.raises(ConfigError, match=r"unknown key 'temperature' for --method simsiam \(its keys: none\)"):
+        train_config(method="simsiam", method_params={"temperature": 0.2})
+    with pytest.raises(ConfigError, match=r"ema_tau_base: 1.5 is not in \[0, 1\]"):
+        train_config(method="byol", method_params={"ema_tau_base": 1.5})
+    path = tmp_path / "v.yaml"
+    path.write_text("method: vicreg\nmethod_params: {sim_coeff: 10, cov_coeff: 2}\n")
+    cfg = train_config(str(path), method_params={"cov_coeff": 3})
+    assert cfg.method_params == {"sim_coeff": 10.0, "std_coeff": 25.0, "cov_coeff": 3.0}
+    path.write_text("method: vicreg\nmethod_params: [1, 2]\n")
+    with pytest.raises(ConfigError, match=r"v\.yaml\.method_params: expected a mapping"):
+        train_config(str(path))
+    for old, new in (
+        ("temperature: 0.2", "use method_params: {temperature: VALUE}"),
+        ("vicreg_sim_coeff: 10", "use method_params: {sim_coeff: VALUE}"),
+        ("mode: simsiam", "use views: lens|standard"),
+    ):
+        path.write_text(old + "\n")
+        with pytest.raises(ConfigError, match=rf"v\.yaml: key '{old.split(':')[0]}' was renamed: {re.escape(new)}"):
+            train_config(str(path))
+    with pytest.raises(UserError, match=r"--ema-tau-base was renamed: use --method-param ema_tau_base=VALUE"):
+        train_config(method="byol", ema_tau_base=0.99)
+    # the method's own numbers reach the model unchanged (defaults: the papers')
+    byol = BYOL("resnet18", 32, 16, 32, METHODS["byol"].params_of(train_config(method="byol")))
+    assert byol.tau_base == 0.996
+    simclr = METHODS["simclr"].from_config(train_config(method="simclr", arch="resnet18", proj_dim=8), None)
+    assert simclr.temperature == 0.1
+    vic = METHODS["vicreg"].from_config(
+        train_config(method="vicreg", arch="resnet18", proj_dim=8, method_params={"std_coeff": 5}), None
+    )
+    assert vic.coeffs == (25.0, 5.0, 1.0)
+
+
+def test_old_mode_flag_is_refused_naming_views(tmp_path, capsys):
+    """``--mode`` now reads --views: the old flag is one line naming the new spelling, exit 2, nothing made."""
+    from hpc_lensiam.cli import main
+
+    out = tmp_path / "run"
+    for flag, new in (
+        (["--mode", "simsiam"], "--mode was renamed: use --views lens|standard"),
+        (["--temperature", "0.2"], "--temperature was renamed: use --method-param temperature=VALUE"),
+        (["--vicreg-cov-coeff", "2"], "--vicreg-cov-coeff was renamed: use --method-param cov_coeff=VALUE"),
+    ):
+        assert main(["train", "--data", str(tmp_path), "--out", str(out), *flag]) == 2
+        assert capsys.readouterr().err == f"hpc-lensiam: error: {new}\n"
+    assert not out.exists()

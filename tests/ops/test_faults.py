@@ -135,14 +135,14 @@ def test_shard_cut_at_a_member_boundary(copy):
     with pytest.raises(EOFError, match="end-of-archive"):
         list(read_shard(str(path)))
     with pytest.raises(ShardError, match=r"shard-000004\.tar.*size"):
-        ShardLoader(str(copy), "lensiam", 4, workers=0)
+        ShardLoader(str(copy), "lens", 4, workers=0)
     # a manifest without sizes (older data sets): the read itself still refuses the cut shard
     manifest = json.loads((copy / "manifest.json").read_text())
     for entry in manifest["shards"]:
         entry.pop("size")
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match=r"shard-000004\.tar.*end-of-archive"):
-        for _ in ShardLoader(str(copy), "lensiam", 4, workers=0).epoch(0):
+        for _ in ShardLoader(str(copy), "lens", 4, workers=0).epoch(0):
             pass
 
 
@@ -190,7 +190,7 @@ def test_nan_pixel_named_at_write_and_read(copy, tmp_path):
     rerecord_shard(copy, path.name)  # written that way: the manifest vouches for the shard
     key = samples[2]["__key__"]
     with pytest.raises(ShardError, match=rf"shard-000000\.tar sample '{key}': 1 non-finite pixel"):
-        for _ in ShardLoader(str(copy), "lensiam", 4, workers=0).epoch(0):
+        for _ in ShardLoader(str(copy), "lens", 4, workers=0).epoch(0):
             pass
     with pytest.raises(UserError, match=rf"sample '{key}': 1 non-finite"):
         load_images(copy, 8)
@@ -345,12 +345,12 @@ def test_checkpoint_records_config_hash_and_data(run_a, data):
     [
         ({"seed": 1}, "seed 0 -> 1"),
         ({"base_lr": 0.06}, "base_lr 0.03 -> 0.06"),
-        ({"mode": "simsiam"}, "mode 'lensiam' -> 'simsiam'"),
+        ({"views": "standard"}, "views 'lens' -> 'standard'"),
         ({"batch_size": 2}, "batch_size 4 -> 2"),
     ],
 )
 def test_resume_with_changed_settings_is_refused(run_copy, data, change, named):
-    """Row: --resume with another --seed/--base-lr/--mode continued silently, config.yaml rewritten."""
+    """Row: --resume with another --seed/--base-lr/--views continued silently, config.yaml rewritten."""
     first = (run_copy / "config.yaml").read_text()
     with pytest.raises(
         UserError,
@@ -701,7 +701,7 @@ def test_worker_error_leaves_no_worker_behind(copy):
 
     _unreadable_in_a_worker(copy)
     with pytest.raises(ShardError, match=r"shard-000003\.tar.*cannot read"):
-        for _ in ShardLoader(str(copy), "lensiam", 2, workers=2).epoch(0):
+        for _ in ShardLoader(str(copy), "lens", 2, workers=2).epoch(0):
             pass
     assert multiprocessing.active_children() == []
 
@@ -838,7 +838,7 @@ def test_manifest_shard_name_leading_out_of_the_folder_is_refused(copy, tmp_path
     line = one_error_line(cli("verify", copy))
     assert f"{copy / 'manifest.json'}: shard entry 1 has name {name!r}, not a plain file name" in line, line
     for read in (
-        lambda: ShardLoader(str(copy), "lensiam", 4, workers=0),
+        lambda: ShardLoader(str(copy), "lens", 4, workers=0),
         lambda: load_images(copy, 4),
         lambda: check_shards(copy, verify=True),
     ):

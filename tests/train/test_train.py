@@ -254,8 +254,8 @@ def test_killed_run_resumes_exactly_simsiam_mode(single_shards, tmp_path):
         str(single_shards),
         "--out",
         str(run),
-        "--mode",
-        "simsiam",
+        "--views",
+        "standard",
         *SMALL,
         "--workers",
         "2",
@@ -277,10 +277,10 @@ def test_killed_run_resumes_exactly_simsiam_mode(single_shards, tmp_path):
     if killed_at > 6:
         pytest.skip(f"machine too slow to kill before step 6 (reached {killed_at})")
 
-    summary = train(_cfg(single_shards, run, mode="simsiam", workers=2, max_steps=8, ckpt_every=2), resume=True)
+    summary = train(_cfg(single_shards, run, views="standard", workers=2, max_steps=8, ckpt_every=2), resume=True)
     assert summary["step"] == 8 and summary["steps_run"] == 8 - killed_at
     ref = tmp_path / "ref"
-    train(_cfg(single_shards, ref, mode="simsiam", workers=2, max_steps=8, ckpt_every=2))
+    train(_cfg(single_shards, ref, views="standard", workers=2, max_steps=8, ckpt_every=2))
     rows = _metrics(run)
     assert sorted(rows) == list(range(1, 9))  # rows past last.pt dropped
     _same_curve(rows, _metrics(ref), range(1, 9))
@@ -446,3 +446,53 @@ def test_max_steps_inside_the_warm_up_is_said_at_start(lensiam_shards, tmp_path,
     train_tiny(lensiam_shards, tmp_path / "run", epochs=4, warmup_epochs=2, max_steps=2)
     out = capsys.readouterr().out
     assert "train: warning: --max-steps 2 stops inside the warm-up" in out, out
+
+
+def _as_older_version(cfg: dict) -> dict:
+    """A config as an older version saved it: ``mode: lensiam|simsiam`` and the flat method keys, no
+    ``views`` and no ``method_params``."""
+    cfg = dict(cfg)
+    views, params = cfg.pop("views"), cfg.pop("method_params")
+    flat = {"ema_tau_base": 0.996, "temperature": 0.1, "vicreg_sim_coeff": 25.0, "vicreg_std_coeff": 25.0}
+    flat.update(vicreg_cov_coeff=1.0, **params)
+    return {"mode": {"lens": "lensiam", "standard": "simsiam"}[views], **cfg, **flat}
+
+
+def test_a_run_saved_by_an_older_version_resumes_and_stays_guarded(lensiam_shards, tmp_path, capsys):
+    """A BYOL run whose RUN/config.yaml and checkpoints say ``mode: lensiam`` and ``ema_tau_base``
+    (an older version's files) resumes with ``--config RUN/config.yaml --resume``: the saved files are
+    translated on read (views lens, method_params {ema_tau_base}); a change of the views or of the
+    EMA is still refused naming it; downstream readers see its views."""
+    import yaml
+
+    from hpc_lensiam.cli import main
+    from hpc_lensiam.models.weights import HASH_KEY, backbone_from_checkpoint
+    from hpc_lensiam.train.checkpoint import save_checkpoint
+
+    run = train_tiny(lensiam_shards, tmp_path / "old", method="byol", proj_hidden_dim=32, proj_dim=16, pred_dim=32)
+    header, body = (run / "config.yaml").read_text().split("\n", 1)
+    old = _as_older_version(yaml.safe_load(body))
+    assert old["mode"] == "lensiam" and old["ema_tau_base"] == 0.996 and "views" not in old
+    (run / "config.yaml").write_text(header + "\n" + yaml.safe_dump(old, sort_keys=False))
+    for path in (run / "checkpoints").glob("*.pt"):
+        ckpt = load_checkpoint(path)
+        ckpt.pop(HASH_KEY, None)
+        save_checkpoint(path, {**ckpt, "config": _as_older_version(ckpt["config"])})
+    assert "mode" in load_checkpoint(run / "checkpoints" / "last.pt")["config"]
+    assert backbone_from_checkpoint(run / "checkpoints" / "last.pt")[1]["views"] == "lens"
+
+    resume = ["train", "--config", str(run / "config.yaml"), "--resume", "--max-steps", "3"]
+    for change, named in (
+        (["--views", "standard"], "views 'lens' -> 'standard'"),
+        (["--method-param", "ema_tau_base=0.99"], "method_params {'ema_tau_base': 0.996} -> {'ema_tau_base': 0.99}"),
+    ):
+        assert main([*resume, *change]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "was trained with other settings: " + named in err, err
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2  # refusals changed nothing
+
+    assert main(resume) == 0, capsys.readouterr().err
+    assert "resuming at step 2" in capsys.readouterr().out
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 3 and ckpt["config"]["views"] == "lens" and "mode" not in ckpt["config"]
+    assert ckpt["config"]["method_params"] == {"ema_tau_base": 0.996}

@@ -9,19 +9,51 @@ A method is an ``nn.Module`` with
   (detached) for the collapse monitor; collectives the loss needs (a global batch) happen here;
 - ``param_groups(lr, fix_pred_lr)``: the optimizer's groups (the predictor may keep its lr);
 - ``after_step(step, total_steps)``: a hook after each optimizer step (BYOL's EMA target update);
-- ``recipe``: the paper's hyperparameters as TrainConfig defaults, applied under YAML and flags;
+- ``recipe``: the paper's shared training settings (optimizer, lr, widths) as TrainConfig defaults,
+  applied under YAML and flags;
+- ``Params``: a frozen dataclass of the method's OWN hyperparameters (BYOL's EMA, SimCLR's
+  temperature, VICReg's weights), each default written there once, checked by its ``validate``;
+  the run sets them under ``method_params:`` (YAML) or ``--method-param KEY=VALUE`` and
+  :meth:`SSLMethod.params_of` reads them from the config (:class:`NoParams`: none);
 - ``from_config(cfg, img_size)``: the constructor the training loop calls.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ...core.config import from_dict
+from ...core.errors import ConfigError
 from ..backbones import build_backbone, get
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """The hyperparameters of a method that has none of its own (SimSiam)."""
+
+    def validate(self, where: str) -> None:
+        """A subclass checks its ranges here, raising ConfigError naming ``where.<key>``."""
+
+
+def check_params(params_cls: type, values, method: str, where: str = "method_params"):
+    """``values`` (a mapping from YAML or ``--method-param``) as ``params_cls``, checked once: an unknown
+    key names the method's keys, a wrong type or range the key (a ConfigError, one line)."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of {method}'s hyperparameters, got {values!r}")
+    allowed = [f.name for f in fields(params_cls)]
+    for key in values:
+        if key not in allowed:
+            raise ConfigError(
+                f"{where}: unknown key {key!r} for --method {method} (its keys: {', '.join(allowed) or 'none'})"
+            )
+    return from_dict(params_cls, values, where)
 
 
 def mlp(dims: list[int], last_bn: bool = False) -> nn.Sequential:
@@ -54,6 +86,7 @@ class SSLMethod(nn.Module):
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     recipe: ClassVar[dict] = {}
+    Params: ClassVar[type] = NoParams
 
     def __init__(self, arch: str, zero_init_residual: bool = True, img_size: int | None = None):
         super().__init__()
@@ -71,6 +104,11 @@ class SSLMethod(nn.Module):
     @property
     def projector(self) -> nn.Module:
         return getattr(self.encoder, self.head_attr)
+
+    @classmethod
+    def params_of(cls, cfg):
+        """This method's hyperparameters (a ``Params``) from ``cfg.method_params``, defaults filled."""
+        return check_params(cls.Params, getattr(cfg, "method_params", None), cls.name)
 
     @classmethod
     def from_config(cls, cfg, img_size: int | None) -> SSLMethod:

@@ -4,8 +4,9 @@ An online network (encoder + projector + predictor) predicts the projection of t
 by a momentum target network (encoder + projector, no predictor), whose weights are an exponential
 moving average of the online ones: ``xi <- tau xi + (1 - tau) theta`` after every step, with
 ``tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2`` rising from ``tau_base`` = 0.996 to 1 over the
-K training steps. Loss: ``||p/|p| - z'/|z'|||^2 = 2 - 2 cos(p, z')``, symmetrised over the views
-(mean over the batch, summed over the two directions). The target receives no gradient.
+K training steps (``method_params: {ema_tau_base: ...}``, :class:`BYOLParams`). Loss:
+``||p/|p| - z'/|z'|||^2 = 2 - 2 cos(p, z')``, symmetrised over the views (mean over the batch,
+summed over the two directions). The target receives no gradient.
 
 Recipe (paper, section 3.3 / appendix): LARS (biases and BN excluded from weight decay and from
 the trust ratio), lr = 0.2 x batch/256, weight decay 1.5e-6, 10 warm-up epochs then cosine;
@@ -18,11 +19,24 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ...core.errors import ConfigError
 from .base import SSLMethod, mlp
+
+
+@dataclass(frozen=True)
+class BYOLParams:
+    """BYOL's own hyperparameters (``method_params:``); the paper's values."""
+
+    ema_tau_base: float = 0.996  # target decay at step 0, rising to 1 on a cosine
+
+    def validate(self, where: str) -> None:
+        if not 0.0 <= self.ema_tau_base <= 1.0:
+            raise ConfigError(f"{where}.ema_tau_base: {self.ema_tau_base} is not in [0, 1]")
 
 
 def byol_loss(p: torch.Tensor, z_target: torch.Tensor) -> torch.Tensor:
@@ -30,7 +44,7 @@ def byol_loss(p: torch.Tensor, z_target: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * F.cosine_similarity(p.float(), z_target.detach().float(), dim=-1)).mean()
 
 
-def ema_tau(step: int, total_steps: int, tau_base: float = 0.996) -> float:
+def ema_tau(step: int, total_steps: int, tau_base: float = BYOLParams.ema_tau_base) -> float:
     """BYOL's target decay after step ``step`` of ``total_steps``: tau_base at 0, 1 at the end (cosine)."""
     k = min(max(step, 0), total_steps)
     return 1 - (1 - tau_base) * (math.cos(math.pi * k / max(1, total_steps)) + 1) / 2
@@ -54,16 +68,16 @@ class BYOL(SSLMethod):
         proj_dim=256,
         pred_dim=4096,
         fix_pred_lr=False,
-        ema_tau_base=0.996,
     )
+    Params = BYOLParams
 
     def __init__(
         self,
         arch: str,
-        proj_hidden_dim: int = 4096,
-        proj_dim: int = 256,
-        pred_dim: int = 4096,
-        tau_base: float = 0.996,
+        proj_hidden_dim: int,
+        proj_dim: int,
+        pred_dim: int,
+        params: BYOLParams = BYOLParams(),
         zero_init_residual: bool = True,
         img_size: int | None = None,
     ):
@@ -72,8 +86,8 @@ class BYOL(SSLMethod):
         self.predictor = mlp([proj_dim, pred_dim, proj_dim])
         self.target_encoder = copy.deepcopy(self.encoder)
         self.target_encoder.requires_grad_(False)
-        self.tau_base = tau_base
-        self.tau = tau_base
+        self.tau_base = params.ema_tau_base
+        self.tau = self.tau_base
 
     @classmethod
     def from_config(cls, cfg, img_size):
@@ -82,7 +96,7 @@ class BYOL(SSLMethod):
             cfg.proj_hidden_dim or cfg.proj_dim,
             cfg.proj_dim,
             cfg.pred_dim,
-            cfg.ema_tau_base,
+            cls.params_of(cfg),
             cfg.zero_init_residual,
             img_size,
         )

@@ -19,14 +19,28 @@ batches and short schedules; temperature 0.1; projection head 2048 (BN, ReLU) ->
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ...core.errors import ConfigError
 from .base import SSLMethod, gather_with_grad, mlp
 
 
-def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+@dataclass(frozen=True)
+class SimCLRParams:
+    """SimCLR's own hyperparameters (``method_params:``); the paper's values."""
+
+    temperature: float = 0.1  # NT-Xent temperature tau
+
+    def validate(self, where: str) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"{where}.temperature: must be > 0, got {self.temperature}")
+
+
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = SimCLRParams.temperature) -> torch.Tensor:
     """NT-Xent of this rank's anchors (both views) against the gathered global batch."""
     n = z1.shape[0]
     z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
@@ -54,22 +68,22 @@ class SimCLR(SSLMethod):
         weight_decay=1e-6,
         proj_hidden_dim=2048,
         proj_dim=128,
-        temperature=0.1,
     )
     lr_rules = {"lars": "sqrt"}  # base_lr 0.075 x sqrt(batch): the paper's rule for its LARS recipe
+    Params = SimCLRParams
 
     def __init__(
         self,
         arch: str,
-        proj_hidden_dim: int = 2048,
-        proj_dim: int = 128,
-        temperature: float = 0.1,
+        proj_hidden_dim: int,
+        proj_dim: int,
+        params: SimCLRParams = SimCLRParams(),
         zero_init_residual: bool = True,
         img_size: int | None = None,
     ):
         super().__init__(arch, zero_init_residual, img_size)
         self.set_projector(mlp([self.feature_dim, proj_hidden_dim, proj_dim]))
-        self.temperature = temperature
+        self.temperature = params.temperature
 
     @classmethod
     def from_config(cls, cfg, img_size):
@@ -77,7 +91,7 @@ class SimCLR(SSLMethod):
             cfg.arch,
             cfg.proj_hidden_dim or cfg.proj_dim,
             cfg.proj_dim,
-            cfg.temperature,
+            cls.params_of(cfg),
             cfg.zero_init_residual,
             img_size,
         )

@@ -19,10 +19,27 @@ Recipe: LARS, lr = 0.2 x batch/256, weight decay 1e-6, expander 8192-8192-8192
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from ...core.errors import ConfigError
 from .base import SSLMethod, gather_with_grad, mlp
+
+
+@dataclass(frozen=True)
+class VICRegParams:
+    """VICReg's own hyperparameters (``method_params:``): the paper's loss weights lambda, mu, nu."""
+
+    sim_coeff: float = 25.0  # invariance
+    std_coeff: float = 25.0  # variance
+    cov_coeff: float = 1.0  # covariance
+
+    def validate(self, where: str) -> None:
+        for name in ("sim_coeff", "std_coeff", "cov_coeff"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
 
 
 def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
@@ -43,7 +60,11 @@ def covariance_term(z: torch.Tensor) -> torch.Tensor:
 
 
 def vicreg_loss(
-    z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    sim_coeff: float = VICRegParams.sim_coeff,
+    std_coeff: float = VICRegParams.std_coeff,
+    cov_coeff: float = VICRegParams.cov_coeff,
 ) -> torch.Tensor:
     """The paper's loss on local embeddings; variance and covariance over the global batch."""
     z1, z2 = z1.float(), z2.float()
@@ -63,25 +84,21 @@ class VICReg(SSLMethod):
         weight_decay=1e-6,
         proj_hidden_dim=8192,
         proj_dim=8192,
-        vicreg_sim_coeff=25.0,
-        vicreg_std_coeff=25.0,
-        vicreg_cov_coeff=1.0,
     )
+    Params = VICRegParams
 
     def __init__(
         self,
         arch: str,
-        proj_hidden_dim: int = 8192,
-        proj_dim: int = 8192,
-        sim_coeff: float = 25.0,
-        std_coeff: float = 25.0,
-        cov_coeff: float = 1.0,
+        proj_hidden_dim: int,
+        proj_dim: int,
+        params: VICRegParams = VICRegParams(),
         zero_init_residual: bool = True,
         img_size: int | None = None,
     ):
         super().__init__(arch, zero_init_residual, img_size)
         self.set_projector(mlp([self.feature_dim, proj_hidden_dim, proj_hidden_dim, proj_dim]))
-        self.coeffs = (sim_coeff, std_coeff, cov_coeff)
+        self.coeffs = (params.sim_coeff, params.std_coeff, params.cov_coeff)
 
     @classmethod
     def from_config(cls, cfg, img_size):
@@ -89,9 +106,7 @@ class VICReg(SSLMethod):
             cfg.arch,
             cfg.proj_hidden_dim or cfg.proj_dim,
             cfg.proj_dim,
-            cfg.vicreg_sim_coeff,
-            cfg.vicreg_std_coeff,
-            cfg.vicreg_cov_coeff,
+            cls.params_of(cfg),
             cfg.zero_init_residual,
             img_size,
         )

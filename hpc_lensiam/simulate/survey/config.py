@@ -36,7 +36,7 @@ OBSERVATIONS = {"euclid": ("Euclid", "VIS"), "hst": ("HST", "ACS_F814W"), "lsst"
 # lsst (survey family only, not a paper-family preset): Rubin's 8.36 m aperture (0.61 linear obstruction)
 # at 0.2"/px in i (755 nm), a 64 px (12.8") field. Its diffraction core (0.02") is nothing beside the
 # atmosphere: the Gaussian "detector" blur here carries the seeing, 1.455 px, so the bank's pixel-integrated
-# FWHM is 0.71" (tests/test_lens_finding.py), lenstronomy's LSST i-band seeing (a Gaussian PSF there too).
+# FWHM is 0.71" (tests/ops/test_bench_lens_finding.py), lenstronomy's LSST i-band seeing (a Gaussian PSF there too).
 # The built-in bank samples the diffraction pattern finely enough for any aperture (psf.py).
 SURVEY_INSTRUMENT = {
     "euclid": {"detector_blur_sigma_pix": 0.55},
