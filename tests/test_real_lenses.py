@@ -42,6 +42,8 @@ def _subset(desi, tmp, names):
     return path
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # ~15 CLI launches, each importing torch: minutes idle, far more on a loaded machine
 def test_end_to_end_on_real_lenses_tiny(desi, tmp_path, capsys):
     names = ["DESIJ0201-2739", "DESIJ1537+1443", "DESIJ2158+0257", "DESIJ1225-0725"]  # 3 labelled, 1 not
     labels = _subset(desi, tmp_path, names)
