@@ -20,8 +20,11 @@ scored). The protocol, every step the package's own CLI, resumable (``OUT/steps.
 6. ``OUT/real_lenses.json`` (every prediction, the scores with bootstrap intervals over lenses, paired
    arm differences, the recipe), a markdown report and a per-lens figure (``--report``).
 
-Optional ablation arms (``--ablations``), each a random-init fine-tuning on simulations with one step
-of the match undone, predicted and scored like the arms: ``white_noise`` (no correlated noise).
+Optional ablation arms (``--ablations``), each a random-init network fine-tuned on the same draws
+with one step of the match undone, scored on the matched held-out simulations and on the real lenses
+like the arms: ``white_noise`` (white background noise), ``gaussian_psf`` (a circular Gaussian PSF of
+FWHM 0.18" instead of the file's kernel), ``paper_priors`` (the paper's lens prior: theta_E 0.8-1.8",
+mass e1, e2 in [-0.5, 0.5]). Compared with ``random_init`` they say how much each step moves the error.
 """
 
 from __future__ import annotations
@@ -41,7 +44,12 @@ from bench.ledger import BIN, Steps, shown
 from hpc_lensiam.core.io import atomic_path, atomic_write_json, atomic_write_text
 
 ARMS = ("lensiam", "simsiam", "random_init")
-ABLATIONS = {"white_noise": "the matched simulations with white background noise (no --correlated-noise)"}
+ABLATIONS = {
+    "white_noise": "white background noise (no --correlated-noise)",
+    "gaussian_psf": 'a circular Gaussian PSF of FWHM 0.18" instead of the real kernel (--match-psf)',
+    "paper_priors": "the paper's lens prior: theta_E 0.8-1.8\", e1, e2 in [-0.5, 0.5] (--config)",
+}
+GAUSSIAN_PSF_FWHM_ARCSEC = 0.18
 GOALS = {  # the benchmark's targets: (score, bound, "<=" | ">=") per recipe
     "full": [("median_abs_rel_error", 0.10, "<="), ("median_rel_bias", 0.05, "|<=|"), ("outlier_fraction", 0.10, "<=")],
     "quick": [("median_abs_rel_error", 0.25, "<="), ("spearman", 0.6, ">=")],
@@ -103,7 +111,7 @@ RECIPES = {
         finetune_batch=32,
         finetune_lr=1e-3,
         seeds=(0, 1, 2),
-        ablations=("white_noise",),
+        ablations=tuple(ABLATIONS),
     ),
 }
 OVERRIDES = (  # flag -> Recipe field, type: change one number of a recipe (tiny test runs, studies)
@@ -255,7 +263,7 @@ def run_protocol(a, r: Recipe, lenses: list[dict], match: str, scale: float, out
     real_changed = not done_before(steps, "ingest real", cmd, [real_shards / "manifest.json"])
     steps.run("ingest real", cmd, [real_shards / "manifest.json"])
 
-    def simulate(name: str, n: int, seed_offset: int, single: bool, rho: float) -> Path:
+    def simulate(name: str, n: int, seed_offset: int, single: bool, rho: float, extra: tuple = ()) -> Path:
         d = out / "shards" / name
         cmd = [
             mpiexec,
@@ -280,7 +288,7 @@ def run_protocol(a, r: Recipe, lenses: list[dict], match: str, scale: float, out
             "--seed",
             r.data_seed + seed_offset,
         ]
-        cmd += ["--mode", "single"] if single else []
+        cmd += (["--mode", "single"] if single else []) + list(extra)
         stale(steps, f"simulate {name}", cmd, [d])
         steps.run(f"simulate {name}", cmd, [d / "manifest.json"])
         return d
@@ -290,8 +298,16 @@ def run_protocol(a, r: Recipe, lenses: list[dict], match: str, scale: float, out
     train = simulate("train", r.n_train, 1000, True, rho)
     test = simulate("test", r.n_test, 2000, True, rho)
     sets = {arm: (train, test) for arm in ARMS}
-    if "white_noise" in r.ablations:  # same draws (seeds), white noise; scored on the matched test set
-        sets["white_noise"] = (simulate("train_white", r.n_train, 1000, True, 0.0), test)
+    # ablations: the same seeds with one step of the match undone; scored on the matched test set
+    if "white_noise" in r.ablations:
+        sets["white_noise"] = (simulate("train_white_noise", r.n_train, 1000, True, 0.0), test)
+    if "gaussian_psf" in r.ablations:
+        psf = write_gaussian_psf(out / "psf_gaussian.h5", scale, GAUSSIAN_PSF_FWHM_ARCSEC)
+        sets["gaussian_psf"] = (simulate("train_gaussian_psf", r.n_train, 1000, True, rho, ("--match-psf", psf)), test)
+    if "paper_priors" in r.ablations:
+        cfg = out / "paper_priors.yaml"
+        atomic_write_text(cfg, "lens:\n  theta_E_arcsec: [0.8, 1.8]\n  e1: [-0.5, 0.5]\n  e2: [-0.5, 0.5]\n")
+        sets["paper_priors"] = (simulate("train_paper_priors", r.n_train, 1000, True, rho, ("--config", cfg)), test)
 
     backbones = {"random_init": "none", **{abl: "none" for abl in r.ablations}}
     for mode in ("lensiam", "simsiam"):
@@ -324,6 +340,21 @@ def run_protocol(a, r: Recipe, lenses: list[dict], match: str, scale: float, out
         cmd = [hl, "predict", "--model", *seed_models, "--data", real_shards, "--out", pred]
         steps.run(f"predict {arm}", cmd, [pred])
         write_outputs(r, lenses, out, report, steps.done)
+
+
+def write_gaussian_psf(path: Path, pixel_scale: float, fwhm_arcsec: float) -> Path:
+    """A circular Gaussian kernel (41 x 41, sum 1) in lenstronomy's PSF layout, for ``--match-psf``."""
+    import h5py
+    import numpy as np
+
+    sigma = fwhm_arcsec / (2 * math.sqrt(2 * math.log(2))) / pixel_scale
+    yy, xx = np.mgrid[-20:21, -20:21]
+    k = np.exp(-(xx**2 + yy**2) / (2 * sigma**2))
+    if not path.is_file():
+        with atomic_path(path) as tmp:
+            with h5py.File(tmp, "w") as f:
+                f["kernel_point_source"] = k / k.sum()
+    return path
 
 
 def model_file(out: Path, arm: str, seed: int) -> Path:
