@@ -44,7 +44,9 @@ def _subset(desi, tmp, names):
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # ~15 CLI launches, each importing torch: minutes idle, far more on a loaded machine
-def test_end_to_end_on_real_lenses_tiny(desi, tmp_path, capsys):
+def test_end_to_end_on_real_lenses_tiny(desi, tmp_path, capsys, monkeypatch):
+    # one thread per CLI process: on a shared 2-core machine two threads each ran finetune ~10x slower
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     names = ["DESIJ0201-2739", "DESIJ1537+1443", "DESIJ2158+0257", "DESIJ1225-0725"]  # 3 labelled, 1 not
     labels = _subset(desi, tmp_path, names)
     out, report = tmp_path / "run", tmp_path / "docs" / "tiny.md"
