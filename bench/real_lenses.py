@@ -542,13 +542,13 @@ def figure(lenses, real_shards: Path, result: dict, path: Path) -> None:
     for s in iter_samples(real_shards):
         name = s["params"].get("name") or s["key"]
         images[name] = s["image"]
-        scale = scale or s["params"].get("pixel_scale_arcsec") or s["params"].get("target_pixel_scale_arcsec")
+        scale = scale or (s["params"].get("ingest") or {}).get("target_pixel_scale_arcsec")
     arms = result["arms"]
     colours = dict(zip(arms, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     n = len(lenses) + 1
     cols = min(n, 6)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.0 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, x in enumerate(lenses):
@@ -565,6 +565,7 @@ def figure(lenses, real_shards: Path, result: dict, path: Path) -> None:
             for arm in arms:
                 if scale:
                     _ring(ax, centre, arms[arm]["lenses"][i]["theta_E_pred"] / scale, color=colours[arm], alpha=0.9)
+            ax.set(xlim=(-0.5, img.shape[1] - 0.5), ylim=(-0.5, img.shape[0] - 0.5))
         t = "?" if x["theta_E_true"] is None else f"{x['theta_E_true']:.2f}"
         ax.set_title(f'{x["name"]}\ntrue {t}"', fontsize=7)
     ax = axes.flat[len(lenses)]
