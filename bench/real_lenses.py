@@ -408,11 +408,28 @@ def collect(r: Recipe, lenses: list[dict], out: Path, steps_done: dict) -> dict:
             pairs[f"{a} - {b}"] = paired_differences(y, *preds[a], *preds[b], n_boot=2000, seed=0)
     return {
         "arms": arms,
+        "reference": prior_reference(out, y),
         "paired_differences": pairs,
         "recipe": dataclasses.asdict(r),
         "steps": {k: round(v["seconds"], 1) for k, v in steps_done.items()},
         "goals": {f"{s} {op} {b}": None for s, b, op in GOALS[r.name]} if r.name in GOALS else {},
     }
+
+
+def prior_reference(out: Path, y) -> dict:
+    """The score of knowing nothing: every lens predicted at the middle of the simulations' theta_E prior
+    (sigma = the prior's sd). An arm that does not beat it has not learned theta_E from the image."""
+    import numpy as np
+
+    from hpc_lensiam.evaluation.lens_scores import lens_scores
+
+    manifest = out / "shards" / "train" / "manifest.json"
+    if not manifest.is_file():
+        return {}
+    lo, hi = json.loads(manifest.read_text())["config"]["lens"]["theta_E_arcsec"]
+    p = np.full(len(y), (lo + hi) / 2)
+    s = np.full(len(y), (hi - lo) / math.sqrt(12))
+    return {"prior_mean": {"theta_E_pred": (lo + hi) / 2, "metrics": lens_scores(y, p, s, n_boot=2000, seed=0)}}
 
 
 def sim_scores(ft: dict) -> dict:
@@ -441,6 +458,8 @@ def write_outputs(r: Recipe, lenses: list[dict], out: Path, report: Path, steps_
     result = collect(r, lenses, out, steps_done)
     result["goals"] = goal_verdicts(result, r.name)
     atomic_write_json(out / "real_lenses.json", result)
+    if report.parent != out:  # a copy beside the report, so the predictions travel with it
+        atomic_write_json(report.with_suffix(".json"), result)
     if result["arms"]:
         fig = report.with_suffix(".png")
         figure(lenses, out / "real", result, fig)
@@ -479,6 +498,13 @@ def report_text(r: Recipe, lenses, result: dict, out: Path, fig: Path, report: P
             f"| {arm} | {_fmt(m, 'median_abs_rel_error')} | {_fmt(m, 'median_rel_bias')} | {_fmt(m, 'median_bias')} "
             f"| {_fmt(m, 'spearman')} | {_fmt(m, 'outlier_fraction')} | {_fmt(m, 'coverage_1sigma')} "
             f"| {'n/a' if r2 is None else f'{r2:.3f}'} |"
+        )
+    for name, ref in (result.get("reference") or {}).items():
+        m = ref["metrics"]
+        lines.append(
+            f'| *{name}* (every lens at {ref["theta_E_pred"]:.2f}") | {_fmt(m, "median_abs_rel_error")} '
+            f"| {_fmt(m, 'median_rel_bias')} | {_fmt(m, 'median_bias')} | n/a | {_fmt(m, 'outlier_fraction')} "
+            f"| {_fmt(m, 'coverage_1sigma')} | n/a |"
         )
     lines += ["", "Goals (" + r.name + " recipe): " + "; ".join(f"{s} {op} {b}" for s, b, op in GOALS[r.name]), ""]
     for arm, verdict in result["goals"].items():
@@ -584,7 +610,7 @@ def figure(lenses, real_shards: Path, result: dict, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
 
 

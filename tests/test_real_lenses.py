@@ -74,6 +74,8 @@ def test_end_to_end_on_real_lenses_tiny(desi, tmp_path, capsys, monkeypatch):
             assert again[name]["value"] == pytest.approx(m[name]["value"], nan_ok=True)
             assert again[name]["ci95"] == pytest.approx(m[name]["ci95"])
         assert len(rec["simulated_test"]["r2_per_seed"]) == 3  # the recipe's score on held-out sims
+    prior = res["reference"]["prior_mean"]  # the know-nothing score every arm is read against
+    assert prior["theta_E_pred"] == pytest.approx(2.0) and prior["metrics"]["n"] == 3
     assert {"lensiam - simsiam", "lensiam - random_init", "simsiam - random_init"} == set(res["paired_differences"])
     text = report.read_text()
     assert "DESIJ1225-0725 | unlabelled" in text and "## Paired differences" in text
