@@ -40,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import print_ratio
 from bench.ledger import BIN, Steps, shown
 from hpc_lensiam.core.io import atomic_path, atomic_write_json, atomic_write_text
 
@@ -288,7 +289,7 @@ def run_protocol(a, r: Recipe, lenses: list[dict], match: str, scale: float, out
             "--seed",
             r.data_seed + seed_offset,
         ]
-        cmd += (["--mode", "single"] if single else []) + list(extra)
+        cmd += (["--samples", "single"] if single else []) + list(extra)
         stale(steps, f"simulate {name}", cmd, [d])
         steps.run(f"simulate {name}", cmd, [d / "manifest.json"])
         return d
@@ -307,13 +308,14 @@ def run_protocol(a, r: Recipe, lenses: list[dict], match: str, scale: float, out
     if "paper_priors" in r.ablations:
         cfg = out / "paper_priors.yaml"
         atomic_write_text(cfg, "lens:\n  theta_E_arcsec: [0.8, 1.8]\n  e1: [-0.5, 0.5]\n  e2: [-0.5, 0.5]\n")
-        sets["paper_priors"] = (simulate("train_paper_priors", r.n_train, 1000, True, rho, ("--config", cfg)), test)
+        sets["paper_priors"] = (simulate("train_paper_priors", r.n_train, 1000, True, rho, ("--physics", cfg)), test)
 
     backbones = {"random_init": "none", **{abl: "none" for abl in r.ablations}}
     for mode in ("lensiam", "simsiam"):
         run_dir = out / f"pretrain_{mode}"
         ckpt = run_dir / "checkpoints" / "last.pt"
-        train_args = ["train", "--data", pairs, "--out", run_dir, "--mode", mode, "--arch", r.arch]
+        views = {"lensiam": "lens", "simsiam": "standard"}[mode]  # the arm -> train --views
+        train_args = ["train", "--data", pairs, "--out", run_dir, "--views", views, "--arch", r.arch]
         train_args += ["--epochs", r.pretrain_epochs, "--batch-size", r.pretrain_batch, "--seed", r.pretrain_seed]
         train_args += ["--warmup-epochs", max(1, r.pretrain_epochs // 10), "--no-zero-init-residual", "--workers", 1]
         train_args += ["--shuffle-buffer", min(1000, r.pairs), "--ckpt-every", 50, "--log-every", 10]
@@ -647,6 +649,9 @@ def main(argv=None) -> int:
         print(
             f"[real_lenses] {arm}: median |d|/theta_E {_fmt(m, 'median_abs_rel_error')}, Spearman {_fmt(m, 'spearman')}"
         )
+    err = {arm: (rec["metrics"].get("median_abs_rel_error") or {}).get("value") for arm, rec in result["arms"].items()}
+    if err.get("lensiam") and err.get("random_init"):
+        print_ratio(err["lensiam"] / err["random_init"], "LenSiam over random-init median |d|/theta_E, real lenses")
     return 0
 
 

@@ -42,6 +42,11 @@ REGISTRY = [
     Bench("science", ("--quick", "--out", f"{QUICK_OUT}/science"), "LenSiam over SimSiam probe theta_E R^2"),
     Bench("methods", ("--quick", "--out", f"{QUICK_OUT}/methods"), "SimSiam lens over standard probe theta_E R^2"),
     Bench(
+        "real_lenses",
+        ("--quick", "--real", "../shared/data/real_lenses/desi_hst", "--out", f"{QUICK_OUT}/real_lenses"),
+        "LenSiam over random-init median |d|/theta_E on real HST lenses (needs the shared data beside the repo)",
+    ),
+    Bench(
         "lens_finding",
         ("--quick", "--eval", "../shared/data/slsim/lsst_i", "--out", f"{QUICK_OUT}/lens_finding"),
         "held-out sims minus slsim LSST ROC AUC (the realism gap; needs the shared data beside the repo)",

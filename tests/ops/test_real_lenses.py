@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from bench import real_lenses
-from conftest import SHARED_DATA
 from hpc_lensiam.evaluation.lens_scores import lens_scores
+from support import SHARED_DATA
 
 DESI = SHARED_DATA / "real_lenses" / "desi_hst"
 TINY = ["--pairs", "16", "--n-train", "24", "--n-test", "8", "--num-pix", "64", "--pretrain-epochs", "1"]
