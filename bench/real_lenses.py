@@ -1,6 +1,6 @@
 """theta_E of real lenses from networks trained on matched simulations: LenSiam vs SimSiam vs random init.
 
-    PYTHONPATH=. .venv/bin/python bench/real_lenses.py --real DIR --out runs/real-quick --quick
+    .venv/bin/python -m bench.real_lenses --real DIR --out runs/real-quick --quick
     PYTHONPATH=. .venv/bin/python -m bench.real_lenses --real DIR --out runs/real-full     # hours
 
 ``--real DIR``: a folder of real cutouts in the real-lens layout (lenstronomy HDF5 files, a ``psf_*.h5``

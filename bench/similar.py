@@ -319,7 +319,7 @@ def main() -> None:
     print("\n" + table(results))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     print(f"\n# this driver's own peak RSS (vector generation, incl. the file's dirty pages): {peak:.2f} GB")
-    ms = {r["method"]: r["query1_ms"] for r in results if r["rows"] == a.rows[-1]}
+    ms = {r["method"]: r["query1_ms"] for r in results if r["rows"] == a.rows[-1] and "query1_ms" in r}
     if "numpy" in ms and "flat" in ms:
         print_ratio(ms["numpy"] / ms["flat"], f"1-query time numpy blocks over faiss flat, {a.rows[-1]} rows")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import types
 import typing
@@ -163,7 +164,8 @@ def _cmd_train(a):
     try:
         cfg = train_config(config_path=a.config, **flags)
     except ConfigError as exc:  # a bad flag is named as typed (--batch-size), not as a field
-        raise ConfigError(name_flags(str(exc), TrainConfig)) from None
+        text = re.sub(r"\bflags\.method_params\.(\w+)", r"--method-param \1", str(exc))
+        raise ConfigError(name_flags(text, TrainConfig)) from None
     train(
         cfg,
         resume=a.resume,

@@ -22,9 +22,9 @@ def task_names() -> tuple:
 
 
 def archs() -> tuple:
-    from ..models.backbones import ARCHS  # torch: imported only when the choices are needed
+    from ..models.backbones import BACKBONES  # the live registry (torch: imported only when the choices are needed)
 
-    return tuple(ARCHS)
+    return tuple(BACKBONES)
 
 
 @dataclass

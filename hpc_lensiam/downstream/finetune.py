@@ -60,11 +60,11 @@ def build_model(backbone: str, arch: str | None, seed: int, img_size: int | None
     """
     import torch
 
-    from ..models.backbones import ARCHS, BACKBONES, recognise
+    from ..models.backbones import BACKBONES, recognise
     from ..models.weights import read_backbone_file, read_sidecar
 
     if arch is not None and arch not in BACKBONES:
-        raise UserError(f"--arch: {arch!r} is not one of {', '.join(ARCHS)}")
+        raise UserError(f"--arch: {arch!r} is not one of {', '.join(BACKBONES)}")
     torch.manual_seed(seed)
     desc = {"backbone": backbone}
     if backbone.lower() == "none":
@@ -79,7 +79,7 @@ def build_model(backbone: str, arch: str | None, seed: int, img_size: int | None
         side = read_sidecar(backbone)
         spec = recognise(state)
         if spec is None:
-            raise UserError(f"{backbone}: weights match no known backbone (expected one of: {', '.join(ARCHS)})")
+            raise UserError(f"{backbone}: weights match no known backbone (expected one of: {', '.join(BACKBONES)})")
         if side and side.get("arch") and side["arch"] != spec.name:
             raise UserError(f"{backbone}: sidecar says arch {side['arch']!r} but the weights are a {spec.name}")
         if arch and arch != spec.name:

@@ -17,9 +17,9 @@ INDEXES = ("auto", "flat", "ivf")
 
 
 def archs() -> tuple:
-    from ..models.backbones import ARCHS  # torch: imported only when the choices are needed
+    from ..models.backbones import BACKBONES  # the live registry (torch: imported only when the choices are needed)
 
-    return tuple(ARCHS)
+    return tuple(BACKBONES)
 
 
 def stretch_option():

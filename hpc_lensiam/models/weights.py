@@ -227,7 +227,7 @@ def backbone_from_checkpoint(checkpoint: str | os.PathLike, arch: str | None = N
     must agree with the one the checkpoint's config declares; a ViT's image side comes from its
     position embedding.
     """
-    from .backbones import ARCHS, BACKBONES, backbone_state_dict, recognise
+    from .backbones import BACKBONES, backbone_state_dict, recognise
     from .methods import views_of
 
     if not Path(checkpoint).exists():
@@ -248,7 +248,9 @@ def backbone_from_checkpoint(checkpoint: str | os.PathLike, arch: str | None = N
         )
     spec = recognise(bb)
     if spec is None:
-        raise UserError(f"{checkpoint}: backbone weights match no known backbone (expected one of: {', '.join(ARCHS)})")
+        raise UserError(
+            f"{checkpoint}: backbone weights match no known backbone (expected one of: {', '.join(BACKBONES)})"
+        )
     found = spec.name
     if declared and declared != found:
         raise UserError(f"{checkpoint}: its config says arch {declared!r} but its weights are a {found}")
@@ -298,10 +300,10 @@ def random_backbone(arch: str, seed: int = 0, img_size: int | None = None):
     """
     import torch
 
-    from .backbones import ARCHS, BACKBONES, build_backbone
+    from .backbones import BACKBONES, build_backbone
 
     if arch not in BACKBONES:
-        raise UserError(f"--arch: {arch!r} is not one of {', '.join(ARCHS)}")
+        raise UserError(f"--arch: {arch!r} is not one of {', '.join(BACKBONES)}")
     torch.manual_seed(seed)
     try:
         net = build_backbone(arch, zero_init_residual=False, img_size=img_size)

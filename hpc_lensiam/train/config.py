@@ -28,9 +28,9 @@ OLD_METHOD_KEYS = {
 
 
 def _archs() -> tuple:
-    from ..models.backbones import ARCHS
+    from ..models.backbones import BACKBONES  # the live registry: an entry added in-process is a choice
 
-    return tuple(ARCHS)
+    return tuple(BACKBONES)
 
 
 def _views() -> tuple:
@@ -124,6 +124,7 @@ class TrainConfig:
         "out": {"help": "run folder: checkpoints, logs, config.yaml"},
         "views": {"help": "lens: the stored lens pair; standard: two standard augmentations of one image"},
         "method": {"help": "self-supervised method (docs/methods.md); sets its recipe's defaults"},
+        "method_params": {"help": "the method's own hyperparameters (YAML method_params:; --method-param KEY=VALUE)"},
         "optimizer": {"help": "the method's/backbone's recipe sets it"},
         "lr_scaling": {"help": "linear: lr = base_lr x batch/256; sqrt: base_lr x sqrt(batch)"},
         "engine": {"help": "distributed engine: torch DDP or DeepSpeed"},

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -222,9 +223,16 @@ class Engine:
             self.optimizer = optimizer
             self.model = model
             if self.world_size > 1:
-                self.model = nn.parallel.DistributedDataParallel(
-                    model, device_ids=[self.device.index] if self.cuda else None, **self.plan.ddp_kwargs
-                )
+                with warnings.catch_warnings():
+                    # torch 2.14 deprecates broadcast_buffers for forward_sync_buffers, which is absent from
+                    # older torch (the lent GPU has 2.11); the behaviour we ask for (no per-forward broadcast,
+                    # SyncBN keeps buffers equal) is the same, so the notice would only be noise on every rank
+                    warnings.filterwarnings(
+                        "ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning
+                    )
+                    self.model = nn.parallel.DistributedDataParallel(
+                        model, device_ids=[self.device.index] if self.cuda else None, **self.plan.ddp_kwargs
+                    )
             if self.plan.grad_scaler:
                 self.scaler = torch.amp.GradScaler(self.device.type)
 

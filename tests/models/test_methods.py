@@ -617,8 +617,8 @@ def test_a_new_method_with_its_own_hyperparameter_is_one_class_and_one_registry_
     assert train_config(method="barlow").method_params == {"lambd": 0.0051}
     for bad, line in (
         ("lamda=0.01", "unknown key 'lamda' for --method barlow (its keys: lambd)"),
-        ("lambd=-1", "flags.method_params.lambd: must be >= 0, got -1.0"),
-        ("lambd=big", "flags.method_params.lambd: expected a number, got 'big'"),
+        ("lambd=-1", "error: --method-param lambd: must be >= 0, got -1.0"),
+        ("lambd=big", "error: --method-param lambd: expected a number, got 'big'"),
     ):
         assert main([*args[:-1], bad, "--out", str(tmp_path / "refused")]) == 2
         err = capsys.readouterr().err

@@ -589,7 +589,7 @@ def test_bad_values_fail_at_the_door_in_one_line_writing_nothing(tmp_path, data)
     assert "--seed: must be >= 0" in one_error_line(
         cli("simulate", "--out", tmp_path / "s", "--pairs", 2, "--seed", -1)
     )
-    assert "warmup_epochs" in one_error_line(
+    assert "--warmup-epochs: expected a finite" in one_error_line(
         cli("train", "--data", data, "--out", tmp_path / "r", "--warmup-epochs", "inf")
     )
     assert "momentum" in one_error_line(cli("train", "--data", data, "--out", tmp_path / "r", "--momentum", -1))

@@ -28,7 +28,7 @@ ARCHS = tuple(BACKBONES)
 
 def get(arch: str) -> BackboneSpec:
     if arch not in BACKBONES:
-        raise ValueError(f"unknown arch {arch!r} (expected one of: {', '.join(ARCHS)})")
+        raise ValueError(f"unknown arch {arch!r} (expected one of: {', '.join(BACKBONES)})")
     return BACKBONES[arch]
 
 
