@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install lint demo test bench clean-demo
+.PHONY: install lint demo test bench clean-demo gpu-wheels device-image-check
 
 install: $(VENV)/.installed
 
@@ -46,7 +46,18 @@ lint: install
 	$(BIN)/ruff format --check .
 
 test: install lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -m "not device_image"
 
 bench: install
 	$(PY) bench/simulate.py
+
+# The GPU machine (bare image, no package index): the wheels its check needs beyond the image
+# (DeepSpeed, webdataset; ~6 MB in the ignored .whl/), and the proof on this machine that
+# `bench/gpu_check.py --cpu-smoke` runs in a Python 3.12 venv of only the image's packages
+# (bench/device_image.txt) plus those wheels, with the network off (tests/test_device_image.py).
+gpu-wheels: install
+	bash ci/gpu-wheels.sh
+
+device-image-check: gpu-wheels
+	bash ci/device-image-env.sh .device-image
+	$(PY) -m pytest -q -m device_image tests/test_device_image.py

@@ -107,7 +107,8 @@ def ddp1(a) -> dict:
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         step = _step_fn(model, opt, x1, x2, dtype)
-        _timed(step, 2, device)  # cudnn autotune
+        if device.type == "cuda":
+            _timed(step, 2, device)  # cudnn autotune
         out[f"s_per_step_{name}"] = _timed(step, a.reps, device)
     out["ddp_wrapper_overhead"] = out["s_per_step_ddp"] / out["s_per_step_bare"] - 1
     dist.destroy_process_group()
@@ -137,9 +138,9 @@ def profile(a) -> dict:
         tables.append(prof.key_averages().table(sort_by=key, row_limit=15))
 
     with torch.profiler.profile(
-        activities=acts, schedule=schedule(wait=0, warmup=3, active=5), on_trace_ready=ready
+        activities=acts, schedule=schedule(wait=0, warmup=a.warmup_steps, active=a.active_steps), on_trace_ready=ready
     ) as prof:
-        for _ in range(8):
+        for _ in range(a.warmup_steps + a.active_steps):
             step()
             _sync(device)
             prof.step()
@@ -147,7 +148,7 @@ def profile(a) -> dict:
         shutil.copyfileobj(f, g)
     raw.unlink()
     trace.with_name(trace.name.replace(".json.gz", "_top.txt")).write_text(tables[0] if tables else "")
-    return {"trace": str(trace), "trace_mb": trace.stat().st_size / 2**20, "steps": 5}
+    return {"trace": str(trace), "trace_mb": trace.stat().st_size / 2**20, "steps": a.active_steps}
 
 
 def main(argv=None) -> int:
@@ -162,6 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--json", default=None)
     p.add_argument("--trace", default="trace.json.gz")
+    p.add_argument("--warmup-steps", type=int, default=3, help="profile: steps before the traced window")
+    p.add_argument("--active-steps", type=int, default=5, help="profile: the traced window")
     a = p.parse_args(argv)
     out = {"allreduce": allreduce, "ddp1": ddp1, "profile": profile}[a.what](a)
     if out:
