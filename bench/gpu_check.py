@@ -86,7 +86,13 @@ def install_wheels(wheels: Path, target: Path) -> str | None:
         return None
     if not (target / ".done").is_file():
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(target)]
-        subprocess.run([*cmd, *map(str, found)], check=True)
+        if has_module("pip", None):
+            subprocess.run([*cmd, *map(str, found)], check=True)
+        else:  # an image without pip: a wheel is a zip of its files as installed (no scripts are needed)
+            import zipfile
+
+            for w in found:
+                zipfile.ZipFile(w).extractall(target)
         (target / ".done").touch()
     print(f"gpu_check: {len(found)} carried wheel(s) from {wheels} installed into {target}", flush=True)
     return str(target)
@@ -215,9 +221,12 @@ def main(argv=None) -> int:
         cmd = [*hl, "train", "--data", str(data), "--out", str(run), "--arch", arch, "--batch-size", str(batch)]
         cmd += ["--epochs", "1000", "--warmup-epochs", "0", "--log-every", "1", "--ckpt-every", "1000000"]
         cmd += ["--max-steps", str(max_steps), "--workers", str(workers), *small, *extra_args]
+        before = 0  # a resumed run appends to metrics.csv: its own rows follow the earlier run's
+        if resume and (run / "metrics.csv").is_file():
+            before = len((run / "metrics.csv").read_text().splitlines()) - 1
         if res.run(case, [*cmd, *(["--resume"] if resume else [])], expect="train: done:", timeout=timeout) is None:
             return None
-        s = steady(run / "metrics.csv", 0 if resume else skip, batch)
+        s = steady(run / "metrics.csv", before + (1 if resume else skip), batch)
         dt = res.case_seconds
         res.row(case, "ok", dt, "images_per_s", 2 * s["pairs_per_s"], "img/s", f"steady rows: {s['rows']}")
         res.row(case, "ok", dt, "images_per_s_compute", 2 * batch / s["compute_s"], "img/s", "2 x batch / compute_s")
@@ -246,7 +255,8 @@ def main(argv=None) -> int:
         if smoke
         else ["--batch", "256", "1024", "4096", "--train-batch", str(best), "--train-steps", "25", "--skip-rows", "8"]
     )
-    if res.run("online", [sys.executable, str(REPO / "bench" / "online.py"), *args], "online bench:", 240):
+    online_cmd = [sys.executable, str(REPO / "bench" / "online.py"), *args]
+    if res.run("online", online_cmd, "online bench:", max(240.0, a.case_timeout_s)):
         o = json.loads(online_json.read_text())
         for k, v in o["render"]["pairs_per_s"].items():
             if k.startswith("torch_b"):

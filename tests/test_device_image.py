@@ -5,10 +5,11 @@ no lenstronomy, webdataset, DeepSpeed, astropy, umap-learn, faiss), no package i
 repository plus the ignored files named to travel with it (``.whl/``, ``make gpu-wheels``). Here:
 a Python 3.12 venv of exactly that list (ci/device-image-env.sh, built once into the ignored
 ``.device-image/``; torch is PyPI's CUDA build, which runs on a CPU), the network cut
-(``unshare -n``: a new network namespace with no interface up; else a sitecustomize that refuses
-every non-loopback connect), and ``bench/gpu_check.py --cpu-smoke`` run to the end in it; its results
-file must hold every case's rows. Run by ``make device-image-check`` (CI's second step), not by
-``make test``: building the venv downloads ~5 GB once, and the smoke takes minutes.
+(``unshare -n``: a new network namespace holding only its loopback interface; else a
+sitecustomize that refuses every non-loopback connect), and ``bench/gpu_check.py --cpu-smoke``
+run to the end in it; its results file must hold every case's rows. Run by
+``make device-image-check`` (CI's second step), not by ``make test``: building the venv
+downloads ~5 GB once, and the smoke takes minutes.
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ def _offline(tmp_path: Path) -> tuple[list[str], dict]:
     """The command prefix and environment that cut the network for what runs under them."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "PIP_"))}
     env.update(PYTHONNOUSERSITE="1", PIP_NO_INDEX="1")
-    unshare = shutil.which("unshare")
-    if unshare and subprocess.run([unshare, "-n", "true"], capture_output=True).returncode == 0:
-        return [unshare, "-n"], env
+    unshare, ip = shutil.which("unshare"), shutil.which("ip")
+    # a new network namespace has only a loopback interface, down: up it (gloo and torchrun's
+    # rendezvous bind 127.0.0.1), then run the command; nothing else is reachable
+    prefix = [unshare, "-n", "sh", "-c", f'{ip} link set lo up && exec "$@"', "offline"] if unshare and ip else []
+    if prefix and subprocess.run([*prefix, "true"], capture_output=True).returncode == 0:
+        return prefix, env
     site = tmp_path / "offline_site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(BLOCKER)
