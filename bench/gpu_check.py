@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     steps = a.steps or (4 if smoke else 30)
     skip = 1 if smoke else 10  # start-up rows: the warm-up step, cudnn.benchmark's autotuning
     workers = a.workers if a.workers is not None else (1 if smoke else 6)
-    num_pix, pairs = (32, 24) if smoke else (110, 4096)
+    num_pix, pairs = (32, 24) if smoke else (110, 8192)  # 8192: 30 steps of 256 within one epoch
     results_dir = Path(a.results or os.environ.get("OUT") or REPO / "gpu_check_results")
     tmp = None if a.out else tempfile.TemporaryDirectory(prefix="gpu_check-")
     work = Path(a.out or tmp.name)
