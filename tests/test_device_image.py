@@ -25,7 +25,7 @@ import pytest
 
 from conftest import REPO
 
-pytestmark = pytest.mark.device_image
+pytestmark = [pytest.mark.device_image, pytest.mark.timeout(5400)]  # venv build + a 15-min smoke
 ENV = REPO / ".device-image"
 ABSENT = ("lenstronomy", "webdataset", "deepspeed", "astropy", "umap", "faiss", "pytest")
 BLOCKER = """import socket

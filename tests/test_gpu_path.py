@@ -699,6 +699,7 @@ def test_reported_throughput_excludes_checkpoint_saves(lensiam_shards, tmp_path,
 
 # ------------------------------------------------------------------------------ bench/gpu_check.py
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # ~15-20 min on the shared 2-core machine, past pytest.ini's 1200 s
 def test_gpu_check_cpu_smoke(tmp_path):
     """The one-shot GPU check, tiny on the CPU with every package (DeepSpeed and webdataset here, so
     ZeRO-1, its resume and embed run too), so it cannot rot: every case ok, each figure in the
