@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install lint demo test test-fast bench clean-demo
+.PHONY: install lint demo test test-fast bench clean-demo gpu-wheels device-image-check
 
 install: $(VENV)/.installed
 
@@ -47,13 +47,24 @@ lint: install
 	$(BIN)/ruff format --check .
 
 test: install lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -m "not device_image"
 
 # No multi-process (mpiexec, torchrun, gloo ranks), Slurm or long end-to-end test: those are marked
 # slow and run in `make test` (and CI) only.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow and not device_image" tests
 
 # Every bench script's quick mode (bench/registry.py, one line per script), then one table of ratios.
 bench: install
 	$(PY) -m bench.registry
+
+# The GPU machine (bare image, no package index): the wheels its check needs beyond the image
+# (DeepSpeed, webdataset; ~6 MB in the ignored .whl/), and the proof on this machine that
+# `bench/gpu_check.py --cpu-smoke` runs in a Python 3.12 venv of only the image's packages
+# (bench/device_image.txt) plus those wheels, with the network off (tests/ops/test_device_image.py).
+gpu-wheels: install
+	bash ci/gpu-wheels.sh
+
+device-image-check: gpu-wheels
+	bash ci/device-image-env.sh .device-image
+	$(PY) -m pytest -q -m device_image tests/ops/test_device_image.py

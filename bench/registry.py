@@ -39,6 +39,7 @@ REGISTRY = [
     Bench("match", ("--quick",), "simulated over real PSF FWHM, median over files"),
     Bench("interval_coverage", ("--quick",), "lowest coverage of the two-level 95% interval"),
     Bench("gpu_check", ("--cpu-smoke",), "none: every case of the GPU path passes on the CPU (status)"),
+    Bench("gpu_micro", ("--quick",), "DDP-wrapped over bare step time at world 1 (the wrapper's cost)"),
     Bench("science", ("--quick", "--out", f"{QUICK_OUT}/science"), "LenSiam over SimSiam probe theta_E R^2"),
     Bench("methods", ("--quick", "--out", f"{QUICK_OUT}/methods"), "SimSiam lens over standard probe theta_E R^2"),
     Bench(

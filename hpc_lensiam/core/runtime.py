@@ -435,6 +435,13 @@ def mpi_world() -> tuple[Any, int, int]:
         from mpi4py import MPI
     except ImportError:
         comm, rank, size = None, 0, 1
+    except RuntimeError as exc:  # mpi4py's wheel finds no MPI library to load (a bare GPU image)
+        why = launch_evidence(os.environ)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if why is not None:
+            raise UserError(f"mpi4py cannot load an MPI library ({first}) but {why}; {FIX}") from None
+        print(f"note: mpi4py cannot load an MPI library ({first}): running as one process", file=sys.stderr)
+        comm, rank, size = None, 0, 1
     else:
         comm = MPI.COMM_WORLD
         rank, size = comm.Get_rank(), comm.Get_size()

@@ -36,12 +36,38 @@ import warnings
 from pathlib import Path
 
 import torch
-from webdataset.filters import _shuffle
 
 from ..core.errors import UserError
 from ..core.rng import derive_seed
 from ..shards.integrity import IntegrityError, check_finite, shard_problem, shard_samples
 from ..shards.manifest import NpyDecoder, read_manifest, shard_paths
+
+
+def _shuffle(data, bufsize: int, initial: int, rng: random.Random):
+    """webdataset's shuffle buffer (``webdataset.filters._shuffle``, 1.0), the same stream for the
+    same ``rng``, written here so that training on shards needs no webdataset: the GPU machine's
+    bare image has none (bench/gpu_check.py). tests/test_loader.py checks it against webdataset's."""
+    initial = min(initial, bufsize)
+    buf: list = []
+    for sample in data:
+        buf.append(sample)
+        if len(buf) < bufsize:
+            try:
+                buf.append(next(data))
+            except StopIteration:
+                pass
+        if len(buf) >= initial:
+            yield _pick(buf, rng)
+    while buf:
+        yield _pick(buf, rng)
+
+
+def _pick(buf: list, rng: random.Random):
+    k = rng.randint(0, len(buf) - 1)
+    sample = buf[k]
+    buf[k] = buf[-1]
+    buf.pop()
+    return sample
 
 
 class ShardError(UserError):

@@ -260,6 +260,9 @@ class Progress:
     stopped_by: int = 0  # the signal that stopped the run; 0 = none
     t_loop: float = field(default_factory=time.perf_counter)
     t_start: float | None = None  # end of the first (warm-up) step: the mean throughput starts there
+    t_end: float | None = None  # end of the last step (before logging and saving): the mean ends there
+    saving_s: float = 0.0  # seconds spent saving checkpoints, taken out of the throughput
+    saving_at_end: float = 0.0  # saving_s as it was at t_end
 
 
 def build_model(cfg, engine, image_side: int, sched: Schedule, ckpt_dir: Path, run: RunDir, resume: bool) -> int:
@@ -379,7 +382,7 @@ def train_one_epoch(
             method.after_step(step, sched.total_steps)  # e.g. BYOL's EMA target update
             acc[3] = float(stop.signum > 0)
             red = engine.all_reduce_sum(acc).cpu()  # one small collective and one sync per step
-            monitor.step_done()
+            progress.t_end, progress.saving_at_end = monitor.step_done(), progress.saving_s
             progress.loss, progress.z_std = (red[:2] / engine.world_size).tolist()
             progress.skipped += int(red[2])
             check_diverged(cfg, progress, ckpt_dir)
@@ -388,10 +391,13 @@ def train_one_epoch(
                 progress.stopped_by = stop.signum or signal.SIGTERM
             periodic = step % cfg.ckpt_every == 0
             if periodic or step == sched.end_step or progress.stopped_by:
+                t_save = time.perf_counter()
                 engine.save(
                     ckpt_dir, checkpoint_state(cfg, engine, run, sched, step), keep=periodic, keep_last=cfg.keep_last
                 )
                 progress.saved_step = step
+                # a save is neither throughput nor data wait (the summary and metrics.csv alike)
+                progress.saving_s += monitor.exclude(t_save)
             if step >= sched.end_step or progress.stopped_by:
                 break
     finally:
@@ -442,7 +448,7 @@ def log_step(cfg, engine, sched: Schedule, monitor: Monitor, progress: Progress,
     """Throughput, the physics probe when due, and every ``log_every`` steps a metrics row (rank 0:
     metrics.csv, TensorBoard, the progress bar or a plain line when there is no terminal)."""
     step, main = progress.step, engine.is_main
-    now = time.perf_counter()
+    now = progress.t_end  # this step's end (monitor.step_done)
     if progress.t_start is None:  # the mean throughput excludes the first (warm-up) step
         progress.pairs_per_s = sched.global_batch / (now - progress.t_loop)
         progress.t_start = now
@@ -473,7 +479,8 @@ def summarize(cfg, engine, sched: Schedule, progress: Progress, ckpt_dir: Path) 
     signal, nothing to do, or the final loss/z_std/throughput."""
     last = ckpt_dir / LAST
     step, run_steps = progress.step, progress.step - progress.first_step
-    elapsed = time.perf_counter() - progress.t_start if progress.t_start else 0.0
+    # from the end of the warm-up step to the end of the last step, less the saves in between
+    elapsed = progress.t_end - progress.t_start - progress.saving_at_end if progress.t_start and progress.t_end else 0.0
     mean_pps = (run_steps - 1) * sched.global_batch / elapsed if run_steps > 1 and elapsed > 0 else progress.pairs_per_s
     summary = {
         "step": step,

@@ -179,13 +179,22 @@ class Monitor:
         self.compute += now - self.mark
         self.mark = now
 
-    def step_done(self) -> None:
-        """After the step's synchronising collective: close this step's timing."""
+    def exclude(self, since: float) -> float:
+        """Take the time from ``since`` to now (a checkpoint save) out of the data wait and the
+        interval's throughput; returns its seconds."""
+        dt = time.perf_counter() - since
+        self.mark += dt
+        self.t_interval += dt
+        return dt
+
+    def step_done(self) -> float:
+        """After the step's synchronising collective: close this step's timing; returns its end."""
         self.compute_done()
         self.wait_sum += self.wait
         self.compute_sum += self.compute
         self.n_interval += 1
         self.wait = self.compute = 0.0
+        return self.mark
 
     def row(self, step: int, epoch: float, loss: float, lr: float, z_std: float) -> dict:
         """The metrics of the steps since the last row; starts the next interval."""

@@ -172,3 +172,28 @@ def test_real_singleton_with_trap_env_refused():
     )
     assert "srun --mpi=pmi2" in only_error_line(p)
     assert not (REPO / "never-written").exists()
+
+
+def _mpi_world_in_a_subprocess(extra_env: dict) -> subprocess.CompletedProcess:
+    code = "from hpc_lensiam.core.runtime import mpi_world; print('world', mpi_world()[1:])"
+    env = {k: v for k, v in os.environ.items() if k not in ("PMI_SIZE", "PMIX_SIZE", "OMPI_COMM_WORLD_SIZE")}
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    env.update(PYTHONPATH=str(REPO), MPI4PY_LIBMPI="/nonexistent/libmpi.so.12", **extra_env)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_mpi4py_without_an_mpi_library_runs_one_process():
+    """mpi4py's PyPI wheel with no MPI library to load (the GPU machine's bare image: `import
+    mpi4py.MPI` raises RuntimeError 'cannot load MPI library') is a one-process world with a
+    one-line note, as without mpi4py; it was a traceback that stopped `simulate`."""
+    p = _mpi_world_in_a_subprocess({})
+    assert p.returncode == 0, p.stderr
+    assert "world (0, 1)" in p.stdout
+    assert "cannot load an MPI library" in p.stderr and "one process" in p.stderr
+
+
+def test_mpi4py_without_an_mpi_library_under_a_launcher_is_refused():
+    """...but where a launcher started several tasks, each would be rank 0: one error line."""
+    p = _mpi_world_in_a_subprocess({"PMI_SIZE": "2"})
+    assert p.returncode != 0
+    assert "cannot load an MPI library" in p.stderr and "PMI_SIZE=2" in p.stderr

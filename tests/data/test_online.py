@@ -235,3 +235,22 @@ def test_online_resume_after_a_psf_file_was_edited_is_refused_naming_it(tmp_path
         train(train_config(**flags), resume=True)
     psf(1.5)  # the same contents again: the same data, the resume goes on
     assert train(train_config(**flags), resume=True)["step"] == 2
+
+
+def test_online_bench_training_rates_are_pairs_from_steady_rows(tmp_path):
+    """bench.online's training figures are pairs/s (they were images/s under a pairs/s label)
+    over the steady metrics rows only: start-up rows left out, total pairs over total time (the
+    harmonic mean of the rows' rates), and the data-wait share of the step."""
+    from bench import online
+
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text(
+        "step,pairs_per_s,images_per_s,data_wait_s,compute_s\n"
+        "1,1.0,2.0,3.0,1.0\n"  # start-up: left out
+        "2,10.0,20.0,0.1,0.3\n"
+        "3,20.0,40.0,0.0,0.2\n"
+    )
+    s = online.steady_rows(csv_path, skip=1, pairs_per_step=4)
+    assert s["rows"] == 2
+    assert s["pairs_per_s"] == pytest.approx(8 / (0.4 + 0.2))  # 13.3 pairs/s, not 26.7 images/s
+    assert s["data_wait_fraction"] == pytest.approx(0.1 / 0.6)

@@ -40,7 +40,7 @@ EXTERNAL_FLAGS = {
     "--account", "--time", "--wait", "--wrap", "--batch",  # sbatch, scancel
     "--cpus-per-task", "--mem-per-cpu", "--mem",  # sbatch resources
     "--logdir",  # tensorboard
-    "--no-binary",  # pip
+    "--no-binary", "--no-index", "--no-deps", "--target",  # pip
     "--check",  # ruff format
 }  # fmt: skip
 

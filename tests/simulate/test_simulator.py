@@ -254,3 +254,16 @@ def test_euclid_preset_renders():
     assert s.grid.pixel_scale_arcsec == 0.1
     view = s.sample_pair(np.random.default_rng(0))["view1"]
     assert view.shape == (32, 32) and view.dtype == np.float32 and view.max() == 1.0
+
+
+@pytest.mark.parametrize("n,d,s", [(48, 0.1, 1), (110, 0.101, 2), (45, 0.05, 3), (64, 0.2, 4)])
+def test_numpy_grid_is_lenstronomys(n, d, s):
+    """The detector grid without lenstronomy (the GPU machine's image has none; the torch renderer
+    needs only its coordinates) is lenstronomy's grid to rounding, in the same order."""
+    from hpc_lensiam.simulate.instrument import DetectorGrid, numpy_grid
+
+    g = DetectorGrid(n, d, s)
+    x, y, x_pix, y_pix = numpy_grid(n, d, s)
+    for ours, theirs in ((x, g.x_arcsec), (y, g.y_arcsec), (x_pix, g.x_pix_arcsec), (y_pix, g.y_pix_arcsec)):
+        assert ours.shape == theirs.shape
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-14 * d * n)

@@ -665,33 +665,66 @@ def test_probe_data_checked_before_training(lensiam_shards, tmp_path, monkeypatc
     assert not (tmp_path / "run").exists()
 
 
+def test_reported_throughput_excludes_checkpoint_saves(lensiam_shards, tmp_path, monkeypatch):
+    """The summary's pairs/s (the `train: done:` line) and metrics.csv's rows count training steps
+    only: a checkpoint save (here after every step, and the closing one) is neither throughput time
+    nor data wait. Before, the summary's clock ran through the closing save and loss.png (a CPU
+    smoke showed 7.1 images/s where metrics.csv showed 18.6) and a periodic save was booked as the
+    next step's data wait."""
+    import csv
+
+    _clean_env(monkeypatch)
+    run = tmp_path / "run"
+    s = train(_cfg(lensiam_shards, run, max_steps=4, ckpt_every=1, keep_last=0))
+    with open(run / "metrics.csv", newline="") as f:
+        rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    steady = rows[1:]  # the first row holds the warm-up step, which the summary leaves out too
+    from_rows = len(steady) * 4 / sum(4 / r["pairs_per_s"] for r in steady)
+    assert s["pairs_per_s"] == pytest.approx(from_rows, rel=0.03)
+    assert s["images_per_s"] == pytest.approx(2 * s["pairs_per_s"])
+    for r in steady:  # wait + compute account for the whole interval: no save hides in either
+        assert r["data_wait_s"] + r["compute_s"] == pytest.approx(4 / r["pairs_per_s"], rel=0.03)
+
+
 # ------------------------------------------------------------------------------ bench.gpu_check
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # ~15-20 min on the shared 2-core machine, past pytest.ini's 1200 s
 def test_gpu_check_cpu_smoke(tmp_path):
-    """The one-shot GPU check, tiny on the CPU, so it cannot rot: every case passes, table printed."""
+    """The one-shot GPU check, tiny on the CPU with every package (DeepSpeed and webdataset here, so
+    ZeRO-1, its resume and embed run too), so it cannot rot: every case ok, each figure in the
+    results file (tests/ops/test_device_image.py runs it in the GPU machine's bare image)."""
+    import csv
+
+    out = tmp_path / "out"
     p = subprocess.run(
-        [sys.executable, "-m", "bench.gpu_check", "--cpu-smoke", "--out", str(tmp_path / "w")],
+        [sys.executable, "-m", "bench.gpu_check", "--cpu-smoke", "--out", str(tmp_path / "w")]
+        + ["--results", str(out), "--budget-s", "3000", "--case-timeout-s", "1200", "--wheels", str(tmp_path / "none")],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=1100,
+        timeout=3600,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    out = p.stdout
-    for case in (
-        "ddp_bf16_channels_last",
-        "ddp_fp16_gradscaler",
-        "ddp_fp32",
-        "deepspeed_zero0_bf16",
-        "deepspeed_zero1_bf16",
-        "ddp_bf16_2proc_syncbn",
-        "resume_1_ddp_to_zero1",
-        "resume_2_zero1_to_zero0",
-        "resume_3_zero0_same",
-    ):
-        assert f"ok   {case}" in out and f"\n{case}" in out, case
-    assert "ok   embed" in out and "ok   export" in out
-    assert "images/s bf16 + channels_last / fp32:" in out and "loader pairs/s, 1 worker process(es):" in out
-    assert "ok   online" in out and "online bench: cpu: torch renderer" in out  # the on-the-fly renderer's figures
-    assert "cases passed" in out
+    with open(out / "gpu_check.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["status"] == "ok" for r in rows), rows
+    cases = {r["case"] for r in rows}
+    assert cases == {
+        "simulate_shards",
+        "sweep_bf16_b4",
+        "fp32",
+        "online",
+        "allreduce_gloo_2proc",
+        "ddp_world1",
+        "deepspeed_zero1",
+        "resume_ddp",
+        "resume_ddp_to_zero1",
+        "embed",
+        "profile",
+    }
+    got = {(r["case"], r["figure"]): float(r["value"]) for r in rows}
+    assert got[("resume_ddp_to_zero1", "resumed_at_step")] == 7  # 4 steps, +3 resumed by DDP, then ZeRO-1
+    assert got[("sweep_bf16_b4", "images_per_s")] > 0 and 0 <= got[("online", "data_wait_fraction")] < 1
+    assert "gpu_check: done in" in p.stdout
