@@ -247,6 +247,9 @@ def predict(
             if world.rank == 0:
                 truths.append(labels[:, tasks[0].column])
                 rows.extend(_rows(d, keys, params, each, truths[-1], metas))
+        # every share has arrived before any rank leaves: a rank that tore its gloo group down while
+        # its gather send was still in flight aborted ("terminate called without an active exception")
+        world.barrier()
         if world.rank != 0:
             return {"rank": world.rank}
         return _write_outputs(rows, truths, metas, models, data_dirs, out, n_boot)

@@ -139,7 +139,7 @@ def _fail_ranks(comm, rank: int, out_dir: Path, exc: BaseException) -> None:
         deadline = time.monotonic() + 120  # rank 0 sees it after its current sample
         while time.monotonic() < deadline:
             time.sleep(0.1)
-        print(f"hpc-lensiam: error (rank {rank}): {line}", file=sys.stderr, flush=True)  # rank 0 is stuck
+        print(f"hpc-lensiam: error: rank {rank}: {line}", file=sys.stderr, flush=True)  # rank 0 is stuck
         comm.Abort(2)
         os._exit(2)
     print(f"hpc-lensiam: error: {line}", file=sys.stderr, flush=True)

@@ -148,7 +148,7 @@ def train(cfg: TrainConfig, resume: bool = False, allow_config_change: bool = Fa
         return summary
     except ShardError as exc:  # one rank's shard: say it from that rank (the CLI prints rank 0 only)
         if not engine.is_main:
-            print(f"hpc-lensiam: error (rank {engine.rank}): {exc}", file=sys.stderr, flush=True)
+            print(f"hpc-lensiam: error: rank {engine.rank}: {exc}", file=sys.stderr, flush=True)
         raise
     except RuntimeError as exc:  # another rank failed (quiet here: it says why) or hung (named here)
         failure = collective_failure(exc, engine.rank, engine.world_size, cfg.dist_timeout)
