@@ -50,9 +50,9 @@ test: install lint
 	$(PY) -m pytest -q tests -m "not device_image"
 
 # No multi-process (mpiexec, torchrun, gloo ranks), Slurm or long end-to-end test: those are marked
-# slow and run in `make test` (and CI) only.
+# slow and run in `make test` (and CI) only. Two pytest-xdist workers (this machine's 2 cores).
 test-fast: install
-	$(PY) -m pytest -q -m "not slow and not device_image" tests
+	$(PY) -m pytest -q -n 2 -m "not slow and not device_image" tests
 
 # Every bench script's quick mode (bench/registry.py, one line per script), then one table of ratios.
 bench: install

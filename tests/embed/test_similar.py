@@ -210,6 +210,7 @@ def test_anomaly_ranks_the_isolated_points_first(tmp_path, index):
     assert got == pytest.approx(kth, abs=1e-4 if index == "flat" else 0.05)
 
 
+@pytest.mark.slow  # fits UMAP (numba JIT on first use, ~12 s): an end-to-end run
 def test_umap_overlay_places_real_images_with_the_fitted_map(ckpt, single_shards, real_dir, tmp_path):
     import shutil
 

@@ -172,6 +172,7 @@ def _bench(*args, cwd=support.REPO):
     )
 
 
+@pytest.mark.slow  # the bench's whole chain in subprocesses (~26 s): an end-to-end run
 def test_eval_end_to_end_scores_every_image_and_resumes(tiny_eval, tmp_path):
     out = tmp_path / "out"
     args = ["--eval", tiny_eval, "--out", out, "--n-train", 24, "--n-test", 12, "--epochs", 1,
