@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hpc_lensiam.core.runtime import exit_torchrun_rank
 from hpc_lensiam.models.methods.simsiam import SimSiam, simsiam_loss
 
 from .common import parse_quick, print_ratio
@@ -183,8 +184,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     rc = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank: skip finalization (hpc_lensiam.cli.run)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
+    exit_torchrun_rank(rc)  # a torchrun rank (the allreduce case) skips the interpreter's finalization
     sys.exit(rc)

@@ -460,24 +460,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def run() -> None:
     """The ``hpc-lensiam`` / ``python -m hpc_lensiam`` entry point: :func:`main`, then exit.
 
-    A rank that torchrun started (world size > 1) leaves with ``os._exit`` after flushing its output,
-    skipping the interpreter's finalization: there, gloo's worker threads (torch 2.14) could still
-    hold work objects whose release needs the GIL, and the rank aborted with "terminate called
-    without an active exception" after its command had finished and written everything (seen in
-    `predict` and a 2-process all-reduce, about one full-suite run in two). Every command closes
-    its files and process group before it returns, so nothing is lost by skipping it."""
-    import os
+    A torchrun rank leaves without the interpreter's finalization (:func:`exit_torchrun_rank`)."""
+    from .core.runtime import exit_torchrun_rank
 
     rc = main()
-    if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
+    exit_torchrun_rank(rc)
     sys.exit(rc)
+
+
+if __name__ == "__main__":
+    run()

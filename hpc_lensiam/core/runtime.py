@@ -353,6 +353,20 @@ def die_with_parent(sig: int = signal.SIGTERM) -> bool:
     return True
 
 
+def exit_torchrun_rank(rc: int) -> None:
+    """A rank that torchrun started (world size > 1) leaves here with ``os._exit(rc)`` after flushing
+    its output, skipping the interpreter's finalization. Ranks aborted there, after their command had
+    finished and written everything, with "terminate called without an active exception" (torch
+    2.14 + gloo: ``predict`` and a 2-process all-reduce, about one full-suite run in two); our reading,
+    not proven, is gloo's worker threads releasing work objects while the interpreter is torn down.
+    Every command closes its files and process group before it returns, so nothing is lost.
+    Elsewhere (one process, mpiexec, an in-process call) this returns and the caller exits as usual."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask: Slurm's cgroup/cpuset, taskset)."""
     try:

@@ -248,9 +248,7 @@ def predict(
                 truths.append(labels[:, tasks[0].column])
                 rows.extend(_rows(d, keys, params, each, truths[-1], metas))
         result = _write_outputs(rows, truths, metas, models, data_dirs, out, n_boot) if world.rank == 0 else None
-        # nobody leaves before rank 0 has written (as `embed` does): a rank that tore its gloo group
-        # down while rank 0 was still in it aborted at times under load ("terminate called without
-        # an active exception", 2 of 3 full-suite runs, never alone)
+        # nobody leaves before rank 0 has written, as in `embed` (see also exit_torchrun_rank)
         world.barrier()
         return result if world.rank == 0 else {"rank": world.rank}
     finally:
