@@ -23,7 +23,6 @@ from .spec import BackboneSpec, Exported
 
 _MODULES = (resnet, vit)
 BACKBONES: dict[str, BackboneSpec] = {s.name: s for m in _MODULES for s in m.ENTRIES}
-ARCHS = tuple(BACKBONES)
 
 
 def get(arch: str) -> BackboneSpec:
@@ -62,7 +61,6 @@ def backbone_state_dict(model_state: dict, head: str = "fc") -> dict:
 
 
 __all__ = [
-    "ARCHS",
     "BACKBONES",
     "BackboneSpec",
     "Exported",
