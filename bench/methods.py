@@ -293,16 +293,15 @@ def main(argv=None) -> None:
             stats = train_stats(run_dir, global_batch)
             results[name] = {"method": method, "augmentation": aug, "arch": arch, "override": override, **stats}
             results[name].update(rel_update=update_size(run_dir), curve=curves[name], **ridge(pj))
-        if override:
-            continue  # an optimizer swap pairs against the references below, not lens - standard
         key = method if arch == a.arch else f"{method}, {arch}"
-        if key not in paired:  # as soon as both runs exist
+        # lens - standard as soon as both runs exist; an optimizer swap pairs against the references below
+        if not override and key not in paired:
             lens, std = lay.emb(f"{method}_lens_{arch}"), lay.emb(f"{method}_standard_{arch}")
             step, pj_pair = f"paired probe {key}: lens - standard", out / f"paired_{method}_{arch}.json"
             d = paired_probe(steps, step, lens, std, pj_pair, not a.report_only)
             if d is not None:
                 paired[key] = d
-        # the report after every run, so a run stopped part-way has whole rows for what finished
+        # the report after every run, swaps included, so a stopped bench has whole rows for what finished
         atomic_write_json(out / "methods.json", {"args": vars(a), "results": results, "paired": paired})
         write_report(report_md, a, epochs, results, paired, steps.done, len(runs))
 

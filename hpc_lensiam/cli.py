@@ -422,9 +422,17 @@ def _loader_line(exc: RuntimeError, command: str) -> str | None:
     return loader_failure(exc, command)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _rank_prefix() -> str:
+    """'rank N: ' on a rank other than 0 (each rank's own disk or loader can fail), '' on rank 0:
+    the package's one-line form, 'hpc-lensiam: error: rank N: ...', as the trainer's failing rank."""
     import os
 
+    if is_rank0():
+        return ""
+    return f"rank {os.environ.get('RANK') or os.environ.get('PMI_RANK')}: "
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         _check_renamed(argv)
@@ -447,15 +455,13 @@ def main(argv: list[str] | None = None) -> int:
         line = os_error_line(exc)
         if line is None:
             raise
-        rank = "" if is_rank0() else f" (rank {os.environ.get('RANK') or os.environ.get('PMI_RANK')})"
-        print(f"hpc-lensiam: error{rank}: {line}", file=sys.stderr)
+        print(f"hpc-lensiam: error: {_rank_prefix()}{line}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # a loader worker's death, which torch's SIGCHLD handler raises anywhere
         line = _loader_line(exc, args.command)
         if line is None:
             raise
-        rank = "" if is_rank0() else f" (rank {os.environ.get('RANK') or os.environ.get('PMI_RANK')})"
-        print(f"hpc-lensiam: error{rank}: {line}", file=sys.stderr)
+        print(f"hpc-lensiam: error: {_rank_prefix()}{line}", file=sys.stderr)
         return 2
     return 0
 

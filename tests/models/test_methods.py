@@ -529,6 +529,36 @@ def test_bench_methods_step_time_is_seconds_per_step_of_pairs(tmp_path):
     assert stats["final_loss"] == 0.3 and stats["steps"] == 5
 
 
+def test_bench_methods_report_after_an_optimizer_swap_run_has_its_row(tmp_path):
+    """The report (and methods.json) is rewritten after every run, an optimizer swap's too, so a bench
+    stopped later still shows every run that finished. Before: the swap runs skipped the rewrite, and a
+    restarted bench's report dropped a finished swap until the last step (the references) completed.
+    Here the references' probe file is corrupt, so the bench stops after its runs."""
+    import json
+
+    bench = _bench_methods()
+    out = tmp_path / "w"
+    out.mkdir()
+    names = ("simsiam_lens_resnet18", "simsiam_lens_resnet18_lars")
+    res = {"ridge": {p: 0.5 for p in bench.PARAMS}, "ridge_ci95": {p: [0.4, 0.6] for p in bench.PARAMS}}
+    res["knn"] = {p: 0.4 for p in bench.PARAMS}
+    for name in names:
+        (out / f"run_{name}").mkdir()
+        (out / f"run_{name}" / "metrics.csv").write_text(
+            "step,epoch,loss,lr,z_std,pairs_per_s,images_per_s,rel_update\n"
+            + "".join(f"{s},0,-0.5,0.1,0.02,32,64,1e-4\n" for s in (1, 2, 3))
+        )
+        (out / f"probe_{name}.json").write_text(json.dumps({"results": {"emb": res}}))
+    (out / "probe_random_resnet18.json").write_text("{not json")
+    argv = ["--out", str(out), "--reports", str(tmp_path), "--tag", "t", "--methods", "simsiam", "--augs", "lens"]
+    argv += ["--vit", "", "--runs", "simsiam-lens@lars", "--report-only"]
+    with pytest.raises(json.JSONDecodeError):
+        bench.main(argv)
+    assert set(json.loads((out / "methods.json").read_text())["results"]) == set(names)
+    text = (tmp_path / "t.md").read_text()
+    assert "| simsiam @lars | lens | resnet18 | 0.500 [0.400, 0.600] |" in text and "Partial" not in text
+
+
 @pytest.mark.slow
 def test_bench_methods_optimizer_swap_harness_tiny(tmp_path):
     """The optimizer-swap experiment's harness at a tiny size: a run named with an override trains with the
