@@ -91,6 +91,7 @@ def _restore_environ():
 
 
 # ---------------------------------------------------------------------------- 1, 3: DeepSpeed start-up
+@pytest.mark.slow  # a long end-to-end run (15-45 s): make test, not test-fast
 def test_channels_last_model_breaks_deepspeed_initialize(lensiam_shards, tmp_path, monkeypatch):
     """Finding 1, the trap itself: the old CUDA branch converted the model to channels_last before
     deepspeed.initialize, whose start-up broadcast views every weight as bytes."""
@@ -369,6 +370,7 @@ def test_weights_loaded_after_wrap_are_caught(lensiam_shards, tmp_path, monkeypa
         engine.close()
 
 
+@pytest.mark.slow  # a long end-to-end run (15-45 s): make test, not test-fast
 def test_zero_stage_change_resumes_weights_only(lensiam_shards, tmp_path, monkeypatch, capsys):
     """Finding 5: --zero-stage 0 -> 1 on resume was a raw FileNotFoundError (ZeRO-1 looks for
     per-rank optimizer files ZeRO-0 never wrote); now a one-line notice and the weights."""
@@ -588,6 +590,7 @@ def test_trainers_die_with_their_torchrun_agent(lensiam_shards, tmp_path):
 
 
 # ------------------------------------------------------------------- observability: TensorBoard, probe
+@pytest.mark.slow  # a long end-to-end run (15-45 s): make test, not test-fast
 def test_tensorboard_metrics_and_lens_probe(lensiam_shards, single_shards, tmp_path, monkeypatch):
     """RUN/tb/ holds the metrics.csv scalars (read back with tensorboard's own EventAccumulator),
     images_per_s = 2 x pairs_per_s (finding 10: it used to count pairs), data wait vs compute, peak

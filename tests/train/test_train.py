@@ -286,6 +286,7 @@ def test_killed_run_resumes_exactly_simsiam_mode(single_shards, tmp_path):
     _same_curve(rows, _metrics(ref), range(1, 9))
 
 
+@pytest.mark.slow  # a long end-to-end run (15-45 s): make test, not test-fast
 def test_resnet101_one_step(lensiam_shards, tmp_path):
     summary = train(_cfg(lensiam_shards, tmp_path / "r101", arch="resnet101", batch_size=2, max_steps=1))
     assert summary["step"] == 1 and math.isfinite(summary["loss"])
@@ -343,6 +344,7 @@ def test_bad_shard_named_or_skipped(lensiam_shards, tmp_path):
     assert summary["step"] == 16 and summary["skipped_samples"] >= 1
 
 
+@pytest.mark.slow  # a long end-to-end run (15-45 s): make test, not test-fast
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(lensiam_shards, tmp_path):
     run = tmp_path / "nan"
     with pytest.raises(UserError, match=r"loss is nan at step (\d+).*last good checkpoint .*last\.pt \(step"):
@@ -458,6 +460,7 @@ def _as_older_version(cfg: dict) -> dict:
     return {"mode": {"lens": "lensiam", "standard": "simsiam"}[views], **cfg, **flat}
 
 
+@pytest.mark.slow  # a long end-to-end run (15-45 s): make test, not test-fast
 def test_a_run_saved_by_an_older_version_resumes_and_stays_guarded(lensiam_shards, tmp_path, capsys):
     """A BYOL run whose RUN/config.yaml and checkpoints say ``mode: lensiam`` and ``ema_tau_base``
     (an older version's files) resumes with ``--config RUN/config.yaml --resume``: the saved files are

@@ -113,6 +113,7 @@ def test_lars_with_zero1_is_refused_in_one_line(lensiam_shards, tmp_path, capsys
 
 
 # --------------------------------------------------------------------------- 2: --probe-data on a ViT
+@pytest.mark.slow  # a long end-to-end run (15-45 s): make test, not test-fast
 def test_vit_run_with_probe_data_logs_probe_rows(lensiam_shards, single_shards, tmp_path):
     """The training probe uses the backbone seam's features (head bypassed), so a ViT probes like a
     ResNet (it crashed on ``encoder.maxpool``), and equals an offline probe of the saved backbone."""
@@ -223,6 +224,7 @@ def _rel(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+@pytest.mark.slow  # a long end-to-end run (15-45 s): make test, not test-fast
 def test_rel_update_matches_a_manual_computation(lensiam_shards, tmp_path, engine):
     """metrics.csv's rel_update at steps 1 and 2 = |W_s - W_(s-1)| / |W_(s-1)| over the backbone's
     parameters (projector excluded), W_0 the seeded init and W_1, W_2 the periodic checkpoints;
@@ -253,6 +255,7 @@ def test_rel_update_matches_a_manual_computation(lensiam_shards, tmp_path, engin
 
 
 # ------------------------------------------------------------------------ embed records its precision
+@pytest.mark.slow  # a long end-to-end run (15-45 s): make test, not test-fast
 def test_embed_records_precision_and_a_bf16_file_is_not_up_to_date_for_fp32(lensiam_shards, tmp_path, capsys):
     """A GPU embeds under bf16/fp16 autocast, a CPU in fp32: the file records it, and a file made in
     another precision is recomputed instead of counting as up to date."""
@@ -352,6 +355,7 @@ def test_torch_engine_records_its_device_and_each_mpi_rank_gets_its_gpu(tmp_path
     assert sorted(f.read_text() for f in ranks.iterdir()) == ["0", "1"]
 
 
+@pytest.mark.slow  # a long end-to-end run (15-45 s): make test, not test-fast
 def test_resume_keeps_rows_written_before_the_rel_update_column(lensiam_shards, tmp_path, capsys):
     """A run started before rel_update existed resumes with its metrics rows (rel_update nan), not
     with every row dropped as damaged."""
