@@ -125,23 +125,38 @@ def update_size(run_dir: Path) -> dict:
 
 
 def train_stats(run_dir: Path, global_batch: int) -> dict:
-    """Median seconds per optimizer step and final loss, from the trainer's metrics.csv (logged every step).
+    """Median seconds per optimizer step, the run's training minutes and final loss, from the trainer's
+    metrics.csv (logged every step).
 
     A row's ``pairs_per_s`` is the global batch (in pairs: two images each) over that step's wall
     time, so a step took ``global_batch / pairs_per_s`` seconds; the first step (start-up) is left
     out, and the median, not the mean, is reported: a run paused or crowded for a while on a shared
     machine (SIGSTOP while CI ran, here) shows as a few huge steps that would dominate a mean.
+    ``train_min`` sums every step's time over all the parts of a resumed run (the ledger times only the
+    part that finished it), start-up and checkpoint saves left out.
     """
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f)]
     rates = [float(r["pairs_per_s"]) for r in rows[1:] or rows if float(r["pairs_per_s"]) > 0]
     step_s = float(statistics.median(global_batch / r for r in rates)) if rates else float("nan")
+    last_rate = {r["step"]: float(r["pairs_per_s"]) for r in rows}  # a step redone after a resume: its last row
     return {
         "step_s": step_s,
+        "train_min": sum(global_batch / r for r in last_rate.values() if r > 0) / 60,
         "final_loss": float(rows[-1]["loss"]),
         "z_std": float(rows[-1]["z_std"]),
         "steps": int(rows[-1]["step"]),
     }
+
+
+def no_pretraining_rows(refs: list, seed: int) -> dict:
+    """The report rows of the no-pretraining references whose probe exists: {prefix_arch: row}."""
+    rows = {}
+    for prefix, kind, arch, _, pj in refs:
+        if pj.is_file():
+            rows[f"{prefix}_{arch}"] = {"method": "none", "augmentation": f"{kind} (seed {seed})", "arch": arch}
+            rows[f"{prefix}_{arch}"].update(ridge(pj))
+    return rows
 
 
 def paired_probe(steps: Steps, name: str, emb: Path, against: Path, pj: Path, run: bool) -> dict | None:
@@ -274,6 +289,32 @@ def main(argv=None) -> None:
         runs += [("simsiam", aug, a.vit, "") for aug in a.vit_augs.split(",")]
     runs += extra
     ckpt_every = ["--ckpt-every", a.curve_every, "--keep-last", 0] if a.curve_every else ["--ckpt-every", 10**6]
+    # The no-pretraining references on the same probe pairs, and every run minus each on the same test
+    # systems ("learned little" vs "learned nothing"): "random" is each backbone's random weights as
+    # drawn (``embed --checkpoint none``, BatchNorm statistics at their init); "init" is the --arch
+    # runs' own init (seed --seed, the SimSiam recipe), weights unmoved (lr 1e-12, no weight decay)
+    # for one epoch so that only the BatchNorm statistics are fitted to the pretraining images.
+    # They are cheap and come first, so that a partial report already has them.
+    refs = []  # (file prefix, kind, arch, embeddings, probe)
+    for arch in dict.fromkeys(arch for _, _, arch, _ in runs):
+        emb, pj = lay.emb(f"random_{arch}"), lay.probe(f"random_{arch}")
+        if not a.report_only:
+            embed = embed_cmd(launch, "none", probe_shards, emb, "--arch", arch, "--seed", a.seed)
+            steps.run(f"embed random-weight {arch}", embed, [emb])
+            steps.run(f"probe random-weight {arch}", probe_cmd(emb, pj), [pj])
+        refs.append(("random", "random weights", arch, emb, pj))
+    init_dir = lay.run(f"init_{a.arch}")
+    emb, pj = lay.emb(f"init_{a.arch}"), lay.probe(f"init_{a.arch}")
+    if not a.report_only:
+        init = ["train", "--data", shards, "--out", init_dir, "--method", "simsiam", "--views", "lens"]
+        init += ["--arch", a.arch, "--batch-size", a.batch_size, "--epochs", 1, "--max-steps", steps_per_epoch]
+        init += ["--base-lr", "1e-12", "--weight-decay", 0, "--seed", a.seed, "--workers", 1]
+        init += ["--no-zero-init-residual", "--log-every", 1, "--ckpt-every", 10**6]
+        steps.run(f"fit BatchNorm statistics of the {a.arch} init", launch + init, [lay.last(f"init_{a.arch}")])
+        steps.run(f"embed {a.arch} init", embed_cmd(launch, init_dir, probe_shards, emb), [emb])
+        steps.run(f"probe {a.arch} init", probe_cmd(emb, pj), [pj])
+    refs.append(("init", "init, BatchNorm fitted", a.arch, emb, pj))
+    reference = no_pretraining_rows(refs, a.seed)
     results, paired, curves = {}, {}, {}
     for method, aug, arch, override in runs:
         name = f"{method}_{aug}_{arch}" + (f"_{override.replace('+', '_')}" if override else "")
@@ -303,36 +344,10 @@ def main(argv=None) -> None:
                 paired[key] = d
         # the report after every run, swaps included, so a stopped bench has whole rows for what finished
         atomic_write_json(out / "methods.json", {"args": vars(a), "results": results, "paired": paired})
-        write_report(report_md, a, epochs, results, paired, steps.done, len(runs))
+        write_report(report_md, a, epochs, results, paired, steps.done, len(runs), reference)
 
-    # The no-pretraining references on the same probe pairs, and every run minus each on the same test
-    # systems ("learned little" vs "learned nothing"): "random" is each backbone's random weights as
-    # drawn (``embed --checkpoint none``, BatchNorm statistics at their init); "init" is the --arch
-    # runs' own init (seed --seed, the SimSiam recipe), weights unmoved (lr 1e-12, no weight decay)
-    # for one epoch so that only the BatchNorm statistics are fitted to the pretraining images.
-    reference, over_reference, refs = {}, {}, []  # refs: (file prefix, kind, arch, embeddings, probe)
-    for arch in dict.fromkeys(arch for _, _, arch, _ in runs):
-        emb, pj = lay.emb(f"random_{arch}"), lay.probe(f"random_{arch}")
-        if not a.report_only:
-            embed = embed_cmd(launch, "none", probe_shards, emb, "--arch", arch, "--seed", a.seed)
-            steps.run(f"embed random-weight {arch}", embed, [emb])
-            steps.run(f"probe random-weight {arch}", probe_cmd(emb, pj), [pj])
-        refs.append(("random", "random weights", arch, emb, pj))
-    init_dir = lay.run(f"init_{a.arch}")
-    emb, pj = lay.emb(f"init_{a.arch}"), lay.probe(f"init_{a.arch}")
-    if not a.report_only:
-        init = ["train", "--data", shards, "--out", init_dir, "--method", "simsiam", "--views", "lens"]
-        init += ["--arch", a.arch, "--batch-size", a.batch_size, "--epochs", 1, "--max-steps", steps_per_epoch]
-        init += ["--base-lr", "1e-12", "--weight-decay", 0, "--seed", a.seed, "--workers", 1]
-        init += ["--no-zero-init-residual", "--log-every", 1, "--ckpt-every", 10**6]
-        steps.run(f"fit BatchNorm statistics of the {a.arch} init", launch + init, [lay.last(f"init_{a.arch}")])
-        steps.run(f"embed {a.arch} init", embed_cmd(launch, init_dir, probe_shards, emb), [emb])
-        steps.run(f"probe {a.arch} init", probe_cmd(emb, pj), [pj])
-    refs.append(("init", "init, BatchNorm fitted", a.arch, emb, pj))
-    for prefix, kind, arch, emb, pj in refs:
-        if pj.is_file():
-            label = f"{kind} (seed {a.seed})"
-            reference[f"{prefix}_{arch}"] = {"method": "none", "augmentation": label, "arch": arch, **ridge(pj)}
+    over_reference = {}
+    for prefix, kind, arch, emb, _pj in refs:
         for name in (name for name, r in results.items() if r["arch"] == arch):
             step, pj_pair = f"paired probe {name} - {kind}", out / f"over_{prefix}_{name}.json"
             d = paired_probe(steps, step, lay.emb(name), emb, pj_pair, not a.report_only)
@@ -380,14 +395,15 @@ def _delta_table(caption: str, first: str, rows: dict) -> list[str]:
 
 
 def _swap_section(a, results: dict, done: dict) -> list[str]:
-    """The optimizer swaps and the lr sweep: each run's override and its cost (ledger wall seconds)."""
+    """The optimizer swaps and the lr sweep: each run's override and its cost (pretraining: the sum of its
+    step times in metrics.csv, over every resumed part; embedding and probing: ledger wall seconds)."""
     swaps = {n: r for n, r in results.items() if r.get("override")}
     if not swaps:
         return []
     sweep = {f"lr{float(f):g}x" for f in str(getattr(a, "lr_sweep", "") or "").split(",") if f.strip()}
 
     def cost(name: str) -> tuple[float, float]:
-        pre = done.get(f"pretrain {name}", {}).get("seconds", 0.0)
+        pre = 60 * results[name].get("train_min", 0.0)
         probe = sum(s["seconds"] for k, s in done.items() if k != f"pretrain {name}" and k.split(" ")[1:2] == [name])
         return pre, probe
 
@@ -399,12 +415,13 @@ def _swap_section(a, results: dict, done: dict) -> list[str]:
         if r["override"] in sweep:
             total[0], total[1] = total[0] + pre, total[1] + probe
     lines = ["", "## Optimizer swaps and lr sweep", ""]
-    lines += table(["run", "train flags of the override", "pretraining min", "embed + probe min"], rows)
+    lines += table(["run", "train flags of the override", "pretraining min (steps)", "embed + probe min"], rows)
     if sweep:
         lines += [
             "",
             f"Cost of the lr sweep ({', '.join(sorted(sweep))} per method): {total[0] / 60:.1f} min of pretraining "
-            f"and {total[1] / 60:.1f} min of embedding and probing on this machine (wall time of the ledger steps).",
+            f"and {total[1] / 60:.1f} min of embedding and probing on this machine (pretraining: the sum of its "
+            "step times; embedding and probing: wall time of the ledger steps).",
         ]
     return lines
 

@@ -527,13 +527,19 @@ def test_bench_methods_step_time_is_seconds_per_step_of_pairs(tmp_path):
     stats = bench.train_stats(run, global_batch=64)
     assert stats["step_s"] == pytest.approx((64 / 32 + 64 / 20) / 2)  # 2.6 s: the median of 3.2, 1.6, 2.0, 1280
     assert stats["final_loss"] == 0.3 and stats["steps"] == 5
+    assert stats["train_min"] == pytest.approx((6.4 + 3.2 + 1.6 + 2.0 + 1280) / 60)  # every step, start-up too
+    # a run resumed from step 2's checkpoint redid step 3 (its last row counts) and went on in another part
+    with open(run / "metrics.csv", "a") as f:
+        f.write("3,0,0.35,0.1,0.02,16.0,32.0\n6,0,0.29,0.1,0.02,64.0,128.0\n")
+    resumed = bench.train_stats(run, global_batch=64)
+    assert resumed["train_min"] == pytest.approx((6.4 + 3.2 + 4.0 + 2.0 + 1280 + 1.0) / 60)
 
 
 def test_bench_methods_report_after_an_optimizer_swap_run_has_its_row(tmp_path):
     """The report (and methods.json) is rewritten after every run, an optimizer swap's too, so a bench
     stopped later still shows every run that finished. Before: the swap runs skipped the rewrite, and a
     restarted bench's report dropped a finished swap until the last step (the references) completed.
-    Here the references' probe file is corrupt, so the bench stops after its runs."""
+    Here a run-minus-reference file is corrupt, so the bench stops after its runs."""
     import json
 
     bench = _bench_methods()
@@ -549,7 +555,7 @@ def test_bench_methods_report_after_an_optimizer_swap_run_has_its_row(tmp_path):
             + "".join(f"{s},0,-0.5,0.1,0.02,32,64,1e-4\n" for s in (1, 2, 3))
         )
         (out / f"probe_{name}.json").write_text(json.dumps({"results": {"emb": res}}))
-    (out / "probe_random_resnet18.json").write_text("{not json")
+    (out / "over_random_simsiam_lens_resnet18.json").write_text("{not json")  # read after the runs
     argv = ["--out", str(out), "--reports", str(tmp_path), "--tag", "t", "--methods", "simsiam", "--augs", "lens"]
     argv += ["--vit", "", "--runs", "simsiam-lens@lars", "--report-only"]
     with pytest.raises(json.JSONDecodeError):
