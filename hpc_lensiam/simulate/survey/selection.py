@@ -151,8 +151,8 @@ class Rejections:
     """Why the systems drawn so far failed the selection: per cut, how many sources it saw and rejected and
     the best value any of them reached. Feeds the error when no deflector passes (simulator.py), so that
     error names the cut to loosen instead of "loosen selection". The simulator checks the cheap cuts first
-    (resolution, then image count) and measures the others only for sources that pass them, so a cut "sees"
-    the sources that reached it."""
+    (resolution, then image count, then the magnification of the unconvolved render) and measures the others
+    only for sources that pass them, so a cut "sees" the sources that reached it."""
 
     WHAT = {
         "resolution_factor": "theta_E / sqrt(r_source^2 + (FWHM/2)^2)",

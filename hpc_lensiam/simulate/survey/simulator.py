@@ -191,6 +191,7 @@ class SurveySimulator(PairSampler):
             self.catalog = None
         self._accepted = 0  # samples that passed the selection (none yet: FAIL_FAST_DRAWS applies)
         self._binned: dict[tuple[int, int], CosmosStamp] = {}  # (row, block) -> block-summed stamp
+        self._unlensed: dict[tuple, np.ndarray] = {}  # this sample's unlensed light images (``_unlensed_cps``)
         self.n_side = inst.num_pix * inst.supersampling_factor
         self.cell_area = (inst.pixel_scale_arcsec / inst.supersampling_factor) ** 2
         self.field_arcsec = inst.num_pix * inst.pixel_scale_arcsec
@@ -210,10 +211,30 @@ class SurveySimulator(PairSampler):
             * self.grid.pixel_area_arcsec2
         )
 
+    def _unlensed_cps(self, comp: dict, cps: float, render) -> np.ndarray:
+        """``render(comp, cps)``, the detector image of unlensed light, computed once per sample for each
+        (component, count rate): a sample renders the same light again and again (the interlopers in every view
+        and in a non-lens's or companion-carrying lens's second scene, the deflector's light at bulge fraction 1
+        there). The key holds every number the image depends on, so a hit is the same bytes; ``_sample`` clears
+        the store (a few images)."""
+        read = self._SERSIC_KEYS if render == self._render_sersic else sorted(comp)  # not a view's bulge_fraction
+        key = (render.__name__, float(cps), *((k, comp[k]) for k in read))
+        image = self._unlensed.get(key)
+        if image is None:
+            image = self._unlensed[key] = render(comp, cps)
+            image.flags.writeable = False  # shared: callers add, never write in place
+        return image
+
+    _SERSIC_KEYS = ("R_sersic", "n_sersic", "e1", "e2", "center_x", "center_y")  # what _render_sersic reads
+
     def _sersic_cps(self, prof: dict, cps: float) -> np.ndarray:
         """Detector image (e-/s per pixel) of an unlensed elliptical Sersic of total count rate ``cps``."""
+        return self._unlensed_cps(prof, cps, self._render_sersic)
+
+    def _render_sersic(self, prof: dict, cps: float) -> np.ndarray:
+        """``_sersic_cps`` without the store."""
         unit = self._sersic.total_flux(amp=1.0, R_sersic=prof["R_sersic"], n_sersic=prof["n_sersic"])
-        kw = {"amp": cps / unit, **{k: prof[k] for k in ("R_sersic", "n_sersic", "e1", "e2", "center_x", "center_y")}}
+        kw = {"amp": cps / unit, **{k: prof[k] for k in self._SERSIC_KEYS}}
         factor = self.config.instrument.adaptive_supersampling_factor
         return self._bin(
             self._light.function(self.grid.x_arcsec, self.grid.y_arcsec, **kw),
@@ -377,17 +398,29 @@ class SurveySimulator(PairSampler):
             rays.outside_core if rays.core is not None else None,
         )
 
-    def _measure(self, rays: Rays, src, view: dict, images: tuple[int, list[float]] | None = None) -> dict:
-        """Magnification, image count, arc S/N and flux fraction of a source in a prepared view (``images``:
-        ``_count_images``' answer when already known)."""
+    def _lensed_arc(self, rays: Rays, src) -> tuple[np.ndarray, float]:
+        """(unconvolved detector image of the lensed source, e-/s per pixel; its total magnification). The
+        magnification needs no PSF, noise or S/N: most rendered tries fail it (``_try_lensed_source``)."""
         arc = self._source_cps(rays, src)
+        return arc, float(arc.sum() / self.observation.magnitude_to_cps(src["mag"]))
+
+    def _measure(
+        self,
+        rays: Rays,
+        src,
+        view: dict,
+        images: tuple[int, list[float]] | None = None,
+        arc: tuple[np.ndarray, float] | None = None,
+    ) -> dict:
+        """Magnification, image count, arc S/N and flux fraction of a source in a prepared view (``images``:
+        ``_count_images``' answer, ``arc``: ``_lensed_arc``'s, when already known)."""
+        arc, magnification = arc if arc is not None else self._lensed_arc(rays, src)
         arc_conv = self.psf_bank.convolve(arc, view["psf_id"])
         total = view["scene_conv"] + arc_conv
         sigma = self.observation.sigma(view["band"], total)
-        cps = self.observation.magnitude_to_cps(src["mag"])
         n_img, mags = images if images is not None else self._count_images(rays, src)
         return {
-            "magnification": float(arc.sum() / cps),
+            "magnification": magnification,
             "n_images": n_img,
             "image_magnifications": [float(m) for m in mags],
             "arc_snr": arc_snr(arc_conv, sigma),
@@ -448,7 +481,15 @@ class SurveySimulator(PairSampler):
                 if tally is not None:
                     tally.source({"resolution_factor": theta_E / size, "min_images": images[0]}, ["min_images"])
                 continue
-            m = self._measure(rays, src, view, images)
+            arc = self._lensed_arc(rays, src)
+            if arc[1] < cuts.min_magnification:  # 87% of failed renders: no PSF, S/N (same samples)
+                if tally is not None:
+                    tally.source(
+                        {"resolution_factor": theta_E / size, "min_images": images[0], "min_magnification": arc[1]},
+                        ["min_magnification"],
+                    )
+                continue
+            m = self._measure(rays, src, view, images, arc)
             failed = failed_cuts(
                 cuts,
                 n_images=m["n_images"],
@@ -499,9 +540,10 @@ class SurveySimulator(PairSampler):
             images = self._count_images(rays, moved)
             if images[0] > 1:  # a lensed galaxy: no render needed to reject it
                 continue
-            m = self._measure(rays, moved, view, images)
-            if m["n_images"] > 1 or not 0 < m["magnification"] < cfg.selection.min_magnification:
+            arc = self._lensed_arc(rays, moved)
+            if not 0 < arc[1] < cfg.selection.min_magnification:  # magnified like a lens: no PSF needed to reject it
                 continue
+            m = self._measure(rays, moved, view, images, arc)
             if cfg.selection.edge_frame_pix and m["edge_snr"] > 1.0:
                 continue
             return moved, m
@@ -583,6 +625,10 @@ class SurveySimulator(PairSampler):
         cps = self.observation.magnitude_to_cps(comp["mag"])
         if comp["kind"] == "sersic":
             return self._sersic_cps(comp, cps)
+        return self._unlensed_cps(comp, cps, self._render_lookalike)
+
+    def _render_lookalike(self, comp: dict, cps: float) -> np.ndarray:
+        """Detector image of a ring or spiral component of count rate ``cps`` (``_component_cps``, no store)."""
         sb = ring_sb if comp["kind"] == "ring" else spiral_sb
         factor = self.config.instrument.adaptive_supersampling_factor
         return self._bin(
@@ -620,6 +666,7 @@ class SurveySimulator(PairSampler):
         (``params`` as in params.json), with this simulator's grid and numerics: a data set's samples
         re-rendered at other settings (supersampling convergence, tests/simulate/test_survey.py)."""
         v = params["views"][view]
+        self._unlensed.clear()
         model = self._scene_conv(v["lens_light"], params["interlopers"], v["psf_id"], v.get("lookalike"))
         rays = self.rays(params["mass"], params["lens"]["theta_E"] if "black_hole" in params["mass"] else None)
         model = model + self.psf_bank.convolve(self._source_cps(rays, v["source"]), v["psf_id"])
@@ -630,6 +677,7 @@ class SurveySimulator(PairSampler):
         cfg = self.config
         is_lens = bool(rng.random() < cfg.lens_fraction)
         tally = Rejections()
+        self._unlensed.clear()
         for attempt in range(1, cfg.selection.max_tries + 1):
             if not self._accepted and attempt > FAIL_FAST_DRAWS:
                 raise UserError(
