@@ -159,8 +159,8 @@ class SurveySimulator(PairSampler):
     # Revision of the generator's numbers, recorded in the plan/manifest ("numerics") and checked on a rerun, so
     # shards of another revision are never resumed into one set. 2: the fused composite deflection
     # (deflection.py) and Sersic light (light.py), whose theta_E and images differ from lenstronomy's in the last
-    # digits. 3: the Sersic light's power and exponential are numpy's vectorised ones (light.py; within 2.2e-15 of a
-    # profile's peak of the C library's).
+    # digits. 3: the Sersic light's power and exponential and the stellar deflection's logarithm are numpy's
+    # vectorised ones (light.py, deflection.py: within 2.2e-15 of a profile's peak, 1e-15" of the C library's).
     NUMERICS = 3
 
     def __init__(self, config: SurveySimulationConfig | None = None):
