@@ -116,3 +116,16 @@ def test_shortcuts_give_the_full_paths_samples(mode, seeds, n):
     assert saved["measure"] > 0 and saved["render"] > 0  # both shortcuts were taken (pairs: seeds with interlopers)
     if mode == "single":
         assert kinds == {0, 1}  # lenses and non-lenses both checked
+
+
+def test_central_core_mask_is_numpys_hypot_comparison():
+    """Rays' central-image core mask (compiled, hypot only near the circle) is numpy's hypot >= r, ties included."""
+    from hpc_lensiam.simulate.survey.simulator import _outside_circle
+
+    rng = np.random.default_rng(2)
+    x, y = rng.uniform(-6, 6, 20000), rng.uniform(-6, 6, 20000)
+    cx, cy = 0.0123, -0.0456
+    for radius in [0.0, 1e-300, 0.07, 1.3, *np.hypot(x[:200] - cx, y[:200] - cy)]:  # the last: points on the circle
+        out = np.empty_like(x)
+        _outside_circle(x, y, cx, cy, float(radius), out)
+        assert out.tobytes() == (np.hypot(x - cx, y - cy) >= radius).astype(np.float64).tobytes()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 
 from ...core.errors import UserError
@@ -43,7 +44,15 @@ from .light import SersicLight
 from .mass import CompositeMass
 from .noise import Observation
 from .population import M_SUN_R, Population
-from .selection import Rejections, arc_snr, edge_snr, failed_cuts, image_multiplicity, min_theta_E_arcsec
+from .selection import (
+    Rejections,
+    arc_snr,
+    edge_snr,
+    failed_cuts,
+    image_multiplicity,
+    kept_cells,
+    min_theta_E_arcsec,
+)
 
 # No sample accepted in the first this-many deflector draws of a simulator: stop at once, naming the cut
 # that rejected them (defaults need 1-3 draws per sample; selection.max_tries (2000) x ~0.5 s per draw at
@@ -87,6 +96,24 @@ def spiral_sb(x, y, comp: dict, flux: float) -> np.ndarray:
     return flux / (2 * math.pi * comp["q"] * h**2) * np.exp(-r / h) * (1 + comp["arm_amplitude"] * arms)
 
 
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _outside_circle(x, y, cx, cy, radius, out):  # pragma: no cover - compiled
+    """out = 1.0 where hypot(x - cx, y - cy) >= radius, else 0.0: numpy's answer, ~10x faster. The C library's
+    hypot (~15 ns a point) decides only the points whose squared distance lies within 1e-9 of radius^2; anywhere
+    else that square (relative error < 4e-16) already settles the comparison of the correctly rounded hypot."""
+    r2 = radius * radius
+    above, below = r2 * (1.0 + 1e-9), r2 * (1.0 - 1e-9)
+    for i in range(x.shape[0]):
+        dx, dy = x[i] - cx, y[i] - cy
+        d2 = dx * dx + dy * dy
+        if d2 > above:
+            out[i] = 1.0
+        elif d2 < below:
+            out[i] = 0.0
+        else:
+            out[i] = 1.0 if math.hypot(dx, dy) >= radius else 0.0
+
+
 class Rays:
     """Source-plane positions of the detector grid's evaluation points (``beta``) for one mass model, and of
     the adaptive sub-pixel points of any pixel (``subpixel(mask)``), found lazily and once per pixel (the source
@@ -118,6 +145,7 @@ class Rays:
                 SubpixelRays.exact_radius(grid, theta_E_scale),
             )
         self.outside_core = self._outside(x, y)
+        self._kept_cells = None
         # rays of the pixels done so far, one row each (a few hundred: the arcs), and each pixel's row (-1: none);
         # rows appended, not a (num_pix^2, factor^2) table whose 50 MB were page-faulted in per mass
         self._row = np.full(grid.num_pix**2, -1, np.int64)
@@ -128,7 +156,19 @@ class Rays:
         if self.core is None:
             return 1.0
         cx, cy, r = self.core
-        return (np.hypot(np.asarray(x) - cx, np.asarray(y) - cy) >= r).astype(np.float64)
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        out = np.empty(x.size)
+        _outside_circle(x.ravel(), y.ravel(), float(cx), float(cy), float(r), out)
+        return out.reshape(x.shape)
+
+    def kept_cells(self) -> np.ndarray | None:
+        """Grid cells outside the core, where images are counted (selection.kept_cells; once per mass), or None
+        without a core."""
+        if self.core is None:
+            return None
+        if self._kept_cells is None:
+            self._kept_cells = kept_cells(self.outside_core, self.grid.num_pix * self.grid.supersampling_factor)
+        return self._kept_cells
 
     def subpixel_outside_core(self, mask: np.ndarray):
         """``_outside`` at the sub-pixel points of the pixels in ``mask`` (``subpixel``'s order)."""
@@ -395,7 +435,7 @@ class SurveySimulator(PairSampler):
             src["center_x"],
             src["center_y"],
             self.config.selection.min_image_mag,
-            rays.outside_core if rays.core is not None else None,
+            keep_cells=rays.kept_cells(),
         )
 
     def _lensed_arc(self, rays: Rays, src) -> tuple[np.ndarray, float]:
