@@ -129,3 +129,19 @@ def test_central_core_mask_is_numpys_hypot_comparison():
         out = np.empty_like(x)
         _outside_circle(x, y, cx, cy, float(radius), out)
         assert out.tobytes() == (np.hypot(x - cx, y - cy) >= radius).astype(np.float64).tobytes()
+
+
+def test_source_redshift_draw_is_the_table_samplers():
+    """Population._z_source (the whole table's trapezoids, sliced) draws what a sampler built from the table's
+    points above z_l + gap draws, also where z_l + gap falls on a table point."""
+    from hpc_lensiam.simulate.survey.population import Population, _table_sampler
+
+    pop = Population(survey_config(preset="euclid", mode="single").population)
+    zs, pdf = pop._nz_s
+    gap = pop.prior.z_source_min_gap
+    rng = np.random.default_rng(0)
+    for z_l in [*rng.uniform(0.0, 3.5, 300), *(zs[rng.integers(0, 3000, 300)] - gap)]:
+        keep = zs >= z_l + gap
+        seed = int(rng.integers(1 << 30))
+        want = _table_sampler(zs[keep], pdf[keep])(np.random.default_rng(seed).random())
+        assert pop._z_source(np.random.default_rng(seed), z_l) == want
