@@ -131,7 +131,7 @@ class Population:
     def _z_source(self, rng: np.random.Generator, z_l: float) -> float:
         """z_s from n(z) above z_l + gap: ``_table_sampler`` of the table's points there (a suffix of the sorted
         table), whose trapezoids are the whole table's from that point on; so only the cumulative sum is
-        computed per draw (~10 per deflector), the same numbers as building the sampler each time."""
+        computed per draw (~6 per deflector draw), the same numbers as building the sampler each time."""
         zs = self._nz_s[0]
         first = int(np.searchsorted(zs, z_l + self.prior.z_source_min_gap, side="left"))  # first zs >= z_l + gap
         return _cdf_sample(zs[first:], self._nz_s_segments[first:], rng.random())
