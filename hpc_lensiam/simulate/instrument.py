@@ -135,6 +135,55 @@ class DetectorGrid:
         return image
 
 
+# Cubic B-spline prefilter (Unser, Aldroubi & Eden 1991): one pole, z = sqrt(3) - 2, mirror boundaries. The
+# value is ndimage's (its literal for sqrt(3) - 2), so the coefficients are its to the bit (tested).
+_BSPLINE_POLE = -0.267949192431122706472553658494127633
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _bspline_prefilter_rows(c, z, z_n_1, gain):  # pragma: no cover - compiled
+    """In place along axis 0 of c, every column at once (each column's arithmetic is its own line's): the gain,
+    the causal pass from the mirror-boundary start sum(z^i (c_i + z^(n-1) c_(n-1-i))) / (1 - z^(2(n-1))), the
+    anti-causal pass from (z c_(n-2) + c_(n-1)) z / (z^2 - 1)."""
+    n, m = c.shape
+    for i in range(n):
+        for j in range(m):
+            c[i, j] *= gain
+    start = np.empty(m)
+    for j in range(m):
+        start[j] = c[0, j] + z_n_1 * c[n - 1, j]
+    z_i = z
+    for i in range(1, n - 1):
+        for j in range(m):
+            start[j] += z_i * (c[i, j] + z_n_1 * c[n - 1 - i, j])
+        z_i *= z
+    for j in range(m):
+        c[0, j] = start[j] / (1 - z_n_1 * z_n_1)
+    for i in range(1, n):
+        for j in range(m):
+            c[i, j] += z * c[i - 1, j]
+    for j in range(m):
+        c[n - 1, j] = (z * c[n - 2, j] + c[n - 1, j]) * z / (z * z - 1)
+    for i in range(n - 2, -1, -1):
+        for j in range(m):
+            c[i, j] = z * (c[i + 1, j] - c[i, j])
+
+
+def spline_coefficients(image: np.ndarray) -> np.ndarray:
+    """``ndimage.spline_filter(image, order=3, mode="mirror")`` of a 2-D float64 image, the same numbers ~5x
+    faster: ndimage filters line by line through a buffer (~0.45 ms per 220 x 220 image, twice per mass in
+    SubpixelRays); here all lines of an axis advance together in one compiled pass, axis 0 then axis 1 as
+    ndimage does (axis 1 as axis 0 of the transpose)."""
+    z = _BSPLINE_POLE
+    gain = (1.0 - z) * (1.0 - 1.0 / z)
+    c = np.array(image, dtype=np.float64)
+    for axis in (0, 1):
+        view = c if axis == 0 else c.T
+        if view.shape[0] > 1:
+            _bspline_prefilter_rows(view, z, math.pow(z, view.shape[0] - 1), gain)
+    return c
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _cubic_bspline(cx, cy, row, col):  # pragma: no cover - compiled
     """Cubic B-spline values of coefficient images cx, cy at fractional (row, col), all 4 x 4 taps inside
@@ -203,8 +252,6 @@ class SubpixelRays:
 
     def __call__(self, x, y) -> tuple[np.ndarray, np.ndarray]:
         """Source-plane (x, y) of image-plane points (arcsec, 1-D)."""
-        from scipy import ndimage
-
         x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
         x0, dx, y0, dy, side = self.grid._affine
         lo, hi = self.EDGE, side - 1 - self.EDGE
@@ -214,7 +261,7 @@ class SubpixelRays:
         bx, by = np.empty_like(x), np.empty_like(y)
         if smooth.any():
             if self._coef is None:
-                self._coef = [ndimage.spline_filter(a, order=3, mode="mirror") for a in self._alpha]
+                self._coef = [spline_coefficients(a) for a in self._alpha]
             ax, ay = _cubic_bspline(self._coef[0], self._coef[1], row[smooth], col[smooth])
             bx[smooth], by[smooth] = x[smooth] - ax, y[smooth] - ay
         rest = ~smooth

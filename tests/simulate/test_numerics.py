@@ -101,6 +101,20 @@ def test_interpolated_subpixel_rays_keep_the_exact_images():
     assert np.abs(interpolated - reference).max() <= np.abs(exact - reference).max() + 1e-5 < 0.0075
 
 
+@pytest.mark.parametrize("shape", [(220, 220), (96, 64), (5, 7), (2, 3), (1, 5)])
+def test_spline_coefficients_are_ndimages_to_the_bit(shape):
+    """SubpixelRays' compiled cubic B-spline prefilter gives ndimage.spline_filter's numbers exactly (so the
+    interpolated sub-pixel rays, and the images, are those of the ndimage code path)."""
+    from scipy import ndimage
+
+    from hpc_lensiam.simulate.instrument import spline_coefficients
+
+    rng = np.random.default_rng(sum(shape))
+    for scale in (1e-3, 1.0, 1e3):
+        image = rng.normal(size=shape) * scale
+        assert spline_coefficients(image).tobytes() == ndimage.spline_filter(image, order=3, mode="mirror").tobytes()
+
+
 def test_core_sersic_sources_have_unit_total_flux():
     """Checked by adaptive quadrature, independent of the log-grid integral the code uses; the plain
     Sersic formula gave 0.72-1.01 on the same draws."""

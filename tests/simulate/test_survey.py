@@ -246,7 +246,7 @@ def test_shards_of_another_generator_revision_are_not_resumed_into(tmp_path):
     del manifest["numerics"]  # as the code before it wrote it
     (out / "manifest.json").write_text(json.dumps(manifest))
     (out / "shard-000001.tar").unlink()
-    with pytest.raises(UserError, match=r"different data set \(numerics: 1 there, 2 asked\)"):
+    with pytest.raises(UserError, match=rf"different data set \(numerics: 1 there, {SurveySimulator.NUMERICS} asked\)"):
         _simulate(out, **kw)
 
 

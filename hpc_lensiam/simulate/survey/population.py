@@ -77,11 +77,23 @@ class Cosmology:
         return per_mpc2 * (d_l / RAD_TO_ARCSEC) ** 2
 
 
+def _trapezoids(x: np.ndarray, pdf: np.ndarray) -> np.ndarray:
+    """Areas of the trapezoids between consecutive table points: the steps of ``_table_sampler``'s CDF."""
+    return 0.5 * (pdf[1:] + pdf[:-1]) * np.diff(x)
+
+
 def _table_sampler(x: np.ndarray, pdf: np.ndarray):
     """Inverse-CDF sampler of a tabulated density (trapezoid CDF, linear interpolation)."""
-    cdf = np.concatenate([[0.0], np.cumsum(0.5 * (pdf[1:] + pdf[:-1]) * np.diff(x))])
+    cdf = np.concatenate([[0.0], np.cumsum(_trapezoids(x, pdf))])
     cdf /= cdf[-1]
     return lambda u: float(np.interp(u, cdf, x))
+
+
+def _cdf_sample(x: np.ndarray, segments: np.ndarray, u: float) -> float:
+    """``_table_sampler(x, pdf)(u)`` given ``_trapezoids(x, pdf)`` (the same operations, so the same number)."""
+    cdf = np.concatenate([[0.0], np.cumsum(segments)])
+    cdf /= cdf[-1]
+    return float(np.interp(u, cdf, x))
 
 
 def theta_E_sis_arcsec(sigma_km_s: float, d_ls_over_d_s: float) -> float:
@@ -109,6 +121,7 @@ class Population:
         self._z_l = _table_sampler(zl, np.interp(zl, self.cosmo.z, self.cosmo.dvdz))
         zs = np.linspace(1e-3, p.z_source_max, 4000)
         self._nz_s = (zs, zs**2 * np.exp(-((zs / p.z_source_z0) ** 1.5)))
+        self._nz_s_segments = _trapezoids(*self._nz_s)  # _z_source's CDF steps, whatever z_l cuts off
         m = np.linspace(*p.source_M, 2000)
         self._source_M = _table_sampler(m, schechter_mag_pdf(m, p.source_M_star, p.source_alpha))
         mi = np.linspace(*p.interloper_mag, 2000)
@@ -116,9 +129,12 @@ class Population:
 
     # ---------------------------------------------------------------------------------- deflector
     def _z_source(self, rng: np.random.Generator, z_l: float) -> float:
-        zs, pdf = self._nz_s
-        keep = zs >= z_l + self.prior.z_source_min_gap
-        return _table_sampler(zs[keep], pdf[keep])(rng.random())
+        """z_s from n(z) above z_l + gap: ``_table_sampler`` of the table's points there (a suffix of the sorted
+        table), whose trapezoids are the whole table's from that point on; so only the cumulative sum is
+        computed per draw (~6 per deflector draw), the same numbers as building the sampler each time."""
+        zs = self._nz_s[0]
+        first = int(np.searchsorted(zs, z_l + self.prior.z_source_min_gap, side="left"))  # first zs >= z_l + gap
+        return _cdf_sample(zs[first:], self._nz_s_segments[first:], rng.random())
 
     def draw_redshifts_sigma(self, rng: np.random.Generator, max_tries: int = 10000) -> dict:
         """(sigma_v, z_l, z_s) weighted by the lensing cross-section (D_ls/D_s)^2 by rejection."""
