@@ -132,7 +132,7 @@ def commands_table(title: str, done: dict, sort: bool = False) -> list[str]:
 
 def made_by(module: str) -> str:
     """The invocation that makes a report (``--report-only`` left out): ``.venv/bin/python -m bench.X ARGS``."""
-    argv = " ".join(x for x in sys.argv[1:] if x != "--report-only")
+    argv = shlex.join(x for x in sys.argv[1:] if x != "--report-only")  # an empty value shows as ''
     return f"`.venv/bin/python -m bench.{module} {argv}`"
 
 
