@@ -102,16 +102,19 @@ def override_flags(method: str, arch: str, override: str) -> list:
 
 
 def parse_runs(text: str, arch: str) -> list[tuple]:
-    """``--runs simsiam-lens@lars,simclr-lens@sgd,simsiam-lens@lr8x``: (method, augmentation, arch, override)."""
+    """``--runs simsiam-lens@lars,simclr-lens@sgd,simsiam-standard@lars,simclr-standard``: (method, augmentation,
+    arch, override); without ``@OVERRIDE`` a run takes its method's own recipe (e.g. the standard-augmentation
+    twin of a lens run at a method's best step size, which pairs with it lens - standard)."""
     from hpc_lensiam.models.methods import METHODS
 
     runs = []
     for spec in (s.strip() for s in text.split(",") if s.strip()):
         head, _, override = spec.partition("@")
         method, _, aug = head.partition("-")
-        if method not in METHODS or aug not in AUGS or not override:
-            raise _bad("--runs", f"{spec!r}: METHOD-AUG@OVERRIDE expected (simsiam-lens@lars, simclr-lens@lr2x)")
-        override_flags(method, arch, override)  # checked before anything runs
+        if method not in METHODS or aug not in AUGS or (not override and "@" in spec):
+            raise _bad("--runs", f"{spec!r}: METHOD-AUG[@OVERRIDE] expected (simsiam-lens@lars, simclr-standard)")
+        if override:
+            override_flags(method, arch, override)  # checked before anything runs
         runs.append((method, aug, arch, override))
     return runs
 
@@ -232,8 +235,9 @@ def parse_args(argv=None):
     ap.add_argument(
         "--runs",
         default="",
-        help="extra runs with an optimizer override on --arch: METHOD-AUG@OVERRIDE,... where OVERRIDE is another "
-        "method's optimizer recipe (simclr; lars = SimCLR's LARS, sgd = SimSiam's SGD) or lrNx, joined by +",
+        help="extra runs on --arch: METHOD-AUG[@OVERRIDE],... where OVERRIDE is another method's optimizer recipe "
+        "(simclr; lars = SimCLR's LARS, sgd = SimSiam's SGD) or lrNx, joined by +; without it the method's own "
+        "recipe. A lens and a standard run at the same override pair lens - standard",
     )
     ap.add_argument("--lr-sweep", default="", help="lr factors (0.5,2): each --methods lens run again at lr x N")
     ap.add_argument("--curve-every", type=int, default=0, help="probe a checkpoint every N steps (0: final only)")
@@ -287,7 +291,7 @@ def main(argv=None) -> None:
     runs = [(m, aug, a.arch, "") for m in a.methods.split(",") for aug in a.augs.split(",")]
     if a.vit:
         runs += [("simsiam", aug, a.vit, "") for aug in a.vit_augs.split(",")]
-    runs += extra
+    runs = list(dict.fromkeys(runs + extra))  # --runs may name a run --methods/--augs already make
     ckpt_every = ["--ckpt-every", a.curve_every, "--keep-last", 0] if a.curve_every else ["--ckpt-every", 10**6]
     # The no-pretraining references on the same probe pairs, and every run minus each on the same test
     # systems ("learned little" vs "learned nothing"): "random" is each backbone's random weights as
@@ -334,11 +338,12 @@ def main(argv=None) -> None:
             stats = train_stats(run_dir, global_batch)
             results[name] = {"method": method, "augmentation": aug, "arch": arch, "override": override, **stats}
             results[name].update(rel_update=update_size(run_dir), curve=curves[name], **ridge(pj))
-        key = method if arch == a.arch else f"{method}, {arch}"
-        # lens - standard as soon as both runs exist; an optimizer swap pairs against the references below
-        if not override and key not in paired:
-            lens, std = lay.emb(f"{method}_lens_{arch}"), lay.emb(f"{method}_standard_{arch}")
-            step, pj_pair = f"paired probe {key}: lens - standard", out / f"paired_{method}_{arch}.json"
+        # lens - standard as soon as both runs exist, at the same recipe (an override pairs with its twin)
+        suffix = f"_{override.replace('+', '_')}" if override else ""
+        key = (method if arch == a.arch else f"{method}, {arch}") + (f" @{override}" if override else "")
+        if key not in paired:
+            lens, std = lay.emb(f"{method}_lens_{arch}{suffix}"), lay.emb(f"{method}_standard_{arch}{suffix}")
+            step, pj_pair = f"paired probe {key}: lens - standard", out / f"paired_{method}_{arch}{suffix}.json"
             d = paired_probe(steps, step, lens, std, pj_pair, not a.report_only)
             if d is not None:
                 paired[key] = d

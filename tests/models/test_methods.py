@@ -565,6 +565,38 @@ def test_bench_methods_report_after_an_optimizer_swap_run_has_its_row(tmp_path):
     assert "| simsiam @lars | lens | resnet18 | 0.500 [0.400, 0.600] |" in text and "Partial" not in text
 
 
+def test_bench_methods_pairs_lens_and_standard_at_the_same_override(tmp_path):
+    """Lens vs standard at a method's best step size: ``--runs simsiam-standard@lars`` is the twin of
+    ``simsiam-lens@lars`` and the two pair (row ``simsiam @lars``); ``simclr-standard`` (no override) is
+    SimCLR's own recipe, the same run ``--augs`` would make, listed once."""
+    import json
+
+    bench = _bench_methods()
+    assert bench.parse_runs("simclr-standard,simsiam-standard@lars", "resnet18") == [
+        ("simclr", "standard", "resnet18", ""),
+        ("simsiam", "standard", "resnet18", "lars"),
+    ]
+    out = tmp_path / "w"
+    out.mkdir()
+    res = {"ridge": {p: 0.5 for p in bench.PARAMS}, "ridge_ci95": {p: [0.4, 0.6] for p in bench.PARAMS}}
+    res["knn"] = {p: 0.4 for p in bench.PARAMS}
+    names = ("simsiam_lens_resnet18", "simsiam_lens_resnet18_lars", "simsiam_standard_resnet18_lars")
+    for name in names:
+        (out / f"run_{name}").mkdir()
+        (out / f"run_{name}" / "metrics.csv").write_text(
+            "step,epoch,loss,lr,z_std,pairs_per_s,images_per_s\n1,0,-0.5,0.1,0.02,32,64\n"
+        )
+        (out / f"probe_{name}.json").write_text(json.dumps({"results": {"emb": res}}))
+    delta = {p: {"delta": 0.1, "ci95": [0.05, 0.15]} for p in bench.PARAMS}
+    (out / "paired_simsiam_resnet18_lars.json").write_text(json.dumps({"paired_difference": {"ridge": delta}}))
+    argv = ["--out", str(out), "--reports", str(tmp_path), "--tag", "t", "--methods", "simsiam", "--augs", "lens"]
+    argv += ["--vit", "", "--runs", "simsiam-lens@lars,simsiam-standard@lars,simsiam-lens", "--report-only"]
+    bench.main(argv)
+    report = json.loads((out / "methods.json").read_text())
+    assert set(report["results"]) == set(names) and set(report["paired"]) == {"simsiam @lars"}
+    assert "| simsiam @lars | +0.100 [+0.050, +0.150] |" in (tmp_path / "t.md").read_text()
+
+
 @pytest.mark.slow
 def test_bench_methods_optimizer_swap_harness_tiny(tmp_path):
     """The optimizer-swap experiment's harness at a tiny size: a run named with an override trains with the
