@@ -1,7 +1,7 @@
 """theta_E of real lenses from networks trained on matched simulations: LenSiam vs SimSiam vs random init.
 
     .venv/bin/python -m bench.real_lenses --real DIR --out runs/real-quick --quick
-    PYTHONPATH=. .venv/bin/python -m bench.real_lenses --real DIR --out runs/real-full     # hours
+    .venv/bin/python -m bench.real_lenses --real DIR --out runs/real-full     # hours
 
 ``--real DIR``: a folder of real cutouts in the real-lens layout (lenstronomy HDF5 files, a ``psf_*.h5``
 beside them, ``labels.csv`` with ``name,file,theta_E_arcsec``; rows without theta_E are predicted, not
@@ -11,7 +11,7 @@ scored). The protocol, every step the package's own CLI, resumable (``OUT/steps.
 2. ``simulate --match FILE`` (the instrument of one real file: pixel scale, PSF, noise, zero point,
    the matched priors; ``--correlated-noise`` as drizzled HST images have): LenSiam pairs to pretrain
    on, labelled single images to fine-tune on, and a held-out simulated test set;
-3. pretrain LenSiam (``train --mode lensiam``) and SimSiam (``--mode simsiam``) with the same recipe,
+3. pretrain LenSiam (``train --views lens``) and SimSiam (``--views standard``) with the same recipe,
    ``export`` each backbone;
 4. ``finetune`` theta_E on the simulations with every seed (>= 3), for LenSiam, SimSiam and a network
    from random initialisation (``--backbone none``), saving every seed's model; the simulated test set
