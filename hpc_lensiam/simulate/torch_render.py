@@ -31,7 +31,7 @@ from ..core.errors import UserError
 from ..shards.manifest import LENS_PARAMS
 from . import torch_priors as tp
 from .config import SimulationConfig
-from .instrument import DetectorGrid
+from .instrument import ADAPTIVE_CENTRE_RADIUS_PIX, ADAPTIVE_NEIGHBOUR_THRESHOLD, DetectorGrid
 from .psf import PSFBank
 from .simulator import check_lens
 from .torch_physics import (
@@ -215,19 +215,27 @@ class TorchLensSimulator:
         ax, ay = self._deflection_points(x, y, n_terms=n_terms, **p)
         return x - ax, y - ay
 
-    def adaptive(self, sb: torch.Tensor, evaluate) -> torch.Tensor:
+    def adaptive(self, sb: torch.Tensor, evaluate, cx=None, cy=None) -> torch.Tensor:
         """``LensSimulator._adaptive``, batched: the binned image of ``sb`` (B, P), with every pixel
         whose sub-samples spread by more than ``adaptive_threshold`` x its image's peak re-averaged
-        over F x F points; ``evaluate(x, y, rows)`` gives the surface brightness at (K, F^2) points
-        of the systems ``rows`` (K,)."""
+        over F x F points, and with them their 8 neighbours whose spread exceeds ADAPTIVE_NEIGHBOUR_THRESHOLD
+        x the peak and the pixels within ADAPTIVE_CENTRE_RADIUS_PIX of the centre (cx, cy) (B,) when given;
+        ``evaluate(x, y, rows)`` gives the surface brightness at (K, F^2) points of the systems ``rows`` (K,)."""
         image = self.bin(sb)
-        if self.adaptive_factor <= 0:
+        if self.adaptive_factor <= 0 or self.supersampling < 2:
             return image
         n, s = self.num_pix, self.supersampling
         sub = sb.reshape(-1, n, s, n, s)
         spread = sub.amax(dim=(2, 4)) - sub.amin(dim=(2, 4))
         peak = image.amax(dim=(1, 2))[:, None, None]
-        b, i, j = ((spread > self.adaptive_threshold * peak) & (peak > 0)).nonzero(as_tuple=True)
+        mask = spread > self.adaptive_threshold * peak
+        grown = torch.nn.functional.max_pool2d(mask[:, None].to(image.dtype), 3, stride=1, padding=1)[:, 0] > 0
+        mask |= grown & (spread > ADAPTIVE_NEIGHBOUR_THRESHOLD * peak)
+        if cx is not None:
+            r = ADAPTIVE_CENTRE_RADIUS_PIX * self.grid.pixel_scale_arcsec
+            d2 = (self.x_pix[None] - cx[:, None, None]) ** 2 + (self.y_pix[None] - cy[:, None, None]) ** 2
+            mask |= d2 <= r * r
+        b, i, j = (mask & (peak > 0)).nonzero(as_tuple=True)
         if b.numel() == 0:
             return image
         x = self.x_pix[i, j][:, None] + self.sub_ox
@@ -279,7 +287,7 @@ class TorchLensSimulator:
             q = {k: ll[k][rows][:, None] for k in keys}
             return self._sersic(x, y, torch.ones_like(q["R_sersic"]), **q)
 
-        return self.adaptive(self._sersic(self.x, self.y, one, **p), evaluate)
+        return self.adaptive(self._sersic(self.x, self.y, one, **p), evaluate, ll["center_x"], ll["center_y"])
 
     def source_image(self, bx, by, components: list, lens: dict | None, n_terms: int | None) -> torch.Tensor:
         """Lensed source, binned (adaptively when the ``lens`` is given, as ``LensSimulator``)."""
@@ -291,7 +299,7 @@ class TorchLensSimulator:
             sx, sy = self.ray_shoot(_take(lens, rows), n_terms, x, y)
             return self.source_light(sx, sy, _take(components, rows))
 
-        return self.adaptive(sb, evaluate)
+        return self.adaptive(sb, evaluate, lens["center_x"], lens["center_y"])
 
     def compose(
         self,
