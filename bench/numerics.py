@@ -121,6 +121,7 @@ def supersampling(n: int, preset: str, num_pix: int | None, seed: int = 0) -> di
     systems = _systems(sims[REFERENCE], n, seed)
     renders, cost = {}, {}
     for f, sim in sims.items():
+        _render(sim, *systems[0])  # warm-up: compiled kernels, caches
         t = time.perf_counter()
         renders[f] = [_render(sim, lens, view) for lens, view in systems]
         cost[f] = (time.perf_counter() - t) / n
