@@ -18,7 +18,13 @@ import numpy as np
 from ..core.errors import UserError
 from ..shards.manifest import LENS_PARAMS
 from .config import SimulationConfig
-from .instrument import ADAPTIVE_CENTRE_RADIUS_PIX, ADAPTIVE_NEIGHBOUR_THRESHOLD, DetectorGrid, SubpixelRays
+from .instrument import (
+    ADAPTIVE_CENTRE_RADIUS_PIX,
+    ADAPTIVE_NEIGHBOUR_FACTOR,
+    ADAPTIVE_NEIGHBOUR_THRESHOLD,
+    DetectorGrid,
+    SubpixelRays,
+)
 from .priors import draw_lens, draw_lens_light, draw_source, uniform
 from .psf import PSFBank, convolve_same
 from .sources import CosmosCatalog, SourceRenderer
@@ -136,12 +142,14 @@ class LensSimulator(PairSampler):
     # Revision of the images' numbers, recorded in the manifest ("numerics") and checked on a rerun, so shards
     # of two revisions never make one data set. 2: adaptive sub-pixels ray-shot through the grid's interpolated
     # deflection (SubpixelRays; images within 1e-4 of the peak of revision 1's). 3: adaptive refinement also of the
-    # neighbours of refined pixels whose spread exceeds 0.02 of the peak and of the pixels at the mass / light
-    # centre (max 0.0017 of the peak from a uniform factor 16 on 48 hst systems, revision 2: 0.0315; docs/survey.md).
+    # neighbours of refined pixels whose spread exceeds 0.02 of the peak (16 x 16 points at a peak, ridge or valley,
+    # else 8 x 8) and of the pixels at the mass / light centre (max 0.0018 of the peak from a uniform factor 16 on
+    # 48 hst systems, revision 2: 0.0315; docs/survey.md).
     NUMERICS = 3
     # adaptive refinement beyond the spread threshold (instrument.py); None: off (NUMERICS 2's rule, bench/numerics.py)
     adaptive_neighbour_threshold: float | None = ADAPTIVE_NEIGHBOUR_THRESHOLD
     adaptive_centre_radius_pix: float | None = ADAPTIVE_CENTRE_RADIUS_PIX
+    adaptive_neighbour_factor: int | None = ADAPTIVE_NEIGHBOUR_FACTOR
 
     def __init__(self, config: SimulationConfig | None = None):
         from lenstronomy.LightModel.Profiles.sersic import SersicElliptic
@@ -203,11 +211,12 @@ class LensSimulator(PairSampler):
         r = self.adaptive_centre_radius_pix
         return self.grid.bin_adaptive(
             sb,
-            lambda mask: evaluate(*self.grid.subpixel_points(mask, factor)),
+            lambda mask, f=factor: evaluate(*self.grid.subpixel_points(mask, f)),
             factor,
             inst.adaptive_threshold,
             self.adaptive_neighbour_threshold,
             None if r is None else self.grid.near(float(centre[0]), float(centre[1]), r),
+            self.adaptive_neighbour_factor,
         )
 
     def _lens_light_unit(self, ll: dict) -> np.ndarray:
