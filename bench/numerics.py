@@ -10,9 +10,10 @@
    relative to factor 2 (measured side by side in this process).
    Then the adaptive rule against a uniform factor 16, in units of the image peak (``--n`` systems for each of
    seeds 0 and 1): plain 2, NUMERICS 2's rule (refine where the 2x2 sub-samples spread > 0.1 of the peak) and
-   the default (NUMERICS 3: also the neighbours of refined pixels whose spread > 0.02 and the pixels at the mass /
-   light centre); max and median error, and render cost vs factor 2 in alternating rounds (``--vs16-only``: only
-   this part).
+   the default (NUMERICS 3: also the neighbours of refined pixels whose spread > 0.02, at 16 x 16 points where
+   they are a peak, ridge or valley, else 8 x 8, and the pixels at the mass / light centre), and the default with
+   every neighbour at 16 x 16; max and median error, and render cost vs factor 2 in alternating rounds
+   (``--vs16-only``: only this part).
 2. Core-Sersic normalisation: the true total flux (numerical radial integral of lenstronomy's
    CoreSersic) of ``--n`` prior draws normalised with the plain Sersic formula (the old way) and with
    the profile's own integral (``sources.core_sersic_amp_for_unit_flux``, now used).
@@ -36,7 +37,7 @@ import numpy as np
 from .common import parse_quick, print_ratio
 
 FACTORS = (1, 2, 4, 8, "2+a16@0.05/spread", "2+a16@0.1/spread", "2+a8@0.1/spread", "2+a16@0.1")
-VS16 = (2, "2+a16@0.1/spread", "2+a16@0.1")  # error in units of the peak against a uniform factor 16
+VS16 = (2, "2+a16@0.1/spread", "2+a16@0.1/nb16", "2+a16@0.1")  # error in units of the peak against a uniform factor 16
 REFERENCE = 10
 COSMOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cosmos_23.5_sample"
 
@@ -44,13 +45,14 @@ COSMOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cosmo
 def _sim(preset: str, factor, num_pix: int | None):
     """factor: an int (uniform) or "F+aA@T" (uniform F, adaptive A where the sub-sample spread > T x peak, with
     the neighbours of those pixels whose spread > 0.02 x peak and the pixels at the mass / light centre: the
-    default rule, NUMERICS 3), "F+aA@T/spread" (the spread alone: NUMERICS 2's rule)."""
+    default rule, NUMERICS 3), "F+aA@T/spread" (the spread alone: NUMERICS 2's rule), "F+aA@T/nb16" (every
+    neighbour at A x A points, not only the peaks, ridges and valleys among them)."""
     from hpc_lensiam.simulate.config import simulation_config
     from hpc_lensiam.simulate.simulator import LensSimulator
 
-    spread_only = isinstance(factor, str) and factor.endswith("/spread")
+    rule = factor.partition("/")[2] if isinstance(factor, str) else ""
     if isinstance(factor, str):  # "2+a16@0.02": uniform 2, adaptive 16 above threshold 0.02
-        base, rest = factor.removesuffix("/spread").split("+a")
+        base, rest = factor.partition("/")[0].split("+a")
         adaptive, threshold = rest.split("@")
         inst = {
             "supersampling_factor": int(base),
@@ -64,8 +66,10 @@ def _sim(preset: str, factor, num_pix: int | None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sim = LensSimulator(simulation_config(preset=preset, instrument=inst))
-    if spread_only:
+    if rule == "spread":
         sim.adaptive_neighbour_threshold = sim.adaptive_centre_radius_pix = None
+    elif rule == "nb16":
+        sim.adaptive_neighbour_factor = None
     return sim
 
 
