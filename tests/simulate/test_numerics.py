@@ -116,10 +116,10 @@ def _render_case(case: dict | None, factor: int, adaptive: int, old_rule: bool =
 @pytest.mark.parametrize("case", [None, PEAK_IN_PIXEL], ids=["cuspy_source_n5_light", "peak_in_one_pixel"])
 def test_default_adaptive_supersampling_within_0_006_of_factor_16(case):
     """The default (2 + adaptive 16 where the spread > 0.1 of the peak, with the neighbours of refined pixels whose
-    spread > 0.02 and the pixels at the mass / light centre; NUMERICS 3) stays within 0.006 of the image peak of a
-    uniform factor 16 where the spread alone did not: the cuspy source next to n = 5 lens light (0.0071 -> 0.0032)
-    and a compact source's peak inside one pixel (0.032 -> 0.0006; plain factor 2: 0.027). bench/numerics.py: 48 hst
-    systems."""
+    spread > 0.02, at 16 or 8 points a side, and the pixels at the mass / light centre; NUMERICS 3) stays within
+    0.006 of the image peak of a uniform factor 16 where the spread alone did not: the cuspy source next to n = 5
+    lens light (0.0071 -> 0.0032) and a compact source's peak inside one pixel (0.032 -> 0.0006; plain factor 2:
+    0.027). bench/numerics.py: 48 hst systems."""
     reference = _render_case(case, 16, 0)
     new = np.abs(_render_case(case, 2, 16) - reference).max()
     old = np.abs(_render_case(case, 2, 16, old_rule=True) - reference).max()
