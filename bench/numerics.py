@@ -8,6 +8,12 @@
    (noise_sigma x peak, as the simulator adds it; both images normalised to max 1). Printed: the
    fraction of images within 1 sigma, the 95th percentile and maximum error, and the cost of a render
    relative to factor 2 (measured side by side in this process).
+   Then the adaptive rule against a uniform factor 16, in units of the image peak (``--n`` systems for each of
+   seeds 0 and 1): plain 2, NUMERICS 2's rule (refine where the 2x2 sub-samples spread > 0.1 of the peak) and
+   the default (NUMERICS 3: also the neighbours of refined pixels whose spread > 0.02, at 16 x 16 points where
+   they are a peak, ridge or valley, else 8 x 8, and the pixels at the mass / light centre), and the default with
+   every neighbour at 16 x 16; max and median error, and render cost vs factor 2 in alternating rounds
+   (``--vs16-only``: only this part).
 2. Core-Sersic normalisation: the true total flux (numerical radial integral of lenstronomy's
    CoreSersic) of ``--n`` prior draws normalised with the plain Sersic formula (the old way) and with
    the profile's own integral (``sources.core_sersic_amp_for_unit_flux``, now used).
@@ -30,18 +36,23 @@ import numpy as np
 
 from .common import parse_quick, print_ratio
 
-FACTORS = (1, 2, 4, 8, "2+a16@0.05", "2+a16@0.1", "2+a8@0.1")
+FACTORS = (1, 2, 4, 8, "2+a16@0.05/spread", "2+a16@0.1/spread", "2+a8@0.1/spread", "2+a16@0.1")
+VS16 = (2, "2+a16@0.1/spread", "2+a16@0.1/nb16", "2+a16@0.1")  # error in units of the peak against a uniform factor 16
 REFERENCE = 10
 COSMOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cosmos_23.5_sample"
 
 
 def _sim(preset: str, factor, num_pix: int | None):
-    """factor: an int (uniform) or "F+aA@T" (uniform F, adaptive A where the sub-sample spread > T x peak)."""
+    """factor: an int (uniform) or "F+aA@T" (uniform F, adaptive A where the sub-sample spread > T x peak, with
+    the neighbours of those pixels whose spread > 0.02 x peak and the pixels at the mass / light centre: the
+    default rule, NUMERICS 3), "F+aA@T/spread" (the spread alone: NUMERICS 2's rule), "F+aA@T/nb16" (every
+    neighbour at A x A points, not only the peaks, ridges and valleys among them)."""
     from hpc_lensiam.simulate.config import simulation_config
     from hpc_lensiam.simulate.simulator import LensSimulator
 
+    rule = factor.partition("/")[2] if isinstance(factor, str) else ""
     if isinstance(factor, str):  # "2+a16@0.02": uniform 2, adaptive 16 above threshold 0.02
-        base, rest = factor.split("+a")
+        base, rest = factor.partition("/")[0].split("+a")
         adaptive, threshold = rest.split("@")
         inst = {
             "supersampling_factor": int(base),
@@ -54,31 +65,70 @@ def _sim(preset: str, factor, num_pix: int | None):
         inst["num_pix"] = num_pix
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return LensSimulator(simulation_config(preset=preset, instrument=inst))
+        sim = LensSimulator(simulation_config(preset=preset, instrument=inst))
+    if rule == "spread":
+        sim.adaptive_neighbour_threshold = sim.adaptive_centre_radius_pix = None
+    elif rule == "nb16":
+        sim.adaptive_neighbour_factor = None
+    return sim
 
 
-def supersampling(n: int, preset: str, num_pix: int | None, seed: int = 0) -> dict:
+def _systems(sim, n: int, seed: int) -> list:
     from hpc_lensiam.simulate.priors import draw_lens
 
-    sims = {f: _sim(preset, f, num_pix) for f in FACTORS + (REFERENCE,)}
-    base = sims[REFERENCE]
     rng = np.random.default_rng(seed)
     systems = []
     for _ in range(n):
-        lens = draw_lens(rng, base.config.lens)
-        view = base._draw_view_nuisance(rng, lens)
-        systems.append((lens, view))
+        lens = draw_lens(rng, sim.config.lens)
+        systems.append((lens, sim._draw_view_nuisance(rng, lens)))
+    return systems
+
+
+def _render(sim, lens: dict, view: dict) -> np.ndarray:
+    """The noiseless image (normalised to max 1) of one drawn system, as ``_sample`` composes it."""
+    bx, by = sim.ray_shoot(lens)
+    img, _ = sim._compose(bx, by, view["source"], dict(view["lens_light"]), view["psf_id"], 0.0, None, lens)
+    return img.astype(np.float64)
+
+
+def versus_16(n: int, preset: str, num_pix: int | None, seeds=(0, 1), rounds: int = 3) -> dict:
+    """Error of plain 2 and of the adaptive rules against a uniform factor 16, in units of the image peak
+    (max |img - img_16| over pixels, images normalised to max 1), over ``n`` systems per seed; render cost
+    relative to factor 2, side by side: one warm-up render each, then ``rounds`` alternating rounds."""
+    sims = {f: _sim(preset, f, num_pix) for f in VS16 + (16,)}
+    systems = [s for seed in seeds for s in _systems(sims[16], n, seed)]
+    reference = [_render(sims[16], lens, view) for lens, view in systems]
+    for f in VS16:
+        _render(sims[f], *systems[0])
+    cost = dict.fromkeys(VS16, 0.0)
+    renders = {}
+    for r in range(rounds):
+        for f in VS16 if r % 2 == 0 else VS16[::-1]:
+            t = time.perf_counter()
+            renders[f] = [_render(sims[f], lens, view) for lens, view in systems]
+            cost[f] += time.perf_counter() - t
+    res = {}
+    for f in VS16:
+        err = np.array([np.abs(a - b).max() for a, b in zip(renders[f], reference)])
+        res[f] = {
+            "max": float(err.max()),
+            "median": float(np.median(err)),
+            "over_0.006": int(np.sum(err > 0.006)),
+            "per_seed_max": [float(err[i * n : (i + 1) * n].max()) for i in range(len(seeds))],
+            "cost_vs_2": cost[f] / cost[2],
+        }
+    return res
+
+
+def supersampling(n: int, preset: str, num_pix: int | None, seed: int = 0) -> dict:
+    sims = {f: _sim(preset, f, num_pix) for f in FACTORS + (REFERENCE,)}
+    systems = _systems(sims[REFERENCE], n, seed)
     renders, cost = {}, {}
     for f, sim in sims.items():
+        _render(sim, *systems[0])  # warm-up: compiled kernels, caches
         t = time.perf_counter()
-        out = []
-        for lens, view in systems:
-            ll = dict(view["lens_light"])
-            bx, by = sim.ray_shoot(lens)
-            img, _ = sim._compose(bx, by, view["source"], ll, view["psf_id"], 0.0, None, lens)
-            out.append(img.astype(np.float64))
+        renders[f] = [_render(sim, lens, view) for lens, view in systems]
         cost[f] = (time.perf_counter() - t) / n
-        renders[f] = out
     sigma = np.array([v["noise_sigma"] for _, v in systems])
     res = {}
     for f in FACTORS:
@@ -197,7 +247,18 @@ def main() -> None:
     ap.add_argument("--preset", default="hst")
     ap.add_argument("--num-pix", type=int, default=None, help="smaller grid for a quick run")
     ap.add_argument("--fig", default=None)
+    ap.add_argument("--vs16-only", action="store_true", help="only the adaptive rules against uniform factor 16")
     a = parse_quick(ap, None, dict(n=4, num_pix=40))
+    vs = versus_16(a.n, a.preset, a.num_pix)
+    print(f"adaptive rules vs uniform factor 16 ({a.preset}, 2 x {a.n} systems, error in units of the image peak):")
+    for f, r in vs.items():
+        print(
+            f"  {f}: max {r['max']:.4f} (per seed {', '.join(f'{m:.4f}' for m in r['per_seed_max'])}), median "
+            f"{r['median']:.4f}, {r['over_0.006']} images over 0.006; render {r['cost_vs_2']:.2f}x factor 2"
+        )
+    print_ratio(vs["2+a16@0.1"]["cost_vs_2"], "render cost of the default adaptive supersampling over factor 2")
+    if a.vs16_only:
+        return
     res = supersampling(a.n, a.preset, a.num_pix)
     print(
         f"supersampling ({a.preset}, {a.n} systems, error vs factor {REFERENCE} in units of each image's noise sigma):"
@@ -209,8 +270,6 @@ def main() -> None:
         )
     if a.fig:
         plot(res, a.fig)
-    last = list(res)[-1]
-    print_ratio(res[last]["within_sigma"], f"fraction of images within 1 sigma of factor {REFERENCE} at {last}")
     cs = core_sersic(max(a.n, 200))
     print(
         f"core-Sersic total flux with the Sersic formula: min {cs['old_min']:.3f}, median {cs['old_median']:.3f}, "

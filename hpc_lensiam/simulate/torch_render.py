@@ -31,7 +31,12 @@ from ..core.errors import UserError
 from ..shards.manifest import LENS_PARAMS
 from . import torch_priors as tp
 from .config import SimulationConfig
-from .instrument import DetectorGrid
+from .instrument import (
+    ADAPTIVE_CENTRE_RADIUS_PIX,
+    ADAPTIVE_NEIGHBOUR_FACTOR,
+    ADAPTIVE_NEIGHBOUR_THRESHOLD,
+    DetectorGrid,
+)
 from .psf import PSFBank
 from .simulator import check_lens
 from .torch_physics import (
@@ -144,12 +149,9 @@ class TorchLensSimulator:
         self.y_pix = torch.as_tensor(self.grid.y_pix_arcsec, dtype=dtype, device=self.device)
         inst = self.config.instrument
         self.adaptive_factor, self.adaptive_threshold = inst.adaptive_supersampling_factor, inst.adaptive_threshold
-        if self.adaptive_factor > 0:  # DetectorGrid.subpixel_points' offsets, F x F per pixel
-            off = (
-                (torch.arange(self.adaptive_factor, dtype=dtype) + 0.5) / self.adaptive_factor - 0.5
-            ) * self.grid.pixel_scale_arcsec
-            oy, ox = torch.meshgrid(off, off, indexing="ij")
-            self.sub_ox, self.sub_oy = ox.reshape(-1).to(self.device), oy.reshape(-1).to(self.device)
+        if self.adaptive_factor > 0:  # DetectorGrid.subpixel_points' offsets, F x F per pixel (and for neighbours)
+            self.sub_ox, self.sub_oy = self._offsets(self.adaptive_factor)
+            self.sub_light = self._offsets(ADAPTIVE_NEIGHBOUR_FACTOR)
         self.psf_bank = PSFBank.from_config(self.config)
         self.psf = PSFStack(self.psf_bank.kernels, self.grid.shape, self.device, dtype)
         self.series_tol = float(series_tol) if series_tol is not None else SERIES_TOL.get(dtype, 1e-7)
@@ -215,30 +217,67 @@ class TorchLensSimulator:
         ax, ay = self._deflection_points(x, y, n_terms=n_terms, **p)
         return x - ax, y - ay
 
-    def adaptive(self, sb: torch.Tensor, evaluate) -> torch.Tensor:
+    def adaptive(self, sb: torch.Tensor, evaluate, cx=None, cy=None) -> torch.Tensor:
         """``LensSimulator._adaptive``, batched: the binned image of ``sb`` (B, P), with every pixel
         whose sub-samples spread by more than ``adaptive_threshold`` x its image's peak re-averaged
-        over F x F points; ``evaluate(x, y, rows)`` gives the surface brightness at (K, F^2) points
-        of the systems ``rows`` (K,)."""
+        over F x F points, and with them their 8 neighbours whose spread exceeds ADAPTIVE_NEIGHBOUR_THRESHOLD
+        x the peak (at F x F points where they are a peak, ridge or valley of the binned image, else at
+        ADAPTIVE_NEIGHBOUR_FACTOR) and the pixels within ADAPTIVE_CENTRE_RADIUS_PIX of the centre (cx, cy) (B,)
+        when given; ``evaluate(x, y, rows)`` gives the surface brightness at (K, points) of the systems ``rows``."""
         image = self.bin(sb)
-        if self.adaptive_factor <= 0:
+        if self.adaptive_factor <= 0 or self.supersampling < 2:
             return image
         n, s = self.num_pix, self.supersampling
         sub = sb.reshape(-1, n, s, n, s)
         spread = sub.amax(dim=(2, 4)) - sub.amin(dim=(2, 4))
         peak = image.amax(dim=(1, 2))[:, None, None]
-        b, i, j = ((spread > self.adaptive_threshold * peak) & (peak > 0)).nonzero(as_tuple=True)
-        if b.numel() == 0:
-            return image
-        x = self.x_pix[i, j][:, None] + self.sub_ox
-        y = self.y_pix[i, j][:, None] + self.sub_oy
-        rows = max(1, self.chunk_systems * self.x.numel() // self.sub_ox.numel())  # bounded memory
-        vals = torch.cat(
-            [evaluate(x[k : k + rows], y[k : k + rows], b[k : k + rows]).mean(dim=1) for k in range(0, b.numel(), rows)]
-        )
+        mask = spread > self.adaptive_threshold * peak
+        grown = torch.nn.functional.max_pool2d(mask[:, None].to(image.dtype), 3, stride=1, padding=1)[:, 0] > 0
+        near = grown & (spread > ADAPTIVE_NEIGHBOUR_THRESHOLD * peak) & ~mask
+        ridge = near & self._line_extremum(image)
+        mask |= ridge
+        light = near & ~ridge
+        if cx is not None:
+            r = ADAPTIVE_CENTRE_RADIUS_PIX * self.grid.pixel_scale_arcsec
+            d2 = (self.x_pix[None] - cx[:, None, None]) ** 2 + (self.y_pix[None] - cy[:, None, None]) ** 2
+            mask |= d2 <= r * r
+            light &= ~mask
         image = image.clone()
-        image[b, i, j] = vals
+        for m, (ox, oy) in ((mask, (self.sub_ox, self.sub_oy)), (light, self.sub_light)):
+            b, i, j = (m & (peak > 0)).nonzero(as_tuple=True)
+            if b.numel() == 0:
+                continue
+            x = self.x_pix[i, j][:, None] + ox
+            y = self.y_pix[i, j][:, None] + oy
+            rows = max(1, self.chunk_systems * self.x.numel() // ox.numel())  # bounded memory
+            vals = torch.cat(
+                [
+                    evaluate(x[k : k + rows], y[k : k + rows], b[k : k + rows]).mean(dim=1)
+                    for k in range(0, b.numel(), rows)
+                ]
+            )
+            image[b, i, j] = vals
         return image
+
+    def _offsets(self, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+        off = ((torch.arange(factor, dtype=self.dtype) + 0.5) / factor - 0.5) * self.grid.pixel_scale_arcsec
+        oy, ox = torch.meshgrid(off, off, indexing="ij")
+        return ox.reshape(-1).to(self.device), oy.reshape(-1).to(self.device)
+
+    @staticmethod
+    def _line_extremum(image: torch.Tensor) -> torch.Tensor:
+        """``instrument.line_extremum`` of each (num_pix, num_pix) image of the batch (B, N, N)."""
+        pad = torch.nn.functional.pad(image[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
+        n, m = image.shape[1:]
+
+        def at(di: int, dj: int) -> torch.Tensor:
+            return pad[:, 1 + di : 1 + di + n, 1 + dj : 1 + dj + m]
+
+        out = torch.zeros_like(image, dtype=torch.bool)
+        for di, dj in ((0, 1), (1, 0), (1, 1), (1, -1)):
+            a, b = at(di, dj), at(-di, -dj)
+            out |= ((image > a) & (image > b)) | ((image < a) & (image < b))
+        return out
 
     def bin(self, flux: torch.Tensor) -> torch.Tensor:
         """(B, P) supersampled surface brightness -> (B, num_pix, num_pix) pixel means."""
@@ -279,7 +318,7 @@ class TorchLensSimulator:
             q = {k: ll[k][rows][:, None] for k in keys}
             return self._sersic(x, y, torch.ones_like(q["R_sersic"]), **q)
 
-        return self.adaptive(self._sersic(self.x, self.y, one, **p), evaluate)
+        return self.adaptive(self._sersic(self.x, self.y, one, **p), evaluate, ll["center_x"], ll["center_y"])
 
     def source_image(self, bx, by, components: list, lens: dict | None, n_terms: int | None) -> torch.Tensor:
         """Lensed source, binned (adaptively when the ``lens`` is given, as ``LensSimulator``)."""
@@ -291,7 +330,7 @@ class TorchLensSimulator:
             sx, sy = self.ray_shoot(_take(lens, rows), n_terms, x, y)
             return self.source_light(sx, sy, _take(components, rows))
 
-        return self.adaptive(sb, evaluate)
+        return self.adaptive(sb, evaluate, lens["center_x"], lens["center_y"])
 
     def compose(
         self,
