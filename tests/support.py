@@ -24,6 +24,17 @@ DEG = 1 / 3600.0  # one arcsec in degrees
 
 
 # ------------------------------------------------------------------------------ data and training
+def leave_spawned_rank() -> None:
+    """End a ``torch.multiprocessing.spawn`` worker that used gloo without the interpreter's finalization.
+    Such workers aborted there after saving their results ("terminate called without an active
+    exception", SIGABRT, now and then in full CI runs: torch 2.14 + gloo), the teardown the CLI's torchrun
+    ranks skip the same way (``hpc_lensiam.core.runtime.exit_torchrun_rank``). Call it last, on success
+    only, so that an exception still reaches spawn's error report."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def simulate_into(out: Path, **kw) -> Path:
     """Shards made by the real simulator (``simulate_shards``) into ``out``, without a progress bar."""
     from hpc_lensiam.simulate.writer import simulate_shards

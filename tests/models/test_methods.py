@@ -26,7 +26,7 @@ from hpc_lensiam.models.weights import load_checkpoint
 from hpc_lensiam.train.config import TrainConfig
 from hpc_lensiam.train.loop import scaled_lr, train_config
 from hpc_lensiam.train.optim import LARS
-from support import launcher_env, tiny_config, torchrun_cmd, train_tiny
+from support import launcher_env, leave_spawned_rank, tiny_config, torchrun_cmd, train_tiny
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -177,6 +177,7 @@ def _rank_worker(rank: int, world: int, port: int, z1: torch.Tensor, z2: torch.T
         torch.save(res, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
+    leave_spawned_rank()
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ from hpc_lensiam.train.config import TrainConfig
 from hpc_lensiam.train.engine import Engine, resume_mode
 from hpc_lensiam.train.loop import train
 from hpc_lensiam.train.plan import apply_switches, make_plan
-from support import REPO, launcher_env, only_error_line, tiny_config, torchrun_cmd
+from support import REPO, launcher_env, leave_spawned_rank, only_error_line, tiny_config, torchrun_cmd
 
 CPU = torch.device("cpu")
 # What Slurm sets in each task of a plain `srun -n 2` (measured: core/runtime.py, test_mpi_env.py)
@@ -192,6 +192,7 @@ def _ddp_worker(rank: int, port: int, data: str, out: str, precision: str):
         f"{out}/{rank}.pt",
     )
     engine.close()
+    leave_spawned_rank()
 
 
 @pytest.mark.slow

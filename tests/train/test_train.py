@@ -23,7 +23,7 @@ from hpc_lensiam.core.errors import ConfigError, UserError
 from hpc_lensiam.models.weights import load_checkpoint, load_model_state
 from hpc_lensiam.train.config import TrainConfig
 from hpc_lensiam.train.loop import lr_at, scaled_lr, train, train_config
-from support import launcher_env, tiny_config, torchrun_cmd, train_tiny
+from support import launcher_env, leave_spawned_rank, tiny_config, torchrun_cmd, train_tiny
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["--arch", "resnet18", "--batch-size", "4", "--epochs", "2", "--log-every", "1"]
@@ -379,6 +379,7 @@ def _sync_bn_worker(rank: int, port: int, out: str):
         f"{out}/{rank}.pt",
     )
     dist.destroy_process_group()
+    leave_spawned_rank()
 
 
 @pytest.mark.slow
