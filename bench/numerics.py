@@ -225,17 +225,18 @@ def plot(res: dict, out: str) -> None:
     import matplotlib.pyplot as plt
 
     f = list(res)
-    fig, ax = plt.subplots(figsize=(4.8, 3.0))
+    fig, ax = plt.subplots(figsize=(5.6, 3.4))
     pos = np.arange(len(f))
     ax.plot(pos, [res[k]["within_sigma"] for k in f], "o-", label="images within their noise sigma")
     ax.axhline(0.95, color="0.6", ls=":")
-    ax.set_xticks(pos, [str(k) for k in f], fontsize=7)
+    ax.set_xticks(pos, [str(k) for k in f], fontsize=7, rotation=30, ha="right")  # long adaptive names
     ax2 = ax.twinx()
     ax2.plot(pos, [res[k]["cost_vs_2"] for k in f], "s--", color="C1", label="cost / cost(factor 2)")
     ax.set_xlabel("supersampling: uniform factor, or 2 + adaptive (reference: uniform 10)")
     ax.set_ylabel("fraction within 1 sigma")
     ax2.set_ylabel("render cost vs factor 2", color="C1")
-    ax.legend(fontsize=7, loc="lower right")
+    lines = [ax.get_lines()[0], ax2.get_lines()[0]]
+    ax.legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(out, dpi=80)
     plt.close(fig)
