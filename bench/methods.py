@@ -135,8 +135,8 @@ def train_stats(run_dir: Path, global_batch: int) -> dict:
     time, so a step took ``global_batch / pairs_per_s`` seconds; the first step (start-up) is left
     out, and the median, not the mean, is reported: a run paused or crowded for a while on a shared
     machine (SIGSTOP while CI ran, here) shows as a few huge steps that would dominate a mean.
-    ``train_min`` sums every step's time over all the parts of a resumed run (the ledger times only the
-    part that finished it), start-up and checkpoint saves left out.
+    ``train_min`` sums every step's time (the first included) over all the parts of a resumed run (the
+    ledger times only the part that finished it); a process's start-up and checkpoint saves are not in it.
     """
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f)]
@@ -321,7 +321,8 @@ def main(argv=None) -> None:
     reference = no_pretraining_rows(refs, a.seed)
     results, paired, curves = {}, {}, {}
     for method, aug, arch, override in runs:
-        name = f"{method}_{aug}_{arch}" + (f"_{override.replace('+', '_')}" if override else "")
+        suffix = f"_{override.replace('+', '_')}" if override else ""
+        name = f"{method}_{aug}_{arch}{suffix}"
         run_dir, ckpt = lay.run(name), lay.last(name)
         emb, pj = lay.emb(name), lay.probe(name)
         if not a.report_only:
@@ -339,7 +340,6 @@ def main(argv=None) -> None:
             results[name] = {"method": method, "augmentation": aug, "arch": arch, "override": override, **stats}
             results[name].update(rel_update=update_size(run_dir), curve=curves[name], **ridge(pj))
         # lens - standard as soon as both runs exist, at the same recipe (an override pairs with its twin)
-        suffix = f"_{override.replace('+', '_')}" if override else ""
         key = (method if arch == a.arch else f"{method}, {arch}") + (f" @{override}" if override else "")
         if key not in paired:
             lens, std = lay.emb(f"{method}_lens_{arch}{suffix}"), lay.emb(f"{method}_standard_{arch}{suffix}")
