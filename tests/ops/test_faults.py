@@ -393,6 +393,7 @@ def test_refusal_advice_works_after_an_allowed_change(run_copy, data):
     assert history[0]["previous_config"] == "config.1.yaml" and history[0]["changed"]["seed"]["after"] == 5
 
 
+@pytest.mark.slow  # a long end-to-end run (12-14 s): make test, not test-fast
 def test_resume_through_a_copied_run_folders_config_trains_the_copy(data, tmp_path):
     """Row (issue 25): `--config copy/config.yaml --resume` trained the ORIGINAL run (the copied
     config.yaml's `out:` names it). A run folder's own config.yaml trains the folder it sits in."""

@@ -328,6 +328,7 @@ def _flat(state: dict) -> torch.Tensor:
     )
 
 
+@pytest.mark.slow  # a long end-to-end run (12-14 s): make test, not test-fast
 def test_ddp_checkpoint_resumed_by_zero1_keeps_the_trained_weights(lensiam_shards, tmp_path, monkeypatch, capsys):
     """Finding 2: a DDP last.pt resumed with --engine deepspeed --zero-stage 1. ZeRO-1 clones its
     fp32 master copy at initialize: the weights must be in the model before it, or the first step
@@ -669,6 +670,7 @@ def test_probe_data_checked_before_training(lensiam_shards, tmp_path, monkeypatc
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # a long end-to-end run (12-14 s): make test, not test-fast
 def test_reported_throughput_excludes_checkpoint_saves(lensiam_shards, tmp_path, monkeypatch):
     """The summary's pairs/s (the `train: done:` line) and metrics.csv's rows count training steps
     only: a checkpoint save (here after every step, and the closing one) is neither throughput time

@@ -72,6 +72,7 @@ def _lars_relative_updates(engine, zero_stage: int) -> dict[str, float]:
     }
 
 
+@pytest.mark.slow  # a long end-to-end run (12-14 s): make test, not test-fast
 def test_lars_is_layer_wise_under_zero0_but_not_zero1_the_trap(lensiam_shards, tmp_path):
     """The trap itself, on real DeepSpeed engines: one LARS step (lr 1, eta 1e-3, first step so no
     momentum yet) moves every layer by exactly 1e-3 of its norm under ZeRO-0; under ZeRO-1 the trust
