@@ -425,11 +425,10 @@ def _loader_line(exc: RuntimeError, command: str) -> str | None:
 def _rank_prefix() -> str:
     """'rank N: ' on a rank other than 0 (each rank's own disk or loader can fail), '' on rank 0:
     the package's one-line form, 'hpc-lensiam: error: rank N: ...', as the trainer's failing rank."""
-    import os
+    from .core.runtime import launcher_rank
 
-    if is_rank0():
-        return ""
-    return f"rank {os.environ.get('RANK') or os.environ.get('PMI_RANK')}: "
+    rank = launcher_rank()
+    return f"rank {rank}: " if rank else ""
 
 
 def main(argv: list[str] | None = None) -> int:

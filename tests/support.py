@@ -30,9 +30,9 @@ def leave_spawned_rank() -> None:
     exception", SIGABRT, now and then in full CI runs: torch 2.14 + gloo), the teardown the CLI's torchrun
     ranks skip the same way (``hpc_lensiam.core.runtime.exit_torchrun_rank``). Call it last, on success
     only, so that an exception still reaches spawn's error report."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    from hpc_lensiam.core.runtime import leave_now
+
+    leave_now(0)
 
 
 def simulate_into(out: Path, **kw) -> Path:

@@ -199,12 +199,17 @@ def init_distributed(rt: Runtime, device, timeout=None) -> bool:
     return True
 
 
-def is_rank0() -> bool:
-    """Under mpiexec or torchrun every rank hits the same bad input: let one of them say so."""
+def launcher_rank() -> int:
+    """This process's rank as its launcher set it (MPICH/Slurm PMI, Open MPI, PMIx, torchrun), 0 alone."""
     for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "RANK"):
         if os.environ.get(var, "0") != "0":
-            return False
-    return True
+            return int(os.environ[var])
+    return 0
+
+
+def is_rank0() -> bool:
+    """Under mpiexec or torchrun every rank hits the same bad input: let one of them say so."""
+    return launcher_rank() == 0
 
 
 class ControlGroup:
@@ -362,9 +367,15 @@ def exit_torchrun_rank(rc: int) -> None:
     Every command closes its files and process group before it returns, so nothing is lost.
     Elsewhere (one process, mpiexec, an in-process call) this returns and the caller exits as usual."""
     if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
+        leave_now(rc)
+
+
+def leave_now(rc: int) -> None:
+    """Flush stdout and stderr and end the process with ``os._exit(rc)``, without the interpreter's
+    finalization (where gloo-using processes aborted: :func:`exit_torchrun_rank`)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def usable_cpus() -> int:

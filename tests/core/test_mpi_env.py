@@ -197,3 +197,19 @@ def test_mpi4py_without_an_mpi_library_under_a_launcher_is_refused():
     p = _mpi_world_in_a_subprocess({"PMI_SIZE": "2"})
     assert p.returncode != 0
     assert "cannot load an MPI library" in p.stderr and "PMI_SIZE=2" in p.stderr
+
+
+@pytest.mark.parametrize(
+    "var", ["PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "RANK"]
+)  # MPICH/Slurm PMI, Open MPI, PMIx, torchrun
+def test_a_rank_local_error_names_the_rank_under_every_launcher(var, monkeypatch):
+    """A rank other than 0 prefixes its one error line with 'rank N: ' whichever launcher set its rank
+    (the prefix read only RANK and PMI_RANK: under Open MPI or PMIx it said 'rank None: ')."""
+    from hpc_lensiam.cli import _rank_prefix
+    from hpc_lensiam.core.runtime import is_rank0, launcher_rank
+
+    for other in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "RANK"):
+        monkeypatch.delenv(other, raising=False)
+    assert (launcher_rank(), is_rank0(), _rank_prefix()) == (0, True, "")
+    monkeypatch.setenv(var, "3")
+    assert (launcher_rank(), is_rank0(), _rank_prefix()) == (3, False, "rank 3: ")
