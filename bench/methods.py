@@ -119,6 +119,15 @@ def parse_runs(text: str, arch: str) -> list[tuple]:
     return runs
 
 
+def planned_runs(a: argparse.Namespace, extra: list[tuple]) -> list[tuple]:
+    """The runs in order: the --methods x --augs grid (none when --augs is ''), the ViT run(s), then
+    --runs and --lr-sweep; a run named twice runs once."""
+    runs = [(m, aug, a.arch, "") for m in a.methods.split(",") for aug in a.augs.split(",") if aug]
+    if a.vit:
+        runs += [("simsiam", aug, a.vit, "") for aug in a.vit_augs.split(",")]
+    return list(dict.fromkeys(runs + extra))  # --runs may name a run --methods/--augs already make
+
+
 def update_size(run_dir: Path) -> dict:
     """The relative backbone update per logged step (metrics.csv ``rel_update``): median and last, or None."""
     with open(run_dir / "metrics.csv", newline="") as f:
@@ -228,7 +237,7 @@ def parse_args(argv=None):
     ap.add_argument("--vit", default="vit_small_p10", help="the ViT of the extra SimSiam-loss run(s) ('' for none)")
     ap.add_argument("--vit-augs", default="lens", help="augmentations of the ViT runs: lens, or lens,standard")
     ap.add_argument("--methods", default="simsiam,byol,vicreg,simclr")
-    ap.add_argument("--augs", default="lens,standard")
+    ap.add_argument("--augs", default="lens,standard", help="the grid's augmentations ('': no grid, only --runs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default=None, help="pretraining shards to use instead of simulating (--pairs: theirs)")
     ap.add_argument("--probe-data", default=None, help="held-out shards to use instead of simulating")
@@ -288,10 +297,7 @@ def main(argv=None) -> None:
         sys.exit(f"bench.methods: error: --pairs {a.pairs} < global batch {global_batch}")
     epochs = math.ceil(a.steps / steps_per_epoch)
     launch = launcher(a.nproc)
-    runs = [(m, aug, a.arch, "") for m in a.methods.split(",") for aug in a.augs.split(",")]
-    if a.vit:
-        runs += [("simsiam", aug, a.vit, "") for aug in a.vit_augs.split(",")]
-    runs = list(dict.fromkeys(runs + extra))  # --runs may name a run --methods/--augs already make
+    runs = planned_runs(a, extra)
     ckpt_every = ["--ckpt-every", a.curve_every, "--keep-last", 0] if a.curve_every else ["--ckpt-every", 10**6]
     # The no-pretraining references on the same probe pairs, and every run minus each on the same test
     # systems ("learned little" vs "learned nothing"): "random" is each backbone's random weights as

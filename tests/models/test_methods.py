@@ -745,3 +745,20 @@ def test_old_mode_flag_is_refused_naming_views(tmp_path, capsys):
         assert main(["train", "--data", str(tmp_path), "--out", str(out), *flag]) == 2
         assert capsys.readouterr().err == f"hpc-lensiam: error: {new}\n"
     assert not out.exists()
+
+
+def test_bench_methods_runs_only_the_named_runs_when_the_grid_is_empty():
+    """``--augs ''`` drops the method x augmentation grid, so a twin pair (lens and standard at one
+    optimizer swap) runs alone; before, '' was read as one augmentation named ''."""
+    bench = _bench_methods()
+    a = bench.parse_args(["--augs", "", "--vit", "", "--runs", "simsiam-lens@lars,simsiam-standard@lars"])
+    extra = bench.parse_runs(a.runs, a.arch)
+    assert bench.planned_runs(a, extra) == [
+        ("simsiam", "lens", "resnet18", "lars"),
+        ("simsiam", "standard", "resnet18", "lars"),
+    ]
+    grid = bench.parse_args(["--methods", "simsiam", "--vit", "", "--runs", "simsiam-lens"])
+    assert bench.planned_runs(grid, bench.parse_runs(grid.runs, grid.arch)) == [
+        ("simsiam", "lens", "resnet18", ""),
+        ("simsiam", "standard", "resnet18", ""),
+    ]
