@@ -435,12 +435,25 @@ def prior_reference(out: Path, y) -> dict:
 
 
 def sim_scores(ft: dict) -> dict:
-    """The recipe's score on held-out simulations (finetune's report): R^2 per seed and mean."""
+    """The recipe's score on held-out simulations (finetune's report): R^2 and the response slope (pred on
+    true) per seed and their means; the slope there beside the real lenses' says how much of a compression
+    on the real images the simulations show too."""
+    from hpc_lensiam.evaluation.lens_scores import response_slope
+
     runs = ft.get("runs") or []
     if not runs:
         return {}
     vals = [run.get("r2") for run in runs if run.get("r2") is not None]
-    return {"r2_per_seed": vals, "r2_mean": float(sum(vals) / len(vals)) if vals else None, "n_test": ft.get("n_test")}
+    slopes = [
+        response_slope(run["test_targets"], run["test_predictions"]) for run in runs if run.get("test_predictions")
+    ]
+    return {
+        "r2_per_seed": vals,
+        "r2_mean": float(sum(vals) / len(vals)) if vals else None,
+        "slope_per_seed": slopes,
+        "slope_mean": float(sum(slopes) / len(slopes)) if slopes else None,
+        "n_test": ft.get("n_test"),
+    }
 
 
 def goal_verdicts(result: dict, recipe_name: str) -> dict:
@@ -490,23 +503,24 @@ def report_text(r: Recipe, lenses, result: dict, out: Path, fig: Path, report: P
         "## Scores per arm (labelled lenses)",
         "",
         "| arm | median abs(d)/theta_E | median bias / theta_E | median bias (arcsec) | Spearman | outliers (>0.3) "
-        "| 1-sigma coverage | sims R^2 (mean of seeds) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| 1-sigma coverage | slope pred on true (1: no compression) | sims R^2, slope (mean of seeds) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, rec in arms.items():
         m, sim = rec["metrics"], rec.get("simulated_test") or {}
-        r2 = sim.get("r2_mean")
+        r2, slope = sim.get("r2_mean"), sim.get("slope_mean")
         lines.append(
             f"| {arm} | {_fmt(m, 'median_abs_rel_error')} | {_fmt(m, 'median_rel_bias')} | {_fmt(m, 'median_bias')} "
             f"| {_fmt(m, 'spearman')} | {_fmt(m, 'outlier_fraction')} | {_fmt(m, 'coverage_1sigma')} "
-            f"| {'n/a' if r2 is None else f'{r2:.3f}'} |"
+            f"| {_fmt(m, 'response_slope')} | {'n/a' if r2 is None else f'{r2:.3f}'}, "
+            f"{'n/a' if slope is None else f'{slope:.2f}'} |"
         )
     for name, ref in (result.get("reference") or {}).items():
         m = ref["metrics"]
         lines.append(
             f'| *{name}* (every lens at {ref["theta_E_pred"]:.2f}") | {_fmt(m, "median_abs_rel_error")} '
             f"| {_fmt(m, 'median_rel_bias')} | {_fmt(m, 'median_bias')} | n/a | {_fmt(m, 'outlier_fraction')} "
-            f"| {_fmt(m, 'coverage_1sigma')} | n/a |"
+            f"| {_fmt(m, 'coverage_1sigma')} | {_fmt(m, 'response_slope')} | n/a |"
         )
     lines += ["", "Goals (" + r.name + " recipe): " + "; ".join(f"{s} {op} {b}" for s, b, op in GOALS[r.name]), ""]
     for arm, verdict in result["goals"].items():

@@ -8,7 +8,10 @@ the mean and R^2 are dominated by one outlier, so the scores are robust ones:
 - ``median_rel_bias``: median of (pred - true) / true, and ``median_bias`` in the target's unit;
 - ``spearman``: rank correlation of pred with true (does the net order the lenses);
 - ``outlier_fraction``: fraction with |pred - true| / true > ``outlier`` (0.3);
-- ``coverage_1sigma``: fraction with |pred - true| <= sigma (0.68 when sigma is calibrated).
+- ``coverage_1sigma``: fraction with |pred - true| <= sigma (0.68 when sigma is calibrated);
+- ``response_slope``: least-squares slope of pred on true (1 when the predictions follow the truths;
+  below 1 when they are compressed towards the middle, as a network does on images unlike its
+  training set: the number that separates "ordered right but squeezed" from "biased").
 
 :func:`lens_scores` gives each with a 95% percentile interval over resampled *lenses* (with five
 lenses the interval is wide, and says so). :func:`paired_differences` gives score(A) - score(B) on the
@@ -21,7 +24,15 @@ from __future__ import annotations
 
 import numpy as np
 
-SCORES = ("median_abs_rel_error", "median_rel_bias", "median_bias", "spearman", "outlier_fraction", "coverage_1sigma")
+SCORES = (
+    "median_abs_rel_error",
+    "median_rel_bias",
+    "median_bias",
+    "spearman",
+    "outlier_fraction",
+    "coverage_1sigma",
+    "response_slope",
+)
 OUTLIER = 0.3
 
 
@@ -84,6 +95,14 @@ def coverage(y, p, sigma, k: float = 1.0) -> float:
     return float(np.mean(np.abs(p - y) <= k * s))
 
 
+def response_slope(y, p) -> float:
+    """Least-squares slope of the predictions on the truths, cov(y, p) / var(y); NaN with one distinct truth."""
+    y, p, _ = _arrays(y, p)
+    dy = y - y.mean()
+    var = float((dy**2).sum())
+    return float((dy * (p - p.mean())).sum() / var) if var > 0 else float("nan")
+
+
 def _all(y, p, s) -> dict:
     return {
         "median_abs_rel_error": median_abs_rel_error(y, p),
@@ -92,6 +111,7 @@ def _all(y, p, s) -> dict:
         "spearman": spearman(y, p),
         "outlier_fraction": outlier_fraction(y, p),
         "coverage_1sigma": coverage(y, p, s),
+        "response_slope": response_slope(y, p),
     }
 
 
@@ -138,7 +158,7 @@ def paired_differences(y, p_a, s_a, p_b, s_b, n_boot: int = 2000, seed: int = 0)
 
     ``{name: {"value": d, "ci95": [lo, hi], "a_better_fraction": f}}`` where ``f`` is the fraction of
     resamples in which A is better (lower |error|, |bias|, outliers; higher Spearman; coverage nearer
-    0.683): the paired bootstrap's answer to "is A better than B on lenses like these"."""
+    0.683; slope nearer 1): the paired bootstrap's answer to "is A better than B on lenses like these"."""
     y, p_a, s_a = _arrays(y, p_a, s_a)
     _, p_b, s_b = _arrays(y, p_b, s_b)
     keep = np.isfinite(y)
@@ -169,6 +189,8 @@ def _better(name: str, a: float, b: float):
         ka, kb = -a, -b
     elif name == "coverage_1sigma":
         ka, kb = abs(a - 0.6827), abs(b - 0.6827)
+    elif name == "response_slope":
+        ka, kb = abs(a - 1.0), abs(b - 1.0)
     else:
         ka, kb = abs(a), abs(b)
     return 0.5 if ka == kb else float(ka < kb)

@@ -18,6 +18,7 @@ from hpc_lensiam.evaluation.lens_scores import (
     median_rel_bias,
     outlier_fraction,
     paired_differences,
+    response_slope,
     spearman,
 )
 
@@ -56,6 +57,17 @@ def test_spearman_matches_scipy_with_ties():
     assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert math.isnan(spearman([2, 2, 2], [1, 2, 3]))  # one distinct truth: no ranking to correlate
+
+
+def test_response_slope_tells_compression_from_bias():
+    # dy = -1.1, -0.1, -0.1, 0.4, 0.9 (sum of squares 2.2); dp = -1.62, 0.08, -0.22, 0.88, 0.88 -> cov 2.94
+    assert response_slope(Y, P) == pytest.approx(2.94 / 2.2)
+    assert response_slope(Y, 2.0 + 0.5 * (Y - 2.0)) == pytest.approx(0.5)  # squeezed towards 2": half the range
+    assert response_slope(Y, Y + 0.3) == pytest.approx(1.0)  # a bias moves no slope
+    assert math.isnan(response_slope([2.0, 2.0], [1.0, 3.0]))  # one distinct truth: no slope
+    squeezed = paired_differences(Y, 2.0 + 0.5 * (Y - 2.0), S, Y + 0.3, S, n_boot=200, seed=4)
+    assert squeezed["response_slope"]["value"] == pytest.approx(-0.5)
+    assert squeezed["response_slope"]["a_better_fraction"] == pytest.approx(0.0)  # B's slope is 1 on every resample
 
 
 def test_bootstrap_interval_brackets_the_value_and_collapses_without_spread():

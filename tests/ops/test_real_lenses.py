@@ -70,10 +70,11 @@ def test_end_to_end_on_real_lenses_tiny(desi, tmp_path, capsys, monkeypatch):
         p = np.array([e["theta_E_pred"] for e in rec["lenses"]])
         s = np.array([e["theta_E_sigma"] for e in rec["lenses"]])
         again = lens_scores(y, p, s, n_boot=2000, seed=0)
-        for name in ("median_abs_rel_error", "spearman", "coverage_1sigma"):
+        for name in ("median_abs_rel_error", "spearman", "coverage_1sigma", "response_slope"):
             assert again[name]["value"] == pytest.approx(m[name]["value"], nan_ok=True)
             assert again[name]["ci95"] == pytest.approx(m[name]["ci95"])
         assert len(rec["simulated_test"]["r2_per_seed"]) == 3  # the recipe's score on held-out sims
+        assert len(rec["simulated_test"]["slope_per_seed"]) == 3  # and its compression there
     prior = res["reference"]["prior_mean"]  # the know-nothing score every arm is read against
     assert prior["theta_E_pred"] == pytest.approx(2.0) and prior["metrics"]["n"] == 3
     assert {"lensiam - simsiam", "lensiam - random_init", "simsiam - random_init"} == set(res["paired_differences"])
@@ -88,6 +89,21 @@ def test_end_to_end_on_real_lenses_tiny(desi, tmp_path, capsys, monkeypatch):
     assert "skipped" in capsys.readouterr().out
     assert json.loads((out / "steps.json").read_text()) == steps
     assert json.loads((out / "real_lenses.json").read_text())["arms"] == res["arms"]
+
+
+def test_sim_scores_give_the_held_out_slope_beside_r2():
+    """The held-out simulations' response slope per seed (pred on true), read from finetune's report, so
+    the report can set the real lenses' compression beside the simulations' own."""
+    y = [1.0, 2.0, 3.0, 4.0]
+    runs = [
+        {"r2": 0.9, "test_targets": y, "test_predictions": [1.0, 2.0, 3.0, 4.0]},  # slope 1
+        {"r2": 0.5, "test_targets": y, "test_predictions": [2.0, 2.25, 2.5, 2.75]},  # squeezed: slope 0.25
+    ]
+    got = real_lenses.sim_scores({"runs": runs, "n_test": 4})
+    assert got["slope_per_seed"] == pytest.approx([1.0, 0.25]) and got["slope_mean"] == pytest.approx(0.625)
+    assert got["r2_mean"] == pytest.approx(0.7) and got["n_test"] == 4
+    old = real_lenses.sim_scores({"runs": [{"r2": 0.9}]})  # a report from before predictions were kept
+    assert old["slope_per_seed"] == [] and old["slope_mean"] is None
 
 
 @pytest.mark.parametrize(
