@@ -81,6 +81,10 @@ def optimizer_recipe(method: str, arch: str) -> dict:
     return out | {"lr_scaling": lr_scaling_rule(method, out["optimizer"])}
 
 
+class OverrideError(ValueError):
+    """An optimizer override that names no recipe; the caller names its flag."""
+
+
 def override_flags(method: str, arch: str, override: str) -> list:
     """``train`` flags of an optimizer override: ``+``-joined parts, each another method's optimizer recipe
     (``simclr``, or ``lars`` = SimCLR's LARS, ``sgd`` = SimSiam's SGD) or ``lrNx`` (the base lr times N)."""
@@ -92,11 +96,11 @@ def override_flags(method: str, arch: str, override: str) -> list:
             try:
                 factor *= float(part[2:-1])
             except ValueError:
-                raise _bad("--runs", f"{part!r}: lrNx with a number N expected (lr8x, lr0.5x)") from None
+                raise OverrideError(f"{part!r}: lrNx with a number N expected (lr8x, lr0.5x)") from None
         elif RECIPE_ALIASES.get(part, part) in METHODS:
             opt = optimizer_recipe(RECIPE_ALIASES.get(part, part), arch)
         else:
-            raise _bad("--runs", f"@{part}: a method ({', '.join(sorted(METHODS))}), sgd, lars or lrNx expected")
+            raise OverrideError(f"@{part}: a method ({', '.join(sorted(METHODS))}), sgd, lars or lrNx expected")
     opt["base_lr"] = opt["base_lr"] * factor
     return [x for k, flag in OPT_FLAGS.items() for x in (flag, f"{opt[k]:g}" if k == "base_lr" else opt[k])]
 
@@ -114,7 +118,10 @@ def parse_runs(text: str, arch: str) -> list[tuple]:
         if method not in METHODS or aug not in AUGS or (not override and "@" in spec):
             raise _bad("--runs", f"{spec!r}: METHOD-AUG[@OVERRIDE] expected (simsiam-lens@lars, simclr-standard)")
         if override:
-            override_flags(method, arch, override)  # checked before anything runs
+            try:
+                override_flags(method, arch, override)  # checked before anything runs
+            except OverrideError as e:
+                raise _bad("--runs", str(e)) from None
         runs.append((method, aug, arch, override))
     return runs
 

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from bench.common import print_ratio
 from bench.ledger import BIN, Steps, shown
+from bench.methods import OverrideError, override_flags
 from hpc_lensiam.core.io import atomic_path, atomic_write_json, atomic_write_text
 
 ARMS = ("lensiam", "simsiam", "random_init")
@@ -78,6 +79,10 @@ class Recipe:
     data_seed: int = 0
     nproc: int = 2
     ablations: tuple = ()
+    # "" = SimSiam's own SGD recipe; else a bench.methods optimizer override ("lars": SimCLR's LARS recipe,
+    # "lr8x": the base lr times 8): at SimSiam's own step size 640 steps leave a resnet18 near its init
+    # (docs/results.md, "Step size, not method")
+    pretrain_optimizer: str = ""
 
 
 RECIPES = {
@@ -128,6 +133,7 @@ OVERRIDES = (  # flag -> Recipe field, type: change one number of a recipe (tiny
     ("finetune_batch", int),
     ("finetune_lr", float),
     ("nproc", int),
+    ("pretrain_optimizer", str),
 )
 
 
@@ -177,6 +183,11 @@ def recipe_from(a: argparse.Namespace) -> Recipe:
             raise BadInput(f"--{field.replace('_', '-')}: must be >= 1, got {getattr(r, field)}")
     if r.n_train < 10:
         raise BadInput(f"--n-train {r.n_train}: at least 10 (a validation split of 20% needs 2)")
+    if r.pretrain_optimizer:
+        try:
+            override_flags("simsiam", r.arch, r.pretrain_optimizer)
+        except OverrideError as e:
+            raise BadInput(f"--pretrain-optimizer {r.pretrain_optimizer}: {e}") from None
     if not 0.0 <= r.correlated_noise <= 0.7:
         raise BadInput(f"--correlated-noise {r.correlated_noise}: expected 0 to 0.7")
     return r
@@ -232,6 +243,19 @@ def on_ranks(n: int, *args) -> list:
 
 def arm_names(r: Recipe) -> list[str]:
     return [*ARMS, *r.ablations]
+
+
+def pretrain_args(r: Recipe, mode: str, pairs: Path, run_dir: Path) -> list:
+    """``train`` arguments of one pretraining arm: LenSiam (lens pairs) or SimSiam (standard views of one
+    image), the same recipe for both; ``r.pretrain_optimizer`` swaps SimSiam's SGD for another step size."""
+    views = {"lensiam": "lens", "simsiam": "standard"}[mode]  # the arm -> train --views
+    args = ["train", "--data", pairs, "--out", run_dir, "--views", views, "--arch", r.arch]
+    args += ["--epochs", r.pretrain_epochs, "--batch-size", r.pretrain_batch, "--seed", r.pretrain_seed]
+    args += ["--warmup-epochs", max(1, r.pretrain_epochs // 10), "--no-zero-init-residual", "--workers", 1]
+    args += ["--shuffle-buffer", min(1000, r.pairs), "--ckpt-every", 50, "--log-every", 10]
+    if r.pretrain_optimizer:
+        args += override_flags("simsiam", r.arch, r.pretrain_optimizer)
+    return args
 
 
 def done_before(steps: Steps, name: str, cmd: list, outputs: list) -> bool:
@@ -314,11 +338,7 @@ def run_protocol(a, r: Recipe, lenses: list[dict], match: str, scale: float, out
     for mode in ("lensiam", "simsiam"):
         run_dir = out / f"pretrain_{mode}"
         ckpt = run_dir / "checkpoints" / "last.pt"
-        views = {"lensiam": "lens", "simsiam": "standard"}[mode]  # the arm -> train --views
-        train_args = ["train", "--data", pairs, "--out", run_dir, "--views", views, "--arch", r.arch]
-        train_args += ["--epochs", r.pretrain_epochs, "--batch-size", r.pretrain_batch, "--seed", r.pretrain_seed]
-        train_args += ["--warmup-epochs", max(1, r.pretrain_epochs // 10), "--no-zero-init-residual", "--workers", 1]
-        train_args += ["--shuffle-buffer", min(1000, r.pairs), "--ckpt-every", 50, "--log-every", 10]
+        train_args = pretrain_args(r, mode, pairs, run_dir)
         steps.run(f"pretrain {mode}", on_ranks(r.nproc, *train_args), [ckpt], resume_flag=ckpt.exists())
         bb = out / f"backbone_{mode}.pt"
         steps.run(f"export {mode}", [hl, "export", "--checkpoint", ckpt, "--out", bb], [bb])

@@ -762,3 +762,13 @@ def test_bench_methods_runs_only_the_named_runs_when_the_grid_is_empty():
         ("simsiam", "lens", "resnet18", ""),
         ("simsiam", "standard", "resnet18", ""),
     ]
+
+
+@pytest.mark.parametrize("spec", ["simsiam-lens@adam", "simsiam-lens@lrfastx"])
+def test_bench_methods_refuses_an_unknown_optimizer_override_in_one_line(spec, capsys):
+    bench = _bench_methods()
+    with pytest.raises(SystemExit) as e:
+        bench.parse_runs(spec, "resnet18")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hpc-lensiam: error: --runs: ")

@@ -91,6 +91,20 @@ def test_end_to_end_on_real_lenses_tiny(desi, tmp_path, capsys, monkeypatch):
     assert json.loads((out / "real_lenses.json").read_text())["arms"] == res["arms"]
 
 
+def test_pretrain_optimizer_swaps_simsiams_sgd_for_the_lars_recipe_in_both_arms(tmp_path):
+    """--pretrain-optimizer lars: both pretraining arms take SimCLR's LARS recipe (the step size that
+    trains a SimSiam resnet18 in 640 steps), named in the train command the ledger records."""
+    a = real_lenses.parse_args(["--real", "x", "--out", "o", "--quick", "--pretrain-optimizer", "lars"])
+    r = real_lenses.recipe_from(a)
+    assert r.pretrain_optimizer == "lars"
+    for mode, views in (("lensiam", "lens"), ("simsiam", "standard")):
+        args = [str(x) for x in real_lenses.pretrain_args(r, mode, tmp_path / "pairs", tmp_path / mode)]
+        assert args[args.index("--views") + 1] == views
+        assert args[args.index("--optimizer") + 1] == "lars" and args[args.index("--lr-scaling") + 1] == "sqrt"
+    plain = real_lenses.recipe_from(real_lenses.parse_args(["--real", "x", "--out", "o", "--quick"]))
+    assert "--optimizer" not in real_lenses.pretrain_args(plain, "lensiam", tmp_path / "pairs", tmp_path / "l")
+
+
 def test_sim_scores_give_the_held_out_slope_beside_r2():
     """The held-out simulations' response slope per seed (pred on true), read from finetune's report, so
     the report can set the real lenses' compression beside the simulations' own."""
@@ -113,6 +127,8 @@ def test_sim_scores_give_the_held_out_slope_beside_r2():
         ({"--labels": "MISSING"}, "--labels"),
         ({"--correlated-noise": "0.9"}, "--correlated-noise 0.9"),
         ({"--ablations": "no_psf"}, "--ablations: unknown 'no_psf'"),
+        ({"--pretrain-optimizer": "adam"}, "--pretrain-optimizer adam: @adam: a method"),
+        ({"--pretrain-optimizer": "lrfastx"}, "--pretrain-optimizer lrfastx: 'lrfastx': lrNx with a number N"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_before_anything_runs(desi, tmp_path, capsys, change, expected):
