@@ -464,8 +464,11 @@ def sim_scores(ft: dict) -> dict:
     if not runs:
         return {}
     vals = [run.get("r2") for run in runs if run.get("r2") is not None]
+    # a multi-seed report keeps the shared test targets once, at its top level; a one-seed run keeps its own
     slopes = [
-        response_slope(run["test_targets"], run["test_predictions"]) for run in runs if run.get("test_predictions")
+        response_slope(run.get("test_targets") or ft["test_targets"], run["test_predictions"])
+        for run in runs
+        if run.get("test_predictions")
     ]
     return {
         "r2_per_seed": vals,

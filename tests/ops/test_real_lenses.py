@@ -116,6 +116,8 @@ def test_sim_scores_give_the_held_out_slope_beside_r2():
     got = real_lenses.sim_scores({"runs": runs, "n_test": 4})
     assert got["slope_per_seed"] == pytest.approx([1.0, 0.25]) and got["slope_mean"] == pytest.approx(0.625)
     assert got["r2_mean"] == pytest.approx(0.7) and got["n_test"] == 4
+    shared = [{k: v for k, v in run.items() if k != "test_targets"} for run in runs]  # finetune --seeds 0,1,2
+    assert real_lenses.sim_scores({"runs": shared, "test_targets": y})["slope_per_seed"] == pytest.approx([1.0, 0.25])
     old = real_lenses.sim_scores({"runs": [{"r2": 0.9}]})  # a report from before predictions were kept
     assert old["slope_per_seed"] == [] and old["slope_mean"] is None
 
