@@ -105,6 +105,27 @@ def override_flags(method: str, arch: str, override: str) -> list:
     return [x for k, flag in OPT_FLAGS.items() for x in (flag, f"{opt[k]:g}" if k == "base_lr" else opt[k])]
 
 
+def run_name(run: tuple) -> str:
+    """``simsiam_lens_resnet18_lars_lr2x`` for (simsiam, lens, resnet18, lars+lr2x): its files' name."""
+    method, aug, arch, override = run
+    return f"{method}_{aug}_{arch}" + (f"_{override.replace('+', '_')}" if override else "")
+
+
+def pretrain_cmd(
+    shards, run_dir, run: tuple, batch_size: int, epochs: int, max_steps: int, seed: int, extra: list = ()
+) -> list:
+    """``train`` arguments of one run (method, augmentation, arch, override): the method's recipe (or the
+    override's optimizer), ``epochs`` of schedule (warm-up a tenth, at least one epoch) cut at
+    ``max_steps``, every step logged, ``extra`` flags before the override's. bench.step_sizes runs the first
+    steps of the same command."""
+    method, aug, arch, override = run
+    train = ["train", "--data", shards, "--out", run_dir, "--method", method, "--views", AUGS[aug]]
+    train += ["--arch", arch, "--batch-size", batch_size, "--epochs", epochs, "--max-steps", max_steps]
+    train += ["--warmup-epochs", max(1, epochs // 10), "--seed", seed, "--workers", 1]
+    train += ["--no-zero-init-residual", "--log-every", 1, *extra]
+    return train + (override_flags(method, arch, override) if override else [])
+
+
 def parse_runs(text: str, arch: str) -> list[tuple]:
     """``--runs simsiam-lens@lars,simclr-lens@sgd,simsiam-standard@lars,simclr-standard``: (method, augmentation,
     arch, override); without ``@OVERRIDE`` a run takes its method's own recipe (e.g. the standard-augmentation
@@ -335,15 +356,12 @@ def main(argv=None) -> None:
     results, paired, curves = {}, {}, {}
     for method, aug, arch, override in runs:
         suffix = f"_{override.replace('+', '_')}" if override else ""
-        name = f"{method}_{aug}_{arch}{suffix}"
+        name = run_name((method, aug, arch, override))
         run_dir, ckpt = lay.run(name), lay.last(name)
         emb, pj = lay.emb(name), lay.probe(name)
         if not a.report_only:
-            train = ["train", "--data", shards, "--out", run_dir, "--method", method, "--views", AUGS[aug]]
-            train += ["--arch", arch, "--batch-size", a.batch_size, "--epochs", epochs, "--max-steps", a.steps]
-            train += ["--warmup-epochs", max(1, epochs // 10), "--seed", a.seed, "--workers", 1]
-            train += ["--no-zero-init-residual", "--log-every", 1, *ckpt_every]
-            train += override_flags(method, arch, override) if override else []
+            run = (method, aug, arch, override)
+            train = pretrain_cmd(shards, run_dir, run, a.batch_size, epochs, a.steps, a.seed, ckpt_every)
             steps.run(f"pretrain {name}", launch + train, [ckpt], resume_flag=ckpt.exists())
             steps.run(f"embed {name}", embed_cmd(launch, run_dir, probe_shards, emb), [emb])
             steps.run(f"probe {name}", probe_cmd(emb, pj), [pj])

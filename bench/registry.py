@@ -42,6 +42,7 @@ REGISTRY = [
     Bench("gpu_micro", ("--quick",), "DDP-wrapped over bare step time at world 1 (the wrapper's cost)"),
     Bench("science", ("--quick", "--out", f"{QUICK_OUT}/science"), "LenSiam over SimSiam probe theta_E R^2"),
     Bench("methods", ("--quick", "--out", f"{QUICK_OUT}/methods"), "SimSiam lens over standard probe theta_E R^2"),
+    Bench("step_sizes", ("--quick",), "SimSiam backbone update/step: SimCLR's LARS recipe over its own SGD"),
     Bench(
         "real_lenses",
         ("--quick", "--real", "../shared/data/real_lenses/desi_hst", "--out", f"{QUICK_OUT}/real_lenses"),

@@ -772,3 +772,37 @@ def test_bench_methods_refuses_an_unknown_optimizer_override_in_one_line(spec, c
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hpc-lensiam: error: --runs: ")
+
+
+def test_bench_step_sizes_reads_each_recipes_update_at_the_schedules_peak(lensiam_shards, tmp_path):
+    """bench.step_sizes runs the first steps of a bench.methods run (same command, its full schedule) and
+    reads the backbone's relative update per step: SimCLR's LARS recipe moves SimSiam's backbone further
+    per step than SimSiam's own SGD recipe (the issue-30 finding, at a tiny size), and in both the warm-up
+    steps move it less than the steps after it. Too few steps to pass the warm-up is refused in one line
+    before anything runs; a rerun skips both runs."""
+    import json
+    import subprocess
+    import sys
+
+    from support import REPO
+
+    out, reports = tmp_path / "w", tmp_path / "r"
+    cmd = [sys.executable, "-m", "bench.step_sizes", "--data", str(lensiam_shards), "--out", str(out)]
+    cmd += ["--reports", str(reports), "--tag", "t", "--batch-size", "8", "--steps", "80"]
+    cmd += ["--runs", "simsiam-lens,simsiam-lens@lars"]
+    bad = subprocess.run([*cmd, "--measure-steps", "8"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("hpc-lensiam: error: --measure-steps: 8: ")
+    assert len(bad.stderr.strip().splitlines()) == 1 and not out.exists()
+    subprocess.run([*cmd, "--measure-steps", "11"], cwd=REPO, check=True, capture_output=True, timeout=600)
+    res = json.loads((out / "step_sizes.json").read_text())["results"]
+    sgd, lars = res["simsiam_lens_resnet18"], res["simsiam_lens_resnet18_lars"]
+    assert sgd["steps"] == lars["steps"] == 11
+    assert lars["rel_update_peak"] > 2 * sgd["rel_update_peak"] > 0
+    for r in (sgd, lars):
+        assert 0 < r["rel_update_warmup"] < r["rel_update_peak"]
+    assert sgd["recipe"].startswith("sgd") and lars["recipe"].startswith("lars")
+    steps = json.loads((out / "steps.json").read_text())
+    assert "--epochs 10 --max-steps 11 --warmup-epochs 1" in steps["first 11 steps of simsiam_lens_resnet18"]["command"]
+    assert "| simsiam_lens_resnet18_lars | lars" in (reports / "t.md").read_text()
+    again = subprocess.run([*cmd, "--measure-steps", "11"], cwd=REPO, check=True, capture_output=True, text=True)
+    assert again.stdout.count("done before") == 2
