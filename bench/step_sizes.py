@@ -9,8 +9,8 @@ run's own ``train`` command (same shards, seed, schedule of ``--steps`` steps, w
 its epochs) stopped after ``--measure-steps``, which must pass the warm-up, so that the update is read
 at the schedule's peak lr (the cosine then shrinks it: a full run's median over all steps is lower).
 
-    .venv/bin/python -m bench.step_sizes --data runs/swap/shards/pretrain --steps 640 --measure-steps 96 \\
-        --runs simsiam-lens,byol-lens,vicreg-lens,simclr-lens,simsiam-lens@lars --vit vit_small_p10
+    .venv/bin/python -m bench.step_sizes --data runs/swap/shards/pretrain --steps 640 --measure-steps 80 \\
+        --runs simsiam-lens,simclr-lens,simsiam-lens@lars,byol-lens,vicreg-lens --vit vit_small_p10
 
 Writes ``docs/science/<tag>.md`` (``--reports``) and ``OUT/step_sizes.json`` after every run; resumable
 through the ledger (``OUT/steps.json``): a finished run is skipped on a rerun.
