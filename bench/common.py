@@ -136,6 +136,11 @@ def made_by(module: str) -> str:
     return f"`.venv/bin/python -m bench.{module} {argv}`"
 
 
+def warmup_epochs(epochs: int) -> int:
+    """The benches' lr warm-up (``train --warmup-epochs``): a tenth of the epochs, at least one."""
+    return max(1, epochs // 10)
+
+
 # ------------------------------------------------------------------------------- quick mode, ratio
 RATIO = "bench ratio:"  # the line prefix `make bench` (bench.registry) reads a script's figure from
 

@@ -56,6 +56,7 @@ from .common import (
     probe_cmd,
     ridge,
     table,
+    warmup_epochs,
 )
 from .ledger import Steps
 
@@ -111,6 +112,13 @@ def run_name(run: tuple) -> str:
     return f"{method}_{aug}_{arch}" + (f"_{override.replace('+', '_')}" if override else "")
 
 
+def run_schedule(pairs: int, global_batch: int, steps: int) -> tuple[int, int]:
+    """(steps per epoch, epochs) of a run of ``steps`` optimizer steps on ``pairs`` pairs (at least one step
+    per epoch): the schedule spans the epochs, ``--max-steps`` cuts it."""
+    steps_per_epoch = pairs // global_batch
+    return steps_per_epoch, math.ceil(steps / steps_per_epoch)
+
+
 def pretrain_cmd(
     shards, run_dir, run: tuple, batch_size: int, epochs: int, max_steps: int, seed: int, extra: list = ()
 ) -> list:
@@ -121,7 +129,7 @@ def pretrain_cmd(
     method, aug, arch, override = run
     train = ["train", "--data", shards, "--out", run_dir, "--method", method, "--views", AUGS[aug]]
     train += ["--arch", arch, "--batch-size", batch_size, "--epochs", epochs, "--max-steps", max_steps]
-    train += ["--warmup-epochs", max(1, epochs // 10), "--seed", seed, "--workers", 1]
+    train += ["--warmup-epochs", warmup_epochs(epochs), "--seed", seed, "--workers", 1]
     train += ["--no-zero-init-residual", "--log-every", 1, *extra]
     return train + (override_flags(method, arch, override) if override else [])
 
@@ -320,10 +328,9 @@ def main(argv=None) -> None:
                 steps.run(f"simulate {what} pairs", cmd, [d / "manifest.json"])
 
     global_batch = a.batch_size * a.nproc
-    steps_per_epoch = a.pairs // global_batch
-    if steps_per_epoch < 1:
+    if a.pairs < global_batch:
         sys.exit(f"bench.methods: error: --pairs {a.pairs} < global batch {global_batch}")
-    epochs = math.ceil(a.steps / steps_per_epoch)
+    steps_per_epoch, epochs = run_schedule(a.pairs, global_batch, a.steps)
     launch = launcher(a.nproc)
     runs = planned_runs(a, extra)
     ckpt_every = ["--ckpt-every", a.curve_every, "--keep-last", 0] if a.curve_every else ["--ckpt-every", 10**6]
@@ -373,7 +380,7 @@ def main(argv=None) -> None:
         # lens - standard as soon as both runs exist, at the same recipe (an override pairs with its twin)
         key = (method if arch == a.arch else f"{method}, {arch}") + (f" @{override}" if override else "")
         if key not in paired:
-            lens, std = lay.emb(f"{method}_lens_{arch}{suffix}"), lay.emb(f"{method}_standard_{arch}{suffix}")
+            lens, std = (lay.emb(run_name((method, aug, arch, override))) for aug in ("lens", "standard"))
             step, pj_pair = f"paired probe {key}: lens - standard", out / f"paired_{method}_{arch}{suffix}.json"
             d = paired_probe(steps, step, lens, std, pj_pair, not a.report_only)
             if d is not None:

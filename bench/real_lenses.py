@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import print_ratio
+from bench.common import print_ratio, warmup_epochs
 from bench.ledger import BIN, Steps, shown
 from bench.methods import OverrideError, override_flags
 from hpc_lensiam.core.io import atomic_path, atomic_write_json, atomic_write_text
@@ -251,7 +251,7 @@ def pretrain_args(r: Recipe, mode: str, pairs: Path, run_dir: Path) -> list:
     views = {"lensiam": "lens", "simsiam": "standard"}[mode]  # the arm -> train --views
     args = ["train", "--data", pairs, "--out", run_dir, "--views", views, "--arch", r.arch]
     args += ["--epochs", r.pretrain_epochs, "--batch-size", r.pretrain_batch, "--seed", r.pretrain_seed]
-    args += ["--warmup-epochs", max(1, r.pretrain_epochs // 10), "--no-zero-init-residual", "--workers", 1]
+    args += ["--warmup-epochs", warmup_epochs(r.pretrain_epochs), "--no-zero-init-residual", "--workers", 1]
     args += ["--shuffle-buffer", min(1000, r.pairs), "--ckpt-every", 50, "--log-every", 10]
     if r.pretrain_optimizer:
         args += override_flags("simsiam", r.arch, r.pretrain_optimizer)

@@ -55,6 +55,7 @@ from .common import (
     parse_quick,
     print_ratio,
     probe_cmd,
+    warmup_epochs,
 )
 from .ledger import Steps
 
@@ -328,7 +329,7 @@ def pretrain_cmd(a, data: Path, run_dir: Path, kind: str, seed: int, precision: 
     lensiam (the stored lens pairs, ``--views lens``) or simsiam (standard augmentations)."""
     train = ["train", "--data", data, "--out", run_dir, "--views", VIEWS[kind], "--arch", a.arch, "--epochs", a.epochs]
     train += ["--batch-size", a.batch_size, "--seed", seed, "--precision", precision]
-    return on_ranks(NPROC, *train, "--warmup-epochs", max(1, a.epochs // 10), *extra)
+    return on_ranks(NPROC, *train, "--warmup-epochs", warmup_epochs(a.epochs), *extra)
 
 
 def embed_cmd(ckpt: Path, data: Path, emb: Path) -> list:

@@ -38,9 +38,10 @@ from .common import (
     parse_quick,
     print_ratio,
     table,
+    warmup_epochs,
 )
 from .ledger import Steps
-from .methods import _bad, optimizer_recipe, override_flags, parse_runs, pretrain_cmd, run_name
+from .methods import _bad, optimizer_recipe, override_flags, parse_runs, pretrain_cmd, run_name, run_schedule
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,13 +62,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     quick = dict(pairs=256, num_pix=64, steps=40, measure_steps=12, batch_size=16)
     quick.update(runs="simsiam-lens,simsiam-lens@lars", out="runs/bench-quick/step-sizes", reports="runs/bench-quick")
     return parse_quick(ap, argv, quick)
-
-
-def schedule(pairs: int, batch_size: int, steps: int) -> tuple[int, int]:
-    """(epochs, warm-up steps) of a bench.methods run of ``steps`` steps on ``pairs`` pairs."""
-    steps_per_epoch = pairs // batch_size
-    epochs = math.ceil(steps / steps_per_epoch)
-    return epochs, max(1, epochs // 10) * steps_per_epoch
 
 
 def read_steps(run_dir: Path) -> list[dict]:
@@ -158,7 +152,8 @@ def main(argv=None) -> None:
     pairs = int(read_manifest(shards)["num_samples"]) if a.data else a.pairs
     if pairs < a.batch_size:
         raise _bad("--data", f"{a.data}: {pairs} pairs, fewer than one batch of {a.batch_size}")
-    epochs, warmup = schedule(pairs, a.batch_size, a.steps)
+    steps_per_epoch, epochs = run_schedule(pairs, a.batch_size, a.steps)
+    warmup = warmup_epochs(epochs) * steps_per_epoch
     if not warmup < a.measure_steps <= a.steps:
         raise _bad("--measure-steps", f"{a.measure_steps}: more than the warm-up's {warmup} steps, at most --steps")
     out.mkdir(parents=True, exist_ok=True)
@@ -181,8 +176,8 @@ def main(argv=None) -> None:
         atomic_write_json(out / "step_sizes.json", {"args": vars(a), "warmup_steps": warmup, "results": results})
         write_report(report, a, pairs, epochs, warmup, results, steps.done)
     print(f"\n[step_sizes] done: {len(results)} run(s) of {a.measure_steps} steps; table in {report}", flush=True)
-    first, last = (results[run_name(r)]["rel_update_peak"] for r in (runs[0], runs[-1]))
     if len(runs) > 1:
+        first, last = (results[run_name(r)]["rel_update_peak"] for r in (runs[0], runs[-1]))
         print_ratio(last / first, f"{run_name(runs[-1])} over {run_name(runs[0])}: backbone update/step after warm-up")
 
 
